@@ -1,0 +1,505 @@
+"""Typed, frozen configuration for every setting of a study.
+
+One dataclass per concern (data, model, training, sharding, evaluation, tracking, study grid). Configs are
+built from YAML plus dotted command-line overrides (``train.lr=0.01``) by :func:`load_config`; every value is
+type-checked and every unknown key is rejected with the closest valid name, so a typo never silently falls back
+to a default. Validation of allowed values happens in ``__post_init__`` and names the field.
+
+We use plain dataclasses + PyYAML rather than a config framework: the schema is the code, the errors are ours,
+and a resolved config round-trips through :func:`to_dict` / :func:`from_dict` exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message names the field."""
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """An evaluation set: a dataset split, optionally filtered by attribute values (e.g. another site)."""
+
+    name: str
+    """Name used in the run store and reports (e.g. ``test``, ``ood_site_b``, ``nih``)."""
+    dataset: str = ""
+    """Dataset name in ``scaling.data``; empty = the training dataset."""
+    root: str = ""
+    """Dataset root; empty = the training dataset's root."""
+    split: str = "test"
+    """Split of that dataset to evaluate on."""
+    filters: dict[str, Any] = field(default_factory=dict)
+    """Attribute filters: ``{column: value or [values]}``; rows not matching are dropped (logged)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword options for the dataset's loader."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to fine-tune on, which labels, and how images are prepared."""
+
+    dataset: str = "chexpert"
+    """Dataset name in the ``scaling.data`` registry."""
+    root: str = ""
+    """Dataset root on disk. Empty = the offline synthetic demo data (generated under the study directory)."""
+    labels: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+    """Canonical label names to train on (see ``scaling.data.labels``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Dataset-specific loader options (uncertainty policy, views, demographics file, ...)."""
+    train_split: str = "train"
+    """Split used for training (and, by patient, for validation when ``val_split`` is empty)."""
+    val_split: str = ""
+    """Official validation split; empty = carve ``val_fraction`` of train patients."""
+    val_fraction: float = 0.1
+    """Fraction of training patients held out for validation when there is no official split."""
+    test_split: str = ""
+    """Official test split; empty = carve ``test_fraction`` of train patients for the in-distribution test."""
+    test_fraction: float = 0.2
+    """Fraction of training patients held out as in-distribution test when there is no test split."""
+    image_size: int = 64
+    """Training/eval resolution in pixels (square)."""
+    num_workers: int = 0
+    """DataLoader workers per process."""
+    cache: bool = True
+    """Decode + resize each image once into a memory-mapped cache keyed by sample id."""
+    on_bad_image: str = "error"
+    """``error`` stops at the first unreadable image, ``skip`` drops it and counts it in the run's metadata."""
+    ood: tuple[EvalSetConfig, ...] = ()
+    """Out-of-distribution evaluation sets."""
+    subgroups: tuple[str, ...] = ("sex", "age_group")
+    """Attribute columns to report metrics per subgroup (``age_group`` is derived from ``age_bins``)."""
+    age_bins: tuple[float, ...] = (0, 40, 60, 80, 200)
+    """Edges of the age bins for ``age_group`` (left-closed)."""
+
+    def __post_init__(self):
+        _choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
+        _positive("data.image_size", self.image_size)
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction={self.test_fraction} must be in [0, 1)")
+        if not self.labels:
+            raise ConfigError("data.labels must name at least one label")
+        if list(self.age_bins) != sorted(self.age_bins):
+            raise ConfigError(f"data.age_bins={list(self.age_bins)} must be increasing")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone (a timm model name or a ``scaling.models`` preset) and its classification head."""
+
+    backbone: str = "resnetv2_tiny"
+    """Preset or timm model name; always built through ``timm.create_model``."""
+    pretrained: str = "scratch"
+    """Weight source: ``scratch``, ``hub`` (timm/HF hub tag of the preset), ``hub:<timm tag>``, a local file
+    (``.safetensors``, ``.pt``/``.pth``/``.bin``, BiT ``.npz``), or ``upstream:<name>`` (a demo pretraining run)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate passed to timm."""
+    zero_init_head: bool = True
+    """Zero-initialise the new head, as BiT does."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: optimizer, schedule, batch, precision, duration."""
+
+    batch_size: int = 32
+    """Global batch size (all processes, all accumulation micro-steps)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (owned by DeepSpeed under ZeRO, by the trainer otherwise)."""
+    optimizer: str = "sgd"
+    """``sgd`` (momentum, BiT) or ``adamw``."""
+    lr: float = 0.003
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay (BiT-HyperRule: none). Never applied to the model's ``no_weight_decay()`` set or to norms/biases."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay factor (1.0 = off); groups come from timm's ``group_matcher``."""
+    schedule: str = "cosine"
+    """``bit`` (warmup then x0.1 at 30/60/90 %), ``cosine`` (warmup then cosine), ``constant``."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    steps: int = 0
+    """Training length in optimizer steps. Exactly one of steps / epochs / examples must be > 0."""
+    epochs: float = 0.0
+    """Training length in epochs of the (fraction-subset) training set."""
+    examples: int = 0
+    """Training length in examples seen (keeps compute equal across data fractions)."""
+    mixup_alpha: float = 0.0
+    """Multi-label MixUp alpha (0 = off); one lambda per optimizer step."""
+    clip_grad_norm: float = 0.0
+    """Gradient clipping max norm (0 = off)."""
+    mixed_precision: str = "no"
+    """``no`` (fp32), ``bf16`` or ``fp16``."""
+    seed: int = 0
+    """Seed for init, data order and augmentation."""
+    log_every: int = 10
+    """Log throughput and loss every N optimizer steps."""
+    eval_every: int = 0
+    """Validate every N steps (0 = only at the end)."""
+    checkpoint_every: int = 0
+    """Save resumable state every N steps (0 = only on SIGTERM/SIGUSR1)."""
+
+    def __post_init__(self):
+        _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        _choice("train.schedule", self.schedule, ("bit", "cosine", "constant"))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.lr", self.lr)
+        if sum(x > 0 for x in (self.steps, self.epochs, self.examples)) > 1:
+            raise ConfigError("set only one of train.steps, train.epochs, train.examples")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------------------------------------------
+
+
+SHARDING_STRATEGIES = ("none", "ddp", "fsdp", "fsdp_grad_op", "hsdp", "zero1", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How the model is distributed over processes (see README "Scaling out")."""
+
+    strategy: str = "ddp"
+    """``none``/``ddp`` (replicate), ``fsdp``/``fsdp_grad_op``/``hsdp`` (FSDP2, applied by scaling), ``zero1..3``
+    (DeepSpeed through Accelerate)."""
+    param_dtype: str = "fp32"
+    """Parameter dtype for compute under sharding: ``fp32``, ``bf16``, ``fp16`` (master weights stay fp32)."""
+    reduce_dtype: str = "fp32"
+    """Gradient reduction dtype."""
+    offload_params: bool = False
+    """Offload parameters to CPU (FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param)."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU (ZeRO offload_optimizer)."""
+    activation_checkpointing: str = "none"
+    """``none``, ``timm`` (model.set_grad_checkpointing) or ``fsdp`` (checkpoint each FSDP unit); never both."""
+    sync_each_micro_batch: bool = True
+    """Reduce gradients at every micro-batch under FSDP (lower memory) instead of only at the last."""
+
+    def __post_init__(self):
+        _choice("sharding.strategy", self.strategy, SHARDING_STRATEGIES)
+        for f in ("param_dtype", "reduce_dtype"):
+            _choice(f"sharding.{f}", getattr(self, f), ("fp32", "bf16", "fp16"))
+        _choice("sharding.activation_checkpointing", self.activation_checkpointing, ("none", "timm", "fsdp"))
+        if self.activation_checkpointing == "fsdp" and self.strategy not in ("fsdp", "fsdp_grad_op", "hsdp"):
+            raise ConfigError(
+                f"sharding.activation_checkpointing='fsdp' needs an FSDP strategy, not {self.strategy!r}; use 'timm'"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation, tracking
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Statistics computed from stored predictions."""
+
+    n_boot: int = 200
+    """Cluster-bootstrap replicates (resampled by patient) for confidence intervals."""
+    alpha: float = 0.05
+    """1 - confidence level of every interval."""
+    min_group_size: int = 10
+    """Subgroups smaller than this are reported with n and NaN metrics."""
+    ece_bins: int = 10
+    """Equal-width bins for ECE."""
+    threshold: str = "max_f1"
+    """Operating point chosen on validation: ``max_f1``, ``sens90`` (sensitivity 0.9), ``spec90``, ``fixed``."""
+    fixed_threshold: float = 0.5
+    """Threshold when ``threshold: fixed``."""
+    batch_size: int = 64
+    """Per-process batch size for prediction."""
+
+    def __post_init__(self):
+        _choice("eval.threshold", self.threshold, ("max_f1", "sens90", "spec90", "fixed"))
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases (a view; the run store on disk is the source of truth)."""
+
+    wandb: str = "off"
+    """``off`` (no import, no files), ``offline`` (sync later with ``wandb sync``), ``online``."""
+    project: str = "scaling"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (team); empty = the user's default."""
+    log_identifiers: bool = False
+    """Opt in to sending patient/sample ids and paths to W&B. Off by default (PHI safety)."""
+
+    def __post_init__(self):
+        _choice("tracking.wandb", self.wandb, ("off", "offline", "online"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Upstream pretraining and the study grid
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """A small supervised pretraining run on generated natural-image-like data (the demo's pretraining axis)."""
+
+    name: str
+    """Referenced from the grid as ``upstream:<name>``."""
+    num_images: int = 2000
+    """Size of the generated pretraining set (the pretraining-scale axis)."""
+    num_classes: int = 20
+    """Number of generating formulas (classes)."""
+    image_size: int = 64
+    """Resolution of the generated images."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Batch size."""
+    lr: float = 0.05
+    """Peak learning rate (SGD, cosine)."""
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The study axes; the grid is their Cartesian product."""
+
+    backbones: tuple[str, ...] = ("resnetv2_tiny",)
+    """Backbone presets or timm names."""
+    pretrained: tuple[str, ...] = ("scratch",)
+    """Weight sources (see ``model.pretrained``)."""
+    fractions: tuple[float, ...] = (1.0,)
+    """Fractions of training patients (nested, patient-level, seeded)."""
+    seeds: tuple[int, ...] = (0,)
+    """Seeds (init, order and data-fraction subset)."""
+
+    def __post_init__(self):
+        for f in self.fractions:
+            if not 0 < f <= 1:
+                raise ConfigError(f"grid.fractions contains {f}; fractions must be in (0, 1]")
+        for name in ("backbones", "pretrained", "fractions", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"grid.{name} must not be empty")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: the grid of runs and the settings shared by every run."""
+
+    name: str = "demo"
+    """Study name (W&B group, report title)."""
+    output_dir: str = "runs/demo"
+    """Run store directory."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model settings shared by every run (the grid overrides backbone and pretrained)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """Sharding settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Tracking settings."""
+    upstream: tuple[UpstreamConfig, ...] = ()
+    """Upstream pretraining runs referenced by ``upstream:<name>`` sources."""
+    grid: GridConfig = field(default_factory=GridConfig)
+    """Study axes."""
+
+    def __post_init__(self):
+        known = {u.name for u in self.upstream}
+        for src in self.grid.pretrained:
+            if src.startswith("upstream:") and src.split(":", 1)[1] not in known:
+                raise ConfigError(
+                    f"grid.pretrained names {src!r} but no upstream entry has that name; known: {sorted(known)}"
+                )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building configs from dicts / YAML / overrides
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys (with the closest valid name)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {where!r}{hint} (valid: {names})")
+        kwargs[key] = _convert(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-Python (YAML/JSON-safe) view of a config; tuples become lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.path=value")
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = StudyConfig):
+    """Load a study config from YAML (or the defaults when ``path`` is None) plus dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a resolved config as YAML (atomically)."""
+    from scaling.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

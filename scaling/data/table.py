@@ -1,0 +1,85 @@
+"""The sample table: one row per image, the contract every dataset loader returns.
+
+Columns (required):
+    sample_id   str    unique, stable across runs (derived from the dataset's own ids/paths)
+    patient_id  str    patient identifier (splits, fractions and bootstrap are by patient)
+    path        str    absolute image path
+    label:<Canonical Name>   float  1.0 / 0.0 / NaN (NaN = not labelled; excluded from loss and metrics)
+    sex         str    'F' / 'M' / missing (None)
+    age         float  years, NaN when unknown
+Optional, dataset-specific attribute columns: view, race, site, manufacturer, skin_type, density, ...
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+LABEL_PREFIX = "label:"
+REQUIRED_COLUMNS = ("sample_id", "patient_id", "path", "sex", "age")
+
+
+class DataError(ValueError):
+    """A dataset file, row or field is invalid; the message names the file and the row or sample id."""
+
+
+def label_columns(df: pd.DataFrame) -> list[str]:
+    """The ``label:<name>`` columns of a sample table, in order."""
+    return [c for c in df.columns if c.startswith(LABEL_PREFIX)]
+
+
+def label_names(df: pd.DataFrame) -> list[str]:
+    """Canonical label names present in a sample table."""
+    return [c[len(LABEL_PREFIX):] for c in label_columns(df)]
+
+
+def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Check the sample-table contract; raise DataError naming ``source`` and the offending column/row."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: sample table lacks required column(s) {missing}")
+    if not label_columns(df):
+        raise DataError(f"{source}: sample table has no 'label:<name>' column")
+    dup = df["sample_id"].duplicated()
+    if dup.any():
+        raise DataError(f"{source}: duplicate sample_id {df.loc[dup, 'sample_id'].iloc[0]!r}")
+    for c in label_columns(df):
+        vals = df[c].to_numpy(dtype=float)
+        bad = ~(np.isnan(vals) | (vals == 0.0) | (vals == 1.0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{source}: column {c!r} must hold 1.0/0.0/NaN; sample {df['sample_id'].iloc[i]!r} has {vals[i]!r}"
+            )
+    bad_sex = ~df["sex"].isin(["F", "M"]) & df["sex"].notna()
+    if bad_sex.any():
+        raise DataError(f"{source}: sex must be 'F', 'M' or missing; got {df.loc[bad_sex, 'sex'].iloc[0]!r}")
+    return df
+
+
+def apply_filters(df: pd.DataFrame, filters: dict, source: str) -> pd.DataFrame:
+    """Keep rows whose attribute columns match ``filters`` ({column: value or list}); log how many were removed."""
+    for col, want in (filters or {}).items():
+        if col not in df.columns:
+            raise DataError(f"{source}: filter column {col!r} not in table (columns: {list(df.columns)})")
+        values = want if isinstance(want, (list, tuple)) else [want]
+        before = len(df)
+        df = df[df[col].isin(values)]
+        log.info("%s: filter %s in %s removed %d of %d rows", source, col, values, before - len(df), before)
+    return df.reset_index(drop=True)
+
+
+def add_age_group(df: pd.DataFrame, bins) -> pd.DataFrame:
+    """Add ``age_group`` (e.g. '40-60', '80+') from ``age`` with left-closed bin edges; NaN age → missing."""
+    edges = list(bins)
+    names = [f"{int(a)}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
+    if len(edges) >= 2 and edges[-1] >= 120:
+        names[-1] = f"{int(edges[-2])}+"
+    out = df.copy()
+    out["age_group"] = pd.cut(out["age"], edges, right=False, labels=names).astype(object)
+    out.loc[out["age"].isna(), "age_group"] = None
+    return out

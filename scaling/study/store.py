@@ -1,0 +1,149 @@
+"""The run store: the on-disk source of truth of a study.
+
+Layout (everything written atomically: temp file + rename)::
+
+    <output_dir>/
+      study.yaml                     the resolved study config
+      upstream/<name>/               demo pretraining runs (model.safetensors, meta.json)
+      runs/<run_id>/
+        spec.json                    study axes of the run: backbone, pretrained, fraction, seed, run_id,
+                                     n_params, pretrain_images, study (name), config_hash
+        config.yaml                  the fully resolved per-run config
+        predictions/<eval_set>.parquet
+                                     one row per sample: sample_id, patient_id, label:<L> (target, NaN = none),
+                                     logit:<L>, prob:<L>, plus attribute columns (sex, age, age_group, site, ...)
+                                     eval sets: 'val' (thresholds/temperature are fitted here), 'test', OOD names
+        metrics.parquet              tidy rows: eval_set, label ('macro' or a label name), attribute ('all' or a
+                                     column), group ('all' or a value), metric, value, lo, hi, n
+        meta.json                    train summary (steps, seconds, images/s, skipped images, world size, ...)
+        checkpoint/                  resumable training state (engine)
+        DONE                         written last; a run without it is incomplete and is redone/resumed
+        FAILED.json                  written when a run raised; the error text and traceback
+      results.csv, report.html       study outputs
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+
+METRIC_COLUMNS = ("eval_set", "label", "attribute", "group", "metric", "value", "lo", "hi", "n")
+
+
+class StoreError(RuntimeError):
+    """The run store is inconsistent or a requested item is missing; the message names the path."""
+
+
+class RunStore:
+    """Read/write access to a study's run store directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> Path:
+        """Directory of one run."""
+        return self.root / "runs" / run_id
+
+    def upstream_dir(self, name: str) -> Path:
+        """Directory of one upstream (pretraining) run."""
+        return self.root / "upstream" / name
+
+    # -- listing ----------------------------------------------------------------------------------------------
+    def run_ids(self) -> list[str]:
+        """All run ids with a directory in the store (complete or not)."""
+        d = self.root / "runs"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def is_complete(self, run_id: str) -> bool:
+        """True when the run finished and wrote its DONE marker."""
+        return (self.run_dir(run_id) / "DONE").is_file()
+
+    def status(self, run_id: str) -> str:
+        """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``."""
+        d = self.run_dir(run_id)
+        if (d / "DONE").is_file():
+            return "complete"
+        if (d / "FAILED.json").is_file():
+            return "failed"
+        return "partial" if d.is_dir() else "missing"
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def write_spec(self, run_id: str, spec: dict, config_yaml: str) -> None:
+        """Write the run's axes and resolved config; clears an earlier failure marker."""
+        d = self.run_dir(run_id)
+        atomic_write_json(d / "spec.json", spec)
+        atomic_write_text(d / "config.yaml", config_yaml)
+        (d / "FAILED.json").unlink(missing_ok=True)
+
+    def write_predictions(self, run_id: str, eval_set: str, df: pd.DataFrame) -> None:
+        """Write per-sample predictions of one evaluation set."""
+        if df["sample_id"].duplicated().any():
+            raise StoreError(f"predictions for {run_id}/{eval_set} contain duplicate sample ids")
+        atomic_write_parquet(self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet", df)
+
+    def write_metrics(self, run_id: str, rows: pd.DataFrame | list[dict]) -> None:
+        """Write the tidy metric rows of a run."""
+        df = pd.DataFrame(rows)
+        missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+        if missing:
+            raise StoreError(f"metric rows for {run_id} lack columns {missing}")
+        atomic_write_parquet(self.run_dir(run_id) / "metrics.parquet", df[list(METRIC_COLUMNS)])
+
+    def write_meta(self, run_id: str, meta: dict) -> None:
+        """Write the run's training summary."""
+        atomic_write_json(self.run_dir(run_id) / "meta.json", meta)
+
+    def mark_complete(self, run_id: str) -> None:
+        """Write the DONE marker (last step of a run)."""
+        atomic_write_text(self.run_dir(run_id) / "DONE", "")
+
+    def mark_failed(self, run_id: str, exc: BaseException) -> None:
+        """Record why a run failed, without touching anything else it wrote."""
+        atomic_write_json(
+            self.run_dir(run_id) / "FAILED.json",
+            {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+        )
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def read_spec(self, run_id: str) -> dict[str, Any]:
+        """The run's axes (spec.json)."""
+        p = self.run_dir(run_id) / "spec.json"
+        if not p.is_file():
+            raise StoreError(f"{p} not found")
+        return json.loads(p.read_text())
+
+    def read_meta(self, run_id: str) -> dict[str, Any]:
+        """The run's training summary (meta.json), or {} when absent."""
+        p = self.run_dir(run_id) / "meta.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def eval_sets(self, run_id: str) -> list[str]:
+        """Names of the evaluation sets with stored predictions."""
+        d = self.run_dir(run_id) / "predictions"
+        return sorted(p.stem for p in d.glob("*.parquet")) if d.is_dir() else []
+
+    def read_predictions(self, run_id: str, eval_set: str) -> pd.DataFrame:
+        """Per-sample predictions of one evaluation set."""
+        p = self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
+        if not p.is_file():
+            raise StoreError(f"{p} not found (eval sets stored: {self.eval_sets(run_id)})")
+        return pd.read_parquet(p)
+
+    def read_metrics(self, run_id: str) -> pd.DataFrame:
+        """Tidy metric rows of one run."""
+        p = self.run_dir(run_id) / "metrics.parquet"
+        if not p.is_file():
+            raise StoreError(f"{p} not found")
+        return pd.read_parquet(p)
+
+    def read_failure(self, run_id: str) -> dict[str, Any] | None:
+        """The failure record of a run, if any."""
+        p = self.run_dir(run_id) / "FAILED.json"
+        return json.loads(p.read_text()) if p.is_file() else None
