@@ -1,0 +1,55 @@
+"""Run a transfer-learning scaling study: backbone × pretraining source × data fraction × seed.
+
+    accelerate launch recipes/scale_study.py                                  # the offline demo study (CPU)
+    accelerate launch recipes/scale_study.py --config recipes/configs/chexpert_bit.yaml data.root=/data/chexpert
+    python recipes/scale_study.py --config ... --dry-run                      # the plan, no training
+
+Arguments after the options are dotted overrides (``train.lr=0.01 grid.seeds=[0,1,2]``). Re-running the same
+command skips the runs already complete in the store and finishes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from scaling.config import ConfigError, load_config
+from scaling.study.runner import plan, run_study
+
+DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run (or plan) the study, print the results table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=DEMO, help="study YAML (default: the offline demo study)")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs, which are done, and their cost; no training")
+    ap.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        if args.dry_run:
+            print(plan(cfg).to_string(index=False))
+            return 0
+        table = run_study(cfg, report=not args.no_report)
+        from scaling.study.runner import _is_main
+
+        if _is_main():
+            cols = [c for c in table.columns if c not in ("run_id", "status")]
+            print(table[cols].to_string(index=False))
+            print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}   report: {Path(cfg.output_dir) / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
