@@ -1,0 +1,152 @@
+"""Backbones (through ``timm.create_model`` only), weight sources and the per-family table.
+
+Public API:
+
+* :func:`build_model` ``(model_cfg, num_outputs) -> TransferModel``: preset or timm name, weights from
+  ``model_cfg.pretrained`` (one code path, see :mod:`scaling.models.weights`), new head (zero-initialised as
+  in BiT when ``model_cfg.zero_init_head``). ``forward(images) -> logits[B, num_outputs]`` is the only entry
+  point; never call ``forward_features`` on a sharded module.
+* :func:`model_info` ``(backbone) -> dict``: parameter count, family, native resolution, sources with their
+  pretraining dataset and its size. :func:`count_params` ``(model) -> int``.
+* :mod:`scaling.models.families` (``family_spec``), :mod:`scaling.models.optim` (``param_groups``,
+  ``build_optimizer``), :mod:`scaling.models.presets` (``PRESETS``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import timm
+import torch
+from torch import nn
+
+from scaling.models import tiny  # noqa: F401  (registers resnetv2_tiny/small, vit_micro/mini with timm)
+from scaling.models.families import FAMILIES, family_spec, timm_model
+from scaling.models.presets import PRESETS, Preset, resolve_backbone
+from scaling.models.weights import (
+    CheckpointMismatch,
+    WeightSpec,
+    WeightsUnavailable,
+    fetch,
+    load_into,
+    read_state_dict,
+    resolve_source,
+)
+
+__all__ = [
+    "PRESETS",
+    "FAMILIES",
+    "CheckpointMismatch",
+    "TransferModel",
+    "WeightsUnavailable",
+    "build_model",
+    "count_params",
+    "family_spec",
+    "model_info",
+    "resolve_backbone",
+    "resolve_source",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TransferModel(nn.Module):
+    """A timm backbone with its downstream head, as one module whose ``forward`` is the only entry point.
+
+    Under FSDP2 only the root ``forward`` gathers and frees the sharded blocks in the right order, so
+    callers must not reach into ``backbone.forward_features`` (``shared/reference/anchors.md`` §3.2).
+    """
+
+    def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.preset_name = preset.name
+        self.timm_name = preset.timm_name
+        self.weights = weights
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_outputs]`` for a batch of images ``[B, C, H, W]``."""
+        return self.backbone(images)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the head."""
+        return self.backbone.num_classes
+
+    @property
+    def data_config(self) -> dict:
+        """timm's input config (mean, std, input size) for the backbone's weights."""
+        return timm.data.resolve_data_config({}, model=self.backbone)
+
+
+def build_model(model_cfg, num_outputs: int) -> TransferModel:
+    """Build ``model_cfg.backbone`` with ``timm.create_model``, load ``model_cfg.pretrained``, attach a new head.
+
+    Sources (``scaling.models.weights``): ``scratch``; ``hub`` / ``hub:<timm tag>`` / a named preset source
+    (``bit-s``, ``bit-m``, ``in1k``, ``in21k``); ``<source>:<path>`` or a path to ``.safetensors``,
+    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``. The upstream head is discarded; the new head has
+    ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT ``zero_head=True``:
+    the first steps then train the head on the pretrained features without sending noise into them).
+
+    Raises ValueError (unknown backbone/source, listing the valid ones), WeightsUnavailable (weights not on
+    disk and no network; says how to provide a file) or CheckpointMismatch (names the first bad tensor).
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs={num_outputs} must be >= 1")
+    preset = resolve_backbone(model_cfg.backbone)
+    spec = resolve_source(preset, model_cfg.pretrained)
+    kwargs = dict(model_cfg.kwargs)
+    if model_cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+    # pretrained=False always: weights come through our loader so every source shares one code path and one
+    # set of error messages (timm's own loader silently re-initialises a head it cannot match, platform.md §2).
+    # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
+    path = fetch(spec) if spec.kind != "scratch" else None
+    backbone = timm.create_model(preset.timm_name, pretrained=False, num_classes=num_outputs, **kwargs)
+    if path is not None:
+        load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
+        log.info("loaded %s weights from %s", preset.name, path)
+    head = backbone.get_classifier()
+    if model_cfg.zero_init_head:
+        for p in head.parameters():
+            nn.init.zeros_(p)
+    return TransferModel(backbone, preset, spec)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model`` (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_params(timm_name: str) -> int:
+    # Built on the meta device: exact counts without allocating (an R152x4 has ~930M parameters).
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    return count_params(model)
+
+
+def model_info(backbone: str) -> dict:
+    """Metadata of a preset or timm architecture, for the run store and the scaling plots.
+
+    Returns ``name``, ``timm_name``, ``family``, ``n_params`` (backbone without head), ``native_resolution``,
+    ``default_hub`` and ``sources``: ``{source: {dataset, n_images, num_classes, hub, url, user_file}}``
+    (``scratch`` included with 0 images).
+    """
+    preset = resolve_backbone(backbone)
+    sources = {"scratch": dict(dataset="none", n_images=0, num_classes=0, hub="", url="", user_file=False)}
+    for name, s in preset.sources.items():
+        sources[name] = dict(
+            dataset=s.dataset, n_images=s.n_images, num_classes=s.num_classes, hub=s.hub, url=s.url, user_file=s.user_file
+        )
+    return dict(
+        name=preset.name,
+        timm_name=preset.timm_name,
+        family=preset.family,
+        n_params=_backbone_params(preset.timm_name),
+        native_resolution=preset.native_resolution,
+        default_hub=preset.default_hub,
+        description=preset.description,
+        sources=sources,
+    )

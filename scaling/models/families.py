@@ -1,0 +1,92 @@
+"""The per-family table: what sharding, activation checkpointing and the optimizer need from a backbone.
+
+One row per timm family. The sharding code applies ``fully_shard`` to every module whose class is in
+``block_classes`` (then to the root), so a new family needs only a row here. Everything else goes through
+timm's model interface (``set_grad_checkpointing``, ``group_matcher``, ``no_weight_decay``), which every timm
+model implements (``shared/reference/anchors.md`` §1.3); FSDP's auto-wrap policies silently do nothing for timm
+models (anchors §3.1), which is why the block classes are named explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
+from timm.models.convnext import checkpoint_filter_fn as _convnext_filter
+from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetStage, ResNetV2
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one backbone family is sharded, checkpointed and grouped for the optimizer."""
+
+    name: str
+    """Family key (``resnetv2``, ``vit``, ``convnext``)."""
+    model_class: type
+    """timm model class that identifies the family."""
+    block_classes: tuple[type, ...]
+    """Classes that each become one FSDP unit (and one activation-checkpointing unit under ``fsdp``)."""
+    stage_classes: tuple[type, ...]
+    """Coarser units (a stage of blocks), for plans that shard per stage instead of per block."""
+    filter_fn: Callable[[dict, torch.nn.Module], dict] | None
+    """timm checkpoint filter applied before loading (ViT: resamples position embeddings to a new resolution)."""
+
+    def set_grad_checkpointing(self, model: torch.nn.Module, enable: bool = True) -> None:
+        """Switch timm's own activation checkpointing (per stage / per block via ``checkpoint_seq``)."""
+        timm_model(model).set_grad_checkpointing(enable)
+
+    def group_matcher(self, model: torch.nn.Module, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer-group regexes (names relative to the timm model), which drive layer-wise LR decay."""
+        return timm_model(model).group_matcher(coarse)
+
+    def no_weight_decay(self, model: torch.nn.Module) -> set[str]:
+        """Full parameter names (as ``model.named_parameters()`` spells them) that get no weight decay.
+
+        timm's rule: the model's ``no_weight_decay()`` set (ViT ``pos_embed``, ``cls_token``...) plus every
+        tensor with fewer than 2 dimensions (norm scales/shifts, biases).
+        """
+        inner = timm_model(model)
+        explicit = set(inner.no_weight_decay()) if hasattr(inner, "no_weight_decay") else set()
+        prefix = _prefix_of(model, inner)
+        return {
+            prefix + n for n, p in inner.named_parameters() if p.ndim <= 1 or n in explicit or n.split(".")[0] in explicit
+        }
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    f.name: f
+    for f in [
+        FamilySpec("resnetv2", ResNetV2, (PreActBottleneck, PreActBasic), (ResNetStage,), None),
+        FamilySpec("vit", VisionTransformer, (Block,), (), _vit_filter),
+        FamilySpec("convnext", ConvNeXt, (ConvNeXtBlock,), (ConvNeXtStage,), _convnext_filter),
+    ]
+}
+
+
+def timm_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The timm model inside ``model`` (``model`` itself, or the ``backbone`` of a TransferModel)."""
+    return getattr(model, "backbone", model)
+
+
+def _prefix_of(model: torch.nn.Module, inner: torch.nn.Module) -> str:
+    return "" if inner is model else "backbone."
+
+
+def family_spec(model: torch.nn.Module | str) -> FamilySpec:
+    """The family row for a built model (by its timm class) or a family name; raises listing the families."""
+    if isinstance(model, str):
+        if model not in FAMILIES:
+            raise ValueError(f"unknown backbone family {model!r}; supported: {sorted(FAMILIES)}")
+        return FAMILIES[model]
+    inner = timm_model(model)
+    for spec in FAMILIES.values():
+        if isinstance(inner, spec.model_class):
+            return spec
+    raise ValueError(
+        f"no family table for {type(inner).__name__}; supported families: "
+        f"{ {k: v.model_class.__name__ for k, v in FAMILIES.items()} } (add a row to scaling.models.families)"
+    )

@@ -1,0 +1,357 @@
+"""Backbones, weight sources and the per-family table (tiny models; the hub is never reached)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from scaling.config import ModelConfig, TrainConfig
+from scaling.models import (
+    PRESETS,
+    CheckpointMismatch,
+    WeightsUnavailable,
+    build_model,
+    count_params,
+    family_spec,
+    model_info,
+)
+from scaling.models import weights as W
+from scaling.models.optim import build_optimizer, param_groups
+from scaling.models.presets import resolve_backbone
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_weights(tmp_path, monkeypatch):
+    """No test may see a real cache: an empty weights dir and an empty HF cache."""
+    monkeypatch.setenv("SCALING_WEIGHTS_DIR", str(tmp_path / "weights"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def _images(n=2, size=64, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _features(model, x):
+    """Pre-logit features of a TransferModel or timm model (unsharded test use only)."""
+    inner = getattr(model, "backbone", model)
+    with torch.no_grad():
+        return inner.forward_head(inner.forward_features(x), pre_logits=True)
+
+
+def _source(name="resnetv2_tiny", classes=20, seed=1):
+    """An 'upstream' timm model with random non-trivial weights, including GroupNorm affine terms."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=classes).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _bit_npz(model, path):
+    """Write a timm ResNetV2 in the official big_transfer npz layout (HWIO kernels, ``resnet/`` prefix)."""
+
+    def tf(t):
+        a = t.detach().numpy()
+        return a.transpose(2, 3, 1, 0) if a.ndim == 4 else a
+
+    sd, out, p = model.state_dict(), {}, "resnet/"
+    out[f"{p}root_block/standardized_conv2d/kernel"] = tf(sd["stem.conv.weight"])
+    out[f"{p}group_norm/gamma"], out[f"{p}group_norm/beta"] = tf(sd["norm.weight"]), tf(sd["norm.bias"])
+    out[f"{p}head/conv2d/kernel"], out[f"{p}head/conv2d/bias"] = tf(sd["head.fc.weight"]), tf(sd["head.fc.bias"])
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage.blocks):
+            u = f"{p}block{i + 1}/unit{j + 1:02d}/"
+            for k, sub in enumerate("abc", start=1):
+                out[f"{u}{sub}/standardized_conv2d/kernel"] = tf(getattr(block, f"conv{k}").weight)
+                out[f"{u}{sub}/group_norm/gamma"] = tf(getattr(block, f"norm{k}").weight)
+                out[f"{u}{sub}/group_norm/beta"] = tf(getattr(block, f"norm{k}").bias)
+            if block.downsample is not None:
+                out[f"{u}a/proj/standardized_conv2d/kernel"] = tf(block.downsample.conv.weight)
+    np.savez(path, **out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny registered models
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, lo, hi",
+    [("resnetv2_tiny", 0.3e6, 0.55e6), ("resnetv2_small", 1.5e6, 3e6), ("vit_micro", 0.1e6, 0.5e6), ("vit_mini", 0.5e6, 2e6)],
+)
+def test_tiny_models_are_registered_timm_models_of_the_planned_size(name, lo, hi):
+    model = timm.create_model(name, num_classes=5)
+    assert lo <= count_params(model) <= hi
+    assert model(_images()).shape == (2, 5)
+    assert timm.is_model(name) and name in PRESETS
+
+
+def test_tiny_resnet_is_bit_style():
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import PreActBottleneck
+
+    model = timm.create_model("resnetv2_small")
+    kinds = {type(m) for m in model.modules()}
+    assert {PreActBottleneck, StdConv2d, GroupNormAct} <= kinds
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# build_model and the weight formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_scratch_build_has_zero_head_and_right_width():
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained="scratch"), num_outputs=5)
+    logits = model(_images())
+    assert logits.shape == (2, 5) and torch.count_nonzero(logits) == 0
+    nonzero = build_model(ModelConfig(backbone="vit_micro", zero_init_head=False), num_outputs=3)(_images())
+    assert nonzero.shape == (2, 3) and torch.count_nonzero(nonzero) > 0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt_wrapped", "transfer_model", "npz"])
+def test_every_file_format_reproduces_the_source_backbone(tmp_path, fmt):
+    src = _source()
+    path = tmp_path / f"ckpt.{ 'npz' if fmt == 'npz' else 'safetensors' if fmt == 'safetensors' else 'pt'}"
+    if fmt == "safetensors":
+        save_file(src.state_dict(), str(path))
+    elif fmt == "pt":
+        torch.save(src.state_dict(), path)
+    elif fmt == "pt_wrapped":  # DDP-style prefix inside a training-checkpoint container
+        torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "step": 3}, path)
+    elif fmt == "transfer_model":  # what Trainer.export writes for a model from build_model
+        wrapped = build_model(ModelConfig(backbone="resnetv2_tiny", zero_init_head=False), num_outputs=20)
+        wrapped.backbone.load_state_dict(src.state_dict())
+        torch.save(wrapped.state_dict(), path)
+    else:
+        _bit_npz(src, path)
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path)), num_outputs=5).eval()
+    x = _images()
+    torch.testing.assert_close(_features(model, x), _features(src, x), rtol=0, atol=0)
+    assert torch.count_nonzero(model(x)) == 0  # the 20-class upstream head was replaced by a zero 5-class head
+
+
+def test_bit_npz_reader_agrees_with_timms_own_npz_loader(tmp_path):
+    src = _source("resnetv2_small")
+    path = tmp_path / "BiT-S-Rsmall.npz"
+    _bit_npz(src, path)
+    reference = timm.create_model("resnetv2_small", num_classes=20).eval()
+    reference.load_pretrained(str(path))  # timm.models.resnetv2._load_weights
+    ours = build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(path)), num_outputs=20).eval()
+    x = _images()
+    torch.testing.assert_close(_features(ours, x), _features(reference, x), rtol=0, atol=0)
+
+
+def test_vit_checkpoint_loads_at_a_new_resolution(tmp_path):
+    src = _source("vit_micro")
+    path = tmp_path / "vit.safetensors"
+    save_file(src.state_dict(), str(path))
+    cfg = ModelConfig(backbone="vit_micro", pretrained=str(path), kwargs={"img_size": 96})
+    model = build_model(cfg, num_outputs=4)
+    assert model(_images(size=96)).shape == (2, 4)
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, src.patch_embed.proj.weight)
+
+
+def test_rgb_checkpoint_adapts_to_grayscale_input(tmp_path):
+    path = tmp_path / "rgb.safetensors"
+    save_file(_source().state_dict(), str(path))
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path), kwargs={"in_chans": 1}), 2)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_wrong_architecture_names_the_first_mismatching_tensor(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file(_source("resnetv2_small").state_dict(), str(path))
+    with pytest.raises(CheckpointMismatch, match=r"first mismatching tensor 'stem\.conv\.weight'.*\(24, 3, 7, 7\)"):
+        build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path)), num_outputs=5)
+    partial = {k: v for k, v in _source().state_dict().items() if k != "norm.bias"}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointMismatch, match="lacks backbone tensor 'norm.bias'"):
+        build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(tmp_path / "partial.safetensors")), 5)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _source().state_dict(), "cfg": ModelConfig()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path)), 5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source resolution, the hub offline, bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backbone, pretrained, kind, location",
+    [
+        ("bit_r50x1", "scratch", "scratch", ""),
+        ("BiT-R50x1", "bit-m", "hub", "resnetv2_50x1_bit.goog_in21k"),
+        ("bit_r101x3", "hub", "hub", "resnetv2_101x3_bit.goog_in21k"),
+        ("bit_r152x4", "in21k", "hub", "resnetv2_152x4_bit.goog_in21k"),
+        ("bit_r152x2", "bit-s", "url", "https://storage.googleapis.com/bit_models/BiT-S-R152x2.npz"),
+        ("bit_r50x3", "in1k", "url", "https://storage.googleapis.com/bit_models/BiT-S-R50x3.npz"),
+        ("bit_r50x1", "hub:goog_in21k_ft_in1k", "hub", "resnetv2_50x1_bit.goog_in21k_ft_in1k"),
+        ("vit_s16", "in1k", "hub", "vit_small_patch16_224.augreg_in1k"),
+        ("vit_b16", "in21k", "hub", "vit_base_patch16_224.augreg_in21k"),
+        ("vit_l16", "in21k-orig", "hub", "vit_large_patch16_224.orig_in21k"),
+        ("vit_h14", "hub", "hub", "vit_huge_patch14_224.orig_in21k"),
+        ("resnetv2_50x1_bit", "hub:resnetv2_50x1_bit.goog_in21k", "hub", "resnetv2_50x1_bit.goog_in21k"),
+    ],
+)
+def test_sources_resolve_to_timm_tags_and_official_files(backbone, pretrained, kind, location):
+    spec = W.resolve_source(resolve_backbone(backbone), pretrained)
+    assert (spec.kind, spec.location) == (kind, location)
+
+
+def test_named_source_can_be_a_user_file_that_keeps_its_metadata(tmp_path):
+    path = tmp_path / "jft_r50x1.npz"
+    path.write_bytes(b"")
+    spec = W.resolve_source(resolve_backbone("bit_r50x1"), f"bit-l:{path}")
+    assert spec.kind == "file" and spec.source.n_images == 300_000_000
+    with pytest.raises(ValueError, match="never released.*bit-l:/path"):
+        W.resolve_source(resolve_backbone("bit_r50x1"), "bit-l")
+
+
+def test_weights_dir_is_the_offline_override_for_downloads(tmp_path):
+    target = W.weights_dir() / "BiT-S-R50x1.npz"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"npz")
+    assert W.fetch(W.resolve_source(resolve_backbone("bit_r50x1"), "bit-s")) == target
+    hub = W.weights_dir() / "resnetv2_50x1_bit.goog_in21k.safetensors"
+    hub.write_bytes(b"st")
+    assert W.fetch(W.resolve_source(resolve_backbone("bit_r50x1"), "bit-m")) == hub
+
+
+@pytest.mark.parametrize("offline_flag", [True, False])
+@pytest.mark.parametrize("pretrained", ["bit-m", "bit-s"])
+def test_hub_and_download_fail_fast_offline_with_instructions(monkeypatch, offline_flag, pretrained):
+    from huggingface_hub import constants
+
+    if offline_flag:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # no offline flag, host does not resolve: the probe must fail fast instead of 46 s of retries
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("SCALING_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+        monkeypatch.setattr(
+            W, "resolve_source", lambda p, s, _r=W.resolve_source: _swap_host(_r(p, s), "https://weights.invalid")
+        )
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailable, match="local file") as err:
+        build_model(ModelConfig(backbone="bit_r50x1", pretrained=pretrained), num_outputs=5)
+    assert time.monotonic() - t0 < 10
+    assert "SCALING_WEIGHTS_DIR" in str(err.value)
+
+
+def _swap_host(spec, host):
+    if spec.kind != "url":
+        return spec
+    return W.WeightSpec(spec.kind, host + "/bit_models/" + spec.location.rsplit("/", 1)[1], spec.source)
+
+
+@pytest.mark.parametrize(
+    "backbone, pretrained, message",
+    [
+        ("resnet_9000", "scratch", r"unknown backbone 'resnet_9000'.*bit_r50x1"),
+        ("bit_r50x1", "imagenet", r"no pretraining source 'imagenet'.*bit-m"),
+        ("vit_l16", "in1k", r"no pretraining source 'in1k'.*in21k"),
+        ("bit_r50x1", "hub:nonexistent_tag", r"no pretrained weights.*goog_in21k"),
+        ("resnetv2_tiny", "hub", r"has no hub weights"),
+        ("resnetv2_tiny", "upstream:demo", r"study runner"),
+        ("resnetv2_tiny", "/no/such/file.safetensors", r"not found"),
+    ],
+)
+def test_bad_backbone_or_source_lists_the_valid_ones(backbone, pretrained, message):
+    with pytest.raises((ValueError, WeightsUnavailable), match=message):
+        build_model(ModelConfig(backbone=backbone, pretrained=pretrained), num_outputs=5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backbone, n_params, family, source, n_images",
+    [
+        ("bit_r50x1", 23_500_352, "resnetv2", "bit-m", 14_197_122),  # 25.55M with a 1000-class head (timm)
+        ("bit_r101x3", 387_934_080 - 6_145_000, "resnetv2", "bit-s", 1_281_167),
+        ("vit_s16", 21_665_664, "vit", "in1k", 1_281_167),
+        ("resnetv2_tiny", 504_464, "resnetv2", "scratch", 0),
+    ],
+)
+def test_model_info(backbone, n_params, family, source, n_images):
+    info = model_info(backbone)
+    assert info["family"] == family
+    assert info["n_params"] == pytest.approx(n_params, rel=1e-3)
+    assert info["sources"][source]["n_images"] == n_images
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Family table and optimizer groups
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone, block", [("resnetv2_tiny", "PreActBottleneck"), ("vit_micro", "Block")])
+def test_family_spec_names_blocks_no_wd_and_checkpointing(backbone, block):
+    model = build_model(ModelConfig(backbone=backbone, zero_init_head=False), num_outputs=3)
+    spec = family_spec(model)
+    assert block in {c.__name__ for c in spec.block_classes}
+    assert any(isinstance(m, spec.block_classes) for m in model.modules())
+    names = dict(model.named_parameters())
+    no_wd = spec.no_weight_decay(model)
+    assert no_wd and no_wd <= set(names)
+    assert all(names[n].ndim <= 1 for n in no_wd if "pos_embed" not in n and "cls_token" not in n)
+    x = _images()
+    model.train()
+    ref = model(x)
+    ref.sum().backward()
+    ref_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    spec.set_grad_checkpointing(model, True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for p, g in zip(model.parameters(), ref_grad):
+        torch.testing.assert_close(p.grad, g)
+    assert spec.group_matcher(model)
+
+
+def test_family_spec_rejects_unknown_classes():
+    with pytest.raises(ValueError, match="supported families"):
+        family_spec(torch.nn.Linear(2, 2))
+
+
+def test_param_groups_no_decay_on_norms_and_layer_decay_scales():
+    model = build_model(ModelConfig(backbone="vit_micro"), num_outputs=3)
+    groups = param_groups(model, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["backbone.pos_embed"])]["weight_decay"] == 0
+    assert by_param[id(named["backbone.blocks.0.norm1.weight"])]["weight_decay"] == 0
+    assert by_param[id(named["backbone.blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
+    head, first = by_param[id(named["backbone.head.weight"])], by_param[id(named["backbone.patch_embed.proj.weight"])]
+    assert head["lr_scale"] == 1.0 and first["lr_scale"] == pytest.approx(0.75 ** 5)
+    assert all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    flat = param_groups(model, TrainConfig())
+    assert {g["lr_scale"] for g in flat} == {1.0} and {g["weight_decay"] for g in flat} == {0.0}
+
+
+def test_build_optimizer_kinds():
+    model = build_model(ModelConfig(), num_outputs=3)
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.003))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    assert isinstance(build_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3)), torch.optim.AdamW)
