@@ -178,11 +178,15 @@ class TrainConfig:
     """Validate every N steps (0 = only at the end)."""
     checkpoint_every: int = 0
     """Save resumable state every N steps (0 = only on SIGTERM/SIGUSR1)."""
+    hyperrule: str = "off"
+    """``off``, ``code`` or ``paper``: the BiT-HyperRule sets length, warmup, decays and MixUp alpha from the size of
+    each run's (fraction) training set, overriding steps/epochs/examples, warmup_steps, schedule and mixup_alpha."""
 
     def __post_init__(self):
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         _choice("train.schedule", self.schedule, ("bit", "cosine", "constant"))
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("train.hyperrule", self.hyperrule, ("off", "code", "paper"))
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.lr", self.lr)

@@ -135,3 +135,27 @@ def test_lr_at_warmup_is_linear_and_capped_by_short_runs():
     assert all(math.isfinite(lr_at(s, 1, cfg)) for s in range(2))
     with pytest.raises(ValueError):
         lr_at(0, 0, cfg)
+
+
+@pytest.mark.parametrize(
+    "variant, n, steps, alpha, probes",
+    [
+        # (step, lr) pairs at peak lr 0.003, from big_transfer's get_lr
+        ("code", 2_243, 500, 0.0, [(0, 0.0), (50, 0.0015), (150, 0.003), (250, 0.0003), (499, 0.000003)]),
+        ("code", 22_431, 10_000, 0.1, [(250, 0.0015), (2999, 0.003), (3001, 0.0003), (9001, 0.000003)]),
+        ("code", 224_316, 10_000, 0.1, [(500, 0.003), (6001, 0.00003)]),
+        ("paper", 2_243, 500, 0.0, [(151, 0.0003), (301, 0.00003), (451, 0.000003)]),
+        ("paper", 600_000, 20_000, 0.1, [(19_999, 0.000003)]),
+    ],
+)
+def test_hyperrule_mode_sets_length_lr_and_mixup_per_fraction(variant, n, steps, alpha, probes):
+    from scaling.engine.schedule import mixup_alpha
+
+    cfg = TrainConfig(hyperrule=variant, lr=0.003, mixup_alpha=0.5, steps=7)
+    assert total_steps(cfg, n) == steps
+    assert mixup_alpha(cfg, n) == alpha
+    for step, lr in probes:
+        assert lr_at(step, steps, cfg) == pytest.approx(lr)
+    assert mixup_alpha(TrainConfig(mixup_alpha=0.5), n) == 0.5
+    with pytest.raises(ValueError, match="HyperRule length"):
+        lr_at(0, 123, cfg)

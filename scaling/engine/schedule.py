@@ -69,15 +69,15 @@ def bit_mixup(dataset_size: int) -> float:
 
 def bit_lr(step: int, dataset_size: int, base_lr: float = BIT_BASE_LR, variant: str = "code") -> float | None:
     """big_transfer's ``get_lr``: linear warmup from 0, then /10 at each later support; None once finished."""
-    supports = bit_schedule(dataset_size, variant)
+    return _lr_from_supports(step, bit_schedule(dataset_size, variant), base_lr)
+
+
+def _lr_from_supports(step: int, supports: tuple[int, ...], base_lr: float) -> float | None:
     if step < supports[0]:
         return base_lr * step / supports[0]
     if step >= supports[-1]:
         return None
-    for s in supports[1:]:
-        if s < step:
-            base_lr /= 10
-    return base_lr
+    return base_lr * 0.1 ** sum(s < step for s in supports[1:])
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,13 @@ def bit_hyperrule(
 def total_steps(train_cfg, n_train_examples: int) -> int:
     """Optimizer steps for ``train_cfg`` on a training set of ``n_train_examples`` (after the data fraction).
 
-    ``steps`` is used as is; ``epochs`` counts passes over this (fraction) training set; ``examples`` fixes
-    the number of images seen, so runs at 1 % and 100 % of the data get the same compute. With none set,
-    the BiT-HyperRule length for this dataset size (released-code variant) is used.
+    With ``train.hyperrule`` set, the BiT-HyperRule length for this training-set size. Otherwise ``steps`` is
+    used as is; ``epochs`` counts passes over this (fraction) training set; ``examples`` fixes the number of
+    images seen, so runs at 1 % and 100 % of the data get the same compute. With none set, the HyperRule
+    length (released-code variant).
     """
+    if train_cfg.hyperrule != "off":
+        return bit_schedule(n_train_examples, train_cfg.hyperrule)[-1]
     if train_cfg.steps > 0:
         return int(train_cfg.steps)
     if train_cfg.epochs > 0:
@@ -144,16 +147,37 @@ def total_steps(train_cfg, n_train_examples: int) -> int:
     return bit_schedule(n_train_examples)[-1]
 
 
+def mixup_alpha(train_cfg, n_train_examples: int) -> float:
+    """MixUp alpha for a run: the HyperRule's (0 below 20k examples, else 0.1) when set, else ``train.mixup_alpha``."""
+    if train_cfg.hyperrule != "off":
+        return bit_mixup(n_train_examples)
+    return train_cfg.mixup_alpha
+
+
+def _hyperrule_supports(total: int, variant: str) -> tuple[int, ...]:
+    # Each HyperRule length belongs to exactly one size class, so ``total`` identifies its support points.
+    for size in (0, SMALL_TASK, LARGE_TASK):
+        supports = bit_schedule(size, variant)
+        if supports[-1] == total:
+            return supports
+    raise ValueError(f"{total} steps is not a BiT-HyperRule length; use total_steps() with train.hyperrule")
+
+
 def lr_at(step: int, total: int, train_cfg) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total`` under ``train_cfg``.
 
-    All schedules warm up linearly over ``min(train.warmup_steps, total // 2)`` steps, reaching the peak
-    ``train.lr`` at the end of warmup (the first step gets ``lr / warmup``, not 0). Then ``bit``: x0.1 at
-    30, 60 and 90 % of ``total`` (BiT §3.3); ``cosine``: half-cosine to 0 at ``total``; ``constant``.
+    With ``train.hyperrule`` set: big_transfer's ``get_lr`` on the HyperRule supports of ``total`` (warmup
+    from 0, /10 after each support). Otherwise all schedules warm up linearly over
+    ``min(train.warmup_steps, total // 2)`` steps, reaching the peak ``train.lr`` at the end of warmup (the
+    first step gets ``lr / warmup``, not 0); then ``bit``: x0.1 at 30, 60 and 90 % of ``total`` (BiT §3.3);
+    ``cosine``: half-cosine to 0 at ``total``; ``constant``.
     """
     if total < 1:
         raise ValueError(f"total steps must be >= 1, got {total}")
     peak = train_cfg.lr
+    if train_cfg.hyperrule != "off":
+        lr = _lr_from_supports(step, _hyperrule_supports(total, train_cfg.hyperrule), peak)
+        return 0.0 if lr is None else lr
     warmup = min(train_cfg.warmup_steps, total // 2)
     if step < warmup:
         return peak * (step + 1) / warmup
