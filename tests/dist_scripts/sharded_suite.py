@@ -1,0 +1,118 @@
+"""Launched on 2 CPU ranks by tests/test_sharding.py and tests/test_checkpoint.py (torchrun, gloo).
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_scripts/sharded_suite.py <suite> <out_dir>
+
+Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
+
+* ``torch``   ddp, fsdp (+ accumulation, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
+              our path), fsdp_grad_op, predict with padding duplicates, export; an uninterrupted fsdp run that
+              checkpoints at step 3 (``resume_fsdp``)
+* ``zero``    zero1, zero2, zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
+* ``resume``  fresh launch: resume ``resume_fsdp`` (torch launch) or ``resume_zero3`` (DeepSpeed launch) and
+              ``sigterm`` runs to the end
+* ``sigterm`` an fsdp run that the test kills with SIGTERM
+
+Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
+every rank's share of the sharded state and the number of FSDP units. The pytest side compares them with a
+single-process run of the same config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from toy import ToyDataset, vit  # noqa: E402
+
+from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
+from scaling.engine import LaunchError, Trainer  # noqa: E402
+
+STEPS = 5
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=8, steps=STEPS, lr=0.05, optimizer="sgd", momentum=0.9, warmup_steps=2, log_every=1,
+                schedule="cosine")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, **sharding):
+    torch.manual_seed(0)
+    trainer = Trainer(vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
+                      output_dir=output_dir)
+    summary = trainer.fit(ToyDataset(64))
+    shares = [None] * trainer.world_size
+    torch.distributed.all_gather_object(shares, trainer.shard.share)
+    cell = {"world": trainer.accelerator.num_processes, "losses": [h["loss"] for h in trainer.history],
+            "params": trainer.full_state_dict(), "shares": shares, "units": trainer.shard.units,
+            "summary": summary}
+    if predict:
+        cell["pred"] = trainer.predict(ToyDataset(21, seed=1), batch_size=4)
+        trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
+    trainer.close()
+    out[name] = cell
+
+
+def main():
+    suite, out_dir = sys.argv[1], Path(sys.argv[2])
+    os.environ["SUITE_OUT"] = str(out_dir)
+    out: dict = {}
+    rank = int(os.environ["RANK"])
+    if suite == "torch":
+        run_cell("ddp", out, "ddp", predict=True)
+        run_cell("fsdp", out, "fsdp", predict=True)
+        run_cell("fsdp", out, "fsdp_accum", train=train_cfg(grad_accum=2))
+        run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
+        run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
+        run_cell("fsdp_grad_op", out, "fsdp_grad_op")
+        # An Accelerate FSDP launch (ACCELERATE_USE_FSDP=true) is routed to scaling's FSDP2 path ...
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        run_cell("fsdp", out, "accelerate_fsdp")
+        # ... and with a non-FSDP strategy it stops before building anything.
+        try:
+            run_cell("ddp", out, "accelerate_fsdp_ddp")
+        except LaunchError as e:
+            out["accelerate_fsdp_ddp_error"] = str(e)
+        del os.environ["ACCELERATE_USE_FSDP"]
+        run_cell("fsdp", out, "resume_fsdp", train=train_cfg(steps=6, checkpoint_every=3),
+                 output_dir=out_dir / "resume_fsdp")
+    elif suite == "zero":
+        run_cell("zero1", out, "zero1")
+        run_cell("zero2", out, "zero2", predict=True)
+        run_cell("zero3", out, "zero3", predict=True)
+        run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
+        run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
+                 output_dir=out_dir / "resume_zero3")
+    elif suite == "resume":
+        run_cell(os.environ["RESUME_STRATEGY"], out, "resumed", train=train_cfg(steps=6, checkpoint_every=3),
+                 output_dir=out_dir / os.environ["RESUME_DIR"])
+    elif suite == "sigterm":
+        # Slow steps so the test's SIGTERM lands mid-run; the test waits for the "step" marker files.
+        cfg = train_cfg(steps=200, checkpoint_every=0)
+        trainer = Trainer(vit(), cfg, ShardingConfig(strategy="fsdp"), output_dir=out_dir / "sigterm")
+        original = trainer._optimizer_step
+
+        def slow_step():
+            original()
+            (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
+            time.sleep(0.2)
+
+        trainer._optimizer_step = slow_step
+        trainer.fit(ToyDataset(64))
+        raise SystemExit("not interrupted")
+    else:
+        raise SystemExit(f"unknown suite {suite!r}")
+    if rank == 0:
+        torch.save(out, out_dir / f"{suite}.pt")
+
+
+if __name__ == "__main__":
+    main()
