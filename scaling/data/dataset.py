@@ -1,0 +1,168 @@
+"""Torch datasets: multi-label samples from a sample table, and single-label ImageFolder data for pretraining.
+
+Items are dicts ``{"image": FloatTensor[3, H, W], "target": ..., "index": int}``. ``index`` is the row position in
+the table (or file list); the trainer gathers indices across ranks and drops the duplicates that distributed
+padding creates, then maps indices back to ``sample_id`` / ``patient_id``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from scaling.data.images import (
+    BIT_MEAN,
+    BIT_STD,
+    CacheReport,
+    ImageCache,
+    bad_image_error,
+    build_transform,
+    check_images,
+    check_on_bad_image,
+    decode,
+    probe,
+    to_float,
+)
+from scaling.data.labels import select_labels
+from scaling.data.table import LABEL_PREFIX, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+def prepare_table(
+    table: pd.DataFrame,
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    on_bad_image: str = "error",
+    num_workers: int = 0,
+) -> tuple[pd.DataFrame, ImageCache | None, list[str]]:
+    """Cache (or, without a cache, check when skipping) the images of ``table`` before building a dataset.
+
+    Returns ``(kept_table, cache_or_None, skipped_sample_ids)``. With ``cache_dir`` the images are decoded once
+    into an :class:`ImageCache`; without it and ``on_bad_image='skip'`` every image is decoded once to find
+    unreadable ones; without it and ``'error'`` nothing is read up front (a bad image raises, naming the file and
+    sample id, when first loaded).
+    """
+    check_on_bad_image(on_bad_image)
+    if cache_dir is not None:
+        cache = ImageCache(cache_dir, image_size)
+        report: CacheReport = cache.build(table, on_bad_image, num_workers)
+        kept = table[~table["sample_id"].isin(set(report.skipped))].reset_index(drop=True)
+        return kept, cache, report.skipped
+    if on_bad_image == "skip":
+        kept, skipped = check_images(table, "skip")
+        return kept, None, skipped
+    return table.reset_index(drop=True), None, []
+
+
+class TableDataset(Dataset):
+    """Multi-label dataset over a sample table: ``target`` is FloatTensor[L] with NaN where a label is missing.
+
+    With ``cache_dir`` the images are decoded and resized once into an :class:`ImageCache` there (shared by every
+    table of a study) and read from it; otherwise they are decoded on every access. ``on_bad_image='skip'`` drops
+    unreadable images up front: ``n_skipped`` / ``skipped`` say which, for the run's metadata, and ``table`` holds
+    the rows actually served (``index`` in every item is a row position of ``table``). ``channels`` (1 or 3)
+    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray).
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        labels: Sequence[str],
+        image_size: int,
+        train: bool = False,
+        cache_dir: str | Path | None = None,
+        on_bad_image: str = "error",
+        num_workers: int = 0,
+        mean: Sequence[float] = BIT_MEAN,
+        std: Sequence[float] = BIT_STD,
+        flip: bool = False,
+        channels: int | None = None,
+    ):
+        self.image_size = int(image_size)
+        kept, self.cache, self.skipped = prepare_table(table, self.image_size, cache_dir, on_bad_image, num_workers)
+        self.table = select_labels(kept, labels)
+        self.labels = list(labels)
+        self.targets = torch.tensor(self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(dtype=np.float32))
+        self.sample_ids = self.table["sample_id"].astype(str).tolist()
+        self.paths = self.table["path"].astype(str).tolist()
+        if channels is None and self.cache is None and self.paths:
+            try:
+                channels = probe(self.paths[0])[0]
+            except Exception as e:  # noqa: BLE001 - the first image is unreadable: name it
+                raise bad_image_error(self.paths[0], self.sample_ids[0], e) from e
+        self.channels = channels or 1
+        self.transform = build_transform(self.image_size, train, mean, std, flip)
+
+    @property
+    def n_skipped(self) -> int:
+        """Number of unreadable images dropped under ``on_bad_image='skip'``."""
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        """Number of samples (rows of ``table``)."""
+        return len(self.sample_ids)
+
+    def load_pixels(self, i: int) -> torch.Tensor:
+        """Row ``i``'s image as a float tensor in [0, 1], ``(C, image_size, image_size)``, before the transform."""
+        if self.cache is not None:
+            return torch.from_numpy(to_float(self.cache.read(self.paths[i])))
+        try:
+            return torch.from_numpy(to_float(decode(self.paths[i], self.image_size, self.channels)))
+        except Exception as e:  # noqa: BLE001 - name the file and sample of any decoder failure
+            raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
+
+    def __getitem__(self, i: int) -> dict:
+        """``{"image": FloatTensor[3, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}``."""
+        return {"image": self.transform(self.load_pixels(i)), "target": self.targets[i], "index": i}
+
+
+class ImageFolderDataset(Dataset):
+    """Single-label dataset over ``root/<class>/<image>`` (upstream pretraining): ``target`` is a LongTensor scalar.
+
+    Classes are the sorted sub-directory names; images are decoded as RGB on every access (pretraining images are
+    small and generated at the training resolution).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        train: bool = True,
+        mean: Sequence[float] = BIT_MEAN,
+        std: Sequence[float] = BIT_STD,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise DataError(f"image folder {self.root} has no class sub-directories")
+        self.samples: list[tuple[Path, int]] = [
+            (p, c)
+            for c, name in enumerate(self.classes)
+            for p in sorted((self.root / name).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise DataError(f"image folder {self.root} has no images (suffixes {IMAGE_SUFFIXES})")
+        self.image_size = int(image_size)
+        self.transform = build_transform(self.image_size, train, mean, std, flip=True)
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        """``{"image": FloatTensor[3, H, W], "target": LongTensor scalar (class index), "index": i}``."""
+        path, cls = self.samples[i]
+        try:
+            pixels = torch.from_numpy(to_float(decode(path, self.image_size, channels=3)))
+        except Exception as e:  # noqa: BLE001 - name the file of any decoder failure
+            raise bad_image_error(path, f"{self.classes[cls]}/{path.name}", e) from e
+        return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}

@@ -1,0 +1,434 @@
+"""Image decoding, train/eval transforms, and the preprocessed memory-mapped cache.
+
+Decoding (:func:`decode`) returns a channels-first array resized to the target resolution:
+
+* 8-bit JPEG/PNG (``L``/``RGB``) stay ``uint8`` (value / 255 is the intensity); resizing runs in Pillow on the
+  8-bit image, and JPEGs are decoded with DCT scaling (``Image.draft``) when the target is much smaller, which cuts
+  decode time several-fold at no visible cost once we downsample anyway;
+* 16-bit PNG and DICOM (``.dcm``/``.dicom``, through ``scaling.data.dicom.read_dicom``) become ``float32`` in
+  [0, 1] by per-image min-max: the bit depth actually used (10/12/14/16) varies by scanner and a PNG does not
+  record it, so a fixed divisor would leave many images nearly black.
+
+The resize squashes to a square ``size x size`` (CheXpert-style pipelines resize rather than crop, so findings at
+the image border are kept).
+
+The cache (:class:`ImageCache`) stores each image decoded and resized once, as ``uint8`` (8-bit sources) or
+``uint16`` (16-bit/DICOM sources), in one numpy memmap of shape ``(N, C, size, size)`` plus a Parquet index of
+samples (``sample_id``, source path, byte size, mtime). Entries are looked up by the sample's absolute source
+path: sample ids are unique only within one dataset (CheXpert and CheXpert-small, or two synthetic sites, share
+ids), while one store serves every dataset of a study. An entry is reused only when path, size and mtime all
+match and the store's resolution is the requested one; otherwise the image is decoded again. Decoding
+every time costs a full-resolution decode per sample per epoch; the cache costs one memmap row read
+(``benchmarks/dataloader.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from scaling.data.table import DataError
+from scaling.io import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+BAD_IMAGE_POLICIES = ("error", "skip")
+BIT_MEAN = (0.5, 0.5, 0.5)
+BIT_STD = (0.5, 0.5, 0.5)
+"""BiT's input normalisation: pixels in [0, 1] → [-1, 1] (big_transfer ``preprocess``)."""
+_COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32, copy=False)
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _resize_float(a: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize a (H, W) float32 image with Pillow's antialiasing bilinear filter (mode ``F``)."""
+    if size is None or a.shape == (size, size):
+        return a
+    return np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def _decode_dicom(path: Path, size: int | None, channels: int) -> np.ndarray:
+    from scaling.data.dicom import read_dicom  # deferred: pydicom is needed only for DICOM datasets
+
+    a = np.asarray(read_dicom(path), dtype=np.float32)
+    if a.ndim == 3:  # colour DICOM (rare in our datasets): (H, W, 3)
+        planes = [_resize_float(_minmax(a[..., c]), size) for c in range(a.shape[-1])]
+        out = np.stack(planes)
+        return out if channels == 3 else out.mean(axis=0, keepdims=True)
+    out = _resize_float(_minmax(a), size)[None]
+    return np.repeat(out, 3, axis=0) if channels == 3 else out
+
+
+def decode(path: str | Path, size: int | None = None, channels: int = 1) -> np.ndarray:
+    """Decode an image to a ``(channels, size, size)`` array (``(channels, H, W)`` when ``size`` is None).
+
+    ``uint8`` for 8-bit sources, ``float32`` in [0, 1] for 16-bit PNG and DICOM (see the module docstring).
+    """
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return _decode_dicom(path, size, channels)
+    with Image.open(path) as im:
+        mode = "RGB" if channels == 3 else "L"
+        if im.mode in _HIGH_DEPTH_MODES:
+            a = _resize_float(_minmax(np.asarray(im, dtype=np.float32)), size)[None]
+            return np.repeat(a, 3, axis=0) if channels == 3 else a
+        if size is not None and im.format == "JPEG":
+            im.draft(mode, (size, size))
+        im = im.convert(mode)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[None] if channels == 1 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def to_float(a: np.ndarray) -> np.ndarray:
+    """Decoded/cached pixels as float32 in [0, 1] (uint8 / 255, uint16 / 65535, floats unchanged)."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    return a.astype(np.float32, copy=False)
+
+
+def quantise(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Store decoded pixels as ``dtype`` (uint8/uint16); exact for a uint8 source stored as uint8."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    scale = float(np.iinfo(dtype).max)
+    return np.clip(np.rint(to_float(a) * scale), 0, scale).astype(dtype)
+
+
+def probe(path: str | Path) -> tuple[int, np.dtype]:
+    """(channels, cache dtype) for a source image, from its header only: RGB → 3, 16-bit/DICOM → uint16."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return 1, np.dtype(np.uint16)
+    with Image.open(path) as im:
+        channels = 3 if im.mode in _COLOUR_MODES else 1
+        return channels, np.dtype(np.uint16 if im.mode in _HIGH_DEPTH_MODES else np.uint8)
+
+
+def bad_image_error(path, sample_id, exc: BaseException) -> DataError:
+    """The error for an unreadable image: names the file and the sample id."""
+    return DataError(f"cannot read image {path} (sample {sample_id!r}): {type(exc).__name__}: {exc}")
+
+
+def check_on_bad_image(policy: str) -> None:
+    """Validate an ``on_bad_image`` value."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise DataError(f"on_bad_image={policy!r} is not allowed; choose one of {list(BAD_IMAGE_POLICIES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ToThreeChannels(torch.nn.Module):
+    """Replicate a 1-channel image to 3 channels for ImageNet-style backbones (a view, no copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand ``(1, H, W)`` to ``(3, H, W)``; 3-channel input passes through."""
+        return x.expand(3, *x.shape[1:]) if x.shape[0] == 1 else x
+
+
+def build_transform(
+    image_size: int,
+    train: bool,
+    mean: Sequence[float] = BIT_MEAN,
+    std: Sequence[float] = BIT_STD,
+    flip: bool = False,
+) -> v2.Compose:
+    """Transform a ``(C, H, W)`` float tensor in [0, 1] to a normalised ``(3, image_size, image_size)`` tensor.
+
+    Train adds light augmentation: a random resized crop covering 75-100 % of the image with near-square aspect and
+    a small rotation. Horizontal flips are off by default because chest anatomy is not mirror-symmetric (the heart
+    is on the left); turn ``flip`` on for dermatology.
+    """
+    steps: list = [ToThreeChannels()]
+    if train:
+        steps += [
+            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomRotation(7),
+        ]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        steps.append(v2.Resize((image_size, image_size), antialias=True))
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return v2.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheReport:
+    """What :meth:`ImageCache.build` did."""
+
+    decoded: int = 0
+    """Images decoded in this call."""
+    reused: int = 0
+    """Images whose cache entry was still valid."""
+    skipped: list[str] = field(default_factory=list)
+    """Sample ids of unreadable images (only with ``on_bad_image='skip'``)."""
+
+    @property
+    def n_skipped(self) -> int:
+        """Number of skipped samples (recorded in the run's metadata)."""
+        return len(self.skipped)
+
+
+def _source_stat(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    sizes = np.full(len(paths), -1, dtype=np.int64)
+    mtimes = np.full(len(paths), -1, dtype=np.int64)
+    for i, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
+
+
+def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
+    path, size, channels, dtype = args
+    try:
+        return quantise(decode(path, size, channels), dtype), None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image; the caller decides error vs skip
+        return None, f"{type(e).__name__}: {e}"
+
+
+class ImageCache:
+    """A memory-mapped store of images decoded and resized once, keyed by sample id (see the module docstring).
+
+    Layout of ``directory``: ``meta.json`` (resolution, dtype, channels, data file name), ``index.parquet``
+    (``sample_id, path, size, mtime_ns, row, ok``) and ``data-<token>.bin`` (the memmap). A build writes a new data
+    file and swaps ``meta.json`` last, under a file lock, so concurrent processes (DDP ranks) never read a
+    half-built store. Entries for samples not in the current table are kept, so train/val/test and every data
+    fraction can share one store.
+    """
+
+    def __init__(self, directory: str | Path, image_size: int):
+        self.directory = Path(directory)
+        self.image_size = int(image_size)
+        self._data: np.memmap | None = None
+        self._meta: dict | None = None
+        self._rows: dict[str, int] | None = None
+
+    # -- state on disk -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_state(self) -> tuple[dict | None, pd.DataFrame | None]:
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            return None, None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("image_size") != self.image_size:
+            return None, None
+        if not (self.directory / meta["data_file"]).is_file():
+            return None, None
+        return meta, pd.read_parquet(self.directory / meta["index_file"])
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def build(self, df: pd.DataFrame, on_bad_image: str = "error", num_workers: int = 0) -> CacheReport:
+        """Make sure every sample of ``df`` (columns ``sample_id``, ``path``) is cached and current.
+
+        ``on_bad_image='error'`` raises a DataError naming the file and sample id of the first unreadable image;
+        ``'skip'`` leaves it out and lists it in the report. ``num_workers`` > 0 decodes in that many processes.
+        """
+        check_on_bad_image(on_bad_image)
+        ids = df["sample_id"].astype(str).to_numpy()
+        paths = df["path"].astype(str).to_numpy()
+        sizes, mtimes = _source_stat(paths)
+        with self._lock():
+            meta, old = self._read_state()
+            want = pd.DataFrame({"sample_id": ids, "path": paths, "size": sizes, "mtime_ns": mtimes})
+            if old is not None:
+                merged = want.merge(old, on="path", how="left", suffixes=("", "_old"))
+                valid = (
+                    (merged["size"] == merged["size_old"])
+                    & (merged["mtime_ns"] == merged["mtime_ns_old"])
+                    & (merged["size"] >= 0)
+                ).to_numpy()
+                old_ok = merged["ok"].fillna(False).to_numpy(dtype=bool)
+            else:
+                valid = np.zeros(len(ids), dtype=bool)
+                old_ok = valid
+            report = CacheReport(reused=int((valid & old_ok).sum()))
+            stale_bad = valid & ~old_ok  # unchanged files that failed before fail again without a retry
+            for i in np.flatnonzero(stale_bad):
+                if on_bad_image == "error":
+                    raise bad_image_error(paths[i], ids[i], OSError("unreadable (recorded when the cache was built)"))
+                report.skipped.append(ids[i])
+            todo = np.flatnonzero(~valid)
+            if len(todo):
+                self._rebuild(meta, old, want, todo, on_bad_image, num_workers, report)
+            self._close()
+        if report.skipped:
+            log.warning("image cache: skipped %d unreadable image(s), e.g. %s", report.n_skipped, report.skipped[:3])
+        log.info("image cache %s: %d decoded, %d reused", self.directory, report.decoded, report.reused)
+        return report
+
+    def _rebuild(self, meta, old, want, todo, on_bad_image, num_workers, report) -> None:
+        if meta is not None:
+            channels, dtype = meta["channels"], np.dtype(meta["dtype"])
+        else:
+            channels, dtype = self._probe_first(want, todo)
+        size = self.image_size
+        jobs = [(want["path"].iloc[i], size, channels, dtype) for i in todo]
+        if num_workers > 0 and len(jobs) > 1:
+            with ProcessPoolExecutor(num_workers) as pool:
+                results = list(pool.map(_decode_for_cache, jobs, chunksize=max(1, len(jobs) // (8 * num_workers))))
+        else:
+            results = [_decode_for_cache(j) for j in jobs]
+        for i, (arr, err) in zip(todo, results):
+            if err is not None:
+                if on_bad_image == "error":
+                    raise DataError(f"cannot read image {want['path'].iloc[i]} (sample {want['sample_id'].iloc[i]!r}): {err}")
+                report.skipped.append(want["sample_id"].iloc[i])
+
+        # The new store: kept old entries (valid and not re-decoded) first, then the newly decoded ones.
+        redo = set(want["path"].iloc[todo])
+        keep_old = old[~old["path"].isin(redo)].reset_index(drop=True) if old is not None else None
+        n_old = 0 if keep_old is None else len(keep_old)
+        n = n_old + len(todo)
+        data_file = f"data-{uuid.uuid4().hex[:12]}.bin"
+        # A raw memmap (shape and dtype live in meta.json) so readers map it without parsing a header.
+        data = np.memmap(self.directory / data_file, dtype=dtype, mode="w+", shape=(max(n, 1), channels, size, size))
+        if n_old:
+            old_data = np.memmap(self.directory / meta["data_file"], dtype=dtype, mode="r",
+                                 shape=(meta["n"], channels, size, size))
+            data[:n_old] = old_data[keep_old["row"].to_numpy()]
+            del old_data
+        for j, (arr, err) in enumerate(results):
+            if err is None:
+                data[n_old + j] = arr
+        data.flush()
+        del data
+        new_rows = want.iloc[todo].reset_index(drop=True).copy()
+        new_rows["ok"] = [err is None for _, err in results]
+        index = pd.concat(([keep_old.drop(columns="row")] if n_old else []) + [new_rows], ignore_index=True)
+        index["row"] = np.arange(len(index))
+        index_file = f"index-{data_file[5:-4]}.parquet"
+        atomic_write_parquet(self.directory / index_file, index)
+        atomic_write_json(
+            self.directory / "meta.json",
+            {"version": CACHE_VERSION, "image_size": size, "channels": channels, "dtype": dtype.name, "n": max(n, 1),
+             "data_file": data_file, "index_file": index_file},
+        )
+        for stale in self.directory.glob("data-*.bin"):
+            if stale.name != data_file:
+                stale.unlink()
+        for stale in self.directory.glob("index-*.parquet"):
+            if stale.name != index_file:
+                stale.unlink()
+        report.decoded += len(todo) - sum(err is not None for _, err in results)
+
+    @staticmethod
+    def _probe_first(want: pd.DataFrame, todo: np.ndarray) -> tuple[int, np.dtype]:
+        """Channels and dtype of the store, from the header of the first readable image."""
+        for i in todo:
+            try:
+                return probe(want["path"].iloc[i])
+            except Exception:  # noqa: BLE001 - unreadable images are reported by the decode pass
+                continue
+        return 1, np.dtype(np.uint8)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def _close(self) -> None:
+        self._data, self._meta, self._rows = None, None, None
+
+    def _open(self) -> None:
+        with self._lock():  # a concurrent build swaps the files; never read meta of one build and data of another
+            self._open_locked()
+
+    def _open_locked(self) -> None:
+        meta, index = self._read_state()
+        if meta is None:
+            raise DataError(f"image cache {self.directory} is not built for {self.image_size}px; call build() first")
+        self._meta = meta
+        self._data = np.memmap(
+            self.directory / meta["data_file"], dtype=np.dtype(meta["dtype"]), mode="r",
+            shape=(meta["n"], meta["channels"], self.image_size, self.image_size),
+        )
+        ok = index[index["ok"]]
+        self._rows = dict(zip(ok["path"], ok["row"].astype(int)))
+
+    def row(self, path: str) -> int:
+        """Row of a cached source image; DataError if it is not cached (or was skipped as unreadable)."""
+        if self._rows is None:
+            self._open()
+        try:
+            return self._rows[str(path)]
+        except KeyError:
+            raise DataError(f"image {path} is not in image cache {self.directory}; build() it first") from None
+
+    def read(self, path: str) -> np.ndarray:
+        """The cached ``(C, size, size)`` uint8/uint16 array of the image at source ``path``."""
+        r = self.row(path)  # opens the store on first use, so look the row up before touching the memmap
+        return np.array(self._data[r])
+
+    def __getstate__(self) -> dict:
+        # A memmap pickles as a full in-memory copy; DataLoader workers reopen the file instead.
+        state = self.__dict__.copy()
+        state.update(_data=None, _meta=None, _rows=None)
+        return state
+
+
+def check_images(df: pd.DataFrame, on_bad_image: str = "error") -> tuple[pd.DataFrame, list[str]]:
+    """Decode every image of ``df`` once (no cache) and drop or raise on unreadable ones.
+
+    Returns the kept rows and the skipped sample ids. With the cache on, :meth:`ImageCache.build` does this
+    for free; this pre-pass is for decode-every-time training with ``on_bad_image='skip'``.
+    """
+    check_on_bad_image(on_bad_image)
+    bad = []
+    for sid, p in zip(df["sample_id"], df["path"]):
+        try:
+            decode(p)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+            if on_bad_image == "error":
+                raise bad_image_error(p, sid, e) from e
+            bad.append(sid)
+    if bad:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[:3])
+    return df[~df["sample_id"].isin(set(bad))].reset_index(drop=True), bad

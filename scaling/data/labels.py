@@ -1,0 +1,249 @@
+"""Canonical label names, per-dataset harmonisation, and CheXpert-style uncertainty / blank policies.
+
+Canonical names are CheXpert's 14 observation names for chest X-ray (Irvin et al. 2019), extended with the NIH
+ChestX-ray14 findings CheXpert lacks, plus dermatology and mammography targets. Every loader names its label
+columns ``label:<Canonical Name>`` so that a model trained on one dataset is evaluated on another on the labels
+they share; :func:`select_labels` adds NaN columns for labels a dataset lacks (NaN = not labelled, so the missing
+label is excluded from metrics rather than counted as negative, as in torchxrayvision's ``relabel_dataset``).
+
+Raw CheXpert-style values are ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain and blank (not mentioned).
+Two independent rules turn them into 1/0/NaN:
+
+* the **uncertainty policy** for ``-1.0`` (CheXpert paper §4.1): ``ignore`` (U-Ignore, NaN), ``zeros`` (U-Zeros, 0),
+  ``ones`` (U-Ones, 1), a ``{label: policy}`` dict (unlisted labels: ``ignore``), or ``best`` (the per-task mapping
+  the paper found best on validation: U-Ones for Atelectasis/Edema/Pleural Effusion, U-Zeros for
+  Cardiomegaly/Consolidation; ``ignore`` for the other labels);
+* the **blank rule**: ``zero`` (default; "not mentioned in the report" = negative, the CheXpert competition
+  convention) or ``nan`` (not labelled, torchxrayvision's convention). Under ``nan`` a row whose ``No Finding`` is
+  1.0 still gets 0.0 for every blank pathology except ``Support Devices``, because "no finding" is an explicit
+  negative statement about them (torchxrayvision ``CheX_Dataset``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from scaling.data.table import LABEL_PREFIX, DataError, label_names
+
+log = logging.getLogger(__name__)
+
+CHEXPERT_LABELS = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+"""CheXpert's 14 observations, in train.csv column order."""
+
+COMPETITION_TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+"""The 5 CheXpert competition tasks."""
+
+NIH_EXTRA_LABELS = ("Infiltration", "Emphysema", "Fibrosis", "Pleural Thickening", "Nodule", "Mass", "Hernia")
+"""NIH ChestX-ray14 findings with no CheXpert counterpart."""
+
+DERM_LABELS = (
+    "Malignant",
+    "Melanoma",
+    "Melanocytic Nevus",
+    "Basal Cell Carcinoma",
+    "Actinic Keratosis",
+    "Squamous Cell Carcinoma",
+    "Benign Keratosis",
+    "Dermatofibroma",
+    "Vascular Lesion",
+)
+"""Dermatology targets: binary malignancy and the ISIC 2019 diagnostic classes."""
+
+MAMMO_LABELS = ("Malignant", "Suspicious")
+"""Mammography targets: biopsy-proven malignancy, and BI-RADS-based suspicion (BI-RADS 4/5/6 = 1, 1/2 = 0)."""
+
+CANONICAL_LABELS = tuple(dict.fromkeys(CHEXPERT_LABELS + NIH_EXTRA_LABELS + DERM_LABELS + MAMMO_LABELS))
+"""Every canonical label name a ``label:<name>`` column may carry."""
+
+# Source label name -> canonical name, per dataset. Names absent from a dataset's map are not labelled there.
+HARMONISATION: dict[str, dict[str, str]] = {
+    "chexpert": {n: n for n in CHEXPERT_LABELS},
+    # MIMIC-CXR's chexpert.csv/negbio.csv come from the same labeler, hence the same 14 names.
+    "mimic_cxr": {n: n for n in CHEXPERT_LABELS},
+    "nih_cxr14": {
+        "No Finding": "No Finding",
+        "Atelectasis": "Atelectasis",
+        "Cardiomegaly": "Cardiomegaly",
+        "Consolidation": "Consolidation",
+        "Edema": "Edema",
+        "Effusion": "Pleural Effusion",
+        "Pneumonia": "Pneumonia",
+        "Pneumothorax": "Pneumothorax",
+        "Infiltration": "Infiltration",
+        "Emphysema": "Emphysema",
+        "Fibrosis": "Fibrosis",
+        "Pleural_Thickening": "Pleural Thickening",
+        "Nodule": "Nodule",
+        "Mass": "Mass",
+        "Hernia": "Hernia",
+    },
+    # PadChest findings are lower-case strings inside a list-in-string; synonyms follow torchxrayvision PC_Dataset.
+    "padchest": {
+        "normal": "No Finding",
+        "atelectasis": "Atelectasis",
+        "cardiomegaly": "Cardiomegaly",
+        "consolidation": "Consolidation",
+        "pulmonary edema": "Edema",
+        "pleural effusion": "Pleural Effusion",
+        "pneumonia": "Pneumonia",
+        "pneumothorax": "Pneumothorax",
+        "fracture": "Fracture",
+        "infiltrates": "Infiltration",
+        "emphysema": "Emphysema",
+        "pulmonary fibrosis": "Fibrosis",
+        "pleural thickening": "Pleural Thickening",
+        "nodule": "Nodule",
+        "mass": "Mass",
+        "hiatal hernia": "Hernia",
+    },
+    "ham10000": {
+        "mel": "Melanoma",
+        "nv": "Melanocytic Nevus",
+        "bcc": "Basal Cell Carcinoma",
+        "akiec": "Actinic Keratosis",
+        "bkl": "Benign Keratosis",
+        "df": "Dermatofibroma",
+        "vasc": "Vascular Lesion",
+    },
+    "isic2019": {
+        "MEL": "Melanoma",
+        "NV": "Melanocytic Nevus",
+        "BCC": "Basal Cell Carcinoma",
+        "AK": "Actinic Keratosis",
+        "SCC": "Squamous Cell Carcinoma",
+        "BKL": "Benign Keratosis",
+        "DF": "Dermatofibroma",
+        "VASC": "Vascular Lesion",
+    },
+}
+
+UNCERTAINTY_POLICIES = ("ignore", "zeros", "ones")
+BEST_UNCERTAINTY = {
+    "Atelectasis": "ones",
+    "Cardiomegaly": "zeros",
+    "Consolidation": "zeros",
+    "Edema": "ones",
+    "Pleural Effusion": "ones",
+}
+"""Per-task best policy of the CheXpert paper (``CHEXPERT_UNCERTAIN_MAPPINGS`` in public code)."""
+BLANK_RULES = ("zero", "nan")
+
+# Raw CheXpert-style cell text -> value; anything else is a DataError naming file, row and column.
+_RAW_VALUES = {"": np.nan, "1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0}
+
+
+def check_label_names(names: Sequence[str]) -> None:
+    """Raise DataError for a name that is not canonical, suggesting the closest canonical names."""
+    for n in names:
+        if n not in CANONICAL_LABELS:
+            close = difflib.get_close_matches(n, CANONICAL_LABELS, n=3)
+            raise DataError(f"unknown label {n!r}; closest canonical names: {close or list(CANONICAL_LABELS)}")
+
+
+def harmonise(dataset: str, source_name: str) -> str | None:
+    """Canonical name of ``source_name`` in ``dataset``; None when the dataset's label has no canonical counterpart."""
+    if dataset not in HARMONISATION:
+        raise DataError(f"no harmonisation table for dataset {dataset!r}; known: {sorted(HARMONISATION)}")
+    return HARMONISATION[dataset].get(source_name)
+
+
+def parse_raw_labels(cells: pd.Series, source: str, column: str, lines: np.ndarray | None = None) -> np.ndarray:
+    """Parse CheXpert-style cell text (``'1.0'``, ``'0.0'``, ``'-1.0'``, blank) into 1/0/-1/NaN floats.
+
+    ``lines`` are the file line numbers of the cells (default: position + 2, i.e. right after a header), so
+    errors name the line a user sees in an editor.
+    """
+    text = cells.fillna("").astype(str).str.strip()
+    values = text.map(_RAW_VALUES)
+    bad = values.isna() & (text != "")
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{source}: line {i + 2 if lines is None else lines[i]}, column {column!r}: unparseable label value {text.iloc[i]!r} "
+            f"(expected 1.0, 0.0, -1.0 or blank)"
+        )
+    return values.to_numpy(dtype=float)
+
+
+def uncertainty_for(label: str, policy: str | Mapping[str, str]) -> str:
+    """The uncertainty policy (``ignore``/``zeros``/``ones``) that applies to ``label`` under ``policy``."""
+    if isinstance(policy, str):
+        if policy == "best":
+            return BEST_UNCERTAINTY.get(label, "ignore")
+        if policy not in UNCERTAINTY_POLICIES:
+            raise DataError(
+                f"uncertainty policy {policy!r} is not allowed; choose one of {list(UNCERTAINTY_POLICIES) + ['best']}"
+                " or a {label: policy} mapping"
+            )
+        return policy
+    check_label_names(list(policy))
+    choice = policy.get(label, "ignore")
+    if choice not in UNCERTAINTY_POLICIES:
+        raise DataError(f"uncertainty policy for {label!r} is {choice!r}; choose one of {list(UNCERTAINTY_POLICIES)}")
+    return choice
+
+
+def apply_label_policy(
+    raw: Mapping[str, np.ndarray],
+    uncertainty: str | Mapping[str, str] = "ignore",
+    blank: str = "zero",
+) -> dict[str, np.ndarray]:
+    """Map raw 1/0/-1/NaN arrays (keyed by canonical name) to 1/0/NaN under the uncertainty policy and blank rule.
+
+    See the module docstring for the rules. ``No Finding`` itself never carries -1 in CheXpert; if it does, the
+    policy applies to it like to any other label.
+    """
+    if blank not in BLANK_RULES:
+        raise DataError(f"blank rule {blank!r} is not allowed; choose one of {list(BLANK_RULES)}")
+    no_finding = raw.get("No Finding")
+    out = {}
+    for name, values in raw.items():
+        v = np.asarray(values, dtype=float).copy()
+        blank_mask = np.isnan(v)
+        if blank == "zero":
+            v[blank_mask] = 0.0
+        elif no_finding is not None and name not in ("No Finding", "Support Devices"):
+            v[blank_mask & (np.asarray(no_finding) == 1.0)] = 0.0
+        mode = uncertainty_for(name, uncertainty)
+        v[v == -1.0] = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[mode]
+        out[name] = v
+    return out
+
+
+def select_labels(df: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Return ``df`` with exactly the label columns ``label:<name>`` for ``names``, in that order.
+
+    Labels the dataset lacks become all-NaN columns (never 0), and a warning lists them; other label columns are
+    dropped. Names must be canonical.
+    """
+    names = list(names)
+    check_label_names(names)
+    present = set(label_names(df))
+    missing = [n for n in names if n not in present]
+    if missing:
+        log.warning("labels %s are not in this dataset; they are NaN (excluded from loss and metrics)", missing)
+    keep = [c for c in df.columns if not c.startswith(LABEL_PREFIX)]
+    out = df[keep].copy()
+    for n in names:
+        out[LABEL_PREFIX + n] = df[LABEL_PREFIX + n].astype(float) if n in present else np.nan
+    return out

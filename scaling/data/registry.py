@@ -1,0 +1,111 @@
+"""Dataset name → loader module, imported lazily, and :func:`load_table`, the one entry point to every dataset.
+
+Each loader module exposes ``load(root, split, **options) -> DataFrame`` (a sample table, see
+:mod:`scaling.data.table`), a ``SPLITS`` tuple and a module docstring describing its on-disk layout. Lazy import
+keeps ``import scaling.data`` cheap and lets a dataset's optional dependencies (pydicom, openpyxl) load only when
+that dataset is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import logging
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+import pandas as pd
+
+from scaling.data.table import DataError, apply_filters, validate_table
+
+log = logging.getLogger(__name__)
+
+DATASETS: dict[str, str] = {
+    "chexpert": "scaling.data.chexpert",
+    "mimic_cxr": "scaling.data.mimic_cxr",
+    "nih_cxr14": "scaling.data.nih_cxr14",
+    "padchest": "scaling.data.padchest",
+    "ham10000": "scaling.data.ham10000",
+    "isic2019": "scaling.data.isic2019",
+    "isic2020": "scaling.data.isic2020",
+    "fitzpatrick17k": "scaling.data.fitzpatrick17k",
+    "ddi": "scaling.data.ddi",
+    "cbis_ddsm": "scaling.data.cbis_ddsm",
+    "vindr_mammo": "scaling.data.vindr_mammo",
+    "cmmd": "scaling.data.cmmd",
+    "embed": "scaling.data.embed",
+}
+"""Registered dataset names and the module that loads each."""
+
+MISSING_LIST_SHOWN = 10
+
+
+def available() -> list[str]:
+    """Names of registered datasets whose loader module is installed."""
+    return [n for n, m in DATASETS.items() if importlib.util.find_spec(m) is not None]
+
+
+def get_loader(name: str) -> ModuleType:
+    """Import and return the loader module of dataset ``name``; unknown names list the valid ones."""
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=3)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(f"unknown dataset {name!r}{hint}; valid names: {sorted(DATASETS)}")
+    module = DATASETS[name]
+    if importlib.util.find_spec(module) is None:
+        raise DataError(f"dataset {name!r}: loader module {module} is not available in this installation")
+    return importlib.import_module(module)
+
+
+def check_files(df: pd.DataFrame, source: str) -> None:
+    """Raise DataError naming the missing image files (and their sample ids) of a sample table."""
+    missing = [(sid, p) for sid, p in zip(df["sample_id"], df["path"]) if not Path(p).is_file()]
+    if missing:
+        shown = "; ".join(f"{p} (sample {sid})" for sid, p in missing[:MISSING_LIST_SHOWN])
+        more = f" and {len(missing) - MISSING_LIST_SHOWN} more" if len(missing) > MISSING_LIST_SHOWN else ""
+        raise DataError(f"{source}: {len(missing)} of {len(df)} image files are missing: {shown}{more}")
+
+
+def load_table(
+    name: str,
+    root: str | Path,
+    split: str,
+    *,
+    verify_files: bool = False,
+    filters: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> pd.DataFrame:
+    """Load split ``split`` of dataset ``name`` stored at ``root`` as a validated sample table.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        root: the dataset's directory on disk (must exist).
+        split: one of the loader's splits (see its ``SPLITS``).
+        verify_files: check that every image file exists; missing ones are reported by name. Reading metadata
+            never needs the images.
+        filters: ``{column: value or [values]}`` attribute filters applied after loading (each logs its removals).
+        **options: the loader's own keyword options; unknown ones are rejected with the valid names.
+    """
+    loader = get_loader(name)
+    root_path = Path(root).expanduser()
+    if not str(root) or not root_path.exists():
+        raise DataError(f"{name}: dataset root {str(root)!r} does not exist")
+    accepted = [p.name for p in inspect.signature(loader.load).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise DataError(f"{name}: unknown loader option(s) {unknown}; valid options: {accepted}")
+    source = f"{name}:{split} at {root_path}"
+    t0 = time.perf_counter()
+    df = validate_table(loader.load(root_path, split, **options), source)
+    if filters:
+        df = apply_filters(df, dict(filters), source)
+    if verify_files:
+        check_files(df, source)
+    log.info(
+        "%s: %d images, %d patients (%.2fs)", source, len(df), df["patient_id"].nunique(), time.perf_counter() - t0
+    )
+    return df
