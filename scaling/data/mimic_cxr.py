@@ -1,0 +1,183 @@
+"""MIMIC-CXR-JPG (PhysioNet v2.0.0/v2.1.0): metadata + CheXpert/NegBio labels + official split, MIMIC-IV demographics.
+
+Layout (``reference/datasets.md`` §2)::
+
+    <root>/mimic-cxr-2.0.0-{metadata,chexpert,negbio,split}.csv.gz
+    <root>/files/p10/p10000032/s50414267/<dicom_id>.jpg
+
+Labels are study-level (joined on ``subject_id, study_id``) in the CheXpert encoding, so the uncertainty policy
+and blank rule of :mod:`scaling.data.labels` apply exactly as for CheXpert. An image whose study has no label row
+gets NaN for every label (not labelled). The release has no demographics: sex, age and race come from MIMIC-IV
+``hosp/patients`` and ``hosp/admissions`` when their paths are given.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from scaling.data import labels as L
+from scaling.data.readers import filter_rows, find_file, finish, read_csv, select_split
+from scaling.data.table import LABEL_PREFIX, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": "train", "val": "validate", "validate": "validate", "test": "test"}
+"""Accepted ``split`` names → the values of split.csv's ``split`` column."""
+LABELERS = ("chexpert", "negbio")
+RACE_POLICIES = ("unique", "first")
+
+
+def _table(root: Path, kind: str) -> Path:
+    # PhysioNet ships gzip; users often decompress in place, so accept both.
+    return find_file(root, [f"mimic-cxr-2.0.0-{kind}.csv.gz", f"mimic-cxr-2.0.0-{kind}.csv"])
+
+
+def map_race(value) -> str | None:
+    """MIMIC-IV ``race`` (v2+) / ``ethnicity`` (v1.0) string → White/Black/Asian/Hispanic/Other, None if unknown.
+
+    v2+ uses fine strings (``WHITE - OTHER EUROPEAN``, ``ASIAN - CHINESE``, ``HISPANIC/LATINO - PUERTO RICAN``),
+    so the mapping is by substring (the approach of chexploration / CXR_Fairness), unknowns first.
+    """
+    if not isinstance(value, str) or not value.strip():
+        return None
+    v = value.upper()
+    if any(s in v for s in ("UNKNOWN", "UNABLE TO OBTAIN", "DECLINED")):
+        return None
+    if "BLACK" in v:
+        return "Black"
+    if "WHITE" in v or v == "PORTUGUESE":
+        return "White"
+    if "ASIAN" in v:
+        return "Asian"
+    if "HISPANIC" in v or "LATINO" in v or v == "SOUTH AMERICAN":
+        return "Hispanic"
+    return "Other"
+
+
+def _demographics(root: Path, patients: str | Path | None, admissions: str | Path | None, race_policy: str):
+    """Per-subject sex/anchor age (patients) and race/insurance (admissions); None for a file not given."""
+    demo = None
+    if patients is not None:
+        path = root / patients
+        p = read_csv(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
+        p = p.drop_duplicates("subject_id")
+        sex = p["gender"].map({"F": "F", "M": "M"})
+        if (sex.isna() & p["gender"].notna()).any():
+            bad = p.loc[sex.isna() & p["gender"].notna()].iloc[0]
+            raise DataError(f"{path}: subject {bad['subject_id']}: unexpected gender {bad['gender']!r}")
+        demo = pd.DataFrame({"subject_id": p["subject_id"], "sex": sex.astype(object),
+                             "anchor_age": p["anchor_age"].astype(float), "anchor_year": p["anchor_year"].astype(float)})
+    races = None
+    if admissions is not None:
+        path = root / admissions
+        a = read_csv(path, ["subject_id", "admittime"])
+        # MIMIC-IV v1.0 names the column `ethnicity`; v2.0 renamed it `race`.
+        col = "race" if "race" in a.columns else "ethnicity" if "ethnicity" in a.columns else None
+        if col is None:
+            raise DataError(f"{path}: missing required column 'race' (MIMIC-IV v2+) or 'ethnicity' (v1.0)")
+        a = a.sort_values(["subject_id", "admittime"], kind="stable")
+        a["race"] = a[col].map(map_race)
+        known = a.dropna(subset=["race"])
+        if race_policy == "first":
+            race = known.groupby("subject_id")["race"].first()
+        else:
+            # Subjects whose admissions disagree (after mapping) get no race rather than an arbitrary one,
+            # following chexploration's exclusion of multi-race subjects.
+            n = known.groupby("subject_id")["race"].nunique()
+            race = known.groupby("subject_id")["race"].first().where(n == 1)
+            if (n > 1).any():
+                log.info("%s: %d subjects have conflicting race across admissions; race set to None", path, (n > 1).sum())
+        races = pd.DataFrame({"race": race.astype(object)})
+        if "insurance" in a.columns:
+            races["insurance"] = a.groupby("subject_id")["insurance"].first()
+        races = races.reset_index()
+    return demo, races
+
+
+def load(
+    root: str | Path,
+    split: str = "train",
+    *,
+    labeler: str = "chexpert",
+    uncertainty: str | Mapping[str, str] = "ignore",
+    blank: str = "zero",
+    patients: str | Path | None = None,
+    admissions: str | Path | None = None,
+    race_policy: str = "unique",
+    views: list[str] | None = None,
+    verify_files: bool = False,
+) -> pd.DataFrame:
+    """Load MIMIC-CXR-JPG as a sample table (one row per JPEG).
+
+    ``split``: ``train``, ``val``/``validate``, ``test`` (split.csv) or ``all``. ``labeler``: ``chexpert`` or
+    ``negbio`` label file. ``uncertainty``/``blank``: see :func:`scaling.data.labels.apply_label_policy`.
+    ``patients``/``admissions``: MIMIC-IV ``hosp/patients.csv(.gz)`` / ``hosp/admissions.csv(.gz)`` (absolute or
+    relative to ``root``) for ``sex``, ``age`` (anchor_age + study year − anchor_year, as chexploration),
+    ``race`` and ``insurance``; ``race_policy``: ``unique`` (subjects with conflicting races get None) or
+    ``first`` (first admission's race, as CXR_Fairness). ``views``: keep only these ``ViewPosition`` values
+    (e.g. ``["PA", "AP"]``; filter, logged). Attributes: ``view``, ``study_id``, ``split``, ``race``,
+    ``insurance``.
+    """
+    root = Path(root)
+    source = f"mimic_cxr({root})"
+    if labeler not in LABELERS:
+        raise DataError(f"{source}: labeler {labeler!r} is not allowed; choose one of {list(LABELERS)}")
+    if race_policy not in RACE_POLICIES:
+        raise DataError(f"{source}: race_policy {race_policy!r} is not allowed; choose one of {list(RACE_POLICIES)}")
+    ids = {"subject_id": str, "study_id": str, "dicom_id": str}
+    meta = read_csv(_table(root, "metadata"), ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"],
+                    dtype={**ids, "ViewPosition": str})
+    splits = read_csv(_table(root, "split"), ["dicom_id", "split"], dtype=ids)
+    label_path = _table(root, labeler)
+    lab = read_csv(label_path, ["subject_id", "study_id", *L.CHEXPERT_LABELS], dtype=str, keep_default_na=False)
+
+    df = meta.merge(splits[["dicom_id", "split"]], on="dicom_id", how="left", validate="one_to_one")
+    if df["split"].isna().any():
+        raise DataError(f"{_table(root, 'split')}: image {df.loc[df['split'].isna(), 'dicom_id'].iloc[0]!r} "
+                        "of the metadata file has no split row")
+    df = select_split(df, split, SPLITS, source)
+
+    # Study-level labels: parse the text cells (line numbers refer to the label file), then apply the policy.
+    raw = {n: L.parse_raw_labels(lab[n], str(label_path), n) for n in L.CHEXPERT_LABELS}
+    policy = L.apply_label_policy(raw, uncertainty, blank)
+    labels = pd.DataFrame({LABEL_PREFIX + n: v for n, v in policy.items()})
+    labels["subject_id"], labels["study_id"] = lab["subject_id"], lab["study_id"]
+    if labels.duplicated(["subject_id", "study_id"]).any():
+        raise DataError(f"{label_path}: study {labels.loc[labels.duplicated(['subject_id', 'study_id']), 'study_id'].iloc[0]}"
+                        " has more than one label row")
+    df = df.merge(labels, on=["subject_id", "study_id"], how="left")
+    unlabelled = ~df["study_id"].isin(labels["study_id"])
+    if unlabelled.any():
+        log.info("%s: %d images belong to studies without a label row; their labels are NaN", source, unlabelled.sum())
+
+    subject = df["subject_id"]
+    df["sample_id"] = df["dicom_id"]
+    df["patient_id"] = subject
+    df["path"] = [
+        str((root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{st}" / f"{d}.jpg").absolute())
+        for s, st, d in zip(subject, df["study_id"], df["dicom_id"])
+    ]
+    df["view"] = df["ViewPosition"]
+    df["sex"], df["age"] = None, np.nan
+
+    demo, races = _demographics(root, patients, admissions, race_policy)
+    if demo is not None:
+        demo["subject_id"] = demo["subject_id"].astype(str)
+        df = df.drop(columns=["sex"]).merge(demo, on="subject_id", how="left")
+        study_year = (pd.to_numeric(df["StudyDate"], errors="coerce") // 10000).astype(float)
+        df["age"] = df["anchor_age"] + study_year - df["anchor_year"]
+    if races is not None:
+        races["subject_id"] = races["subject_id"].astype(str)
+        df = df.merge(races, on="subject_id", how="left")
+
+    if views is not None:
+        df = filter_rows(df, df["view"].isin(list(views)), source, f"views={list(views)}")
+    keep = ["sample_id", "patient_id", "path", "sex", "age", "view", "study_id", "split"]
+    keep += [c for c in ("race", "insurance") if c in df.columns]
+    out = df[keep + [c for c in df.columns if c.startswith(LABEL_PREFIX)]]
+    return finish(out, source, verify_files)

@@ -1,0 +1,128 @@
+"""NIH ChestX-ray14: ``Data_Entry_2017*.csv`` + the official ``train_val_list.txt`` / ``test_list.txt``.
+
+Layout (``reference/datasets.md`` §3)::
+
+    <root>/Data_Entry_2017.csv            (or Data_Entry_2017_v2020.csv, .csv.gz as torchxrayvision ships it)
+    <root>/train_val_list.txt, test_list.txt
+    <root>/images/00000001_000.png                       (Box layout, flat)
+    <root>/images_001/images/00000001_000.png ...        (Kaggle layout)
+
+Traps handled: the header has commas inside brackets (``OriginalImage[Width,Height]``), so pandas splits it into
+extra columns, and the original 2017 file ends every line with a comma (an empty ``Unnamed: 11`` column); the 2017
+file also has implausible ages up to 414, which become NaN. Labels are ``|``-separated finding names; a name
+outside the 14 findings and ``No Finding`` is an error, not a silent zero. There is no uncertainty: a finding not
+listed is 0.0.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scaling.data import labels as L
+from scaling.data.readers import filter_rows, finish, index_images, locate, map_values, read_csv, select_split
+from scaling.data.table import LABEL_PREFIX, DataError
+
+log = logging.getLogger(__name__)
+
+ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv",
+               "Data_Entry_2017.csv.gz")
+"""Label files tried in order: the 2020 re-release (corrected ages) first."""
+SPLITS = {"train": "train", "train_val": "train", "test": "test"}
+"""``train`` (= ``train_val``) is train_val_list.txt; carve validation from it by patient."""
+FINDINGS = tuple(L.HARMONISATION["nih_cxr14"])
+MAX_AGE = 120  # ages above this are data-entry errors in the 2017 file (up to 414)
+
+
+def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
+    """``Patient Age`` as years: integers, or DICOM age strings like ``058Y`` in early copies; > 120 → NaN."""
+    text = values.astype(str).str.strip()
+    match = text.str.fullmatch(r"(\d+)Y?")
+    if not match.all():
+        i = int(np.flatnonzero(~match.to_numpy())[0])
+        raise DataError(f"{source}: row {ids.iloc[i]!r}, column 'Patient Age': unparseable age {text.iloc[i]!r}")
+    age = text.str.rstrip("Y").astype(float)
+    implausible = age > MAX_AGE
+    if implausible.any():
+        log.info("%s: %d implausible ages (> %d) set to NaN", source, implausible.sum(), MAX_AGE)
+    return age.where(~implausible)
+
+
+def _labels(findings: pd.Series, ids: pd.Series, source: Path) -> pd.DataFrame:
+    """One 1.0/0.0 column per canonical finding from the ``|``-joined ``Finding Labels``."""
+    tokens = findings.fillna("").astype(str).str.split("|")
+    out = {LABEL_PREFIX + L.harmonise("nih_cxr14", f): np.zeros(len(tokens)) for f in FINDINGS}
+    for i, names in enumerate(tokens):
+        for name in names:
+            name = name.strip()
+            if name not in FINDINGS:
+                raise DataError(f"{source}: row {ids.iloc[i]!r}, column 'Finding Labels': unknown finding {name!r} "
+                                f"(expected '|'-joined names from {list(FINDINGS)})")
+            out[LABEL_PREFIX + L.harmonise("nih_cxr14", name)][i] = 1.0
+    return pd.DataFrame(out, index=findings.index)
+
+
+def _split_list(root: Path, name: str, required: bool) -> set[str]:
+    """Image names in an official split list; an absent list is an error only when a split was asked for."""
+    path = root / name
+    if not path.is_file():
+        if not required:
+            return set()
+        raise DataError(f"{path}: official split list not found (needed for split != 'all')")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def load(
+    root: str | Path,
+    split: str = "train",
+    *,
+    entry_file: str | None = None,
+    views: list[str] | None = None,
+    verify_files: bool = False,
+) -> pd.DataFrame:
+    """Load NIH ChestX-ray14 as a sample table (one row per PNG).
+
+    ``split``: ``train`` (= ``train_val``, train_val_list.txt), ``test`` (test_list.txt) or ``all``.
+    ``entry_file``: label file name under ``root`` (default: the first of :data:`ENTRY_FILES` that exists).
+    ``views``: keep only these ``View Position`` values (``PA``/``AP``; filter, logged). Labels: the 14 findings
+    under canonical names (``Effusion`` → ``Pleural Effusion``, ``Pleural_Thickening`` → ``Pleural Thickening``)
+    and ``No Finding``. Attributes: ``view``, ``follow_up``, ``split``.
+    """
+    root = Path(root)
+    source = f"nih_cxr14({root})"
+    names = [entry_file] if entry_file else list(ENTRY_FILES)
+    path = next((root / n for n in names if (root / n).is_file()), None)
+    if path is None:
+        raise DataError(f"{root}: none of the expected label files exist: {names}")
+    required = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                "View Position"]
+    raw = read_csv(path, required, dtype={"Image Index": str, "Patient ID": str, "Patient Age": str})
+    empty = [c for c in raw.columns if c.startswith("Unnamed:") and raw[c].isna().all()]
+    raw = raw.drop(columns=empty)  # the 2017 file's trailing comma
+    ids = raw["Image Index"]
+    if ids.duplicated().any():
+        raise DataError(f"{path}: duplicate Image Index {ids[ids.duplicated()].iloc[0]!r}")
+
+    df = pd.DataFrame({
+        "sample_id": ids,
+        "patient_id": raw["Patient ID"].str.strip().str.lstrip("0").replace("", "0"),
+        "sex": map_values(raw["Patient Gender"], {"M": "M", "F": "F"}, ids, path, "Patient Gender"),
+        "age": _age(raw["Patient Age"], ids, path),
+        "view": raw["View Position"],
+        "follow_up": raw["Follow-up #"],
+    })
+    df = pd.concat([df, _labels(raw["Finding Labels"], ids, path)], axis=1)
+
+    train = _split_list(root, "train_val_list.txt", split != "all")
+    test = _split_list(root, "test_list.txt", split != "all")
+    df["split"] = np.where(ids.isin(train), "train", np.where(ids.isin(test), "test", None))
+    df = select_split(df, split, SPLITS, source)
+
+    found = index_images([root / "images", *sorted(root.glob("images_*/images"))], (".png",))
+    df["path"] = locate(df["sample_id"], found, root / "images", source)
+    if views is not None:
+        df = filter_rows(df, df["view"].isin(list(views)), source, f"views={list(views)}")
+    return finish(df, source, verify_files)

@@ -1,0 +1,168 @@
+"""Shared reading helpers for the dataset loaders: files, columns, strict value maps, image look-up, the final table.
+
+Every loader reads a released metadata file whose columns and encodings are fixed by the dataset's authors
+(``reference/datasets.md``). These helpers make the failure modes uniform: a missing file or column, an
+unexpected value, or a missing image is a :class:`~scaling.data.table.DataError` that names the file and the row
+or sample id, never a KeyError deep inside pandas.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, validate_table
+
+log = logging.getLogger(__name__)
+
+
+def find_file(root: str | Path, names: Sequence[str]) -> Path:
+    """The first of ``names`` (relative to ``root``) that exists; DataError listing every name tried otherwise."""
+    root = Path(root)
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: none of the expected files exist: {list(names)}")
+
+
+def read_csv(path: str | Path, required: Iterable[str], **kwargs) -> pd.DataFrame:
+    """Read a CSV (gzip by extension) and check that it has the ``required`` columns; DataError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: cannot be read as CSV: {e}") from e
+    check_columns(df, required, path)
+    return df
+
+
+def check_columns(df: pd.DataFrame, required: Iterable[str], source: str | Path) -> None:
+    """DataError naming ``source`` when ``df`` lacks any of the ``required`` columns."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: missing required column(s) {missing}; found {list(df.columns)}")
+
+
+def map_values(
+    values: pd.Series, mapping: Mapping, ids: pd.Series, source: str | Path, column: str, blank=None
+) -> pd.Series:
+    """Map every cell of ``values`` through ``mapping``; a blank cell becomes ``blank``.
+
+    A non-blank value absent from ``mapping`` is a DataError naming the file, the column, the row's id and the
+    value, so a new or misspelled encoding is never silently turned into "missing".
+    """
+    raw = values.astype(object).where(values.notna(), None)
+    text = raw.map(lambda v: v.strip() if isinstance(v, str) else v)
+    is_blank = text.isna() | (text == "")
+    known = text.isin(list(mapping))
+    bad = ~is_blank & ~known
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{source}: row {ids.iloc[i]!r}, column {column!r}: unexpected value {text.iloc[i]!r} "
+            f"(expected one of {sorted(map(str, mapping))} or blank)"
+        )
+    out = pd.Series([blank] * len(text), index=text.index, dtype=object)
+    out[known] = text[known].map(mapping)
+    return out
+
+
+def parse_numbers(values: pd.Series, ids: pd.Series, source: str | Path, column: str) -> pd.Series:
+    """Cells as float (blank → NaN); a non-numeric cell is a DataError naming the file, column and row id."""
+    num = pd.to_numeric(values, errors="coerce")
+    bad = num.isna() & values.notna() & (values.astype(str).str.strip() != "")
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{source}: row {ids.iloc[i]!r}, column {column!r}: not a number: {values.iloc[i]!r}")
+    return num.astype(float)
+
+
+def select_split(df: pd.DataFrame, split: str, aliases: Mapping[str, str], source: str | Path) -> pd.DataFrame:
+    """Rows of ``df`` whose ``split`` column matches ``split`` (through ``aliases``; ``all`` keeps every row)."""
+    if split == "all":
+        return df.reset_index(drop=True)
+    if split not in aliases:
+        raise DataError(f"{source}: unknown split {split!r}; choose one of {sorted(set(aliases) | {'all'})}")
+    return df[df["split"] == aliases[split]].reset_index(drop=True)
+
+
+def only_all_split(split: str, dataset: str) -> None:
+    """DataError unless ``split`` is ``all`` (for datasets released without an official split)."""
+    if split != "all":
+        raise DataError(
+            f"{dataset} has no official split; load split='all' and let scaling.data.splits make a patient-level one"
+            f" (got split={split!r})"
+        )
+
+
+def filter_rows(df: pd.DataFrame, keep: pd.Series, source: str, what: str) -> pd.DataFrame:
+    """Keep the rows where ``keep`` is true and log how many ``what`` removed (every filter is explicit)."""
+    before = len(df)
+    out = df[keep.to_numpy(dtype=bool)].reset_index(drop=True)
+    log.info("%s: %s removed %d of %d rows", source, what, before - len(out), before)
+    return out
+
+
+def index_images(dirs: Iterable[str | Path], suffixes: Sequence[str]) -> dict[str, str]:
+    """File name → absolute path for the files with ``suffixes`` directly inside each existing directory of ``dirs``.
+
+    Released image folders are flat (NIH ``images_00X/images``, HAM10000 ``part_1/2``), so one ``scandir`` per
+    folder finds every image without a per-row ``stat``.
+    """
+    found: dict[str, str] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        with os.scandir(d) as it:
+            for entry in it:
+                if entry.name.endswith(tuple(suffixes)) and entry.is_file():
+                    found.setdefault(entry.name, os.path.abspath(entry.path))
+    return found
+
+
+def locate(names: pd.Series, found: Mapping[str, str], default_dir: str | Path, source: str) -> pd.Series:
+    """Absolute path of each file name: where :func:`index_images` found it, else under ``default_dir``."""
+    default_dir = Path(default_dir).absolute()
+    paths = names.map(lambda n: found.get(n) or str(default_dir / n))
+    missing = (~names.isin(list(found))).sum()
+    if missing:
+        log.info("%s: %d of %d images not found on disk; their paths point into %s", source, missing, len(names), default_dir)
+    return paths
+
+
+def verify_paths(df: pd.DataFrame, source: str) -> None:
+    """DataError naming the missing image files (up to 10, with their sample ids) and how many are missing."""
+    exists = df["path"].map(os.path.isfile)
+    if not exists.all():
+        miss = df.loc[~exists, ["sample_id", "path"]]
+        shown = "; ".join(f"{s}: {p}" for s, p in miss.head(10).itertuples(index=False))
+        raise DataError(f"{source}: {len(miss)} of {len(df)} image files are missing, e.g. {shown}")
+
+
+def finish(df: pd.DataFrame, source: str, verify_files: bool) -> pd.DataFrame:
+    """Order the columns (required, labels, attributes), check the sample-table contract, optionally the files."""
+    labels = [c for c in df.columns if c.startswith(LABEL_PREFIX)]
+    rest = [c for c in df.columns if c not in REQUIRED_COLUMNS and c not in labels]
+    out = df[list(REQUIRED_COLUMNS) + labels + rest].reset_index(drop=True)
+    for c in labels:
+        out[c] = out[c].astype(float)
+    out["age"] = out["age"].astype(float)
+    out["sample_id"] = out["sample_id"].astype(str)
+    out["patient_id"] = out["patient_id"].astype(str)
+    for c in rest + ["sex"]:
+        # Text attributes: plain objects with None for missing, whatever pandas inferred (pandas 3 infers `str`).
+        if not pd.api.types.is_numeric_dtype(out[c]) and not pd.api.types.is_bool_dtype(out[c]):
+            col = out[c].astype(object)
+            out[c] = col.where(col.notna() & (col != ""), None)
+    validate_table(out, source)
+    if verify_files:
+        verify_paths(out, source)
+    return out
