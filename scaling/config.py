@@ -179,8 +179,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save resumable state every N steps (0 = only on SIGTERM/SIGUSR1)."""
     hyperrule: str = "off"
-    """``off``, ``code`` or ``paper``: the BiT-HyperRule sets length, warmup, decays and MixUp alpha from the size of
-    each run's (fraction) training set, overriding steps/epochs/examples, warmup_steps, schedule and mixup_alpha."""
+    """``off``, ``code`` or ``paper``: the BiT-HyperRule sets length, warmup and MixUp alpha from the size of each
+    run's (fraction) training set, overriding steps/epochs/examples, warmup_steps and mixup_alpha; with
+    ``schedule: bit`` also its decay points."""
 
     def __post_init__(self):
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
@@ -256,6 +257,8 @@ class EvalConfig:
     """Operating point chosen on validation: ``max_f1``, ``sens90`` (sensitivity 0.9), ``spec90``, ``fixed``."""
     fixed_threshold: float = 0.5
     """Threshold when ``threshold: fixed``."""
+    bootstrap_seed: int = 0
+    """Seed of the patient resampling; the same seed gives every run the same replicates (paired comparisons)."""
     batch_size: int = 64
     """Per-process batch size for prediction."""
 

@@ -355,3 +355,23 @@ def test_build_optimizer_kinds():
     sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.003))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
     assert isinstance(build_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3)), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize(
+    "backbone, pretrained, ok",
+    [
+        ("vit_l16", "in1k", False),
+        ("vit_l16", "in21k", True),
+        ("vit_s16", "in1k", True),
+        ("bit_r50x1", "in1k", True),
+        ("bit_r50x1", "bit-l", False),
+        ("bit_r50x1", "bit-l:/data/jft.npz", True),
+        ("resnetv2_tiny", "upstream:fractal_small", True),
+        ("resnetv2_tiny", "hub", False),
+        ("resnetv2_tiny", "scratch", True),
+    ],
+)
+def test_has_source_marks_grid_cells_without_public_weights(backbone, pretrained, ok):
+    from scaling.models import has_source
+
+    assert has_source(backbone, pretrained) is ok

@@ -151,7 +151,7 @@ def test_lr_at_warmup_is_linear_and_capped_by_short_runs():
 def test_hyperrule_mode_sets_length_lr_and_mixup_per_fraction(variant, n, steps, alpha, probes):
     from scaling.engine.schedule import mixup_alpha
 
-    cfg = TrainConfig(hyperrule=variant, lr=0.003, mixup_alpha=0.5, steps=7)
+    cfg = TrainConfig(hyperrule=variant, schedule="bit", lr=0.003, mixup_alpha=0.5, steps=7)
     assert total_steps(cfg, n) == steps
     assert mixup_alpha(cfg, n) == alpha
     for step, lr in probes:
@@ -159,3 +159,11 @@ def test_hyperrule_mode_sets_length_lr_and_mixup_per_fraction(variant, n, steps,
     assert mixup_alpha(TrainConfig(mixup_alpha=0.5), n) == 0.5
     with pytest.raises(ValueError, match="HyperRule length"):
         lr_at(0, 123, cfg)
+
+
+def test_hyperrule_length_with_cosine_decay():
+    cfg = TrainConfig(hyperrule="code", schedule="cosine", lr=1e-3, warmup_steps=3)
+    total = total_steps(cfg, 50_000)
+    assert total == 10_000
+    assert lr_at(499, total, cfg) == pytest.approx(1e-3)  # HyperRule warmup (500), not train.warmup_steps
+    assert lr_at(500 + 4750, total, cfg) == pytest.approx(0.5e-3)

@@ -166,19 +166,25 @@ def _hyperrule_supports(total: int, variant: str) -> tuple[int, ...]:
 def lr_at(step: int, total: int, train_cfg) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total`` under ``train_cfg``.
 
-    With ``train.hyperrule`` set: big_transfer's ``get_lr`` on the HyperRule supports of ``total`` (warmup
-    from 0, /10 after each support). Otherwise all schedules warm up linearly over
-    ``min(train.warmup_steps, total // 2)`` steps, reaching the peak ``train.lr`` at the end of warmup (the
-    first step gets ``lr / warmup``, not 0); then ``bit``: x0.1 at 30, 60 and 90 % of ``total`` (BiT §3.3);
-    ``cosine``: half-cosine to 0 at ``total``; ``constant``.
+    All schedules warm up linearly over ``min(train.warmup_steps, total // 2)`` steps, reaching the peak
+    ``train.lr`` at the end of warmup (the first step gets ``lr / warmup``, not 0); then ``bit``: x0.1 at 30,
+    60 and 90 % of ``total`` (BiT §3.3); ``cosine``: half-cosine to 0 at ``total``; ``constant``.
+
+    With ``train.hyperrule`` set, the warmup is the HyperRule's (100 or 500 steps) and ``bit`` is
+    big_transfer's ``get_lr`` on the HyperRule support points of ``total`` (warmup from 0, /10 after each
+    support); ``cosine``/``constant`` keep their shape (the ViT paper fine-tunes with HyperRule-like lengths
+    and a cosine decay).
     """
     if total < 1:
         raise ValueError(f"total steps must be >= 1, got {total}")
     peak = train_cfg.lr
-    if train_cfg.hyperrule != "off":
-        lr = _lr_from_supports(step, _hyperrule_supports(total, train_cfg.hyperrule), peak)
-        return 0.0 if lr is None else lr
     warmup = min(train_cfg.warmup_steps, total // 2)
+    if train_cfg.hyperrule != "off":
+        supports = _hyperrule_supports(total, train_cfg.hyperrule)
+        if train_cfg.schedule == "bit":
+            lr = _lr_from_supports(step, supports, peak)
+            return 0.0 if lr is None else lr
+        warmup = supports[0]
     if step < warmup:
         return peak * (step + 1) / warmup
     if train_cfg.schedule == "constant":

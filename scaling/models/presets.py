@@ -154,6 +154,23 @@ def resolve_backbone(name: str) -> Preset:
     return Preset(arch, arch, family, 0, {}, {}, "", "timm architecture")
 
 
+def has_source(backbone: str, pretrained: str) -> bool:
+    """True when ``pretrained`` can be resolved for ``backbone`` without a user-supplied file.
+
+    For study grids, whose axes are a Cartesian product: e.g. ``vit_l16`` x ``in1k`` has no public checkpoint,
+    so the runner skips that cell (and logs it) instead of failing the study. ``scratch``, ``hub:``, paths,
+    ``<source>:<path>`` and ``upstream:`` sources are always considered available here; loading checks them.
+    """
+    preset = resolve_backbone(backbone)
+    key = pretrained.strip().lower()
+    if key in ("scratch", "none", "") or ":" in key or "/" in key or key.endswith((".npz", ".safetensors", ".pt", ".pth", ".bin")):
+        return True
+    if key == "hub":
+        return bool(preset.default_hub)
+    key = preset.aliases.get(key, key)
+    return key in preset.sources and not preset.sources[key].user_file
+
+
 def _family_of_arch(arch: str) -> str:
     # The family is confirmed from the built module's class by ``families.family_spec``; this guess only fills
     # the metadata table without building the model.
