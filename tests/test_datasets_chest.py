@@ -70,12 +70,12 @@ def test_mimic_rows_paths_views_and_splits(mimic_root):
     assert list(df["sample_id"]) == [A, B, C, D, E, F, G]
     assert list(df["patient_id"]) == ["10000032"] * 3 + ["10000764", "10000898", "10000898", "10001884"]
     assert list(df["split"]) == ["train", "train", "train", "validate", "test", "test", "train"]
-    assert list(df["view"]) == ["PA", "LATERAL", "AP", None, "PA", "LL", "PA"]
+    assert list(df["view_position"]) == ["PA", "LATERAL", "AP", None, "PA", "LL", "PA"]
+    assert list(df["view"]) == ["frontal", "lateral", "frontal", None, "frontal", "lateral", "frontal"]
     assert row(df, A)["path"] == str(mimic_root / "files/p10/p10000032/s50414267" / f"{A}.jpg")
     # No demographics in the release: sex/age missing, no race column unless MIMIC-IV files are given.
     assert df["sex"].isna().all() and df["age"].isna().all() and "race" not in df.columns
     assert list(mimic_cxr.load(mimic_root, "train")["sample_id"]) == [A, B, C, G]
-    assert list(mimic_cxr.load(mimic_root, "val")["sample_id"]) == [D]
     assert list(mimic_cxr.load(mimic_root, "validate")["sample_id"]) == [D]
     assert list(mimic_cxr.load(mimic_root, "test")["sample_id"]) == [E, F]
 
@@ -148,6 +148,7 @@ def test_mimic_views_filter(mimic_root, caplog):
         df = mimic_cxr.load(mimic_root, "all", views=["PA", "AP"])
     assert list(df["sample_id"]) == [A, C, E, G]
     assert "removed 3 of 7 rows" in caplog.text
+    assert list(mimic_cxr.load(mimic_root, "all", views=["lateral"])["sample_id"]) == [B, F]
 
 
 def _copy(src, dst):
@@ -204,7 +205,7 @@ def test_nih_rows_labels_and_attributes(nih_root):
     assert not any(c.startswith("Unnamed") for c in df.columns)
     for image, (patient, age, sex, view, positives) in NIH_EXPECTED.items():
         r = row(df, image)
-        assert (r["patient_id"], r["sex"], r["view"]) == (patient, sex, view)
+        assert (r["patient_id"], r["sex"], r["view"], r["view_position"]) == (patient, sex, "frontal", view)
         assert same(float(r["age"]), age)
         assert {n for n in NIH_LABELS if r[f"label:{n}"] == 1.0} == positives
         assert all(r[f"label:{n}"] == 0.0 for n in NIH_LABELS - positives)  # no uncertainty: absent = 0
@@ -215,7 +216,6 @@ def test_nih_rows_labels_and_attributes(nih_root):
 def test_nih_official_split_lists(nih_root):
     train = nih_cxr14.load(nih_root, "train")
     assert list(train["sample_id"]) == list(NIH_EXPECTED)[:4]
-    assert list(nih_cxr14.load(nih_root, "train_val")["sample_id"]) == list(NIH_EXPECTED)[:4]
     test = nih_cxr14.load(nih_root, "test")
     assert list(test["sample_id"]) == ["00000004_000.png", "00000005_000.png"]
     assert not set(train["patient_id"]) & set(test["patient_id"])  # the official lists are patient-disjoint
@@ -240,6 +240,7 @@ def test_nih_flat_layout_and_v2020_file(nih_root, tmp_path):
 
 def test_nih_views_filter(nih_root):
     assert list(nih_cxr14.load(nih_root, "all", views=["AP"])["sample_id"]) == ["00000003_000.png", "00000004_000.png"]
+    assert len(nih_cxr14.load(nih_root, "all", views=["frontal"])) == 6
 
 
 def test_nih_bad_inputs(nih_root, tmp_path):
@@ -281,7 +282,8 @@ def test_padchest_rows_labels_and_attributes(padchest_root):
     assert list(df["sex"]) == ["M", "M", "F", None, None]
     # age = study year - PatientBirth: 2015-1939, blank birth year, 2011-1975.
     assert list(df["age"].fillna(-1)) == [76.0, 76.0, -1, 36.0, 36.0]
-    assert list(df["view"]) == ["PA", "L", "AP_horizontal", "PA", "PA"]
+    assert list(df["view_position"]) == ["PA", "L", "AP_horizontal", "PA", "PA"]
+    assert list(df["view"]) == ["frontal", "lateral", "frontal", "frontal", "frontal"]
     assert list(df["manufacturer"]) == ["PhilipsMedicalSystems"] * 2 + ["Agfa"] * 3
     assert row(df, P4)["path"] == str(padchest_root / "1" / P4)
     assert_labels(df, P1, {"No Finding": 1.0, "Cardiomegaly": 0.0, "Pleural Effusion": 0.0})

@@ -21,13 +21,16 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import filter_rows, find_file, finish, read_csv, select_split
+from scaling.data.readers import chest_view, filter_views, find_file, finish, read_csv, select_split
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = {"train": "train", "val": "validate", "validate": "validate", "test": "test"}
-"""Accepted ``split`` names → the values of split.csv's ``split`` column."""
+SPLITS = ("train", "validate", "test", "all")
+"""split.csv's ``split`` values, plus ``all``."""
+FRONTAL = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
+LATERAL = ("LATERAL", "LL", "RL", "XTABLE LATERAL")
+"""``ViewPosition`` codes per view; oblique (LAO, RAO, LPO), SWIMMERS and blank have no view."""
 LABELERS = ("chexpert", "negbio")
 RACE_POLICIES = ("unique", "first")
 
@@ -114,14 +117,15 @@ def load(
 ) -> pd.DataFrame:
     """Load MIMIC-CXR-JPG as a sample table (one row per JPEG).
 
-    ``split``: ``train``, ``val``/``validate``, ``test`` (split.csv) or ``all``. ``labeler``: ``chexpert`` or
+    ``split``: ``train``, ``validate``, ``test`` (split.csv) or ``all``. ``labeler``: ``chexpert`` or
     ``negbio`` label file. ``uncertainty``/``blank``: see :func:`scaling.data.labels.apply_label_policy`.
     ``patients``/``admissions``: MIMIC-IV ``hosp/patients.csv(.gz)`` / ``hosp/admissions.csv(.gz)`` (absolute or
     relative to ``root``) for ``sex``, ``age`` (anchor_age + study year − anchor_year, as chexploration),
     ``race`` and ``insurance``; ``race_policy``: ``unique`` (subjects with conflicting races get None) or
-    ``first`` (first admission's race, as CXR_Fairness). ``views``: keep only these ``ViewPosition`` values
-    (e.g. ``["PA", "AP"]``; filter, logged). Attributes: ``view``, ``study_id``, ``split``, ``race``,
-    ``insurance``.
+    ``first`` (first admission's race, as CXR_Fairness). ``views``: keep rows whose ``view`` or
+    ``view_position`` is listed (e.g. ``["frontal"]`` or ``["PA", "AP"]``; filter, logged). Attributes: ``view``
+    (``frontal``/``lateral``/None, CheXpert's convention), ``view_position`` (``ViewPosition``), ``study_id``,
+    ``split``, ``race``, ``insurance``.
     """
     root = Path(root)
     source = f"mimic_cxr({root})"
@@ -162,7 +166,8 @@ def load(
         str((root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{st}" / f"{d}.jpg").absolute())
         for s, st, d in zip(subject, df["study_id"], df["dicom_id"])
     ]
-    df["view"] = df["ViewPosition"]
+    df["view_position"] = df["ViewPosition"]
+    df["view"] = chest_view(df["ViewPosition"], FRONTAL, LATERAL)
     df["sex"], df["age"] = None, np.nan
 
     demo, races = _demographics(root, patients, admissions, race_policy)
@@ -175,9 +180,8 @@ def load(
         races["subject_id"] = races["subject_id"].astype(str)
         df = df.merge(races, on="subject_id", how="left")
 
-    if views is not None:
-        df = filter_rows(df, df["view"].isin(list(views)), source, f"views={list(views)}")
-    keep = ["sample_id", "patient_id", "path", "sex", "age", "view", "study_id", "split"]
+    df = filter_views(df, views, source)
+    keep = ["sample_id", "patient_id", "path", "sex", "age", "view", "view_position", "study_id", "split"]
     keep += [c for c in ("race", "insurance") if c in df.columns]
     out = df[keep + [c for c in df.columns if c.startswith(LABEL_PREFIX)]]
     return finish(out, source, verify_files)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import filter_rows, finish, index_images, locate, map_values, read_csv, select_split
+from scaling.data.readers import chest_view, filter_views, finish, index_images, locate, map_values, read_csv, select_split
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv",
                "Data_Entry_2017.csv.gz")
 """Label files tried in order: the 2020 re-release (corrected ages) first."""
-SPLITS = {"train": "train", "train_val": "train", "test": "test"}
-"""``train`` (= ``train_val``) is train_val_list.txt; carve validation from it by patient."""
+SPLITS = ("train", "test", "all")
+"""``train`` is train_val_list.txt (carve validation from it by patient), ``test`` is test_list.txt."""
 FINDINGS = tuple(L.HARMONISATION["nih_cxr14"])
 MAX_AGE = 120  # ages above this are data-entry errors in the 2017 file (up to 414)
 
@@ -85,11 +85,12 @@ def load(
 ) -> pd.DataFrame:
     """Load NIH ChestX-ray14 as a sample table (one row per PNG).
 
-    ``split``: ``train`` (= ``train_val``, train_val_list.txt), ``test`` (test_list.txt) or ``all``.
+    ``split``: ``train`` (train_val_list.txt), ``test`` (test_list.txt) or ``all``.
     ``entry_file``: label file name under ``root`` (default: the first of :data:`ENTRY_FILES` that exists).
-    ``views``: keep only these ``View Position`` values (``PA``/``AP``; filter, logged). Labels: the 14 findings
-    under canonical names (``Effusion`` → ``Pleural Effusion``, ``Pleural_Thickening`` → ``Pleural Thickening``)
-    and ``No Finding``. Attributes: ``view``, ``follow_up``, ``split``.
+    ``views``: keep rows whose ``view`` or ``view_position`` is listed (``["PA"]``; filter, logged). Labels: the
+    14 findings under canonical names (``Effusion`` → ``Pleural Effusion``, ``Pleural_Thickening`` →
+    ``Pleural Thickening``) and ``No Finding``. Attributes: ``view`` (always ``frontal``), ``view_position``
+    (``PA``/``AP``), ``follow_up``, ``split``.
     """
     root = Path(root)
     source = f"nih_cxr14({root})"
@@ -111,7 +112,8 @@ def load(
         "patient_id": raw["Patient ID"].str.strip().str.lstrip("0").replace("", "0"),
         "sex": map_values(raw["Patient Gender"], {"M": "M", "F": "F"}, ids, path, "Patient Gender"),
         "age": _age(raw["Patient Age"], ids, path),
-        "view": raw["View Position"],
+        "view": chest_view(raw["View Position"], ("PA", "AP"), ()),
+        "view_position": raw["View Position"],
         "follow_up": raw["Follow-up #"],
     })
     df = pd.concat([df, _labels(raw["Finding Labels"], ids, path)], axis=1)
@@ -123,6 +125,5 @@ def load(
 
     found = index_images([root / "images", *sorted(root.glob("images_*/images"))], (".png",))
     df["path"] = locate(df["sample_id"], found, root / "images", source)
-    if views is not None:
-        df = filter_rows(df, df["view"].isin(list(views)), source, f"views={list(views)}")
+    df = filter_views(df, views, source)
     return finish(df, source, verify_files)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import (filter_rows, find_file, finish, index_images, map_values,
+from scaling.data.readers import (chest_view, filter_views, find_file, finish, index_images, map_values,
                                   only_all_split, parse_numbers, read_csv)
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 CSV_NAMES = ("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
              "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
+SPLITS = ("all",)
 SYNONYMS = L.HARMONISATION["padchest"]
+FRONTAL = ("PA", "AP", "AP_horizontal")
+LATERAL = ("L",)
+"""``Projection`` codes per view; COSTAL (rib views), EXCLUDE and UNK have no view."""
 CANONICAL = tuple(dict.fromkeys(SYNONYMS.values()))
 
 
@@ -55,9 +59,10 @@ def load(
 ) -> pd.DataFrame:
     """Load PadChest as a sample table (one row per 16-bit PNG).
 
-    ``split``: ``all`` only (no official split). ``views``: keep only these ``Projection`` values (``PA``,
-    ``AP``, ``AP_horizontal``, ``L``, …; filter, logged). Age = study year − ``PatientBirth`` (NaN when the birth
-    year is blank). Attributes: ``view`` (Projection), ``manufacturer`` (Manufacturer_DICOM), ``study_id``.
+    ``split``: ``all`` only (no official split). ``views``: keep rows whose ``view`` or ``view_position`` is
+    listed (``["frontal"]``, ``["PA"]``; filter, logged). Age = study year − ``PatientBirth`` (NaN when the birth
+    year is blank). Attributes: ``view`` (``frontal``/``lateral``/None), ``view_position`` (``Projection``:
+    ``PA``, ``AP``, ``AP_horizontal``, ``L``, ``COSTAL``, …), ``manufacturer`` (Manufacturer_DICOM), ``study_id``.
     """
     root = Path(root)
     source = f"padchest({root})"
@@ -85,7 +90,8 @@ def load(
         "sex": map_values(raw["PatientSex_DICOM"], {"M": "M", "F": "F", "O": None}, ids, path, "PatientSex_DICOM"),
         "age": year - birth,
         **labels,
-        "view": raw["Projection"],
+        "view": chest_view(raw["Projection"], FRONTAL, LATERAL),
+        "view_position": raw["Projection"],
         "manufacturer": raw.get("Manufacturer_DICOM"),
         "study_id": raw["StudyID"],
     })
@@ -96,6 +102,5 @@ def load(
     missing = (~ids.isin(list(found))).sum()
     if missing:
         log.info("%s: %d of %d images not found on disk; their paths point into <root>/<ImageDir>", source, missing, len(ids))
-    if views is not None:
-        df = filter_rows(df, df["view"].isin(list(views)), source, f"views={list(views)}")
+    df = filter_views(df, views, source)
     return finish(df, source, verify_files)

@@ -84,22 +84,36 @@ def parse_numbers(values: pd.Series, ids: pd.Series, source: str | Path, column:
     return num.astype(float)
 
 
-def select_split(df: pd.DataFrame, split: str, aliases: Mapping[str, str], source: str | Path) -> pd.DataFrame:
-    """Rows of ``df`` whose ``split`` column matches ``split`` (through ``aliases``; ``all`` keeps every row)."""
+def select_split(df: pd.DataFrame, split: str, splits: Sequence[str], source: str | Path) -> pd.DataFrame:
+    """Rows of ``df`` whose ``split`` column equals ``split`` (one of ``splits``); ``all`` keeps every row."""
+    if split not in splits:
+        raise DataError(f"{source}: unknown split {split!r}; choose one of {list(splits)}")
     if split == "all":
         return df.reset_index(drop=True)
-    if split not in aliases:
-        raise DataError(f"{source}: unknown split {split!r}; choose one of {sorted(set(aliases) | {'all'})}")
-    return df[df["split"] == aliases[split]].reset_index(drop=True)
+    return df[df["split"] == split].reset_index(drop=True)
 
 
 def only_all_split(split: str, dataset: str) -> None:
-    """DataError unless ``split`` is ``all`` (for datasets released without an official split)."""
+    """DataError unless ``split`` is ``all`` (for datasets released without an official split: ``SPLITS = ("all",)``)."""
     if split != "all":
         raise DataError(
             f"{dataset} has no official split; load split='all' and let scaling.data.splits make a patient-level one"
             f" (got split={split!r})"
         )
+
+
+def chest_view(position: pd.Series, frontal: Iterable[str], lateral: Iterable[str]) -> pd.Series:
+    """``frontal`` / ``lateral`` / None from a dataset's view-position codes (CheXpert's ``view`` convention)."""
+    frontal, lateral = set(frontal), set(lateral)
+    return position.map(lambda v: "frontal" if v in frontal else "lateral" if v in lateral else None).astype(object)
+
+
+def filter_views(df: pd.DataFrame, views: Sequence[str] | None, source: str) -> pd.DataFrame:
+    """Keep rows whose ``view`` or ``view_position`` is in ``views`` (e.g. ``["frontal"]``, ``["PA"]``); logged."""
+    if views is None:
+        return df
+    keep = df["view"].isin(list(views)) | df["view_position"].isin(list(views))
+    return filter_rows(df, keep, source, f"views={list(views)}")
 
 
 def filter_rows(df: pd.DataFrame, keep: pd.Series, source: str, what: str) -> pd.DataFrame:
