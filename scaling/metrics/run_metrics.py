@@ -1,0 +1,233 @@
+"""Every metric of one study run, computed from its stored per-sample predictions.
+
+:func:`compute_run_metrics` is what the study runner calls after prediction. Input: one DataFrame per evaluation
+set with ``sample_id``, ``patient_id``, ``label:<L>`` (1/0/NaN), ``logit:<L>``, ``prob:<L>`` for every label and
+the attribute columns. ``val`` must be present: per label, the decision threshold (``eval.threshold`` policy)
+and the temperature are fitted there and applied unchanged to every other set. ``val`` itself is not reported:
+its threshold-dependent numbers would be in-sample.
+
+Output rows (tidy; columns ``eval_set, label, attribute, group, metric, value, lo, hi, n``):
+
+* ``label``: a label name, or ``macro`` = the mean over labels whose value is not NaN. Macro ``lo``/``hi`` come
+  from the per-replicate mean over those labels (the replicates of all labels are drawn from the same patients);
+  macro ``n`` = samples with at least one label. Summary macros (e.g. ``worst_group_auroc``) are means of the
+  per-label summaries.
+* ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``ece_temp`` (after temperature
+  scaling), ``mce``, ``brier``, ``nll``, ``nll_temp``, ``prevalence``, ``tpr`` and ``fpr`` (at the val-fitted
+  threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see ``selective``).
+* ``attribute=<column>, group=<value>``: ``prevalence``, ``auroc``, ``ece``, ``tpr``, ``fpr`` (and
+  ``underdiagnosis_rate`` for "No Finding"); groups below ``eval.min_group_size`` have NaN values and their true
+  ``n``; a missing attribute value forms the group ``missing``.
+* ``attribute=<column>, group='all'``: ``worst_group_auroc``, ``auroc_gap``, ``tpr_gap``, ``fpr_gap``, ``eod``
+  (equalized-odds difference) and, for "No Finding", ``underdiagnosis_gap`` (see ``fairness``).
+* ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
+  ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
+* ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
+
+An attribute column absent from an evaluation set, or missing for all its samples (an OOD dataset without that
+demographic), is skipped for that set with a warning and listed in ``info['skipped_attributes']``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
+from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_replicates, mce, mce_replicates, nll,
+                                         nll_replicates, weighted_mean_replicates)
+from scaling.metrics.discrimination import auprc, auprc_replicates, auroc, auroc_replicates
+from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
+from scaling.metrics.selective import aurc
+from scaling.metrics.temperature import apply_temperature, fit_temperature
+from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
+from scaling.metrics.validation import MetricWarning, check_labels, check_scores
+
+COLUMNS = ("eval_set", "label", "attribute", "group", "metric", "value", "lo", "hi", "n")
+FIT_SPLIT = "val"
+NO_FINDING = "No Finding"
+# Metrics that exist for one label only are not macro-averaged.
+_NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
+
+
+def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
+    need = ["patient_id"] + [f"{k}:{lab}" for lab in labels for k in ("label", "logit", "prob")]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"predictions[{eval_set!r}] lacks column(s) {missing}")
+
+
+def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
+    policy, target = CONFIG_POLICIES[eval_cfg.threshold]
+    if policy == "fixed":
+        target = eval_cfg.fixed_threshold
+    thresholds, temperatures, n_val = {}, {}, {}
+    for lab in labels:
+        y = check_labels(val[f"label:{lab}"], f"predictions['val']['label:{lab}']")
+        p = check_scores(val[f"prob:{lab}"], f"predictions['val']['prob:{lab}']")
+        z = check_scores(val[f"logit:{lab}"], f"predictions['val']['logit:{lab}']", probability=False)
+        thresholds[lab] = choose_threshold(y, p, policy, target)
+        temperatures[lab] = fit_temperature(y, z)
+        n_val[lab] = int((~np.isnan(y)).sum())
+    return {"fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold, "threshold_target": target,
+            "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+
+
+class _Rows:
+    """Collects rows and, per (eval_set, attribute, group, metric), each label's value and replicates."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.rows: list[dict] = []
+        self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None]]] = {}
+
+    def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None):
+        if lo is None:
+            lo, hi = percentile_interval(reps, self.alpha) if reps is not None else (math.nan, math.nan)
+        self.rows.append({"eval_set": eval_set, "label": label, "attribute": attribute, "group": str(group),
+                          "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n": int(n)})
+        if metric not in _NOT_MACRO:
+            self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps)
+
+    def add_macro(self, n_any: dict[tuple, int]) -> None:
+        for (eval_set, attribute, group, metric), per_label in self.by_key.items():
+            defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])}
+            value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
+            reps = [r for _, r in defined.values()]
+            same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
+            rep = np.mean(np.vstack(reps), axis=0) if same else None
+            lo, hi = percentile_interval(rep, self.alpha) if rep is not None else (math.nan, math.nan)
+            self.rows.append({"eval_set": eval_set, "label": "macro", "attribute": attribute, "group": group,
+                              "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi),
+                              "n": int(n_any.get((eval_set, attribute, group), 0))})
+
+
+def _overall(out: _Rows, eval_set, lab, y, p, z, thr, temp, boot, n_bins):
+    """Overall rows of one label on its labelled rows (y boolean)."""
+    n = y.size
+    counts, codes = (boot.counts, boot.codes) if boot is not None else (None, None)
+
+    def reps(fn, *args, **kw):
+        return fn(y, *args, counts, codes, **kw) if boot is not None else None
+
+    yf = y.astype(np.float64)
+    out.add(eval_set, lab, "all", "all", "auroc", auroc(yf, p), n, reps(auroc_replicates, p))
+    out.add(eval_set, lab, "all", "all", "auprc", auprc(yf, p), n, reps(auprc_replicates, p))
+    out.add(eval_set, lab, "all", "all", "ece", ece(yf, p, n_bins=n_bins), n, reps(ece_replicates, p, n_bins=n_bins))
+    out.add(eval_set, lab, "all", "all", "mce", mce(yf, p, n_bins=n_bins), n, reps(mce_replicates, p, n_bins=n_bins))
+    out.add(eval_set, lab, "all", "all", "brier", brier(yf, p), n, reps(brier_replicates, p))
+    out.add(eval_set, lab, "all", "all", "nll", nll(yf, p), n, reps(nll_replicates, p))
+    if np.isfinite(temp):
+        pt = apply_temperature(z, temp)
+        out.add(eval_set, lab, "all", "all", "ece_temp", ece(yf, pt, n_bins=n_bins), n,
+                reps(ece_replicates, pt, n_bins=n_bins))
+        out.add(eval_set, lab, "all", "all", "nll_temp", nll(yf, pt), n, reps(nll_replicates, pt))
+    else:
+        out.add(eval_set, lab, "all", "all", "ece_temp", math.nan, n)
+        out.add(eval_set, lab, "all", "all", "nll_temp", math.nan, n)
+    prev_reps = weighted_mean_replicates(yf, counts, codes) if boot is not None else None
+    out.add(eval_set, lab, "all", "all", "prevalence", yf.mean() if n else math.nan, n, prev_reps)
+    tpr, fpr = rates_at(yf, p, thr)
+    tpr_reps, fpr_reps = rate_replicates(y, p, thr, counts, codes) if boot is not None else (None, None)
+    out.add(eval_set, lab, "all", "all", "tpr", tpr, n, tpr_reps)
+    out.add(eval_set, lab, "all", "all", "fpr", fpr, n, fpr_reps)
+    out.add(eval_set, lab, "all", "all", "aurc", aurc(yf, p, threshold=thr) if np.isfinite(thr) else math.nan, n)
+
+
+def _attribute_values(df: pd.DataFrame, attribute: str):
+    if attribute not in df.columns or df[attribute].isna().all():
+        return None
+    return group_labels(df[attribute].to_numpy(dtype=object))
+
+
+def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
+                        eval_cfg) -> tuple[pd.DataFrame, dict]:
+    """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
+
+    ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
+    ``labels`` are the label names; ``subgroups`` the attribute columns to split by; ``eval_cfg`` a
+    ``scaling.config.EvalConfig``. Returns ``(rows, info)``: ``rows`` a DataFrame with exactly the columns
+    ``eval_set, label, attribute, group, metric, value, lo, hi, n``; ``info`` the thresholds and temperatures per
+    label, the split they were fitted on (``val``), and the attributes skipped per set.
+    """
+    if FIT_SPLIT not in predictions:
+        raise ValueError(f"predictions must contain {FIT_SPLIT!r} (thresholds and temperatures are fitted there); "
+                         f"got {sorted(predictions)}")
+    if not labels:
+        raise ValueError("labels must name at least one label")
+    for name, df in predictions.items():
+        _columns(df, name, labels)
+    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg)
+    out = _Rows(eval_cfg.alpha)
+    n_any: dict[tuple, int] = {}
+    skipped: dict[str, list[str]] = {}
+
+    for eval_set, df in predictions.items():
+        if eval_set == FIT_SPLIT:
+            continue
+        boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
+                                 seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
+        attrs = {}
+        for a in subgroups:
+            values = _attribute_values(df, a)
+            if values is None:
+                skipped.setdefault(eval_set, []).append(a)
+                warnings.warn(f"attribute {a!r} is absent or all missing in eval set {eval_set!r}; "
+                              "no subgroup rows for it", MetricWarning, stacklevel=2)
+            else:
+                attrs[a] = values
+        any_label = np.zeros(len(df), dtype=bool)
+        for lab in labels:
+            where = f"predictions[{eval_set!r}]"
+            y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
+            p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
+            z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
+            mask = ~np.isnan(y)
+            any_label |= mask
+            yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
+            sub = boot.subset(mask) if boot is not None else None
+            thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
+            _overall(out, eval_set, lab, yl, pl, zl, thr, temp, sub, eval_cfg.ece_bins)
+            for a, values in attrs.items():
+                _subgroup_rows(out, eval_set, lab, a, yl, pl, values[mask], thr, sub, eval_cfg)
+        n_any[(eval_set, "all", "all")] = int(any_label.sum())
+        for a, values in attrs.items():
+            n_any[(eval_set, a, "all")] = int(any_label.sum())
+            for g in np.unique(values):
+                n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
+    out.add_macro(n_any)
+
+    rows = pd.DataFrame(out.rows, columns=list(COLUMNS))
+    rows["n"] = rows["n"].astype(np.int64)
+    info = {**_json_safe(fitted), "eval_sets": [s for s in predictions if s != FIT_SPLIT],
+            "skipped_attributes": skipped, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+            "bootstrap": "patient-level cluster bootstrap, percentile intervals",
+            "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
+    return rows, info
+
+
+def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, thr, boot, eval_cfg):
+    res = analyse_subgroups(y, p, groups, thr, min_group_size=eval_cfg.min_group_size, n_bins=eval_cfg.ece_bins,
+                            alpha=eval_cfg.alpha, boot=boot, underdiagnosis=(lab == NO_FINDING))
+    metrics = GROUP_METRICS + (("underdiagnosis_rate",) if lab == NO_FINDING else ())
+    n_summarised = 0
+    for row in res.groups:
+        g = row["group"]
+        n_summarised += row["n"] if g in res.info["groups_summarised"] else 0
+        for m in metrics:
+            out.add(eval_set, lab, attribute, g, m, row[m], row["n"], res.replicates.get((g, m)),
+                    lo=row[f"{m}_lo"], hi=row[f"{m}_hi"])
+    for m, row in res.summary.items():
+        out.add(eval_set, lab, attribute, "all", m, row["value"], n_summarised, res.replicates.get(("all", m)),
+                lo=row["lo"], hi=row["hi"])
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

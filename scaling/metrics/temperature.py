@@ -1,0 +1,61 @@
+"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks"), one temperature per label.
+
+For a sigmoid output the calibrated probability is sigmoid(z / T): T > 1 softens over-confident logits, T < 1
+sharpens. T is fitted by minimising the NLL on *validation* logits and then applied unchanged to every reported
+set; it never changes the ranking, so AUROC is unaffected and only calibration metrics move.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+
+from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
+
+# Search range for log T: T in [0.01, 100] covers any temperature a trained network needs.
+_LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
+
+
+def nll_from_logits(y: np.ndarray, z: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits ``z`` for boolean/0-1 labels ``y`` (stable: log(1 + e^z) - y z)."""
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def _fit_one(y, z) -> float:
+    y, z = check_labels(y, "y"), check_scores(z, "logits", probability=False)
+    check_same_length(y=y, logits=z)
+    mask = ~np.isnan(y)
+    y, z = y[mask], z[mask]
+    n_pos = int(y.sum())
+    if one_class_nan(n_pos, y.size - n_pos, "temperature (needs both classes on validation)"):
+        return float("nan")
+    res = minimize_scalar(lambda log_t: nll_from_logits(y, z / np.exp(log_t)), bounds=_LOG_T_BOUNDS,
+                          method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def fit_temperature(y, logits):
+    """Fit the temperature minimising validation NLL of ``sigmoid(logits / T)``.
+
+    ``y``/``logits`` 1-D → a float; (n, L) → an array of L temperatures, one per label column, each fitted on that
+    label's labelled rows (NaN labels masked). NaN (with a ``MetricWarning``) for a label with one class only.
+    """
+    y_arr = np.asarray(y, dtype=np.float64)
+    z_arr = np.asarray(logits, dtype=np.float64)
+    if y_arr.shape != z_arr.shape:
+        raise ValueError(f"y and logits must have the same shape, got {y_arr.shape} and {z_arr.shape}")
+    if y_arr.ndim == 1:
+        return _fit_one(y_arr, z_arr)
+    if y_arr.ndim != 2:
+        raise ValueError(f"y must be 1-D or (n, L), got shape {y_arr.shape}")
+    return np.array([_fit_one(y_arr[:, j], z_arr[:, j]) for j in range(y_arr.shape[1])])
+
+
+def apply_temperature(logits, temperature) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid(logits / T)``; ``temperature`` is a scalar or one value per column."""
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(temperature, dtype=np.float64)
+    if np.any(~np.isfinite(t)) or np.any(t <= 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    return expit(z / t)
