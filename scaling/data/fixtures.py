@@ -336,7 +336,8 @@ def _isic2019(root: Path, rng: np.random.Generator, copies: int) -> None:
         for image, cls, age, site, lesion, sex in _ISIC2019_ROWS:
             if k:
                 image = f"ISIC_{int(image[5:12]) + 200_000 * k:07d}{image[12:]}"
-                lesion = f"{lesion[:4]}{int(lesion[4:]) + 20_000 * k:07d}" if lesion else ""
+                prefix, _, number = lesion.rpartition("_")
+                lesion = f"{prefix}_{int(number) + 20_000 * k:07d}" if lesion else ""
             gt.append({"image": image, **{c: 1.0 if c == cls else 0.0 for c in ISIC2019_CLASSES}})
             meta.append({"image": image, "age_approx": age, "anatom_site_general": site, "lesion_id": lesion,
                          "sex": sex})
