@@ -1,0 +1,83 @@
+"""Command line for a study's run store.
+
+    python -m scaling.study summary <store>        completion, problems and the AUROC table (mean [CI] over seeds)
+    python -m scaling.study fits <store>           fitted scaling-law exponents
+    python -m scaling.study report <store> [-o F]  write the self-contained HTML report (default <store>/report.html)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import pandas as pd
+
+from scaling.study.aggregate import StoreError, headline_table, load_results, summarise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scaling.study", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("summary", "print completion and the results table"),
+                        ("fits", "print the fitted scaling-law exponents"),
+                        ("report", "write the HTML report")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("store", help="the study's output_dir (run store)")
+        s.add_argument("--allow-mixed", action="store_true", help="aggregate runs of different study configs")
+        if name == "summary":
+            s.add_argument("--metric", default="auroc", help="metric to tabulate (default: auroc)")
+            s.add_argument("--label", default="macro", help="label to tabulate (default: macro)")
+            s.add_argument("--csv", help="also write the seed summary (every metric) to this CSV")
+        if name in ("fits", "report"):
+            s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of each fit (default 200)")
+        if name == "report":
+            s.add_argument("-o", "--out", help="output HTML path (default: <store>/report.html)")
+    return p
+
+
+def _print_status(df: pd.DataFrame) -> None:
+    runs = df.attrs["runs"]
+    counts = runs["status"].value_counts()
+    print(f"{int(counts.get('complete', 0))}/{len(runs)} runs complete "
+          f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    bad = runs[~runs["status"].isin(["complete", "not started"])]
+    for r in bad.itertuples(index=False):
+        print(f"  {r.status:8s} {r.run_id}: {r.reason}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 50)
+    pd.set_option("display.max_rows", 500)
+    try:
+        if args.command == "report":
+            from scaling.study.report import write_report
+
+            print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot))
+            return 0
+        df = load_results(args.store, allow_mixed=args.allow_mixed)
+        _print_status(df)
+        if df.empty:
+            return 0
+        if args.command == "fits":
+            from scaling.study.fits import fit_table
+
+            table, _ = fit_table(df, n_boot=args.n_boot)
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            return 0
+        summary = summarise(df)
+        print(headline_table(summary, args.metric, args.label).to_string(index=False))
+        if args.csv:
+            summary.to_csv(args.csv, index=False)
+        return 0
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Aggregation: the run store → one tidy results table, and its summary over seeds.
+
+The tidy table has one row per run × evaluation set × label × attribute × group × metric, with the study axes as
+columns (backbone, parameter count, pretraining source and its image count, data fraction, labelled images, seed).
+Only complete runs (DONE marker) contribute numbers; every other run directory is listed with the reason in
+:func:`run_status`, so a study that is still running, or has failures, is reported rather than silently averaged
+over fewer seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from scaling.study.store import METRIC_COLUMNS, RunStore, StoreError
+from scaling.tracking import redact_paths
+
+log = logging.getLogger(__name__)
+
+AXES = ("study", "config_hash", "backbone", "n_params", "pretrained", "pretrain_images", "fraction",
+        "n_train_images", "seed")
+"""Study axes carried as columns of the tidy table (from each run's spec.json)."""
+
+CELL = ("backbone", "n_params", "pretrained", "pretrain_images", "fraction")
+"""The axes that identify a grid cell up to its seed."""
+
+KEYS = ("eval_set", "label", "attribute", "group", "metric")
+"""What one metric row measures."""
+
+
+class MixedStudyError(StoreError):
+    """The store holds runs of more than one study config; refused unless ``allow_mixed=True``."""
+
+
+def read_study_config(store_root: str | Path):
+    """The study config recorded in ``study.yaml`` (a ``StudyConfig``), or None when absent or unreadable."""
+    from scaling.config import ConfigError, StudyConfig, from_dict
+
+    p = Path(store_root) / "study.yaml"
+    if not p.is_file():
+        return None
+    data = yaml.safe_load(p.read_text()) or {}
+    data.pop("_meta", None)
+    try:
+        return from_dict(StudyConfig, data)
+    except ConfigError as e:
+        log.warning("%s cannot be read as a study config (%s); the grid is taken from the runs found", p, e)
+        return None
+
+
+def _expected_cells(store_root: Path) -> pd.DataFrame:
+    """The grid of ``study.yaml`` as rows of axes; empty when the store has no readable study.yaml."""
+    cfg = read_study_config(store_root)
+    if cfg is None:
+        return pd.DataFrame()
+    from scaling.study.grid import expand_grid
+
+    meta = (yaml.safe_load((Path(store_root) / "study.yaml").read_text()) or {}).get("_meta") or {}
+    # Cells are matched on their axes, not on recomputed run ids: a config re-read from YAML can hash differently
+    # from the in-memory config the runner hashed (ints read back as floats).
+    return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,
+                          "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed)}
+                         for s in expand_grid(cfg)])
+
+
+def run_status(store_root: str | Path) -> pd.DataFrame:
+    """One row per run of the study: its axes, ``status`` and, for every run that is not complete, the ``reason``.
+
+    Status is ``complete``, ``failed`` (FAILED.json; reason = the error, file paths redacted), ``partial`` (started,
+    no DONE: still running or interrupted), ``invalid`` (DONE but its metrics are unreadable) or ``not started``
+    (in the grid of study.yaml, no directory yet).
+    """
+    store = RunStore(store_root)
+    rows = []
+    for rid in store.run_ids():
+        status = store.status(rid)
+        row: dict = {"run_id": rid}
+        try:
+            row.update(store.read_spec(rid))
+        except (StoreError, ValueError) as e:
+            status, row["reason"] = ("failed" if status == "failed" else "partial"), f"no readable spec.json ({e})"
+        row["run_id"] = rid
+        if status == "failed":
+            fail = store.read_failure(rid) or {}
+            row["reason"] = redact_paths(str(fail.get("error", "FAILED.json without an error")))
+        elif status == "partial" and "reason" not in row:
+            row["reason"] = "started, no DONE marker (still running or interrupted)"
+        elif status == "complete" and not (store.run_dir(rid) / "metrics.parquet").is_file():
+            status, row["reason"] = "invalid", "DONE but metrics.parquet is missing"
+        row["status"] = status
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    grid = _expected_cells(store.root)
+    if not grid.empty:
+        cell = ["backbone", "pretrained", "fraction", "seed"]
+        seen = set(df[cell].itertuples(index=False, name=None)) if len(df) and set(cell) <= set(df.columns) else set()
+        todo = [tuple(r) not in seen for r in grid[cell].itertuples(index=False, name=None)]
+        missing = grid[todo].assign(status="not started", reason="in the grid of study.yaml, no run directory yet")
+        df = pd.concat([df, missing], ignore_index=True) if len(df) else missing.reset_index(drop=True)
+    for c in ("run_id", *AXES, "status", "reason"):
+        if c not in df.columns:
+            df[c] = np.nan
+    return df
+
+
+def _check_mixed(status: pd.DataFrame, allow_mixed: bool) -> None:
+    specs = status.dropna(subset=["config_hash"]) if "config_hash" in status else status.iloc[:0]
+    configs = specs.groupby(["study", "config_hash"], dropna=False).size()
+    if len(configs) > 1 and not allow_mixed:
+        listing = ", ".join(f"{s} (config {h}): {n} runs" for (s, h), n in configs.items())
+        raise MixedStudyError(
+            f"the store mixes runs of {len(configs)} study configs: {listing}. Their numbers are not comparable; "
+            f"pass allow_mixed=True (CLI: --allow-mixed) to aggregate them anyway, keeping study/config_hash columns"
+        )
+
+
+def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+    """The tidy results table of every complete run in the store.
+
+    Columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute, group,
+    metric, value, lo, hi, n). ``df.attrs["runs"]`` is :func:`run_status` (which runs are incomplete and why);
+    problems are also logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study
+    config, unless ``allow_mixed``.
+    """
+    store = RunStore(store_root)
+    status = run_status(store_root)
+    _check_mixed(status, allow_mixed)
+    problems = status[~status["status"].isin(["complete", "not started"])]
+    for r in problems.itertuples(index=False):
+        log.warning("run %s is %s: %s", r.run_id, r.status, r.reason)
+    frames = []
+    for r in status[status["status"] == "complete"].to_dict("records"):
+        try:
+            m = store.read_metrics(r["run_id"])
+        except Exception as e:  # an unreadable file must not hide the rest of the study
+            status.loc[status["run_id"] == r["run_id"], ["status", "reason"]] = ["invalid", f"metrics unreadable: {e}"]
+            log.warning("run %s: metrics unreadable (%s)", r["run_id"], e)
+            continue
+        for c in METRIC_COLUMNS:
+            if c not in m.columns:
+                m[c] = np.nan
+        for c in ("run_id", *AXES):
+            m[c] = r.get(c, np.nan)
+        frames.append(m)
+    cols = ["run_id", *AXES, *METRIC_COLUMNS]
+    df = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    for c in ("n_params", "pretrain_images", "fraction", "n_train_images", "value", "lo", "hi", "n"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    df.attrs["runs"] = status
+    return df
+
+
+def _expected_seeds(df: pd.DataFrame) -> int:
+    runs = df.attrs.get("runs")
+    seeds = runs["seed"] if isinstance(runs, pd.DataFrame) and "seed" in runs else df["seed"]
+    return int(pd.Series(seeds).dropna().nunique())
+
+
+def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean and confidence interval of every metric over seeds, one row per grid cell × metric row.
+
+    With two or more seeds the interval is a t-interval across seeds (``ci_kind='seeds'``); with one seed it is that
+    run's patient-level bootstrap interval (``ci_kind='bootstrap'``). ``n_seeds`` counts the finite values that
+    contributed, ``n_runs`` the complete runs of the cell and ``n_seeds_expected`` the seeds of the study (failed and
+    running runs included): ``complete`` is False where a cell has fewer complete runs than the study has seeds, so
+    a mean over fewer seeds is never mistaken for a full one.
+    """
+    group = [c for c in ("study", "config_hash") if c in df and df[c].nunique(dropna=False) > 1]
+    group += [*CELL, *KEYS]
+    expected = _expected_seeds(df)
+    finite = np.isfinite(df["value"].to_numpy(dtype=float))
+    # The bootstrap interval of a single seed is taken from the row that has a value.
+    d = df.assign(lo=df["lo"].where(finite), hi=df["hi"].where(finite))
+    out = d.groupby(group, dropna=False, sort=True).agg(
+        mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"), lo1=("lo", "first"),
+        hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean")).reset_index()
+    k = out["n_seeds"].to_numpy()
+    half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * out["sd"].to_numpy() / np.sqrt(np.maximum(k, 1))
+    many = k > 1
+    out["lo"] = np.where(many, out["mean"] - half, out["lo1"])
+    out["hi"] = np.where(many, out["mean"] + half, out["hi1"])
+    out["ci_kind"] = np.select([many, k == 1], ["seeds", "bootstrap"], "none")
+    out["n_seeds_expected"] = expected
+    # Completeness is about runs, not values: a subgroup too small to score is NaN in every seed, not missing.
+    out["complete"] = out["n_runs"] >= expected
+    out = out[[*group, "mean", "sd", "lo", "hi", "ci_kind", "n_seeds", "n_runs", "n_seeds_expected", "complete",
+               "n_train_images", "n"]]
+    short = out[~out["complete"]].drop_duplicates(subset=list(CELL))
+    for r in short.itertuples(index=False):
+        log.warning("cell %s/%s/fraction %g has %d of %d seeds complete", r.backbone, r.pretrained, r.fraction,
+                    r.n_runs, r.n_seeds_expected)
+    out.attrs = {}
+    return out
+
+
+def select(summary: pd.DataFrame, metric: str, eval_set: str | None = None, label: str = "macro",
+           attribute: str = "all", group: str = "all") -> pd.DataFrame:
+    """Rows of a summary (or tidy table) for one metric; ``eval_set=None`` keeps every evaluation set."""
+    m = (summary["metric"] == metric) & (summary["label"] == label) & (summary["attribute"] == attribute) & (
+        summary["group"] == group)
+    if eval_set is not None:
+        m &= summary["eval_set"] == eval_set
+    return summary[m]
+
+
+def full_fraction(df: pd.DataFrame) -> float:
+    """The largest data fraction in a table (the 'full data' setting of the scaling-with-size views)."""
+    return float(df["fraction"].max())
+
+
+def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro") -> pd.DataFrame:
+    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings."""
+    s = select(summary, metric, label=label)
+    if s.empty:
+        return pd.DataFrame()
+    fmt = s.assign(cell=[
+        f"{m:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if c else f" ({k}/{e} seeds)")
+        for m, lo, hi, c, k, e in zip(s["mean"], s["lo"], s["hi"], s["complete"], s["n_seeds"], s["n_seeds_expected"])
+    ])
+    wide = fmt.pivot_table(index=["pretrained", "backbone", "n_params", "fraction"], columns="eval_set",
+                           values="cell", aggfunc="first")
+    order = [c for c in ("test", "val") if c in wide.columns] + sorted(c for c in wide.columns if c not in ("test", "val"))
+    wide = wide[order].reset_index()
+    wide.columns.name = None
+    return wide.sort_values(["pretrained", "n_params", "fraction"]).reset_index(drop=True)

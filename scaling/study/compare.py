@@ -1,0 +1,140 @@
+"""Views recomputed from stored per-sample predictions: selective-prediction curves and paired model comparisons.
+
+Metrics in the store are per run; these need the samples themselves — the retained subset at each referral rate,
+or two models' scores on the same patients — which is why predictions are stored at all (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from scaling.metrics import delong_test, referral_curve
+from scaling.study.store import RunStore
+
+REFERRAL = tuple(np.round(np.arange(0.0, 0.51, 0.05), 2))
+"""Referral rates of the selective-prediction curves (0 = keep everything, 0.5 = refer half)."""
+
+
+def _label_names(pred: pd.DataFrame) -> list[str]:
+    return [c.split(":", 1)[1] for c in pred.columns if c.startswith("label:") and f"prob:{c[6:]}" in pred.columns]
+
+
+def selective_curve(pred: pd.DataFrame, referral=REFERRAL) -> np.ndarray:
+    """Macro AUROC of the retained samples at each referral rate (:func:`scaling.metrics.referral_curve` per label,
+    least confident referred first), averaged over the labels where it is defined."""
+    per_label = []
+    for lab in _label_names(pred):
+        y = pred[f"label:{lab}"].to_numpy(float)
+        curve = referral_curve(y, pred[f"prob:{lab}"].to_numpy(float), referral_rates=list(referral))
+        per_label.append(curve["value"].to_numpy(float))
+    if not per_label:
+        return np.full(len(referral), math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a rate where every label is undefined: NaN
+        return np.nanmean(np.array(per_label), axis=0)
+
+
+def _bootstrap_band(pred: pd.DataFrame, referral, n_boot: int, confidence: float, seed: int = 0):
+    """Patient-level bootstrap interval of a single run's curve (used when a cell has one seed)."""
+    rng = np.random.default_rng(seed)
+    groups = pred.groupby("patient_id", sort=False).indices if "patient_id" in pred else {
+        i: np.array([i]) for i in range(len(pred))}
+    members = list(groups.values())
+    reps = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(members), len(members))
+        reps.append(selective_curve(pred.iloc[np.concatenate([members[i] for i in pick])], referral))
+    q = (50 * (1 - confidence), 50 * (1 + confidence))
+    return np.nanpercentile(np.array(reps), q, axis=0)
+
+
+def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series], eval_set: str = "test",
+                     referral=REFERRAL, confidence: float = 0.95, n_boot: int = 100) -> pd.DataFrame:
+    """Selective-prediction curves of named cells (e.g. :func:`scaling.study.tables.headline_models`).
+
+    One row per model × referral rate: ``mean`` over the cell's seeds and an interval (t-interval across seeds, or
+    the patient-level bootstrap of the single run).
+    """
+    store = RunStore(store_root)
+    rows = []
+    for name, cell in models.items():
+        run_ids = cell_runs(df, dict(cell))["run_id"].tolist()
+        curves = [selective_curve(store.read_predictions(r, eval_set), referral) for r in run_ids
+                  if eval_set in store.eval_sets(r)]
+        if not curves:
+            continue
+        arr = np.array(curves)
+        mean = np.nanmean(arr, axis=0)
+        if len(arr) > 1:
+            half = stats.t.ppf(0.5 + confidence / 2, len(arr) - 1) * np.nanstd(arr, axis=0, ddof=1) / np.sqrt(len(arr))
+            lo, hi = mean - half, mean + half
+        else:
+            lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, n_boot, confidence)
+        label = f"{name}: {cell['backbone']} / {cell['pretrained']}"
+        rows += [{"model": label, "referral": r, "mean": m, "lo": a, "hi": b, "n_seeds": len(arr)}
+                 for r, m, a, b in zip(referral, mean, lo, hi)]
+    return pd.DataFrame(rows, columns=["model", "referral", "mean", "lo", "hi", "n_seeds"])
+
+
+def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
+    """Run ids and seeds of one grid cell, matched on the backbone / pretrained / fraction keys that ``cell`` has
+    (the derived axes, such as a NaN pretraining size, would never compare equal)."""
+    m = np.logical_and.reduce([df[c] == cell[c] for c in ("backbone", "pretrained", "fraction") if c in cell])
+    return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
+
+
+def delong_comparisons(store_root, df: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
+    """Each backbone against the smallest, per pretraining source, on ``eval_set`` at full data, per label and seed.
+
+    The two runs of a pair share the seed, and are joined on sample id so the test is paired on the same samples
+    (:func:`scaling.metrics.delong_test`). One row per comparison: both AUROCs, their difference and the p-value.
+    """
+    store = RunStore(store_root)
+    cache: dict[str, pd.DataFrame] = {}  # the reference run is compared with every other backbone
+
+    def read(rid: str) -> pd.DataFrame:
+        if rid not in cache:
+            cache[rid] = store.read_predictions(rid, eval_set)
+        return cache[rid]
+
+    cols = ["pretrained", "backbone", "vs", "label", "seed", "n", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi",
+            "p_value"]
+    full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
+    rows = []
+    for src, g in full.groupby("pretrained", sort=True):
+        sizes = g.drop_duplicates("backbone").sort_values("n_params")
+        if len(sizes) < 2:
+            continue
+        ref = sizes.iloc[0]["backbone"]
+        for bb in sizes["backbone"].iloc[1:]:
+            a_runs = cell_runs(g, {"backbone": bb})
+            b_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
+            for seed, rid in zip(a_runs["seed"], a_runs["run_id"]):
+                if seed not in b_runs.index:
+                    continue
+                pa, pb = read(rid), read(b_runs[seed])
+                j = pa.merge(pb, on="sample_id", suffixes=("", "_vs"))
+                for lab in _label_names(pa):
+                    y = j[f"label:{lab}"].to_numpy(float)
+                    ok = np.isfinite(y)
+                    row = {"pretrained": src, "backbone": bb, "vs": ref, "label": lab, "seed": int(seed),
+                           "n": int(ok.sum())}
+                    try:
+                        res = delong_test(y[ok], j[f"prob:{lab}"].to_numpy(float)[ok],
+                                          j[f"prob:{lab}_vs"].to_numpy(float)[ok])
+                    except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
+                        rows.append(row)
+                        continue
+                    rows.append({**row, **_delong_fields(res)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _delong_fields(res) -> dict:
+    """AUROCs, difference and p-value of a :func:`scaling.metrics.delong_test` result."""
+    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": float(res.lo),
+            "diff_hi": float(res.hi), "p_value": res.p_value}

@@ -1,0 +1,184 @@
+"""Scaling-law fits: error = a·x^(−b) + c, with bootstrap-over-runs uncertainty.
+
+``error`` is 1 − AUROC and ``x`` is the parameter count, the pretraining-set size or the labelled-set size. ``c``
+is the irreducible error the curve levels off at and ``b`` the exponent the tables report. Three parameters need
+at least four distinct ``x`` values to leave a degree of freedom; with fewer the fit is refused (an exactly
+interpolating curve would report an exponent with no meaning). Uncertainty comes from resampling whole runs with
+replacement and refitting (the nonparametric "pairs" bootstrap), so seed-to-seed variation is part of it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import OptimizeWarning, curve_fit
+
+from scaling.study.aggregate import full_fraction
+
+MIN_POINTS = 4
+"""Fewest distinct x values a three-parameter law is fitted to."""
+
+X_AXES = {
+    "n_params": "parameters",
+    "pretrain_images": "pretraining images",
+    "n_train_images": "labelled training images",
+    "fraction": "fraction of labelled training data",
+}
+"""Scaling axes and their readable names."""
+
+
+class FitError(ValueError):
+    """A power law cannot be fitted to these points (too few distinct x, non-positive x, no convergence)."""
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """A fitted law error = a·x^(−b) + c with percentile-bootstrap intervals of each parameter."""
+
+    a: float
+    b: float
+    c: float
+    a_ci: tuple[float, float]
+    b_ci: tuple[float, float]
+    c_ci: tuple[float, float]
+    n_points: int
+    """Runs the law was fitted to."""
+    n_x: int
+    """Distinct x values among them."""
+    rmse: float
+    """Root-mean-square residual of the fit on its runs."""
+    n_boot: int
+    """Bootstrap replicates that converged (the intervals' sample size)."""
+
+    def predict(self, x) -> np.ndarray:
+        """The fitted error at ``x``."""
+        return self.a * np.asarray(x, dtype=float) ** (-self.b) + self.c
+
+
+def _law(z, amp, b, c):
+    return amp * z ** (-b) + c
+
+
+def _fit_once(z: np.ndarray, y: np.ndarray, start=None) -> tuple[float, float, float]:
+    """Least-squares (amp, b, c) on normalised x; several starts because b and c trade off against each other.
+
+    ``start`` (the full-data estimate, for bootstrap refits) is tried alone first, which is ~3× cheaper.
+    """
+    best, best_sse = None, math.inf
+    hi_c = max(float(y.min()), 1e-9)
+    c0 = 0.5 * hi_c
+    starts = [(max(float(y.mean()) - c0, 1e-6), b0, c0) for b0 in (0.1, 0.5, 1.0)]
+    if start is not None:
+        starts = [(start[0], start[1], min(start[2], hi_c * 0.999))]
+    for p0 in starts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OptimizeWarning)
+                p, _ = curve_fit(_law, z, y, p0=p0, bounds=([0.0, 0.0, 0.0], [np.inf, 5.0, hi_c]), maxfev=5000)
+        except (RuntimeError, ValueError):
+            continue
+        sse = float(np.sum((_law(z, *p) - y) ** 2))
+        if sse < best_sse:
+            best, best_sse = p, sse
+    if best is None:
+        if start is not None:
+            return _fit_once(z, y)
+        raise FitError("the power law did not converge from any starting point")
+    return tuple(float(v) for v in best)
+
+
+def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int = MIN_POINTS,
+                  confidence: float = 0.95) -> PowerLawFit:
+    """Fit error = a·x^(−b) + c to one point per run, with bootstrap-over-runs intervals.
+
+    ``c`` is bounded to [0, min observed error] (an irreducible error above the best run would be contradicted by
+    it) and ``b`` to [0, 5]. Raises :class:`FitError` when there are fewer than ``min_points`` distinct x values,
+    or any x ≤ 0.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(error, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if np.any(x <= 0):
+        raise FitError(f"x must be > 0 for a power law; got {sorted(set(x[x <= 0].tolist()))}")
+    n_x = len(np.unique(x))
+    if n_x < min_points:
+        raise FitError(f"too few points: {n_x} distinct x value(s) ({len(x)} runs); a three-parameter law needs "
+                       f"at least {min_points}")
+    # Fitting on x / geometric mean keeps amp and b on comparable scales for x from 1e3 to 1e9.
+    x0 = float(np.exp(np.log(x).mean()))
+    amp, b, c = _fit_once(x / x0, y)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) < min_points:
+            continue
+        try:
+            ab, bb, cb = _fit_once(x[idx] / x0, y[idx], start=(amp, b, c))
+        except FitError:
+            continue
+        boots.append((ab * x0**bb, bb, cb))
+    q = (50 * (1 - confidence), 50 * (1 + confidence))
+    if boots:
+        arr = np.array(boots)
+        cis = [tuple(float(v) for v in np.percentile(arr[:, j], q)) for j in range(3)]
+    else:
+        cis = [(math.nan, math.nan)] * 3
+    resid = _law(x / x0, amp, b, c) - y
+    return PowerLawFit(a=amp * x0**b, b=b, c=c, a_ci=cis[0], b_ci=cis[1], c_ci=cis[2], n_points=len(x), n_x=n_x,
+                       rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots))
+
+
+def _row(fit_or_error, **keys) -> dict:
+    if isinstance(fit_or_error, PowerLawFit):
+        f = fit_or_error
+        return {**keys, "n_runs": f.n_points, "n_x": f.n_x, "a": f.a, "b": f.b, "b_lo": f.b_ci[0], "b_hi": f.b_ci[1],
+                "c": f.c, "c_lo": f.c_ci[0], "c_hi": f.c_ci[1], "rmse": f.rmse, "status": "ok"}
+    return {**keys, "status": f"refused: {fit_or_error}"}
+
+
+def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", eval_sets=None, n_boot: int = 200,
+              seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Fitted exponents for every scaling axis, per pretraining source (or backbone) and evaluation set.
+
+    From the tidy table (:func:`scaling.study.aggregate.load_results`), error = 1 − ``metric`` per run:
+
+    - ``n_params``: per pretraining source × eval set, at the full data fraction;
+    - ``pretrain_images``: per backbone × eval set, at the full data fraction (scratch, 0 images, left out);
+    - ``n_train_images`` (labelled images): per pretraining source × backbone × eval set.
+
+    Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused) and the fitted laws keyed
+    by ``(x_axis, pretrained, backbone, eval_set)`` for plotting. ``eval_sets=None`` uses every set but ``val``.
+    """
+    rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
+    if eval_sets is None:
+        eval_sets = sorted(e for e in rows["eval_set"].unique() if e != "val")
+    rows = rows[rows["eval_set"].isin(eval_sets)].assign(error=lambda d: 1 - d["value"])
+    full = rows[rows["fraction"] == full_fraction(rows)] if len(rows) else rows
+    out, laws = [], {}
+    # Stores written before labelled-image counts were recorded fall back to the fraction: a constant factor on x
+    # leaves the exponent b and the floor c unchanged.
+    labelled = "n_train_images" if rows["n_train_images"].notna().all() else "fraction"
+    plans = [
+        ("n_params", full, ["pretrained", "eval_set"]),
+        ("pretrain_images", full[full["pretrain_images"] > 0], ["backbone", "eval_set"]),
+        (labelled, rows, ["pretrained", "backbone", "eval_set"]),
+    ]
+    for axis, data, by in plans:
+        for key, g in data.groupby(by, sort=True):
+            keys = {"x_axis": axis, "pretrained": "", "backbone": "", **dict(zip(by, key))}
+            try:
+                fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed)
+            except FitError as e:
+                out.append(_row(e, **keys))
+                continue
+            laws[(axis, keys["pretrained"], keys["backbone"], keys["eval_set"])] = fit
+            out.append(_row(fit, **keys))
+    cols = ["x_axis", "pretrained", "backbone", "eval_set", "n_runs", "n_x", "a", "b", "b_lo", "b_hi", "c", "c_lo",
+            "c_hi", "rmse", "status"]
+    return pd.DataFrame(out, columns=cols), laws

@@ -1,0 +1,228 @@
+"""The study's figures (matplotlib, Agg): the seed paper's views, each with error bars from the seed summary.
+
+Every function takes the seed summary (:func:`scaling.study.aggregate.summarise`) or a derived table and returns a
+matplotlib Figure, or None when the study has nothing to show for that view (e.g. no OOD set). Error bars are the
+summary's intervals: across seeds when there are several, the run's patient-level bootstrap otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is written on training nodes and in CI
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from scaling.study.aggregate import full_fraction, select
+from scaling.study.tables import ood_sets
+
+_MARKERS = "osD^vP*X"
+
+
+def _palette(keys, ordered: bool = False) -> dict:
+    cmap = plt.get_cmap("tab10")
+    keys = list(keys) if ordered else sorted(keys, key=str)
+    return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def _fraction_axis(ax, fractions) -> None:
+    """Log x axis labelled with the grid's own fractions (0.01, 0.1, 1) rather than powers of ten."""
+    ax.set_xscale("log")
+    ticks = sorted(set(float(f) for f in fractions))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+
+
+def _yerr(d: pd.DataFrame) -> np.ndarray:
+    """Asymmetric error bars from mean/lo/hi (NaN bounds become zero-length bars rather than hiding the point)."""
+    lo = np.nan_to_num((d["mean"] - d["lo"]).to_numpy(float), nan=0.0).clip(min=0)
+    hi = np.nan_to_num((d["hi"] - d["mean"]).to_numpy(float), nan=0.0).clip(min=0)
+    return np.vstack([lo, hi])
+
+
+def _lines(ax, data: pd.DataFrame, x: str, by: str, colors: dict, *, linestyle="-", label_suffix="", marker=True):
+    # Legend order follows the palette (sources alphabetically, backbones by size), not the groupby order.
+    keys = [k for k in colors if k in set(data[by])]
+    for i, key in enumerate(keys):
+        g = data[data[by] == key].sort_values(x)
+        ax.errorbar(g[x], g["mean"], yerr=_yerr(g), color=colors.get(key), linestyle=linestyle, capsize=3,
+                    marker=_MARKERS[i % len(_MARKERS)] if marker else None, label=f"{key}{label_suffix}")
+
+
+def _finish(fig, axes) -> plt.Figure:
+    handles, labels = [], []
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, fontsize=8)
+        fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
+def _grid(n: int, ncols: int = 3, size=(4.2, 3.3), sharey=False):
+    ncols = max(1, min(n, ncols))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows + 0.6), squeeze=False,
+                             sharey=sharey)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()
+
+
+def auroc_vs_params(summary: pd.DataFrame, laws: dict | None = None) -> plt.Figure | None:
+    """Macro AUROC vs parameter count (log x), one line per pretraining source, one panel per test/OOD set, at
+    full data; fitted laws (``fits.fit_table``'s second value) drawn dashed."""
+    s = select(summary, "auroc")
+    s = s[(s["eval_set"] != "val") & (s["fraction"] == full_fraction(summary))] if len(s) else s
+    if s.empty:
+        return None
+    sets = sorted(s["eval_set"].unique(), key=lambda e: (e != "test", e))
+    colors = _palette(s["pretrained"].unique())
+    fig, axes = _grid(len(sets))
+    for ax, es in zip(axes, sets):
+        d = s[s["eval_set"] == es]
+        _lines(ax, d, "n_params", "pretrained", colors)
+        for src in d["pretrained"].unique():
+            law = (laws or {}).get(("n_params", src, "", es))
+            if law is not None:
+                xs = np.geomspace(d["n_params"].min(), d["n_params"].max(), 50)
+                ax.plot(xs, 1 - law.predict(xs), linestyle="--", color=colors[src], alpha=0.7,
+                        label=f"{src} fit (b={law.b:.2f})")
+        ax.set_xscale("log")
+        ax.set(title=f"{es}: AUROC vs model size", xlabel="parameters", ylabel="macro AUROC")
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = None,
+                      eval_set: str = "test") -> plt.Figure | None:
+    """Data efficiency: AUROC vs labelled fraction (log x), one line per backbone, one panel per pretraining
+    source; the full-data baseline as a horizontal line and each curve's fraction-to-match marked."""
+    s = select(summary, "auroc", eval_set)
+    if s.empty or s["fraction"].nunique() < 2:
+        return None
+    srcs = sorted(s["pretrained"].unique(), key=str)
+    order = s.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(order, ordered=True)
+    fig, axes = _grid(len(srcs), sharey=True)
+    for ax, src in zip(axes, srcs):
+        d = s[s["pretrained"] == src]
+        _lines(ax, d, "fraction", "backbone", colors)
+        if efficiency is not None and len(efficiency):
+            base = float(efficiency["baseline_auroc"].iloc[0])
+            ax.axhline(base, color="grey", linestyle=":", label=f"baseline: {efficiency['baseline'].iloc[0]}")
+            for r in efficiency[efficiency["pretrained"] == src].itertuples(index=False):
+                if np.isfinite(r.fraction_to_match):
+                    ax.plot([r.fraction_to_match], [base], marker="|", markersize=14, color=colors.get(r.backbone))
+        _fraction_axis(ax, d["fraction"])
+        ax.set(title=f"{src}: AUROC vs data ({eval_set})", xlabel="fraction of labelled data", ylabel="macro AUROC")
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure | None:
+    """Per OOD set: in-distribution vs OOD AUROC (every cell, both error bars, y = x dashed) and the OOD drop
+    (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
+    sets = ood_sets(summary)
+    if not sets:
+        return None
+    keys = ["backbone", "pretrained", "fraction"]
+    auc = select(summary, "auroc")
+    colors = _palette(auc["pretrained"].unique())
+    fig, axes = plt.subplots(len(sets), 2, figsize=(9, 3.6 * len(sets) + 0.6), squeeze=False)
+    test = auc[auc["eval_set"] == "test"].set_index(keys)
+    for row, es in zip(axes, sets):
+        ood = auc[auc["eval_set"] == es].set_index(keys)
+        j = test.join(ood, how="inner", lsuffix="_id", rsuffix="_ood").reset_index()
+        for src, g in j.groupby("pretrained", sort=True):
+            xerr = _yerr(g.rename(columns={"mean_id": "mean", "lo_id": "lo", "hi_id": "hi"}))
+            yerr = _yerr(g.rename(columns={"mean_ood": "mean", "lo_ood": "lo", "hi_ood": "hi"}))
+            row[0].errorbar(g["mean_id"], g["mean_ood"], xerr=xerr, yerr=yerr, fmt="o", color=colors[src],
+                            capsize=2, alpha=0.8, label=src)
+        lims = [np.nanmin(j[["lo_id", "lo_ood"]].to_numpy()), np.nanmax(j[["hi_id", "hi_ood"]].to_numpy())]
+        row[0].plot(lims, lims, linestyle="--", color="grey", linewidth=1)
+        row[0].set(title=f"in-distribution vs {es}", xlabel="test AUROC", ylabel=f"{es} AUROC")
+        d = drop_summary[(drop_summary["eval_set"] == es)] if len(drop_summary) else drop_summary
+        d = d[d["fraction"] == full_fraction(summary)] if len(d) else d
+        if len(d):
+            _lines(row[1], d, "n_params", "pretrained", colors)
+        row[1].set_xscale("log")
+        row[1].set(title=f"OOD drop ({es}) vs model size", xlabel="parameters", ylabel="test − OOD AUROC")
+        for ax in row:
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def fairness_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
+    """Per attribute: worst-group AUROC and AUROC gap (max − min over groups) vs parameter count per pretraining
+    source, at full data."""
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
+                & (summary["attribute"] != "all") & (summary["metric"].isin(["worst_group_auroc", "auroc_gap"]))]
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return None
+    attrs = sorted(s["attribute"].unique())
+    colors = _palette(s["pretrained"].unique())
+    fig, axes = plt.subplots(len(attrs), 2, figsize=(9, 3.4 * len(attrs) + 0.6), squeeze=False)
+    for row, attr in zip(axes, attrs):
+        for ax, metric, ylabel in ((row[0], "worst_group_auroc", "worst-group AUROC"),
+                                   (row[1], "auroc_gap", "AUROC gap (max − min)")):
+            d = s[(s["attribute"] == attr) & (s["metric"] == metric)]
+            _lines(ax, d, "n_params", "pretrained", colors)
+            ax.set_xscale("log")
+            ax.set(title=f"{attr}: {ylabel}", xlabel="parameters", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def calibration_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
+    """ECE before (solid) and after (dashed) temperature scaling on validation, vs parameter count per source."""
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["attribute"] == "all")
+                & (summary["group"] == "all") & summary["metric"].isin(["ece", "ece_temp"])]
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return None
+    colors = _palette(s["pretrained"].unique())
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    _lines(ax, s[s["metric"] == "ece"], "n_params", "pretrained", colors, label_suffix=" (raw)")
+    _lines(ax, s[s["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--",
+           label_suffix=" (temperature-scaled)")
+    ax.set_xscale("log")
+    ax.set(title=f"Calibration vs model size ({eval_set})", xlabel="parameters", ylabel="ECE (macro)")
+    ax.grid(alpha=0.3)
+    return _finish(fig, np.array([ax]))
+
+
+def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:
+    """Selective prediction: macro AUROC of the retained cases vs the fraction referred (most uncertain first),
+    for the best and the smallest model, with the across-seed interval as a band."""
+    if curves is None or curves.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    colors = _palette(curves["model"].unique())
+    for model, g in curves.groupby("model", sort=True):
+        g = g.sort_values("referral")
+        ax.plot(g["referral"], g["mean"], marker="o", markersize=3, color=colors[model], label=model)
+        # AUROC is bounded: a two-seed t-interval can overshoot 1, which would only look like a plotting bug.
+        ax.fill_between(g["referral"], g["lo"].clip(0, 1), g["hi"].clip(0, 1), color=colors[model], alpha=0.2)
+    ax.set(title="Selective prediction (test)", xlabel="fraction referred (most uncertain first)",
+           ylabel="macro AUROC on retained")
+    ax.grid(alpha=0.3)
+    return _finish(fig, np.array([ax]))
+
+
+def to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
+    """PNG bytes of a figure (and close it: a report makes many figures)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,268 @@
+"""The study report: one self-contained HTML file (plots embedded as base64 PNG) built from the run store.
+
+Sections: completion of the grid (and every failed or unfinished run with its reason), the headline AUROC table,
+each of the seed paper's views as a plot next to the table it draws, the fitted scaling laws, pairwise DeLong
+comparisons, and the (scrubbed) study config. Nothing identifying is written: predictions are only read to
+recompute curves and tests, and file paths in configs and error messages are redacted.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from scaling.io import atomic_write_text
+from scaling.study import plots
+from scaling.study.aggregate import full_fraction, headline_table, load_results, select, summarise
+from scaling.study.compare import delong_comparisons, selective_curves
+from scaling.study.fits import X_AXES, fit_table
+from scaling.study.tables import data_efficiency, headline_models, ood_summary
+from scaling.tracking import Scrubber
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "auroc_vs_params": "AUROC vs model size per pretraining source (fitted laws dashed)",
+    "auroc_vs_fraction": "Data efficiency: AUROC vs fraction of labelled data per backbone",
+    "id_vs_ood": "In-distribution vs OOD AUROC, and the OOD drop vs model size",
+    "fairness": "Worst-group AUROC and AUROC gap vs model size per attribute",
+    "calibration": "ECE before and after temperature scaling vs model size",
+    "selective": "Selective prediction: best vs smallest model",
+}
+"""Figure ids in the report and their captions."""
+
+
+@dataclass
+class StudyReport:
+    """Everything the report shows, as tables and PNG bytes (the HTML is one rendering of it)."""
+
+    name: str
+    runs: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    config_yaml: str = ""
+
+
+def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> pd.Series:
+    return [f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(m) else "n/a"
+            for m, lo, hi in zip(d["mean"], d["lo"], d["hi"])]
+
+
+def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", attribute="all",
+                full_only=True) -> pd.DataFrame:
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
+                & summary["metric"].isin(metrics)]
+    s = s[s["attribute"] != "all"] if attribute is None else s[s["attribute"] == attribute]
+    if full_only and len(s):
+        s = s[s["fraction"] == full_fraction(summary)]
+    if s.empty:
+        return pd.DataFrame()
+    idx = ["pretrained", "backbone", "n_params", "fraction"] + (["attribute"] if attribute is None else [])
+    wide = s.assign(v=_fmt_ci(s)).pivot_table(index=idx, columns="metric", values="v", aggfunc="first")
+    wide = wide[[m for m in metrics if m in wide.columns]].reset_index()
+    wide.columns.name = None
+    return wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def _completion(runs: pd.DataFrame) -> pd.DataFrame:
+    """Grid cells × status counts: how many seeds of each cell are complete, failed, running or not started."""
+    if runs.empty:
+        return pd.DataFrame()
+    t = runs.pivot_table(index=["pretrained", "backbone", "fraction"], columns="status", values="run_id",
+                         aggfunc="count", fill_value=0).reset_index()
+    t.columns.name = None
+    return t
+
+
+def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
+                 n_boot_curve: int = 100) -> StudyReport:
+    """Compute every table and figure of the report from the store (see module docstring)."""
+    store_root = Path(store_root)
+    df = load_results(store_root, allow_mixed=allow_mixed)
+    runs = df.attrs["runs"]
+    study_yaml = store_root / "study.yaml"
+    cfg = yaml.safe_load(study_yaml.read_text()) if study_yaml.is_file() else {}
+    names = sorted(runs["study"].dropna().unique()) if len(runs) else []
+    name = (cfg or {}).get("name") or (", ".join(names) if names else store_root.name)
+    scrub = Scrubber()
+    rep = StudyReport(name=name, runs=runs,
+                      config_yaml=yaml.safe_dump(scrub.value(cfg), sort_keys=False) if cfg else "")
+    rep.tables["completion"] = _completion(runs)
+    problems = runs[~runs["status"].isin(["complete", "not started"])][["run_id", "backbone", "pretrained", "fraction", "seed",
+                                                         "status", "reason"]]
+    rep.tables["problems"] = problems.reset_index(drop=True)
+    if df.empty:
+        rep.notes["results"] = "No complete run yet: nothing to aggregate."
+        return rep
+
+    summary = summarise(df)
+    rep.tables["headline"] = headline_table(summary)
+
+    fits, laws = fit_table(df, n_boot=n_boot_fit)
+    rep.tables["fits"] = fits
+    rep.tables["fits_params"] = fits[fits["x_axis"] == "n_params"]
+    rep.figures["auroc_vs_params"] = plots.auroc_vs_params(summary, laws)
+
+    eff = data_efficiency(df, summary)
+    rep.tables["data_efficiency"] = eff
+    rep.figures["auroc_vs_fraction"] = plots.auroc_vs_fraction(summary, eff)
+
+    drops = ood_summary(df)
+    if len(drops):
+        rep.tables["ood"] = _ood_table(summary, drops)
+    rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
+
+    rep.tables["fairness"] = _view_table(summary, ["worst_group_auroc", "auroc_gap", "eod"], attribute=None)
+    rep.figures["fairness"] = plots.fairness_vs_params(summary)
+
+    rep.tables["calibration"] = _view_table(summary, ["ece", "ece_temp", "brier", "nll", "nll_temp"])
+    rep.figures["calibration"] = plots.calibration_vs_params(summary)
+
+    models = headline_models(summary)
+    curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
+    rep.tables["selective"] = _selective_table(curves)
+    rep.figures["selective"] = plots.selective_curves(curves)
+
+    rep.tables["delong"] = delong_comparisons(store_root, df)
+    rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
+    return rep
+
+
+def _ood_table(summary: pd.DataFrame, drops: pd.DataFrame) -> pd.DataFrame:
+    """Per cell at full data: test AUROC, each OOD set's AUROC and the drop, all with intervals."""
+    keys = ["pretrained", "backbone", "n_params", "fraction"]
+    s = select(summary, "auroc")
+    s = s[s["fraction"] == full_fraction(summary)]
+    out = s[s["eval_set"] == "test"].assign(test=lambda d: _fmt_ci(d))[keys + ["test"]]
+    for e in sorted(drops["eval_set"].unique()):
+        o = s[s["eval_set"] == e].assign(**{e: lambda d: _fmt_ci(d)})[keys + [e]]
+        d = drops[(drops["eval_set"] == e) & (drops["fraction"] == full_fraction(summary))]
+        d = d.assign(**{f"drop ({e})": lambda x: _fmt_ci(x)})[keys + [f"drop ({e})"]]
+        out = out.merge(o, on=keys, how="left").merge(d, on=keys, how="left")
+    return out.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def _selective_table(curves: pd.DataFrame) -> pd.DataFrame:
+    if curves is None or curves.empty:
+        return pd.DataFrame()
+    c = curves[curves["referral"].isin([0.0, 0.1, 0.2, 0.3, 0.5])]
+    t = c.assign(v=_fmt_ci(c)).pivot_table(index="model", columns="referral", values="v", aggfunc="first")
+    t.columns = [f"AUROC, {r:.0%} referred" for r in t.columns]
+    return t.reset_index()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+line-height:1.4;padding:0 1em}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0 1em}th,td{border:1px solid #ddd;padding:3px 7px;
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:13px}.bad{color:#b00}
+figure{margin:1em 0}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;padding:1em;overflow:auto;
+font-size:12px}
+"""
+
+
+def _table_html(df: pd.DataFrame, tid: str, empty: str = "nothing to show") -> str:
+    if df is None or df.empty:
+        return f'<p class="note" id="tbl-{tid}">{html.escape(empty)}</p>'
+    return df.to_html(index=False, table_id=f"tbl-{tid}", na_rep="n/a", float_format=lambda v: f"{v:.4g}",
+                      border=0, escape=True)
+
+
+def _figure_html(rep: StudyReport, fid: str) -> str:
+    if fid not in rep.figures:
+        return f'<p class="note" id="fig-{fid}">{html.escape(FIGURES[fid])}: not enough data in this study.</p>'
+    b64 = base64.b64encode(rep.figures[fid]).decode("ascii")
+    cap = html.escape(FIGURES[fid])
+    return (f'<figure id="fig-{fid}"><img alt="{cap}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{cap}</figcaption></figure>")
+
+
+def render_html(rep: StudyReport) -> str:
+    """The report as one self-contained HTML document."""
+    t = rep.tables
+    runs = rep.runs
+    counts = runs["status"].value_counts().to_dict() if len(runs) else {}
+    total = int(sum(counts.values()))
+    done = int(counts.get("complete", 0))
+    status_line = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    fits = t.get("fits", pd.DataFrame())
+    ok_fits = fits[fits["status"] == "ok"] if len(fits) else fits
+    refused = len(fits) - len(ok_fits)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Scaling study report: {html.escape(rep.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Scaling study: {html.escape(rep.name)}</h1>",
+        f"<p class='note'>Generated {now} from the run store. Intervals: 95% t-interval across seeds where a cell "
+        "has several seeds, else the run's patient-level bootstrap interval. AUROC is macro-averaged over labels "
+        "unless stated.</p>",
+        "<h2 id='completion'>Grid and completion</h2>",
+        f"<p>{done} of {total} runs complete ({html.escape(status_line)}).</p>",
+        _table_html(t.get("completion"), "completion", "no runs in the store"),
+    ]
+    problems = t.get("problems")
+    if problems is not None and len(problems):
+        parts += ["<h3 class='bad'>Runs not (yet) in the numbers</h3>",
+                  "<p class='note'>Cells averaging fewer seeds than the study are marked in the tables with "
+                  "(k/n seeds).</p>", _table_html(problems, "problems")]
+    if "results" in rep.notes:
+        parts.append(f"<p>{html.escape(rep.notes['results'])}</p>")
+    else:
+        parts += [
+            "<h2 id='headline'>AUROC by cell and evaluation set</h2>", _table_html(t.get("headline"), "headline"),
+            "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
+            _table_html(t.get("fits_params"), "fits_params", "no model-size fit"),
+            "<h2 id='data-efficiency'>Data efficiency</h2>",
+            "<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
+            "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
+            "resampling seeds). censored: <i>below</i> = already reached at the smallest fraction, <i>above</i> "
+            "= never reached within the grid.</p>",
+            _figure_html(rep, "auroc_vs_fraction"), _table_html(t.get("data_efficiency"), "data_efficiency"),
+            "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"),
+            _table_html(t.get("ood"), "ood", "the study has no OOD evaluation set"),
+            "<h2 id='fairness'>Subgroups</h2>", _figure_html(rep, "fairness"),
+            _table_html(t.get("fairness"), "fairness", "no subgroup attributes"),
+            "<h2 id='calibration'>Calibration</h2>", _figure_html(rep, "calibration"),
+            _table_html(t.get("calibration"), "calibration"),
+            "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
+            _table_html(t.get("selective"), "selective"),
+            "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
+            f"<p class='note'>error = 1 − macro AUROC, one point per run; 95% intervals from bootstrapping runs. "
+            f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
+            f"{refused} refused (too few distinct x values).</p>",
+            _table_html(fits, "fits", "no fit"),
+            "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
+            "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
+            "data, paired on the same samples (same seed); per label.</p>",
+            _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
+        ]
+    parts += ["<h2 id='config'>Study config</h2>",
+              f"<details><summary>study.yaml (paths redacted)</summary><pre>{html.escape(rep.config_yaml)}</pre>"
+              "</details>" if rep.config_yaml else "<p class='note'>no study.yaml in the store</p>",
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(store_root: str | Path, out_path: str | Path | None = None, *, allow_mixed: bool = False,
+                 n_boot_fit: int = 200) -> Path:
+    """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path."""
+    store_root = Path(store_root)
+    out = Path(out_path) if out_path is not None else store_root / "report.html"
+    rep = build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit)
+    atomic_write_text(out, render_html(rep))
+    log.info("report written to %s", out)
+    return out

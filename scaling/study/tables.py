@@ -1,0 +1,107 @@
+"""Derived study views computed from the tidy table and its summary: data efficiency, OOD drop, headline models.
+
+Each function returns a pandas table the report prints and the plots draw, so a figure never shows a number that
+is not also in a table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from scaling.metrics import data_efficiency as metrics_data_efficiency
+from scaling.study.aggregate import CELL, full_fraction, select, summarise
+
+
+def ood_sets(df: pd.DataFrame) -> list[str]:
+    """Evaluation sets other than ``val`` and ``test`` (the distribution-shift sets)."""
+    return sorted(e for e in df["eval_set"].dropna().unique() if e not in ("val", "test"))
+
+
+def baseline_cell(summary: pd.DataFrame, eval_set: str = "test") -> pd.Series | None:
+    """The full-data reference for data efficiency: the smallest backbone with the least pretraining, at fraction 1.
+
+    This is the seed paper's question — how much labelled data does a larger / better-pretrained model need to
+    match what the modest default reaches with all of it. None when the summary has no such row.
+    """
+    s = select(summary, "auroc", eval_set)
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return None
+    least = s.assign(_pi=s["pretrain_images"].fillna(np.inf)).sort_values(["n_params", "_pi", "pretrained"])
+    return least.iloc[0].drop(labels="_pi")
+
+
+def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
+    """Per backbone × pretraining source: the fraction of labels needed to match the full-data baseline AUROC.
+
+    :func:`scaling.metrics.data_efficiency` on the cell's AUROC-vs-fraction curves, one column per seed (the
+    seeds that completed every fraction): log-linear interpolation of the mean curve, interval from resampling
+    seeds (degenerate with one seed). ``censored`` is ``below`` when even the smallest fraction beats the baseline
+    (the true crossing may be lower) and ``above`` when the curve never reaches it. The baseline is
+    :func:`baseline_cell`.
+    """
+    base = baseline_cell(summary, eval_set)
+    cols = ["pretrained", "backbone", "n_params", "auroc_full", "fraction_to_match", "lo", "hi", "censored",
+            "n_seeds", "baseline", "baseline_auroc"]
+    if base is None:
+        return pd.DataFrame(columns=cols)
+    target = float(base["mean"])
+    runs = select(df, "auroc", eval_set)
+    rows = []
+    for (src, bb, n), g in runs.groupby(["pretrained", "backbone", "n_params"], dropna=False, sort=True):
+        curves = g.pivot_table(index="fraction", columns="seed", values="value", aggfunc="first").dropna(axis=1)
+        row = {"pretrained": src, "backbone": bb, "n_params": n, "n_seeds": curves.shape[1],
+               "auroc_full": float(g.loc[g["fraction"] == g["fraction"].max(), "value"].mean()),
+               "baseline": f"{base['backbone']} / {base['pretrained']} / fraction {base['fraction']:g}",
+               "baseline_auroc": target}
+        if curves.shape[1]:
+            # 200 seed resamples are plenty for 2.5/97.5 percentiles of a handful of seeds (1000 costs ~1 s/report).
+            eff = metrics_data_efficiency(curves.index.to_numpy(float), curves.to_numpy(float), target, n_boot=200,
+                                          seed=0)
+            row.update(fraction_to_match=eff.fraction, lo=eff.lo, hi=eff.hi, censored=eff.censored)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def ood_drop(df: pd.DataFrame, metric: str = "auroc", label: str = "macro") -> pd.DataFrame:
+    """Per run and OOD set: in-distribution (test) minus OOD ``metric``, as tidy rows (``metric='<metric>_drop'``,
+    ``eval_set`` = the OOD set) ready for :func:`scaling.study.aggregate.summarise`.
+
+    The per-run interval combines the two bootstrap half-widths in quadrature: test and OOD sets hold different
+    patients, so their errors are independent.
+    """
+    rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
+    test = rows[rows["eval_set"] == "test"].set_index("run_id")
+    out = []
+    for name in ood_sets(rows):
+        o = rows[rows["eval_set"] == name].set_index("run_id")
+        common = test.index.intersection(o.index)
+        t, s = test.loc[common], o.loc[common]
+        d = t["value"] - s["value"]
+        half = np.sqrt(((t["hi"] - t["lo"]) / 2) ** 2 + ((s["hi"] - s["lo"]) / 2) ** 2)
+        out.append(t.assign(eval_set=name, metric=f"{metric}_drop", value=d, lo=d - half, hi=d + half,
+                            n=s["n"]).reset_index())
+    if not out:
+        return df.iloc[:0]
+    res = pd.concat(out, ignore_index=True)[df.columns]
+    res.attrs = dict(df.attrs)
+    return res
+
+
+def ood_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and CI over seeds of the OOD drop per cell and OOD set (see :func:`ood_drop`)."""
+    drops = ood_drop(df)
+    return summarise(drops) if len(drops) else drops
+
+
+def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, pd.Series]:
+    """The ``best`` cell (highest mean AUROC at full data) and the ``smallest`` backbone with the same source."""
+    s = select(summary, "auroc", eval_set)
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return {}
+    best = s.loc[s["mean"].idxmax()]
+    same = s[s["pretrained"] == best["pretrained"]]
+    smallest = same.loc[same["n_params"].idxmin()]
+    return {"best": best[list(CELL)], "smallest": smallest[list(CELL)]}

@@ -1,0 +1,118 @@
+"""Aggregation of a hand-made run store: the tidy table, the seed summary, and bad stores (partial, failed, mixed)."""
+
+import json
+import math
+
+import pytest
+from scipy import stats
+from test_study_fixtures import EVAL_SETS, LABELS, SEED_SHIFT, make_store, run_dir_of, expected_error
+
+from scaling.study.__main__ import main
+from scaling.study.aggregate import MixedStudyError, headline_table, load_results, run_status, summarise
+from scaling.study.store import RunStore
+
+ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (12 + 2 * 5 + 3)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    cfg = make_store(root, predictions=False)
+    return root, cfg
+
+
+def _one(df, **kw):
+    m = df
+    for k, v in kw.items():
+        m = m[m[k] == v]
+    assert len(m) == 1, (kw, len(m))
+    return m.iloc[0]
+
+
+def test_tidy_table(store):
+    root, _ = store
+    df = load_results(root)
+    assert len(df) == 72 * ROWS_PER_RUN
+    assert {"run_id", "backbone", "n_params", "pretrained", "pretrain_images", "fraction", "n_train_images", "seed",
+            "eval_set", "label", "attribute", "group", "metric", "value", "lo", "hi", "n"} <= set(df.columns)
+    r = _one(df, backbone="bb_base", pretrained="upstream:big", fraction=0.5, seed=1, eval_set="test", label="macro",
+             attribute="all", group="all", metric="auroc")
+    assert r["n_params"] == 1.6e6 and r["pretrain_images"] == 10000 and r["n_train_images"] == 200
+    assert r["value"] == pytest.approx(1 - expected_error("bb_base", "upstream:big", 0.5, 1))
+    assert (df.attrs["runs"]["status"] == "complete").sum() == 72
+
+
+def test_summary_over_seeds(store):
+    root, _ = store
+    s = summarise(load_results(root))
+    r = _one(s, backbone="bb_base", pretrained="upstream:big", fraction=1.0, eval_set="test", label="macro",
+             attribute="all", group="all", metric="auroc")
+    values = [1 - expected_error("bb_base", "upstream:big", 1.0, seed) for seed in SEED_SHIFT]
+    mean = sum(values) / 2
+    sd = abs(values[0] - values[1]) / math.sqrt(2)
+    half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+    assert r["mean"] == pytest.approx(mean) and r["sd"] == pytest.approx(sd)
+    assert (r["lo"], r["hi"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert r["ci_kind"] == "seeds" and r["n_seeds"] == 2 and r["complete"]
+    assert len(s) == 72 // 2 * ROWS_PER_RUN
+    wide = headline_table(s)
+    assert list(wide.columns[:4]) == ["pretrained", "backbone", "n_params", "fraction"]
+    assert wide.columns[4] == "test" and len(wide) == 36
+    assert f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]" in set(wide["test"])
+
+
+def test_partial_and_failed_runs_are_reported(tmp_path, caplog):
+    skip = {("bb_tiny", "scratch", 1.0, 1), ("bb_small", "scratch", 1.0, 1), ("bb_base", "scratch", 1.0, 1)}
+    cfg = make_store(tmp_path, skip=skip, predictions=False)
+    store = RunStore(tmp_path)
+    # bb_small seed 1 failed (its error mentions an image path), bb_base seed 1 is still running.
+    spec = json.loads((run_dir_of(tmp_path, cfg, "bb_tiny", "scratch", 1.0, 0)[1] / "spec.json").read_text())
+    rid, _ = run_dir_of(tmp_path, cfg, "bb_small", "scratch", 1.0, 1)
+    store.write_spec(rid, {**spec, "run_id": rid, "backbone": "bb_small", "seed": 1}, "{}\n")
+    try:
+        raise OSError("cannot decode /data/chexpert/patient77731/study1/view1_frontal.jpg")
+    except OSError as e:
+        store.mark_failed(rid, e)
+    rid_run, _ = run_dir_of(tmp_path, cfg, "bb_base", "scratch", 1.0, 1)
+    store.write_spec(rid_run, {**spec, "run_id": rid_run, "backbone": "bb_base", "seed": 1}, "{}\n")
+
+    status = run_status(tmp_path).set_index("run_id")
+    assert status.loc[rid, "status"] == "failed"
+    assert "cannot decode <redacted>" in status.loc[rid, "reason"] and "patient77731" not in status.loc[rid, "reason"]
+    assert status.loc[rid_run, "status"] == "partial" and "no DONE" in status.loc[rid_run, "reason"]
+    assert (status["status"] == "not started").sum() == 1  # bb_tiny seed 1: no directory at all
+
+    with caplog.at_level("WARNING"):
+        df = load_results(tmp_path)
+        s = summarise(df)
+    assert "failed" in caplog.text and "has 1 of 2 seeds" in caplog.text
+    short = _one(s, backbone="bb_small", pretrained="scratch", fraction=1.0, eval_set="test", label="macro",
+                 attribute="all", group="all", metric="auroc")
+    assert not short["complete"] and short["n_runs"] == 1 and short["n_seeds_expected"] == 2
+    value = 1 - expected_error("bb_small", "scratch", 1.0, 0)
+    assert short["ci_kind"] == "bootstrap" and short["mean"] == pytest.approx(value)
+    assert (short["lo"], short["hi"]) == (pytest.approx(value - 0.03), pytest.approx(value + 0.03))
+    assert "(1/2 seeds)" in headline_table(s).set_index("backbone").loc["bb_small"].query("fraction == 1.0")["test"].iloc[0]
+
+
+def test_mixed_studies_refused(tmp_path, capsys):
+    cfg = make_store(tmp_path, predictions=False)
+    rid, d = run_dir_of(tmp_path, cfg, "bb_tiny", "scratch", 1.0, 0)
+    spec = json.loads((d / "spec.json").read_text())
+    other = "bb-tiny__scratch__f1__s0__otherconf"
+    RunStore(tmp_path).write_spec(other, {**spec, "run_id": other, "config_hash": "0123456789ab"}, "{}\n")
+    RunStore(tmp_path).write_metrics(other, RunStore(tmp_path).read_metrics(rid))
+    RunStore(tmp_path).mark_complete(other)
+    with pytest.raises(MixedStudyError, match="2 study configs.*allow_mixed"):
+        load_results(tmp_path)
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "allow-mixed" in capsys.readouterr().err
+    s = summarise(load_results(tmp_path, allow_mixed=True))
+    assert set(s["config_hash"]) == {spec["config_hash"], "0123456789ab"}
+
+
+def test_cli_summary(store, capsys):
+    root, _ = store
+    assert main(["summary", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "72/72 runs complete" in out and "ood_site_b" in out and "bb_large" in out

@@ -1,0 +1,79 @@
+"""The HTML report of a hand-made study: every plot and table, self-contained, nothing identifying."""
+
+import base64
+import re
+
+import pytest
+from test_study_fixtures import PATIENTS, SAMPLES, make_store
+
+from scaling.study.__main__ import main
+from scaling.study.report import FIGURES, build_report, render_html
+
+TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood", "fairness", "calibration", "selective",
+          "fits")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    make_store(root)
+    rep = build_report(root, n_boot_fit=20)
+    return root, rep, render_html(rep)
+
+
+def test_report_has_every_plot_and_table(report):
+    _, _, text = report
+    for fid in FIGURES:
+        m = re.search(rf'<figure id="fig-{fid}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+        assert m, f"figure {fid} missing"
+        assert base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    for tid in TABLES:
+        assert re.search(rf"<table[^>]*id=\"tbl-{tid}\"", text), f"table {tid} missing"
+    assert "72 of 72 runs complete" in text
+    assert not re.search(r'src="(?!data:)', text), "report refers to an external file"
+
+
+def test_report_numbers_match_tables(report):
+    _, rep, text = report
+    # Data efficiency: bb_large/upstream:big beats the bb_tiny/scratch full-data baseline at the smallest fraction.
+    eff = rep.tables["data_efficiency"].set_index(["pretrained", "backbone"])
+    assert (eff["baseline"] == "bb_tiny / scratch / fraction 1").all()
+    assert eff.loc[("upstream:big", "bb_large"), "fraction_to_match"] == 0.25
+    assert eff.loc[("upstream:big", "bb_large"), "censored"] == "below"
+    assert eff.loc[("scratch", "bb_tiny"), "fraction_to_match"] == 1.0
+    # upstream:small bb_tiny crosses the baseline between 0.25 and 0.5 (AUROC linear in log fraction there).
+    x = eff.loc[("upstream:small", "bb_tiny")]
+    assert 0.25 < x["fraction_to_match"] < 0.5 and x["censored"] == "" and x["n_seeds"] == 2
+    # The model-size fit of every source and eval set is reported, exponent close to the true 0.3 on test.
+    fits = rep.tables["fits_params"]
+    assert len(fits) == 6 and (fits["status"] == "ok").all()
+    test = fits[fits["eval_set"] == "test"]
+    assert ((test["b"] - 0.3).abs() < 0.03).all()
+    for b in test["b"]:
+        assert f"<td>{b:.4g}</td>" in text
+    # Selective prediction: the best model retains a higher AUROC than the smallest at every referral rate.
+    sel = rep.tables["selective"].set_index("model")
+    assert [m.split(":")[0] for m in sel.index] == ["best", "smallest"]
+    assert "best: bb_large / upstream:big" in sel.index
+
+
+def test_report_identifies_no_patient(report):
+    root, _, text = report
+    for ident in PATIENTS + SAMPLES:
+        assert ident not in text
+    assert str(root) not in text  # output_dir in the config is redacted
+
+
+def test_cli_report_of_partial_store(tmp_path, capsys):
+    # Only bb_tiny/scratch at full data has run (two seeds): the report still renders, says what is missing, and
+    # refuses the views that need more cells instead of drawing them from too little.
+    keep = {("bb_tiny", "scratch", 1.0, 0), ("bb_tiny", "scratch", 1.0, 1)}
+    cfg = make_store(tmp_path / "s", predictions=True, skip=None, only=keep)
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "s"), "-o", str(out), "--n-boot", "5"]) == 0
+    assert str(out) in capsys.readouterr().out
+    text = out.read_text()
+    assert "2 of 72 runs complete" in text and cfg.name in text
+    assert 'id="fig-calibration"><img' in text and 'id="fig-selective"><img' in text
+    assert re.search(r'<p class="note" id="fig-auroc_vs_fraction">[^<]*not enough data', text)
+    assert "refused: too few points: 1 distinct x" in text
