@@ -375,3 +375,10 @@ def test_has_source_marks_grid_cells_without_public_weights(backbone, pretrained
     from scaling.models import has_source
 
     assert has_source(backbone, pretrained) is ok
+
+
+def test_vit_image_size_is_passed_and_tiny_vits_take_any_size():
+    model = build_model(ModelConfig(backbone="vit_micro"), num_outputs=2, image_size=32)
+    assert model.backbone.patch_embed.img_size == (32, 32)
+    assert build_model(ModelConfig(backbone="vit_mini"), 2)(_images(size=48)).shape == (2, 2)
+    assert build_model(ModelConfig(backbone="resnetv2_tiny"), 2, image_size=32)(_images(size=32)).shape == (2, 2)

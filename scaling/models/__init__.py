@@ -82,7 +82,7 @@ class TransferModel(nn.Module):
         return timm.data.resolve_data_config({}, model=self.backbone)
 
 
-def build_model(model_cfg, num_outputs: int) -> TransferModel:
+def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> TransferModel:
     """Build ``model_cfg.backbone`` with ``timm.create_model``, load ``model_cfg.pretrained``, attach a new head.
 
     Sources (``scaling.models.weights``): ``scratch``; ``hub`` / ``hub:<timm tag>`` / a named preset source
@@ -93,6 +93,10 @@ def build_model(model_cfg, num_outputs: int) -> TransferModel:
 
     Raises ValueError (unknown backbone/source, listing the valid ones), WeightsUnavailable (weights not on
     disk and no network; says how to provide a file) or CheckpointMismatch (names the first bad tensor).
+
+    ``image_size`` (the data resolution) is passed to ViT-family backbones as ``img_size`` unless
+    ``model_cfg.kwargs`` sets it: their patch grid and position embeddings are fixed at build time (pretrained
+    224 px embeddings are resampled on load). Convolutional backbones accept any size and ignore it.
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs={num_outputs} must be >= 1")
@@ -101,6 +105,8 @@ def build_model(model_cfg, num_outputs: int) -> TransferModel:
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+    if image_size and preset.family == "vit":
+        kwargs.setdefault("img_size", image_size)
     # pretrained=False always: weights come through our loader so every source shares one code path and one
     # set of error messages (timm's own loader silently re-initialises a head it cannot match, platform.md §2).
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.

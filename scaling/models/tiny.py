@@ -61,6 +61,8 @@ def _bit_resnetv2(variant: str, pretrained: bool, **kwargs: Any) -> ResNetV2:
 
 
 def _vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    # Position embeddings are interpolated per forward, so the demo can change resolution without rebuilding.
+    kwargs.setdefault("dynamic_img_size", True)
     return build_model_with_cfg(
         VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
@@ -68,7 +70,7 @@ def _vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 
 @register_model
 def resnetv2_tiny(pretrained: bool = False, **kwargs: Any) -> ResNetV2:
-    """BiT-style ResNetV2, one pre-activation bottleneck per stage, stem 16 (about 0.4M parameters)."""
+    """BiT-style ResNetV2, one pre-activation bottleneck per stage, stem 16 (about 0.5M parameters)."""
     args = dict(layers=[1, 1, 1, 1], channels=(64, 128, 256, 512), stem_chs=16)
     return _bit_resnetv2("resnetv2_tiny", pretrained, **dict(args, **kwargs))
 

@@ -1,0 +1,211 @@
+"""Supervised upstream pretraining of any backbone: how BiT-S/M/L were made, with the fine-tuning Trainer.
+
+    # BiT's upstream recipe (Kolesnikov et al. 2020 §3.1) on ImageNet-1k in ImageFolder layout, 8 GPUs, FSDP2:
+    accelerate launch --num_processes 8 recipes/pretrain.py --backbone bit_r50x1 \\
+        --data /data/imagenet/train --image-size 224 --out weights/r50x1_in1k.safetensors \\
+        train.batch_size=4096 train.grad_accum=4 sharding.strategy=fsdp
+
+    # the same from WebDataset tar shards (``<key>.jpg`` + ``<key>.cls`` members):
+    accelerate launch ... recipes/pretrain.py --backbone bit_r50x1 --data '/data/in21k/shard-*.tar' ...
+
+    # demo scale on a 2-core CPU (a few seconds):
+    python recipes/pretrain.py --backbone resnetv2_tiny --data runs/demo/data/fractal_500_10_48 --image-size 48 \\
+        --out /tmp/tiny.safetensors train.steps=50 train.batch_size=32 sharding.strategy=none
+
+The exported safetensors file holds the whole model with its upstream head; fine-tuning loads it as a local file
+(``model.pretrained: /path/to/file.safetensors`` or ``bit-l:/path/...`` to label it as a JFT-class source), drops
+that head and attaches a new one. The study's demo pretraining axis (``upstream:<name>``) calls
+``scaling.study.upstream.pretrain``; this script is for real-scale runs and any dataset on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import logging
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scaling.config import ModelConfig, ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+
+log = logging.getLogger("pretrain")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def bit_upstream_train_config(batch_size: int = 4096, epochs: float = 90.0, **overrides) -> TrainConfig:
+    """BiT's upstream recipe: SGD 0.9, lr 0.03 x batch/256, weight decay 1e-4, 5000 warmup steps, 90 epochs.
+
+    BiT divides the lr by 10 at epochs 30, 60 and 80 (BiT-S/M); the ``bit`` schedule decays at 30/60/90 % of the
+    steps, i.e. at epochs 27, 54 and 81: the same shape within a few epochs. Overrides are TrainConfig fields.
+    """
+    fields = dict(
+        batch_size=batch_size,
+        optimizer="sgd",
+        lr=0.03 * batch_size / 256,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="bit",
+        warmup_steps=5000,
+        epochs=epochs,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        log_every=100,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # WebDataset: the key is the member path up to the first dot of its file name ("a/b/0001.cls" -> "a/b/0001").
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+class TarShardDataset(Dataset):
+    """Single-label images from WebDataset-style tar shards, as a map-style dataset (the Trainer's samplers index).
+
+    Each sample is a group of members sharing a key: one image (``.jpg``/``.jpeg``/``.png``/``.webp``) and a
+    ``.cls`` member holding the integer class. The shards are indexed once (member offsets); items are read with
+    a seek, so any sample can be fetched by index without unpacking. Items match ``ImageFolderDataset``:
+    ``{"image": FloatTensor[3, S, S], "target": LongTensor scalar, "index": i}``.
+    """
+
+    def __init__(self, shards: list[str | Path], image_size: int, train: bool = True):
+        from scaling.data.images import BIT_MEAN, BIT_STD, build_transform
+
+        self.shards = [Path(s) for s in shards]
+        if not self.shards:
+            raise FileNotFoundError("no tar shards given")
+        self.samples: list[tuple[int, int, int, int]] = []  # (shard, offset, size, class)
+        for si, shard in enumerate(self.shards):
+            images, classes = {}, {}
+            with tarfile.open(shard) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_key(m.name)
+                    if ext.lower() in IMAGE_EXTS:
+                        images[key] = (m.offset_data, m.size)
+                    elif ext.lower() == "cls":
+                        classes[key] = int(tar.extractfile(m).read().decode().strip())
+            missing = sorted(set(images) - set(classes))
+            if missing:
+                raise ValueError(f"{shard}: image {missing[0]!r} has no .cls member ({len(missing)} without a class)")
+            self.samples += [(si, off, size, classes[k]) for k, (off, size) in sorted(images.items())]
+        if not self.samples:
+            raise ValueError(f"no images in {len(self.shards)} shard(s), e.g. {self.shards[0]}")
+        self.classes = sorted({c for *_, c in self.samples})
+        if self.classes != list(range(len(self.classes))):
+            raise ValueError(f"class indices must be 0..K-1; found {self.classes[:5]}... ({len(self.classes)} classes)")
+        self.image_size = int(image_size)
+        self.transform = build_transform(self.image_size, train, BIT_MEAN, BIT_STD, flip=True)
+
+    def __len__(self) -> int:
+        """Number of images over all shards."""
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        """The ``i``-th image, decoded to RGB at ``image_size``, transformed, with its class index."""
+        from PIL import Image
+
+        shard, offset, size, cls = self.samples[i]
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}
+
+
+def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Dataset:
+    """An ImageFolder directory (``root/<class>/<image>``) or a glob / list file of WebDataset tar shards."""
+    text = str(data)
+    if Path(text).is_dir():
+        from scaling.data.dataset import ImageFolderDataset
+
+        return ImageFolderDataset(text, image_size, train=train)
+    shards = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text] if text.endswith(".tar") else []
+    if not shards and Path(text).is_file():  # a text file listing one shard per line
+        shards = [s.strip() for s in Path(text).read_text().splitlines() if s.strip()]
+    if not shards:
+        raise FileNotFoundError(f"{text!r} is neither an ImageFolder directory nor tar shards (a glob, .tar, or list)")
+    return TarShardDataset(shards, image_size, train=train)
+
+
+def run_pretraining(
+    backbone: str,
+    dataset: Dataset,
+    out_path: str | Path,
+    train_cfg: TrainConfig,
+    sharding_cfg: ShardingConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    model_kwargs: dict | None = None,
+    tracker=None,
+) -> dict:
+    """Pretrain ``backbone`` from scratch on a single-label ``dataset`` (``.classes``) and export it to ``out_path``.
+
+    Softmax cross-entropy over ``len(dataset.classes)`` classes, with the same Trainer and sharding as fine-tuning
+    (resumes from ``run_dir/checkpoints`` when present). Returns the Trainer's summary.
+    """
+    from scaling.engine import Trainer
+    from scaling.models import build_model
+
+    n_classes = len(dataset.classes)
+    if n_classes < 2:
+        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {n_classes}")
+    model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
+    model = build_model(model_cfg, num_outputs=n_classes, image_size=getattr(dataset, "image_size", None))
+    out_path = Path(out_path)
+    run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
+    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multiclass", output_dir=run_dir,
+                      tracker=tracker)
+    try:
+        summary = trainer.fit(dataset)
+        trainer.export(out_path)
+    finally:
+        trainer.close()
+    log.info("pretrained %s on %d images, %d classes -> %s", backbone, len(dataset), n_classes, out_path)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: ``--backbone --data --out [--image-size] [--recipe bit|short] [train.x=y sharding.x=y ...]``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", required=True, help="preset (bit_r50x1, vit_b16, ...) or timm model name")
+    parser.add_argument("--data", required=True, help="ImageFolder directory, or tar shards (glob, .tar, list file)")
+    parser.add_argument("--out", required=True, help="output safetensors file")
+    parser.add_argument("--image-size", type=int, default=224, help="training resolution (BiT upstream: 224)")
+    parser.add_argument("--recipe", choices=("bit", "short"), default="bit",
+                        help="bit: BiT's 90-epoch upstream recipe; short: cosine, 10 %% warmup, lr 0.05 (demo scale)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: train.steps=100 sharding.strategy=fsdp")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    if args.recipe == "bit":
+        base = bit_upstream_train_config()
+    else:
+        base = TrainConfig(optimizer="sgd", lr=0.05, weight_decay=1e-4, schedule="cosine", warmup_steps=20, steps=200)
+    config = apply_overrides({"train": to_dict(base), "sharding": to_dict(ShardingConfig())}, args.overrides)
+    unknown = set(config) - {"train", "sharding"}
+    if unknown:
+        raise SystemExit(f"overrides must start with train. or sharding.; got {sorted(unknown)}")
+    train_cfg = from_dict(TrainConfig, config["train"], prefix="train")
+    if args.recipe == "bit" and not any(o.startswith("train.lr=") for o in args.overrides):
+        # Keep BiT's linear lr scaling when only the batch size was overridden.
+        train_cfg = from_dict(TrainConfig, {**config["train"], "lr": 0.03 * train_cfg.batch_size / 256}, prefix="train")
+    sharding_cfg = from_dict(ShardingConfig, config["sharding"], prefix="sharding")
+    dataset = open_dataset(args.data, args.image_size, train=True)
+    return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
