@@ -1,0 +1,65 @@
+"""Cluster bootstrap: vectorised replicates equal explicit resampling; patient-level equivalence; paired diff."""
+
+import numpy as np
+import pytest
+
+from scaling.metrics import (ClusterBootstrap, auprc, auroc, bootstrap_ci, brier, ece, mce, nll,
+                             paired_bootstrap_diff)
+
+
+def _data(seed=0, n=600, n_patients=200):
+    rng = np.random.default_rng(seed)
+    pid = rng.integers(0, n_patients, n)
+    y = (rng.random(n) < 0.3).astype(float)
+    y[rng.random(n) < 0.1] = np.nan
+    p = np.round(np.clip(0.25 * np.nan_to_num(y) + 0.75 * rng.random(n), 0, 1), 2)
+    return y, p, pid
+
+
+@pytest.mark.parametrize("metric", [auroc, auprc, brier, nll, ece, mce])
+def test_vectorised_replicates_equal_explicit_resampling(metric):
+    y, p, pid = _data()
+    boot = ClusterBootstrap(pid, n_boot=40, seed=3)
+    fast = boot.replicates(metric, y, p)
+    slow = boot.replicates(lambda a, b: metric(a, b), y, p)  # an unknown callable takes the resampling loop
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-10)
+
+
+def test_identical_images_per_patient_give_the_patient_level_ci():
+    rng = np.random.default_rng(5)
+    n_patients = 300
+    y_pat = (rng.random(n_patients) < 0.35).astype(float)
+    p_pat = np.clip(0.3 * y_pat + 0.7 * rng.random(n_patients), 0, 1)
+    pid = np.repeat(np.arange(n_patients), 3)  # three identical images per patient
+    shuffle = rng.permutation(pid.size)  # image order must not matter
+    pid = pid[shuffle]
+    patient = bootstrap_ci("auroc", y_pat, p_pat, cluster=None, n_boot=300, seed=11)
+    clustered = bootstrap_ci("auroc", y_pat[pid], p_pat[pid], cluster=pid, n_boot=300, seed=11)
+    assert clustered.estimate == pytest.approx(patient.estimate, abs=1e-12)
+    assert clustered.lo == pytest.approx(patient.lo, abs=1e-12)
+    assert clustered.hi == pytest.approx(patient.hi, abs=1e-12)
+    # Resampling images instead of patients understates the uncertainty (the reason for the cluster bootstrap).
+    naive = bootstrap_ci("auroc", y_pat[pid], p_pat[pid], cluster=None, n_boot=300, seed=11)
+    assert naive.hi - naive.lo < 0.85 * (patient.hi - patient.lo)
+
+
+def test_ci_is_seeded_contains_estimate_and_shrinks_with_n():
+    y, p, pid = _data(n=400)
+    a = bootstrap_ci(auroc, y, p, cluster=pid, n_boot=200, seed=1)
+    b = bootstrap_ci("auroc", y, p, cluster=pid, n_boot=200, seed=1)
+    assert (a.lo, a.hi) == (b.lo, b.hi) and a.n_valid == 200
+    assert a.lo < a.estimate < a.hi
+    y2, p2, pid2 = _data(n=4000, n_patients=2000)
+    big = bootstrap_ci(auroc, y2, p2, cluster=pid2, n_boot=200, seed=1)
+    assert big.hi - big.lo < 0.5 * (a.hi - a.lo)
+
+
+def test_paired_bootstrap_diff():
+    y, p, pid = _data(n=800, n_patients=300)
+    same = paired_bootstrap_diff(auroc, y, p, p, cluster=pid, n_boot=100)
+    assert same.diff == 0 and same.lo == 0 and same.hi == 0 and same.p_value == 1.0
+    rng = np.random.default_rng(2)
+    worse = np.clip(p + rng.normal(0, 0.4, p.size), 0, 1)
+    res = paired_bootstrap_diff("auroc", y, p, worse, cluster=pid, n_boot=300)
+    assert res.diff == pytest.approx(auroc(y, p) - auroc(y, worse))
+    assert res.lo > 0 and res.p_value < 0.01

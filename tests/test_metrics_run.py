@@ -1,0 +1,145 @@
+"""compute_run_metrics on a small hand-made predictions dict: the rows the study runner stores."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from scaling.config import EvalConfig
+from scaling.metrics import (MetricWarning, apply_temperature, choose_threshold, compute_run_metrics,
+                             fit_temperature, nll, rates_at)
+from scaling.study.store import METRIC_COLUMNS
+
+LABELS = ["Edema", "No Finding"]
+
+
+def _frame(seed, n, with_age=True):
+    rng = np.random.default_rng(seed)
+    patients = rng.integers(0, n // 2, n)
+    df = pd.DataFrame({"sample_id": [f"{seed}-{i}" for i in range(n)],
+                       "patient_id": [f"p{seed}-{k}" for k in patients],
+                       "sex": rng.choice(["F", "M", "U"], n, p=[0.5, 0.47, 0.03])})
+    if with_age:
+        df["age_group"] = rng.choice(["0-40", "40-60", "60+"], n)
+    for j, lab in enumerate(LABELS):
+        y = (rng.random(n) < 0.35).astype(float)
+        if j == 0:
+            y[rng.random(n) < 0.15] = np.nan  # unlabelled for Edema only
+        z = 2.5 * (1.4 * np.nan_to_num(y) - 0.6 + rng.normal(size=n))  # over-confident logits
+        df[f"label:{lab}"], df[f"logit:{lab}"], df[f"prob:{lab}"] = y, z, expit(z)
+    return df
+
+
+@pytest.fixture(scope="module")
+def preds():
+    return {"val": _frame(0, 400), "test": _frame(1, 600), "ood": _frame(2, 300, with_age=False)}
+
+
+@pytest.fixture(scope="module")
+def result(preds):
+    with pytest.warns(MetricWarning, match="age_group"):
+        return compute_run_metrics(preds, LABELS, ["sex", "age_group"], EvalConfig(n_boot=100, min_group_size=25))
+
+
+def _row(rows, **kw):
+    sel = rows
+    for k, v in kw.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, kw
+    return sel.iloc[0]
+
+
+def test_columns_and_eval_sets(result):
+    rows, info = result
+    assert tuple(rows.columns) == METRIC_COLUMNS
+    assert set(rows.eval_set) == {"test", "ood"}  # val is where thresholds are fitted, never reported
+    assert info["fitted_on"] == "val" and info["eval_sets"] == ["test", "ood"]
+    assert info["skipped_attributes"] == {"ood": ["age_group"]}
+    assert not rows.duplicated(["eval_set", "label", "attribute", "group", "metric"]).any()
+
+
+def test_overall_rows_equal_sklearn_with_masking(result, preds):
+    rows, _ = result
+    test = preds["test"]
+    keep = test["label:Edema"].notna()
+    y, p = test.loc[keep, "label:Edema"], test.loc[keep, "prob:Edema"]
+    r = _row(rows, eval_set="test", label="Edema", attribute="all", group="all", metric="auroc")
+    assert r.value == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert r.n == keep.sum() < len(test)
+    assert r.lo < r.value < r.hi
+    r = _row(rows, eval_set="test", label="Edema", attribute="all", group="all", metric="auprc")
+    assert r.value == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    macro = _row(rows, eval_set="test", label="macro", attribute="all", group="all", metric="auroc")
+    per_label = rows[(rows.eval_set == "test") & (rows.attribute == "all") & (rows.metric == "auroc")
+                     & (rows.label != "macro")]
+    assert macro.value == pytest.approx(per_label.value.mean()) and macro.n == len(test)
+    assert macro.lo < macro.value < macro.hi
+
+
+def test_threshold_and_temperature_are_fitted_on_val_and_applied(result, preds):
+    rows, info = result
+    val, test = preds["val"], preds["test"]
+    for lab in LABELS:
+        thr = choose_threshold(val[f"label:{lab}"], val[f"prob:{lab}"], "max_f1")
+        assert info["thresholds"][lab] == thr
+        tpr, fpr = rates_at(test[f"label:{lab}"], test[f"prob:{lab}"], thr)
+        assert _row(rows, eval_set="test", label=lab, attribute="all", group="all", metric="tpr").value == tpr
+        assert _row(rows, eval_set="test", label=lab, attribute="all", group="all", metric="fpr").value == fpr
+        t = fit_temperature(val[f"label:{lab}"], val[f"logit:{lab}"])
+        assert info["temperatures"][lab] == pytest.approx(t) and t > 1.5  # logits were over-confident
+        calibrated = nll(test[f"label:{lab}"], apply_temperature(test[f"logit:{lab}"], t))
+        r = _row(rows, eval_set="test", label=lab, attribute="all", group="all", metric="nll_temp")
+        assert r.value == pytest.approx(calibrated)
+        assert r.value < _row(rows, eval_set="test", label=lab, attribute="all", group="all", metric="nll").value
+
+
+def test_subgroup_rows(result, preds):
+    rows, _ = result
+    test = preds["test"]
+    sub = rows[(rows.eval_set == "test") & (rows.label == "No Finding") & (rows.attribute == "sex")]
+    aurocs = {}
+    for g in ["F", "M"]:
+        part = test[test.sex == g]
+        aurocs[g] = roc_auc_score(part["label:No Finding"], part["prob:No Finding"])
+        assert _row(sub, group=g, metric="auroc").value == pytest.approx(aurocs[g], abs=1e-12)
+        assert _row(sub, group=g, metric="underdiagnosis_rate").value == _row(sub, group=g, metric="fpr").value
+    small = sub[sub.group == "U"]  # below min_group_size: true n, NaN values
+    assert (small.n == (test.sex == "U").sum()).all() and small.value.isna().all()
+    assert _row(sub, group="all", metric="worst_group_auroc").value == pytest.approx(min(aurocs.values()))
+    assert _row(sub, group="all", metric="auroc_gap").value == pytest.approx(abs(aurocs["F"] - aurocs["M"]))
+    assert np.isfinite(_row(sub, group="all", metric="underdiagnosis_gap").value)
+    eod = _row(sub, group="all", metric="eod").value
+    assert eod == max(_row(sub, group="all", metric="tpr_gap").value, _row(sub, group="all", metric="fpr_gap").value)
+    assert len(rows[(rows.label == "Edema") & rows.metric.str.startswith("underdiagnosis")]) == 0
+    worst_macro = _row(rows, eval_set="test", label="macro", attribute="sex", group="all", metric="worst_group_auroc")
+    per_label = rows[(rows.eval_set == "test") & (rows.attribute == "sex") & (rows.metric == "worst_group_auroc")
+                     & (rows.label != "macro")]
+    assert worst_macro.value == pytest.approx(per_label.value.mean())
+
+
+def test_config_policy_and_no_bootstrap(preds):
+    cfg = dataclasses.replace(EvalConfig(), threshold="sens90", n_boot=0)
+    rows, info = compute_run_metrics({"val": preds["val"], "test": preds["test"]}, LABELS, ["sex"], cfg)
+    assert info["threshold_policy"] == "sens90" and info["threshold_target"] == 0.9
+    val = preds["val"]
+    assert info["thresholds"]["Edema"] == choose_threshold(val["label:Edema"], val["prob:Edema"], "sensitivity", 0.9)
+    assert rows.lo.isna().all() and rows.hi.isna().all()
+
+
+def test_bad_predictions_raise_naming_the_problem(preds):
+    cfg = EvalConfig(n_boot=0)
+    with pytest.raises(ValueError, match="'val'"):
+        compute_run_metrics({"test": preds["test"]}, LABELS, [], cfg)
+    bad = preds["test"].copy()
+    bad.loc[3, "prob:Edema"] = np.nan
+    with pytest.raises(ValueError, match=r"prob:Edema"):
+        compute_run_metrics({"val": preds["val"], "test": bad}, LABELS, [], cfg)
+    bad = preds["test"].copy()
+    bad.loc[3, "label:No Finding"] = 2.0
+    with pytest.raises(ValueError, match=r"label:No Finding"):
+        compute_run_metrics({"val": preds["val"], "test": bad}, LABELS, [], cfg)
+    with pytest.raises(ValueError, match=r"logit:Edema"):
+        compute_run_metrics({"val": preds["val"], "test": preds["test"].drop(columns="logit:Edema")}, LABELS, [], cfg)

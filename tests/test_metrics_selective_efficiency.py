@@ -1,0 +1,46 @@
+"""Selective prediction curves and data efficiency."""
+
+import numpy as np
+import pytest
+
+from scaling.metrics import aurc, auroc, data_efficiency, fraction_to_reach, referral_area, referral_curve
+
+
+def test_aurc_equals_brute_force_and_referral_curve():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = (rng.random(n) < 0.4).astype(float)
+    p = np.clip(0.4 * y + 0.6 * rng.random(n), 0.001, 0.999)
+    conf = np.abs(p - 0.5)
+    order = np.argsort(-conf, kind="stable")
+    err = ((p >= 0.5) != (y == 1))[order]
+    brute = np.mean([err[:k].mean() for k in range(1, n + 1)])
+    assert aurc(y, p) == pytest.approx(brute, abs=1e-12)
+    curve = referral_curve(y, p, referral_rates=[0.0, 0.2, 0.4])
+    assert curve["value"].iloc[0] == pytest.approx(auroc(y, p))
+    assert list(curve["n_retained"]) == [300, 240, 180]
+    assert curve["value"].is_monotonic_increasing  # referring uncertain cases helps a useful model
+    assert referral_area(curve) == pytest.approx(np.trapezoid(curve["value"], [0, 0.2, 0.4]) / 0.4)
+    # Random confidence does not help, on average.
+    rand = referral_curve(y, p, confidence=rng.random(n), referral_rates=[0.0, 0.4])
+    assert abs(rand["value"].iloc[1] - rand["value"].iloc[0]) < 0.05
+
+
+def test_fraction_to_reach_interpolates_in_log_fraction():
+    fractions = [0.01, 0.1, 1.0]
+    assert fraction_to_reach(fractions, [0.6, 0.7, 0.8], 0.75) == pytest.approx(np.sqrt(0.1))
+    assert fraction_to_reach(fractions, [0.6, 0.7, 0.8], 0.7) == pytest.approx(0.1)
+    assert fraction_to_reach(fractions, [0.6, 0.7, 0.8], 0.55) == pytest.approx(0.01)
+    assert np.isnan(fraction_to_reach(fractions, [0.6, 0.7, 0.8], 0.9))
+
+
+def test_data_efficiency_interval_from_seeds():
+    fractions = [0.01, 0.1, 1.0]
+    seeds = np.array([[0.60, 0.62, 0.58], [0.70, 0.72, 0.68], [0.80, 0.81, 0.79]])
+    res = data_efficiency(fractions, seeds, 0.75, n_boot=500)
+    assert res.fraction == pytest.approx(np.sqrt(0.1), rel=1e-9)
+    assert res.lo < res.fraction < res.hi and res.censored == ""
+    never = data_efficiency(fractions, seeds, 0.805, n_boot=200)
+    assert np.isnan(never.fraction) and never.censored == "above" and never.hi == np.inf
+    with pytest.raises(ValueError, match="fractions"):
+        data_efficiency([0.1, 0.01], seeds[:2], 0.7)
