@@ -382,3 +382,12 @@ def test_vit_image_size_is_passed_and_tiny_vits_take_any_size():
     assert model.backbone.patch_embed.img_size == (32, 32)
     assert build_model(ModelConfig(backbone="vit_mini"), 2)(_images(size=48)).shape == (2, 2)
     assert build_model(ModelConfig(backbone="resnetv2_tiny"), 2, image_size=32)(_images(size=32)).shape == (2, 2)
+
+
+def test_meta_device_build_reads_no_weights(tmp_path):
+    unreadable = tmp_path / "not_really.safetensors"
+    unreadable.write_bytes(b"garbage")
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(unreadable)), num_outputs=4)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.backbone.get_classifier().weight.shape[0] == 4

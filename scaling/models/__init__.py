@@ -94,6 +94,9 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     Raises ValueError (unknown backbone/source, listing the valid ones), WeightsUnavailable (weights not on
     disk and no network; says how to provide a file) or CheckpointMismatch (names the first bad tensor).
 
+    Built under ``torch.device("meta")`` the model has no storage and no weights are read; the caller
+    materialises it (``scaling.engine.sharding.materialize_from_safetensors``).
+
     ``image_size`` (the data resolution) is passed to ViT-family backbones as ``img_size`` unless
     ``model_cfg.kwargs`` sets it: their patch grid and position embeddings are fixed at build time (pretrained
     224 px embeddings are resampled on load). Convolutional backbones accept any size and ignore it.
@@ -109,8 +112,11 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
         kwargs.setdefault("img_size", image_size)
     # pretrained=False always: weights come through our loader so every source shares one code path and one
     # set of error messages (timm's own loader silently re-initialises a head it cannot match, platform.md §2).
+    # On the meta device (sharding.build_on_meta: ranks that will receive their shard from a file) there is
+    # nothing to copy weights into, so none are fetched or read (anchors §3.12).
+    on_meta = torch.empty(()).is_meta
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
-    path = fetch(spec) if spec.kind != "scratch" else None
+    path = fetch(spec) if spec.kind != "scratch" and not on_meta else None
     backbone = timm.create_model(preset.timm_name, pretrained=False, num_classes=num_outputs, **kwargs)
     if path is not None:
         load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
