@@ -83,7 +83,7 @@ def write_dicom(
     keyword arguments become DICOM attributes (``ImageLaterality='L'``, ``ViewPosition='CC'``, ...).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    sop_uid = attributes.pop("SOPInstanceUID", None) or generate_uid()
+    sop_uid = attributes.pop("SOPInstanceUID", None) or generate_uid(entropy_srcs=[path.as_posix()])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MG_SOP_CLASS
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -488,9 +488,9 @@ def _cbis_ddsm(root: Path, rng: np.random.Generator, copies: int) -> None:
 # study_id (4-image studies or single breasts), laterality, BI-RADS, density, split, age, manufacturer, MONOCHROME1
 _VINDR_STUDIES = [
     ("5a54d4ed8d2a4ac2b15d5fc8d3d2d1a1", {"L": 4, "R": 1}, "C", "training", "053Y", "SIEMENS", False),
-    ("6b65e5fe9e3b5bd3c26e6ad9e4e3e2b2", {"L": 3}, "B", "test", "041Y", "IMS GIOTTO S.p.A.", True),
+    ("6b65e5fe9e3b5bd3c26e6ad9e4e3e2b2", {"L": 3}, "B", "test", "041Y", "SIEMENS", False),
     ("7c76f6af0f4c6ce4d37f7bea05f4f3c3", {"R": 5}, "A", "training", "", "Planmed", False),
-    ("8d87a7b01a5d7df5e48a8cfb1605a4d4", {"L": 4}, "D", "test", "067Y", "SIEMENS", False),
+    ("8d87a7b01a5d7df5e48a8cfb1605a4d4", {"L": 4}, "D", "test", "067Y", "IMS GIOTTO S.p.A.", True),
 ]
 
 
@@ -598,7 +598,7 @@ def _embed(root: Path, rng: np.random.Generator, copies: int) -> None:
                     "path_severity": severity, "RACE_DESC": race, "ETHNIC_GROUP_DESC": ethnic, "age_at_study": age,
                 })
             for side, view, image_type, spot in images:
-                sop = generate_uid()
+                sop = f"1.2.826.0.1.3680043.8.498.{rng.integers(10**15, 10**16)}"
                 rel = f"cohort_{cohort}/{empi}/{acc}/{sop}.dcm"
                 side_findings = [f for f in findings if f[0] in (side, "B", "")]
                 positive = any(f[1] in ("S", "M", "K") for f in side_findings)

@@ -180,3 +180,28 @@ def finish(df: pd.DataFrame, source: str, verify_files: bool) -> pd.DataFrame:
     if verify_files:
         verify_paths(out, source)
     return out
+
+
+BIRADS3_POLICIES = ("negative", "nan")
+
+
+def suspicion(birads: pd.Series, birads3: str, source: str) -> pd.Series:
+    """The ``Suspicious`` label from a BI-RADS assessment category (0–6) per image.
+
+    4, 5 and 6 are suspicious (1.0) and 1–2 are not (0.0), the binary target of VinDr-Mammo/INbreast loaders
+    (``reference/datasets.md`` §7). 3 ("probably benign") is 0.0 under ``birads3='negative'`` (the ``BI-RADS ≥ 4``
+    reading) or NaN under ``'nan'``; 0 (incomplete, needs more imaging) and missing are NaN.
+    """
+    if birads3 not in BIRADS3_POLICIES:
+        raise DataError(f"{source}: birads3 {birads3!r} is not allowed; choose one of {list(BIRADS3_POLICIES)}")
+    b = birads.astype(float)
+    out = pd.Series(np.nan, index=b.index)
+    out[b >= 4] = 1.0
+    out[(b == 1) | (b == 2)] = 0.0
+    if birads3 == "negative":
+        out[b == 3] = 0.0
+    return out
+
+
+DENSITY = {"1": "A", "2": "B", "3": "C", "4": "D", "A": "A", "B": "B", "C": "C", "D": "D"}
+"""BI-RADS breast density (numeric 1–4 or letter A–D) → the letter every mammography loader reports."""
