@@ -63,21 +63,22 @@ D = "096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4"  # 10000764 / 57375967 blank 
 E = "1a3b4a28-3c7b5d05-4b6e1a32-9b7c1f1e-23ab5cd1"  # 10000898 / 50771383 PA test (Pneumothorax 1)
 F = "4f2b1c9e-8d3a7b60-2c1e4f5a-6b7d8e9f-0a1b2c3d"  # same study, LL
 G = "5e6f7a8b-9c0d1e2f-3a4b5c6d-7e8f9a0b-1c2d3e4f"  # 10001884 / 56668612, study without a label row
+H = "6f7a8b9c-0d1e2f3a-4b5c6d7e-8f9a0b1c-2d3e4f5a"  # 10002428 / 59258269 AP test
 
 
 def test_mimic_rows_paths_views_and_splits(mimic_root):
     df = mimic_cxr.load(mimic_root, "all", verify_files=True)
-    assert list(df["sample_id"]) == [A, B, C, D, E, F, G]
-    assert list(df["patient_id"]) == ["10000032"] * 3 + ["10000764", "10000898", "10000898", "10001884"]
-    assert list(df["split"]) == ["train", "train", "train", "validate", "test", "test", "train"]
-    assert list(df["view_position"]) == ["PA", "LATERAL", "AP", None, "PA", "LL", "PA"]
-    assert list(df["view"]) == ["frontal", "lateral", "frontal", None, "frontal", "lateral", "frontal"]
+    assert list(df["sample_id"]) == [A, B, C, D, E, F, G, H]
+    assert list(df["patient_id"]) == ["10000032"] * 3 + ["10000764", "10000898", "10000898", "10001884", "10002428"]
+    assert list(df["split"]) == ["train", "train", "train", "validate", "test", "test", "train", "test"]
+    assert list(df["view_position"]) == ["PA", "LATERAL", "AP", None, "PA", "LL", "PA", "AP"]
+    assert list(df["view"]) == ["frontal", "lateral", "frontal", None, "frontal", "lateral", "frontal", "frontal"]
     assert row(df, A)["path"] == str(mimic_root / "files/p10/p10000032/s50414267" / f"{A}.jpg")
     # No demographics in the release: sex/age missing, no race column unless MIMIC-IV files are given.
     assert df["sex"].isna().all() and df["age"].isna().all() and "race" not in df.columns
     assert list(mimic_cxr.load(mimic_root, "train")["sample_id"]) == [A, B, C, G]
     assert list(mimic_cxr.load(mimic_root, "validate")["sample_id"]) == [D]
-    assert list(mimic_cxr.load(mimic_root, "test")["sample_id"]) == [E, F]
+    assert list(mimic_cxr.load(mimic_root, "test")["sample_id"]) == [E, F, H]
 
 
 def test_mimic_labels_default_policy_ignore_uncertain_blank_zero(mimic_root):
@@ -89,7 +90,10 @@ def test_mimic_labels_default_policy_ignore_uncertain_blank_zero(mimic_root):
                                   "No Finding": 0.0, "Support Devices": 0.0})
     assert_labels(df, C, {"No Finding": 1.0, "Cardiomegaly": 0.0})
     assert_labels(df, D, {"Atelectasis": NAN, "Pleural Effusion": 1.0, "Support Devices": 1.0, "Edema": 0.0})
-    assert_labels(df, E, {"Pneumothorax": 1.0, "Cardiomegaly": 0.0, "Pleural Effusion": 0.0})
+    assert_labels(df, E, {"Pneumothorax": 1.0, "Atelectasis": 1.0, "Edema": 1.0, "Cardiomegaly": 0.0,
+                          "Pleural Effusion": 0.0, "Consolidation": 0.0})
+    assert_labels(df, H, {"Cardiomegaly": 1.0, "Consolidation": 1.0, "Pleural Effusion": 1.0, "Support Devices": NAN,
+                          "Atelectasis": 0.0, "Edema": 0.0})
     # A study with no label row is not labelled at all: NaN, never 0.
     assert row(df, G)[[c for c in df.columns if c.startswith("label:")]].isna().all()
 
@@ -114,15 +118,16 @@ def test_mimic_uncertainty_blank_and_labeler_options(mimic_root):
 def test_mimic_demographics_from_mimic_iv(mimic_root):
     df = mimic_cxr.load(mimic_root, "all", patients="hosp/patients.csv.gz",
                         admissions=mimic_root / "hosp/admissions.csv.gz")
-    assert list(df["sex"]) == ["F", "F", "F", "M", "F", "F", None]
-    # age = anchor_age + study year - anchor_year: 52+2180-2180, 52+2181-2180, 86, 40+2156-2154, unknown subject.
-    assert list(df["age"].fillna(-1)) == [52.0, 52.0, 53.0, 86.0, 42.0, 42.0, -1]
+    assert list(df["sex"]) == ["F", "F", "F", "M", "F", "F", None, "M"]
+    # age = anchor_age + study year - anchor_year: 52+2180-2180, 52+2181-2180, 86, 40+2156-2154, unknown subject,
+    # 70+2151-2150.
+    assert list(df["age"].fillna(-1)) == [52.0, 52.0, 53.0, 86.0, 42.0, 42.0, -1, 71.0]
     # WHITE + WHITE - OTHER EUROPEAN -> White; UNKNOWN + BLACK/AFRICAN AMERICAN -> Black;
     # ASIAN - CHINESE + HISPANIC/LATINO - PUERTO RICAN conflict -> None under the default 'unique' policy.
-    assert list(df["race"]) == ["White", "White", "White", "Black", None, None, None]
-    assert list(df["insurance"]) == ["Other", "Other", "Other", "Medicare", "Other", "Other", None]
+    assert list(df["race"]) == ["White", "White", "White", "Black", None, None, None, "Other"]
+    assert list(df["insurance"]) == ["Other", "Other", "Other", "Medicare", "Other", "Other", None, "Medicare"]
     first = mimic_cxr.load(mimic_root, "all", admissions="hosp/admissions.csv.gz", race_policy="first")
-    assert list(first["race"]) == ["White", "White", "White", "Black", "Asian", "Asian", None]
+    assert list(first["race"]) == ["White", "White", "White", "Black", "Asian", "Asian", None, "Other"]
 
 
 def test_mimic_iv_v1_ethnicity_column(mimic_root, tmp_path):
@@ -130,7 +135,7 @@ def test_mimic_iv_v1_ethnicity_column(mimic_root, tmp_path):
     adm["ethnicity"] = adm["ethnicity"].replace({"WHITE - OTHER EUROPEAN": "WHITE", "ASIAN - CHINESE": "ASIAN"})
     adm.to_csv(tmp_path / "admissions_v1.csv", index=False)
     df = mimic_cxr.load(mimic_root, "all", admissions=tmp_path / "admissions_v1.csv")
-    assert list(df["race"]) == ["White", "White", "White", "Black", None, None, None]
+    assert list(df["race"]) == ["White", "White", "White", "Black", None, None, None, "Other"]
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -146,8 +151,8 @@ def test_mimic_race_mapping(value, expected):
 def test_mimic_views_filter(mimic_root, caplog):
     with caplog.at_level("INFO"):
         df = mimic_cxr.load(mimic_root, "all", views=["PA", "AP"])
-    assert list(df["sample_id"]) == [A, C, E, G]
-    assert "removed 3 of 7 rows" in caplog.text
+    assert list(df["sample_id"]) == [A, C, E, G, H]
+    assert "removed 3 of 8 rows" in caplog.text
     assert list(mimic_cxr.load(mimic_root, "all", views=["lateral"])["sample_id"]) == [B, F]
 
 
@@ -170,7 +175,7 @@ def test_mimic_bad_inputs(mimic_root, tmp_path):
     lab.to_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
     (root / "files/p10/p10000898/s50771383" / f"{F}.jpg").unlink()
     mimic_cxr.load(root, "all")  # metadata only: images need not exist
-    with pytest.raises(DataError, match=f"1 of 7 image files are missing.*{F}"):
+    with pytest.raises(DataError, match=f"1 of 8 image files are missing.*{F}"):
         mimic_cxr.load(root, "all", verify_files=True)
     with pytest.raises(DataError, match="unknown split 'valid'"):
         mimic_cxr.load(root, "valid")
@@ -182,11 +187,14 @@ def test_mimic_bad_inputs(mimic_root, tmp_path):
 
 NIH_EXPECTED = {  # image -> (patient, age, sex, view, positive canonical labels)
     "00000001_000.png": ("1", 57.0, "M", "PA", {"Cardiomegaly"}),
-    "00000001_001.png": ("1", 58.0, "M", "PA", {"Cardiomegaly", "Emphysema"}),
+    "00000001_001.png": ("1", 58.0, "M", "PA", {"Atelectasis", "Cardiomegaly", "Emphysema"}),
     "00000002_000.png": ("2", 81.0, "M", "PA", {"No Finding"}),
-    "00000003_000.png": ("3", NAN, "F", "AP", {"Pleural Effusion", "Pleural Thickening"}),  # age 414 -> NaN
-    "00000004_000.png": ("4", 82.0, "F", "AP", {"Hernia", "Mass", "Nodule"}),
-    "00000005_000.png": ("5", 69.0, "F", "PA", {"Pleural Effusion", "Infiltration", "Pneumothorax"}),
+    "00000003_000.png": ("3", NAN, "F", "AP", {"Consolidation", "Edema", "Pleural Effusion",  # age 414 -> NaN
+                                               "Pleural Thickening"}),
+    "00000004_000.png": ("4", 82.0, "F", "AP", {"Atelectasis", "Cardiomegaly", "Hernia", "Mass", "Nodule"}),
+    "00000005_000.png": ("5", 69.0, "F", "PA", {"Consolidation", "Edema", "Pleural Effusion", "Infiltration",
+                                               "Pneumothorax"}),
+    "00000006_000.png": ("6", 35.0, "M", "PA", {"No Finding"}),
 }
 NIH_LABELS = {"No Finding", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumonia",
               "Pneumothorax", "Infiltration", "Emphysema", "Fibrosis", "Pleural Thickening", "Nodule", "Mass",
@@ -217,8 +225,10 @@ def test_nih_official_split_lists(nih_root):
     train = nih_cxr14.load(nih_root, "train")
     assert list(train["sample_id"]) == list(NIH_EXPECTED)[:4]
     test = nih_cxr14.load(nih_root, "test")
-    assert list(test["sample_id"]) == ["00000004_000.png", "00000005_000.png"]
+    assert list(test["sample_id"]) == ["00000004_000.png", "00000005_000.png", "00000006_000.png"]
     assert not set(train["patient_id"]) & set(test["patient_id"])  # the official lists are patient-disjoint
+    for task in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"):
+        assert set(train[f"label:{task}"]) == set(test[f"label:{task}"]) == {0.0, 1.0}
 
 
 def test_nih_flat_layout_and_v2020_file(nih_root, tmp_path):
@@ -240,13 +250,13 @@ def test_nih_flat_layout_and_v2020_file(nih_root, tmp_path):
 
 def test_nih_views_filter(nih_root):
     assert list(nih_cxr14.load(nih_root, "all", views=["AP"])["sample_id"]) == ["00000003_000.png", "00000004_000.png"]
-    assert len(nih_cxr14.load(nih_root, "all", views=["frontal"])) == 6
+    assert len(nih_cxr14.load(nih_root, "all", views=["frontal"])) == 7
 
 
 def test_nih_bad_inputs(nih_root, tmp_path):
     root = _copy(nih_root, tmp_path / "n")
     good = (root / "Data_Entry_2017.csv").read_text()
-    (root / "Data_Entry_2017.csv").write_text(good.replace("Effusion|Pleural_Thickening", "Effusions|Pleural_Thickening"))
+    (root / "Data_Entry_2017.csv").write_text(good.replace("Edema|Effusion|Pleural_Thickening", "Edema|Effusions|Pleural_Thickening"))
     with pytest.raises(DataError, match=r"Data_Entry_2017\.csv: row '00000003_000\.png'.*unknown finding 'Effusions'"):
         nih_cxr14.load(root, "all")
     (root / "Data_Entry_2017.csv").write_text(good.replace("Patient Gender", "Gender"))
@@ -260,7 +270,7 @@ def test_nih_bad_inputs(nih_root, tmp_path):
     with pytest.raises(DataError, match=r"test_list\.txt: official split list not found"):
         nih_cxr14.load(root, "test")
     (root / "images_002/images/00000004_000.png").unlink()
-    with pytest.raises(DataError, match=r"1 of 6 image files are missing.*00000004_000\.png"):
+    with pytest.raises(DataError, match=r"1 of 7 image files are missing.*00000004_000\.png"):
         nih_cxr14.load(root, "all", verify_files=True)
 
 
@@ -319,10 +329,10 @@ def test_padchest_bad_inputs(padchest_root, tmp_path):
 
 def test_chest_fixtures_grow_with_n_and_keep_both_classes(tmp_path):
     nih = nih_cxr14.load(write_fixture("nih_cxr14", tmp_path / "nih", n=20), "all", verify_files=True)
-    assert len(nih) == 24 and nih["sample_id"].is_unique
+    assert len(nih) == 21 and nih["sample_id"].is_unique
     assert set(nih["label:Pleural Effusion"]) == {0.0, 1.0}
-    mimic = mimic_cxr.load(write_fixture("mimic_cxr", tmp_path / "mimic", n=14), "all", verify_files=True,
+    mimic = mimic_cxr.load(write_fixture("mimic_cxr", tmp_path / "mimic", n=16), "all", verify_files=True,
                            patients="hosp/patients.csv.gz")
-    assert len(mimic) == 14 and mimic["patient_id"].nunique() == 8
+    assert len(mimic) == 16 and mimic["patient_id"].nunique() == 10
     pc = padchest.load(write_fixture("padchest", tmp_path / "pc", n=10), "all", verify_files=True)
     assert len(pc) == 10 and pc["patient_id"].nunique() == 6

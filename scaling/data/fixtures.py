@@ -148,20 +148,24 @@ _MIMIC_IMAGES = [
     (10000898, 50771383, "1a3b4a28-3c7b5d05-4b6e1a32-9b7c1f1e-23ab5cd1", "PA", 21560214, "test"),
     (10000898, 50771383, "4f2b1c9e-8d3a7b60-2c1e4f5a-6b7d8e9f-0a1b2c3d", "LL", 21560214, "test"),
     (10001884, 56668612, "5e6f7a8b-9c0d1e2f-3a4b5c6d-7e8f9a0b-1c2d3e4f", "PA", 21310316, "train"),
+    (10002428, 59258269, "6f7a8b9c-0d1e2f3a-4b5c6d7e-8f9a0b1c-2d3e4f5a", "AP", 21510704, "test"),
 ]
 # study -> {label: raw cell}; study 56668612 deliberately has no label row.
 _MIMIC_CHEXPERT = {
     50414267: {"Cardiomegaly": "1.0", "Edema": "0.0", "Pleural Effusion": "-1.0"},
     53189527: {"No Finding": "1.0"},
     57375967: {"Atelectasis": "-1.0", "Pleural Effusion": "1.0", "Support Devices": "1.0"},
-    50771383: {"Cardiomegaly": "0.0", "Pleural Effusion": "0.0", "Pneumothorax": "1.0"},
-}
+    50771383: {"Atelectasis": "1.0", "Cardiomegaly": "0.0", "Edema": "1.0", "Pleural Effusion": "0.0",
+               "Pneumothorax": "1.0"},
+    59258269: {"Cardiomegaly": "1.0", "Consolidation": "1.0", "Pleural Effusion": "1.0", "Support Devices": "-1.0"},
+}  # the test split has positives and negatives for each of the 5 competition tasks
 _MIMIC_NEGBIO = {**_MIMIC_CHEXPERT, 50414267: {"Cardiomegaly": "1.0", "Edema": "0.0", "Pleural Effusion": "1.0"}}
 # subject -> (gender, anchor_age, anchor_year, anchor_year_group); 10001884 is absent from patients on purpose.
 _MIMIC_PATIENTS = {
     10000032: ("F", 52, 2180, "2014 - 2016"),
     10000764: ("M", 86, 2132, "2014 - 2016"),
     10000898: ("F", 40, 2154, "2011 - 2013"),
+    10002428: ("M", 70, 2150, "2008 - 2010"),
 }
 # (subject, hadm_id, admittime, insurance, race)
 _MIMIC_ADMISSIONS = [
@@ -171,6 +175,7 @@ _MIMIC_ADMISSIONS = [
     (10000764, 20000001, "2132-11-01 10:00:00", "Medicare", "BLACK/AFRICAN AMERICAN"),
     (10000898, 29364534, "2154-01-02 08:00:00", "Other", "ASIAN - CHINESE"),
     (10000898, 26000002, "2155-03-01 09:00:00", "Medicaid", "HISPANIC/LATINO - PUERTO RICAN"),
+    (10002428, 23473524, "2151-07-04 11:00:00", "Medicare", "AMERICAN INDIAN/ALASKA NATIVE"),
 ]
 
 
@@ -227,12 +232,13 @@ NIH_HEADER = (
 # (image index, finding labels, follow-up, patient, age, sex, view, image folder, official list)
 _NIH_ROWS = [
     ("00000001_000.png", "Cardiomegaly", 0, 1, 57, "M", "PA", 1, "train_val"),
-    ("00000001_001.png", "Cardiomegaly|Emphysema", 1, 1, 58, "M", "PA", 1, "train_val"),
+    ("00000001_001.png", "Atelectasis|Cardiomegaly|Emphysema", 1, 1, 58, "M", "PA", 1, "train_val"),
     ("00000002_000.png", "No Finding", 0, 2, 81, "M", "PA", 1, "train_val"),
-    ("00000003_000.png", "Effusion|Pleural_Thickening", 0, 3, 414, "F", "AP", 2, "train_val"),
-    ("00000004_000.png", "Hernia|Mass|Nodule", 0, 4, 82, "F", "AP", 2, "test"),
-    ("00000005_000.png", "Effusion|Infiltration|Pneumothorax", 0, 5, 69, "F", "PA", 2, "test"),
-]
+    ("00000003_000.png", "Consolidation|Edema|Effusion|Pleural_Thickening", 0, 3, 414, "F", "AP", 2, "train_val"),
+    ("00000004_000.png", "Atelectasis|Cardiomegaly|Hernia|Mass|Nodule", 0, 4, 82, "F", "AP", 2, "test"),
+    ("00000005_000.png", "Consolidation|Edema|Effusion|Infiltration|Pneumothorax", 0, 5, 69, "F", "PA", 2, "test"),
+    ("00000006_000.png", "No Finding", 0, 6, 35, "M", "PA", 2, "test"),
+]  # each of the 5 CheXpert competition tasks has positives and negatives in both official lists
 
 
 def _nih(root: Path, rng: np.random.Generator, copies: int) -> None:
