@@ -156,7 +156,7 @@ def _new_wandb_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _wandb_mode(cfg: TrackingConfig) -> str:
+def wandb_mode(cfg: TrackingConfig) -> str:
     """Effective mode: the config, downgraded by ``WANDB_MODE`` (offline/disabled) from the environment."""
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     if cfg.wandb == "off" or env in ("disabled", "off"):
@@ -183,14 +183,15 @@ class Tracker:
         axes: Mapping[str, Any],
         run_dir: str | Path,
         is_main_process: bool = True,
+        job_type: str | None = None,
     ) -> "Tracker":
         """Start (or resume) the W&B run of one grid cell; a no-op tracker when off or not the main process.
 
-        ``group`` is the study, ``job_type`` the pretraining source, ``config`` the (scrubbed) study axes so the
-        W&B UI can pivot on them. W&B files go under ``<run_dir>/wandb``.
+        ``group`` is the study, ``job_type`` the pretraining source (unless given), ``config`` the (scrubbed) study
+        axes so the W&B UI can pivot on them. W&B files go under ``<run_dir>/wandb``.
         """
         scrubber = Scrubber(allow_identifiers=tracking_cfg.log_identifiers)
-        mode = _wandb_mode(tracking_cfg)
+        mode = wandb_mode(tracking_cfg)
         if mode == "off" or not is_main_process:
             return cls(None, scrubber)
         run_dir = Path(run_dir)
@@ -209,7 +210,7 @@ class Tracker:
         )
         run = wandb.init(
             project=tracking_cfg.project, entity=tracking_cfg.entity or None, group=study_name,
-            job_type=str(axes.get("pretrained", "")) or None, name=scrubber.text(run_id), id=wandb_id,
+            job_type=job_type or str(axes.get("pretrained", "")) or None, name=scrubber.text(run_id), id=wandb_id,
             resume="allow", config=config, dir=str(run_dir), mode=mode, settings=settings, reinit="finish_previous",
         )
         atomic_write_json(run_dir / WANDB_STATE_FILE, {"wandb_id": run.id, "project": tracking_cfg.project,
@@ -241,8 +242,10 @@ class Tracker:
         if clean:
             self._run.log(clean, step=step)
 
-    def log_metrics_table(self, rows: pd.DataFrame | list[dict], key: str = "metrics", step: int | None = None) -> None:
-        """Log the run's tidy metric rows as a W&B table, and the headline numbers to the summary.
+    def log_metrics_table(self, rows: pd.DataFrame | list[dict], key: str = "metrics", step: int | None = None,
+                          summary: bool = True) -> None:
+        """Log a table (the run's tidy metric rows) as a W&B table, and (``summary``) its headline numbers to the
+        run summary.
 
         Summary keys are ``<eval_set>/<metric>`` for macro, all-sample rows (e.g. ``test/auroc``) and
         ``<eval_set>/<attribute>/<metric>`` for the per-attribute fairness summaries (e.g. ``test/sex/auroc_gap``),
@@ -254,7 +257,8 @@ class Tracker:
 
         df = self.scrubber.frame(pd.DataFrame(rows))
         self._run.log({key: wandb.Table(dataframe=df.reset_index(drop=True))}, step=step)
-        self._run.summary.update(summary_metrics(df))
+        if summary:
+            self._run.summary.update(summary_metrics(df))
 
     def log_images(self, images: Mapping[str, Any], step: int | None = None, *, patient_data: bool = False,
                    captions: Mapping[str, str] | None = None) -> None:
@@ -290,7 +294,8 @@ class Tracker:
 
 
 def summary_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """Headline numbers of a run's tidy metric rows as flat ``eval_set/[attribute/]metric`` keys."""
+    """Headline numbers of a run's tidy metric rows as flat ``eval_set/[attribute/]metric`` keys (macro label),
+    plus ``<ood set>/auroc_drop`` = test − OOD AUROC for every set other than val and test."""
     out: dict[str, float] = {}
     if rows.empty or not {"eval_set", "label", "attribute", "group", "metric", "value"} <= set(rows.columns):
         return out
@@ -301,4 +306,7 @@ def summary_metrics(rows: pd.DataFrame) -> dict[str, float]:
         v = float(r.value) if r.value is not None else math.nan
         key = f"{r.eval_set}/{r.metric}" if r.attribute == "all" else f"{r.eval_set}/{r.attribute}/{r.metric}"
         out[key] = v
+    for es in sorted(set(macro["eval_set"]) - {"val", "test"}):
+        if "test/auroc" in out and f"{es}/auroc" in out:
+            out[f"{es}/auroc_drop"] = out["test/auroc"] - out[f"{es}/auroc"]
     return out

@@ -3,6 +3,7 @@
     python -m scaling.study summary <store>        completion, problems and the AUROC table (mean [CI] over seeds)
     python -m scaling.study fits <store>           fitted scaling-law exponents
     python -m scaling.study report <store> [-o F]  write the self-contained HTML report (default <store>/report.html)
+    python -m scaling.study wandb-report <store>   create the study's W&B Report (online; after `wandb sync`)
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("summary", "print completion and the results table"),
                         ("fits", "print the fitted scaling-law exponents"),
-                        ("report", "write the HTML report")):
+                        ("report", "write the HTML report"),
+                        ("wandb-report", "create the W&B Report of the study (needs online W&B)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("store", help="the study's output_dir (run store)")
-        s.add_argument("--allow-mixed", action="store_true", help="aggregate runs of different study configs")
+        if name != "wandb-report":
+            s.add_argument("--allow-mixed", action="store_true", help="aggregate runs of different study configs")
         if name == "summary":
             s.add_argument("--metric", default="auroc", help="metric to tabulate (default: auroc)")
             s.add_argument("--label", default="macro", help="label to tabulate (default: macro)")
@@ -33,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of each fit (default 200)")
         if name == "report":
             s.add_argument("-o", "--out", help="output HTML path (default: <store>/report.html)")
+        if name == "wandb-report":
+            s.add_argument("--project", help="W&B project (default: tracking.project of the study)")
+            s.add_argument("--entity", help="W&B entity (default: tracking.entity of the study, else yours)")
     return p
 
 
@@ -44,6 +50,21 @@ def _print_status(df: pd.DataFrame) -> None:
     bad = runs[~runs["status"].isin(["complete", "not started"])]
     for r in bad.itertuples(index=False):
         print(f"  {r.status:8s} {r.run_id}: {r.reason}")
+
+
+def _wandb_report(args) -> int:
+    import dataclasses
+
+    from scaling.config import TrackingConfig
+    from scaling.study.aggregate import read_study_config
+    from scaling.study.wandb_report import save_wandb_report
+
+    cfg = read_study_config(args.store)
+    tracking = cfg.tracking if cfg is not None else TrackingConfig()
+    tracking = dataclasses.replace(tracking, wandb="online", project=args.project or tracking.project,
+                                   entity=args.entity or tracking.entity)
+    print(save_wandb_report(args.store, tracking))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot))
             return 0
+        if args.command == "wandb-report":
+            return _wandb_report(args)
         df = load_results(args.store, allow_mixed=args.allow_mixed)
         _print_status(df)
         if df.empty:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from scaling.config import TrackingConfig
 from scaling.io import atomic_write_text
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_results, select, summarise
@@ -258,11 +259,19 @@ def render_html(rep: StudyReport) -> str:
 
 
 def write_report(store_root: str | Path, out_path: str | Path | None = None, *, allow_mixed: bool = False,
-                 n_boot_fit: int = 200) -> Path:
-    """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path."""
+                 n_boot_fit: int = 200, tracking: TrackingConfig | None = None) -> Path:
+    """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path.
+
+    With ``tracking`` (the study's ``TrackingConfig``) the same figures and tables also go to W&B, and the W&B
+    Report is created when online (:func:`scaling.study.wandb_report.publish_study`); ``wandb: off`` adds nothing.
+    """
     store_root = Path(store_root)
     out = Path(out_path) if out_path is not None else store_root / "report.html"
     rep = build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit)
     atomic_write_text(out, render_html(rep))
     log.info("report written to %s", out)
+    if tracking is not None:
+        from scaling.study.wandb_report import publish_study
+
+        publish_study(store_root, tracking, report=rep)
     return out

@@ -1,0 +1,154 @@
+"""The study's Weights & Biases view: a W&B Report with a panel per study view, and a study-level W&B run.
+
+The per-cell W&B runs (``scaling.tracking.Tracker``) carry the study axes in ``config`` and the headline numbers in
+``summary`` (``test/auroc``, ``ood_site_b/auroc_drop``, ``test/sex/worst_group_auroc``, ...). The Report built here
+plots those summaries against the axes — one run set per pretraining source, so each source is its own colour —
+mirroring the HTML report's views. Building the Report object needs ``wandb-workspaces`` (``pip install
+'scaling[wandb-report]'``) but no network; saving it needs an online W&B login and happens only in online mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from scaling.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+def _wr():
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError as e:
+        raise ImportError("building a W&B Report needs wandb-workspaces: pip install 'scaling[wandb-report]'") from e
+    return wr
+
+
+def _quote(s: str) -> str:
+    return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def report_panels(ood_sets=(), attributes=()) -> list[tuple[str, str, str, bool]]:
+    """The Report's scatter panels as (title, x, y, log_x); x/y are ``config:<key>`` or ``summary:<key>``."""
+    size = "config:n_params"
+    panels = [("AUROC vs model size (test)", size, "summary:test/auroc", True),
+              ("AUROC vs labelled fraction (test)", "config:fraction", "summary:test/auroc", True),
+              ("AUROC vs pretraining images (test)", "config:pretrain_images", "summary:test/auroc", True)]
+    for o in ood_sets:
+        panels += [(f"In-distribution vs OOD AUROC ({o})", "summary:test/auroc", f"summary:{o}/auroc", False),
+                   (f"OOD drop vs model size ({o})", size, f"summary:{o}/auroc_drop", True)]
+    for a in attributes:
+        panels += [(f"Worst-group AUROC vs model size ({a})", size, f"summary:test/{a}/worst_group_auroc", True),
+                   (f"AUROC gap vs model size ({a})", size, f"summary:test/{a}/auroc_gap", True)]
+    panels += [("ECE vs model size (test)", size, "summary:test/ece", True),
+               ("ECE after temperature scaling vs model size (test)", size, "summary:test/ece_temp", True),
+               ("Selective prediction: AURC vs model size (test)", size, "summary:test/aurc", True)]
+    return panels
+
+
+def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=(),
+                       description: str = ""):
+    """The W&B Report object of a study (``wandb_workspaces.reports.v2.Report``), built without network access.
+
+    One run set per pretraining source (runs of W&B group ``study`` and job type ``source``), scatter panels from
+    :func:`report_panels`, a parallel-coordinates panel over the axes and the training-loss curves.
+    """
+    wr = _wr()
+
+    def axis(spec: str):
+        kind, key = spec.split(":", 1)
+        return wr.Config(key) if kind == "config" else wr.SummaryMetric(key)
+
+    runsets = [wr.Runset(entity=entity, project=project, name=str(src),
+                         filters=f"Group = {_quote(study)} and JobType = {_quote(src)}") for src in sources]
+    if not runsets:
+        runsets = [wr.Runset(entity=entity, project=project, name=study, filters=f"Group = {_quote(study)}")]
+    panels: list[Any] = [wr.ScatterPlot(title=t, x=axis(x), y=axis(y), log_x=lx) for t, x, y, lx in
+                         report_panels(ood_sets, attributes)]
+    panels.append(wr.ParallelCoordinatesPlot(title="Study axes → test AUROC", columns=[
+        wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in ("n_params", "pretrain_images", "fraction")
+    ] + [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("test/auroc"))]))
+    panels.append(wr.LinePlot(title="Training loss", y=["train/loss"]))
+    blocks = [
+        wr.H1(f"Scaling study: {study}"),
+        wr.P(description or "Each point is one grid cell (backbone × pretraining source × data fraction × seed); "
+             "colours are pretraining sources. The local HTML report (python -m scaling.study report <store>) "
+             "has the same views with seed intervals, fitted scaling laws and DeLong comparisons."),
+        wr.PanelGrid(runsets=runsets, panels=panels),
+    ]
+    return wr.Report(project=project, entity=entity, title=f"Scaling study: {study}", blocks=blocks)
+
+
+def study_report_args(store_root: str | Path) -> dict:
+    """Study name, pretraining sources, OOD sets and subgroup attributes found in a run store."""
+    from scaling.study.aggregate import load_results
+    from scaling.study.tables import ood_sets
+
+    df = load_results(store_root)
+    runs = df.attrs["runs"]
+    names = sorted(runs["study"].dropna().unique())
+    return {
+        "study": names[0] if names else Path(store_root).name,
+        "sources": sorted(runs["pretrained"].dropna().unique()),
+        "ood_sets": ood_sets(df) if len(df) else [],
+        "attributes": sorted(a for a in df["attribute"].dropna().unique() if a != "all") if len(df) else [],
+    }
+
+
+def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report=None) -> str | None:
+    """Mirror the study to W&B: a study-level run (job type ``report``) with the report's figures and tables, and,
+    when online, the W&B Report. Returns the Report URL (None when not online; nothing at all when tracking is off).
+
+    ``report`` is a :class:`scaling.study.report.StudyReport` (built from the store when None). The study run's id
+    is kept in ``<store>/wandb-study/`` so publishing again continues the same W&B run.
+    """
+    from scaling.tracking import Tracker, wandb_mode
+
+    mode = wandb_mode(tracking_cfg)
+    if mode == "off":
+        return None
+    store_root = Path(store_root)
+    if report is None:
+        from scaling.study.report import build_report
+
+        report = build_report(store_root)
+    args = study_report_args(store_root)
+    run_dir = store_root / "wandb-study"
+    tracker = Tracker.create(tracking_cfg, args["study"], f"{args['study']}-report", {"study": args["study"]},
+                             run_dir, job_type="report")
+    try:
+        figures = run_dir / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, png in report.figures.items():
+            (figures / f"{name}.png").write_bytes(png)
+            paths[f"report/{name}"] = figures / f"{name}.png"
+        tracker.log_images(paths)
+        for name in ("headline", "fits", "data_efficiency", "ood", "fairness", "calibration", "delong"):
+            table = report.tables.get(name)
+            if table is not None and len(table):
+                tracker.log_metrics_table(table, key=f"report/{name}", summary=False)
+    finally:
+        tracker.finish()
+    if mode != "online":
+        log.info("W&B Report not created (tracking mode %s): it needs online W&B; sync the runs with `wandb sync`, "
+                 "then run `python -m scaling.study wandb-report <store>` online", mode)
+        return None
+    return save_wandb_report(store_root, tracking_cfg)
+
+
+def save_wandb_report(store_root: str | Path, tracking_cfg: TrackingConfig) -> str:
+    """Build the study's W&B Report and save it to the server (needs an online W&B login); return its URL."""
+    report = build_wandb_report(project=tracking_cfg.project, entity=tracking_cfg.entity or _default_entity(),
+                                **study_report_args(store_root))
+    report.save()
+    log.info("W&B Report: %s", report.url)
+    return report.url
+
+
+def _default_entity() -> str:
+    import wandb
+
+    return wandb.Api().default_entity or ""

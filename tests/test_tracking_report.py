@@ -1,0 +1,68 @@
+"""The study's W&B view: the Report object is built offline with a panel per view; publishing offline logs the
+report's figures and tables to a study-level run, creates no Report and leaks no identifier."""
+
+import socket
+
+import pytest
+from test_study_fixtures import PATIENTS, SAMPLES, make_store
+
+from scaling.config import TrackingConfig
+from scaling.study.wandb_report import build_wandb_report, publish_study, report_panels, study_report_args
+
+pytest.importorskip("wandb_workspaces", reason="the W&B Report needs the wandb-report extra")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any IP connection fails (W&B's own local service socket is a Unix socket and stays allowed)."""
+    connect = socket.socket.connect
+
+    def refuse(sock, address, *args):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"network access attempted in an offline test: {address}")
+        return connect(sock, address, *args)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_report_object_built_offline(no_network):
+    report = build_wandb_report("demo", project="scaling", entity="team", sources=["scratch", "upstream:big"],
+                                ood_sets=["ood_site_b"], attributes=["sex", "age_group"])
+    grid = report.blocks[-1]
+    titles = [p.title for p in grid.panels]
+    expected = [t for t, *_ in report_panels(["ood_site_b"], ["sex", "age_group"])]
+    assert titles[: len(expected)] == expected
+    for view in ("AUROC vs model size (test)", "AUROC vs labelled fraction (test)",
+                 "In-distribution vs OOD AUROC (ood_site_b)", "OOD drop vs model size (ood_site_b)",
+                 "Worst-group AUROC vs model size (sex)", "AUROC gap vs model size (age_group)",
+                 "ECE vs model size (test)", "ECE after temperature scaling vs model size (test)",
+                 "Selective prediction: AURC vs model size (test)", "Training loss"):
+        assert view in titles, view
+    assert [r.name for r in grid.runsets] == ["scratch", "upstream:big"]
+    assert {r.entity for r in grid.runsets} == {"team"} and report.project == "scaling"
+    # The payload report.save() would send (without an entity, so no project-id lookup on the server).
+    spec = build_wandb_report("demo", project="scaling", sources=["scratch", "upstream:big"],
+                              ood_sets=["ood_site_b"])._to_model().model_dump()
+    filters = str(spec)
+    assert "'value': 'demo'" in filters and "'value': 'upstream:big'" in filters
+    assert "test/ood_site_b" not in filters and "ood_site_b/auroc_drop" in filters
+
+
+def test_publish_offline(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    keep = {(b, "scratch", 1.0, 0) for b in ("bb_tiny", "bb_small")}
+    make_store(tmp_path / "s", only=keep)
+    args = study_report_args(tmp_path / "s")
+    # Sources come from the whole grid (study.yaml), including those not started yet.
+    assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
+                    "ood_sets": ["ood_site_b"], "attributes": ["sex"]}
+    assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline")) is None  # no Report offline
+    files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
+    blob = b"".join(p.read_bytes() for p in files)
+    wandb_file = next(p for p in files if p.suffix == ".wandb").read_bytes()
+    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong"):
+        assert key in wandb_file, key
+    for ident in PATIENTS + SAMPLES:
+        assert ident.encode() not in blob
+    assert publish_study(tmp_path / "s", TrackingConfig(wandb="off")) is None
