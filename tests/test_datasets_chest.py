@@ -4,7 +4,6 @@ Every expectation below is written by hand from the fixture rows (``scaling/data
 documentation, never from the loader's own output.
 """
 
-import gzip
 import math
 import shutil
 

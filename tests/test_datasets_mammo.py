@@ -6,7 +6,6 @@ Expectations are hand-written from the fixture rows (``scaling/data/fixtures.py`
 import math
 import shutil
 
-import numpy as np
 import pandas as pd
 import pydicom
 import pytest

@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
