@@ -97,6 +97,8 @@ def resolve_metric(metric) -> Callable:
 class ClusterBootstrap:
     """Per-cluster multiplicities of ``n_boot`` cluster resamples, reusable across metrics, labels and subsets.
 
+    ``counts`` is (n_boot, n_clusters) float32 (small integers, exact); ``codes`` maps each sample to its cluster.
+
     ``cluster`` holds one cluster id (patient id) per sample, or is None for one cluster per sample. Clusters are
     numbered in sorted order of their ids, so the same patients with the same seed give the same replicates
     whatever the number of images per patient.
@@ -122,12 +124,13 @@ class ClusterBootstrap:
 
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         g = self.n_clusters
-        blocks = []
+        out = np.empty((self.n_boot, g), dtype=np.float32)  # small integers: exact, half the memory traffic
         for start in range(0, self.n_boot, _DRAW_BLOCK):
             b = min(_DRAW_BLOCK, self.n_boot - start)
-            draws = rng.integers(0, max(g, 1), size=(b, g)) + (np.arange(b) * g)[:, None]
-            blocks.append(np.bincount(draws.ravel(), minlength=b * g).reshape(b, g).astype(np.float64))
-        return np.concatenate(blocks) if blocks else np.zeros((0, g))
+            draws = rng.integers(0, max(g, 1), size=(b, g), dtype=np.int64)
+            draws += (np.arange(b, dtype=np.int64) * g)[:, None]  # one bincount for the whole block
+            out[start:start + b] = np.bincount(draws.ravel(), minlength=b * g).reshape(b, g)
+        return out
 
     def subset(self, rows) -> ClusterBootstrap:
         """The same replicates restricted to samples ``rows`` (positions or a boolean mask). Cluster numbering
