@@ -45,7 +45,7 @@ from scaling.engine.distributed import (
     compute_dtype,
     make_accelerator,
 )
-from scaling.engine.schedule import lr_at, total_steps
+from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
 from scaling.engine.sharding import (
     ShardingError,
     apply_fsdp,
@@ -333,6 +333,7 @@ class Trainer:
 
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
+        alpha = mixup_alpha(cfg, len(train_dataset))  # 0 for small tasks under the BiT-HyperRule
         set_seed(cfg.seed, device_specific=True)  # dropout / drop-path differ per rank; data order does not
         start = self._resume(total) if self.output_dir is not None else 0
 
@@ -363,9 +364,9 @@ class Trainer:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 if flops_per_image is None and peak is not None:
                     flops_per_image = self._flops_per_image(micro[0]["image"])
-                if cfg.mixup_alpha > 0:
+                if alpha > 0:
                     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + self.rank)
-                    lam = sample_lambda(cfg.mixup_alpha, gen)
+                    lam = sample_lambda(alpha, gen)
                     for b in micro:
                         b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
                                                         num_classes=self.num_outputs)

@@ -8,8 +8,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               our path), fsdp_grad_op, predict with padding duplicates, export; an uninterrupted fsdp run that
               checkpoints at step 3 (``resume_fsdp``)
 * ``zero``    zero1, zero2, zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
-* ``resume``  fresh launch: resume ``resume_fsdp`` (torch launch) or ``resume_zero3`` (DeepSpeed launch) and
-              ``sigterm`` runs to the end
+* ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
+              ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
@@ -92,18 +92,21 @@ def main():
         run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_zero3")
     elif suite == "resume":
-        run_cell(os.environ["RESUME_STRATEGY"], out, "resumed", train=train_cfg(steps=6, checkpoint_every=3),
-                 output_dir=out_dir / os.environ["RESUME_DIR"])
+        # A fresh launch: every named run directory resumes from its latest checkpoint and runs to the end.
+        for name in os.environ["RESUME_DIRS"].split(","):
+            run_cell(os.environ["RESUME_STRATEGY"], out, name, train=train_cfg(steps=6, checkpoint_every=3),
+                     output_dir=out_dir / name)
     elif suite == "sigterm":
-        # Slow steps so the test's SIGTERM lands mid-run; the test waits for the "step" marker files.
-        cfg = train_cfg(steps=200, checkpoint_every=0)
-        trainer = Trainer(vit(), cfg, ShardingConfig(strategy="fsdp"), output_dir=out_dir / "sigterm")
+        # The same run as ``resume_fsdp``, with slow steps so the test's SIGTERM lands mid-run (it waits for the
+        # ``alive`` marker written after the first optimizer step).
+        trainer = Trainer(vit(), train_cfg(steps=6, checkpoint_every=3), ShardingConfig(strategy="fsdp"),
+                          output_dir=out_dir / "sigterm")
         original = trainer._optimizer_step
 
         def slow_step():
             original()
             (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
-            time.sleep(0.2)
+            time.sleep(1.0)
 
         trainer._optimizer_step = slow_step
         trainer.fit(ToyDataset(64))

@@ -1,0 +1,78 @@
+"""Launch ``sharded_suite.py`` on 2 CPU ranks with torchrun, once per pytest session per suite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SUITE = HERE / "sharded_suite.py"
+_OUT = None
+_RESULTS: dict[str, dict] = {}
+
+
+def out_dir() -> Path:
+    """One scratch directory per pytest session, shared by every suite (resume suites read earlier runs)."""
+    global _OUT
+    if _OUT is None:
+        _OUT = Path(tempfile.mkdtemp(prefix="scaling-dist-"))
+    return _OUT
+
+
+def env(deepspeed: bool = False, **extra: str) -> dict:
+    """Environment of a launched suite: one thread per rank (2 ranks share 2 cores), offline, optional DeepSpeed."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    e.pop("ACCELERATE_USE_DEEPSPEED", None)
+    e.pop("ACCELERATE_USE_FSDP", None)
+    if deepspeed:
+        # What `accelerate launch --use_deepspeed` sets; scaling then builds the plugin from the strategy.
+        e["ACCELERATE_USE_DEEPSPEED"] = "true"
+    e.update(extra)
+    return e
+
+
+def command(suite: str) -> list[str]:
+    """torchrun command line for ``suite`` on 2 local ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SUITE),
+            suite, str(out_dir())]
+
+
+def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, **extra: str) -> dict:
+    """Run a suite (cached per session under its name + extra env) and return rank 0's result dict."""
+    key = f"{suite}:{sorted(extra.items())}"
+    if key not in _RESULTS:
+        proc = subprocess.run(command(suite), env=env(deepspeed, **extra), cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"suite {suite} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-6000:]}")
+        _RESULTS[key] = torch.load(out_dir() / f"{suite}.pt", weights_only=False)
+    return _RESULTS[key]
+
+
+def run_and_sigterm(suite: str, marker: str, timeout: int = 300) -> int:
+    """Start ``suite``, wait for ``marker`` files of both ranks, send SIGTERM to the launcher; return its exit code."""
+    proc = subprocess.Popen(command(suite), env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + timeout
+    try:
+        while not all((out_dir() / f"{marker}_rank{r}").exists() for r in (0, 1)):
+            if proc.poll() is not None:
+                raise AssertionError(f"{suite} ended before the signal:\n{proc.stdout.read()[-6000:]}")
+            if time.time() > deadline:
+                raise AssertionError(f"{suite}: no {marker} marker within {timeout} s")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank, as SLURM/scancel would
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode
