@@ -46,6 +46,17 @@ DENSITY = {"1": "A", "2": "B", "3": "C", "4": "D", "5": None}
 SIDES = {"L": "L", "R": "R", "B": "B"}
 
 
+def _race(text: pd.Series, source: Path) -> pd.Series:
+    """``RACE_DESC`` → White/Black/Asian/…, None when unknown; a value outside the released vocabulary is kept
+    verbatim (and logged) rather than failing the whole dataset over a demographic string."""
+    known = text.isin(list(RACE))
+    other = text.notna() & ~known
+    if other.any():
+        log.warning("%s: RACE_DESC values outside the released vocabulary kept verbatim: %s", source,
+                    sorted(text[other].unique()))
+    return text.map(RACE).where(known, text).astype(object)
+
+
 def _findings(clinical: pd.DataFrame, path: Path) -> pd.DataFrame:
     """One row per (exam, breast) finding with its BI-RADS and malignancy (1/0/NaN), B/blank sides duplicated."""
     ids = clinical["empi_anon"] + "/" + clinical["acc_anon"]
@@ -126,7 +137,7 @@ def load(
     density_raw = clinical["tissueden"].str.strip().str.replace(r"\.0$", "", regex=True)
     exams = pd.DataFrame({
         "empi_anon": clinical["empi_anon"], "acc_anon": clinical["acc_anon"],
-        "race": map_values(race_text, RACE, exam_ids, clin_path, "RACE_DESC"),
+        "race": _race(race_text, clin_path),
         "ethnicity": clinical[ethnic_col] if ethnic_col else None,
         "age": parse_numbers(clinical["age_at_study"], exam_ids, clin_path, "age_at_study"),
         "density": map_values(density_raw, DENSITY, exam_ids, clin_path, "tissueden"),
