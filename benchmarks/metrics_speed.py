@@ -3,8 +3,8 @@
     python benchmarks/metrics_speed.py [--n 100000] [--patients 20000] [--n-boot 1000] [--sklearn-reps 20]
 
 1. 1,000 patient-level bootstrap replicates of AUROC at n = 100,000 images of 20,000 patients with
-   ``scaling.metrics.bootstrap_ci`` (goal <= 2 s on 2 cores), against the obvious alternative: a Python loop that
-   resamples patients, gathers their images and calls ``sklearn.metrics.roc_auc_score``. The sklearn loop runs
+   ``scaling.metrics.bootstrap_ci`` (goal <= 2 s on 2 cores; goal >= 20x faster than the obvious alternative: a
+   Python loop that resamples patients, gathers their images and calls ``sklearn.metrics.roc_auc_score``). The sklearn loop runs
    ``--sklearn-reps`` replicates (its per-replicate cost is constant) and is scaled linearly to ``--n-boot``.
 2. DeLong CI at n = 1,000,000 (goal <= 2 s) and the paired DeLong test of two models on the same samples.
 3. ``compute_run_metrics`` for one demo-sized run: val + test + OOD sets of 1,000 samples, 5 labels,
@@ -35,18 +35,19 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def sklearn_loop(y, p, pid, reps: int, seed: int = 0) -> float:
-    """Seconds for ``reps`` cluster-bootstrap AUROC replicates the straightforward way (resample patients, gather
-    their images, call roc_auc_score)."""
+    """Seconds for ``reps`` cluster-bootstrap AUROC replicates the straightforward way: draw patients, gather their
+    images (one vectorised np.repeat, so the loop is not penalised for Python-level gathering), call
+    ``roc_auc_score``."""
     from sklearn.metrics import roc_auc_score
 
-    patients, codes = np.unique(pid, return_inverse=True)
-    members = np.argsort(codes, kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(codes))]
+    _, codes = np.unique(pid, return_inverse=True)
+    g = int(codes.max()) + 1
+    rows = np.arange(y.size)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     for _ in range(reps):
-        drawn = rng.integers(0, patients.size, patients.size)
-        idx = np.concatenate([members[starts[g]:starts[g + 1]] for g in drawn])
+        multiplicity = np.bincount(rng.integers(0, g, g), minlength=g)
+        idx = np.repeat(rows, multiplicity[codes])
         roc_auc_score(y[idx], p[idx])
     return time.perf_counter() - t0
 

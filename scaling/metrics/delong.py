@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from scaling.metrics.discrimination import midranks
 from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
 
 
@@ -58,6 +57,29 @@ class DelongTest:
     """Upper bound of the difference's normal-approximation interval."""
 
 
+def _sorted_midranks(sorted_values: np.ndarray) -> np.ndarray:
+    """1-based midranks of already sorted values (tied values share the mean of their ranks), in linear time."""
+    size = sorted_values.size
+    first = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    last = np.r_[first[1:], size]  # one past the end of each tie group
+    return np.repeat((first + last + 1) / 2.0, last - first)
+
+
+def _three_midrankings(row: np.ndarray, m: int):
+    """Midranks of the m positives (first) among themselves, of the negatives among themselves, and of all
+    together: one sort of the combined row serves the three (Sun & Xu 2014, section III)."""
+    order = np.argsort(row)  # tie order is irrelevant: tied values share a midrank
+    values = row[order]
+    is_pos = order < m
+    tz = np.empty(row.size)
+    tz[order] = _sorted_midranks(values)
+    tx = np.empty(m)
+    tx[order[is_pos]] = _sorted_midranks(values[is_pos])
+    ty = np.empty(row.size - m)
+    ty[order[~is_pos] - m] = _sorted_midranks(values[~is_pos])
+    return tx, ty, tz
+
+
 def delong_components(y, scores) -> tuple[np.ndarray, np.ndarray]:
     """AUROCs and their DeLong covariance matrix for k score vectors on the same samples.
 
@@ -75,9 +97,9 @@ def delong_components(y, scores) -> tuple[np.ndarray, np.ndarray]:
     m, n = pos.shape[1], neg.shape[1]
     if m == 0 or n == 0:
         raise ValueError(f"y needs both classes for DeLong, got {m} positive and {n} negative labelled samples")
-    tx = np.vstack([midranks(row) for row in pos])
-    ty = np.vstack([midranks(row) for row in neg])
-    tz = np.vstack([midranks(row) for row in np.concatenate([pos, neg], axis=1)])
+    tx, ty, tz = np.empty_like(pos), np.empty_like(neg), np.empty((s.shape[0], m + n))
+    for k, row in enumerate(np.concatenate([pos, neg], axis=1)):
+        tx[k], ty[k], tz[k] = _three_midrankings(row, m)
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
     v10 = (tz[:, :m] - tx) / n  # per positive: share of negatives below it
     v01 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives above it

@@ -81,7 +81,7 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     cumulated in score order per replicate, and each positive collects the weight of the negatives strictly below
     it plus half of those tied with it.
     """
-    order = np.argsort(p, kind="stable")
+    order = np.argsort(p)  # ties are resolved by searchsorted below, not by the sort order
     neg = order[~y[order]]
     pos = order[y[order]]
     neg_scores = p[neg]
@@ -110,7 +110,7 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
 
 def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Weighted average precision for every row of ``counts`` (see :func:`auroc_replicates` for the weights)."""
-    order = np.argsort(-p, kind="stable")
+    order = np.argsort(-p)  # tied scores are grouped into one threshold below
     ys = y[order]
     ps = p[order]
     ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])  # last index of each distinct threshold

@@ -50,7 +50,7 @@ def choose_threshold(y, p, policy: str = "max_f1", target: float | None = None) 
     n_neg = y.size - n_pos
     if one_class_nan(n_pos, n_neg, f"threshold ({policy})"):
         return float("nan")
-    order = np.argsort(-p, kind="stable")
+    order = np.argsort(-p)  # tied scores are grouped into one threshold below
     ps = p[order]
     ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
     values = ps[ends]  # distinct thresholds, descending
