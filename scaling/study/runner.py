@@ -177,13 +177,16 @@ def resolve_pretrained(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> str:
     return str(ensure_upstream(cfg, store, up, spec.backbone))
 
 
-def pretrain_images(cfg: StudyConfig, source: str) -> float:
+def pretrain_images(cfg: StudyConfig, backbone: str, source: str) -> float:
     """Number of upstream pretraining images behind a weight source (0 for scratch, NaN when unknown)."""
+    from scaling.models import model_info
+
     if source == "scratch":
         return 0.0
     if source.startswith("upstream:"):
         return float(next(u.num_images for u in cfg.upstream if u.name == source.split(":", 1)[1]))
-    return math.nan
+    known = model_info(backbone).get("sources", {}).get(source.split(":", 1)[0], {})
+    return float(known.get("n_images") or math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     from scaling.data.dataset import TableDataset
     from scaling.data.splits import fraction_subset
     from scaling.engine import Trainer
-    from scaling.metrics import compute_run_metrics
+    from scaling.metrics.run_metrics import compute_run_metrics
     from scaling.models import build_model, model_info
     from scaling.tracking import Tracker
 
@@ -217,10 +220,19 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     # -- data: nested, seeded, patient-level fraction of the training patients -----------------------------------
     train_table = fraction_subset(data.train, spec.fraction, seed=spec.seed)
     cache = Path(cfg.output_dir) / "cache" if cfg.data.cache else None
-    train_ds = TableDataset(train_table, labels, cfg.data.image_size, train=True, cache_dir=cache,
-                            on_bad_image=cfg.data.on_bad_image)
-    eval_ds = {name: TableDataset(t, labels, cfg.data.image_size, train=False, cache_dir=cache,
-                                  on_bad_image=cfg.data.on_bad_image) for name, t in data.eval_sets().items()}
+
+    def datasets():
+        kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
+        train_ds = TableDataset(train_table, labels, cfg.data.image_size, train=True, **kw)
+        return train_ds, {name: TableDataset(t, labels, cfg.data.image_size, train=False, **kw)
+                          for name, t in data.eval_sets().items()}
+
+    # The main process fills the shared image cache first; the other ranks then only read it.
+    if not _is_main():
+        _barrier()
+    train_ds, eval_ds = datasets()
+    if _is_main():
+        _barrier()
 
     # -- model ----------------------------------------------------------------------------------------------------
     source = resolve_pretrained(cfg, store, spec)
@@ -229,8 +241,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     axes = {
         "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
         "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-        "pretrain_images": pretrain_images(cfg, spec.pretrained),
+        "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
+        "pretrain_images": pretrain_images(cfg, spec.backbone, spec.pretrained),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""),
     }
@@ -241,6 +253,9 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     # -- train ----------------------------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
                              is_main_process=_is_main())
+    if tracker.active:  # identifiers must never reach W&B, whatever key or string carries them
+        tracker.protect(pd.concat([t[["sample_id", "patient_id"]] for t in [data.train, *data.eval_sets().values()]])
+                        .to_numpy().ravel().tolist())
     try:
         trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=run_dir, tracker=tracker)
         summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
