@@ -165,7 +165,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
             # Age 0 is the release's placeholder for "unknown" (3 rows in train.csv), not a newborn.
             "age": age.where(age > 0).astype(float),
             "view": mapped("Frontal/Lateral", _VIEW),
-            "view_position": view_pos.where(view_pos != "", None).astype(object),
+            "view_position": view_pos.astype(object).where(view_pos != "", None),
         }
     )
     for name in CHEXPERT_LABELS:

@@ -173,7 +173,8 @@ def build_transform(
     a small rotation. Horizontal flips are off by default because chest anatomy is not mirror-symmetric (the heart
     is on the left); turn ``flip`` on for dermatology.
     """
-    steps: list = [ToThreeChannels()]
+    # Geometry runs before the channel expansion: on a 1-channel image it is 3x cheaper.
+    steps: list = []
     if train:
         steps += [
             v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
@@ -183,7 +184,7 @@ def build_transform(
             steps.append(v2.RandomHorizontalFlip())
     else:
         steps.append(v2.Resize((image_size, image_size), antialias=True))
-    steps.append(v2.Normalize(list(mean), list(std)))
+    steps += [ToThreeChannels(), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 
 

@@ -65,7 +65,7 @@ def check_files(df: pd.DataFrame, source: str) -> None:
     """Raise DataError naming the missing image files (and their sample ids) of a sample table."""
     missing = [(sid, p) for sid, p in zip(df["sample_id"], df["path"]) if not Path(p).is_file()]
     if missing:
-        shown = "; ".join(f"{p} (sample {sid})" for sid, p in missing[:MISSING_LIST_SHOWN])
+        shown = "; ".join(f"{p} (sample {sid!r})" for sid, p in missing[:MISSING_LIST_SHOWN])
         more = f" and {len(missing) - MISSING_LIST_SHOWN} more" if len(missing) > MISSING_LIST_SHOWN else ""
         raise DataError(f"{source}: {len(missing)} of {len(df)} image files are missing: {shown}{more}")
 

@@ -35,7 +35,7 @@ shadows over the lung bases, which lower the conspicuity of basal findings (effu
 subgroup gap for the fairness analysis. AP films (more likely when sick or with devices) magnify the heart.
 
 Reported labels follow CheXpert's encodings: a true finding is reported ``1.0`` (82 %), ``-1.0`` (13 %, with a
-fainter signal) or blank (5 %); an absent one blank (65 %), ``0.0`` (27 %) or ``-1.0`` (8 %). ``No Finding`` is
+fainter signal) or blank (5 %); an absent one blank (65 %), ``0.0`` (30 %) or ``-1.0`` (5 %). ``No Finding`` is
 ``1.0`` only when no pathology is present or uncertain, else blank. ``valid.csv`` holds consensus labels, 0/1 only.
 About 0.5 % of patients have ``Unknown`` sex and 0.5 % age 0, the release's traps.
 
@@ -91,10 +91,13 @@ _RACES = (("White", 0.45), ("White, non-Hispanic", 0.12), ("Black or African Ame
           ("Asian, non-Hispanic", 0.05), ("Other", 0.08), ("Unknown", 0.05), ("Patient Refused", 0.03))
 _ETHNICITIES = (("Non-Hispanic/Non-Latino", 0.75), ("Hispanic/Latino", 0.12), ("Not Hispanic", 0.05), ("Unknown", 0.08))
 
-# Acquisition per site: gamma of the intensity curve, contrast around mid-grey, noise sigma, blur sigma (px at 64).
+# Acquisition per site: gamma of the intensity curve, contrast around the lung-field grey level, noise sigma, blur
+# sigma (px at 64 px width). The pivot keeps lung fields at about the same mean grey in both sites: a global
+# brightness jump would mimic diffuse haze (edema) on every film instead of degrading the signal.
+_PIVOT = 0.3
 SITES = {
-    "a": {"gamma": 1.0, "contrast": 1.0, "offset": 0.0, "noise": 0.025, "blur": 0.4},
-    "b": {"gamma": 0.65, "contrast": 0.75, "offset": 0.04, "noise": 0.06, "blur": 1.1},
+    "a": {"gamma": 1.0, "contrast": 1.0, "noise": 0.035, "blur": 0.4},
+    "b": {"gamma": 0.85, "contrast": 0.8, "noise": 0.05, "blur": 0.9},
 }
 _FIRST_PATIENT = {"a": 1, "b": 80001}
 
@@ -161,7 +164,7 @@ def _report(rng, truth: dict[str, np.ndarray], consensus: bool) -> tuple[dict[st
             sev = np.where(t == 1, rng.uniform(0.35, 1.0, n), 0.0)
         else:
             text = np.where(t == 1, np.where(u < 0.82, "1.0", np.where(u < 0.95, "-1.0", "")),
-                            np.where(u < 0.65, "", np.where(u < 0.92, "0.0", "-1.0")))
+                            np.where(u < 0.65, "", np.where(u < 0.95, "0.0", "-1.0")))
             # Uncertain mentions of a true finding look fainter on the film, as in real reports.
             sev = np.where(t == 1, np.where(text == "-1.0", rng.uniform(0.2, 0.5, n), rng.uniform(0.45, 1.0, n)), 0.0)
         cells[name], severity[name] = text.astype(object), sev
@@ -236,15 +239,15 @@ def _render(rng, meta: pd.DataFrame, sev: dict[str, np.ndarray], width: int, hei
     level = 0.58 - 0.42 * sev_eff + 0.25 * np.abs(X - cx_side)  # meniscus: higher at the lateral wall
     both = _col(rng.random(n) < 0.4)
     eff_region = both * lungs + (1 - both) * one_lung
-    img += (sev_eff > 0) * 0.30 * eff_region * _sigmoid((Y - level) / 0.04)
+    img += (sev_eff > 0) * 0.20 * eff_region * _sigmoid((Y - level) / 0.04)
     haze = _blob(X, Y, -0.22, 0.0, 0.32) + _blob(X, Y, 0.22, 0.0, 0.32)
-    img += 0.26 * s["Edema"] * lungs * haze
+    img += 0.16 * s["Edema"] * lungs * haze
     c_x, c_y = cx_side + u(-0.12, 0.12), u(-0.35, 0.3)
-    img += 0.34 * np.sign(s["Consolidation"]) * (0.5 + 0.5 * s["Consolidation"]) * one_lung * _blob(X, Y, c_x, c_y, 0.15, 4)
+    img += 0.26 * np.sign(s["Consolidation"]) * (0.5 + 0.5 * s["Consolidation"]) * one_lung * _blob(X, Y, c_x, c_y, 0.15, 4)
     pn = sum(_blob(X, Y, -cx_side + u(-0.15, 0.15), u(0.1, 0.45), 0.07, 2) for _ in range(3))
     img += 0.24 * s["Pneumonia"] * lungs * pn
     band_y = u(0.15, 0.4)
-    img += 0.34 * np.sign(s["Atelectasis"]) * (0.5 + 0.5 * s["Atelectasis"]) * one_lung * _sigmoid(
+    img += 0.22 * np.sign(s["Atelectasis"]) * (0.5 + 0.5 * s["Atelectasis"]) * one_lung * _sigmoid(
         (0.045 - np.abs(Y - band_y - 0.15 * (X - cx_side))) / 0.012)
     outer = _sigmoid((X - cx_side) * np.sign(cx_side) / 0.04)  # the lung's lateral half
     apex = one_lung * _sigmoid((-0.3 - Y) / 0.05) * outer
@@ -269,7 +272,7 @@ def _render(rng, meta: pd.DataFrame, sev: dict[str, np.ndarray], width: int, hei
     sigma = acq["blur"] * width / 64.0 * (1.0 + 0.3 * ap[:, 0, 0])
     img = np.stack([gaussian_filter(im, float(sg)) for im, sg in zip(img, sigma)]) if acq["blur"] > 0 else img
     img = np.clip(img, 0.0, 1.0) ** acq["gamma"]
-    img = 0.5 + acq["contrast"] * (img - 0.5) + acq["offset"]
+    img = _PIVOT + acq["contrast"] * (img - _PIVOT)
     img += rng.normal(0.0, acq["noise"], img.shape).astype(np.float32)
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
