@@ -97,11 +97,10 @@ def resolve_metric(metric) -> Callable:
 class ClusterBootstrap:
     """Per-cluster multiplicities of ``n_boot`` cluster resamples, reusable across metrics, labels and subsets.
 
-    ``counts`` is (n_boot, n_clusters) float32 (small integers, exact); ``codes`` maps each sample to its cluster.
-
     ``cluster`` holds one cluster id (patient id) per sample, or is None for one cluster per sample. Clusters are
     numbered in sorted order of their ids, so the same patients with the same seed give the same replicates
-    whatever the number of images per patient.
+    whatever the number of images per patient. ``counts`` is (n_boot, n_clusters) float32 (small integers, so
+    exact); ``codes`` maps each sample to its cluster.
     """
 
     def __init__(self, cluster=None, n: int | None = None, n_boot: int = 1000, seed: int = 0):

@@ -45,8 +45,8 @@ from scaling.metrics.selective import aurc
 from scaling.metrics.temperature import apply_temperature, fit_temperature
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
 from scaling.metrics.validation import MetricWarning, check_labels, check_scores
+from scaling.study.store import METRIC_COLUMNS
 
-COLUMNS = ("eval_set", "label", "attribute", "group", "metric", "value", "lo", "hi", "n")
 FIT_SPLIT = "val"
 NO_FINDING = "No Finding"
 # Metrics that exist for one label only are not macro-averaged.
@@ -200,7 +200,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
                 n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
     out.add_macro(n_any)
 
-    rows = pd.DataFrame(out.rows, columns=list(COLUMNS))
+    rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
     info = {**_json_safe(fitted), "eval_sets": [s for s in predictions if s != FIT_SPLIT],
             "skipped_attributes": skipped, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),

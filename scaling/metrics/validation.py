@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 
 
 class MetricWarning(UserWarning):
@@ -69,14 +70,14 @@ def labelled(y, p, name_y: str = "y", name_p: str = "p", probability: bool = Tru
 
 def check_groups(groups, name: str = "groups", n: int | None = None) -> np.ndarray:
     """Group values as an object array; raise naming ``name`` on a length mismatch or when all are missing."""
-    import pandas as pd
-
-    arr = pd.Series(np.asarray(groups, dtype=object).ravel() if not isinstance(groups, pd.Series) else groups)
-    if n is not None and len(arr) != n:
-        raise ValueError(f"{name} has length {len(arr)}, expected {n} (one value per sample)")
-    if len(arr) and arr.isna().all():
+    arr = np.asarray(groups, dtype=object)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if n is not None and arr.size != n:
+        raise ValueError(f"{name} has length {arr.size}, expected {n} (one value per sample)")
+    if arr.size and pd.isna(arr).all():
         raise ValueError(f"{name} is missing for every sample; cannot form subgroups")
-    return arr.to_numpy(dtype=object)
+    return arr
 
 
 def one_class_nan(n_pos: int, n_neg: int, what: str) -> bool:
