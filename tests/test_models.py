@@ -88,7 +88,12 @@ def _bit_npz(model, path):
 
 @pytest.mark.parametrize(
     "name, lo, hi",
-    [("resnetv2_tiny", 0.3e6, 0.55e6), ("resnetv2_small", 1.5e6, 3e6), ("vit_micro", 0.1e6, 0.5e6), ("vit_mini", 0.5e6, 2e6)],
+    [
+        ("resnetv2_tiny", 0.3e6, 0.55e6),
+        ("resnetv2_small", 1.5e6, 3e6),
+        ("vit_micro", 0.1e6, 0.5e6),
+        ("vit_mini", 0.5e6, 2e6),
+    ],
 )
 def test_tiny_models_are_registered_timm_models_of_the_planned_size(name, lo, hi):
     model = timm.create_model(name, num_classes=5)

@@ -58,7 +58,10 @@ def bit_schedule(dataset_size: int, variant: str = "code") -> tuple[int, ...]:
         if dataset_size < LARGE_TASK:
             return 500, 3000, 6000, 9000, 10000
         return 500, 6000, 12000, 18000, 20000
-    total, warmup = (500, 100) if dataset_size < SMALL_TASK else (10_000, 500) if dataset_size < LARGE_TASK else (20_000, 500)
+    if dataset_size < SMALL_TASK:
+        total, warmup = 500, 100
+    else:
+        total, warmup = (10_000 if dataset_size < LARGE_TASK else 20_000), 500
     return warmup, int(0.3 * total), int(0.6 * total), int(0.9 * total), total
 
 

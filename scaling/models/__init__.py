@@ -45,6 +45,7 @@ __all__ = [
     "count_params",
     "family_spec",
     "has_source",
+    "timm_model",
     "model_info",
     "resolve_backbone",
     "resolve_source",
@@ -151,9 +152,8 @@ def model_info(backbone: str) -> dict:
     preset = resolve_backbone(backbone)
     sources = {"scratch": dict(dataset="none", n_images=0, num_classes=0, hub="", url="", user_file=False)}
     for name, s in preset.sources.items():
-        sources[name] = dict(
-            dataset=s.dataset, n_images=s.n_images, num_classes=s.num_classes, hub=s.hub, url=s.url, user_file=s.user_file
-        )
+        sources[name] = dict(dataset=s.dataset, n_images=s.n_images, num_classes=s.num_classes, hub=s.hub,
+                             url=s.url, user_file=s.user_file)
     return dict(
         name=preset.name,
         timm_name=preset.timm_name,

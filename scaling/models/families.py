@@ -53,7 +53,9 @@ class FamilySpec:
         explicit = set(inner.no_weight_decay()) if hasattr(inner, "no_weight_decay") else set()
         prefix = _prefix_of(model, inner)
         return {
-            prefix + n for n, p in inner.named_parameters() if p.ndim <= 1 or n in explicit or n.split(".")[0] in explicit
+            prefix + n
+            for n, p in inner.named_parameters()
+            if p.ndim <= 1 or n in explicit or n.split(".")[0] in explicit
         }
 
 

@@ -163,7 +163,9 @@ def has_source(backbone: str, pretrained: str) -> bool:
     """
     preset = resolve_backbone(backbone)
     key = pretrained.strip().lower()
-    if key in ("scratch", "none", "") or ":" in key or "/" in key or key.endswith((".npz", ".safetensors", ".pt", ".pth", ".bin")):
+    if key in ("scratch", "none", "") or ":" in key or "/" in key:
+        return True
+    if key.endswith((".npz", ".safetensors", ".pt", ".pth", ".bin")):
         return True
     if key == "hub":
         return bool(preset.default_hub)

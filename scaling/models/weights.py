@@ -211,12 +211,12 @@ def _fetch_hub(name: str) -> Path:
     filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
     for local_only in (True, False):
         if not local_only:
-            if _offline():
-                raise WeightsUnavailable(_how_to_provide(f"hub weights {repo}", f"{name}.safetensors",
-                                                         "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE) and not in the cache"))
-            if not _reachable(constants.ENDPOINT):
-                raise WeightsUnavailable(_how_to_provide(f"hub weights {repo}", f"{name}.safetensors",
-                                                         f"{constants.ENDPOINT} is unreachable"))
+            reason = (
+                "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE) and not in the cache" if _offline()
+                else f"{constants.ENDPOINT} is unreachable" if not _reachable(constants.ENDPOINT) else ""
+            )
+            if reason:
+                raise WeightsUnavailable(_how_to_provide(f"hub weights {repo}", f"{name}.safetensors", reason))
         for filename in filenames:
             try:
                 return Path(hf_hub_download(repo, filename, local_files_only=local_only))
