@@ -121,7 +121,7 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     backbone = timm.create_model(preset.timm_name, pretrained=False, num_classes=num_outputs, **kwargs)
     if path is not None:
         load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
-        log.info("loaded %s weights from %s", preset.name, path)
+        log.info("%s: loaded %s from %s", preset.name, spec.label, path)
     head = backbone.get_classifier()
     if model_cfg.zero_init_head:
         for p in head.parameters():

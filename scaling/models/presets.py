@@ -68,7 +68,7 @@ class Preset:
         """Return the source called ``name`` (or an alias of it); raise listing the valid names otherwise."""
         key = self.aliases.get(name.lower(), name.lower())
         if key not in self.sources:
-            valid = sorted(["scratch", "hub", *self.sources, *self.aliases])
+            valid = sorted(["scratch", "hub", "hub:<timm tag>", "<path>", *self.sources, *self.aliases])
             raise ValueError(f"preset {self.name!r} has no pretraining source {name!r}; valid: {valid}")
         return self.sources[key]
 

@@ -93,11 +93,11 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     if low == "hub":
         if not preset.default_hub:
             raise ValueError(f"backbone {preset.name!r} has no hub weights; use 'hub:<timm tag>' or a local file")
-        return _spec_for(preset.source(preset.default_hub), text)
+        return _spec_for(preset.source(preset.default_hub))
     if low.startswith("hub:"):
         return WeightSpec("hub", _hub_name(preset, text[4:].strip()))
     if not _is_path(text) and ":" not in text:
-        return _spec_for(preset.source(text), text)
+        return _spec_for(preset.source(text))
     name, sep, rest = text.partition(":")
     if sep and not Path(text).exists() and (name.lower() in preset.sources or name.lower() in preset.aliases):
         # ``bit-l:/data/jft_r50x1.npz``: a local file standing in for a named source (keeps its metadata).
@@ -108,7 +108,7 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     raise ValueError(f"unknown weight source {text!r} for backbone {preset.name!r}; valid: {valid}")
 
 
-def _spec_for(source: Source, text: str) -> WeightSpec:
+def _spec_for(source: Source) -> WeightSpec:
     if source.user_file:
         raise ValueError(
             f"source {source.name!r} ({source.dataset}) was never released; supply the checkpoint as "
