@@ -143,3 +143,16 @@ def test_bad_predictions_raise_naming_the_problem(preds):
         compute_run_metrics({"val": preds["val"], "test": bad}, LABELS, [], cfg)
     with pytest.raises(ValueError, match=r"logit:Edema"):
         compute_run_metrics({"val": preds["val"], "test": preds["test"].drop(columns="logit:Edema")}, LABELS, [], cfg)
+
+
+def test_label_unlabelled_in_a_set_gives_nan_rows_with_n_zero(preds):
+    test = preds["test"].copy()
+    test["label:Edema"] = np.nan
+    with pytest.warns(MetricWarning):
+        rows, _ = compute_run_metrics({"val": preds["val"], "test": test}, LABELS, ["sex"], EvalConfig(n_boot=20))
+    edema = rows[rows.label == "Edema"]
+    assert edema.value.isna().all() and (edema.n == 0).all()
+    assert set(edema[edema.attribute == "sex"].group) == {"F", "M", "U", "all"}
+    macro = _row(rows, eval_set="test", label="macro", attribute="all", group="all", metric="auroc")
+    assert macro.value == _row(rows, eval_set="test", label="No Finding", attribute="all", group="all",
+                               metric="auroc").value

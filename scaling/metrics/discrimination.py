@@ -110,6 +110,8 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
 
 def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Weighted average precision for every row of ``counts`` (see :func:`auroc_replicates` for the weights)."""
+    if not y.any():  # also covers no labelled sample at all
+        return np.full(counts.shape[0], np.nan)
     order = np.argsort(-p)  # tied scores are grouped into one threshold below
     ys = y[order]
     ps = p[order]

@@ -85,19 +85,22 @@ def _group_metrics(y, p, rows, threshold, n_bins, boot):
 
 def analyse_subgroups(y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshold: float, *,
                       min_group_size: int = 10, n_bins: int = 10, alpha: float = 0.05,
-                      boot: ClusterBootstrap | None = None, underdiagnosis: bool = False) -> GroupAnalysis:
+                      boot: ClusterBootstrap | None = None, underdiagnosis: bool = False,
+                      group_names=None) -> GroupAnalysis:
     """The engine of :func:`subgroup_report` on already-validated, labelled rows (no pandas: it runs per label,
     attribute and evaluation set of every study run).
 
     ``y`` boolean, ``p`` probabilities, ``groups`` string names (see :func:`group_labels`), all of one length;
     ``boot`` (optional) is a :class:`ClusterBootstrap` whose ``codes`` are aligned with these rows.
+    ``group_names`` lists groups to report even when none of their samples is labelled (n = 0); default: the
+    groups present in ``groups``.
     """
     metrics = GROUP_METRICS + (("underdiagnosis_rate",) if underdiagnosis else ())
-    names = sorted(set(groups.tolist()))
+    names = sorted(set(groups.tolist()) | set(group_names or ()))
     table, replicates = [], {}
     for g in names:
         rows = np.flatnonzero(groups == g)
-        row = {"group": g, "n": int(rows.size), "small": bool(rows.size < min_group_size)}
+        row = {"group": g, "n": int(rows.size), "small": bool(rows.size < max(min_group_size, 1))}
         values, reps = ({}, {}) if row["small"] else _group_metrics(y, p, rows, threshold, n_bins, boot)
         if underdiagnosis and values:
             values["underdiagnosis_rate"] = values["fpr"]

@@ -179,6 +179,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
                               "no subgroup rows for it", MetricWarning, stacklevel=2)
             else:
                 attrs[a] = values
+        names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
         any_label = np.zeros(len(df), dtype=bool)
         for lab in labels:
             where = f"predictions[{eval_set!r}]"
@@ -192,11 +193,11 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
             thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
             _overall(out, eval_set, lab, yl, pl, zl, thr, temp, sub, eval_cfg.ece_bins)
             for a, values in attrs.items():
-                _subgroup_rows(out, eval_set, lab, a, yl, pl, values[mask], thr, sub, eval_cfg)
+                _subgroup_rows(out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
         n_any[(eval_set, "all", "all")] = int(any_label.sum())
         for a, values in attrs.items():
             n_any[(eval_set, a, "all")] = int(any_label.sum())
-            for g in np.unique(values):
+            for g in names[a]:
                 n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
     out.add_macro(n_any)
 
@@ -209,9 +210,9 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     return rows, info
 
 
-def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, thr, boot, eval_cfg):
+def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, names, thr, boot, eval_cfg):
     res = analyse_subgroups(y, p, groups, thr, min_group_size=eval_cfg.min_group_size, n_bins=eval_cfg.ece_bins,
-                            alpha=eval_cfg.alpha, boot=boot, underdiagnosis=(lab == NO_FINDING))
+                            alpha=eval_cfg.alpha, boot=boot, underdiagnosis=(lab == NO_FINDING), group_names=names)
     metrics = GROUP_METRICS + (("underdiagnosis_rate",) if lab == NO_FINDING else ())
     n_summarised = 0
     for row in res.groups:
