@@ -4,8 +4,9 @@
 
 1. 1,000 patient-level bootstrap replicates of AUROC at n = 100,000 images of 20,000 patients with
    ``scaling.metrics.bootstrap_ci`` (goal <= 2 s on 2 cores; goal >= 20x faster than the obvious alternative: a
-   Python loop that resamples patients, gathers their images and calls ``sklearn.metrics.roc_auc_score``). The sklearn loop runs
-   ``--sklearn-reps`` replicates (its per-replicate cost is constant) and is scaled linearly to ``--n-boot``.
+   Python loop that resamples patients, gathers their images and calls ``sklearn.metrics.roc_auc_score``).
+   The sklearn loop runs ``--sklearn-reps`` replicates (its per-replicate cost is constant) and is scaled
+   linearly to ``--n-boot``.
 2. DeLong CI at n = 1,000,000 (goal <= 2 s) and the paired DeLong test of two models on the same samples.
 3. ``compute_run_metrics`` for one demo-sized run: val + test + OOD sets of 1,000 samples, 5 labels,
    3 subgroup attributes, 200 replicates (goal: well under 1 s).

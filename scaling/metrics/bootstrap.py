@@ -11,7 +11,9 @@ evaluated per replicate on the explicitly resampled rows.
 Intervals are percentile intervals (Efron & Tibshirani 1993, ch. 13); replicates in which the metric is
 undefined (e.g. no positive patient drawn) are left out and counted in ``n_valid``. With ``cluster=None`` every
 row is its own cluster (the ordinary bootstrap). NaN labels are masked after resampling, so the number of
-labelled rows varies across replicates exactly as it would in a new sample of patients.
+labelled rows varies across replicates exactly as it would in a new sample of patients. For statistics that are
+biased in small samples (ECE, MCE, max - min gaps, minima over groups) the replicates are biased the same way, so
+the percentile interval need not contain the point estimate.
 """
 
 from __future__ import annotations
