@@ -58,6 +58,15 @@ def test_paired_p_value_uniform_under_null_and_small_for_better_model():
     assert res.auroc_a == pytest.approx(auroc(y, better))
 
 
+def test_too_few_samples_of_a_class_give_nan_variance_not_a_false_verdict():
+    res = delong_test([1.0, 0.0, 0.0], [0.9, 0.2, 0.5], [0.3, 0.2, 0.5])
+    assert res.diff == 0.5 and np.isnan(res.se) and np.isnan(res.p_value)
+    ci = delong_ci([1.0, 0.0, 0.0], [0.9, 0.2, 0.5])
+    assert ci.auroc == 1.0 and np.isnan(ci.lo) and np.isnan(ci.hi)
+    same = delong_test([1.0, 0.0, 0.0, 1.0], [0.9, 0.2, 0.5, 0.6], [0.9, 0.2, 0.5, 0.6])
+    assert same.diff == 0 and same.p_value == 1.0
+
+
 def test_one_class_and_bad_input():
     with pytest.warns(UserWarning):
         assert np.isnan(delong_ci([1.0, 1.0], [0.2, 0.3]).auroc)

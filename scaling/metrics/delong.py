@@ -103,6 +103,8 @@ def delong_components(y, scores) -> tuple[np.ndarray, np.ndarray]:
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
     v10 = (tz[:, :m] - tx) / n  # per positive: share of negatives below it
     v01 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives above it
+    if m < 2 or n < 2:  # a variance needs two samples of each class
+        return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
     cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
     return aucs, cov
 
@@ -122,7 +124,7 @@ def delong_ci(y, p, alpha: float = 0.05) -> DelongCI:
     se = float(np.sqrt(cov[0, 0]))
     z = norm.ppf(1.0 - alpha / 2.0)
     auc = float(aucs[0])
-    return DelongCI(auc, se, float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se)))
+    return DelongCI(auc, se, float(np.clip(auc - z * se, 0.0, 1.0)), float(np.clip(auc + z * se, 0.0, 1.0)))
 
 
 def delong_test(y, p_a, p_b, alpha: float = 0.05) -> DelongTest:
@@ -132,11 +134,16 @@ def delong_test(y, p_a, p_b, alpha: float = 0.05) -> DelongTest:
     aucs, cov = delong_components(y, np.vstack([np.asarray(p_a, float), np.asarray(p_b, float)]))
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
-    se = float(np.sqrt(max(var, 0.0)))
+    if not np.isfinite(var):  # fewer than two samples of a class
+        nan = float("nan")
+        return DelongTest(float(aucs[0]), float(aucs[1]), diff, nan, nan, nan, nan, nan)
+    se = float(np.sqrt(max(var, 0.0)))  # rounding can make an exactly-zero variance slightly negative
     if se > 0:
         z = diff / se
         p_value = float(2.0 * norm.sf(abs(z)))
-    else:  # identical rankings: no evidence of a difference
-        z, p_value = 0.0 if diff == 0 else float(np.sign(diff) * np.inf), 1.0 if diff == 0 else 0.0
+    elif diff == 0:  # identical rankings: no evidence of a difference
+        z, p_value = 0.0, 1.0
+    else:  # a difference without sampling variance
+        z, p_value = float(np.sign(diff) * np.inf), 0.0
     half = float(norm.ppf(1.0 - alpha / 2.0)) * se
     return DelongTest(float(aucs[0]), float(aucs[1]), diff, se, z, p_value, diff - half, diff + half)
