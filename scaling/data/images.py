@@ -71,7 +71,7 @@ def _resize_float(a: np.ndarray, size: int | None) -> np.ndarray:
     """Resize a (H, W) float32 image with Pillow's antialiasing bilinear filter (mode ``F``)."""
     if size is None or a.shape == (size, size):
         return a
-    return np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.array(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
 def _decode_dicom(path: Path, size: int | None, channels: int) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""Image decoding, the memory-mapped cache (equality with direct decode, rebuilds, bad images) and the datasets."""
+
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from scaling.data import DataError
+from scaling.data.dataset import ImageFolderDataset, TableDataset
+from scaling.data.images import ImageCache, check_images, decode, quantise, to_float
+
+SIZE = 16
+
+
+def write_images(tmp_path, n=6, kind="png8"):
+    """n small images with distinct content, and their sample table (two labels, one missing for some rows)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        if kind == "png16":
+            a = (rng.random((40, 30)) * 4095).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+            path = tmp_path / f"img{i}.png"
+            Image.fromarray(a).save(path)
+        elif kind == "rgb":
+            path = tmp_path / f"img{i}.jpg"
+            Image.fromarray((rng.random((40, 30, 3)) * 255).astype(np.uint8), "RGB").save(path)
+        else:
+            path = tmp_path / f"img{i}.{'jpg' if kind == 'jpg' else 'png'}"
+            Image.fromarray((rng.random((40, 30)) * 255).astype(np.uint8), "L").save(path)
+        rows.append((f"s{i}", f"p{i // 2}", str(path), i % 2 * 1.0, np.nan if i % 3 == 0 else 0.0))
+    df = pd.DataFrame(rows, columns=["sample_id", "patient_id", "path", "label:Edema", "label:Fracture"])
+    df["sex"], df["age"] = "F", 50.0
+    return df
+
+
+def test_decode_depths_and_channels(tmp_path):
+    (tmp_path / "a").mkdir()
+    df8 = write_images(tmp_path / "a")
+    a = decode(df8["path"][0], SIZE)
+    assert a.dtype == np.uint8 and a.shape == (1, SIZE, SIZE)
+    assert np.array_equal(a[0], np.asarray(Image.open(df8["path"][0]).resize((SIZE, SIZE), Image.BILINEAR)))
+    (tmp_path / "b").mkdir()
+    df16 = write_images(tmp_path / "b", kind="png16")
+    b = decode(df16["path"][0])
+    assert b.dtype == np.float32 and b.shape == (1, 40, 30) and b.min() == 0.0 and b.max() == 1.0  # min-max scaled
+    (tmp_path / "c").mkdir()
+    dfc = write_images(tmp_path / "c", kind="rgb")
+    c = decode(dfc["path"][0], SIZE, channels=3)
+    assert c.dtype == np.uint8 and c.shape == (3, SIZE, SIZE)
+    assert decode(dfc["path"][0], SIZE, channels=1).shape == (1, SIZE, SIZE)
+    assert np.array_equal(quantise(a, np.uint16), (a.astype(np.uint32) * 257).astype(np.uint16))  # 255 -> 65535
+
+
+@pytest.mark.parametrize("kind", ["png8", "jpg", "png16", "rgb"])
+def test_cache_equals_direct_decode(tmp_path, kind):
+    df = write_images(tmp_path, kind=kind)
+    cached = TableDataset(df, ["Edema", "Fracture"], SIZE, cache_dir=tmp_path / "cache")
+    direct = TableDataset(df, ["Edema", "Fracture"], SIZE)
+    assert cached.cache is not None and direct.cache is None
+    for i in range(len(df)):
+        x, y = cached.load_pixels(i), direct.load_pixels(i)
+        assert x.shape == y.shape == ((3 if kind == "rgb" else 1), SIZE, SIZE)
+        if kind == "png16":  # stored as uint16: within half a quantisation step
+            assert torch.allclose(x, y, atol=0.5 / 65535 + 1e-7)
+            assert torch.allclose(cached[i]["image"], direct[i]["image"], atol=2 / 65535)
+        else:
+            assert torch.equal(x, y)
+            assert torch.equal(cached[i]["image"], direct[i]["image"])
+
+
+def test_dataset_items(tmp_path):
+    df = write_images(tmp_path)
+    ds = TableDataset(df, ["Edema", "Fracture", "Nodule"], SIZE, train=True, cache_dir=tmp_path / "cache")
+    item = ds[5]
+    assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
+    assert item["index"] == 5
+    assert item["target"].dtype == torch.float32
+    assert item["target"].tolist()[:2] == [1.0, 0.0] and np.isnan(item["target"][2].item())  # Nodule: not labelled
+    assert np.isnan(ds[0]["target"][1].item())  # a NaN in the table stays NaN
+    assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0  # BiT normalisation
+    blob = pickle.dumps(ds)  # DataLoader workers: the memmap is reopened, not pickled
+    assert len(blob) < 20_000
+    clone = pickle.loads(blob)
+    assert torch.equal(clone.load_pixels(2), ds.load_pixels(2))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_cache_rebuilt_when_source_or_resolution_changes(tmp_path):
+    df = write_images(tmp_path)
+    cache = ImageCache(tmp_path / "cache", SIZE)
+    first = cache.build(df)
+    assert (first.decoded, first.reused) == (6, 0)
+    again = cache.build(df)
+    assert (again.decoded, again.reused) == (6 - 6, 6)
+    # Rewrite one source with new content (and a new mtime): only it is decoded again, and the cache follows.
+    p = df["path"][2]
+    Image.fromarray(np.full((40, 30), 200, np.uint8), "L").save(p)
+    st = os.stat(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = cache.build(df)
+    assert (changed.decoded, changed.reused) == (1, 5)
+    assert np.array_equal(cache.read(p), decode(p, SIZE)) and int(cache.read(p).max()) == 200
+    # A subset reuses everything; a new sample is added without re-decoding the others.
+    assert cache.build(df.iloc[:3]).reused == 3
+    # Another resolution: a full rebuild at that resolution.
+    big = ImageCache(tmp_path / "cache", SIZE * 2)
+    rebuilt = big.build(df)
+    assert (rebuilt.decoded, rebuilt.reused) == (6, 0)
+    assert big.read(df["path"][0]).shape == (1, SIZE * 2, SIZE * 2)
+    assert len(list((tmp_path / "cache").glob("data-*.bin"))) == 1  # old stores are removed
+
+
+def test_bad_image_error_names_file_and_sample(tmp_path):
+    df = write_images(tmp_path)
+    bad = df["path"][4]
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(DataError, match=rf"cannot read image {bad} \(sample 's4'\)"):
+        TableDataset(df, ["Edema"], SIZE, cache_dir=tmp_path / "cache")
+    direct = TableDataset(df, ["Edema"], SIZE)  # no cache, 'error': raises when the image is loaded
+    with pytest.raises(DataError, match=rf"cannot read image {bad} \(sample 's4'\)"):
+        direct[4]
+
+
+def test_bad_image_skip_counts(tmp_path):
+    df = write_images(tmp_path)
+    with open(df["path"][4], "wb") as f:
+        f.write(b"not an image")
+    os.remove(df["path"][1])  # a missing file is a bad image too
+    ds = TableDataset(df, ["Edema"], SIZE, cache_dir=tmp_path / "cache", on_bad_image="skip")
+    assert ds.n_skipped == 2 and sorted(ds.skipped) == ["s1", "s4"]
+    assert list(ds.table["sample_id"]) == ["s0", "s2", "s3", "s5"] and len(ds) == 4
+    again = TableDataset(df, ["Edema"], SIZE, cache_dir=tmp_path / "cache", on_bad_image="skip")
+    assert again.n_skipped == 2  # recorded failures are counted again on reuse
+    nocache = TableDataset(df, ["Edema"], SIZE, on_bad_image="skip")
+    assert nocache.n_skipped == 2 and len(nocache) == 4
+    kept, skipped = check_images(df, "skip")
+    assert skipped == ["s1", "s4"] and len(kept) == 4
+    with pytest.raises(DataError, match=r"on_bad_image='drop' is not allowed"):
+        TableDataset(df, ["Edema"], SIZE, on_bad_image="drop")
+
+
+def test_image_folder_dataset(tmp_path):
+    for c in ("b", "a"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8), "RGB").save(tmp_path / c / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path, SIZE, train=False)
+    assert ds.classes == ["a", "b"] and len(ds) == 6
+    item = ds[4]
+    assert item["image"].shape == (3, SIZE, SIZE) and item["index"] == 4
+    assert item["target"].dtype == torch.long and item["target"].shape == () and int(item["target"]) == 1
+    assert torch.allclose(item["image"], torch.full((3, SIZE, SIZE), to_float(np.uint8(40)) * 2 - 1), atol=1e-6)
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "missing", SIZE)
