@@ -396,3 +396,36 @@ def test_meta_device_build_reads_no_weights(tmp_path):
         model = build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(unreadable)), num_outputs=4)
     assert all(p.is_meta for p in model.parameters())
     assert model.backbone.get_classifier().weight.shape[0] == 4
+
+
+def test_online_hub_path_reads_the_cache_first_then_downloads(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(W, "_reachable", lambda url, timeout=W.PROBE_TIMEOUT_S: True)
+    calls = []
+
+    def fake_download(repo, filename, local_files_only=False, **kw):
+        calls.append((repo, filename, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    path = W.fetch(W.resolve_source(resolve_backbone("bit_r50x1"), "bit-m"))
+    assert path == tmp_path / "model.safetensors"
+    repo = "timm/resnetv2_50x1_bit.goog_in21k"
+    assert calls == [(repo, "model.safetensors", True), (repo, "pytorch_model.bin", True), (repo, "model.safetensors", False)]
+
+
+def test_online_url_download_is_atomic_into_the_weights_dir(monkeypatch):
+    import io
+    import urllib.request
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(W, "_reachable", lambda url, timeout=W.PROBE_TIMEOUT_S: True)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"npz-bytes"))
+    path = W.fetch(W.resolve_source(resolve_backbone("bit_r101x3"), "bit-s"))
+    assert path == W.weights_dir() / "BiT-S-R101x3.npz" and path.read_bytes() == b"npz-bytes"
+    assert [p.name for p in path.parent.iterdir()] == ["BiT-S-R101x3.npz"]  # no partial file left behind
