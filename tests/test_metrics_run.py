@@ -109,6 +109,7 @@ def test_subgroup_rows(result, preds):
     small = sub[sub.group == "U"]  # below min_group_size: true n, NaN values
     assert (small.n == (test.sex == "U").sum()).all() and small.value.isna().all()
     assert _row(sub, group="all", metric="worst_group_auroc").value == pytest.approx(min(aurocs.values()))
+    assert result[1]["worst_groups"]["test"]["No Finding"]["sex"] == min(aurocs, key=aurocs.get)
     assert _row(sub, group="all", metric="auroc_gap").value == pytest.approx(abs(aurocs["F"] - aurocs["M"]))
     assert np.isfinite(_row(sub, group="all", metric="underdiagnosis_gap").value)
     eod = _row(sub, group="all", metric="eod").value

@@ -151,7 +151,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     ``labels`` are the label names; ``subgroups`` the attribute columns to split by; ``eval_cfg`` a
     ``scaling.config.EvalConfig``. Returns ``(rows, info)``: ``rows`` a DataFrame with exactly the columns
     ``eval_set, label, attribute, group, metric, value, lo, hi, n``; ``info`` the thresholds and temperatures per
-    label, the split they were fitted on (``val``), and the attributes skipped per set.
+    label, the split they were fitted on (``val``), the attributes skipped per set and the worst group's name per
+    ``[eval_set][label][attribute]``.
     """
     if FIT_SPLIT not in predictions:
         raise ValueError(f"predictions must contain {FIT_SPLIT!r} (thresholds and temperatures are fitted there); "
@@ -164,6 +165,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     out = _Rows(eval_cfg.alpha)
     n_any: dict[tuple, int] = {}
     skipped: dict[str, list[str]] = {}
+    worst: dict[str, dict[str, dict[str, str | None]]] = {}
 
     for eval_set, df in predictions.items():
         if eval_set == FIT_SPLIT:
@@ -193,7 +195,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
             thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
             _overall(out, eval_set, lab, yl, pl, zl, thr, temp, sub, eval_cfg.ece_bins)
             for a, values in attrs.items():
-                _subgroup_rows(out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
+                worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
+                    out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
         n_any[(eval_set, "all", "all")] = int(any_label.sum())
         for a, values in attrs.items():
             n_any[(eval_set, a, "all")] = int(any_label.sum())
@@ -204,13 +207,14 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
     info = {**_json_safe(fitted), "eval_sets": [s for s in predictions if s != FIT_SPLIT],
-            "skipped_attributes": skipped, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+            "skipped_attributes": skipped, "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info
 
 
-def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, names, thr, boot, eval_cfg):
+def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, names, thr, boot, eval_cfg) -> str | None:
+    """Rows of one label split by one attribute; returns the worst group's name (None when undefined)."""
     res = analyse_subgroups(y, p, groups, thr, min_group_size=eval_cfg.min_group_size, n_bins=eval_cfg.ece_bins,
                             alpha=eval_cfg.alpha, boot=boot, underdiagnosis=(lab == NO_FINDING), group_names=names)
     metrics = GROUP_METRICS + (("underdiagnosis_rate",) if lab == NO_FINDING else ())
@@ -224,6 +228,7 @@ def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, names, th
     for m, row in res.summary.items():
         out.add(eval_set, lab, attribute, "all", m, row["value"], n_summarised, res.replicates.get(("all", m)),
                 lo=row["lo"], hi=row["hi"])
+    return res.info["worst_group"]
 
 
 def _json_safe(obj):
