@@ -92,20 +92,28 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     # Integer weights are exact in float32 while cumulative sums stay below 2**24; the products and sums over
     # positives are accumulated in float64, so the result is exact and cheaper in memory traffic.
     work = np.float32 if counts.dtype == np.float32 and y.size < _EXACT_FLOAT32 else np.float64
-    out = []
-    for block in _blocks(counts, y.size):
-        block = block.astype(work, copy=False)
-        cum = np.zeros((block.shape[0], neg.size + 1), dtype=work)
-        np.cumsum(block[:, neg_codes], axis=1, out=cum[:, 1:])
-        w_pos = block[:, pos_codes]
-        num = np.einsum("bi,bi->b", w_pos, cum[:, below], dtype=np.float64)
+    step = max(1, _BLOCK_ELEMENTS // max(y.size, 1))
+    # Buffers are allocated once and refilled per block (fresh large arrays cost page faults on every block).
+    cum_buf = np.zeros((step, neg.size + 1), dtype=work)
+    pos_buf = np.empty((step, pos.size), dtype=work)
+    at_buf = np.empty((step, pos.size), dtype=work)
+    out = np.empty(counts.shape[0])
+    for start in range(0, counts.shape[0], step):
+        block = counts[start:start + step].astype(work, copy=False)
+        k = block.shape[0]
+        cum, w_pos, cum_at = cum_buf[:k], pos_buf[:k], at_buf[:k]
+        np.take(block, neg_codes, axis=1, out=cum[:, 1:])
+        np.cumsum(cum[:, 1:], axis=1, out=cum[:, 1:])
+        np.take(block, pos_codes, axis=1, out=w_pos)
+        np.take(cum, below, axis=1, out=cum_at)
+        num = np.einsum("bi,bi->b", w_pos, cum_at, dtype=np.float64)
         if tied.size:
             num += 0.5 * np.einsum("bi,bi->b", w_pos[:, tied], cum[:, upto[tied]] - cum[:, below[tied]],
                                    dtype=np.float64)
         den = w_pos.sum(axis=1, dtype=np.float64) * cum[:, -1].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.where(den > 0, num / den, np.nan))
-    return np.concatenate(out)
+            out[start:start + k] = np.where(den > 0, num / den, np.nan)
+    return out
 
 
 def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
