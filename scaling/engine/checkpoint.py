@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -174,6 +173,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
 
 def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engine=None) -> None:
     """Load model, optimizer and this rank's RNG state from ``ckpt`` (after :func:`check_compatible`)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     rng_file = ckpt / f"rng_rank{rank}.pt"
     try:
         if engine is not None:
@@ -192,7 +193,7 @@ def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engi
         rng = torch.load(rng_file, weights_only=False)
     except CheckpointError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
+    except (Exception, CheckpointException) as e:  # any failure to read a shard: say which checkpoint
         raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:500]})") from e
     set_rng_state(rng)
 

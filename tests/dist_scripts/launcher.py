@@ -39,17 +39,22 @@ def env(deepspeed: bool = False, **extra: str) -> dict:
     return e
 
 
-def command(suite: str) -> list[str]:
-    """torchrun command line for ``suite`` on 2 local ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SUITE),
-            suite, str(out_dir())]
+def command(suite: str, config: str | None = None) -> list[str]:
+    """Command line for ``suite`` on 2 local ranks: torchrun, or ``accelerate launch --config_file launch/<config>``."""
+    if config is None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                  str(REPO / "launch" / config), "--main_process_port", "0"]
+    return [*launch, str(SUITE), suite, str(out_dir())]
 
 
-def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, **extra: str) -> dict:
+def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: str | None = None,
+              **extra: str) -> dict:
     """Run a suite (cached per session under its name + extra env) and return rank 0's result dict."""
-    key = f"{suite}:{sorted(extra.items())}"
+    key = f"{suite}:{config}:{sorted(extra.items())}"
     if key not in _RESULTS:
-        proc = subprocess.run(command(suite), env=env(deepspeed, **extra), cwd=REPO, capture_output=True,
+        proc = subprocess.run(command(suite, config), env=env(deepspeed, **extra), cwd=REPO, capture_output=True,
                               text=True, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"suite {suite} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

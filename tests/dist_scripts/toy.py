@@ -40,9 +40,10 @@ def vit(seed: int = 0, depth: int = 2, **kw):
 
 
 def resnet(seed: int = 0):
-    """A tiny BiT-style ResNetV2 (one bottleneck per stage)."""
-    from timm.models.resnetv2 import ResNetV2
+    """The demo's tiny BiT-style ResNetV2 (StdConv + GroupNorm, one pre-activation bottleneck per stage)."""
+    import timm
+
+    import scaling.models.tiny  # noqa: F401  (registers resnetv2_tiny)
 
     torch.manual_seed(seed)
-    return ResNetV2(layers=[1, 1, 1, 1], channels=(32, 64, 128, 256), num_classes=NUM_LABELS, stem_chs=16,
-                    conv_layer="std_conv", norm_layer="groupnorm")
+    return timm.create_model("resnetv2_tiny", pretrained=False, num_classes=NUM_LABELS)

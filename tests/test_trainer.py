@@ -1,0 +1,153 @@
+"""Trainer in one process: learns, masked loss, accumulation, activation checkpointing, predict, export, config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+
+from toy import NUM_LABELS, ToyDataset, resnet, vit  # noqa: E402
+
+from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
+from scaling.engine.trainer import Trainer, masked_loss_sum  # noqa: E402
+
+NONE = ShardingConfig(strategy="none")
+
+
+def _auroc(y, s):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(y, s)
+
+
+class Recorder:
+    """A tracker double: what the Trainer logs, and the run id it stores in checkpoints."""
+
+    run_id = "run-123"
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step):
+        self.logged.append((step, dict(data)))
+
+
+def test_short_fit_beats_chance_by_far():
+    cfg = TrainConfig(batch_size=16, steps=40, lr=0.05, warmup_steps=5, log_every=10, schedule="cosine")
+    tracker = Recorder()
+    trainer = Trainer(vit(), cfg, NONE, tracker=tracker)
+    summary = trainer.fit(ToyDataset(256), val_dataset=ToyDataset(32, seed=2))
+    assert summary["steps"] == 40 and summary["world_size"] == 1
+    assert summary["final_loss"] < 0.25  # chance (predicting the 40 % prevalence) is 0.67
+    assert summary["images_per_s"] > 0 and summary["val_loss"] < 0.35
+    # Logged every 10 steps with loss, lr and throughput, at explicit steps.
+    assert [s for s, d in tracker.logged if "train/loss" in d] == [10, 20, 30, 40]
+    assert {"train/loss", "train/lr", "train/images_per_s"} <= set(tracker.logged[0][1])
+    test = ToyDataset(200, seed=1, nan_fraction=0)
+    out = trainer.predict(test, batch_size=64)
+    aurocs = [_auroc(test.targets[:, c].numpy(), out["logits"][:, c]) for c in range(NUM_LABELS)]
+    assert min(aurocs) > 0.95, aurocs  # chance = 0.5
+
+
+def test_multiclass_pretraining_loss_drops():
+    cfg = TrainConfig(batch_size=16, steps=30, lr=0.05, warmup_steps=3, log_every=30)
+    trainer = Trainer(resnet(), cfg, NONE, loss="multiclass")
+    summary = trainer.fit(ToyDataset(128, multiclass=True))
+    assert summary["final_loss"] < 0.8 * np.log(NUM_LABELS)
+
+
+def test_masked_bce_ignores_missing_labels():
+    logits = torch.tensor([[0.3, -1.0], [2.0, 0.5]])
+    target = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")]])
+    s, n = masked_loss_sum(logits, target, "multilabel")
+    assert n.item() == 1
+    assert s.item() == pytest.approx(torch.nn.functional.softplus(-torch.tensor(0.3)).item())
+
+
+def _train_params(cfg, model_fn=vit, sharding=NONE, data=None):
+    trainer = Trainer(model_fn(), cfg, sharding)
+    trainer.fit(data or ToyDataset(64))
+    return trainer.history, trainer.full_state_dict()
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # SGD (plain, as open_lm's test): k=4 micro-batches of 4 == one batch of 16, missing labels included.
+    base = dict(batch_size=16, steps=4, lr=0.1, momentum=0.0, warmup_steps=0, log_every=1, schedule="constant")
+    h1, p1 = _train_params(TrainConfig(**base))
+    h4, p4 = _train_params(TrainConfig(**base, grad_accum=4))
+    assert [h["loss"] for h in h4] == pytest.approx([h["loss"] for h in h1], abs=1e-6)
+    assert max((p1[k] - p4[k]).abs().max().item() for k in p1) < 1e-6
+
+
+def test_timm_activation_checkpointing_same_loss_and_grads():
+    from scaling.models.families import family_spec
+
+    data = ToyDataset(8)
+    x, y = data.images, torch.nan_to_num(data.targets)
+    grads = []
+    for ac in (False, True):
+        model = resnet(seed=0)
+        family_spec(model).set_grad_checkpointing(model, ac)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-7)
+    assert max((grads[0][1][n] - grads[1][1][n]).abs().max().item() for n in grads[0][1]) < 1e-6
+
+
+def test_timm_activation_checkpointing_through_trainer():
+    base = dict(batch_size=8, steps=2, lr=0.05, warmup_steps=0, log_every=1)
+    h0, p0 = _train_params(TrainConfig(**base))
+    h1, p1 = _train_params(TrainConfig(**base), sharding=ShardingConfig(strategy="none",
+                                                                         activation_checkpointing="timm"))
+    assert [h["loss"] for h in h0] == pytest.approx([h["loss"] for h in h1], abs=1e-6)
+    assert max((p0[k] - p1[k]).abs().max().item() for k in p0) < 1e-6
+
+
+def test_predict_export_roundtrip(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=2, log_every=1), NONE)
+    trainer.fit(ToyDataset(16))
+    data = ToyDataset(13, seed=3)
+    out = trainer.predict(data, batch_size=5)
+    np.testing.assert_array_equal(out["index"], np.arange(13) * 10 + 3)
+    assert out["logits"].shape == (13, NUM_LABELS) and out["target"].shape == (13, NUM_LABELS)
+    path = trainer.export(tmp_path / "model.safetensors")
+    fresh = vit(seed=7)
+    fresh.load_state_dict(load_file(str(path)))
+    fresh.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh(data.images).numpy(), out["logits"], atol=1e-6)
+
+
+def test_deepspeed_configs_fill_every_auto_once():
+    """Every launch/*.json fills completely from scaling's config (clipping explicit: DeepSpeed defaults to 1.0)
+    and is accepted by DeepSpeed's own validator; a contradicting value names the key and the file."""
+    import json
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from scaling.engine.sharding import deepspeed_config
+
+    train = TrainConfig(batch_size=32, grad_accum=2, mixed_precision="bf16", clip_grad_norm=0.0)
+    files = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.json"))
+    assert len(files) >= 3
+    for f in files:
+        base = json.loads(f.read_text())
+        stage = base["zero_optimization"]["stage"]
+        strategy = f"zero{stage}" if stage != "auto" else "zero2"
+        offload = "offload" in f.name
+        sharding = ShardingConfig(strategy=strategy, offload_optimizer=offload, offload_params=offload and stage == 3)
+        assert deepspeed_config(train, sharding, 4, base, str(f))["train_micro_batch_size_per_gpu"] == 4
+        cfg = deepspeed_config(train, sharding, world_size=1, base=base, source=str(f))  # validator sees 1 rank
+        assert cfg["train_micro_batch_size_per_gpu"] == 16 and cfg["gradient_accumulation_steps"] == 2
+        assert cfg["gradient_clipping"] == 0.0 and cfg["bf16"]["enabled"] is True
+        DeepSpeedConfig(cfg)  # raises on batch mismatch, unknown keys, fp16+bf16
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"gradient_accumulation_steps": 8}, "x.json")
