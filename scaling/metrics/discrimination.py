@@ -25,8 +25,6 @@ from scaling.metrics.validation import MetricWarning, labelled, one_class_nan
 
 # Replicates are processed in blocks whose weight matrix stays a few MB, so memory does not grow with n_boot.
 _BLOCK_ELEMENTS = 2_000_000
-# Below this many samples, cumulative sums of bootstrap multiplicities (each rarely above ~12) stay under 2**24.
-_EXACT_FLOAT32 = 1_000_000
 
 
 def auroc(y, p) -> float:
@@ -91,7 +89,8 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     neg_codes, pos_codes = codes[neg], codes[pos]
     # Integer weights are exact in float32 while cumulative sums stay below 2**24; the products and sums over
     # positives are accumulated in float64, so the result is exact and cheaper in memory traffic.
-    work = np.float32 if counts.dtype == np.float32 and y.size < _EXACT_FLOAT32 else np.float64
+    exact32 = counts.size == 0 or float(counts.max()) * y.size < 2 ** 24  # bounds every cumulative sum
+    work = np.float32 if counts.dtype == np.float32 and exact32 else np.float64
     step = max(1, _BLOCK_ELEMENTS // max(y.size, 1))
     # Buffers are allocated once and refilled per block (fresh large arrays cost page faults on every block).
     cum_buf = np.zeros((step, neg.size + 1), dtype=work)
