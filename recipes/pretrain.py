@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scaling.config import ModelConfig, ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.config import ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.study.upstream import run_pretraining
 
 log = logging.getLogger("pretrain")
 
@@ -138,43 +139,6 @@ def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Datas
     if not shards:
         raise FileNotFoundError(f"{text!r} is neither an ImageFolder directory nor tar shards (a glob, .tar, or list)")
     return TarShardDataset(shards, image_size, train=train)
-
-
-def run_pretraining(
-    backbone: str,
-    dataset: Dataset,
-    out_path: str | Path,
-    train_cfg: TrainConfig,
-    sharding_cfg: ShardingConfig | None = None,
-    *,
-    run_dir: str | Path | None = None,
-    model_kwargs: dict | None = None,
-    tracker=None,
-) -> dict:
-    """Pretrain ``backbone`` from scratch on a single-label ``dataset`` (``.classes``) and export it to ``out_path``.
-
-    Softmax cross-entropy over ``len(dataset.classes)`` classes, with the same Trainer and sharding as fine-tuning
-    (resumes from ``run_dir/checkpoints`` when present). Returns the Trainer's summary.
-    """
-    from scaling.engine import Trainer
-    from scaling.models import build_model
-
-    n_classes = len(dataset.classes)
-    if n_classes < 2:
-        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {n_classes}")
-    model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
-    model = build_model(model_cfg, num_outputs=n_classes, image_size=getattr(dataset, "image_size", None))
-    out_path = Path(out_path)
-    run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
-    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multiclass", output_dir=run_dir,
-                      tracker=tracker)
-    try:
-        summary = trainer.fit(dataset)
-        trainer.export(out_path)
-    finally:
-        trainer.close()
-    log.info("pretrained %s on %d images, %d classes -> %s", backbone, len(dataset), n_classes, out_path)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

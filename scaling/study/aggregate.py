@@ -179,8 +179,8 @@ def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     # The bootstrap interval of a single seed is taken from the row that has a value.
     d = df.assign(lo=df["lo"].where(finite), hi=df["hi"].where(finite))
     out = d.groupby(group, dropna=False, sort=True).agg(
-        mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"), lo1=("lo", "first"),
-        hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean")).reset_index()
+        mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"),
+        lo1=("lo", "first"), hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean")).reset_index()
     k = out["n_seeds"].to_numpy()
     half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * out["sd"].to_numpy() / np.sqrt(np.maximum(k, 1))
     many = k > 1
@@ -226,7 +226,8 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
     ])
     wide = fmt.pivot_table(index=["pretrained", "backbone", "n_params", "fraction"], columns="eval_set",
                            values="cell", aggfunc="first")
-    order = [c for c in ("test", "val") if c in wide.columns] + sorted(c for c in wide.columns if c not in ("test", "val"))
+    first = [c for c in ("test", "val") if c in wide.columns]
+    order = first + sorted(c for c in wide.columns if c not in first)
     wide = wide[order].reset_index()
     wide.columns.name = None
     return wide.sort_values(["pretrained", "n_params", "fraction"]).reset_index(drop=True)

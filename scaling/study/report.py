@@ -52,7 +52,7 @@ class StudyReport:
     config_yaml: str = ""
 
 
-def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> pd.Series:
+def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
     return [f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(m) else "n/a"
             for m, lo, hi in zip(d["mean"], d["lo"], d["hi"])]
 
@@ -97,8 +97,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep = StudyReport(name=name, runs=runs,
                       config_yaml=yaml.safe_dump(scrub.value(cfg), sort_keys=False) if cfg else "")
     rep.tables["completion"] = _completion(runs)
-    problems = runs[~runs["status"].isin(["complete", "not started"])][["run_id", "backbone", "pretrained", "fraction", "seed",
-                                                         "status", "reason"]]
+    shown = ["run_id", "backbone", "pretrained", "fraction", "seed", "status", "reason"]
+    problems = runs[~runs["status"].isin(["complete", "not started"])][shown]
     rep.tables["problems"] = problems.reset_index(drop=True)
     if df.empty:
         rep.notes["results"] = "No complete run yet: nothing to aggregate."

@@ -189,6 +189,23 @@ def pretrain_images(cfg: StudyConfig, backbone: str, source: str) -> float:
     return float(known.get("n_images") or math.nan)
 
 
+def study_cells(cfg: StudyConfig) -> list[RunSpec]:
+    """The grid cells to run: every backbone is validated first (an unknown name fails before anything is written),
+    and cells whose pretraining source has no public weights (e.g. ViT-L × ImageNet-1k) are dropped and logged."""
+    from scaling.models.presets import has_source, resolve_backbone
+
+    for b in cfg.grid.backbones:
+        resolve_backbone(b)
+    cells = []
+    for spec in expand_grid(cfg):
+        if has_source(spec.backbone, spec.pretrained):
+            cells.append(spec)
+        else:
+            log.warning("skipping %s x %s: no public weights for that pair (give a file as '%s:<path>')",
+                        spec.backbone, spec.pretrained, spec.pretrained)
+    return cells
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +253,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
     # -- model ----------------------------------------------------------------------------------------------------
     source = resolve_pretrained(cfg, store, spec)
-    model = build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=len(labels))
+    model = build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=len(labels),
+                        image_size=cfg.data.image_size)
     info = model_info(spec.backbone)
     axes = {
         "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
@@ -256,6 +274,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     if tracker.active:  # identifiers must never reach W&B, whatever key or string carries them
         tracker.protect(pd.concat([t[["sample_id", "patient_id"]] for t in [data.train, *data.eval_sets().values()]])
                         .to_numpy().ravel().tolist())
+    trainer = None
     try:
         trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=run_dir, tracker=tracker)
         summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
@@ -277,6 +296,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             store.mark_complete(rid)
         _barrier()
     finally:
+        if trainer is not None:
+            trainer.close()
         tracker.finish()
     return axes
 
@@ -306,7 +327,7 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status."""
     rows = []
     ood_names = [e.name for e in cfg.data.ood]
-    for spec in expand_grid(cfg):
+    for spec in study_cells(cfg):
         rid = run_id(cfg, spec)
         row = {"backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction,
                "seed": spec.seed, "status": store.status(rid)}
@@ -326,25 +347,47 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
 
 
 def plan(cfg: StudyConfig) -> pd.DataFrame:
-    """The runs of a study with their status and estimated cost (training images to process), without training."""
+    """The runs of a study, which are done, and what each costs — without training.
+
+    Reads the dataset metadata only (no image is decoded; the synthetic demo data is generated if absent) to size
+    every run: training patients/images after the data fraction, optimizer steps, images processed (train + eval)
+    and, where a finished run of the same backbone recorded its speed, an estimated time.
+    """
+    from scaling.data.splits import fraction_subset
     from scaling.engine.schedule import total_steps
+    from scaling.models import model_info
 
     store = RunStore(cfg.output_dir)
+    data = load_study_data(cfg)
+    n_eval = sum(len(t) for t in data.eval_sets().values())
+    speed: dict[str, float] = {}
+    for rid in store.run_ids():
+        if store.is_complete(rid):
+            spec, meta = store.read_spec(rid), store.read_meta(rid)
+            if meta.get("images_per_s"):
+                speed.setdefault(spec.get("backbone", ""), float(meta["images_per_s"]))
     rows = []
-    for spec in expand_grid(cfg):
+    for spec in study_cells(cfg):
         rid = run_id(cfg, spec)
-        steps = total_steps(cfg.train, n_train_examples=0) if cfg.train.steps else None
-        rows.append({"run_id": rid, "backbone": spec.backbone, "pretrained": spec.pretrained,
-                     "fraction": spec.fraction, "seed": spec.seed, "status": store.status(rid),
-                     "train_steps": steps})
+        train = fraction_subset(data.train, spec.fraction, seed=spec.seed)
+        steps = total_steps(cfg.train, len(train))
+        images = steps * cfg.train.batch_size
+        ips = speed.get(spec.backbone)
+        rows.append({
+            "backbone": spec.backbone, "params_M": round(model_info(spec.backbone)["n_params"] / 1e6, 2),
+            "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
+            "status": store.status(rid), "train_patients": int(train["patient_id"].nunique()),
+            "train_images": len(train), "steps": steps, "images_processed": images + n_eval,
+            "est_minutes": round((images + n_eval) / ips / 60, 1) if ips else math.nan, "run_id": rid,
+        })
     return pd.DataFrame(rows)
 
 
 def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     """Run every grid cell not yet complete in the store, then write results.csv (and the HTML report)."""
+    specs = study_cells(cfg)
     store = RunStore(cfg.output_dir)
     _check_store(cfg, store)
-    specs = expand_grid(cfg)
     todo = [s for s in specs if not store.is_complete(run_id(cfg, s))]
     log.info("study %s: %d runs, %d complete, %d to run", cfg.name, len(specs), len(specs) - len(todo), len(todo))
     failures = []

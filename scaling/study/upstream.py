@@ -1,9 +1,10 @@
-"""Upstream supervised pretraining: how BiT-S/M/L were made, here at demo scale on generated images.
+"""Upstream supervised pretraining: how BiT-S/M/L were made, here also at demo scale on generated images.
 
-The study's pretraining-scale axis needs weights pretrained on datasets of different sizes. Offline, the demo makes
-them: each backbone is pretrained by the same Trainer (and the same sharding) on formula-driven images
-(``scaling.data.synthetic.write_fractal_imagefolder``, classes = generating formulas) and exported as a local
-safetensors file, which fine-tuning then loads through the ordinary local-file weight source.
+The study's pretraining-scale axis needs weights pretrained on datasets of different sizes. :func:`run_pretraining`
+trains any backbone from scratch on a single-label dataset with the same Trainer (and sharding) as fine-tuning and
+exports a safetensors file, which fine-tuning then loads through the ordinary local-file weight source.
+``recipes/pretrain.py`` is its command line for real-scale data; :func:`pretrain` is the demo's ``upstream:<name>``
+source, on formula-driven images (``scaling.data.synthetic.write_fractal_imagefolder``).
 """
 
 from __future__ import annotations
@@ -11,42 +12,58 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from scaling.config import ModelConfig, ShardingConfig, TrainConfig, UpstreamConfig
 
 log = logging.getLogger(__name__)
 
 
-def pretrain(
-    up: UpstreamConfig,
+def run_pretraining(
     backbone: str,
-    image_root: str | Path,
+    dataset: Dataset,
     out_path: str | Path,
+    train_cfg: TrainConfig,
     sharding_cfg: ShardingConfig | None = None,
     *,
+    run_dir: str | Path | None = None,
+    model_kwargs: dict | None = None,
     tracker=None,
 ) -> dict:
-    """Pretrain ``backbone`` from scratch on the ImageFolder at ``image_root``; export weights to ``out_path``.
+    """Pretrain ``backbone`` from scratch on a single-label ``dataset`` (``.classes``) and export it to ``out_path``.
 
-    Returns the trainer's summary. The exported file holds the whole model (with its upstream head); fine-tuning
-    drops that head and attaches a new one.
+    Softmax cross-entropy over ``len(dataset.classes)`` classes, with the same Trainer and sharding as fine-tuning
+    (resumes from ``run_dir/checkpoints`` when present). The exported file holds the whole model with its upstream
+    head; fine-tuning drops that head. Returns the Trainer's summary.
     """
-    from scaling.data.dataset import ImageFolderDataset
     from scaling.engine import Trainer
     from scaling.models import build_model
 
+    n_classes = len(dataset.classes)
+    if n_classes < 2:
+        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {n_classes}")
+    model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
+    model = build_model(model_cfg, num_outputs=n_classes, image_size=getattr(dataset, "image_size", None))
+    out_path = Path(out_path)
+    run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
+    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multiclass", output_dir=run_dir,
+                      tracker=tracker)
+    try:
+        summary = trainer.fit(dataset)
+        trainer.export(out_path)
+    finally:
+        trainer.close()
+    log.info("pretrained %s on %d images, %d classes -> %s", backbone, len(dataset), n_classes, out_path)
+    return summary
+
+
+def pretrain(up: UpstreamConfig, backbone: str, image_root: str | Path, out_path: str | Path,
+             sharding_cfg: ShardingConfig | None = None) -> dict:
+    """The demo's upstream run ``up`` for ``backbone``: SGD + cosine on the ImageFolder at ``image_root``."""
+    from scaling.data.dataset import ImageFolderDataset
+
     dataset = ImageFolderDataset(image_root, up.image_size, train=True)
-    if len(dataset.classes) < 2:
-        raise ValueError(f"upstream {up.name!r}: {image_root} has {len(dataset.classes)} class(es); need >= 2")
-    model = build_model(ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False),
-                        num_outputs=len(dataset.classes))
     train = TrainConfig(batch_size=up.batch_size, optimizer="sgd", lr=up.lr, momentum=0.9, weight_decay=1e-4,
                         schedule="cosine", warmup_steps=max(1, up.steps // 10), steps=up.steps,
                         log_every=max(1, up.steps // 4))
-    out_path = Path(out_path)
-    trainer = Trainer(model, train, sharding_cfg or ShardingConfig(), loss="multiclass",
-                      output_dir=out_path.parent / f"{Path(out_path).stem}.run", tracker=tracker)
-    summary = trainer.fit(dataset)
-    trainer.export(out_path)
-    log.info("upstream %s: %s pretrained on %d images, %d classes -> %s", up.name, backbone, len(dataset),
-             len(dataset.classes), out_path)
-    return summary
+    return run_pretraining(backbone, dataset, out_path, train, sharding_cfg)

@@ -1,0 +1,143 @@
+"""The study runner end to end on synthetic CheXpert data: interrupted study completed, results from the store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from scaling.config import load_config
+from scaling.data.table import DataError
+from scaling.study.grid import expand_grid, run_id
+from scaling.study.runner import plan, run_study
+from scaling.study.store import RunStore, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
+
+def study_yaml(tmp: Path, **extra) -> Path:
+    cfg = {
+        "name": "t",
+        "output_dir": str(tmp / "store"),
+        "data": {"root": "synthetic", "image_size": 48, "labels": LABELS, "options": {"uncertainty": "ignore"},
+                 "ood": [{"name": "ood_site_b", "root": "synthetic:b", "split": "train"}],
+                 "subgroups": ["sex", "age_group"]},
+        "train": {"batch_size": 32, "lr": 0.05, "steps": 120, "warmup_steps": 10, "log_every": 40},
+        "eval": {"n_boot": 50},
+        "upstream": [{"name": "up", "num_images": 200, "num_classes": 4, "image_size": 48, "steps": 10,
+                      "batch_size": 32}],
+        "grid": {"backbones": ["resnetv2_tiny"], "pretrained": ["scratch", "upstream:up"], "fractions": [0.3, 1.0],
+                 "seeds": [0]},
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_completed(tmp_path_factory):
+    """Start the study in a subprocess, kill it (SIGKILL) once the first run is done, then finish it in-process."""
+    tmp = tmp_path_factory.mktemp("study")
+    path = study_yaml(tmp)
+    cfg = load_config(path)
+    store = RunStore(cfg.output_dir)
+    first = run_id(cfg, expand_grid(cfg)[0])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "scale_study.py"), "--config", str(path),
+                             "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while not store.is_complete(first):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "first run did not finish in 10 minutes"
+        time.sleep(0.5)
+    time.sleep(1.0)  # the next run has started: kill it mid-way
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_status = {rid: store.status(rid) for rid in store.run_ids()}
+    done_files = sorted((store.run_dir(first)).rglob("*"))
+    mtimes = {p: p.stat().st_mtime_ns for p in done_files if p.is_file()}
+    table = run_study(cfg)
+    return cfg, store, first, killed_status, mtimes, table
+
+
+def test_interrupted_study_is_completed_without_redoing_finished_runs(interrupted_then_completed):
+    cfg, store, first, killed_status, mtimes, table = interrupted_then_completed
+    assert killed_status[first] == "complete"
+    assert sum(s == "complete" for s in killed_status.values()) < len(expand_grid(cfg))
+    assert all(store.is_complete(run_id(cfg, s)) for s in expand_grid(cfg))
+    # the finished run was not touched by the second invocation
+    for p, t in mtimes.items():
+        assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+    assert list(table["status"]) == ["complete"] * 4
+    assert (store.root / "results.csv").is_file() and (store.root / "report.html").is_file()
+
+
+def test_stored_predictions_and_metrics_agree_with_sklearn(interrupted_then_completed):
+    cfg, store, first, *_ = interrupted_then_completed
+    full_scratch = next(s for s in expand_grid(cfg) if s.fraction == 1.0 and s.pretrained == "scratch")
+    rid = run_id(cfg, full_scratch)
+    assert store.eval_sets(rid) == ["ood_site_b", "test", "val"]
+    preds = store.read_predictions(rid, "test")
+    assert not preds["sample_id"].duplicated().any()
+    assert "path" not in preds.columns
+    # every test sample is predicted exactly once (distributed padding deduplicated)
+    m = store.read_metrics(rid)
+    aucs = []
+    for label in LABELS:
+        ok = preds[f"label:{label}"].notna()
+        ref = roc_auc_score(preds.loc[ok, f"label:{label}"], preds.loc[ok, f"prob:{label}"])
+        row = m[(m.eval_set == "test") & (m.label == label) & (m.attribute == "all") & (m.metric == "auroc")]
+        assert row.value.iloc[0] == pytest.approx(ref, abs=1e-9)
+        aucs.append(ref)
+    macro = m[(m.eval_set == "test") & (m.label == "macro") & (m.attribute == "all") & (m.metric == "auroc")]
+    assert macro.value.iloc[0] == pytest.approx(np.mean(aucs), abs=1e-9)
+    # a short fit on the synthetic data learns the signal: clearly above chance
+    assert macro.value.iloc[0] > 0.65
+    spec = store.read_spec(rid)
+    assert spec["n_train_patients"] > store.read_spec(run_id(cfg, expand_grid(cfg)[0]))["n_train_patients"]
+
+
+def test_nested_fractions_in_the_store(interrupted_then_completed):
+    cfg, store, *_ = interrupted_then_completed
+    res = pd.read_csv(store.root / "results.csv")
+    assert set(res.fraction) == {0.3, 1.0}
+    assert res["auroc_test"].between(0.0, 1.0).all() and res["auroc_ood_site_b"].notna().all()
+
+
+def test_rerun_skips_everything_and_dry_run_reports_done(interrupted_then_completed):
+    cfg, store, first, *_ = interrupted_then_completed
+    before = (store.run_dir(first) / "DONE").stat().st_mtime_ns
+    run_study(cfg, report=False)
+    assert (store.run_dir(first) / "DONE").stat().st_mtime_ns == before
+    p = plan(cfg)
+    assert list(p["status"]) == ["complete"] * 4
+
+
+def test_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_completed, tmp_path):
+    cfg, store, first, *_ = interrupted_then_completed
+    before = {p: p.stat().st_mtime_ns for p in store.run_dir(first).rglob("*") if p.is_file()}
+    # another config in the same store is refused
+    other = load_config(None, [f"output_dir={cfg.output_dir}", "train.lr=0.5"])
+    with pytest.raises(StoreError, match="another config"):
+        run_study(other)
+    # a dataset root that does not exist
+    missing = load_config(None, [f"output_dir={tmp_path / 's'}", f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(DataError, match="does not exist"):
+        run_study(missing)
+    # an unknown backbone fails before anything is written, listing the valid names
+    path = study_yaml(tmp_path, grid={"backbones": ["resnetv2_tinyy"], "pretrained": ["scratch"], "fractions": [1.0],
+                                      "seeds": [0]}, output_dir=str(tmp_path / "s2"))
+    with pytest.raises(ValueError, match="resnetv2_tinyy.*resnetv2_tiny"):
+        run_study(load_config(path), report=False)
+    assert not (tmp_path / "s2").exists()
+    assert {p: p.stat().st_mtime_ns for p in store.run_dir(first).rglob("*") if p.is_file()} == before
