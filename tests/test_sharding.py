@@ -82,6 +82,19 @@ def test_fsdp_shards_half_and_matches_one_process(torch_suite, reference, name):
     assert_matches_reference(cell, reference)
 
 
+def test_meta_device_model_materialised_per_shard(torch_suite, reference):
+    cell = torch_suite["fsdp_meta"]
+    assert_half(cell)
+    assert_matches_reference(cell, reference)
+
+
+def test_hsdp_replicates_over_nodes_and_matches(torch_suite, reference):
+    # 2 fake nodes of 1 process: the shard dimension has 1 rank, so each rank holds everything.
+    cell = torch_suite["hsdp"]
+    assert cell["shares"] == [1.0, 1.0] and cell["units"] == 3
+    assert_matches_reference(cell, reference)
+
+
 def test_accelerate_fsdp_launch_with_non_fsdp_strategy_stops(torch_suite):
     assert "accelerate_fsdp_ddp" not in torch_suite
     assert "ACCELERATE_USE_FSDP" in torch_suite["accelerate_fsdp_ddp_error"]

@@ -5,8 +5,9 @@
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
 * ``torch``   ddp, fsdp (+ accumulation, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
-              our path), fsdp_grad_op, predict with padding duplicates, export; an uninterrupted fsdp run that
-              checkpoints at step 3 (``resume_fsdp``)
+              our path, a meta-device model materialised shard by shard), fsdp_grad_op, hsdp (2 fake nodes),
+              predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
+              (``resume_fsdp``)
 * ``zero``    zero1, zero2, zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
@@ -33,6 +34,7 @@ from toy import ToyDataset, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.engine import LaunchError, Trainer  # noqa: E402
+from scaling.engine.sharding import build_on_meta  # noqa: E402
 
 STEPS = 5
 
@@ -44,10 +46,11 @@ def train_cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, **sharding):
+def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, model=None,
+             weights=None, **sharding):
     torch.manual_seed(0)
-    trainer = Trainer(vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
-                      output_dir=output_dir)
+    trainer = Trainer(model or vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
+                      output_dir=output_dir, weights=weights)
     summary = trainer.fit(ToyDataset(64))
     shares = [None] * trainer.world_size
     torch.distributed.all_gather_object(shares, trainer.shard.share)
@@ -73,6 +76,18 @@ def main():
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
         run_cell("fsdp_grad_op", out, "fsdp_grad_op")
+        # HSDP's 2-D mesh, faking 2 nodes of 1 process (replicate over 2, shard over 1).
+        os.environ["LOCAL_WORLD_SIZE"] = "1"
+        run_cell("hsdp", out, "hsdp")
+        os.environ["LOCAL_WORLD_SIZE"] = "2"
+        # Meta-device model + safetensors file: each rank materialises only its rows of every tensor.
+        weights = out_dir / "vit_init.safetensors"
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(vit().state_dict(), str(weights))
+        torch.distributed.barrier()
+        run_cell("fsdp", out, "fsdp_meta", model=build_on_meta(vit), weights=weights)
         # An Accelerate FSDP launch (ACCELERATE_USE_FSDP=true) is routed to scaling's FSDP2 path ...
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         run_cell("fsdp", out, "accelerate_fsdp")
