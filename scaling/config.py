@@ -461,7 +461,9 @@ def to_dict(cfg: Any) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict.
+
+    List items are addressed by index (``data.ood.0.root=/data/nih``)."""
     import copy
 
     out = copy.deepcopy(data)
@@ -473,14 +475,24 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {ov!r}: value is not valid YAML ({e})") from None
-        node = out
+        node: Any = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # list items by index: data.ood.0.root=/data/nih
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {ov!r}: {p!r} is not an index of a list of {len(node)} item(s)")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = value
+                else:
+                    node = node.setdefault(p, {})
+            else:
+                raise ConfigError(f"override {ov!r}: {parts[i - 1]!r} is not a section")
     return out
 
 

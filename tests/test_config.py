@@ -88,3 +88,14 @@ def test_round_trip(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
     assert to_dict(again)["data"]["ood"][0]["root"] == "synthetic:b"
+
+
+def test_override_list_items_by_index(tmp_path):
+    base = tmp_path / "s.yaml"
+    base.write_text("data:\n  ood:\n    - {name: a, root: /x}\n    - {name: b, root: /y, options: {k: 1}}\n")
+    cfg = load_config(base, ["data.ood.1.root=/z", "data.ood.1.options.k=2"])
+    assert [e.root for e in cfg.data.ood] == ["/x", "/z"] and cfg.data.ood[1].options == {"k": 2}
+    with pytest.raises(ConfigError, match="not an index of a list of 2"):
+        load_config(base, ["data.ood.5.root=/z"])
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number"):
+        load_config(None, ["train.lr.x=1"])
