@@ -50,6 +50,9 @@ def test_one_class_label_is_nan_with_warning_and_kept_in_per_label():
     with pytest.warns(MetricWarning, match="undefined"):
         values = per_label(auroc, y, p)
     assert list(values.index) == ["A", "B"]
+    with pytest.warns(MetricWarning):
+        swapped = per_label(auroc, y, p[["B", "A"]])  # aligned by column name, not position
+    assert swapped["A"] == 1.0
     assert values["A"] == 1.0 and np.isnan(values["B"])
     assert macro_average(values) == 1.0
     with pytest.warns(MetricWarning):

@@ -142,6 +142,10 @@ def test_bad_predictions_raise_naming_the_problem(preds):
     bad.loc[3, "label:No Finding"] = 2.0
     with pytest.raises(ValueError, match=r"label:No Finding"):
         compute_run_metrics({"val": preds["val"], "test": bad}, LABELS, [], cfg)
+    bad = preds["test"].copy()
+    bad.loc[5, "patient_id"] = None
+    with pytest.raises(ValueError, match=r"patient_id"):
+        compute_run_metrics({"val": preds["val"], "test": bad}, LABELS, [], cfg)
     with pytest.raises(ValueError, match=r"logit:Edema"):
         compute_run_metrics({"val": preds["val"], "test": preds["test"].drop(columns="logit:Edema")}, LABELS, [], cfg)
 

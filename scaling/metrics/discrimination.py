@@ -145,6 +145,11 @@ def per_label(metric, y, p, labels=None) -> pd.Series:
     ``y`` and ``p`` are (n, L) arrays or DataFrames with the same columns; NaN labels are masked per label by the
     metric. A label with only one class is NaN (with a ``MetricWarning``), never dropped.
     """
+    if isinstance(y, pd.DataFrame) and isinstance(p, pd.DataFrame):
+        missing = [c for c in y.columns if c not in p.columns]
+        if missing:
+            raise ValueError(f"p lacks the label column(s) {missing} of y")
+        p = p[list(y.columns)]  # align by name, not by position
     if labels is None:
         labels = list(y.columns) if isinstance(y, pd.DataFrame) else list(range(np.shape(y)[1]))
     y_arr = np.asarray(y, dtype=np.float64)

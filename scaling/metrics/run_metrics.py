@@ -58,6 +58,8 @@ def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise ValueError(f"predictions[{eval_set!r}] lacks column(s) {missing}")
+    if df["patient_id"].isna().any():
+        raise ValueError(f"predictions[{eval_set!r}]['patient_id'] has missing ids; the bootstrap resamples patients")
 
 
 def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
