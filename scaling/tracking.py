@@ -291,6 +291,12 @@ class Tracker:
             return
         run, self._run = self._run, None
         run.finish(exit_code=exit_code)
+        import wandb
+
+        # wandb 0.31's finish() can return before its service has written the run's records to the offline
+        # .wandb file (we saw 7-byte files right after finish); teardown waits for the service to flush and stop,
+        # so a cell's W&B files are complete — and syncable — as soon as the cell is done. It costs ~0.25 s.
+        wandb.teardown()
 
 
 def summary_metrics(rows: pd.DataFrame) -> dict[str, float]:

@@ -2,10 +2,11 @@
 
 import json
 import math
+import shutil
 
 import pytest
 from scipy import stats
-from test_study_fixtures import EVAL_SETS, LABELS, SEED_SHIFT, make_store, run_dir_of, expected_error
+from test_study_fixtures import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import MixedStudyError, headline_table, load_results, run_status, summarise
@@ -16,9 +17,7 @@ ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (12 + 2 * 5 + 3)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    cfg = make_store(root, predictions=False)
-    return root, cfg
+    return shared_store(tmp_path_factory)
 
 
 def _one(df, **kw):
@@ -61,29 +60,30 @@ def test_summary_over_seeds(store):
     assert f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]" in set(wide["test"])
 
 
-def test_partial_and_failed_runs_are_reported(tmp_path, caplog):
-    skip = {("bb_tiny", "scratch", 1.0, 1), ("bb_small", "scratch", 1.0, 1), ("bb_base", "scratch", 1.0, 1)}
-    cfg = make_store(tmp_path, skip=skip, predictions=False)
-    store = RunStore(tmp_path)
+def test_partial_and_failed_runs_are_reported(tmp_path_factory, tmp_path, caplog):
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    for cell in (("bb_tiny", "scratch", 1.0, 1), ("bb_small", "scratch", 1.0, 1), ("bb_base", "scratch", 1.0, 1)):
+        shutil.rmtree(run_dir_of(root, cfg, *cell)[1])
+    store = RunStore(root)
     # bb_small seed 1 failed (its error mentions an image path), bb_base seed 1 is still running.
-    spec = json.loads((run_dir_of(tmp_path, cfg, "bb_tiny", "scratch", 1.0, 0)[1] / "spec.json").read_text())
-    rid, _ = run_dir_of(tmp_path, cfg, "bb_small", "scratch", 1.0, 1)
+    spec = json.loads((run_dir_of(root, cfg, "bb_tiny", "scratch", 1.0, 0)[1] / "spec.json").read_text())
+    rid, _ = run_dir_of(root, cfg, "bb_small", "scratch", 1.0, 1)
     store.write_spec(rid, {**spec, "run_id": rid, "backbone": "bb_small", "seed": 1}, "{}\n")
     try:
         raise OSError("cannot decode /data/chexpert/patient77731/study1/view1_frontal.jpg")
     except OSError as e:
         store.mark_failed(rid, e)
-    rid_run, _ = run_dir_of(tmp_path, cfg, "bb_base", "scratch", 1.0, 1)
+    rid_run, _ = run_dir_of(root, cfg, "bb_base", "scratch", 1.0, 1)
     store.write_spec(rid_run, {**spec, "run_id": rid_run, "backbone": "bb_base", "seed": 1}, "{}\n")
 
-    status = run_status(tmp_path).set_index("run_id")
+    status = run_status(root).set_index("run_id")
     assert status.loc[rid, "status"] == "failed"
     assert "cannot decode <redacted>" in status.loc[rid, "reason"] and "patient77731" not in status.loc[rid, "reason"]
     assert status.loc[rid_run, "status"] == "partial" and "no DONE" in status.loc[rid_run, "reason"]
     assert (status["status"] == "not started").sum() == 1  # bb_tiny seed 1: no directory at all
 
     with caplog.at_level("WARNING"):
-        df = load_results(tmp_path)
+        df = load_results(root)
         s = summarise(df)
     assert "failed" in caplog.text and "has 1 of 2 seeds" in caplog.text
     short = _one(s, backbone="bb_small", pretrained="scratch", fraction=1.0, eval_set="test", label="macro",
@@ -92,22 +92,24 @@ def test_partial_and_failed_runs_are_reported(tmp_path, caplog):
     value = 1 - expected_error("bb_small", "scratch", 1.0, 0)
     assert short["ci_kind"] == "bootstrap" and short["mean"] == pytest.approx(value)
     assert (short["lo"], short["hi"]) == (pytest.approx(value - 0.03), pytest.approx(value + 0.03))
-    assert "(1/2 seeds)" in headline_table(s).set_index("backbone").loc["bb_small"].query("fraction == 1.0")["test"].iloc[0]
+    wide = headline_table(s)
+    cell = wide[(wide["backbone"] == "bb_small") & (wide["pretrained"] == "scratch") & (wide["fraction"] == 1.0)]
+    assert cell["test"].iloc[0].endswith("(1/2 seeds)")
 
 
-def test_mixed_studies_refused(tmp_path, capsys):
-    cfg = make_store(tmp_path, predictions=False)
-    rid, d = run_dir_of(tmp_path, cfg, "bb_tiny", "scratch", 1.0, 0)
+def test_mixed_studies_refused(tmp_path_factory, tmp_path, capsys):
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    rid, d = run_dir_of(root, cfg, "bb_tiny", "scratch", 1.0, 0)
     spec = json.loads((d / "spec.json").read_text())
     other = "bb-tiny__scratch__f1__s0__otherconf"
-    RunStore(tmp_path).write_spec(other, {**spec, "run_id": other, "config_hash": "0123456789ab"}, "{}\n")
-    RunStore(tmp_path).write_metrics(other, RunStore(tmp_path).read_metrics(rid))
-    RunStore(tmp_path).mark_complete(other)
+    RunStore(root).write_spec(other, {**spec, "run_id": other, "config_hash": "0123456789ab"}, "{}\n")
+    RunStore(root).write_metrics(other, RunStore(root).read_metrics(rid))
+    RunStore(root).mark_complete(other)
     with pytest.raises(MixedStudyError, match="2 study configs.*allow_mixed"):
-        load_results(tmp_path)
-    assert main(["summary", str(tmp_path)]) == 2
+        load_results(root)
+    assert main(["summary", str(root)]) == 2
     assert "allow-mixed" in capsys.readouterr().err
-    s = summarise(load_results(tmp_path, allow_mixed=True))
+    s = summarise(load_results(root, allow_mixed=True))
     assert set(s["config_hash"]) == {spec["config_hash"], "0123456789ab"}
 
 

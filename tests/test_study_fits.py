@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_study_fixtures import B_PARAMS, make_store
+from test_study_fixtures import B_PARAMS, shared_store
 
 from scaling.study.aggregate import load_results
 from scaling.study.fits import FitError, fit_power_law, fit_table
@@ -34,9 +34,9 @@ def test_refuses_too_few_points_and_nonpositive_x():
         fit_power_law([0, 1e5, 1e6, 1e7, 1e8], [0.4, 0.3, 0.2, 0.15, 0.1])
 
 
-def test_fit_table_of_handmade_study(tmp_path):
-    make_store(tmp_path, predictions=False)
-    table, laws = fit_table(load_results(tmp_path), n_boot=30)
+def test_fit_table_of_handmade_study(tmp_path_factory):
+    root, _ = shared_store(tmp_path_factory)
+    table, laws = fit_table(load_results(root), n_boot=30)
     params = table[(table["x_axis"] == "n_params") & (table["eval_set"] == "test")].set_index("pretrained")
     assert set(params.index) == {"scratch", "upstream:small", "upstream:big"}
     assert (params["status"] == "ok").all() and (params["n_x"] == 4).all() and (params["n_runs"] == 8).all()

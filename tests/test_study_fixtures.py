@@ -7,6 +7,7 @@ selective-prediction curves have something real to work on.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,9 @@ def _metric_rows(backbone, source, fraction, seed) -> list[dict]:
         e = ece(backbone)
         for label in (*LABELS, "macro"):
             add(es, label, "all", "all", "auroc", a)
-            for m, v in dict(auprc=a - 0.2, ece=e, ece_temp=0.015, mce=2 * e, brier=0.2 - 0.1 * a, nll=0.6 - 0.2 * a,
-                             nll_temp=0.55 - 0.2 * a, prevalence=0.3, tpr=a - 0.1, fpr=1.1 - a, aurc=0.3 - 0.2 * a).items():
+            overall = dict(auprc=a - 0.2, ece=e, ece_temp=0.015, mce=2 * e, brier=0.2 - 0.1 * a, nll=0.6 - 0.2 * a,
+                           nll_temp=0.55 - 0.2 * a, prevalence=0.3, tpr=a - 0.1, fpr=1.1 - a, aurc=0.3 - 0.2 * a)
+            for m, v in overall.items():
                 add(es, label, "all", "all", m, v)
             for g, sign in (("F", -1), ("M", 1)):
                 add(es, label, "sex", g, "auroc", a + sign * gap / 2, n=60)
@@ -138,6 +140,25 @@ def make_store(root: Path, *, name: str = "handmade", skip: set | None = None, o
         store.write_metrics(rid, _metric_rows(*key))
         store.mark_complete(rid)
     return cfg
+
+
+_SHARED: dict[str, tuple[Path, StudyConfig]] = {}
+
+
+def shared_store(tmp_path_factory) -> tuple[Path, StudyConfig]:
+    """The complete hand-made store (with predictions), written once per test session; tests must not modify it
+    (copy it with :func:`copy_store` first)."""
+    if "full" not in _SHARED:
+        root = tmp_path_factory.mktemp("shared_study")
+        _SHARED["full"] = (root, make_store(root))
+    return _SHARED["full"]
+
+
+def copy_store(tmp_path_factory, dst: Path) -> tuple[Path, StudyConfig]:
+    """A private copy of the shared store at ``dst`` (to add, fail or delete runs in)."""
+    src, cfg = shared_store(tmp_path_factory)
+    shutil.copytree(src, dst)
+    return dst, cfg
 
 
 def run_dir_of(root: Path, cfg: StudyConfig, backbone, source, fraction, seed) -> tuple[str, Path]:

@@ -4,7 +4,7 @@ import base64
 import re
 
 import pytest
-from test_study_fixtures import PATIENTS, SAMPLES, make_store
+from test_study_fixtures import PATIENTS, SAMPLES, make_store, shared_store
 
 from scaling.study.__main__ import main
 from scaling.study.report import FIGURES, build_report, render_html
@@ -15,8 +15,7 @@ TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood", "fa
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    make_store(root)
+    root, _ = shared_store(tmp_path_factory)
     rep = build_report(root, n_boot_fit=20)
     return root, rep, render_html(rep)
 
