@@ -99,3 +99,12 @@ def test_override_list_items_by_index(tmp_path):
         load_config(base, ["data.ood.5.root=/z"])
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number"):
         load_config(None, ["train.lr.x=1"])
+
+
+def test_yaml_1_1_booleans_stay_strings(tmp_path):
+    """``off``/``no`` are words here, not booleans (YAML 1.1 would turn ``wandb: off`` into False)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("tracking: {wandb: off}\ntrain: {mixed_precision: no, hyperrule: off}\ndata: {cache: false}\n")
+    cfg = load_config(f, ["sharding.activation_checkpointing=none", "data.on_bad_image=skip"])
+    assert cfg.tracking.wandb == "off" and cfg.train.mixed_precision == "no" and cfg.train.hyperrule == "off"
+    assert cfg.data.cache is False
