@@ -75,6 +75,8 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
             lo, hi = mean - half, mean + half
         else:
             lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, n_boot, confidence)
+        # AUROC lives in [0, 1]; a two-seed t-interval can overshoot it, which would read as a bug, not as noise.
+        lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
         label = f"{name}: {cell['backbone']} / {cell['pretrained']}"
         rows += [{"model": label, "referral": r, "mean": m, "lo": a, "hi": b, "n_seeds": len(arr)}
                  for r, m, a, b in zip(referral, mean, lo, hi)]

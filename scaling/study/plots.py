@@ -44,25 +44,30 @@ def _yerr(d: pd.DataFrame) -> np.ndarray:
     return np.vstack([lo, hi])
 
 
-def _lines(ax, data: pd.DataFrame, x: str, by: str, colors: dict, *, linestyle="-", label_suffix="", marker=True):
+def _lines(ax, data: pd.DataFrame, x: str, by: str, colors: dict, *, linestyle="-", legend=True, marker=True):
     # Legend order follows the palette (sources alphabetically, backbones by size), not the groupby order.
     keys = [k for k in colors if k in set(data[by])]
     for i, key in enumerate(keys):
         g = data[data[by] == key].sort_values(x)
         ax.errorbar(g[x], g["mean"], yerr=_yerr(g), color=colors.get(key), linestyle=linestyle, capsize=3,
-                    marker=_MARKERS[i % len(_MARKERS)] if marker else None, label=f"{key}{label_suffix}")
+                    marker=_MARKERS[i % len(_MARKERS)] if marker else None, label=str(key) if legend else "_")
 
 
-def _finish(fig, axes) -> plt.Figure:
-    handles, labels = [], []
+def _finish(fig, axes, extra=()) -> plt.Figure:
+    """One shared legend under the panels (labels starting with ``fit:`` stay in their own panel's legend);
+    ``extra`` are (handle, label) pairs to add, e.g. a line-style key."""
+    handles, labels = [h for h, _ in extra], [lab for _, lab in extra]
     for ax in np.ravel(axes):
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
+            if lab not in labels and not lab.startswith("fit:"):
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, fontsize=8)
-        fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
+        # As many columns as fit the figure's width, so a narrow figure never clips its legend.
+        ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.3)))
+        rows = (len(labels) - 1) // ncol + 1
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+        fig.tight_layout(rect=(0, min(0.4, 0.2 * rows / fig.get_figheight() + 0.01), 1, 1))
     else:
         fig.tight_layout()
     return fig
@@ -96,7 +101,10 @@ def auroc_vs_params(summary: pd.DataFrame, laws: dict | None = None) -> plt.Figu
             if law is not None:
                 xs = np.geomspace(d["n_params"].min(), d["n_params"].max(), 50)
                 ax.plot(xs, 1 - law.predict(xs), linestyle="--", color=colors[src], alpha=0.7,
-                        label=f"{src} fit (b={law.b:.2f})")
+                        label=f"fit: {src}, b={law.b:.2f}")
+        fits = [(h, lab[5:]) for h, lab in zip(*ax.get_legend_handles_labels()) if lab.startswith("fit:")]
+        if fits:
+            ax.legend(*zip(*fits), fontsize=7, loc="lower right", title="error = a·x^−b + c", title_fontsize=7)
         ax.set_xscale("log")
         ax.set(title=f"{es}: AUROC vs model size", xlabel="parameters", ylabel="macro AUROC")
         ax.grid(alpha=0.3)
@@ -192,14 +200,16 @@ def calibration_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.
     if s.empty:
         return None
     colors = _palette(s["pretrained"].unique())
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    _lines(ax, s[s["metric"] == "ece"], "n_params", "pretrained", colors, label_suffix=" (raw)")
-    _lines(ax, s[s["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--",
-           label_suffix=" (temperature-scaled)")
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    _lines(ax, s[s["metric"] == "ece"], "n_params", "pretrained", colors)
+    # Same colours dashed; the legend explains the line styles once instead of doubling every source.
+    _lines(ax, s[s["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--", legend=False)
     ax.set_xscale("log")
     ax.set(title=f"Calibration vs model size ({eval_set})", xlabel="parameters", ylabel="ECE (macro)")
     ax.grid(alpha=0.3)
-    return _finish(fig, np.array([ax]))
+    key = [(plt.Line2D([], [], color="black"), "raw"),
+           (plt.Line2D([], [], color="black", linestyle="--"), "temperature-scaled (validation)")]
+    return _finish(fig, np.array([ax]), extra=key)
 
 
 def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:
@@ -212,8 +222,7 @@ def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:
     for model, g in curves.groupby("model", sort=True):
         g = g.sort_values("referral")
         ax.plot(g["referral"], g["mean"], marker="o", markersize=3, color=colors[model], label=model)
-        # AUROC is bounded: a two-seed t-interval can overshoot 1, which would only look like a plotting bug.
-        ax.fill_between(g["referral"], g["lo"].clip(0, 1), g["hi"].clip(0, 1), color=colors[model], alpha=0.2)
+        ax.fill_between(g["referral"], g["lo"], g["hi"], color=colors[model], alpha=0.2)
     ax.set(title="Selective prediction (test)", xlabel="fraction referred (most uncertain first)",
            ylabel="macro AUROC on retained")
     ax.grid(alpha=0.3)

@@ -74,13 +74,23 @@ def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", a
 
 
 def _completion(runs: pd.DataFrame) -> pd.DataFrame:
-    """Grid cells × status counts: how many seeds of each cell are complete, failed, running or not started."""
+    """The grid as a matrix: one row per pretraining source × backbone (by size), one column per data fraction,
+    cells ``complete/seeds`` plus the count of any other status (e.g. ``1/2, 1 failed``)."""
     if runs.empty:
         return pd.DataFrame()
-    t = runs.pivot_table(index=["pretrained", "backbone", "fraction"], columns="status", values="run_id",
-                         aggfunc="count", fill_value=0).reset_index()
-    t.columns.name = None
-    return t
+    seeds = runs["seed"].nunique()
+    size = runs.groupby("backbone")["n_params"].max()
+
+    def cell(g: pd.DataFrame) -> str:
+        counts = g["status"].value_counts()
+        others = [f"{n} {s}" for s, n in counts.items() if s != "complete"]
+        return ", ".join([f"{int(counts.get('complete', 0))}/{seeds}", *others])
+
+    t = runs.groupby(["pretrained", "backbone", "fraction"]).apply(cell, include_groups=False).unstack("fraction")
+    t.columns = [f"fraction {f:g}" for f in t.columns]
+    t = t.fillna(f"0/{seeds}").reset_index()
+    t["_size"] = t["backbone"].map(size)
+    return t.sort_values(["pretrained", "_size", "backbone"]).drop(columns="_size").reset_index(drop=True)
 
 
 def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
@@ -114,6 +124,9 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
 
     eff = data_efficiency(df, summary)
     rep.tables["data_efficiency"] = eff
+    if len(eff):
+        rep.notes["baseline"] = (f"Baseline: {eff['baseline'].iloc[0]}, test AUROC "
+                                 f"{eff['baseline_auroc'].iloc[0]:.3f}.")
     rep.figures["auroc_vs_fraction"] = plots.auroc_vs_fraction(summary, eff)
 
     drops = ood_summary(df)
@@ -176,11 +189,26 @@ font-size:12px}
 """
 
 
+def _count(v) -> str:
+    """Parameter / image counts as people write them (1.6M, 400k)."""
+    if pd.isna(v):
+        return "n/a"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}"
+
+
 def _table_html(df: pd.DataFrame, tid: str, empty: str = "nothing to show") -> str:
     if df is None or df.empty:
         return f'<p class="note" id="tbl-{tid}">{html.escape(empty)}</p>'
+    counts = {c: _count for c in ("n_params", "pretrain_images", "n_train_images") if c in df.columns}
     return df.to_html(index=False, table_id=f"tbl-{tid}", na_rep="n/a", float_format=lambda v: f"{v:.4g}",
-                      border=0, escape=True)
+                      formatters=counts, border=0, escape=True)
+
+
+def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
+    return df.drop(columns=[c for c in cols if c in df.columns]) if df is not None else None
 
 
 def _figure_html(rep: StudyReport, fid: str) -> str:
@@ -232,7 +260,8 @@ def render_html(rep: StudyReport) -> str:
             "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
             "resampling seeds). censored: <i>below</i> = already reached at the smallest fraction, <i>above</i> "
             "= never reached within the grid.</p>",
-            _figure_html(rep, "auroc_vs_fraction"), _table_html(t.get("data_efficiency"), "data_efficiency"),
+            f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
+            _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"),
             _table_html(t.get("ood"), "ood", "the study has no OOD evaluation set"),
             "<h2 id='fairness'>Subgroups</h2>", _figure_html(rep, "fairness"),
