@@ -65,8 +65,13 @@ def _tokens(key: str) -> list[str]:
 
 
 def is_identifier_key(key: str) -> bool:
-    """True when a key or column name denotes a patient/sample identifier, a file path or an image location."""
+    """True when a key or column name denotes a patient/sample identifier, a file path or an image location.
+
+    Counts are not identifiers: ``n_train_patients`` or ``num_files`` pass.
+    """
     toks = _tokens(key)
+    if toks and (toks[0] in ("n", "num", "count") or "count" in toks):
+        return False
     return any(t in _ID_TOKENS for t in toks) or any(p in _ID_PAIRS for p in zip(toks, toks[1:]))
 
 
