@@ -10,7 +10,13 @@ import pytest
 from scaling.data import DataError, load_table
 from scaling.data.chexpert import COLUMNS, _race
 from scaling.data.labels import apply_label_policy, select_labels
-from scaling.data.splits import check_disjoint, fraction_subset, kshot_subset, patient_order, patient_split
+from scaling.data.splits import (
+    check_disjoint,
+    fraction_subset,
+    kshot_subset,
+    patient_order,
+    patient_split,
+)
 
 NAN = math.nan
 HEADER = ",".join(COLUMNS)

@@ -5,7 +5,15 @@ imported lazily from :data:`scaling.data.registry.DATASETS`, so importing this p
 """
 
 from scaling.data.registry import DATASETS, available, load_table
-from scaling.data.table import DataError, LABEL_PREFIX, label_columns, label_names, validate_table
+from scaling.data.table import LABEL_PREFIX, DataError, label_columns, label_names, validate_table
 
-__all__ = ["DATASETS", "DataError", "LABEL_PREFIX", "available", "label_columns", "label_names", "load_table",
-           "validate_table"]
+__all__ = [
+    "DATASETS",
+    "LABEL_PREFIX",
+    "DataError",
+    "available",
+    "label_columns",
+    "label_names",
+    "load_table",
+    "validate_table",
+]

@@ -24,8 +24,8 @@ Columns produced: ``sample_id`` (path below the release directory, e.g. ``train/
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

@@ -7,8 +7,8 @@ padding creates, then maps indices back to ``sample_id`` / ``patient_id``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -94,7 +94,7 @@ class TableDataset(Dataset):
         if channels is None and self.cache is None and self.paths:
             try:
                 channels = probe(self.paths[0])[0]
-            except Exception as e:  # noqa: BLE001 - the first image is unreadable: name it
+            except Exception as e:  # the first image is unreadable: name it
                 raise bad_image_error(self.paths[0], self.sample_ids[0], e) from e
         self.channels = channels or 1
         self.transform = build_transform(self.image_size, train, mean, std, flip)
@@ -114,7 +114,7 @@ class TableDataset(Dataset):
             return torch.from_numpy(to_float(self.cache.read(self.paths[i])))
         try:
             return torch.from_numpy(to_float(decode(self.paths[i], self.image_size, self.channels)))
-        except Exception as e:  # noqa: BLE001 - name the file and sample of any decoder failure
+        except Exception as e:  # name the file and sample of any decoder failure
             raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
 
     def __getitem__(self, i: int) -> dict:
@@ -163,6 +163,6 @@ class ImageFolderDataset(Dataset):
         path, cls = self.samples[i]
         try:
             pixels = torch.from_numpy(to_float(decode(path, self.image_size, channels=3)))
-        except Exception as e:  # noqa: BLE001 - name the file of any decoder failure
+        except Exception as e:  # name the file of any decoder failure
             raise bad_image_error(path, f"{self.classes[cls]}/{path.name}", e) from e
         return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}

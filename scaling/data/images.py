@@ -29,11 +29,11 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,7 +75,8 @@ def _resize_float(a: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def _decode_dicom(path: Path, size: int | None, channels: int) -> np.ndarray:
-    from scaling.data.dicom import read_dicom  # deferred: pydicom is needed only for DICOM datasets
+    # Deferred import: pydicom is needed only for DICOM datasets.
+    from scaling.data.dicom import read_dicom
 
     a = np.asarray(read_dicom(path), dtype=np.float32)
     if a.ndim == 3:  # colour DICOM (rare in our datasets): (H, W, 3)
@@ -370,8 +371,8 @@ class ImageCache:
         for i in todo:
             try:
                 return probe(want["path"].iloc[i])
-            except Exception:  # noqa: BLE001 - unreadable images are reported by the decode pass
-                continue
+            except Exception as e:  # noqa: BLE001 - unreadable images are reported (error or skip) by the decode pass
+                log.debug("cannot probe %s: %s", want["path"].iloc[i], e)
         return 1, np.dtype(np.uint8)
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def check_images(df: pd.DataFrame, on_bad_image: str = "error") -> tuple[pd.Data
     for sid, p in zip(df["sample_id"], df["path"]):
         try:
             decode(p)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+        except Exception as e:  # any decoder failure is a bad image
             if on_bad_image == "error":
                 raise bad_image_error(p, sid, e) from e
             bad.append(sid)

@@ -14,9 +14,10 @@ import importlib.util
 import inspect
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 

@@ -24,7 +24,7 @@ row order. Splits and fractions use different random streams (``salt``), so the 
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -143,7 +143,7 @@ def fraction_subset(
     if not 0 < fraction <= 1:
         raise DataError(f"data fraction {fraction} must be in (0, 1]")
     order = patient_order(df, seed, labels, salt="fraction")
-    n_keep = max(1, int(round(fraction * len(order))))
+    n_keep = max(1, round(fraction * len(order)))
     chosen = list(order[:n_keep])
     per_patient = _patient_labels(df, labels)
     have = per_patient.loc[chosen]

@@ -12,6 +12,7 @@ Optional, dataset-specific attribute columns: view, race, site, manufacturer, sk
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -76,7 +77,7 @@ def apply_filters(df: pd.DataFrame, filters: dict, source: str) -> pd.DataFrame:
 def add_age_group(df: pd.DataFrame, bins) -> pd.DataFrame:
     """Add ``age_group`` (e.g. '40-60', '80+') from ``age`` with left-closed bin edges; NaN age → missing."""
     edges = list(bins)
-    names = [f"{int(a)}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
+    names = [f"{int(a)}-{int(b)}" for a, b in itertools.pairwise(edges)]
     if len(edges) >= 2 and edges[-1] >= 120:
         names[-1] = f"{int(edges[-2])}+"
     out = df.copy()
