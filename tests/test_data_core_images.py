@@ -158,3 +158,26 @@ def test_image_folder_dataset(tmp_path):
     assert torch.allclose(item["image"], torch.full((3, SIZE, SIZE), to_float(np.uint8(40)) * 2 - 1), atol=1e-6)
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing", SIZE)
+
+
+def test_dicom_dispatch_and_uint16_cache(tmp_path):
+    from scaling.data.fixtures import write_dicom
+
+    ramp = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (30, 1))  # 30 x 40, 12-bit values rising left→right
+    rows = []
+    for i, photometric in enumerate(["MONOCHROME2", "MONOCHROME1"]):
+        path = tmp_path / f"img{i}.dcm"
+        write_dicom(path, ramp, photometric=photometric, bits_stored=12)
+        rows.append((f"d{i}", f"p{i}", str(path), 1.0))
+    df = pd.DataFrame(rows, columns=["sample_id", "patient_id", "path", "label:Malignant"])
+    df["sex"], df["age"] = "F", np.nan
+    mono2, mono1 = decode(df["path"][0]), decode(df["path"][1])
+    assert mono2.dtype == np.float32 and mono2.shape == (1, 30, 40)
+    assert mono2[0, 0, 0] == 0.0 and mono2[0, 0, -1] == 1.0  # min-max scaled to [0, 1]
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)  # MONOCHROME1: higher values are darker
+    cache = ImageCache(tmp_path / "cache", SIZE)
+    cache.build(df)
+    assert cache.read(df["path"][1]).dtype == np.uint16
+    ds = TableDataset(df, ["Malignant"], SIZE, cache_dir=tmp_path / "cache")
+    direct = TableDataset(df, ["Malignant"], SIZE)
+    assert torch.allclose(ds.load_pixels(1), direct.load_pixels(1), atol=0.5 / 65535 + 1e-7)
