@@ -54,6 +54,8 @@ BIT_STD = (0.5, 0.5, 0.5)
 _COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 CACHE_VERSION = 1
+_COPY_CHUNK = 4096  # rows copied at a time from an old store: bounds memory on 100k-image stores
+_PROGRESS_EVERY = 5000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class ImageCache:
         meta = json.loads(meta_path.read_text())
         if meta.get("version") != CACHE_VERSION or meta.get("image_size") != self.image_size:
             return None, None
-        if not (self.directory / meta["data_file"]).is_file():
+        if not (self.directory / meta["data_file"]).is_file() or not (self.directory / meta["index_file"]).is_file():
             return None, None
         return meta, pd.read_parquet(self.directory / meta["index_file"])
 
@@ -311,59 +313,72 @@ class ImageCache:
         return report
 
     def _rebuild(self, meta, old, want, todo, on_bad_image, num_workers, report) -> None:
+        """Write a new store: the still-valid old entries, then ``todo`` decoded (streamed, never all in memory)."""
         if meta is not None:
             channels, dtype = meta["channels"], np.dtype(meta["dtype"])
         else:
             channels, dtype = self._probe_first(want, todo)
         size = self.image_size
-        jobs = [(want["path"].iloc[i], size, channels, dtype) for i in todo]
-        if num_workers > 0 and len(jobs) > 1:
-            with ProcessPoolExecutor(num_workers) as pool:
-                results = list(pool.map(_decode_for_cache, jobs, chunksize=max(1, len(jobs) // (8 * num_workers))))
-        else:
-            results = [_decode_for_cache(j) for j in jobs]
-        for i, (arr, err) in zip(todo, results):
-            if err is not None:
-                if on_bad_image == "error":
-                    raise DataError(f"cannot read image {want['path'].iloc[i]} (sample {want['sample_id'].iloc[i]!r}): {err}")
-                report.skipped.append(want["sample_id"].iloc[i])
-
-        # The new store: kept old entries (valid and not re-decoded) first, then the newly decoded ones.
         redo = set(want["path"].iloc[todo])
         keep_old = old[~old["path"].isin(redo)].reset_index(drop=True) if old is not None else None
         n_old = 0 if keep_old is None else len(keep_old)
-        n = n_old + len(todo)
+        n = max(n_old + len(todo), 1)
         data_file = f"data-{uuid.uuid4().hex[:12]}.bin"
-        # A raw memmap (shape and dtype live in meta.json) so readers map it without parsing a header.
-        data = np.memmap(self.directory / data_file, dtype=dtype, mode="w+", shape=(max(n, 1), channels, size, size))
-        if n_old:
-            old_data = np.memmap(self.directory / meta["data_file"], dtype=dtype, mode="r",
-                                 shape=(meta["n"], channels, size, size))
-            data[:n_old] = old_data[keep_old["row"].to_numpy()]
-            del old_data
-        for j, (arr, err) in enumerate(results):
-            if err is None:
-                data[n_old + j] = arr
-        data.flush()
-        del data
+        data_path = self.directory / data_file
+        ok = np.zeros(len(todo), dtype=bool)
+        try:
+            # A raw memmap (shape and dtype live in meta.json) so readers map it without parsing a header.
+            data = np.memmap(data_path, dtype=dtype, mode="w+", shape=(n, channels, size, size))
+            if n_old:
+                old_data = np.memmap(self.directory / meta["data_file"], dtype=dtype, mode="r",
+                                     shape=(meta["n"], channels, size, size))
+                rows = keep_old["row"].to_numpy()
+                for lo in range(0, n_old, _COPY_CHUNK):
+                    chunk = rows[lo : lo + _COPY_CHUNK]
+                    data[lo : lo + len(chunk)] = old_data[chunk]
+                del old_data
+            for j, (arr, err) in enumerate(self._decode_stream(want["path"].iloc[todo], channels, dtype, num_workers)):
+                i = todo[j]
+                if err is not None:
+                    if on_bad_image == "error":
+                        raise DataError(
+                            f"cannot read image {want['path'].iloc[i]} (sample {want['sample_id'].iloc[i]!r}): {err}"
+                        )
+                    report.skipped.append(want["sample_id"].iloc[i])
+                else:
+                    data[n_old + j] = arr
+                    ok[j] = True
+                if (j + 1) % _PROGRESS_EVERY == 0:
+                    log.info("image cache %s: decoded %d of %d", self.directory, j + 1, len(todo))
+            data.flush()
+            del data
+        except BaseException:
+            data_path.unlink(missing_ok=True)  # a failed build leaves the previous store untouched
+            raise
         new_rows = want.iloc[todo].reset_index(drop=True).copy()
-        new_rows["ok"] = [err is None for _, err in results]
+        new_rows["ok"] = ok
         index = pd.concat(([keep_old.drop(columns="row")] if n_old else []) + [new_rows], ignore_index=True)
         index["row"] = np.arange(len(index))
         index_file = f"index-{data_file[5:-4]}.parquet"
         atomic_write_parquet(self.directory / index_file, index)
         atomic_write_json(
             self.directory / "meta.json",
-            {"version": CACHE_VERSION, "image_size": size, "channels": channels, "dtype": dtype.name, "n": max(n, 1),
+            {"version": CACHE_VERSION, "image_size": size, "channels": channels, "dtype": dtype.name, "n": n,
              "data_file": data_file, "index_file": index_file},
         )
-        for stale in self.directory.glob("data-*.bin"):
-            if stale.name != data_file:
+        for stale in [*self.directory.glob("data-*.bin"), *self.directory.glob("index-*.parquet")]:
+            if stale.name not in (data_file, index_file):
                 stale.unlink()
-        for stale in self.directory.glob("index-*.parquet"):
-            if stale.name != index_file:
-                stale.unlink()
-        report.decoded += len(todo) - sum(err is not None for _, err in results)
+        report.decoded += int(ok.sum())
+
+    def _decode_stream(self, paths: pd.Series, channels: int, dtype: np.dtype, num_workers: int) -> Iterator:
+        """Yield ``(array, error)`` per path, in order; in ``num_workers`` processes when > 0."""
+        jobs = ((p, self.image_size, channels, dtype) for p in paths)
+        if num_workers > 0 and len(paths) > 1:
+            with ProcessPoolExecutor(num_workers) as pool:
+                yield from pool.map(_decode_for_cache, jobs, chunksize=max(1, min(64, len(paths) // (8 * num_workers))))
+        else:
+            yield from map(_decode_for_cache, jobs)
 
     @staticmethod
     def _probe_first(want: pd.DataFrame, todo: np.ndarray) -> tuple[int, np.dtype]:
