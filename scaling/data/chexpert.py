@@ -223,7 +223,10 @@ def load(
         demo = read_demographics(demo_path)
         df = df.merge(demo, on="patient_id", how="left")
         df[["race", "ethnicity"]] = df[["race", "ethnicity"]].astype(object).where(df[["race", "ethnicity"]].notna(), None)
-        log.info("chexpert: demographics from %s matched %d of %d rows", demo_path, int(df["race"].notna().sum()), len(df))
+        log.info(
+            "chexpert: demographics from %s cover %d of %d rows (race known for %d)",
+            demo_path, int(df["patient_id"].isin(set(demo["patient_id"])).sum()), len(df), int(df["race"].notna().sum()),
+        )
 
     if views:
         before = len(df)

@@ -95,8 +95,10 @@ def load_table(
     root_path = Path(root).expanduser()
     if not str(root) or not root_path.exists():
         raise DataError(f"{name}: dataset root {str(root)!r} does not exist")
-    accepted = [p.name for p in inspect.signature(loader.load).parameters.values() if p.kind == p.KEYWORD_ONLY]
-    unknown = [k for k in options if k not in accepted]
+    params = list(inspect.signature(loader.load).parameters.values())[2:]  # after (root, split)
+    accepted = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    unknown = [] if takes_any else [k for k in options if k not in accepted]
     if unknown:
         raise DataError(f"{name}: unknown loader option(s) {unknown}; valid options: {accepted}")
     source = f"{name}:{split} at {root_path}"
