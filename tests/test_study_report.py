@@ -50,10 +50,19 @@ def test_report_numbers_match_tables(report):
     assert ((test["b"] - 0.3).abs() < 0.03).all()
     for b in test["b"]:
         assert f"<td>{b:.4g}</td>" in text
+    # DeLong: every backbone vs bb_tiny per source, label and seed, paired on all 120 test samples.
+    dl = rep.tables["delong"]
+    assert len(dl) == 3 * 3 * 2 * 2 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
+    big = dl[dl["backbone"] == "bb_large"]
+    assert (big["diff"] > 0).all() and (big["p_value"] < 0.05).mean() >= 0.5
+    assert ((big["auroc"] - big["auroc_vs"] - big["diff"]).abs() < 1e-12).all()
     # Selective prediction: the best model retains a higher AUROC than the smallest at every referral rate.
     sel = rep.tables["selective"].set_index("model")
     assert [m.split(":")[0] for m in sel.index] == ["best", "smallest"]
     assert "best: bb_large / upstream:big" in sel.index
+    means = sel.apply(lambda col: col.str.split().str[0].astype(float))
+    assert (means.iloc[0] > means.iloc[1]).all()
+    assert (means.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # referring the uncertain cases helps both
 
 
 def test_report_identifies_no_patient(report):
