@@ -224,7 +224,8 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
         f"{m:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if c else f" ({k}/{e} seeds)")
         for m, lo, hi, c, k, e in zip(s["mean"], s["lo"], s["hi"], s["complete"], s["n_seeds"], s["n_seeds_expected"])
     ])
-    wide = fmt.pivot_table(index=["pretrained", "backbone", "n_params", "fraction"], columns="eval_set",
+    mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
+    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction"], columns="eval_set",
                            values="cell", aggfunc="first")
     first = [c for c in ("test", "val") if c in wide.columns]
     order = first + sorted(c for c in wide.columns if c not in first)
