@@ -30,7 +30,7 @@ def study_yaml(tmp: Path, **extra) -> Path:
         "data": {"root": "synthetic", "image_size": 48, "labels": LABELS, "options": {"uncertainty": "ignore"},
                  "ood": [{"name": "ood_site_b", "root": "synthetic:b", "split": "train"}],
                  "subgroups": ["sex", "age_group"]},
-        "train": {"batch_size": 32, "lr": 0.05, "steps": 120, "warmup_steps": 10, "log_every": 40},
+        "train": {"batch_size": 32, "lr": 0.05, "steps": 100, "warmup_steps": 10, "log_every": 50},
         "eval": {"n_boot": 50},
         "upstream": [{"name": "up", "num_images": 200, "num_classes": 4, "image_size": 48, "steps": 10,
                       "batch_size": 32}],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,25 @@ def _barrier() -> None:
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group before the study touches the store or the data.
+
+    The study prepares data and upstream weights on the main process while the other ranks wait, which needs the
+    process group before the first Trainer (and its Accelerator) exists. Accelerate and DeepSpeed reuse a group
+    that is already initialised.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from scaling.engine.distributed import PROCESS_GROUP_TIMEOUT
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,7 +405,11 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     """Run every grid cell not yet complete in the store, then write results.csv (and the HTML report)."""
+    from scaling.engine.distributed import check_launch
+
+    check_launch(cfg.sharding, cfg.train)  # a strategy this launch cannot run fails before anything is built
     specs = study_cells(cfg)
+    init_distributed()
     store = RunStore(cfg.output_dir)
     _check_store(cfg, store)
     todo = [s for s in specs if not store.is_complete(run_id(cfg, s))]
