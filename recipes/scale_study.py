@@ -18,7 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.config import ConfigError, load_config
-from scaling.study.runner import plan, run_study
+from scaling.data.table import DataError
+from scaling.engine.distributed import LaunchError
+from scaling.models import CheckpointMismatch, WeightsUnavailable
+from scaling.study.runner import is_main_process, plan, run_study
+from scaling.study.store import StoreError
+
+USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch)
 
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -34,20 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+            if args.dry_run:
+                p = plan(cfg)
+                print(p.drop(columns=["run_id"]).to_string(index=False))
+                print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete; "
+                      f"{int(p.images_processed[p.status != 'complete'].sum()):,} images to process")
+                return 0
+            table = run_study(cfg, report=not args.no_report)
+            if is_main_process():
+                cols = [c for c in table.columns if c not in ("run_id", "status")]
+                print(table[cols].to_string(index=False))
+                print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}   "
+                      f"report: {Path(cfg.output_dir) / 'report.html'}")
+    except USER_ERRORS as e:
+        # Bad input: one clear line naming the file/field/row; the run store is left as it was.
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-        if args.dry_run:
-            print(plan(cfg).to_string(index=False))
-            return 0
-        table = run_study(cfg, report=not args.no_report)
-        from scaling.study.runner import _is_main
-
-        if _is_main():
-            cols = [c for c in table.columns if c not in ("run_id", "status")]
-            print(table[cols].to_string(index=False))
-            print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}   report: {Path(cfg.output_dir) / 'report.html'}")
     return 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from scaling.config import StudyConfig, UpstreamConfig, to_dict
+from scaling.config import ConfigError, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters, label_columns
 from scaling.io import atomic_write_text
 from scaling.study.grid import RunSpec, config_hash, expand_grid, run_config, run_id
@@ -45,7 +45,8 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """True on rank 0 (or without a process group): the only process that writes to the store."""
     d = _dist()
     return d is None or d.get_rank() == 0
 
@@ -101,7 +102,7 @@ def _synthetic_root(store_root: Path, root: str, seed: int, image_size: int) -> 
 
     site = root.split(":", 1)[1] if ":" in root else "a"
     out = store_root / "data" / f"site_{site}"
-    if _is_main() and not (out / "DONE").is_file():
+    if is_main_process() and not (out / "DONE").is_file():
         n_patients = 700 if site == "a" else 300
         # site b draws other patients (another seed) with another acquisition: the OOD test set.
         write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
@@ -176,7 +177,7 @@ def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backb
     if out.is_file():
         return out
     images = store.root / "data" / f"fractal_{up.num_images}_{up.num_classes}_{up.image_size}"
-    if _is_main() and not (images / "DONE").is_file():
+    if is_main_process() and not (images / "DONE").is_file():
         write_fractal_imagefolder(images, num_images=up.num_images, num_classes=up.num_classes,
                                   image_size=up.image_size, seed=0)
         atomic_write_text(images / "DONE", "")
@@ -215,7 +216,10 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
     from scaling.models.presets import has_source, resolve_backbone
 
     for b in cfg.grid.backbones:
-        resolve_backbone(b)
+        try:
+            resolve_backbone(b)
+        except ValueError as e:
+            raise ConfigError(f"grid.backbones: {e}") from None
     cells = []
     for spec in expand_grid(cfg):
         if has_source(spec.backbone, spec.pretrained):
@@ -265,10 +269,10 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
                           for name, t in data.eval_sets().items()}
 
     # The main process fills the shared image cache first; the other ranks then only read it.
-    if not _is_main():
+    if not is_main_process():
         _barrier()
     train_ds, eval_ds = datasets()
-    if _is_main():
+    if is_main_process():
         _barrier()
 
     # -- model ----------------------------------------------------------------------------------------------------
@@ -284,13 +288,13 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""),
     }
-    if _is_main():
+    if is_main_process():
         store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
     _barrier()
 
     # -- train ----------------------------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
-                             is_main_process=_is_main())
+                             is_main_process=is_main_process())
     if tracker.active:  # identifiers must never reach W&B, whatever key or string carries them
         tracker.protect(pd.concat([t[["sample_id", "patient_id"]] for t in [data.train, *data.eval_sets().values()]])
                         .to_numpy().ravel().tolist())
@@ -303,10 +307,10 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         preds = {}
         for name, ds in eval_ds.items():
             out = trainer.predict(ds, batch_size=cfg.eval.batch_size)
-            if _is_main():
+            if is_main_process():
                 preds[name] = _prediction_frame(ds.table, labels, out["index"], out["logits"])
                 store.write_predictions(rid, name, preds[name])
-        if _is_main():
+        if is_main_process():
             stored = {name: store.read_predictions(rid, name) for name in preds}
             rows, fitted = compute_run_metrics(stored, labels, list(cfg.data.subgroups), cfg.eval)
             store.write_metrics(rid, rows)
@@ -338,7 +342,7 @@ def _check_store(cfg: StudyConfig, store: RunStore) -> None:
                 f"{store.root} holds a study with another config (hash {old_hash} != {config_hash(cfg)}); "
                 f"use another output_dir, or delete {path} to mix studies on purpose"
             )
-    if _is_main():
+    if is_main_process():
         atomic_write_text(path, yaml.safe_dump({**to_dict(cfg), "_meta": {"config_hash": config_hash(cfg)}},
                                                sort_keys=False))
 
@@ -423,14 +427,14 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
             try:
                 run_one(cfg, spec, data, store)
             except Exception as exc:
-                if _is_main():
+                if is_main_process():
                     store.mark_failed(rid, exc)
                 if _dist() is not None:  # ranks cannot safely continue after one of them raised
                     raise
                 log.exception("run %s failed; continuing with the next run", rid)
                 failures.append((rid, exc))
     table = results_table(cfg, store)
-    if _is_main():
+    if is_main_process():
         atomic_write_text(store.root / "results.csv", table.to_csv(index=False))
         if report:
             from scaling.study.report import write_report

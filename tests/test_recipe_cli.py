@@ -1,0 +1,32 @@
+"""recipes/scale_study.py: bad input gives one clear line and exit code 2; --dry-run plans without training."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("scale_study", REPO / "recipes" / "scale_study.py")
+scale_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scale_study)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.lrr=1"], "did you mean 'train.lr'"),
+    (["grid.backbones=[resnet_nope]"], "grid.backbones: unknown backbone 'resnet_nope'"),
+    (["data.root=/nonexistent/chexpert"], "dataset root does not exist: /nonexistent/chexpert"),
+    (["sharding.strategy=zero3"], "needs a DeepSpeed launch"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+])
+def test_bad_input_is_one_clear_error(args, message, tmp_path, capsys):
+    assert scale_study.main([*args, f"output_dir={tmp_path / 'store'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_dry_run_plans_the_demo(tmp_path, capsys):
+    assert scale_study.main(["--dry-run", f"output_dir={tmp_path / 'store'}"]) == 0
+    out = capsys.readouterr().out
+    assert "12 runs, 0 complete" in out and "resnetv2_small" in out and "upstream:fractal_large" in out
+    assert not (tmp_path / "store" / "runs").exists()
