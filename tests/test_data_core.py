@@ -9,7 +9,13 @@ import pytest
 
 from scaling.data import DataError, load_table
 from scaling.data.chexpert import COLUMNS, _race
-from scaling.data.labels import apply_label_policy, select_labels
+from scaling.data.labels import (
+    CANONICAL_LABELS,
+    HARMONISATION,
+    apply_label_policy,
+    harmonise,
+    select_labels,
+)
 from scaling.data.splits import (
     check_disjoint,
     fraction_subset,
@@ -209,6 +215,28 @@ def test_select_labels_adds_nan_never_zero(tmp_path):
     assert df["label:Nodule"].isna().all()
     with pytest.raises(DataError, match=r"unknown label 'Effusion'.*'Pleural Effusion'"):
         select_labels(df, ["Effusion"])
+
+
+def test_harmonisation_to_canonical_names():
+    assert harmonise("nih_cxr14", "Effusion") == "Pleural Effusion"
+    assert harmonise("nih_cxr14", "Pleural_Thickening") == "Pleural Thickening"
+    assert harmonise("padchest", "pulmonary edema") == "Edema"
+    assert harmonise("mimic_cxr", "Lung Opacity") == "Lung Opacity"
+    assert harmonise("isic2019", "AK") == "Actinic Keratosis"
+    assert harmonise("nih_cxr14", "Support Devices") is None  # NIH does not label it: NaN after select_labels
+    assert {v for table in HARMONISATION.values() for v in table.values()} <= set(CANONICAL_LABELS)
+    with pytest.raises(DataError, match="no harmonisation table for dataset 'openi'"):
+        harmonise("openi", "Effusion")
+
+
+def test_bad_policy_values(tmp_path):
+    write_chexpert(tmp_path)
+    with pytest.raises(DataError, match=r"uncertainty policy 'U-Ones' is not allowed"):
+        load_table("chexpert", tmp_path, "train", uncertainty="U-Ones")
+    with pytest.raises(DataError, match=r"uncertainty policy for 'Edema' is 'one'"):
+        load_table("chexpert", tmp_path, "train", uncertainty={"Edema": "one"})
+    with pytest.raises(DataError, match=r"blank rule 'ignore' is not allowed; choose one of \['zero', 'nan'\]"):
+        load_table("chexpert", tmp_path, "train", blank="ignore")
 
 
 # ---------------------------------------------------------------------------------------------------------------
