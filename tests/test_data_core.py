@@ -196,6 +196,19 @@ def test_registry_errors(tmp_path):
         load_table("chexpert", tmp_path / "empty", "train")
 
 
+def test_every_registered_loader_follows_the_contract():
+    import inspect
+
+    from scaling.data.registry import DATASETS, available, get_loader
+
+    assert available() == list(DATASETS)
+    for name in DATASETS:
+        module = get_loader(name)
+        assert module.__doc__ and module.load.__doc__, name
+        assert list(inspect.signature(module.load).parameters)[:2] == ["root", "split"], name
+        assert isinstance(module.SPLITS, tuple) and module.SPLITS, name
+
+
 def test_verify_files_reports_missing_by_name(tmp_path):
     ddir = write_chexpert(tmp_path)
     assert len(load_table("chexpert", tmp_path, "train")) == 4  # metadata alone needs no images
