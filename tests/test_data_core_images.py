@@ -112,7 +112,23 @@ def test_cache_rebuilt_when_source_or_resolution_changes(tmp_path):
     rebuilt = big.build(df)
     assert (rebuilt.decoded, rebuilt.reused) == (6, 0)
     assert big.read(df["path"][0]).shape == (1, SIZE * 2, SIZE * 2)
-    assert len(list((tmp_path / "cache").glob("data-*.bin"))) == 1  # old stores are removed
+    assert len(list((tmp_path / "cache").rglob("data-*.bin"))) == 1  # old stores are removed
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == ["gray-uint8"]
+
+
+def test_one_cache_directory_keeps_each_image_kind_intact(tmp_path):
+    (tmp_path / "gray").mkdir()
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "deep").mkdir()
+    gray, rgb = write_images(tmp_path / "gray"), write_images(tmp_path / "rgb", kind="rgb")
+    deep = write_images(tmp_path / "deep", kind="png16")
+    sets = {name: TableDataset(t, ["Edema"], SIZE, cache_dir=tmp_path / "cache") for name, t in
+            (("gray", gray), ("rgb", rgb), ("deep", deep))}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == ["gray-uint16", "gray-uint8", "rgb-uint8"]
+    assert sets["rgb"].load_pixels(1).shape == (3, SIZE, SIZE)  # colour is not squeezed into the gray store
+    assert torch.equal(sets["rgb"].load_pixels(1), TableDataset(rgb, ["Edema"], SIZE).load_pixels(1))
+    assert sets["deep"].cache.read(deep["path"][0]).dtype == np.uint16
+    assert torch.equal(sets["gray"].load_pixels(2), TableDataset(gray, ["Edema"], SIZE).load_pixels(2))
 
 
 def test_bad_image_error_names_file_and_sample(tmp_path):

@@ -13,8 +13,10 @@ The resize squashes to a square ``size x size`` (CheXpert-style pipelines resize
 the image border are kept).
 
 The cache (:class:`ImageCache`) stores each image decoded and resized once, as ``uint8`` (8-bit sources) or
-``uint16`` (16-bit/DICOM sources), in one numpy memmap of shape ``(N, C, size, size)`` plus a Parquet index of
-samples (``sample_id``, source path, byte size, mtime). Entries are looked up by the sample's absolute source
+``uint16`` (16-bit/DICOM sources), in a numpy memmap of shape ``(N, C, size, size)`` plus a Parquet index of
+samples (``sample_id``, source path, byte size, mtime). One cache directory holds one such store per kind of
+image (``gray-uint8``, ``rgb-uint8``, ``gray-uint16``; the kind of a table is that of its first image), so a
+colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8 bits. Entries are looked up by the sample's absolute source
 path: sample ids are unique only within one dataset (CheXpert and CheXpert-small, or two synthetic sites, share
 ids), while one store serves every dataset of a study. An entry is reused only when path, size and mtime all
 match and the store's resolution is the requested one; otherwise the image is decoded again. Decoding
@@ -225,6 +227,16 @@ def _source_stat(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return sizes, mtimes
 
 
+def _probe_first(paths: Sequence[str]) -> tuple[int, np.dtype]:
+    """Channels and dtype for a table's store, from the header of its first readable image (default gray uint8)."""
+    for p in paths:
+        try:
+            return probe(p)
+        except Exception as e:  # noqa: BLE001 - unreadable images are reported (error or skip) by the decode pass
+            log.debug("cannot probe %s: %s", p, e)
+    return 1, np.dtype(np.uint8)
+
+
 def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
     path, size, channels, dtype = args
     try:
@@ -236,16 +248,17 @@ def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
 class ImageCache:
     """A memory-mapped store of images decoded and resized once, keyed by sample id (see the module docstring).
 
-    Layout of ``directory``: ``meta.json`` (resolution, dtype, channels, data file name), ``index.parquet``
-    (``sample_id, path, size, mtime_ns, row, ok``) and ``data-<token>.bin`` (the memmap). A build writes a new data
-    file and swaps ``meta.json`` last, under a file lock, so concurrent processes (DDP ranks) never read a
-    half-built store. Entries for samples not in the current table are kept, so train/val/test and every data
-    fraction can share one store.
+    Layout: ``directory/<kind>/`` (kind ``gray-uint8``, ``rgb-uint8``, ``gray-uint16`` ...) holds ``meta.json``
+    (resolution, dtype, channels, file names), ``index-<token>.parquet`` (``sample_id, path, size, mtime_ns, row,
+    ok``) and ``data-<token>.bin`` (the memmap). A build writes new files and swaps ``meta.json`` last, under a file
+    lock, so concurrent processes (DDP ranks) never read a half-built store. Entries for samples not in the current
+    table are kept, so train/val/test, the OOD sets and every data fraction share one store per kind.
     """
 
     def __init__(self, directory: str | Path, image_size: int):
         self.directory = Path(directory)
         self.image_size = int(image_size)
+        self.store: Path | None = None  # directory/<gray|rgb>-<dtype>, chosen by build() from the images' kind
         self._data: np.memmap | None = None
         self._meta: dict | None = None
         self._rows: dict[str, int] | None = None
@@ -262,15 +275,15 @@ class ImageCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _read_state(self) -> tuple[dict | None, pd.DataFrame | None]:
-        meta_path = self.directory / "meta.json"
+        meta_path = self.store / "meta.json"
         if not meta_path.is_file():
             return None, None
         meta = json.loads(meta_path.read_text())
         if meta.get("version") != CACHE_VERSION or meta.get("image_size") != self.image_size:
             return None, None
-        if not (self.directory / meta["data_file"]).is_file() or not (self.directory / meta["index_file"]).is_file():
+        if not (self.store / meta["data_file"]).is_file() or not (self.store / meta["index_file"]).is_file():
             return None, None
-        return meta, pd.read_parquet(self.directory / meta["index_file"])
+        return meta, pd.read_parquet(self.store / meta["index_file"])
 
     # -- building ------------------------------------------------------------------------------------------------
     def build(self, df: pd.DataFrame, on_bad_image: str = "error", num_workers: int = 0) -> CacheReport:
@@ -283,6 +296,8 @@ class ImageCache:
         ids = df["sample_id"].astype(str).to_numpy()
         paths = df["path"].astype(str).to_numpy()
         sizes, mtimes = _source_stat(paths)
+        channels, dtype = _probe_first(paths)
+        self.store = self.directory / f"{'rgb' if channels == 3 else 'gray'}-{dtype.name}"
         with self._lock():
             meta, old = self._read_state()
             want = pd.DataFrame({"sample_id": ids, "path": paths, "size": sizes, "mtime_ns": mtimes})
@@ -305,32 +320,29 @@ class ImageCache:
                 report.skipped.append(ids[i])
             todo = np.flatnonzero(~valid)
             if len(todo):
-                self._rebuild(meta, old, want, todo, on_bad_image, num_workers, report)
+                self._rebuild(meta, old, want, todo, channels, dtype, on_bad_image, num_workers, report)
             self._close()
         if report.skipped:
             log.warning("image cache: skipped %d unreadable image(s), e.g. %s", report.n_skipped, report.skipped[:3])
-        log.info("image cache %s: %d decoded, %d reused", self.directory, report.decoded, report.reused)
+        log.info("image cache %s: %d decoded, %d reused", self.store, report.decoded, report.reused)
         return report
 
-    def _rebuild(self, meta, old, want, todo, on_bad_image, num_workers, report) -> None:
+    def _rebuild(self, meta, old, want, todo, channels, dtype, on_bad_image, num_workers, report) -> None:
         """Write a new store: the still-valid old entries, then ``todo`` decoded (streamed, never all in memory)."""
-        if meta is not None:
-            channels, dtype = meta["channels"], np.dtype(meta["dtype"])
-        else:
-            channels, dtype = self._probe_first(want, todo)
+        self.store.mkdir(parents=True, exist_ok=True)
         size = self.image_size
         redo = set(want["path"].iloc[todo])
         keep_old = old[~old["path"].isin(redo)].reset_index(drop=True) if old is not None else None
         n_old = 0 if keep_old is None else len(keep_old)
         n = max(n_old + len(todo), 1)
         data_file = f"data-{uuid.uuid4().hex[:12]}.bin"
-        data_path = self.directory / data_file
+        data_path = self.store / data_file
         ok = np.zeros(len(todo), dtype=bool)
         try:
             # A raw memmap (shape and dtype live in meta.json) so readers map it without parsing a header.
             data = np.memmap(data_path, dtype=dtype, mode="w+", shape=(n, channels, size, size))
             if n_old:
-                old_data = np.memmap(self.directory / meta["data_file"], dtype=dtype, mode="r",
+                old_data = np.memmap(self.store / meta["data_file"], dtype=dtype, mode="r",
                                      shape=(meta["n"], channels, size, size))
                 rows = keep_old["row"].to_numpy()
                 for lo in range(0, n_old, _COPY_CHUNK):
@@ -349,7 +361,7 @@ class ImageCache:
                     data[n_old + j] = arr
                     ok[j] = True
                 if (j + 1) % _PROGRESS_EVERY == 0:
-                    log.info("image cache %s: decoded %d of %d", self.directory, j + 1, len(todo))
+                    log.info("image cache %s: decoded %d of %d", self.store, j + 1, len(todo))
             data.flush()
             del data
         except BaseException:
@@ -360,13 +372,13 @@ class ImageCache:
         index = pd.concat(([keep_old.drop(columns="row")] if n_old else []) + [new_rows], ignore_index=True)
         index["row"] = np.arange(len(index))
         index_file = f"index-{data_file[5:-4]}.parquet"
-        atomic_write_parquet(self.directory / index_file, index)
+        atomic_write_parquet(self.store / index_file, index)
         atomic_write_json(
-            self.directory / "meta.json",
+            self.store / "meta.json",
             {"version": CACHE_VERSION, "image_size": size, "channels": channels, "dtype": dtype.name, "n": n,
              "data_file": data_file, "index_file": index_file},
         )
-        for stale in [*self.directory.glob("data-*.bin"), *self.directory.glob("index-*.parquet")]:
+        for stale in [*self.store.glob("data-*.bin"), *self.store.glob("index-*.parquet")]:
             if stale.name not in (data_file, index_file):
                 stale.unlink()
         report.decoded += int(ok.sum())
@@ -380,16 +392,6 @@ class ImageCache:
         else:
             yield from map(_decode_for_cache, jobs)
 
-    @staticmethod
-    def _probe_first(want: pd.DataFrame, todo: np.ndarray) -> tuple[int, np.dtype]:
-        """Channels and dtype of the store, from the header of the first readable image."""
-        for i in todo:
-            try:
-                return probe(want["path"].iloc[i])
-            except Exception as e:  # noqa: BLE001 - unreadable images are reported (error or skip) by the decode pass
-                log.debug("cannot probe %s: %s", want["path"].iloc[i], e)
-        return 1, np.dtype(np.uint8)
-
     # -- reading -------------------------------------------------------------------------------------------------
     def _close(self) -> None:
         self._data, self._meta, self._rows = None, None, None
@@ -399,12 +401,20 @@ class ImageCache:
             self._open_locked()
 
     def _open_locked(self) -> None:
+        if self.store is None:  # not built by this object: use the directory's only store at this resolution
+            stores = [d for d in sorted(self.directory.glob("*-uint*")) if (d / "meta.json").is_file()]
+            stores = [d for d in stores if json.loads((d / "meta.json").read_text()).get("image_size") == self.image_size]
+            if len(stores) != 1:
+                raise DataError(
+                    f"image cache {self.directory} has {len(stores)} stores at {self.image_size}px; call build() first"
+                )
+            self.store = stores[0]
         meta, index = self._read_state()
         if meta is None:
-            raise DataError(f"image cache {self.directory} is not built for {self.image_size}px; call build() first")
+            raise DataError(f"image cache {self.store} is not built for {self.image_size}px; call build() first")
         self._meta = meta
         self._data = np.memmap(
-            self.directory / meta["data_file"], dtype=np.dtype(meta["dtype"]), mode="r",
+            self.store / meta["data_file"], dtype=np.dtype(meta["dtype"]), mode="r",
             shape=(meta["n"], meta["channels"], self.image_size, self.image_size),
         )
         ok = index[index["ok"]]
@@ -417,7 +427,7 @@ class ImageCache:
         try:
             return self._rows[str(path)]
         except KeyError:
-            raise DataError(f"image {path} is not in image cache {self.directory}; build() it first") from None
+            raise DataError(f"image {path} is not in image cache {self.store}; build() it first") from None
 
     def read(self, path: str) -> np.ndarray:
         """The cached ``(C, size, size)`` uint8/uint16 array of the image at source ``path``."""
