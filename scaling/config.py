@@ -109,6 +109,8 @@ class DataConfig:
     """Decode + resize each image once into a memory-mapped cache keyed by sample id."""
     on_bad_image: str = "error"
     """``error`` stops at the first unreadable image, ``skip`` drops it and counts it in the run's metadata."""
+    flip: bool = False
+    """Random horizontal flips in training (dermatology: yes; chest X-ray: no, laterality carries meaning)."""
     ood: tuple[EvalSetConfig, ...] = ()
     """Out-of-distribution evaluation sets."""
     subgroups: tuple[str, ...] = ("sex", "age_group")

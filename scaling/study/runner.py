@@ -264,7 +264,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
     def datasets():
         kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
-        train_ds = TableDataset(train_table, labels, cfg.data.image_size, train=True, **kw)
+        train_ds = TableDataset(train_table, labels, cfg.data.image_size, train=True, flip=cfg.data.flip, **kw)
         return train_ds, {name: TableDataset(t, labels, cfg.data.image_size, train=False, **kw)
                           for name, t in data.eval_sets().items()}
 
