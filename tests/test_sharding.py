@@ -40,6 +40,18 @@ def reference():
 
 
 @pytest.fixture(scope="module")
+def clipped_reference():
+    """Single process with train.clip_grad_norm=0.1 (DeepSpeed must apply the same clipping, not its default 1.0)."""
+    from scaling.engine import Trainer
+
+    trainer = Trainer(vit(), train_cfg(clip_grad_norm=0.1), ShardingConfig(strategy="none"))
+    trainer.fit(ToyDataset(64))
+    ref = {"losses": [h["loss"] for h in trainer.history], "params": trainer.full_state_dict()}
+    trainer.close()
+    return ref
+
+
+@pytest.fixture(scope="module")
 def torch_suite():
     return launcher.run_suite("torch")
 
@@ -103,6 +115,13 @@ def test_accelerate_fsdp_launch_with_non_fsdp_strategy_stops(torch_suite):
 def test_fsdp_gradient_accumulation_matches(torch_suite, reference):
     # 2 ranks x 2 micro-steps x 2 samples = the reference's one batch of 8.
     assert_matches_reference(torch_suite["fsdp_accum"], reference)
+
+
+@pytest.mark.parametrize("suite,name", [("torch", "fsdp_clip"), ("zero", "zero2_clip")])
+def test_gradient_clipping_matches_one_process(torch_suite, zero_suite, reference, clipped_reference, suite, name):
+    cell = (torch_suite if suite == "torch" else zero_suite)[name]
+    assert_matches_reference(cell, clipped_reference)
+    assert max_param_diff(clipped_reference["params"], reference["params"]) > 1e-4  # clipping was active
 
 
 def test_fsdp_activation_checkpointing_same_loss_and_params(torch_suite):

@@ -4,11 +4,11 @@
 
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
-* ``torch``   ddp, fsdp (+ accumulation, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
+* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
               our path, a meta-device model materialised shard by shard), fsdp_grad_op, hsdp (2 fake nodes),
               predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
               (``resume_fsdp``)
-* ``zero``    zero1, zero2, zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM
@@ -73,6 +73,7 @@ def main():
         run_cell("ddp", out, "ddp", predict=True)
         run_cell("fsdp", out, "fsdp", predict=True)
         run_cell("fsdp", out, "fsdp_accum", train=train_cfg(grad_accum=2))
+        run_cell("fsdp", out, "fsdp_clip", train=train_cfg(clip_grad_norm=0.1))
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
         run_cell("fsdp_grad_op", out, "fsdp_grad_op")
@@ -102,6 +103,7 @@ def main():
     elif suite == "zero":
         run_cell("zero1", out, "zero1")
         run_cell("zero2", out, "zero2", predict=True)
+        run_cell("zero2", out, "zero2_clip", train=train_cfg(clip_grad_norm=0.1))
         run_cell("zero3", out, "zero3", predict=True)
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
