@@ -57,6 +57,16 @@ def _barrier() -> None:
         d.barrier()
 
 
+def _main_first(fn):
+    """Run ``fn`` on the main process, then on the others (shared caches and downloads are filled once)."""
+    if not is_main_process():
+        _barrier()
+    out = fn()
+    if is_main_process():
+        _barrier()
+    return out
+
+
 def init_distributed() -> None:
     """Join the launcher's process group before the study touches the store or the data.
 
@@ -269,16 +279,12 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
                           for name, t in data.eval_sets().items()}
 
     # The main process fills the shared image cache first; the other ranks then only read it.
-    if not is_main_process():
-        _barrier()
-    train_ds, eval_ds = datasets()
-    if is_main_process():
-        _barrier()
+    train_ds, eval_ds = _main_first(datasets)
 
-    # -- model ----------------------------------------------------------------------------------------------------
+    # -- model: the main process fetches hub/npz weights first, the other ranks then read the local copy ---------
     source = resolve_pretrained(cfg, store, spec)
-    model = build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=len(labels),
-                        image_size=cfg.data.image_size)
+    model = _main_first(lambda: build_model(dataclasses.replace(rcfg.model, pretrained=source),
+                                            num_outputs=len(labels), image_size=cfg.data.image_size))
     info = model_info(spec.backbone)
     axes = {
         "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
