@@ -319,7 +319,8 @@ class Trainer:
     def fit(self, train_dataset, val_dataset=None) -> dict[str, Any]:
         """Train for ``total_steps(train_cfg, len(train_dataset))`` optimizer steps; resume if a checkpoint exists.
 
-        Returns (on every rank) ``steps``, ``seconds``, ``images_per_s``, ``final_loss``, ``world_size``,
+        Returns (on every rank) ``steps``, ``seconds`` and ``cpu_seconds`` (this process, after the first step),
+        ``images_per_s``, ``final_loss``, ``world_size``,
         ``strategy``, ``global_batch``, ``micro_batch``, ``grad_accum``, ``resumed_from``, ``rank_share``,
         ``fsdp_units``, ``mfu`` (GPU only, else None) and ``val_loss`` when a validation set is given.
         Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives.
@@ -351,7 +352,7 @@ class Trainer:
         bar = tqdm(total=total, initial=start, disable=not self.is_main, desc="train", unit="step", leave=False)
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0 = 0, time.perf_counter()
-        t_start, timed_from = time.perf_counter(), start
+        t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
         final_loss, mfu = float("nan"), None
         step = start
         with self._preemption_signals():
@@ -392,7 +393,7 @@ class Trainer:
                 window_steps += 1
                 bar.update(1)
                 if step == start:  # the first step pays allocation/warm-up; time the rest
-                    t_start, timed_from = time.perf_counter(), step + 1
+                    t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), step + 1
 
                 # Log: loss averaged over ranks and the window, throughput, MFU on GPU.
                 done = step + 1
@@ -433,10 +434,11 @@ class Trainer:
         bar.close()
 
         # --- Summary --------------------------------------------------------------------------------------------
-        seconds = time.perf_counter() - t_start
+        seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
         timed_steps = max(0, total - timed_from)
         summary = {
-            "steps": total, "seconds": seconds, "world_size": self.world_size, "strategy": self.strategy,
+            "steps": total, "seconds": seconds, "cpu_seconds": cpu_seconds, "world_size": self.world_size,
+            "strategy": self.strategy,
             "images_per_s": timed_steps * images_per_step / seconds if timed_steps and seconds > 0 else float("nan"),
             "final_loss": final_loss, "global_batch": cfg.batch_size, "micro_batch": self.micro_batch,
             "grad_accum": cfg.grad_accum, "resumed_from": start, "rank_share": self.shard.share,
