@@ -176,6 +176,15 @@ class Trainer:
         # --- Verify: sharding asked for is sharding in effect (issue 3 point 2) ------------------------------
         self.shard = shard_report(self.strategy, self.module, self.optimizer, self.launch)
         verify_sharding(self.shard)
+        if self.engine is not None:
+            # What DeepSpeed actually runs with, not what we asked for (anchors §3.6: "auto", precedence, clipping).
+            got = {"train_batch_size": self.engine.train_batch_size(),
+                   "gradient_accumulation_steps": self.engine.gradient_accumulation_steps(),
+                   "gradient_clipping": float(self.engine.gradient_clipping())}
+            want = {"train_batch_size": train_cfg.batch_size, "gradient_accumulation_steps": train_cfg.grad_accum,
+                    "gradient_clipping": float(train_cfg.clip_grad_norm)}
+            if got != want:
+                raise ShardingError(f"DeepSpeed engine runs with {got}, but the config asks for {want}")
         self.micro_batch = train_cfg.batch_size // (self.world_size * train_cfg.grad_accum)
         if self.is_main:
             log.info("strategy=%s world=%d global batch=%d = %d ranks x %d accum x %d micro; rank share %.3f, "
