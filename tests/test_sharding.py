@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
 from sharded_suite import STEPS, train_cfg  # noqa: E402
-from toy import ToyDataset, vit  # noqa: E402
+from toy import FAMILIES, ToyDataset, vit  # noqa: E402
 
 from scaling.config import ConfigError, ShardingConfig, TrainConfig  # noqa: E402
 from scaling.engine.distributed import LaunchError, LaunchInfo, check_launch  # noqa: E402
@@ -92,6 +92,22 @@ def test_fsdp_shards_half_and_matches_one_process(torch_suite, reference, name):
     assert cell["units"] == 3  # 2 ViT blocks + root: really split, not one giant unit
     assert_half(cell)
     assert_matches_reference(cell, reference)
+
+
+@pytest.mark.parametrize("family,units", [("resnetv2", 5), ("convnext", 13)])
+def test_fsdp_other_families_shard_per_block(torch_suite, family, units):
+    """BiT-style ResNetV2 (one unit per pre-activation bottleneck) and ConvNeXt (per block): sharded, and equal
+    to one process."""
+    from scaling.engine import Trainer
+
+    cell = torch_suite[f"fsdp_{family}"]
+    assert cell["units"] == units  # blocks + root
+    assert_half(cell)
+    trainer = Trainer(FAMILIES[family](), train_cfg(), ShardingConfig(strategy="none"))
+    trainer.fit(ToyDataset(64))
+    assert_matches_reference(cell, {"losses": [h["loss"] for h in trainer.history],
+                                    "params": trainer.full_state_dict()})
+    trainer.close()
 
 
 def test_meta_device_model_materialised_per_shard(torch_suite, reference):

@@ -5,7 +5,7 @@
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
 * ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
-              our path, a meta-device model materialised shard by shard), fsdp_grad_op, hsdp (2 fake nodes),
+              our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
               predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
               (``resume_fsdp``)
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from toy import ToyDataset, vit  # noqa: E402
+from toy import FAMILIES, ToyDataset, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.engine import LaunchError, Trainer  # noqa: E402
@@ -77,6 +77,9 @@ def main():
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
         run_cell("fsdp_grad_op", out, "fsdp_grad_op")
+        # The other backbone families of the table: BiT-style ResNetV2 (bottleneck units) and ConvNeXt.
+        for family in ("resnetv2", "convnext"):
+            run_cell("fsdp", out, f"fsdp_{family}", model=FAMILIES[family]())
         # HSDP's 2-D mesh, faking 2 nodes of 1 process (replicate over 2, shard over 1).
         os.environ["LOCAL_WORLD_SIZE"] = "1"
         run_cell("hsdp", out, "hsdp")

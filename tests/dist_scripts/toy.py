@@ -47,3 +47,14 @@ def resnet(seed: int = 0):
 
     torch.manual_seed(seed)
     return timm.create_model("resnetv2_tiny", pretrained=False, num_classes=NUM_LABELS)
+
+
+def convnext(seed: int = 0):
+    """timm's smallest ConvNeXt (atto) at 32 px, the third family of the sharding table."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=NUM_LABELS)
+
+
+FAMILIES = {"vit": vit, "resnetv2": resnet, "convnext": convnext}
