@@ -160,7 +160,7 @@ def test_bf16_close_to_fp32(torch_suite, zero_suite, reference, suite, name):
     assert max_param_diff(cell["params"], reference["params"]) <= 2e-2
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_zero_shards_half_and_matches_one_process(zero_suite, reference, name):
     cell = zero_suite[name]
     assert_half(cell)  # zero1/2: fp32 optimizer partition; zero3: parameter partition (ds_tensor)

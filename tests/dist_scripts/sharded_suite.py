@@ -8,7 +8,7 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
               predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
               (``resume_fsdp``)
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16), export; an uninterrupted zero3 run that checkpoints at step 3
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM
@@ -109,6 +109,7 @@ def main():
         run_cell("zero2", out, "zero2_clip", train=train_cfg(clip_grad_norm=0.1))
         run_cell("zero3", out, "zero3", predict=True)
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
+        run_cell("zero3", out, "zero3_offload", offload_params=True, offload_optimizer=True)
         run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_zero3")
     elif suite == "resume":
