@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -152,7 +151,8 @@ class Trainer:
 
         # Captured before wrapping: names and global shapes identify the model in checkpoints.
         self.signature = ckpt_lib.model_signature([(n, tuple(p.shape)) for n, p in model.named_parameters()])
-        self.num_outputs = getattr(model, "num_outputs", None)
+        # Head width (MixUp one-hots class targets): TransferModel.num_outputs, or a bare timm model's num_classes.
+        self.num_outputs = getattr(model, "num_outputs", getattr(model, "num_classes", None))
         if self.sharding.activation_checkpointing == "timm":
             enable_timm_checkpointing(model)
         self.engine = None
