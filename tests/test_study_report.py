@@ -84,4 +84,4 @@ def test_cli_report_of_partial_store(tmp_path, capsys):
     assert "2 of 72 runs complete" in text and cfg.name in text
     assert 'id="fig-calibration"><img' in text and 'id="fig-selective"><img' in text
     assert re.search(r'<p class="note" id="fig-auroc_vs_fraction">[^<]*not enough data', text)
-    assert "refused: too few points: 1 distinct x" in text
+    assert re.search(r"<table[^>]*id=\"tbl-fits-refused\"", text) and "too few points: 1 distinct x" in text

@@ -24,13 +24,20 @@ def _label_names(pred: pd.DataFrame) -> list[str]:
     return [c.split(":", 1)[1] for c in pred.columns if c.startswith("label:") and f"prob:{c[6:]}" in pred.columns]
 
 
-def selective_curve(pred: pd.DataFrame, referral=REFERRAL) -> np.ndarray:
+def selective_curve(pred: pd.DataFrame, referral=REFERRAL, thresholds: dict | None = None) -> np.ndarray:
     """Macro AUROC of the retained samples at each referral rate (:func:`scaling.metrics.referral_curve` per label,
-    least confident referred first), averaged over the labels where it is defined."""
+    least confident referred first), averaged over the labels where it is defined.
+
+    Confidence is the distance from each label's decision threshold (``thresholds``, fitted on validation; 0.5
+    where absent). With rare findings the operating point is far below 0.5, and ranking by distance from 0.5 would
+    refer the most suspicious cases first — the opposite of referring the uncertain ones.
+    """
     per_label = []
+    thresholds = thresholds or {}
     for lab in _label_names(pred):
         y = pred[f"label:{lab}"].to_numpy(float)
-        curve = referral_curve(y, pred[f"prob:{lab}"].to_numpy(float), referral_rates=list(referral))
+        curve = referral_curve(y, pred[f"prob:{lab}"].to_numpy(float), referral_rates=list(referral),
+                               threshold=float(thresholds.get(lab, 0.5)))
         per_label.append(curve["value"].to_numpy(float))
     if not per_label:
         return np.full(len(referral), math.nan)
@@ -39,7 +46,7 @@ def selective_curve(pred: pd.DataFrame, referral=REFERRAL) -> np.ndarray:
         return np.nanmean(np.array(per_label), axis=0)
 
 
-def _bootstrap_band(pred: pd.DataFrame, referral, n_boot: int, confidence: float, seed: int = 0):
+def _bootstrap_band(pred: pd.DataFrame, referral, thresholds: dict, n_boot: int, confidence: float, seed: int = 0):
     """Patient-level bootstrap interval of a single run's curve (used when a cell has one seed)."""
     rng = np.random.default_rng(seed)
     groups = pred.groupby("patient_id", sort=False).indices if "patient_id" in pred else {
@@ -48,7 +55,7 @@ def _bootstrap_band(pred: pd.DataFrame, referral, n_boot: int, confidence: float
     reps = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(members), len(members))
-        reps.append(selective_curve(pred.iloc[np.concatenate([members[i] for i in pick])], referral))
+        reps.append(selective_curve(pred.iloc[np.concatenate([members[i] for i in pick])], referral, thresholds))
     q = (50 * (1 - confidence), 50 * (1 + confidence))
     return np.nanpercentile(np.array(reps), q, axis=0)
 
@@ -64,8 +71,9 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
     rows = []
     for name, cell in models.items():
         run_ids = cell_runs(df, dict(cell))["run_id"].tolist()
-        curves = [selective_curve(store.read_predictions(r, eval_set), referral) for r in run_ids
-                  if eval_set in store.eval_sets(r)]
+        run_ids = [r for r in run_ids if eval_set in store.eval_sets(r)]
+        thresholds = {r: store.read_meta(r).get("fitted_on_val", {}).get("thresholds", {}) for r in run_ids}
+        curves = [selective_curve(store.read_predictions(r, eval_set), referral, thresholds[r]) for r in run_ids]
         if not curves:
             continue
         arr = np.array(curves)
@@ -74,7 +82,8 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
             half = stats.t.ppf(0.5 + confidence / 2, len(arr) - 1) * np.nanstd(arr, axis=0, ddof=1) / np.sqrt(len(arr))
             lo, hi = mean - half, mean + half
         else:
-            lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, n_boot, confidence)
+            lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, thresholds[run_ids[0]],
+                                     n_boot, confidence)
         # AUROC lives in [0, 1]; a two-seed t-interval can overshoot it, which would read as a bug, not as noise.
         lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
         label = f"{name}: {cell['backbone']} / {cell['pretrained']}"

@@ -207,6 +207,24 @@ def _table_html(df: pd.DataFrame, tid: str, empty: str = "nothing to show") -> s
                       formatters=counts, border=0, escape=True)
 
 
+def _fits_html(fits: pd.DataFrame | None, tid: str) -> str:
+    """Fitted laws as a table; refused fits summarised by axis and reason instead of rows of n/a."""
+    if fits is None or fits.empty:
+        return _table_html(None, tid, "no fit")
+    ok = fits[fits["status"] == "ok"].drop(columns="status")
+    out = [_table_html(ok, tid, "no law could be fitted (see the reasons below)")]
+    refused = fits[fits["status"] != "ok"]
+    if len(refused):
+        by = refused.assign(reason=refused["status"].str.removeprefix("refused: ")).groupby(
+            ["x_axis", "reason"], sort=False)
+        summary = by.apply(lambda g: pd.Series({
+            "refused fits": len(g),
+            "for": "; ".join(sorted({" / ".join(v for v in (r.pretrained, r.backbone, r.eval_set) if v)
+                                     for r in g.itertuples()}))}), include_groups=False).reset_index()
+        out.append(_table_html(summary[["x_axis", "refused fits", "reason", "for"]], f"{tid}-refused"))
+    return "\n".join(out)
+
+
 def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
     return df.drop(columns=[c for c in cols if c in df.columns]) if df is not None else None
 
@@ -254,7 +272,7 @@ def render_html(rep: StudyReport) -> str:
         parts += [
             "<h2 id='headline'>AUROC by cell and evaluation set</h2>", _table_html(t.get("headline"), "headline"),
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
-            _table_html(t.get("fits_params"), "fits_params", "no model-size fit"),
+            _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",
             "<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
             "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
@@ -274,7 +292,7 @@ def render_html(rep: StudyReport) -> str:
             f"<p class='note'>error = 1 − macro AUROC, one point per run; 95% intervals from bootstrapping runs. "
             f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
             f"{refused} refused (too few distinct x values).</p>",
-            _table_html(fits, "fits", "no fit"),
+            _fits_html(fits, "fits"),
             "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
             "data, paired on the same samples (same seed); per label.</p>",
