@@ -182,7 +182,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 line-height:1.4;padding:0 1em}
 h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1em}th,td{border:1px solid #ddd;padding:3px 7px;
-text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+text-align:left;vertical-align:top}th{background:#f4f4f4}
 img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:13px}.bad{color:#b00}
 figure{margin:1em 0}figcaption{font-size:13px;color:#444}pre{background:#f7f7f7;padding:1em;overflow:auto;
 font-size:12px}
