@@ -115,7 +115,7 @@ class DataConfig:
     """Out-of-distribution evaluation sets."""
     subgroups: tuple[str, ...] = ("sex", "age_group")
     """Attribute columns to report metrics per subgroup (``age_group`` is derived from ``age_bins``)."""
-    age_bins: tuple[float, ...] = (0, 40, 60, 80, 200)
+    age_bins: tuple[float, ...] = (0.0, 40.0, 60.0, 80.0, 200.0)
     """Edges of the age bins for ``age_group`` (left-closed)."""
 
     def __post_init__(self):

@@ -96,7 +96,7 @@ _ETHNICITIES = (("Non-Hispanic/Non-Latino", 0.75), ("Hispanic/Latino", 0.12), ("
 _PIVOT = 0.3
 SITES = {
     "a": {"gamma": 1.0, "contrast": 1.0, "noise": 0.035, "blur": 0.4},
-    "b": {"gamma": 0.8, "contrast": 0.7, "noise": 0.07, "blur": 1.2},
+    "b": {"gamma": 0.6, "contrast": 0.6, "noise": 0.11, "blur": 2.0},
 }
 _FIRST_PATIENT = {"a": 1, "b": 80001}
 

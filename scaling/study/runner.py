@@ -445,7 +445,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
         if report:
             from scaling.study.report import write_report
 
-            write_report(store.root)
+            write_report(store.root, tracking=cfg.tracking)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(f"{r}: {e}" for r, e in failures))
     return table
