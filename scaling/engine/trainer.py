@@ -19,6 +19,7 @@ of b equal one batch of k·b, and N ranks equal one process, also when labels ar
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -533,9 +534,18 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release the model, optimizer and DeepSpeed engine (between study cells in one process)."""
+        """Release the model, optimizer and DeepSpeed engine (between study cells in one process).
+
+        Known limit: under ZeRO-3, DeepSpeed 0.19.8 keeps each finished engine reachable (its root module stays in
+        ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` and in further references we did not trace),
+        measured +210 MB per cell for a 22 M-parameter ViT on 2 ranks; zero1/zero2/fsdp/ddp release everything.
+        Long ZeRO-3 grids should run one cell per launch.
+        """
+        if self.engine is not None:
+            self.engine.destroy()  # removes DeepSpeed's gradient hooks and buffers
         self.accelerator.free_memory()
         self.model = self.module = self.optimizer = self.engine = None
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
