@@ -22,6 +22,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -359,7 +360,10 @@ class Trainer:
         self.model.train()
         images_per_step = cfg.batch_size
         flops_per_image, peak = None, _peak_flops(self.device)
-        bar = tqdm(total=total, initial=start, disable=not self.is_main, desc="train", unit="step", leave=False)
+        # A progress bar for people at a terminal; batch jobs (SLURM logs, CI) get one log line per log interval.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=total, initial=start, disable=not (self.is_main and interactive), desc="train", unit="step",
+                   leave=False)
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
@@ -419,6 +423,9 @@ class Trainer:
                     self.history.append(record)
                     if self.is_main:
                         bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{ips:.1f}")
+                        if not interactive:
+                            log.info("step %d/%d loss %.4f lr %.3g images/s %.1f%s", done, total, final_loss, lr, ips,
+                                     f" MFU {100 * mfu:.1f}%" if mfu is not None else "")
                         if self.tracker is not None:
                             self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
                     window_loss.zero_()
