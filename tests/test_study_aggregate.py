@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from scipy import stats
-from test_study_fixtures import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
+from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import MixedStudyError, headline_table, load_results, run_status, summarise

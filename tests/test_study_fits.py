@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_study_fixtures import B_PARAMS, shared_store
+from study_store import B_PARAMS, shared_store
 
 from scaling.study.aggregate import load_results
 from scaling.study.fits import FitError, fit_power_law, fit_table

@@ -4,7 +4,7 @@ import base64
 import re
 
 import pytest
-from test_study_fixtures import PATIENTS, SAMPLES, make_store, shared_store
+from study_store import PATIENTS, SAMPLES, make_store, shared_store
 
 from scaling.study.__main__ import main
 from scaling.study.report import FIGURES, build_report, render_html

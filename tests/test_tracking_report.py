@@ -4,7 +4,7 @@ report's figures and tables to a study-level run, creates no Report and leaks no
 import socket
 
 import pytest
-from test_study_fixtures import PATIENTS, SAMPLES, make_store
+from study_store import PATIENTS, SAMPLES, make_store
 
 from scaling.config import TrackingConfig
 from scaling.study.wandb_report import build_wandb_report, publish_study, report_panels, study_report_args
