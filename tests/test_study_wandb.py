@@ -1,8 +1,6 @@
 """A real (tiny) study with offline W&B: one W&B run per grid cell with the study axes, and no patient or sample id,
 nor any file path, anywhere in what W&B wrote."""
 
-from pathlib import Path
-
 import pandas as pd
 
 from scaling.config import load_config

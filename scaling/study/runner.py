@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from scaling.config import ConfigError, StudyConfig, UpstreamConfig, to_dict
-from scaling.data.table import DataError, add_age_group, apply_filters, label_columns
+from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.io import atomic_write_text
 from scaling.study.grid import RunSpec, config_hash, expand_grid, run_config, run_id
 from scaling.study.store import RunStore, StoreError
@@ -106,7 +106,7 @@ class StudyData:
         return {"val": self.val, "test": self.test, **self.ood}
 
 
-def _synthetic_root(store_root: Path, root: str, seed: int, image_size: int) -> Path:
+def _synthetic_root(store_root: Path, root: str, seed: int) -> Path:
     """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
     from scaling.data.synthetic import write_synthetic_chexpert
 
@@ -123,7 +123,7 @@ def _synthetic_root(store_root: Path, root: str, seed: int, image_size: int) -> 
 
 def _resolve_root(cfg: StudyConfig, root: str) -> Path:
     if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
-        return _synthetic_root(Path(cfg.output_dir), root, seed=0, image_size=cfg.data.image_size)
+        return _synthetic_root(Path(cfg.output_dir), root, seed=0)
     p = Path(root).expanduser()
     if not p.exists():
         raise DataError(f"dataset root does not exist: {p}")
