@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scaling.data import DataError, load_table
-from scaling.data.chexpert import COLUMNS, _race
+from scaling.data.datasets.chexpert import COLUMNS, _race
 from scaling.data.labels import (
     CANONICAL_LABELS,
     HARMONISATION,
@@ -26,7 +26,7 @@ from scaling.data.splits import (
 
 NAN = math.nan
 HEADER = ",".join(COLUMNS)
-# The first two rows are the real first rows of CheXpert-small train.csv (reference/datasets.md §1); the others add
+# The first two rows are the real first rows of CheXpert-small train.csv (Stanford AIMI release); the others add
 # the traps: a lateral with blank AP/PA, the full-size release prefix, Unknown sex and age 0.
 ROWS = [
     "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,1.0,,,,,,,,,0.0,,,,1.0",

@@ -177,7 +177,7 @@ def test_image_folder_dataset(tmp_path):
 
 
 def test_dicom_dispatch_and_uint16_cache(tmp_path):
-    from scaling.data.fixtures import write_dicom
+    from dataset_fixtures import write_dicom
 
     ramp = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (30, 1))  # 30 x 40, 12-bit values rising left→right
     rows = []

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scaling.data import mimic_cxr, nih_cxr14, padchest
-from scaling.data.fixtures import write_fixture
+from scaling.data.datasets import mimic_cxr, nih_cxr14, padchest
+from dataset_fixtures import write_fixture
 from scaling.data.table import DataError
 
 NAN = float("nan")

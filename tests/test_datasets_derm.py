@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scaling.data import ddi, fitzpatrick17k, ham10000, isic2019, isic2020
-from scaling.data.fixtures import write_fixture
+from scaling.data.datasets import ddi, fitzpatrick17k, ham10000, isic2019, isic2020
+from dataset_fixtures import write_fixture
 from scaling.data.table import DataError
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_metadata"
@@ -232,7 +232,7 @@ def test_fitzpatrick17k_real_metadata_counts():
     got = df["skin_type"].value_counts().to_dict()
     assert got == {roman[k]: v for k, v in by_scale.items() if k != -1}
     assert df["skin_type"].isna().sum() == by_scale[-1] == 565
-    # Totals verified against reference/datasets.md §5.4 (computed over the real file).
+    # Totals computed once over the real file (github.com/mattgroh/fitzpatrick17k).
     assert got == {"I": 2947, "II": 4808, "III": 3308, "IV": 2781, "V": 1533, "VI": 635}
     assert df["label:Malignant"].sum() == (raw["three_partition_label"] == "malignant").sum() == 2263
     assert (df["label:Malignant"] == 0).sum() == 12080 + 2234

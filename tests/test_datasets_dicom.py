@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from scaling.data.dicom import read_dicom
-from scaling.data.fixtures import write_dicom
+from dataset_fixtures import write_dicom
 from scaling.data.table import DataError
 
 RAW = np.array([[0, 100, 1000], [5000, 30000, 65535]], dtype=np.uint16)

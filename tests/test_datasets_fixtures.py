@@ -4,7 +4,7 @@ CBIS-DDSM/CMMD)."""
 
 import pytest
 
-from scaling.data.fixtures import DATASETS, write_fixture
+from dataset_fixtures import DATASETS, write_fixture
 from scaling.data.images import decode
 from scaling.data.registry import DATASETS as REGISTERED
 from scaling.data.registry import get_loader, load_table

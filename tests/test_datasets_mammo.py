@@ -10,9 +10,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from scaling.data import cbis_ddsm, cmmd, embed, vindr_mammo
+from scaling.data.datasets import cbis_ddsm, cmmd, embed, vindr_mammo
 from scaling.data.dicom import read_dicom
-from scaling.data.fixtures import write_fixture
+from dataset_fixtures import write_fixture
 from scaling.data.table import DataError
 
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from scaling.data import load_table
-from scaling.data.chexpert import COLUMNS
+from scaling.data.datasets.chexpert import COLUMNS
 from scaling.data.labels import CHEXPERT_LABELS
-from scaling.data.synthetic import write_fractal_imagefolder, write_synthetic_chexpert
+from scaling.demo.synthetic import write_fractal_imagefolder, write_synthetic_chexpert
 
 TASKS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 POLICY_VALUE = {"ignore": math.nan, "zeros": 0.0, "ones": 1.0}

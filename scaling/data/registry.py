@@ -26,19 +26,19 @@ from scaling.data.table import DataError, apply_filters, validate_table
 log = logging.getLogger(__name__)
 
 DATASETS: dict[str, str] = {
-    "chexpert": "scaling.data.chexpert",
-    "mimic_cxr": "scaling.data.mimic_cxr",
-    "nih_cxr14": "scaling.data.nih_cxr14",
-    "padchest": "scaling.data.padchest",
-    "ham10000": "scaling.data.ham10000",
-    "isic2019": "scaling.data.isic2019",
-    "isic2020": "scaling.data.isic2020",
-    "fitzpatrick17k": "scaling.data.fitzpatrick17k",
-    "ddi": "scaling.data.ddi",
-    "cbis_ddsm": "scaling.data.cbis_ddsm",
-    "vindr_mammo": "scaling.data.vindr_mammo",
-    "cmmd": "scaling.data.cmmd",
-    "embed": "scaling.data.embed",
+    "chexpert": "scaling.data.datasets.chexpert",
+    "mimic_cxr": "scaling.data.datasets.mimic_cxr",
+    "nih_cxr14": "scaling.data.datasets.nih_cxr14",
+    "padchest": "scaling.data.datasets.padchest",
+    "ham10000": "scaling.data.datasets.ham10000",
+    "isic2019": "scaling.data.datasets.isic2019",
+    "isic2020": "scaling.data.datasets.isic2020",
+    "fitzpatrick17k": "scaling.data.datasets.fitzpatrick17k",
+    "ddi": "scaling.data.datasets.ddi",
+    "cbis_ddsm": "scaling.data.datasets.cbis_ddsm",
+    "vindr_mammo": "scaling.data.datasets.vindr_mammo",
+    "cmmd": "scaling.data.datasets.cmmd",
+    "embed": "scaling.data.datasets.embed",
 }
 """Registered dataset names and the module that loads each."""
 

@@ -1,6 +1,6 @@
 """ISIC 2020 (SIIM-ISIC Melanoma Classification) training set: patients, melanoma target.
 
-Layout (``reference/datasets.md`` §5.3)::
+Layout (ISIC 2020 challenge release; Rotemberg et al. 2021)::
 
     <root>/ISIC_2020_Training_GroundTruth.csv  (or _v2.csv with lesion_id; Kaggle's train.csv has the same columns)
     <root>/train/ISIC_2637011.jpg              (or ISIC_2020_Training_JPEG/train/, Kaggle's jpeg/train/)
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.readers import find_file, finish, index_images, locate, map_values, only_all_split, parse_numbers, read_csv
+from scaling.data.datasets.readers import find_file, finish, index_images, locate, map_values, only_all_split, parse_numbers, read_csv
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)

@@ -1,6 +1,6 @@
 """CMMD — The Chinese Mammography Database (Cui et al. 2021, TCIA): Siemens FFDM, biopsy-confirmed per breast.
 
-Layout (``reference/datasets.md`` §6.3)::
+Layout (as released on TCIA, CMMD; Cui et al. 2021)::
 
     <root>/CMMD_clinicaldata_revision.xlsx   (or .csv)   ID1,LeftRight,Age,number,abnormality,classification,subtype
     <root>/CMMD/D1-0001/<study-folder>/<series-folder>/1-1.dcm, 1-2.dcm, …   (TCIA/NBIA download)
@@ -21,7 +21,7 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from scaling.data.readers import check_columns, finish, map_values, only_all_split, parse_numbers
+from scaling.data.datasets.readers import check_columns, finish, map_values, only_all_split, parse_numbers
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)

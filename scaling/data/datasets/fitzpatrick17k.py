@@ -1,6 +1,6 @@
 """Fitzpatrick17k (Groh et al. 2021): clinical photos with Fitzpatrick skin type, −1 = unknown.
 
-Layout (``reference/datasets.md`` §5.4)::
+Layout (Groh et al. 2021; github.com/mattgroh/fitzpatrick17k, ``fitzpatrick17k.csv``)::
 
     <root>/fitzpatrick17k.csv      md5hash,fitzpatrick_scale,fitzpatrick_centaur,label,nine_partition_label,
                                    three_partition_label,qc,url,url_alphanum   (16,577 rows, public on GitHub)
@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from scaling.data.readers import check_columns, finish, map_values, only_all_split, read_csv
+from scaling.data.datasets.readers import check_columns, finish, map_values, only_all_split, read_csv
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)

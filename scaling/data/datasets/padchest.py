@@ -1,6 +1,6 @@
 """PadChest (BIMCV, Bustos et al. 2020): 16-bit PNGs and list-in-string labels.
 
-Layout (``reference/datasets.md`` §4)::
+Layout (PadChest release of BIMCV; Bustos et al. 2020)::
 
     <root>/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv   (or .csv.gz, as torchxrayvision ships it)
     <root>/<ImageDir>/<ImageID>.png      (the release's zip folders 0 … 54), or flat: <root>/images/<ImageID>
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import (chest_view, filter_views, find_file, finish, index_images, map_values,
+from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, index_images, map_values,
                                   only_all_split, parse_numbers, read_csv)
 from scaling.data.table import LABEL_PREFIX, DataError
 

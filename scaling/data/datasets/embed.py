@@ -1,6 +1,6 @@
 """EMBED Open Data (Jeong et al. 2023, AWS Open Data): Emory mammograms with race, density and outcomes.
 
-Layout (``reference/datasets.md`` §6.4; ``EMBED_Open_Data/README.md``)::
+Layout (Jeong et al. 2023; ``EMBED_Open_Data/README.md``)::
 
     <root>/tables/EMBED_OpenData_clinical.csv    one row per finding (or _reduced)
     <root>/tables/EMBED_OpenData_metadata.csv    one row per image (or _reduced)
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.readers import (filter_rows, find_file, finish, map_values, parse_numbers, read_csv,
+from scaling.data.datasets.readers import (filter_rows, find_file, finish, map_values, parse_numbers, read_csv,
                                   select_split, suspicion)
 from scaling.data.table import LABEL_PREFIX, DataError
 

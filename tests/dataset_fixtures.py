@@ -1,7 +1,7 @@
 """Tiny stand-ins for the public datasets, written in each dataset's exact on-disk format.
 
 ``write_fixture(name, root)`` writes the released layout of one dataset under ``root`` — real file names, real
-headers, real value encodings and the traps ``reference/datasets.md`` lists (blank and ``-1.0`` labels,
+headers, real value encodings and the traps the real releases hold (blank and ``-1.0`` labels,
 ``Unknown``/``unknown`` sex, age 0 and implausible ages, NIH's bracketed header with its trailing empty column, both
 CBIS-DDSM ``breast density`` spellings, ``BI-RADS k``/``DENSITY X`` strings, EMBED letter codes and its
 double-spaced race string, PadChest 16-bit PNGs, MONOCHROME1 DICOMs) — with small decodable images.

@@ -1,6 +1,6 @@
 """ISIC 2019 training set: one-hot ground truth with UNK, metadata, and the source site from ``lesion_id``.
 
-Layout (``reference/datasets.md`` §5.2)::
+Layout (ISIC 2019 challenge release)::
 
     <root>/ISIC_2019_Training_GroundTruth.csv    image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK   (one-hot 1.0/0.0)
     <root>/ISIC_2019_Training_Metadata.csv       image,age_approx,anatom_site_general,lesion_id,sex
@@ -9,7 +9,7 @@ Layout (``reference/datasets.md`` §5.2)::
 The 4-character prefix of ``lesion_id`` names the contributing archive — ``HAM_`` (HAM10000, Vienna/Queensland),
 ``BCN_`` (Hospital Clínic Barcelona), ``MSK…`` (Memorial Sloan Kettering) — the site shift FLamby's Fed-ISIC2019
 uses; ``ham_metadata`` splits HAM into its four acquisition sites as FLamby does (6 centres). ISIC 2019 contains the
-HAM10000 images: drop them with ``exclude_ham`` before mixing with :mod:`scaling.data.ham10000`. There is no
+HAM10000 images: drop them with ``exclude_ham`` before mixing with :mod:`scaling.data.datasets.ham10000`. There is no
 patient id; ``patient_id`` is the ``lesion_id`` (the image id when it is blank). Labels are only released for the
 training set (``split='all'``).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import filter_rows, finish, map_values, only_all_split, parse_numbers, read_csv
+from scaling.data.datasets.readers import filter_rows, finish, map_values, only_all_split, parse_numbers, read_csv
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)

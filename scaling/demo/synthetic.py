@@ -8,7 +8,7 @@ formula-driven images for upstream pretraining. Both are seeded, deterministic a
     <root>/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg (+ view2_lateral.jpg for some studies)
     <root>/CheXpert-v1.0-small/valid/patientNNNNN/study1/view1_frontal.jpg
 
-so :mod:`scaling.data.chexpert` reads it through the code path real data takes. Images are 8-bit grayscale JPEGs
+so :mod:`scaling.data.datasets.chexpert` reads it through the code path real data takes. Images are 8-bit grayscale JPEGs
 (``image_size`` wide, 9/8 of that high, like the portrait CheXpert-small files) showing a stylised chest: body,
 two dark lung fields with rib texture, mediastinum, heart. Each of the 13 findings has its own image signal at a
 label-dependent place, scaled by a per-study severity:
@@ -59,7 +59,7 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from scaling.data.chexpert import COLUMNS
+from scaling.data.datasets.chexpert import COLUMNS
 from scaling.data.labels import CHEXPERT_LABELS
 from scaling.data.table import DataError
 

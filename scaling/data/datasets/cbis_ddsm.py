@@ -1,6 +1,6 @@
 """CBIS-DDSM (Lee et al. 2017, TCIA): scanned-film mammograms with per-abnormality pathology.
 
-Layout (``reference/datasets.md`` §6.1)::
+Layout (as released on TCIA, CBIS-DDSM; Lee et al. 2017, Sci. Data 4:170177)::
 
     <root>/{mass,calc}_case_description_{train,test}_set.csv        one row per abnormality
     <root>/CBIS-DDSM/Mass-Training_P_00001_LEFT_CC/<uid>/<uid>/000000.dcm   (the CSVs' ``image file path``)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.readers import DENSITY, finish, map_values, parse_numbers, read_csv, suspicion
+from scaling.data.datasets.readers import DENSITY, finish, map_values, parse_numbers, read_csv, suspicion
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def load(
 
     ``split``: ``train`` (``*_train_set.csv``), ``test`` or ``all``. ``abnormality``: ``both`` (default), ``mass``
     or ``calc`` CSVs. Labels: ``Malignant`` (pathology) and ``Suspicious`` (max BI-RADS assessment ≥ 4; see
-    :func:`scaling.data.readers.suspicion` for 3 and 0). ``sample_id`` is ``<split>/<patient>_<SIDE>_<VIEW>``.
+    :func:`scaling.data.datasets.readers.suspicion` for 3 and 0). ``sample_id`` is ``<split>/<patient>_<SIDE>_<VIEW>``.
     Attributes: ``laterality`` (L/R), ``view`` (CC/MLO), ``density`` (A–D), ``birads``, ``abnormality``
     (``mass``, ``calcification`` or both joined by ``+``), ``split``.
     """

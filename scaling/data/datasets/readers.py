@@ -1,7 +1,7 @@
 """Shared reading helpers for the dataset loaders: files, columns, strict value maps, image look-up, the final table.
 
 Every loader reads a released metadata file whose columns and encodings are fixed by the dataset's authors
-(``reference/datasets.md``). These helpers make the failure modes uniform: a missing file or column, an
+(see each loader's docstring for its release). These helpers make the failure modes uniform: a missing file or column, an
 unexpected value, or a missing image is a :class:`~scaling.data.table.DataError` that names the file and the row
 or sample id, never a KeyError deep inside pandas.
 """
@@ -189,7 +189,7 @@ def suspicion(birads: pd.Series, birads3: str, source: str) -> pd.Series:
     """The ``Suspicious`` label from a BI-RADS assessment category (0–6) per image.
 
     4, 5 and 6 are suspicious (1.0) and 1–2 are not (0.0), the binary target of VinDr-Mammo/INbreast loaders
-    (``reference/datasets.md`` §7). 3 ("probably benign") is 0.0 under ``birads3='negative'`` (the ``BI-RADS ≥ 4``
+    (ACR BI-RADS Atlas, 5th ed., 2013). 3 ("probably benign") is 0.0 under ``birads3='negative'`` (the ``BI-RADS ≥ 4``
     reading) or NaN under ``'nan'``; 0 (incomplete, needs more imaging) and missing are NaN.
     """
     if birads3 not in BIRADS3_POLICIES:

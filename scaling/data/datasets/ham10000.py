@@ -1,6 +1,6 @@
 """HAM10000 (Tschandl et al. 2018; = ISIC 2018 Task 3 training set), with its acquisition site.
 
-Layout (``reference/datasets.md`` §5.1)::
+Layout (Tschandl et al. 2018, Harvard Dataverse release)::
 
     <root>/HAM10000_metadata.csv          (or HAM10000_metadata without extension, as FLamby ships it)
     <root>/HAM10000_images_part_1/ISIC_0024306.jpg …   <root>/HAM10000_images_part_2/…   (or merged HAM10000_images/)
@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
+from scaling.data.datasets.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
                                   parse_numbers, read_csv)
 from scaling.data.table import LABEL_PREFIX, DataError
 

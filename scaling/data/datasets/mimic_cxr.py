@@ -1,6 +1,6 @@
 """MIMIC-CXR-JPG (PhysioNet v2.0.0/v2.1.0): metadata + CheXpert/NegBio labels + official split, MIMIC-IV demographics.
 
-Layout (``reference/datasets.md`` §2)::
+Layout (MIMIC-CXR-JPG 2.0.0 on PhysioNet; Johnson et al. 2019)::
 
     <root>/mimic-cxr-2.0.0-{metadata,chexpert,negbio,split}.csv.gz
     <root>/files/p10/p10000032/s50414267/<dicom_id>.jpg
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import chest_view, filter_views, find_file, finish, read_csv, select_split
+from scaling.data.datasets.readers import chest_view, filter_views, find_file, finish, read_csv, select_split
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """DDI — Diverse Dermatology Images (Daneshjou et al. 2022, Stanford AIMI): biopsy-proven, skin tone in 3 groups.
 
-Layout (``reference/datasets.md`` §5.5, as ``DDI-Code/ddi_dataset.py`` reads it)::
+Layout (Daneshjou et al. 2022, as ``DDI-Code/ddi_dataset.py`` reads it)::
 
     <root>/ddi_metadata.csv      [unnamed index],DDI_ID,DDI_file,skin_tone,malignant,disease
     <root>/images/000001.png …   (the AIMI download is flat: PNGs directly in <root> are found too)
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.readers import finish, index_images, locate, map_values, only_all_split, read_csv
+from scaling.data.datasets.readers import finish, index_images, locate, map_values, only_all_split, read_csv
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
 SKIN_GROUPS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
-"""``skin_tone`` → the Fitzpatrick group name shared with :mod:`scaling.data.fitzpatrick17k`'s ``skin_group``."""
+"""``skin_tone`` → the Fitzpatrick group name shared with :mod:`scaling.data.datasets.fitzpatrick17k`'s ``skin_group``."""
 MALIGNANT = {"True": 1.0, "False": 0.0, "TRUE": 1.0, "FALSE": 0.0, "1": 1.0, "0": 0.0}
 MALIGNANT_COLUMNS = ("malignant", "malignancy(malig=1)")
 

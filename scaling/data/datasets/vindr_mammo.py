@@ -1,6 +1,6 @@
 """VinDr-Mammo (Nguyen et al. 2023, PhysioNet): Vietnamese FFDM with breast-level BI-RADS and density.
 
-Layout (``reference/datasets.md`` §6.2)::
+Layout (VinDr-Mammo 1.0.0 on PhysioNet; Nguyen et al. 2023)::
 
     <root>/breast-level_annotations.csv   study_id,series_id,image_id,laterality,view_position,height,width,
                                           breast_birads,breast_density,split
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scaling.data.readers import finish, map_values, read_csv, select_split, suspicion
+from scaling.data.datasets.readers import finish, map_values, read_csv, select_split, suspicion
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("train", "test", "all")

@@ -1,6 +1,6 @@
 """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` + the official ``train_val_list.txt`` / ``test_list.txt``.
 
-Layout (``reference/datasets.md`` §3)::
+Layout (NIH ChestX-ray14 release; Wang et al. 2017)::
 
     <root>/Data_Entry_2017.csv            (or Data_Entry_2017_v2020.csv, .csv.gz as torchxrayvision ships it)
     <root>/train_val_list.txt, test_list.txt
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.readers import chest_view, filter_views, finish, index_images, locate, map_values, read_csv, select_split
+from scaling.data.datasets.readers import chest_view, filter_views, finish, index_images, locate, map_values, read_csv, select_split
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
