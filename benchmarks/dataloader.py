@@ -9,7 +9,7 @@ at ``--size`` px:
 * cache: the images are decoded and resized once into an :class:`~scaling.data.images.ImageCache` (build time
   reported separately), then every item is a memmap row read.
 
-Prints images/s for both and their ratio from this one run (goal from issue 4: cache >= 5x at 224 px from 1024 px
+Prints images/s for both and their ratio from this one run (goal: cache >= 5x at 224 px from 1024 px
 PNG sources).
 
     python benchmarks/dataloader.py [--n 64] [--source 1024] [--size 224] [--epochs 3]

@@ -1,9 +1,9 @@
 """Training throughput (images/s) and MFU of the Trainer on GPUs: ViT-L/16 @224 and BiT R101x3 @384, unsharded on
-one GPU vs ``fsdp`` and ``zero3`` on all GPUs of the node (issue 3, "Performance").
+one GPU vs ``fsdp`` and ``zero3`` on all GPUs of the node .
 
     python benchmarks/gpu_throughput.py [--gpus 8] [--models vit_l16,bit_r101x3] [--strategies none,fsdp,zero3]
 
-Protocol (performance.md §6.3): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master weights,
+Protocol (as timm's ``benchmark.py`` and Accelerate's ``PerformanceTracker``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master weights,
 SGD momentum (as timm's ``benchmark.py``), ``--warmup`` steps discarded then ``--steps`` timed steps; throughput is
 global images / wall time of the timed window (the Trainer's log window, closed by a loss read that synchronises
 the GPU). MFU = model FLOPs (3 x a forward counted by ``torch.utils.flop_counter`` at batch 1) x images/s /

@@ -1,4 +1,4 @@
-"""Metric-speed benchmark (issue 5): cluster-bootstrap AUROC, DeLong, and one study run's compute_run_metrics.
+"""Metric-speed benchmark: cluster-bootstrap AUROC, DeLong, and one study run's compute_run_metrics.
 
     python benchmarks/metrics_speed.py [--n 100000] [--patients 20000] [--n-boot 1000] [--sklearn-reps 20]
 

@@ -1,5 +1,5 @@
 """Per-rank model-state memory of every sharding strategy on 2 CPU ranks, and peak host memory of loading a
-ViT-L-sized model with and without meta-device materialisation (issue 3, "Performance" and point 4).
+ViT-L-sized model with and without meta-device materialisation .
 
     python benchmarks/sharding_memory.py                 # model states: ddp fsdp fsdp_grad_op zero1 zero2 zero3
     python benchmarks/sharding_memory.py --peak-host     # ViT-L/16: every rank loads vs meta + own shard only
@@ -15,7 +15,7 @@ before the optimizer step of the second step (moments allocated, gradients not y
   elements here (its defaults of 5e8 would allocate 2 GB of buckets for a 22 M-parameter model).
 
 The ratio column divides the total by DDP's (unsharded) total; goals: fsdp/zero3 <= 0.55, zero2 optimizer <= 0.55.
-Memory formulas these numbers check (performance.md §3): per-rank model states of Adam in fp32 are 16 B/param
+Memory formulas these numbers check (Rajbhandari et al. 2020, ZeRO, arXiv 1910.02054): per-rank model states of Adam in fp32 are 16 B/param
 unsharded (4 param + 4 grad + 8 moments); FSDP full shard 16/N; ZeRO-2 4 + (4 + 8 + 4 master)/N; ZeRO-3 all /N.
 """
 

@@ -1,4 +1,4 @@
-"""Trainer per-step overhead against a bare PyTorch loop on the same model, data and optimizer (issue 2 point 8).
+"""Trainer per-step overhead against a bare PyTorch loop on the same model, data and optimizer.
 
     python benchmarks/trainer_overhead.py [--model vit_tiny_patch16_224] [--img 32] [--batch 32] [--steps 20] [--threads 1]
 

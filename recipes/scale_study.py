@@ -21,7 +21,8 @@ from scaling.config import ConfigError, load_config
 from scaling.data.table import DataError
 from scaling.engine.distributed import LaunchError
 from scaling.models import CheckpointMismatch, WeightsUnavailable
-from scaling.study.runner import is_main_process, plan, run_study
+from scaling.engine.ranks import is_main_process
+from scaling.study.runner import plan, run_study
 from scaling.study.store import StoreError
 
 USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch)

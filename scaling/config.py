@@ -410,12 +410,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, prefix=where)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for a in args:
             try:
                 return _convert(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if tp is type(None):
         if value is None:
@@ -518,25 +517,103 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = StudyConfig):
-    """Load a study config from YAML (or the defaults when ``path`` is None) plus dotted overrides."""
+DEFAULTS_KEY = "defaults"
+"""Top-level key of a config file listing fragment files (paths relative to that file) merged underneath it."""
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge: mappings merge key by key, everything else (lists included) in ``top`` replaces ``base``."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def config_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The files a config is composed of, bottom first: ``[(file, mapping), ...]``.
+
+    A file may start with ``defaults: [fragment.yaml, ...]`` (paths relative to it; fragments may have defaults
+    of their own). Fragments are merged in order and the file's own keys on top (:func:`_merge`), so shared
+    sections (a dataset's data block, a launch recipe) live in one place.
+    """
+    path = Path(path)
+    data = _read_mapping(path)
+    entries = data.pop(DEFAULTS_KEY, [])
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"config file {path}: '{DEFAULTS_KEY}' must be a list of file paths, got {entries!r}")
+    layers: list[tuple[str, dict]] = []
+    for entry in entries:
+        frag = (path.parent / entry).resolve()
+        if not frag.is_file():
+            raise ConfigError(f"config file {path}: {DEFAULTS_KEY} entry {entry!r} not found (looked for {frag})")
+        if frag in _chain or frag == path.resolve():
+            raise ConfigError(f"config file {path}: {DEFAULTS_KEY} entry {entry!r} includes itself")
+        layers += config_layers(frag, (*_chain, path.resolve()))
+    layers.append((str(path), data))
+    return layers
+
+
+def compose(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The plain mapping a config file (with its ``defaults``) and dotted overrides resolve to, before validation."""
     data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = read_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
+    for _, layer in config_layers(path) if path is not None else []:
+        data = _merge(data, layer)
+    return apply_overrides(data, overrides)
+
+
+_KEY = re.compile(r"[A-Za-z_]\w*(?:\.\w+|\[\d+\])+")
+
+
+def _has_path(data: Any, parts: list[str]) -> bool:
+    for p in parts:
+        if isinstance(data, dict) and p in data:
+            data = data[p]
+        elif isinstance(data, list) and p.isdigit() and int(p) < len(data):
+            data = data[int(p)]
+        else:
+            return False
+    return True
+
+
+def _blame(message: str, layers: list[tuple[str, dict]], overrides) -> str:
+    """Where the key an error names was set: ``in override `k=v` ``, ``in <file>``, or the top file."""
+    m = _KEY.search(message)
+    key = re.sub(r"\[(\d+)\]", r".\1", m.group(0)) if m else ""
+    if key:
+        for ov in reversed(list(overrides)):
+            k = ov.split("=", 1)[0].strip()
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"in override `{ov}`"
+        for src, data in reversed(layers):
+            if _has_path(data, key.split(".")):
+                return f"in {src}"
+    return f"in {layers[-1][0]}" if layers else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = StudyConfig):
+    """Load a study config from YAML (with its ``defaults`` fragments; the defaults when ``path`` is None) plus
+    dotted overrides. An invalid value or key is a :class:`ConfigError` naming the file or override that set it."""
+    layers = config_layers(path) if path is not None else []
+    data = compose(path, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from None
+        where = _blame(str(e), layers, overrides)
+        raise ConfigError(f"{e} {where}".rstrip()) from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

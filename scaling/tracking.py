@@ -1,6 +1,6 @@
 """Weights & Biases tracking: one W&B run per grid cell, main process only, scrubbed of anything identifying.
 
-W&B is a view, not the store (DESIGN.md): everything here is best-effort mirroring of what the run store already
+W&B is a view, not the store (``docs/design.md``): everything here is best-effort mirroring of what the run store already
 holds. Three rules shape the code:
 
 - ``tracking.wandb: off`` means *nothing*: ``wandb`` is never imported (its import alone costs ~0.3 s and starts

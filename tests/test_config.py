@@ -108,3 +108,44 @@ def test_yaml_1_1_booleans_stay_strings(tmp_path):
     cfg = load_config(f, ["sharding.activation_checkpointing=none", "data.on_bad_image=skip"])
     assert cfg.tracking.wandb == "off" and cfg.train.mixed_precision == "no" and cfg.train.hyperrule == "off"
     assert cfg.data.cache is False
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_compose_fragments_under_the_file(tmp_path):
+    _write(tmp_path / "parts" / "data.yaml", "data:\n  dataset: nih_cxr14\n  image_size: 96\n  labels: [Edema]\n")
+    _write(tmp_path / "parts" / "train.yaml", "defaults: [data.yaml]\ntrain: {lr: 0.01, steps: 5}\n")
+    cfg = load_config(_write(tmp_path / "s.yaml", "defaults: [parts/train.yaml]\ndata: {image_size: 128}\n"))
+    # fragments nest, mappings merge key by key, the including file wins
+    assert (cfg.data.dataset, cfg.data.image_size, cfg.data.labels) == ("nih_cxr14", 128, ("Edema",))
+    assert (cfg.train.lr, cfg.train.steps) == (0.01, 5)
+
+
+def test_defaults_errors_name_the_file_that_set_the_key(tmp_path):
+    frag = _write(tmp_path / "parts" / "data.yaml", "data:\n  image_sise: 96\n")
+    top = _write(tmp_path / "s.yaml", "defaults: [parts/data.yaml]\ntrain: {lr: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"data\.image_sise.*did you mean 'data\.image_size'.* in .*parts/data\.yaml"):
+        load_config(top)
+    frag.write_text("data:\n  image_size: -3\n")
+    with pytest.raises(ConfigError, match=r"data\.image_size=-3 must be > 0 in .*parts/data\.yaml"):
+        load_config(top)
+    frag.write_text("data:\n  image_size: 96\n")
+    with pytest.raises(ConfigError, match=r"train\.lr=-1\.0 must be > 0 in override `train\.lr=-1`"):
+        load_config(top, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"defaults entry 'nope\.yaml' not found"):
+        load_config(_write(tmp_path / "t.yaml", "defaults: [nope.yaml]\n"))
+    _write(tmp_path / "loop.yaml", "defaults: [loop2.yaml]\n")
+    _write(tmp_path / "loop2.yaml", "defaults: [loop.yaml]\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_shipped_chexpert_studies_share_one_data_block():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    bit, vit = load_config(root / "chexpert_bit.yaml"), load_config(root / "chexpert_vit.yaml")
+    assert bit.data == vit.data and len(bit.data.ood) == 2
+    assert "\ndata:" not in (root / "chexpert_bit.yaml").read_text()  # the block lives in one fragment

@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from scaling.config import EvalConfig
 from scaling.metrics import (MetricWarning, apply_temperature, choose_threshold, compute_run_metrics,
                              fit_temperature, nll, rates_at)
-from scaling.study.store import METRIC_COLUMNS
+from scaling.metrics.schema import METRIC_COLUMNS
 
 LABELS = ["Edema", "No Finding"]
 

@@ -1,4 +1,4 @@
-"""The study configs of issue 7 load, and every grid cell names a backbone and weight source that resolve."""
+"""The shipped study configs load, and every grid cell names a backbone and weight source that resolve."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sharding with real ranks: 2 CPU processes over gloo (torchrun), compared with one process (issue 3).
+"""Sharding with real ranks: 2 CPU processes over gloo (torchrun), compared with one process.
 
 Each launched suite (tests/dist_scripts/sharded_suite.py) runs many cells in one launch; here we compare every
 cell with a single-process run of the same config. fp32 tolerance 1e-5 (observed: identical up to ~1e-7, the

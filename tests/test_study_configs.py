@@ -1,14 +1,13 @@
-"""The real study configs (issue 7) on fixture data in the datasets' real formats: --dry-run plans every cell, and a
+"""The real study configs on fixture data in the datasets' real formats: --dry-run plans every cell, and a
 smoke variant (tiny backbone, a few steps, no sharding) trains and evaluates end to end through the same runner."""
 
 from pathlib import Path
 
 import pytest
-import yaml
 
-from scaling.config import load_config
-from scaling.data.fixtures import write_fixture
-from scaling.data.synthetic import write_synthetic_chexpert
+from scaling.config import compose, load_config
+from dataset_fixtures import write_fixture
+from scaling.demo.synthetic import write_synthetic_chexpert
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore
 
@@ -28,8 +27,7 @@ def _data(tmp: Path, dataset: str) -> Path:
 
 def _point_at_fixtures(name: str, tmp: Path) -> list[str]:
     """Dotted overrides that point the config's training set and every OOD set at fixture data."""
-    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    d = raw["data"]
+    d = compose(CONFIGS / f"{name}.yaml")["data"]
     ov = [f"output_dir={tmp / 'store'}", f"data.root={_data(tmp, d['dataset'])}"]
     for i, e in enumerate(d.get("ood", [])):
         root = _data(tmp, e["dataset"])

@@ -7,6 +7,7 @@ import pytest
 from study_store import PATIENTS, SAMPLES, make_store
 
 from scaling.config import TrackingConfig
+from scaling.study.report import build_report
 from scaling.study.wandb_report import build_wandb_report, publish_study, report_panels, study_report_args
 
 pytest.importorskip("wandb_workspaces", reason="the W&B Report needs the wandb-report extra")
@@ -57,7 +58,7 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
                     "ood_sets": ["ood_site_b"], "attributes": ["sex"]}
-    assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline")) is None  # no Report offline
+    assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)
     wandb_file = next(p for p in files if p.suffix == ".wandb").read_bytes()
@@ -65,4 +66,4 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
         assert key in wandb_file, key
     for ident in PATIENTS + SAMPLES:
         assert ident.encode() not in blob
-    assert publish_study(tmp_path / "s", TrackingConfig(wandb="off")) is None
+    assert publish_study(tmp_path / "s", TrackingConfig(wandb="off"), None) is None

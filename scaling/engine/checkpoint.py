@@ -11,7 +11,8 @@ Layout of a run directory::
 
 A checkpoint is written into ``.tmp-step_*`` and renamed only when every rank has finished, then ``latest`` is
 replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. Sharded formats are used for resume
-(never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors, anchors §3.5); the fp32
+(never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors,
+https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32
 safetensors export is separate and written once at the end.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from scaling.engine.ranks import barrier as _barrier
 from scaling.io import atomic_write, atomic_write_json, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
@@ -117,11 +119,6 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Save / load (collective: every rank calls)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _dcp_state(module: nn.Module, optimizer) -> dict:

@@ -1,7 +1,7 @@
 """MixUp for multi-label targets with missing labels, and for class-index targets.
 
 timm's ``Mixup`` one-hots integer targets, so it cannot mix multi-label CXR targets that contain NaN
-("not labelled"; ``shared/reference/anchors.md`` §1.3). Here a mixed label is
+("not labelled"; timm 1.0 ``timm/data/mixup.py``, ``mixup_target``). Here a mixed label is
 ``lam * y_i + (1 - lam) * y_j`` and it is known only where both ``y_i`` and ``y_j`` are known: elsewhere it
 is NaN, which the trainer's masked BCE excludes from the loss.
 

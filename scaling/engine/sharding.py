@@ -1,13 +1,15 @@
 """Sharding plans: DDP, FSDP2 applied by scaling (``fully_shard`` per block, then the root), DeepSpeed ZeRO-1/2/3.
 
-Design (DESIGN.md "Sharding is ours, launched by Accelerate"; issue 3):
+Design (``docs/design.md``, "Sharding is ours, launched by Accelerate"):
 
 * FSDP2 is applied here, the same code over gloo (CPU) and NCCL (GPU): each block class from the backbone's family
   table becomes one FSDP unit, then the root. Accelerate's FSDP plugin is never used (it silently trains unsharded
-  on CPU and auto-wraps timm models into one giant unit, anchors §3.1).
+  on CPU and auto-wraps timm models into one giant unit,
+  https://github.com/huggingface/accelerate/issues/1943).
 * DeepSpeed ZeRO goes through Accelerate's DeepSpeed plugin. Every ``"auto"`` of the launch JSON is filled from
   scaling's config in :func:`deepspeed_config` and nowhere else (batch, accumulation, clipping — DeepSpeed's
-  default clipping is 1.0 and Accelerate fills ``auto`` with 1.0 too — and precision; anchors §3.6).
+  default clipping is 1.0 and Accelerate fills ``auto`` with 1.0 too — and precision;
+  https://github.com/huggingface/accelerate/issues/1101).
 * After preparation :func:`verify_sharding` proves the model really is sharded (more than one FSDP unit, each rank
   holding ~1/world of the parameters or optimizer state) so a run never trains unsharded while claiming to shard.
 """
@@ -84,7 +86,8 @@ def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, l
     """``fully_shard`` every block (innermost first), then the root; optional FSDP activation checkpointing.
 
     Precision: fp32 master weights; compute in ``train.mixed_precision``; gradients reduced in
-    ``sharding.reduce_dtype`` (fp32 by default, anchors §3.3).
+    ``sharding.reduce_dtype`` (fp32 by default: FSDP2 needs uniform fp32 master weights,
+    https://github.com/pytorch/pytorch/issues/75478).
     """
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -93,7 +96,7 @@ def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, l
     if len(blocks) < 1:
         raise ShardingError(
             f"none of the block classes {[c.__name__ for c in block_classes]} occurs in "
-            f"{type(model).__name__}; FSDP would wrap only the root (one giant unit, anchors §3.1)"
+            f"{type(model).__name__}; FSDP would wrap only the root (one giant unit)"
         )
     mesh = fsdp_mesh(sharding, launch)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype(train), reduce_dtype=_DTYPES[sharding.reduce_dtype])
@@ -103,7 +106,8 @@ def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, l
     for block in blocks:
         if sharding.activation_checkpointing == "fsdp":
             # Composable checkpoint on the same module that is the FSDP unit: one recomputation per block,
-            # never combined with timm's own checkpointing (anchors §3.4).
+            # never combined with timm's own checkpointing (two recomputations per backward:
+            # https://github.com/meta-llama/llama-cookbook/issues/740).
             checkpoint(block)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     # The root is used right after the last block's backward, so keeping it gathered saves one all-gather.
@@ -154,7 +158,8 @@ def _autos(cfg, prefix: str = "") -> list[str]:
 def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: int, base: dict | None = None,
                      source: str = "<built-in>") -> dict:
     """The DeepSpeed config for this cell: ``base`` (a ``launch/*.json``) with every ``"auto"`` filled from scaling's
-    config. The one place batch size, accumulation, clipping and precision reach DeepSpeed (anchors §3.6).
+    config. The one place batch size, accumulation, clipping and precision reach DeepSpeed (Accelerate fills
+    "auto" only on the first prepare(): https://github.com/huggingface/accelerate/issues/1101).
 
     A concrete value in ``base`` that contradicts scaling's config is an error naming the key and ``source``;
     so is an ``"auto"`` scaling does not know how to fill.
@@ -162,7 +167,6 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
     if sharding.strategy not in ZERO_STRATEGIES:
         raise ValueError(f"deepspeed_config is for zero1/zero2/zero3, not {sharding.strategy!r}")
     stage = int(sharding.strategy[-1])
-    reduce = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[sharding.reduce_dtype]
     values = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.batch_size // (world_size * train.grad_accum),
@@ -172,7 +176,7 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
         "zero_optimization.stage": stage,
         "bf16.enabled": train.mixed_precision == "bf16",
         "fp16.enabled": train.mixed_precision == "fp16",
-        "communication_data_type": reduce,
+        "communication_data_type": sharding.reduce_dtype,
         "zero_optimization.offload_optimizer.device": "cpu" if sharding.offload_optimizer else "none",
         "zero_optimization.offload_param.device": "cpu" if sharding.offload_params else "none",
         # scaling exports consolidated fp32 itself (export), so no 16-bit gather on save.
@@ -263,7 +267,7 @@ def shard_report(strategy: str, model: nn.Module, optimizer, launch: LaunchInfo)
 
 
 def verify_sharding(report: ShardReport) -> None:
-    """Raise :class:`ShardingError` unless the model is split as the strategy promises (issue 3 point 2)."""
+    """Raise :class:`ShardingError` unless the model is split as the strategy promises."""
     s = report.strategy
     if s in FSDP_STRATEGIES and report.units < 2:
         raise ShardingError(f"strategy {s!r}: the model is one FSDP unit ({report.units}); expected one per block + root")
@@ -291,7 +295,8 @@ def materialize_from_safetensors(model: nn.Module, path: str | Path, device: tor
     reading only the rows of each tensor this rank holds.
 
     The file is memory-mapped and each rank slices its own shard, so no process ever holds the whole model
-    (anchors §3.12; measured in ``benchmarks/sharding_memory.py --meta``). Every parameter and buffer must be
+    (the meta-device recipe of https://github.com/pytorch/pytorch/issues/105840; measured in
+    ``benchmarks/sharding_memory.py --meta``). Every parameter and buffer must be
     in the file: a missing or mis-shaped tensor is an error naming the file and the tensor.
     """
     from safetensors import safe_open

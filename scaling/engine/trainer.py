@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("multilabel", "multiclass")
 
-# Dense bf16 peak per GPU (performance.md §0 row 17; torchtitan get_peak_flops). Matched on the device name.
+# Dense bf16 peak per GPU (NVIDIA data sheets; torchtitan ``tools/utils.py`` get_peak_flops). Matched on the device name.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                    ("A100", 312e12), ("B200", 2250e12), ("L40S", 362e12), ("A10G", 125e12))
 
@@ -88,8 +88,7 @@ def _peak_flops(device: torch.device) -> float | None:
 def masked_loss_sum(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-entry losses, number of entries counted) for one micro-batch, in fp32.
 
-    ``multilabel``: BCE-with-logits over labelled entries only (NaN target = not labelled, excluded, issue 2
-    point 6); soft targets from MixUp are fine. ``multiclass``: cross-entropy over samples, with class indices or
+    ``multilabel``: BCE-with-logits over labelled entries only (NaN target = not labelled, excluded); soft targets from MixUp are fine. ``multiclass``: cross-entropy over samples, with class indices or
     soft (MixUp) target distributions.
     """
     logits = logits.float()
@@ -132,7 +131,7 @@ class Trainer:
         self.strategy = self.sharding.strategy
         self.history: list[dict] = []
 
-        # --- Launch: refuse an impossible strategy before touching the model (issue 3, "Bad input") -----------
+        # --- Launch: refuse an impossible strategy before touching the model ------------------------------------
         self.launch = check_launch(self.sharding, train_cfg)
         if has_meta(model) and weights is None:
             raise ValueError("the model is on the meta device; pass weights=<file.safetensors> to materialise it")
@@ -175,11 +174,12 @@ class Trainer:
             else:
                 self.module = acc.unwrap_model(self.model)
 
-        # --- Verify: sharding asked for is sharding in effect (issue 3 point 2) ------------------------------
+        # --- Verify: sharding asked for is sharding in effect -----------------------------------------------
         self.shard = shard_report(self.strategy, self.module, self.optimizer, self.launch)
         verify_sharding(self.shard)
         if self.engine is not None:
-            # What DeepSpeed actually runs with, not what we asked for (anchors §3.6: "auto", precedence, clipping).
+            # What DeepSpeed actually runs with, not what we asked for ("auto", precedence and clipping defaults:
+            # https://github.com/yuvalkirstain/PickScore/issues/18).
             got = {"train_batch_size": self.engine.train_batch_size(),
                    "gradient_accumulation_steps": self.engine.gradient_accumulation_steps(),
                    "gradient_clipping": float(self.engine.gradient_clipping())}
@@ -223,7 +223,7 @@ class Trainer:
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.engine is not None:
-            # ZeRO owns accumulation (DESIGN.md "one switch per concern"): it divides by the accumulation steps,
+            # ZeRO owns accumulation (docs/design.md, "one switch per concern"): it divides by the accumulation steps,
             # averages over ranks, clips (config) and steps only at the boundary.
             self.engine.set_gradient_accumulation_boundary(last)
             self.engine.backward(loss)
@@ -477,7 +477,7 @@ class Trainer:
 
         Returns on the main process ``{"index": [N] sorted unique sample indices, "logits": [N, L],
         "target": targets aligned with index}``, with the duplicates that padding to equal per-rank shares
-        creates removed by sample index (anchors §3.10); returns None on the other ranks.
+        creates removed by sample index; returns None on the other ranks.
         """
         sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
@@ -522,7 +522,8 @@ class Trainer:
         elif self.engine is not None:
             from deepspeed.utils import safe_get_full_fp32_param
 
-            # The fp32 master copy (never the engine's state_dict(): empty tensors under ZeRO-3, anchors §3.5).
+            # The fp32 master copy (never the engine's state_dict(): empty tensors under ZeRO-3,
+            # https://github.com/deepspeedai/DeepSpeed/issues/2413).
             sd = {n: safe_get_full_fp32_param(p) for n, p in self.module.named_parameters()}
             # Persistent buffers are never partitioned; take them (and only them) from the module's state dict.
             sd.update({k: v for k, v in self.module.state_dict().items() if k not in sd})

@@ -1,6 +1,6 @@
 """Subgroup fairness: per-group discrimination, calibration and error rates, and their gaps.
 
-Metric set (``reference/datasets.md`` §8: MEDFAIR, CheXclusion, CXR_Fairness):
+Metric set (as in MEDFAIR, Zong et al. 2023; CheXclusion, Seyyed-Kalantari et al. 2021):
 
 * per group: n, prevalence, AUROC (with a cluster-bootstrap CI), ECE (equal-width bins), TPR and FPR at one
   threshold chosen on validation data (:func:`scaling.metrics.choose_threshold`);

@@ -45,7 +45,7 @@ from scaling.metrics.selective import aurc
 from scaling.metrics.temperature import apply_temperature, fit_temperature
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
 from scaling.metrics.validation import MetricWarning, check_labels, check_scores
-from scaling.study.store import METRIC_COLUMNS
+from scaling.metrics.schema import METRIC_COLUMNS
 
 FIT_SPLIT = "val"
 NO_FINDING = "No Finding"

@@ -58,7 +58,7 @@ class TransferModel(nn.Module):
     """A timm backbone with its downstream head, as one module whose ``forward`` is the only entry point.
 
     Under FSDP2 only the root ``forward`` gathers and frees the sharded blocks in the right order, so
-    callers must not reach into ``backbone.forward_features`` (``shared/reference/anchors.md`` §3.2).
+    callers must not reach into ``backbone.forward_features`` (https://github.com/pytorch/pytorch/issues/109385).
     """
 
     def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec):
@@ -112,9 +112,10 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     if image_size and preset.family == "vit":
         kwargs.setdefault("img_size", image_size)
     # pretrained=False always: weights come through our loader so every source shares one code path and one
-    # set of error messages (timm's own loader silently re-initialises a head it cannot match, platform.md §2).
+    # set of error messages (timm's own loader silently re-initialises a head it cannot match when
+    # the overlay lacks num_classes; timm 1.0.31 ``_builder.load_pretrained``).
     # On the meta device (sharding.build_on_meta: ranks that will receive their shard from a file) there is
-    # nothing to copy weights into, so none are fetched or read (anchors §3.12).
+    # nothing to copy weights into, so none are fetched or read.
     on_meta = torch.empty(()).is_meta
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
     path = fetch(spec) if spec.kind != "scratch" and not on_meta else None

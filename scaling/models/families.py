@@ -3,8 +3,8 @@
 One row per timm family. The sharding code applies ``fully_shard`` to every module whose class is in
 ``block_classes`` (then to the root), so a new family needs only a row here. Everything else goes through
 timm's model interface (``set_grad_checkpointing``, ``group_matcher``, ``no_weight_decay``), which every timm
-model implements (``shared/reference/anchors.md`` §1.3); FSDP's auto-wrap policies silently do nothing for timm
-models (anchors §3.1), which is why the block classes are named explicitly.
+model implements (timm 1.0 ``timm/models``); FSDP's auto-wrap policies silently do nothing for timm
+models (https://github.com/huggingface/accelerate/issues/1943), which is why the block classes are named explicitly.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.convnext import checkpoint_filter_fn as _convnext_filter
-from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetStage, ResNetV2
+from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetV2
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
@@ -30,8 +30,6 @@ class FamilySpec:
     """timm model class that identifies the family."""
     block_classes: tuple[type, ...]
     """Classes that each become one FSDP unit (and one activation-checkpointing unit under ``fsdp``)."""
-    stage_classes: tuple[type, ...]
-    """Coarser units (a stage of blocks), for plans that shard per stage instead of per block."""
     filter_fn: Callable[[dict, torch.nn.Module], dict] | None
     """timm checkpoint filter applied before loading (ViT: resamples position embeddings to a new resolution)."""
 
@@ -62,9 +60,9 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {
     f.name: f
     for f in [
-        FamilySpec("resnetv2", ResNetV2, (PreActBottleneck, PreActBasic), (ResNetStage,), None),
-        FamilySpec("vit", VisionTransformer, (Block,), (), _vit_filter),
-        FamilySpec("convnext", ConvNeXt, (ConvNeXtBlock,), (ConvNeXtStage,), _convnext_filter),
+        FamilySpec("resnetv2", ResNetV2, (PreActBottleneck, PreActBasic), None),
+        FamilySpec("vit", VisionTransformer, (Block,), _vit_filter),
+        FamilySpec("convnext", ConvNeXt, (ConvNeXtBlock,), _convnext_filter),
     ]
 }
 

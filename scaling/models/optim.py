@@ -4,7 +4,7 @@ BiT fine-tunes with SGD momentum 0.9 and no weight decay (BiT-HyperRule, Kolesni
 ViT recipe uses AdamW with layer-wise LR decay (groups from timm's ``group_matcher``) and no decay on the
 ``no_weight_decay()`` set, norms and biases. Every group carries ``lr_scale``: the trainer sets
 ``group["lr"] = lr_at(step, ...) * group["lr_scale"]`` at each step. Groups are built from parameter names,
-which FSDP2 keeps, so build the optimizer after sharding (anchors §3.8).
+which FSDP2 keeps, so build the optimizer after sharding (https://github.com/pytorch/pytorch/issues/83204).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A preset is a timm architecture plus the pretraining sources the seed paper's axes need (Mustafa et al. 2021,
 after BiT, Kolesnikov et al. 2020): BiT-S (ImageNet-1k), BiT-M (ImageNet-21k) and BiT-L (JFT-class, never
 released, so only a user-supplied file), and the ViT equivalents (AugReg ImageNet-1k / ImageNet-21k). Facts
-and their sources are in ``shared/reference/bit_and_seed.md`` §3.
+and their sources: Kolesnikov et al. 2020 (arXiv 1912.11370) Table 1 and github.com/google-research/big_transfer;
+Steiner et al. 2021 (arXiv 2106.10270) for the AugReg ViTs; timm's model cards for the hub tags.
 
 Names are matched case-insensitively with ``-`` and ``_`` equivalent (``BiT-R50x1`` = ``bit_r50x1``). Any timm
 architecture name is accepted as well (scratch, ``hub:<tag>`` or a local file), so a preset is a convenience,

@@ -12,7 +12,7 @@
 
 Offline (``HF_HUB_OFFLINE=1``, ``SCALING_OFFLINE=1`` or an unreachable host) a missing file fails within
 seconds with the instruction to provide it: huggingface_hub otherwise retries a failing DNS lookup for ~46 s
-(``shared/reference/platform.md`` §2). Before any network access the weights directory
+(measured with huggingface_hub 2.4 and no DNS). Before any network access the weights directory
 (``$SCALING_WEIGHTS_DIR``, default ``~/.cache/scaling/weights``) is searched for ``<arch.tag>.<ext>`` (hub
 sources) or the URL's file name (``BiT-S-R50x1.npz``), so copying a file there is the offline override that
 needs no config change.

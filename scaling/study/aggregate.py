@@ -18,7 +18,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from scaling.study.store import METRIC_COLUMNS, RunStore, StoreError
+from scaling.metrics.schema import METRIC_COLUMNS
+from scaling.study.store import RunStore, StoreError
 from scaling.tracking import redact_paths
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Views recomputed from stored per-sample predictions: selective-prediction curves and paired model comparisons.
 
 Metrics in the store are per run; these need the samples themselves — the retained subset at each referral rate,
-or two models' scores on the same patients — which is why predictions are stored at all (DESIGN.md).
+or two models' scores on the same patients — which is why predictions are stored at all (``docs/design.md``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from scaling.config import TrackingConfig
 from scaling.io import atomic_write_text
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_results, select, summarise
@@ -305,20 +304,16 @@ def render_html(rep: StudyReport) -> str:
     return "\n".join(parts)
 
 
-def write_report(store_root: str | Path, out_path: str | Path | None = None, *, allow_mixed: bool = False,
-                 n_boot_fit: int = 200, tracking: TrackingConfig | None = None) -> Path:
+def write_report(store_root: str | Path, out_path: str | Path | None = None, *, report: StudyReport | None = None,
+                 allow_mixed: bool = False, n_boot_fit: int = 200) -> Path:
     """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path.
 
-    With ``tracking`` (the study's ``TrackingConfig``) the same figures and tables also go to W&B, and the W&B
-    Report is created when online (:func:`scaling.study.wandb_report.publish_study`); ``wandb: off`` adds nothing.
+    ``report`` is a :class:`StudyReport` already built (the runner builds it once and also hands it to
+    :func:`scaling.study.wandb_report.publish_study`); when None it is built from the store.
     """
     store_root = Path(store_root)
     out = Path(out_path) if out_path is not None else store_root / "report.html"
-    rep = build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit)
+    rep = report if report is not None else build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit)
     atomic_write_text(out, render_html(rep))
     log.info("report written to %s", out)
-    if tracking is not None:
-        from scaling.study.wandb_report import publish_study
-
-        publish_study(store_root, tracking, report=rep)
     return out

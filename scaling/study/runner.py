@@ -1,6 +1,6 @@
 """Run a study: expand the grid, train and evaluate every run not yet in the store, then summarise.
 
-Data flow (DESIGN.md): config → grid of RunSpec → for each run not complete in the store: dataset tables →
+Data flow (``docs/design.md``): config → grid of RunSpec → for each run not complete in the store: dataset tables →
 patient split + nested fraction subset → datasets → backbone + head → Trainer.fit → Trainer.predict on every
 evaluation set → per-sample predictions written to the store → metrics computed from the stored predictions →
 tracker. After the grid: the results table (printed + results.csv) and the HTML report.
@@ -24,6 +24,7 @@ import yaml
 
 from scaling.config import ConfigError, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters
+from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import atomic_write_text
 from scaling.study.grid import RunSpec, config_hash, expand_grid, run_config, run_id
 from scaling.study.store import RunStore, StoreError
@@ -32,58 +33,6 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 """``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers (the study runs under `accelerate launch` with 1..N processes)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without a process group): the only process that writes to the store."""
-    d = _dist()
-    return d is None or d.get_rank() == 0
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d is not None:
-        d.barrier()
-
-
-def _main_first(fn):
-    """Run ``fn`` on the main process, then on the others (shared caches and downloads are filled once)."""
-    if not is_main_process():
-        _barrier()
-    out = fn()
-    if is_main_process():
-        _barrier()
-    return out
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group before the study touches the store or the data.
-
-    The study prepares data and upstream weights on the main process while the other ranks wait, which needs the
-    process group before the first Trainer (and its Accelerator) exists. Accelerate and DeepSpeed reuse a group
-    that is already initialised.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from scaling.engine.distributed import PROCESS_GROUP_TIMEOUT
-
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "LOCAL_RANK" not in os.environ or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,7 +57,7 @@ class StudyData:
 
 def _synthetic_root(store_root: Path, root: str, seed: int) -> Path:
     """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
-    from scaling.data.synthetic import write_synthetic_chexpert
+    from scaling.demo.synthetic import write_synthetic_chexpert
 
     site = root.split(":", 1)[1] if ":" in root else "a"
     out = store_root / "data" / f"site_{site}"
@@ -117,7 +66,7 @@ def _synthetic_root(store_root: Path, root: str, seed: int) -> Path:
         # site b draws other patients (another seed) with another acquisition: the OOD test set.
         write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
         atomic_write_text(out / "DONE", "")
-    _barrier()
+    barrier()
     return out
 
 
@@ -180,7 +129,7 @@ def _upstream_path(store: RunStore, up: UpstreamConfig, backbone: str) -> Path:
 
 def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backbone: str) -> Path:
     """Pretrain ``backbone`` on generated formula-driven images (``up.num_images``) once; return the weight file."""
-    from scaling.data.synthetic import write_fractal_imagefolder
+    from scaling.demo.synthetic import write_fractal_imagefolder
     from scaling.study.upstream import pretrain
 
     out = _upstream_path(store, up, backbone)
@@ -191,10 +140,10 @@ def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backb
         write_fractal_imagefolder(images, num_images=up.num_images, num_classes=up.num_classes,
                                   image_size=up.image_size, seed=0)
         atomic_write_text(images / "DONE", "")
-    _barrier()
+    barrier()
     t0 = time.perf_counter()
     pretrain(up, backbone, images, out, sharding_cfg=cfg.sharding)
-    _barrier()
+    barrier()
     log.info("upstream %s for %s: %.1f s", up.name, backbone, time.perf_counter() - t0)
     return out
 
@@ -279,11 +228,11 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
                           for name, t in data.eval_sets().items()}
 
     # The main process fills the shared image cache first; the other ranks then only read it.
-    train_ds, eval_ds = _main_first(datasets)
+    train_ds, eval_ds = main_process_first(datasets)
 
     # -- model: the main process fetches hub/npz weights first, the other ranks then read the local copy ---------
     source = resolve_pretrained(cfg, store, spec)
-    model = _main_first(lambda: build_model(dataclasses.replace(rcfg.model, pretrained=source),
+    model = main_process_first(lambda: build_model(dataclasses.replace(rcfg.model, pretrained=source),
                                             num_outputs=len(labels), image_size=cfg.data.image_size))
     info = model_info(spec.backbone)
     axes = {
@@ -296,7 +245,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     }
     if is_main_process():
         store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
-    _barrier()
+    barrier()
 
     # -- train ----------------------------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
@@ -324,7 +273,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             store.write_meta(rid, {**summary, "fitted_on_val": fitted, "skipped_images": skipped})
             tracker.log_metrics_table(rows)
             store.mark_complete(rid)
-        _barrier()
+        barrier()
     finally:
         if trainer is not None:
             trainer.close()
@@ -435,7 +384,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
             except Exception as exc:
                 if is_main_process():
                     store.mark_failed(rid, exc)
-                if _dist() is not None:  # ranks cannot safely continue after one of them raised
+                if process_group() is not None:  # ranks cannot safely continue after one of them raised
                     raise
                 log.exception("run %s failed; continuing with the next run", rid)
                 failures.append((rid, exc))
@@ -443,9 +392,12 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     if is_main_process():
         atomic_write_text(store.root / "results.csv", table.to_csv(index=False))
         if report:
-            from scaling.study.report import write_report
+            from scaling.study.report import build_report, write_report
+            from scaling.study.wandb_report import publish_study
 
-            write_report(store.root, tracking=cfg.tracking)
+            rep = build_report(store.root)
+            write_report(store.root, report=rep)
+            publish_study(store.root, cfg.tracking, report=rep)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(f"{r}: {e}" for r, e in failures))
     return table

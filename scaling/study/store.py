@@ -16,7 +16,7 @@ Layout (everything written atomically: temp file + rename)::
         metrics.parquet              tidy rows: eval_set, label ('macro' or a label name), attribute ('all' or a
                                      column), group ('all' or a value), metric, value, lo, hi, n
         meta.json                    train summary (steps, seconds, images/s, skipped images, world size, ...)
-        checkpoint/                  resumable training state (engine)
+        checkpoints/                 resumable training state (engine)
         DONE                         written last; a run without it is incomplete and is redone/resumed
         FAILED.json                  written when a run raised; the error text and traceback
       results.csv, report.html       study outputs
@@ -32,8 +32,7 @@ from typing import Any
 import pandas as pd
 
 from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text
-
-METRIC_COLUMNS = ("eval_set", "label", "attribute", "group", "metric", "value", "lo", "hi", "n")
+from scaling.metrics.schema import METRIC_COLUMNS
 
 
 class StoreError(RuntimeError):

@@ -4,7 +4,7 @@ The study's pretraining-scale axis needs weights pretrained on datasets of diffe
 trains any backbone from scratch on a single-label dataset with the same Trainer (and sharding) as fine-tuning and
 exports a safetensors file, which fine-tuning then loads through the ordinary local-file weight source.
 ``recipes/pretrain.py`` is its command line for real-scale data; :func:`pretrain` is the demo's ``upstream:<name>``
-source, on formula-driven images (``scaling.data.synthetic.write_fractal_imagefolder``).
+source, on formula-driven images (``scaling.demo.synthetic.write_fractal_imagefolder``).
 """
 
 from __future__ import annotations

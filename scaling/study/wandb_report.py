@@ -97,11 +97,11 @@ def study_report_args(store_root: str | Path) -> dict:
     }
 
 
-def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report=None) -> str | None:
+def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) -> str | None:
     """Mirror the study to W&B: a study-level run (job type ``report``) with the report's figures and tables, and,
     when online, the W&B Report. Returns the Report URL (None when not online; nothing at all when tracking is off).
 
-    ``report`` is a :class:`scaling.study.report.StudyReport` (built from the store when None). The study run's id
+    ``report`` is the :class:`scaling.study.report.StudyReport` the HTML report was rendered from. The study run's id
     is kept in ``<store>/wandb-study/`` so publishing again continues the same W&B run.
     """
     from scaling.tracking import Tracker, wandb_mode
@@ -110,10 +110,6 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report=N
     if mode == "off":
         return None
     store_root = Path(store_root)
-    if report is None:
-        from scaling.study.report import build_report
-
-        report = build_report(store_root)
     args = study_report_args(store_root)
     run_dir = store_root / "wandb-study"
     tracker = Tracker.create(tracking_cfg, args["study"], f"{args['study']}-report", {"study": args["study"]},
