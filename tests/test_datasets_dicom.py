@@ -98,3 +98,63 @@ def test_errors_name_the_file(tmp_path):
         read_dicom(tmp_path / "nopix.dcm")
     with pytest.raises(DataError, match=r"missing\.dcm"):
         read_dicom(tmp_path / "missing.dcm")
+
+
+# --- Colour and real files from pydicom-data (the test extra) ---------------------------------------------------
+
+def _rgb_reference() -> np.ndarray:
+    """SC_rgb.dcm: the uncompressed RGB original of the colour test images (red, green, blue, ... bands)."""
+    return pydicom.dcmread(get_testdata_file("SC_rgb.dcm")).pixel_array.astype(np.float32)
+
+
+@pytest.mark.parametrize("name,tol", [("SC_rgb_jpeg_dcmtk.dcm", 3.0),             # YBR_FULL, JPEG baseline
+                                      ("SC_ybr_full_uncompressed.dcm", 2.0),      # YBR_FULL, native
+                                      ("SC_ybr_full_422_uncompressed.dcm", 2.0)])  # YBR_FULL_422, native
+def test_ybr_images_come_back_as_the_rgb_original(name, tol):
+    out = read_dicom(get_testdata_file(name))
+    assert out.shape == (100, 100, 3)
+    # the top band is pure red in the RGB original; a second YBR->RGB conversion turned it into (75, 255, 27)
+    np.testing.assert_allclose(out[5, 5], [255, 0, 0], atol=tol)
+    assert np.abs(out - _rgb_reference()).mean() < tol
+
+
+def test_ybr_rct_jpeg2000_is_lossless_rgb():
+    lossless = read_dicom(get_testdata_file("US1_J2KR.dcm"))  # YBR_RCT, JPEG 2000 lossless
+    original = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm")).pixel_array.astype(np.float32)  # its RGB source
+    assert lossless.shape == original.shape == (480, 640, 3)
+    np.testing.assert_array_equal(lossless, original)
+
+
+def test_undecodable_colour_file_is_a_data_error_naming_it():
+    with pytest.raises(DataError, match=r"GDCMJ2K_TextGBR\.dcm: cannot decode pixel data .*YBR_RCT"):
+        read_dicom(get_testdata_file("GDCMJ2K_TextGBR.dcm"))
+
+
+def test_palette_colour_is_mapped_through_the_lookup_tables():
+    path = get_testdata_file("OBXXXX1A.dcm")
+    ds = pydicom.dcmread(path)
+    index = ds.pixel_array.astype(np.int64)
+    out = read_dicom(path)
+    assert out.shape == index.shape + (3,)
+    # PS3.3 C.7.6.3.1.5 by hand: descriptor = (entries, first mapped value, bits); entries 0 means 65536
+    for c, colour in enumerate(("Red", "Green", "Blue")):
+        entries, first, bits = ds[f"{colour}PaletteColorLookupTableDescriptor"].value
+        lut = np.frombuffer(ds[f"{colour}PaletteColorLookupTableData"].value, dtype="<u2" if bits == 16 else "u1")
+        lut = lut[: entries or 65536].astype(np.float32)
+        expected = lut[np.clip(index - first, 0, len(lut) - 1)]
+        np.testing.assert_array_equal(out[..., c], expected)
+    assert len(np.unique(out.reshape(-1, 3), axis=0)) > 10  # colours, not grey indices
+
+
+def test_dicom_without_suffix_is_recognised_by_its_magic(tmp_path):
+    from scaling.data.images import decode, probe
+
+    for name, channels in (("SC_rgb.dcm", 3), ("CT_small.dcm", 1)):
+        bare = tmp_path / name.replace(".dcm", "")  # e.g. .../CR1/6154 or a UID as the file name
+        bare.write_bytes(Path(get_testdata_file(name)).read_bytes())
+        assert probe(bare)[0] == channels
+        np.testing.assert_array_equal(decode(bare, 32, channels), decode(get_testdata_file(name), 32, channels))
+    rgb = decode(tmp_path / "SC_rgb", None, 3)
+    # colour DICOMs keep their hues: one scale for all planes (8 bits stored -> /255), no per-plane stretch
+    np.testing.assert_allclose(rgb[:, 5, 5], [1.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(rgb.transpose(1, 2, 0), _rgb_reference() / 255.0, atol=1e-6)

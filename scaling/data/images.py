@@ -49,6 +49,8 @@ from scaling.io import atomic_write_json, atomic_write_parquet
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Suffixes decoded by Pillow without looking for a DICOM header."""
 BAD_IMAGE_POLICIES = ("error", "skip")
 BIT_MEAN = (0.5, 0.5, 0.5)
 BIT_STD = (0.5, 0.5, 0.5)
@@ -78,13 +80,27 @@ def _resize_float(a: np.ndarray, size: int | None) -> np.ndarray:
     return np.array(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
+def _is_dicom(path: Path) -> bool:
+    """DICOM by suffix, or by the ``DICM`` magic for files with another or no suffix (never for PNG/JPEG)."""
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in PIL_SUFFIXES:
+        return False
+    from scaling.data.dicom import is_dicom
+
+    return is_dicom(path)
+
+
 def _decode_dicom(path: Path, size: int | None, channels: int) -> np.ndarray:
     # Deferred import: pydicom is needed only for DICOM datasets.
-    from scaling.data.dicom import read_dicom
+    from scaling.data.dicom import dicom_kind, read_dicom
 
     a = np.asarray(read_dicom(path), dtype=np.float32)
-    if a.ndim == 3:  # colour DICOM (rare in our datasets): (H, W, 3)
-        planes = [_resize_float(_minmax(a[..., c]), size) for c in range(a.shape[-1])]
+    if a.ndim == 3:  # colour DICOM (ISIC ships dermoscopy as DICOM too): (H, W, 3) RGB
+        # One scale for all three planes (the stored bit depth), never a per-plane min-max, which shifts hues.
+        scale = float(2 ** dicom_kind(path)[1] - 1)
+        planes = [_resize_float(np.clip(a[..., c] / scale, 0.0, 1.0), size) for c in range(a.shape[-1])]
         out = np.stack(planes)
         return out if channels == 3 else out.mean(axis=0, keepdims=True)
     out = _resize_float(_minmax(a), size)[None]
@@ -97,7 +113,7 @@ def decode(path: str | Path, size: int | None = None, channels: int = 1) -> np.n
     ``uint8`` for 8-bit sources, ``float32`` in [0, 1] for 16-bit PNG and DICOM (see the module docstring).
     """
     path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if _is_dicom(path):
         return _decode_dicom(path, size, channels)
     with Image.open(path) as im:
         mode = "RGB" if channels == 3 else "L"
@@ -134,8 +150,11 @@ def quantise(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def probe(path: str | Path) -> tuple[int, np.dtype]:
     """(channels, cache dtype) for a source image, from its header only: RGB → 3, 16-bit/DICOM → uint16."""
     path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return 1, np.dtype(np.uint16)
+    if _is_dicom(path):
+        from scaling.data.dicom import dicom_kind
+
+        channels, bits = dicom_kind(path)
+        return channels, np.dtype(np.uint8 if channels == 3 and bits <= 8 else np.uint16)
     with Image.open(path) as im:
         channels = 3 if im.mode in _COLOUR_MODES else 1
         return channels, np.dtype(np.uint16 if im.mode in _HIGH_DEPTH_MODES else np.uint8)
