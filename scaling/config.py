@@ -229,7 +229,7 @@ SHARDING_STRATEGIES = ("none", "ddp", "fsdp", "fsdp_grad_op", "hsdp", "zero1", "
 
 @dataclass(frozen=True)
 class ShardingConfig:
-    """How the model is distributed over processes (see README "Scaling out")."""
+    """How the model is distributed over processes (see ``docs/scaling-out.md``)."""
 
     strategy: str = "ddp"
     """``none``/``ddp`` (replicate), ``fsdp``/``fsdp_grad_op``/``hsdp`` (FSDP2, applied by scaling), ``zero1..3``

@@ -16,7 +16,8 @@ Convention for README.md, docs/*.md, benchmarks/README.md and launch/README.md (
 Besides running code, the tests check that every relative link (and ``#anchor``) points to a file (and heading)
 that exists, that every repository path named anywhere on a page (``scaling/...``, ``tests/...``, commands
 included) exists, that every ``scaling.*`` name quoted in backticks resolves, and that every quoted config key
-(``train.lr``, ``data.ood.0.root``) is a field of the config schema.
+(``train.lr``, ``data.ood.0.root``) is a field of the config schema. Pointers from the code to the docs
+(``docs/design.md, "one switch per concern"``, ``README "What we rely on"``) must name a page and heading that exist.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import importlib
 import os
 import re
 import shutil
+import subprocess
 import typing
 from pathlib import Path
 
@@ -281,3 +283,44 @@ def test_the_checks_can_fail(tmp_path):
     page.write_text("# A title\n\n<!-- not-run: needs eight GPUs -->\n```python\nraise SystemExit\n```\n")
     (b,) = blocks(page)
     assert b.marker == ("not-run", "needs eight GPUs") and b.line == 4 and anchors(page) == {"a-title"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pointers from the code to the docs
+# --------------------------------------------------------------------------------------------------------------
+
+DOC_POINTER = re.compile(r'(docs/[\w-]+\.md)`*(?:,\s*"([^"]+)"|,\s*([^"()\n]+)\))?')
+"""``docs/page.md``, optionally followed by the section: ``, "Heading"`` or ``, heading words)``."""
+README_POINTER = re.compile(r'README\s*,?\s*\(?"([^"]+)"')
+"""``README "Heading"``, ``README, "Heading"`` or ``README ("Heading")``."""
+
+
+def _pointers(text: str) -> list[tuple[str, str]]:
+    out = [(m.group(1), (m.group(2) or m.group(3) or "").strip()) for m in DOC_POINTER.finditer(text)]
+    return out + [("README.md", m.group(1)) for m in README_POINTER.finditer(text)]
+
+
+def test_pointers_from_code_to_docs_resolve():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for name in files:
+        if name.endswith(".md") or name == "tests/test_docs.py":
+            continue  # markdown pages are checked as links above
+        try:
+            text = (REPO / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+        for page, section in _pointers(text):
+            if not (REPO / page).is_file():
+                bad.append(f"{name}: {page} does not exist")
+            elif section and github_anchor(section) not in anchors(REPO / page):
+                bad.append(f"{name}: {page} has no section {section!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_pointer_patterns():
+    assert _pointers('(``docs/design.md``, "Sharding is ours, launched by Accelerate")') == [
+        ("docs/design.md", "Sharding is ours, launched by Accelerate")]
+    assert _pointers("(docs/design.md, one switch per concern).") == [("docs/design.md", "one switch per concern")]
+    assert _pointers('see ``docs/scaling-out.md``):') == [("docs/scaling-out.md", "")]
+    assert _pointers('(see README "What we rely on")') == [("README.md", "What we rely on")]

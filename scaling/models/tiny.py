@@ -3,8 +3,8 @@
 They are real ``timm.models.resnetv2.ResNetV2`` / ``timm.models.vision_transformer.VisionTransformer``
 instances built with ``timm.create_model``, so every code path (weight loading, the per-family table,
 FSDP units, layer-wise LR decay) is the one the full-size presets take. Sizes were chosen so one fine-tune
-of the demo (64 px, a few hundred steps) takes 10-30 s on a 2-core CPU; the README ("Presets") lists the
-measured parameter counts and step times.
+of the demo (64 px, a few hundred steps) takes 10-30 s on a 2-core CPU; ``docs/models.md`` ("Presets") lists their
+exact parameter counts.
 
 The BiT-style models keep the three things that make BiT transfer well (Kolesnikov et al. 2020, §3.1):
 pre-activation bottlenecks, GroupNorm instead of BatchNorm, and weight-standardised convolutions
