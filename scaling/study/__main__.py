@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from scaling.study.aggregate import StoreError, headline_table, load_results, summarise
+from scaling.study.aggregate import StoreError, headline_table, load_study, summarise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_status(df: pd.DataFrame) -> None:
-    runs = df.attrs["runs"]
+def _print_status(runs: pd.DataFrame) -> None:
     counts = runs["status"].value_counts()
     print(f"{int(counts.get('complete', 0))}/{len(runs)} runs complete "
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
@@ -82,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "wandb-report":
             return _wandb_report(args)
-        df = load_results(args.store, allow_mixed=args.allow_mixed)
-        _print_status(df)
+        study = load_study(args.store, allow_mixed=args.allow_mixed)
+        df = study.results
+        _print_status(study.runs)
         if df.empty:
             return 0
         if args.command == "fits":

@@ -29,15 +29,17 @@ def selective_curve(pred: pd.DataFrame, referral=REFERRAL, thresholds: dict | No
     least confident referred first), averaged over the labels where it is defined.
 
     Confidence is the distance from each label's decision threshold (``thresholds``, fitted on validation; 0.5
-    where absent). With rare findings the operating point is far below 0.5, and ranking by distance from 0.5 would
+    where absent or undefined). With rare findings the operating point is far below 0.5, and ranking by distance from 0.5 would
     refer the most suspicious cases first — the opposite of referring the uncertain ones.
     """
     per_label = []
     thresholds = thresholds or {}
     for lab in _label_names(pred):
         y = pred[f"label:{lab}"].to_numpy(float)
+        # A threshold is None (NaN in the run's JSON) where validation held one class of that label.
+        thr = thresholds.get(lab)
         curve = referral_curve(y, pred[f"prob:{lab}"].to_numpy(float), referral_rates=list(referral),
-                               threshold=float(thresholds.get(lab, 0.5)))
+                               threshold=0.5 if thr is None else float(thr))
         per_label.append(curve["value"].to_numpy(float))
     if not per_label:
         return np.full(len(referral), math.nan)

@@ -20,7 +20,7 @@ import yaml
 
 from scaling.io import atomic_write_text
 from scaling.study import plots
-from scaling.study.aggregate import full_fraction, headline_table, load_results, select, summarise
+from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
 from scaling.study.compare import delong_comparisons, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.tables import data_efficiency, headline_models, ood_summary
@@ -96,8 +96,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
                  n_boot_curve: int = 100) -> StudyReport:
     """Compute every table and figure of the report from the store (see module docstring)."""
     store_root = Path(store_root)
-    df = load_results(store_root, allow_mixed=allow_mixed)
-    runs = df.attrs["runs"]
+    study = load_study(store_root, allow_mixed=allow_mixed)
+    df, runs = study.results, study.runs
     study_yaml = store_root / "study.yaml"
     cfg = yaml.safe_load(study_yaml.read_text()) if study_yaml.is_file() else {}
     names = sorted(runs["study"].dropna().unique()) if len(runs) else []

@@ -83,11 +83,11 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
 
 def study_report_args(store_root: str | Path) -> dict:
     """Study name, pretraining sources, OOD sets and subgroup attributes found in a run store."""
-    from scaling.study.aggregate import load_results
+    from scaling.study.aggregate import load_study
     from scaling.study.tables import ood_sets
 
-    df = load_results(store_root)
-    runs = df.attrs["runs"]
+    study = load_study(store_root)
+    df, runs = study.results, study.runs
     names = sorted(runs["study"].dropna().unique())
     return {
         "study": names[0] if names else Path(store_root).name,
