@@ -8,6 +8,7 @@ selective-prediction curves have something real to work on.
 from __future__ import annotations
 
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,39 @@ def run_dir_of(root: Path, cfg: StudyConfig, backbone, source, fraction, seed) -
                 (backbone, source, fraction, seed))
     rid = run_id(cfg, spec)
     return rid, RunStore(root).run_dir(rid)
+
+
+class _TableParser(HTMLParser):
+    """Collects the header and body cells of one ``<table id=...>`` of an HTML page."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.rows, self.cell = table_id, False, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and dict(attrs).get("id") == self.table_id:
+            self.inside = True
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append(self.cell.strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def html_table(text: str, table_id: str) -> pd.DataFrame:
+    """The table with ``id=table_id`` of an HTML page as a DataFrame of strings (first row = header)."""
+    parser = _TableParser(table_id)
+    parser.feed(text)
+    if not parser.rows:
+        raise AssertionError(f"no table with id {table_id!r} in the page")
+    return pd.DataFrame(parser.rows[1:], columns=parser.rows[0])

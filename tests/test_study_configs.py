@@ -1,13 +1,17 @@
 """The real study configs on fixture data in the datasets' real formats: --dry-run plans every cell, and a
-smoke variant (tiny backbone, a few steps, no sharding) trains and evaluates end to end through the same runner."""
+smoke variant (two tiny backbones, a few steps, no sharding) trains, evaluates and reports end to end through the
+same runner, with offline W&B."""
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from study_store import html_table
 
 from scaling.config import compose, load_config
 from dataset_fixtures import write_fixture
 from scaling.demo.synthetic import write_synthetic_chexpert
+from scaling.study.aggregate import load_results, summarise
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore
 
@@ -56,19 +60,50 @@ def test_dry_run_plans_every_cell(name, tmp_path):
 SMOKE = ["grid.pretrained=[scratch]", "grid.fractions=[1.0]", "grid.seeds=[0]", "train.hyperrule=off",
          "train.steps=3", "train.batch_size=8", "train.grad_accum=1", "train.mixed_precision=no", "train.warmup_steps=1",
          "sharding.strategy=none", "sharding.activation_checkpointing=none", "sharding.param_dtype=fp32",
-         "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=off"]
+         "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=offline"]
+BACKBONES = {"chexpert_vit": ("vit_micro", "vit_mini")}
+"""Two backbones per smoke study (the report's model-size views need two); BiT-style unless named here."""
+
+
+def _ci(row) -> str:
+    """A summary row formatted as the report prints it."""
+    return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]" if pd.notna(row["mean"]) else "n/a"
 
 
 @pytest.mark.parametrize("name", STUDIES)
-def test_smoke_variant_trains_end_to_end(name, tmp_path):
-    backbone = "vit_micro" if "vit" in name else "resnetv2_tiny"
+def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
+    # The shipped config, shrunk (two tiny backbones, 3 steps, 32 px), trains, evaluates every set, writes the
+    # HTML report and the offline W&B study view; the report shows every OOD set with the store's numbers.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)  # anything W&B writes relative to the cwd stays in tmp
+    backbones = BACKBONES.get(name, ("resnetv2_tiny", "resnetv2_small"))
     cfg = load_config(CONFIGS / f"{name}.yaml", [*_point_at_fixtures(name, tmp_path), *SMOKE,
-                                                  f"grid.backbones=[{backbone}]"])
-    table = run_study(cfg, report=False)
-    assert list(table.status) == ["complete"]
+                                                  f"grid.backbones=[{','.join(backbones)}]"])
+    ood = [e.name for e in cfg.data.ood]
+    assert len(ood) >= 2
+    table = run_study(cfg)
+    assert list(table.status) == ["complete", "complete"]
     store = RunStore(cfg.output_dir)
-    rid = table.run_id.iloc[0]
-    assert set(store.eval_sets(rid)) == {"val", "test", *[e.name for e in cfg.data.ood]}
-    m = store.read_metrics(rid)
-    assert {"auroc", "ece", "brier"} <= set(m.metric)
-    assert store.read_meta(rid)["steps"] == 3
+    for rid in table.run_id:
+        assert set(store.eval_sets(rid)) == {"val", "test", *ood}
+        assert {"auroc", "ece", "brier"} <= set(store.read_metrics(rid).metric)
+        assert store.read_meta(rid)["steps"] == 3
+
+    text = (store.root / "report.html").read_text()
+    summary = summarise(load_results(store.root))
+    full = summary[(summary.label == "macro") & (summary.attribute == "all") & (summary.group == "all")]
+    for e in ood:
+        assert f"<h3 id='ood-{e}'>" in text, e
+        shown = html_table(text, f"tbl-ood-{e}").set_index("backbone")
+        assert sorted(shown.index) == sorted(backbones)
+        for bb in backbones:
+            cell = full[full.backbone == bb].set_index(["eval_set", "metric"])
+            assert shown.loc[bb, "test AUROC"] == _ci(cell.loc[("test", "auroc")])
+            assert shown.loc[bb, f"{e} AUROC"] == _ci(cell.loc[(e, "auroc")])
+
+    # The W&B study view: a study-level offline run holding the report's figures and tables.
+    study_runs = list((store.root / "wandb-study").rglob("*.wandb"))
+    assert len(study_runs) == 1
+    blob = study_runs[0].read_bytes()
+    for key in ["report/auroc_vs_params", "report/id_vs_ood", "report/headline", *[f"report/ood/{e}" for e in ood]]:
+        assert key.encode() in blob, key

@@ -9,7 +9,7 @@ from study_store import PATIENTS, SAMPLES, make_store, shared_store
 from scaling.study.__main__ import main
 from scaling.study.report import FIGURES, build_report, render_html
 
-TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood", "fairness", "calibration", "selective",
+TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood-ood_site_b", "fairness", "calibration", "selective",
           "fits")
 
 

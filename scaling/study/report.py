@@ -12,6 +12,7 @@ import base64
 import datetime as _dt
 import html
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
 
     drops = ood_summary(df)
     if len(drops):
-        rep.tables["ood"] = _ood_table(summary, drops)
+        rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, drops).items()})
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
 
     rep.tables["fairness"] = _view_table(summary, ["worst_group_auroc", "auroc_gap", "eod"], attribute=None)
@@ -149,18 +150,20 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     return rep
 
 
-def _ood_table(summary: pd.DataFrame, drops: pd.DataFrame) -> pd.DataFrame:
-    """Per cell at full data: test AUROC, each OOD set's AUROC and the drop, all with intervals."""
+def _ood_tables(summary: pd.DataFrame, drops: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per OOD set, per cell at full data: test AUROC, the OOD set's AUROC and the drop, all with intervals."""
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     s = select(summary, "auroc")
     s = s[s["fraction"] == full_fraction(summary)]
-    out = s[s["eval_set"] == "test"].assign(test=lambda d: _fmt_ci(d))[keys + ["test"]]
+    test = s[s["eval_set"] == "test"].assign(**{"test AUROC": lambda d: _fmt_ci(d)})[keys + ["test AUROC"]]
+    out = {}
     for e in sorted(drops["eval_set"].unique()):
-        o = s[s["eval_set"] == e].assign(**{e: lambda d: _fmt_ci(d)})[keys + [e]]
+        o = s[s["eval_set"] == e].assign(**{f"{e} AUROC": lambda d: _fmt_ci(d)})[keys + [f"{e} AUROC"]]
         d = drops[(drops["eval_set"] == e) & (drops["fraction"] == full_fraction(summary))]
-        d = d.assign(**{f"drop ({e})": lambda x: _fmt_ci(x)})[keys + [f"drop ({e})"]]
-        out = out.merge(o, on=keys, how="left").merge(d, on=keys, how="left")
-    return out.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+        d = d.assign(drop=lambda x: _fmt_ci(x))[keys + ["drop"]]
+        t = test.merge(o, on=keys, how="left").merge(d, on=keys, how="left")
+        out[e] = t.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+    return out
 
 
 def _selective_table(curves: pd.DataFrame) -> pd.DataFrame:
@@ -237,6 +240,23 @@ def _figure_html(rep: StudyReport, fid: str) -> str:
             f"<figcaption>{cap}</figcaption></figure>")
 
 
+def _anchor(name: str) -> str:
+    """An HTML id fragment for an evaluation-set or attribute name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(name))
+
+
+def _ood_html(rep: StudyReport) -> list[str]:
+    """One subsection per OOD set: its table of test vs OOD AUROC and the drop."""
+    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("ood:")]
+    if not sets:
+        return ["<p class='note' id='tbl-ood'>the study has no OOD evaluation set</p>"]
+    parts = []
+    for e in sets:
+        parts += [f"<h3 id='ood-{_anchor(e)}'>{html.escape(e)}</h3>",
+                  _table_html(rep.tables[f"ood:{e}"], f"ood-{_anchor(e)}")]
+    return parts
+
+
 def render_html(rep: StudyReport) -> str:
     """The report as one self-contained HTML document."""
     t = rep.tables
@@ -279,8 +299,7 @@ def render_html(rep: StudyReport) -> str:
             "= never reached within the grid.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
             _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
-            "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"),
-            _table_html(t.get("ood"), "ood", "the study has no OOD evaluation set"),
+            "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
             "<h2 id='fairness'>Subgroups</h2>", _figure_html(rep, "fairness"),
             _table_html(t.get("fairness"), "fairness", "no subgroup attributes"),
             "<h2 id='calibration'>Calibration</h2>", _figure_html(rep, "calibration"),

@@ -17,6 +17,9 @@ from scaling.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
+UNPUBLISHED = ("completion", "problems")
+"""Report tables not sent to W&B: the grid's run ids and failure messages are bookkeeping of this machine."""
+
 
 def _wr():
     try:
@@ -122,10 +125,9 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) 
             (figures / f"{name}.png").write_bytes(png)
             paths[f"report/{name}"] = figures / f"{name}.png"
         tracker.log_images(paths)
-        for name in ("headline", "fits", "data_efficiency", "ood", "fairness", "calibration", "delong"):
-            table = report.tables.get(name)
-            if table is not None and len(table):
-                tracker.log_metrics_table(table, key=f"report/{name}", summary=False)
+        for name, table in report.tables.items():
+            if name not in UNPUBLISHED and table is not None and len(table):
+                tracker.log_metrics_table(table, key=f"report/{name.replace(':', '/')}", summary=False)
     finally:
         tracker.finish()
     if mode != "online":
