@@ -13,7 +13,7 @@ from scaling.study.aggregate import (MixedStudyError, headline_table, load_resul
                                      summarise)
 from scaling.study.store import RunStore
 
-ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (12 + 2 * 5 + 3)
+ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (13 + 2 * 5 + 3) + (len(LABELS) + 1) * 3  # + OOD shift rows
 
 
 @pytest.fixture(scope="module")

@@ -90,16 +90,24 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
         assert store.read_meta(rid)["steps"] == 3
 
     text = (store.root / "report.html").read_text()
-    summary = summarise(load_results(store.root))
-    full = summary[(summary.label == "macro") & (summary.attribute == "all") & (summary.group == "all")]
+    tidy = load_results(store.root)
+    summary = summarise(tidy)
+    summary = summary[(summary.attribute == "all") & (summary.group == "all")]
     for e in ood:
         assert f"<h3 id='ood-{e}'>" in text, e
+        shared = list(pd.unique(tidy[(tidy.eval_set == e) & (tidy.metric == "auroc_drop") & (tidy.label != "macro")]
+                                .label))
+        assert shared, f"{e} shares no scorable label with test"
+        assert f"Compared on {len(shared)} label(s): <b>{', '.join(shared)}</b>" in text
         shown = html_table(text, f"tbl-ood-{e}").set_index("backbone")
         assert sorted(shown.index) == sorted(backbones)
         for bb in backbones:
-            cell = full[full.backbone == bb].set_index(["eval_set", "metric"])
-            assert shown.loc[bb, "test AUROC"] == _ci(cell.loc[("test", "auroc")])
-            assert shown.loc[bb, f"{e} AUROC"] == _ci(cell.loc[(e, "auroc")])
+            cell = summary[(summary.backbone == bb) & (summary.eval_set == e)].set_index(["label", "metric"])
+            assert shown.loc[bb, "test AUROC"] == _ci(cell.loc[("macro", "auroc_id")])
+            assert shown.loc[bb, f"{e} AUROC"] == _ci(cell.loc[("macro", "auroc_ood")])
+            assert shown.loc[bb, "drop"] == _ci(cell.loc[("macro", "auroc_drop")])
+            for lab in shared:
+                assert shown.loc[bb, f"drop: {lab}"] == _ci(cell.loc[(lab, "auroc_drop")])
 
     # The W&B study view: a study-level offline run holding the report's figures and tables.
     study_runs = list((store.root / "wandb-study").rglob("*.wandb"))

@@ -3,29 +3,42 @@
 :func:`compute_run_metrics` is what the study runner calls after prediction. Input: one DataFrame per evaluation
 set with ``sample_id``, ``patient_id``, ``label:<L>`` (1/0/NaN), ``logit:<L>``, ``prob:<L>`` for every label and
 the attribute columns. ``val`` must be present: per label, the decision threshold (``eval.threshold`` policy)
-and the temperature are fitted there and applied unchanged to every other set. ``val`` itself is not reported:
-its threshold-dependent numbers would be in-sample.
+and the temperature are fitted there and applied unchanged to every set, ``val`` included.
 
-Output rows (tidy; columns ``eval_set, label, attribute, group, metric, value, lo, hi, n``):
+Output rows (tidy; columns ``eval_set, label, attribute, group, metric, value, lo, hi, n``), for every evaluation
+set (``val``, ``test`` and each OOD set):
 
 * ``label``: a label name, or ``macro`` = the mean over labels whose value is not NaN. Macro ``lo``/``hi`` come
   from the per-replicate mean over those labels (the replicates of all labels are drawn from the same patients);
   macro ``n`` = samples with at least one label. Summary macros (e.g. ``worst_group_auroc``) are means of the
   per-label summaries.
-* ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``ece_temp`` (after temperature
-  scaling), ``mce``, ``brier``, ``nll``, ``nll_temp``, ``prevalence``, ``tpr`` and ``fpr`` (at the val-fitted
-  threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see ``selective``).
+* ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``mce``, ``brier``, ``nll`` and, after
+  the validation-fitted temperature, ``ece_temp``, ``brier_temp``, ``nll_temp``; ``prevalence``, ``tpr`` and
+  ``fpr`` (at the val-fitted threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see
+  ``selective``).
 * ``attribute=<column>, group=<value>``: ``prevalence``, ``auroc``, ``ece``, ``tpr``, ``fpr`` (and
   ``underdiagnosis_rate`` for "No Finding"); groups below ``eval.min_group_size`` have NaN values and their true
   ``n``; a missing attribute value forms the group ``missing``.
 * ``attribute=<column>, group='all'``: ``worst_group_auroc``, ``auroc_gap``, ``tpr_gap``, ``fpr_gap``, ``eod``
   (equalized-odds difference) and, for "No Finding", ``underdiagnosis_gap`` (see ``fairness``).
+* distribution shift, ``eval_set=<OOD set>, attribute='all', group='all'``: ``auroc_id`` (the in-distribution
+  ``test`` AUROC), ``auroc_ood`` (the OOD set's AUROC) and ``auroc_drop`` (their difference), for each label that
+  *both* sets can score — both classes present among its labelled rows in ``test`` and in the OOD set — and their
+  ``macro`` over exactly those labels. A macro over all labels in-distribution against a macro over the two labels
+  an OOD set happens to have would compare different tasks. ``info['shift_labels']`` lists the labels per set.
+  The drop's interval comes from the difference of the two sets' replicates (different patients, independent
+  resamples).
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
   ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
 
+On ``val`` the numbers in :data:`IN_SAMPLE_METRICS` use a threshold or temperature fitted on those very samples:
+they are in-sample (optimistic) and reported as such (``info['in_sample']``); discrimination (AUROC, AUPRC) and the
+raw calibration metrics do not depend on the fit.
+
 An attribute column absent from an evaluation set, or missing for all its samples (an OOD dataset without that
-demographic), is skipped for that set with a warning and listed in ``info['skipped_attributes']``.
+demographic), is skipped for that set with a warning and listed in ``info['skipped_attributes']``; an attribute
+present only on an OOD set (Fitzpatrick skin type on DDI) is reported there.
 """
 
 from __future__ import annotations
@@ -41,14 +54,22 @@ from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_repli
                                          nll_replicates, weighted_mean_replicates)
 from scaling.metrics.discrimination import auprc, auprc_replicates, auroc, auroc_replicates
 from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
+from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.metrics.selective import aurc
 from scaling.metrics.temperature import apply_temperature, fit_temperature
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
 from scaling.metrics.validation import MetricWarning, check_labels, check_scores
-from scaling.metrics.schema import METRIC_COLUMNS
 
 FIT_SPLIT = "val"
+"""The evaluation set thresholds and temperatures are fitted on."""
+ID_SPLIT = "test"
+"""The in-distribution evaluation set every OOD set is compared with."""
 NO_FINDING = "No Finding"
+IN_SAMPLE_METRICS = ("tpr", "fpr", "aurc", "ece_temp", "brier_temp", "nll_temp", "tpr_gap", "fpr_gap", "eod",
+                     "underdiagnosis_rate", "underdiagnosis_gap")
+"""Metrics that depend on the validation-fitted threshold or temperature: in-sample when reported on ``val``."""
+SHIFT_METRICS = ("auroc_id", "auroc_ood", "auroc_drop")
+"""The distribution-shift rows of an OOD set (on the labels it shares with the in-distribution test set)."""
 # Metrics that exist for one label only are not macro-averaged.
 _NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
 
@@ -79,12 +100,12 @@ def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
 
 
 class _Rows:
-    """Collects rows and, per (eval_set, attribute, group, metric), each label's value and replicates."""
+    """Collects rows and, per (eval_set, attribute, group, metric), each label's value, replicates and n."""
 
     def __init__(self, alpha: float):
         self.alpha = alpha
         self.rows: list[dict] = []
-        self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None]]] = {}
+        self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None, int]]] = {}
 
     def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None):
         if lo is None:
@@ -92,13 +113,13 @@ class _Rows:
         self.rows.append({"eval_set": eval_set, "label": label, "attribute": attribute, "group": str(group),
                           "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n": int(n)})
         if metric not in _NOT_MACRO:
-            self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps)
+            self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps, int(n))
 
     def add_macro(self, n_any: dict[tuple, int]) -> None:
         for (eval_set, attribute, group, metric), per_label in self.by_key.items():
             defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])}
             value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
-            reps = [r for _, r in defined.values()]
+            reps = [r for _, r, _ in defined.values()]
             same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
             rep = np.mean(np.vstack(reps), axis=0) if same else None
             lo, hi = percentile_interval(rep, self.alpha) if rep is not None else (math.nan, math.nan)
@@ -107,8 +128,9 @@ class _Rows:
                               "n": int(n_any.get((eval_set, attribute, group), 0))})
 
 
-def _overall(out: _Rows, eval_set, lab, y, p, z, thr, temp, boot, n_bins):
-    """Overall rows of one label on its labelled rows (y boolean)."""
+def _overall(out: _Rows, eval_set, lab, y, p, pt, thr, boot, n_bins):
+    """Overall rows of one label on its labelled rows (y boolean; ``pt`` the temperature-scaled probabilities, or
+    None when no temperature could be fitted)."""
     n = y.size
     counts, codes = (boot.counts, boot.codes) if boot is not None else (None, None)
 
@@ -122,14 +144,14 @@ def _overall(out: _Rows, eval_set, lab, y, p, z, thr, temp, boot, n_bins):
     out.add(eval_set, lab, "all", "all", "mce", mce(yf, p, n_bins=n_bins), n, reps(mce_replicates, p, n_bins=n_bins))
     out.add(eval_set, lab, "all", "all", "brier", brier(yf, p), n, reps(brier_replicates, p))
     out.add(eval_set, lab, "all", "all", "nll", nll(yf, p), n, reps(nll_replicates, p))
-    if np.isfinite(temp):
-        pt = apply_temperature(z, temp)
+    if pt is not None:
         out.add(eval_set, lab, "all", "all", "ece_temp", ece(yf, pt, n_bins=n_bins), n,
                 reps(ece_replicates, pt, n_bins=n_bins))
+        out.add(eval_set, lab, "all", "all", "brier_temp", brier(yf, pt), n, reps(brier_replicates, pt))
         out.add(eval_set, lab, "all", "all", "nll_temp", nll(yf, pt), n, reps(nll_replicates, pt))
     else:
-        out.add(eval_set, lab, "all", "all", "ece_temp", math.nan, n)
-        out.add(eval_set, lab, "all", "all", "nll_temp", math.nan, n)
+        for m in ("ece_temp", "brier_temp", "nll_temp"):
+            out.add(eval_set, lab, "all", "all", m, math.nan, n)
     prev_reps = weighted_mean_replicates(yf, counts, codes) if boot is not None else None
     out.add(eval_set, lab, "all", "all", "prevalence", yf.mean() if n else math.nan, n, prev_reps)
     tpr, fpr = rates_at(yf, p, thr)
@@ -145,6 +167,64 @@ def _attribute_values(df: pd.DataFrame, attribute: str):
     return group_labels(df[attribute].to_numpy(dtype=object))
 
 
+def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups, fitted: dict, eval_cfg,
+                  n_any: dict, skipped: dict, worst: dict) -> list[str]:
+    """Every row of one evaluation set; returns the labels it can score (both classes among the labelled rows)."""
+    boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
+                             seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
+    attrs = {}
+    for a in subgroups:
+        values = _attribute_values(df, a)
+        if values is None:
+            skipped.setdefault(eval_set, []).append(a)
+            warnings.warn(f"attribute {a!r} is absent or all missing in eval set {eval_set!r}; "
+                          "no subgroup rows for it", MetricWarning, stacklevel=3)
+        else:
+            attrs[a] = values
+    names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
+    any_label = np.zeros(len(df), dtype=bool)
+    evaluable = []
+    for lab in labels:
+        where = f"predictions[{eval_set!r}]"
+        y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
+        p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
+        z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
+        mask = ~np.isnan(y)
+        any_label |= mask
+        yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
+        if yl.any() and not yl.all():
+            evaluable.append(lab)
+        sub = boot.subset(mask) if boot is not None else None
+        thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
+        pt = apply_temperature(zl, temp) if np.isfinite(temp) else None
+        _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins)
+        for a, values in attrs.items():
+            worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
+                out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
+    n_any[(eval_set, "all", "all")] = int(any_label.sum())
+    for a, values in attrs.items():
+        n_any[(eval_set, a, "all")] = int(any_label.sum())
+        for g in names[a]:
+            n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
+    return evaluable
+
+
+def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``auroc_id`` / ``auroc_ood`` / ``auroc_drop`` of every OOD set on the labels it shares with ``test``."""
+    test = out.by_key.get((ID_SPLIT, "all", "all", "auroc"), {})
+    shared = {}
+    for e in ood_sets:
+        ood = out.by_key.get((e, "all", "all", "auroc"), {})
+        shared[e] = [lab for lab in evaluable[ID_SPLIT] if lab in evaluable[e]]
+        for lab in shared[e]:
+            (v_id, r_id, n_id), (v_ood, r_ood, n_ood) = test[lab], ood[lab]
+            r_drop = r_id - r_ood if r_id is not None and r_ood is not None else None
+            out.add(e, lab, "all", "all", "auroc_id", v_id, n_id, r_id)
+            out.add(e, lab, "all", "all", "auroc_ood", v_ood, n_ood, r_ood)
+            out.add(e, lab, "all", "all", "auroc_drop", v_id - v_ood, n_ood, r_drop)
+    return shared
+
+
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
                         eval_cfg) -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
@@ -153,7 +233,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     ``labels`` are the label names; ``subgroups`` the attribute columns to split by; ``eval_cfg`` a
     ``scaling.config.EvalConfig``. Returns ``(rows, info)``: ``rows`` a DataFrame with exactly the columns
     ``eval_set, label, attribute, group, metric, value, lo, hi, n``; ``info`` the thresholds and temperatures per
-    label, the split they were fitted on (``val``), the attributes skipped per set and the worst group's name per
+    label, the split they were fitted on (``val``), the metrics that are in-sample there, the labels each set can
+    score and each OOD set shares with ``test``, the attributes skipped per set and the worst group's name per
     ``[eval_set][label][attribute]``.
     """
     if FIT_SPLIT not in predictions:
@@ -168,48 +249,18 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     n_any: dict[tuple, int] = {}
     skipped: dict[str, list[str]] = {}
     worst: dict[str, dict[str, dict[str, str | None]]] = {}
-
-    for eval_set, df in predictions.items():
-        if eval_set == FIT_SPLIT:
-            continue
-        boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
-                                 seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
-        attrs = {}
-        for a in subgroups:
-            values = _attribute_values(df, a)
-            if values is None:
-                skipped.setdefault(eval_set, []).append(a)
-                warnings.warn(f"attribute {a!r} is absent or all missing in eval set {eval_set!r}; "
-                              "no subgroup rows for it", MetricWarning, stacklevel=2)
-            else:
-                attrs[a] = values
-        names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
-        any_label = np.zeros(len(df), dtype=bool)
-        for lab in labels:
-            where = f"predictions[{eval_set!r}]"
-            y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
-            p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
-            z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
-            mask = ~np.isnan(y)
-            any_label |= mask
-            yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
-            sub = boot.subset(mask) if boot is not None else None
-            thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
-            _overall(out, eval_set, lab, yl, pl, zl, thr, temp, sub, eval_cfg.ece_bins)
-            for a, values in attrs.items():
-                worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
-                    out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
-        n_any[(eval_set, "all", "all")] = int(any_label.sum())
-        for a, values in attrs.items():
-            n_any[(eval_set, a, "all")] = int(any_label.sum())
-            for g in names[a]:
-                n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
+    evaluable = {eval_set: _evaluate_set(out, eval_set, df, labels, subgroups, fitted, eval_cfg, n_any, skipped,
+                                         worst)
+                 for eval_set, df in predictions.items()}
+    ood_sets = [e for e in predictions if e not in (FIT_SPLIT, ID_SPLIT)]
+    shared = _shift_rows(out, ood_sets, evaluable) if ID_SPLIT in predictions else {}
     out.add_macro(n_any)
 
     rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
-    info = {**_json_safe(fitted), "eval_sets": [s for s in predictions if s != FIT_SPLIT],
-            "skipped_attributes": skipped, "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+    info = {**_json_safe(fitted), "eval_sets": list(predictions), "in_sample": {FIT_SPLIT: list(IN_SAMPLE_METRICS)},
+            "evaluable_labels": evaluable, "shift_labels": shared, "skipped_attributes": skipped,
+            "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info

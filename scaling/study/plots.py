@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from scaling.study.aggregate import full_fraction, select
-from scaling.study.tables import ood_sets
 
 _MARKERS = "osD^vP*X"
 
@@ -138,27 +137,27 @@ def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = N
 
 
 def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure | None:
-    """Per OOD set: in-distribution vs OOD AUROC (every cell, both error bars, y = x dashed) and the OOD drop
-    (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
-    sets = ood_sets(summary)
+    """Per OOD set, on the labels it shares with test: in-distribution vs OOD AUROC (every cell, both error bars,
+    y = x dashed) and the OOD drop (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
+    sets = sorted(set(select(summary, "auroc_drop")["eval_set"]))
     if not sets:
         return None
     keys = ["backbone", "pretrained", "fraction"]
-    auc = select(summary, "auroc")
-    colors = _palette(auc["pretrained"].unique())
+    colors = _palette(summary["pretrained"].unique())
     fig, axes = plt.subplots(len(sets), 2, figsize=(9, 3.6 * len(sets) + 0.6), squeeze=False)
-    test = auc[auc["eval_set"] == "test"].set_index(keys)
     for row, es in zip(axes, sets):
-        ood = auc[auc["eval_set"] == es].set_index(keys)
+        test = select(summary, "auroc_id", es).set_index(keys)
+        ood = select(summary, "auroc_ood", es).set_index(keys)
         j = test.join(ood, how="inner", lsuffix="_id", rsuffix="_ood").reset_index()
         for src, g in j.groupby("pretrained", sort=True):
             xerr = _yerr(g.rename(columns={"mean_id": "mean", "lo_id": "lo", "hi_id": "hi"}))
             yerr = _yerr(g.rename(columns={"mean_ood": "mean", "lo_ood": "lo", "hi_ood": "hi"}))
             row[0].errorbar(g["mean_id"], g["mean_ood"], xerr=xerr, yerr=yerr, fmt="o", color=colors[src],
                             capsize=2, alpha=0.8, label=src)
-        lims = [np.nanmin(j[["lo_id", "lo_ood"]].to_numpy()), np.nanmax(j[["hi_id", "hi_ood"]].to_numpy())]
+        lims = [np.nanmin(j[["lo_id", "lo_ood", "mean_id", "mean_ood"]].to_numpy()),
+                np.nanmax(j[["hi_id", "hi_ood", "mean_id", "mean_ood"]].to_numpy())]
         row[0].plot(lims, lims, linestyle="--", color="grey", linewidth=1)
-        row[0].set(title=f"in-distribution vs {es}", xlabel="test AUROC", ylabel=f"{es} AUROC")
+        row[0].set(title=f"in-distribution vs {es} (shared labels)", xlabel="test AUROC", ylabel=f"{es} AUROC")
         d = drop_summary[(drop_summary["eval_set"] == es)] if len(drop_summary) else drop_summary
         d = d[d["fraction"] == full_fraction(summary)] if len(d) else d
         if len(d):

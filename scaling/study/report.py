@@ -24,7 +24,8 @@ from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
 from scaling.study.compare import delong_comparisons, selective_curves
 from scaling.study.fits import X_AXES, fit_table
-from scaling.study.tables import data_efficiency, headline_models, ood_summary
+from scaling.study.tables import (data_efficiency, evaluable_labels, headline_models, ood_sets, ood_summary,
+                                  shift_labels)
 from scaling.tracking import Scrubber
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ class StudyReport:
     figures: dict[str, bytes] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""
+    evaluable_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Per evaluation set, the labels it can score (both classes present)."""
+    shift_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Per OOD set, the labels shared with test that its drop is computed on."""
+    ood_sets: list[str] = field(default_factory=list)
+    """The study's OOD evaluation sets."""
 
 
 def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
@@ -115,6 +122,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         return rep
 
     summary = summarise(df)
+    rep.ood_sets = ood_sets(df)
     rep.tables["headline"] = headline_table(summary)
 
     fits, laws = fit_table(df, n_boot=n_boot_fit)
@@ -130,8 +138,10 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.figures["auroc_vs_fraction"] = plots.auroc_vs_fraction(summary, eff)
 
     drops = ood_summary(df)
-    if len(drops):
-        rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, drops).items()})
+    shared = shift_labels(df)
+    rep.shift_labels = shared
+    rep.evaluable_labels = evaluable_labels(df)
+    rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, shared).items()})
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
 
     rep.tables["fairness"] = _view_table(summary, ["worst_group_auroc", "auroc_gap", "eod"], attribute=None)
@@ -150,18 +160,25 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     return rep
 
 
-def _ood_tables(summary: pd.DataFrame, drops: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per OOD set, per cell at full data: test AUROC, the OOD set's AUROC and the drop, all with intervals."""
+OOD_COLUMNS = {"auroc_id": "test AUROC", "auroc_ood": "{set} AUROC", "auroc_drop": "drop"}
+"""Columns of an OOD set's table: the shift metrics on the labels it shares with test (``{set}`` = its name)."""
+
+
+def _ood_tables(summary: pd.DataFrame, labels: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+    """Per OOD set, per cell at full data: test and OOD AUROC on the labels both sets can score, the drop (macro
+    over those labels) and each shared label's drop, all with intervals."""
     keys = ["pretrained", "backbone", "n_params", "fraction"]
-    s = select(summary, "auroc")
-    s = s[s["fraction"] == full_fraction(summary)]
-    test = s[s["eval_set"] == "test"].assign(**{"test AUROC": lambda d: _fmt_ci(d)})[keys + ["test AUROC"]]
+    s = summary[(summary["attribute"] == "all") & (summary["group"] == "all")
+                & (summary["fraction"] == full_fraction(summary))]
     out = {}
-    for e in sorted(drops["eval_set"].unique()):
-        o = s[s["eval_set"] == e].assign(**{f"{e} AUROC": lambda d: _fmt_ci(d)})[keys + [f"{e} AUROC"]]
-        d = drops[(drops["eval_set"] == e) & (drops["fraction"] == full_fraction(summary))]
-        d = d.assign(drop=lambda x: _fmt_ci(x))[keys + ["drop"]]
-        t = test.merge(o, on=keys, how="left").merge(d, on=keys, how="left")
+    for e, shared in labels.items():
+        t = s[(s["eval_set"] == e) & (s["label"] == "macro")][keys].drop_duplicates()
+        for metric, col in OOD_COLUMNS.items():
+            m = s[(s["eval_set"] == e) & (s["label"] == "macro") & (s["metric"] == metric)]
+            t = t.merge(m.assign(**{col.format(set=e): _fmt_ci(m)})[keys + [col.format(set=e)]], on=keys, how="left")
+        for lab in shared:
+            m = s[(s["eval_set"] == e) & (s["label"] == lab) & (s["metric"] == "auroc_drop")]
+            t = t.merge(m.assign(**{f"drop: {lab}": _fmt_ci(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
         out[e] = t.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
     return out
 
@@ -245,15 +262,38 @@ def _anchor(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", str(name))
 
 
+def _labels_html(rep: StudyReport) -> str:
+    """Which labels each evaluation set can score (its macro AUROC averages those only)."""
+    every = list(dict.fromkeys(lab for labs in rep.evaluable_labels.values() for lab in labs))
+    rows = [{"evaluation set": e, "labels scored": ", ".join(labs) or "none",
+             "not scored (a class absent)": ", ".join(lab for lab in every if lab not in labs) or "-"}
+            for e, labs in rep.evaluable_labels.items()]
+    return _table_html(pd.DataFrame(rows), "labels")
+
+
 def _ood_html(rep: StudyReport) -> list[str]:
-    """One subsection per OOD set: its table of test vs OOD AUROC and the drop."""
-    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("ood:")]
-    if not sets:
+    """One subsection per OOD set: the labels compared, and test vs OOD AUROC and the drop on those labels."""
+    if not rep.ood_sets:
         return ["<p class='note' id='tbl-ood'>the study has no OOD evaluation set</p>"]
-    parts = []
-    for e in sets:
-        parts += [f"<h3 id='ood-{_anchor(e)}'>{html.escape(e)}</h3>",
-                  _table_html(rep.tables[f"ood:{e}"], f"ood-{_anchor(e)}")]
+    parts = ["<p class='note'>Each OOD set is compared with the in-distribution test set on the labels <i>both</i> "
+             "can score (both classes present among the labelled images of each): test AUROC, OOD AUROC and their "
+             "difference (drop) are macro-averaged over exactly those labels, so a set with few labels is not "
+             "compared against a macro over many. Interval of the drop: patient-level bootstrap of each set, "
+             "resampled independently (different patients), or across seeds.</p>"]
+    for e in rep.ood_sets:
+        shared = rep.shift_labels.get(e, [])
+        own = rep.evaluable_labels.get(e, [])
+        parts.append(f"<h3 id='ood-{_anchor(e)}'>{html.escape(e)}</h3>")
+        if not shared:
+            parts.append(f"<p class='bad' id='tbl-ood-{_anchor(e)}'>No label can be scored on both test and "
+                         f"{html.escape(e)} (labels scored on {html.escape(e)}: "
+                         f"{html.escape(', '.join(own) or 'none')}): no drop.</p>")
+            continue
+        test_only = [lab for lab in rep.evaluable_labels.get("test", []) if lab not in shared]
+        parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>"
+                     + (f"; not compared (a class absent in {html.escape(e)}): {html.escape(', '.join(test_only))}"
+                        if test_only else "") + ".</p>")
+        parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
     return parts
 
 
@@ -289,7 +329,10 @@ def render_html(rep: StudyReport) -> str:
         parts.append(f"<p>{html.escape(rep.notes['results'])}</p>")
     else:
         parts += [
-            "<h2 id='headline'>AUROC by cell and evaluation set</h2>", _table_html(t.get("headline"), "headline"),
+            "<h2 id='headline'>AUROC by cell and evaluation set</h2>",
+            "<p class='note'>Macro AUROC over the labels each set can score (below): sets with different labels "
+            "are not directly comparable here; the distribution-shift section compares them on shared labels.</p>",
+            _table_html(t.get("headline"), "headline"), _labels_html(rep),
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
             _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",

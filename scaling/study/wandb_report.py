@@ -40,7 +40,8 @@ def report_panels(ood_sets=(), attributes=()) -> list[tuple[str, str, str, bool]
               ("AUROC vs labelled fraction (test)", "config:fraction", "summary:test/auroc", True),
               ("AUROC vs pretraining images (test)", "config:pretrain_images", "summary:test/auroc", True)]
     for o in ood_sets:
-        panels += [(f"In-distribution vs OOD AUROC ({o})", "summary:test/auroc", f"summary:{o}/auroc", False),
+        # Both axes on the labels the OOD set shares with test (auroc_id / auroc_ood), as in the HTML report.
+        panels += [(f"In-distribution vs OOD AUROC ({o})", f"summary:{o}/auroc_id", f"summary:{o}/auroc_ood", False),
                    (f"OOD drop vs model size ({o})", size, f"summary:{o}/auroc_drop", True)]
     for a in attributes:
         panels += [(f"Worst-group AUROC vs model size ({a})", size, f"summary:test/{a}/worst_group_auroc", True),
