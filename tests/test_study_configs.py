@@ -62,6 +62,17 @@ SMOKE = ["grid.pretrained=[scratch]", "grid.fractions=[1.0]", "grid.seeds=[0]", 
          "sharding.strategy=none", "sharding.activation_checkpointing=none", "sharding.param_dtype=fp32",
          "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=offline"]
 BACKBONES = {"chexpert_vit": ("vit_micro", "vit_mini")}
+_CXR = {"val": {"sex", "age_group", "race"}, "test": {"sex", "age_group", "race"}, "nih_cxr14": {"sex", "age_group"},
+        "mimic_cxr": {"sex", "age_group", "race"}}
+EXPECTED_ATTRIBUTES = {
+    "chexpert_bit": _CXR, "chexpert_vit": _CXR,
+    "derm_isic": {"val": {"sex", "age_group"}, "test": {"sex", "age_group"}, "ddi": {"skin_group"},
+                  "fitzpatrick17k": {"skin_group"}},
+    # the fixture's validation patient (2 images) has no age in metadata.csv; CBIS-DDSM has no age, CMMD no density
+    "mammo_vindr": {"val": {"density"}, "test": {"density", "age_group"}, "cbis_ddsm": {"density"},
+                    "cmmd": {"age_group"}},
+}
+"""The subgroup attributes each evaluation set of a shipped config has on the fixture data."""
 """Two backbones per smoke study (the report's model-size views need two); BiT-style unless named here."""
 
 
@@ -91,8 +102,8 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
 
     text = (store.root / "report.html").read_text()
     tidy = load_results(store.root)
-    summary = summarise(tidy)
-    summary = summary[(summary.attribute == "all") & (summary.group == "all")]
+    everything = summarise(tidy)
+    summary = everything[(everything.attribute == "all") & (everything.group == "all")]
     for e in ood:
         assert f"<h3 id='ood-{e}'>" in text, e
         shared = list(pd.unique(tidy[(tidy.eval_set == e) & (tidy.metric == "auroc_drop") & (tidy.label != "macro")]
@@ -108,6 +119,28 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
             assert shown.loc[bb, "drop"] == _ci(cell.loc[("macro", "auroc_drop")])
             for lab in shared:
                 assert shown.loc[bb, f"drop: {lab}"] == _ci(cell.loc[(lab, "auroc_drop")])
+
+    # Fairness and calibration on every set; val's threshold/temperature-dependent columns are marked in-sample;
+    # an attribute only an OOD set has (Fitzpatrick skin type on DDI, Fitzpatrick17k) is reported there.
+    macro = everything[(everything.label == "macro") & (everything.group == "all")]
+    for e in ["val", "test", *ood]:
+        cal = html_table(text, f"tbl-calibration-{e}").set_index("backbone")
+        temp = "ece_temp (in-sample)" if e == "val" else "ece_temp"
+        for bb in backbones:
+            cell = macro[(macro.backbone == bb) & (macro.eval_set == e) & (macro.attribute == "all")]
+            assert cal.loc[bb, "ece"] == _ci(cell[cell.metric == "ece"].iloc[0])
+            assert cal.loc[bb, temp] == _ci(cell[cell.metric == "ece_temp"].iloc[0])
+        attrs = sorted(set(macro[(macro.eval_set == e) & (macro.attribute != "all")].attribute))
+        assert attrs == sorted(a for a in cfg.data.subgroups if a in EXPECTED_ATTRIBUTES[name][e]), (e, attrs)
+        if not attrs:
+            continue
+        fair = html_table(text, f"tbl-fairness-{e}").set_index(["backbone", "attribute"])
+        eod = "eod (in-sample)" if e == "val" else "eod"
+        for bb in backbones:
+            for a in attrs:
+                cell = macro[(macro.backbone == bb) & (macro.eval_set == e) & (macro.attribute == a)]
+                assert fair.loc[(bb, a), "worst_group_auroc"] == _ci(cell[cell.metric == "worst_group_auroc"].iloc[0])
+                assert fair.loc[(bb, a), eod] == _ci(cell[cell.metric == "eod"].iloc[0])
 
     # The W&B study view: a study-level offline run holding the report's figures and tables.
     study_runs = list((store.root / "wandb-study").rglob("*.wandb"))

@@ -4,13 +4,16 @@ import base64
 import re
 
 import pytest
-from study_store import PATIENTS, SAMPLES, make_store, shared_store
+from study_store import PATIENTS, SAMPLES, html_table, make_store, shared_store
 
 from scaling.study.__main__ import main
-from scaling.study.report import FIGURES, build_report, render_html
+from scaling.study.aggregate import load_results, summarise
+from scaling.study.report import build_report, render_html
 
-TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood-ood_site_b", "fairness", "calibration", "selective",
-          "fits")
+TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "selective", "fits",
+          *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
+FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "selective",
+              *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def report(tmp_path_factory):
 
 def test_report_has_every_plot_and_table(report):
     _, _, text = report
-    for fid in FIGURES:
+    for fid in FIGURE_IDS:
         m = re.search(rf'<figure id="fig-{fid}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
         assert m, f"figure {fid} missing"
         assert base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,3 +88,26 @@ def test_cli_report_of_partial_store(tmp_path, capsys):
     assert 'id="fig-calibration"><img' in text and 'id="fig-selective"><img' in text
     assert re.search(r'<p class="note" id="fig-auroc_vs_fraction">[^<]*not enough data', text)
     assert re.search(r"<table[^>]*id=\"tbl-fits-refused\"", text) and "too few points: 1 distinct x" in text
+
+
+def test_fairness_and_calibration_on_every_set_val_marked_in_sample(report):
+    root, rep, text = report
+    s = summarise(load_results(root))
+    full = s[(s.fraction == 1.0) & (s.label == "macro")]
+    for e in ("val", "test", "ood_site_b"):
+        fair = html_table(text, f"tbl-fairness-{e}").set_index(["pretrained", "backbone"])
+        cal = html_table(text, f"tbl-calibration-{e}").set_index(["pretrained", "backbone"])
+        groups = html_table(text, f"tbl-groups-{e}").set_index(["pretrained", "backbone"])
+        marked = e == "val"  # threshold and temperature are fitted there
+        assert ("eod (in-sample)" in fair.columns) == marked and ("eod" in fair.columns) != marked
+        assert ("ece_temp (in-sample)" in cal.columns) == marked and "ece" in cal.columns
+        cell = full[(full.eval_set == e) & (full.backbone == "bb_base") & (full.pretrained == "upstream:big")]
+        worst = cell[(cell.attribute == "sex") & (cell.metric == "worst_group_auroc")].iloc[0]
+        assert fair.loc[("upstream:big", "bb_base"), "worst_group_auroc"] == (
+            f"{worst['mean']:.3f} [{worst['lo']:.3f}, {worst['hi']:.3f}]")
+        ece = cell[(cell.attribute == "all") & (cell.metric == "ece")].iloc[0]
+        assert cal.loc[("upstream:big", "bb_base"), "ece"] == f"{ece['mean']:.3f} [{ece['lo']:.3f}, {ece['hi']:.3f}]"
+        female = cell[(cell.attribute == "sex") & (cell.group == "F") & (cell.metric == "auroc")].iloc[0]
+        assert groups.loc[("upstream:big", "bb_base"), "sex=F"] == (
+            f"{female['mean']:.3f} [{female['lo']:.3f}, {female['hi']:.3f}] (n=60)")
+        assert f"id='fairness-{e}'" in text and f"id='calibration-{e}'" in text

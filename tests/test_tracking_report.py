@@ -27,18 +27,21 @@ def no_network(monkeypatch):
 
 
 def test_report_object_built_offline(no_network):
+    attributes = {"test": ["sex", "age_group"], "ood_site_b": ["sex", "skin_group"]}
     report = build_wandb_report("demo", project="scaling", entity="team", sources=["scratch", "upstream:big"],
-                                ood_sets=["ood_site_b"], attributes=["sex", "age_group"])
+                                ood_sets=["ood_site_b"], attributes=attributes)
     grid = report.blocks[-1]
     titles = [p.title for p in grid.panels]
-    expected = [t for t, *_ in report_panels(["ood_site_b"], ["sex", "age_group"])]
+    expected = [t for t, *_ in report_panels(["ood_site_b"], attributes)]
     assert titles[: len(expected)] == expected
     for view in ("AUROC vs model size (test)", "AUROC vs labelled fraction (test)",
                  "In-distribution vs OOD AUROC (ood_site_b)", "OOD drop vs model size (ood_site_b)",
-                 "Worst-group AUROC vs model size (sex)", "AUROC gap vs model size (age_group)",
-                 "ECE vs model size (test)", "ECE after temperature scaling vs model size (test)",
+                 "Worst-group AUROC vs model size (test, sex)", "AUROC gap vs model size (test, age_group)",
+                 "Worst-group AUROC vs model size (ood_site_b, skin_group)",
+                 "ECE vs model size (test)", "ECE after temperature scaling vs model size (ood_site_b)",
                  "Selective prediction: AURC vs model size (test)", "Training loss"):
         assert view in titles, view
+    assert "Worst-group AUROC vs model size (test, skin_group)" not in titles  # the attribute is not on test
     assert [r.name for r in grid.runsets] == ["scratch", "upstream:big"]
     assert {r.entity for r in grid.runsets} == {"team"} and report.project == "scaling"
     # The payload report.save() would send (without an entity, so no project-id lookup on the server).
@@ -57,12 +60,13 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     args = study_report_args(tmp_path / "s")
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
-                    "ood_sets": ["ood_site_b"], "attributes": ["sex"]}
+                    "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]}}
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)
     wandb_file = next(p for p in files if p.suffix == ".wandb").read_bytes()
-    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong"):
+    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong",
+                b"report/fairness/ood_site_b", b"report/calibration/val", b"report/ood/ood_site_b"):
         assert key in wandb_file, key
     for ident in PATIENTS + SAMPLES:
         assert ident.encode() not in blob

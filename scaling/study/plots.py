@@ -170,8 +170,8 @@ def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure |
 
 
 def fairness_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
-    """Per attribute: worst-group AUROC and AUROC gap (max − min over groups) vs parameter count per pretraining
-    source, at full data."""
+    """Per attribute of ``eval_set``: worst-group AUROC and AUROC gap (max − min over groups) vs parameter count per
+    pretraining source, at full data."""
     s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
                 & (summary["attribute"] != "all") & (summary["metric"].isin(["worst_group_auroc", "auroc_gap"]))]
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
@@ -186,29 +186,34 @@ def fairness_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Fig
             d = s[(s["attribute"] == attr) & (s["metric"] == metric)]
             _lines(ax, d, "n_params", "pretrained", colors)
             ax.set_xscale("log")
-            ax.set(title=f"{attr}: {ylabel}", xlabel="parameters", ylabel=ylabel)
+            ax.set(title=f"{eval_set}, {attr}: {ylabel}", xlabel="parameters", ylabel=ylabel)
             ax.grid(alpha=0.3)
     return _finish(fig, axes)
 
 
-def calibration_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
-    """ECE before (solid) and after (dashed) temperature scaling on validation, vs parameter count per source."""
-    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["attribute"] == "all")
-                & (summary["group"] == "all") & summary["metric"].isin(["ece", "ece_temp"])]
+def calibration_vs_params(summary: pd.DataFrame, eval_sets=("test",)) -> plt.Figure | None:
+    """ECE before (solid) and after (dashed) temperature scaling on validation, vs parameter count per source, one
+    panel per evaluation set (on ``val`` the temperature is fitted on the same images: in-sample)."""
+    s = summary[(summary["label"] == "macro") & (summary["attribute"] == "all") & (summary["group"] == "all")
+                & summary["metric"].isin(["ece", "ece_temp"]) & summary["eval_set"].isin(list(eval_sets))]
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
     if s.empty:
         return None
+    sets = [e for e in eval_sets if e in set(s["eval_set"])]
     colors = _palette(s["pretrained"].unique())
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    _lines(ax, s[s["metric"] == "ece"], "n_params", "pretrained", colors)
-    # Same colours dashed; the legend explains the line styles once instead of doubling every source.
-    _lines(ax, s[s["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--", legend=False)
-    ax.set_xscale("log")
-    ax.set(title=f"Calibration vs model size ({eval_set})", xlabel="parameters", ylabel="ECE (macro)")
-    ax.grid(alpha=0.3)
+    fig, axes = _grid(len(sets))
+    for ax, es in zip(axes, sets):
+        d = s[s["eval_set"] == es]
+        _lines(ax, d[d["metric"] == "ece"], "n_params", "pretrained", colors)
+        # Same colours dashed; the legend explains the line styles once instead of doubling every source.
+        _lines(ax, d[d["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--", legend=False)
+        ax.set_xscale("log")
+        title = f"{es}: ECE vs model size" + (" (temperature in-sample)" if es == "val" else "")
+        ax.set(title=title, xlabel="parameters", ylabel="ECE (macro)")
+        ax.grid(alpha=0.3)
     key = [(plt.Line2D([], [], color="black"), "raw"),
            (plt.Line2D([], [], color="black", linestyle="--"), "temperature-scaled (validation)")]
-    return _finish(fig, np.array([ax]), extra=key)
+    return _finish(fig, axes, extra=key)
 
 
 def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:

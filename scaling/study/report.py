@@ -20,12 +20,13 @@ import pandas as pd
 import yaml
 
 from scaling.io import atomic_write_text
+from scaling.metrics.run_metrics import FIT_SPLIT, IN_SAMPLE_METRICS
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
 from scaling.study.compare import delong_comparisons, selective_curves
 from scaling.study.fits import X_AXES, fit_table
-from scaling.study.tables import (data_efficiency, evaluable_labels, headline_models, ood_sets, ood_summary,
-                                  shift_labels)
+from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
+                                  ood_summary, shift_labels)
 from scaling.tracking import Scrubber
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,18 @@ log = logging.getLogger(__name__)
 FIGURES = {
     "auroc_vs_params": "AUROC vs model size per pretraining source (fitted laws dashed)",
     "auroc_vs_fraction": "Data efficiency: AUROC vs fraction of labelled data per backbone",
-    "id_vs_ood": "In-distribution vs OOD AUROC, and the OOD drop vs model size",
+    "id_vs_ood": "In-distribution vs OOD AUROC on shared labels, and the OOD drop vs model size",
     "fairness": "Worst-group AUROC and AUROC gap vs model size per attribute",
-    "calibration": "ECE before and after temperature scaling vs model size",
+    "calibration": "ECE before and after temperature scaling vs model size, per evaluation set",
     "selective": "Selective prediction: best vs smallest model",
 }
-"""Figure ids in the report and their captions."""
+"""Figure ids in the report and their captions; ``<id>:<evaluation set>`` is that figure for one set
+(``fairness:test``)."""
+
+FAIRNESS_METRICS = ["worst_group_auroc", "auroc_gap", "eod"]
+"""Per-attribute summaries of the subgroup tables."""
+CALIBRATION_METRICS = ["ece", "ece_temp", "brier", "brier_temp", "nll", "nll_temp"]
+"""Calibration before and after the validation-fitted temperature."""
 
 
 @dataclass
@@ -57,6 +64,8 @@ class StudyReport:
     """Per OOD set, the labels shared with test that its drop is computed on."""
     ood_sets: list[str] = field(default_factory=list)
     """The study's OOD evaluation sets."""
+    eval_sets: list[str] = field(default_factory=list)
+    """Every evaluation set: val, test, then the OOD sets."""
 
 
 def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
@@ -78,6 +87,27 @@ def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", a
     wide = wide[[m for m in metrics if m in wide.columns]].reset_index()
     wide.columns.name = None
     return wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def _in_sample(table: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    """On the fitting split, the columns of metrics that depend on the fitted threshold/temperature are marked."""
+    if eval_set != FIT_SPLIT:
+        return table
+    return table.rename(columns={m: f"{m} (in-sample)" for m in IN_SAMPLE_METRICS})
+
+
+def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    """Per cell at full data, per attribute value: macro AUROC [interval] (n) of that subgroup."""
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["metric"] == "auroc")
+                & (summary["attribute"] != "all") & (summary["group"] != "all")]
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return pd.DataFrame()
+    s = s.assign(col=s["attribute"] + "=" + s["group"],
+                 v=[f"{c} (n={n:.0f})" for c, n in zip(_fmt_ci(s), s["n"])])
+    wide = s.pivot_table(index=["pretrained", "backbone", "n_params"], columns="col", values="v", aggfunc="first")
+    wide.columns.name = None
+    return wide.reset_index().sort_values(["pretrained", "n_params"]).reset_index(drop=True)
 
 
 def _completion(runs: pd.DataFrame) -> pd.DataFrame:
@@ -144,11 +174,13 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, shared).items()})
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
 
-    rep.tables["fairness"] = _view_table(summary, ["worst_group_auroc", "auroc_gap", "eod"], attribute=None)
-    rep.figures["fairness"] = plots.fairness_vs_params(summary)
-
-    rep.tables["calibration"] = _view_table(summary, ["ece", "ece_temp", "brier", "nll", "nll_temp"])
-    rep.figures["calibration"] = plots.calibration_vs_params(summary)
+    rep.eval_sets = eval_set_order(df)
+    for e in rep.eval_sets:
+        rep.tables[f"fairness:{e}"] = _in_sample(_view_table(summary, FAIRNESS_METRICS, eval_set=e, attribute=None), e)
+        rep.tables[f"groups:{e}"] = _group_table(summary, e)
+        rep.figures[f"fairness:{e}"] = plots.fairness_vs_params(summary, eval_set=e)
+        rep.tables[f"calibration:{e}"] = _in_sample(_view_table(summary, CALIBRATION_METRICS, eval_set=e), e)
+    rep.figures["calibration"] = plots.calibration_vs_params(summary, rep.eval_sets)
 
     models = headline_models(summary)
     curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
@@ -248,12 +280,18 @@ def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
     return df.drop(columns=[c for c in cols if c in df.columns]) if df is not None else None
 
 
+def _caption(fid: str) -> str:
+    base, _, eval_set = fid.partition(":")
+    return FIGURES[base] + (f" ({eval_set})" if eval_set else "")
+
+
 def _figure_html(rep: StudyReport, fid: str) -> str:
     if fid not in rep.figures:
-        return f'<p class="note" id="fig-{fid}">{html.escape(FIGURES[fid])}: not enough data in this study.</p>'
+        return (f'<p class="note" id="fig-{_anchor(fid)}">{html.escape(_caption(fid))}: not enough data in this '
+                "study.</p>")
     b64 = base64.b64encode(rep.figures[fid]).decode("ascii")
-    cap = html.escape(FIGURES[fid])
-    return (f'<figure id="fig-{fid}"><img alt="{cap}" src="data:image/png;base64,{b64}">'
+    cap = html.escape(_caption(fid))
+    return (f'<figure id="fig-{_anchor(fid)}"><img alt="{cap}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{cap}</figcaption></figure>")
 
 
@@ -294,6 +332,38 @@ def _ood_html(rep: StudyReport) -> list[str]:
                      + (f"; not compared (a class absent in {html.escape(e)}): {html.escape(', '.join(test_only))}"
                         if test_only else "") + ".</p>")
         parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
+    return parts
+
+
+def _set_title(e: str) -> str:
+    return html.escape(e) + (" <span class='note'>(fitting split: columns marked in-sample use the threshold and "
+                             "temperature fitted on these very images)</span>" if e == FIT_SPLIT else "")
+
+
+def _fairness_html(rep: StudyReport) -> list[str]:
+    """One subsection per evaluation set: the summaries per attribute and every subgroup's AUROC."""
+    parts = ["<p class='note'>Per evaluation set and attribute (attributes a set lacks are absent there; one only "
+             "an OOD set has, such as skin type, appears there): worst-group AUROC, AUROC gap (max − min over "
+             "groups) and equalized-odds difference (max of the TPR and FPR gaps) at the threshold fitted on "
+             "validation; then each group's macro AUROC with its interval and size. Groups below "
+             "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
+             "not summarised.</p>"]
+    for e in rep.eval_sets:
+        parts += [f"<h3 id='fairness-{_anchor(e)}'>{_set_title(e)}</h3>", _figure_html(rep, f"fairness:{e}"),
+                  _table_html(rep.tables.get(f"fairness:{e}"), f"fairness-{_anchor(e)}",
+                              f"no subgroup attribute in {e}"),
+                  _table_html(rep.tables.get(f"groups:{e}"), f"groups-{_anchor(e)}", f"no subgroup in {e}")]
+    return parts
+
+
+def _calibration_html(rep: StudyReport) -> list[str]:
+    """The ECE figure, then one table per evaluation set (before / after temperature scaling)."""
+    parts = [_figure_html(rep, "calibration"),
+             "<p class='note'>ECE (10 equal-width bins), Brier score and NLL, macro over labels, before and after "
+             "the temperature fitted per label on validation (<i>_temp</i>).</p>"]
+    for e in rep.eval_sets:
+        parts += [f"<h3 id='calibration-{_anchor(e)}'>{_set_title(e)}</h3>",
+                  _table_html(rep.tables.get(f"calibration:{e}"), f"calibration-{_anchor(e)}")]
     return parts
 
 
@@ -343,10 +413,8 @@ def render_html(rep: StudyReport) -> str:
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
             _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
-            "<h2 id='fairness'>Subgroups</h2>", _figure_html(rep, "fairness"),
-            _table_html(t.get("fairness"), "fairness", "no subgroup attributes"),
-            "<h2 id='calibration'>Calibration</h2>", _figure_html(rep, "calibration"),
-            _table_html(t.get("calibration"), "calibration"),
+            "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
+            "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
             "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",

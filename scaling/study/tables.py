@@ -19,6 +19,12 @@ def ood_sets(df: pd.DataFrame) -> list[str]:
     return sorted(e for e in df["eval_set"].dropna().unique() if e not in ("val", "test"))
 
 
+def eval_set_order(df: pd.DataFrame) -> list[str]:
+    """Every evaluation set of a results table in reading order: ``val``, ``test``, then the OOD sets."""
+    present = set(df["eval_set"].dropna().unique())
+    return [e for e in ("val", "test") if e in present] + ood_sets(df)
+
+
 def baseline_cell(summary: pd.DataFrame, eval_set: str = "test") -> pd.Series | None:
     """The full-data reference for data efficiency: the smallest backbone with the least pretraining, at fraction 1.
 
