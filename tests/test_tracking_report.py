@@ -1,16 +1,23 @@
 """The study's W&B view: the Report object is built offline with a panel per view; publishing offline logs the
-report's figures and tables to a study-level run, creates no Report and leaks no identifier."""
+report's figures and tables to a study-level run, creates no Report and leaks no identifier; an online study that
+could not build its Report is refused before training."""
 
+import importlib.util
 import socket
+import sys
 
 import pytest
 from study_store import PATIENTS, SAMPLES, make_store
 
-from scaling.config import TrackingConfig
+from scaling.config import ConfigError, TrackingConfig, load_config
+from scaling.study.__main__ import main
 from scaling.study.report import build_report
-from scaling.study.wandb_report import build_wandb_report, publish_study, report_panels, study_report_args
+from scaling.study.runner import run_study
+from scaling.study.wandb_report import (build_wandb_report, check_available, publish_study, report_panels,
+                                        study_report_args)
 
-pytest.importorskip("wandb_workspaces", reason="the W&B Report needs the wandb-report extra")
+needs_workspaces = pytest.mark.skipif(importlib.util.find_spec("wandb_workspaces") is None,
+                                      reason="the W&B Report needs the wandb-report extra")
 
 
 @pytest.fixture
@@ -26,6 +33,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@needs_workspaces
 def test_report_object_built_offline(no_network):
     attributes = {"test": ["sex", "age_group"], "ood_site_b": ["sex", "skin_group"]}
     report = build_wandb_report("demo", project="scaling", entity="team", sources=["scratch", "upstream:big"],
@@ -71,3 +79,30 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     for ident in PATIENTS + SAMPLES:
         assert ident.encode() not in blob
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="off"), None) is None
+
+
+def _without_wandb_workspaces(monkeypatch):
+    """Make ``import wandb_workspaces`` fail as on an install without the wandb-report extra."""
+    for name in [m for m in sys.modules if m == "wandb_workspaces" or m.startswith("wandb_workspaces.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)
+
+
+def test_online_study_without_wandb_workspaces_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the test session disables W&B; here the config decides
+    _without_wandb_workspaces(monkeypatch)
+    with pytest.raises(ConfigError, match=r"tracking.wandb=online .* wandb-workspaces"):
+        check_available(TrackingConfig(wandb="online"))
+    for mode in ("offline", "off"):  # no Report is built: nothing to refuse
+        check_available(TrackingConfig(wandb=mode))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment downgrades an online config
+    check_available(TrackingConfig(wandb="online"))
+    monkeypatch.delenv("WANDB_MODE")
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'store'}", "data.root=synthetic", "tracking.wandb=online",
+                             "grid.backbones=[resnetv2_tiny]", "grid.pretrained=[scratch]", "train.steps=2"])
+    with pytest.raises(ConfigError, match="wandb-workspaces"):
+        run_study(cfg)
+    assert not (tmp_path / "store").exists()  # refused before the store, the data or any training
+    assert main(["wandb-report", str(tmp_path / "store")]) == 2
+    assert "pip install 'scaling[wandb-report]'" in capsys.readouterr().err

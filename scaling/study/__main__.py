@@ -14,6 +14,7 @@ import sys
 
 import pandas as pd
 
+from scaling.config import ConfigError
 from scaling.study.aggregate import StoreError, headline_table, load_study, summarise
 
 
@@ -56,12 +57,13 @@ def _wandb_report(args) -> int:
 
     from scaling.config import TrackingConfig
     from scaling.study.aggregate import read_study_config
-    from scaling.study.wandb_report import save_wandb_report
+    from scaling.study.wandb_report import check_available, save_wandb_report
 
     cfg = read_study_config(args.store)
     tracking = cfg.tracking if cfg is not None else TrackingConfig()
     tracking = dataclasses.replace(tracking, wandb="online", project=args.project or tracking.project,
                                    entity=args.entity or tracking.entity)
+    check_available(tracking)
     print(save_wandb_report(args.store, tracking))
     return 0
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv:
             summary.to_csv(args.csv, index=False)
         return 0
-    except StoreError as e:
+    except (StoreError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scaling.config import TrackingConfig
+from scaling.config import ConfigError, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,26 @@ def _wr():
     except ImportError as e:
         raise ImportError("building a W&B Report needs wandb-workspaces: pip install 'scaling[wandb-report]'") from e
     return wr
+
+
+def check_available(tracking_cfg: TrackingConfig) -> None:
+    """Refuse, before any training, a study that will need wandb-workspaces at its end and cannot import it.
+
+    Only ``tracking.wandb: online`` (after ``WANDB_MODE``) builds the W&B Report when the grid is done; without this
+    check such a study trains every cell and then stops with an ImportError. Raises :class:`ConfigError` naming
+    the field and the fix.
+    """
+    from scaling.tracking import wandb_mode
+
+    if wandb_mode(tracking_cfg) != "online":
+        return
+    try:
+        _wr()
+    except ImportError as e:
+        raise ConfigError(
+            "tracking.wandb=online creates a W&B Report when the study is done, which needs wandb-workspaces: "
+            "pip install 'scaling[wandb-report]' (or set tracking.wandb=offline and create the Report later with "
+            "`python -m scaling.study wandb-report <store>`)") from e
 
 
 def _quote(s: str) -> str:
