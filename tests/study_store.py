@@ -32,6 +32,8 @@ EVAL_SETS = ("val", "test", "ood_site_b")
 N_TRAIN_FULL = 400
 PATIENTS = [f"pzq{80000 + i}" for i in range(60)]
 SAMPLES = [f"smx{550000 + i}" for i in range(120)]
+TEMPERATURES = {"L1": 2.0, "L2": None}
+"""The validation-fitted temperatures recorded with every run (L2: none could be fitted)."""
 B_PARAMS, B_FRACTION = 0.3, 0.25
 """Exponents of the error law in parameter count and in labelled fraction."""
 
@@ -144,6 +146,8 @@ def make_store(root: Path, *, name: str = "handmade", skip: set | None = None, o
         if predictions:
             for es in EVAL_SETS:
                 store.write_predictions(rid, es, _predictions(_auroc(*key, es), spec.seed, es))
+            # what the runner stores: the temperatures fitted on val (None = one class there: none fitted)
+            store.write_meta(rid, {"fitted_on_val": {"temperatures": dict(TEMPERATURES)}})
         store.write_metrics(rid, _metric_rows(*key))
         store.mark_complete(rid)
     return cfg

@@ -2,6 +2,7 @@
 smoke variant (two tiny backbones, a few steps, no sharding) trains, evaluates and reports end to end through the
 same runner, with offline W&B."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -141,6 +142,11 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
                 cell = macro[(macro.backbone == bb) & (macro.eval_set == e) & (macro.attribute == a)]
                 assert fair.loc[(bb, a), "worst_group_auroc"] == _ci(cell[cell.metric == "worst_group_auroc"].iloc[0])
                 assert fair.loc[(bb, a), eod] == _ci(cell[cell.metric == "eod"].iloc[0])
+
+    # Reliability diagrams for test and every OOD set, per backbone.
+    rel = html_table(text, "tbl-reliability")
+    assert set(zip(rel.eval_set, rel.backbone)) == {(e, bb) for e in ["test", *ood] for bb in backbones}
+    assert re.search(r'<figure id="fig-reliability"><img', text)
 
     # The W&B study view: a study-level offline run holding the report's figures and tables.
     study_runs = list((store.root / "wandb-study").rglob("*.wandb"))

@@ -3,16 +3,21 @@
 import base64
 import re
 
+import numpy as np
 import pytest
-from study_store import PATIENTS, SAMPLES, html_table, make_store, shared_store
+from scipy.special import expit
+from study_store import (LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, html_table, make_store, run_dir_of,
+                         shared_store, study_config)
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import load_results, summarise
 from scaling.study.report import build_report, render_html
+from scaling.study.store import RunStore
 
 TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "selective", "fits",
+          "reliability", "reliability_bins",
           *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
-FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "selective",
+FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
               *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
 
 
@@ -111,3 +116,34 @@ def test_fairness_and_calibration_on_every_set_val_marked_in_sample(report):
         assert groups.loc[("upstream:big", "bb_base"), "sex=F"] == (
             f"{female['mean']:.3f} [{female['lo']:.3f}, {female['hi']:.3f}] (n=60)")
         assert f"id='fairness-{e}'" in text and f"id='calibration-{e}'" in text
+
+
+def _ece(y, p, n_bins=10):
+    """Equal-width-bin ECE by hand (numpy only)."""
+    k = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    return sum(abs(y[k == b].sum() - p[k == b].sum()) for b in range(n_bins)) / len(y)
+
+
+def test_reliability_diagrams_pool_labels_and_seeds_per_backbone(report):
+    root, rep, text = report
+    cfg = study_config(root)
+    shown = html_table(text, "tbl-reliability").set_index(["eval_set", "pretrained", "backbone"])
+    assert set(shown.index.get_level_values("eval_set")) == {"test", "ood_site_b"}  # val: temperature in-sample
+    for e in ("test", "ood_site_b"):
+        ys, raw, cal = [], [], []
+        for seed in SEEDS:
+            rid, _ = run_dir_of(root, cfg, "bb_large", "upstream:big", 1.0, seed)
+            pred = RunStore(root).read_predictions(rid, e)
+            for lab in LABELS:
+                t = TEMPERATURES[lab] or 1.0
+                ys.append(pred[f"label:{lab}"].to_numpy())
+                raw.append(pred[f"prob:{lab}"].to_numpy())
+                cal.append(expit(pred[f"logit:{lab}"].to_numpy() / t))
+        y, raw, cal = map(np.concatenate, (ys, raw, cal))
+        row = shown.loc[(e, "upstream:big", "bb_large")]
+        assert int(row["pairs"]) == len(y) == 2 * 2 * 120
+        assert float(row["pooled ECE"]) == pytest.approx(_ece(y, raw), abs=5e-4)  # printed to 4 digits
+        assert float(row["pooled ECE (temperature)"]) == pytest.approx(_ece(y, cal), abs=5e-4)
+    bins = rep.tables["reliability_bins"]
+    one = bins[(bins.eval_set == "test") & (bins.backbone == "bb_large") & (bins.pretrained == "upstream:big")]
+    assert list(one.scaling.value_counts().sort_index()) == [10, 10] and one.n.sum() == 2 * 480

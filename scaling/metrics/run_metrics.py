@@ -99,6 +99,19 @@ def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
             "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
 
 
+def calibrated_probabilities(pred: pd.DataFrame, labels, fitted: dict) -> pd.DataFrame:
+    """The probabilities of a prediction frame after the temperatures fitted on validation (``fitted`` = the
+    ``info`` of :func:`compute_run_metrics`, as stored in a run's ``meta.json`` under ``fitted_on_val``): one
+    column per label. A label without a fitted temperature (one class on validation) keeps its raw probabilities."""
+    temps = fitted.get("temperatures") or {}
+    out = {}
+    for lab in labels:
+        t = temps.get(lab)
+        ok = t is not None and np.isfinite(t) and t > 0
+        out[lab] = apply_temperature(pred[f"logit:{lab}"], t) if ok else pred[f"prob:{lab}"].to_numpy(np.float64)
+    return pd.DataFrame(out, index=pred.index)
+
+
 class _Rows:
     """Collects rows and, per (eval_set, attribute, group, metric), each label's value, replicates and n."""
 

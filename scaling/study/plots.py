@@ -216,6 +216,33 @@ def calibration_vs_params(summary: pd.DataFrame, eval_sets=("test",)) -> plt.Fig
     return _finish(fig, axes, extra=key)
 
 
+def reliability(curves: pd.DataFrame) -> plt.Figure | None:
+    """Reliability diagrams (:func:`scaling.study.compare.reliability_curves`): one row per evaluation set ×
+    pretraining source, raw probabilities left and temperature-scaled right, one line per backbone (by size)."""
+    if curves is None or curves.empty:
+        return None
+    panels = curves[["eval_set", "pretrained"]].drop_duplicates()
+    order = {e: i for i, e in enumerate(pd.unique(curves["eval_set"]))}
+    panels = panels.assign(_o=panels["eval_set"].map(order)).sort_values(["_o", "pretrained"])
+    sizes = curves.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(sizes, ordered=True)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3.8 * len(panels) + 0.6), squeeze=False)
+    for row, (e, src) in zip(axes, panels[["eval_set", "pretrained"]].itertuples(index=False)):
+        for ax, scaling in zip(row, ("raw", "temperature")):
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+            for i, bb in enumerate(sizes):
+                d = curves[(curves["eval_set"] == e) & (curves["pretrained"] == src) & (curves["backbone"] == bb)
+                           & (curves["scaling"] == scaling) & (curves["n"] > 0)]
+                if len(d):
+                    ax.plot(d["mean_predicted"], d["fraction_positive"], marker=_MARKERS[i % len(_MARKERS)],
+                            markersize=4, color=colors[bb], label=bb)
+            which = "raw" if scaling == "raw" else "temperature-scaled"
+            ax.set(title=f"{e}, {src}: {which}", xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability",
+                   ylabel="fraction positive")
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
 def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:
     """Selective prediction: macro AUROC of the retained cases vs the fraction referred (most uncertain first),
     for the best and the smallest model, with the across-seed interval as a band."""

@@ -23,7 +23,7 @@ from scaling.io import atomic_write_text
 from scaling.metrics.run_metrics import FIT_SPLIT, IN_SAMPLE_METRICS
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
-from scaling.study.compare import delong_comparisons, selective_curves
+from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
                                   ood_summary, shift_labels)
@@ -37,6 +37,7 @@ FIGURES = {
     "id_vs_ood": "In-distribution vs OOD AUROC on shared labels, and the OOD drop vs model size",
     "fairness": "Worst-group AUROC and AUROC gap vs model size per attribute",
     "calibration": "ECE before and after temperature scaling vs model size, per evaluation set",
+    "reliability": "Reliability diagrams per evaluation set and pretraining source, one line per backbone",
     "selective": "Selective prediction: best vs smallest model",
 }
 """Figure ids in the report and their captions; ``<id>:<evaluation set>`` is that figure for one set
@@ -181,6 +182,10 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         rep.figures[f"fairness:{e}"] = plots.fairness_vs_params(summary, eval_set=e)
         rep.tables[f"calibration:{e}"] = _in_sample(_view_table(summary, CALIBRATION_METRICS, eval_set=e), e)
     rep.figures["calibration"] = plots.calibration_vs_params(summary, rep.eval_sets)
+    curves = reliability_curves(store_root, df, [e for e in rep.eval_sets if e != FIT_SPLIT])
+    rep.tables["reliability"] = reliability_summary(curves)
+    rep.tables["reliability_bins"] = curves
+    rep.figures["reliability"] = plots.reliability(curves)
 
     models = headline_models(summary)
     curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
@@ -364,6 +369,15 @@ def _calibration_html(rep: StudyReport) -> list[str]:
     for e in rep.eval_sets:
         parts += [f"<h3 id='calibration-{_anchor(e)}'>{_set_title(e)}</h3>",
                   _table_html(rep.tables.get(f"calibration:{e}"), f"calibration-{_anchor(e)}")]
+    parts += ["<h3 id='reliability'>Reliability under shift</h3>",
+              "<p class='note'>Observed fraction positive vs mean predicted probability in 10 equal-width bins, for "
+              "test and every OOD set, per backbone at full data (points on the diagonal are calibrated; below it, "
+              "over-confident). Every labelled (image, label) pair of every label and seed is pooled; left raw, "
+              "right after each run's validation-fitted temperatures. The pooled ECE of each diagram is below, its "
+              "bins in the collapsed table.</p>",
+              _figure_html(rep, "reliability"), _table_html(rep.tables.get("reliability"), "reliability"),
+              "<details><summary>reliability bins</summary>",
+              _table_html(rep.tables.get("reliability_bins"), "reliability_bins"), "</details>"]
     return parts
 
 
