@@ -148,6 +148,21 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
     assert set(zip(rel.eval_set, rel.backbone)) == {(e, bb) for e in ["test", *ood] for bb in backbones}
     assert re.search(r'<figure id="fig-reliability"><img', text)
 
+    # Mammography: breast- and exam-level AUROC beside the image level, for every set.
+    if cfg.eval.aggregate:
+        for e in ["val", "test", *ood]:
+            exam = html_table(text, f"tbl-exam-{e}").set_index("backbone")
+            for bb in backbones:
+                cell = summary[(summary.backbone == bb) & (summary.eval_set == e) & (summary.label == "macro")]
+                cell = cell.set_index("metric")
+                for col, metric in (("image", "auroc"), ("breast (max)", "auroc@breast_max"),
+                                    ("breast (mean)", "auroc@breast_mean"), ("exam (max)", "auroc@exam_max"),
+                                    ("exam (mean)", "auroc@exam_mean")):
+                    assert exam.loc[bb, col] == _ci(cell.loc[metric]), (e, bb, col)
+        units = html_table(text, "tbl-exam-units").set_index("evaluation set")
+        test_preds = store.read_predictions(table.run_id.iloc[0], "test")
+        assert int(units.loc["test", "exams"]) == test_preds.patient_id.nunique()  # VinDr: one exam per patient
+
     # The W&B study view: a study-level offline run holding the report's figures and tables.
     study_runs = list((store.root / "wandb-study").rglob("*.wandb"))
     assert len(study_runs) == 1

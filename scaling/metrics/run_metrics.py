@@ -28,6 +28,11 @@ set (``val``, ``test`` and each OOD set):
   an OOD set happens to have would compare different tasks. ``info['shift_labels']`` lists the labels per set.
   The drop's interval comes from the difference of the two sets' replicates (different patients, independent
   resamples).
+* pooled per breast / exam (``eval.aggregate``, mammography; see :mod:`scaling.metrics.exam`): the overall rows
+  again, for every set, with metric names ``<metric>@<level>_<reducer>`` (``auroc@exam_max``,
+  ``tpr@breast_mean``): the image probabilities of each unit pooled by their max and by their mean, threshold and
+  temperatures refitted on pooled ``val``, ``n`` = units, intervals from the same patient-level bootstrap.
+  No subgroup or shift rows at these levels. ``info['pooled']`` holds each level's fits and unit counts.
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
   ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
@@ -53,6 +58,7 @@ from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
 from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_replicates, mce, mce_replicates, nll,
                                          nll_replicates, weighted_mean_replicates)
 from scaling.metrics.discrimination import auprc, auprc_replicates, auroc, auroc_replicates
+from scaling.metrics.exam import REDUCERS, aggregate_predictions
 from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.metrics.selective import aurc
@@ -99,6 +105,31 @@ def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
             "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
 
 
+def level_suffix(metric: str) -> str:
+    """The ``@<level>_<reducer>`` part of a pooled metric's name (``auroc@exam_max`` → ``@exam_max``), else ''."""
+    return metric[metric.index("@"):] if "@" in metric else ""
+
+
+def base_metric(metric: str) -> str:
+    """A metric's name without its pooling suffix (``tpr@breast_mean`` → ``tpr``)."""
+    return metric.split("@", 1)[0]
+
+
+def _pooled_rows(out: _Rows, predictions: dict[str, pd.DataFrame], labels, eval_cfg, n_any: dict) -> dict:
+    """Rows of every ``eval.aggregate`` level × reducer, with threshold and temperatures refitted on pooled val."""
+    fits = {}
+    for level in eval_cfg.aggregate:
+        for reducer in REDUCERS:
+            suffix = f"@{level}_{reducer}"
+            pooled = {name: aggregate_predictions(df, labels, level, reducer, where=f"predictions[{name!r}]")
+                      for name, df in predictions.items()}
+            fitted = _fit_on_val(pooled[FIT_SPLIT], labels, eval_cfg)
+            for name, df in pooled.items():
+                _evaluate_set(out, name, df, labels, [], fitted, eval_cfg, n_any, {}, {}, suffix)
+            fits[suffix[1:]] = {**_json_safe(fitted), "units": {name: len(df) for name, df in pooled.items()}}
+    return fits
+
+
 def calibrated_probabilities(pred: pd.DataFrame, labels, fitted: dict) -> pd.DataFrame:
     """The probabilities of a prediction frame after the temperatures fitted on validation (``fitted`` = the
     ``info`` of :func:`compute_run_metrics`, as stored in a run's ``meta.json`` under ``fitted_on_val``): one
@@ -138,40 +169,42 @@ class _Rows:
             lo, hi = percentile_interval(rep, self.alpha) if rep is not None else (math.nan, math.nan)
             self.rows.append({"eval_set": eval_set, "label": "macro", "attribute": attribute, "group": group,
                               "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi),
-                              "n": int(n_any.get((eval_set, attribute, group), 0))})
+                              "n": int(n_any.get((eval_set, attribute, group, level_suffix(metric)), 0))})
 
 
-def _overall(out: _Rows, eval_set, lab, y, p, pt, thr, boot, n_bins):
+def _overall(out: _Rows, eval_set, lab, y, p, pt, thr, boot, n_bins, suffix=""):
     """Overall rows of one label on its labelled rows (y boolean; ``pt`` the temperature-scaled probabilities, or
-    None when no temperature could be fitted)."""
+    None when no temperature could be fitted); ``suffix`` is appended to every metric name."""
     n = y.size
     counts, codes = (boot.counts, boot.codes) if boot is not None else (None, None)
+
+    def add(metric, value, replicates=None):
+        out.add(eval_set, lab, "all", "all", metric + suffix, value, n, replicates)
 
     def reps(fn, *args, **kw):
         return fn(y, *args, counts, codes, **kw) if boot is not None else None
 
     yf = y.astype(np.float64)
-    out.add(eval_set, lab, "all", "all", "auroc", auroc(yf, p), n, reps(auroc_replicates, p))
-    out.add(eval_set, lab, "all", "all", "auprc", auprc(yf, p), n, reps(auprc_replicates, p))
-    out.add(eval_set, lab, "all", "all", "ece", ece(yf, p, n_bins=n_bins), n, reps(ece_replicates, p, n_bins=n_bins))
-    out.add(eval_set, lab, "all", "all", "mce", mce(yf, p, n_bins=n_bins), n, reps(mce_replicates, p, n_bins=n_bins))
-    out.add(eval_set, lab, "all", "all", "brier", brier(yf, p), n, reps(brier_replicates, p))
-    out.add(eval_set, lab, "all", "all", "nll", nll(yf, p), n, reps(nll_replicates, p))
+    add("auroc", auroc(yf, p), reps(auroc_replicates, p))
+    add("auprc", auprc(yf, p), reps(auprc_replicates, p))
+    add("ece", ece(yf, p, n_bins=n_bins), reps(ece_replicates, p, n_bins=n_bins))
+    add("mce", mce(yf, p, n_bins=n_bins), reps(mce_replicates, p, n_bins=n_bins))
+    add("brier", brier(yf, p), reps(brier_replicates, p))
+    add("nll", nll(yf, p), reps(nll_replicates, p))
     if pt is not None:
-        out.add(eval_set, lab, "all", "all", "ece_temp", ece(yf, pt, n_bins=n_bins), n,
-                reps(ece_replicates, pt, n_bins=n_bins))
-        out.add(eval_set, lab, "all", "all", "brier_temp", brier(yf, pt), n, reps(brier_replicates, pt))
-        out.add(eval_set, lab, "all", "all", "nll_temp", nll(yf, pt), n, reps(nll_replicates, pt))
+        add("ece_temp", ece(yf, pt, n_bins=n_bins), reps(ece_replicates, pt, n_bins=n_bins))
+        add("brier_temp", brier(yf, pt), reps(brier_replicates, pt))
+        add("nll_temp", nll(yf, pt), reps(nll_replicates, pt))
     else:
         for m in ("ece_temp", "brier_temp", "nll_temp"):
-            out.add(eval_set, lab, "all", "all", m, math.nan, n)
-    prev_reps = weighted_mean_replicates(yf, counts, codes) if boot is not None else None
-    out.add(eval_set, lab, "all", "all", "prevalence", yf.mean() if n else math.nan, n, prev_reps)
+            add(m, math.nan)
+    add("prevalence", yf.mean() if n else math.nan,
+        weighted_mean_replicates(yf, counts, codes) if boot is not None else None)
     tpr, fpr = rates_at(yf, p, thr)
     tpr_reps, fpr_reps = rate_replicates(y, p, thr, counts, codes) if boot is not None else (None, None)
-    out.add(eval_set, lab, "all", "all", "tpr", tpr, n, tpr_reps)
-    out.add(eval_set, lab, "all", "all", "fpr", fpr, n, fpr_reps)
-    out.add(eval_set, lab, "all", "all", "aurc", aurc(yf, p, threshold=thr) if np.isfinite(thr) else math.nan, n)
+    add("tpr", tpr, tpr_reps)
+    add("fpr", fpr, fpr_reps)
+    add("aurc", aurc(yf, p, threshold=thr) if np.isfinite(thr) else math.nan)
 
 
 def _attribute_values(df: pd.DataFrame, attribute: str):
@@ -181,8 +214,9 @@ def _attribute_values(df: pd.DataFrame, attribute: str):
 
 
 def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups, fitted: dict, eval_cfg,
-                  n_any: dict, skipped: dict, worst: dict) -> list[str]:
-    """Every row of one evaluation set; returns the labels it can score (both classes among the labelled rows)."""
+                  n_any: dict, skipped: dict, worst: dict, suffix: str = "") -> list[str]:
+    """Every row of one evaluation set (metric names + ``suffix``); returns the labels it can score (both classes
+    among the labelled rows)."""
     boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
                              seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
     attrs = {}
@@ -210,15 +244,15 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
         sub = boot.subset(mask) if boot is not None else None
         thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
         pt = apply_temperature(zl, temp) if np.isfinite(temp) else None
-        _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins)
+        _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins, suffix)
         for a, values in attrs.items():
             worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
                 out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
-    n_any[(eval_set, "all", "all")] = int(any_label.sum())
+    n_any[(eval_set, "all", "all", suffix)] = int(any_label.sum())
     for a, values in attrs.items():
-        n_any[(eval_set, a, "all")] = int(any_label.sum())
+        n_any[(eval_set, a, "all", suffix)] = int(any_label.sum())
         for g in names[a]:
-            n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
+            n_any[(eval_set, a, str(g), suffix)] = int((any_label & (values == g)).sum())
     return evaluable
 
 
@@ -267,12 +301,13 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
                  for eval_set, df in predictions.items()}
     ood_sets = [e for e in predictions if e not in (FIT_SPLIT, ID_SPLIT)]
     shared = _shift_rows(out, ood_sets, evaluable) if ID_SPLIT in predictions else {}
+    pooled = _pooled_rows(out, predictions, labels, eval_cfg, n_any)
     out.add_macro(n_any)
 
     rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
     info = {**_json_safe(fitted), "eval_sets": list(predictions), "in_sample": {FIT_SPLIT: list(IN_SAMPLE_METRICS)},
-            "evaluable_labels": evaluable, "shift_labels": shared, "skipped_attributes": skipped,
+            "evaluable_labels": evaluable, "shift_labels": shared, "pooled": pooled, "skipped_attributes": skipped,
             "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}

@@ -31,8 +31,8 @@ def selective_curve(pred: pd.DataFrame, referral=REFERRAL, thresholds: dict | No
     least confident referred first), averaged over the labels where it is defined.
 
     Confidence is the distance from each label's decision threshold (``thresholds``, fitted on validation; 0.5
-    where absent or undefined). With rare findings the operating point is far below 0.5, and ranking by distance from 0.5 would
-    refer the most suspicious cases first — the opposite of referring the uncertain ones.
+    where absent or undefined). With rare findings the operating point is far below 0.5, and ranking by distance
+    from 0.5 would refer the most suspicious cases first — the opposite of referring the uncertain ones.
     """
     per_label = []
     thresholds = thresholds or {}

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from scaling.io import atomic_write_text
-from scaling.metrics.run_metrics import FIT_SPLIT, IN_SAMPLE_METRICS
+from scaling.metrics.run_metrics import FIT_SPLIT, IN_SAMPLE_METRICS, base_metric
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
 from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
@@ -94,7 +94,7 @@ def _in_sample(table: pd.DataFrame, eval_set: str) -> pd.DataFrame:
     """On the fitting split, the columns of metrics that depend on the fitted threshold/temperature are marked."""
     if eval_set != FIT_SPLIT:
         return table
-    return table.rename(columns={m: f"{m} (in-sample)" for m in IN_SAMPLE_METRICS})
+    return table.rename(columns={c: f"{c} (in-sample)" for c in table.columns if base_metric(c) in IN_SAMPLE_METRICS})
 
 
 def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
@@ -109,6 +109,37 @@ def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
     wide = s.pivot_table(index=["pretrained", "backbone", "n_params"], columns="col", values="v", aggfunc="first")
     wide.columns.name = None
     return wide.reset_index().sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+POOLED = {"": "image", "@breast_max": "breast (max)", "@breast_mean": "breast (mean)", "@exam_max": "exam (max)",
+          "@exam_mean": "exam (mean)"}
+"""Metric-name suffixes of the pooled levels (``eval.aggregate``) and their column names."""
+
+
+def _pooled_tables(summary: pd.DataFrame, eval_sets) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per evaluation set, per cell at full data: macro AUROC per image and pooled per breast / exam (max, mean);
+    and how many labelled units each level has per set. Empty when the study pools nothing."""
+    s = summary[(summary["label"] == "macro") & (summary["attribute"] == "all") & (summary["group"] == "all")
+                & (summary["fraction"] == full_fraction(summary))]
+    s = s[s["metric"].isin([f"auroc{k}" for k in POOLED])]
+    if not s["metric"].str.contains("@").any():
+        return {}, pd.DataFrame()
+    keys = ["pretrained", "backbone", "n_params"]
+    tables, units = {}, []
+    for e in eval_sets:
+        d = s[s["eval_set"] == e]
+        if d.empty:
+            continue
+        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=_fmt_ci(d))
+        wide = d.pivot_table(index=keys, columns="col", values="v", aggfunc="first")
+        wide = wide[[c for c in POOLED.values() if c in wide.columns]].reset_index()
+        wide.columns.name = None
+        tables[e] = wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+        n = d.drop_duplicates("col").set_index("col")["n"]
+        units.append({"evaluation set": e, **{c: int(n[c]) for c in ("image", "breast (max)", "exam (max)")
+                                              if c in n.index}})
+    return tables, pd.DataFrame(units).rename(columns={"image": "images", "breast (max)": "breasts",
+                                                       "exam (max)": "exams"})
 
 
 def _completion(runs: pd.DataFrame) -> pd.DataFrame:
@@ -186,6 +217,11 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["reliability"] = reliability_summary(curves)
     rep.tables["reliability_bins"] = curves
     rep.figures["reliability"] = plots.reliability(curves)
+
+    pooled, units = _pooled_tables(summary, rep.eval_sets)
+    rep.tables.update({f"exam:{e}": _in_sample(t, e) for e, t in pooled.items()})
+    if pooled:
+        rep.tables["exam_units"] = units
 
     models = headline_models(summary)
     curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
@@ -381,6 +417,23 @@ def _calibration_html(rep: StudyReport) -> list[str]:
     return parts
 
 
+def _exam_html(rep: StudyReport) -> list[str]:
+    """Image-level AUROC beside breast- and exam-level AUROC per evaluation set (studies with eval.aggregate)."""
+    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("exam:")]
+    if not sets:
+        return []
+    parts = ["<h2 id='exam'>Breast- and exam-level evaluation</h2>",
+             "<p class='note'>Macro AUROC per image and pooled per breast (exam × laterality) and per exam: the "
+             "image probabilities of a unit pooled by their max (the most suspicious view decides) or their mean; a "
+             "unit is positive when any of its images is. Thresholds and temperatures are refitted on the pooled "
+             "validation set; intervals come from the same patient-level bootstrap. Labelled units per set:</p>",
+             _table_html(rep.tables.get("exam_units"), "exam-units")]
+    for e in sets:
+        parts += [f"<h3 id='exam-{_anchor(e)}'>{html.escape(e)}</h3>",
+                  _table_html(rep.tables[f"exam:{e}"], f"exam-{_anchor(e)}")]
+    return parts
+
+
 def render_html(rep: StudyReport) -> str:
     """The report as one self-contained HTML document."""
     t = rep.tables
@@ -429,6 +482,7 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
             "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
             "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
+            *_exam_html(rep),
             "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
