@@ -1,13 +1,19 @@
 """The HTML report of a hand-made study: every plot and table, self-contained, nothing identifying."""
 
 import base64
+import dataclasses
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
-from scipy.special import expit
-from study_store import (LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, html_table, make_store, run_dir_of,
-                         shared_store, study_config)
+from scipy.special import expit, softmax
+from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, html_table, make_store,
+                         run_dir_of, shared_store, study_config)
+
+from scaling.config import EvalConfig, GridConfig
+from scaling.metrics import compute_run_metrics
+from scaling.study.grid import config_hash, expand_grid, run_id
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import load_results, summarise
@@ -147,3 +153,49 @@ def test_reliability_diagrams_pool_labels_and_seeds_per_backbone(report):
     bins = rep.tables["reliability_bins"]
     one = bins[(bins.eval_set == "test") & (bins.backbone == "bb_large") & (bins.pretrained == "upstream:big")]
     assert list(one.scaling.value_counts().sort_index()) == [10, 10] and one.n.sum() == 2 * 480
+
+
+def test_report_of_a_one_of_k_study(tmp_path):
+    # Two runs of a 3-class task scored by compute_run_metrics(task="multiclass"): the report adds the one-of-K
+    # table per set (val's temperature-scaled columns in-sample) with the store's numbers, and its reliability
+    # diagrams apply the softmax temperature.
+    classes = ("A", "B", "C")
+    cfg = dataclasses.replace(study_config(tmp_path / "s"), grid=GridConfig(
+        backbones=("bb_tiny", "bb_small"), pretrained=("scratch",), fractions=(1.0,), seeds=(0,)))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=classes))
+    store = RunStore(cfg.output_dir)
+    for spec in expand_grid(cfg):
+        rng = np.random.default_rng(len(spec.backbone))
+        preds = {}
+        for e, n in (("val", 150), ("test", 200), ("ood_site_b", 120)):
+            t = rng.integers(0, 3, n)
+            z = 2.5 * (np.eye(3)[t] + rng.normal(size=(n, 3)))
+            df = pd.DataFrame({"sample_id": [f"s{e}{i}" for i in range(n)],
+                               "patient_id": [f"q{e}{i // 2}" for i in range(n)]})
+            for k, c in enumerate(classes):
+                df[f"label:{c}"], df[f"logit:{c}"], df[f"prob:{c}"] = np.eye(3)[t][:, k], z[:, k], softmax(z, 1)[:, k]
+            preds[e] = df
+        rows, info = compute_run_metrics(preds, list(classes), [], EvalConfig(n_boot=50), task="multiclass")
+        rid = run_id(cfg, spec)
+        store.write_spec(rid, {"run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
+                               "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": 1.0, "seed": 0,
+                               "n_params": int(BACKBONES[spec.backbone]), "pretrain_images": 0.0,
+                               "n_train_images": 100}, "{}\n")
+        for e, df in preds.items():
+            store.write_predictions(rid, e, df)
+        store.write_metrics(rid, rows)
+        store.write_meta(rid, {"fitted_on_val": info})
+        store.mark_complete(rid)
+    rep = build_report(tmp_path / "s", n_boot_fit=5, n_boot_curve=5)
+    text = render_html(rep)
+    s = summarise(load_results(tmp_path / "s"))
+    for e in ("val", "test", "ood_site_b"):
+        shown = html_table(text, f"tbl-multiclass-{e}").set_index("backbone")
+        temp = "nll_multiclass_temp" + (" (in-sample)" if e == "val" else "")
+        for bb in ("bb_tiny", "bb_small"):
+            cell = s[(s.eval_set == e) & (s.backbone == bb) & (s.label == "all")].set_index("metric")
+            for col, metric in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced_accuracy"),
+                                (temp, temp.split()[0])):
+                r = cell.loc[metric]
+                assert shown.loc[bb, col] == f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+    assert rep.tables["reliability"]["pooled ECE (temperature)"].notna().all()

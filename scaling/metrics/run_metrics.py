@@ -33,6 +33,12 @@ set (``val``, ``test`` and each OOD set):
   ``tpr@breast_mean``): the image probabilities of each unit pooled by their max and by their mean, threshold and
   temperatures refitted on pooled ``val``, ``n`` = units, intervals from the same patient-level bootstrap.
   No subgroup or shift rows at these levels. ``info['pooled']`` holds each level's fits and unit counts.
+* one-of-K tasks (``task='multiclass'``: ``label:<class>`` one-hot, ``prob:<class>`` the softmax): every row
+  above is computed one-vs-rest per class (so ``macro`` AUROC is the one-vs-rest macro AUROC of
+  ``roc_auc_score(multi_class='ovr')``, and each class's ``*_temp`` uses the one softmax temperature fitted on
+  val), plus ``label='all'`` rows scoring the classes together: ``accuracy`` (top-1), ``balanced_accuracy`` (mean
+  per-class recall), ``nll_multiclass``, ``brier_multiclass`` and ``ece_top_label``, the last three also
+  ``*_temp`` (see :mod:`scaling.metrics.multiclass`).
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
   ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
@@ -62,7 +68,12 @@ from scaling.metrics.exam import REDUCERS, aggregate_predictions
 from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.metrics.selective import aurc
-from scaling.metrics.temperature import apply_temperature, fit_temperature
+from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
+                                        brier_multiclass, brier_multiclass_replicates, check_one_hot,
+                                        check_probabilities, ece_top_label, ece_top_label_replicates, nll_multiclass,
+                                        nll_multiclass_replicates)
+from scaling.metrics.temperature import (apply_softmax_temperature, apply_temperature, fit_softmax_temperature,
+                                         fit_temperature)
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
 from scaling.metrics.validation import MetricWarning, check_labels, check_scores
 
@@ -71,8 +82,15 @@ FIT_SPLIT = "val"
 ID_SPLIT = "test"
 """The in-distribution evaluation set every OOD set is compared with."""
 NO_FINDING = "No Finding"
+TASKS = ("multilabel", "multiclass")
+"""Independent findings (sigmoid per label) or one class out of K (softmax over the labels)."""
+MULTICLASS_LABEL = "all"
+"""The ``label`` of the rows that score all classes of a one-of-K task together (accuracy, ...)."""
+MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "nll_multiclass", "brier_multiclass", "ece_top_label")
+"""The one-of-K rows, each also after the validation-fitted softmax temperature (``<metric>_temp``) where it moves."""
 IN_SAMPLE_METRICS = ("tpr", "fpr", "aurc", "ece_temp", "brier_temp", "nll_temp", "tpr_gap", "fpr_gap", "eod",
-                     "underdiagnosis_rate", "underdiagnosis_gap")
+                     "underdiagnosis_rate", "underdiagnosis_gap", "nll_multiclass_temp", "brier_multiclass_temp",
+                     "ece_top_label_temp")
 """Metrics that depend on the validation-fitted threshold or temperature: in-sample when reported on ``val``."""
 SHIFT_METRICS = ("auroc_id", "auroc_ood", "auroc_drop")
 """The distribution-shift rows of an OOD set (on the labels it shares with the in-distribution test set)."""
@@ -89,7 +107,9 @@ def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
         raise ValueError(f"predictions[{eval_set!r}]['patient_id'] has missing ids; the bootstrap resamples patients")
 
 
-def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
+def _fit_on_val(val: pd.DataFrame, labels, eval_cfg, task: str = "multilabel") -> dict:
+    """Per label the decision threshold (one-vs-rest for a one-of-K task) and the temperature: one per label for
+    sigmoid outputs, one softmax temperature for all classes of a one-of-K task."""
     policy, target = CONFIG_POLICIES[eval_cfg.threshold]
     if policy == "fixed":
         target = eval_cfg.fixed_threshold
@@ -99,10 +119,25 @@ def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
         p = check_scores(val[f"prob:{lab}"], f"predictions['val']['prob:{lab}']")
         z = check_scores(val[f"logit:{lab}"], f"predictions['val']['logit:{lab}']", probability=False)
         thresholds[lab] = choose_threshold(y, p, policy, target)
-        temperatures[lab] = fit_temperature(y, z)
+        if task == "multilabel":
+            temperatures[lab] = fit_temperature(y, z)
         n_val[lab] = int((~np.isnan(y)).sum())
-    return {"fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold, "threshold_target": target,
-            "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+    fitted = {"task": task, "fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold,
+              "threshold_target": target, "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+    if task == "multiclass":
+        y, _, z = _class_arrays(val, labels, FIT_SPLIT)
+        fitted["softmax_temperature"] = fit_softmax_temperature(y, z)
+    return fitted
+
+
+def _class_arrays(df: pd.DataFrame, labels, eval_set: str):
+    """(one-hot labels, probabilities, logits) of a one-of-K prediction frame as (n, K) arrays, validated."""
+    where = f"predictions[{eval_set!r}]"
+    y = df[[f"label:{lab}" for lab in labels]].to_numpy(np.float64)
+    check_one_hot(y, f"{where} label:<class> one-hot")
+    p = check_probabilities(df[[f"prob:{lab}" for lab in labels]].to_numpy(np.float64), len(labels),
+                            f"{where} prob:<class>")
+    return y, p, df[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64)
 
 
 def level_suffix(metric: str) -> str:
@@ -123,7 +158,7 @@ def _pooled_rows(out: _Rows, predictions: dict[str, pd.DataFrame], labels, eval_
             suffix = f"@{level}_{reducer}"
             pooled = {name: aggregate_predictions(df, labels, level, reducer, where=f"predictions[{name!r}]")
                       for name, df in predictions.items()}
-            fitted = _fit_on_val(pooled[FIT_SPLIT], labels, eval_cfg)
+            fitted = _fit_on_val(pooled[FIT_SPLIT], labels, eval_cfg, "multilabel")
             for name, df in pooled.items():
                 _evaluate_set(out, name, df, labels, [], fitted, eval_cfg, n_any, {}, {}, suffix)
             fits[suffix[1:]] = {**_json_safe(fitted), "units": {name: len(df) for name, df in pooled.items()}}
@@ -133,7 +168,14 @@ def _pooled_rows(out: _Rows, predictions: dict[str, pd.DataFrame], labels, eval_
 def calibrated_probabilities(pred: pd.DataFrame, labels, fitted: dict) -> pd.DataFrame:
     """The probabilities of a prediction frame after the temperatures fitted on validation (``fitted`` = the
     ``info`` of :func:`compute_run_metrics`, as stored in a run's ``meta.json`` under ``fitted_on_val``): one
-    column per label. A label without a fitted temperature (one class on validation) keeps its raw probabilities."""
+    column per label. A label without a fitted temperature (one class on validation) keeps its raw probabilities;
+    a one-of-K task's classes share one softmax temperature."""
+    if fitted.get("task") == "multiclass":
+        t = fitted.get("softmax_temperature")
+        if t is None or not np.isfinite(t) or t <= 0:
+            return pd.DataFrame({lab: pred[f"prob:{lab}"].to_numpy(np.float64) for lab in labels}, index=pred.index)
+        scaled = apply_softmax_temperature(pred[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64), t)
+        return pd.DataFrame(scaled, columns=list(labels), index=pred.index)
     temps = fitted.get("temperatures") or {}
     out = {}
     for lab in labels:
@@ -151,12 +193,12 @@ class _Rows:
         self.rows: list[dict] = []
         self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None, int]]] = {}
 
-    def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None):
+    def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None, macro=True):
         if lo is None:
             lo, hi = percentile_interval(reps, self.alpha) if reps is not None else (math.nan, math.nan)
         self.rows.append({"eval_set": eval_set, "label": label, "attribute": attribute, "group": str(group),
                           "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n": int(n)})
-        if metric not in _NOT_MACRO:
+        if macro and metric not in _NOT_MACRO:
             self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps, int(n))
 
     def add_macro(self, n_any: dict[tuple, int]) -> None:
@@ -231,7 +273,15 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
     names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
     any_label = np.zeros(len(df), dtype=bool)
     evaluable = []
-    for lab in labels:
+    task = fitted["task"]
+    scaled = None  # one-of-K: softmax(logits / T), the temperature-scaled probability of every class
+    if task == "multiclass":
+        y_all, p_all, z_all = _class_arrays(df, labels, eval_set)
+        t_soft = fitted["softmax_temperature"]
+        if np.isfinite(t_soft):
+            scaled = apply_softmax_temperature(z_all, t_soft)
+        _multiclass_rows(out, eval_set, y_all, p_all, scaled, boot, eval_cfg)
+    for j, lab in enumerate(labels):
         where = f"predictions[{eval_set!r}]"
         y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
         p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
@@ -242,8 +292,12 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
         if yl.any() and not yl.all():
             evaluable.append(lab)
         sub = boot.subset(mask) if boot is not None else None
-        thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
-        pt = apply_temperature(zl, temp) if np.isfinite(temp) else None
+        thr = fitted["thresholds"][lab]
+        if task == "multiclass":  # one-vs-rest rows of class `lab`, calibrated by the shared softmax temperature
+            pt = scaled[mask, j] if scaled is not None else None
+        else:
+            temp = fitted["temperatures"][lab]
+            pt = apply_temperature(zl, temp) if np.isfinite(temp) else None
         _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins, suffix)
         for a, values in attrs.items():
             worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
@@ -254,6 +308,33 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
         for g in names[a]:
             n_any[(eval_set, a, str(g), suffix)] = int((any_label & (values == g)).sum())
     return evaluable
+
+
+def _multiclass_rows(out: _Rows, eval_set: str, y, p, scaled, boot, eval_cfg) -> None:
+    """The one-of-K rows (label ``all``) of one set: accuracy, balanced accuracy, NLL, Brier, top-label ECE, and
+    the calibration metrics again after the softmax temperature (``scaled``; None when none was fitted)."""
+    t, mask = check_one_hot(y)
+    sub = boot.subset(mask) if boot is not None else None
+    n = int(mask.sum())
+
+    def add(metric, value, replicates):
+        out.add(eval_set, MULTICLASS_LABEL, "all", "all", metric, value, n,
+                replicates(t, q, sub.counts, sub.codes) if sub is not None and n else None, macro=False)
+
+    bins = eval_cfg.ece_bins
+    for suffix, probs in (("", p), ("_temp", scaled)):
+        if probs is None:
+            for metric in ("nll_multiclass", "brier_multiclass", "ece_top_label"):
+                out.add(eval_set, MULTICLASS_LABEL, "all", "all", metric + suffix, math.nan, n, macro=False)
+            continue
+        q = probs[mask]
+        if not suffix:  # the argmax does not move with the temperature
+            add("accuracy", accuracy(y, p), accuracy_replicates)
+            add("balanced_accuracy", balanced_accuracy(y, p), balanced_accuracy_replicates)
+        add("nll_multiclass" + suffix, nll_multiclass(y, probs), nll_multiclass_replicates)
+        add("brier_multiclass" + suffix, brier_multiclass(y, probs), brier_multiclass_replicates)
+        add("ece_top_label" + suffix, ece_top_label(y, probs, n_bins=bins),
+            lambda *a: ece_top_label_replicates(*a, n_bins=bins))
 
 
 def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -273,7 +354,7 @@ def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[s
 
 
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
-                        eval_cfg) -> tuple[pd.DataFrame, dict]:
+                        eval_cfg, task: str = "multilabel") -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
 
     ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
@@ -282,8 +363,17 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     ``eval_set, label, attribute, group, metric, value, lo, hi, n``; ``info`` the thresholds and temperatures per
     label, the split they were fitted on (``val``), the metrics that are in-sample there, the labels each set can
     score and each OOD set shares with ``test``, the attributes skipped per set and the worst group's name per
-    ``[eval_set][label][attribute]``.
+    ``[eval_set][label][attribute]``. ``task='multiclass'`` scores a one-of-K task (``labels`` = its classes,
+    ``label:<class>`` one-hot, ``prob:<class>`` a softmax): every row above one-vs-rest per class, plus the
+    one-of-K rows (see the module docstring).
     """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
+    if task == "multiclass" and len(labels) < 2:
+        raise ValueError(f"task='multiclass' needs at least two classes in labels, got {list(labels)}")
+    if task == "multiclass" and eval_cfg.aggregate:
+        raise ValueError("eval.aggregate (breast/exam pooling) is implemented for multi-label findings only, "
+                         "not for task='multiclass'")
     if FIT_SPLIT not in predictions:
         raise ValueError(f"predictions must contain {FIT_SPLIT!r} (thresholds and temperatures are fitted there); "
                          f"got {sorted(predictions)}")
@@ -291,7 +381,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
         raise ValueError("labels must name at least one label")
     for name, df in predictions.items():
         _columns(df, name, labels)
-    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg)
+    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg, task)
     out = _Rows(eval_cfg.alpha)
     n_any: dict[tuple, int] = {}
     skipped: dict[str, list[str]] = {}

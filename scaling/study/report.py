@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 
 from scaling.io import atomic_write_text
-from scaling.metrics.run_metrics import FIT_SPLIT, IN_SAMPLE_METRICS, base_metric
+from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
+                                         base_metric)
 from scaling.study import plots
 from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
 from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
@@ -75,8 +76,8 @@ def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
 
 
 def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", attribute="all",
-                full_only=True) -> pd.DataFrame:
-    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
+                full_only=True, label="macro") -> pd.DataFrame:
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == label) & (summary["group"] == "all")
                 & summary["metric"].isin(metrics)]
     s = s[s["attribute"] != "all"] if attribute is None else s[s["attribute"] == attribute]
     if full_only and len(s):
@@ -207,6 +208,10 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
 
     rep.eval_sets = eval_set_order(df)
+    one_of_k = [m + t for m in MULTICLASS_METRICS for t in ("", "_temp") if m + t in set(summary["metric"])]
+    for e in rep.eval_sets if one_of_k else ():
+        rep.tables[f"multiclass:{e}"] = _in_sample(_view_table(summary, one_of_k, eval_set=e,
+                                                               label=MULTICLASS_LABEL), e)
     for e in rep.eval_sets:
         rep.tables[f"fairness:{e}"] = _in_sample(_view_table(summary, FAIRNESS_METRICS, eval_set=e, attribute=None), e)
         rep.tables[f"groups:{e}"] = _group_table(summary, e)
@@ -417,6 +422,22 @@ def _calibration_html(rep: StudyReport) -> list[str]:
     return parts
 
 
+def _multiclass_html(rep: StudyReport) -> list[str]:
+    """The one-of-K metrics per evaluation set (studies whose task is multi-class)."""
+    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("multiclass:")]
+    if not sets:
+        return []
+    parts = ["<h2 id='multiclass'>One-of-K classification</h2>",
+             "<p class='note'>All classes together: top-1 accuracy, balanced accuracy (mean per-class recall), "
+             "multi-class NLL and Brier score and top-label ECE, the last three also after the softmax temperature "
+             "fitted on validation (<i>_temp</i>). AUROC elsewhere in the report is one-vs-rest per class and its "
+             "macro.</p>"]
+    for e in sets:
+        parts += [f"<h3 id='multiclass-{_anchor(e)}'>{_set_title(e)}</h3>",
+                  _table_html(rep.tables[f"multiclass:{e}"], f"multiclass-{_anchor(e)}")]
+    return parts
+
+
 def _exam_html(rep: StudyReport) -> list[str]:
     """Image-level AUROC beside breast- and exam-level AUROC per evaluation set (studies with eval.aggregate)."""
     sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("exam:")]
@@ -469,7 +490,7 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='headline'>AUROC by cell and evaluation set</h2>",
             "<p class='note'>Macro AUROC over the labels each set can score (below): sets with different labels "
             "are not directly comparable here; the distribution-shift section compares them on shared labels.</p>",
-            _table_html(t.get("headline"), "headline"), _labels_html(rep),
+            _table_html(t.get("headline"), "headline"), _labels_html(rep), *_multiclass_html(rep),
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
             _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",
