@@ -374,9 +374,11 @@ def _ood_html(rep: StudyReport) -> list[str]:
                          f"{html.escape(', '.join(own) or 'none')}): no drop.</p>")
             continue
         test_only = [lab for lab in rep.evaluable_labels.get("test", []) if lab not in shared]
-        parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>"
-                     + (f"; not compared (a class absent in {html.escape(e)}): {html.escape(', '.join(test_only))}"
-                        if test_only else "") + ".</p>")
+        ood_only = [lab for lab in own if lab not in shared]
+        left_out = "".join(f"; scored on {html.escape(where)} only: {html.escape(', '.join(labs))}"
+                           for where, labs in (("test", test_only), (e, ood_only)) if labs)
+        parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>{left_out}."
+                     "</p>")
         parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
     return parts
 
