@@ -283,11 +283,18 @@ class EvalConfig:
     """Seed of the patient resampling; the same seed gives every run the same replicates (paired comparisons)."""
     batch_size: int = 64
     """Per-process batch size for prediction."""
+    aggregate: tuple[str, ...] = ()
+    """Also evaluate per ``breast`` and/or per ``exam`` (mammography): image probabilities pooled by max and by
+    mean over the views, beside the image-level numbers (``scaling.metrics.exam``; docs/metrics.md)."""
 
     def __post_init__(self):
         _choice("eval.threshold", self.threshold, ("max_f1", "sens90", "spec90", "fixed"))
         if not 0 < self.alpha < 1:
             raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1)")
+        for level in self.aggregate:
+            _choice("eval.aggregate", level, ("breast", "exam"))
+        if len(set(self.aggregate)) != len(self.aggregate):
+            raise ConfigError(f"eval.aggregate={list(self.aggregate)} names a level twice")
 
 
 @dataclass(frozen=True)

@@ -306,18 +306,18 @@ class Tracker:
 
 def summary_metrics(rows: pd.DataFrame) -> dict[str, float]:
     """Headline numbers of a run's tidy metric rows as flat ``eval_set/[attribute/]metric`` keys (macro label),
-    plus ``<ood set>/auroc_drop`` = test − OOD AUROC for every set other than val and test."""
+    e.g. ``test/auroc``, ``test/sex/auroc_gap`` and ``<ood set>/auroc_drop`` (test − OOD AUROC on the labels both
+    sets can score, see :mod:`scaling.metrics.run_metrics`), and a one-of-K task's ``test/accuracy``, ...."""
     out: dict[str, float] = {}
     if rows.empty or not {"eval_set", "label", "attribute", "group", "metric", "value"} <= set(rows.columns):
         return out
-    macro = rows[rows["label"] == "macro"]
+    # macro over labels, and a one-of-K task's rows over all classes (label 'all', run_metrics.MULTICLASS_LABEL:
+    # test/accuracy, test/nll_multiclass, ...; tracking sits below metrics in the layering, hence the literal)
+    macro = rows[rows["label"].isin(["macro", "all"])]
     for r in macro.itertuples(index=False):
         if r.group != "all":
             continue
         v = float(r.value) if r.value is not None else math.nan
         key = f"{r.eval_set}/{r.metric}" if r.attribute == "all" else f"{r.eval_set}/{r.attribute}/{r.metric}"
         out[key] = v
-    for es in sorted(set(macro["eval_set"]) - {"val", "test"}):
-        if "test/auroc" in out and f"{es}/auroc" in out:
-            out[f"{es}/auroc_drop"] = out["test/auroc"] - out[f"{es}/auroc"]
     return out

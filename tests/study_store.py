@@ -8,6 +8,7 @@ selective-prediction curves have something real to work on.
 from __future__ import annotations
 
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ EVAL_SETS = ("val", "test", "ood_site_b")
 N_TRAIN_FULL = 400
 PATIENTS = [f"pzq{80000 + i}" for i in range(60)]
 SAMPLES = [f"smx{550000 + i}" for i in range(120)]
+TEMPERATURES = {"L1": 2.0, "L2": None}
+"""The validation-fitted temperatures recorded with every run (L2: none could be fitted)."""
 B_PARAMS, B_FRACTION = 0.3, 0.25
 """Exponents of the error law in parameter count and in labelled fraction."""
 
@@ -74,8 +77,9 @@ def _metric_rows(backbone, source, fraction, seed) -> list[dict]:
         e = ece(backbone)
         for label in (*LABELS, "macro"):
             add(es, label, "all", "all", "auroc", a)
-            overall = dict(auprc=a - 0.2, ece=e, ece_temp=0.015, mce=2 * e, brier=0.2 - 0.1 * a, nll=0.6 - 0.2 * a,
-                           nll_temp=0.55 - 0.2 * a, prevalence=0.3, tpr=a - 0.1, fpr=1.1 - a, aurc=0.3 - 0.2 * a)
+            overall = dict(auprc=a - 0.2, ece=e, ece_temp=0.015, mce=2 * e, brier=0.2 - 0.1 * a,
+                           brier_temp=0.19 - 0.1 * a, nll=0.6 - 0.2 * a, nll_temp=0.55 - 0.2 * a, prevalence=0.3,
+                           tpr=a - 0.1, fpr=1.1 - a, aurc=0.3 - 0.2 * a)
             for m, v in overall.items():
                 add(es, label, "all", "all", m, v)
             for g, sign in (("F", -1), ("M", 1)):
@@ -87,6 +91,11 @@ def _metric_rows(backbone, source, fraction, seed) -> list[dict]:
             add(es, label, "sex", "all", "worst_group_auroc", a - gap / 2)
             add(es, label, "sex", "all", "auroc_gap", gap)
             add(es, label, "sex", "all", "eod", 0.02)
+            if es == "ood_site_b":  # the shift rows: both labels are scored on test and on the OOD set
+                a_id = _auroc(backbone, source, fraction, seed, "test")
+                add(es, label, "all", "all", "auroc_id", a_id)
+                add(es, label, "all", "all", "auroc_ood", a)
+                add(es, label, "all", "all", "auroc_drop", a_id - a)
     return rows
 
 
@@ -137,6 +146,8 @@ def make_store(root: Path, *, name: str = "handmade", skip: set | None = None, o
         if predictions:
             for es in EVAL_SETS:
                 store.write_predictions(rid, es, _predictions(_auroc(*key, es), spec.seed, es))
+            # what the runner stores: the temperatures fitted on val (None = one class there: none fitted)
+            store.write_meta(rid, {"fitted_on_val": {"temperatures": dict(TEMPERATURES)}})
         store.write_metrics(rid, _metric_rows(*key))
         store.mark_complete(rid)
     return cfg
@@ -167,3 +178,39 @@ def run_dir_of(root: Path, cfg: StudyConfig, backbone, source, fraction, seed) -
                 (backbone, source, fraction, seed))
     rid = run_id(cfg, spec)
     return rid, RunStore(root).run_dir(rid)
+
+
+class _TableParser(HTMLParser):
+    """Collects the header and body cells of one ``<table id=...>`` of an HTML page."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.rows, self.cell = table_id, False, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and dict(attrs).get("id") == self.table_id:
+            self.inside = True
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append(self.cell.strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def html_table(text: str, table_id: str) -> pd.DataFrame:
+    """The table with ``id=table_id`` of an HTML page as a DataFrame of strings (first row = header)."""
+    parser = _TableParser(table_id)
+    parser.feed(text)
+    if not parser.rows:
+        raise AssertionError(f"no table with id {table_id!r} in the page")
+    return pd.DataFrame(parser.rows[1:], columns=parser.rows[0])

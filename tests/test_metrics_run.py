@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from scaling.config import EvalConfig
 from scaling.metrics import (MetricWarning, apply_temperature, choose_threshold, compute_run_metrics,
@@ -55,8 +55,11 @@ def _row(rows, **kw):
 def test_columns_and_eval_sets(result):
     rows, info = result
     assert tuple(rows.columns) == METRIC_COLUMNS
-    assert set(rows.eval_set) == {"test", "ood"}  # val is where thresholds are fitted, never reported
-    assert info["fitted_on"] == "val" and info["eval_sets"] == ["test", "ood"]
+    assert set(rows.eval_set) == {"val", "test", "ood"}
+    assert info["fitted_on"] == "val" and info["eval_sets"] == ["val", "test", "ood"]
+    # on val the threshold- and temperature-dependent numbers are in-sample, and say so
+    assert {"tpr", "fpr", "eod", "ece_temp", "brier_temp", "nll_temp"} <= set(info["in_sample"]["val"])
+    assert "auroc" not in info["in_sample"]["val"]
     assert info["skipped_attributes"] == {"ood": ["age_group"]}
     assert not rows.duplicated(["eval_set", "label", "attribute", "group", "metric"]).any()
 
@@ -155,9 +158,59 @@ def test_label_unlabelled_in_a_set_gives_nan_rows_with_n_zero(preds):
     test["label:Edema"] = np.nan
     with pytest.warns(MetricWarning):
         rows, _ = compute_run_metrics({"val": preds["val"], "test": test}, LABELS, ["sex"], EvalConfig(n_boot=20))
-    edema = rows[rows.label == "Edema"]
+    edema = rows[(rows.label == "Edema") & (rows.eval_set == "test")]
     assert edema.value.isna().all() and (edema.n == 0).all()
     assert set(edema[edema.attribute == "sex"].group) == {"F", "M", "U", "all"}
     macro = _row(rows, eval_set="test", label="macro", attribute="all", group="all", metric="auroc")
     assert macro.value == _row(rows, eval_set="test", label="No Finding", attribute="all", group="all",
                                metric="auroc").value
+
+
+def test_val_is_reported_with_its_own_threshold_and_temperature(result, preds):
+    rows, info = result
+    val = preds["val"]
+    for lab in LABELS:
+        thr, t = info["thresholds"][lab], info["temperatures"][lab]
+        tpr, fpr = rates_at(val[f"label:{lab}"], val[f"prob:{lab}"], thr)
+        assert _row(rows, eval_set="val", label=lab, attribute="all", group="all", metric="tpr").value == tpr
+        keep = val[f"label:{lab}"].notna()
+        y, z = val.loc[keep, f"label:{lab}"], val.loc[keep, f"logit:{lab}"]
+        pt = apply_temperature(z, t)
+        assert _row(rows, eval_set="val", label=lab, attribute="all", group="all", metric="brier_temp").value == (
+            pytest.approx(brier_score_loss(y, pt)))
+        assert _row(rows, eval_set="val", label=lab, attribute="all", group="all", metric="brier").value == (
+            pytest.approx(brier_score_loss(y, expit(z))))
+        # fitted on these very samples: the calibrated NLL is the minimum over temperatures
+        nll_t = _row(rows, eval_set="val", label=lab, attribute="all", group="all", metric="nll_temp").value
+        assert nll_t <= nll(y, apply_temperature(z, 1.1 * t)) and nll_t <= nll(y, apply_temperature(z, t / 1.1))
+    sub = rows[(rows.eval_set == "val") & (rows.attribute == "sex") & (rows.group == "all")]
+    assert {"worst_group_auroc", "auroc_gap", "eod"} <= set(sub.metric)
+
+
+def test_ood_drop_uses_the_labels_both_sets_can_score(preds):
+    # Edema has no positive case in this OOD set: its drop cannot be computed, and the macro drop must not mix a
+    # two-label in-distribution macro with a one-label OOD macro.
+    ood = preds["ood"].copy()
+    ood["label:Edema"] = np.where(ood["label:Edema"].isna(), np.nan, 0.0)
+    with pytest.warns(MetricWarning):
+        rows, info = compute_run_metrics({"val": preds["val"], "test": preds["test"], "ood": ood}, LABELS, [],
+                                         EvalConfig(n_boot=200))
+    assert info["evaluable_labels"] == {"val": LABELS, "test": LABELS, "ood": ["No Finding"]}
+    assert info["shift_labels"] == {"ood": ["No Finding"]}
+    shift = rows[rows.metric.isin(["auroc_id", "auroc_ood", "auroc_drop"])]
+    assert set(shift.eval_set) == {"ood"} and set(shift.label) == {"No Finding", "macro"}
+    test, o = preds["test"], ood
+    a_id = roc_auc_score(test["label:No Finding"], test["prob:No Finding"])
+    a_ood = roc_auc_score(o["label:No Finding"], o["prob:No Finding"])
+    for label in ("No Finding", "macro"):
+        assert _row(shift, label=label, metric="auroc_id").value == pytest.approx(a_id, abs=1e-12)
+        assert _row(shift, label=label, metric="auroc_ood").value == pytest.approx(a_ood, abs=1e-12)
+        drop = _row(shift, label=label, metric="auroc_drop")
+        assert drop.value == pytest.approx(a_id - a_ood, abs=1e-12) and drop.lo < drop.value < drop.hi
+    # the whole-set macros differ: test averages two labels, the OOD set one
+    test_macro = _row(rows, eval_set="test", label="macro", attribute="all", group="all", metric="auroc").value
+    assert test_macro != pytest.approx(a_id)
+    # the drop's interval: independent resamples of the two sets, wider than either set's own
+    d = _row(shift, label="No Finding", metric="auroc_drop")
+    one = _row(rows, eval_set="ood", label="No Finding", attribute="all", group="all", metric="auroc")
+    assert d.hi - d.lo > one.hi - one.lo

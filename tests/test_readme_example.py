@@ -22,5 +22,5 @@ def test_readme_library_example_runs(tmp_path, monkeypatch, capsys):
     assert sorted(scope["out"]["index"]) == list(range(len(scope["test"])))
     res = scope["results"]
     macro = res.query("metric == 'auroc' and label == 'macro' and attribute == 'all'")
-    assert set(macro.eval_set) == {"test", "ood_site_b"}  # val is for fitting thresholds, never reported
+    assert set(macro.eval_set) == {"val", "test", "ood_site_b"}  # val: in-sample where a fit is involved
     assert "Edema AUROC" in capsys.readouterr().out

@@ -9,10 +9,11 @@ from scipy import stats
 from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
 
 from scaling.study.__main__ import main
-from scaling.study.aggregate import MixedStudyError, headline_table, load_results, run_status, summarise
+from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
+                                     summarise)
 from scaling.study.store import RunStore
 
-ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (12 + 2 * 5 + 3)
+ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (13 + 2 * 5 + 3) + (len(LABELS) + 1) * 3  # + OOD shift rows
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_tidy_table(store):
              attribute="all", group="all", metric="auroc")
     assert r["n_params"] == 1.6e6 and r["pretrain_images"] == 10000 and r["n_train_images"] == 200
     assert r["value"] == pytest.approx(1 - expected_error("bb_base", "upstream:big", 0.5, 1))
-    assert (df.attrs["runs"]["status"] == "complete").sum() == 72
+    assert (load_study(root).runs["status"] == "complete").sum() == 72
 
 
 def test_summary_over_seeds(store):

@@ -1,13 +1,18 @@
 """The real study configs on fixture data in the datasets' real formats: --dry-run plans every cell, and a
-smoke variant (tiny backbone, a few steps, no sharding) trains and evaluates end to end through the same runner."""
+smoke variant (two tiny backbones, a few steps, no sharding) trains, evaluates and reports end to end through the
+same runner, with offline W&B."""
 
+import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from study_store import html_table
 
 from scaling.config import compose, load_config
 from dataset_fixtures import write_fixture
 from scaling.demo.synthetic import write_synthetic_chexpert
+from scaling.study.aggregate import load_results, summarise
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore
 
@@ -56,19 +61,111 @@ def test_dry_run_plans_every_cell(name, tmp_path):
 SMOKE = ["grid.pretrained=[scratch]", "grid.fractions=[1.0]", "grid.seeds=[0]", "train.hyperrule=off",
          "train.steps=3", "train.batch_size=8", "train.grad_accum=1", "train.mixed_precision=no", "train.warmup_steps=1",
          "sharding.strategy=none", "sharding.activation_checkpointing=none", "sharding.param_dtype=fp32",
-         "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=off"]
+         "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=offline"]
+BACKBONES = {"chexpert_vit": ("vit_micro", "vit_mini")}
+_CXR = {"val": {"sex", "age_group", "race"}, "test": {"sex", "age_group", "race"}, "nih_cxr14": {"sex", "age_group"},
+        "mimic_cxr": {"sex", "age_group", "race"}}
+EXPECTED_ATTRIBUTES = {
+    "chexpert_bit": _CXR, "chexpert_vit": _CXR,
+    "derm_isic": {"val": {"sex", "age_group"}, "test": {"sex", "age_group"}, "ddi": {"skin_group"},
+                  "fitzpatrick17k": {"skin_group"}},
+    # the fixture's validation patient (2 images) has no age in metadata.csv; CBIS-DDSM has no age, CMMD no density
+    "mammo_vindr": {"val": {"density"}, "test": {"density", "age_group"}, "cbis_ddsm": {"density"},
+                    "cmmd": {"age_group"}},
+}
+"""The subgroup attributes each evaluation set of a shipped config has on the fixture data."""
+"""Two backbones per smoke study (the report's model-size views need two); BiT-style unless named here."""
+
+
+def _ci(row) -> str:
+    """A summary row formatted as the report prints it."""
+    return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]" if pd.notna(row["mean"]) else "n/a"
 
 
 @pytest.mark.parametrize("name", STUDIES)
-def test_smoke_variant_trains_end_to_end(name, tmp_path):
-    backbone = "vit_micro" if "vit" in name else "resnetv2_tiny"
+def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
+    # The shipped config, shrunk (two tiny backbones, 3 steps, 32 px), trains, evaluates every set, writes the
+    # HTML report and the offline W&B study view; the report shows every OOD set with the store's numbers.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)  # anything W&B writes relative to the cwd stays in tmp
+    backbones = BACKBONES.get(name, ("resnetv2_tiny", "resnetv2_small"))
     cfg = load_config(CONFIGS / f"{name}.yaml", [*_point_at_fixtures(name, tmp_path), *SMOKE,
-                                                  f"grid.backbones=[{backbone}]"])
-    table = run_study(cfg, report=False)
-    assert list(table.status) == ["complete"]
+                                                  f"grid.backbones=[{','.join(backbones)}]"])
+    ood = [e.name for e in cfg.data.ood]
+    assert len(ood) >= 2
+    table = run_study(cfg)
+    assert list(table.status) == ["complete", "complete"]
     store = RunStore(cfg.output_dir)
-    rid = table.run_id.iloc[0]
-    assert set(store.eval_sets(rid)) == {"val", "test", *[e.name for e in cfg.data.ood]}
-    m = store.read_metrics(rid)
-    assert {"auroc", "ece", "brier"} <= set(m.metric)
-    assert store.read_meta(rid)["steps"] == 3
+    for rid in table.run_id:
+        assert set(store.eval_sets(rid)) == {"val", "test", *ood}
+        assert {"auroc", "ece", "brier"} <= set(store.read_metrics(rid).metric)
+        assert store.read_meta(rid)["steps"] == 3
+
+    text = (store.root / "report.html").read_text()
+    tidy = load_results(store.root)
+    everything = summarise(tidy)
+    summary = everything[(everything.attribute == "all") & (everything.group == "all")]
+    for e in ood:
+        assert f"<h3 id='ood-{e}'>" in text, e
+        shared = list(pd.unique(tidy[(tidy.eval_set == e) & (tidy.metric == "auroc_drop") & (tidy.label != "macro")]
+                                .label))
+        assert shared, f"{e} shares no scorable label with test"
+        assert f"Compared on {len(shared)} label(s): <b>{', '.join(shared)}</b>" in text
+        shown = html_table(text, f"tbl-ood-{e}").set_index("backbone")
+        assert sorted(shown.index) == sorted(backbones)
+        for bb in backbones:
+            cell = summary[(summary.backbone == bb) & (summary.eval_set == e)].set_index(["label", "metric"])
+            assert shown.loc[bb, "test AUROC"] == _ci(cell.loc[("macro", "auroc_id")])
+            assert shown.loc[bb, f"{e} AUROC"] == _ci(cell.loc[("macro", "auroc_ood")])
+            assert shown.loc[bb, "drop"] == _ci(cell.loc[("macro", "auroc_drop")])
+            for lab in shared:
+                assert shown.loc[bb, f"drop: {lab}"] == _ci(cell.loc[(lab, "auroc_drop")])
+
+    # Fairness and calibration on every set; val's threshold/temperature-dependent columns are marked in-sample;
+    # an attribute only an OOD set has (Fitzpatrick skin type on DDI, Fitzpatrick17k) is reported there.
+    macro = everything[(everything.label == "macro") & (everything.group == "all")]
+    for e in ["val", "test", *ood]:
+        cal = html_table(text, f"tbl-calibration-{e}").set_index("backbone")
+        temp = "ece_temp (in-sample)" if e == "val" else "ece_temp"
+        for bb in backbones:
+            cell = macro[(macro.backbone == bb) & (macro.eval_set == e) & (macro.attribute == "all")]
+            assert cal.loc[bb, "ece"] == _ci(cell[cell.metric == "ece"].iloc[0])
+            assert cal.loc[bb, temp] == _ci(cell[cell.metric == "ece_temp"].iloc[0])
+        attrs = sorted(set(macro[(macro.eval_set == e) & (macro.attribute != "all")].attribute))
+        assert attrs == sorted(a for a in cfg.data.subgroups if a in EXPECTED_ATTRIBUTES[name][e]), (e, attrs)
+        if not attrs:
+            continue
+        fair = html_table(text, f"tbl-fairness-{e}").set_index(["backbone", "attribute"])
+        eod = "eod (in-sample)" if e == "val" else "eod"
+        for bb in backbones:
+            for a in attrs:
+                cell = macro[(macro.backbone == bb) & (macro.eval_set == e) & (macro.attribute == a)]
+                assert fair.loc[(bb, a), "worst_group_auroc"] == _ci(cell[cell.metric == "worst_group_auroc"].iloc[0])
+                assert fair.loc[(bb, a), eod] == _ci(cell[cell.metric == "eod"].iloc[0])
+
+    # Reliability diagrams for test and every OOD set, per backbone.
+    rel = html_table(text, "tbl-reliability")
+    assert set(zip(rel.eval_set, rel.backbone)) == {(e, bb) for e in ["test", *ood] for bb in backbones}
+    assert re.search(r'<figure id="fig-reliability"><img', text)
+
+    # Mammography: breast- and exam-level AUROC beside the image level, for every set.
+    if cfg.eval.aggregate:
+        for e in ["val", "test", *ood]:
+            exam = html_table(text, f"tbl-exam-{e}").set_index("backbone")
+            for bb in backbones:
+                cell = summary[(summary.backbone == bb) & (summary.eval_set == e) & (summary.label == "macro")]
+                cell = cell.set_index("metric")
+                for col, metric in (("image", "auroc"), ("breast (max)", "auroc@breast_max"),
+                                    ("breast (mean)", "auroc@breast_mean"), ("exam (max)", "auroc@exam_max"),
+                                    ("exam (mean)", "auroc@exam_mean")):
+                    assert exam.loc[bb, col] == _ci(cell.loc[metric]), (e, bb, col)
+        units = html_table(text, "tbl-exam-units").set_index("evaluation set")
+        test_preds = store.read_predictions(table.run_id.iloc[0], "test")
+        assert int(units.loc["test", "exams"]) == test_preds.patient_id.nunique()  # VinDr: one exam per patient
+
+    # The W&B study view: a study-level offline run holding the report's figures and tables.
+    study_runs = list((store.root / "wandb-study").rglob("*.wandb"))
+    assert len(study_runs) == 1
+    blob = study_runs[0].read_bytes()
+    for key in ["report/auroc_vs_params", "report/id_vs_ood", "report/headline", *[f"report/ood/{e}" for e in ood]]:
+        assert key.encode() in blob, key

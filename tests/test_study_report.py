@@ -1,16 +1,30 @@
 """The HTML report of a hand-made study: every plot and table, self-contained, nothing identifying."""
 
 import base64
+import dataclasses
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
-from study_store import PATIENTS, SAMPLES, make_store, shared_store
+from scipy.special import expit, softmax
+from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, html_table, make_store,
+                         run_dir_of, shared_store, study_config)
+
+from scaling.config import EvalConfig, GridConfig
+from scaling.metrics import compute_run_metrics
+from scaling.study.grid import config_hash, expand_grid, run_id
 
 from scaling.study.__main__ import main
-from scaling.study.report import FIGURES, build_report, render_html
+from scaling.study.aggregate import load_results, summarise
+from scaling.study.report import build_report, render_html
+from scaling.study.store import RunStore
 
-TABLES = ("completion", "headline", "fits_params", "data_efficiency", "ood", "fairness", "calibration", "selective",
-          "fits")
+TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "selective", "fits",
+          "reliability", "reliability_bins",
+          *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
+FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
+              *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +36,7 @@ def report(tmp_path_factory):
 
 def test_report_has_every_plot_and_table(report):
     _, _, text = report
-    for fid in FIGURES:
+    for fid in FIGURE_IDS:
         m = re.search(rf'<figure id="fig-{fid}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
         assert m, f"figure {fid} missing"
         assert base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,3 +99,103 @@ def test_cli_report_of_partial_store(tmp_path, capsys):
     assert 'id="fig-calibration"><img' in text and 'id="fig-selective"><img' in text
     assert re.search(r'<p class="note" id="fig-auroc_vs_fraction">[^<]*not enough data', text)
     assert re.search(r"<table[^>]*id=\"tbl-fits-refused\"", text) and "too few points: 1 distinct x" in text
+
+
+def test_fairness_and_calibration_on_every_set_val_marked_in_sample(report):
+    root, rep, text = report
+    s = summarise(load_results(root))
+    full = s[(s.fraction == 1.0) & (s.label == "macro")]
+    for e in ("val", "test", "ood_site_b"):
+        fair = html_table(text, f"tbl-fairness-{e}").set_index(["pretrained", "backbone"])
+        cal = html_table(text, f"tbl-calibration-{e}").set_index(["pretrained", "backbone"])
+        groups = html_table(text, f"tbl-groups-{e}").set_index(["pretrained", "backbone"])
+        marked = e == "val"  # threshold and temperature are fitted there
+        assert ("eod (in-sample)" in fair.columns) == marked and ("eod" in fair.columns) != marked
+        assert ("ece_temp (in-sample)" in cal.columns) == marked and "ece" in cal.columns
+        cell = full[(full.eval_set == e) & (full.backbone == "bb_base") & (full.pretrained == "upstream:big")]
+        worst = cell[(cell.attribute == "sex") & (cell.metric == "worst_group_auroc")].iloc[0]
+        assert fair.loc[("upstream:big", "bb_base"), "worst_group_auroc"] == (
+            f"{worst['mean']:.3f} [{worst['lo']:.3f}, {worst['hi']:.3f}]")
+        ece = cell[(cell.attribute == "all") & (cell.metric == "ece")].iloc[0]
+        assert cal.loc[("upstream:big", "bb_base"), "ece"] == f"{ece['mean']:.3f} [{ece['lo']:.3f}, {ece['hi']:.3f}]"
+        female = cell[(cell.attribute == "sex") & (cell.group == "F") & (cell.metric == "auroc")].iloc[0]
+        assert groups.loc[("upstream:big", "bb_base"), "sex=F"] == (
+            f"{female['mean']:.3f} [{female['lo']:.3f}, {female['hi']:.3f}] (n=60)")
+        assert f"id='fairness-{e}'" in text and f"id='calibration-{e}'" in text
+
+
+def _ece(y, p, n_bins=10):
+    """Equal-width-bin ECE by hand (numpy only)."""
+    k = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    return sum(abs(y[k == b].sum() - p[k == b].sum()) for b in range(n_bins)) / len(y)
+
+
+def test_reliability_diagrams_pool_labels_and_seeds_per_backbone(report):
+    root, rep, text = report
+    cfg = study_config(root)
+    shown = html_table(text, "tbl-reliability").set_index(["eval_set", "pretrained", "backbone"])
+    assert set(shown.index.get_level_values("eval_set")) == {"test", "ood_site_b"}  # val: temperature in-sample
+    for e in ("test", "ood_site_b"):
+        ys, raw, cal = [], [], []
+        for seed in SEEDS:
+            rid, _ = run_dir_of(root, cfg, "bb_large", "upstream:big", 1.0, seed)
+            pred = RunStore(root).read_predictions(rid, e)
+            for lab in LABELS:
+                t = TEMPERATURES[lab] or 1.0
+                ys.append(pred[f"label:{lab}"].to_numpy())
+                raw.append(pred[f"prob:{lab}"].to_numpy())
+                cal.append(expit(pred[f"logit:{lab}"].to_numpy() / t))
+        y, raw, cal = map(np.concatenate, (ys, raw, cal))
+        row = shown.loc[(e, "upstream:big", "bb_large")]
+        assert int(row["pairs"]) == len(y) == 2 * 2 * 120
+        assert float(row["pooled ECE"]) == pytest.approx(_ece(y, raw), abs=5e-4)  # printed to 4 digits
+        assert float(row["pooled ECE (temperature)"]) == pytest.approx(_ece(y, cal), abs=5e-4)
+    bins = rep.tables["reliability_bins"]
+    one = bins[(bins.eval_set == "test") & (bins.backbone == "bb_large") & (bins.pretrained == "upstream:big")]
+    assert list(one.scaling.value_counts().sort_index()) == [10, 10] and one.n.sum() == 2 * 480
+
+
+def test_report_of_a_one_of_k_study(tmp_path):
+    # Two runs of a 3-class task scored by compute_run_metrics(task="multiclass"): the report adds the one-of-K
+    # table per set (val's temperature-scaled columns in-sample) with the store's numbers, and its reliability
+    # diagrams apply the softmax temperature.
+    classes = ("A", "B", "C")
+    cfg = dataclasses.replace(study_config(tmp_path / "s"), grid=GridConfig(
+        backbones=("bb_tiny", "bb_small"), pretrained=("scratch",), fractions=(1.0,), seeds=(0,)))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=classes))
+    store = RunStore(cfg.output_dir)
+    for spec in expand_grid(cfg):
+        rng = np.random.default_rng(len(spec.backbone))
+        preds = {}
+        for e, n in (("val", 150), ("test", 200), ("ood_site_b", 120)):
+            t = rng.integers(0, 3, n)
+            z = 2.5 * (np.eye(3)[t] + rng.normal(size=(n, 3)))
+            df = pd.DataFrame({"sample_id": [f"s{e}{i}" for i in range(n)],
+                               "patient_id": [f"q{e}{i // 2}" for i in range(n)]})
+            for k, c in enumerate(classes):
+                df[f"label:{c}"], df[f"logit:{c}"], df[f"prob:{c}"] = np.eye(3)[t][:, k], z[:, k], softmax(z, 1)[:, k]
+            preds[e] = df
+        rows, info = compute_run_metrics(preds, list(classes), [], EvalConfig(n_boot=50), task="multiclass")
+        rid = run_id(cfg, spec)
+        store.write_spec(rid, {"run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
+                               "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": 1.0, "seed": 0,
+                               "n_params": int(BACKBONES[spec.backbone]), "pretrain_images": 0.0,
+                               "n_train_images": 100}, "{}\n")
+        for e, df in preds.items():
+            store.write_predictions(rid, e, df)
+        store.write_metrics(rid, rows)
+        store.write_meta(rid, {"fitted_on_val": info})
+        store.mark_complete(rid)
+    rep = build_report(tmp_path / "s", n_boot_fit=5, n_boot_curve=5)
+    text = render_html(rep)
+    s = summarise(load_results(tmp_path / "s"))
+    for e in ("val", "test", "ood_site_b"):
+        shown = html_table(text, f"tbl-multiclass-{e}").set_index("backbone")
+        temp = "nll_multiclass_temp" + (" (in-sample)" if e == "val" else "")
+        for bb in ("bb_tiny", "bb_small"):
+            cell = s[(s.eval_set == e) & (s.backbone == bb) & (s.label == "all")].set_index("metric")
+            for col, metric in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced_accuracy"),
+                                (temp, temp.split()[0])):
+                r = cell.loc[metric]
+                assert shown.loc[bb, col] == f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+    assert rep.tables["reliability"]["pooled ECE (temperature)"].notna().all()

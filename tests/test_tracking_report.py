@@ -1,16 +1,23 @@
 """The study's W&B view: the Report object is built offline with a panel per view; publishing offline logs the
-report's figures and tables to a study-level run, creates no Report and leaks no identifier."""
+report's figures and tables to a study-level run, creates no Report and leaks no identifier; an online study that
+could not build its Report is refused before training."""
 
+import importlib.util
 import socket
+import sys
 
 import pytest
 from study_store import PATIENTS, SAMPLES, make_store
 
-from scaling.config import TrackingConfig
+from scaling.config import ConfigError, TrackingConfig, load_config
+from scaling.study.__main__ import main
 from scaling.study.report import build_report
-from scaling.study.wandb_report import build_wandb_report, publish_study, report_panels, study_report_args
+from scaling.study.runner import run_study
+from scaling.study.wandb_report import (build_wandb_report, check_available, publish_study, report_panels,
+                                        study_report_args)
 
-pytest.importorskip("wandb_workspaces", reason="the W&B Report needs the wandb-report extra")
+needs_workspaces = pytest.mark.skipif(importlib.util.find_spec("wandb_workspaces") is None,
+                                      reason="the W&B Report needs the wandb-report extra")
 
 
 @pytest.fixture
@@ -26,19 +33,23 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@needs_workspaces
 def test_report_object_built_offline(no_network):
+    attributes = {"test": ["sex", "age_group"], "ood_site_b": ["sex", "skin_group"]}
     report = build_wandb_report("demo", project="scaling", entity="team", sources=["scratch", "upstream:big"],
-                                ood_sets=["ood_site_b"], attributes=["sex", "age_group"])
+                                ood_sets=["ood_site_b"], attributes=attributes)
     grid = report.blocks[-1]
     titles = [p.title for p in grid.panels]
-    expected = [t for t, *_ in report_panels(["ood_site_b"], ["sex", "age_group"])]
+    expected = [t for t, *_ in report_panels(["ood_site_b"], attributes)]
     assert titles[: len(expected)] == expected
     for view in ("AUROC vs model size (test)", "AUROC vs labelled fraction (test)",
                  "In-distribution vs OOD AUROC (ood_site_b)", "OOD drop vs model size (ood_site_b)",
-                 "Worst-group AUROC vs model size (sex)", "AUROC gap vs model size (age_group)",
-                 "ECE vs model size (test)", "ECE after temperature scaling vs model size (test)",
+                 "Worst-group AUROC vs model size (test, sex)", "AUROC gap vs model size (test, age_group)",
+                 "Worst-group AUROC vs model size (ood_site_b, skin_group)",
+                 "ECE vs model size (test)", "ECE after temperature scaling vs model size (ood_site_b)",
                  "Selective prediction: AURC vs model size (test)", "Training loss"):
         assert view in titles, view
+    assert "Worst-group AUROC vs model size (test, skin_group)" not in titles  # the attribute is not on test
     assert [r.name for r in grid.runsets] == ["scratch", "upstream:big"]
     assert {r.entity for r in grid.runsets} == {"team"} and report.project == "scaling"
     # The payload report.save() would send (without an entity, so no project-id lookup on the server).
@@ -57,13 +68,41 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     args = study_report_args(tmp_path / "s")
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
-                    "ood_sets": ["ood_site_b"], "attributes": ["sex"]}
+                    "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]}}
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)
     wandb_file = next(p for p in files if p.suffix == ".wandb").read_bytes()
-    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong"):
+    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong",
+                b"report/fairness/ood_site_b", b"report/calibration/val", b"report/ood/ood_site_b"):
         assert key in wandb_file, key
     for ident in PATIENTS + SAMPLES:
         assert ident.encode() not in blob
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="off"), None) is None
+
+
+def _without_wandb_workspaces(monkeypatch):
+    """Make ``import wandb_workspaces`` fail as on an install without the wandb-report extra."""
+    for name in [m for m in sys.modules if m == "wandb_workspaces" or m.startswith("wandb_workspaces.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)
+
+
+def test_online_study_without_wandb_workspaces_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the test session disables W&B; here the config decides
+    _without_wandb_workspaces(monkeypatch)
+    with pytest.raises(ConfigError, match=r"tracking.wandb=online .* wandb-workspaces"):
+        check_available(TrackingConfig(wandb="online"))
+    for mode in ("offline", "off"):  # no Report is built: nothing to refuse
+        check_available(TrackingConfig(wandb=mode))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment downgrades an online config
+    check_available(TrackingConfig(wandb="online"))
+    monkeypatch.delenv("WANDB_MODE")
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'store'}", "data.root=synthetic", "tracking.wandb=online",
+                             "grid.backbones=[resnetv2_tiny]", "grid.pretrained=[scratch]", "train.steps=2"])
+    with pytest.raises(ConfigError, match="wandb-workspaces"):
+        run_study(cfg)
+    assert not (tmp_path / "store").exists()  # refused before the store, the data or any training
+    assert main(["wandb-report", str(tmp_path / "store")]) == 2
+    assert "pip install 'scaling[wandb-report]'" in capsys.readouterr().err

@@ -3,29 +3,53 @@
 :func:`compute_run_metrics` is what the study runner calls after prediction. Input: one DataFrame per evaluation
 set with ``sample_id``, ``patient_id``, ``label:<L>`` (1/0/NaN), ``logit:<L>``, ``prob:<L>`` for every label and
 the attribute columns. ``val`` must be present: per label, the decision threshold (``eval.threshold`` policy)
-and the temperature are fitted there and applied unchanged to every other set. ``val`` itself is not reported:
-its threshold-dependent numbers would be in-sample.
+and the temperature are fitted there and applied unchanged to every set, ``val`` included.
 
-Output rows (tidy; columns ``eval_set, label, attribute, group, metric, value, lo, hi, n``):
+Output rows (tidy; columns ``eval_set, label, attribute, group, metric, value, lo, hi, n``), for every evaluation
+set (``val``, ``test`` and each OOD set):
 
 * ``label``: a label name, or ``macro`` = the mean over labels whose value is not NaN. Macro ``lo``/``hi`` come
   from the per-replicate mean over those labels (the replicates of all labels are drawn from the same patients);
   macro ``n`` = samples with at least one label. Summary macros (e.g. ``worst_group_auroc``) are means of the
   per-label summaries.
-* ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``ece_temp`` (after temperature
-  scaling), ``mce``, ``brier``, ``nll``, ``nll_temp``, ``prevalence``, ``tpr`` and ``fpr`` (at the val-fitted
-  threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see ``selective``).
+* ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``mce``, ``brier``, ``nll`` and, after
+  the validation-fitted temperature, ``ece_temp``, ``brier_temp``, ``nll_temp``; ``prevalence``, ``tpr`` and
+  ``fpr`` (at the val-fitted threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see
+  ``selective``).
 * ``attribute=<column>, group=<value>``: ``prevalence``, ``auroc``, ``ece``, ``tpr``, ``fpr`` (and
   ``underdiagnosis_rate`` for "No Finding"); groups below ``eval.min_group_size`` have NaN values and their true
   ``n``; a missing attribute value forms the group ``missing``.
 * ``attribute=<column>, group='all'``: ``worst_group_auroc``, ``auroc_gap``, ``tpr_gap``, ``fpr_gap``, ``eod``
   (equalized-odds difference) and, for "No Finding", ``underdiagnosis_gap`` (see ``fairness``).
+* distribution shift, ``eval_set=<OOD set>, attribute='all', group='all'``: ``auroc_id`` (the in-distribution
+  ``test`` AUROC), ``auroc_ood`` (the OOD set's AUROC) and ``auroc_drop`` (their difference), for each label that
+  *both* sets can score — both classes present among its labelled rows in ``test`` and in the OOD set — and their
+  ``macro`` over exactly those labels. A macro over all labels in-distribution against a macro over the two labels
+  an OOD set happens to have would compare different tasks. ``info['shift_labels']`` lists the labels per set.
+  The drop's interval comes from the difference of the two sets' replicates (different patients, independent
+  resamples).
+* pooled per breast / exam (``eval.aggregate``, mammography; see :mod:`scaling.metrics.exam`): the overall rows
+  again, for every set, with metric names ``<metric>@<level>_<reducer>`` (``auroc@exam_max``,
+  ``tpr@breast_mean``): the image probabilities of each unit pooled by their max and by their mean, threshold and
+  temperatures refitted on pooled ``val``, ``n`` = units, intervals from the same patient-level bootstrap.
+  No subgroup or shift rows at these levels. ``info['pooled']`` holds each level's fits and unit counts.
+* one-of-K tasks (``task='multiclass'``: ``label:<class>`` one-hot, ``prob:<class>`` the softmax): every row
+  above is computed one-vs-rest per class (so ``macro`` AUROC is the one-vs-rest macro AUROC of
+  ``roc_auc_score(multi_class='ovr')``, and each class's ``*_temp`` uses the one softmax temperature fitted on
+  val), plus ``label='all'`` rows scoring the classes together: ``accuracy`` (top-1), ``balanced_accuracy`` (mean
+  per-class recall), ``nll_multiclass``, ``brier_multiclass`` and ``ece_top_label``, the last three also
+  ``*_temp`` (see :mod:`scaling.metrics.multiclass`).
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
   ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
 
+On ``val`` the numbers in :data:`IN_SAMPLE_METRICS` use a threshold or temperature fitted on those very samples:
+they are in-sample (optimistic) and reported as such (``info['in_sample']``); discrimination (AUROC, AUPRC) and the
+raw calibration metrics do not depend on the fit.
+
 An attribute column absent from an evaluation set, or missing for all its samples (an OOD dataset without that
-demographic), is skipped for that set with a warning and listed in ``info['skipped_attributes']``.
+demographic), is skipped for that set with a warning and listed in ``info['skipped_attributes']``; an attribute
+present only on an OOD set (Fitzpatrick skin type on DDI) is reported there.
 """
 
 from __future__ import annotations
@@ -40,15 +64,36 @@ from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
 from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_replicates, mce, mce_replicates, nll,
                                          nll_replicates, weighted_mean_replicates)
 from scaling.metrics.discrimination import auprc, auprc_replicates, auroc, auroc_replicates
+from scaling.metrics.exam import REDUCERS, aggregate_predictions
 from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
+from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.metrics.selective import aurc
-from scaling.metrics.temperature import apply_temperature, fit_temperature
+from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
+                                        brier_multiclass, brier_multiclass_replicates, check_one_hot,
+                                        check_probabilities, ece_top_label, ece_top_label_replicates, nll_multiclass,
+                                        nll_multiclass_replicates)
+from scaling.metrics.temperature import (apply_softmax_temperature, apply_temperature, fit_softmax_temperature,
+                                         fit_temperature)
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
 from scaling.metrics.validation import MetricWarning, check_labels, check_scores
-from scaling.metrics.schema import METRIC_COLUMNS
 
 FIT_SPLIT = "val"
+"""The evaluation set thresholds and temperatures are fitted on."""
+ID_SPLIT = "test"
+"""The in-distribution evaluation set every OOD set is compared with."""
 NO_FINDING = "No Finding"
+TASKS = ("multilabel", "multiclass")
+"""Independent findings (sigmoid per label) or one class out of K (softmax over the labels)."""
+MULTICLASS_LABEL = "all"
+"""The ``label`` of the rows that score all classes of a one-of-K task together (accuracy, ...)."""
+MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "nll_multiclass", "brier_multiclass", "ece_top_label")
+"""The one-of-K rows, each also after the validation-fitted softmax temperature (``<metric>_temp``) where it moves."""
+IN_SAMPLE_METRICS = ("tpr", "fpr", "aurc", "ece_temp", "brier_temp", "nll_temp", "tpr_gap", "fpr_gap", "eod",
+                     "underdiagnosis_rate", "underdiagnosis_gap", "nll_multiclass_temp", "brier_multiclass_temp",
+                     "ece_top_label_temp")
+"""Metrics that depend on the validation-fitted threshold or temperature: in-sample when reported on ``val``."""
+SHIFT_METRICS = ("auroc_id", "auroc_ood", "auroc_drop")
+"""The distribution-shift rows of an OOD set (on the labels it shares with the in-distribution test set)."""
 # Metrics that exist for one label only are not macro-averaged.
 _NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
 
@@ -62,7 +107,9 @@ def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
         raise ValueError(f"predictions[{eval_set!r}]['patient_id'] has missing ids; the bootstrap resamples patients")
 
 
-def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
+def _fit_on_val(val: pd.DataFrame, labels, eval_cfg, task: str = "multilabel") -> dict:
+    """Per label the decision threshold (one-vs-rest for a one-of-K task) and the temperature: one per label for
+    sigmoid outputs, one softmax temperature for all classes of a one-of-K task."""
     policy, target = CONFIG_POLICIES[eval_cfg.threshold]
     if policy == "fixed":
         target = eval_cfg.fixed_threshold
@@ -72,71 +119,134 @@ def _fit_on_val(val: pd.DataFrame, labels, eval_cfg) -> dict:
         p = check_scores(val[f"prob:{lab}"], f"predictions['val']['prob:{lab}']")
         z = check_scores(val[f"logit:{lab}"], f"predictions['val']['logit:{lab}']", probability=False)
         thresholds[lab] = choose_threshold(y, p, policy, target)
-        temperatures[lab] = fit_temperature(y, z)
+        if task == "multilabel":
+            temperatures[lab] = fit_temperature(y, z)
         n_val[lab] = int((~np.isnan(y)).sum())
-    return {"fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold, "threshold_target": target,
-            "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+    fitted = {"task": task, "fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold,
+              "threshold_target": target, "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+    if task == "multiclass":
+        y, _, z = _class_arrays(val, labels, FIT_SPLIT)
+        fitted["softmax_temperature"] = fit_softmax_temperature(y, z)
+    return fitted
+
+
+def _class_arrays(df: pd.DataFrame, labels, eval_set: str):
+    """(one-hot labels, probabilities, logits) of a one-of-K prediction frame as (n, K) arrays, validated."""
+    where = f"predictions[{eval_set!r}]"
+    y = df[[f"label:{lab}" for lab in labels]].to_numpy(np.float64)
+    check_one_hot(y, f"{where} label:<class> one-hot")
+    p = check_probabilities(df[[f"prob:{lab}" for lab in labels]].to_numpy(np.float64), len(labels),
+                            f"{where} prob:<class>")
+    return y, p, df[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64)
+
+
+def level_suffix(metric: str) -> str:
+    """The ``@<level>_<reducer>`` part of a pooled metric's name (``auroc@exam_max`` → ``@exam_max``), else ''."""
+    return metric[metric.index("@"):] if "@" in metric else ""
+
+
+def base_metric(metric: str) -> str:
+    """A metric's name without its pooling suffix (``tpr@breast_mean`` → ``tpr``)."""
+    return metric.split("@", 1)[0]
+
+
+def _pooled_rows(out: _Rows, predictions: dict[str, pd.DataFrame], labels, eval_cfg, n_any: dict) -> dict:
+    """Rows of every ``eval.aggregate`` level × reducer, with threshold and temperatures refitted on pooled val."""
+    fits = {}
+    for level in eval_cfg.aggregate:
+        for reducer in REDUCERS:
+            suffix = f"@{level}_{reducer}"
+            pooled = {name: aggregate_predictions(df, labels, level, reducer, where=f"predictions[{name!r}]")
+                      for name, df in predictions.items()}
+            fitted = _fit_on_val(pooled[FIT_SPLIT], labels, eval_cfg, "multilabel")
+            for name, df in pooled.items():
+                _evaluate_set(out, name, df, labels, [], fitted, eval_cfg, n_any, {}, {}, suffix)
+            fits[suffix[1:]] = {**_json_safe(fitted), "units": {name: len(df) for name, df in pooled.items()}}
+    return fits
+
+
+def calibrated_probabilities(pred: pd.DataFrame, labels, fitted: dict) -> pd.DataFrame:
+    """The probabilities of a prediction frame after the temperatures fitted on validation (``fitted`` = the
+    ``info`` of :func:`compute_run_metrics`, as stored in a run's ``meta.json`` under ``fitted_on_val``): one
+    column per label. A label without a fitted temperature (one class on validation) keeps its raw probabilities;
+    a one-of-K task's classes share one softmax temperature."""
+    if fitted.get("task") == "multiclass":
+        t = fitted.get("softmax_temperature")
+        if t is None or not np.isfinite(t) or t <= 0:
+            return pd.DataFrame({lab: pred[f"prob:{lab}"].to_numpy(np.float64) for lab in labels}, index=pred.index)
+        scaled = apply_softmax_temperature(pred[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64), t)
+        return pd.DataFrame(scaled, columns=list(labels), index=pred.index)
+    temps = fitted.get("temperatures") or {}
+    out = {}
+    for lab in labels:
+        t = temps.get(lab)
+        ok = t is not None and np.isfinite(t) and t > 0
+        out[lab] = apply_temperature(pred[f"logit:{lab}"], t) if ok else pred[f"prob:{lab}"].to_numpy(np.float64)
+    return pd.DataFrame(out, index=pred.index)
 
 
 class _Rows:
-    """Collects rows and, per (eval_set, attribute, group, metric), each label's value and replicates."""
+    """Collects rows and, per (eval_set, attribute, group, metric), each label's value, replicates and n."""
 
     def __init__(self, alpha: float):
         self.alpha = alpha
         self.rows: list[dict] = []
-        self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None]]] = {}
+        self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None, int]]] = {}
 
-    def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None):
+    def add(self, eval_set, label, attribute, group, metric, value, n, reps=None, lo=None, hi=None, macro=True):
         if lo is None:
             lo, hi = percentile_interval(reps, self.alpha) if reps is not None else (math.nan, math.nan)
         self.rows.append({"eval_set": eval_set, "label": label, "attribute": attribute, "group": str(group),
                           "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n": int(n)})
-        if metric not in _NOT_MACRO:
-            self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps)
+        if macro and metric not in _NOT_MACRO:
+            self.by_key.setdefault((eval_set, attribute, str(group), metric), {})[label] = (float(value), reps, int(n))
 
     def add_macro(self, n_any: dict[tuple, int]) -> None:
         for (eval_set, attribute, group, metric), per_label in self.by_key.items():
             defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])}
             value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
-            reps = [r for _, r in defined.values()]
+            reps = [r for _, r, _ in defined.values()]
             same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
             rep = np.mean(np.vstack(reps), axis=0) if same else None
             lo, hi = percentile_interval(rep, self.alpha) if rep is not None else (math.nan, math.nan)
             self.rows.append({"eval_set": eval_set, "label": "macro", "attribute": attribute, "group": group,
                               "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi),
-                              "n": int(n_any.get((eval_set, attribute, group), 0))})
+                              "n": int(n_any.get((eval_set, attribute, group, level_suffix(metric)), 0))})
 
 
-def _overall(out: _Rows, eval_set, lab, y, p, z, thr, temp, boot, n_bins):
-    """Overall rows of one label on its labelled rows (y boolean)."""
+def _overall(out: _Rows, eval_set, lab, y, p, pt, thr, boot, n_bins, suffix=""):
+    """Overall rows of one label on its labelled rows (y boolean; ``pt`` the temperature-scaled probabilities, or
+    None when no temperature could be fitted); ``suffix`` is appended to every metric name."""
     n = y.size
     counts, codes = (boot.counts, boot.codes) if boot is not None else (None, None)
+
+    def add(metric, value, replicates=None):
+        out.add(eval_set, lab, "all", "all", metric + suffix, value, n, replicates)
 
     def reps(fn, *args, **kw):
         return fn(y, *args, counts, codes, **kw) if boot is not None else None
 
     yf = y.astype(np.float64)
-    out.add(eval_set, lab, "all", "all", "auroc", auroc(yf, p), n, reps(auroc_replicates, p))
-    out.add(eval_set, lab, "all", "all", "auprc", auprc(yf, p), n, reps(auprc_replicates, p))
-    out.add(eval_set, lab, "all", "all", "ece", ece(yf, p, n_bins=n_bins), n, reps(ece_replicates, p, n_bins=n_bins))
-    out.add(eval_set, lab, "all", "all", "mce", mce(yf, p, n_bins=n_bins), n, reps(mce_replicates, p, n_bins=n_bins))
-    out.add(eval_set, lab, "all", "all", "brier", brier(yf, p), n, reps(brier_replicates, p))
-    out.add(eval_set, lab, "all", "all", "nll", nll(yf, p), n, reps(nll_replicates, p))
-    if np.isfinite(temp):
-        pt = apply_temperature(z, temp)
-        out.add(eval_set, lab, "all", "all", "ece_temp", ece(yf, pt, n_bins=n_bins), n,
-                reps(ece_replicates, pt, n_bins=n_bins))
-        out.add(eval_set, lab, "all", "all", "nll_temp", nll(yf, pt), n, reps(nll_replicates, pt))
+    add("auroc", auroc(yf, p), reps(auroc_replicates, p))
+    add("auprc", auprc(yf, p), reps(auprc_replicates, p))
+    add("ece", ece(yf, p, n_bins=n_bins), reps(ece_replicates, p, n_bins=n_bins))
+    add("mce", mce(yf, p, n_bins=n_bins), reps(mce_replicates, p, n_bins=n_bins))
+    add("brier", brier(yf, p), reps(brier_replicates, p))
+    add("nll", nll(yf, p), reps(nll_replicates, p))
+    if pt is not None:
+        add("ece_temp", ece(yf, pt, n_bins=n_bins), reps(ece_replicates, pt, n_bins=n_bins))
+        add("brier_temp", brier(yf, pt), reps(brier_replicates, pt))
+        add("nll_temp", nll(yf, pt), reps(nll_replicates, pt))
     else:
-        out.add(eval_set, lab, "all", "all", "ece_temp", math.nan, n)
-        out.add(eval_set, lab, "all", "all", "nll_temp", math.nan, n)
-    prev_reps = weighted_mean_replicates(yf, counts, codes) if boot is not None else None
-    out.add(eval_set, lab, "all", "all", "prevalence", yf.mean() if n else math.nan, n, prev_reps)
+        for m in ("ece_temp", "brier_temp", "nll_temp"):
+            add(m, math.nan)
+    add("prevalence", yf.mean() if n else math.nan,
+        weighted_mean_replicates(yf, counts, codes) if boot is not None else None)
     tpr, fpr = rates_at(yf, p, thr)
     tpr_reps, fpr_reps = rate_replicates(y, p, thr, counts, codes) if boot is not None else (None, None)
-    out.add(eval_set, lab, "all", "all", "tpr", tpr, n, tpr_reps)
-    out.add(eval_set, lab, "all", "all", "fpr", fpr, n, fpr_reps)
-    out.add(eval_set, lab, "all", "all", "aurc", aurc(yf, p, threshold=thr) if np.isfinite(thr) else math.nan, n)
+    add("tpr", tpr, tpr_reps)
+    add("fpr", fpr, fpr_reps)
+    add("aurc", aurc(yf, p, threshold=thr) if np.isfinite(thr) else math.nan)
 
 
 def _attribute_values(df: pd.DataFrame, attribute: str):
@@ -145,17 +255,125 @@ def _attribute_values(df: pd.DataFrame, attribute: str):
     return group_labels(df[attribute].to_numpy(dtype=object))
 
 
+def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups, fitted: dict, eval_cfg,
+                  n_any: dict, skipped: dict, worst: dict, suffix: str = "") -> list[str]:
+    """Every row of one evaluation set (metric names + ``suffix``); returns the labels it can score (both classes
+    among the labelled rows)."""
+    boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
+                             seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
+    attrs = {}
+    for a in subgroups:
+        values = _attribute_values(df, a)
+        if values is None:
+            skipped.setdefault(eval_set, []).append(a)
+            warnings.warn(f"attribute {a!r} is absent or all missing in eval set {eval_set!r}; "
+                          "no subgroup rows for it", MetricWarning, stacklevel=3)
+        else:
+            attrs[a] = values
+    names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
+    any_label = np.zeros(len(df), dtype=bool)
+    evaluable = []
+    task = fitted["task"]
+    scaled = None  # one-of-K: softmax(logits / T), the temperature-scaled probability of every class
+    if task == "multiclass":
+        y_all, p_all, z_all = _class_arrays(df, labels, eval_set)
+        t_soft = fitted["softmax_temperature"]
+        if np.isfinite(t_soft):
+            scaled = apply_softmax_temperature(z_all, t_soft)
+        _multiclass_rows(out, eval_set, y_all, p_all, scaled, boot, eval_cfg)
+    for j, lab in enumerate(labels):
+        where = f"predictions[{eval_set!r}]"
+        y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
+        p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
+        z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
+        mask = ~np.isnan(y)
+        any_label |= mask
+        yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
+        if yl.any() and not yl.all():
+            evaluable.append(lab)
+        sub = boot.subset(mask) if boot is not None else None
+        thr = fitted["thresholds"][lab]
+        if task == "multiclass":  # one-vs-rest rows of class `lab`, calibrated by the shared softmax temperature
+            pt = scaled[mask, j] if scaled is not None else None
+        else:
+            temp = fitted["temperatures"][lab]
+            pt = apply_temperature(zl, temp) if np.isfinite(temp) else None
+        _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins, suffix)
+        for a, values in attrs.items():
+            worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
+                out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
+    n_any[(eval_set, "all", "all", suffix)] = int(any_label.sum())
+    for a, values in attrs.items():
+        n_any[(eval_set, a, "all", suffix)] = int(any_label.sum())
+        for g in names[a]:
+            n_any[(eval_set, a, str(g), suffix)] = int((any_label & (values == g)).sum())
+    return evaluable
+
+
+def _multiclass_rows(out: _Rows, eval_set: str, y, p, scaled, boot, eval_cfg) -> None:
+    """The one-of-K rows (label ``all``) of one set: accuracy, balanced accuracy, NLL, Brier, top-label ECE, and
+    the calibration metrics again after the softmax temperature (``scaled``; None when none was fitted)."""
+    t, mask = check_one_hot(y)
+    sub = boot.subset(mask) if boot is not None else None
+    n = int(mask.sum())
+
+    def add(metric, value, replicates):
+        out.add(eval_set, MULTICLASS_LABEL, "all", "all", metric, value, n,
+                replicates(t, q, sub.counts, sub.codes) if sub is not None and n else None, macro=False)
+
+    bins = eval_cfg.ece_bins
+    for suffix, probs in (("", p), ("_temp", scaled)):
+        if probs is None:
+            for metric in ("nll_multiclass", "brier_multiclass", "ece_top_label"):
+                out.add(eval_set, MULTICLASS_LABEL, "all", "all", metric + suffix, math.nan, n, macro=False)
+            continue
+        q = probs[mask]
+        if not suffix:  # the argmax does not move with the temperature
+            add("accuracy", accuracy(y, p), accuracy_replicates)
+            add("balanced_accuracy", balanced_accuracy(y, p), balanced_accuracy_replicates)
+        add("nll_multiclass" + suffix, nll_multiclass(y, probs), nll_multiclass_replicates)
+        add("brier_multiclass" + suffix, brier_multiclass(y, probs), brier_multiclass_replicates)
+        add("ece_top_label" + suffix, ece_top_label(y, probs, n_bins=bins),
+            lambda *a: ece_top_label_replicates(*a, n_bins=bins))
+
+
+def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``auroc_id`` / ``auroc_ood`` / ``auroc_drop`` of every OOD set on the labels it shares with ``test``."""
+    test = out.by_key.get((ID_SPLIT, "all", "all", "auroc"), {})
+    shared = {}
+    for e in ood_sets:
+        ood = out.by_key.get((e, "all", "all", "auroc"), {})
+        shared[e] = [lab for lab in evaluable[ID_SPLIT] if lab in evaluable[e]]
+        for lab in shared[e]:
+            (v_id, r_id, n_id), (v_ood, r_ood, n_ood) = test[lab], ood[lab]
+            r_drop = r_id - r_ood if r_id is not None and r_ood is not None else None
+            out.add(e, lab, "all", "all", "auroc_id", v_id, n_id, r_id)
+            out.add(e, lab, "all", "all", "auroc_ood", v_ood, n_ood, r_ood)
+            out.add(e, lab, "all", "all", "auroc_drop", v_id - v_ood, n_ood, r_drop)
+    return shared
+
+
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
-                        eval_cfg) -> tuple[pd.DataFrame, dict]:
+                        eval_cfg, task: str = "multilabel") -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
 
     ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
     ``labels`` are the label names; ``subgroups`` the attribute columns to split by; ``eval_cfg`` a
     ``scaling.config.EvalConfig``. Returns ``(rows, info)``: ``rows`` a DataFrame with exactly the columns
     ``eval_set, label, attribute, group, metric, value, lo, hi, n``; ``info`` the thresholds and temperatures per
-    label, the split they were fitted on (``val``), the attributes skipped per set and the worst group's name per
-    ``[eval_set][label][attribute]``.
+    label, the split they were fitted on (``val``), the metrics that are in-sample there, the labels each set can
+    score and each OOD set shares with ``test``, the attributes skipped per set and the worst group's name per
+    ``[eval_set][label][attribute]``. ``task='multiclass'`` scores a one-of-K task (``labels`` = its classes,
+    ``label:<class>`` one-hot, ``prob:<class>`` a softmax): every row above one-vs-rest per class, plus the
+    one-of-K rows (see the module docstring).
     """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
+    if task == "multiclass" and len(labels) < 2:
+        raise ValueError(f"task='multiclass' needs at least two classes in labels, got {list(labels)}")
+    if task == "multiclass" and eval_cfg.aggregate:
+        raise ValueError("eval.aggregate (breast/exam pooling) is implemented for multi-label findings only, "
+                         "not for task='multiclass'")
     if FIT_SPLIT not in predictions:
         raise ValueError(f"predictions must contain {FIT_SPLIT!r} (thresholds and temperatures are fitted there); "
                          f"got {sorted(predictions)}")
@@ -163,53 +381,24 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
         raise ValueError("labels must name at least one label")
     for name, df in predictions.items():
         _columns(df, name, labels)
-    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg)
+    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg, task)
     out = _Rows(eval_cfg.alpha)
     n_any: dict[tuple, int] = {}
     skipped: dict[str, list[str]] = {}
     worst: dict[str, dict[str, dict[str, str | None]]] = {}
-
-    for eval_set, df in predictions.items():
-        if eval_set == FIT_SPLIT:
-            continue
-        boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
-                                 seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
-        attrs = {}
-        for a in subgroups:
-            values = _attribute_values(df, a)
-            if values is None:
-                skipped.setdefault(eval_set, []).append(a)
-                warnings.warn(f"attribute {a!r} is absent or all missing in eval set {eval_set!r}; "
-                              "no subgroup rows for it", MetricWarning, stacklevel=2)
-            else:
-                attrs[a] = values
-        names = {a: sorted(set(values.tolist())) for a, values in attrs.items()}  # every group gets its rows
-        any_label = np.zeros(len(df), dtype=bool)
-        for lab in labels:
-            where = f"predictions[{eval_set!r}]"
-            y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
-            p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
-            z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
-            mask = ~np.isnan(y)
-            any_label |= mask
-            yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
-            sub = boot.subset(mask) if boot is not None else None
-            thr, temp = fitted["thresholds"][lab], fitted["temperatures"][lab]
-            _overall(out, eval_set, lab, yl, pl, zl, thr, temp, sub, eval_cfg.ece_bins)
-            for a, values in attrs.items():
-                worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
-                    out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
-        n_any[(eval_set, "all", "all")] = int(any_label.sum())
-        for a, values in attrs.items():
-            n_any[(eval_set, a, "all")] = int(any_label.sum())
-            for g in names[a]:
-                n_any[(eval_set, a, str(g))] = int((any_label & (values == g)).sum())
+    evaluable = {eval_set: _evaluate_set(out, eval_set, df, labels, subgroups, fitted, eval_cfg, n_any, skipped,
+                                         worst)
+                 for eval_set, df in predictions.items()}
+    ood_sets = [e for e in predictions if e not in (FIT_SPLIT, ID_SPLIT)]
+    shared = _shift_rows(out, ood_sets, evaluable) if ID_SPLIT in predictions else {}
+    pooled = _pooled_rows(out, predictions, labels, eval_cfg, n_any)
     out.add_macro(n_any)
 
     rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
-    info = {**_json_safe(fitted), "eval_sets": [s for s in predictions if s != FIT_SPLIT],
-            "skipped_attributes": skipped, "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+    info = {**_json_safe(fitted), "eval_sets": list(predictions), "in_sample": {FIT_SPLIT: list(IN_SAMPLE_METRICS)},
+            "evaluable_labels": evaluable, "shift_labels": shared, "pooled": pooled, "skipped_attributes": skipped,
+            "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info

@@ -1,17 +1,22 @@
-"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks"), one temperature per label.
+"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
 
-For a sigmoid output the calibrated probability is sigmoid(z / T): T > 1 softens over-confident logits, T < 1
-sharpens. T is fitted by minimising the NLL on *validation* logits and then applied unchanged to every reported
-set; it never changes the ranking, so AUROC is unaffected and only calibration metrics move.
+For a sigmoid output (multi-label: one temperature per label) the calibrated probability is sigmoid(z / T); for a
+softmax output (one-of-K: one temperature for all classes, as Guo et al.) it is softmax(z / T). T > 1 softens
+over-confident logits, T < 1 sharpens. T is fitted by minimising the NLL on *validation* logits and then applied
+unchanged to every reported set; it never changes the ranking, so AUROC (and the argmax) is unaffected and only
+calibration metrics move.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit
+from scipy.special import expit, log_softmax, softmax
 
-from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
+from scaling.metrics.multiclass import check_one_hot
+from scaling.metrics.validation import MetricWarning, check_labels, check_same_length, check_scores, one_class_nan
 
 # Search range for log T: T in [0.01, 100] covers any temperature a trained network needs.
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
@@ -59,3 +64,31 @@ def apply_temperature(logits, temperature) -> np.ndarray:
     if np.any(~np.isfinite(t)) or np.any(t <= 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     return expit(z / t)
+
+
+def fit_softmax_temperature(y, logits) -> float:
+    """The one temperature minimising the validation NLL of ``softmax(logits / T)`` for a one-of-K task.
+
+    ``y`` is (n, K) one-hot (all-NaN rows = unlabelled, masked), ``logits`` (n, K). NaN (with a ``MetricWarning``)
+    when the labelled rows hold a single class.
+    """
+    t, mask = check_one_hot(y, "y")
+    z = np.asarray(logits, dtype=np.float64)
+    if z.shape != np.shape(y) or not np.isfinite(z).all():
+        raise ValueError(f"logits must be finite with the shape of y {np.shape(y)}, got {z.shape}")
+    z = z[mask]
+    if np.unique(t).size < 2:
+        warnings.warn(f"softmax temperature is undefined with {np.unique(t).size} class(es) among the labelled "
+                      "validation rows; reported as NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    rows = np.arange(t.size)
+    res = minimize_scalar(lambda log_t: float(-log_softmax(z / np.exp(log_t), axis=1)[rows, t].mean()),
+                          bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def apply_softmax_temperature(logits, temperature: float) -> np.ndarray:
+    """Calibrated one-of-K probabilities ``softmax(logits / T)`` of (n, K) logits."""
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)

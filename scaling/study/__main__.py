@@ -14,7 +14,8 @@ import sys
 
 import pandas as pd
 
-from scaling.study.aggregate import StoreError, headline_table, load_results, summarise
+from scaling.config import ConfigError
+from scaling.study.aggregate import StoreError, headline_table, load_study, summarise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_status(df: pd.DataFrame) -> None:
-    runs = df.attrs["runs"]
+def _print_status(runs: pd.DataFrame) -> None:
     counts = runs["status"].value_counts()
     print(f"{int(counts.get('complete', 0))}/{len(runs)} runs complete "
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
@@ -57,12 +57,13 @@ def _wandb_report(args) -> int:
 
     from scaling.config import TrackingConfig
     from scaling.study.aggregate import read_study_config
-    from scaling.study.wandb_report import save_wandb_report
+    from scaling.study.wandb_report import check_available, save_wandb_report
 
     cfg = read_study_config(args.store)
     tracking = cfg.tracking if cfg is not None else TrackingConfig()
     tracking = dataclasses.replace(tracking, wandb="online", project=args.project or tracking.project,
                                    entity=args.entity or tracking.entity)
+    check_available(tracking)
     print(save_wandb_report(args.store, tracking))
     return 0
 
@@ -82,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "wandb-report":
             return _wandb_report(args)
-        df = load_results(args.store, allow_mixed=args.allow_mixed)
-        _print_status(df)
+        study = load_study(args.store, allow_mixed=args.allow_mixed)
+        df = study.results
+        _print_status(study.runs)
         if df.empty:
             return 0
         if args.command == "fits":
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv:
             summary.to_csv(args.csv, index=False)
         return 0
-    except StoreError as e:
+    except (StoreError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

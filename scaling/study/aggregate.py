@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +122,24 @@ def _check_mixed(status: pd.DataFrame, allow_mixed: bool) -> None:
         )
 
 
-def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
-    """The tidy results table of every complete run in the store.
+@dataclass(frozen=True)
+class StudyResults:
+    """What a run store holds: the tidy table of its complete runs and the status of every run of its grid."""
 
-    Columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute, group,
-    metric, value, lo, hi, n). ``df.attrs["runs"]`` is :func:`run_status` (which runs are incomplete and why);
-    problems are also logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study
-    config, unless ``allow_mixed``.
+    results: pd.DataFrame
+    """The tidy results table (see :func:`load_results`)."""
+    runs: pd.DataFrame
+    """:func:`run_status`, with runs whose metrics could not be read marked ``invalid``."""
+
+
+def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyResults:
+    """The tidy results table of every complete run in the store, and the status of every run.
+
+    ``results`` columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute,
+    group, metric, value, lo, hi, n); ``results.attrs["n_seeds_expected"]`` is the number of seeds of the study
+    (failed and unfinished runs included), which :func:`summarise` needs to flag incomplete cells. Problems are also
+    logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study config, unless
+    ``allow_mixed``.
     """
     store = RunStore(store_root)
     status = run_status(store_root)
@@ -154,14 +166,20 @@ def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.Dat
     for c in ("n_params", "pretrain_images", "fraction", "n_train_images", "value", "lo", "hi", "n"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
-    df.attrs["runs"] = status
-    return df
+    # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
+    # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
+    df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
+    return StudyResults(df, status)
+
+
+def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+    """The tidy results table of every complete run in the store (:func:`load_study` without the run status)."""
+    return load_study(store_root, allow_mixed=allow_mixed).results
 
 
 def _expected_seeds(df: pd.DataFrame) -> int:
-    runs = df.attrs.get("runs")
-    seeds = runs["seed"] if isinstance(runs, pd.DataFrame) and "seed" in runs else df["seed"]
-    return int(pd.Series(seeds).dropna().nunique())
+    expected = df.attrs.get("n_seeds_expected")
+    return int(expected) if expected is not None else int(df["seed"].dropna().nunique())
 
 
 def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Views recomputed from stored per-sample predictions: selective-prediction curves and paired model comparisons.
+"""Views recomputed from stored per-sample predictions: selective-prediction curves, reliability diagrams and paired
+model comparisons.
 
 Metrics in the store are per run; these need the samples themselves — the retained subset at each referral rate,
 or two models' scores on the same patients — which is why predictions are stored at all (``docs/design.md``).
@@ -13,7 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import delong_test, referral_curve
+from scaling.metrics import delong_test, referral_curve, reliability_diagram
+from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
 
 REFERRAL = tuple(np.round(np.arange(0.0, 0.51, 0.05), 2))
@@ -29,15 +31,17 @@ def selective_curve(pred: pd.DataFrame, referral=REFERRAL, thresholds: dict | No
     least confident referred first), averaged over the labels where it is defined.
 
     Confidence is the distance from each label's decision threshold (``thresholds``, fitted on validation; 0.5
-    where absent). With rare findings the operating point is far below 0.5, and ranking by distance from 0.5 would
-    refer the most suspicious cases first — the opposite of referring the uncertain ones.
+    where absent or undefined). With rare findings the operating point is far below 0.5, and ranking by distance
+    from 0.5 would refer the most suspicious cases first — the opposite of referring the uncertain ones.
     """
     per_label = []
     thresholds = thresholds or {}
     for lab in _label_names(pred):
         y = pred[f"label:{lab}"].to_numpy(float)
+        # A threshold is None (NaN in the run's JSON) where validation held one class of that label.
+        thr = thresholds.get(lab)
         curve = referral_curve(y, pred[f"prob:{lab}"].to_numpy(float), referral_rates=list(referral),
-                               threshold=float(thresholds.get(lab, 0.5)))
+                               threshold=0.5 if thr is None else float(thr))
         per_label.append(curve["value"].to_numpy(float))
     if not per_label:
         return np.full(len(referral), math.nan)
@@ -149,3 +153,58 @@ def _delong_fields(res) -> dict:
     """AUROCs, difference and p-value of a :func:`scaling.metrics.delong_test` result."""
     return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": float(res.lo),
             "diff_hi": float(res.hi), "p_value": res.p_value}
+
+
+def reliability_curves(store_root, df: pd.DataFrame, eval_sets, n_bins: int = 10) -> pd.DataFrame:
+    """Reliability-diagram bins per evaluation set × pretraining source × backbone at full data, before and after the
+    temperature each run fitted on validation.
+
+    Every labelled (sample, label) pair of every label and every seed of the cell is pooled into one diagram
+    (:func:`scaling.metrics.reliability_diagram`, ``n_bins`` equal-width bins): the run's metric rows hold the
+    per-label ECE and its macro; the diagram shows where, over the probability range, a model is over- or
+    under-confident. One row per bin with ``scaling`` = ``raw`` or ``temperature``.
+    """
+    store = RunStore(store_root)
+    cols = ["eval_set", "pretrained", "backbone", "n_params", "scaling", "lo", "hi", "n", "mean_predicted",
+            "fraction_positive", "gap"]
+    full = df[df["fraction"] == df["fraction"].max()].drop_duplicates("run_id")
+    rows = []
+    cells = full.groupby(["pretrained", "backbone", "n_params"], sort=True)
+    for e in eval_sets:
+        for (src, bb, n_params), g in cells:
+            y, raw, cal = [], [], []
+            for rid in g["run_id"]:
+                if e not in store.eval_sets(rid):
+                    continue
+                pred = store.read_predictions(rid, e)
+                labels = _label_names(pred)
+                pt = calibrated_probabilities(pred, labels, store.read_meta(rid).get("fitted_on_val", {}))
+                for lab in labels:
+                    keep = pred[f"label:{lab}"].notna().to_numpy()
+                    y.append(pred[f"label:{lab}"].to_numpy(float)[keep])
+                    raw.append(pred[f"prob:{lab}"].to_numpy(float)[keep])
+                    cal.append(pt[lab].to_numpy(float)[keep])
+            if not y or not sum(len(v) for v in y):
+                continue
+            for scaling, p in (("raw", raw), ("temperature", cal)):
+                d = reliability_diagram(np.concatenate(y), np.concatenate(p), n_bins=n_bins)
+                rows += [{"eval_set": e, "pretrained": src, "backbone": bb, "n_params": n_params, "scaling": scaling,
+                          **r} for r in d.to_dict("records")]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def reliability_summary(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per curve of :func:`reliability_curves`: the pooled (sample, label) pairs and the ECE the diagram shows
+    (sum over bins of n_k · |gap_k| / n), raw and after temperature scaling."""
+    if curves.empty:
+        return pd.DataFrame()
+    keys = ["eval_set", "pretrained", "backbone", "n_params"]
+    c = curves.assign(w=curves["n"] * curves["gap"].abs().fillna(0.0))
+    agg = c.groupby([*keys, "scaling"], sort=False).agg(n=("n", "sum"), w=("w", "sum")).reset_index()
+    agg["ece"] = agg["w"] / agg["n"]
+    wide = agg.pivot_table(index=[*keys, "n"], columns="scaling", values="ece", aggfunc="first").reset_index()
+    wide.columns.name = None
+    order = {e: i for i, e in enumerate(pd.unique(curves["eval_set"]))}  # the order the sets were asked for
+    wide = wide.assign(_o=wide["eval_set"].map(order)).sort_values(["_o", "pretrained", "n_params"]).drop(columns="_o")
+    return wide.reset_index(drop=True).rename(
+        columns={"n": "pairs", "raw": "pooled ECE", "temperature": "pooled ECE (temperature)"})

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from scaling.study.aggregate import full_fraction, select
-from scaling.study.tables import ood_sets
 
 _MARKERS = "osD^vP*X"
 
@@ -138,27 +137,27 @@ def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = N
 
 
 def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure | None:
-    """Per OOD set: in-distribution vs OOD AUROC (every cell, both error bars, y = x dashed) and the OOD drop
-    (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
-    sets = ood_sets(summary)
+    """Per OOD set, on the labels it shares with test: in-distribution vs OOD AUROC (every cell, both error bars,
+    y = x dashed) and the OOD drop (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
+    sets = sorted(set(select(summary, "auroc_drop")["eval_set"]))
     if not sets:
         return None
     keys = ["backbone", "pretrained", "fraction"]
-    auc = select(summary, "auroc")
-    colors = _palette(auc["pretrained"].unique())
+    colors = _palette(summary["pretrained"].unique())
     fig, axes = plt.subplots(len(sets), 2, figsize=(9, 3.6 * len(sets) + 0.6), squeeze=False)
-    test = auc[auc["eval_set"] == "test"].set_index(keys)
     for row, es in zip(axes, sets):
-        ood = auc[auc["eval_set"] == es].set_index(keys)
+        test = select(summary, "auroc_id", es).set_index(keys)
+        ood = select(summary, "auroc_ood", es).set_index(keys)
         j = test.join(ood, how="inner", lsuffix="_id", rsuffix="_ood").reset_index()
         for src, g in j.groupby("pretrained", sort=True):
             xerr = _yerr(g.rename(columns={"mean_id": "mean", "lo_id": "lo", "hi_id": "hi"}))
             yerr = _yerr(g.rename(columns={"mean_ood": "mean", "lo_ood": "lo", "hi_ood": "hi"}))
             row[0].errorbar(g["mean_id"], g["mean_ood"], xerr=xerr, yerr=yerr, fmt="o", color=colors[src],
                             capsize=2, alpha=0.8, label=src)
-        lims = [np.nanmin(j[["lo_id", "lo_ood"]].to_numpy()), np.nanmax(j[["hi_id", "hi_ood"]].to_numpy())]
+        lims = [np.nanmin(j[["lo_id", "lo_ood", "mean_id", "mean_ood"]].to_numpy()),
+                np.nanmax(j[["hi_id", "hi_ood", "mean_id", "mean_ood"]].to_numpy())]
         row[0].plot(lims, lims, linestyle="--", color="grey", linewidth=1)
-        row[0].set(title=f"in-distribution vs {es}", xlabel="test AUROC", ylabel=f"{es} AUROC")
+        row[0].set(title=f"in-distribution vs {es} (shared labels)", xlabel="test AUROC", ylabel=f"{es} AUROC")
         d = drop_summary[(drop_summary["eval_set"] == es)] if len(drop_summary) else drop_summary
         d = d[d["fraction"] == full_fraction(summary)] if len(d) else d
         if len(d):
@@ -171,8 +170,8 @@ def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure |
 
 
 def fairness_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
-    """Per attribute: worst-group AUROC and AUROC gap (max − min over groups) vs parameter count per pretraining
-    source, at full data."""
+    """Per attribute of ``eval_set``: worst-group AUROC and AUROC gap (max − min over groups) vs parameter count per
+    pretraining source, at full data."""
     s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
                 & (summary["attribute"] != "all") & (summary["metric"].isin(["worst_group_auroc", "auroc_gap"]))]
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
@@ -187,29 +186,61 @@ def fairness_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Fig
             d = s[(s["attribute"] == attr) & (s["metric"] == metric)]
             _lines(ax, d, "n_params", "pretrained", colors)
             ax.set_xscale("log")
-            ax.set(title=f"{attr}: {ylabel}", xlabel="parameters", ylabel=ylabel)
+            ax.set(title=f"{eval_set}, {attr}: {ylabel}", xlabel="parameters", ylabel=ylabel)
             ax.grid(alpha=0.3)
     return _finish(fig, axes)
 
 
-def calibration_vs_params(summary: pd.DataFrame, eval_set: str = "test") -> plt.Figure | None:
-    """ECE before (solid) and after (dashed) temperature scaling on validation, vs parameter count per source."""
-    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["attribute"] == "all")
-                & (summary["group"] == "all") & summary["metric"].isin(["ece", "ece_temp"])]
+def calibration_vs_params(summary: pd.DataFrame, eval_sets=("test",)) -> plt.Figure | None:
+    """ECE before (solid) and after (dashed) temperature scaling on validation, vs parameter count per source, one
+    panel per evaluation set (on ``val`` the temperature is fitted on the same images: in-sample)."""
+    s = summary[(summary["label"] == "macro") & (summary["attribute"] == "all") & (summary["group"] == "all")
+                & summary["metric"].isin(["ece", "ece_temp"]) & summary["eval_set"].isin(list(eval_sets))]
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
     if s.empty:
         return None
+    sets = [e for e in eval_sets if e in set(s["eval_set"])]
     colors = _palette(s["pretrained"].unique())
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    _lines(ax, s[s["metric"] == "ece"], "n_params", "pretrained", colors)
-    # Same colours dashed; the legend explains the line styles once instead of doubling every source.
-    _lines(ax, s[s["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--", legend=False)
-    ax.set_xscale("log")
-    ax.set(title=f"Calibration vs model size ({eval_set})", xlabel="parameters", ylabel="ECE (macro)")
-    ax.grid(alpha=0.3)
+    fig, axes = _grid(len(sets))
+    for ax, es in zip(axes, sets):
+        d = s[s["eval_set"] == es]
+        _lines(ax, d[d["metric"] == "ece"], "n_params", "pretrained", colors)
+        # Same colours dashed; the legend explains the line styles once instead of doubling every source.
+        _lines(ax, d[d["metric"] == "ece_temp"], "n_params", "pretrained", colors, linestyle="--", legend=False)
+        ax.set_xscale("log")
+        title = f"{es}: ECE vs model size" + (" (temperature in-sample)" if es == "val" else "")
+        ax.set(title=title, xlabel="parameters", ylabel="ECE (macro)")
+        ax.grid(alpha=0.3)
     key = [(plt.Line2D([], [], color="black"), "raw"),
            (plt.Line2D([], [], color="black", linestyle="--"), "temperature-scaled (validation)")]
-    return _finish(fig, np.array([ax]), extra=key)
+    return _finish(fig, axes, extra=key)
+
+
+def reliability(curves: pd.DataFrame) -> plt.Figure | None:
+    """Reliability diagrams (:func:`scaling.study.compare.reliability_curves`): one row per evaluation set ×
+    pretraining source, raw probabilities left and temperature-scaled right, one line per backbone (by size)."""
+    if curves is None or curves.empty:
+        return None
+    panels = curves[["eval_set", "pretrained"]].drop_duplicates()
+    order = {e: i for i, e in enumerate(pd.unique(curves["eval_set"]))}
+    panels = panels.assign(_o=panels["eval_set"].map(order)).sort_values(["_o", "pretrained"])
+    sizes = curves.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(sizes, ordered=True)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3.8 * len(panels) + 0.6), squeeze=False)
+    for row, (e, src) in zip(axes, panels[["eval_set", "pretrained"]].itertuples(index=False)):
+        for ax, scaling in zip(row, ("raw", "temperature")):
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+            for i, bb in enumerate(sizes):
+                d = curves[(curves["eval_set"] == e) & (curves["pretrained"] == src) & (curves["backbone"] == bb)
+                           & (curves["scaling"] == scaling) & (curves["n"] > 0)]
+                if len(d):
+                    ax.plot(d["mean_predicted"], d["fraction_positive"], marker=_MARKERS[i % len(_MARKERS)],
+                            markersize=4, color=colors[bb], label=bb)
+            which = "raw" if scaling == "raw" else "temperature-scaled"
+            ax.set(title=f"{e}, {src}: {which}", xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability",
+                   ylabel="fraction positive")
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)
 
 
 def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:

@@ -12,6 +12,7 @@ import base64
 import datetime as _dt
 import html
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,14 @@ import pandas as pd
 import yaml
 
 from scaling.io import atomic_write_text
+from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
+                                         base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import full_fraction, headline_table, load_results, select, summarise
-from scaling.study.compare import delong_comparisons, selective_curves
+from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
+from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
-from scaling.study.tables import data_efficiency, headline_models, ood_summary
+from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
+                                  ood_summary, shift_labels)
 from scaling.tracking import Scrubber
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,19 @@ log = logging.getLogger(__name__)
 FIGURES = {
     "auroc_vs_params": "AUROC vs model size per pretraining source (fitted laws dashed)",
     "auroc_vs_fraction": "Data efficiency: AUROC vs fraction of labelled data per backbone",
-    "id_vs_ood": "In-distribution vs OOD AUROC, and the OOD drop vs model size",
+    "id_vs_ood": "In-distribution vs OOD AUROC on shared labels, and the OOD drop vs model size",
     "fairness": "Worst-group AUROC and AUROC gap vs model size per attribute",
-    "calibration": "ECE before and after temperature scaling vs model size",
+    "calibration": "ECE before and after temperature scaling vs model size, per evaluation set",
+    "reliability": "Reliability diagrams per evaluation set and pretraining source, one line per backbone",
     "selective": "Selective prediction: best vs smallest model",
 }
-"""Figure ids in the report and their captions."""
+"""Figure ids in the report and their captions; ``<id>:<evaluation set>`` is that figure for one set
+(``fairness:test``)."""
+
+FAIRNESS_METRICS = ["worst_group_auroc", "auroc_gap", "eod"]
+"""Per-attribute summaries of the subgroup tables."""
+CALIBRATION_METRICS = ["ece", "ece_temp", "brier", "brier_temp", "nll", "nll_temp"]
+"""Calibration before and after the validation-fitted temperature."""
 
 
 @dataclass
@@ -49,6 +60,14 @@ class StudyReport:
     figures: dict[str, bytes] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""
+    evaluable_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Per evaluation set, the labels it can score (both classes present)."""
+    shift_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Per OOD set, the labels shared with test that its drop is computed on."""
+    ood_sets: list[str] = field(default_factory=list)
+    """The study's OOD evaluation sets."""
+    eval_sets: list[str] = field(default_factory=list)
+    """Every evaluation set: val, test, then the OOD sets."""
 
 
 def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
@@ -57,8 +76,8 @@ def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
 
 
 def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", attribute="all",
-                full_only=True) -> pd.DataFrame:
-    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["group"] == "all")
+                full_only=True, label="macro") -> pd.DataFrame:
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == label) & (summary["group"] == "all")
                 & summary["metric"].isin(metrics)]
     s = s[s["attribute"] != "all"] if attribute is None else s[s["attribute"] == attribute]
     if full_only and len(s):
@@ -70,6 +89,58 @@ def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", a
     wide = wide[[m for m in metrics if m in wide.columns]].reset_index()
     wide.columns.name = None
     return wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def _in_sample(table: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    """On the fitting split, the columns of metrics that depend on the fitted threshold/temperature are marked."""
+    if eval_set != FIT_SPLIT:
+        return table
+    return table.rename(columns={c: f"{c} (in-sample)" for c in table.columns if base_metric(c) in IN_SAMPLE_METRICS})
+
+
+def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    """Per cell at full data, per attribute value: macro AUROC [interval] (n) of that subgroup."""
+    s = summary[(summary["eval_set"] == eval_set) & (summary["label"] == "macro") & (summary["metric"] == "auroc")
+                & (summary["attribute"] != "all") & (summary["group"] != "all")]
+    s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    if s.empty:
+        return pd.DataFrame()
+    s = s.assign(col=s["attribute"] + "=" + s["group"],
+                 v=[f"{c} (n={n:.0f})" for c, n in zip(_fmt_ci(s), s["n"])])
+    wide = s.pivot_table(index=["pretrained", "backbone", "n_params"], columns="col", values="v", aggfunc="first")
+    wide.columns.name = None
+    return wide.reset_index().sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+POOLED = {"": "image", "@breast_max": "breast (max)", "@breast_mean": "breast (mean)", "@exam_max": "exam (max)",
+          "@exam_mean": "exam (mean)"}
+"""Metric-name suffixes of the pooled levels (``eval.aggregate``) and their column names."""
+
+
+def _pooled_tables(summary: pd.DataFrame, eval_sets) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per evaluation set, per cell at full data: macro AUROC per image and pooled per breast / exam (max, mean);
+    and how many labelled units each level has per set. Empty when the study pools nothing."""
+    s = summary[(summary["label"] == "macro") & (summary["attribute"] == "all") & (summary["group"] == "all")
+                & (summary["fraction"] == full_fraction(summary))]
+    s = s[s["metric"].isin([f"auroc{k}" for k in POOLED])]
+    if not s["metric"].str.contains("@").any():
+        return {}, pd.DataFrame()
+    keys = ["pretrained", "backbone", "n_params"]
+    tables, units = {}, []
+    for e in eval_sets:
+        d = s[s["eval_set"] == e]
+        if d.empty:
+            continue
+        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=_fmt_ci(d))
+        wide = d.pivot_table(index=keys, columns="col", values="v", aggfunc="first")
+        wide = wide[[c for c in POOLED.values() if c in wide.columns]].reset_index()
+        wide.columns.name = None
+        tables[e] = wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+        n = d.drop_duplicates("col").set_index("col")["n"]
+        units.append({"evaluation set": e, **{c: int(n[c]) for c in ("image", "breast (max)", "exam (max)")
+                                              if c in n.index}})
+    return tables, pd.DataFrame(units).rename(columns={"image": "images", "breast (max)": "breasts",
+                                                       "exam (max)": "exams"})
 
 
 def _completion(runs: pd.DataFrame) -> pd.DataFrame:
@@ -96,8 +167,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
                  n_boot_curve: int = 100) -> StudyReport:
     """Compute every table and figure of the report from the store (see module docstring)."""
     store_root = Path(store_root)
-    df = load_results(store_root, allow_mixed=allow_mixed)
-    runs = df.attrs["runs"]
+    study = load_study(store_root, allow_mixed=allow_mixed)
+    df, runs = study.results, study.runs
     study_yaml = store_root / "study.yaml"
     cfg = yaml.safe_load(study_yaml.read_text()) if study_yaml.is_file() else {}
     names = sorted(runs["study"].dropna().unique()) if len(runs) else []
@@ -114,6 +185,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         return rep
 
     summary = summarise(df)
+    rep.ood_sets = ood_sets(df)
     rep.tables["headline"] = headline_table(summary)
 
     fits, laws = fit_table(df, n_boot=n_boot_fit)
@@ -129,15 +201,32 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.figures["auroc_vs_fraction"] = plots.auroc_vs_fraction(summary, eff)
 
     drops = ood_summary(df)
-    if len(drops):
-        rep.tables["ood"] = _ood_table(summary, drops)
+    shared = shift_labels(df)
+    rep.shift_labels = shared
+    rep.evaluable_labels = evaluable_labels(df)
+    rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, shared).items()})
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
 
-    rep.tables["fairness"] = _view_table(summary, ["worst_group_auroc", "auroc_gap", "eod"], attribute=None)
-    rep.figures["fairness"] = plots.fairness_vs_params(summary)
+    rep.eval_sets = eval_set_order(df)
+    one_of_k = [m + t for m in MULTICLASS_METRICS for t in ("", "_temp") if m + t in set(summary["metric"])]
+    for e in rep.eval_sets if one_of_k else ():
+        rep.tables[f"multiclass:{e}"] = _in_sample(_view_table(summary, one_of_k, eval_set=e,
+                                                               label=MULTICLASS_LABEL), e)
+    for e in rep.eval_sets:
+        rep.tables[f"fairness:{e}"] = _in_sample(_view_table(summary, FAIRNESS_METRICS, eval_set=e, attribute=None), e)
+        rep.tables[f"groups:{e}"] = _group_table(summary, e)
+        rep.figures[f"fairness:{e}"] = plots.fairness_vs_params(summary, eval_set=e)
+        rep.tables[f"calibration:{e}"] = _in_sample(_view_table(summary, CALIBRATION_METRICS, eval_set=e), e)
+    rep.figures["calibration"] = plots.calibration_vs_params(summary, rep.eval_sets)
+    curves = reliability_curves(store_root, df, [e for e in rep.eval_sets if e != FIT_SPLIT])
+    rep.tables["reliability"] = reliability_summary(curves)
+    rep.tables["reliability_bins"] = curves
+    rep.figures["reliability"] = plots.reliability(curves)
 
-    rep.tables["calibration"] = _view_table(summary, ["ece", "ece_temp", "brier", "nll", "nll_temp"])
-    rep.figures["calibration"] = plots.calibration_vs_params(summary)
+    pooled, units = _pooled_tables(summary, rep.eval_sets)
+    rep.tables.update({f"exam:{e}": _in_sample(t, e) for e, t in pooled.items()})
+    if pooled:
+        rep.tables["exam_units"] = units
 
     models = headline_models(summary)
     curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
@@ -149,18 +238,27 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     return rep
 
 
-def _ood_table(summary: pd.DataFrame, drops: pd.DataFrame) -> pd.DataFrame:
-    """Per cell at full data: test AUROC, each OOD set's AUROC and the drop, all with intervals."""
+OOD_COLUMNS = {"auroc_id": "test AUROC", "auroc_ood": "{set} AUROC", "auroc_drop": "drop"}
+"""Columns of an OOD set's table: the shift metrics on the labels it shares with test (``{set}`` = its name)."""
+
+
+def _ood_tables(summary: pd.DataFrame, labels: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+    """Per OOD set, per cell at full data: test and OOD AUROC on the labels both sets can score, the drop (macro
+    over those labels) and each shared label's drop, all with intervals."""
     keys = ["pretrained", "backbone", "n_params", "fraction"]
-    s = select(summary, "auroc")
-    s = s[s["fraction"] == full_fraction(summary)]
-    out = s[s["eval_set"] == "test"].assign(test=lambda d: _fmt_ci(d))[keys + ["test"]]
-    for e in sorted(drops["eval_set"].unique()):
-        o = s[s["eval_set"] == e].assign(**{e: lambda d: _fmt_ci(d)})[keys + [e]]
-        d = drops[(drops["eval_set"] == e) & (drops["fraction"] == full_fraction(summary))]
-        d = d.assign(**{f"drop ({e})": lambda x: _fmt_ci(x)})[keys + [f"drop ({e})"]]
-        out = out.merge(o, on=keys, how="left").merge(d, on=keys, how="left")
-    return out.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+    s = summary[(summary["attribute"] == "all") & (summary["group"] == "all")
+                & (summary["fraction"] == full_fraction(summary))]
+    out = {}
+    for e, shared in labels.items():
+        t = s[(s["eval_set"] == e) & (s["label"] == "macro")][keys].drop_duplicates()
+        for metric, col in OOD_COLUMNS.items():
+            m = s[(s["eval_set"] == e) & (s["label"] == "macro") & (s["metric"] == metric)]
+            t = t.merge(m.assign(**{col.format(set=e): _fmt_ci(m)})[keys + [col.format(set=e)]], on=keys, how="left")
+        for lab in shared:
+            m = s[(s["eval_set"] == e) & (s["label"] == lab) & (s["metric"] == "auroc_drop")]
+            t = t.merge(m.assign(**{f"drop: {lab}": _fmt_ci(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
+        out[e] = t.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+    return out
 
 
 def _selective_table(curves: pd.DataFrame) -> pd.DataFrame:
@@ -228,13 +326,135 @@ def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
     return df.drop(columns=[c for c in cols if c in df.columns]) if df is not None else None
 
 
+def _caption(fid: str) -> str:
+    base, _, eval_set = fid.partition(":")
+    return FIGURES[base] + (f" ({eval_set})" if eval_set else "")
+
+
 def _figure_html(rep: StudyReport, fid: str) -> str:
     if fid not in rep.figures:
-        return f'<p class="note" id="fig-{fid}">{html.escape(FIGURES[fid])}: not enough data in this study.</p>'
+        return (f'<p class="note" id="fig-{_anchor(fid)}">{html.escape(_caption(fid))}: not enough data in this '
+                "study.</p>")
     b64 = base64.b64encode(rep.figures[fid]).decode("ascii")
-    cap = html.escape(FIGURES[fid])
-    return (f'<figure id="fig-{fid}"><img alt="{cap}" src="data:image/png;base64,{b64}">'
+    cap = html.escape(_caption(fid))
+    return (f'<figure id="fig-{_anchor(fid)}"><img alt="{cap}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{cap}</figcaption></figure>")
+
+
+def _anchor(name: str) -> str:
+    """An HTML id fragment for an evaluation-set or attribute name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(name))
+
+
+def _labels_html(rep: StudyReport) -> str:
+    """Which labels each evaluation set can score (its macro AUROC averages those only)."""
+    every = list(dict.fromkeys(lab for labs in rep.evaluable_labels.values() for lab in labs))
+    rows = [{"evaluation set": e, "labels scored": ", ".join(labs) or "none",
+             "not scored (a class absent)": ", ".join(lab for lab in every if lab not in labs) or "-"}
+            for e, labs in rep.evaluable_labels.items()]
+    return _table_html(pd.DataFrame(rows), "labels")
+
+
+def _ood_html(rep: StudyReport) -> list[str]:
+    """One subsection per OOD set: the labels compared, and test vs OOD AUROC and the drop on those labels."""
+    if not rep.ood_sets:
+        return ["<p class='note' id='tbl-ood'>the study has no OOD evaluation set</p>"]
+    parts = ["<p class='note'>Each OOD set is compared with the in-distribution test set on the labels <i>both</i> "
+             "can score (both classes present among the labelled images of each): test AUROC, OOD AUROC and their "
+             "difference (drop) are macro-averaged over exactly those labels, so a set with few labels is not "
+             "compared against a macro over many. Interval of the drop: patient-level bootstrap of each set, "
+             "resampled independently (different patients), or across seeds.</p>"]
+    for e in rep.ood_sets:
+        shared = rep.shift_labels.get(e, [])
+        own = rep.evaluable_labels.get(e, [])
+        parts.append(f"<h3 id='ood-{_anchor(e)}'>{html.escape(e)}</h3>")
+        if not shared:
+            parts.append(f"<p class='bad' id='tbl-ood-{_anchor(e)}'>No label can be scored on both test and "
+                         f"{html.escape(e)} (labels scored on {html.escape(e)}: "
+                         f"{html.escape(', '.join(own) or 'none')}): no drop.</p>")
+            continue
+        test_only = [lab for lab in rep.evaluable_labels.get("test", []) if lab not in shared]
+        ood_only = [lab for lab in own if lab not in shared]
+        left_out = "".join(f"; scored on {html.escape(where)} only: {html.escape(', '.join(labs))}"
+                           for where, labs in (("test", test_only), (e, ood_only)) if labs)
+        parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>{left_out}."
+                     "</p>")
+        parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
+    return parts
+
+
+def _set_title(e: str) -> str:
+    return html.escape(e) + (" <span class='note'>(fitting split: columns marked in-sample use the threshold and "
+                             "temperature fitted on these very images)</span>" if e == FIT_SPLIT else "")
+
+
+def _fairness_html(rep: StudyReport) -> list[str]:
+    """One subsection per evaluation set: the summaries per attribute and every subgroup's AUROC."""
+    parts = ["<p class='note'>Per evaluation set and attribute (attributes a set lacks are absent there; one only "
+             "an OOD set has, such as skin type, appears there): worst-group AUROC, AUROC gap (max − min over "
+             "groups) and equalized-odds difference (max of the TPR and FPR gaps) at the threshold fitted on "
+             "validation; then each group's macro AUROC with its interval and size. Groups below "
+             "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
+             "not summarised.</p>"]
+    for e in rep.eval_sets:
+        parts += [f"<h3 id='fairness-{_anchor(e)}'>{_set_title(e)}</h3>", _figure_html(rep, f"fairness:{e}"),
+                  _table_html(rep.tables.get(f"fairness:{e}"), f"fairness-{_anchor(e)}",
+                              f"no subgroup attribute in {e}"),
+                  _table_html(rep.tables.get(f"groups:{e}"), f"groups-{_anchor(e)}", f"no subgroup in {e}")]
+    return parts
+
+
+def _calibration_html(rep: StudyReport) -> list[str]:
+    """The ECE figure, then one table per evaluation set (before / after temperature scaling)."""
+    parts = [_figure_html(rep, "calibration"),
+             "<p class='note'>ECE (10 equal-width bins), Brier score and NLL, macro over labels, before and after "
+             "the temperature fitted per label on validation (<i>_temp</i>).</p>"]
+    for e in rep.eval_sets:
+        parts += [f"<h3 id='calibration-{_anchor(e)}'>{_set_title(e)}</h3>",
+                  _table_html(rep.tables.get(f"calibration:{e}"), f"calibration-{_anchor(e)}")]
+    parts += ["<h3 id='reliability'>Reliability under shift</h3>",
+              "<p class='note'>Observed fraction positive vs mean predicted probability in 10 equal-width bins, for "
+              "test and every OOD set, per backbone at full data (points on the diagonal are calibrated; below it, "
+              "over-confident). Every labelled (image, label) pair of every label and seed is pooled; left raw, "
+              "right after each run's validation-fitted temperatures. The pooled ECE of each diagram is below, its "
+              "bins in the collapsed table.</p>",
+              _figure_html(rep, "reliability"), _table_html(rep.tables.get("reliability"), "reliability"),
+              "<details><summary>reliability bins</summary>",
+              _table_html(rep.tables.get("reliability_bins"), "reliability_bins"), "</details>"]
+    return parts
+
+
+def _multiclass_html(rep: StudyReport) -> list[str]:
+    """The one-of-K metrics per evaluation set (studies whose task is multi-class)."""
+    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("multiclass:")]
+    if not sets:
+        return []
+    parts = ["<h2 id='multiclass'>One-of-K classification</h2>",
+             "<p class='note'>All classes together: top-1 accuracy, balanced accuracy (mean per-class recall), "
+             "multi-class NLL and Brier score and top-label ECE, the last three also after the softmax temperature "
+             "fitted on validation (<i>_temp</i>). AUROC elsewhere in the report is one-vs-rest per class and its "
+             "macro.</p>"]
+    for e in sets:
+        parts += [f"<h3 id='multiclass-{_anchor(e)}'>{_set_title(e)}</h3>",
+                  _table_html(rep.tables[f"multiclass:{e}"], f"multiclass-{_anchor(e)}")]
+    return parts
+
+
+def _exam_html(rep: StudyReport) -> list[str]:
+    """Image-level AUROC beside breast- and exam-level AUROC per evaluation set (studies with eval.aggregate)."""
+    sets = [k.split(":", 1)[1] for k in rep.tables if k.startswith("exam:")]
+    if not sets:
+        return []
+    parts = ["<h2 id='exam'>Breast- and exam-level evaluation</h2>",
+             "<p class='note'>Macro AUROC per image and pooled per breast (exam × laterality) and per exam: the "
+             "image probabilities of a unit pooled by their max (the most suspicious view decides) or their mean; a "
+             "unit is positive when any of its images is. Thresholds and temperatures are refitted on the pooled "
+             "validation set; intervals come from the same patient-level bootstrap. Labelled units per set:</p>",
+             _table_html(rep.tables.get("exam_units"), "exam-units")]
+    for e in sets:
+        parts += [f"<h3 id='exam-{_anchor(e)}'>{html.escape(e)}</h3>",
+                  _table_html(rep.tables[f"exam:{e}"], f"exam-{_anchor(e)}")]
+    return parts
 
 
 def render_html(rep: StudyReport) -> str:
@@ -269,7 +489,10 @@ def render_html(rep: StudyReport) -> str:
         parts.append(f"<p>{html.escape(rep.notes['results'])}</p>")
     else:
         parts += [
-            "<h2 id='headline'>AUROC by cell and evaluation set</h2>", _table_html(t.get("headline"), "headline"),
+            "<h2 id='headline'>AUROC by cell and evaluation set</h2>",
+            "<p class='note'>Macro AUROC over the labels each set can score (below): sets with different labels "
+            "are not directly comparable here; the distribution-shift section compares them on shared labels.</p>",
+            _table_html(t.get("headline"), "headline"), _labels_html(rep), *_multiclass_html(rep),
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
             _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",
@@ -279,12 +502,10 @@ def render_html(rep: StudyReport) -> str:
             "= never reached within the grid.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
             _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
-            "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"),
-            _table_html(t.get("ood"), "ood", "the study has no OOD evaluation set"),
-            "<h2 id='fairness'>Subgroups</h2>", _figure_html(rep, "fairness"),
-            _table_html(t.get("fairness"), "fairness", "no subgroup attributes"),
-            "<h2 id='calibration'>Calibration</h2>", _figure_html(rep, "calibration"),
-            _table_html(t.get("calibration"), "calibration"),
+            "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
+            "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
+            "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
+            *_exam_html(rep),
             "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",

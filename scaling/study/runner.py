@@ -365,8 +365,10 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
 def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     """Run every grid cell not yet complete in the store, then write results.csv (and the HTML report)."""
     from scaling.engine.distributed import check_launch
+    from scaling.study.wandb_report import check_available
 
     check_launch(cfg.sharding, cfg.train)  # a strategy this launch cannot run fails before anything is built
+    check_available(cfg.tracking)  # an online study needs wandb-workspaces at its end: refuse now, not after training
     specs = study_cells(cfg)
     init_distributed()
     store = RunStore(cfg.output_dir)

@@ -1,4 +1,5 @@
-"""Derived study views computed from the tidy table and its summary: data efficiency, OOD drop, headline models.
+"""Derived study views computed from the tidy table and its summary: data efficiency, OOD drop and the labels it
+uses, headline models.
 
 Each function returns a pandas table the report prints and the plots draw, so a figure never shows a number that
 is not also in a table.
@@ -16,6 +17,12 @@ from scaling.study.aggregate import CELL, full_fraction, select, summarise
 def ood_sets(df: pd.DataFrame) -> list[str]:
     """Evaluation sets other than ``val`` and ``test`` (the distribution-shift sets)."""
     return sorted(e for e in df["eval_set"].dropna().unique() if e not in ("val", "test"))
+
+
+def eval_set_order(df: pd.DataFrame) -> list[str]:
+    """Every evaluation set of a results table in reading order: ``val``, ``test``, then the OOD sets."""
+    present = set(df["eval_set"].dropna().unique())
+    return [e for e in ("val", "test") if e in present] + ood_sets(df)
 
 
 def baseline_cell(summary: pd.DataFrame, eval_set: str = "test") -> pd.Series | None:
@@ -64,35 +71,31 @@ def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "te
     return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params"]).reset_index(drop=True)
 
 
-def ood_drop(df: pd.DataFrame, metric: str = "auroc", label: str = "macro") -> pd.DataFrame:
-    """Per run and OOD set: in-distribution (test) minus OOD ``metric``, as tidy rows (``metric='<metric>_drop'``,
-    ``eval_set`` = the OOD set) ready for :func:`scaling.study.aggregate.summarise`.
-
-    The per-run interval combines the two bootstrap half-widths in quadrature: test and OOD sets hold different
-    patients, so their errors are independent.
-    """
-    rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
-    test = rows[rows["eval_set"] == "test"].set_index("run_id")
-    out = []
-    for name in ood_sets(rows):
-        o = rows[rows["eval_set"] == name].set_index("run_id")
-        common = test.index.intersection(o.index)
-        t, s = test.loc[common], o.loc[common]
-        d = t["value"] - s["value"]
-        half = np.sqrt(((t["hi"] - t["lo"]) / 2) ** 2 + ((s["hi"] - s["lo"]) / 2) ** 2)
-        out.append(t.assign(eval_set=name, metric=f"{metric}_drop", value=d, lo=d - half, hi=d + half,
-                            n=s["n"]).reset_index())
-    if not out:
-        return df.iloc[:0]
-    res = pd.concat(out, ignore_index=True)[df.columns]
-    res.attrs = dict(df.attrs)
-    return res
+def ood_drop(df: pd.DataFrame, label: str = "macro") -> pd.DataFrame:
+    """Per run and OOD set: the drop from in-distribution (test) to OOD AUROC on the labels both sets can score
+    (``metric='auroc_drop'`` rows of :func:`scaling.metrics.compute_run_metrics`), ready for
+    :func:`scaling.study.aggregate.summarise`. ``label='macro'`` is the mean over the shared labels."""
+    return df[(df["metric"] == "auroc_drop") & (df["label"] == label) & (df["attribute"] == "all")
+              & (df["group"] == "all")]
 
 
 def ood_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and CI over seeds of the OOD drop per cell and OOD set (see :func:`ood_drop`)."""
+    """Mean and CI over seeds of the OOD drop (on shared labels) per cell and OOD set (see :func:`ood_drop`)."""
     drops = ood_drop(df)
     return summarise(drops) if len(drops) else drops
+
+
+def shift_labels(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Per OOD set, the labels its drop is computed on (both classes present there and in test), in label order."""
+    rows = df[(df["metric"] == "auroc_drop") & (df["label"] != "macro") & (df["attribute"] == "all")]
+    return {e: list(pd.unique(g["label"])) for e, g in rows.groupby("eval_set", sort=True)}
+
+
+def evaluable_labels(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Per evaluation set, the labels with a defined AUROC in at least one run (both classes present)."""
+    rows = df[(df["metric"] == "auroc") & (df["label"] != "macro") & (df["attribute"] == "all")
+              & np.isfinite(df["value"].to_numpy(dtype=float))]
+    return {e: list(pd.unique(g["label"])) for e, g in rows.groupby("eval_set", sort=True)}
 
 
 def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, pd.Series]:

@@ -13,9 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scaling.config import TrackingConfig
+from scaling.config import ConfigError, TrackingConfig
 
 log = logging.getLogger(__name__)
+
+UNPUBLISHED = ("completion", "problems")
+"""Report tables not sent to W&B: the grid's run ids and failure messages are bookkeeping of this machine."""
 
 
 def _wr():
@@ -26,29 +29,57 @@ def _wr():
     return wr
 
 
+def check_available(tracking_cfg: TrackingConfig) -> None:
+    """Refuse, before any training, a study that will need wandb-workspaces at its end and cannot import it.
+
+    Only ``tracking.wandb: online`` (after ``WANDB_MODE``) builds the W&B Report when the grid is done; without this
+    check such a study trains every cell and then stops with an ImportError. Raises :class:`ConfigError` naming
+    the field and the fix.
+    """
+    from scaling.tracking import wandb_mode
+
+    if wandb_mode(tracking_cfg) != "online":
+        return
+    try:
+        _wr()
+    except ImportError as e:
+        raise ConfigError(
+            "tracking.wandb=online creates a W&B Report when the study is done, which needs wandb-workspaces: "
+            "pip install 'scaling[wandb-report]' (or set tracking.wandb=offline and create the Report later with "
+            "`python -m scaling.study wandb-report <store>`)") from e
+
+
 def _quote(s: str) -> str:
     return "'" + str(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def report_panels(ood_sets=(), attributes=()) -> list[tuple[str, str, str, bool]]:
-    """The Report's scatter panels as (title, x, y, log_x); x/y are ``config:<key>`` or ``summary:<key>``."""
+def report_panels(ood_sets=(), attributes=None) -> list[tuple[str, str, str, bool]]:
+    """The Report's scatter panels as (title, x, y, log_x); x/y are ``config:<key>`` or ``summary:<key>``.
+
+    ``attributes`` maps each evaluation set to its subgroup attributes (``{"test": ["sex"], "ddi": ["skin_group"]}``):
+    a set's fairness panels exist only for the attributes it has.
+    """
     size = "config:n_params"
     panels = [("AUROC vs model size (test)", size, "summary:test/auroc", True),
               ("AUROC vs labelled fraction (test)", "config:fraction", "summary:test/auroc", True),
               ("AUROC vs pretraining images (test)", "config:pretrain_images", "summary:test/auroc", True)]
     for o in ood_sets:
-        panels += [(f"In-distribution vs OOD AUROC ({o})", "summary:test/auroc", f"summary:{o}/auroc", False),
+        # Both axes on the labels the OOD set shares with test (auroc_id / auroc_ood), as in the HTML report.
+        panels += [(f"In-distribution vs OOD AUROC ({o})", f"summary:{o}/auroc_id", f"summary:{o}/auroc_ood", False),
                    (f"OOD drop vs model size ({o})", size, f"summary:{o}/auroc_drop", True)]
-    for a in attributes:
-        panels += [(f"Worst-group AUROC vs model size ({a})", size, f"summary:test/{a}/worst_group_auroc", True),
-                   (f"AUROC gap vs model size ({a})", size, f"summary:test/{a}/auroc_gap", True)]
-    panels += [("ECE vs model size (test)", size, "summary:test/ece", True),
-               ("ECE after temperature scaling vs model size (test)", size, "summary:test/ece_temp", True),
-               ("Selective prediction: AURC vs model size (test)", size, "summary:test/aurc", True)]
+    for e, attrs in (attributes or {}).items():
+        for a in attrs:
+            panels += [(f"Worst-group AUROC vs model size ({e}, {a})", size, f"summary:{e}/{a}/worst_group_auroc",
+                        True),
+                       (f"AUROC gap vs model size ({e}, {a})", size, f"summary:{e}/{a}/auroc_gap", True)]
+    for e in ("test", *ood_sets):
+        panels += [(f"ECE vs model size ({e})", size, f"summary:{e}/ece", True),
+                   (f"ECE after temperature scaling vs model size ({e})", size, f"summary:{e}/ece_temp", True)]
+    panels.append(("Selective prediction: AURC vs model size (test)", size, "summary:test/aurc", True))
     return panels
 
 
-def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=(),
+def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=None,
                        description: str = ""):
     """The W&B Report object of a study (``wandb_workspaces.reports.v2.Report``), built without network access.
 
@@ -82,18 +113,20 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
 
 
 def study_report_args(store_root: str | Path) -> dict:
-    """Study name, pretraining sources, OOD sets and subgroup attributes found in a run store."""
-    from scaling.study.aggregate import load_results
+    """Study name, pretraining sources, OOD sets and, per test/OOD set, the subgroup attributes found in a run
+    store."""
+    from scaling.study.aggregate import load_study
     from scaling.study.tables import ood_sets
 
-    df = load_results(store_root)
-    runs = df.attrs["runs"]
+    study = load_study(store_root)
+    df, runs = study.results, study.runs
     names = sorted(runs["study"].dropna().unique())
     return {
         "study": names[0] if names else Path(store_root).name,
         "sources": sorted(runs["pretrained"].dropna().unique()),
         "ood_sets": ood_sets(df) if len(df) else [],
-        "attributes": sorted(a for a in df["attribute"].dropna().unique() if a != "all") if len(df) else [],
+        "attributes": {e: sorted(a for a in df.loc[df["eval_set"] == e, "attribute"].unique() if a != "all")
+                       for e in ["test", *ood_sets(df)] if (df["eval_set"] == e).any()} if len(df) else {},
     }
 
 
@@ -119,13 +152,13 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) 
         figures.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, png in report.figures.items():
-            (figures / f"{name}.png").write_bytes(png)
-            paths[f"report/{name}"] = figures / f"{name}.png"
+            path = figures / f"{name.replace(':', '-')}.png"
+            path.write_bytes(png)
+            paths[f"report/{name.replace(':', '/')}"] = path
         tracker.log_images(paths)
-        for name in ("headline", "fits", "data_efficiency", "ood", "fairness", "calibration", "delong"):
-            table = report.tables.get(name)
-            if table is not None and len(table):
-                tracker.log_metrics_table(table, key=f"report/{name}", summary=False)
+        for name, table in report.tables.items():
+            if name not in UNPUBLISHED and table is not None and len(table):
+                tracker.log_metrics_table(table, key=f"report/{name.replace(':', '/')}", summary=False)
     finally:
         tracker.finish()
     if mode != "online":
