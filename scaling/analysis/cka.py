@@ -195,3 +195,22 @@ def cka_table(stream_a: Iterable[Mapping[str, torch.Tensor] | None],
     if acc is None:
         return None
     return acc.table()
+
+
+def block_cka(runner_a, dataset, runner_b=None, *, layers_a: Sequence[str] | None = None,
+              layers_b: Sequence[str] | None = None, chunk_size: int = 4096, batch_size: int = 64,
+              cka_batch_size: int = 256) -> pd.DataFrame | None:
+    """Block-by-block minibatch CKA of two models on ``dataset`` (e.g. pretrained vs fine-tuned, or two scales).
+
+    ``runner_a`` / ``runner_b`` are Trainers (sharded or not; call on every rank) or plain modules; ``runner_b=None``
+    compares A's blocks with each other. Features come chunk by chunk from
+    :func:`scaling.analysis.features.iter_block_features` (every block and ``pre_logits`` by default), so only
+    ``chunk_size`` examples' features are held at a time. Returns the :meth:`MinibatchCKA.table` on the main
+    process, None elsewhere.
+    """
+    from scaling.analysis.features import iter_block_features
+
+    kw = dict(chunk_size=chunk_size, batch_size=batch_size)
+    stream_a = iter_block_features(runner_a, dataset, layers=layers_a, **kw)
+    stream_b = None if runner_b is None else iter_block_features(runner_b, dataset, layers=layers_b, **kw)
+    return cka_table(stream_a, stream_b, batch_size=cka_batch_size)
