@@ -48,16 +48,13 @@ def _reference(model, n=21):
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    from test_models_hf import tiny_hf_dir
-
-    hf_dir = tiny_hf_dir(tmp_path_factory.mktemp("hf"), "vit")
     out = launcher.out_dir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SUITE),
-           str(out), str(hf_dir)]
+           str(out)]
     proc = subprocess.run(cmd, env=launcher.env(), cwd=launcher.REPO, capture_output=True, text=True, timeout=400)
     if proc.returncode != 0:
         raise AssertionError(f"analysis suite failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(out / "analysis.pt", weights_only=False), hf_dir
+    return torch.load(out / "analysis.pt", weights_only=False)
 
 
 def test_pool_means_over_space_and_tokens():
@@ -83,7 +80,7 @@ def test_hooked_features_equal_a_direct_forward(family):
 
 
 def test_two_ranks_give_the_features_of_one_process(suite):
-    out, _ = suite
+    out = suite
     assert out["world"] == 2
     assert out["fsdp_vit_units"] == 3 and out["fsdp_resnetv2_units"] == 5  # blocks + root: really sharded
     assert out["zero3_partitioned"] == pytest.approx(0.5, abs=0.05)
@@ -98,7 +95,7 @@ def test_two_ranks_give_the_features_of_one_process(suite):
 
 
 def test_chunked_stream_and_block_cka_on_two_ranks(suite):
-    out, _ = suite
+    out = suite
     chunks = out["fsdp_vit_chunks"]
     assert [len(c["index"]) for c in chunks] == [8, 8, 5]
     ref = block_features(FAMILIES["vit"](), ToyDataset(21, seed=1), batch_size=4)
