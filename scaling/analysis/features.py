@@ -137,7 +137,7 @@ def _run_trainer(trainer, chunk: _Positions, layers: Sequence[str], batch_size: 
 def _run_module(model: nn.Module, chunk: _Positions, layers: Sequence[str], batch_size: int,
                 num_workers: int) -> dict:
     """Features of one chunk through a plain (unsharded) module in this process."""
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     logits, targets = [], []
     loader = DataLoader(chunk, batch_size=batch_size, shuffle=False, num_workers=num_workers)
