@@ -61,12 +61,26 @@ class TransferModel(nn.Module):
     callers must not reach into ``backbone.forward_features`` (https://github.com/pytorch/pytorch/issues/109385).
     """
 
-    def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec):
+    def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec, create_kwargs: dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.preset_name = preset.name
         self.timm_name = preset.timm_name
         self.weights = weights
+        # What the backbone was built with (num_classes, img_size...), so fresh_backbone rebuilds the same shape.
+        self.create_kwargs = dict(create_kwargs or {})
+
+    def fresh_backbone(self, seed: int) -> nn.Module:
+        """A newly initialised backbone of the same architecture, built with the library's own init under ``seed``.
+
+        timm backbones are rebuilt with ``timm.create_model`` (each family's ``init_weights``); backbones with a
+        ``fresh(seed)`` method of their own (Hugging Face wrappers) use it. The global RNG is left as it was.
+        """
+        if hasattr(self.backbone, "fresh"):
+            return self.backbone.fresh(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(self.timm_name, pretrained=False, **self.create_kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_outputs]`` for a batch of images ``[B, C, H, W]``."""
@@ -119,7 +133,8 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     on_meta = torch.empty(()).is_meta
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
     path = fetch(spec) if spec.kind != "scratch" and not on_meta else None
-    backbone = timm.create_model(preset.timm_name, pretrained=False, num_classes=num_outputs, **kwargs)
+    kwargs["num_classes"] = num_outputs
+    backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
     if path is not None:
         load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
         log.info("%s: loaded %s from %s", preset.name, spec.label, path)
@@ -127,7 +142,7 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     if model_cfg.zero_init_head:
         for p in head.parameters():
             nn.init.zeros_(p)
-    return TransferModel(backbone, preset, spec)
+    return TransferModel(backbone, preset, spec, create_kwargs=kwargs)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
