@@ -64,6 +64,8 @@ class Preset:
     """Source used for ``pretrained: hub``."""
     description: str = ""
     """One line for the presets table."""
+    bit_arch: str = ""
+    """BiT architecture tag as in the official file names (``R50x1`` in ``BiT-M-R50x1.npz``); empty if not BiT."""
 
     def source(self, name: str) -> Source:
         """Return the source called ``name`` (or an alias of it); raise listing the valid names otherwise."""
@@ -81,7 +83,7 @@ def _bit(arch: str, timm_name: str, description: str) -> Preset:
         "bit-l": Source("bit-l", *JFT_300M, user_file=True),
     }
     aliases = {"in1k": "bit-s", "in21k": "bit-m", "jft": "bit-l"}
-    return Preset(f"bit_{arch.lower()}", timm_name, "resnetv2", 224, sources, aliases, "bit-m", description)
+    return Preset(f"bit_{arch.lower()}", timm_name, "resnetv2", 224, sources, aliases, "bit-m", description, arch)
 
 
 def _vit(name: str, timm_name: str, description: str, in1k: bool, augreg21k: bool, orig21k: bool) -> Preset:
