@@ -48,13 +48,16 @@ def _reference(model, n=21):
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
+    from test_models_hf import tiny_hf_dir
+
+    hf_dir = tiny_hf_dir(tmp_path_factory.mktemp("hf"), "dinov2")
     out = launcher.out_dir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SUITE),
-           str(out)]
+           str(out), str(hf_dir)]
     proc = subprocess.run(cmd, env=launcher.env(), cwd=launcher.REPO, capture_output=True, text=True, timeout=400)
     if proc.returncode != 0:
         raise AssertionError(f"analysis suite failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(out / "analysis.pt", weights_only=False)
+    return torch.load(out / "analysis.pt", weights_only=False), hf_dir
 
 
 def test_pool_means_over_space_and_tokens():
@@ -80,7 +83,7 @@ def test_hooked_features_equal_a_direct_forward(family):
 
 
 def test_two_ranks_give_the_features_of_one_process(suite):
-    out = suite
+    out, _ = suite
     assert out["world"] == 2
     assert out["fsdp_vit_units"] == 3 and out["fsdp_resnetv2_units"] == 5  # blocks + root: really sharded
     assert out["zero3_partitioned"] == pytest.approx(0.5, abs=0.05)
@@ -95,7 +98,7 @@ def test_two_ranks_give_the_features_of_one_process(suite):
 
 
 def test_chunked_stream_and_block_cka_on_two_ranks(suite):
-    out = suite
+    out, _ = suite
     chunks = out["fsdp_vit_chunks"]
     assert [len(c["index"]) for c in chunks] == [8, 8, 5]
     ref = block_features(FAMILIES["vit"](), ToyDataset(21, seed=1), batch_size=4)
@@ -113,3 +116,23 @@ def test_chunked_stream_and_block_cka_on_two_ranks(suite):
     for lo, hi in ((0, 8), (8, 16), (16, 21)):
         acc.update({k: v[lo:hi] for k, v in a.items()}, {k: v[lo:hi] for k, v in b.items()})
     np.testing.assert_allclose(local["cka"], acc.table()["cka"], atol=1e-10)
+
+
+def test_hugging_face_backbone_under_fsdp_on_two_ranks(suite):
+    """A DINOv2 (RAD-DINO's architecture) sharded per encoder layer gives one process's features and logits."""
+    from scaling.config import ModelConfig
+    from scaling.models import build_model
+
+    out, hf_dir = suite
+    assert out["fsdp_hf_units"] == 3  # 2 Dinov2Layer units + the root
+    torch.manual_seed(0)  # the same new head as the suite's
+    model = build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="hf", zero_init_head=False), 3)
+    ref = block_features(model, ToyDataset(21, seed=1), batch_size=4)
+    got = out["fsdp_hf"]
+    assert list(got["features"]) == list(ref["features"]) and len(ref["features"]) == 3
+    for name in ref["features"]:
+        torch.testing.assert_close(got["features"][name], ref["features"][name], **TOL)
+    np.testing.assert_allclose(out["fsdp_hf_pred"]["logits"], ref["logits"], **TOL)
+    np.testing.assert_array_equal(out["fsdp_hf_pred"]["index"], np.arange(21) * 10 + 3)  # ToyDataset's own index
+    for name in ref["features"]:  # ZeRO-3 partitioning of a model built after an earlier ZeRO-3 cell
+        torch.testing.assert_close(out["zero3_hf"]["features"][name], ref["features"][name], **TOL)

@@ -2,7 +2,8 @@
 
 Public API:
 
-* :func:`build_model` ``(model_cfg, num_outputs) -> TransferModel``: preset or timm name, weights from
+* :func:`build_model` ``(model_cfg, num_outputs) -> TransferModel``: preset, timm name or ``hf:<repo or dir>``
+  (a Hugging Face encoder, :mod:`scaling.models.hf`), weights from
   ``model_cfg.pretrained`` (one code path, see :mod:`scaling.models.weights`), new head (zero-initialised as
   in BiT when ``model_cfg.zero_init_head``). ``forward(images) -> logits[B, num_outputs]`` is the only entry
   point; never call ``forward_features`` on a sharded module.
@@ -120,6 +121,8 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
         raise ValueError(f"num_outputs={num_outputs} must be >= 1")
     preset = resolve_backbone(model_cfg.backbone)
     spec = resolve_source(preset, model_cfg.pretrained)
+    if preset.family == "hf":
+        return _build_hf(model_cfg, preset, spec, num_outputs)
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate
@@ -145,6 +148,21 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     return TransferModel(backbone, preset, spec, create_kwargs=kwargs)
 
 
+def _build_hf(model_cfg, preset: Preset, spec: WeightSpec, num_outputs: int) -> TransferModel:
+    """An ``hf:`` backbone (:mod:`scaling.models.hf`): transformers builds it, the head is ours as for timm."""
+    from scaling.models.hf import build_hf_backbone
+
+    overrides = dict(model_cfg.kwargs)
+    if model_cfg.drop_path_rate:
+        overrides["drop_path_rate"] = model_cfg.drop_path_rate
+    backbone = build_hf_backbone(spec.location, num_outputs, pretrained=spec.kind == "hf", **overrides)
+    log.info("%s: %s", preset.name, "loaded its weights" if spec.kind == "hf" else "built from its config (scratch)")
+    if model_cfg.zero_init_head:
+        for p in backbone.get_classifier().parameters():
+            nn.init.zeros_(p)
+    return TransferModel(backbone, preset, spec)
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``model`` (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -167,6 +185,15 @@ def model_info(backbone: str) -> dict:
     """
     preset = resolve_backbone(backbone)
     sources = {"scratch": dict(dataset="none", n_images=0, num_classes=0, hub="", url="", user_file=False)}
+    if preset.family == "hf":
+        from scaling.models.hf import count_hf_params, hf_location
+
+        # The pretraining set of a Hugging Face checkpoint is not machine-readable: its size is unknown (NaN).
+        sources["hf"] = dict(dataset="see the model card", n_images=float("nan"), num_classes=0,
+                             hub=hf_location(preset.name), url="", user_file=False)
+        return dict(name=preset.name, timm_name=preset.timm_name, family="hf",
+                    n_params=count_hf_params(hf_location(preset.name)), native_resolution=0, default_hub="",
+                    description=preset.description, sources=sources)
     for name, s in preset.sources.items():
         sources[name] = dict(dataset=s.dataset, n_images=s.n_images, num_classes=s.num_classes, hub=s.hub,
                              url=s.url, user_file=s.user_file)

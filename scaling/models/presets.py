@@ -126,6 +126,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+HF_PREFIX = "hf:"
+
+
+def is_hf(name: str) -> bool:
+    """True for ``hf:<repo or dir>`` strings (a Hugging Face encoder, :mod:`scaling.models.hf`)."""
+    return name.strip().lower().startswith(HF_PREFIX)
+
+
+def hf_location(name: str) -> str:
+    """The repo id or directory of an ``hf:`` string."""
+    return name.strip()[len(HF_PREFIX):].strip()
+
+
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
@@ -143,6 +156,9 @@ def resolve_backbone(name: str) -> Preset:
     preset = find_preset(name)
     if preset is not None:
         return preset
+    if is_hf(name):
+        # A Hugging Face encoder (scaling.models.hf): the architecture comes from its config.json.
+        return Preset(name.strip(), name.strip(), "hf", 0, {}, {}, "", "Hugging Face vision encoder")
     import timm
 
     from scaling.models import tiny  # noqa: F401  (registers the tiny models)
@@ -166,6 +182,9 @@ def has_source(backbone: str, pretrained: str) -> bool:
     """
     preset = resolve_backbone(backbone)
     key = pretrained.strip().lower()
+    if preset.family == "hf" or key.startswith("hf:"):
+        # hf: sources carry their own architecture: they pair only with the same hf: backbone.
+        return preset.family == "hf" and key in ("scratch", "none", "", "hf", "hub", preset.name.lower())
     if key in ("scratch", "none", "") or ":" in key or "/" in key:
         return True
     if key.endswith((".npz", ".safetensors", ".pt", ".pth", ".bin")):

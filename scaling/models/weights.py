@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.models.presets import Preset, Source
+from scaling.models.presets import Preset, Source, hf_location, is_hf
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 PROBE_TIMEOUT_S = 3.0
@@ -59,9 +59,10 @@ class WeightSpec:
     """A resolved weight source."""
 
     kind: str
-    """``scratch``, ``hub``, ``url`` or ``file``."""
+    """``scratch``, ``hub``, ``url``, ``file`` or ``hf`` (a Hugging Face checkpoint, :mod:`scaling.models.hf`)."""
     location: str = ""
-    """timm ``arch.tag`` (hub), URL (url) or path (file)."""
+    """timm ``arch.tag`` (hub), URL (url), path (file) or Hugging Face repo / directory (hf, and scratch of an
+    ``hf:`` backbone, whose architecture comes from there)."""
     source: Source | None = None
     """The preset's source metadata (dataset, size) when known."""
 
@@ -88,6 +89,15 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     """
     text = pretrained.strip()
     low = text.lower()
+    if preset.family == "hf":
+        if low in ("", "scratch", "none"):
+            return WeightSpec("scratch", hf_location(preset.name))
+        if low in ("hf", "hub") or (is_hf(text) and hf_location(text) == hf_location(preset.name)):
+            return WeightSpec("hf", hf_location(preset.name))
+        raise ValueError(f"backbone {preset.name!r} takes pretrained 'hf' (its own weights) or 'scratch', not {text!r}")
+    if is_hf(text):
+        raise ValueError(f"pretrained={text!r} is a Hugging Face model, which brings its own architecture: set "
+                         f"model.backbone to {text!r} and model.pretrained to 'hf' (backbone {preset.name!r} is timm's)")
     if low in ("", "scratch", "none"):
         return WeightSpec("scratch")
     if low.startswith("upstream:"):

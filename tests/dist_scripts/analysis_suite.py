@@ -2,9 +2,10 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/analysis_suite.py <out_dir> [<hf_model_dir>]
 
-One launch covers fsdp (ViT and BiT-style ResNetV2), zero3 (DeepSpeed, switched on for its cell the way
-``accelerate launch --use_deepspeed`` would) and ddp, chunked streaming with padding duplicates, and block CKA
-between two sharded models; with a Hugging Face model directory also that backbone under fsdp. Rank 0 writes
+One launch covers fsdp (ViT and BiT-style ResNetV2), ddp, chunked streaming with padding duplicates, block CKA
+between two sharded models, then zero3 (DeepSpeed, switched on for the last cells the way
+``accelerate launch --use_deepspeed`` would); with a Hugging Face model directory also that backbone under fsdp
+and zero3. Rank 0 writes
 ``<out_dir>/analysis.pt``; the pytest side compares every entry with one process.
 """
 
@@ -23,8 +24,9 @@ from toy import FAMILIES, ToyDataset  # noqa: E402
 
 from scaling.analysis.cka import block_cka  # noqa: E402
 from scaling.analysis.features import block_features, iter_block_features  # noqa: E402
-from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
+from scaling.config import ModelConfig, ShardingConfig, TrainConfig  # noqa: E402
 from scaling.engine import Trainer  # noqa: E402
+from scaling.models import build_model  # noqa: E402
 
 N_EVAL = 21  # odd: the second rank's slice wraps around, so padding duplicates must be dropped
 BATCH = 4
@@ -54,21 +56,25 @@ def main():
     trainer = trainer_for(FAMILIES["vit"](), "ddp")
     out["ddp_vit"] = block_features(trainer, data, batch_size=BATCH)
     trainer.close()
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    trainer = trainer_for(FAMILIES["vit"](), "zero3")
-    out["zero3_vit"] = block_features(trainer, data, batch_size=BATCH)
-    out["zero3_partitioned"] = trainer.shard.share
-    trainer.close()
-    del os.environ["ACCELERATE_USE_DEEPSPEED"]
     if hf_dir:
-        from scaling.config import ModelConfig
-        from scaling.models import build_model
-
+        torch.manual_seed(0)  # the new head's init, which the pytest side repeats
         model = build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="hf", zero_init_head=False), 3)
         trainer = trainer_for(model, "fsdp")
         out["fsdp_hf"] = block_features(trainer, data, batch_size=BATCH)
         out["fsdp_hf_units"] = trainer.shard.units
         out["fsdp_hf_pred"] = trainer.predict(data, batch_size=BATCH)
+        trainer.close()
+    # DeepSpeed last: a launch is either DeepSpeed or not (check_launch), so its cells come after the others.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    trainer = trainer_for(FAMILIES["vit"](), "zero3")
+    out["zero3_vit"] = block_features(trainer, data, batch_size=BATCH)
+    out["zero3_partitioned"] = trainer.shard.share
+    trainer.close()
+    if hf_dir:
+        # An hf: model built after a ZeRO-3 cell (as in a ZeRO-3 study grid) and partitioned by its own cell.
+        model = build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="hf", zero_init_head=False), 3)
+        trainer = trainer_for(model, "zero3")
+        out["zero3_hf"] = block_features(trainer, data, batch_size=BATCH)
         trainer.close()
     if torch.distributed.get_rank() == 0:
         torch.save(out, out_dir / "analysis.pt")
