@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scaling.config import ConfigError
 from scaling.io import atomic_write
 from scaling.metrics.discrimination import auroc
 
@@ -53,13 +54,13 @@ class ProbeConfig:
 
     def __post_init__(self):
         if not self.cs or any(not (c > 0 and math.isfinite(c)) for c in self.cs):
-            raise ValueError(f"probe.cs={list(self.cs)} must be a non-empty list of positive numbers")
+            raise ConfigError(f"probe.cs={list(self.cs)} must be a non-empty list of positive numbers")
         if self.select not in SELECT:
-            raise ValueError(f"probe.select={self.select!r} must be one of {list(SELECT)}")
+            raise ConfigError(f"probe.select={self.select!r} must be one of {list(SELECT)}")
         if self.max_iter < 1:
-            raise ValueError(f"probe.max_iter={self.max_iter} must be >= 1")
+            raise ConfigError(f"probe.max_iter={self.max_iter} must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"probe.batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"probe.batch_size={self.batch_size} must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,8 +72,11 @@ def _cache_path(cache_dir: Path, name: str) -> Path:
     return cache_dir / f"{name}.safetensors"
 
 
-def _read_cache(path: Path, n: int, key: str) -> dict | None:
-    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise."""
+def _read_cache(path: Path, n: int, key: str, load: bool = True) -> dict | bool | None:
+    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise.
+
+    With ``load=False`` (ranks that only need the decision) returns True instead of reading the tensors.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -84,6 +88,8 @@ def _read_cache(path: Path, n: int, key: str) -> dict | None:
         log.info("%s was extracted for %s examples and key %r, not %d and %r: extracting again", path,
                  meta.get("n"), meta.get("key"), n, key)
         return None
+    if not load:
+        return True
     t = load_file(str(path))
     return {"index": t["index"].numpy(), "features": t["features"], "target": t["target"].numpy()}
 
@@ -107,9 +113,10 @@ def extract_features(runner, datasets: Mapping[str, object], cache_dir: str | Pa
     for name, dataset in datasets.items():
         path = _cache_path(cache, name) if cache is not None else None
         # Every rank decides alike from the shared file, so all of them join the sharded forward or none does.
-        cached = _read_cache(path, len(dataset), key) if path is not None else None
+        cached = _read_cache(path, len(dataset), key, load=is_main) if path is not None else None
         if cached is not None:
-            out[name] = cached
+            if is_main:
+                out[name] = cached
             continue
         got = block_features(runner, dataset, layers=[PRE_LOGITS], batch_size=batch_size)
         if is_main:
