@@ -12,9 +12,18 @@
     python recipes/pretrain.py --backbone resnetv2_tiny --data runs/demo/data/fractal_500_10_48 --image-size 48 \\
         --out /tmp/tiny.safetensors train.steps=50 train.batch_size=32 sharding.strategy=none
 
+    # in-domain supervised pretraining on a medical dataset of the registry (multi-label, masked BCE: unlabelled
+    # findings do not count), e.g. MIMIC-CXR before fine-tuning on CheXpert; one file per backbone in a directory
+    # makes that directory a weight source for a whole grid (``model.pretrained: /weights/mimic``):
+    accelerate launch --num_processes 8 recipes/pretrain.py --backbone bit_r50x1 --dataset mimic_cxr \\
+        --data /data/mimic-cxr-jpg --option uncertainty=ignore --image-size 224 \\
+        --out /weights/mimic/bit_r50x1.safetensors train.batch_size=512 sharding.strategy=fsdp
+
 The exported safetensors file holds the whole model with its upstream head; fine-tuning loads it as a local file
-(``model.pretrained: /path/to/file.safetensors`` or ``bit-l:/path/...`` to label it as a JFT-class source), drops
-that head and attaches a new one. The study's demo pretraining axis (``upstream:<name>``) calls
+(``model.pretrained: /path/to/file.safetensors`` or ``bit-l:/path/...`` to label it as a JFT-class source; a
+directory holding ``<preset>.safetensors`` per backbone serves a whole grid), drops that head and attaches a new
+one. Pretraining on a medical table uses all of the split's patients: keep the downstream dataset's test
+patients out of it (pretrain on another dataset, or on a split that excludes them). The study's demo pretraining axis (``upstream:<name>``) calls
 ``scaling.study.upstream.pretrain``; this script is for real-scale runs and any dataset on disk.
 """
 
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scaling.config import ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.config import ModelConfig, ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from scaling.study.upstream import run_pretraining
 
 log = logging.getLogger("pretrain")
@@ -141,11 +150,78 @@ def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Datas
     return TarShardDataset(shards, image_size, train=train)
 
 
+def open_table_dataset(dataset: str, root: str | Path, image_size: int, split: str = "train",
+                       labels: list[str] | None = None, options: dict | None = None,
+                       cache_dir: str | Path | None = None) -> Dataset:
+    """A multi-label training set from any registered medical dataset (``scaling.data`` loaders).
+
+    ``labels`` default to every label column of the loaded table; unlabelled entries stay NaN and are masked out of
+    the loss. Chest X-rays keep their orientation (no flips: laterality carries meaning).
+    """
+    from scaling.data.dataset import TableDataset
+    from scaling.data.registry import load_table
+    from scaling.data.table import DataError, label_names
+
+    table = load_table(dataset, root, split, **(options or {}))
+    names = labels or label_names(table)
+    if not names:
+        raise DataError(f"{dataset}:{split} at {root} has no label columns to pretrain on")
+    return TableDataset(table, names, image_size, train=True, cache_dir=cache_dir)
+
+
+def run_multilabel_pretraining(backbone: str, dataset: Dataset, out_path: str | Path, train_cfg: TrainConfig,
+                               sharding_cfg: ShardingConfig | None = None, *, run_dir: str | Path | None = None,
+                               model_kwargs: dict | None = None, tracker=None) -> dict:
+    """Pretrain ``backbone`` from scratch on a multi-label ``dataset`` (``.labels``) with masked BCE; export it.
+
+    The multi-label counterpart of ``scaling.study.upstream.run_pretraining`` (same Trainer, sharding, resume from
+    ``run_dir/checkpoints`` and export); the exported head has one output per label and is dropped by fine-tuning.
+    """
+    from scaling.engine import Trainer
+    from scaling.models import build_model
+
+    n_labels = len(dataset.labels)
+    model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
+    model = build_model(model_cfg, num_outputs=n_labels, image_size=getattr(dataset, "image_size", None))
+    out_path = Path(out_path)
+    run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
+    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multilabel", output_dir=run_dir,
+                      tracker=tracker)
+    try:
+        summary = trainer.fit(dataset)
+        trainer.export(out_path)
+    finally:
+        trainer.close()
+    log.info("pretrained %s on %d images, %d labels (masked BCE) -> %s", backbone, len(dataset), n_labels, out_path)
+    return summary
+
+
+def _options(pairs: list[str]) -> dict:
+    """``key=value`` loader options, values parsed as YAML (``uncertainty=ignore``, ``frontal_only=true``)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: ``--backbone --data --out [--image-size] [--recipe bit|short] [train.x=y sharding.x=y ...]``."""
+    """Command line: ``--backbone --data --out [--dataset --split --labels --option k=v] [--image-size]
+    [--recipe bit|short] [train.x=y sharding.x=y ...]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", required=True, help="preset (bit_r50x1, vit_b16, ...) or timm model name")
-    parser.add_argument("--data", required=True, help="ImageFolder directory, or tar shards (glob, .tar, list file)")
+    parser.add_argument("--data", required=True,
+                        help="ImageFolder directory, tar shards (glob, .tar, list file), or with --dataset its root")
+    parser.add_argument("--dataset", default="",
+                        help="registered medical dataset (chexpert, mimic_cxr, ...): multi-label masked-BCE pretraining")
+    parser.add_argument("--split", default="train", help="with --dataset: the split to pretrain on")
+    parser.add_argument("--labels", default="", help="with --dataset: comma-separated labels (default: all)")
+    parser.add_argument("--option", action="append", default=[], help="with --dataset: loader option key=value")
+    parser.add_argument("--cache-dir", default="", help="with --dataset: decode each image once into this cache")
     parser.add_argument("--out", required=True, help="output safetensors file")
     parser.add_argument("--image-size", type=int, default=224, help="training resolution (BiT upstream: 224)")
     parser.add_argument("--recipe", choices=("bit", "short"), default="bit",
@@ -167,6 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
         # Keep BiT's linear lr scaling when only the batch size was overridden.
         train_cfg = from_dict(TrainConfig, {**config["train"], "lr": 0.03 * train_cfg.batch_size / 256}, prefix="train")
     sharding_cfg = from_dict(ShardingConfig, config["sharding"], prefix="sharding")
+    if args.dataset:
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
+        dataset = open_table_dataset(args.dataset, args.data, args.image_size, args.split, labels,
+                                     _options(args.option), args.cache_dir or None)
+        return run_multilabel_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
     dataset = open_dataset(args.data, args.image_size, train=True)
     return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
 

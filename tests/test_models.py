@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +430,33 @@ def test_online_url_download_is_atomic_into_the_weights_dir(monkeypatch):
     path = W.fetch(W.resolve_source(resolve_backbone("bit_r101x3"), "bit-s"))
     assert path == W.weights_dir() / "BiT-S-R101x3.npz" and path.read_bytes() == b"npz-bytes"
     assert [p.name for p in path.parent.iterdir()] == ["BiT-S-R101x3.npz"]  # no partial file left behind
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One source, one file per backbone (a weight directory)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_source_directory_finds_the_official_bit_file_of_each_backbone(tmp_path):
+    for name in ("BiT-L-R50x1.npz", "BiT-L-R101x3.npz", "BiT-M-R50x1.npz"):
+        (tmp_path / name).write_bytes(b"")
+    for backbone, expected in (("bit_r50x1", "BiT-L-R50x1.npz"), ("BiT-R101x3", "BiT-L-R101x3.npz")):
+        spec = W.resolve_source(resolve_backbone(backbone), f"bit-l:{tmp_path}")
+        assert spec.kind == "file" and Path(spec.location).name == expected
+        assert spec.source.name == "bit-l" and spec.source.n_images == 300_000_000  # metadata kept
+    assert Path(W.resolve_source(resolve_backbone("bit_r50x1"), f"in21k:{tmp_path}").location).name == "BiT-M-R50x1.npz"
+    with pytest.raises(WeightsUnavailable, match=r"no file for backbone 'bit_r152x4'.*'BiT-L-R152x4\.npz', "
+                                                  r"'bit_r152x4\.safetensors'.*present: \['BiT-L-R101x3\.npz'"):
+        W.resolve_source(resolve_backbone("bit_r152x4"), f"bit-l:{tmp_path}")
+
+
+def test_plain_directory_serves_every_backbone_of_a_grid(tmp_path):
+    sources = {"resnetv2_tiny": _source("resnetv2_tiny"), "vit_micro": _source("vit_micro")}
+    save_file(sources["resnetv2_tiny"].state_dict(), str(tmp_path / "resnetv2_tiny.safetensors"))
+    torch.save(sources["vit_micro"].state_dict(), tmp_path / "vit_micro.pt")
+    x = _images()
+    for backbone, src in sources.items():
+        model = build_model(ModelConfig(backbone=backbone, pretrained=str(tmp_path)), num_outputs=2).eval()
+        torch.testing.assert_close(_features(model, x), _features(src, x), rtol=0, atol=0)
+    with pytest.raises(WeightsUnavailable, match=r"looked for \['resnetv2_small\.safetensors'"):
+        build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(tmp_path)), num_outputs=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import io
 import tarfile
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from PIL import Image
 
 from scaling.config import ModelConfig, ShardingConfig, TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_recipe", REPO / "recipes" / "pretrain.py")
@@ -103,3 +106,30 @@ def test_cli_runs_the_short_recipe(image_folder, tmp_path):
     assert summary["steps"] == 2 and out.is_file()
     with pytest.raises(Exception, match="unknown config key 'train.stepz'"):
         pretrain.main(["--backbone", "vit_micro", "--data", str(image_folder), "--out", str(out), "train.stepz=2"])
+
+
+def test_multilabel_pretraining_on_a_medical_table_exports_a_grid_weight_source(tmp_path):
+    """--dataset: masked-BCE pretraining on a registry dataset; the file serves as a per-backbone weight source."""
+    from dataset_fixtures import write_fixture
+    from safetensors.torch import load_file
+
+    from scaling.models import build_model
+
+    root = write_fixture("mimic_cxr", tmp_path / "mimic", n=24)
+    weights = tmp_path / "weights"
+    summary = pretrain.main([
+        "--backbone", "resnetv2_tiny", "--dataset", "mimic_cxr", "--data", str(root), "--option", "uncertainty=ignore",
+        "--labels", "Edema,Cardiomegaly,Pleural Effusion", "--image-size", "32", "--recipe", "short",
+        "--out", str(weights / "resnetv2_tiny.safetensors"), "train.steps=3", "train.batch_size=4",
+        "train.warmup_steps=1", "sharding.strategy=none",
+    ])
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    sd = {k.removeprefix("backbone."): v for k, v in load_file(str(weights / "resnetv2_tiny.safetensors")).items()}
+    assert sd["head.fc.weight"].shape[0] == 3  # one upstream output per label
+    tuned = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(weights)), num_outputs=2)
+    torch.testing.assert_close(tuned.backbone.stem.conv.weight, sd["stem.conv.weight"])
+    ds = pretrain.open_table_dataset("mimic_cxr", root, 32, options={"uncertainty": "ignore"})
+    assert len(ds.labels) == 14 and torch.isnan(ds.targets).any()  # all labels by default, unlabelled stay NaN
+    with pytest.raises(SystemExit, match="key=value"):
+        pretrain.main(["--backbone", "resnetv2_tiny", "--dataset", "mimic_cxr", "--data", str(root), "--out",
+                       str(tmp_path / "x.safetensors"), "--option", "uncertainty"])

@@ -157,10 +157,20 @@ def fraction_subset(
     return _rows_of(df, chosen)
 
 
+BIT_SHOTS = (1, 5, 10, 25)
+"""The few-shot sizes of BiT's transfer protocol (Kolesnikov et al. 2020, §4.1: 1, 5, 10 and 25 examples per class)."""
+
+
 def kshot_subset(df: pd.DataFrame, k: int, seed: int = 0, labels: Sequence[str] | None = None) -> pd.DataFrame:
     """A patient-level k-shot subset: for each label, the first ``k`` positive and first ``k`` negative patients.
 
-    "First" is in the seeded order of :func:`patient_order`, so the subsets are nested in ``k`` for one seed.
+    BiT's k examples per class (Kolesnikov et al. 2020, §4.1, shots :data:`BIT_SHOTS`) for multi-label tasks, where
+    each label is a binary task with two classes. Examples are patients, with all their images (no patient is split
+    across train and test). "First" is in the seeded order of :func:`patient_order` (its own random stream), so for
+    one seed the subsets are nested in ``k`` (the 5-shot set contains the 1-shot set) and independent of row order.
+    A patient unlabelled for a label (NaN) never counts for it. A label can end up with more than ``k`` positive or
+    negative patients (picked for another label) but never fewer than ``k`` unless the table has fewer, which is
+    logged.
     """
     if k < 1:
         raise DataError(f"k-shot k={k} must be >= 1")
@@ -169,6 +179,10 @@ def kshot_subset(df: pd.DataFrame, k: int, seed: int = 0, labels: Sequence[str] 
     chosen: list[str] = []
     for col in ranked.columns:
         values = ranked[col].to_numpy(dtype=float)
-        for value in (1.0, 0.0):
-            chosen.extend(order[np.flatnonzero(values == value)[:k]])
+        for value, kind in ((1.0, "positive"), (0.0, "negative")):
+            hits = np.flatnonzero(values == value)
+            if len(hits) < k:
+                log.warning("%d-shot: label %r has only %d %s patient(s)", k, col.removeprefix(LABEL_PREFIX),
+                            len(hits), kind)
+            chosen.extend(order[hits[:k]])
     return _rows_of(df, dict.fromkeys(chosen))

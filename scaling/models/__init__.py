@@ -2,7 +2,8 @@
 
 Public API:
 
-* :func:`build_model` ``(model_cfg, num_outputs) -> TransferModel``: preset or timm name, weights from
+* :func:`build_model` ``(model_cfg, num_outputs) -> TransferModel``: preset, timm name or ``hf:<repo or dir>``
+  (a Hugging Face encoder, :mod:`scaling.models.hf`), weights from
   ``model_cfg.pretrained`` (one code path, see :mod:`scaling.models.weights`), new head (zero-initialised as
   in BiT when ``model_cfg.zero_init_head``). ``forward(images) -> logits[B, num_outputs]`` is the only entry
   point; never call ``forward_features`` on a sharded module.
@@ -61,12 +62,26 @@ class TransferModel(nn.Module):
     callers must not reach into ``backbone.forward_features`` (https://github.com/pytorch/pytorch/issues/109385).
     """
 
-    def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec):
+    def __init__(self, backbone: nn.Module, preset: Preset, weights: WeightSpec, create_kwargs: dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.preset_name = preset.name
         self.timm_name = preset.timm_name
         self.weights = weights
+        # What the backbone was built with (num_classes, img_size...), so fresh_backbone rebuilds the same shape.
+        self.create_kwargs = dict(create_kwargs or {})
+
+    def fresh_backbone(self, seed: int) -> nn.Module:
+        """A newly initialised backbone of the same architecture, built with the library's own init under ``seed``.
+
+        timm backbones are rebuilt with ``timm.create_model`` (each family's ``init_weights``); backbones with a
+        ``fresh(seed)`` method of their own (Hugging Face wrappers) use it. The global RNG is left as it was.
+        """
+        if hasattr(self.backbone, "fresh"):
+            return self.backbone.fresh(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(self.timm_name, pretrained=False, **self.create_kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_outputs]`` for a batch of images ``[B, C, H, W]``."""
@@ -106,6 +121,8 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
         raise ValueError(f"num_outputs={num_outputs} must be >= 1")
     preset = resolve_backbone(model_cfg.backbone)
     spec = resolve_source(preset, model_cfg.pretrained)
+    if preset.family == "hf":
+        return _build_hf(model_cfg, preset, spec, num_outputs)
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate
@@ -119,13 +136,29 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     on_meta = torch.empty(()).is_meta
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
     path = fetch(spec) if spec.kind != "scratch" and not on_meta else None
-    backbone = timm.create_model(preset.timm_name, pretrained=False, num_classes=num_outputs, **kwargs)
+    kwargs["num_classes"] = num_outputs
+    backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
     if path is not None:
         load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
         log.info("%s: loaded %s from %s", preset.name, spec.label, path)
     head = backbone.get_classifier()
     if model_cfg.zero_init_head:
         for p in head.parameters():
+            nn.init.zeros_(p)
+    return TransferModel(backbone, preset, spec, create_kwargs=kwargs)
+
+
+def _build_hf(model_cfg, preset: Preset, spec: WeightSpec, num_outputs: int) -> TransferModel:
+    """An ``hf:`` backbone (:mod:`scaling.models.hf`): transformers builds it, the head is ours as for timm."""
+    from scaling.models.hf import build_hf_backbone
+
+    overrides = dict(model_cfg.kwargs)
+    if model_cfg.drop_path_rate:
+        overrides["drop_path_rate"] = model_cfg.drop_path_rate
+    backbone = build_hf_backbone(spec.location, num_outputs, pretrained=spec.kind == "hf", **overrides)
+    log.info("%s: %s", preset.name, "loaded its weights" if spec.kind == "hf" else "built from its config (scratch)")
+    if model_cfg.zero_init_head:
+        for p in backbone.get_classifier().parameters():
             nn.init.zeros_(p)
     return TransferModel(backbone, preset, spec)
 
@@ -152,6 +185,15 @@ def model_info(backbone: str) -> dict:
     """
     preset = resolve_backbone(backbone)
     sources = {"scratch": dict(dataset="none", n_images=0, num_classes=0, hub="", url="", user_file=False)}
+    if preset.family == "hf":
+        from scaling.models.hf import count_hf_params, hf_location
+
+        # The pretraining set of a Hugging Face checkpoint is not machine-readable: its size is unknown (NaN).
+        sources["hf"] = dict(dataset="see the model card", n_images=float("nan"), num_classes=0,
+                             hub=hf_location(preset.name), url="", user_file=False)
+        return dict(name=preset.name, timm_name=preset.timm_name, family="hf",
+                    n_params=count_hf_params(hf_location(preset.name)), native_resolution=0, default_hub="",
+                    description=preset.description, sources=sources)
     for name, s in preset.sources.items():
         sources[name] = dict(dataset=s.dataset, n_images=s.n_images, num_classes=s.num_classes, hub=s.hub,
                              url=s.url, user_file=s.user_file)

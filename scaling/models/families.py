@@ -1,6 +1,7 @@
 """The per-family table: what sharding, activation checkpointing and the optimizer need from a backbone.
 
-One row per timm family. The sharding code applies ``fully_shard`` to every module whose class is in
+One row per timm family (plus one per Hugging Face encoder type, :data:`scaling.models.hf.HF_FAMILIES`, built
+on first use). The sharding code applies ``fully_shard`` to every module whose class is in
 ``block_classes`` (then to the root), so a new family needs only a row here. Everything else goes through
 timm's model interface (``set_grad_checkpointing``, ``group_matcher``, ``no_weight_decay``), which every timm
 model implements (timm 1.0 ``timm/models``); FSDP's auto-wrap policies silently do nothing for timm
@@ -9,6 +10,7 @@ models (https://github.com/huggingface/accelerate/issues/1943), which is why the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +20,8 @@ from timm.models.convnext import checkpoint_filter_fn as _convnext_filter
 from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetV2
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
+
+from scaling.models.hf import HFBackbone, family_row
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,15 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_family(model_type: str) -> FamilySpec:
+    """The row of a Hugging Face encoder type (:data:`scaling.models.hf.HF_FAMILIES`), built when first needed so
+    that ``transformers`` is imported only by runs that use it. Its ``model_class`` is the wrapper; the blocks are
+    the encoder's layers."""
+    _, layer = family_row(model_type)
+    return FamilySpec(f"hf_{model_type}", HFBackbone, (layer,), None)
+
+
 def timm_model(model: torch.nn.Module) -> torch.nn.Module:
     """The timm model inside ``model`` (``model`` itself, or the ``backbone`` of a TransferModel)."""
     return getattr(model, "backbone", model)
@@ -86,6 +99,8 @@ def family_spec(model: torch.nn.Module | str) -> FamilySpec:
     for spec in FAMILIES.values():
         if isinstance(inner, spec.model_class):
             return spec
+    if isinstance(inner, HFBackbone):
+        return _hf_family(inner.model_type)
     raise ValueError(
         f"no family table for {type(inner).__name__}; supported families: "
         f"{ {k: v.model_class.__name__ for k, v in FAMILIES.items()} } (add a row to scaling.models.families)"

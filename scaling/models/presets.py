@@ -64,6 +64,8 @@ class Preset:
     """Source used for ``pretrained: hub``."""
     description: str = ""
     """One line for the presets table."""
+    bit_arch: str = ""
+    """BiT architecture tag as in the official file names (``R50x1`` in ``BiT-M-R50x1.npz``); empty if not BiT."""
 
     def source(self, name: str) -> Source:
         """Return the source called ``name`` (or an alias of it); raise listing the valid names otherwise."""
@@ -81,7 +83,7 @@ def _bit(arch: str, timm_name: str, description: str) -> Preset:
         "bit-l": Source("bit-l", *JFT_300M, user_file=True),
     }
     aliases = {"in1k": "bit-s", "in21k": "bit-m", "jft": "bit-l"}
-    return Preset(f"bit_{arch.lower()}", timm_name, "resnetv2", 224, sources, aliases, "bit-m", description)
+    return Preset(f"bit_{arch.lower()}", timm_name, "resnetv2", 224, sources, aliases, "bit-m", description, arch)
 
 
 def _vit(name: str, timm_name: str, description: str, in1k: bool, augreg21k: bool, orig21k: bool) -> Preset:
@@ -124,6 +126,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+HF_PREFIX = "hf:"
+
+
+def is_hf(name: str) -> bool:
+    """True for ``hf:<repo or dir>`` strings (a Hugging Face encoder, :mod:`scaling.models.hf`)."""
+    return name.strip().lower().startswith(HF_PREFIX)
+
+
+def hf_location(name: str) -> str:
+    """The repo id or directory of an ``hf:`` string."""
+    return name.strip()[len(HF_PREFIX):].strip()
+
+
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
@@ -141,6 +156,9 @@ def resolve_backbone(name: str) -> Preset:
     preset = find_preset(name)
     if preset is not None:
         return preset
+    if is_hf(name):
+        # A Hugging Face encoder (scaling.models.hf): the architecture comes from its config.json.
+        return Preset(name.strip(), name.strip(), "hf", 0, {}, {}, "", "Hugging Face vision encoder")
     import timm
 
     from scaling.models import tiny  # noqa: F401  (registers the tiny models)
@@ -164,6 +182,9 @@ def has_source(backbone: str, pretrained: str) -> bool:
     """
     preset = resolve_backbone(backbone)
     key = pretrained.strip().lower()
+    if preset.family == "hf" or key.startswith("hf:"):
+        # hf: sources carry their own architecture: they pair only with the same hf: backbone.
+        return preset.family == "hf" and key in ("scratch", "none", "", "hf", "hub", preset.name.lower())
     if key in ("scratch", "none", "") or ":" in key or "/" in key:
         return True
     if key.endswith((".npz", ".safetensors", ".pt", ".pth", ".bin")):

@@ -9,6 +9,11 @@
 * a named URL source (``bit-s``): the official BiT ``.npz``, downloaded once into the weights directory.
 * ``<source>:<path>`` or a plain path: a local ``.safetensors``, ``.pt``/``.pth``/``.bin``
   (``torch.load(weights_only=True)``) or BiT ``.npz`` file.
+* ``<source>:<directory>`` or a plain directory: one file per backbone, so one grid source serves every backbone
+  of a grid (e.g. ``bit-l:/weights/jft`` holding ``BiT-L-R50x1.npz``, ``BiT-L-R101x3.npz``...). The file is found
+  by :func:`file_candidates`: the official BiT name of that source, then ``<preset>.<ext>`` and
+  ``<timm name>.<ext>`` (what ``recipes/pretrain.py --out <dir>/<preset>.safetensors`` and the study's upstream
+  runs write).
 
 Offline (``HF_HUB_OFFLINE=1``, ``SCALING_OFFLINE=1`` or an unreachable host) a missing file fails within
 seconds with the instruction to provide it: huggingface_hub otherwise retries a failing DNS lookup for ~46 s
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.models.presets import Preset, Source
+from scaling.models.presets import Preset, Source, hf_location, is_hf
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 PROBE_TIMEOUT_S = 3.0
@@ -54,9 +59,10 @@ class WeightSpec:
     """A resolved weight source."""
 
     kind: str
-    """``scratch``, ``hub``, ``url`` or ``file``."""
+    """``scratch``, ``hub``, ``url``, ``file`` or ``hf`` (a Hugging Face checkpoint, :mod:`scaling.models.hf`)."""
     location: str = ""
-    """timm ``arch.tag`` (hub), URL (url) or path (file)."""
+    """timm ``arch.tag`` (hub), URL (url), path (file) or Hugging Face repo / directory (hf, and scratch of an
+    ``hf:`` backbone, whose architecture comes from there)."""
     source: Source | None = None
     """The preset's source metadata (dataset, size) when known."""
 
@@ -83,6 +89,15 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     """
     text = pretrained.strip()
     low = text.lower()
+    if preset.family == "hf":
+        if low in ("", "scratch", "none"):
+            return WeightSpec("scratch", hf_location(preset.name))
+        if low in ("hf", "hub") or (is_hf(text) and hf_location(text) == hf_location(preset.name)):
+            return WeightSpec("hf", hf_location(preset.name))
+        raise ValueError(f"backbone {preset.name!r} takes pretrained 'hf' (its own weights) or 'scratch', not {text!r}")
+    if is_hf(text):
+        raise ValueError(f"pretrained={text!r} is a Hugging Face model, which brings its own architecture: set "
+                         f"model.backbone to {text!r} and model.pretrained to 'hf' (backbone {preset.name!r} is timm's)")
     if low in ("", "scratch", "none"):
         return WeightSpec("scratch")
     if low.startswith("upstream:"):
@@ -100,10 +115,12 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
         return _spec_for(preset.source(text))
     name, sep, rest = text.partition(":")
     if sep and not Path(text).exists() and (name.lower() in preset.sources or name.lower() in preset.aliases):
-        # ``bit-l:/data/jft_r50x1.npz``: a local file standing in for a named source (keeps its metadata).
-        return WeightSpec("file", _existing(rest), preset.source(name))
+        # ``bit-l:/data/jft_r50x1.npz``: a local file standing in for a named source (keeps its metadata);
+        # ``bit-l:/data/jft/``: a directory with one such file per backbone.
+        source = preset.source(name)
+        return WeightSpec("file", _existing(rest, preset, source), source)
     if _is_path(text):
-        return WeightSpec("file", _existing(text))
+        return WeightSpec("file", _existing(text, preset))
     valid = sorted(["scratch", "hub", "hub:<timm tag>", "<path>", *preset.sources, *preset.aliases])
     raise ValueError(f"unknown weight source {text!r} for backbone {preset.name!r}; valid: {valid}")
 
@@ -129,8 +146,36 @@ def _hub_name(preset: Preset, tag: str) -> str:
     return name
 
 
-def _existing(path: str) -> str:
+_BIT_LETTER = {"bit-s": "S", "bit-m": "M", "bit-l": "L"}
+
+
+def file_candidates(preset: Preset, source: Source | None = None) -> list[str]:
+    """File names a weight directory is searched for, in order, for ``preset`` (and the named ``source``).
+
+    The official BiT name (``BiT-L-R50x1.npz``; big_transfer's naming) when the preset is a BiT model and the
+    source one of ``bit-s/m/l``; then ``<preset name>`` and ``<timm name>`` with each of :data:`FILE_SUFFIXES`.
+    """
+    names = []
+    if preset.bit_arch and source is not None and source.name in _BIT_LETTER:
+        names.append(f"BiT-{_BIT_LETTER[source.name]}-{preset.bit_arch}.npz")
+    for stem in dict.fromkeys([preset.name, preset.timm_name]):
+        names += [stem + suffix for suffix in FILE_SUFFIXES]
+    return names
+
+
+def _existing(path: str, preset: Preset, source: Source | None = None) -> str:
+    """The weight file at ``path``, or for a directory the file of ``preset`` in it (:func:`file_candidates`)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        names = file_candidates(preset, source)
+        found = next((p / n for n in names if (p / n).is_file()), None)
+        if found is None:
+            present = sorted(f.name for f in p.iterdir() if f.suffix.lower() in FILE_SUFFIXES)
+            raise WeightsUnavailable(
+                f"weight directory {p} has no file for backbone {preset.name!r}: looked for {names}; "
+                f"weight files present: {present[:20]}{' ...' if len(present) > 20 else ''}"
+            )
+        return str(found)
     if not p.is_file():
         raise WeightsUnavailable(f"weight file not found: {p}")
     return str(p)
