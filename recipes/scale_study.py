@@ -5,7 +5,11 @@
     python recipes/scale_study.py --config ... --dry-run                      # the plan, no training
 
 Arguments after the options are dotted overrides (``train.lr=0.01 grid.seeds=[0,1,2]``). Re-running the same
-command skips the runs already complete in the store and finishes the rest.
+command skips the runs already complete in the store and finishes the rest; a grown config (more seeds, backbones,
+fractions, OOD sets) does only the new work; any number of launches may share one store (docs/run-store.md).
+
+Exit status: 0 done, 1 some runs failed (each has its FAILED.json; the others are complete), 2 bad input
+(config, data, a store that contradicts the config, a grid with no cell left), nothing trained.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from scaling.data.table import DataError
 from scaling.engine.distributed import LaunchError
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
-from scaling.study.runner import plan, run_study
+from scaling.study.runner import StudyFailed, plan, run_study
 from scaling.study.store import StoreError
 
 USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch)
@@ -45,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 p = plan(cfg)
                 print(p.drop(columns=["run_id"]).to_string(index=False))
-                print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete; "
-                      f"{int(p.images_processed[p.status != 'complete'].sum()):,} images to process")
+                print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete, {int((p.todo != '').sum())} "
+                      f"with work to do; {int(p.images_processed[p.status != 'complete'].sum()):,} images to process")
                 return 0
             table = run_study(cfg, report=not args.no_report)
             if is_main_process():
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line naming the file/field/row; the run store is left as it was.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StudyFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+
+class WriteError(OSError):
+    """Writing a file failed (full disk, file-size limit, read-only directory, a saver's own error); the message
+    names the file, the bytes needed or written, and the free space of its file system."""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (its nearest existing parent); None when unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_free_space(path: str | Path, nbytes: int, what: str = "writing") -> None:
+    """Raise :class:`WriteError` (ENOSPC) before ``nbytes`` are written to ``path`` when its file system has less
+    free space. A memory-mapped file on a full file system does not fail with an error but kills the process with
+    SIGBUS when a page is first written, so memmaps must be checked up front."""
+    free = free_bytes(path)
+    if free is not None and free < nbytes:
+        err = WriteError(f"{what} {path} needs {nbytes:,} bytes, but its file system has only {free:,} free")
+        err.errno = errno.ENOSPC
+        raise err
+
+
+def write_error(path: str | Path, exc: BaseException, nbytes: int | None = None, written: int | None = None,
+                what: str = "cannot write") -> WriteError:
+    """A :class:`WriteError` for ``exc`` raised while writing ``path``: names the file, the bytes, the free space."""
+    free = free_bytes(path)
+    sizes = [f"{nbytes:,} bytes needed" if nbytes is not None else "",
+             f"{written:,} bytes written before the error" if written is not None else "",
+             f"{free:,} bytes free on its file system" if free is not None else ""]
+    err = WriteError(f"{what} {path} ({'; '.join(s for s in sizes if s)}): {type(exc).__name__}: {exc}")
+    err.errno = getattr(exc, "errno", None) or errno.EIO
+    return err
 
 
 def _umask() -> int:
@@ -15,11 +56,23 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], nbytes: int | None = None) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    Any failure (``nbytes``, when given, is checked against the free space first) becomes a :class:`WriteError`
+    naming ``path`` and the bytes: savers report a full disk in their own ways (``torch.save`` as an opaque
+    RuntimeError, safetensors as a SafetensorError), and the old file is kept either way.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if nbytes is not None:
+            check_free_space(path, nbytes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, e, nbytes) from e
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -29,6 +82,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - savers raise BaseExceptions too (torch.distributed.checkpoint)
+        written = tmp.stat().st_size if tmp.exists() else None
+        raise write_error(path, e, nbytes, written) from e
     finally:
         if tmp.exists():
             tmp.unlink()

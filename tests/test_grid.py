@@ -1,35 +1,189 @@
-"""Grid expansion and content-derived run ids."""
+"""Grid expansion and run ids: a run id hashes exactly the settings that change a run's results."""
 
-from scaling.config import load_config
-from scaling.study.grid import config_hash, expand_grid, run_config, run_id
+import pytest
+
+from scaling.config import StudyConfig, load_config, to_dict
+from scaling.study.grid import (
+    NEUTRAL,
+    RunSpec,
+    config_hash,
+    eval_set_identity,
+    expand_grid,
+    result_settings,
+    run_config,
+    run_id,
+    settings_diff,
+    study_settings,
+)
+
+BASE = ["data.root=/data/chexpert", "train.steps=100", "grid.backbones=[a,b]", "grid.pretrained=[scratch,hub]",
+        "grid.fractions=[0.1,1]", "grid.seeds=[0,1]"]
+SPEC = RunSpec("a", "scratch", 0.1, 0)
+OOD = "data.ood=[{name: nih, dataset: nih_cxr14, root: /data/nih, split: test}]"
 
 
 def _cfg(*ov):
-    return load_config(None, ["grid.backbones=[a,b]", "grid.pretrained=[scratch,hub]", "grid.fractions=[0.1,1]",
-                              "grid.seeds=[0,1]", *ov])
+    return load_config(None, [*BASE, *ov])
 
 
-def test_grid_is_the_cartesian_product():
-    specs = expand_grid(_cfg())
-    assert len(specs) == 16
-    assert len(set(specs)) == 16
-    assert specs[0].backbone == "a" and specs[-1].backbone == "b"
+# override(s) -> does it change the run id of SPEC? Every setting of StudyConfig must appear here (see below).
+TABLE = [
+    # where results go and how they are watched
+    ("name=other", False),
+    ("output_dir=/elsewhere", False),
+    ("tracking.wandb=offline", False),
+    ("tracking.project=p", False),
+    ("tracking.entity=e", False),
+    ("tracking.log_identifiers=true", False),
+    # data: identity and preparation count, speed and evaluation do not
+    ("data.dataset=nih_cxr14", True),
+    ("data.root=/mnt/other/chexpert", False),  # the same dataset on another mount
+    ("data.root=synthetic", True),  # the demo data is another dataset
+    ("data.labels=[Edema]", True),
+    ("data.options={uncertainty: zeros}", True),
+    ("data.train_split=valid", True),
+    ("data.val_split=valid", True),
+    ("data.val_fraction=0.2", True),
+    ("data.test_split=valid", True),
+    ("data.test_fraction=0.3", True),
+    ("data.image_size=96", True),
+    ("data.num_workers=8", False),
+    ("data.cache=false", False),
+    ("data.on_bad_image=skip", False),
+    ("data.flip=true", True),
+    (OOD, False),
+    ("data.subgroups=[sex]", False),
+    ("data.age_bins=[0,50,200]", False),
+    # model: the grid sets backbone and source; everything else shapes the model
+    ("model.backbone=zzz", False),
+    ("model.pretrained=hub", False),
+    ("model.drop_path_rate=0.1", True),
+    ("model.zero_init_head=false", True),
+    ("model.kwargs={global_pool: max}", True),
+    # training: everything but logging and checkpoint cadence
+    ("train.batch_size=64", True),
+    ("train.grad_accum=2", True),
+    ("train.optimizer=adamw", True),
+    ("train.lr=0.1", True),
+    ("train.momentum=0.8", True),
+    ("train.weight_decay=0.01", True),
+    ("train.layer_decay=0.9", True),
+    ("train.schedule=bit", True),
+    ("train.warmup_steps=5", True),
+    ("train.steps=200", True),
+    (["train.steps=0", "train.epochs=2"], True),
+    (["train.steps=0", "train.examples=3200"], True),
+    ("train.mixup_alpha=0.1", True),
+    ("train.clip_grad_norm=1.0", True),
+    ("train.mixed_precision=bf16", True),
+    ("train.seed=7", False),  # the grid's seed axis sets it
+    ("train.log_every=1", False),
+    ("train.eval_every=10", True),  # a validation pass draws the data loader's base seed from the global RNG
+    ("train.checkpoint_every=10", False),
+    ("train.hyperrule=code", True),
+    # sharding: how, not what (equivalence with one process is tested in tests/test_sharding.py) — but precision
+    ("sharding.strategy=fsdp", False),
+    ("sharding.param_dtype=bf16", True),
+    ("sharding.reduce_dtype=bf16", True),
+    ("sharding.offload_params=true", False),
+    ("sharding.offload_optimizer=true", False),
+    ("sharding.activation_checkpointing=timm", False),
+    ("sharding.sync_each_micro_batch=false", False),
+    # evaluation: statistics of stored predictions, recomputed when they change
+    ("eval.n_boot=1000", False),
+    ("eval.alpha=0.1", False),
+    ("eval.min_group_size=50", False),
+    ("eval.ece_bins=15", False),
+    ("eval.threshold=sens90", False),
+    ("eval.fixed_threshold=0.3", False),
+    ("eval.bootstrap_seed=3", False),
+    ("eval.batch_size=256", False),
+    # the grid: growing it keeps every existing cell's id; upstream entries count only for their own cells
+    ("grid.backbones=[a,b,c]", False),
+    ("grid.pretrained=[scratch]", False),
+    ("grid.fractions=[0.1,0.5,1]", False),
+    ("grid.seeds=[0,1,2,3]", False),
+    ("upstream=[{name: up, num_images: 10}]", False),
+]
 
 
-def test_ids_are_stable_and_content_derived():
+@pytest.mark.parametrize("overrides, changes", TABLE, ids=[str(o) for o, _ in TABLE])
+def test_which_settings_change_a_run_id(overrides, changes):
+    ov = [overrides] if isinstance(overrides, str) else overrides
+    base, other = _cfg(), _cfg(*ov)
+    assert (run_id(other, SPEC) != run_id(base, SPEC)) is changes
+    # the study hash (what aggregation groups runs by) follows the same rule for every setting outside the cell
+    if not any(o.startswith(("grid.", "upstream", "model.backbone", "model.pretrained", "train.seed")) for o in ov):
+        assert (config_hash(other) != config_hash(base)) is changes
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, key + ".")
+        else:
+            yield key
+
+
+def test_the_table_decides_every_setting():
+    # A setting added to the config later changes ids by default; this test makes its author decide, here.
+    covered = {o.split("=", 1)[0] for ov, _ in TABLE for o in ([ov] if isinstance(ov, str) else ov)}
+    undecided = [k for k in _leaves(to_dict(StudyConfig())) if k not in covered]
+    assert not undecided, f"add these settings to TABLE: {undecided}"
+    # and every neutral entry names a real setting
+    leaves = set(_leaves(to_dict(StudyConfig())))
+    assert all(any(leaf == n or leaf.startswith(n + ".") for leaf in leaves) for n in NEUTRAL)
+
+
+def test_cell_axes_change_the_id_and_stay_readable():
+    cfg = _cfg()
+    ids = [run_id(cfg, s) for s in expand_grid(cfg)]
+    assert len(set(ids)) == 16
+    assert ids[0].startswith("a__scratch__f0.1__s0__") and len(ids[0].rsplit("__", 1)[1]) == 8
+    file_src = run_id(cfg, RunSpec("a", "/w/bit_m.npz", 1.0, 2))
+    assert file_src.startswith("a__file-bit-m.npz__f1__s2__")
+    # the upstream entry is part of its own cells
+    up = _cfg("upstream=[{name: up, num_images: 10}]", "grid.pretrained=[scratch,upstream:up]")
+    up2 = _cfg("upstream=[{name: up, num_images: 20}]", "grid.pretrained=[scratch,upstream:up]")
+    spec = RunSpec("a", "upstream:up", 0.1, 0)
+    assert run_id(up, spec) != run_id(up2, spec)
+
+
+def test_ids_are_stable_and_independent_of_the_grid_around_them():
     a, b = _cfg(), _cfg()
-    ids_a = [run_id(a, s) for s in expand_grid(a)]
-    assert ids_a == [run_id(b, s) for s in expand_grid(b)]
-    assert len(set(ids_a)) == 16
-    # a setting that changes results changes every id; where results go and how they are tracked does not
-    assert run_id(_cfg("train.lr=0.1"), expand_grid(a)[0]) != ids_a[0]
-    assert run_id(_cfg("output_dir=elsewhere", "tracking.wandb=offline", "name=x"), expand_grid(a)[0]) == ids_a[0]
+    assert [run_id(a, s) for s in expand_grid(a)] == [run_id(b, s) for s in expand_grid(b)]
+    # the same cell in a one-cell grid, a grown grid, or as its own run config has one id
+    one = _cfg("grid.backbones=[a]", "grid.pretrained=[scratch]", "grid.fractions=[0.1]", "grid.seeds=[0]")
+    assert run_id(one, SPEC) == run_id(a, SPEC) == run_id(run_config(a, SPEC), SPEC)
 
 
-def test_run_config_collapses_the_grid():
+def test_run_config_collapses_the_grid_and_shares_the_study_hash():
     cfg = _cfg()
     spec = expand_grid(cfg)[5]
     rc = run_config(cfg, spec)
     assert rc.model.backbone == spec.backbone and rc.model.pretrained == spec.pretrained
     assert rc.train.seed == spec.seed and rc.grid.fractions == (spec.fraction,)
-    assert config_hash(rc) != config_hash(cfg)
+    assert config_hash(rc) == config_hash(cfg)
+    assert result_settings(rc)["cell"] == {"fraction": [spec.fraction]}
+    assert "grid" not in study_settings(cfg) and "cell" not in study_settings(cfg)
+
+
+def test_eval_set_identity_ignores_the_mount_path():
+    cfg = _cfg(OOD)
+    moved = _cfg(OOD.replace("/data/nih", "/mnt/nih"))
+    other = _cfg(OOD.replace("split: test", "split: train"))
+    ident = lambda c: eval_set_identity(c.data.ood[0], c.data)  # noqa: E731
+    assert ident(cfg) == ident(moved)
+    assert settings_diff(ident(cfg), ident(other)) == ["split: 'test' != 'train'"]
+    # an OOD set of the training dataset inherits its loader options
+    same = _cfg("data.options={uncertainty: zeros}", "data.ood=[{name: b, split: valid}]")
+    assert eval_set_identity(same.data.ood[0], same.data)["options"] == {"uncertainty": "zeros"}
+    assert eval_set_identity(same.data.ood[0], same.data)["dataset"] == "chexpert"
+
+
+def test_settings_diff_names_nested_keys():
+    old = result_settings(run_config(_cfg(), SPEC))
+    new = result_settings(run_config(_cfg("train.lr=0.5", "data.labels=[Edema]"), SPEC))
+    assert settings_diff(old, new) == ["data.labels: ['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', "
+                                       "'Pleural Effusion'] != ['Edema']", "train.lr: 0.003 != 0.5"]

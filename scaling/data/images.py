@@ -44,7 +44,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from scaling.data.table import DataError
-from scaling.io import atomic_write_json, atomic_write_parquet
+from scaling.io import atomic_write_json, atomic_write_parquet, check_free_space, write_error
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,9 @@ class ImageCache:
         data_file = f"data-{uuid.uuid4().hex[:12]}.bin"
         data_path = self.store / data_file
         ok = np.zeros(len(todo), dtype=bool)
+        nbytes = n * channels * size * size * dtype.itemsize
+        # A memmap on a full file system dies by SIGBUS at the first page written, never with an error: check first.
+        check_free_space(data_path, nbytes, "image cache")
         try:
             # A raw memmap (shape and dtype live in meta.json) so readers map it without parsing a header.
             data = np.memmap(data_path, dtype=dtype, mode="w+", shape=(n, channels, size, size))
@@ -383,8 +386,11 @@ class ImageCache:
                     log.info("image cache %s: decoded %d of %d", self.store, j + 1, len(todo))
             data.flush()
             del data
-        except BaseException:
+        except OSError as e:  # file-size limit, quota: name the file and the bytes
             data_path.unlink(missing_ok=True)  # a failed build leaves the previous store untouched
+            raise write_error(data_path, e, nbytes, what="cannot write image cache") from e
+        except BaseException:
+            data_path.unlink(missing_ok=True)
             raise
         new_rows = want.iloc[todo].reset_index(drop=True).copy()
         new_rows["ok"] = ok

@@ -1,4 +1,8 @@
-"""The study grid: backbone × pretraining source × data fraction × seed → runs with stable, content-derived ids."""
+"""The study grid: backbone × pretraining source × data fraction × seed → runs with stable, content-derived ids.
+
+A run id names one result. It is the cell's axes (readable) plus a short hash of :func:`result_settings`, the one
+rule that says which settings change what a run trains and predicts (docs/run-store.md, "What a run id means").
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from scaling.config import GridConfig, StudyConfig, to_dict
+from scaling.config import DataConfig, EvalSetConfig, GridConfig, StudyConfig, to_dict
+
+SYNTHETIC = "synthetic"
+"""``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +49,117 @@ def run_config(study: StudyConfig, spec: RunSpec) -> StudyConfig:
     return dataclasses.replace(study, model=model, train=train, grid=grid, upstream=upstream)
 
 
-def _identity(cfg: StudyConfig) -> dict:
-    """The parts of a config that change results (not where they are written or how they are tracked)."""
+# ----------------------------------------------------------------------------------------------------------------
+# What a run id means
+# ----------------------------------------------------------------------------------------------------------------
+
+NEUTRAL: dict[str, str] = {
+    "name": "a label of the study (report title, W&B group)",
+    "output_dir": "where the store is, not what is in it",
+    "tracking": "W&B is a view of the store",
+    "data.root": "the mount path of the dataset; its identity is data.dataset (the demo data keeps 'synthetic')",
+    "data.num_workers": "how fast images are decoded, not which",
+    "data.cache": "decoded once or every time, the pixels are the same (8-bit sources exactly; 16-bit and DICOM "
+                  "ones to 1/65535 of their range, far below the images' noise)",
+    "data.on_bad_image": "a run that succeeds under 'error' has no bad image, so 'skip' trains the same run",
+    "data.ood": "evaluation sets: predictions of the trained model, added to finished runs without retraining",
+    "data.subgroups": "evaluation only: metrics are recomputed from the stored predictions",
+    "data.age_bins": "evaluation only: age_group is re-derived from the stored age column",
+    "train.log_every": "how often the loss is printed",
+    "train.checkpoint_every": "how often resumable state is saved (saving draws no random number)",
+    "sharding.strategy": "how the model is distributed; one process and N ranks take the same steps "
+                         "(tests/test_sharding.py)",
+    "sharding.offload_params": "where parameters live between steps",
+    "sharding.offload_optimizer": "where optimizer state lives between steps",
+    "sharding.activation_checkpointing": "recomputes activations instead of storing them",
+    "sharding.sync_each_micro_batch": "when gradients are reduced, not their sum",
+    "eval": "statistics of the stored predictions (and the prediction batch size); recomputed when they change",
+    "grid": "collapsed into the cell (backbone, pretrained, fraction, seed)",
+}
+"""Settings that never change a run's trained model or predictions, with the reason. Every other setting does,
+including any setting added to the config later: a new field changes ids until it is listed here."""
+
+CELL = ("model.backbone", "model.pretrained", "train.seed", "upstream")
+"""Settings that vary from cell to cell of one study (the upstream entry follows ``model.pretrained``)."""
+
+
+def _drop(d: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in d:
+        return
+    if rest:
+        if isinstance(d[head], dict):
+            _drop(d[head], rest)
+    else:
+        del d[head]
+
+
+def _root_identity(root: str) -> str | None:
+    """The identity of a dataset root: the demo data's name, never a mount path."""
+    return root if root == SYNTHETIC or root.startswith(SYNTHETIC + ":") else None
+
+
+def result_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """Every setting that changes what a run trains and predicts, as a plain dict; the run id hashes exactly this.
+
+    ``cfg`` is a run's config (:func:`run_config`); the data fraction of the run is ``cell.fraction``. Settings in
+    :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
+    never silently ignored. The dataset root counts only as its identity (``synthetic``), not as a path: moving
+    a dataset to another mount keeps the ids.
+    """
     d = to_dict(cfg)
-    for k in ("name", "output_dir", "tracking"):
-        d.pop(k, None)
+    root = cfg.data.root
+    for key in NEUTRAL:
+        _drop(d, key)
+    d["data"]["root"] = _root_identity(root)
+    d["cell"] = {"fraction": [float(f) for f in cfg.grid.fractions]}
     return d
 
 
+def study_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """What every run of a study shares: :func:`result_settings` without the cell axes (backbone, source, fraction,
+    seed, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
+    d = result_settings(cfg)
+    d.pop("cell")
+    for key in CELL:
+        _drop(d, key)
+    return d
+
+
+def eval_set_identity(eval_set: EvalSetConfig, data: DataConfig) -> dict[str, Any]:
+    """What an evaluation set is, by the rule of :func:`result_settings`: its dataset, split, filters and the loader
+    options in effect (the training dataset's when it has none of its own), and its root only as the demo data's
+    name. Two configs that agree here predict the same samples under that name."""
+    return {
+        "dataset": eval_set.dataset or data.dataset,
+        "root": _root_identity(eval_set.root or data.root),
+        "split": eval_set.split,
+        "filters": to_dict(eval_set.filters),
+        "options": to_dict({**(data.options if not eval_set.dataset else {}), **eval_set.options}),
+    }
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_hash(cfg: StudyConfig) -> str:
-    """Hash of everything in a config that changes results."""
-    blob = json.dumps(_identity(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """Hash of :func:`study_settings`: equal for every run of a study, whatever grid it grows to."""
+    return _hash(study_settings(cfg))[:12]
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two settings dicts differ, with both values (``train.lr: 0.1 != 0.05``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(f"{key}: {old.get(k, '<absent>')!r} != {new.get(k, '<absent>')!r}")
+            else:
+                out += settings_diff(old[k], new[k], key)
+        return out
+    return [] if old == new else [f"{prefix or '<root>'}: {old!r} != {new!r}"]
 
 
 def _slug(text: str) -> str:
@@ -60,7 +167,7 @@ def _slug(text: str) -> str:
 
 
 def run_id(study: StudyConfig, spec: RunSpec) -> str:
-    """Stable id of a run: readable axes plus a hash of its resolved config (any setting change → new id)."""
-    h = config_hash(run_config(study, spec))[:8]
+    """Stable id of a run: readable axes plus a hash of its :func:`result_settings`."""
+    h = _hash(result_settings(run_config(study, spec)))[:8]
     src = spec.pretrained if not spec.pretrained.startswith(("/", ".")) else "file-" + spec.pretrained.rsplit("/", 1)[-1]
     return f"{_slug(spec.backbone)}__{_slug(src)}__f{spec.fraction:g}__s{spec.seed}__{h}"

@@ -1,38 +1,116 @@
-"""Run a study: expand the grid, train and evaluate every run not yet in the store, then summarise.
+"""Run a study: expand the grid, do for every run what the store lacks, then summarise.
 
-Data flow (``docs/design.md``): config → grid of RunSpec → for each run not complete in the store: dataset tables →
-patient split + nested fraction subset → datasets → backbone + head → Trainer.fit → Trainer.predict on every
-evaluation set → per-sample predictions written to the store → metrics computed from the stored predictions →
-tracker. After the grid: the results table (printed + results.csv) and the HTML report.
+Data flow (``docs/design.md``): config → grid of RunSpec → for each run: dataset tables → patient split + nested
+fraction subset → datasets → backbone + head → Trainer.fit → fine-tuned weights and per-sample predictions on every
+evaluation set written to the store → metrics computed from the stored predictions → tracker. After the grid: the
+results table (printed + results.csv) and the HTML report.
 
-Every process of an ``accelerate launch`` runs this same code; only the main process writes to the store.
+What a run lacks (docs/run-store.md, "Growing a study"): a run not in the store is trained; a finished run without
+predictions for an evaluation set of the config is predicted on it from its stored weights, without retraining; a
+finished run whose metric settings changed has its metrics recomputed from its stored predictions.
+
+Many launches can share one store (docs/run-store.md, "Many jobs, one store"): each claims a run before working on
+it (``scaling.study.claims``) and takes the next unclaimed one; shared preparation is built once under a lock.
+Every process of an ``accelerate launch`` runs this same code; rank 0 claims, decides and writes to the store, and
+broadcasts its decisions to the other ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from scaling.config import ConfigError, StudyConfig, UpstreamConfig, to_dict
+from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import atomic_write_text
-from scaling.study.grid import RunSpec, config_hash, expand_grid, run_config, run_id
+from scaling.io import atomic_write_text, check_free_space
+from scaling.study.claims import file_lock, live_owner, try_claim
+from scaling.study.grid import (
+    SYNTHETIC,
+    RunSpec,
+    config_hash,
+    eval_set_identity,
+    expand_grid,
+    result_settings,
+    run_config,
+    run_id,
+    settings_diff,
+)
 from scaling.study.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
-"""``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
+T = TypeVar("T")
+
+
+class StudyFailed(RuntimeError):
+    """Some runs of a study failed (each has its FAILED.json); the message lists them."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks and shared preparation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _broadcast(value: T) -> T:
+    """Rank 0's ``value`` on every rank (the value itself without a process group)."""
+    d = process_group()
+    if d is None:
+        return value
+    box = [value]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only and let every rank see whether it raised, so that all of them stop together
+    instead of the others waiting at the next collective for a rank that has gone."""
+    error, out = None, None
+    if is_main_process():
+        try:
+            out = fn()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    message = _broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise StoreError(f"rank 0 failed: {message}")
+    return out
+
+
+def _once(store: RunStore, name: str, is_done: Callable[[], bool], make: Callable[[], None]) -> None:
+    """Build a shared item once across launches and ranks: rank 0 takes the item's lock and checks ``is_done``;
+    if it is not, every rank calls ``make`` (which writes on rank 0 only, or trains collectively)."""
+    if _broadcast(is_done() if is_main_process() else None):  # fast path: a read-only store is never locked
+        return
+    with contextlib.ExitStack() as stack:
+        if is_main_process():
+            stack.enter_context(file_lock(store.lock_path(name)))
+        if not _broadcast(is_done() if is_main_process() else None):
+            make()
+        barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) before a run draws anything random: the weights of a new
+    backbone and head are drawn when it is built, before the Trainer seeds its loop."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,28 +133,48 @@ class StudyData:
         return {"val": self.val, "test": self.test, **self.ood}
 
 
-def _synthetic_root(store_root: Path, root: str, seed: int) -> Path:
+def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
     """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
     from scaling.demo.synthetic import write_synthetic_chexpert
 
     site = root.split(":", 1)[1] if ":" in root else "a"
-    out = store_root / "data" / f"site_{site}"
-    if is_main_process() and not (out / "DONE").is_file():
-        n_patients = 700 if site == "a" else 300
-        # site b draws other patients (another seed) with another acquisition: the OOD test set.
-        write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
-        atomic_write_text(out / "DONE", "")
-    barrier()
+    out = store.root / "data" / f"site_{site}"
+
+    def make():
+        if is_main_process():
+            n_patients = 700 if site == "a" else 300
+            # site b draws other patients (another seed) with another acquisition: the OOD test set.
+            write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
+            atomic_write_text(out / "DONE", "")
+
+    _once(store, f"data-site_{site}", (out / "DONE").is_file, make)
     return out
 
 
-def _resolve_root(cfg: StudyConfig, root: str) -> Path:
+def _check_root(root: str, where: str) -> None:
+    """Refuse a root that cannot be a dataset, before anything is written."""
+    if not root:
+        raise DataError(f"{where} is empty: give the dataset's directory, or '{SYNTHETIC}' for the offline demo data")
     if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
-        return _synthetic_root(Path(cfg.output_dir), root, seed=0)
+        return
     p = Path(root).expanduser()
     if not p.exists():
-        raise DataError(f"dataset root does not exist: {p}")
-    return p
+        raise DataError(f"dataset root does not exist: {p} ({where})")
+
+
+def check_roots(data: DataConfig) -> None:
+    """Every dataset root of the config exists (or names the demo data); DataError naming the field otherwise."""
+    _check_root(data.root, "data.root")
+    for i, e in enumerate(data.ood):
+        if e.root:
+            _check_root(e.root, f"data.ood.{i}.root ({e.name})")
+
+
+def _resolve_root(cfg: StudyConfig, root: str) -> Path:
+    _check_root(root, "data.root")
+    if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
+        return _synthetic_root(RunStore(cfg.output_dir), root, seed=0)
+    return Path(root).expanduser()
 
 
 def _prepare(df: pd.DataFrame, labels: tuple[str, ...], age_bins) -> pd.DataFrame:
@@ -127,24 +225,44 @@ def _upstream_path(store: RunStore, up: UpstreamConfig, backbone: str) -> Path:
     return store.upstream_dir(up.name) / f"{backbone}.safetensors"
 
 
+def _check_upstream(store: RunStore, up: UpstreamConfig) -> None:
+    """Refuse an upstream entry whose name the store already holds with other settings: its weights are found by
+    name, so they would silently stand for another pretraining run."""
+    import json
+
+    p = store.upstream_dir(up.name) / "settings.json"
+    if p.is_file():
+        diff = settings_diff(json.loads(p.read_text()), json.loads(json.dumps(to_dict(up))))
+        if diff:
+            raise StoreError(f"upstream {up.name!r} in {store.root} was pretrained with other settings "
+                             f"({'; '.join(diff)}); give the changed entry another name")
+
+
 def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backbone: str) -> Path:
     """Pretrain ``backbone`` on generated formula-driven images (``up.num_images``) once; return the weight file."""
     from scaling.demo.synthetic import write_fractal_imagefolder
+    from scaling.io import atomic_write_json
     from scaling.study.upstream import pretrain
 
     out = _upstream_path(store, up, backbone)
-    if out.is_file():
-        return out
+    _check_upstream(store, up)
     images = store.root / "data" / f"fractal_{up.num_images}_{up.num_classes}_{up.image_size}"
-    if is_main_process() and not (images / "DONE").is_file():
-        write_fractal_imagefolder(images, num_images=up.num_images, num_classes=up.num_classes,
-                                  image_size=up.image_size, seed=0)
-        atomic_write_text(images / "DONE", "")
-    barrier()
-    t0 = time.perf_counter()
-    pretrain(up, backbone, images, out, sharding_cfg=cfg.sharding)
-    barrier()
-    log.info("upstream %s for %s: %.1f s", up.name, backbone, time.perf_counter() - t0)
+
+    def make_images():
+        if is_main_process():
+            write_fractal_imagefolder(images, num_images=up.num_images, num_classes=up.num_classes,
+                                      image_size=up.image_size, seed=0)
+            atomic_write_text(images / "DONE", "")
+
+    def make_weights():
+        _once(store, f"data-{images.name}", (images / "DONE").is_file, make_images)
+        t0 = time.perf_counter()
+        pretrain(up, backbone, images, out, sharding_cfg=cfg.sharding)
+        if is_main_process():
+            atomic_write_json(store.upstream_dir(up.name) / "settings.json", to_dict(up))
+        log.info("upstream %s for %s: %.1f s", up.name, backbone, time.perf_counter() - t0)
+
+    _once(store, f"upstream-{up.name}-{backbone}", out.is_file, make_weights)
     return out
 
 
@@ -171,7 +289,8 @@ def pretrain_images(cfg: StudyConfig, backbone: str, source: str) -> float:
 
 def study_cells(cfg: StudyConfig) -> list[RunSpec]:
     """The grid cells to run: every backbone is validated first (an unknown name fails before anything is written),
-    and cells whose pretraining source has no public weights (e.g. ViT-L × ImageNet-1k) are dropped and logged."""
+    and cells whose pretraining source has no public weights (e.g. ViT-L × ImageNet-1k) are dropped and logged. A
+    grid with no cell left is a ConfigError saying why."""
     from scaling.models.presets import has_source, resolve_backbone
 
     for b in cfg.grid.backbones:
@@ -179,18 +298,102 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
             resolve_backbone(b)
         except ValueError as e:
             raise ConfigError(f"grid.backbones: {e}") from None
-    cells = []
+    cells, dropped = [], []
     for spec in expand_grid(cfg):
         if has_source(spec.backbone, spec.pretrained):
             cells.append(spec)
         else:
+            dropped.append(f"{spec.backbone} x {spec.pretrained}")
             log.warning("skipping %s x %s: no public weights for that pair (give a file as '%s:<path>')",
                         spec.backbone, spec.pretrained, spec.pretrained)
+    if not cells:
+        pairs = sorted(set(dropped))
+        raise ConfigError(f"every cell of the grid was dropped: no public weights for {', '.join(pairs)}; change "
+                          f"grid.backbones or grid.pretrained, or give a file as '<source>:<path>'")
     return cells
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One run
+# What a run lacks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one run lacks in the store."""
+
+    kind: str
+    """``train`` (not finished), ``evaluate`` (finished, evaluation sets missing) or ``metrics`` (finished, metric
+    settings changed)."""
+    eval_sets: tuple[str, ...] = ()
+    """The evaluation sets to predict (``evaluate``)."""
+
+    def describe(self) -> str:
+        """One word or phrase for logs and the plan."""
+        return f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
+
+
+def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
+    """Each evaluation set of the config by name → what it is (``val``/``test`` are fixed by the run id)."""
+    return {"val": "run", "test": "run", **{e.name: eval_set_identity(e, cfg.data) for e in cfg.data.ood}}
+
+
+def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """Everything the metrics of stored predictions depend on: the eval section (without the prediction batch
+    size), the subgroup attributes and the age bins."""
+    ev = to_dict(cfg.eval)
+    ev.pop("batch_size")
+    return {"eval": ev, "subgroups": list(cfg.data.subgroups), "age_bins": [float(b) for b in cfg.data.age_bins]}
+
+
+def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float | None = None) -> Work | None:
+    """What the run of ``spec`` lacks, or None. A run that failed after ``since`` (in a launch running beside this
+    one) is left alone; one that failed before is retried."""
+    rid = run_id(cfg, spec)
+    status = store.status(rid)
+    if status == "failed" and since is not None:
+        failed_at = (store.run_dir(rid) / "FAILED.json").stat().st_mtime
+        if failed_at >= since:
+            return None
+    if status != "complete":
+        return Work("train")
+    missing = tuple(n for n in eval_identities(cfg) if n not in store.eval_sets(rid))
+    if missing:
+        return Work("evaluate", missing)
+    if store.read_evaluation(rid).get("metrics") != metric_settings(cfg):
+        return Work("metrics")
+    return None
+
+
+def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
+    """Refuse a config that contradicts the store: a run id recorded with other result settings, an evaluation
+    set name that the store holds for another set, an upstream name pretrained with other settings. Each error
+    names the run and the key that differs. Reads only."""
+    import json
+
+    wanted = eval_identities(cfg)
+    for spec in cells:
+        rid = run_id(cfg, spec)
+        old = store.read_settings(rid)
+        if old is not None:
+            new = json.loads(json.dumps(result_settings(run_config(cfg, spec)), default=str))
+            diff = settings_diff(old, new)
+            if diff:
+                raise StoreError(f"run {rid} in {store.root} was recorded with other settings ({'; '.join(diff)}); "
+                                 f"its id should differ: move {store.run_dir(rid)} away to keep both")
+        recorded = store.read_evaluation(rid).get("eval_sets", {})
+        for name, ident in wanted.items():
+            if name in recorded and json.loads(json.dumps(ident, default=str)) != recorded[name]:
+                diff = settings_diff(recorded[name], json.loads(json.dumps(ident, default=str)), f"data.ood[{name}]")
+                raise StoreError(f"evaluation set {name!r} of run {rid} was predicted on another set "
+                                 f"({'; '.join(diff)}); give the new set another name")
+    for up in cfg.upstream:
+        if any(s.pretrained == f"upstream:{up.name}" for s in cells):
+            _check_upstream(store, up)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run: train, evaluate from stored weights, score
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -203,12 +406,72 @@ def _prediction_frame(table: pd.DataFrame, labels, index: np.ndarray, logits: np
     return rows
 
 
-def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -> dict:
-    """Fine-tune one grid cell and evaluate it on every evaluation set; write everything to the store."""
+def _datasets(cfg: StudyConfig, tables: dict[str, pd.DataFrame], labels: list[str], train_table=None):
+    """TableDatasets for ``tables`` (evaluation) and ``train_table``; the main process fills the shared image cache
+    first, the other ranks then only read it."""
     from scaling.data.dataset import TableDataset
+
+    cache = Path(cfg.output_dir) / "cache" if cfg.data.cache else None
+    kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
+
+    def build():
+        train = None if train_table is None else TableDataset(train_table, labels, cfg.data.image_size, train=True,
+                                                              flip=cfg.data.flip, **kw)
+        return train, {n: TableDataset(t, labels, cfg.data.image_size, train=False, **kw) for n, t in tables.items()}
+
+    return main_process_first(build)
+
+
+def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict, labels: list[str]) -> None:
+    """Predict every evaluation set (every rank) and store the predictions (main process)."""
+    for name, ds in eval_ds.items():
+        out = trainer.predict(ds, batch_size=cfg.eval.batch_size)
+        _on_main(lambda: store.write_predictions(rid, name, _prediction_frame(ds.table, labels, out["index"],
+                                                                              out["logits"])))
+
+
+def _export(trainer, path: Path) -> None:
+    """Keep the fine-tuned weights (consolidated fp32), with the free space checked before a byte is written."""
+    from scaling.engine.checkpoint import save_safetensors
+
+    state = trainer.full_state_dict()  # collective: every rank gathers its shard
+
+    def save():
+        nbytes = sum(v.numel() * 4 if v.is_floating_point() else v.numel() * v.element_size() for v in state.values())
+        check_free_space(path, nbytes, "the fine-tuned weights")
+        save_safetensors(state, path, {"strategy": trainer.strategy, "world_size": trainer.world_size})
+
+    _on_main(save)
+
+
+def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
+    """Compute a run's metrics from its stored predictions with the config's metric settings and store them
+    (main process). ``age_group`` is re-derived from the stored ages with the config's bins. Returns the rows."""
+    from scaling.metrics.run_metrics import compute_run_metrics
+
+    labels = list(cfg.data.labels)
+    preds = {}
+    for name in store.eval_sets(rid):
+        df = store.read_predictions(rid, name)
+        if "age" in df.columns:
+            regrouped = add_age_group(df, cfg.data.age_bins)
+            if not regrouped["age_group"].equals(df.get("age_group")):
+                store.write_predictions(rid, name, regrouped)
+            df = regrouped
+        preds[name] = df
+    rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval)
+    store.write_metrics(rid, rows)
+    store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
+    recorded = store.read_evaluation(rid).get("eval_sets", {})
+    current = {k: v for k, v in eval_identities(cfg).items() if k in preds}
+    store.write_evaluation(rid, {"eval_sets": {**recorded, **current}, "metrics": metric_settings(cfg)})
+    return rows
+
+
+def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -> dict:
+    """Fine-tune one grid cell, keep its weights and evaluate it on every evaluation set; write it all to the store."""
     from scaling.data.splits import fraction_subset
     from scaling.engine import Trainer
-    from scaling.metrics.run_metrics import compute_run_metrics
     from scaling.models import build_model, model_info
     from scaling.tracking import Tracker
 
@@ -219,21 +482,13 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
     # -- data: nested, seeded, patient-level fraction of the training patients -----------------------------------
     train_table = fraction_subset(data.train, spec.fraction, seed=spec.seed)
-    cache = Path(cfg.output_dir) / "cache" if cfg.data.cache else None
+    train_ds, eval_ds = _datasets(cfg, data.eval_sets(), labels, train_table)
 
-    def datasets():
-        kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
-        train_ds = TableDataset(train_table, labels, cfg.data.image_size, train=True, flip=cfg.data.flip, **kw)
-        return train_ds, {name: TableDataset(t, labels, cfg.data.image_size, train=False, **kw)
-                          for name, t in data.eval_sets().items()}
-
-    # The main process fills the shared image cache first; the other ranks then only read it.
-    train_ds, eval_ds = main_process_first(datasets)
-
-    # -- model: the main process fetches hub/npz weights first, the other ranks then read the local copy ---------
+    # -- model: seeded, so that a run id means one initialisation (the Trainer seeds its loop itself) ------------
     source = resolve_pretrained(cfg, store, spec)
+    seed_everything(spec.seed)
     model = main_process_first(lambda: build_model(dataclasses.replace(rcfg.model, pretrained=source),
-                                            num_outputs=len(labels), image_size=cfg.data.image_size))
+                                                   num_outputs=len(labels), image_size=cfg.data.image_size))
     info = model_info(spec.backbone)
     axes = {
         "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
@@ -243,9 +498,13 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""),
     }
-    if is_main_process():
+
+    def start():
         store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
-    barrier()
+        store.write_settings(rid, result_settings(rcfg))
+        store.log_event("train", rid)
+
+    _on_main(start)
 
     # -- train ----------------------------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
@@ -257,23 +516,19 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     try:
         trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=run_dir, tracker=tracker)
         summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
+        _export(trainer, store.model_path(rid))
 
         # -- predict on every evaluation set; metrics are computed from the stored predictions only -------------
-        preds = {}
-        for name, ds in eval_ds.items():
-            out = trainer.predict(ds, batch_size=cfg.eval.batch_size)
-            if is_main_process():
-                preds[name] = _prediction_frame(ds.table, labels, out["index"], out["logits"])
-                store.write_predictions(rid, name, preds[name])
-        if is_main_process():
-            stored = {name: store.read_predictions(rid, name) for name in preds}
-            rows, fitted = compute_run_metrics(stored, labels, list(cfg.data.subgroups), cfg.eval)
-            store.write_metrics(rid, rows)
+        _predict(cfg, store, rid, trainer, eval_ds, labels)
+
+        def finish():
             skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()]))
-            store.write_meta(rid, {**summary, "fitted_on_val": fitted, "skipped_images": skipped})
+            rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped})
             tracker.log_metrics_table(rows)
             store.mark_complete(rid)
-        barrier()
+            store.log_event("done", rid)
+
+        _on_main(finish)
     finally:
         if trainer is not None:
             trainer.close()
@@ -281,25 +536,87 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     return axes
 
 
+def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int):
+    """Rebuild a finished run's model from its stored weights (every tensor, the fine-tuned head included)."""
+    from safetensors.torch import load_file
+
+    from scaling.models import build_model
+
+    path = store.model_path(rid)
+    if not path.is_file():
+        raise StoreError(f"{path} not found: run {rid} was stored without its fine-tuned weights, so a new "
+                         f"evaluation set needs it retrained (move {store.run_dir(rid)} away to retrain it)")
+    # Built from scratch, then every tensor is replaced: loading the file as a pretrained source would drop its
+    # head and zero-initialise a new one.
+    model = build_model(dataclasses.replace(rcfg.model, pretrained="scratch"), num_outputs=n_outputs,
+                        image_size=rcfg.data.image_size)
+    model.load_state_dict(load_file(path), strict=True)
+    return model
+
+
+def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore, names: tuple[str, ...]) -> None:
+    """Predict a finished run on the evaluation sets ``names`` from its stored weights (no training), under the
+    run's sharding, then recompute its metrics."""
+    from scaling.engine import Trainer
+
+    rcfg = run_config(cfg, spec)
+    rid = run_id(cfg, spec)
+    labels = list(data.labels)
+    tables = {n: t for n, t in data.eval_sets().items() if n in names}
+    _, eval_ds = _datasets(cfg, tables, labels)
+    seed_everything(spec.seed)
+    model = _trained_model(rcfg, store, rid, len(labels))
+    trainer = None
+    try:
+        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=None)
+        _predict(cfg, store, rid, trainer, eval_ds, labels)
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+    def finish():
+        score_run(cfg, store, rid)
+        store.log_event("evaluate", rid, eval_sets=list(names))
+
+    _on_main(finish)
+
+
+def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Callable[[], StudyData]) -> None:
+    """Carry out ``work`` for the run of ``spec`` (every rank)."""
+    if work.kind == "train":
+        run_one(cfg, spec, data(), store)
+    elif work.kind == "evaluate":
+        evaluate_run(cfg, spec, data(), store, work.eval_sets)
+    else:
+        rid = run_id(cfg, spec)
+        _on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
+
+
+def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
+    """FAILED.json and an event for a run that raised, best effort: on a full disk even these may not fit."""
+    if not is_main_process():
+        return
+    try:
+        store.mark_failed(rid, exc)
+        store.log_event("failed", rid, error=f"{type(exc).__name__}: {exc}")
+    except OSError as e:
+        log.error("run %s failed (%s) and its failure could not be recorded: %s", rid, exc, e)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_store(cfg: StudyConfig, store: RunStore) -> None:
-    """Refuse to mix two different studies in one store; record the study config on first use."""
+def record_study(cfg: StudyConfig, store: RunStore) -> None:
+    """Write study.yaml (the config of this launch and the hash of the settings its runs share) unless the store
+    already holds exactly that (a finished study on a read-only store is then never written to)."""
+    text = yaml.safe_dump({**to_dict(cfg), "_meta": {"config_hash": config_hash(cfg)}}, sort_keys=False)
     path = store.root / "study.yaml"
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        old_hash = (old.get("_meta") or {}).get("config_hash")
-        if old_hash and old_hash != config_hash(cfg):
-            raise StoreError(
-                f"{store.root} holds a study with another config (hash {old_hash} != {config_hash(cfg)}); "
-                f"use another output_dir, or delete {path} to mix studies on purpose"
-            )
-    if is_main_process():
-        atomic_write_text(path, yaml.safe_dump({**to_dict(cfg), "_meta": {"config_hash": config_hash(cfg)}},
-                                               sort_keys=False))
+    if path.is_file() and path.read_text() == text:
+        return
+    with file_lock(store.lock_path("study")):
+        atomic_write_text(path, text)
 
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
@@ -326,17 +643,22 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
 
 
 def plan(cfg: StudyConfig) -> pd.DataFrame:
-    """The runs of a study, which are done, and what each costs — without training.
+    """The runs of a study, what each lacks and what it costs — without training.
 
     Reads the dataset metadata only (no image is decoded; the synthetic demo data is generated if absent) to size
     every run: training patients/images after the data fraction, optimizer steps, images processed (train + eval)
-    and, where a finished run of the same backbone recorded its speed, an estimated time.
+    and, where a finished run of the same backbone recorded its speed, an estimated time. ``todo`` is what the next
+    launch would do for the run (``train``, ``evaluate <sets>``, ``metrics`` or empty) and ``claimed_by`` the host
+    and pid of a launch working on it now.
     """
     from scaling.data.splits import fraction_subset
     from scaling.engine.schedule import total_steps
     from scaling.models import model_info
 
+    cells = study_cells(cfg)
+    check_roots(cfg.data)
     store = RunStore(cfg.output_dir)
+    check_conflicts(cfg, store, cells)
     data = load_study_data(cfg)
     n_eval = sum(len(t) for t in data.eval_sets().values())
     speed: dict[str, float] = {}
@@ -346,53 +668,36 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
             if meta.get("images_per_s"):
                 speed.setdefault(spec.get("backbone", ""), float(meta["images_per_s"]))
     rows = []
-    for spec in study_cells(cfg):
+    for spec in cells:
         rid = run_id(cfg, spec)
         train = fraction_subset(data.train, spec.fraction, seed=spec.seed)
         steps = total_steps(cfg.train, len(train))
         images = steps * cfg.train.batch_size
         ips = speed.get(spec.backbone)
+        work = pending_work(cfg, store, spec)
+        owner = live_owner(store.lock_path(rid))
         rows.append({
             "backbone": spec.backbone, "params_M": round(model_info(spec.backbone)["n_params"] / 1e6, 2),
             "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
-            "status": store.status(rid), "train_patients": int(train["patient_id"].nunique()),
-            "train_images": len(train), "steps": steps, "images_processed": images + n_eval,
+            "status": store.status(rid), "todo": work.describe() if work else "",
+            "claimed_by": f"{owner['host']}:{owner['pid']}" if owner else "",
+            "train_patients": int(train["patient_id"].nunique()), "train_images": len(train), "steps": steps,
+            "images_processed": images + n_eval,
             "est_minutes": round((images + n_eval) / ips / 60, 1) if ips else math.nan, "run_id": rid,
         })
     return pd.DataFrame(rows)
 
 
-def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
-    """Run every grid cell not yet complete in the store, then write results.csv (and the HTML report)."""
-    from scaling.engine.distributed import check_launch
-    from scaling.study.wandb_report import check_available
-
-    check_launch(cfg.sharding, cfg.train)  # a strategy this launch cannot run fails before anything is built
-    check_available(cfg.tracking)  # an online study needs wandb-workspaces at its end: refuse now, not after training
-    specs = study_cells(cfg)
-    init_distributed()
-    store = RunStore(cfg.output_dir)
-    _check_store(cfg, store)
-    todo = [s for s in specs if not store.is_complete(run_id(cfg, s))]
-    log.info("study %s: %d runs, %d complete, %d to run", cfg.name, len(specs), len(specs) - len(todo), len(todo))
-    failures = []
-    if todo:
-        data = load_study_data(cfg)
-        for i, spec in enumerate(todo, 1):
-            rid = run_id(cfg, spec)
-            log.info("[%d/%d] %s", i, len(todo), rid)
-            try:
-                run_one(cfg, spec, data, store)
-            except Exception as exc:
-                if is_main_process():
-                    store.mark_failed(rid, exc)
-                if process_group() is not None:  # ranks cannot safely continue after one of them raised
-                    raise
-                log.exception("run %s failed; continuing with the next run", rid)
-                failures.append((rid, exc))
-    table = results_table(cfg, store)
-    if is_main_process():
-        atomic_write_text(store.root / "results.csv", table.to_csv(index=False))
+def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True) -> None:
+    """Write results.csv and rebuild the report (and the study's W&B view) when the results changed or the report
+    is missing; under a lock, because launches beside this one write them too. A finished study whose outputs are
+    current is not written to (a read-only store stays readable)."""
+    csv = table.to_csv(index=False)
+    path = store.root / "results.csv"
+    if path.is_file() and path.read_text() == csv and (not report or (store.root / "report.html").is_file()):
+        return
+    with file_lock(store.lock_path("report")):
+        atomic_write_text(path, csv)
         if report:
             from scaling.study.report import build_report, write_report
             from scaling.study.wandb_report import publish_study
@@ -400,6 +705,80 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
             rep = build_report(store.root)
             write_report(store.root, report=rep)
             publish_study(store.root, cfg.tracking, report=rep)
+
+
+def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> list[tuple[str, BaseException]]:
+    """Claim and do, cell after cell, what each run lacks, until a pass over the grid finds nothing this launch can
+    take (done, or claimed by a live launch beside this one). Returns the runs that failed here."""
+    since = time.time()
+    attempted: set[str] = set()
+    failures: list[tuple[str, BaseException]] = []
+    loaded: list[StudyData] = []
+
+    def data() -> StudyData:
+        if not loaded:
+            loaded.append(load_study_data(cfg))
+        return loaded[0]
+
+    progress = True
+    while progress:
+        progress = False
+        for spec in cells:
+            rid = run_id(cfg, spec)
+            if rid in attempted or _broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None) \
+                    is None:
+                continue
+            claim = try_claim(store.lock_path(rid)) if is_main_process() else None
+            if not _broadcast(claim is not None):
+                continue
+            try:
+                # Decided again under the claim: a launch beside this one may have finished the run meanwhile.
+                work = _broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None)
+                if work is None:
+                    continue
+                attempted.add(rid)
+                progress = True
+                log.info("%s: %s", rid, work.describe())
+                _do(work, cfg, spec, store, data)
+            except (KeyboardInterrupt, SystemExit):  # preemption included: the run resumes on the next launch
+                raise
+            except BaseException as exc:  # noqa: BLE001 - savers raise BaseExceptions (torch.distributed.checkpoint)
+                _record_failure(store, rid, exc)
+                if process_group() is not None:  # ranks cannot safely continue after one of them raised
+                    raise
+                log.exception("run %s failed; continuing with the next run", rid)
+                failures.append((rid, exc))
+            finally:
+                if claim is not None:
+                    claim.release()
+    return failures
+
+
+def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
+    """Do for every run of the grid what the store lacks, then write results.csv (and the HTML report).
+
+    Raises :class:`StudyFailed` after the whole grid when some runs failed (each has its FAILED.json); under a
+    multi-rank launch the first failure stops the launch.
+    """
+    from scaling.engine.distributed import check_launch
+
+    check_launch(cfg.sharding, cfg.train)  # a strategy this launch cannot run fails before anything is built
+    cells = study_cells(cfg)
+    check_roots(cfg.data)
+    init_distributed()
+    store = RunStore(cfg.output_dir)
+    _on_main(lambda: check_conflicts(cfg, store, cells))
+    todo = [s for s in cells if pending_work(cfg, store, s) is not None] if is_main_process() else []
+    log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
+             len(todo))
+    failures = []
+    if _broadcast(bool(todo)):
+        _on_main(lambda: record_study(cfg, store))
+        failures = _work_through(cfg, store, cells)
+    table = results_table(cfg, store)
+    if is_main_process():
+        write_outputs(cfg, store, table, report=report)
     if failures:
-        raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(f"{r}: {e}" for r, e in failures))
+        raise StudyFailed(f"{len(failures)} run(s) failed (see FAILED.json in each): "
+                          + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failures))
     return table

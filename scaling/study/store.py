@@ -3,12 +3,18 @@
 Layout (everything written atomically: temp file + rename)::
 
     <output_dir>/
-      study.yaml                     the resolved study config
-      upstream/<name>/               demo pretraining runs (model.safetensors, meta.json)
+      study.yaml                     the study config of the latest launch (+ config_hash of its shared settings)
+      upstream/<name>/               demo pretraining runs (<backbone>.safetensors, settings.json)
+      locks/                         run claims (<run_id>.lock + .owner.json) and shared-preparation locks
+      events.jsonl                   one line per run started, finished, failed or re-evaluated (who, when)
       runs/<run_id>/
         spec.json                    study axes of the run: backbone, pretrained, fraction, seed, run_id,
                                      n_params, pretrain_images, study (name), config_hash
-        config.yaml                  the fully resolved per-run config
+        config.yaml                  the fully resolved per-run config (of the launch that trained it)
+        settings.json                the settings the run id hashes (scaling.study.grid.result_settings)
+        model.safetensors            the fine-tuned weights (new evaluation sets are predicted from them)
+        evaluation.json              what the stored predictions and metrics were made with: each evaluation
+                                     set's identity and the metric settings
         predictions/<eval_set>.parquet
                                      one row per sample: sample_id, patient_id, label:<L> (target, NaN = none),
                                      logit:<L>, prob:<L>, plus attribute columns (sex, age, age_group, site, ...)
@@ -20,11 +26,15 @@ Layout (everything written atomically: temp file + rename)::
         DONE                         written last; a run without it is incomplete and is redone/resumed
         FAILED.json                  written when a run raised; the error text and traceback
       results.csv, report.html       study outputs
+
+docs/run-store.md describes what a run id means, how a study grows and what several jobs on one store do.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -53,6 +63,14 @@ class RunStore:
     def upstream_dir(self, name: str) -> Path:
         """Directory of one upstream (pretraining) run."""
         return self.root / "upstream" / name
+
+    def model_path(self, run_id: str) -> Path:
+        """The fine-tuned weights of a run (consolidated fp32 safetensors)."""
+        return self.run_dir(run_id) / "model.safetensors"
+
+    def lock_path(self, name: str) -> Path:
+        """Lock file of a run id or of a shared preparation step (see ``scaling.study.claims``)."""
+        return self.root / "locks" / f"{name}.lock"
 
     # -- listing ----------------------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
@@ -95,6 +113,27 @@ class RunStore:
             raise StoreError(f"metric rows for {run_id} lack columns {missing}")
         atomic_write_parquet(self.run_dir(run_id) / "metrics.parquet", df[list(METRIC_COLUMNS)])
 
+    def write_settings(self, run_id: str, settings: dict) -> None:
+        """Record the settings the run id hashes (``result_settings``), to detect a conflicting config later."""
+        atomic_write_json(self.run_dir(run_id) / "settings.json", settings)
+
+    def write_evaluation(self, run_id: str, record: dict) -> None:
+        """Record what the stored predictions and metrics were made with (eval-set identities, metric settings)."""
+        atomic_write_json(self.run_dir(run_id) / "evaluation.json", record)
+
+    def log_event(self, event: str, run_id: str, **info: Any) -> None:
+        """Append one line to ``events.jsonl`` (one ``write`` in append mode: lines of concurrent launches never
+        interleave on a local or NFS file system)."""
+        from scaling.study.claims import HOST, LAUNCH
+
+        line = json.dumps({"time": time.time(), "event": event, "run_id": run_id, "host": HOST, "pid": os.getpid(),
+                           "launch": LAUNCH, **info}, default=str) + "\n"
+        fd = os.open(self.root / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
     def write_meta(self, run_id: str, meta: dict) -> None:
         """Write the run's training summary."""
         atomic_write_json(self.run_dir(run_id) / "meta.json", meta)
@@ -117,6 +156,21 @@ class RunStore:
         if not p.is_file():
             raise StoreError(f"{p} not found")
         return json.loads(p.read_text())
+
+    def read_settings(self, run_id: str) -> dict[str, Any] | None:
+        """The recorded result settings of a run, or None (not started, or made before they were recorded)."""
+        p = self.run_dir(run_id) / "settings.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def read_evaluation(self, run_id: str) -> dict[str, Any]:
+        """What the run's predictions and metrics were made with (``evaluation.json``), or {} when absent."""
+        p = self.run_dir(run_id) / "evaluation.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every line of ``events.jsonl`` (empty when absent)."""
+        p = self.root / "events.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
     def read_meta(self, run_id: str) -> dict[str, Any]:
         """The run's training summary (meta.json), or {} when absent."""

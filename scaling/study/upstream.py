@@ -36,6 +36,8 @@ def run_pretraining(
     (resumes from ``run_dir/checkpoints`` when present). The exported file holds the whole model with its upstream
     head; fine-tuning drops that head. Returns the Trainer's summary.
     """
+    from accelerate.utils import set_seed
+
     from scaling.engine import Trainer
     from scaling.models import build_model
 
@@ -43,6 +45,9 @@ def run_pretraining(
     if n_classes < 2:
         raise ValueError(f"pretraining needs at least 2 classes, the dataset has {n_classes}")
     model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
+    # The initial weights are drawn here, before the Trainer seeds its loop: seed them too, so that the same
+    # upstream settings always give the same weights.
+    set_seed(train_cfg.seed)
     model = build_model(model_cfg, num_outputs=n_classes, image_size=getattr(dataset, "image_size", None))
     out_path = Path(out_path)
     run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
