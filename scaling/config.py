@@ -86,7 +86,8 @@ class DataConfig:
     dataset: str = "chexpert"
     """Dataset name in the ``scaling.data`` registry."""
     root: str = ""
-    """Dataset root on disk. Empty = the offline synthetic demo data (generated under the study directory)."""
+    """Dataset root on disk (required: an empty root is an error). ``synthetic`` = the offline demo data, generated
+    under the study directory (``synthetic:b``: its second acquisition site)."""
     labels: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
     """Canonical label names to train on (see ``scaling.data.labels``)."""
     options: dict[str, Any] = field(default_factory=dict)

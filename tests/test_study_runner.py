@@ -1,4 +1,5 @@
-"""The study runner end to end on synthetic CheXpert data: interrupted study completed, results from the store."""
+"""The study runner end to end on synthetic CheXpert data: an interrupted study completed, one run id one result,
+a study grown in place, conflicts refused."""
 
 import os
 import signal
@@ -18,6 +19,7 @@ from scaling.data.table import DataError
 from scaling.study.grid import expand_grid, run_id
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore, StoreError
+from study_launch import assert_same_results, count, launch, results, study_config
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -123,13 +125,30 @@ def test_rerun_skips_everything_and_dry_run_reports_done(interrupted_then_comple
     assert list(p["status"]) == ["complete"] * 4
 
 
-def test_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_completed, tmp_path):
+def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_completed, tmp_path):
     cfg, store, first, *_ = interrupted_then_completed
-    before = {p: p.stat().st_mtime_ns for p in store.run_dir(first).rglob("*") if p.is_file()}
-    # another config in the same store is refused
-    other = load_config(None, [f"output_dir={cfg.output_dir}", "train.lr=0.5"])
-    with pytest.raises(StoreError, match="another config"):
-        run_study(other)
+    before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+    base = study_yaml(tmp_path)
+    # another learning rate is another set of runs beside these, not a conflict
+    assert {run_id(load_config(base, ["train.lr=0.5"]), s) for s in expand_grid(cfg)}.isdisjoint(store.run_ids())
+    # a run id recorded with other settings (a hash collision, or an older rule) names the key
+    settings = store.run_dir(first) / "settings.json"
+    saved = settings.read_text()
+    settings.write_text(saved.replace('"lr": 0.05', '"lr": 0.07'))
+    try:
+        with pytest.raises(StoreError, match=f"run {first} .*recorded with other settings .train.lr: 0.07 != 0.05"):
+            run_study(cfg)
+    finally:
+        settings.write_text(saved)
+    # an upstream name already pretrained with other settings
+    with pytest.raises(StoreError, match="upstream 'up' .* other settings .num_images: 200 != 400.*another name"):
+        run_study(load_config(base, ["upstream.0.num_images=400"]))
+    # an evaluation set name that the store holds for another set
+    with pytest.raises(StoreError, match="evaluation set 'ood_site_b' of run .* split: 'train' != 'test'"):
+        run_study(load_config(base, ["data.ood.0.split=test"]))
+    # an empty dataset root is an error, not the current directory
+    with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
+        run_study(load_config(base, ["data.root="]))
     # a dataset root that does not exist
     missing = load_config(None, [f"output_dir={tmp_path / 's'}", f"data.root={tmp_path / 'nope'}"])
     with pytest.raises(DataError, match="does not exist"):
@@ -139,5 +158,92 @@ def test_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_complet
                                       "seeds": [0]}, output_dir=str(tmp_path / "s2"))
     with pytest.raises(ValueError, match="resnetv2_tinyy.*resnetv2_tiny"):
         run_study(load_config(path), report=False)
-    assert not (tmp_path / "s2").exists()
-    assert {p: p.stat().st_mtime_ns for p in store.run_dir(first).rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "s").exists()
+    assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run id, one result; a study that grows in place
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def launched_twice(tmp_path_factory):
+    """One cell (augmentation on) launched in two fresh processes; the first launch's runs are moved aside."""
+    tmp = tmp_path_factory.mktemp("twice")
+    store = tmp / "store"
+    config = study_config(tmp, store)
+    for i in range(2):
+        proc = launch(config)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if i == 0:
+            (tmp / "first").mkdir()
+            (store / "runs").rename(tmp / "first" / "runs")
+    return tmp, store
+
+
+def test_one_cell_launched_twice_gives_bit_identical_results(launched_twice):
+    tmp, store = launched_twice
+    (rid,) = RunStore(store).run_ids()
+    assert RunStore(tmp / "first").run_ids() == [rid]
+    got = results(store, rid)
+    assert sorted(got) == ["metrics.parquet", "predictions/ood_site_b.parquet", "predictions/test.parquet",
+                           "predictions/val.parquet"]
+    assert_same_results(tmp / "first", store, [rid])
+    assert got["predictions/test.parquet"]["logit:Edema"].std() > 0  # trained, not a constant zero head
+
+
+def test_a_study_grows_in_place(launched_twice, tmp_path):
+    ref_tmp, ref = launched_twice
+    store = tmp_path / "store"
+    rs = RunStore(store)
+
+    def step(**kw):
+        proc = launch(study_config(tmp_path, store, **kw))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    # 1. a finished one-cell study, without the OOD set
+    step(ood=False)
+    (first,) = rs.run_ids()
+    weights = rs.model_path(first).stat().st_mtime_ns
+    assert rs.eval_sets(first) == ["test", "val"]
+    # 2. another seed and the OOD set: the new seed is trained, the finished run only predicted from its weights
+    step(seeds=[0, 1])
+    assert count(store, "train") == {first: 1, run_id(_cfg(store, seeds=[0, 1]), _spec(seed=1)): 1}
+    assert count(store, "evaluate") == {first: 1}
+    assert rs.model_path(first).stat().st_mtime_ns == weights
+    # ... and its OOD predictions are those of a run trained with the OOD set from the start
+    assert_same_results(ref, store, [first])
+    # 3. another backbone and another fraction: only the three new cells train
+    step(backbones=["resnetv2_tiny", "vit_micro"], fractions=[0.5, 1.0])
+    trained = count(store, "train")
+    assert len(trained) == 5 and set(trained.values()) == {1}
+    assert {rs.read_spec(r)["backbone"] for r in trained} == {"resnetv2_tiny", "vit_micro"}
+    # 4. only the statistics change: metrics are recomputed from the stored predictions, nothing is predicted
+    grid = dict(backbones=["resnetv2_tiny", "vit_micro"], fractions=[0.5, 1.0])
+    cells = [run_id(_cfg(store, **grid), s) for s in expand_grid(_cfg(store, **grid))]
+    preds = {r: results(store, r) for r in cells}
+    proc = launch(study_config(tmp_path, store, **grid), "eval.n_boot=30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "train") == trained and count(store, "evaluate") == {first: 1}
+    assert count(store, "metrics") == {r: 1 for r in cells}
+    for r, before in preds.items():
+        after = results(store, r)
+        for name in before:
+            if name.startswith("predictions/"):
+                pd.testing.assert_frame_equal(before[name], after[name], check_exact=True)
+        ci = lambda m: m[(m.metric == "auroc") & (m.label == "macro") & (m.eval_set == "test")  # noqa: E731
+                         & (m.attribute == "all")][["lo", "hi"]].to_numpy()
+        assert not np.array_equal(ci(before["metrics.parquet"]), ci(after["metrics.parquet"]))
+    assert rs.read_evaluation(first)["metrics"]["eval"]["n_boot"] == 30
+
+
+def _cfg(store: Path, **grid):
+    return load_config(study_config(store.parent, store, **grid))
+
+
+def _spec(backbone="resnetv2_tiny", fraction=1.0, seed=0):
+    from scaling.study.grid import RunSpec
+
+    return RunSpec(backbone, "scratch", fraction, seed)

@@ -34,7 +34,7 @@ import yaml
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import atomic_write_text, check_free_space
+from scaling.io import WriteError, atomic_write_text, check_free_space, write_error
 from scaling.study.claims import file_lock, live_owner, try_claim
 from scaling.study.grid import (
     SYNTHETIC,
@@ -439,7 +439,10 @@ def _export(trainer, path: Path) -> None:
     def save():
         nbytes = sum(v.numel() * 4 if v.is_floating_point() else v.numel() * v.element_size() for v in state.values())
         check_free_space(path, nbytes, "the fine-tuned weights")
-        save_safetensors(state, path, {"strategy": trainer.strategy, "world_size": trainer.world_size})
+        try:
+            save_safetensors(state, path, {"strategy": trainer.strategy, "world_size": trainer.world_size})
+        except WriteError as e:  # a file-size limit or quota passes the free-space check: say what was needed
+            raise write_error(path, e.__cause__ or e, nbytes, what="cannot write the fine-tuned weights") from e
 
     _on_main(save)
 
@@ -707,18 +710,13 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
             publish_study(store.root, cfg.tracking, report=rep)
 
 
-def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> list[tuple[str, BaseException]]:
+def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
+                  data: Callable[[], StudyData]) -> list[tuple[str, BaseException]]:
     """Claim and do, cell after cell, what each run lacks, until a pass over the grid finds nothing this launch can
     take (done, or claimed by a live launch beside this one). Returns the runs that failed here."""
     since = time.time()
     attempted: set[str] = set()
     failures: list[tuple[str, BaseException]] = []
-    loaded: list[StudyData] = []
-
-    def data() -> StudyData:
-        if not loaded:
-            loaded.append(load_study_data(cfg))
-        return loaded[0]
 
     progress = True
     while progress:
@@ -768,13 +766,23 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     init_distributed()
     store = RunStore(cfg.output_dir)
     _on_main(lambda: check_conflicts(cfg, store, cells))
-    todo = [s for s in cells if pending_work(cfg, store, s) is not None] if is_main_process() else []
+    todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
+    todo = _broadcast([w.kind for w in todo])
     failures = []
-    if _broadcast(bool(todo)):
+    if todo:
+        # Tables are read (and checked) before anything is written: a bad row stops the launch with the store as
+        # it was. Rescoring alone needs none.
+        loaded = [load_study_data(cfg)] if set(todo) - {"metrics"} else []
+
+        def data() -> StudyData:
+            if not loaded:
+                loaded.append(load_study_data(cfg))
+            return loaded[0]
+
         _on_main(lambda: record_study(cfg, store))
-        failures = _work_through(cfg, store, cells)
+        failures = _work_through(cfg, store, cells, data)
     table = results_table(cfg, store)
     if is_main_process():
         write_outputs(cfg, store, table, report=report)
