@@ -1,0 +1,299 @@
+"""Faults on a run store: concurrent launches, a full disk, bad images and rows mid-study, a read-only store, an empty
+grid. Each case asserts that nothing already written is lost and, once the fault is repaired, that the results are
+those of one uninterrupted launch (bit for bit: every launch runs in a fresh process with one thread).
+
+Killing launches at random steps belongs to the resume tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scaling.config import load_config
+from scaling.io import WriteError
+from scaling.study.grid import expand_grid, run_id
+from scaling.study.store import RunStore
+from study_launch import (
+    REPO,
+    assert_same_results,
+    command,
+    count,
+    env,
+    events,
+    launch,
+    snapshot,
+    study_config,
+)
+
+GRID = {"fractions": [0.5, 1.0], "seeds": [0, 1, 2]}
+
+
+def _ids(config: Path) -> list[str]:
+    cfg = load_config(config)
+    return [run_id(cfg, s) for s in expand_grid(cfg)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The six-cell grid, run by one launch from start to end."""
+    tmp = tmp_path_factory.mktemp("reference")
+    store = tmp / "store"
+    config = study_config(tmp, store, **GRID)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store, _ids(config)
+
+
+def _with_data(reference_store: Path, store: Path) -> None:
+    """Give ``store`` the reference's generated demo data (deterministic, so the same as generating it again)."""
+    shutil.copytree(reference_store / "data", store / "data")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many launches on one store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_three_launches_on_one_store_train_every_cell_once(reference, tmp_path):
+    ref, ids = reference
+    store = tmp_path / "store"
+    config = study_config(tmp_path, store, **GRID)
+    # Started together on an empty store: they also race for the demo data and the image cache.
+    procs = [subprocess.Popen(command(config), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-2000:] for e in errs)
+    assert count(store, "train") == {r: 1 for r in ids}
+    assert count(store, "done") == {r: 1 for r in ids}
+    launches = {e["launch"] for e in events(store) if e["event"] == "train"}
+    assert len(launches) >= 2, "the launches did not split the grid"
+    assert not list((store / "locks").glob("*.owner.json"))  # every claim was released
+    assert_same_results(ref, store, ids)
+
+
+def test_a_two_rank_launch_claims_on_rank_0_and_skips_a_claimed_run(reference, tmp_path):
+    from scaling.study.claims import try_claim
+
+    ref, _ = reference
+    store = tmp_path / "store"
+    _with_data(ref, store)
+    config = study_config(tmp_path, store, seeds=[0, 1])
+    busy, free = _ids(config)
+    claim = try_claim(RunStore(store).lock_path(busy))  # another launch (this test) works on the first run
+    try:
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        proc = subprocess.run([accelerate, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+                               "--main_process_port", "0", str(REPO / "recipes" / "scale_study.py"), "--config",
+                               str(config), "--no-report", "sharding.strategy=ddp"], env=env(), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        claim.release()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "train") == {free: 1}
+    assert RunStore(store).read_meta(free)["world_size"] == 2
+    assert not RunStore(store).run_dir(busy).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _file_size_limit(nbytes: int):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_a_full_disk_fails_runs_with_the_file_and_bytes_and_loses_nothing(reference, tmp_path):
+    ref, _ = reference
+    store = tmp_path / "store"
+    _with_data(ref, store)
+    config = study_config(tmp_path, store, seeds=[0, 1])
+    ids = _ids(config)
+    data_before = snapshot(store / "data")
+
+    # 1. 1 MB per file: the image cache (1,673 images x 32 x 32 bytes) cannot be written
+    proc = launch(config, preexec_fn=_file_size_limit(1_000_000))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: 2 run(s) failed" in proc.stderr
+    for rid in ids:
+        err = RunStore(store).read_failure(rid)["error"]
+        assert "cannot write image cache" in err and "/cache/gray-uint8/data-" in err, err
+        assert "bytes needed" in err and "File too large" in err, err
+    assert not list((store / "cache").rglob("data-*.bin"))  # the half-written memmap was removed
+
+    # 2. 1.9 MB per file: the cache fits, the fine-tuned weights (2 MB) do not; every run is tried and recorded
+    proc = launch(config, preexec_fn=_file_size_limit(1_900_000))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    for rid in ids:
+        err = RunStore(store).read_failure(rid)["error"]
+        weights = RunStore(store).model_path(rid)
+        assert f"cannot write the fine-tuned weights {weights} (2,03" in err and "bytes needed" in err, err
+        assert not RunStore(store).is_complete(rid) and not weights.exists()
+    assert count(store, "failed") == {rid: 2 for rid in ids}
+
+    # 3. space again: the runs finish, exactly as an uninterrupted launch; the demo data was never touched
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_results(ref, store, ids)
+    assert snapshot(store / "data") == data_before
+
+
+def test_the_image_cache_checks_free_space_before_its_memmap(tmp_path, monkeypatch):
+    # On a full tmpfs a memmap writer dies by SIGBUS at its first page: no error, no FAILED.json. Checked up front.
+    import numpy as np
+    from PIL import Image
+
+    from scaling.data.images import ImageCache
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 40), 60 * i, dtype=np.uint8)).save(paths[-1])
+    table = pd.DataFrame({"sample_id": [p.name for p in paths], "path": [str(p) for p in paths]})
+    cache = ImageCache(tmp_path / "cache", 32)
+    cache.build(table.iloc[:2])
+    before = snapshot(tmp_path / "cache")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3000))
+    with pytest.raises(WriteError, match=r"image cache .*/cache/gray-uint8/data-\w+\.bin needs 4,096 bytes, but its "
+                                         r"file system has only 3,000 free"):
+        cache.build(table)
+    assert snapshot(tmp_path / "cache") == before  # the built store is intact and still serves its images
+    assert ImageCache(tmp_path / "cache", 32).read(str(paths[1])).mean() == 60
+
+
+def test_a_base_exception_from_a_saver_is_recorded_and_the_study_goes_on(reference, tmp_path, monkeypatch):
+    # torch.distributed.checkpoint reports a failed save as CheckpointException, a BaseException.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from scaling.study import runner
+
+    ref, _ = reference
+    store = tmp_path / "store"
+    _with_data(ref, store)
+    cfg = load_config(study_config(tmp_path, store, seeds=[0, 1]))
+    first, second = _ids(study_config(tmp_path, store, seeds=[0, 1]))
+    real = runner.run_one
+
+    def run_one(cfg, spec, data, store):
+        if run_id(cfg, spec) == first:
+            raise CheckpointException("save", {0: (OSError(28, "No space left on device"), None)})
+        return real(cfg, spec, data, store)
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    with pytest.raises(runner.StudyFailed, match=f"1 run\\(s\\) failed.*{first}: CheckpointException"):
+        runner.run_study(cfg, report=False)
+    assert "No space left on device" in RunStore(store).read_failure(first)["error"]
+    assert RunStore(store).is_complete(second)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad images and rows mid-study
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_image_mid_study_fails_only_the_runs_that_read_it(reference, tmp_path):
+    ref, _ = reference
+    store = tmp_path / "store"
+    _with_data(ref, store)
+    config = study_config(tmp_path, store, seeds=[0, 1, 2])
+    first, *rest = _ids(config)
+    proc = launch(study_config(tmp_path, store, seeds=[0]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = snapshot(RunStore(store).run_dir(first))
+
+    # an image of the test set goes bad between two launches (a truncated copy, a flaky mount)
+    sample = pd.read_parquet(RunStore(store).run_dir(first) / "predictions" / "test.parquet")["sample_id"].iloc[3]
+    image = next((store / "data" / "site_a").glob(f"*/{sample}"))
+    good = image.read_bytes()
+    image.write_bytes(good[:40])
+    proc = launch(config)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    for rid in rest:
+        err = RunStore(store).read_failure(rid)["error"]
+        assert f"cannot read image {image}" in err and sample in err, err
+    assert snapshot(RunStore(store).run_dir(first)) == done  # the finished run was not touched
+
+    # a bad row in the label file stops the launch before anything is written, naming the file and line
+    csv = next((store / "data" / "site_a").glob("*/train.csv"))
+    rows = csv.read_text()
+    csv.write_text(rows + "CheXpert-v1.0-small/train/no_patient_here/view1_frontal.jpg,Female,60,Frontal,AP"
+                   + ",," * 7 + "\n")
+    before = snapshot(store)
+    proc = launch(config)
+    assert proc.returncode == 2 and f"{csv}: line {rows.count(chr(10)) + 1}" in proc.stderr, proc.stderr[-2000:]
+    assert snapshot(store) == before
+
+    # repaired: the failed runs are redone and every result is that of an uninterrupted launch
+    csv.write_text(rows)
+    image.write_bytes(good)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_results(ref, store, [first, *rest])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A read-only store, an empty grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_only(root: Path, on: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) if on else mode | stat.S_IWUSR)
+
+
+def test_a_read_only_store_is_summarised_reported_and_planned_without_a_write(reference, tmp_path, capsys):
+    from scaling.study.__main__ import main as study_cli
+    from scaling.study.runner import run_study
+
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store)
+    config = study_config(tmp_path, store, **GRID)
+    scale_study = _recipe()
+    _read_only(store, True)
+    try:
+        # (as root, permissions do not stop writes: the snapshot does)
+        before = snapshot(store)
+        assert study_cli(["summary", str(store)]) == 0
+        assert "6/6 runs complete" in capsys.readouterr().out
+        assert study_cli(["report", str(store), "-o", str(tmp_path / "report.html")]) == 0
+        assert (tmp_path / "report.html").stat().st_size > 1000
+        assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
+        assert "6 runs, 6 complete, 0 with work to do" in capsys.readouterr().out
+        table = run_study(load_config(config), report=False)  # a finished study: nothing to do, nothing written
+        assert list(table.status) == ["complete"] * 6
+        assert snapshot(store) == before
+    finally:
+        _read_only(store, False)
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "recipes" / "scale_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_grid_with_every_cell_dropped_exits_2_with_the_reason(dry_run, tmp_path, capsys):
+    args = ["--dry-run"] if dry_run else []
+    code = _recipe().main([*args, f"output_dir={tmp_path / 'store'}", "grid.backbones=[resnetv2_tiny]",
+                           "grid.pretrained=[bit-m]"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: every cell of the grid was dropped: no public weights for resnetv2_tiny x bit-m; change "
+                   "grid.backbones or grid.pretrained, or give a file as '<source>:<path>'"]
+    assert not (tmp_path / "store").exists()
