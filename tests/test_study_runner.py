@@ -127,10 +127,7 @@ def test_rerun_skips_everything_and_dry_run_reports_done(interrupted_then_comple
 
 def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_completed, tmp_path):
     cfg, store, first, *_ = interrupted_then_completed
-    before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
     base = study_yaml(tmp_path)
-    # another learning rate is another set of runs beside these, not a conflict
-    assert {run_id(load_config(base, ["train.lr=0.5"]), s) for s in expand_grid(cfg)}.isdisjoint(store.run_ids())
     # a run id recorded with other settings (a hash collision, or an older rule) names the key
     settings = store.run_dir(first) / "settings.json"
     saved = settings.read_text()
@@ -140,6 +137,9 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
             run_study(cfg)
     finally:
         settings.write_text(saved)
+    before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+    # another learning rate is another set of runs beside these, not a conflict
+    assert {run_id(load_config(base, ["train.lr=0.5"]), s) for s in expand_grid(cfg)}.isdisjoint(store.run_ids())
     # an upstream name already pretrained with other settings
     with pytest.raises(StoreError, match="upstream 'up' .* other settings .num_images: 200 != 400.*another name"):
         run_study(load_config(base, ["upstream.0.num_images=400"]))
@@ -208,11 +208,13 @@ def test_a_study_grows_in_place(launched_twice, tmp_path):
     (first,) = rs.run_ids()
     weights = rs.model_path(first).stat().st_mtime_ns
     assert rs.eval_sets(first) == ["test", "val"]
+    written = _mtimes(rs.run_dir(first) / "predictions")
     # 2. another seed and the OOD set: the new seed is trained, the finished run only predicted from its weights
     step(seeds=[0, 1])
     assert count(store, "train") == {first: 1, run_id(_cfg(store, seeds=[0, 1]), _spec(seed=1)): 1}
     assert count(store, "evaluate") == {first: 1}
     assert rs.model_path(first).stat().st_mtime_ns == weights
+    assert {k: v for k, v in _mtimes(rs.run_dir(first) / "predictions").items() if k in written} == written
     # ... and its OOD predictions are those of a run trained with the OOD set from the start
     assert_same_results(ref, store, [first])
     # 3. another backbone and another fraction: only the three new cells train
@@ -224,10 +226,12 @@ def test_a_study_grows_in_place(launched_twice, tmp_path):
     grid = dict(backbones=["resnetv2_tiny", "vit_micro"], fractions=[0.5, 1.0])
     cells = [run_id(_cfg(store, **grid), s) for s in expand_grid(_cfg(store, **grid))]
     preds = {r: results(store, r) for r in cells}
+    written = {r: _mtimes(rs.run_dir(r) / "predictions") for r in cells}
     proc = launch(study_config(tmp_path, store, **grid), "eval.n_boot=30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert count(store, "train") == trained and count(store, "evaluate") == {first: 1}
     assert count(store, "metrics") == {r: 1 for r in cells}
+    assert {r: _mtimes(rs.run_dir(r) / "predictions") for r in cells} == written
     for r, before in preds.items():
         after = results(store, r)
         for name in before:
@@ -237,6 +241,10 @@ def test_a_study_grows_in_place(launched_twice, tmp_path):
                          & (m.attribute == "all")][["lo", "hi"]].to_numpy()
         assert not np.array_equal(ci(before["metrics.parquet"]), ci(after["metrics.parquet"]))
     assert rs.read_evaluation(first)["metrics"]["eval"]["n_boot"] == 30
+
+
+def _mtimes(d: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
 
 
 def _cfg(store: Path, **grid):

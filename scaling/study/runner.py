@@ -458,7 +458,9 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
         df = store.read_predictions(rid, name)
         if "age" in df.columns:
             regrouped = add_age_group(df, cfg.data.age_bins)
-            if not regrouped["age_group"].equals(df.get("age_group")):
+            # Compared as strings: Parquet reads text back as pandas' str dtype, add_age_group makes objects.
+            if "age_group" not in df or not regrouped["age_group"].astype("string").equals(
+                    df["age_group"].astype("string")):
                 store.write_predictions(rid, name, regrouped)
             df = regrouped
         preds[name] = df
