@@ -82,9 +82,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], nbytes: int | 
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - savers raise BaseExceptions too (torch.distributed.checkpoint)
+    except Exception as e:  # noqa: BLE001 - every saver's failure is a failure to write this file
         written = tmp.stat().st_size if tmp.exists() else None
         raise write_error(path, e, nbytes, written) from e
     finally:

@@ -203,7 +203,9 @@ def test_a_base_exception_from_a_saver_is_recorded_and_the_study_goes_on(referen
     monkeypatch.setattr(runner, "run_one", run_one)
     with pytest.raises(runner.StudyFailed, match=f"1 run\\(s\\) failed.*{first}: CheckpointException"):
         runner.run_study(cfg, report=False)
-    assert "No space left on device" in RunStore(store).read_failure(first)["error"]
+    err = RunStore(store).read_failure(first)["error"]
+    assert f"writing under {RunStore(store).run_dir(first)} (" in err and "bytes free" in err, err
+    assert "No space left on device" in err, err
     assert RunStore(store).is_complete(second)
 
 

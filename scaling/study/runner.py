@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -58,6 +59,19 @@ class StudyFailed(RuntimeError):
     """Some runs of a study failed (each has its FAILED.json); the message lists them."""
 
 
+@functools.cache
+def run_errors() -> tuple[type[BaseException], ...]:
+    """What fails one run (recorded in its FAILED.json) rather than the launch.
+
+    torch.distributed.checkpoint reports a failed save (a full disk included) as CheckpointException, which derives
+    from BaseException, not Exception; every other BaseException (an interrupt, preemption, a test runner's
+    timeout) is not a failure of the run and passes.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ranks and shared preparation
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,9 +94,7 @@ def _on_main(fn: Callable[[], T]) -> T | None:
     if is_main_process():
         try:
             out = fn()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+        except run_errors() as e:  # re-raised below, on every rank
             error = e
     message = _broadcast(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
@@ -598,9 +610,12 @@ def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Call
 
 
 def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
-    """FAILED.json and an event for a run that raised, best effort: on a full disk even these may not fit."""
+    """FAILED.json and an event for a run that raised, best effort: on a full disk even these may not fit. A
+    saver's BaseException (a sharded checkpoint's) is recorded with the run directory and its free space."""
     if not is_main_process():
         return
+    if not isinstance(exc, Exception):
+        exc = write_error(store.run_dir(rid), exc, what="writing under")
     try:
         store.mark_failed(rid, exc)
         store.log_event("failed", rid, error=f"{type(exc).__name__}: {exc}")
@@ -693,13 +708,15 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True) -> None:
-    """Write results.csv and rebuild the report (and the study's W&B view) when the results changed or the report
-    is missing; under a lock, because launches beside this one write them too. A finished study whose outputs are
-    current is not written to (a read-only store stays readable)."""
+def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True,
+                  changed: bool = True) -> None:
+    """Write results.csv and rebuild the report (and the study's W&B view) when this launch ``changed`` the store,
+    the results differ or the report is missing; under a lock, because launches beside this one write them too. A
+    finished study whose outputs are current is not written to (a read-only store stays readable)."""
     csv = table.to_csv(index=False)
     path = store.root / "results.csv"
-    if path.is_file() and path.read_text() == csv and (not report or (store.root / "report.html").is_file()):
+    current = path.is_file() and path.read_text() == csv and (not report or (store.root / "report.html").is_file())
+    if current and not changed:
         return
     with file_lock(store.lock_path("report")):
         atomic_write_text(path, csv)
@@ -740,9 +757,7 @@ def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
                 progress = True
                 log.info("%s: %s", rid, work.describe())
                 _do(work, cfg, spec, store, data)
-            except (KeyboardInterrupt, SystemExit):  # preemption included: the run resumes on the next launch
-                raise
-            except BaseException as exc:  # noqa: BLE001 - savers raise BaseExceptions (torch.distributed.checkpoint)
+            except run_errors() as exc:  # preemption (SystemExit), interrupts pass: the run resumes next launch
                 _record_failure(store, rid, exc)
                 if process_group() is not None:  # ranks cannot safely continue after one of them raised
                     raise
@@ -787,7 +802,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
         failures = _work_through(cfg, store, cells, data)
     table = results_table(cfg, store)
     if is_main_process():
-        write_outputs(cfg, store, table, report=report)
+        write_outputs(cfg, store, table, report=report, changed=bool(todo))
     if failures:
         raise StudyFailed(f"{len(failures)} run(s) failed (see FAILED.json in each): "
                           + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failures))
