@@ -142,13 +142,13 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     assert {run_id(load_config(base, ["train.lr=0.5"]), s) for s in expand_grid(cfg)}.isdisjoint(store.run_ids())
     # an upstream name already pretrained with other settings
     with pytest.raises(StoreError, match="upstream 'up' .* other settings .num_images: 200 != 400.*another name"):
-        run_study(load_config(base, ["upstream.0.num_images=400"]))
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "upstream.0.num_images=400"]))
     # an evaluation set name that the store holds for another set
     with pytest.raises(StoreError, match="evaluation set 'ood_site_b' of run .* split: 'train' != 'test'"):
-        run_study(load_config(base, ["data.ood.0.split=test"]))
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.ood.0.split=test"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
-        run_study(load_config(base, ["data.root="]))
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.root="]))
     # a dataset root that does not exist
     missing = load_config(None, [f"output_dir={tmp_path / 's'}", f"data.root={tmp_path / 'nope'}"])
     with pytest.raises(DataError, match="does not exist"):
