@@ -144,7 +144,7 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     with pytest.raises(StoreError, match="upstream 'up' .* other settings .num_images: 200 != 400.*another name"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "upstream.0.num_images=400"]))
     # an evaluation set name that the store holds for another set
-    with pytest.raises(StoreError, match="evaluation set 'ood_site_b' of run .* split: 'train' != 'test'"):
+    with pytest.raises(StoreError, match=r"evaluation set 'ood_site_b' of run .*\.split: 'train' != 'test'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.ood.0.split=test"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
