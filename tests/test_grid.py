@@ -98,6 +98,7 @@ TABLE = [
     ("eval.fixed_threshold=0.3", False),
     ("eval.bootstrap_seed=3", False),
     ("eval.batch_size=256", False),
+    ("eval.aggregate=[exam]", False),
     # the grid: growing it keeps every existing cell's id; upstream entries count only for their own cells
     ("grid.backbones=[a,b,c]", False),
     ("grid.pretrained=[scratch]", False),

@@ -9,7 +9,7 @@ What a run lacks (docs/run-store.md, "Growing a study"): a run not in the store 
 predictions for an evaluation set of the config is predicted on it from its stored weights, without retraining; a
 finished run whose metric settings changed has its metrics recomputed from its stored predictions.
 
-Many launches can share one store (docs/run-store.md, "Many jobs, one store"): each claims a run before working on
+Many launches can share one store (docs/run-store.md, "Many jobs on one store"): each claims a run before working on
 it (``scaling.study.claims``) and takes the next unclaimed one; shared preparation is built once under a lock.
 Every process of an ``accelerate launch`` runs this same code; rank 0 claims, decides and writes to the store, and
 broadcasts its decisions to the other ranks.
@@ -776,8 +776,10 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     multi-rank launch the first failure stops the launch.
     """
     from scaling.engine.distributed import check_launch
+    from scaling.study.wandb_report import check_available
 
     check_launch(cfg.sharding, cfg.train)  # a strategy this launch cannot run fails before anything is built
+    check_available(cfg.tracking)  # an online study needs wandb-workspaces at its end: refuse now, not after training
     cells = study_cells(cfg)
     check_roots(cfg.data)
     init_distributed()
