@@ -143,7 +143,7 @@ def test_deepspeed_configs_fill_every_auto_once():
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from scaling.engine.sharding import deepspeed_config
+    from scaling.engine.strategies.zero import deepspeed_config
 
     train = TrainConfig(batch_size=32, grad_accum=2, mixed_precision="bf16", clip_grad_norm=0.0)
     files = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.json"))

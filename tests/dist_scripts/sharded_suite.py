@@ -122,14 +122,14 @@ def main():
         # ``alive`` marker written after the first optimizer step).
         trainer = Trainer(vit(), train_cfg(steps=6, checkpoint_every=3), ShardingConfig(strategy="fsdp"),
                           output_dir=out_dir / "sigterm")
-        original = trainer._optimizer_step
+        original = trainer.plan.step
 
         def slow_step():
             original()
             (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
             time.sleep(1.0)
 
-        trainer._optimizer_step = slow_step
+        trainer.plan.step = slow_step
         trainer.fit(ToyDataset(64))
         raise SystemExit("not interrupted")
     else:
