@@ -161,3 +161,91 @@ def test_deepspeed_configs_fill_every_auto_once():
         DeepSpeedConfig(cfg)  # raises on batch mismatch, unknown keys, fp16+bf16
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"gradient_accumulation_steps": 8}, "x.json")
+
+
+def test_counter_sees_host_reads():
+    """The counter used by the sync-free tests can fail: it sees .item(), float(t) and bool(t)."""
+    from sync_counter import SyncCounter
+
+    t = torch.ones(3)
+    with SyncCounter() as counter:
+        t.sum().item()
+        float(t.max())
+        bool(t.min() > 0)
+    assert counter.scalar_reads == 3
+
+
+def test_no_host_read_inside_a_step_one_process():
+    """strategy none, 6 steps of 2 micro-batches with clipping and log_every > steps: after the warm-up step nothing
+    is read back from the device until the final log point (the loss, label count and NaN guard stay there)."""
+    from sync_counter import syncs_per_step
+
+    cfg = TrainConfig(batch_size=8, steps=6, lr=0.05, log_every=100, grad_accum=2, clip_grad_norm=0.5)
+    trainer = Trainer(vit(), cfg, NONE)
+    per_step = syncs_per_step(trainer, ToyDataset(64))
+    assert len(per_step) == 6 and per_step[1:] == [(0, 0, 0)] * 5
+    assert len(trainer.history) == 1  # the one sync point, at the last step
+
+
+def test_nan_loss_stops_at_the_next_sync_point():
+    data = ToyDataset(64)
+    data.images[:] = float("nan")
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=6, log_every=3), NONE)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf in 3 step\(s\) up to step 3"):
+        trainer.fit(data)
+    assert trainer.history == []
+
+
+class SignalAt(torch.utils.data.Dataset):
+    """Wraps a dataset and sends ``signum`` to this process when the ``at``-th item is read."""
+
+    def __init__(self, data, at: int, signum):
+        self.data, self.at, self.signum, self.reads = data, at, signum, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.at:
+            import os
+
+            os.kill(os.getpid(), self.signum)
+        return self.data[i]
+
+
+def test_signal_is_honoured_at_the_next_sync_point(tmp_path):
+    """SIGUSR1 while step 2's batch is read (8 items per step): no step reads it, the ranks agree at the next sync
+    point (log_every=4: step 4), which saves a checkpoint there and raises Preempted."""
+    import signal
+
+    from scaling.engine.checkpoint import latest_checkpoint, read_state
+    from scaling.engine.trainer import Preempted
+
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=12, log_every=4), NONE, output_dir=tmp_path)
+    with pytest.raises(Preempted) as info:
+        trainer.fit(SignalAt(ToyDataset(64), at=12, signum=signal.SIGUSR1))
+    assert info.value.signum == signal.SIGUSR1 and info.value.code == 128 + signal.SIGUSR1
+    assert info.value.checkpoint == latest_checkpoint(tmp_path) and read_state(info.value.checkpoint)["step"] == 4
+    assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored
+
+
+def test_signal_during_predict_and_mid_fit_validation(tmp_path):
+    """predict/evaluate raise Preempted at the next batch; during fit's validation the step is saved first."""
+    import signal
+
+    from scaling.engine.checkpoint import latest_checkpoint, read_state
+    from scaling.engine.trainer import Preempted
+
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=6, log_every=6, eval_every=2), NONE,
+                      output_dir=tmp_path)
+    val = SignalAt(ToyDataset(100, seed=2), at=3, signum=signal.SIGTERM)  # first validation, first batch of 64
+    with pytest.raises(Preempted) as info:
+        trainer.fit(ToyDataset(64), val_dataset=val)
+    assert info.value.signum == signal.SIGTERM and read_state(latest_checkpoint(tmp_path))["step"] == 2
+    assert val.reads == 64  # stopped before the second batch
+    test = SignalAt(ToyDataset(40, seed=3), at=1, signum=signal.SIGTERM)
+    with pytest.raises(Preempted) as info:
+        trainer.predict(test, batch_size=8)
+    assert info.value.checkpoint is None and test.reads == 8

@@ -342,16 +342,16 @@ class Trainer:
                 log_due = done % cfg.log_every == 0 or done == total
                 ckpt_due = bool(self.output_dir is not None and cfg.checkpoint_every
                                 and done % cfg.checkpoint_every == 0 and done != total)
-                if not (log_due or ckpt_due):
-                    continue
-                loss_sum, nonfinite, signum = self._read_window(window)
-                if nonfinite:
-                    bar.close()
-                    raise FloatingPointError(
-                        f"the training loss was NaN/inf in {nonfinite} step(s) up to step {done} (checked every "
-                        f"train.log_every={cfg.log_every} / train.checkpoint_every={cfg.checkpoint_every} steps); "
-                        f"the last checkpoint before it is intact. Lower train.lr, set train.clip_grad_norm, or "
-                        f"check the inputs")
+                signum = 0
+                if log_due or ckpt_due:
+                    loss_sum, nonfinite, signum = self._read_window(window)
+                    if nonfinite:
+                        bar.close()
+                        raise FloatingPointError(
+                            f"the training loss was NaN/inf in {nonfinite} step(s) up to step {done} (checked every "
+                            f"train.log_every={cfg.log_every} / train.checkpoint_every={cfg.checkpoint_every} "
+                            f"steps); the last checkpoint before it is intact. Lower train.lr, set "
+                            f"train.clip_grad_norm, or check the inputs")
 
                 # --- Log: loss averaged over ranks and the window, throughput, MFU on GPU ----------------------
                 if log_due:

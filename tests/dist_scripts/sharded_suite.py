@@ -7,8 +7,9 @@ Suites group many checks into one launch (each launch costs seconds of imports o
 * ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
               our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
               predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
-              (``resume_fsdp``)
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3
+              (``resume_fsdp``); host reads per step (ddp, fsdp)
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3;
+              host reads per step (zero1/2/3); ZeRO-3 module-hook calls per step with and without block leaves
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM
@@ -64,6 +65,39 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
     out[name] = cell
 
 
+def sync_cell(strategy: str, out: dict, name: str):
+    """Host reads per step with no log point inside the run (accumulation and clipping on)."""
+    from sync_counter import syncs_per_step
+
+    torch.manual_seed(0)
+    cfg = train_cfg(steps=6, log_every=100, grad_accum=2, clip_grad_norm=0.5)
+    trainer = Trainer(vit(), cfg, ShardingConfig(strategy=strategy))
+    out[name] = {"world": trainer.world_size, "per_step": syncs_per_step(trainer, ToyDataset(64))}
+    trainer.close()
+
+
+def zero3_hooks_cell(out: dict, name: str, leaves: bool, depth: int = 8):
+    """DeepSpeed's ZeRO-3 module-hook calls per step on a ViT of ``depth`` blocks, with or without block leaves."""
+    import scaling.engine.strategies.zero as zero
+    from zero_hooks import counting_zero3_hooks
+
+    torch.manual_seed(0)
+    steps = 3
+    original = zero.set_block_leaves
+    if not leaves:  # the control: DeepSpeed's default of hooks on every submodule
+        zero.set_block_leaves = lambda model, block_classes: 0
+    try:
+        trainer = Trainer(vit(depth=depth), train_cfg(steps=steps), ShardingConfig(strategy="zero3"))
+        with counting_zero3_hooks() as calls:
+            trainer.fit(ToyDataset(64))
+    finally:
+        zero.set_block_leaves = original
+    out[name] = {"world": trainer.world_size, "depth": depth, "losses": [h["loss"] for h in trainer.history],
+                 "per_step": {k: v / steps for k, v in calls.items()},
+                 "leaves": sum(getattr(m, "_z3_leaf", False) for m in trainer.module.modules())}
+    trainer.close()
+
+
 def main():
     suite, out_dir = sys.argv[1], Path(sys.argv[2])
     os.environ["SUITE_OUT"] = str(out_dir)
@@ -101,6 +135,8 @@ def main():
         except LaunchError as e:
             out["accelerate_fsdp_ddp_error"] = str(e)
         del os.environ["ACCELERATE_USE_FSDP"]
+        sync_cell("ddp", out, "ddp_syncfree")
+        sync_cell("fsdp", out, "fsdp_syncfree")
         run_cell("fsdp", out, "resume_fsdp", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_fsdp")
     elif suite == "zero":
@@ -110,6 +146,10 @@ def main():
         run_cell("zero3", out, "zero3", predict=True)
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("zero3", out, "zero3_offload", offload_params=True, offload_optimizer=True)
+        for stage in ("zero1", "zero2", "zero3"):
+            sync_cell(stage, out, f"{stage}_syncfree")
+        zero3_hooks_cell(out, "zero3_hooks", leaves=True)
+        zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_zero3")
     elif suite == "resume":
