@@ -74,9 +74,13 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float]:
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds_config)
     cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1, **({"compile": "blocks"} if args.compile else {}))
+    linear = torch.nn.functional.linear
     trainer = Trainer(make_model(args.depth, args.width), cfg, ShardingConfig(strategy=strategy))
     summary = trainer.fit(Data(args.batch * args.steps))
     trainer.close()
+    # DeepSpeed's ZeRO-3 default (memory_efficient_linear) replaces F.linear for the whole process; scaling turns
+    # it off, but an older engine left it patched and every later cell of the run paid for it. Isolate the cells.
+    torch.nn.functional.linear = linear
     return summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1)
 
 

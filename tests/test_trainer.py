@@ -143,7 +143,7 @@ def test_deepspeed_configs_fill_every_auto_once():
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from scaling.engine.strategies.zero import deepspeed_config
+    from scaling.engine.strategies.zero import Zero3Sizes, deepspeed_config
 
     train = TrainConfig(batch_size=32, grad_accum=2, mixed_precision="bf16", clip_grad_norm=0.0)
     files = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.json"))
@@ -154,13 +154,24 @@ def test_deepspeed_configs_fill_every_auto_once():
         strategy = f"zero{stage}" if stage != "auto" else "zero2"
         offload = "offload" in f.name
         sharding = ShardingConfig(strategy=strategy, offload_optimizer=offload, offload_params=offload and stage == 3)
-        assert deepspeed_config(train, sharding, 4, base, str(f))["train_micro_batch_size_per_gpu"] == 4
-        cfg = deepspeed_config(train, sharding, world_size=1, base=base, source=str(f))  # validator sees 1 rank
+        sizes = Zero3Sizes(block=12_600_000, width=4096) if stage == 3 else None  # a ViT-L/16 block
+        assert deepspeed_config(train, sharding, 4, base, str(f), sizes)["train_micro_batch_size_per_gpu"] == 4
+        cfg = deepspeed_config(train, sharding, world_size=1, base=base, source=str(f), sizes=sizes)  # 1 rank
         assert cfg["train_micro_batch_size_per_gpu"] == 16 and cfg["gradient_accumulation_steps"] == 2
         assert cfg["gradient_clipping"] == 0.0 and cfg["bf16"]["enabled"] is True
+        if stage == 3:  # ZeRO-3 fetch thresholds sized from the blocks; no process-wide F.linear patch
+            zero = cfg["zero_optimization"]
+            assert zero["stage3_param_persistence_threshold"] == 40_960
+            assert zero["stage3_prefetch_bucket_size"] == 25_200_000
+            assert zero["stage3_max_live_parameters"] == 50_400_000
+            assert zero["memory_efficient_linear"] is False
         DeepSpeedConfig(cfg)  # raises on batch mismatch, unknown keys, fp16+bf16
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"gradient_accumulation_steps": 8}, "x.json")
+    # A concrete threshold in the JSON is the user's: kept.
+    base = {"zero_optimization": {"stage3_prefetch_bucket_size": 123}}
+    cfg = deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, base, "x.json", Zero3Sizes(1000, 10))
+    assert cfg["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
 
 
 def test_counter_sees_host_reads():

@@ -128,6 +128,12 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
         for key, value in sizes.thresholds().items():
             if _get(cfg, key) in (None, "auto"):
                 _set(cfg, key, value)
+    if stage == 3 and _get(cfg, "zero_optimization.memory_efficient_linear") is None:
+        # DeepSpeed's default replaces torch.nn.functional.linear process-wide ("This will persist unless manually
+        # reset", deepspeed/runtime/zero/partition_parameters.py) by a Python autograd Function that binds its
+        # arguments with inspect.signature on every call: host time per linear layer, and every later non-ZeRO
+        # cell in the same process pays it too. Block leaves keep a block's weights gathered through its backward.
+        _set(cfg, "zero_optimization.memory_efficient_linear", False)
     if train.mixed_precision == "fp16" and _get(cfg, "fp16.loss_scale") is None:
         _set(cfg, "fp16.loss_scale", 0)  # dynamic loss scaling
     if sharding.offload_optimizer:
@@ -195,6 +201,10 @@ class ZeRO(Strategy):
             block_classes = block_classes or block_classes_for(model)
             sizes = zero3_sizes(model, block_classes)
             set_block_leaves(model, block_classes)
+        if not self.launch.cuda:
+            # DeepSpeed's CPU accelerator otherwise runs `numactl --hardware` in a subprocess for device_count()
+            # at every step; LOCAL_SIZE is what DeepSpeed's own launcher sets for CPU ranks.
+            os.environ.setdefault("LOCAL_SIZE", str(self.launch.local_world_size))
         base, source = load_deepspeed_base(self.name)
         ds_cfg = deepspeed_config(self.train, self.sharding, self.launch.world_size, base, source, sizes)
         self.accelerator = make_accelerator(self.train, self.sharding, self.launch, ds_cfg)
