@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -93,6 +92,7 @@ def main():
     p.add_argument("--depth", type=int, default=24)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="train.compile=blocks for every strategy")
+    p.add_argument("--ds-config", default=str(REPO / "launch" / "ds_zero3.json"), help="DeepSpeed JSON for zero3")
     p.add_argument("--json", default="", help="also write the per-round times here")
     args = p.parse_args()
     if "RANK" not in os.environ:
@@ -103,14 +103,12 @@ def main():
         print("deepspeed is not installed: zero3 skipped")
         strategies.remove("zero3")
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in strategies}
-    with tempfile.TemporaryDirectory() as tmp:
-        ds_config = Path(tmp) / "ds_zero3.json"
-        ds_config.write_text((REPO / "launch" / "ds_zero3.json").read_text())
-        for r in range(args.rounds):
-            for s in strategies:
-                times[s].append(run_cell(s, args, ds_config))
-            print(f"round {r}: " + ", ".join(f"{s} {times[s][-1][0] * 1e3:.1f} ms wall / {times[s][-1][1] * 1e3:.1f} "
-                                             f"ms CPU" for s in strategies), flush=True)
+    ds_config = Path(args.ds_config)
+    for r in range(args.rounds):
+        for s in strategies:
+            times[s].append(run_cell(s, args, ds_config))
+        print(f"round {r}: " + ", ".join(f"{s} {times[s][-1][0] * 1e3:.1f} ms wall / {times[s][-1][1] * 1e3:.1f} "
+                                         f"ms CPU" for s in strategies), flush=True)
     print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
           f"compile={'blocks' if args.compile else 'off'}, median of {args.rounds} alternating rounds")
     print("| strategy | wall ms/step | ratio to none | CPU ms/step | ratio to none | goal |")

@@ -137,6 +137,7 @@ class Trainer:
         self.strategy = self.sharding.strategy
         self.history: list[dict] = []
         self._signals = PreemptionSignals()
+        self._eval_loaders: dict[tuple[int, int], tuple[Any, DataLoader]] = {}
 
         # --- Launch: refuse an impossible strategy before touching the model ------------------------------------
         self.launch = check_launch(self.sharding, train_cfg)
@@ -181,11 +182,21 @@ class Trainer:
         return {**batch, "image": batch["image"].to(self.device, non_blocking=True, memory_format=self._image_format),
                 "target": batch["target"].to(self.device, non_blocking=True)}
 
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
-        """DataLoader with pinned memory on GPUs and, with workers, a deeper prefetch queue."""
-        workers = {"prefetch_factor": PREFETCH_FACTOR} if self.num_workers > 0 else {}
+    def _loader(self, dataset, batch_sampler, persistent: bool = False) -> DataLoader:
+        """DataLoader with pinned memory on GPUs and, with workers, a deeper prefetch queue; ``persistent`` keeps
+        the workers alive between passes (validation every ``eval_every`` steps would otherwise start them anew)."""
+        workers = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.num_workers else {}
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda", **workers)
+
+    def _eval_loader(self, dataset, batch_size: int) -> DataLoader:
+        """This rank's prediction loader for ``dataset``, kept (with its workers) for the Trainer's lifetime."""
+        key = (id(dataset), batch_size)
+        if key not in self._eval_loaders:
+            sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
+            # The dataset is held with its loader, so its id cannot be reused by another object meanwhile.
+            self._eval_loaders[key] = (dataset, self._loader(dataset, sampler, persistent=True))
+        return self._eval_loaders[key][1]
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -427,11 +438,11 @@ class Trainer:
         creates removed by sample index; returns None on the other ranks. SIGTERM/SIGUSR1 raise
         :class:`Preempted` at the next batch, on all ranks together.
         """
-        sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
+        loader = self._eval_loader(dataset, batch_size)
         self.plan.train_mode(False)
         idx, logits, targets = [], [], []
         with self._signals:
-            for b in self._loader(dataset, sampler):
+            for b in loader:
                 signum = self._signals.agree(self.world_size, self.device)
                 if signum:
                     log.warning("signal %d during prediction: stopping (training state is on disk)", signum)
@@ -484,6 +495,7 @@ class Trainer:
     def close(self) -> None:
         """Release the model, optimizer and (under ZeRO) the DeepSpeed engine, between study cells in one process."""
         self.plan.close()
+        self._eval_loaders.clear()  # ends persistent workers
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
