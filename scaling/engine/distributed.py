@@ -8,7 +8,6 @@ family owns its own checks (``scaling.engine.strategies``); the ones here hold f
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Iterator
 
@@ -18,9 +17,8 @@ from scaling.config import ConfigError, ShardingConfig, TrainConfig
 from scaling.engine.launch import LaunchError, LaunchInfo, detect_launch
 from scaling.engine.strategies import strategy_class
 
-log = logging.getLogger(__name__)
-
 __all__ = ["check_launch", "LaunchError", "LaunchInfo", "StepBatchSampler", "ShardedEvalSampler"]
+
 
 def check_launch(sharding: ShardingConfig, train: TrainConfig, launch: LaunchInfo | None = None) -> LaunchInfo:
     """Reject a strategy/precision/batch that cannot run in this launch, before any model is built.

@@ -4,7 +4,8 @@ Everything here is read from the environment the launcher (``accelerate launch``
 *before* any model is built. :func:`scaling.engine.distributed.check_launch` turns it into an early, clear error
 for an impossible combination.
 
-Why we build the Accelerator ourselves (measured with Accelerate 1.15.0 and DeepSpeed 0.19.8; see ``docs/scaling-out.md``):
+Why we build the Accelerator ourselves (measured with Accelerate 1.15.0 and DeepSpeed 0.19.8; see
+``docs/scaling-out.md``):
 
 * on CPU, DDP needs ``cpu=True`` (otherwise two launched processes silently become two unsharded runs) and DeepSpeed
   needs ``InitProcessGroupKwargs(backend="gloo")`` (otherwise every rank believes it is rank 0);

@@ -4,12 +4,13 @@
 
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
-* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks, an Accelerate-FSDP launch routed to
-              our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
-              predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
-              (``resume_fsdp``); host reads per step (ddp, fsdp)
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3;
-              host reads per step (zero1/2/3); ZeRO-3 module-hook calls per step with and without block leaves
+* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
+              an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
+              ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
+              an uninterrupted fsdp run that checkpoints at step 3 (``resume_fsdp``); host reads per step (ddp, fsdp)
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload),
+              export; an uninterrupted zero3 run that checkpoints at step 3; host reads per step (zero1/2/3);
+              ZeRO-3 module-hook calls per step with and without block leaves
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM

@@ -196,7 +196,8 @@ class FSDP2(Strategy):
             materialize_from_safetensors(model, weights, self.accelerator.device)
         self._compile_whole_model(model)
         self.model = self.module = model
-        # Built after sharding: the optimizer holds the DTensor shards (https://github.com/pytorch/pytorch/issues/83204).
+        # Built after sharding, so that it holds the DTensor shards
+        # (https://github.com/pytorch/pytorch/issues/83204).
         self.optimizer = step_on_local_shards(self._build_optimizer(model))
         self._shard_group = next(model.parameters()).device_mesh.get_group("shard")
         self._gradient_sync = True  # FSDP2's default
