@@ -13,8 +13,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 FAKES = {
-    # The node list expands to two hosts; `requeue` is recorded.
-    "scontrol": '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "gpu-node-a\\ngpu-node-b\\n"; '
+    # The node list expands to gpu-node-a and 4,000 more hosts (a long list: reading only its first line must not
+    # kill scontrol with SIGPIPE under pipefail); `requeue` is recorded.
+    "scontrol": '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then echo gpu-node-a; seq -f "gpu-node-%g" 4000; '
                 'else echo "$@" >> "$FAKE_OUT/scontrol"; fi\n',
     # srun starts the task of one node (the second: SLURM_NODEID=1) after its own options.
     "srun": '#!/bin/bash\necho "$@" > "$FAKE_OUT/srun"\nwhile [[ "$1" == --* ]]; do shift; done\n'
@@ -52,7 +53,7 @@ def test_slurm_sbatch_builds_the_per_node_launch_and_requeues_on_sigusr1(tmp_pat
         time.sleep(0.2)
         args = (tmp_path / "accelerate").read_text().split("\n")[:-1]
         assert args == ["launch", "--config_file", "launch/hsdp.yaml",
-                        "--num_machines", "2", "--num_processes", "8",  # 2 nodes x SLURM_GPUS_ON_NODE
+                        "--num_machines", "2", "--num_processes", "8",  # SLURM_NNODES x SLURM_GPUS_ON_NODE
                         "--machine_rank", "1",  # this task's SLURM_NODEID
                         "--main_process_ip", "gpu-node-a",  # the first host of the node list
                         "--main_process_port", "29500", "--rdzv_backend", "static", "--same_network",
