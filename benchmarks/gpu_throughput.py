@@ -1,25 +1,40 @@
-"""Training throughput (images/s) and MFU of the Trainer on GPUs: ViT-L/16 @224 and BiT R101x3 @384, unsharded on
-one GPU vs ``fsdp`` and ``zero3`` on all GPUs of the node .
+"""Training throughput (images/s), MFU, peak memory and host synchronisations of the Trainer on GPUs, per strategy,
+micro-batch and ``train.compile``, with the ratio to ``none`` at the same micro-batch.
 
-    python benchmarks/gpu_throughput.py [--gpus 8] [--models vit_l16,bit_r101x3] [--strategies none,fsdp,zero3]
+    python benchmarks/gpu_throughput.py                      # quick preset: the goal points, ~8 min on one H100/H200
+    python benchmarks/gpu_throughput.py --preset sweep --models vit_l16 --batches 32,64,128,256 --compile off,blocks
+    python benchmarks/gpu_throughput.py --gpus 8 --strategies none,ddp,fsdp,zero3   # all GPUs of the node
 
-Protocol (as timm's ``benchmark.py`` and Accelerate's ``PerformanceTracker``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master weights,
-SGD momentum (as timm's ``benchmark.py``), ``--warmup`` steps discarded then ``--steps`` timed steps; throughput is
-global images / wall time of the timed window (the Trainer's log window, closed by a loss read that synchronises
-the GPU). MFU = model FLOPs (3 x a forward counted by ``torch.utils.flop_counter`` at batch 1) x images/s /
-(GPUs x dense bf16 peak of the card). Peak memory is ``torch.cuda.max_memory_allocated`` on rank 0.
+Protocol (as timm's ``benchmark.py``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master
+weights, SGD momentum, ``--warmup`` steps discarded, then ``--steps`` timed steps; every run is a fresh ``torchrun``
+process. Throughput is global images / wall time of the Trainer's log windows after the first (each window is
+closed by the loss read that synchronises the GPU); images/s/GPU divides by the GPUs of the run. MFU = model FLOPs
+(3 x a forward counted by ``torch.utils.flop_counter`` at batch 1) x images/s / (GPUs x dense bf16 peak of the
+card). Peak memory: ``torch.cuda.max_memory_allocated`` on rank 0. ``none`` runs on one GPU; the other strategies
+on ``--gpus`` GPUs with the same micro-batch per GPU, so "ratio to none" compares images/s per GPU.
 
-Needs CUDA; on a machine without a GPU it says so and exits with status 2 (nothing is measured).
+Host synchronisation: each training run is wrapped in ``torch.cuda.set_sync_debug_mode``. The Trainer exempts its
+planned sync points (the warm-up step, the log windows), so for none/ddp/fsdp the mode is ``error``: any other
+synchronisation inside a step fails the run and names the operation. Under ZeRO the mode is ``warn`` and the column
+counts the synchronisations per step that DeepSpeed 0.19.8 makes inside ``engine.step()`` (its host check of the
+gradient norm, ``deepspeed/runtime/utils.py`` ``is_invalid_grad_norm``).
+
+A micro-batch that runs out of memory is retried smaller (timm ``decay_batch_step``). ``zero3`` is skipped with a
+message when DeepSpeed is not installed. On a machine without CUDA the script says so and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,10 +43,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODELS = {
-    # name: (timm architecture, resolution, per-GPU micro-batch)
-    "vit_l16": ("vit_large_patch16_224", 224, 32),
-    "bit_r101x3": ("resnetv2_101x3_bit", 384, 8),
+    # name: (timm architecture, resolution)
+    "vit_l16": ("vit_large_patch16_224", 224),
+    "bit_r101x3": ("resnetv2_101x3_bit", 384),
 }
+
+# (model, micro-batch per GPU, train.compile, strategy): the points the goals in benchmarks/README.md are about.
+QUICK = [
+    ("vit_l16", 32, "off", "none"), ("vit_l16", 32, "off", "fsdp"),
+    ("vit_l16", 128, "off", "none"), ("vit_l16", 128, "off", "fsdp"), ("vit_l16", 128, "off", "zero3"),
+    ("vit_l16", 32, "blocks", "none"), ("vit_l16", 32, "blocks", "fsdp"), ("vit_l16", 128, "blocks", "none"),
+    ("bit_r101x3", 8, "off", "none"), ("bit_r101x3", 8, "off", "fsdp"), ("bit_r101x3", 8, "blocks", "none"),
+]
+
+GOALS = ("ViT-L/16 @224 with compile: MFU >= 45 %; fsdp >= 0.9x none at 32 images/GPU; zero3 >= 0.8x fsdp at 128; "
+         "BiT-R101x3 @384: MFU >= 25 %")
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -50,43 +76,107 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def worker(args) -> None:
+    """One run on every rank of a torchrun launch: writes a JSON result (or ``{"oom": true}``) on rank 0."""
     import timm
 
     from scaling.config import ShardingConfig, TrainConfig
     from scaling.engine import Trainer
 
-    arch, res, micro = MODELS[args.model]
+    arch, res = MODELS[args.model]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = micro * world
-    cfg = TrainConfig(batch_size=batch, steps=args.warmup + args.steps, lr=0.001, warmup_steps=0,
-                      log_every=args.warmup, schedule="constant", mixed_precision="bf16")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    cfg = TrainConfig(batch_size=args.micro * world, steps=args.warmup + args.steps, lr=0.001, warmup_steps=0,
+                      log_every=args.warmup, schedule="constant", mixed_precision="bf16", compile=args.compile)
     torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=14, img_size=res) if "vit" in arch else \
-        timm.create_model(arch, pretrained=False, num_classes=14)
-    sharding = ShardingConfig(strategy=args.strategy, activation_checkpointing=args.activation_checkpointing)
-    trainer = Trainer(model, cfg, sharding, num_workers=4)
-    del model
-    trainer.fit(Synthetic(batch * (args.warmup + args.steps), res))
-    last = trainer.history[-1]  # the timed window (the first log closed the warm-up window)
-    if trainer.is_main:
-        result = {"model": args.model, "res": res, "strategy": args.strategy, "gpus": world, "global_batch": batch,
-                  "images_per_s": last["images_per_s"], "mfu": last.get("mfu"),
-                  "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                  "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        Path(args.out).write_text(json.dumps(result))
+    kw = {"img_size": res} if "vit" in arch else {}
+    out = Path(args.out)
+    try:
+        trainer = Trainer(timm.create_model(arch, pretrained=False, num_classes=14, **kw), cfg,
+                          ShardingConfig(strategy=args.strategy), num_workers=4)
+        torch.cuda.reset_peak_memory_stats()
+        mode = "warn" if args.strategy.startswith("zero") else "error"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(mode)
+            try:
+                trainer.fit(Synthetic(cfg.batch_size * cfg.steps, res))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    except torch.OutOfMemoryError:
+        if rank0:
+            out.write_text(json.dumps({"oom": True}))
+        raise SystemExit(0)
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        if rank0:  # set_sync_debug_mode("error") caught a synchronisation the Trainer did not plan
+            out.write_text(json.dumps({"sync_error": traceback.format_exc(limit=-8)}))
+        raise SystemExit(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    timed = trainer.history[1:]  # the first window holds the warm-up (and compilation)
+    if rank0:
+        out.write_text(json.dumps({
+            "model": args.model, "res": res, "strategy": args.strategy, "compile": args.compile, "gpus": world,
+            "micro": args.micro, "images_per_s": statistics.mean(h["images_per_s"] for h in timed),
+            "mfu": timed[-1].get("mfu"), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "syncs_per_step": syncs / args.steps if mode == "warn" else 0.0,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+
+
+def run(spec: tuple, args, tmp: Path) -> dict:
+    """Launch one (model, micro, compile, strategy) run; retry smaller micro-batches on OOM."""
+    from timm.utils import decay_batch_step
+
+    model, micro, compile_mode, strategy = spec
+    gpus = 1 if strategy == "none" else args.gpus
+    while micro > 0:
+        out = tmp / f"{model}_{strategy}_{compile_mode}_{micro}.json"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+        env.pop("ACCELERATE_USE_DEEPSPEED", None)
+        if strategy.startswith("zero"):
+            env.update(ACCELERATE_USE_DEEPSPEED="true",
+                       ACCELERATE_DEEPSPEED_CONFIG_FILE=str(REPO / "launch" / f"ds_{strategy}.json"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+               __file__, "--worker", "--model", model, "--strategy", strategy, "--out", str(out), "--micro",
+               str(micro), "--compile-mode", compile_mode, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=REPO, timeout=args.timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        if code != 0 or not out.exists():
+            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": micro,
+                    "error": code}
+        result = json.loads(out.read_text())
+        if "sync_error" in result:
+            print(result["sync_error"], flush=True)
+            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": micro,
+                    "error": "host sync inside a step"}
+        if not result.get("oom"):
+            return result
+        print(f"{model} {strategy} compile={compile_mode}: micro-batch {micro} out of memory, retrying smaller",
+              flush=True)
+        micro = decay_batch_step(micro, no_odd=True)
+    return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": 0, "error": "oom"}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=0, help="GPUs for fsdp/zero3 (default: all visible)")
+    p.add_argument("--preset", default="quick", choices=["quick", "sweep"],
+                   help="quick: the goal points; sweep: models x batches x compile x strategies")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for the non-none strategies (default: all visible)")
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batches", default="32,128", help="sweep: micro-batches per GPU (BiT uses a quarter)")
+    p.add_argument("--compile", dest="compile_modes", default="off,blocks", help="sweep: train.compile values")
     p.add_argument("--strategies", default="none,fsdp,zero3")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "timm", "fsdp"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--timeout", type=int, default=420, help="seconds per run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="", help=argparse.SUPPRESS)
+    p.add_argument("--micro", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--compile-mode", dest="compile", default="off", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -94,36 +184,39 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device on this machine: GPU throughput not measured")
         raise SystemExit(2)
-    gpus = args.gpus or torch.cuda.device_count()
+    args.gpus = args.gpus or torch.cuda.device_count()
+    strategies = args.strategies.split(",")
+    if importlib.util.find_spec("deepspeed") is None:
+        print("deepspeed is not installed: zero* strategies skipped")
+        strategies = [s for s in strategies if not s.startswith("zero")]
+    models = args.models.split(",")
+    if args.preset == "quick":
+        specs = [s for s in QUICK if s[0] in models and s[3] in strategies]
+    else:
+        specs = [(m, b if m == "vit_l16" else max(1, b // 4), c, s) for m in models
+                 for b in map(int, args.batches.split(",")) for c in args.compile_modes.split(",") for s in strategies]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models.split(","):
-            for strategy in args.strategies.split(","):
-                n = 1 if strategy == "none" else gpus
-                out = Path(tmp) / f"{model}_{strategy}.json"
-                env = dict(os.environ, HF_HUB_OFFLINE="1")
-                env.pop("ACCELERATE_USE_DEEPSPEED", None)
-                if strategy.startswith("zero"):
-                    env.update(ACCELERATE_USE_DEEPSPEED="true",
-                               ACCELERATE_DEEPSPEED_CONFIG_FILE=str(REPO / "launch" / f"ds_{strategy}.json"))
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                       __file__, "--worker", "--model", model, "--strategy", strategy, "--out", str(out),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--activation-checkpointing", args.activation_checkpointing]
-                proc = subprocess.run(cmd, env=env, cwd=REPO)
-                if proc.returncode != 0 or not out.exists():
-                    rows.append({"model": model, "strategy": strategy, "gpus": n, "error": proc.returncode})
-                    continue
-                rows.append(json.loads(out.read_text()))
-    print("| model | px | strategy | GPUs | global batch | images/s | images/s/GPU | MFU | peak mem GiB | card |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        for spec in specs:
+            rows.append(run(spec, args, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    none = {(r["model"], r["micro"], r["compile"]): r["images_per_s"] for r in rows
+            if r["strategy"] == "none" and "error" not in r}
+    print(f"\nGoals: {GOALS}\n")
+    print("| model | px | strategy | compile | GPUs | micro-batch/GPU | images/s/GPU | ratio to none | MFU | "
+          "peak GiB | syncs/step in step | card |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | | {r['strategy']} | {r['gpus']} | failed (exit {r['error']}) | | | | | |")
+            print(f"| {r['model']} | | {r['strategy']} | {r['compile']} | {r['gpus']} | {r['micro']} | "
+                  f"failed ({r['error']}) | | | | | |")
             continue
+        per_gpu = r["images_per_s"] / r["gpus"]
+        base = none.get((r["model"], r["micro"], r["compile"]))
+        ratio = f"{per_gpu / base:.2f}" if base else "n/a"
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
-        print(f"| {r['model']} | {r['res']} | {r['strategy']} | {r['gpus']} | {r['global_batch']} | "
-              f"{r['images_per_s']:.1f} | {r['images_per_s'] / r['gpus']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} | "
+        print(f"| {r['model']} | {r['res']} | {r['strategy']} | {r['compile']} | {r['gpus']} | {r['micro']} | "
+              f"{per_gpu:.1f} | {ratio} | {mfu} | {r['peak_mem_gib']:.1f} | {r['syncs_per_step']:.1f} | "
               f"{r['device']} |")
 
 

@@ -134,13 +134,13 @@ def worker_states(strategies: list[str], out: Path, precision: str) -> None:
 
             trainer.engine.step = step_hook
         else:
-            opt_step = trainer._optimizer_step
+            opt_step = trainer.plan.step
 
             def step_hook():
                 measure()
                 opt_step()
 
-            trainer._optimizer_step = step_hook
+            trainer.plan.step = step_hook
         trainer.fit(data)
         seen["grads_buffers"] = seen["total"] - seen["params"] - seen["optimizer"] - seen["master"]
         seen["n_params"] = trainer.shard.total

@@ -193,6 +193,9 @@ class TrainConfig:
     """Gradient clipping max norm (0 = off)."""
     mixed_precision: str = "no"
     """``no`` (fp32), ``bf16`` or ``fp16``."""
+    compile: str = "off"
+    """``torch.compile``: ``off``, ``blocks`` (each backbone block, before sharding; the recommended setting on
+    GPUs) or ``model`` (the whole model; under ZeRO DeepSpeed's ``engine.compile``). See docs/scaling-out.md."""
     seed: int = 0
     """Seed for init, data order and augmentation."""
     log_every: int = 10
@@ -211,6 +214,7 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, ("bit", "cosine", "constant"))
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.hyperrule", self.hyperrule, ("off", "code", "paper"))
+        _choice("train.compile", self.compile, ("off", "blocks", "model"))
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.lr", self.lr)

@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from scaling.engine.distributed import PROCESS_GROUP_TIMEOUT
+from scaling.engine.launch import PROCESS_GROUP_TIMEOUT
 
 T = TypeVar("T")
 

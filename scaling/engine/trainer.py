@@ -8,12 +8,20 @@ Usage (what the study runner calls; every rank runs the same code)::
     trainer.export(run_dir / "model.safetensors")         # consolidated fp32, written by the main process
 
 Datasets yield ``{"image": [3,H,W] float, "target": [L] float with NaN = unlabelled | long class index,
-"index": int}``. The loop in :meth:`Trainer.fit` reads top to bottom in labelled sections (big_vision ``train.py``).
+"index": int}``. Everything that differs between strategies lives in a strategy plan
+(``scaling.engine.strategies``); the loop in :meth:`Trainer.fit` is the same for all of them and reads top to
+bottom in labelled sections (big_vision ``train.py``).
 
 Exactness: every optimizer step sees the same global batch whatever the world size or accumulation
 (:class:`~scaling.engine.distributed.StepBatchSampler`), and the loss of a step is the sum over *labelled* entries
 of the whole global batch divided by their global count (one all-reduce of the count per step). So k micro-batches
 of b equal one batch of k·b, and N ranks equal one process, also when labels are missing unevenly.
+
+No host-device synchronisation inside a step: the loss, the label count, the non-finite guard and clipping stay on
+the device; values are read back only at *sync points* (every ``log_every`` and ``checkpoint_every`` steps and the
+last step), where the ranks also agree on preemption signals (``scaling.engine.preemption``). Run under
+``torch.cuda.set_sync_debug_mode("error")`` to prove it: the sync points are exempt, any other synchronisation
+raises (``benchmarks/gpu_throughput.py`` does).
 """
 
 from __future__ import annotations
@@ -21,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,29 +42,11 @@ from torch.utils.data import DataLoader
 
 from scaling.config import ShardingConfig, TrainConfig
 from scaling.engine import checkpoint as ckpt_lib
-from scaling.engine.distributed import (
-    FSDP_STRATEGIES,
-    ZERO_STRATEGIES,
-    LaunchError,
-    ShardedEvalSampler,
-    StepBatchSampler,
-    check_launch,
-    compute_dtype,
-    make_accelerator,
-)
+from scaling.engine.distributed import LaunchError, ShardedEvalSampler, StepBatchSampler, check_launch
+from scaling.engine.preemption import PreemptionSignals
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
-from scaling.engine.sharding import (
-    ShardingError,
-    apply_fsdp,
-    block_classes_for,
-    deepspeed_config,
-    enable_timm_checkpointing,
-    has_meta,
-    load_deepspeed_base,
-    materialize_from_safetensors,
-    shard_report,
-    verify_sharding,
-)
+from scaling.engine.sharding import ShardingError, verify_sharding
+from scaling.engine.strategies import strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +55,9 @@ LOSSES = ("multilabel", "multiclass")
 # Dense bf16 peak per GPU (NVIDIA data sheets; torchtitan ``tools/utils.py`` get_peak_flops). Matched on the device name.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                    ("A100", 312e12), ("B200", 2250e12), ("L40S", 362e12), ("A10G", 125e12))
+
+PREFETCH_FACTOR = 4
+"""Batches each DataLoader worker prepares ahead (PyTorch's default is 2; small per-GPU batches drain it fast)."""
 
 
 class Preempted(SystemExit):
@@ -85,6 +76,21 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
+@contextlib.contextmanager
+def planned_sync(device: torch.device):
+    """A host read the loop makes on purpose (sync points, the warm-up step): exempt from
+    ``torch.cuda.set_sync_debug_mode``, so that mode flags only the synchronisations nobody planned."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 def masked_loss_sum(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-entry losses, number of entries counted) for one micro-batch, in fp32.
 
@@ -100,7 +106,7 @@ def masked_loss_sum(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tu
         per = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
     else:
         per = F.cross_entropy(logits, target.long(), reduction="none")
-    return per.sum(), torch.tensor(per.numel(), device=logits.device)
+    return per.sum(), torch.full((), per.shape[0], device=logits.device)
 
 
 class Trainer:
@@ -116,7 +122,7 @@ class Trainer:
         tracker: object with ``.log(dict, step=int)`` and ``.run_id``; called on the main process only.
         num_workers: DataLoader workers per process.
         weights: safetensors file to materialise a meta-device model from.
-        block_classes: FSDP unit classes; default from the backbone family table.
+        block_classes: FSDP / ZeRO-3 leaf / compile units; default from the backbone family table.
     """
 
     def __init__(self, model: nn.Module, train_cfg: TrainConfig, sharding_cfg: ShardingConfig | None = None,
@@ -130,130 +136,80 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.strategy = self.sharding.strategy
         self.history: list[dict] = []
+        self._signals = PreemptionSignals()
+        self._eval_loaders: dict[tuple[int, int], tuple[Any, DataLoader]] = {}
 
         # --- Launch: refuse an impossible strategy before touching the model ------------------------------------
         self.launch = check_launch(self.sharding, train_cfg)
-        if has_meta(model) and weights is None:
-            raise ValueError("the model is on the meta device; pass weights=<file.safetensors> to materialise it")
-        if has_meta(model) and self.strategy in ZERO_STRATEGIES:
-            raise ShardingError("meta-device models are materialised by the FSDP/DDP paths; build the model normally "
-                                "for ZeRO (DeepSpeed partitions it at prepare time)")
-        ds_cfg = None
-        if self.strategy in ZERO_STRATEGIES:
-            base, source = load_deepspeed_base(self.strategy)
-            ds_cfg = deepspeed_config(train_cfg, self.sharding, self.launch.world_size, base, source)
-        self.accelerator = make_accelerator(train_cfg, self.sharding, self.launch, ds_cfg)
-        acc = self.accelerator
-        self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
-        self.is_main = acc.is_main_process
+        self.plan = strategy_class(self.strategy)(train_cfg, self.sharding, self.launch)
+        self.plan.check_model(model, weights)
 
-        # --- Model: activation checkpointing, sharding, optimizer ---------------------------------------------
-        from scaling.models.optim import build_optimizer
-
-        # Captured before wrapping: names and global shapes identify the model in checkpoints.
+        # --- Model: captured before wrapping (names and global shapes identify the model in checkpoints) -------
         self.signature = ckpt_lib.model_signature([(n, tuple(p.shape)) for n, p in model.named_parameters()])
         # Head width (MixUp one-hots class targets): TransferModel.num_outputs, or a bare timm model's num_classes.
         self.num_outputs = getattr(model, "num_outputs", getattr(model, "num_classes", None))
-        if self.sharding.activation_checkpointing == "timm":
-            enable_timm_checkpointing(model)
-        self.engine = None
-        if self.strategy in FSDP_STRATEGIES:
-            apply_fsdp(model, train_cfg, self.sharding, self.launch, block_classes or block_classes_for(model))
-            if weights is not None and has_meta(model):
-                materialize_from_safetensors(model, weights, self.device)
-            self.model = self.module = model
-            self.optimizer = build_optimizer(model, train_cfg)
-        else:
-            if weights is not None and has_meta(model):
-                materialize_from_safetensors(model, weights, torch.device("cpu"))
-            optimizer = build_optimizer(model, train_cfg)
-            self.model, self.optimizer = acc.prepare(model, optimizer)
-            if self.strategy in ZERO_STRATEGIES:
-                self.engine = self.model
-                self.module = self.engine.module
-            else:
-                self.module = acc.unwrap_model(self.model)
+
+        # --- Prepare: activation checkpointing, compile, memory layout, sharding, optimizer (the plan's job) ----
+        self.plan.prepare(model, weights=weights, block_classes=block_classes)
+        self.accelerator = acc = self.plan.accelerator
+        self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.is_main = acc.is_main_process
+        self._image_format = torch.channels_last if self.plan.channels_last(self.module) else torch.preserve_format
 
         # --- Verify: sharding asked for is sharding in effect -----------------------------------------------
-        self.shard = shard_report(self.strategy, self.module, self.optimizer, self.launch)
+        self.shard = self.plan.shard_report()
         verify_sharding(self.shard)
-        if self.engine is not None:
-            # What DeepSpeed actually runs with, not what we asked for ("auto", precedence and clipping defaults:
-            # https://github.com/yuvalkirstain/PickScore/issues/18).
-            got = {"train_batch_size": self.engine.train_batch_size(),
-                   "gradient_accumulation_steps": self.engine.gradient_accumulation_steps(),
-                   "gradient_clipping": float(self.engine.gradient_clipping())}
-            want = {"train_batch_size": train_cfg.batch_size, "gradient_accumulation_steps": train_cfg.grad_accum,
-                    "gradient_clipping": float(train_cfg.clip_grad_norm)}
-            if got != want:
-                raise ShardingError(f"DeepSpeed engine runs with {got}, but the config asks for {want}")
         self.micro_batch = train_cfg.batch_size // (self.world_size * train_cfg.grad_accum)
         if self.is_main:
             log.info("strategy=%s world=%d global batch=%d = %d ranks x %d accum x %d micro; rank share %.3f, "
-                     "%d FSDP units", self.strategy, self.world_size, train_cfg.batch_size, self.world_size,
-                     train_cfg.grad_accum, self.micro_batch, self.shard.share, self.shard.units)
+                     "%d FSDP units, compile=%s", self.strategy, self.world_size, train_cfg.batch_size,
+                     self.world_size, train_cfg.grad_accum, self.micro_batch, self.shard.share, self.shard.units,
+                     train_cfg.compile)
+
+    # The prepared objects, as the plan holds them (benchmarks and tests inspect them).
+    model = property(lambda self: self.plan.model, doc="What the forward calls (DDP wrapper, FSDP2 root, engine).")
+    module = property(lambda self: self.plan.module, doc="The bare nn.Module (parameter names as built).")
+    optimizer = property(lambda self: self.plan.optimizer, doc="The optimizer (Accelerate- or DeepSpeed-wrapped).")
+    engine = property(lambda self: self.plan.engine, doc="The DeepSpeed engine under ZeRO, else None.")
 
     # ----------------------------------------------------------------------------------------------------------
-    # Small pieces of the step
+    # Small pieces of the loop
     # ----------------------------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        """The one place a batch moves from host to device: pinned memory (the DataLoader's) + non-blocking copies,
+        NHWC images for convolutional families on GPUs."""
+        return {**batch, "image": batch["image"].to(self.device, non_blocking=True, memory_format=self._image_format),
+                "target": batch["target"].to(self.device, non_blocking=True)}
+
+    def _loader(self, dataset, batch_sampler, persistent: bool = False) -> DataLoader:
+        """DataLoader with pinned memory on GPUs and, with workers, a deeper prefetch queue; ``persistent`` keeps
+        the workers alive between passes (validation every ``eval_every`` steps would otherwise start them anew)."""
+        workers = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.num_workers else {}
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", **workers)
+
+    def _eval_loader(self, dataset, batch_size: int) -> DataLoader:
+        """This rank's prediction loader for ``dataset``, kept (with its workers) for the Trainer's lifetime."""
+        key = (id(dataset), batch_size)
+        if key not in self._eval_loaders:
+            sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
+            # The dataset is held with its loader, so its id cannot be reused by another object meanwhile.
+            self._eval_loaders[key] = (dataset, self._loader(dataset, sampler, persistent=True))
+        return self._eval_loaders[key][1]
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             torch.distributed.all_reduce(t)
         return t
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.engine is not None:
-            # DeepSpeed holds low-precision parameters itself; inputs must match them.
-            return self.engine(images.to(compute_dtype(self.train_cfg)))
-        if self.strategy in FSDP_STRATEGIES:
-            return self.model(images)  # FSDP2's MixedPrecisionPolicy casts inputs and parameters
-        with self.accelerator.autocast():
-            return self.model(images)
-
-    def _sync_context(self, last: bool):
-        """Gradient reduction only on the last micro-batch (DDP ``no_sync``; FSDP2 unless syncing every one)."""
-        if self.strategy in FSDP_STRATEGIES:
-            self.model.set_requires_gradient_sync(last or self.sharding.sync_each_micro_batch)
-            return contextlib.nullcontext()
-        if self.strategy == "ddp" and not last:
-            return self.accelerator.no_sync(self.model)
-        return contextlib.nullcontext()
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        if self.engine is not None:
-            # ZeRO owns accumulation (docs/design.md, "one switch per concern"): it divides by the accumulation steps,
-            # averages over ranks, clips (config) and steps only at the boundary.
-            self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            self.accelerator.backward(loss)
-
-    def _optimizer_step(self) -> None:
-        if self.engine is not None:
-            return  # stepped inside engine.step() at the accumulation boundary
-        clip = self.train_cfg.clip_grad_norm
-        if clip > 0:
-            if self.strategy in FSDP_STRATEGIES:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # DTensor-aware global norm
-            else:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-
-    def _loss_scale(self) -> int:
-        # Gradients are averaged over ranks (DDP/FSDP/ZeRO) and, under ZeRO, over accumulation steps; scaling the
-        # backward loss by those factors makes the step's gradient that of (sum of losses) / (global count).
-        scale = self.world_size
-        if self.engine is not None:
-            scale *= self.train_cfg.grad_accum
-        return scale
+    def _label_count(self, micro: list[dict]) -> torch.Tensor:
+        """Labelled entries of the whole global batch (on the device; one all-reduce, no host read)."""
+        count = torch.zeros((), device=self.device)
+        for b in micro:
+            t = b["target"]
+            count += (~torch.isnan(t)).sum() if self.loss_kind == "multilabel" else t.shape[0]
+        return self._all_sum(count).clamp_min(1)
 
     def _flops_per_image(self, sample: torch.Tensor) -> float | None:
         """Training FLOPs per image (3x a counted forward at batch 1), for MFU; only on GPU."""
@@ -261,12 +217,17 @@ class Trainer:
             return None
         from torch.utils.flop_counter import FlopCounterMode
 
-        was_training = self.model.training
-        self.model.eval()
+        self.plan.train_mode(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self._forward(sample[:1])
-        self.model.train(was_training)
+            self.plan.forward(sample[:1])
+        self.plan.train_mode(True)
         return 3.0 * counter.get_total_flops()
+
+    def _read_window(self, window: torch.Tensor) -> tuple[float, int, int]:
+        """Sync point: (sum over ranks of the window's step losses, non-finite steps, agreed signal)."""
+        with planned_sync(self.device):
+            loss_sum, nonfinite = self._all_sum(window.clone()).tolist()
+            return loss_sum, int(nonfinite), self._signals.agree(self.world_size, self.device)
 
     # ----------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -283,8 +244,7 @@ class Trainer:
             raise ValueError("Trainer(output_dir=None) cannot save checkpoints")
         state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
                  "history": self.history}
-        return ckpt_lib.save_checkpoint(self.output_dir, step, state, rank=self.rank, module=self.module,
-                                        optimizer=self.optimizer, engine=self.engine)
+        return self.plan.save_checkpoint(self.output_dir, step, state, self.rank)
 
     def _resume(self, total: int) -> int:
         path = ckpt_lib.latest_checkpoint(self.output_dir)
@@ -292,36 +252,16 @@ class Trainer:
             return 0
         state = ckpt_lib.read_state(path)
         ckpt_lib.check_compatible(path, state, self._expected_state(total))
-        ckpt_lib.load_checkpoint(path, rank=self.rank, module=self.module, optimizer=self.optimizer,
-                                 engine=self.engine)
+        self.plan.load_checkpoint(path, self.rank)
         self.history = list(state.get("history", []))
         if self.is_main:
             log.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
 
-    @contextlib.contextmanager
-    def _preemption_signals(self):
-        """SIGTERM/SIGUSR1 set a flag; the loop checks it (agreed over ranks) after each step and saves."""
-        self._signal = 0
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            self._signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def _signal_received(self) -> int:
-        flag = torch.tensor([self._signal], device=self.device, dtype=torch.int64)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+    def _preempted(self, signum: int, done: int, total: int) -> Preempted:
+        path = self.save_checkpoint(done, total) if self.output_dir is not None else None
+        log.warning("signal %d: saved %s at step %d; relaunch to resume", signum, path, done)
+        return Preempted(signum, path)
 
     # ----------------------------------------------------------------------------------------------------------
     # fit
@@ -334,14 +274,15 @@ class Trainer:
         ``images_per_s``, ``final_loss``, ``world_size``,
         ``strategy``, ``global_batch``, ``micro_batch``, ``grad_accum``, ``resumed_from``, ``rank_share``,
         ``fsdp_units``, ``mfu`` (GPU only, else None) and ``val_loss`` when a validation set is given.
-        Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives.
+        Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives (honoured at the next sync
+        point), and ``FloatingPointError`` when the loss became NaN/inf (detected at the next sync point).
         """
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         from scaling.engine.mixup import mixup, sample_lambda
 
-        cfg, acc = self.train_cfg, self.accelerator
+        cfg, plan = self.train_cfg, self.plan
 
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
@@ -352,102 +293,104 @@ class Trainer:
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
         sampler = StepBatchSampler(len(train_dataset), cfg.batch_size, self.world_size, self.rank, cfg.grad_accum,
                                    cfg.seed, start, total)
-        loader = DataLoader(train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        batches = iter(loader)
+        batches = iter(self._loader(train_dataset, sampler))
 
-        # --- Loop -----------------------------------------------------------------------------------------------
-        self.model.train()
-        images_per_step = cfg.batch_size
+        # --- Loop state: device-side accumulators, read only at sync points ------------------------------------
+        plan.train_mode(True)
         flops_per_image, peak = None, _peak_flops(self.device)
         # A progress bar for people at a terminal; batch jobs (SLURM logs, CI) get one log line per log interval.
         interactive = sys.stderr.isatty()
         bar = tqdm(total=total, initial=start, disable=not (self.is_main and interactive), desc="train", unit="step",
                    leave=False)
-        window_loss = torch.zeros((), device=self.device)
+        window = torch.zeros(2, device=self.device)  # [sum of step losses, steps with a non-finite loss]
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
         final_loss, mfu = float("nan"), None
-        step = start
-        with self._preemption_signals():
+        with self._signals:
             for step in range(start, total):
-                # Learning rate for this step (pure function of the step: nothing to restore on resume).
-                lr = lr_at(step, total, cfg)
-                self._set_lr(lr)
-
-                # Fetch the k micro-batches of this optimizer step; MixUp draws one lambda per step.
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
-                if flops_per_image is None and peak is not None:
-                    flops_per_image = self._flops_per_image(micro[0]["image"])
-                if alpha > 0:
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + self.rank)
-                    lam = sample_lambda(alpha, gen)
-                    for b in micro:
-                        b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
-                                                        num_classes=self.num_outputs)
-
-                # Global number of labelled entries: the step's loss is their mean over the whole global batch.
-                count = torch.zeros((), device=self.device)
-                for b in micro:
-                    t = b["target"]
-                    count += (~torch.isnan(t)).sum() if (self.loss_kind == "multilabel") else t.shape[0]
-                count = self._all_sum(count).clamp_min(1)
-
-                # Forward / backward per micro-batch; gradients reduced on the last one.
-                step_loss = torch.zeros((), device=self.device)
-                for j, b in enumerate(micro):
-                    last = j == len(micro) - 1
-                    with self._sync_context(last):
-                        logits = self._forward(b["image"])
-                        loss_sum, _ = masked_loss_sum(logits, b["target"].to(self.device), self.loss_kind)
-                        self._backward(loss_sum * self._loss_scale() / count, last)
-                    step_loss += loss_sum.detach()
-                self._optimizer_step()
-                window_loss += step_loss / count
-                window_steps += 1
-                bar.update(1)
-                if step == start:  # the first step pays allocation/warm-up; time the rest
-                    t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), step + 1
-
-                # Log: loss averaged over ranks and the window, throughput, MFU on GPU.
                 done = step + 1
-                if done % cfg.log_every == 0 or done == total:
-                    final_loss = float(self._all_sum(window_loss.clone()).item()) / window_steps
-                    dt = time.perf_counter() - window_t0
-                    ips = window_steps * images_per_step / max(dt, 1e-9)
+                # The first step pays allocation, lazy initialisation and compilation: allowed to synchronise.
+                warmup = planned_sync(self.device) if step == start else contextlib.nullcontext()
+                with warmup:
+                    # --- Learning rate (a pure function of the step: nothing to restore on resume) -------------
+                    lr = lr_at(step, total, cfg)
+                    plan.set_lr(lr)
+
+                    # --- Batches: the k micro-batches of this step on the device; one MixUp lambda per step -----
+                    micro = [self._to_device(next(batches)) for _ in range(cfg.grad_accum)]
+                    if flops_per_image is None and peak is not None:
+                        flops_per_image = self._flops_per_image(micro[0]["image"])
+                    if alpha > 0:
+                        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + self.rank)
+                        lam = sample_lambda(alpha, gen)
+                        for b in micro:
+                            b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
+                                                            num_classes=self.num_outputs)
+
+                    # --- Loss normaliser: labelled entries of the whole global batch -------------------------
+                    count = self._label_count(micro)
+
+                    # --- Forward / backward per micro-batch; gradients reduced on the last one ---------------
+                    step_loss = torch.zeros((), device=self.device)
+                    for j, b in enumerate(micro):
+                        last = j == len(micro) - 1
+                        with plan.grad_sync(last):
+                            loss_sum, _ = masked_loss_sum(plan.forward(b["image"]), b["target"], self.loss_kind)
+                            plan.backward(loss_sum * plan.loss_scale / count, last)
+                        step_loss += loss_sum.detach()
+
+                    # --- Optimizer step (clipping included), then device-side bookkeeping -------------------
+                    plan.step()
+                    step_loss = step_loss / count
+                    window[0] += step_loss
+                    window[1] += ~torch.isfinite(step_loss)
+                    window_steps += 1
+                    bar.update(1)
+                if step == start:  # time the steps after the warm-up
+                    t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), done
+
+                # --- Sync point: every log_every / checkpoint_every steps and the last; the only host reads ----
+                log_due = done % cfg.log_every == 0 or done == total
+                ckpt_due = bool(self.output_dir is not None and cfg.checkpoint_every
+                                and done % cfg.checkpoint_every == 0 and done != total)
+                signum = 0
+                if log_due or ckpt_due:
+                    loss_sum, nonfinite, signum = self._read_window(window)
+                    if nonfinite:
+                        bar.close()
+                        raise FloatingPointError(
+                            f"the training loss was NaN/inf in {nonfinite} step(s) up to step {done} (checked every "
+                            f"train.log_every={cfg.log_every} / train.checkpoint_every={cfg.checkpoint_every} "
+                            f"steps); the last checkpoint before it is intact. Lower train.lr, set "
+                            f"train.clip_grad_norm, or check the inputs")
+
+                # --- Log: loss averaged over ranks and the window, throughput, MFU on GPU ----------------------
+                if log_due:
+                    final_loss = loss_sum / window_steps
+                    ips = window_steps * cfg.batch_size / max(time.perf_counter() - window_t0, 1e-9)
                     if flops_per_image and peak:
                         mfu = flops_per_image * ips / (peak * self.world_size)
-                    record = {"step": done, "loss": final_loss, "lr": lr, "images_per_s": ips}
-                    if mfu is not None:
-                        record["mfu"] = mfu
-                    self.history.append(record)
-                    if self.is_main:
-                        bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{ips:.1f}")
-                        if not interactive:
-                            log.info("step %d/%d loss %.4f lr %.3g images/s %.1f%s", done, total, final_loss, lr, ips,
-                                     f" MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                        if self.tracker is not None:
-                            self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
-                    window_loss.zero_()
+                    self._log(done, total, final_loss, lr, ips, mfu, bar, interactive)
+                    window.zero_()
                     window_steps, window_t0 = 0, time.perf_counter()
 
-                # Validate every eval_every steps.
+                # --- Validate every eval_every steps (a signal during it still saves this step) ---------------
                 if val_dataset is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-                    val = self.evaluate(val_dataset)
+                    try:
+                        val = self.evaluate(val_dataset)
+                    except Preempted as p:
+                        bar.close()
+                        raise self._preempted(p.signum, done, total) from None
                     if self.is_main and self.tracker is not None:
                         self.tracker.log({"val/loss": val["loss"]}, step=done)
-                    self.model.train()
+                    plan.train_mode(True)
 
-                # Checkpoint every N steps, and on SIGTERM/SIGUSR1 (SLURM preemption) save and stop.
-                if self.output_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
-                        and done != total:
-                    self.save_checkpoint(done, total)
-                signum = self._signal_received()
+                # --- Checkpoint every checkpoint_every steps; on an agreed SIGTERM/SIGUSR1 save and stop -------
                 if signum:
-                    path = self.save_checkpoint(done, total) if self.output_dir is not None else None
                     bar.close()
-                    log.warning("signal %d: saved %s at step %d; relaunch to resume", signum, path, done)
-                    raise Preempted(signum, path)
+                    raise self._preempted(signum, done, total)
+                if ckpt_due:
+                    self.save_checkpoint(done, total)
         bar.close()
 
         # --- Summary --------------------------------------------------------------------------------------------
@@ -456,7 +399,7 @@ class Trainer:
         summary = {
             "steps": total, "seconds": seconds, "cpu_seconds": cpu_seconds, "world_size": self.world_size,
             "strategy": self.strategy,
-            "images_per_s": timed_steps * images_per_step / seconds if timed_steps and seconds > 0 else float("nan"),
+            "images_per_s": timed_steps * cfg.batch_size / seconds if timed_steps and seconds > 0 else float("nan"),
             "final_loss": final_loss, "global_batch": cfg.batch_size, "micro_batch": self.micro_batch,
             "grad_accum": cfg.grad_accum, "resumed_from": start, "rank_share": self.shard.share,
             "fsdp_units": self.shard.units, "mfu": mfu,
@@ -466,6 +409,21 @@ class Trainer:
             if self.is_main and self.tracker is not None:
                 self.tracker.log({"val/loss": summary["val_loss"]}, step=total)
         return summary
+
+    def _log(self, done: int, total: int, loss: float, lr: float, ips: float, mfu: float | None, bar,
+             interactive: bool) -> None:
+        record = {"step": done, "loss": loss, "lr": lr, "images_per_s": ips}
+        if mfu is not None:
+            record["mfu"] = mfu
+        self.history.append(record)
+        if not self.is_main:
+            return
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+        if not interactive:
+            log.info("step %d/%d loss %.4f lr %.3g images/s %.1f%s", done, total, loss, lr, ips,
+                     f" MFU {100 * mfu:.1f}%" if mfu is not None else "")
+        if self.tracker is not None:
+            self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
 
     # ----------------------------------------------------------------------------------------------------------
     # predict / evaluate
@@ -477,21 +435,27 @@ class Trainer:
 
         Returns on the main process ``{"index": [N] sorted unique sample indices, "logits": [N, L],
         "target": targets aligned with index}``, with the duplicates that padding to equal per-rank shares
-        creates removed by sample index; returns None on the other ranks.
+        creates removed by sample index; returns None on the other ranks. SIGTERM/SIGUSR1 raise
+        :class:`Preempted` at the next batch, on all ranks together.
         """
-        sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
-        self.model.eval()
+        loader = self._eval_loader(dataset, batch_size)
+        self.plan.train_mode(False)
         idx, logits, targets = [], [], []
-        for b in loader:
-            logits.append(self._forward(b["image"]).float().cpu())
-            idx.append(torch.as_tensor(b["index"]).long())
-            targets.append(b["target"].float() if self.loss_kind == "multilabel" else b["target"].long())
+        with self._signals:
+            for b in loader:
+                signum = self._signals.agree(self.world_size, self.device)
+                if signum:
+                    log.warning("signal %d during prediction: stopping (training state is on disk)", signum)
+                    raise Preempted(signum, None)
+                logits.append(self.plan.forward(self._to_device(b)["image"]).float())
+                idx.append(torch.as_tensor(b["index"]).long())
+                targets.append(b["target"].float() if self.loss_kind == "multilabel" else b["target"].long())
         if not idx:
             raise ValueError("predict() got an empty dataset")
         local = {"index": torch.cat(idx), "logits": torch.cat(logits), "target": torch.cat(targets)}
         if self.world_size > 1:
-            local = {k: self.accelerator.gather(v.to(self.device)).cpu() for k, v in local.items()}
+            local = {k: self.accelerator.gather(v.to(self.device)) for k, v in local.items()}
+        local = {k: v.cpu() for k, v in local.items()}  # one device-to-host copy per tensor, not one per batch
         if not self.is_main:
             return None
         index = local["index"].numpy()
@@ -515,20 +479,7 @@ class Trainer:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated fp32 state dict on the main process (None elsewhere); every rank must call."""
-        if self.strategy in FSDP_STRATEGIES:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        elif self.engine is not None:
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            # The fp32 master copy (never the engine's state_dict(): empty tensors under ZeRO-3,
-            # https://github.com/deepspeedai/DeepSpeed/issues/2413).
-            sd = {n: safe_get_full_fp32_param(p) for n, p in self.module.named_parameters()}
-            # Persistent buffers are never partitioned; take them (and only them) from the module's state dict.
-            sd.update({k: v for k, v in self.module.state_dict().items() if k not in sd})
-        else:
-            sd = self.module.state_dict()
+        sd = self.plan.full_state_dict()
         return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()} \
             if self.is_main else None
 
@@ -542,17 +493,9 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release the model, optimizer and DeepSpeed engine (between study cells in one process).
-
-        Known limit: under ZeRO-3, DeepSpeed 0.19.8 keeps each finished engine reachable (its root module stays in
-        ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` and in further references we did not trace),
-        measured +210 MB per cell for a 22 M-parameter ViT on 2 ranks; zero1/zero2/fsdp/ddp release everything.
-        Long ZeRO-3 grids should run one cell per launch.
-        """
-        if self.engine is not None:
-            self.engine.destroy()  # removes DeepSpeed's gradient hooks and buffers
-        self.accelerator.free_memory()
-        self.model = self.module = self.optimizer = self.engine = None
+        """Release the model, optimizer and (under ZeRO) the DeepSpeed engine, between study cells in one process."""
+        self.plan.close()
+        self._eval_loaders.clear()  # ends persistent workers
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

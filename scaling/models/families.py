@@ -36,6 +36,10 @@ class FamilySpec:
     """Classes that each become one FSDP unit (and one activation-checkpointing unit under ``fsdp``)."""
     filter_fn: Callable[[dict, torch.nn.Module], dict] | None
     """timm checkpoint filter applied before loading (ViT: resamples position embeddings to a new resolution)."""
+    channels_last: bool = False
+    """Convolutional family: on GPUs the model and its inputs use ``torch.channels_last`` (NHWC), the layout
+    cuDNN's tensor-core convolutions run in without transposing every activation (PyTorch channels-last tutorial,
+    https://pytorch.org/tutorials/intermediate/memory_format_tutorial.html)."""
 
     def set_grad_checkpointing(self, model: torch.nn.Module, enable: bool = True) -> None:
         """Switch timm's own activation checkpointing (per stage / per block via ``checkpoint_seq``)."""
@@ -64,9 +68,9 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {
     f.name: f
     for f in [
-        FamilySpec("resnetv2", ResNetV2, (PreActBottleneck, PreActBasic), None),
+        FamilySpec("resnetv2", ResNetV2, (PreActBottleneck, PreActBasic), None, channels_last=True),
         FamilySpec("vit", VisionTransformer, (Block,), _vit_filter),
-        FamilySpec("convnext", ConvNeXt, (ConvNeXtBlock,), _convnext_filter),
+        FamilySpec("convnext", ConvNeXt, (ConvNeXtBlock,), _convnext_filter, channels_last=True),
     ]
 }
 
@@ -89,18 +93,27 @@ def _prefix_of(model: torch.nn.Module, inner: torch.nn.Module) -> str:
     return "" if inner is model else "backbone."
 
 
-def family_spec(model: torch.nn.Module | str) -> FamilySpec:
-    """The family row for a built model (by its timm class) or a family name; raises listing the families."""
-    if isinstance(model, str):
-        if model not in FAMILIES:
-            raise ValueError(f"unknown backbone family {model!r}; supported: {sorted(FAMILIES)}")
-        return FAMILIES[model]
+def find_family(model: torch.nn.Module) -> FamilySpec | None:
+    """The family row of a built model (by its timm class or Hugging Face encoder type), or None outside the table."""
     inner = timm_model(model)
     for spec in FAMILIES.values():
         if isinstance(inner, spec.model_class):
             return spec
     if isinstance(inner, HFBackbone):
         return _hf_family(inner.model_type)
+    return None
+
+
+def family_spec(model: torch.nn.Module | str) -> FamilySpec:
+    """The family row for a built model (by its timm class) or a family name; raises listing the families."""
+    if isinstance(model, str):
+        if model not in FAMILIES:
+            raise ValueError(f"unknown backbone family {model!r}; supported: {sorted(FAMILIES)}")
+        return FAMILIES[model]
+    spec = find_family(model)
+    if spec is not None:
+        return spec
+    inner = timm_model(model)
     raise ValueError(
         f"no family table for {type(inner).__name__}; supported families: "
         f"{ {k: v.model_class.__name__ for k, v in FAMILIES.items()} } (add a row to scaling.models.families)"

@@ -81,3 +81,41 @@ def run_and_sigterm(suite: str, marker: str, timeout: int = 300) -> int:
         if proc.poll() is None:
             proc.kill()
     return proc.returncode
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a rendezvous on localhost)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_nodes(suite: str, config: str = "hsdp.yaml", timeout: int = 400) -> dict:
+    """Rehearse a 2-node job on this machine: two ``accelerate launch`` process groups (``--num_machines 2``,
+    ``--machine_rank 0`` and ``1``, main process on 127.0.0.1) of 2 processes each, over gloo, as
+    ``launch/slurm.sbatch`` starts one per node. Returns rank 0's result dict (cached per session)."""
+    key = f"nodes:{suite}:{config}"
+    if key not in _RESULTS:
+        port = str(free_port())
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        procs = []
+        for node in (0, 1):
+            cmd = [accelerate, "launch", "--config_file", str(REPO / "launch" / config), "--num_machines", "2",
+                   "--num_processes", "4", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", port, "--rdzv_backend", "static", "--same_network",
+                   str(SUITE), suite, str(out_dir())]
+            procs.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        try:
+            outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        if any(proc.returncode for proc in procs):
+            raise AssertionError(f"2-node suite {suite} failed ({[proc.returncode for proc in procs]}):\n"
+                                 + "\n".join(o[-4000:] for o in outputs))
+        _RESULTS[key] = torch.load(out_dir() / f"{suite}.pt", weights_only=False)
+    return _RESULTS[key]

@@ -4,14 +4,17 @@
 
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
-* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
-              our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
-              predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
-              (``resume_fsdp``)
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3
+* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
+              an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
+              ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
+              an uninterrupted fsdp run that checkpoints at step 3 (``resume_fsdp``); host reads per step (ddp, fsdp)
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload),
+              export; an uninterrupted zero3 run that checkpoints at step 3; host reads per step (zero1/2/3);
+              ZeRO-3 module-hook calls per step with and without block leaves
 * ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
               ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
 * ``sigterm`` an fsdp run that the test kills with SIGTERM
+* ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
 every rank's share of the sharded state and the number of FSDP units. The pytest side compares them with a
@@ -56,12 +59,62 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
     torch.distributed.all_gather_object(shares, trainer.shard.share)
     cell = {"world": trainer.accelerator.num_processes, "losses": [h["loss"] for h in trainer.history],
             "params": trainer.full_state_dict(), "shares": shares, "units": trainer.shard.units,
-            "summary": summary}
+            "summary": summary,
+            "compiled": sum(hasattr(m.forward, "_torchdynamo_orig_callable") for m in trainer.module.modules())}
     if predict:
         cell["pred"] = trainer.predict(ToyDataset(21, seed=1), batch_size=4)
         trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
     trainer.close()
     out[name] = cell
+
+
+def sync_cell(strategy: str, out: dict, name: str):
+    """Host reads per step with no log point inside the run (accumulation and clipping on)."""
+    from sync_counter import syncs_per_step
+
+    torch.manual_seed(0)
+    cfg = train_cfg(steps=6, log_every=100, grad_accum=2, clip_grad_norm=0.5)
+    trainer = Trainer(vit(), cfg, ShardingConfig(strategy=strategy))
+    out[name] = {"world": trainer.world_size, "per_step": syncs_per_step(trainer, ToyDataset(64))}
+    trainer.close()
+
+
+def zero3_hooks_cell(out: dict, name: str, leaves: bool, depth: int = 8):
+    """DeepSpeed's ZeRO-3 module-hook calls per step on a ViT of ``depth`` blocks, with or without block leaves."""
+    import scaling.engine.strategies.zero as zero
+    from zero_hooks import counting_zero3_hooks
+
+    torch.manual_seed(0)
+    steps = 3
+    original = zero.set_block_leaves
+    if not leaves:  # the control: DeepSpeed's default of hooks on every submodule
+        zero.set_block_leaves = lambda model, block_classes: 0
+    try:
+        trainer = Trainer(vit(depth=depth), train_cfg(steps=steps), ShardingConfig(strategy="zero3"))
+        with counting_zero3_hooks() as calls:
+            trainer.fit(ToyDataset(64))
+    finally:
+        zero.set_block_leaves = original
+    out[name] = {"world": trainer.world_size, "depth": depth, "losses": [h["loss"] for h in trainer.history],
+                 "per_step": {k: v / steps for k, v in calls.items()},
+                 "leaves": sum(getattr(m, "_z3_leaf", False) for m in trainer.module.modules())}
+    trainer.close()
+
+
+def nodes_cell(out: dict, name: str):
+    """hsdp on 2 "nodes" x 2 processes: the mesh, every rank's local shards (to compare across ranks), training."""
+    torch.manual_seed(0)
+    trainer = Trainer(vit(), train_cfg(), ShardingConfig(strategy="hsdp"))
+    mesh = next(trainer.module.parameters()).device_mesh
+    trainer.fit(ToyDataset(64))
+    local = {n: p.to_local().detach().clone() for n, p in trainer.module.named_parameters()}
+    everyone = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, {"rank": trainer.rank, "node": int(os.environ["GROUP_RANK"]),
+                                                   "share": trainer.shard.share, "local": local})
+    out[name] = {"world": trainer.world_size, "mesh_shape": tuple(mesh.shape), "mesh_dims": mesh.mesh_dim_names,
+                 "shard_groups": mesh.mesh.tolist(), "ranks": everyone, "units": trainer.shard.units,
+                 "losses": [h["loss"] for h in trainer.history], "params": trainer.full_state_dict()}
+    trainer.close()
 
 
 def main():
@@ -77,6 +130,7 @@ def main():
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
         run_cell("fsdp_grad_op", out, "fsdp_grad_op")
+        run_cell("fsdp", out, "fsdp_compile", train=train_cfg(compile="blocks"))
         # The other backbone families of the table: BiT-style ResNetV2 (bottleneck units) and ConvNeXt.
         for family in ("resnetv2", "convnext"):
             run_cell("fsdp", out, f"fsdp_{family}", model=FAMILIES[family]())
@@ -101,6 +155,8 @@ def main():
         except LaunchError as e:
             out["accelerate_fsdp_ddp_error"] = str(e)
         del os.environ["ACCELERATE_USE_FSDP"]
+        sync_cell("ddp", out, "ddp_syncfree")
+        sync_cell("fsdp", out, "fsdp_syncfree")
         run_cell("fsdp", out, "resume_fsdp", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_fsdp")
     elif suite == "zero":
@@ -109,9 +165,17 @@ def main():
         run_cell("zero2", out, "zero2_clip", train=train_cfg(clip_grad_norm=0.1))
         run_cell("zero3", out, "zero3", predict=True)
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
+        run_cell("zero3", out, "zero3_compile", train=train_cfg(compile="blocks"))
         run_cell("zero3", out, "zero3_offload", offload_params=True, offload_optimizer=True)
+        for stage in ("zero1", "zero2", "zero3"):
+            sync_cell(stage, out, f"{stage}_syncfree")
+        zero3_hooks_cell(out, "zero3_hooks", leaves=True)
+        zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
                  output_dir=out_dir / "resume_zero3")
+    elif suite == "nodes":
+        # Launched as 2 accelerate process groups (machine ranks 0 and 1) of 2 processes: tests/test_sharding.py.
+        nodes_cell(out, "hsdp_nodes")
     elif suite == "resume":
         # A fresh launch: every named run directory resumes from its latest checkpoint and runs to the end.
         for name in os.environ["RESUME_DIRS"].split(","):
@@ -122,14 +186,14 @@ def main():
         # ``alive`` marker written after the first optimizer step).
         trainer = Trainer(vit(), train_cfg(steps=6, checkpoint_every=3), ShardingConfig(strategy="fsdp"),
                           output_dir=out_dir / "sigterm")
-        original = trainer._optimizer_step
+        original = trainer.plan.step
 
         def slow_step():
             original()
             (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
             time.sleep(1.0)
 
-        trainer._optimizer_step = slow_step
+        trainer.plan.step = slow_step
         trainer.fit(ToyDataset(64))
         raise SystemExit("not interrupted")
     else:

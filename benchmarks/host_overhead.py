@@ -1,0 +1,127 @@
+"""Host (CPU-side) overhead of the sharded strategies, on a launch-bound model: step-time ratios fsdp/none and
+zero3/none measured in one run.
+
+    torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py [--rounds 5] [--steps 30] [--compile]
+
+A ViT of 24 blocks at width 64 on 32 px images with batch 2 does almost no arithmetic, so its step time is what
+the framework spends on the host per step: module hooks, DTensor dispatch, DeepSpeed's per-parameter bookkeeping,
+synchronisations. That is the overhead that dominates a GPU step at small per-GPU batches (the small-batch regime
+of BiT-HyperRule's batch 512 on 16+ GPUs), made measurable on a CPU. One rank under torchrun: a real process group
+(gloo) with world size 1, so every strategy runs its full code path, collectives included.
+
+The strategies alternate within each round (none, fsdp, zero3, none, fsdp, zero3, ...) so load from other
+processes on a shared machine hits all alike; each cell's per-step time is the Trainer's own timer over its steps
+after the first (wall and CPU time of this process, one thread), and the reported figure is the median over
+rounds; CPU time is the robust one on a shared machine. ``log_every`` is larger than the run, so no
+step reads a value back from the device. Goals: fsdp <= 1.5x and zero3 <= 2.5x the step time of none.
+
+``zero3`` needs DeepSpeed; without it that strategy is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
+
+GOALS = {"fsdp": 1.5, "zero3": 2.5}
+
+
+class Data(torch.utils.data.Dataset):
+    """Random 32 px images, 5 multi-label targets."""
+
+    def __init__(self, n: int, img: int = 32, labels: int = 5):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, img, img, generator=g)
+        self.y = (torch.rand(n, labels, generator=g) < 0.4).float()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "target": self.y[i], "index": i}
+
+
+def make_model(depth: int, width: int):
+    """A ViT with many thin blocks: patch 8 on 32 px (16 tokens), width ``width``, 2 heads."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                             embed_dim=width, depth=depth, num_heads=2)
+
+
+def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of one Trainer run (its own timers, first step excluded)."""
+    from scaling.engine import Trainer
+
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    if strategy == "zero3":
+        # What `accelerate launch --use_deepspeed` sets; the Trainer builds the plugin from the strategy.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds_config)
+    cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
+                      log_every=args.steps + 1, **({"compile": "blocks"} if args.compile else {}))
+    linear = torch.nn.functional.linear
+    trainer = Trainer(make_model(args.depth, args.width), cfg, ShardingConfig(strategy=strategy))
+    summary = trainer.fit(Data(args.batch * args.steps))
+    trainer.close()
+    # DeepSpeed's ZeRO-3 default (memory_efficient_linear) replaces F.linear for the whole process; scaling turns
+    # it off, but an older engine left it patched and every later cell of the run paid for it. Isolate the cells.
+    torch.nn.functional.linear = linear
+    return summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", default="none,fsdp,zero3")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="train.compile=blocks for every strategy")
+    p.add_argument("--ds-config", default=str(REPO / "launch" / "ds_zero3.json"), help="DeepSpeed JSON for zero3")
+    p.add_argument("--json", default="", help="also write the per-round times here")
+    args = p.parse_args()
+    if "RANK" not in os.environ:
+        raise SystemExit("launch with `torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py`")
+    torch.set_num_threads(1)
+    strategies = args.strategies.split(",")
+    if "zero3" in strategies and importlib.util.find_spec("deepspeed") is None:
+        print("deepspeed is not installed: zero3 skipped")
+        strategies.remove("zero3")
+    times: dict[str, list[tuple[float, float]]] = {s: [] for s in strategies}
+    ds_config = Path(args.ds_config)
+    for r in range(args.rounds):
+        for s in strategies:
+            times[s].append(run_cell(s, args, ds_config))
+        print(f"round {r}: " + ", ".join(f"{s} {times[s][-1][0] * 1e3:.1f} ms wall / {times[s][-1][1] * 1e3:.1f} "
+                                         f"ms CPU" for s in strategies), flush=True)
+    print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
+          f"compile={'blocks' if args.compile else 'off'}, median of {args.rounds} alternating rounds")
+    print("| strategy | wall ms/step | ratio to none | CPU ms/step | ratio to none | goal |")
+    print("|---|---|---|---|---|---|")
+    med = {s: [statistics.median(x[i] for x in v) for i in (0, 1)] for s, v in times.items()}
+    for s in strategies:
+        ratios = [med[s][i] / med["none"][i] if "none" in med else float("nan") for i in (0, 1)]
+        goal = f"<= {GOALS[s]}" if s in GOALS else ""
+        print(f"| {s} | {med[s][0] * 1e3:.1f} | {ratios[0]:.2f} | {med[s][1] * 1e3:.1f} | {ratios[1]:.2f} | {goal} |")
+    print("CPU time of this process is the robust figure when other processes share the cores.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(times))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``) without a host-device synchronisation per step.
+
+The handler only records the signal number. Ranks *agree* on it (an all-reduce of the flag, MAX) at points where the
+trainer synchronises anyway: every ``train.log_every`` steps, every ``train.checkpoint_every`` steps, the last
+step, and every batch of ``predict``/``evaluate`` (which copies logits to the host per batch anyway). So all ranks
+stop at the same step, save one consistent checkpoint and exit together, and the training step itself never waits
+for the device. The price is latency: a signal is honoured at most ``min(log_every, checkpoint_every)`` optimizer
+steps after it arrives (docs/scaling-out.md, "Preemption latency"); SLURM's ``--signal=B:USR1@120`` in
+``launch/slurm.sbatch`` leaves 120 s for that and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionSignals:
+    """Re-entrant context that installs the handlers (main thread only) and restores the previous ones on exit."""
+
+    def __init__(self):
+        self.signum = 0
+        self._depth = 0
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "PreemptionSignals":
+        if self._depth == 0 and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in SIGNALS}
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            for s, h in self._previous.items():
+                signal.signal(s, h)
+            self._previous = {}
+
+    def agree(self, world_size: int, device: torch.device) -> int:
+        """The signal number any rank received (0 if none); a collective when ``world_size > 1``, so call it at the
+        same point on every rank. One process: no device involved at all."""
+        if world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
