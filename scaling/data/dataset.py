@@ -3,6 +3,11 @@
 Items are dicts ``{"image": FloatTensor[3, H, W], "target": ..., "index": int}``. ``index`` is the row position in
 the table (or file list); the trainer gathers indices across ranks and drops the duplicates that distributed
 padding creates, then maps indices back to ``sample_id`` / ``patient_id``.
+
+Keys: ``ds[i]`` (an int) is the sample without randomness (evaluation); ``ds[(i, draw_seed)]`` is the training view,
+augmented from a generator seeded with ``draw_seed`` (the trainer's sampler derives it from the run seed, the step
+and the slot in the global batch). No sample ever draws from a global RNG, so a resumed run, or one with more
+DataLoader workers, sees the same pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from scaling.data.images import (
     check_images,
     check_on_bad_image,
     decode,
+    normalise,
     probe,
     to_float,
 )
@@ -32,6 +38,15 @@ from scaling.data.labels import select_labels
 from scaling.data.table import LABEL_PREFIX, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+def split_key(key) -> tuple[int, int | None]:
+    """``(position, draw_seed)`` of a dataset key: an int (``draw_seed`` None: no randomness) or such a pair."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key is an int or a (position, draw_seed) pair, got {key!r}")
+        return int(key[0]), int(key[1])
+    return int(key), None
 
 
 def prepare_table(
@@ -97,7 +112,8 @@ class TableDataset(Dataset):
             except Exception as e:  # the first image is unreadable: name it
                 raise bad_image_error(self.paths[0], self.sample_ids[0], e) from e
         self.channels = channels or 1
-        self.transform = build_transform(self.image_size, train, mean, std, flip)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = build_transform(self.image_size, train, flip)
 
     @property
     def n_skipped(self) -> int:
@@ -117,9 +133,12 @@ class TableDataset(Dataset):
         except Exception as e:  # name the file and sample of any decoder failure
             raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
 
-    def __getitem__(self, i: int) -> dict:
-        """``{"image": FloatTensor[3, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}``."""
-        return {"image": self.transform(self.load_pixels(i)), "target": self.targets[i], "index": i}
+    def __getitem__(self, key) -> dict:
+        """``{"image": FloatTensor[3, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}`` for key ``i``
+        or ``(i, draw_seed)`` (see the module docstring)."""
+        i, seed = split_key(key)
+        image = normalise(self.transform(self.load_pixels(i), seed), self.mean, self.std)
+        return {"image": image, "target": self.targets[i], "index": i}
 
 
 class ImageFolderDataset(Dataset):
@@ -152,17 +171,21 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise DataError(f"image folder {self.root} has no images (suffixes {IMAGE_SUFFIXES})")
         self.image_size = int(image_size)
-        self.transform = build_transform(self.image_size, train, mean, std, flip=True)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = build_transform(self.image_size, train, flip=True)
 
     def __len__(self) -> int:
         """Number of images."""
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        """``{"image": FloatTensor[3, H, W], "target": LongTensor scalar (class index), "index": i}``."""
+    def __getitem__(self, key) -> dict:
+        """``{"image": FloatTensor[3, H, W], "target": LongTensor scalar (class index), "index": i}`` for key ``i``
+        or ``(i, draw_seed)`` (see the module docstring)."""
+        i, seed = split_key(key)
         path, cls = self.samples[i]
         try:
             pixels = torch.from_numpy(to_float(decode(path, self.image_size, channels=3)))
         except Exception as e:  # name the file of any decoder failure
             raise bad_image_error(path, f"{self.classes[cls]}/{path.name}", e) from e
-        return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}
+        image = normalise(self.transform(pixels, seed), self.mean, self.std)
+        return {"image": image, "target": torch.tensor(cls, dtype=torch.long), "index": i}

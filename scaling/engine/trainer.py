@@ -43,10 +43,13 @@ from scaling.engine.distributed import (
     ShardedEvalSampler,
     StepBatchSampler,
     check_launch,
+    check_training_keys,
     compute_dtype,
     make_accelerator,
 )
+from scaling.engine import seeds
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
+from scaling.engine.seeds import derive_seed, seed_step
 from scaling.engine.sharding import (
     ShardingError,
     apply_fsdp,
@@ -336,7 +339,6 @@ class Trainer:
         ``fsdp_units``, ``mfu`` (GPU only, else None) and ``val_loss`` when a validation set is given.
         Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives.
         """
-        from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         from scaling.engine.mixup import mixup, sample_lambda
@@ -346,14 +348,18 @@ class Trainer:
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
         alpha = mixup_alpha(cfg, len(train_dataset))  # 0 for small tasks under the BiT-HyperRule
-        set_seed(cfg.seed, device_specific=True)  # dropout / drop-path differ per rank; data order does not
         start = self._resume(total) if self.output_dir is not None else 0
 
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
+        # Keys are (position, draw_seed): augmentation is a function of (seed, step, slot), never of a global RNG.
+        # The loader gets its own generator: creating an iterator otherwise draws its workers' base seed from the
+        # global RNG.
+        check_training_keys(train_dataset)
         sampler = StepBatchSampler(len(train_dataset), cfg.batch_size, self.world_size, self.rank, cfg.grad_accum,
                                    cfg.seed, start, total)
         loader = DataLoader(train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(cfg.seed))
         batches = iter(loader)
 
         # --- Loop -----------------------------------------------------------------------------------------------
@@ -371,18 +377,22 @@ class Trainer:
         step = start
         with self._preemption_signals():
             for step in range(start, total):
-                # Learning rate for this step (pure function of the step: nothing to restore on resume).
+                # Learning rate and RNG seeds for this step (pure functions of the step: nothing to restore on
+                # resume). The global RNGs serve dropout / drop-path, per rank.
                 lr = lr_at(step, total, cfg)
                 self._set_lr(lr)
+                seed_step(cfg.seed, step, self.rank)
 
-                # Fetch the k micro-batches of this optimizer step; MixUp draws one lambda per step.
+                # Fetch the k micro-batches of this optimizer step; MixUp draws one lambda per step (the same on
+                # every rank) and each micro-batch's partners from its piece of the global batch.
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 if flops_per_image is None and peak is not None:
                     flops_per_image = self._flops_per_image(micro[0]["image"])
                 if alpha > 0:
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + self.rank)
-                    lam = sample_lambda(alpha, gen)
-                    for b in micro:
+                    lam = sample_lambda(alpha, seeds.generator(derive_seed(cfg.seed, seeds.MIXUP, step)))
+                    for j, b in enumerate(micro):
+                        piece = j * self.world_size + self.rank
+                        gen = seeds.generator(derive_seed(cfg.seed, seeds.MIXUP, step, piece))
                         b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
                                                         num_classes=self.num_outputs)
 
