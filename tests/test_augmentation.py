@@ -8,8 +8,6 @@ and MixUp on.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
-from toy import IMAGE_LABELS, IMG, vit, write_image_table  # noqa: E402
+from toy import IMAGE_LABELS, IMG, SigtermAt, vit, write_image_table  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.data.dataset import TableDataset, split_key  # noqa: E402
@@ -120,19 +118,6 @@ def test_a_dataset_for_integer_keys_gets_the_contract_in_the_error():
 
     with pytest.raises(TypeError, match=r"Plain\[\(0, 0\)\] raised TypeError.*\(position, draw_seed\) keys"):
         check_training_keys(Plain())
-
-
-class SigtermAt:
-    """Tracker double that sends this process a real SIGTERM when step ``at`` is logged (SLURM preemption)."""
-
-    run_id = "run-1"
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def log(self, data, step):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_sigterm_then_resume_in_a_fresh_trainer_is_bit_identical_with_augmentation_and_mixup(images, tmp_path):

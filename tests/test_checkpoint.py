@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -12,11 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
-from toy import ToyDataset, vit  # noqa: E402
+from toy import SigtermAt, ToyDataset, plant, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.engine.checkpoint import CheckpointError, latest_checkpoint, read_state, resume_run_id  # noqa: E402
-from scaling.engine.trainer import Trainer  # noqa: E402
+from scaling.engine.trainer import Preempted, Trainer  # noqa: E402
 
 NONE = ShardingConfig(strategy="none")
 CFG = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1, checkpoint_every=3)
@@ -123,3 +125,27 @@ def test_zero3_fresh_launch_resumes_exactly():
     assert cell["world"] == 2 and cell["summary"]["resumed_from"] == 3
     assert cell["losses"] == pytest.approx(reference["losses"], abs=1e-6)
     assert max((cell["params"][k] - reference["params"][k]).abs().max().item() for k in cell["params"]) <= 1e-6
+
+
+def test_no_file_of_a_checkpoint_runs_code_when_resumed(tmp_path):
+    """Each file a resume reads, replaced by a pickle that would create a marker file when unpickled: the resume
+    fails with a CheckpointError naming that file, and the marker never appears."""
+    marker = tmp_path / "PWNED"
+    plant(tmp_path / "probe.pkl", marker)
+    pickle.loads((tmp_path / "probe.pkl").read_bytes())
+    assert marker.exists()  # the payload is live: plain unpickling runs it
+    marker.unlink()
+    pristine = tmp_path / "pristine"
+    with pytest.raises(Preempted):
+        Trainer(vit(), CFG, NONE, output_dir=pristine, tracker=SigtermAt(2)).fit(ToyDataset(64))
+    ckpt = latest_checkpoint(pristine)
+    files = sorted(p.relative_to(pristine) for p in (pristine / "checkpoints").rglob("*") if p.is_file())
+    assert {f.name for f in files} == {"latest", "trainer_state.json", ".metadata", "__0_0.distcp"}
+    for f in files:
+        run = tmp_path / f"run_{f.name}"
+        shutil.copytree(pristine, run)
+        plant(run / f, marker)
+        with pytest.raises(CheckpointError, match=re.escape(str(run / f))):
+            Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
+        assert not marker.exists(), f"unpickling {f} ran code"
+    assert latest_checkpoint(pristine) == ckpt

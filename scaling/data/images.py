@@ -257,7 +257,7 @@ class ImageTransform:
 
 
 def build_transform(image_size: int, train: bool, flip: bool = False) -> ImageTransform:
-    """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size``; see :class:`ImageTransform`."""
+    """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size`` (:class:`ImageTransform`)."""
     return ImageTransform(image_size, train, flip)
 
 

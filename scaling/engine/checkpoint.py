@@ -1,32 +1,45 @@
-"""Resumable training state (sharded, atomic) and the consolidated single-file export.
+"""Resumable training state (sharded, atomic), loaded without running code from the files, and the fp32 export.
 
 Layout of a run directory::
 
     <run_dir>/checkpoints/latest            name of the newest complete checkpoint (written last, atomically)
     <run_dir>/checkpoints/step_00000120/    one checkpoint
-        trainer_state.json                  step, world size, strategy, model signature, tracker run id
-        rng_rank<r>.pt                      torch / numpy / python RNG states of rank r
+        trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
 
 A checkpoint is written into ``.tmp-step_*`` and renamed only when every rank has finished, then ``latest`` is
 replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. Sharded formats are used for resume
 (never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors,
-https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32
-safetensors export is separate and written once at the end.
+https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32 safetensors export is separate.
+
+There is no RNG state in a checkpoint: every random draw of a run is seeded from (run seed, step, slot)
+(``scaling.engine.seeds``), so a resumed step draws what the uninterrupted run drew without restoring anything.
+
+Nothing read from a checkpoint runs code. ``trainer_state.json`` is JSON and ``latest`` a name checked against
+``step_<8 digits>``. torch.distributed.checkpoint stores its index (``model/.metadata``) as a pickle and loads
+non-tensor values with ``torch.load(weights_only=False)`` (torch 2.14 ``filesystem.py`` / ``default_planner.py``);
+here the index is unpickled with an allowlist of DCP's own metadata classes and the values with
+``weights_only=True``. DeepSpeed 0.19.8 loads its ZeRO files with ``torch.load(weights_only=False)``
+(``runtime/checkpoint_engine/torch_checkpoint_engine.py``); here they are loaded with ``weights_only=True`` and
+DeepSpeed's four record classes allowlisted. A file that holds anything else is refused with a
+:class:`CheckpointError` naming it. Still, a checkpoint directory is input to a complex deserialiser: scaling
+only ever loads the checkpoints of its own store's runs; do not copy checkpoints from sources you do not trust
+into a store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import random
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -36,11 +49,12 @@ from scaling.io import atomic_write, atomic_write_json, atomic_write_text
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no per-rank RNG files (seeds are derived per step)
+_NAME = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is unreadable or does not fit this run; the message names the file and the mismatch."""
+    """A checkpoint is unreadable, refused, does not fit this run, or could not be written; names the file."""
 
 
 def model_signature(names_and_shapes: list[tuple[str, tuple[int, ...]]]) -> str:
@@ -59,7 +73,12 @@ def latest_checkpoint(run_dir: str | Path | None) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable checkpoint pointer ({type(e).__name__}: {e})") from None
+    if not _NAME.fullmatch(name):  # also keeps a crafted pointer from naming a directory outside the store
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step_<8 digits>)")
     path = root / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, but {path} does not exist")
@@ -71,8 +90,8 @@ def read_state(ckpt: Path) -> dict:
     f = ckpt / STATE_FILE
     try:
         state = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: unreadable checkpoint state ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{f}: not a scaling checkpoint of format {FORMAT_VERSION}")
     return state
@@ -93,27 +112,118 @@ def check_compatible(ckpt: Path, state: dict, expected: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# RNG states
+# Loading without running code from the files
 # --------------------------------------------------------------------------------------------------------------
 
-
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+# Globals a DCP index may name besides the classes of torch.distributed.checkpoint.metadata (found by recording
+# find_class over indices of none/fsdp checkpoints, SGD and AdamW, torch 2.14): each builds a value, none runs code.
+_DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("collections", "OrderedDict")}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP index, refusing every global but DCP's metadata records, ``torch.Size`` and dtypes."""
+
+    def find_class(self, module: str, name: str):
+        from torch.distributed.checkpoint import metadata
+
+        obj = getattr(metadata, name, None) if module == metadata.__name__ else None
+        if isinstance(obj, type) and obj.__module__ == metadata.__name__:
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint index")
+
+
+def _dcp_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with an allowlisting unpickler for the index and file names in read errors."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            index = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(index, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except Exception as e:  # refused global, truncated or foreign file
+                raise CheckpointError(f"{index}: refused or unreadable checkpoint index ({type(e).__name__}: {e})")
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"{index}: holds a {type(metadata).__name__}, not a checkpoint index")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan, planner):
+            try:
+                return super().read_data(plan, planner)
+            except Exception as e:
+                files = sorted({str(self.path / self.storage_data[i.storage_index].relative_path) for i in plan.items})
+                raise CheckpointError(f"{', '.join(files)}: unreadable checkpoint shard ({type(e).__name__}: {e})")
+
+    return SafeReader(path)
+
+
+def _dcp_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        """DCP's default planner, loading the non-tensor values (lr, betas, step ...) with ``weights_only=True``."""
+
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
+def _zero_globals() -> list[type]:
+    # The record classes DeepSpeed 0.19.8 pickles into ZeRO optimizer files (stage_1_and_2.py / stage3.py
+    # state_dict): plain data, rebuilt without calling any method.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_deepspeed(engine):
+    """Make ``engine``'s checkpoint engine load with ``torch.load(weights_only=True)`` while the block runs."""
+    ce = engine.checkpoint_engine
+    allowed = _zero_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # a refused global or a damaged file: say which file
+            raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        del ce.load  # back to the class's method
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The first :class:`CheckpointError` inside DCP's ``CheckpointException`` (per-rank failures), else ``e``."""
+    for exc, _ in getattr(e, "failures", {}).values():
+        if isinstance(exc, CheckpointError):
+            return exc
+    return e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,7 +262,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
             dcp.save(sd, checkpoint_id=str(tmp / "model"))
         else:
             dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
-    atomic_write(tmp / f"rng_rank{rank}.pt", lambda p: torch.save(rng_state(), p))
     if rank == 0:
         atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
     _barrier()
@@ -168,15 +277,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
     return root / name
 
 
-def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engine=None) -> None:
-    """Load model, optimizer and this rank's RNG state from ``ckpt`` (after :func:`check_compatible`)."""
+def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) -> None:
+    """Load model and optimizer state from ``ckpt`` (after :func:`check_compatible`), running no code from it."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    rng_file = ckpt / f"rng_rank{rank}.pt"
     try:
         if engine is not None:
-            path, _ = engine.load_checkpoint(str(ckpt / "model"), tag="state", load_optimizer_states=True,
-                                             load_lr_scheduler_states=False, load_module_strict=True)
+            with _weights_only_deepspeed(engine):
+                path, _ = engine.load_checkpoint(str(ckpt / "model"), tag="state", load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:
                 raise CheckpointError(f"{ckpt / 'model'}: DeepSpeed found no checkpoint with tag 'state'")
         else:
@@ -185,14 +294,15 @@ def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engi
 
             sd = _dcp_state(module, optimizer)
             kw = {} if torch.distributed.is_initialized() else {"no_dist": True}
-            dcp.load(sd, checkpoint_id=str(ckpt / "model"), **kw)
+            dcp.load(sd, storage_reader=_dcp_reader(ckpt / "model"), planner=_dcp_planner(), **kw)
             set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        rng = torch.load(rng_file, weights_only=False)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # any failure to read a shard: say which checkpoint
-        raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:500]})") from e
-    set_rng_state(rng)
+        inner = _unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(str(inner)) from e
+        raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:1500]})") from e
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             batch = perm[i * self.global_batch:(i + 1) * self.global_batch].tolist()
             for j in range(self.grad_accum):
                 lo = (j * self.world_size + self.rank) * self.micro
-                yield [(batch[slot], derive_seed(self.seed, AUGMENT, step, slot)) for slot in range(lo, lo + self.micro)]
+                yield [(batch[k], derive_seed(self.seed, AUGMENT, step, k)) for k in range(lo, lo + self.micro)]
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.grad_accum

@@ -295,8 +295,7 @@ class Trainer:
             return 0
         state = ckpt_lib.read_state(path)
         ckpt_lib.check_compatible(path, state, self._expected_state(total))
-        ckpt_lib.load_checkpoint(path, rank=self.rank, module=self.module, optimizer=self.optimizer,
-                                 engine=self.engine)
+        ckpt_lib.load_checkpoint(path, module=self.module, optimizer=self.optimizer, engine=self.engine)
         self.history = list(state.get("history", []))
         if self.is_main:
             log.info("resumed from %s at step %d", path, state["step"])

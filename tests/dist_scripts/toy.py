@@ -36,6 +36,44 @@ class ToyDataset(torch.utils.data.Dataset):
 IMAGE_LABELS = ("Edema", "Fracture", "Nodule")
 
 
+class SigtermAt:
+    """Tracker double that sends this process a real SIGTERM when step ``at`` is logged (as SLURM preempts)."""
+
+    run_id = "run-1"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, data, step):
+        if step == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Payload:
+    """A pickle an attacker could plant: unpickling it creates the file ``marker`` (instead of doing harm)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker) -> None:
+    """Overwrite ``path`` with a :class:`Payload` pickle: ``torch.save`` format for ``.pt``/``.distcp``, else raw."""
+    import pickle
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix in (".pt", ".distcp"):
+        torch.save(Payload(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+
+
 def write_image_table(directory, n: int, seed: int = 0, source: int = 40):
     """``n`` 8-bit grayscale PNGs of ``source`` px and their sample table (``TableDataset`` input).
 
