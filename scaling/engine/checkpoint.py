@@ -103,12 +103,35 @@ def resume_run_id(run_dir: str | Path) -> str | None:
     return read_state(ckpt).get("run_id") if ckpt else None
 
 
+# Strategies whose checkpoints torch.distributed.checkpoint writes: their tensors are stored by global name and
+# offset, so DCP reshards them on load to any world size and any of these strategies (the 1-process run's plain
+# tensors and FSDP2's DTensor shards share names).
+DCP_STRATEGIES = ("none", "ddp", "fsdp", "fsdp_grad_op", "hsdp")
+# What a DCP checkpoint may change on resume: the global batch of every step is the same for any world size and
+# accumulation (StepBatchSampler), so only the order of floating-point reductions differs.
+_RESHARDABLE = ("world_size", "strategy", "grad_accum")
+
+
 def check_compatible(ckpt: Path, state: dict, expected: dict) -> None:
-    """Raise :class:`CheckpointError` naming the file and every field where ``state`` differs from ``expected``."""
+    """Raise :class:`CheckpointError` naming the file and every field where ``state`` differs from ``expected``.
+
+    A checkpoint of a DCP strategy (:data:`DCP_STRATEGIES`) resumes with another world size, DCP strategy or
+    accumulation; a ZeRO checkpoint only with the world size and strategy that wrote it.
+    """
+    resharding = state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES
     diffs = [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in expected.items()
-             if state.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs))
+             if state.get(k) != v and not (resharding and k in _RESHARDABLE)]
+    if not diffs:
+        return
+    msg = f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs)
+    if str(state.get("strategy", "")).startswith("zero") and state.get("world_size") != expected.get("world_size"):
+        msg += (f". DeepSpeed ZeRO partitions parameters and optimizer state per rank, so this checkpoint resumes "
+                f"only on {state.get('world_size')} processes: relaunch with {state.get('world_size')} processes. "
+                f"scaling does not reshard ZeRO checkpoints; DeepSpeed's own converter to its world-size-free "
+                f"'universal' format (python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{ckpt / 'model' / 'state'} --output_folder <dir>) is not loaded by scaling. The FSDP strategies "
+                f"(sharding.strategy: fsdp) resume on any number of processes")
+    raise CheckpointError(msg)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,6 +270,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     name = f"step_{step:08d}"
+    if (root / LATEST).is_file() and (root / LATEST).read_text().strip() == name:
+        return root / name  # this step is saved already (a periodic checkpoint, then a signal in the same step)
     tmp = root / f".tmp-{name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

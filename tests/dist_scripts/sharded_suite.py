@@ -1,4 +1,4 @@
-"""Launched on 2 CPU ranks by tests/test_sharding.py and tests/test_checkpoint.py (torchrun, gloo).
+"""Launched on 2 CPU ranks by tests/test_sharding.py (torchrun, gloo; resume: tests/dist_scripts/resume_suite.py).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/sharded_suite.py <suite> <out_dir>
 
@@ -6,12 +6,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
 
 * ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, an Accelerate-FSDP launch routed to
               our path, a meta-device model materialised shard by shard, ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes),
-              predict with padding duplicates, export; an uninterrupted fsdp run that checkpoints at step 3
-              (``resume_fsdp``)
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export; an uninterrupted zero3 run that checkpoints at step 3
-* ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
-              ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
-* ``sigterm`` an fsdp run that the test kills with SIGTERM
+              predict with padding duplicates, export
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + parameter/optimizer offload), export
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
 every rank's share of the sharded state and the number of FSDP units. The pytest side compares them with a
@@ -22,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -101,8 +96,6 @@ def main():
         except LaunchError as e:
             out["accelerate_fsdp_ddp_error"] = str(e)
         del os.environ["ACCELERATE_USE_FSDP"]
-        run_cell("fsdp", out, "resume_fsdp", train=train_cfg(steps=6, checkpoint_every=3),
-                 output_dir=out_dir / "resume_fsdp")
     elif suite == "zero":
         run_cell("zero1", out, "zero1")
         run_cell("zero2", out, "zero2", predict=True)
@@ -110,28 +103,6 @@ def main():
         run_cell("zero3", out, "zero3", predict=True)
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("zero3", out, "zero3_offload", offload_params=True, offload_optimizer=True)
-        run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
-                 output_dir=out_dir / "resume_zero3")
-    elif suite == "resume":
-        # A fresh launch: every named run directory resumes from its latest checkpoint and runs to the end.
-        for name in os.environ["RESUME_DIRS"].split(","):
-            run_cell(os.environ["RESUME_STRATEGY"], out, name, train=train_cfg(steps=6, checkpoint_every=3),
-                     output_dir=out_dir / name)
-    elif suite == "sigterm":
-        # The same run as ``resume_fsdp``, with slow steps so the test's SIGTERM lands mid-run (it waits for the
-        # ``alive`` marker written after the first optimizer step).
-        trainer = Trainer(vit(), train_cfg(steps=6, checkpoint_every=3), ShardingConfig(strategy="fsdp"),
-                          output_dir=out_dir / "sigterm")
-        original = trainer._optimizer_step
-
-        def slow_step():
-            original()
-            (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
-            time.sleep(1.0)
-
-        trainer._optimizer_step = slow_step
-        trainer.fit(ToyDataset(64))
-        raise SystemExit("not interrupted")
     else:
         raise SystemExit(f"unknown suite {suite!r}")
     if rank == 0:
