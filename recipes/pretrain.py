@@ -84,7 +84,8 @@ class TarShardDataset(Dataset):
     Each sample is a group of members sharing a key: one image (``.jpg``/``.jpeg``/``.png``/``.webp``) and a
     ``.cls`` member holding the integer class. The shards are indexed once (member offsets); items are read with
     a seek, so any sample can be fetched by index without unpacking. Items match ``ImageFolderDataset``:
-    ``{"image": FloatTensor[3, S, S], "target": LongTensor scalar, "index": i}``.
+    ``{"image": uint8 Tensor[3, S, S], "target": LongTensor scalar, "index": i}`` (normalised on the device with
+    ``mean`` / ``std``).
     """
 
     def __init__(self, shards: list[str | Path], image_size: int, train: bool = True):
@@ -127,7 +128,6 @@ class TarShardDataset(Dataset):
         from PIL import Image
 
         from scaling.data.dataset import split_key
-        from scaling.data.images import normalise
 
         i, seed = split_key(key)
         shard, offset, size, cls = self.samples[i]
@@ -136,9 +136,8 @@ class TarShardDataset(Dataset):
             data = f.read(size)
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        image = normalise(self.transform(pixels, seed), self.mean, self.std)
-        return {"image": image, "target": torch.tensor(cls, dtype=torch.long), "index": i}
+            pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+        return {"image": self.transform(pixels, seed), "target": torch.tensor(cls, dtype=torch.long), "index": i}
 
 
 def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Dataset:

@@ -177,14 +177,6 @@ def check_on_bad_image(policy: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ToThreeChannels(torch.nn.Module):
-    """Replicate a 1-channel image to 3 channels for ImageNet-style backbones (a view, no copy)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Expand ``(1, H, W)`` to ``(3, H, W)``; 3-channel input passes through."""
-        return x.expand(3, *x.shape[1:]) if x.shape[0] == 1 else x
-
-
 CROP_SCALE = (0.75, 1.0)
 """Random resized crop: fraction of the image area kept."""
 CROP_RATIO = (0.9, 1.1)
@@ -259,14 +251,6 @@ class ImageTransform:
 def build_transform(image_size: int, train: bool, flip: bool = False) -> ImageTransform:
     """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size`` (:class:`ImageTransform`)."""
     return ImageTransform(image_size, train, flip)
-
-
-def normalise(image: torch.Tensor, mean: Sequence[float] = BIT_MEAN, std: Sequence[float] = BIT_STD) -> torch.Tensor:
-    """A float ``(C, H, W)`` image in [0, 1] expanded to 3 channels and normalised: ``(x - mean) / std``."""
-    x = ToThreeChannels()(image)
-    m = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - m) / s
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Usage (what the study runner calls; every rank runs the same code)::
     out = trainer.predict(test_dataset, batch_size=64)    # main process: {"index": [N], "logits": [N, L], "target"}
     trainer.export(run_dir / "model.safetensors")         # consolidated fp32, written by the main process
 
-Datasets yield ``{"image": [3,H,W] float, "target": [L] float with NaN = unlabelled | long class index,
-"index": int}``. The loop in :meth:`Trainer.fit` reads top to bottom in labelled sections (big_vision ``train.py``).
+Datasets yield ``{"image": [C,H,W] uint8/uint16 (or already normalised float), "target": [L] float with NaN =
+unlabelled | long class index, "index": int}``; training datasets take ``(position, draw_seed)`` keys
+(:class:`~scaling.engine.distributed.StepBatchSampler`). Images become normalised float on the device
+(:meth:`Trainer._to_device`). The loop in :meth:`Trainer.fit` reads top to bottom in labelled sections (big_vision
+``train.py``).
 
 Exactness: every optimizer step sees the same global batch whatever the world size or accumulation
 (:class:`~scaling.engine.distributed.StepBatchSampler`), and the loss of a step is the sum over *labelled* entries
@@ -48,6 +51,7 @@ from scaling.engine.distributed import (
     make_accelerator,
 )
 from scaling.engine import seeds
+from scaling.engine.inputs import Normalisation, pin_memory, to_device
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
 from scaling.engine.seeds import derive_seed, seed_step
 from scaling.engine.sharding import (
@@ -205,6 +209,12 @@ class Trainer:
             torch.distributed.all_reduce(t)
         return t
 
+    def _to_device(self, batch: dict, norm: Normalisation | None) -> dict:
+        """The batch with its images on the device as normalised float (``scaling.engine.inputs``) and its targets
+        on the device."""
+        return {**batch, "image": to_device(batch["image"], self.device, norm),
+                "target": batch["target"].to(self.device, non_blocking=True)}
+
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.engine is not None:
@@ -357,8 +367,9 @@ class Trainer:
         sampler = StepBatchSampler(len(train_dataset), cfg.batch_size, self.world_size, self.rank, cfg.grad_accum,
                                    cfg.seed, start, total)
         loader = DataLoader(train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            pin_memory=pin_memory(self.device), persistent_workers=False,
                             generator=torch.Generator().manual_seed(cfg.seed))
+        norm = Normalisation.of(train_dataset)
         batches = iter(loader)
 
         # --- Loop -----------------------------------------------------------------------------------------------
@@ -384,7 +395,7 @@ class Trainer:
 
                 # Fetch the k micro-batches of this optimizer step; MixUp draws one lambda per step (the same on
                 # every rank) and each micro-batch's partners from its piece of the global batch.
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                micro = [self._to_device(next(batches), norm) for _ in range(cfg.grad_accum)]
                 if flops_per_image is None and peak is not None:
                     flops_per_image = self._flops_per_image(micro[0]["image"])
                 if alpha > 0:
@@ -489,11 +500,13 @@ class Trainer:
         creates removed by sample index; returns None on the other ranks.
         """
         sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            pin_memory=pin_memory(self.device))
+        norm = Normalisation.of(dataset)
         self.model.eval()
         idx, logits, targets = [], [], []
         for b in loader:
-            logits.append(self._forward(b["image"]).float().cpu())
+            logits.append(self._forward(self._to_device(b, norm)["image"]).float().cpu())
             idx.append(torch.as_tensor(b["index"]).long())
             targets.append(b["target"].float() if self.loss_kind == "multilabel" else b["target"].long())
         if not idx:
