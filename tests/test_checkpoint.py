@@ -155,3 +155,43 @@ def test_no_file_of_a_checkpoint_runs_code_when_resumed(preempted, tmp_path):
         with pytest.raises(CheckpointError, match=re.escape(str(run / f))):
             Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
         assert not marker.exists(), f"unpickling {f} ran code"
+
+
+class Recorder:
+    run_id = "run-2"
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step):
+        self.logged.append((step, dict(data)))
+
+
+def test_finished_training_is_kept_and_a_second_fit_only_evaluates(preempted, reference, tmp_path):
+    """The run finishes (after a resume): only the final checkpoint stays (fp32 weights + summary, no optimizer
+    state); a second fit in a fresh Trainer trains nothing, returns the same summary and predicts the same."""
+    from safetensors.torch import load_file
+
+    run = _copy(preempted, tmp_path)
+    first = Trainer(vit(), CFG, NONE, output_dir=run)
+    summary = first.fit(ToyDataset(64), val_dataset=ToyDataset(16, seed=4))
+    assert summary["resumed_from"] == 3 and summary["from_final_checkpoint"] is False
+    final = latest_checkpoint(run)
+    assert final.name == "final" and (run / "checkpoints" / "latest").read_text() == "final"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "latest"]  # step_* removed
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "trainer_state.json"]
+    weights = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in reference[1].items())
+    test = ToyDataset(20, seed=3)
+    want = first.predict(test)["logits"]
+
+    tracker = Recorder()
+    again = Trainer(vit(seed=8), CFG, NONE, output_dir=run, tracker=tracker)
+    second = again.fit(ToyDataset(64), val_dataset=ToyDataset(16, seed=4))
+    assert second["from_final_checkpoint"] is True
+    assert {k: v for k, v in second.items() if k != "from_final_checkpoint"} == \
+        {k: v for k, v in summary.items() if k != "from_final_checkpoint"}  # val_loss recomputed: equal
+    assert [s for s, d in tracker.logged if "train/loss" in d] == []  # nothing trained
+    assert (again.predict(test)["logits"] == want).all()
+    assert [h["loss"] for h in again.history] == reference[0]
+    assert resume_run_id(run) is None  # the finishing launch had no tracker

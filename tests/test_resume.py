@@ -109,7 +109,7 @@ def chain(tmp_path_factory):
     for s in STRATEGIES:
         kills[s, "SIGTERM"] = _kill_after(out, s, f"{s}_2", 7, signal.SIGTERM)
     first = {s: torch.load(out / f"{s}_{s}_1.pt", weights_only=True) for s in STRATEGIES}
-    final = {s: _final(out, s) for s in STRATEGIES}
+    final = {s: _final(out, s) for s in ("fsdp", "zero3", "none")}  # none last: it loads the others' final weights
     return kills, first, final
 
 
@@ -139,6 +139,30 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run_bit_for_bit(chai
     assert victim["summary"]["resumed_from"] == stopped["step"]
     assert _same(victim["params"], reference["params"])
     assert torch.equal(victim["logits"], reference["logits"])
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_finished_run_is_evaluated_again_without_training(chain, strategy):
+    _, _, final = chain
+    done, again = final[strategy]["victim"], final[strategy]["victim_again"]
+    assert again["summary"]["from_final_checkpoint"] is True and done["summary"]["from_final_checkpoint"] is False
+    assert again["summary"]["steps"] == done["summary"]["steps"] and \
+        again["summary"]["resumed_from"] == done["summary"]["resumed_from"]
+    assert _same(again["params"], done["params"]) and torch.equal(again["logits"], done["logits"])
+    if strategy == "zero3":  # ZeRO-2's whole parameters and fp32 master fragments are restored too
+        z2, z2_again = final[strategy]["zero2"], final[strategy]["zero2_again"]
+        assert z2_again["summary"]["from_final_checkpoint"] is True
+        assert _same(z2_again["params"], z2["params"]) and torch.equal(z2_again["logits"], z2["logits"])
+
+
+def test_final_weights_of_2_ranks_evaluate_in_1_process(chain):
+    """The kept weights are consolidated: what fsdp and zero3 trained on 2 ranks predicts the same in 1 process."""
+    _, _, final = chain
+    for other in ("fsdp", "zero3"):
+        one = final["none"][f"{other}_finished"]
+        assert one["world"] == 1 and one["summary"]["from_final_checkpoint"] is True
+        assert _same(one["params"], final[other]["victim"]["params"])
+        assert (one["logits"] - final[other]["victim"]["logits"]).abs().max().item() < 1e-5
 
 
 def test_two_fresh_processes_fit_the_same_cell_bit_for_bit(chain):

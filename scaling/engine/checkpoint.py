@@ -3,13 +3,20 @@
 Layout of a run directory::
 
     <run_dir>/checkpoints/latest            name of the newest complete checkpoint (written last, atomically)
-    <run_dir>/checkpoints/step_00000120/    one checkpoint
+    <run_dir>/checkpoints/step_00000120/    a resumable checkpoint, while training runs
         trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
+    <run_dir>/checkpoints/final/            what is kept once training has finished (replaces the step_* ones)
+        trainer_state.json                  as above, plus "final": true and the training summary
+        model.safetensors                   the consolidated fp32 weights (no optimizer state)
 
-A checkpoint is written into ``.tmp-step_*`` and renamed only when every rank has finished, then ``latest`` is
-replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. Sharded formats are used for resume
+A checkpoint is written into ``.tmp-<name>`` and renamed only when every rank has finished, then ``latest`` is
+replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. When training ends, ``final`` is
+written and the resumable checkpoints are removed: the optimizer state (1x the parameters for SGD with momentum,
+2x for AdamW, in fp32) is only needed to continue training, the weights are needed to evaluate again (a study
+killed during evaluation re-runs only the evaluation). A 928M-parameter backbone keeps 3.7 GB per finished run,
+and needs room for one resumable checkpoint plus the one being written while it trains. Sharded formats are used for resume
 (never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors,
 https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32 safetensors export is separate.
 
@@ -50,7 +57,9 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 2  # 2: no per-rank RNG files (seeds are derived per step)
-_NAME = re.compile(r"step_\d{8}")
+FINAL = "final"
+WEIGHTS_FILE = "model.safetensors"
+_NAME = re.compile(r"step_\d{8}|final")
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +87,8 @@ def latest_checkpoint(run_dir: str | Path | None) -> Path | None:
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{pointer}: unreadable checkpoint pointer ({type(e).__name__}: {e})") from None
     if not _NAME.fullmatch(name):  # also keeps a crafted pointer from naming a directory outside the store
-        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step_<8 digits>)")
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step_<8 digits> or "
+                              f"final)")
     path = root / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, but {path} does not exist")
@@ -108,7 +118,8 @@ def resume_run_id(run_dir: str | Path) -> str | None:
 # tensors and FSDP2's DTensor shards share names).
 DCP_STRATEGIES = ("none", "ddp", "fsdp", "fsdp_grad_op", "hsdp")
 # What a DCP checkpoint may change on resume: the global batch of every step is the same for any world size and
-# accumulation (StepBatchSampler), so only the order of floating-point reductions differs.
+# accumulation (StepBatchSampler), so only the order of floating-point reductions differs. A final checkpoint holds
+# consolidated weights, which any strategy on any world size loads.
 _RESHARDABLE = ("world_size", "strategy", "grad_accum")
 
 
@@ -118,7 +129,8 @@ def check_compatible(ckpt: Path, state: dict, expected: dict) -> None:
     A checkpoint of a DCP strategy (:data:`DCP_STRATEGIES`) resumes with another world size, DCP strategy or
     accumulation; a ZeRO checkpoint only with the world size and strategy that wrote it.
     """
-    resharding = state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES
+    resharding = state.get("final") is True or (
+        state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES)
     diffs = [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in expected.items()
              if state.get(k) != v and not (resharding and k in _RESHARDABLE)]
     if not diffs:
@@ -272,34 +284,112 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
     name = f"step_{step:08d}"
     if (root / LATEST).is_file() and (root / LATEST).read_text().strip() == name:
         return root / name  # this step is saved already (a periodic checkpoint, then a signal in the same step)
+
+    def write(tmp: Path) -> None:
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / "model"), tag="state", save_latest=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            sd = _dcp_state(module, optimizer)
+            if torch.distributed.is_initialized():
+                dcp.save(sd, checkpoint_id=str(tmp / "model"))
+            else:
+                dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
+        if rank == 0:
+            atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
+
+    return _publish(root, name, write, rank, keep_others=keep - 1)
+
+
+def save_final(run_dir: str | Path, step: int, state: dict, tensors: dict[str, torch.Tensor] | None, *,
+               rank: int) -> Path:
+    """Write the checkpoint kept after training: consolidated fp32 ``tensors`` (rank 0's; None elsewhere) and
+    ``state`` (with the training summary), point ``latest`` at it and remove the resumable checkpoints.
+    Every rank must call."""
+
+    def write(tmp: Path) -> None:
+        if rank == 0:
+            save_safetensors(tensors, tmp / WEIGHTS_FILE, {"step": step})
+            atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, "final": True, **state})
+
+    return _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0)
+
+
+def _publish(root: Path, name: str, write, rank: int, keep_others: int) -> Path:
+    """Run ``write(tmp)`` on every rank into ``root/.tmp-<name>``, then (rank 0) rename it to ``root/<name>``,
+    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints."""
     tmp = root / f".tmp-{name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / "model"), tag="state", save_latest=False)
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        sd = _dcp_state(module, optimizer)
-        if torch.distributed.is_initialized():
-            dcp.save(sd, checkpoint_id=str(tmp / "model"))
-        else:
-            dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
-    if rank == 0:
-        atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
+    write(tmp)
     _barrier()
     if rank == 0:
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, name)
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in done[:-keep]:
+        others = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and p.name != name)
+        for old in others[:len(others) - keep_others]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return root / name
+
+
+def load_final_weights(ckpt: Path, module: nn.Module, device: torch.device, engine=None) -> None:
+    """Fill ``module`` (plain, FSDP2-sharded or under a ZeRO engine) from a final checkpoint's consolidated
+    weights. Every rank must call; each reads only what it holds (the file is memory-mapped)."""
+    from scaling.engine.sharding import materialize_from_safetensors
+
+    path = ckpt / WEIGHTS_FILE
+    try:
+        if engine is None:
+            materialize_from_safetensors(module, path, device)
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for name, p in module.named_parameters():
+                value = f.get_tensor(name)
+                # The weights the forward uses: ZeRO-3 partitions each parameter, so gather it, overwrite it and
+                # re-partition (a no-op on ZeRO-1/2, whose parameters are whole on every rank) ...
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value)
+                # ... and the fp32 master partition in the optimizer, which export() and full_state_dict() read.
+                if hasattr(p, "ds_id"):
+                    _set_zero3_master(p, value)
+                else:
+                    safe_set_full_fp32_param(p, value)
+            for name, b in module.named_buffers():
+                if name in f.keys():
+                    b.copy_(f.get_tensor(name))
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged or foreign weights file: say which
+        raise CheckpointError(f"{path}: cannot load the final weights ({type(e).__name__}: {str(e)[:500]})") from e
+
+
+def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write this rank's part of ``value`` into a ZeRO-3 parameter's fp32 master partition.
+
+    DeepSpeed 0.19.8's own ``safe_set_full_fp32_param`` (``stage3.py`` ``set_full_hp_param``) slices the full value
+    at ``rank * partition_size`` for ``partition_size`` elements, which runs past the end on the last rank when the
+    partition is padded (a 3-element bias on 2 ranks); here the copy stops at the end of the value.
+    """
+    if not param.requires_grad:
+        return
+    opt = param._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    flat = value.flatten()
+    start = part.numel() * opt._get_param_partition_rank(param)
+    n = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:n].copy_(flat[start:start + n])
+    if opt._swappable_optimizer_subgroup(group):  # NVMe-offloaded states go back to disk, as DeepSpeed does
+        opt._optimizer_states_and_gradient_swap_out(group)
 
 
 def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) -> None:

@@ -299,17 +299,28 @@ class Trainer:
         return ckpt_lib.save_checkpoint(self.output_dir, step, state, rank=self.rank, module=self.module,
                                         optimizer=self.optimizer, engine=self.engine)
 
-    def _resume(self, total: int) -> int:
+    def save_final(self, total: int, summary: dict) -> Path:
+        """Keep the finished run: consolidated fp32 weights and ``summary`` (collective: every rank calls)."""
+        state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
+                 "history": self.history, "summary": summary}
+        return ckpt_lib.save_final(self.output_dir, total, state, self.full_state_dict(), rank=self.rank)
+
+    def _resume(self, total: int) -> tuple[int, dict | None]:
+        """(step to continue from, the stored summary when training had already finished)."""
         path = ckpt_lib.latest_checkpoint(self.output_dir)
         if path is None:
-            return 0
+            return 0, None
         state = ckpt_lib.read_state(path)
         ckpt_lib.check_compatible(path, state, self._expected_state(total))
-        ckpt_lib.load_checkpoint(path, module=self.module, optimizer=self.optimizer, engine=self.engine)
+        if state.get("final"):
+            ckpt_lib.load_final_weights(path, self.module, self.device, self.engine)
+        else:
+            ckpt_lib.load_checkpoint(path, module=self.module, optimizer=self.optimizer, engine=self.engine)
         self.history = list(state.get("history", []))
         if self.is_main:
-            log.info("resumed from %s at step %d", path, state["step"])
-        return int(state["step"])
+            log.info("%s %s at step %d", "training finished earlier: loaded" if state.get("final") else
+                     "resumed from", path, state["step"])
+        return int(state["step"]), state.get("summary") if state.get("final") else None
 
     @contextlib.contextmanager
     def _preemption_signals(self):
@@ -345,7 +356,9 @@ class Trainer:
         Returns (on every rank) ``steps``, ``seconds`` and ``cpu_seconds`` (this process, after the first step),
         ``images_per_s``, ``final_loss``, ``world_size``,
         ``strategy``, ``global_batch``, ``micro_batch``, ``grad_accum``, ``resumed_from``, ``rank_share``,
-        ``fsdp_units``, ``mfu`` (GPU only, else None) and ``val_loss`` when a validation set is given.
+        ``fsdp_units``, ``mfu`` (GPU only, else None), ``from_final_checkpoint`` and ``val_loss`` when a validation
+        set is given. With ``output_dir``, the finished run is kept (:meth:`save_final`); a later ``fit`` on the same
+        directory loads its weights and returns its summary (``from_final_checkpoint: True``) without training.
         Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives.
         """
         from tqdm.auto import tqdm
@@ -357,7 +370,9 @@ class Trainer:
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
         alpha = mixup_alpha(cfg, len(train_dataset))  # 0 for small tasks under the BiT-HyperRule
-        start = self._resume(total) if self.output_dir is not None else 0
+        start, finished = self._resume(total) if self.output_dir is not None else (0, None)
+        if finished is not None:  # trained in an earlier launch (e.g. one killed while evaluating): evaluate only
+            return self._validated({**finished, "from_final_checkpoint": True}, val_dataset, total)
 
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
         # Keys are (position, draw_seed): augmentation is a function of (seed, step, slot), never of a global RNG.
@@ -383,7 +398,8 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
-        final_loss, mfu = float("nan"), None
+        final_loss = self.history[-1]["loss"] if self.history else float("nan")
+        mfu = None
         step = start
         with self._preemption_signals():
             for step in range(start, total):
@@ -479,8 +495,15 @@ class Trainer:
             "images_per_s": timed_steps * images_per_step / seconds if timed_steps and seconds > 0 else float("nan"),
             "final_loss": final_loss, "global_batch": cfg.batch_size, "micro_batch": self.micro_batch,
             "grad_accum": cfg.grad_accum, "resumed_from": start, "rank_share": self.shard.share,
-            "fsdp_units": self.shard.units, "mfu": mfu,
+            "fsdp_units": self.shard.units, "mfu": mfu, "from_final_checkpoint": False,
         }
+        # Kept before validating: a launch killed from here on re-runs only the evaluation.
+        if self.output_dir is not None:
+            self.save_final(total, summary)
+        return self._validated(summary, val_dataset, total)
+
+    def _validated(self, summary: dict, val_dataset, total: int) -> dict:
+        """``summary`` with ``val_loss`` on ``val_dataset`` (when given), also logged to the tracker."""
         if val_dataset is not None:
             summary["val_loss"] = self.evaluate(val_dataset)["loss"]
             if self.is_main and self.tracker is not None:

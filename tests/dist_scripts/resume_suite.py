@@ -16,8 +16,11 @@ Phases (``LABEL`` names the launch in marker files):
               ``<out_dir>/<strategy>/victim``, resuming if it holds a checkpoint. Rank 0 writes
               ``<out_dir>/<LABEL>_step<N>`` after logging step N and then sleeps, so the test can kill the launch at a
               chosen step (SIGKILL of the whole process group, or SIGTERM to the launcher, which torchrun forwards).
-* ``final``   resumes the victim to the end, fits the reference, and resumes ``N2M_FROM`` (a copy of another
-              world size's ``n2m`` checkpoint) next to an uninterrupted MixUp-free reference.
+* ``final``   resumes the victim to the end, fits it again (the run is finished: its final checkpoint is loaded,
+              nothing trains), fits the reference, and resumes ``N2M_FROM`` (a copy of another world size's ``n2m``
+              checkpoint) next to an uninterrupted MixUp-free reference. The ``none`` launch, last, also loads
+              the finished fsdp and zero3 victims (2 ranks) in its 1 process; the zero3 launch also fits a zero2
+              cell twice.
 
 Rank 0 writes ``<out_dir>/<strategy>_<phase>.pt``: per cell the world size, summary, final consolidated parameters
 and test logits.
@@ -126,6 +129,7 @@ def main():
         raise SystemExit("the victim was not killed")
     if phase == "final":
         cell(strategy, out, "victim", base / "victim", data)
+        cell(strategy, out, "victim_again", base / "victim", data)
         cell(strategy, out, "reference", None, data)
         if reshardable:
             cell(strategy, out, "n2m_reference", None, data, train=train_cfg(mixup=False))
@@ -134,6 +138,13 @@ def main():
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             cell(strategy, out, "n2m_resumed", base / "n2m_resumed", data, train=train_cfg(mixup=False))
+        if strategy == "zero3":  # ZeRO-1/2 keep whole parameters on every rank: their final weights load another way
+            cell("zero2", out, "zero2", base / "zero2", data, train=train_cfg(mixup=False))
+            cell("zero2", out, "zero2_again", base / "zero2", data, train=train_cfg(mixup=False))
+        if strategy == "none":
+            for other in ("fsdp", "zero3"):
+                shutil.copytree(out_dir / other / "victim", base / f"{other}_finished")
+                cell(strategy, out, f"{other}_finished", base / f"{other}_finished", data)
     else:
         raise SystemExit(f"unknown phase {phase!r}")
     if rank == 0:
