@@ -165,6 +165,19 @@ def test_final_weights_of_2_ranks_evaluate_in_1_process(chain):
         assert (one["logits"] - final[other]["victim"]["logits"]).abs().max().item() < 1e-5
 
 
+def test_no_zero_checkpoint_file_runs_code_when_resumed(chain):
+    """DeepSpeed loads ZeRO files with torch.load(weights_only=False); scaling makes it weights_only=True: a planted
+    pickle in every rank's model-state (or optimizer-state) file is refused, naming the file, and never runs."""
+    _, _, final = chain
+    for kind in ("model_states", "optim_states"):
+        got = final["zero3"][f"poisoned_{kind}"]
+        assert got["marker"] is False
+        assert len(got["planted"]) == 2
+        for rank, error in enumerate(got["errors"]):
+            assert error is not None and "refused or unreadable ZeRO checkpoint file" in error, error
+            assert any(f in error for f in got["planted"]), error
+
+
 def test_two_fresh_processes_fit_the_same_cell_bit_for_bit(chain):
     _, first, final = chain
     a, b = first["none"]["reference_a"], final["none"]["reference"]

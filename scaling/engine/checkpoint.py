@@ -242,9 +242,10 @@ def _weights_only_deepspeed(engine):
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # a refused global or a damaged file: say which file
+        except Exception as e:  # a refused global or a damaged file: say which file, and what was refused
+            why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
             raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
-                                  f"{str(e)[:300]})") from None
+                                  f"{why[:300]})") from None
 
     ce.load = load
     try:

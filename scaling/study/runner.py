@@ -25,7 +25,7 @@ import yaml
 from scaling.config import ConfigError, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import atomic_write_text
+from scaling.io import atomic_write_text, read_yaml_file
 from scaling.study.grid import RunSpec, config_hash, expand_grid, run_config, run_id
 from scaling.study.store import RunStore, StoreError
 
@@ -290,7 +290,7 @@ def _check_store(cfg: StudyConfig, store: RunStore) -> None:
     """Refuse to mix two different studies in one store; record the study config on first use."""
     path = store.root / "study.yaml"
     if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = read_yaml_file(path) or {}
         old_hash = (old.get("_meta") or {}).get("config_hash")
         if old_hash and old_hash != config_hash(cfg):
             raise StoreError(

@@ -24,14 +24,13 @@ Layout (everything written atomically: temp file + rename)::
 
 from __future__ import annotations
 
-import json
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text, read_json, read_parquet
 from scaling.metrics.schema import METRIC_COLUMNS
 
 
@@ -116,12 +115,12 @@ class RunStore:
         p = self.run_dir(run_id) / "spec.json"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return json.loads(p.read_text())
+        return read_json(p)
 
     def read_meta(self, run_id: str) -> dict[str, Any]:
         """The run's training summary (meta.json), or {} when absent."""
         p = self.run_dir(run_id) / "meta.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json(p) if p.is_file() else {}
 
     def eval_sets(self, run_id: str) -> list[str]:
         """Names of the evaluation sets with stored predictions."""
@@ -133,16 +132,16 @@ class RunStore:
         p = self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found (eval sets stored: {self.eval_sets(run_id)})")
-        return pd.read_parquet(p)
+        return read_parquet(p)
 
     def read_metrics(self, run_id: str) -> pd.DataFrame:
         """Tidy metric rows of one run."""
         p = self.run_dir(run_id) / "metrics.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return pd.read_parquet(p)
+        return read_parquet(p)
 
     def read_failure(self, run_id: str) -> dict[str, Any] | None:
         """The failure record of a run, if any."""
         p = self.run_dir(run_id) / "FAILED.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None

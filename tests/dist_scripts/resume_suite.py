@@ -20,7 +20,8 @@ Phases (``LABEL`` names the launch in marker files):
               nothing trains), fits the reference, and resumes ``N2M_FROM`` (a copy of another world size's ``n2m``
               checkpoint) next to an uninterrupted MixUp-free reference. The ``none`` launch, last, also loads
               the finished fsdp and zero3 victims (2 ranks) in its 1 process; the zero3 launch also fits a zero2
-              cell twice.
+              cell twice, and resumes copies of a ZeRO checkpoint whose model-state or optimizer-state files (both
+              ranks') hold a pickle that would create ``<out_dir>/PWNED`` when unpickled.
 
 Rank 0 writes ``<out_dir>/<strategy>_<phase>.pt``: per cell the world size, summary, final consolidated parameters
 and test logits.
@@ -40,11 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from toy import IMAGE_LABELS, IMG, vit  # noqa: E402
+from toy import IMAGE_LABELS, IMG, plant, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.data.dataset import TableDataset  # noqa: E402
-from scaling.engine import Preempted, Trainer  # noqa: E402
+from scaling.engine import CheckpointError, Preempted, Trainer  # noqa: E402
 
 STEPS = 10
 SLOW_S = 0.4
@@ -105,6 +106,38 @@ def cell(strategy: str, out: dict, name: str, run_dir: Path | None, data, train=
         trainer.close()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def poisoned_zero_checkpoint(out: dict, base: Path, out_dir: Path, data, rank: int) -> None:
+    """Resume copies of a ZeRO-3 checkpoint with planted pickles; record every rank's error and the marker."""
+    try:
+        cell("zero3", {}, "poison_source", base / "poison_source", data, train=train_cfg(mixup=False),
+             tracker=PreemptAt(2))
+    except Preempted:
+        pass
+    marker = out_dir / "PWNED"
+    for kind in ("model_states", "optim_states"):
+        run = base / f"poisoned_{kind}"
+        if rank == 0:
+            shutil.copytree(base / "poison_source", run)
+            for f in run.rglob(f"*{kind}.pt"):
+                plant(f, marker)
+        barrier()
+        try:
+            cell("zero3", {}, "poisoned", run, data, train=train_cfg(mixup=False))
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        out[f"poisoned_{kind}"] = {"errors": errors, "marker": marker.exists(),
+                                   "planted": sorted(str(f) for f in run.rglob(f"*{kind}.pt"))}
+
+
 def main():
     phase, out_dir = sys.argv[1], Path(sys.argv[2])
     strategy, label = os.environ["STRATEGY"], os.environ.get("LABEL", "")
@@ -128,6 +161,8 @@ def main():
         cell(strategy, out, "victim", base / "victim", data, tracker=Marks(out_dir, label))
         raise SystemExit("the victim was not killed")
     if phase == "final":
+        if strategy == "zero3":
+            poisoned_zero_checkpoint(out, base, out_dir, data, rank)
         cell(strategy, out, "victim", base / "victim", data)
         cell(strategy, out, "victim_again", base / "victim", data)
         cell(strategy, out, "reference", None, data)
