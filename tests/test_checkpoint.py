@@ -195,3 +195,74 @@ def test_finished_training_is_kept_and_a_second_fit_only_evaluates(preempted, re
     assert (again.predict(test)["logits"] == want).all()
     assert [h["loss"] for h in again.history] == reference[0]
     assert resume_run_id(run) is None  # the finishing launch had no tracker
+
+
+class AtStep:
+    """Tracker double that calls ``fn`` when step ``at`` is logged."""
+
+    run_id = "run-3"
+
+    def __init__(self, at: int, fn):
+        self.at, self.fn = at, fn
+
+    def log(self, data, step):
+        if step == self.at:
+            self.fn()
+
+
+def test_a_checkpoint_that_does_not_fit_on_disk_is_a_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    import scaling.engine.checkpoint as ckpt
+
+    def full_disk():
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError) as err:
+        Trainer(vit(), CFG, NONE, output_dir=run, tracker=AtStep(3, full_disk)).fit(ToyDataset(64))
+    assert isinstance(err.value, Exception)  # caught by a study's `except Exception` (DCP's own is a BaseException)
+    msg = str(err.value)
+    needed = int(re.search(r"needs about ([\d,]+) bytes", msg).group(1).replace(",", ""))
+    assert 2 * 4 * sum(p.numel() for p in vit().parameters()) <= needed  # fp32 weights + momentum
+    assert str(run / "checkpoints" / "step_00000004") in msg and "1,000 bytes are available" in msg
+    assert "previous checkpoint" in msg and "step_00000002) is intact" in msg
+    assert latest_checkpoint(run).name == "step_00000002" and not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()
+    assert Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))["resumed_from"] == 2
+
+
+FSIZE_SCRIPT = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from toy import ToyDataset, vit
+from scaling.config import ShardingConfig, TrainConfig
+from scaling.engine.trainer import Trainer
+
+class Limit:  # at step 3, files may grow to 50 kB only (the checkpoint of step 4 is larger)
+    run_id = "x"
+    def log(self, data, step):
+        if step == 3:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so write() fails with EFBIG instead of killing us
+            resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+cfg = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1, checkpoint_every=2)
+try:
+    Trainer(vit(), cfg, ShardingConfig(strategy="none"), output_dir=sys.argv[1], tracker=Limit()).fit(ToyDataset(64))
+    print(json.dumps({"error": None}))
+except BaseException as e:
+    print(json.dumps({"type": type(e).__name__, "exception": isinstance(e, Exception), "error": str(e)}))
+"""
+
+
+def test_a_write_beyond_the_file_size_limit_is_a_clear_error_and_keeps_the_previous(tmp_path):
+    """A real failing write (RLIMIT_FSIZE in a subprocess: EFBIG half-way through the shard file)."""
+    import subprocess
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(run), str(Path(__file__).parent / "dist_scripts")],
+                          capture_output=True, text=True, timeout=300)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["type"] == "CheckpointError" and out["exception"] is True, proc.stderr[-3000:]
+    msg = out["error"]
+    assert str(run / "checkpoints" / "step_00000004") in msg and "a short write" in msg
+    assert "limited to 50,000 bytes (RLIMIT_FSIZE" in msg and re.search(r"needs about [\d,]+ bytes", msg)
+    assert latest_checkpoint(run).name == "step_00000002" and not list((run / "checkpoints").glob(".tmp-*"))
+    assert Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))["resumed_from"] == 2

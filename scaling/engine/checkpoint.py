@@ -279,12 +279,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
     """Write a resumable checkpoint of ``step`` atomically and point ``latest`` at it. Every rank must call.
 
     ``state`` (JSON-safe) is written by rank 0; ``engine`` is the DeepSpeed engine under ZeRO (its own sharded
-    format), otherwise model + optimizer go through ``torch.distributed.checkpoint``.
+    format), otherwise model + optimizer go through ``torch.distributed.checkpoint``. A write that fails (full disk,
+    file size limit) raises :class:`CheckpointError` on every rank and leaves the previous checkpoint as it was.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     name = f"step_{step:08d}"
     if (root / LATEST).is_file() and (root / LATEST).read_text().strip() == name:
         return root / name  # this step is saved already (a periodic checkpoint, then a signal in the same step)
+    sd = None if engine is not None else _dcp_state(module, optimizer)
+    needed = _zero_bytes(engine, module, rank) if engine is not None else _tensor_bytes(sd)
 
     def write(tmp: Path) -> None:
         if engine is not None:
@@ -292,7 +295,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
         else:
             import torch.distributed.checkpoint as dcp
 
-            sd = _dcp_state(module, optimizer)
             if torch.distributed.is_initialized():
                 dcp.save(sd, checkpoint_id=str(tmp / "model"))
             else:
@@ -300,43 +302,137 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
         if rank == 0:
             atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
 
-    return _publish(root, name, write, rank, keep_others=keep - 1)
+    return _publish(root, name, write, rank, keep_others=keep - 1, needed=needed)
 
 
 def save_final(run_dir: str | Path, step: int, state: dict, tensors: dict[str, torch.Tensor] | None, *,
                rank: int) -> Path:
     """Write the checkpoint kept after training: consolidated fp32 ``tensors`` (rank 0's; None elsewhere) and
     ``state`` (with the training summary), point ``latest`` at it and remove the resumable checkpoints.
-    Every rank must call."""
+    Every rank must call; a failed write raises :class:`CheckpointError` as :func:`save_checkpoint` does."""
 
     def write(tmp: Path) -> None:
         if rank == 0:
             save_safetensors(tensors, tmp / WEIGHTS_FILE, {"step": step})
             atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, "final": True, **state})
 
-    return _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0)
+    needed = _tensor_bytes(tensors) if rank == 0 else 0
+    return _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0, needed=needed)
 
 
-def _publish(root: Path, name: str, write, rank: int, keep_others: int) -> Path:
+def _tensor_bytes(obj) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: what writing it puts on disk, within a few %."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor writes only its shard
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _zero_bytes(engine, module: nn.Module, rank: int) -> int:
+    """Bytes a ZeRO rank writes: its optimizer partition (fp32 master + moments), plus the module's parameters on
+    rank 0 under ZeRO-1/2 (the model-states file) or this rank's parameter partitions under ZeRO-3."""
+    n = _tensor_bytes(engine.optimizer.state_dict())
+    params = list(module.parameters())
+    if params and hasattr(params[0], "ds_tensor"):
+        n += sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+    elif rank == 0:
+        n += sum(p.numel() * p.element_size() for p in params)
+    return n
+
+
+def _space(root: Path) -> tuple[int, str]:
+    """(bytes free on the file system holding ``root``, a note on a per-file size limit if one is set)."""
+    import resource
+
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    note = f"; files are limited to {soft:,} bytes (RLIMIT_FSIZE, ulimit -f)" if soft != resource.RLIM_INFINITY else ""
+    return free, note
+
+
+def _gather(value) -> list:
+    """``value`` of every rank (a barrier too); ``[value]`` without a process group."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _agree(error: str | None) -> list[str]:
+    """Every rank's error of one checkpoint phase, as ``rank <r>: <error>``. All ranks raise, or none: a rank that
+    raised alone would leave the others waiting in the next collective."""
+    return [f"rank {r}: {e}" for r, e in enumerate(_gather(error)) if e is not None]
+
+
+def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: int) -> Path:
     """Run ``write(tmp)`` on every rank into ``root/.tmp-<name>``, then (rank 0) rename it to ``root/<name>``,
-    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints."""
-    tmp = root / f".tmp-{name}"
+    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints.
+
+    Before writing, every rank checks that the file system has room for the ``needed`` bytes it will write; a
+    failed check or write raises :class:`CheckpointError` on every rank naming the path and the bytes needed and
+    available, with the half-written directory removed and ``latest`` still naming the previous checkpoint.
+    DeepSpeed writes its ZeRO files without this agreement: if one rank alone fails inside
+    ``engine.save_checkpoint``, the others wait in DeepSpeed's barrier until the process-group timeout.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    tmp, final = root / f".tmp-{name}", root / name
+    error = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    errors = _agree(error)
+    free, limit = _space(root)
+    total = sum(_gather(needed))  # the ranks share the checkpoint's file system
+    if not errors and total > free:
+        errors = [f"not enough space for about {total:,} bytes"]
+    if not errors:
+        try:
+            write(tmp)
+        except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, EFBIG) in a BaseException
+            inner = [exc for exc, _ in getattr(e, "failures", {}).values()]
+            error = f"{type(e).__name__}: {inner[0] if inner else e}"[:500]
+            if "unexpected pos" in error:  # torch's zip writer reports a short write (ENOSPC, EFBIG) only this way
+                error += " (a short write: the disk, a quota or a file size limit is full)"
+        errors = _agree(error)
+    if not errors:
+        if rank == 0:
+            try:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                atomic_write_text(root / LATEST, name)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        errors = _agree(error)
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pointer = root / LATEST
+            if final.is_dir() and not (pointer.is_file() and pointer.read_text().strip() == name):
+                shutil.rmtree(final, ignore_errors=True)  # renamed but never pointed to: not a checkpoint
+        _barrier()
+        previous = latest_checkpoint(root.parent) if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {'; '.join(errors)}. It needs about {total:,} bytes ({needed:,} from "
+            f"rank {rank}); {free:,} bytes are available on {root}{limit}. The previous checkpoint "
+            f"({previous if previous else 'none'}) is intact.")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    write(tmp)
-    _barrier()
-    if rank == 0:
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST, name)
         others = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and p.name != name)
         for old in others[:len(others) - keep_others]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return root / name
+    return final
 
 
 def load_final_weights(ckpt: Path, module: nn.Module, device: torch.device, engine=None) -> None:
