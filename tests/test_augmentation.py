@@ -8,6 +8,7 @@ and MixUp on.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -139,3 +140,17 @@ def test_sigterm_then_resume_in_a_fresh_trainer_is_bit_identical_with_augmentati
     params, pred = resumed.full_state_dict(), resumed.predict(test)
     assert all(torch.equal(params[k], want_params[k]) for k in want_params)
     assert (pred["logits"] == want_pred["logits"]).all()
+
+
+def test_train_deterministic_sets_the_kernels_for_the_trainers_life_and_restores_them(monkeypatch):
+    """train.deterministic (default off): deterministic algorithms, cuDNN autotuning off, a fixed cuBLAS workspace,
+    set before the Trainer does any device work and undone by close(). That two fresh processes then fit a cell
+    bit for bit is tested in tests/test_resume.py (the resume cells run with it)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert TrainConfig().deterministic is False
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=1, deterministic=True), NONE)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is False
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    trainer.close()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before

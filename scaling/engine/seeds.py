@@ -14,6 +14,7 @@ to save in a checkpoint.
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -64,3 +65,25 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 def generator(seed: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with ``seed`` (the one RNG a per-sample or per-step draw may use)."""
     return torch.Generator().manual_seed(seed)
+
+
+def deterministic_kernels() -> tuple[bool, bool]:
+    """Make GPU kernels deterministic for this process; return the previous (deterministic algorithms, cuDNN
+    benchmark) settings for :func:`restore_kernels`.
+
+    ``torch.use_deterministic_algorithms(True)`` picks deterministic implementations (and raises, naming the op, for
+    one that has none); cuDNN autotuning would pick kernels by timing, differently per run; cuBLAS needs a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, read when its first handle is created: call this before any CUDA
+    work of the process, as the Trainer does; PyTorch docs, "Reproducibility").
+    """
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    return before
+
+
+def restore_kernels(before: tuple[bool, bool]) -> None:
+    """Undo :func:`deterministic_kernels` (the environment variable stays: cuBLAS has read it)."""
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.benchmark = before[1]

@@ -52,9 +52,11 @@ SLOW_S = 0.4
 
 
 def train_cfg(mixup: bool = True) -> TrainConfig:
-    """The cell: SGD + momentum, cosine, checkpoints every 2 steps, MixUp unless ``mixup=False``."""
+    """The cell: SGD + momentum, cosine, checkpoints every 2 steps, MixUp unless ``mixup=False``, deterministic
+    kernels (``train.deterministic``)."""
     return TrainConfig(batch_size=8, steps=STEPS, lr=0.05, optimizer="sgd", momentum=0.9, warmup_steps=2,
-                       log_every=1, schedule="cosine", checkpoint_every=2, mixup_alpha=0.4 if mixup else 0.0, seed=5)
+                       log_every=1, schedule="cosine", checkpoint_every=2, mixup_alpha=0.4 if mixup else 0.0, seed=5,
+                       deterministic=True)
 
 
 class Marks:
