@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from scaling.config import ShardingConfig, TrainConfig
 from scaling.engine import checkpoint as ckpt_lib
+from scaling.engine import seeds
 from scaling.engine.distributed import (
     FSDP_STRATEGIES,
     ZERO_STRATEGIES,
@@ -50,10 +51,8 @@ from scaling.engine.distributed import (
     compute_dtype,
     make_accelerator,
 )
-from scaling.engine import seeds
 from scaling.engine.inputs import Normalisation, pin_memory, to_device
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
-from scaling.engine.seeds import derive_seed, seed_step
 from scaling.engine.sharding import (
     ShardingError,
     apply_fsdp,
@@ -408,7 +407,7 @@ class Trainer:
                 # resume). The global RNGs serve dropout / drop-path, per rank.
                 lr = lr_at(step, total, cfg)
                 self._set_lr(lr)
-                seed_step(cfg.seed, step, self.rank)
+                seeds.seed_step(cfg.seed, step, self.rank)
 
                 # Fetch the k micro-batches of this optimizer step; MixUp draws one lambda per step (the same on
                 # every rank) and each micro-batch's partners from its piece of the global batch.
@@ -416,10 +415,10 @@ class Trainer:
                 if flops_per_image is None and peak is not None:
                     flops_per_image = self._flops_per_image(micro[0]["image"])
                 if alpha > 0:
-                    lam = sample_lambda(alpha, seeds.generator(derive_seed(cfg.seed, seeds.MIXUP, step)))
+                    lam = sample_lambda(alpha, seeds.generator(seeds.derive_seed(cfg.seed, seeds.MIXUP, step)))
                     for j, b in enumerate(micro):
                         piece = j * self.world_size + self.rank
-                        gen = seeds.generator(derive_seed(cfg.seed, seeds.MIXUP, step, piece))
+                        gen = seeds.generator(seeds.derive_seed(cfg.seed, seeds.MIXUP, step, piece))
                         b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
                                                         num_classes=self.num_outputs)
 
