@@ -106,3 +106,30 @@ def test_mixup_after_normalisation_equals_normalising_the_mixed_pixels():
     mixed_raw = 0.3 * raw.float() / 255 + 0.7 * raw.float()[perm] / 255
     before = ((mixed_raw - 0.5) / 0.5).expand(-1, 3, -1, -1)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_block_features_read_integer_images_like_the_trainer(tmp_path):
+    """scaling.analysis.features on a TableDataset: the plain-module path and the Trainer path (Trainer.predict on
+    chunks of the dataset) both feed the model the normalised device inputs, so their logits equal predict's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+    from toy import vit
+
+    from scaling.analysis.features import PRE_LOGITS, block_features
+    from scaling.config import ShardingConfig, TrainConfig
+    from scaling.engine import Trainer
+
+    table = _table(tmp_path, "png8", n=5)
+    ds = TableDataset(table, ["Edema"], 32, cache_dir=tmp_path / "cache")
+    model = vit()
+    with torch.no_grad():
+        model.eval()
+        want = model(to_device(torch.stack([ds[i]["image"] for i in range(5)]), CPU, Normalisation.of(ds)))
+    plain = block_features(model, ds, batch_size=2)
+    torch.testing.assert_close(torch.as_tensor(plain["logits"]), want, atol=1e-5, rtol=0)
+    trainer = Trainer(vit(), TrainConfig(batch_size=4, steps=1), ShardingConfig(strategy="none"))
+    through = block_features(trainer, ds, batch_size=2)
+    torch.testing.assert_close(torch.as_tensor(through["logits"]), want, atol=1e-5, rtol=0)
+    assert through["features"][PRE_LOGITS].shape[0] == 5
