@@ -71,7 +71,10 @@ class Synthetic(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        from scaling.data.dataset import split_key
+
+        i, _ = split_key(key)  # training keys are (position, draw_seed); nothing here is random
         return {"image": self.bank[i % 64], "target": self.target[i % 64], "index": i}
 
 

@@ -87,6 +87,21 @@ def account(trainer) -> dict:
     return {"params": _nbytes(local), "optimizer": _nbytes(moments), "master": _nbytes(master)}
 
 
+class Items(torch.utils.data.Dataset):
+    """Fixed items; the Trainer's training keys are ``(position, draw_seed)`` pairs (nothing here is random)."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict:
+        from scaling.data.dataset import split_key
+
+        return self.items[split_key(key)[0]]
+
+
 def worker_states(strategies: list[str], out: Path, precision: str) -> None:
     import timm
 
@@ -95,8 +110,8 @@ def worker_states(strategies: list[str], out: Path, precision: str) -> None:
 
     rank = int(os.environ["RANK"])
     g = torch.Generator().manual_seed(0)
-    data = [{"image": x, "target": y, "index": i} for i, (x, y) in
-            enumerate(zip(torch.randn(16, 3, 64, 64, generator=g), (torch.rand(16, 5, generator=g) > 0.5).float()))]
+    data = Items([{"image": x, "target": y, "index": i} for i, (x, y) in
+                  enumerate(zip(torch.randn(16, 3, 64, 64, generator=g), (torch.rand(16, 5, generator=g) > 0.5).float()))])
     results = {}
     for strategy in strategies:
         if strategy.startswith("zero"):

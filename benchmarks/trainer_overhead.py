@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
+from scaling.data.dataset import split_key  # noqa: E402
 from scaling.engine.schedule import lr_at  # noqa: E402
 from scaling.engine.trainer import Trainer  # noqa: E402
 from scaling.models.optim import build_optimizer  # noqa: E402
@@ -40,7 +41,8 @@ class Data(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.x)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, _ = split_key(key)  # the Trainer's keys are (position, draw_seed); nothing here is random
         return {"image": self.x[i], "target": self.y[i], "index": i}
 
 

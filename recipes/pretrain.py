@@ -84,7 +84,8 @@ class TarShardDataset(Dataset):
     Each sample is a group of members sharing a key: one image (``.jpg``/``.jpeg``/``.png``/``.webp``) and a
     ``.cls`` member holding the integer class. The shards are indexed once (member offsets); items are read with
     a seek, so any sample can be fetched by index without unpacking. Items match ``ImageFolderDataset``:
-    ``{"image": FloatTensor[3, S, S], "target": LongTensor scalar, "index": i}``.
+    ``{"image": uint8 Tensor[3, S, S], "target": LongTensor scalar, "index": i}`` (normalised on the device with
+    ``mean`` / ``std``).
     """
 
     def __init__(self, shards: list[str | Path], image_size: int, train: bool = True):
@@ -115,24 +116,28 @@ class TarShardDataset(Dataset):
         if self.classes != list(range(len(self.classes))):
             raise ValueError(f"class indices must be 0..K-1; found {self.classes[:5]}... ({len(self.classes)} classes)")
         self.image_size = int(image_size)
-        self.transform = build_transform(self.image_size, train, BIT_MEAN, BIT_STD, flip=True)
+        self.mean, self.std = BIT_MEAN, BIT_STD
+        self.transform = build_transform(self.image_size, train, flip=True)
 
     def __len__(self) -> int:
         """Number of images over all shards."""
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        """The ``i``-th image, decoded to RGB at ``image_size``, transformed, with its class index."""
+    def __getitem__(self, key) -> dict:
+        """The image of key ``i`` (or ``(i, draw_seed)``, augmented), decoded to RGB at ``image_size``, with its class."""
         from PIL import Image
 
+        from scaling.data.dataset import split_key
+
+        i, seed = split_key(key)
         shard, offset, size, cls = self.samples[i]
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
             data = f.read(size)
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}
+            pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+        return {"image": self.transform(pixels, seed), "target": torch.tensor(cls, dtype=torch.long), "index": i}
 
 
 def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Dataset:

@@ -198,6 +198,10 @@ class TrainConfig:
     GPUs) or ``model`` (the whole model; under ZeRO DeepSpeed's ``engine.compile``). See docs/scaling-out.md."""
     seed: int = 0
     """Seed for init, data order and augmentation."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (``torch.use_deterministic_algorithms``, cuDNN autotuning off, cuBLAS workspace
+    ``:4096:8``): bit-identical reruns on GPU at a speed cost (docs/scaling-out.md); CPU runs are bit-identical
+    anyway. Process-wide while a Trainer with it lives."""
     log_every: int = 10
     """Log throughput and loss every N optimizer steps."""
     eval_every: int = 0

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file in the run store."""
+"""Atomic file writes (a reader, or a crash, never sees a half-written file in the run store) and checked reads
+(a file that cannot be parsed is an error naming it; none of these formats can run code)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 
 class WriteError(OSError):
@@ -103,3 +106,31 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_write_parquet(path: str | Path, df) -> None:
     """Write a pandas DataFrame as Parquet atomically."""
     atomic_write(path, lambda p: df.to_parquet(p, index=False))
+
+
+class UnreadableFile(ValueError):
+    """A file exists but cannot be read or parsed; the message names it and says why."""
+
+
+def _checked(path: str | Path, read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except Exception as e:  # any parser or OS failure: name the file
+        raise UnreadableFile(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; :class:`UnreadableFile` naming it when it is not UTF-8 JSON."""
+    return _checked(path, lambda: json.loads(Path(path).read_text()))
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """Parse a YAML file with PyYAML's safe loader (plain data only); :class:`UnreadableFile` naming it otherwise."""
+    return _checked(path, lambda: yaml.safe_load(Path(path).read_text()))
+
+
+def read_parquet(path: str | Path):
+    """Read a Parquet file into a pandas DataFrame; :class:`UnreadableFile` naming it otherwise."""
+    import pandas as pd
+
+    return _checked(path, lambda: pd.read_parquet(path))

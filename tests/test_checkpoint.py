@@ -1,44 +1,52 @@
-"""Resumable checkpoints: exact resume (1 process and 2 fresh launches for fsdp and zero3), SIGTERM, bad files."""
+"""Checkpoints in one process: exact resume after a real SIGTERM, what may change on resume (world size under DCP,
+not under ZeRO), bad and malicious files. Real kills and fresh multi-rank launches: tests/test_resume.py."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
-import launcher  # noqa: E402
-from toy import ToyDataset, vit  # noqa: E402
+from toy import SigtermAt, ToyDataset, plant, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
-from scaling.engine.checkpoint import CheckpointError, latest_checkpoint, read_state, resume_run_id  # noqa: E402
-from scaling.engine.trainer import Trainer  # noqa: E402
+from scaling.engine.checkpoint import (  # noqa: E402
+    CheckpointError,
+    check_compatible,
+    latest_checkpoint,
+    read_state,
+    resume_run_id,
+)
+from scaling.engine.trainer import Preempted, Trainer  # noqa: E402
 
 NONE = ShardingConfig(strategy="none")
-CFG = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1, checkpoint_every=3)
-
-
-class Tracker:
-    run_id = "wandb-run-42"
-
-    def log(self, data, step):
-        pass
-
-
-def _losses(trainer):
-    return [h["loss"] for h in trainer.history]
+CFG = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    trainer = Trainer(vit(), CFG, NONE, output_dir=run, tracker=Tracker())
+def reference():
+    """The uninterrupted run's losses and final parameters."""
+    trainer = Trainer(vit(), CFG, NONE)
     trainer.fit(ToyDataset(64))
-    return run, _losses(trainer), trainer.full_state_dict()
+    return [h["loss"] for h in trainer.history], trainer.full_state_dict()
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A run directory whose run got SIGTERM at step 3 (after the periodic checkpoint of step 2)."""
+    run = tmp_path_factory.mktemp("run")
+    with pytest.raises(Preempted) as stop:
+        Trainer(vit(), CFG, NONE, output_dir=run, tracker=SigtermAt(3)).fit(ToyDataset(64))
+    assert stop.value.code == 128 + 15 and stop.value.checkpoint.name == "step_00000003"
+    return run
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -47,79 +55,214 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_resume_in_fresh_trainer_is_exact(uninterrupted, tmp_path):
-    run, losses, params = uninterrupted
-    run = _copy(run, tmp_path)
+def test_resume_in_fresh_trainer_is_exact(preempted, reference, tmp_path):
+    losses, params = reference
+    run = _copy(preempted, tmp_path)
     ckpt = latest_checkpoint(run)
-    assert ckpt.name == "step_00000003" and read_state(ckpt)["step"] == 3
-    assert resume_run_id(run) == "wandb-run-42"  # the tracker continues its W&B run
+    assert read_state(ckpt)["step"] == 3
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "trainer_state.json"]  # no RNG state to restore
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.is_dir()] == ["step_00000003"]  # keep=1
+    assert resume_run_id(run) == "run-1"  # the tracker continues its W&B run
     trainer = Trainer(vit(seed=5), CFG, NONE, output_dir=run)  # different init: everything comes from the file
     summary = trainer.fit(ToyDataset(64))
     assert summary["resumed_from"] == 3
-    assert _losses(trainer) == pytest.approx(losses, abs=1e-6)
+    assert [h["loss"] for h in trainer.history] == losses
     final = trainer.full_state_dict()
-    assert max((final[k] - params[k]).abs().max().item() for k in params) <= 1e-6
+    assert all(torch.equal(final[k], params[k]) for k in params)
     assert not list((run / "checkpoints").glob(".tmp-*"))  # nothing half-written left behind
 
 
-def test_corrupt_state_file_names_the_file(uninterrupted, tmp_path):
-    run = _copy(uninterrupted[0], tmp_path)
+def test_corrupt_state_file_names_the_file(preempted, tmp_path):
+    run = _copy(preempted, tmp_path)
     state = latest_checkpoint(run) / "trainer_state.json"
     state.write_text(state.read_text()[:25])
     with pytest.raises(CheckpointError, match=str(state)):
         Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
 
 
-@pytest.mark.parametrize("field,value", [("world_size", 4), ("strategy", "zero3")])
-def test_incompatible_checkpoint_names_file_and_mismatch(uninterrupted, tmp_path, field, value):
-    run = _copy(uninterrupted[0], tmp_path)
+def test_pointer_outside_the_store_is_refused(preempted, tmp_path):
+    run = _copy(preempted, tmp_path)
+    (run / "checkpoints" / "latest").write_text("../../elsewhere")
+    with pytest.raises(CheckpointError, match=r"latest holds '\.\./\.\./elsewhere', not the name of a checkpoint"):
+        latest_checkpoint(run)
+
+
+def _edit_state(run: Path, **fields) -> Path:
     f = latest_checkpoint(run) / "trainer_state.json"
-    state = json.loads(f.read_text())
-    state[field] = value
-    f.write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=rf"{field}: checkpoint has {value!r}"):
+    f.write_text(json.dumps({**json.loads(f.read_text()), **fields}))
+    return f
+
+
+@pytest.mark.parametrize("field,value", [("strategy", "zero3"), ("total_steps", 7), ("batch_size", 16)])
+def test_incompatible_checkpoint_names_file_and_mismatch(preempted, tmp_path, field, value):
+    run = _copy(preempted, tmp_path)
+    _edit_state(run, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"trainer_state.json does not fit this run: {field}: checkpoint "
+                                              rf"has {value!r}"):
         Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
 
 
-def test_other_model_is_rejected(uninterrupted, tmp_path):
-    run = _copy(uninterrupted[0], tmp_path)
+def test_dcp_checkpoint_of_another_world_size_and_strategy_resumes(preempted, reference, tmp_path):
+    """What 4 fsdp ranks with accumulation wrote resumes in 1 process: DCP reshards by global name and offset
+    (real 2 <-> 1 rank resumes: tests/test_resume.py)."""
+    run = _copy(preempted, tmp_path)
+    _edit_state(run, world_size=4, strategy="fsdp", grad_accum=2)
+    trainer = Trainer(vit(), CFG, NONE, output_dir=run)
+    assert trainer.fit(ToyDataset(64))["resumed_from"] == 3
+    assert all(torch.equal(v, reference[1][k]) for k, v in trainer.full_state_dict().items())
+
+
+def test_zero_checkpoint_on_another_world_size_says_what_to_do(tmp_path):
+    state = {"strategy": "zero3", "world_size": 4, "model_signature": "abc"}
+    expected = {"strategy": "zero3", "world_size": 2, "model_signature": "abc"}
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(tmp_path, state, expected)
+    msg = str(err.value)
+    assert "world_size: checkpoint has 4, this run has 2" in msg
+    assert "relaunch with 4 processes" in msg and "ds_to_universal" in msg and "fsdp" in msg
+    check_compatible(tmp_path, {**state, "world_size": 2}, expected)  # same world size: fine
+
+
+def test_other_model_is_rejected(preempted, tmp_path):
+    run = _copy(preempted, tmp_path)
     with pytest.raises(CheckpointError, match="trainer_state.json does not fit this run: model_signature"):
         Trainer(vit(depth=3), CFG, NONE, output_dir=run).fit(ToyDataset(64))
 
 
-def test_corrupt_shard_names_the_checkpoint(uninterrupted, tmp_path):
-    run = _copy(uninterrupted[0], tmp_path)
-    ckpt = latest_checkpoint(run)
-    for f in (ckpt / "model").glob("*.distcp"):
+def test_corrupt_shard_names_the_file(preempted, tmp_path):
+    run = _copy(preempted, tmp_path)
+    shards = list((latest_checkpoint(run) / "model").glob("*.distcp"))
+    for f in shards:
         f.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=str(ckpt)):
+    with pytest.raises(CheckpointError, match=re.escape(str(shards[0]))):
         Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
 
 
-def test_sigterm_saves_then_fresh_launch_resumes_exactly_fsdp():
-    """2 ranks: SIGTERM mid-run -> checkpoint + exit; a fresh `accelerate launch` resumes it (and the step-3
-    checkpoint of an uninterrupted run) and reproduces the uninterrupted losses and parameters."""
-    reference = launcher.run_suite("torch")["resume_fsdp"]
-    code = launcher.run_and_sigterm("sigterm", marker="alive")
-    assert code != 0
-    ckpt = latest_checkpoint(launcher.out_dir() / "sigterm")
-    assert ckpt is not None and 1 <= read_state(ckpt)["step"] < 6
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json"]
-    assert not list(ckpt.parent.glob(".tmp-*"))
-    out = launcher.run_suite("resume", config="cpu_2proc.yaml", RESUME_STRATEGY="fsdp",
-                             RESUME_DIRS="resume_fsdp,sigterm")
-    for name in ("resume_fsdp", "sigterm"):
-        cell = out[name]
-        assert cell["world"] == 2 and cell["summary"]["resumed_from"] >= 1
-        assert cell["losses"] == pytest.approx(reference["losses"], abs=1e-6)
-        assert max((cell["params"][k] - reference["params"][k]).abs().max().item() for k in cell["params"]) <= 1e-6
+def test_no_file_of_a_checkpoint_runs_code_when_resumed(preempted, tmp_path):
+    """Each file a resume reads, replaced by a pickle that would create a marker file when unpickled: the resume
+    fails with a CheckpointError naming that file, and the marker never appears."""
+    marker = tmp_path / "PWNED"
+    plant(tmp_path / "probe.pkl", marker)
+    pickle.loads((tmp_path / "probe.pkl").read_bytes())
+    assert marker.exists()  # the payload is live: plain unpickling runs it
+    marker.unlink()
+    files = sorted(p.relative_to(preempted) for p in (preempted / "checkpoints").rglob("*") if p.is_file())
+    assert {f.name for f in files} == {"latest", "trainer_state.json", ".metadata", "__0_0.distcp"}
+    for f in files:
+        run = tmp_path / f"run_{f.name}"
+        shutil.copytree(preempted, run)
+        plant(run / f, marker)
+        with pytest.raises(CheckpointError, match=re.escape(str(run / f))):
+            Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))
+        assert not marker.exists(), f"unpickling {f} ran code"
 
 
-def test_zero3_fresh_launch_resumes_exactly():
-    reference = launcher.run_suite("zero", deepspeed=True)["resume_zero3"]
-    out = launcher.run_suite("resume", config="cpu_2proc_zero3.yaml", RESUME_STRATEGY="zero3",
-                             RESUME_DIRS="resume_zero3")
-    cell = out["resume_zero3"]
-    assert cell["world"] == 2 and cell["summary"]["resumed_from"] == 3
-    assert cell["losses"] == pytest.approx(reference["losses"], abs=1e-6)
-    assert max((cell["params"][k] - reference["params"][k]).abs().max().item() for k in cell["params"]) <= 1e-6
+class Recorder:
+    run_id = "run-2"
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step):
+        self.logged.append((step, dict(data)))
+
+
+def test_finished_training_is_kept_and_a_second_fit_only_evaluates(preempted, reference, tmp_path):
+    """The run finishes (after a resume): only the final checkpoint stays (fp32 weights + summary, no optimizer
+    state); a second fit in a fresh Trainer trains nothing, returns the same summary and predicts the same."""
+    from safetensors.torch import load_file
+
+    run = _copy(preempted, tmp_path)
+    first = Trainer(vit(), CFG, NONE, output_dir=run)
+    summary = first.fit(ToyDataset(64), val_dataset=ToyDataset(16, seed=4))
+    assert summary["resumed_from"] == 3 and summary["from_final_checkpoint"] is False
+    final = latest_checkpoint(run)
+    assert final.name == "final" and (run / "checkpoints" / "latest").read_text() == "final"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "latest"]  # step_* removed
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "trainer_state.json"]
+    weights = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in reference[1].items())
+    test = ToyDataset(20, seed=3)
+    want = first.predict(test)["logits"]
+
+    tracker = Recorder()
+    again = Trainer(vit(seed=8), CFG, NONE, output_dir=run, tracker=tracker)
+    second = again.fit(ToyDataset(64), val_dataset=ToyDataset(16, seed=4))
+    assert second["from_final_checkpoint"] is True
+    assert {k: v for k, v in second.items() if k != "from_final_checkpoint"} == \
+        {k: v for k, v in summary.items() if k != "from_final_checkpoint"}  # val_loss recomputed: equal
+    assert [s for s, d in tracker.logged if "train/loss" in d] == []  # nothing trained
+    assert (again.predict(test)["logits"] == want).all()
+    assert [h["loss"] for h in again.history] == reference[0]
+    assert resume_run_id(run) is None  # the finishing launch had no tracker
+
+
+class AtStep:
+    """Tracker double that calls ``fn`` when step ``at`` is logged."""
+
+    run_id = "run-3"
+
+    def __init__(self, at: int, fn):
+        self.at, self.fn = at, fn
+
+    def log(self, data, step):
+        if step == self.at:
+            self.fn()
+
+
+def test_a_checkpoint_that_does_not_fit_on_disk_is_a_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    import scaling.engine.checkpoint as ckpt
+
+    def full_disk():
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError) as err:
+        Trainer(vit(), CFG, NONE, output_dir=run, tracker=AtStep(3, full_disk)).fit(ToyDataset(64))
+    assert isinstance(err.value, Exception)  # caught by a study's `except Exception` (DCP's own is a BaseException)
+    msg = str(err.value)
+    needed = int(re.search(r"needs about ([\d,]+) bytes", msg).group(1).replace(",", ""))
+    assert 2 * 4 * sum(p.numel() for p in vit().parameters()) <= needed  # fp32 weights + momentum
+    assert str(run / "checkpoints" / "step_00000004") in msg and "1,000 bytes are available" in msg
+    assert "previous checkpoint" in msg and "step_00000002) is intact" in msg
+    assert latest_checkpoint(run).name == "step_00000002" and not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()
+    assert Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))["resumed_from"] == 2
+
+
+FSIZE_SCRIPT = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from toy import ToyDataset, vit
+from scaling.config import ShardingConfig, TrainConfig
+from scaling.engine.trainer import Trainer
+
+class Limit:  # at step 3, files may grow to 50 kB only (the checkpoint of step 4 is larger)
+    run_id = "x"
+    def log(self, data, step):
+        if step == 3:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so write() fails with EFBIG instead of killing us
+            resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+cfg = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1, checkpoint_every=2)
+try:
+    Trainer(vit(), cfg, ShardingConfig(strategy="none"), output_dir=sys.argv[1], tracker=Limit()).fit(ToyDataset(64))
+    print(json.dumps({"error": None}))
+except BaseException as e:
+    print(json.dumps({"type": type(e).__name__, "exception": isinstance(e, Exception), "error": str(e)}))
+"""
+
+
+def test_a_write_beyond_the_file_size_limit_is_a_clear_error_and_keeps_the_previous(tmp_path):
+    """A real failing write (RLIMIT_FSIZE in a subprocess: EFBIG half-way through the shard file)."""
+    import subprocess
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(run), str(Path(__file__).parent / "dist_scripts")],
+                          capture_output=True, text=True, timeout=300)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["type"] == "CheckpointError" and out["exception"] is True, proc.stderr[-3000:]
+    msg = out["error"]
+    assert str(run / "checkpoints" / "step_00000004") in msg and "a short write" in msg
+    assert "limited to 50,000 bytes (RLIMIT_FSIZE" in msg and re.search(r"needs about [\d,]+ bytes", msg)
+    assert latest_checkpoint(run).name == "step_00000002" and not list((run / "checkpoints").glob(".tmp-*"))
+    assert Trainer(vit(), CFG, NONE, output_dir=run).fit(ToyDataset(64))["resumed_from"] == 2

@@ -12,6 +12,7 @@ from PIL import Image
 from scaling.data import DataError
 from scaling.data.dataset import ImageFolderDataset, TableDataset
 from scaling.data.images import ImageCache, check_images, decode, quantise, to_float
+from scaling.engine.inputs import Normalisation, to_device
 
 SIZE = 16
 
@@ -64,30 +65,30 @@ def test_cache_equals_direct_decode(tmp_path, kind):
     for i in range(len(df)):
         x, y = cached.load_pixels(i), direct.load_pixels(i)
         assert x.shape == y.shape == ((3 if kind == "rgb" else 1), SIZE, SIZE)
-        if kind == "png16":  # stored as uint16: within half a quantisation step
-            assert torch.allclose(x, y, atol=0.5 / 65535 + 1e-7)
-            assert torch.allclose(cached[i]["image"], direct[i]["image"], atol=2 / 65535)
-        else:
-            assert torch.equal(x, y)
-            assert torch.equal(cached[i]["image"], direct[i]["image"])
+        assert x.dtype == y.dtype == (torch.uint16 if kind == "png16" else torch.uint8)
+        assert torch.equal(x, y)  # decoded directly, an image is quantised exactly as the cache stores it
+        assert torch.equal(cached[i]["image"], direct[i]["image"])
 
 
 def test_dataset_items(tmp_path):
     df = write_images(tmp_path)
     ds = TableDataset(df, ["Edema", "Fracture", "Nodule"], SIZE, train=True, cache_dir=tmp_path / "cache")
     item = ds[5]
-    assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (1, SIZE, SIZE) and item["image"].dtype == torch.uint8  # normalised on the device
     assert item["index"] == 5
     assert item["target"].dtype == torch.float32
     assert item["target"].tolist()[:2] == [1.0, 0.0] and np.isnan(item["target"][2].item())  # Nodule: not labelled
     assert np.isnan(ds[0]["target"][1].item())  # a NaN in the table stays NaN
-    assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0  # BiT normalisation
+    assert (ds.mean, ds.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BiT normalisation, applied by to_device
     blob = pickle.dumps(ds)  # DataLoader workers: the memmap is reopened, not pickled
     assert len(blob) < 20_000
     clone = pickle.loads(blob)
     assert torch.equal(clone.load_pixels(2), ds.load_pixels(2))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["image"].shape == (4, 1, SIZE, SIZE) and batch["index"].tolist() == [0, 1, 2, 3]
+    x = to_device(batch["image"], torch.device("cpu"), Normalisation.of(ds))
+    assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
 def test_cache_rebuilt_when_source_or_resolution_changes(tmp_path):
@@ -171,7 +172,9 @@ def test_image_folder_dataset(tmp_path):
     item = ds[4]
     assert item["image"].shape == (3, SIZE, SIZE) and item["index"] == 4
     assert item["target"].dtype == torch.long and item["target"].shape == () and int(item["target"]) == 1
-    assert torch.allclose(item["image"], torch.full((3, SIZE, SIZE), to_float(np.uint8(40)) * 2 - 1), atol=1e-6)
+    assert torch.equal(item["image"], torch.full((3, SIZE, SIZE), 40, dtype=torch.uint8))
+    x = to_device(item["image"][None], torch.device("cpu"), Normalisation.of(ds))
+    assert torch.allclose(x, torch.full((1, 3, SIZE, SIZE), to_float(np.uint8(40)) * 2 - 1), atol=1e-6)
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing", SIZE)
 
@@ -196,4 +199,4 @@ def test_dicom_dispatch_and_uint16_cache(tmp_path):
     assert cache.read(df["path"][1]).dtype == np.uint16
     ds = TableDataset(df, ["Malignant"], SIZE, cache_dir=tmp_path / "cache")
     direct = TableDataset(df, ["Malignant"], SIZE)
-    assert torch.allclose(ds.load_pixels(1), direct.load_pixels(1), atol=0.5 / 65535 + 1e-7)
+    assert ds.load_pixels(1).dtype == torch.uint16 and torch.equal(ds.load_pixels(1), direct.load_pixels(1))

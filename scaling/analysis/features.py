@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from scaling.engine.distributed import ShardedEvalSampler
+from scaling.engine.inputs import Normalisation, to_device
 from scaling.models.families import family_spec, timm_model
 
 PRE_LOGITS = "pre_logits"
@@ -102,6 +103,8 @@ class _Positions(Dataset):
 
     def __init__(self, dataset: Dataset, lo: int, hi: int):
         self.dataset, self.lo, self.hi = dataset, lo, hi
+        # Integer images are normalised on the device with the dataset's statistics (scaling.engine.inputs).
+        self.mean, self.std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
 
     def __len__(self) -> int:
         return self.hi - self.lo
@@ -141,9 +144,10 @@ def _run_module(model: nn.Module, chunk: _Positions, layers: Sequence[str], batc
     model.eval()
     logits, targets = [], []
     loader = DataLoader(chunk, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    norm = Normalisation.of(chunk)
     with _capture(model, layers) as store:
         for b in loader:
-            logits.append(model(b["image"].to(device)).float().cpu())
+            logits.append(model(to_device(b["image"], device, norm)).float().cpu())
             targets.append(b["target"])
     if not logits:
         raise ValueError("the dataset is empty")

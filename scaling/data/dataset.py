@@ -1,8 +1,17 @@
 """Torch datasets: multi-label samples from a sample table, and single-label ImageFolder data for pretraining.
 
-Items are dicts ``{"image": FloatTensor[3, H, W], "target": ..., "index": int}``. ``index`` is the row position in
-the table (or file list); the trainer gathers indices across ranks and drops the duplicates that distributed
-padding creates, then maps indices back to ``sample_id`` / ``patient_id``.
+Items are dicts ``{"image": uint8 | uint16 Tensor[C, H, W], "target": ..., "index": int}``: pixels after augmentation,
+not normalised, as stored in the image cache (uint8 for 8-bit sources, uint16 for 16-bit PNG and DICOM, full range),
+with the dataset's channels (1 for grayscale). ``scaling.engine.inputs.to_device`` turns a batch into normalised
+float with 3 channels on the accelerator, with the dataset's ``mean`` / ``std``: 4x fewer bytes than float32
+through the DataLoader and the host→device copy. ``index`` is the row position in the table (or file list); the
+trainer gathers indices across ranks and drops the duplicates that distributed padding creates, then maps indices
+back to ``sample_id`` / ``patient_id``.
+
+Keys: ``ds[i]`` (an int) is the sample without randomness (evaluation); ``ds[(i, draw_seed)]`` is the training view,
+augmented from a generator seeded with ``draw_seed`` (the trainer's sampler derives it from the run seed, the step
+and the slot in the global batch). No sample ever draws from a global RNG, so a resumed run, or one with more
+DataLoader workers, sees the same pixels.
 """
 
 from __future__ import annotations
@@ -26,12 +35,26 @@ from scaling.data.images import (
     check_on_bad_image,
     decode,
     probe,
-    to_float,
+    quantise,
 )
 from scaling.data.labels import select_labels
 from scaling.data.table import LABEL_PREFIX, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    # Pillow's arrays are read-only views; a tensor over them would warn and must not be written to.
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def split_key(key) -> tuple[int, int | None]:
+    """``(position, draw_seed)`` of a dataset key: an int (``draw_seed`` None: no randomness) or such a pair."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key is an int or a (position, draw_seed) pair, got {key!r}")
+        return int(key[0]), int(key[1])
+    return int(key), None
 
 
 def prepare_table(
@@ -67,7 +90,8 @@ class TableDataset(Dataset):
     table of a study) and read from it; otherwise they are decoded on every access. ``on_bad_image='skip'`` drops
     unreadable images up front: ``n_skipped`` / ``skipped`` say which, for the run's metadata, and ``table`` holds
     the rows actually served (``index`` in every item is a row position of ``table``). ``channels`` (1 or 3)
-    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray).
+    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray). ``mean`` /
+    ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset).
     """
 
     def __init__(
@@ -91,13 +115,17 @@ class TableDataset(Dataset):
         self.targets = torch.tensor(self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(dtype=np.float32))
         self.sample_ids = self.table["sample_id"].astype(str).tolist()
         self.paths = self.table["path"].astype(str).tolist()
-        if channels is None and self.cache is None and self.paths:
+        # Without a cache, every image is quantised like the cache would store it: to the first image's kind.
+        self.dtype = np.dtype(np.uint8)
+        if self.cache is None and self.paths:
             try:
-                channels = probe(self.paths[0])[0]
+                probed_channels, self.dtype = probe(self.paths[0])
             except Exception as e:  # the first image is unreadable: name it
                 raise bad_image_error(self.paths[0], self.sample_ids[0], e) from e
+            channels = channels or probed_channels
         self.channels = channels or 1
-        self.transform = build_transform(self.image_size, train, mean, std, flip)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = build_transform(self.image_size, train, flip)
 
     @property
     def n_skipped(self) -> int:
@@ -109,24 +137,29 @@ class TableDataset(Dataset):
         return len(self.sample_ids)
 
     def load_pixels(self, i: int) -> torch.Tensor:
-        """Row ``i``'s image as a float tensor in [0, 1], ``(C, image_size, image_size)``, before the transform."""
+        """Row ``i``'s image, uint8 or uint16 ``(C, image_size, image_size)``, before the transform.
+
+        From the cache, or decoded and quantised exactly as the cache stores it (so both give the same pixels).
+        """
         if self.cache is not None:
-            return torch.from_numpy(to_float(self.cache.read(self.paths[i])))
+            return torch.from_numpy(self.cache.read(self.paths[i]))
         try:
-            return torch.from_numpy(to_float(decode(self.paths[i], self.image_size, self.channels)))
+            return _tensor(quantise(decode(self.paths[i], self.image_size, self.channels), self.dtype))
         except Exception as e:  # name the file and sample of any decoder failure
             raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
 
-    def __getitem__(self, i: int) -> dict:
-        """``{"image": FloatTensor[3, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}``."""
-        return {"image": self.transform(self.load_pixels(i)), "target": self.targets[i], "index": i}
+    def __getitem__(self, key) -> dict:
+        """``{"image": uint8/uint16 Tensor[C, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}`` for
+        key ``i`` or ``(i, draw_seed)`` (see the module docstring)."""
+        i, seed = split_key(key)
+        return {"image": self.transform(self.load_pixels(i), seed), "target": self.targets[i], "index": i}
 
 
 class ImageFolderDataset(Dataset):
     """Single-label dataset over ``root/<class>/<image>`` (upstream pretraining): ``target`` is a LongTensor scalar.
 
     Classes are the sorted sub-directory names; images are decoded as RGB on every access (pretraining images are
-    small and generated at the training resolution).
+    small and generated at the training resolution) and served as uint8 (16-bit sources are quantised to 8 bits).
     """
 
     def __init__(
@@ -152,17 +185,20 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise DataError(f"image folder {self.root} has no images (suffixes {IMAGE_SUFFIXES})")
         self.image_size = int(image_size)
-        self.transform = build_transform(self.image_size, train, mean, std, flip=True)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = build_transform(self.image_size, train, flip=True)
 
     def __len__(self) -> int:
         """Number of images."""
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        """``{"image": FloatTensor[3, H, W], "target": LongTensor scalar (class index), "index": i}``."""
+    def __getitem__(self, key) -> dict:
+        """``{"image": uint8 Tensor[3, H, W], "target": LongTensor scalar (class index), "index": i}`` for key ``i``
+        or ``(i, draw_seed)`` (see the module docstring)."""
+        i, seed = split_key(key)
         path, cls = self.samples[i]
         try:
-            pixels = torch.from_numpy(to_float(decode(path, self.image_size, channels=3)))
+            pixels = _tensor(quantise(decode(path, self.image_size, channels=3), np.uint8))
         except Exception as e:  # name the file of any decoder failure
             raise bad_image_error(path, f"{self.classes[cls]}/{path.name}", e) from e
-        return {"image": self.transform(pixels), "target": torch.tensor(cls, dtype=torch.long), "index": i}
+        return {"image": self.transform(pixels, seed), "target": torch.tensor(cls, dtype=torch.long), "index": i}

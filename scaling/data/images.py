@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from scaling.data.table import DataError
 from scaling.io import atomic_write_json, atomic_write_parquet, check_free_space, write_error
@@ -176,40 +177,80 @@ def check_on_bad_image(policy: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ToThreeChannels(torch.nn.Module):
-    """Replicate a 1-channel image to 3 channels for ImageNet-style backbones (a view, no copy)."""
+CROP_SCALE = (0.75, 1.0)
+"""Random resized crop: fraction of the image area kept."""
+CROP_RATIO = (0.9, 1.1)
+"""Random resized crop: aspect ratio range (near-square)."""
+ROTATION_DEGREES = 7.0
+"""Random rotation: uniform in ``[-7, 7]`` degrees."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Expand ``(1, H, W)`` to ``(3, H, W)``; 3-channel input passes through."""
-        return x.expand(3, *x.shape[1:]) if x.shape[0] == 1 else x
 
+def crop_params(height: int, width: int, generator: torch.Generator, scale=CROP_SCALE,
+                ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random resized crop, drawn from ``generator``.
 
-def build_transform(
-    image_size: int,
-    train: bool,
-    mean: Sequence[float] = BIT_MEAN,
-    std: Sequence[float] = BIT_STD,
-    flip: bool = False,
-) -> v2.Compose:
-    """Transform a ``(C, H, W)`` float tensor in [0, 1] to a normalised ``(3, image_size, image_size)`` tensor.
-
-    Train adds light augmentation: a random resized crop covering 75-100 % of the image with near-square aspect and
-    a small rotation. Horizontal flips are off by default because chest anatomy is not mirror-symmetric (the heart
-    is on the left); turn ``flip`` on for dermatology.
+    The same draws, in the same order, as torchvision 0.29's ``v2.RandomResizedCrop.make_params`` (10 tries of area
+    and log-aspect, then a centre crop clamped to ``ratio``), so with a generator seeded like the global RNG the crop
+    is torchvision's.
     """
-    # Geometry runs before the channel expansion: on a 1-channel image it is 3x cheaper.
-    steps: list = []
-    if train:
-        steps += [
-            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomRotation(7),
-        ]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision computes it
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
     else:
-        steps.append(v2.Resize((image_size, image_size), antialias=True))
-    steps += [ToThreeChannels(), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ImageTransform:
+    """Geometry of the train/eval pipeline on a ``(C, H, W)`` image, with randomness only from an explicit seed.
+
+    ``transform(image)`` (or ``seed=None``, or ``train=False``) resizes to ``image_size`` if needed and draws nothing.
+    ``transform(image, seed)`` with ``train=True`` augments: a random resized crop covering 75-100 % of the image
+    with near-square aspect, a rotation of up to 7 degrees (nearest neighbour, black corners) and, with ``flip``,
+    a horizontal flip half of the time, all drawn from ``torch.Generator().manual_seed(seed)``.
+
+    Why not torchvision's ``v2.RandomResizedCrop`` / ``v2.RandomRotation``: they draw from the process-global RNG,
+    so what a sample gets depends on everything drawn before it in that process (the order of a resume, the
+    number of DataLoader workers). The draws here are theirs, made from the sample's own generator; a test checks
+    that ``torch.manual_seed(s)`` + the torchvision pipeline gives the same pixels as ``transform(image, s)``.
+    Horizontal flips are off by default because chest anatomy is not mirror-symmetric (the heart is on the left);
+    turn ``flip`` on for dermatology.
+    """
+
+    def __init__(self, image_size: int, train: bool, flip: bool = False):
+        self.image_size, self.train, self.flip = int(image_size), bool(train), bool(flip)
+
+    def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """The transformed ``(C, image_size, image_size)`` image, of the input's dtype."""
+        size = [self.image_size, self.image_size]
+        if not self.train or seed is None:
+            return image if tuple(image.shape[-2:]) == tuple(size) else F.resize(image, size, antialias=True)
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop_params(image.shape[-2], image.shape[-1], g)
+        out = F.resized_crop(image, top, left, h, w, size, antialias=True)
+        angle = torch.empty(1).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=g).item()
+        out = F.rotate(out, angle)  # torchvision's RandomRotation defaults: nearest neighbour, fill 0
+        if self.flip and torch.rand(1, generator=g).item() < 0.5:
+            out = F.horizontal_flip(out)
+        return out
+
+
+def build_transform(image_size: int, train: bool, flip: bool = False) -> ImageTransform:
+    """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size`` (:class:`ImageTransform`)."""
+    return ImageTransform(image_size, train, flip)
 
 
 # ----------------------------------------------------------------------------------------------------------------

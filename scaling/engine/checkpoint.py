@@ -1,32 +1,52 @@
-"""Resumable training state (sharded, atomic) and the consolidated single-file export.
+"""Resumable training state (sharded, atomic), loaded without running code from the files, and the fp32 export.
 
 Layout of a run directory::
 
     <run_dir>/checkpoints/latest            name of the newest complete checkpoint (written last, atomically)
-    <run_dir>/checkpoints/step_00000120/    one checkpoint
-        trainer_state.json                  step, world size, strategy, model signature, tracker run id
-        rng_rank<r>.pt                      torch / numpy / python RNG states of rank r
+    <run_dir>/checkpoints/step_00000120/    a resumable checkpoint, while training runs
+        trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
+    <run_dir>/checkpoints/final/            what is kept once training has finished (replaces the step_* ones)
+        trainer_state.json                  as above, plus "final": true and the training summary
+        model.safetensors                   the consolidated fp32 weights (no optimizer state)
 
-A checkpoint is written into ``.tmp-step_*`` and renamed only when every rank has finished, then ``latest`` is
-replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. Sharded formats are used for resume
+A checkpoint is written into ``.tmp-<name>`` and renamed only when every rank has finished, then ``latest`` is
+replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. When training ends, ``final`` is
+written and the resumable checkpoints are removed: the optimizer state (1x the parameters for SGD with momentum,
+2x for AdamW, in fp32) is only needed to continue training, the weights are needed to evaluate again (a study
+killed during evaluation re-runs only the evaluation). A 928M-parameter backbone keeps 3.7 GB per finished run,
+and needs room for one resumable checkpoint plus the one being written while it trains. Sharded formats are used for resume
 (never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors,
-https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32
-safetensors export is separate and written once at the end.
+https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32 safetensors export is separate.
+
+There is no RNG state in a checkpoint: every random draw of a run is seeded from (run seed, step, slot)
+(``scaling.engine.seeds``), so a resumed step draws what the uninterrupted run drew without restoring anything.
+
+Nothing read from a checkpoint runs code. ``trainer_state.json`` is JSON and ``latest`` a name checked against
+``step_<8 digits>``. torch.distributed.checkpoint stores its index (``model/.metadata``) as a pickle and loads
+non-tensor values with ``torch.load(weights_only=False)`` (torch 2.14 ``filesystem.py`` / ``default_planner.py``);
+here the index is unpickled with an allowlist of DCP's own metadata classes and the values with
+``weights_only=True``. DeepSpeed 0.19.8 loads its ZeRO files with ``torch.load(weights_only=False)``
+(``runtime/checkpoint_engine/torch_checkpoint_engine.py``); here they are loaded with ``weights_only=True`` and
+DeepSpeed's four record classes allowlisted. A file that holds anything else is refused with a
+:class:`CheckpointError` naming it. Still, a checkpoint directory is input to a complex deserialiser: scaling
+only ever loads the checkpoints of its own store's runs; do not copy checkpoints from sources you do not trust
+into a store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import random
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -36,11 +56,14 @@ from scaling.io import atomic_write, atomic_write_json, atomic_write_text
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no per-rank RNG files (seeds are derived per step)
+FINAL = "final"
+WEIGHTS_FILE = "model.safetensors"
+_NAME = re.compile(r"step_\d{8}|final")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is unreadable or does not fit this run; the message names the file and the mismatch."""
+    """A checkpoint is unreadable, refused, does not fit this run, or could not be written; names the file."""
 
 
 def model_signature(names_and_shapes: list[tuple[str, tuple[int, ...]]]) -> str:
@@ -59,7 +82,13 @@ def latest_checkpoint(run_dir: str | Path | None) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable checkpoint pointer ({type(e).__name__}: {e})") from None
+    if not _NAME.fullmatch(name):  # also keeps a crafted pointer from naming a directory outside the store
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint (step_<8 digits> or "
+                              f"final)")
     path = root / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, but {path} does not exist")
@@ -71,8 +100,8 @@ def read_state(ckpt: Path) -> dict:
     f = ckpt / STATE_FILE
     try:
         state = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: unreadable checkpoint state ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{f}: not a scaling checkpoint of format {FORMAT_VERSION}")
     return state
@@ -84,36 +113,153 @@ def resume_run_id(run_dir: str | Path) -> str | None:
     return read_state(ckpt).get("run_id") if ckpt else None
 
 
+# Strategies whose checkpoints torch.distributed.checkpoint writes: their tensors are stored by global name and
+# offset, so DCP reshards them on load to any world size and any of these strategies (the 1-process run's plain
+# tensors and FSDP2's DTensor shards share names).
+DCP_STRATEGIES = ("none", "ddp", "fsdp", "fsdp_grad_op", "hsdp")
+# What a DCP checkpoint may change on resume: the global batch of every step is the same for any world size and
+# accumulation (StepBatchSampler), so only the order of floating-point reductions differs. A final checkpoint holds
+# consolidated weights, which any strategy on any world size loads.
+_RESHARDABLE = ("world_size", "strategy", "grad_accum")
+
+
 def check_compatible(ckpt: Path, state: dict, expected: dict) -> None:
-    """Raise :class:`CheckpointError` naming the file and every field where ``state`` differs from ``expected``."""
+    """Raise :class:`CheckpointError` naming the file and every field where ``state`` differs from ``expected``.
+
+    A checkpoint of a DCP strategy (:data:`DCP_STRATEGIES`) resumes with another world size, DCP strategy or
+    accumulation; a ZeRO checkpoint only with the world size and strategy that wrote it.
+    """
+    resharding = state.get("final") is True or (
+        state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES)
     diffs = [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in expected.items()
-             if state.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs))
+             if state.get(k) != v and not (resharding and k in _RESHARDABLE)]
+    if not diffs:
+        return
+    msg = f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs)
+    if str(state.get("strategy", "")).startswith("zero") and state.get("world_size") != expected.get("world_size"):
+        msg += (f". DeepSpeed ZeRO partitions parameters and optimizer state per rank, so this checkpoint resumes "
+                f"only on {state.get('world_size')} processes: relaunch with {state.get('world_size')} processes. "
+                f"scaling does not reshard ZeRO checkpoints; DeepSpeed's own converter to its world-size-free "
+                f"'universal' format (python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{ckpt / 'model' / 'state'} --output_folder <dir>) is not loaded by scaling. The FSDP strategies "
+                f"(sharding.strategy: fsdp) resume on any number of processes")
+    raise CheckpointError(msg)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# RNG states
+# Loading without running code from the files
 # --------------------------------------------------------------------------------------------------------------
 
-
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+# Globals a DCP index may name besides the classes of torch.distributed.checkpoint.metadata (found by recording
+# find_class over indices of none/fsdp checkpoints, SGD and AdamW, torch 2.14): each builds a value, none runs code.
+_DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("collections", "OrderedDict")}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP index, refusing every global but DCP's metadata records, ``torch.Size`` and dtypes."""
+
+    def find_class(self, module: str, name: str):
+        from torch.distributed.checkpoint import metadata
+
+        obj = getattr(metadata, name, None) if module == metadata.__name__ else None
+        if isinstance(obj, type) and obj.__module__ == metadata.__name__:
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint index")
+
+
+def _dcp_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with an allowlisting unpickler for the index and file names in read errors."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            index = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(index, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except Exception as e:  # refused global, truncated or foreign file
+                raise CheckpointError(f"{index}: refused or unreadable checkpoint index ({type(e).__name__}: {e})")
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"{index}: holds a {type(metadata).__name__}, not a checkpoint index")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan, planner):
+            try:
+                return super().read_data(plan, planner)
+            except Exception as e:
+                files = sorted({str(self.path / self.storage_data[i.storage_index].relative_path) for i in plan.items})
+                raise CheckpointError(f"{', '.join(files)}: unreadable checkpoint shard ({type(e).__name__}: {e})")
+
+    return SafeReader(path)
+
+
+def _dcp_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        """DCP's default planner, loading the non-tensor values (lr, betas, step ...) with ``weights_only=True``."""
+
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
+def _zero_globals() -> list[type]:
+    # The record classes DeepSpeed 0.19.8 pickles into ZeRO optimizer files (stage_1_and_2.py / stage3.py
+    # state_dict): plain data, rebuilt without calling any method.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_deepspeed(engine):
+    """Make ``engine``'s checkpoint engine load with ``torch.load(weights_only=True)`` while the block runs."""
+    ce = engine.checkpoint_engine
+    allowed = _zero_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # a refused global or a damaged file: say which file, and what was refused
+            why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
+            raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
+                                  f"{why[:300]})") from None
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        del ce.load  # back to the class's method
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The first :class:`CheckpointError` inside DCP's ``CheckpointException`` (per-rank failures), else ``e``."""
+    for exc, _ in getattr(e, "failures", {}).values():
+        if isinstance(exc, CheckpointError):
+            return exc
+    return e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,50 +279,225 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
     """Write a resumable checkpoint of ``step`` atomically and point ``latest`` at it. Every rank must call.
 
     ``state`` (JSON-safe) is written by rank 0; ``engine`` is the DeepSpeed engine under ZeRO (its own sharded
-    format), otherwise model + optimizer go through ``torch.distributed.checkpoint``.
+    format), otherwise model + optimizer go through ``torch.distributed.checkpoint``. A write that fails (full disk,
+    file size limit) raises :class:`CheckpointError` on every rank and leaves the previous checkpoint as it was.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     name = f"step_{step:08d}"
-    tmp = root / f".tmp-{name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / "model"), tag="state", save_latest=False)
-    else:
-        import torch.distributed.checkpoint as dcp
+    if (root / LATEST).is_file() and (root / LATEST).read_text().strip() == name:
+        return root / name  # this step is saved already (a periodic checkpoint, then a signal in the same step)
+    sd = None if engine is not None else _dcp_state(module, optimizer)
+    needed = _zero_bytes(engine, module, rank) if engine is not None else _tensor_bytes(sd)
 
-        sd = _dcp_state(module, optimizer)
-        if torch.distributed.is_initialized():
-            dcp.save(sd, checkpoint_id=str(tmp / "model"))
+    def write(tmp: Path) -> None:
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / "model"), tag="state", save_latest=False)
         else:
-            dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
-    atomic_write(tmp / f"rng_rank{rank}.pt", lambda p: torch.save(rng_state(), p))
-    if rank == 0:
-        atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
-    _barrier()
-    if rank == 0:
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST, name)
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return root / name
+            import torch.distributed.checkpoint as dcp
+
+            if torch.distributed.is_initialized():
+                dcp.save(sd, checkpoint_id=str(tmp / "model"))
+            else:
+                dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
+        if rank == 0:
+            atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
+
+    return _publish(root, name, write, rank, keep_others=keep - 1, needed=needed)
 
 
-def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engine=None) -> None:
-    """Load model, optimizer and this rank's RNG state from ``ckpt`` (after :func:`check_compatible`)."""
+def save_final(run_dir: str | Path, step: int, state: dict, tensors: dict[str, torch.Tensor] | None, *,
+               rank: int) -> Path:
+    """Write the checkpoint kept after training: consolidated fp32 ``tensors`` (rank 0's; None elsewhere) and
+    ``state`` (with the training summary), point ``latest`` at it and remove the resumable checkpoints.
+    Every rank must call; a failed write raises :class:`CheckpointError` as :func:`save_checkpoint` does."""
+
+    def write(tmp: Path) -> None:
+        if rank == 0:
+            save_safetensors(tensors, tmp / WEIGHTS_FILE, {"step": step})
+            atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, "final": True, **state})
+
+    needed = _tensor_bytes(tensors) if rank == 0 else 0
+    return _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0, needed=needed)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: what writing it puts on disk, within a few %."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor writes only its shard
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _zero_bytes(engine, module: nn.Module, rank: int) -> int:
+    """Bytes a ZeRO rank writes: its optimizer partition (fp32 master + moments), plus the module's parameters on
+    rank 0 under ZeRO-1/2 (the model-states file) or this rank's parameter partitions under ZeRO-3."""
+    n = _tensor_bytes(engine.optimizer.state_dict())
+    params = list(module.parameters())
+    if params and hasattr(params[0], "ds_tensor"):
+        n += sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+    elif rank == 0:
+        n += sum(p.numel() * p.element_size() for p in params)
+    return n
+
+
+def _space(root: Path) -> tuple[int, str]:
+    """(bytes free on the file system holding ``root``, a note on a per-file size limit if one is set)."""
+    import resource
+
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    note = f"; files are limited to {soft:,} bytes (RLIMIT_FSIZE, ulimit -f)" if soft != resource.RLIM_INFINITY else ""
+    return free, note
+
+
+def _gather(value) -> list:
+    """``value`` of every rank (a barrier too); ``[value]`` without a process group."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _agree(error: str | None) -> list[str]:
+    """Every rank's error of one checkpoint phase, as ``rank <r>: <error>``. All ranks raise, or none: a rank that
+    raised alone would leave the others waiting in the next collective."""
+    return [f"rank {r}: {e}" for r, e in enumerate(_gather(error)) if e is not None]
+
+
+def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: int) -> Path:
+    """Run ``write(tmp)`` on every rank into ``root/.tmp-<name>``, then (rank 0) rename it to ``root/<name>``,
+    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints.
+
+    Before writing, every rank checks that the file system has room for the ``needed`` bytes it will write; a
+    failed check or write raises :class:`CheckpointError` on every rank naming the path and the bytes needed and
+    available, with the half-written directory removed and ``latest`` still naming the previous checkpoint.
+    DeepSpeed writes its ZeRO files without this agreement: if one rank alone fails inside
+    ``engine.save_checkpoint``, the others wait in DeepSpeed's barrier until the process-group timeout.
+    """
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    rng_file = ckpt / f"rng_rank{rank}.pt"
+    tmp, final = root / f".tmp-{name}", root / name
+    error = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    errors = _agree(error)
+    free, limit = _space(root)
+    total = sum(_gather(needed))  # the ranks share the checkpoint's file system
+    if not errors and total > free:
+        errors = [f"not enough space for about {total:,} bytes"]
+    if not errors:
+        try:
+            write(tmp)
+        except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, EFBIG) in a BaseException
+            inner = [exc for exc, _ in getattr(e, "failures", {}).values()]
+            error = f"{type(e).__name__}: {inner[0] if inner else e}"[:500]
+            if "unexpected pos" in error:  # torch's zip writer reports a short write (ENOSPC, EFBIG) only this way
+                error += " (a short write: the disk, a quota or a file size limit is full)"
+        errors = _agree(error)
+    if not errors:
+        if rank == 0:
+            try:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                atomic_write_text(root / LATEST, name)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        errors = _agree(error)
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pointer = root / LATEST
+            if final.is_dir() and not (pointer.is_file() and pointer.read_text().strip() == name):
+                shutil.rmtree(final, ignore_errors=True)  # renamed but never pointed to: not a checkpoint
+        _barrier()
+        previous = latest_checkpoint(root.parent) if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {'; '.join(errors)}. It needs about {total:,} bytes ({needed:,} from "
+            f"rank {rank}); {free:,} bytes are available on {root}{limit}. The previous checkpoint "
+            f"({previous if previous else 'none'}) is intact.")
+    if rank == 0:
+        others = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and p.name != name)
+        for old in others[:len(others) - keep_others]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_final_weights(ckpt: Path, module: nn.Module, device: torch.device, engine=None) -> None:
+    """Fill ``module`` (plain, FSDP2-sharded or under a ZeRO engine) from a final checkpoint's consolidated
+    weights. Every rank must call; each reads only what it holds (the file is memory-mapped)."""
+    from scaling.engine.sharding import materialize_from_safetensors
+
+    path = ckpt / WEIGHTS_FILE
+    try:
+        if engine is None:
+            materialize_from_safetensors(module, path, device)
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for name, p in module.named_parameters():
+                value = f.get_tensor(name)
+                # The weights the forward uses: ZeRO-3 partitions each parameter, so gather it, overwrite it and
+                # re-partition (a no-op on ZeRO-1/2, whose parameters are whole on every rank) ...
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value)
+                # ... and the fp32 master partition in the optimizer, which export() and full_state_dict() read.
+                if hasattr(p, "ds_id"):
+                    _set_zero3_master(p, value)
+                else:
+                    safe_set_full_fp32_param(p, value)
+            for name, b in module.named_buffers():
+                if name in f.keys():
+                    b.copy_(f.get_tensor(name))
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged or foreign weights file: say which
+        raise CheckpointError(f"{path}: cannot load the final weights ({type(e).__name__}: {str(e)[:500]})") from e
+
+
+def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write this rank's part of ``value`` into a ZeRO-3 parameter's fp32 master partition.
+
+    DeepSpeed 0.19.8's own ``safe_set_full_fp32_param`` (``stage3.py`` ``set_full_hp_param``) slices the full value
+    at ``rank * partition_size`` for ``partition_size`` elements, which runs past the end on the last rank when the
+    partition is padded (a 3-element bias on 2 ranks); here the copy stops at the end of the value.
+    """
+    if not param.requires_grad:
+        return
+    opt = param._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    flat = value.flatten()
+    start = part.numel() * opt._get_param_partition_rank(param)
+    n = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:n].copy_(flat[start:start + n])
+    if opt._swappable_optimizer_subgroup(group):  # NVMe-offloaded states go back to disk, as DeepSpeed does
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
+def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) -> None:
+    """Load model and optimizer state from ``ckpt`` (after :func:`check_compatible`), running no code from it."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         if engine is not None:
-            path, _ = engine.load_checkpoint(str(ckpt / "model"), tag="state", load_optimizer_states=True,
-                                             load_lr_scheduler_states=False, load_module_strict=True)
+            with _weights_only_deepspeed(engine):
+                path, _ = engine.load_checkpoint(str(ckpt / "model"), tag="state", load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:
                 raise CheckpointError(f"{ckpt / 'model'}: DeepSpeed found no checkpoint with tag 'state'")
         else:
@@ -185,14 +506,15 @@ def load_checkpoint(ckpt: Path, *, rank: int, module: nn.Module, optimizer, engi
 
             sd = _dcp_state(module, optimizer)
             kw = {} if torch.distributed.is_initialized() else {"no_dist": True}
-            dcp.load(sd, checkpoint_id=str(ckpt / "model"), **kw)
+            dcp.load(sd, storage_reader=_dcp_reader(ckpt / "model"), planner=_dcp_planner(), **kw)
             set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        rng = torch.load(rng_file, weights_only=False)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # any failure to read a shard: say which checkpoint
-        raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:500]})") from e
-    set_rng_state(rng)
+        inner = _unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(str(inner)) from e
+        raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:1500]})") from e
 
 
 # --------------------------------------------------------------------------------------------------------------

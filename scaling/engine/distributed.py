@@ -16,6 +16,7 @@ import torch
 from scaling.config import ConfigError, ShardingConfig, TrainConfig
 from scaling.engine.launch import LaunchError, LaunchInfo, detect_launch
 from scaling.engine.strategies import strategy_class
+from scaling.engine.seeds import AUGMENT, derive_seed
 
 __all__ = ["check_launch", "LaunchError", "LaunchInfo", "StepBatchSampler", "ShardedEvalSampler"]
 
@@ -48,13 +49,18 @@ def check_launch(sharding: ShardingConfig, train: TrainConfig, launch: LaunchInf
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches (lists of dataset positions), optimizer step by optimizer step.
+    """Yields this rank's micro-batches, optimizer step by optimizer step, as lists of ``(position, draw_seed)``.
 
     The global batch of step ``s`` is a fixed slice of a seeded per-epoch permutation, the same for every world
     size; it is cut into ``world_size * grad_accum`` equal micro-batches and micro-batch ``j`` of rank ``r`` is piece
     ``j * world_size + r``. So 1 process and N processes (and k x b vs k·b) see exactly the same examples per
     optimizer step, and resuming at step ``s`` is just starting the stream at ``s`` (the data-loader position).
     Incomplete global batches at the end of an epoch are dropped.
+
+    ``draw_seed`` seeds the augmentation of one sample: ``derive_seed(seed, AUGMENT, step, slot)`` with ``slot`` the
+    sample's place in the global batch (:mod:`scaling.engine.seeds`). It depends on nothing else, so augmentation is
+    the same for any world size, accumulation, number of DataLoader workers, and after a resume. Datasets take such
+    a pair as their key (``scaling.data.dataset.split_key``).
     """
 
     def __init__(self, n: int, global_batch: int, world_size: int, rank: int, grad_accum: int, seed: int,
@@ -70,19 +76,35 @@ class StepBatchSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, perm = None, None
         for step in range(self.start_step, self.total_steps):
             e, i = divmod(step, self.steps_per_epoch)
             if e != epoch:
                 epoch, perm = e, self._perm(e)
-            batch = perm[i * self.global_batch:(i + 1) * self.global_batch]
+            batch = perm[i * self.global_batch:(i + 1) * self.global_batch].tolist()
             for j in range(self.grad_accum):
-                piece = j * self.world_size + self.rank
-                yield batch[piece * self.micro:(piece + 1) * self.micro].tolist()
+                lo = (j * self.world_size + self.rank) * self.micro
+                yield [(batch[k], derive_seed(self.seed, AUGMENT, step, k)) for k in range(lo, lo + self.micro)]
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.grad_accum
+
+
+def check_training_keys(dataset) -> None:
+    """Fail early, with the contract, when ``dataset`` does not take the ``(position, draw_seed)`` training keys.
+
+    Loads one sample (``dataset[(0, 0)]``); a dataset written for integer keys fails here with a message instead of
+    in a DataLoader worker.
+    """
+    try:
+        dataset[(0, 0)]
+    except (TypeError, KeyError) as e:
+        raise TypeError(
+            f"{type(dataset).__name__}[(0, 0)] raised {type(e).__name__}: {e}. Training datasets take (position, "
+            f"draw_seed) keys (StepBatchSampler): seed any augmentation of that sample with draw_seed, never with a "
+            f"global RNG; scaling.data.dataset.split_key unpacks an int or a pair"
+        ) from e
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):

@@ -7,8 +7,10 @@ Usage (what the study runner calls; every rank runs the same code)::
     out = trainer.predict(test_dataset, batch_size=64)    # main process: {"index": [N], "logits": [N, L], "target"}
     trainer.export(run_dir / "model.safetensors")         # consolidated fp32, written by the main process
 
-Datasets yield ``{"image": [3,H,W] float, "target": [L] float with NaN = unlabelled | long class index,
-"index": int}``. Everything that differs between strategies lives in a strategy plan
+Datasets yield ``{"image": [C,H,W] uint8/uint16 (or already normalised float), "target": [L] float with NaN =
+unlabelled | long class index, "index": int}``; training datasets take ``(position, draw_seed)`` keys
+(:class:`~scaling.engine.distributed.StepBatchSampler`), and images become normalised float on the device
+(:meth:`Trainer._to_device`). Everything that differs between strategies lives in a strategy plan
 (``scaling.engine.strategies``); the loop in :meth:`Trainer.fit` is the same for all of them and reads top to
 bottom in labelled sections (big_vision ``train.py``).
 
@@ -42,7 +44,15 @@ from torch.utils.data import DataLoader
 
 from scaling.config import ShardingConfig, TrainConfig
 from scaling.engine import checkpoint as ckpt_lib
-from scaling.engine.distributed import LaunchError, ShardedEvalSampler, StepBatchSampler, check_launch
+from scaling.engine import seeds
+from scaling.engine.distributed import (
+    LaunchError,
+    ShardedEvalSampler,
+    StepBatchSampler,
+    check_launch,
+    check_training_keys,
+)
+from scaling.engine.inputs import Normalisation, pin_memory, to_device
 from scaling.engine.preemption import PreemptionSignals
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
 from scaling.engine.sharding import ShardingError, verify_sharding
@@ -141,6 +151,7 @@ class Trainer:
 
         # --- Launch: refuse an impossible strategy before touching the model ------------------------------------
         self.launch = check_launch(self.sharding, train_cfg)
+        self._kernels_before = seeds.deterministic_kernels() if train_cfg.deterministic else None
         self.plan = strategy_class(self.strategy)(train_cfg, self.sharding, self.launch)
         self.plan.check_model(model, weights)
 
@@ -176,18 +187,22 @@ class Trainer:
     # Small pieces of the loop
     # ----------------------------------------------------------------------------------------------------------
 
-    def _to_device(self, batch: dict) -> dict:
-        """The one place a batch moves from host to device: pinned memory (the DataLoader's) + non-blocking copies,
+    def _to_device(self, batch: dict, norm: Normalisation | None) -> dict:
+        """The one place a batch moves from host to device (``scaling.engine.inputs.to_device``): pinned memory (the
+        DataLoader's) + non-blocking copies of the integer images, float conversion and normalisation on the device,
         NHWC images for convolutional families on GPUs."""
-        return {**batch, "image": batch["image"].to(self.device, non_blocking=True, memory_format=self._image_format),
+        return {**batch, "image": to_device(batch["image"], self.device, norm,
+                                            channels_last=self._image_format == torch.channels_last),
                 "target": batch["target"].to(self.device, non_blocking=True)}
 
-    def _loader(self, dataset, batch_sampler, persistent: bool = False) -> DataLoader:
+    def _loader(self, dataset, batch_sampler, persistent: bool = False, seed: int = 0) -> DataLoader:
         """DataLoader with pinned memory on GPUs and, with workers, a deeper prefetch queue; ``persistent`` keeps
-        the workers alive between passes (validation every ``eval_every`` steps would otherwise start them anew)."""
+        the workers alive between passes (validation every ``eval_every`` steps would otherwise start them anew).
+        The loader has its own generator: creating an iterator otherwise draws its workers' base seed from the
+        global RNG."""
         workers = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.num_workers else {}
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda", **workers)
+                          pin_memory=pin_memory(self.device), generator=torch.Generator().manual_seed(seed), **workers)
 
     def _eval_loader(self, dataset, batch_size: int) -> DataLoader:
         """This rank's prediction loader for ``dataset``, kept (with its workers) for the Trainer's lifetime."""
@@ -246,17 +261,28 @@ class Trainer:
                  "history": self.history}
         return self.plan.save_checkpoint(self.output_dir, step, state, self.rank)
 
-    def _resume(self, total: int) -> int:
+    def save_final(self, total: int, summary: dict) -> Path:
+        """Keep the finished run: consolidated fp32 weights and ``summary`` (collective: every rank calls)."""
+        state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
+                 "history": self.history, "summary": summary}
+        return ckpt_lib.save_final(self.output_dir, total, state, self.full_state_dict(), rank=self.rank)
+
+    def _resume(self, total: int) -> tuple[int, dict | None]:
+        """(step to continue from, the stored summary when training had already finished)."""
         path = ckpt_lib.latest_checkpoint(self.output_dir)
         if path is None:
-            return 0
+            return 0, None
         state = ckpt_lib.read_state(path)
         ckpt_lib.check_compatible(path, state, self._expected_state(total))
-        self.plan.load_checkpoint(path, self.rank)
+        if state.get("final"):
+            ckpt_lib.load_final_weights(path, self.module, self.device, self.engine)
+        else:
+            self.plan.load_checkpoint(path, self.rank)
         self.history = list(state.get("history", []))
         if self.is_main:
-            log.info("resumed from %s at step %d", path, state["step"])
-        return int(state["step"])
+            log.info("%s %s at step %d", "training finished earlier: loaded" if state.get("final") else
+                     "resumed from", path, state["step"])
+        return int(state["step"]), state.get("summary") if state.get("final") else None
 
     def _preempted(self, signum: int, done: int, total: int) -> Preempted:
         path = self.save_checkpoint(done, total) if self.output_dir is not None else None
@@ -273,11 +299,12 @@ class Trainer:
         Returns (on every rank) ``steps``, ``seconds`` and ``cpu_seconds`` (this process, after the first step),
         ``images_per_s``, ``final_loss``, ``world_size``,
         ``strategy``, ``global_batch``, ``micro_batch``, ``grad_accum``, ``resumed_from``, ``rank_share``,
-        ``fsdp_units``, ``mfu`` (GPU only, else None) and ``val_loss`` when a validation set is given.
+        ``fsdp_units``, ``mfu`` (GPU only, else None), ``from_final_checkpoint`` and ``val_loss`` when a validation
+        set is given. With ``output_dir``, the finished run is kept (:meth:`save_final`); a later ``fit`` on the same
+        directory loads its weights and returns its summary (``from_final_checkpoint: True``) without training.
         Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives (honoured at the next sync
         point), and ``FloatingPointError`` when the loss became NaN/inf (detected at the next sync point).
         """
-        from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         from scaling.engine.mixup import mixup, sample_lambda
@@ -287,13 +314,17 @@ class Trainer:
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
         alpha = mixup_alpha(cfg, len(train_dataset))  # 0 for small tasks under the BiT-HyperRule
-        set_seed(cfg.seed, device_specific=True)  # dropout / drop-path differ per rank; data order does not
-        start = self._resume(total) if self.output_dir is not None else 0
+        start, finished = self._resume(total) if self.output_dir is not None else (0, None)
+        if finished is not None:  # trained in an earlier launch (e.g. one killed while evaluating): evaluate only
+            return self._validated({**finished, "from_final_checkpoint": True}, val_dataset, total)
 
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
+        # Keys are (position, draw_seed): augmentation is a function of (seed, step, slot), never of a global RNG.
+        check_training_keys(train_dataset)
         sampler = StepBatchSampler(len(train_dataset), cfg.batch_size, self.world_size, self.rank, cfg.grad_accum,
                                    cfg.seed, start, total)
-        batches = iter(self._loader(train_dataset, sampler))
+        batches = iter(self._loader(train_dataset, sampler, seed=cfg.seed))
+        norm = Normalisation.of(train_dataset)
 
         # --- Loop state: device-side accumulators, read only at sync points ------------------------------------
         plan.train_mode(True)
@@ -305,7 +336,8 @@ class Trainer:
         window = torch.zeros(2, device=self.device)  # [sum of step losses, steps with a non-finite loss]
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
-        final_loss, mfu = float("nan"), None
+        final_loss = self.history[-1]["loss"] if self.history else float("nan")
+        mfu = None
         with self._signals:
             for step in range(start, total):
                 done = step + 1
@@ -315,15 +347,19 @@ class Trainer:
                     # --- Learning rate (a pure function of the step: nothing to restore on resume) -------------
                     lr = lr_at(step, total, cfg)
                     plan.set_lr(lr)
+                    # The global RNGs serve dropout / drop-path: seeded per (seed, step, rank), nothing to restore.
+                    seeds.seed_step(cfg.seed, step, self.rank)
 
                     # --- Batches: the k micro-batches of this step on the device; one MixUp lambda per step -----
-                    micro = [self._to_device(next(batches)) for _ in range(cfg.grad_accum)]
+                    micro = [self._to_device(next(batches), norm) for _ in range(cfg.grad_accum)]
                     if flops_per_image is None and peak is not None:
                         flops_per_image = self._flops_per_image(micro[0]["image"])
                     if alpha > 0:
-                        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + self.rank)
-                        lam = sample_lambda(alpha, gen)
-                        for b in micro:
+                        # lambda: the same on every rank; partners: from each micro-batch's piece of the global batch
+                        lam = sample_lambda(alpha, seeds.generator(seeds.derive_seed(cfg.seed, seeds.MIXUP, step)))
+                        for j, b in enumerate(micro):
+                            piece = j * self.world_size + self.rank
+                            gen = seeds.generator(seeds.derive_seed(cfg.seed, seeds.MIXUP, step, piece))
                             b["image"], b["target"] = mixup(b["image"], b["target"], lam, generator=gen,
                                                             num_classes=self.num_outputs)
 
@@ -402,8 +438,15 @@ class Trainer:
             "images_per_s": timed_steps * cfg.batch_size / seconds if timed_steps and seconds > 0 else float("nan"),
             "final_loss": final_loss, "global_batch": cfg.batch_size, "micro_batch": self.micro_batch,
             "grad_accum": cfg.grad_accum, "resumed_from": start, "rank_share": self.shard.share,
-            "fsdp_units": self.shard.units, "mfu": mfu,
+            "fsdp_units": self.shard.units, "mfu": mfu, "from_final_checkpoint": False,
         }
+        # Kept before validating: a launch killed from here on re-runs only the evaluation.
+        if self.output_dir is not None:
+            self.save_final(total, summary)
+        return self._validated(summary, val_dataset, total)
+
+    def _validated(self, summary: dict, val_dataset, total: int) -> dict:
+        """``summary`` with ``val_loss`` on ``val_dataset`` (when given), also logged to the tracker."""
         if val_dataset is not None:
             summary["val_loss"] = self.evaluate(val_dataset)["loss"]
             if self.is_main and self.tracker is not None:
@@ -439,6 +482,7 @@ class Trainer:
         :class:`Preempted` at the next batch, on all ranks together.
         """
         loader = self._eval_loader(dataset, batch_size)
+        norm = Normalisation.of(dataset)
         self.plan.train_mode(False)
         idx, logits, targets = [], [], []
         with self._signals:
@@ -447,7 +491,7 @@ class Trainer:
                 if signum:
                     log.warning("signal %d during prediction: stopping (training state is on disk)", signum)
                     raise Preempted(signum, None)
-                logits.append(self.plan.forward(self._to_device(b)["image"]).float())
+                logits.append(self.plan.forward(self._to_device(b, norm)["image"]).float())
                 idx.append(torch.as_tensor(b["index"]).long())
                 targets.append(b["target"].float() if self.loss_kind == "multilabel" else b["target"].long())
         if not idx:
@@ -494,6 +538,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the model, optimizer and (under ZeRO) the DeepSpeed engine, between study cells in one process."""
+        if self._kernels_before is not None:
+            seeds.restore_kernels(self._kernels_before)
         self.plan.close()
         self._eval_loaders.clear()  # ends persistent workers
         gc.collect()

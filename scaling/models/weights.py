@@ -323,7 +323,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raise CheckpointMismatch(f"{path}: no state dict found (top-level keys: {sorted(sd)[:10]})")
             sd = inner
     elif suffix == ".npz":
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:  # numpy's default, stated: object arrays are pickles
             sd = bit_npz_to_state_dict(npz)
     else:
         raise ValueError(f"unsupported weight file {path.name!r}; expected one of {list(FILE_SUFFIXES)}")

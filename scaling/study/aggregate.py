@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy import stats
 
+from scaling.io import read_yaml_file
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.study.store import RunStore, StoreError
 from scaling.tracking import redact_paths
@@ -47,7 +47,7 @@ def read_study_config(store_root: str | Path):
     p = Path(store_root) / "study.yaml"
     if not p.is_file():
         return None
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml_file(p) or {}
     data.pop("_meta", None)
     try:
         return from_dict(StudyConfig, data)
@@ -63,7 +63,7 @@ def _expected_cells(store_root: Path) -> pd.DataFrame:
         return pd.DataFrame()
     from scaling.study.grid import expand_grid
 
-    meta = (yaml.safe_load((Path(store_root) / "study.yaml").read_text()) or {}).get("_meta") or {}
+    meta = (read_yaml_file(Path(store_root) / "study.yaml") or {}).get("_meta") or {}
     # Cells are matched on their axes, not on recomputed run ids: a config re-read from YAML can hash differently
     # from the in-memory config the runner hashed (ints read back as floats).
     return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from scaling.io import atomic_write_text
+from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
@@ -170,7 +170,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     study = load_study(store_root, allow_mixed=allow_mixed)
     df, runs = study.results, study.runs
     study_yaml = store_root / "study.yaml"
-    cfg = yaml.safe_load(study_yaml.read_text()) if study_yaml.is_file() else {}
+    cfg = read_yaml_file(study_yaml) if study_yaml.is_file() else {}
     names = sorted(runs["study"].dropna().unique()) if len(runs) else []
     name = (cfg or {}).get("name") or (", ".join(names) if names else store_root.name)
     scrub = Scrubber()

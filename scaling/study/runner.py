@@ -35,7 +35,7 @@ import yaml
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import WriteError, atomic_write_text, check_free_space, write_error
+from scaling.io import atomic_write_text, read_json, write_error
 from scaling.study.claims import file_lock, live_owner, try_claim
 from scaling.study.grid import (
     SYNTHETIC,
@@ -244,7 +244,7 @@ def _check_upstream(store: RunStore, up: UpstreamConfig) -> None:
 
     p = store.upstream_dir(up.name) / "settings.json"
     if p.is_file():
-        diff = settings_diff(json.loads(p.read_text()), json.loads(json.dumps(to_dict(up))))
+        diff = settings_diff(read_json(p), json.loads(json.dumps(to_dict(up))))
         if diff:
             raise StoreError(f"upstream {up.name!r} in {store.root} was pretrained with other settings "
                              f"({'; '.join(diff)}); give the changed entry another name")
@@ -442,23 +442,6 @@ def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict
                                                                               out["logits"])))
 
 
-def _export(trainer, path: Path) -> None:
-    """Keep the fine-tuned weights (consolidated fp32), with the free space checked before a byte is written."""
-    from scaling.engine.checkpoint import save_safetensors
-
-    state = trainer.full_state_dict()  # collective: every rank gathers its shard
-
-    def save():
-        nbytes = sum(v.numel() * 4 if v.is_floating_point() else v.numel() * v.element_size() for v in state.values())
-        check_free_space(path, nbytes, "the fine-tuned weights")
-        try:
-            save_safetensors(state, path, {"strategy": trainer.strategy, "world_size": trainer.world_size})
-        except WriteError as e:  # a file-size limit or quota passes the free-space check: say what was needed
-            raise write_error(path, e.__cause__ or e, nbytes, what="cannot write the fine-tuned weights") from e
-
-    _on_main(save)
-
-
 def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
     """Compute a run's metrics from its stored predictions with the config's metric settings and store them
     (main process). ``age_group`` is re-derived from the stored ages with the config's bins. Returns the rows."""
@@ -533,7 +516,6 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     try:
         trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=run_dir, tracker=tracker)
         summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
-        _export(trainer, store.model_path(rid))
 
         # -- predict on every evaluation set; metrics are computed from the stored predictions only -------------
         _predict(cfg, store, rid, trainer, eval_ds, labels)

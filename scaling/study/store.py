@@ -12,7 +12,6 @@ Layout (everything written atomically: temp file + rename)::
                                      n_params, pretrain_images, study (name), config_hash
         config.yaml                  the fully resolved per-run config (of the launch that trained it)
         settings.json                the settings the run id hashes (scaling.study.grid.result_settings)
-        model.safetensors            the fine-tuned weights (new evaluation sets are predicted from them)
         evaluation.json              what the stored predictions and metrics were made with: each evaluation
                                      set's identity and the metric settings
         predictions/<eval_set>.parquet
@@ -22,7 +21,8 @@ Layout (everything written atomically: temp file + rename)::
         metrics.parquet              tidy rows: eval_set, label ('macro' or a label name), attribute ('all' or a
                                      column), group ('all' or a value), metric, value, lo, hi, n
         meta.json                    train summary (steps, seconds, images/s, skipped images, world size, ...)
-        checkpoints/                 resumable training state (engine)
+        checkpoints/                 resumable training state (engine); after training final/model.safetensors,
+                                     the fine-tuned weights (new evaluation sets are predicted from them)
         DONE                         written last; a run without it is incomplete and is redone/resumed
         FAILED.json                  written when a run raised; the error text and traceback
       results.csv, report.html       study outputs
@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text, read_json, read_parquet
 from scaling.metrics.schema import METRIC_COLUMNS
 
 
@@ -65,8 +65,11 @@ class RunStore:
         return self.root / "upstream" / name
 
     def model_path(self, run_id: str) -> Path:
-        """The fine-tuned weights of a run (consolidated fp32 safetensors)."""
-        return self.run_dir(run_id) / "model.safetensors"
+        """The fine-tuned weights of a run (consolidated fp32 safetensors), kept by the Trainer when training ends
+        (``checkpoints/final``, see ``scaling.engine.checkpoint.save_final``)."""
+        from scaling.engine.checkpoint import CHECKPOINT_DIR, FINAL, WEIGHTS_FILE
+
+        return self.run_dir(run_id) / CHECKPOINT_DIR / FINAL / WEIGHTS_FILE
 
     def lock_path(self, name: str) -> Path:
         """Lock file of a run id or of a shared preparation step (see ``scaling.study.claims``)."""
@@ -155,17 +158,17 @@ class RunStore:
         p = self.run_dir(run_id) / "spec.json"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return json.loads(p.read_text())
+        return read_json(p)
 
     def read_settings(self, run_id: str) -> dict[str, Any] | None:
         """The recorded result settings of a run, or None (not started, or made before they were recorded)."""
         p = self.run_dir(run_id) / "settings.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None
 
     def read_evaluation(self, run_id: str) -> dict[str, Any]:
         """What the run's predictions and metrics were made with (``evaluation.json``), or {} when absent."""
         p = self.run_dir(run_id) / "evaluation.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json(p) if p.is_file() else {}
 
     def events(self) -> list[dict[str, Any]]:
         """Every line of ``events.jsonl`` (empty when absent)."""
@@ -175,7 +178,7 @@ class RunStore:
     def read_meta(self, run_id: str) -> dict[str, Any]:
         """The run's training summary (meta.json), or {} when absent."""
         p = self.run_dir(run_id) / "meta.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json(p) if p.is_file() else {}
 
     def eval_sets(self, run_id: str) -> list[str]:
         """Names of the evaluation sets with stored predictions."""
@@ -187,16 +190,16 @@ class RunStore:
         p = self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found (eval sets stored: {self.eval_sets(run_id)})")
-        return pd.read_parquet(p)
+        return read_parquet(p)
 
     def read_metrics(self, run_id: str) -> pd.DataFrame:
         """Tidy metric rows of one run."""
         p = self.run_dir(run_id) / "metrics.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return pd.read_parquet(p)
+        return read_parquet(p)
 
     def read_failure(self, run_id: str) -> dict[str, Any] | None:
         """The failure record of a run, if any."""
         p = self.run_dir(run_id) / "FAILED.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None

@@ -1,13 +1,11 @@
-"""Launch ``sharded_suite.py`` on 2 CPU ranks with torchrun, once per pytest session per suite."""
+"""Launch the scripts of tests/dist_scripts on 2 CPU ranks (torchrun or accelerate launch), or as one process."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,14 +37,18 @@ def env(deepspeed: bool = False, **extra: str) -> dict:
     return e
 
 
-def command(suite: str, config: str | None = None) -> list[str]:
-    """Command line for ``suite`` on 2 local ranks: torchrun, or ``accelerate launch --config_file launch/<config>``."""
-    if config is None:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def command(suite: str, config: str | None = None, script: Path = SUITE, out: Path | None = None,
+            nproc: int = 2) -> list[str]:
+    """Command line for ``suite`` of ``script`` on ``nproc`` local ranks: torchrun, or ``accelerate launch
+    --config_file launch/<config>``; ``nproc=0`` is a plain single process (no launcher, no process group)."""
+    if nproc == 0:
+        launch = [sys.executable]
+    elif config is None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     else:
         launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                   str(REPO / "launch" / config), "--main_process_port", "0"]
-    return [*launch, str(SUITE), suite, str(out_dir())]
+    return [*launch, str(script), suite, str(out or out_dir())]
 
 
 def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: str | None = None,
@@ -61,26 +63,6 @@ def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: s
                                  f"{proc.stderr[-6000:]}")
         _RESULTS[key] = torch.load(out_dir() / f"{suite}.pt", weights_only=False)
     return _RESULTS[key]
-
-
-def run_and_sigterm(suite: str, marker: str, timeout: int = 300) -> int:
-    """Start ``suite``, wait for ``marker`` files of both ranks, send SIGTERM to the launcher; return its exit code."""
-    proc = subprocess.Popen(command(suite), env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + timeout
-    try:
-        while not all((out_dir() / f"{marker}_rank{r}").exists() for r in (0, 1)):
-            if proc.poll() is not None:
-                raise AssertionError(f"{suite} ended before the signal:\n{proc.stdout.read()[-6000:]}")
-            if time.time() > deadline:
-                raise AssertionError(f"{suite}: no {marker} marker within {timeout} s")
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank, as SLURM/scancel would
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode
 
 
 def free_port() -> int:

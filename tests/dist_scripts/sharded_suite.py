@@ -1,4 +1,4 @@
-"""Launched on 2 CPU ranks by tests/test_sharding.py and tests/test_checkpoint.py (torchrun, gloo).
+"""Launched on 2 CPU ranks by tests/test_sharding.py (torchrun, gloo; resume: tests/dist_scripts/resume_suite.py).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/sharded_suite.py <suite> <out_dir>
 
@@ -7,13 +7,10 @@ Suites group many checks into one launch (each launch costs seconds of imports o
 * ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
               an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
               ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
-              an uninterrupted fsdp run that checkpoints at step 3 (``resume_fsdp``); host reads per step (ddp, fsdp)
+              host reads per step (ddp, fsdp)
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload),
-              export; an uninterrupted zero3 run that checkpoints at step 3; host reads per step (zero1/2/3);
+              export; host reads per step (zero1/2/3);
               ZeRO-3 module-hook calls per step with and without block leaves
-* ``resume``  fresh launch: the run directories in ``RESUME_DIRS`` (e.g. ``resume_fsdp,sigterm``, or
-              ``resume_zero3`` under a DeepSpeed launch) resume with ``RESUME_STRATEGY`` and run to the end
-* ``sigterm`` an fsdp run that the test kills with SIGTERM
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -157,8 +153,6 @@ def main():
         del os.environ["ACCELERATE_USE_FSDP"]
         sync_cell("ddp", out, "ddp_syncfree")
         sync_cell("fsdp", out, "fsdp_syncfree")
-        run_cell("fsdp", out, "resume_fsdp", train=train_cfg(steps=6, checkpoint_every=3),
-                 output_dir=out_dir / "resume_fsdp")
     elif suite == "zero":
         run_cell("zero1", out, "zero1")
         run_cell("zero2", out, "zero2", predict=True)
@@ -171,31 +165,9 @@ def main():
             sync_cell(stage, out, f"{stage}_syncfree")
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
-        run_cell("zero3", out, "resume_zero3", train=train_cfg(steps=6, checkpoint_every=3),
-                 output_dir=out_dir / "resume_zero3")
     elif suite == "nodes":
         # Launched as 2 accelerate process groups (machine ranks 0 and 1) of 2 processes: tests/test_sharding.py.
         nodes_cell(out, "hsdp_nodes")
-    elif suite == "resume":
-        # A fresh launch: every named run directory resumes from its latest checkpoint and runs to the end.
-        for name in os.environ["RESUME_DIRS"].split(","):
-            run_cell(os.environ["RESUME_STRATEGY"], out, name, train=train_cfg(steps=6, checkpoint_every=3),
-                     output_dir=out_dir / name)
-    elif suite == "sigterm":
-        # The same run as ``resume_fsdp``, with slow steps so the test's SIGTERM lands mid-run (it waits for the
-        # ``alive`` marker written after the first optimizer step).
-        trainer = Trainer(vit(), train_cfg(steps=6, checkpoint_every=3), ShardingConfig(strategy="fsdp"),
-                          output_dir=out_dir / "sigterm")
-        original = trainer.plan.step
-
-        def slow_step():
-            original()
-            (out_dir / f"alive_rank{rank}").write_text(str(time.time()))
-            time.sleep(1.0)
-
-        trainer.plan.step = slow_step
-        trainer.fit(ToyDataset(64))
-        raise SystemExit("not interrupted")
     else:
         raise SystemExit(f"unknown suite {suite!r}")
     if rank == 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from scaling.data.dataset import split_key
+
 NUM_LABELS = 3
 IMG = 32
 
@@ -25,9 +27,81 @@ class ToyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        i, _ = split_key(key)  # training keys are (position, draw_seed); the toy images are not augmented
         target = self.labels[i] if self.multiclass else self.targets[i]
         return {"image": self.images[i], "target": target, "index": int(i) * 10 + 3}
+
+
+IMAGE_LABELS = ("Edema", "Fracture", "Nodule")
+
+
+class SigtermAt:
+    """Tracker double that sends this process a real SIGTERM when step ``at`` is logged (as SLURM preempts)."""
+
+    run_id = "run-1"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, data, step):
+        if step == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Payload:
+    """A pickle an attacker could plant: unpickling it creates the file ``marker`` (instead of doing harm)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker) -> None:
+    """Overwrite ``path`` with a :class:`Payload` pickle: ``torch.save`` format for ``.pt``/``.distcp``, else raw."""
+    import pickle
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix in (".pt", ".distcp"):
+        torch.save(Payload(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def write_image_table(directory, n: int, seed: int = 0, source: int = 40):
+    """``n`` 8-bit grayscale PNGs of ``source`` px and their sample table (``TableDataset`` input).
+
+    Label ``l`` is positive when band ``l`` of the image (a third of its height) holds a bright block, which
+    survives the training augmentation (75-100 % crops, 7 degree rotations); ~15 % of labels are missing.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    band = source // 3
+    rows = []
+    for i in range(n):
+        img = rng.normal(90, 25, (source, source))
+        y = (rng.random(len(IMAGE_LABELS)) < 0.4).astype(float)
+        for l, positive in enumerate(y):
+            if positive:
+                img[l * band + 2:(l + 1) * band - 2, source // 4:3 * source // 4] += 110
+        y[rng.random(len(IMAGE_LABELS)) < 0.15] = np.nan
+        path = directory / f"img{i:04d}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").save(path)
+        rows.append((f"s{i}", f"p{i}", str(path), *y))
+    return pd.DataFrame(rows, columns=["sample_id", "patient_id", "path", *(f"label:{l}" for l in IMAGE_LABELS)])
 
 
 def vit(seed: int = 0, depth: int = 2, **kw):

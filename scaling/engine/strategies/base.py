@@ -186,7 +186,7 @@ class Strategy(abc.ABC):
 
     def load_checkpoint(self, path: Path, rank: int) -> None:
         """Restore what :meth:`save_checkpoint` wrote (collective)."""
-        ckpt_lib.load_checkpoint(path, rank=rank, module=self.module, optimizer=self.optimizer, engine=self.engine)
+        ckpt_lib.load_checkpoint(path, module=self.module, optimizer=self.optimizer, engine=self.engine)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict (collective; every rank gets it, the Trainer keeps it on the main one)."""

@@ -1,0 +1,106 @@
+"""Nothing read from a store runs code: a finished study relaunched, its report rebuilt and its run resumed with
+every file replaced by a pickle that would create a marker file when unpickled.
+
+The relaunch is repeated until it succeeds: each failure must name one of the planted files, which is then put back,
+so every file the relaunch and the report read is met by its reader in turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+
+from toy import ToyDataset, plant  # noqa: E402
+
+from scaling.config import load_config  # noqa: E402
+from scaling.engine.checkpoint import CheckpointError  # noqa: E402
+from scaling.study.grid import expand_grid, run_config, run_id  # noqa: E402
+from scaling.study.runner import run_study  # noqa: E402
+from scaling.study.store import RunStore  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A real one-cell study on the synthetic data, run to the end (store, report, final checkpoint)."""
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = {"name": "trust", "output_dir": str(tmp / "store"),
+           "data": {"root": "synthetic", "image_size": 32, "labels": ["Atelectasis", "Edema"],
+                    "options": {"uncertainty": "ignore"}, "subgroups": ["sex"]},
+           "train": {"batch_size": 16, "lr": 0.05, "steps": 3, "warmup_steps": 1, "log_every": 1},
+           "eval": {"n_boot": 20},
+           "grid": {"backbones": ["resnetv2_tiny"], "pretrained": ["scratch"], "fractions": [0.2], "seeds": [0]}}
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config = load_config(path)
+    run_study(config)
+    return config, Path(config.output_dir)
+
+
+def _planted(store: Path) -> list[Path]:
+    """The files a relaunch could read: study.yaml and everything of every run (the demo images and the image
+    cache are inputs of training, which a finished study does not redo)."""
+    return [store / "study.yaml", *sorted(p for p in (store / "runs").rglob("*") if p.is_file())]
+
+
+def test_relaunched_study_and_report_never_run_code_from_the_store(finished, tmp_path):
+    cfg, pristine = finished
+    marker = tmp_path / "PWNED"
+    plant(tmp_path / "probe.pkl", marker)
+    pickle.loads((tmp_path / "probe.pkl").read_bytes())
+    assert marker.exists()  # the payload is live
+    marker.unlink()
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    planted = _planted(store)
+    for f in planted:
+        plant(f, marker)
+    named = []
+    for _ in range(len(planted) + 1):
+        try:
+            run_study(dataclasses.replace(cfg, output_dir=str(store)))
+            break
+        except Exception as e:  # noqa: BLE001 - any error is acceptable if it names a planted file
+            assert not marker.exists(), f"code ran while reading the store ({e})"
+            hit = [f for f in planted if str(f) in str(e) and f not in named]
+            assert hit, f"the error names none of the planted files: {type(e).__name__}: {e}"
+            named.append(hit[0])
+            shutil.copy2(pristine / hit[0].relative_to(store), hit[0])  # put it back: meet the next reader
+    else:
+        pytest.fail("the relaunch kept failing")
+    assert not marker.exists()
+    assert (store / "report.html").is_file()
+    rid = run_id(cfg, expand_grid(cfg)[0])
+    read = {str(f.relative_to(store)) for f in named}
+    # Every reader was met: the study's own config, the run's metrics, axes, summary and predictions.
+    assert {"study.yaml", f"runs/{rid}/metrics.parquet", f"runs/{rid}/spec.json", f"runs/{rid}/meta.json",
+            f"runs/{rid}/predictions/test.parquet"} <= read, read
+
+
+def test_resuming_a_finished_run_never_runs_code_from_its_checkpoint(finished, tmp_path):
+    from scaling.engine import Trainer
+    from scaling.models import build_model
+
+    cfg, pristine = finished
+    marker = tmp_path / "PWNED"
+    spec = expand_grid(cfg)[0]
+    rcfg = run_config(cfg, spec)
+    src = RunStore(pristine).run_dir(run_id(cfg, spec))
+    files = sorted(p.relative_to(src) for p in (src / "checkpoints").rglob("*") if p.is_file())
+    assert {f.name for f in files} == {"latest", "trainer_state.json", "model.safetensors"}
+    for f in files:
+        run = tmp_path / f"run_{f.name}"
+        shutil.copytree(src, run)
+        plant(run / f, marker)
+        model = build_model(rcfg.model, num_outputs=len(cfg.data.labels), image_size=cfg.data.image_size)
+        with pytest.raises(CheckpointError, match=re.escape(str(run / f))):
+            Trainer(model, rcfg.train, rcfg.sharding, output_dir=run).fit(ToyDataset(64))
+        assert not marker.exists(), f"unpickling {f} ran code"
