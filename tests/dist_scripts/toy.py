@@ -37,7 +37,10 @@ IMAGE_LABELS = ("Edema", "Fracture", "Nodule")
 
 
 class SigtermAt:
-    """Tracker double that sends this process a real SIGTERM when step ``at`` is logged (as SLURM preempts)."""
+    """Tracker double that sends this process a real SIGTERM (as SLURM preempts) while step ``at - 1`` is logged.
+
+    The Trainer agrees on signals at its sync points (every ``log_every`` steps, without a host read in between),
+    so with ``log_every=1`` the run stops and checkpoints at step ``at``."""
 
     run_id = "run-1"
 
@@ -45,7 +48,7 @@ class SigtermAt:
         self.at = at
 
     def log(self, data, step):
-        if step == self.at:
+        if step == self.at - 1:
             import os
             import signal
 
