@@ -154,3 +154,16 @@ def test_train_deterministic_sets_the_kernels_for_the_trainers_life_and_restores
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     trainer.close()
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+def test_validation_every_few_steps_changes_no_parameter(images):
+    """``train.eval_every`` is not part of a run id: a validation pass between steps draws no random number that
+    training would see (every loader owns its generator; the global RNGs are re-seeded at each step)."""
+    ds, val = _train_set(images), TableDataset(images[0], IMAGE_LABELS, IMG, train=False, cache_dir=images[1])
+    runs = []
+    for every in (0, 2):
+        cfg = TrainConfig(batch_size=8, steps=5, lr=0.05, warmup_steps=1, mixup_alpha=0.4, seed=3, eval_every=every)
+        trainer = Trainer(vit(drop_path_rate=0.2, drop_rate=0.1), cfg, NONE)  # dropout draws from the global RNG
+        trainer.fit(ds, val_dataset=val)
+        runs.append(trainer.full_state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

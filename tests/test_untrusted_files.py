@@ -51,22 +51,16 @@ def _planted(store: Path) -> list[Path]:
     return [store / "study.yaml", *sorted(p for p in (store / "runs").rglob("*") if p.is_file())]
 
 
-def test_relaunched_study_and_report_never_run_code_from_the_store(finished, tmp_path):
-    cfg, pristine = finished
-    marker = tmp_path / "PWNED"
-    plant(tmp_path / "probe.pkl", marker)
-    pickle.loads((tmp_path / "probe.pkl").read_bytes())
-    assert marker.exists()  # the payload is live
-    marker.unlink()
-    store = tmp_path / "store"
-    shutil.copytree(pristine, store)
+def _meet_every_reader(read, store: Path, pristine: Path, marker: Path) -> set[str]:
+    """Plant a pickle in every file of the store, then call ``read()`` until it succeeds: each failure must name a
+    planted file, which is put back so the next reader is met. Returns the files the readers named."""
     planted = _planted(store)
     for f in planted:
         plant(f, marker)
     named = []
     for _ in range(len(planted) + 1):
         try:
-            run_study(dataclasses.replace(cfg, output_dir=str(store)))
+            read()
             break
         except Exception as e:  # noqa: BLE001 - any error is acceptable if it names a planted file
             assert not marker.exists(), f"code ran while reading the store ({e})"
@@ -75,14 +69,34 @@ def test_relaunched_study_and_report_never_run_code_from_the_store(finished, tmp
             named.append(hit[0])
             shutil.copy2(pristine / hit[0].relative_to(store), hit[0])  # put it back: meet the next reader
     else:
-        pytest.fail("the relaunch kept failing")
+        pytest.fail("the reader kept failing")
     assert not marker.exists()
-    assert (store / "report.html").is_file()
+    return {str(f.relative_to(store)) for f in named}
+
+
+def test_relaunched_study_and_report_never_run_code_from_the_store(finished, tmp_path):
+    from scaling.study.report import write_report
+
+    cfg, pristine = finished
+    marker = tmp_path / "PWNED"
+    plant(tmp_path / "probe.pkl", marker)
+    pickle.loads((tmp_path / "probe.pkl").read_bytes())
+    assert marker.exists()  # the payload is live
+    marker.unlink()
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
     rid = run_id(cfg, expand_grid(cfg)[0])
-    read = {str(f.relative_to(store)) for f in named}
-    # Every reader was met: the study's own config, the run's metrics, axes, summary and predictions.
-    assert {"study.yaml", f"runs/{rid}/metrics.parquet", f"runs/{rid}/spec.json", f"runs/{rid}/meta.json",
-            f"runs/{rid}/predictions/test.parquet"} <= read, read
+
+    # The relaunch decides what each run lacks from its recorded settings, evaluation record and axes.
+    read = _meet_every_reader(lambda: run_study(dataclasses.replace(cfg, output_dir=str(store))), store, pristine,
+                              marker)
+    assert {f"runs/{rid}/settings.json", f"runs/{rid}/evaluation.json", f"runs/{rid}/spec.json"} <= read, read
+    # The report stops at an unreadable study config (naming it) and reports a run whose files are unreadable as
+    # not in the numbers, naming the file, instead of hiding the rest of the study: nothing it reads runs code either.
+    read = _meet_every_reader(lambda: write_report(store), store, pristine, marker)
+    assert read == {"study.yaml"}, read
+    html = (store / "report.html").read_text()
+    assert f"runs/{rid}/spec.json: cannot be read" in html  # the run is listed as not in the numbers, and why
 
 
 def test_resuming_a_finished_run_never_runs_code_from_its_checkpoint(finished, tmp_path):

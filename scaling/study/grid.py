@@ -67,6 +67,10 @@ NEUTRAL: dict[str, str] = {
     "data.age_bins": "evaluation only: age_group is re-derived from the stored age column",
     "train.log_every": "how often the loss is printed",
     "train.checkpoint_every": "how often resumable state is saved (saving draws no random number)",
+    "train.eval_every": "validation passes draw no random number: the global RNGs are re-seeded at every step and "
+                        "every loader owns its generator (tests/test_augmentation.py)",
+    "train.compile": "compiled blocks compute the same function as eager ones (equal to 1e-5, tests/test_trainer.py)",
+    "train.deterministic": "selects deterministic GPU kernels for the same computation",
     "sharding.strategy": "how the model is distributed; one process and N ranks take the same steps "
                          "(tests/test_sharding.py)",
     "sharding.offload_params": "where parameters live between steps",

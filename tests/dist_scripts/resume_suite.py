@@ -73,8 +73,8 @@ class Marks:
 
 
 class PreemptAt:
-    """Tracker double that SIGTERMs its own process when step ``at`` is logged (the other ranks learn it from the
-    all-reduced flag)."""
+    """Tracker double that SIGTERMs its own process while step ``at - 1`` is logged: the ranks agree on the flag at
+    the next sync point (``log_every=1``: step ``at``), save and stop there."""
 
     run_id = "resume-suite"
 
@@ -82,7 +82,7 @@ class PreemptAt:
         self.at = at
 
     def log(self, data, step):
-        if step == self.at:
+        if step == self.at - 1:
             os.kill(os.getpid(), 15)
 
 
