@@ -41,10 +41,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scaling.config import ModelConfig, ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.config import ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from scaling.study.upstream import run_pretraining
 
-log = logging.getLogger("pretrain")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -174,33 +173,6 @@ def open_table_dataset(dataset: str, root: str | Path, image_size: int, split: s
     return TableDataset(table, names, image_size, train=True, cache_dir=cache_dir)
 
 
-def run_multilabel_pretraining(backbone: str, dataset: Dataset, out_path: str | Path, train_cfg: TrainConfig,
-                               sharding_cfg: ShardingConfig | None = None, *, run_dir: str | Path | None = None,
-                               model_kwargs: dict | None = None, tracker=None) -> dict:
-    """Pretrain ``backbone`` from scratch on a multi-label ``dataset`` (``.labels``) with masked BCE; export it.
-
-    The multi-label counterpart of ``scaling.study.upstream.run_pretraining`` (same Trainer, sharding, resume from
-    ``run_dir/checkpoints`` and export); the exported head has one output per label and is dropped by fine-tuning.
-    """
-    from scaling.engine import Trainer
-    from scaling.models import build_model
-
-    n_labels = len(dataset.labels)
-    model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
-    model = build_model(model_cfg, num_outputs=n_labels, image_size=getattr(dataset, "image_size", None))
-    out_path = Path(out_path)
-    run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
-    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multilabel", output_dir=run_dir,
-                      tracker=tracker)
-    try:
-        summary = trainer.fit(dataset)
-        trainer.export(out_path)
-    finally:
-        trainer.close()
-    log.info("pretrained %s on %d images, %d labels (masked BCE) -> %s", backbone, len(dataset), n_labels, out_path)
-    return summary
-
-
 def _options(pairs: list[str]) -> dict:
     """``key=value`` loader options, values parsed as YAML (``uncertainty=ignore``, ``frontal_only=true``)."""
     import yaml
@@ -252,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
         dataset = open_table_dataset(args.dataset, args.data, args.image_size, args.split, labels,
                                      _options(args.option), args.cache_dir or None)
-        return run_multilabel_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
+        return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg, loss="multilabel")
     dataset = open_dataset(args.data, args.image_size, train=True)
     return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
 

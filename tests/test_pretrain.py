@@ -87,6 +87,7 @@ def test_pretraining_exports_weights_that_fine_tuning_loads(image_folder, tmp_pa
         "resnetv2_tiny", pretrain.open_dataset(image_folder, 24), out, train, ShardingConfig(strategy="none")
     )
     assert summary["steps"] == 4 and out.is_file()
+    assert not out.with_suffix(".run").exists()  # its final checkpoint held the same weights: stored once
     tuned = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(out)), num_outputs=3)
     scratch = build_model(ModelConfig(backbone="resnetv2_tiny"), num_outputs=3)
     from safetensors.torch import load_file

@@ -26,39 +26,50 @@ def run_pretraining(
     train_cfg: TrainConfig,
     sharding_cfg: ShardingConfig | None = None,
     *,
+    loss: str = "multiclass",
     run_dir: str | Path | None = None,
     model_kwargs: dict | None = None,
     tracker=None,
 ) -> dict:
-    """Pretrain ``backbone`` from scratch on a single-label ``dataset`` (``.classes``) and export it to ``out_path``.
+    """Pretrain ``backbone`` from scratch on ``dataset`` and export it to ``out_path``; returns the Trainer's summary.
 
-    Softmax cross-entropy over ``len(dataset.classes)`` classes, with the same Trainer and sharding as fine-tuning
-    (resumes from ``run_dir/checkpoints`` when present). The exported file holds the whole model with its upstream
-    head; fine-tuning drops that head. Returns the Trainer's summary.
+    ``loss="multiclass"``: softmax cross-entropy over ``len(dataset.classes)`` classes (an ImageFolder, the demo's
+    fractals, ImageNet-style data). ``loss="multilabel"``: masked BCE over ``dataset.labels`` (a medical table from
+    any loader; unlabelled findings do not count). The same Trainer and sharding as fine-tuning; resumes from
+    ``run_dir/checkpoints`` when interrupted. The exported file holds the whole model with its upstream head, which
+    fine-tuning drops; once it is written the run directory (whose final checkpoint holds the same weights) is
+    removed, so the weights are stored once.
     """
+    import shutil
+
     from accelerate.utils import set_seed
 
     from scaling.engine import Trainer
+    from scaling.engine.ranks import barrier, is_main_process
     from scaling.models import build_model
 
-    n_classes = len(dataset.classes)
-    if n_classes < 2:
-        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {n_classes}")
+    names = list(dataset.classes if loss == "multiclass" else dataset.labels)
+    if loss == "multiclass" and len(names) < 2:
+        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {len(names)}")
     model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
     # The initial weights are drawn here, before the Trainer seeds its loop: seed them too, so that the same
     # upstream settings always give the same weights.
     set_seed(train_cfg.seed)
-    model = build_model(model_cfg, num_outputs=n_classes, image_size=getattr(dataset, "image_size", None))
+    model = build_model(model_cfg, num_outputs=len(names), image_size=getattr(dataset, "image_size", None))
     out_path = Path(out_path)
     run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
-    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss="multiclass", output_dir=run_dir,
+    trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss=loss, output_dir=run_dir,
                       tracker=tracker)
     try:
         summary = trainer.fit(dataset)
         trainer.export(out_path)
     finally:
         trainer.close()
-    log.info("pretrained %s on %d images, %d classes -> %s", backbone, len(dataset), n_classes, out_path)
+    barrier()
+    if is_main_process():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("pretrained %s on %d images, %d %s -> %s", backbone, len(dataset), len(names),
+             "classes" if loss == "multiclass" else "labels (masked BCE)", out_path)
     return summary
 
 
