@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 from dataset_fixtures import write_fixture  # noqa: E402
-from toy import NUM_LABELS, ToyDataset, resnet  # noqa: E402
+from toy import NUM_LABELS, ToyDataset, resnet, vit  # noqa: E402
 
 from scaling.config import ShardingConfig, TrainConfig  # noqa: E402
 from scaling.data import DataError, load_table  # noqa: E402
@@ -102,3 +102,83 @@ def test_table_dataset_serves_class_indices_and_keeps_derived_columns(roots, cap
         "label:Malignant"]
     with pytest.raises(ValueError, match="task='softmax' is not one of"):
         TableDataset(df, ISIC8, 16, task="softmax")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss, MixUp, accumulation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_counts_labelled_samples_only():
+    from scaling.engine.trainer import masked_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g) * 3
+    target = torch.tensor([2, -1, 0, 3, -1, 1])
+    s, n = masked_loss_sum(logits, target, "multiclass")
+    keep = target >= 0
+    assert n.item() == 4
+    torch.testing.assert_close(s, F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+    # An unlabelled row never reaches the sum, whatever its logits (inf included).
+    logits[1] = torch.tensor([math.inf, -math.inf, 0.0, 0.0])
+    torch.testing.assert_close(masked_loss_sum(logits, target, "multiclass")[0], s)
+    # Soft targets (MixUp): PyTorch's cross-entropy with probabilities over the rows without NaN.
+    soft = torch.softmax(torch.randn(6, 4, generator=g), 1)
+    soft[[1, 4]] = math.nan
+    s, n = masked_loss_sum(logits, soft, "multiclass")
+    assert n.item() == 4
+    torch.testing.assert_close(s, F.cross_entropy(logits[keep], soft[keep], reduction="sum"))
+
+
+def test_mixup_keeps_unlabelled_samples_out_of_the_loss():
+    from scaling.engine.mixup import mixup
+    from scaling.engine.trainer import masked_loss_sum
+
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 2, 2)
+    x, y = mixup(images, torch.tensor([0, -1, 2, 1]), lam=0.75, perm=torch.tensor([1, 0, 3, 2]), num_classes=3)
+    # Pairs (0, 1) and (1, 0) have an unlabelled partner: NaN rows. Pairs (2, 3) and (3, 2) mix their one-hots.
+    assert torch.isnan(y[:2]).all() and not torch.isnan(y[2:]).any()
+    torch.testing.assert_close(y[2:], torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.75, 0.25]]))
+    torch.testing.assert_close(x[2, 0, 0, 0], torch.tensor(0.75 * 2 + 0.25 * 3))
+    logits = torch.randn(4, 3)
+    s, n = masked_loss_sum(logits, y, "multiclass")
+    assert n.item() == 2
+    torch.testing.assert_close(s, F.cross_entropy(logits[2:], y[2:], reduction="sum"))
+    # lam = 1: no mixing, an unlabelled sample is still a NaN row.
+    _, y1 = mixup(images, torch.tensor([0, -1, 2, 1]), lam=1.0, num_classes=3)
+    assert torch.isnan(y1[1]).all() and y1[[0, 2, 3]].tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+
+
+def _fit(cfg, data, model=resnet):
+    from scaling.engine.trainer import Trainer
+
+    trainer = Trainer(model(), cfg, ShardingConfig(strategy="none"), loss="multiclass")
+    trainer.fit(data)
+    out = [h["loss"] for h in trainer.history], trainer.full_state_dict()
+    return trainer, out
+
+
+def test_multiclass_accumulation_equals_one_big_batch_with_unlabelled_samples():
+    # 4 micro-batches of 4 == one batch of 16 when a quarter of the samples (unevenly spread) have no class:
+    # the loss is normalised by the labelled samples of the whole global batch, not per micro-batch.
+    data = ToyDataset(64, multiclass=True, unlabelled=0.25)
+    assert (data.labels < 0).sum() > 8
+    base = dict(batch_size=16, steps=4, lr=0.02, momentum=0.0, warmup_steps=0, log_every=1, schedule="constant")
+    t1, (h1, p1) = _fit(TrainConfig(**base), data, vit)
+    t4, (h4, p4) = _fit(TrainConfig(**base, grad_accum=4), data, vit)
+    assert h4 == pytest.approx(h1, abs=1e-6)
+    assert max((p1[k] - p4[k]).abs().max().item() for k in p1) < 1e-6
+    # Prediction keeps the -1 targets; the evaluation loss is the cross-entropy of the labelled samples.
+    out = t1.predict(data, batch_size=32)
+    keep = out["target"] >= 0
+    assert out["target"].dtype == np.int64 and (~keep).sum() == (data.labels < 0).sum()
+    expected = F.cross_entropy(torch.from_numpy(out["logits"][keep]), torch.from_numpy(out["target"][keep])).item()
+    assert t1.evaluate(data)["loss"] == pytest.approx(expected, rel=1e-6)
+    t1.close(), t4.close()
+
+
+def test_multiclass_mixup_trains_with_unlabelled_samples():
+    cfg = TrainConfig(batch_size=16, steps=30, lr=0.01, warmup_steps=3, log_every=10, mixup_alpha=0.2)
+    trainer, (losses, _) = _fit(cfg, ToyDataset(128, multiclass=True, unlabelled=0.25), vit)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * np.log(NUM_LABELS)
+    trainer.close()
