@@ -89,7 +89,14 @@ class DataConfig:
     """Dataset root on disk (required: an empty root is an error). ``synthetic`` = the offline demo data, generated
     under the study directory (``synthetic:b``: its second acquisition site)."""
     labels: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-    """Canonical label names to train on (see ``scaling.data.labels``)."""
+    """Canonical label names to train on (see ``scaling.data.labels``); under ``task: multiclass`` the K classes."""
+    task: str = "multilabel"
+    """``multilabel``: independent findings, one sigmoid and a masked BCE per label. ``multiclass``: ``labels`` are
+    K mutually exclusive classes, a softmax head and cross-entropy; a sample's target is its one positive class
+    (none: unlabelled, excluded from loss and class metrics; two or more: a DataError naming the sample)."""
+    derived_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """``multiclass`` only: binary labels scored as the summed probability of a group of classes, e.g.
+    ``{Malignant: [Melanoma, Basal Cell Carcinoma, ...]}``; the label itself (``label:<name>``) comes from the data."""
     options: dict[str, Any] = field(default_factory=dict)
     """Dataset-specific loader options (uncertainty policy, views, demographics file, ...)."""
     train_split: str = "train"
@@ -126,10 +133,36 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={self.test_fraction} must be in [0, 1)")
+        _choice("data.task", self.task, ("multilabel", "multiclass"))
         if not self.labels:
             raise ConfigError("data.labels must name at least one label")
+        repeated = sorted({n for n in self.labels if self.labels.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"data.labels names {repeated} more than once")
+        if self.task == "multiclass" and len(self.labels) < 2:
+            raise ConfigError(f"data.task='multiclass' needs at least two classes in data.labels, got {list(self.labels)}")
+        self._check_derived_labels()
         if list(self.age_bins) != sorted(self.age_bins):
             raise ConfigError(f"data.age_bins={list(self.age_bins)} must be increasing")
+
+    def _check_derived_labels(self) -> None:
+        if self.derived_labels and self.task != "multiclass":
+            raise ConfigError("data.derived_labels needs data.task='multiclass' (a sum of independent sigmoids is not "
+                              "a probability)")
+        for name, group in self.derived_labels.items():
+            where = f"data.derived_labels.{name}"
+            if name in self.labels:
+                raise ConfigError(f"{where}: {name!r} is one of data.labels; a derived label needs its own name")
+            if not group:
+                raise ConfigError(f"{where} must name at least one class")
+            unknown = [c for c in group if c not in self.labels]
+            if unknown:
+                raise ConfigError(f"{where} names {unknown}, which are not classes in data.labels {list(self.labels)}")
+            if len(set(group)) != len(group):
+                raise ConfigError(f"{where} names a class twice: {list(group)}")
+            if len(group) == len(self.labels):
+                # The summed softmax would be 1 for every sample: a label that cannot discriminate.
+                raise ConfigError(f"{where} groups every class; its probability would always be 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,7 +477,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

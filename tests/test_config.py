@@ -65,6 +65,36 @@ def test_exclusive_duration_and_activation_checkpointing():
         load_config(None, ["sharding.activation_checkpointing=fsdp", "sharding.strategy=ddp"])
 
 
+MC = "data.task=multiclass"
+DERM = "data.labels=[Melanoma, Melanocytic Nevus, Basal Cell Carcinoma]"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.task=softmax"], r"data\.task='softmax' is not allowed"),
+    ([MC, "data.labels=[Melanoma]"], r"data\.task='multiclass' needs at least two classes"),
+    (["data.labels=[Edema, Edema]"], r"data\.labels names \['Edema'\] more than once"),
+    ([DERM, "data.derived_labels={Malignant: [Melanoma]}"], r"data\.derived_labels needs data\.task='multiclass'"),
+    ([MC, DERM, "data.derived_labels={Melanoma: [Melanoma]}"], r"data\.derived_labels\.Melanoma: .* its own name"),
+    ([MC, DERM, "data.derived_labels={Malignant: [Melanoma, Dermatofibroma]}"],
+     r"data\.derived_labels\.Malignant names \['Dermatofibroma'\], which are not classes"),
+    ([MC, DERM, "data.derived_labels={Malignant: []}"], r"data\.derived_labels\.Malignant must name at least one"),
+    ([MC, DERM, "data.derived_labels={Malignant: [Melanoma, Melanoma]}"], r"names a class twice"),
+    ([MC, DERM, "data.derived_labels={Malignant: [Melanoma, Melanocytic Nevus, Basal Cell Carcinoma]}"],
+     r"groups every class"),
+    ([MC, DERM, "data.derived_labels={Malignant: Melanoma}"], r"data\.derived_labels\.Malignant: expected a list"),
+])
+def test_task_and_derived_labels_are_checked(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_derived_labels_round_trip(tmp_path):
+    cfg = load_config(None, [MC, DERM, "data.derived_labels={Malignant: [Melanoma, Basal Cell Carcinoma]}"])
+    assert cfg.data.derived_labels == {"Malignant": ("Melanoma", "Basal Cell Carcinoma")}
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -40,6 +40,9 @@ TABLE = [
     ("data.root=/mnt/other/chexpert", False),  # the same dataset on another mount
     ("data.root=synthetic", True),  # the demo data is another dataset
     ("data.labels=[Edema]", True),
+    ("data.task=multiclass", True),  # a softmax head and cross-entropy: another model
+    # scored from the logits, but stored with the predictions (prob:<name>): the predictions differ
+    (["data.task=multiclass", "data.derived_labels={Malignant: [Edema, Atelectasis]}"], True),
     ("data.options={uncertainty: zeros}", True),
     ("data.train_split=valid", True),
     ("data.val_split=valid", True),
@@ -118,6 +121,13 @@ def test_which_settings_change_a_run_id(overrides, changes):
     # the study hash (what aggregation groups runs by) follows the same rule for every setting outside the cell
     if not any(o.startswith(("grid.", "upstream", "model.backbone", "model.pretrained", "train.seed")) for o in ov):
         assert (config_hash(other) != config_hash(base)) is changes
+
+
+def test_derived_labels_alone_change_the_run_id():
+    one_of_k = _cfg("data.task=multiclass")
+    derived = _cfg("data.task=multiclass", "data.derived_labels={Malignant: [Edema, Atelectasis]}")
+    other = _cfg("data.task=multiclass", "data.derived_labels={Malignant: [Edema]}")
+    assert len({run_id(c, SPEC) for c in (one_of_k, derived, other)}) == 3
 
 
 def _leaves(d, prefix=""):

@@ -1,5 +1,5 @@
 """One-of-K metrics against scikit-learn, their bootstrap replicates against explicit resampling, and the
-multiclass rows of compute_run_metrics."""
+multiclass rows of compute_run_metrics, derived binary labels (a group of classes)."""
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,8 @@ from scaling.config import EvalConfig
 from scaling.metrics import ClusterBootstrap, compute_run_metrics
 from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
                                         brier_multiclass, brier_multiclass_replicates, ece_top_label,
-                                        ece_top_label_replicates, nll_multiclass, nll_multiclass_replicates)
+                                        ece_top_label_replicates, group_scores, nll_multiclass,
+                                        nll_multiclass_replicates)
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.metrics.temperature import apply_softmax_temperature, fit_softmax_temperature
 
@@ -155,3 +156,89 @@ def test_bad_multiclass_input_is_refused(run):
         compute_run_metrics(preds, CLASSES, [], EvalConfig(n_boot=0), task="ordinal")
     with pytest.raises(ValueError, match="eval.aggregate"):
         compute_run_metrics(preds, CLASSES, [], EvalConfig(n_boot=0, aggregate=("exam",)), task="multiclass")
+
+
+GROUP = ["MEL", "BCC"]
+"""A derived binary label: malignant = MEL or BCC."""
+
+
+def _with_derived(df: pd.DataFrame, flip: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """``df`` with ``label/prob/logit:MAL`` (its label from the classes, a share ``flip`` of them flipped, as a
+    dataset's own label may disagree)."""
+    rng = np.random.default_rng(seed)
+    y, _, z = _arrays(df)
+    label = np.where(np.isnan(y).all(axis=1), np.nan, y[:, [0, 2]].sum(axis=1))
+    label = np.where(rng.random(len(df)) < flip, 1.0 - label, label)
+    out = df.copy()
+    out["label:MAL"] = label
+    out["prob:MAL"], out["logit:MAL"] = group_scores(z, [CLASSES.index(c) for c in GROUP])
+    return out
+
+
+def test_group_scores_are_the_summed_softmax_and_its_log_odds():
+    z = np.random.default_rng(0).normal(size=(50, 4)) * 3
+    p, logit = group_scores(z, [0, 2])
+    np.testing.assert_allclose(p, softmax(z, axis=1)[:, [0, 2]].sum(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(logit, np.log(p / (1 - p)), rtol=1e-9)
+    # A confident group: 1 - p rounds to 0 in float64, the log-odds keep their value (z_in - z_out = 60).
+    p, logit = group_scores(np.array([[60.0, 0.0, -np.inf, 0.0]]), [0])
+    assert p[0] == 1.0 and logit[0] == pytest.approx(60.0 - np.log(2.0), abs=1e-12)
+    with pytest.raises(ValueError, match="one class inside and one outside"):
+        group_scores(z, [0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def derived_run():
+    # "partial": an OOD set that knows only MEL yes/no (DDI-like), and the derived label.
+    partial = _with_derived(_frame(13, 300, sharpness=1.5), flip=0.1, seed=1)
+    for c in CLASSES[1:]:
+        partial.loc[partial["label:MEL"] == 0.0, f"label:{c}"] = np.nan
+    preds = {"val": _with_derived(_frame(10, 400)), "test": _with_derived(_frame(11, 500), flip=0.05),
+             "partial": partial}
+    rows, info = compute_run_metrics(preds, CLASSES, ["sex"], EvalConfig(n_boot=100), task="multiclass",
+                                     derived=["MAL"])
+    return preds, rows, info
+
+
+def test_a_derived_label_is_scored_binary_and_kept_out_of_the_macro(derived_run):
+    preds, rows, info = derived_run
+    test = preds["test"]
+    keep = test["label:MAL"].notna()
+    auroc = _one(rows, eval_set="test", label="MAL", attribute="all", metric="auroc")
+    assert auroc.value == pytest.approx(roc_auc_score(test["label:MAL"][keep], test["prob:MAL"][keep]), abs=1e-12)
+    # its own temperature, fitted on val like a sigmoid output; the classes keep their one softmax temperature
+    assert set(info["temperatures"]) == {"MAL"} and info["derived"] == ["MAL"]
+    t_mal = info["temperatures"]["MAL"]
+    pt = 1 / (1 + np.exp(-test["logit:MAL"][keep] / t_mal))
+    assert _one(rows, eval_set="test", label="MAL", attribute="all", metric="brier_temp").value == pytest.approx(
+        np.mean((pt - test["label:MAL"][keep]) ** 2), abs=1e-12)
+    cal = calibrated_probabilities(test, [*CLASSES, "MAL"], info)
+    np.testing.assert_allclose(cal["MAL"], 1 / (1 + np.exp(-test["logit:MAL"] / t_mal)))
+    np.testing.assert_allclose(cal[CLASSES].to_numpy(),
+                               apply_softmax_temperature(_arrays(test)[2], info["softmax_temperature"]))
+    # the macro is the one-vs-rest macro over the classes, without MAL
+    t, p, _, _ = _labelled(test)
+    assert _one(rows, eval_set="test", label="macro", attribute="all", metric="auroc").value == pytest.approx(
+        roc_auc_score(t, p, multi_class="ovr"), abs=1e-12)
+    macro_gap = _one(rows, eval_set="test", label="macro", attribute="sex", group="all", metric="auroc_gap").value
+    gaps = [_one(rows, eval_set="test", label=c, attribute="sex", group="all", metric="auroc_gap").value
+            for c in CLASSES]
+    assert macro_gap == pytest.approx(np.mean(gaps), abs=1e-12)
+
+
+def test_a_set_that_knows_some_classes_only_gets_no_one_of_k_rows(derived_run):
+    preds, rows, info = derived_run
+    assert info["multiclass_sets"]["partial"]["scored"] is False
+    assert info["multiclass_sets"]["partial"]["labelled_without_class"] == int((preds["partial"]["label:MEL"] == 0).sum())
+    assert info["multiclass_sets"]["test"] == {"scored": True, "labelled_without_class": 0}
+    assert not ((rows.eval_set == "partial") & (rows.label == "all")).any()
+    # ... but its MEL one-vs-rest AUROC, its derived label and the shift rows on both
+    partial = preds["partial"]
+    keep = partial["label:MEL"].notna()
+    mel = _one(rows, eval_set="partial", label="MEL", attribute="all", metric="auroc")
+    assert mel.value == pytest.approx(roc_auc_score(partial["label:MEL"][keep], partial["prob:MEL"][keep]), abs=1e-12)
+    assert info["shift_labels"]["partial"] == ["MEL", "MAL"]
+    drops = [_one(rows, eval_set="partial", label=lab, attribute="all", metric="auroc_drop").value
+             for lab in ("MEL", "MAL")]
+    macro = _one(rows, eval_set="partial", label="macro", attribute="all", metric="auroc_drop")
+    assert macro.value == pytest.approx(np.mean(drops), abs=1e-12)

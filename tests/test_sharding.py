@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
-from sharded_suite import STEPS, train_cfg  # noqa: E402
+from sharded_suite import STEPS, multiclass_data, train_cfg  # noqa: E402
 from toy import FAMILIES, ToyDataset, vit  # noqa: E402
 
 from scaling.config import ConfigError, ShardingConfig, TrainConfig  # noqa: E402
@@ -84,6 +84,17 @@ def test_ddp_two_ranks_equals_one_process(torch_suite, reference):
     cell = torch_suite["ddp"]
     assert_matches_reference(cell, reference)
     assert cell["shares"] == [1.0, 1.0]  # replicated
+
+
+def test_multiclass_two_ranks_with_accumulation_equal_one_process(torch_suite):
+    # 2 ranks x 2 micro-batches, unlabelled samples spread unevenly over them == one process, one batch.
+    from scaling.engine import Trainer
+
+    trainer = Trainer(vit(), train_cfg(), ShardingConfig(strategy="none"), loss="multiclass")
+    trainer.fit(multiclass_data())
+    assert_matches_reference(torch_suite["ddp_multiclass"], {"losses": [h["loss"] for h in trainer.history],
+                                                             "params": trainer.full_state_dict()})
+    trainer.close()
 
 
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_grad_op", "accelerate_fsdp"])

@@ -5,6 +5,7 @@ same runner, with offline W&B."""
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from study_store import html_table
@@ -82,6 +83,54 @@ def _ci(row) -> str:
     return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]" if pd.notna(row["mean"]) else "n/a"
 
 
+ONE_OF_K_SETS = {"derm_isic": {"val", "test"}}
+"""The evaluation sets of a one-of-K study whose labelled samples all have a class (the OOD sets of derm_isic know
+only melanoma or not: no accuracy there)."""
+
+
+def _check_one_of_k(cfg, store, table, text, summary) -> None:
+    """A one-of-K study stores a softmax and, per derived label, the summed probability of its group and its log-odds;
+    its accuracy and balanced accuracy equal scikit-learn's on the stored predictions; results.csv and the report
+    show them."""
+    from scipy.special import expit
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    classes = list(cfg.data.labels)
+    for rid in table.run_id:
+        rows = store.read_metrics(rid)
+        k = rows[(rows.label == "all") & (rows.attribute == "all")].set_index(["eval_set", "metric"])["value"]
+        scored = set()
+        for e in store.eval_sets(rid):
+            pred = store.read_predictions(rid, e)
+            y = pred[[f"label:{c}" for c in classes]].to_numpy(float)
+            p = pred[[f"prob:{c}" for c in classes]].to_numpy(float)
+            np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+            for name, group in cfg.data.derived_labels.items():
+                np.testing.assert_allclose(pred[f"prob:{name}"], pred[[f"prob:{c}" for c in group]].sum(axis=1),
+                                           rtol=1e-12)
+                np.testing.assert_allclose(expit(pred[f"logit:{name}"]), pred[f"prob:{name}"], rtol=1e-9)
+                assert pred[f"label:{name}"].notna().any()  # from the data, on every set
+            has_class = (y == 1.0).sum(axis=1) == 1
+            if (~np.isnan(y).all(axis=1) & ~has_class).any():
+                assert (e, "accuracy") not in k.index
+                continue
+            scored.add(e)
+            t, guess = y[has_class].argmax(axis=1), p[has_class].argmax(axis=1)
+            assert k[(e, "accuracy")] == pytest.approx(accuracy_score(t, guess), abs=1e-12)
+            assert k[(e, "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(t, guess), abs=1e-12)
+        assert scored == ONE_OF_K_SETS[cfg.name]
+        assert table.set_index("run_id").loc[rid, "accuracy_test"] == k[("test", "accuracy")]
+    for e in ["val", "test", *(e.name for e in cfg.data.ood)]:
+        if e not in ONE_OF_K_SETS[cfg.name]:
+            assert f"tbl-multiclass-{e}" not in text
+            continue
+        shown = html_table(text, f"tbl-multiclass-{e}").set_index("backbone")
+        for bb in shown.index:
+            cell = summary[(summary.backbone == bb) & (summary.eval_set == e) & (summary.label == "all")]
+            assert shown.loc[bb, "accuracy"] == _ci(cell[cell.metric == "accuracy"].iloc[0])
+            assert shown.loc[bb, "balanced_accuracy"] == _ci(cell[cell.metric == "balanced_accuracy"].iloc[0])
+
+
 @pytest.mark.parametrize("name", STUDIES)
 def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
     # The shipped config, shrunk (two tiny backbones, 3 steps, 32 px), trains, evaluates every set, writes the
@@ -105,6 +154,8 @@ def test_smoke_study_trains_and_reports(name, tmp_path, monkeypatch):
     tidy = load_results(store.root)
     everything = summarise(tidy)
     summary = everything[(everything.attribute == "all") & (everything.group == "all")]
+    if cfg.data.task == "multiclass":
+        _check_one_of_k(cfg, store, table, text, summary)
     for e in ood:
         assert f"<h3 id='ood-{e}'>" in text, e
         shared = list(pd.unique(tidy[(tidy.eval_set == e) & (tidy.metric == "auroc_drop") & (tidy.label != "macro")]

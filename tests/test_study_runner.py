@@ -146,6 +146,10 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     # an evaluation set name that the store holds for another set
     with pytest.raises(StoreError, match=r"evaluation set 'ood_site_b' of run .*\.split: 'train' != 'test'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.ood.0.split=test"]))
+    # multi-label findings trained as one-of-K: the first image with two positive findings is named
+    with pytest.raises(DataError, match=r"chexpert \(train set\): sample '.+' is positive for \['\w+', '\w+'.*"
+                                        r"one-of-K task"):
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.task=multiclass"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.root="]))

@@ -1,4 +1,5 @@
-"""Torch datasets: multi-label samples from a sample table, and single-label ImageFolder data for pretraining.
+"""Torch datasets: multi-label or one-of-K samples from a sample table, and single-label ImageFolder data for
+pretraining.
 
 Items are dicts ``{"image": uint8 | uint16 Tensor[C, H, W], "target": ..., "index": int}``: pixels after augmentation,
 not normalised, as stored in the image cache (uint8 for 8-bit sources, uint16 for 16-bit PNG and DICOM, full range),
@@ -16,6 +17,7 @@ DataLoader workers, sees the same pixels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,8 +39,10 @@ from scaling.data.images import (
     probe,
     quantise,
 )
-from scaling.data.labels import select_labels
+from scaling.data.labels import class_targets, select_labels
 from scaling.data.table import LABEL_PREFIX, DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -83,15 +87,23 @@ def prepare_table(
     return table.reset_index(drop=True), None, []
 
 
+TASKS = ("multilabel", "multiclass")
+"""What a :class:`TableDataset` target is: a multi-hot float vector, or a one-of-K class index."""
+
+
 class TableDataset(Dataset):
-    """Multi-label dataset over a sample table: ``target`` is FloatTensor[L] with NaN where a label is missing.
+    """Dataset over a sample table. ``task='multilabel'``: ``target`` is FloatTensor[L] with NaN where a label is
+    missing. ``task='multiclass'``: ``labels`` are K mutually exclusive classes and ``target`` is a LongTensor scalar,
+    the class index (:func:`scaling.data.labels.class_targets`; -1 = no class label, excluded from the loss).
 
     With ``cache_dir`` the images are decoded and resized once into an :class:`ImageCache` there (shared by every
     table of a study) and read from it; otherwise they are decoded on every access. ``on_bad_image='skip'`` drops
     unreadable images up front: ``n_skipped`` / ``skipped`` say which, for the run's metadata, and ``table`` holds
     the rows actually served (``index`` in every item is a row position of ``table``). ``channels`` (1 or 3)
     defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray). ``mean`` /
-    ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset).
+    ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset). ``keep_labels`` are
+    label columns kept in ``table`` beside ``labels`` without being trained on (derived labels, scored from the
+    predictions).
     """
 
     def __init__(
@@ -107,12 +119,21 @@ class TableDataset(Dataset):
         std: Sequence[float] = BIT_STD,
         flip: bool = False,
         channels: int | None = None,
+        task: str = "multilabel",
+        keep_labels: Sequence[str] = (),
     ):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is not one of {list(TASKS)}")
         self.image_size = int(image_size)
         kept, self.cache, self.skipped = prepare_table(table, self.image_size, cache_dir, on_bad_image, num_workers)
-        self.table = select_labels(kept, labels)
-        self.labels = list(labels)
-        self.targets = torch.tensor(self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(dtype=np.float32))
+        self.table = select_labels(kept, [*labels, *keep_labels])
+        self.labels, self.task = list(labels), task
+        if task == "multiclass":
+            self.targets = torch.from_numpy(class_targets(self.table, self.labels))
+            if train:
+                self._warn_outside_classes()
+        else:
+            self.targets = torch.tensor(self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(np.float32))
         self.sample_ids = self.table["sample_id"].astype(str).tolist()
         self.paths = self.table["path"].astype(str).tolist()
         # Without a cache, every image is quantised like the cache would store it: to the first image's kind.
@@ -126,6 +147,15 @@ class TableDataset(Dataset):
         self.channels = channels or 1
         self.mean, self.std = tuple(mean), tuple(std)
         self.transform = build_transform(self.image_size, train, flip)
+
+    def _warn_outside_classes(self) -> None:
+        """Training samples that carry labels but no class (known 0s, no 1) belong to none of the K classes as far
+        as the data says: they train nothing, which should not pass unnoticed."""
+        y = self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(dtype=float)
+        outside = int(((self.targets < 0).numpy() & ~np.isnan(y).all(axis=1)).sum())
+        if outside:
+            log.warning("%d of %d training samples have labels but no positive class among %s: not one of the "
+                        "K classes, excluded from the loss", outside, len(y), self.labels)
 
     @property
     def n_skipped(self) -> int:
@@ -149,8 +179,8 @@ class TableDataset(Dataset):
             raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
 
     def __getitem__(self, key) -> dict:
-        """``{"image": uint8/uint16 Tensor[C, H, W], "target": FloatTensor[L] (NaN = unlabelled), "index": i}`` for
-        key ``i`` or ``(i, draw_seed)`` (see the module docstring)."""
+        """``{"image": uint8/uint16 Tensor[C, H, W], "target": FloatTensor[L] (NaN = unlabelled) or a class index
+        (-1 = unlabelled), "index": i}`` for key ``i`` or ``(i, draw_seed)`` (see the module docstring)."""
         i, seed = split_key(key)
         return {"image": self.transform(self.load_pixels(i), seed), "target": self.targets[i], "index": i}
 

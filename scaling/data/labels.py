@@ -1,4 +1,4 @@
-"""Canonical label names, per-dataset harmonisation, and CheXpert-style uncertainty / blank policies.
+"""Canonical label names, per-dataset harmonisation, CheXpert-style uncertainty / blank policies, one-of-K targets.
 
 Canonical names are CheXpert's 14 observation names for chest X-ray (Irvin et al. 2019), extended with the NIH
 ChestX-ray14 findings CheXpert lacks, plus dermatology and mammography targets. Every loader names its label
@@ -17,6 +17,12 @@ Two independent rules turn them into 1/0/NaN:
   convention) or ``nan`` (not labelled, torchxrayvision's convention). Under ``nan`` a row whose ``No Finding`` is
   1.0 still gets 0.0 for every blank pathology except ``Support Devices``, because "no finding" is an explicit
   negative statement about them (torchxrayvision ``CheX_Dataset``).
+
+A one-of-K task (``data.task: multiclass``, e.g. the ISIC 2019 diagnosis) reads the same ``label:<class>`` columns:
+a sample's class is its one positive column (:func:`class_targets`). Because the classes exclude each other, a
+positive also says the sample is none of the others, so :func:`one_of_k_labels` fills the other classes with 0
+where a dataset left them blank (HAM10000 has no SCC column, ISIC 2019 does). A sample with no positive class is
+not labelled for the task (ISIC 2019's UNK rows are all NaN; DDI knows only whether a lesion is a melanoma).
 """
 
 from __future__ import annotations
@@ -261,3 +267,54 @@ def select_labels(df: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     for n in names:
         out[LABEL_PREFIX + n] = df[LABEL_PREFIX + n].astype(float) if n in present else np.nan
     return out
+
+
+def class_targets(df: pd.DataFrame, classes: Sequence[str], source: str = "sample table") -> np.ndarray:
+    """One-of-K targets: the index in ``classes`` of each row's positive ``label:<class>`` (int64), -1 for a row
+    with no positive class (unlabelled for the task: excluded from the loss and the class metrics).
+
+    A row positive for two or more classes is a DataError naming ``source`` and the sample.
+    """
+    y = df[[LABEL_PREFIX + c for c in classes]].to_numpy(dtype=float)
+    positive = y == 1.0
+    several = positive.sum(axis=1) > 1
+    if several.any():
+        i = int(np.flatnonzero(several)[0])
+        sample = df["sample_id"].iloc[i] if "sample_id" in df.columns else f"row {i}"
+        hot = [c for c, p in zip(classes, positive[i]) if p]
+        raise DataError(f"{source}: sample {sample!r} is positive for {hot}; a one-of-K task (data.task="
+                        f"'multiclass') needs at most one positive class among {list(classes)} per sample")
+    return np.where(positive.any(axis=1), positive.argmax(axis=1), -1).astype(np.int64)
+
+
+def one_of_k_labels(df: pd.DataFrame, classes: Sequence[str], source: str = "sample table") -> pd.DataFrame:
+    """``df`` with the class columns of every row that has a positive class completed to a one-hot (0.0 in the
+    classes it left blank: the classes exclude each other); other rows are unchanged. Two positives: DataError."""
+    k = class_targets(df, classes, source)
+    out = df.copy()
+    known = k >= 0
+    for j, c in enumerate(classes):
+        out.loc[known, LABEL_PREFIX + c] = (k[known] == j).astype(float)
+    return out
+
+
+def check_derived_labels(df: pd.DataFrame, classes: Sequence[str], derived: Mapping[str, Sequence[str]],
+                         source: str = "sample table") -> None:
+    """Every row whose class and derived label are both known agrees with the grouping: ``label:<name>`` is 1
+    exactly when the class is one of ``derived[name]``. A disagreement (e.g. HAM10000 loaded with
+    ``malignant=("mel", "akiec")`` against a group that includes BCC) is a DataError naming the sample: the
+    derived probability would be scored against a label that means something else."""
+    k = class_targets(df, classes, source)
+    for name, group in derived.items():
+        column = LABEL_PREFIX + name
+        if column not in df.columns:
+            continue
+        label = df[column].to_numpy(dtype=float)
+        member = np.isin(k, [list(classes).index(c) for c in group])
+        bad = (k >= 0) & ~np.isnan(label) & ((label == 1.0) != member)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{source}: sample {df['sample_id'].iloc[i]!r} has class {classes[k[i]]!r} and {column}="
+                f"{label[i]:g}, but data.derived_labels.{name} = {list(group)} says {float(member[i]):g}; make the "
+                f"group match how the dataset defines {name!r} (or its loader options)")

@@ -40,14 +40,17 @@ def mixup(
 
     ``targets`` is either float ``[B, C]`` multi-label (NaN = missing; the mixed label is NaN unless both
     samples have it) or integer class indices ``[B]`` (then ``num_classes`` is required and soft one-hot
-    targets ``[B, num_classes]`` are returned, for ``cross_entropy`` with probabilities). ``perm`` defaults to
-    a random permutation drawn from ``generator``. ``lam == 1`` returns the inputs unchanged (integer targets
-    still become one-hot so the loss sees one target format for the whole run).
+    targets ``[B, num_classes]`` are returned, for ``cross_entropy`` with probabilities; an index of -1, an
+    unlabelled sample, becomes a row of NaN, so a pair with an unlabelled partner stays out of the loss).
+    ``perm`` defaults to a random permutation drawn from ``generator``. ``lam == 1`` returns the inputs unchanged
+    (integer targets still become one-hot so the loss sees one target format for the whole run).
     """
     if not targets.is_floating_point():
         if num_classes is None:
             raise ValueError("integer class targets need num_classes")
-        targets = torch.nn.functional.one_hot(targets.long(), num_classes).to(images.dtype)
+        index = targets.long()
+        onehot = torch.nn.functional.one_hot(index.clamp_min(0), num_classes).to(images.dtype)
+        targets = torch.where((index >= 0)[:, None], onehot, torch.full_like(onehot, float("nan")))
     if lam >= 1.0:
         return images, targets
     if perm is None:

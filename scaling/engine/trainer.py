@@ -8,9 +8,9 @@ Usage (what the study runner calls; every rank runs the same code)::
     trainer.export(run_dir / "model.safetensors")         # consolidated fp32, written by the main process
 
 Datasets yield ``{"image": [C,H,W] uint8/uint16 (or already normalised float), "target": [L] float with NaN =
-unlabelled | long class index, "index": int}``; training datasets take ``(position, draw_seed)`` keys
-(:class:`~scaling.engine.distributed.StepBatchSampler`), and images become normalised float on the device
-(:meth:`Trainer._to_device`). Everything that differs between strategies lives in a strategy plan
+unlabelled | long class index with -1 = unlabelled, "index": int}``; training datasets take ``(position,
+draw_seed)`` keys (:class:`~scaling.engine.distributed.StepBatchSampler`), and images become normalised float on the
+device (:meth:`Trainer._to_device`). Everything that differs between strategies lives in a strategy plan
 (``scaling.engine.strategies``); the loop in :meth:`Trainer.fit` is the same for all of them and reads top to
 bottom in labelled sections (big_vision ``train.py``).
 
@@ -101,22 +101,34 @@ def planned_sync(device: torch.device):
         torch.cuda.set_sync_debug_mode(mode)
 
 
+def labelled(target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mask of the entries the loss counts. ``multilabel``: every label that is not NaN. ``multiclass``: every
+    sample with a class, i.e. an index >= 0 (-1 = unlabelled) or a soft target row without NaN (MixUp leaves a
+    mixed row NaN when either partner was unlabelled)."""
+    if kind == "multilabel":
+        return ~torch.isnan(target)
+    if target.is_floating_point():
+        return ~torch.isnan(target).any(-1)
+    return target >= 0
+
+
 def masked_loss_sum(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-entry losses, number of entries counted) for one micro-batch, in fp32.
 
-    ``multilabel``: BCE-with-logits over labelled entries only (NaN target = not labelled, excluded); soft targets from MixUp are fine. ``multiclass``: cross-entropy over samples, with class indices or
-    soft (MixUp) target distributions.
+    ``multilabel``: BCE-with-logits over labelled entries only (NaN target = not labelled, excluded); soft targets
+    from MixUp are fine. ``multiclass``: cross-entropy over labelled samples (:func:`labelled`), with class indices
+    or soft (MixUp) target distributions.
     """
     logits = logits.float()
+    known = labelled(target, kind)
     if kind == "multilabel":
-        known = ~torch.isnan(target)
         per = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none")
-        return (per * known).sum(), known.sum()
-    if target.is_floating_point():
-        per = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    elif target.is_floating_point():
+        per = -(torch.nan_to_num(target) * F.log_softmax(logits, dim=-1)).sum(-1)
     else:
-        per = F.cross_entropy(logits, target.long(), reduction="none")
-    return per.sum(), torch.full((), per.shape[0], device=logits.device)
+        per = F.cross_entropy(logits, target.long().clamp_min(0), reduction="none")
+    # where(), not a product: an unlabelled entry's loss must not reach the sum even if it is inf.
+    return torch.where(known, per, torch.zeros_like(per)).sum(), known.sum()
 
 
 class Trainer:
@@ -127,7 +139,8 @@ class Trainer:
             live on the meta device (``sharding.build_on_meta``); then ``weights`` must name a safetensors file and
             each rank materialises only its shard.
         train_cfg, sharding_cfg: the run's :class:`TrainConfig` and :class:`ShardingConfig`.
-        loss: ``multilabel`` (masked BCE) or ``multiclass`` (cross-entropy, for upstream pretraining).
+        loss: ``multilabel`` (masked BCE) or ``multiclass`` (cross-entropy over labelled samples: one-of-K
+            fine-tuning, ``data.task: multiclass``, and upstream pretraining).
         output_dir: run directory; checkpoints go to ``<output_dir>/checkpoints`` and an existing one is resumed.
         tracker: object with ``.log(dict, step=int)`` and ``.run_id``; called on the main process only.
         num_workers: DataLoader workers per process.
@@ -222,8 +235,7 @@ class Trainer:
         """Labelled entries of the whole global batch (on the device; one all-reduce, no host read)."""
         count = torch.zeros((), device=self.device)
         for b in micro:
-            t = b["target"]
-            count += (~torch.isnan(t)).sum() if self.loss_kind == "multilabel" else t.shape[0]
+            count += labelled(b["target"], self.loss_kind).sum()
         return self._all_sum(count).clamp_min(1)
 
     def _flops_per_image(self, sample: torch.Tensor) -> float | None:
@@ -547,4 +559,4 @@ class Trainer:
             torch.cuda.empty_cache()
 
 
-__all__ = ["Trainer", "Preempted", "masked_loss_sum", "LaunchError", "ShardingError"]
+__all__ = ["Trainer", "Preempted", "labelled", "masked_loss_sum", "LaunchError", "ShardingError"]

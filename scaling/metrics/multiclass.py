@@ -21,7 +21,7 @@ evaluating it under every cluster-bootstrap weighting at once, as in :mod:`scali
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import logsumexp, softmax
 
 from scaling.metrics.calibration import ece, ece_replicates, weighted_mean_replicates
 
@@ -147,3 +147,21 @@ def ece_top_label_replicates(t, p, counts, codes, n_bins: int = 10) -> np.ndarra
 def softmax_probabilities(logits) -> np.ndarray:
     """Row-wise softmax of (n, K) logits (stable: scipy.special.softmax)."""
     return softmax(np.asarray(logits, dtype=np.float64), axis=1)
+
+
+def group_scores(logits, members) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, logit) that the class is one of ``members`` (column indices), from (n, K) logits.
+
+    The probability is the summed softmax of the group; its logit, log p − log(1 − p), is computed as
+    logsumexp(z_group) − logsumexp(z_rest), which keeps its digits where p is within rounding of 0 or 1. A binary
+    label derived from a one-of-K model (``data.derived_labels``, e.g. malignant = MEL + BCC + AK + SCC) is scored
+    with these, like a sigmoid output.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    inside = np.zeros(z.shape[1], dtype=bool)
+    inside[list(members)] = True
+    if not inside.any() or inside.all():
+        raise ValueError(f"a class group needs at least one class inside and one outside, got members {list(members)} "
+                         f"of {z.shape[1]} classes")
+    prob = softmax(z, axis=1)[:, inside].sum(axis=1)
+    return prob, logsumexp(z[:, inside], axis=1) - logsumexp(z[:, ~inside], axis=1)

@@ -38,7 +38,15 @@ set (``val``, ``test`` and each OOD set):
   ``roc_auc_score(multi_class='ovr')``, and each class's ``*_temp`` uses the one softmax temperature fitted on
   val), plus ``label='all'`` rows scoring the classes together: ``accuracy`` (top-1), ``balanced_accuracy`` (mean
   per-class recall), ``nll_multiclass``, ``brier_multiclass`` and ``ece_top_label``, the last three also
-  ``*_temp`` (see :mod:`scaling.metrics.multiclass`).
+  ``*_temp`` (see :mod:`scaling.metrics.multiclass`). A row's class is its one positive ``label:<class>`` (blank
+  classes of such a row count as 0: the classes exclude each other); a row with no positive is unlabelled for these
+  rows. A set where some rows carry labels but no class (an OOD set that knows only "melanoma or not") gets no
+  ``label='all'`` rows: scoring only its rows with a class would select them by their class
+  (``info['multiclass_sets']`` says which sets were scored and why not).
+* derived binary labels (``derived``, e.g. ``Malignant`` = the summed softmax of MEL/BCC/AK/SCC of a one-of-K model,
+  ``logit:<name>`` its log-odds): every per-label row above through the binary path — own threshold and own
+  temperature fitted on val — and the shift rows, but outside every per-set ``macro`` (a one-of-K ``macro`` is
+  the one-vs-rest macro over the classes). The shift ``macro`` is over every shared label, derived ones included.
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
   ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -99,6 +108,7 @@ _NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
 
 
 def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
+    """Every column the metrics read is there, and patient ids are complete (the bootstrap resamples them)."""
     need = ["patient_id"] + [f"{k}:{lab}" for lab in labels for k in ("label", "logit", "prob")]
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -107,37 +117,44 @@ def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
         raise ValueError(f"predictions[{eval_set!r}]['patient_id'] has missing ids; the bootstrap resamples patients")
 
 
-def _fit_on_val(val: pd.DataFrame, labels, eval_cfg, task: str = "multilabel") -> dict:
+def _fit_on_val(val: pd.DataFrame, labels, eval_cfg, task: str = "multilabel", derived=()) -> dict:
     """Per label the decision threshold (one-vs-rest for a one-of-K task) and the temperature: one per label for
-    sigmoid outputs, one softmax temperature for all classes of a one-of-K task."""
+    sigmoid outputs and derived labels, one softmax temperature for all classes of a one-of-K task."""
     policy, target = CONFIG_POLICIES[eval_cfg.threshold]
     if policy == "fixed":
         target = eval_cfg.fixed_threshold
     thresholds, temperatures, n_val = {}, {}, {}
-    for lab in labels:
+    for lab in [*labels, *derived]:
         y = check_labels(val[f"label:{lab}"], f"predictions['val']['label:{lab}']")
         p = check_scores(val[f"prob:{lab}"], f"predictions['val']['prob:{lab}']")
         z = check_scores(val[f"logit:{lab}"], f"predictions['val']['logit:{lab}']", probability=False)
         thresholds[lab] = choose_threshold(y, p, policy, target)
-        if task == "multilabel":
+        if task == "multilabel" or lab in derived:
             temperatures[lab] = fit_temperature(y, z)
         n_val[lab] = int((~np.isnan(y)).sum())
     fitted = {"task": task, "fitted_on": FIT_SPLIT, "threshold_policy": eval_cfg.threshold,
-              "threshold_target": target, "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val}
+              "threshold_target": target, "thresholds": thresholds, "temperatures": temperatures, "n_val": n_val,
+              "derived": list(derived)}
     if task == "multiclass":
-        y, _, z = _class_arrays(val, labels, FIT_SPLIT)
+        y, _, z, _ = _class_arrays(val, labels, FIT_SPLIT)
         fitted["softmax_temperature"] = fit_softmax_temperature(y, z)
     return fitted
 
 
 def _class_arrays(df: pd.DataFrame, labels, eval_set: str):
-    """(one-hot labels, probabilities, logits) of a one-of-K prediction frame as (n, K) arrays, validated."""
+    """(one-hot labels, probabilities, logits, rows with labels but no class) of a one-of-K prediction frame as
+    (n, K) arrays, validated. A row with one positive class is that class (its blank classes 0); a row without a
+    positive is NaN (unlabelled); two positives raise, naming the row."""
     where = f"predictions[{eval_set!r}]"
     y = df[[f"label:{lab}" for lab in labels]].to_numpy(np.float64)
+    positive = (y == 1.0).sum(axis=1)
+    without_class = (positive == 0) & ~np.isnan(y).all(axis=1)
+    y = np.where((positive == 1)[:, None], np.nan_to_num(y), y)
+    y[positive == 0] = np.nan
     check_one_hot(y, f"{where} label:<class> one-hot")
     p = check_probabilities(df[[f"prob:{lab}" for lab in labels]].to_numpy(np.float64), len(labels),
                             f"{where} prob:<class>")
-    return y, p, df[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64)
+    return y, p, df[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64), int(without_class.sum())
 
 
 def level_suffix(metric: str) -> str:
@@ -169,27 +186,37 @@ def calibrated_probabilities(pred: pd.DataFrame, labels, fitted: dict) -> pd.Dat
     """The probabilities of a prediction frame after the temperatures fitted on validation (``fitted`` = the
     ``info`` of :func:`compute_run_metrics`, as stored in a run's ``meta.json`` under ``fitted_on_val``): one
     column per label. A label without a fitted temperature (one class on validation) keeps its raw probabilities;
-    a one-of-K task's classes share one softmax temperature."""
+    a one-of-K task's classes share one softmax temperature (``labels`` must then hold all of its classes) and its
+    derived labels have their own."""
+    def fitted_ok(t) -> bool:
+        return t is not None and np.isfinite(t) and t > 0
+
+    derived = set(fitted.get("derived") or ())
+    out, binary = {}, list(labels)
     if fitted.get("task") == "multiclass":
+        classes = [lab for lab in labels if lab not in derived]
+        binary = [lab for lab in labels if lab in derived]
         t = fitted.get("softmax_temperature")
-        if t is None or not np.isfinite(t) or t <= 0:
-            return pd.DataFrame({lab: pred[f"prob:{lab}"].to_numpy(np.float64) for lab in labels}, index=pred.index)
-        scaled = apply_softmax_temperature(pred[[f"logit:{lab}" for lab in labels]].to_numpy(np.float64), t)
-        return pd.DataFrame(scaled, columns=list(labels), index=pred.index)
+        if fitted_ok(t):
+            scaled = apply_softmax_temperature(pred[[f"logit:{lab}" for lab in classes]].to_numpy(np.float64), t)
+            out.update(zip(classes, scaled.T))
+        else:
+            out.update({lab: pred[f"prob:{lab}"].to_numpy(np.float64) for lab in classes})
     temps = fitted.get("temperatures") or {}
-    out = {}
-    for lab in labels:
+    for lab in binary:
         t = temps.get(lab)
-        ok = t is not None and np.isfinite(t) and t > 0
-        out[lab] = apply_temperature(pred[f"logit:{lab}"], t) if ok else pred[f"prob:{lab}"].to_numpy(np.float64)
-    return pd.DataFrame(out, index=pred.index)
+        out[lab] = apply_temperature(pred[f"logit:{lab}"], t) if fitted_ok(t) else pred[f"prob:{lab}"].to_numpy(
+            np.float64)
+    return pd.DataFrame({lab: out[lab] for lab in labels}, index=pred.index)
 
 
 class _Rows:
-    """Collects rows and, per (eval_set, attribute, group, metric), each label's value, replicates and n."""
+    """Collects rows and, per (eval_set, attribute, group, metric), each label's value, replicates and n.
+    ``outside_macro`` labels (derived ones) enter only the macro of the shift rows."""
 
-    def __init__(self, alpha: float):
+    def __init__(self, alpha: float, outside_macro=()):
         self.alpha = alpha
+        self.outside_macro = set(outside_macro)
         self.rows: list[dict] = []
         self.by_key: dict[tuple, dict[str, tuple[float, np.ndarray | None, int]]] = {}
 
@@ -203,7 +230,8 @@ class _Rows:
 
     def add_macro(self, n_any: dict[tuple, int]) -> None:
         for (eval_set, attribute, group, metric), per_label in self.by_key.items():
-            defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])}
+            defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])
+                       and (k not in self.outside_macro or metric in SHIFT_METRICS)}
             value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
             reps = [r for _, r, _ in defined.values()]
             same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
@@ -256,9 +284,10 @@ def _attribute_values(df: pd.DataFrame, attribute: str):
 
 
 def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups, fitted: dict, eval_cfg,
-                  n_any: dict, skipped: dict, worst: dict, suffix: str = "") -> list[str]:
+                  n_any: dict, skipped: dict, worst: dict, suffix: str = "", one_of_k: dict | None = None) -> list[str]:
     """Every row of one evaluation set (metric names + ``suffix``); returns the labels it can score (both classes
-    among the labelled rows)."""
+    among the labelled rows), derived labels included. ``one_of_k`` receives whether a one-of-K set got its
+    ``label='all'`` rows."""
     boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
                              seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
     attrs = {}
@@ -275,25 +304,34 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
     evaluable = []
     task = fitted["task"]
     scaled = None  # one-of-K: softmax(logits / T), the temperature-scaled probability of every class
+    derived = fitted.get("derived") or []
     if task == "multiclass":
-        y_all, p_all, z_all = _class_arrays(df, labels, eval_set)
+        y_all, p_all, z_all, without_class = _class_arrays(df, labels, eval_set)
         t_soft = fitted["softmax_temperature"]
         if np.isfinite(t_soft):
             scaled = apply_softmax_temperature(z_all, t_soft)
-        _multiclass_rows(out, eval_set, y_all, p_all, scaled, boot, eval_cfg)
-    for j, lab in enumerate(labels):
+        if without_class:
+            warnings.warn(f"{without_class} row(s) of eval set {eval_set!r} carry labels but no class among {labels}: "
+                          f"no one-of-K rows (label {MULTICLASS_LABEL!r}) for it, only the per-class ones",
+                          MetricWarning, stacklevel=3)
+        else:
+            _multiclass_rows(out, eval_set, y_all, p_all, scaled, boot, eval_cfg)
+        if one_of_k is not None:
+            one_of_k[eval_set] = {"scored": not without_class, "labelled_without_class": without_class}
+    for j, lab in enumerate([*labels, *derived]):
         where = f"predictions[{eval_set!r}]"
         y = check_labels(df[f"label:{lab}"], f"{where}['label:{lab}']")
         p = check_scores(df[f"prob:{lab}"], f"{where}['prob:{lab}']")
         z = check_scores(df[f"logit:{lab}"], f"{where}['logit:{lab}']", probability=False)
         mask = ~np.isnan(y)
-        any_label |= mask
+        if lab not in derived:
+            any_label |= mask
         yl, pl, zl = y[mask] == 1.0, p[mask], z[mask]
         if yl.any() and not yl.all():
             evaluable.append(lab)
         sub = boot.subset(mask) if boot is not None else None
         thr = fitted["thresholds"][lab]
-        if task == "multiclass":  # one-vs-rest rows of class `lab`, calibrated by the shared softmax temperature
+        if task == "multiclass" and lab not in derived:  # one-vs-rest rows of class `lab`, shared temperature
             pt = scaled[mask, j] if scaled is not None else None
         else:
             temp = fitted["temperatures"][lab]
@@ -354,7 +392,7 @@ def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[s
 
 
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
-                        eval_cfg, task: str = "multilabel") -> tuple[pd.DataFrame, dict]:
+                        eval_cfg, task: str = "multilabel", derived: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
 
     ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
@@ -365,7 +403,9 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     score and each OOD set shares with ``test``, the attributes skipped per set and the worst group's name per
     ``[eval_set][label][attribute]``. ``task='multiclass'`` scores a one-of-K task (``labels`` = its classes,
     ``label:<class>`` one-hot, ``prob:<class>`` a softmax): every row above one-vs-rest per class, plus the
-    one-of-K rows (see the module docstring).
+    one-of-K rows (see the module docstring). ``derived`` are further binary labels (``label:``/``logit:``/``prob:``
+    columns of their own, e.g. a group of classes) scored through the binary path and kept out of the per-set
+    macros.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
@@ -379,15 +419,21 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
                          f"got {sorted(predictions)}")
     if not labels:
         raise ValueError("labels must name at least one label")
+    derived = list(derived)
+    if set(derived) & set(labels):
+        raise ValueError(f"derived labels {sorted(set(derived) & set(labels))} are also in labels")
+    if derived and eval_cfg.aggregate:
+        raise ValueError("eval.aggregate (breast/exam pooling) does not pool derived labels")
     for name, df in predictions.items():
-        _columns(df, name, labels)
-    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg, task)
-    out = _Rows(eval_cfg.alpha)
+        _columns(df, name, [*labels, *derived])
+    fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg, task, derived)
+    out = _Rows(eval_cfg.alpha, outside_macro=derived)
     n_any: dict[tuple, int] = {}
     skipped: dict[str, list[str]] = {}
     worst: dict[str, dict[str, dict[str, str | None]]] = {}
+    one_of_k: dict[str, dict] = {}
     evaluable = {eval_set: _evaluate_set(out, eval_set, df, labels, subgroups, fitted, eval_cfg, n_any, skipped,
-                                         worst)
+                                         worst, one_of_k=one_of_k)
                  for eval_set, df in predictions.items()}
     ood_sets = [e for e in predictions if e not in (FIT_SPLIT, ID_SPLIT)]
     shared = _shift_rows(out, ood_sets, evaluable) if ID_SPLIT in predictions else {}
@@ -398,7 +444,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     rows["n"] = rows["n"].astype(np.int64)
     info = {**_json_safe(fitted), "eval_sets": list(predictions), "in_sample": {FIT_SPLIT: list(IN_SAMPLE_METRICS)},
             "evaluable_labels": evaluable, "shift_labels": shared, "pooled": pooled, "skipped_attributes": skipped,
-            "worst_groups": worst, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+            "worst_groups": worst, "multiclass_sets": one_of_k, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info

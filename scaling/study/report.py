@@ -210,8 +210,9 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.eval_sets = eval_set_order(df)
     one_of_k = [m + t for m in MULTICLASS_METRICS for t in ("", "_temp") if m + t in set(summary["metric"])]
     for e in rep.eval_sets if one_of_k else ():
-        rep.tables[f"multiclass:{e}"] = _in_sample(_view_table(summary, one_of_k, eval_set=e,
-                                                               label=MULTICLASS_LABEL), e)
+        table = _in_sample(_view_table(summary, one_of_k, eval_set=e, label=MULTICLASS_LABEL), e)
+        if len(table):  # a set that knows only some classes (an OOD set's "melanoma or not") has no such rows
+            rep.tables[f"multiclass:{e}"] = table
     for e in rep.eval_sets:
         rep.tables[f"fairness:{e}"] = _in_sample(_view_table(summary, FAIRNESS_METRICS, eval_set=e, attribute=None), e)
         rep.tables[f"groups:{e}"] = _group_table(summary, e)
@@ -433,7 +434,9 @@ def _multiclass_html(rep: StudyReport) -> list[str]:
              "<p class='note'>All classes together: top-1 accuracy, balanced accuracy (mean per-class recall), "
              "multi-class NLL and Brier score and top-label ECE, the last three also after the softmax temperature "
              "fitted on validation (<i>_temp</i>). AUROC elsewhere in the report is one-vs-rest per class and its "
-             "macro.</p>"]
+             "macro. A set whose samples carry labels but no class (an OOD set that knows only some of the classes) "
+             "has no row here. Derived binary labels (a group of classes, its probability the summed softmax) are "
+             "scored on their own: outside the macro AUROC, inside the distribution-shift comparison.</p>"]
     for e in sets:
         parts += [f"<h3 id='multiclass-{_anchor(e)}'>{_set_title(e)}</h3>",
                   _table_html(rep.tables[f"multiclass:{e}"], f"multiclass-{_anchor(e)}")]

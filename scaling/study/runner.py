@@ -189,11 +189,19 @@ def _resolve_root(cfg: StudyConfig, root: str) -> Path:
     return Path(root).expanduser()
 
 
-def _prepare(df: pd.DataFrame, labels: tuple[str, ...], age_bins) -> pd.DataFrame:
-    """Select the study's labels (NaN where a dataset lacks one) and derive the age groups."""
-    from scaling.data.labels import select_labels
+def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool) -> pd.DataFrame:
+    """Select the study's labels (NaN where a dataset lacks one) and derive the age groups. A one-of-K task also
+    keeps its derived labels and completes every row with a class to a one-hot (two positive classes: a DataError
+    naming ``source`` and the sample); on the training dataset, which defines the task, the derived labels must
+    agree with their groups (``scaling.data.labels.check_derived_labels``)."""
+    from scaling.data.labels import check_derived_labels, one_of_k_labels, select_labels
 
-    return add_age_group(select_labels(df, list(labels)), age_bins).reset_index(drop=True)
+    out = select_labels(df, [*d.labels, *d.derived_labels])
+    if d.task == "multiclass":
+        out = one_of_k_labels(out, d.labels, source)
+        if training_data:
+            check_derived_labels(out, d.labels, d.derived_labels, source)
+    return add_age_group(out, d.age_bins).reset_index(drop=True)
 
 
 def load_study_data(cfg: StudyConfig) -> StudyData:
@@ -222,10 +230,10 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         ood[e.name] = apply_filters(t, e.filters, f"eval set {e.name!r}")
         if ood[e.name].empty:
             raise DataError(f"eval set {e.name!r} is empty after filters {e.filters}")
-    prep = lambda t: _prepare(t, d.labels, d.age_bins)  # noqa: E731
-    return StudyData(
-        train=prep(train), val=prep(val), test=prep(test), ood={k: prep(v) for k, v in ood.items()}, labels=d.labels
-    )
+    own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
+    return StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
+                     ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
+                     labels=d.labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,12 +417,21 @@ def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _prediction_frame(table: pd.DataFrame, labels, index: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
-    """Per-sample predictions joined with the rows they belong to (file paths are never stored)."""
+def _prediction_frame(table: pd.DataFrame, d: DataConfig, index: np.ndarray,
+                      logits: np.ndarray) -> pd.DataFrame:
+    """Per-sample predictions joined with the rows they belong to (file paths are never stored): ``logit:<label>``
+    and ``prob:<label>``, a sigmoid per label or, for a one-of-K task, the softmax over the classes and each derived
+    label's summed probability and log-odds (``scaling.metrics.multiclass.group_scores``)."""
+    from scaling.metrics.multiclass import group_scores, softmax_probabilities
+
     rows = table.iloc[index].drop(columns=["path"], errors="ignore").reset_index(drop=True)
-    for j, name in enumerate(labels):
-        rows[f"logit:{name}"] = logits[:, j].astype(np.float64)
-        rows[f"prob:{name}"] = 1.0 / (1.0 + np.exp(-logits[:, j].astype(np.float64)))
+    z = logits.astype(np.float64)
+    prob = softmax_probabilities(z) if d.task == "multiclass" else 1.0 / (1.0 + np.exp(-z))
+    for j, name in enumerate(d.labels):
+        rows[f"logit:{name}"] = z[:, j]
+        rows[f"prob:{name}"] = prob[:, j]
+    for name, group in d.derived_labels.items():
+        rows[f"prob:{name}"], rows[f"logit:{name}"] = group_scores(z, [d.labels.index(c) for c in group])
     return rows
 
 
@@ -424,7 +441,8 @@ def _datasets(cfg: StudyConfig, tables: dict[str, pd.DataFrame], labels: list[st
     from scaling.data.dataset import TableDataset
 
     cache = Path(cfg.output_dir) / "cache" if cfg.data.cache else None
-    kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
+    kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers,
+              task=cfg.data.task, keep_labels=list(cfg.data.derived_labels))
 
     def build():
         train = None if train_table is None else TableDataset(train_table, labels, cfg.data.image_size, train=True,
@@ -434,11 +452,11 @@ def _datasets(cfg: StudyConfig, tables: dict[str, pd.DataFrame], labels: list[st
     return main_process_first(build)
 
 
-def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict, labels: list[str]) -> None:
+def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict) -> None:
     """Predict every evaluation set (every rank) and store the predictions (main process)."""
     for name, ds in eval_ds.items():
         out = trainer.predict(ds, batch_size=cfg.eval.batch_size)
-        _on_main(lambda: store.write_predictions(rid, name, _prediction_frame(ds.table, labels, out["index"],
+        _on_main(lambda: store.write_predictions(rid, name, _prediction_frame(ds.table, cfg.data, out["index"],
                                                                               out["logits"])))
 
 
@@ -459,7 +477,8 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
                 store.write_predictions(rid, name, regrouped)
             df = regrouped
         preds[name] = df
-    rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval)
+    rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
+                                       derived=list(cfg.data.derived_labels))
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
     recorded = store.read_evaluation(rid).get("eval_sets", {})
@@ -514,11 +533,11 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
                         .to_numpy().ravel().tolist())
     trainer = None
     try:
-        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=run_dir, tracker=tracker)
+        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task, output_dir=run_dir, tracker=tracker)
         summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
 
         # -- predict on every evaluation set; metrics are computed from the stored predictions only -------------
-        _predict(cfg, store, rid, trainer, eval_ds, labels)
+        _predict(cfg, store, rid, trainer, eval_ds)
 
         def finish():
             skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()]))
@@ -567,8 +586,8 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     model = _trained_model(rcfg, store, rid, len(labels))
     trainer = None
     try:
-        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss="multilabel", output_dir=None)
-        _predict(cfg, store, rid, trainer, eval_ds, labels)
+        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task, output_dir=None)
+        _predict(cfg, store, rid, trainer, eval_ds)
     finally:
         if trainer is not None:
             trainer.close()
@@ -622,7 +641,10 @@ def record_study(cfg: StudyConfig, store: RunStore) -> None:
 
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
-    """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status."""
+    """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
+    one-of-K task also the test accuracy and balanced accuracy."""
+    from scaling.metrics.run_metrics import MULTICLASS_LABEL
+
     rows = []
     ood_names = [e.name for e in cfg.data.ood]
     for spec in study_cells(cfg):
@@ -638,6 +660,11 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
                 row[f"auroc_{name}"] = val.get(name, math.nan)
             worst = m[(m.eval_set == "test") & (m.label == "macro") & (m.metric == "worst_group_auroc")]
             row["worst_subgroup_auroc"] = float(worst.value.min()) if len(worst) else math.nan
+            if cfg.data.task == "multiclass":
+                k = m[(m.eval_set == "test") & (m.label == MULTICLASS_LABEL) & (m.attribute == "all")]
+                for metric in ("accuracy", "balanced_accuracy"):
+                    value = k[k.metric == metric].value
+                    row[f"{metric}_test"] = float(value.iloc[0]) if len(value) else math.nan
             row["params"] = store.read_spec(rid).get("n_params")
         row["run_id"] = rid
         rows.append(row)

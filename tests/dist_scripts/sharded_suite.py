@@ -4,7 +4,7 @@
 
 Suites group many checks into one launch (each launch costs seconds of imports on 2 cores):
 
-* ``torch``   ddp, fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
+* ``torch``   ddp (+ one-of-K cross-entropy with unlabelled samples), fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
               an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
               ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
               host reads per step (ddp, fsdp)
@@ -46,11 +46,11 @@ def train_cfg(**kw) -> TrainConfig:
 
 
 def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, model=None,
-             weights=None, **sharding):
+             weights=None, loss="multilabel", data=None, **sharding):
     torch.manual_seed(0)
     trainer = Trainer(model or vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
-                      output_dir=output_dir, weights=weights)
-    summary = trainer.fit(ToyDataset(64))
+                      loss=loss, output_dir=output_dir, weights=weights)
+    summary = trainer.fit(data or ToyDataset(64))
     shares = [None] * trainer.world_size
     torch.distributed.all_gather_object(shares, trainer.shard.share)
     cell = {"world": trainer.accelerator.num_processes, "losses": [h["loss"] for h in trainer.history],
@@ -62,6 +62,11 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
         trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
     trainer.close()
     out[name] = cell
+
+
+def multiclass_data() -> ToyDataset:
+    """The one-of-K toy problem of the multiclass cell, with unlabelled samples (class -1)."""
+    return ToyDataset(64, multiclass=True, unlabelled=0.25)
 
 
 def sync_cell(strategy: str, out: dict, name: str):
@@ -122,6 +127,9 @@ def main():
         run_cell("ddp", out, "ddp", predict=True)
         run_cell("fsdp", out, "fsdp", predict=True)
         run_cell("fsdp", out, "fsdp_accum", train=train_cfg(grad_accum=2))
+        # One-of-K: cross-entropy normalised by the labelled samples of the global batch (a quarter have no class).
+        run_cell("ddp", out, "ddp_multiclass", train=train_cfg(grad_accum=2), loss="multiclass",
+                 data=multiclass_data())
         run_cell("fsdp", out, "fsdp_clip", train=train_cfg(clip_grad_norm=0.1))
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")

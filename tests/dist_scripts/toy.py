@@ -11,9 +11,12 @@ IMG = 32
 
 
 class ToyDataset(torch.utils.data.Dataset):
-    """Noise images; label l is positive when channel l carries a bright square (learnable); ~15 % NaN labels."""
+    """Noise images; label l is positive when channel l carries a bright square (learnable); ~15 % NaN labels.
 
-    def __init__(self, n: int, seed: int = 0, nan_fraction: float = 0.15, multiclass: bool = False):
+    ``multiclass``: the target is a class index (the first positive label's); ``unlabelled`` of them are -1."""
+
+    def __init__(self, n: int, seed: int = 0, nan_fraction: float = 0.15, multiclass: bool = False,
+                 unlabelled: float = 0.0):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(n, 3, IMG, IMG, generator=g) * 0.5
         self.targets = (torch.rand(n, NUM_LABELS, generator=g) < 0.4).float()
@@ -23,6 +26,8 @@ class ToyDataset(torch.utils.data.Dataset):
         self.multiclass = multiclass
         if nan_fraction > 0:
             self.targets[torch.rand(n, NUM_LABELS, generator=g) < nan_fraction] = float("nan")
+        if unlabelled > 0:
+            self.labels[torch.rand(n, generator=g) < unlabelled] = -1
 
     def __len__(self) -> int:
         return len(self.images)
