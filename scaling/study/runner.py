@@ -343,10 +343,13 @@ class Work:
     settings)."""
     eval_sets: tuple[str, ...] = ()
     """The evaluation sets to predict (``evaluate``)."""
+    cka: bool = False
+    """Also (re)compute the run's CKA table after ``evaluate`` or ``metrics``."""
 
     def describe(self) -> str:
         """One word or phrase for logs and the plan."""
-        return f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
+        what = f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
+        return what + (", cka" if self.cka and self.kind != "cka" else "")
 
 
 def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
@@ -373,14 +376,13 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
             return None
     if status != "complete":
         return Work("train")
+    cka = protocols.cka_pending(cfg, store, rid, spec)
     missing = tuple(n for n in eval_identities(cfg) if n not in store.eval_sets(rid))
     if missing:
-        return Work("evaluate", missing)
+        return Work("evaluate", missing, cka)
     if store.read_evaluation(rid).get("metrics") != metric_settings(cfg):
-        return Work("metrics")
-    if protocols.cka_pending(cfg, store, rid, spec):
-        return Work("cka")
-    return None
+        return Work("metrics", cka=cka)
+    return Work("cka") if cka else None
 
 
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
@@ -707,11 +709,11 @@ def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Call
         run_one(cfg, spec, data(), store)
     elif work.kind == "evaluate":
         evaluate_run(cfg, spec, data(), store, work.eval_sets)
-    elif work.kind == "cka":
-        analyse_run(cfg, spec, data(), store)
-    else:
+    elif work.kind == "metrics":
         rid = run_id(cfg, spec)
         _on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
+    if work.kind == "cka" or work.cka:
+        analyse_run(cfg, spec, data(), store)
 
 
 def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
