@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import re
 import typing
@@ -357,6 +358,62 @@ class TrackingConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Analysis: linear probe and CKA
+# --------------------------------------------------------------------------------------------------------------
+
+
+PROBE_SELECT = ("auroc", "log_loss")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the linear probe of a ``linear_probe`` cell is fitted and its L2 penalty chosen (docs/analysis.md)."""
+
+    cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    """Inverse L2 strengths ``C`` tried per label (scikit-learn's convention: smaller = stronger penalty)."""
+    select: str = "auroc"
+    """Validation criterion that picks ``C``: ``auroc`` (higher is better) or ``log_loss`` (lower is better)."""
+    standardize: bool = True
+    """Scale features to zero mean and unit variance with training-set statistics before fitting."""
+    max_iter: int = 2000
+    """L-BFGS iteration limit per fit."""
+    batch_size: int = 64
+    """Per-process batch size of the feature extraction forward passes."""
+
+    def __post_init__(self):
+        if not self.cs or any(not (c > 0 and math.isfinite(c)) for c in self.cs):
+            raise ConfigError(f"probe.cs={list(self.cs)} must be a non-empty list of positive numbers")
+        _choice("probe.select", self.select, PROBE_SELECT)
+        if self.max_iter < 1:
+            raise ConfigError(f"probe.max_iter={self.max_iter} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"probe.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class CKAConfig:
+    """Block-by-block minibatch CKA (Nguyen et al. 2021) of each fine-tuned run against its initialisation, and of
+    backbone scales against each other (docs/analysis.md)."""
+
+    enabled: bool = True
+    """Compute ``runs/<id>/cka.parquet`` for every fine-tuned run (two forward passes over ``max_examples``)."""
+    eval_set: str = "test"
+    """Evaluation set whose images the representations are compared on (``val``, ``test`` or an OOD set name)."""
+    max_examples: int = 512
+    """At most this many images of that set (a fixed seeded sample, the same for every run)."""
+    batch_size: int = 256
+    """Examples per CKA minibatch (Nguyen et al. use 256; the unbiased estimator needs at least 4)."""
+    scales: bool = True
+    """Also compare each larger backbone's fine-tuned blocks with the smallest backbone's of the same source,
+    fraction and seed (``runs/<id>/cka_vs/<other id>.parquet``), after the grid."""
+
+    def __post_init__(self):
+        _positive("cka.max_examples", self.max_examples)
+        if self.batch_size < 4:
+            raise ConfigError(f"cka.batch_size={self.batch_size} must be >= 4 (the unbiased HSIC estimator's minimum)")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Upstream pretraining and the study grid
 # --------------------------------------------------------------------------------------------------------------
 
@@ -381,26 +438,108 @@ class UpstreamConfig:
     """Peak learning rate (SGD, cosine)."""
 
 
+PROTOCOLS = ("finetune", "linear_probe")
+"""How a cell turns the pretrained backbone into a classifier: fine-tune it all, or fit a linear probe on its frozen
+pooled features (docs/analysis.md)."""
+
+
+def parse_reinit(value: str, where: str = "grid.reinit") -> tuple[str, int]:
+    """``none`` → ``("none", 0)``; ``after:k`` / ``first:k`` → ``("after", k)`` / ``("first", k)``.
+
+    ``after:k`` keeps units ``0..k-1`` pretrained and re-initialises the rest (Raghu et al. 2019's weight
+    transfusion); ``first:k`` re-initialises units ``0..k-1`` (``scaling.models.reinit``). Raises ConfigError naming
+    ``where`` otherwise.
+    """
+    if value == "none":
+        return "none", 0
+    kind, sep, k = value.partition(":")
+    if not sep or kind not in ("after", "first") or not k.isdigit():
+        raise ConfigError(f"{where} contains {value!r}; use 'none', 'after:<k>' or 'first:<k>' (k = number of units)")
+    return kind, int(k)
+
+
+def _check_axes(where: str, protocols, shots, reinit) -> None:
+    """Validate the analysis axes of a grid or a sub-grid (None = not set there)."""
+    for p in protocols or ():
+        _choice(f"{where}.protocols", p, PROTOCOLS)
+    for k in shots or ():
+        if k < 1:
+            raise ConfigError(f"{where}.shots contains {k}; k-shot sizes must be >= 1")
+    for r in reinit or ():
+        parse_reinit(r, f"{where}.reinit")
+    for name, values in (("protocols", protocols), ("shots", shots), ("reinit", reinit)):
+        if values is not None and len(set(values)) != len(values):
+            raise ConfigError(f"{where}.{name}={list(values)} names a value twice")
+
+
+@dataclass(frozen=True)
+class SubGridConfig:
+    """More cells beside the main grid: the product of these axes, each left unset (null) taken from the grid."""
+
+    backbones: tuple[str, ...] | None = None
+    """Backbone presets or timm names (null: the grid's)."""
+    pretrained: tuple[str, ...] | None = None
+    """Weight sources (null: the grid's)."""
+    fractions: tuple[float, ...] | None = None
+    """Fractions of training patients (null: the grid's; ``[]``: k-shot cells only)."""
+    shots: tuple[int, ...] | None = None
+    """k-shot sizes (null: the grid's)."""
+    seeds: tuple[int, ...] | None = None
+    """Seeds (null: the grid's)."""
+    protocols: tuple[str, ...] | None = None
+    """``finetune`` and/or ``linear_probe`` (null: the grid's)."""
+    reinit: tuple[str, ...] | None = None
+    """Block re-initialisations (null: the grid's)."""
+
+    def __post_init__(self):
+        for f in self.fractions or ():
+            if not 0 < f <= 1:
+                raise ConfigError(f"grid.also.fractions contains {f}; fractions must be in (0, 1]")
+        _check_axes("grid.also", self.protocols, self.shots, self.reinit)
+
+
 @dataclass(frozen=True)
 class GridConfig:
-    """The study axes; the grid is their Cartesian product."""
+    """The study axes; the grid is their Cartesian product (plus the cells of ``also``).
+
+    A cell's training data is either a fraction of the training patients or a k-shot subset: ``fractions`` and
+    ``shots`` are two lists of data budgets, and each budget is one cell per backbone × source × seed × protocol ×
+    re-initialisation. Re-initialisation applies to fine-tuned cells of a pretrained source only (a probe trains
+    nothing, and a scratch backbone has nothing pretrained to keep): other combinations are not cells.
+    """
 
     backbones: tuple[str, ...] = ("resnetv2_tiny",)
     """Backbone presets or timm names."""
     pretrained: tuple[str, ...] = ("scratch",)
     """Weight sources (see ``model.pretrained``)."""
     fractions: tuple[float, ...] = (1.0,)
-    """Fractions of training patients (nested, patient-level, seeded)."""
+    """Fractions of training patients (nested, patient-level, seeded); may be empty when ``shots`` is not."""
     seeds: tuple[int, ...] = (0,)
-    """Seeds (init, order and data-fraction subset)."""
+    """Seeds (init, order and the data-fraction or k-shot subset)."""
+    shots: tuple[int, ...] = ()
+    """k-shot data budgets: k positive and k negative patients per label (BiT's 1/5/10/25-shot protocol,
+    ``scaling.data.splits.kshot_subset``; nested in k for one seed), drawn from all training patients."""
+    protocols: tuple[str, ...] = ("finetune",)
+    """``finetune`` (train the whole model) and/or ``linear_probe`` (logistic regression on the frozen pretrained
+    backbone's pooled features; the ``probe`` section)."""
+    reinit: tuple[str, ...] = ("none",)
+    """Block re-initialisation before fine-tuning: ``none``, ``after:k`` (keep units 0..k-1 pretrained, Raghu et al.
+    2019's weight transfusion) or ``first:k`` (re-initialise units 0..k-1); units are the stem, each block, the
+    neck (``scaling.models.reinit``)."""
+    also: tuple[SubGridConfig, ...] = ()
+    """Further cells: each entry's product, its unset axes taken from this grid (e.g. one re-initialisation or
+    few-shot sweep at one source, without multiplying the whole grid)."""
 
     def __post_init__(self):
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise ConfigError(f"grid.fractions contains {f}; fractions must be in (0, 1]")
-        for name in ("backbones", "pretrained", "fractions", "seeds"):
+        for name in ("backbones", "pretrained", "seeds", "protocols", "reinit"):
             if not getattr(self, name):
                 raise ConfigError(f"grid.{name} must not be empty")
+        if not self.fractions and not self.shots:
+            raise ConfigError("grid.fractions and grid.shots are both empty: give at least one data budget")
+        _check_axes("grid", self.protocols, self.shots, self.reinit)
 
 
 @dataclass(frozen=True)
@@ -427,14 +566,23 @@ class StudyConfig:
     """Upstream pretraining runs referenced by ``upstream:<name>`` sources."""
     grid: GridConfig = field(default_factory=GridConfig)
     """Study axes."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Linear-probe settings (cells with protocol ``linear_probe``)."""
+    cka: CKAConfig = field(default_factory=CKAConfig)
+    """Representation-similarity analysis of fine-tuned runs."""
 
     def __post_init__(self):
         known = {u.name for u in self.upstream}
-        for src in self.grid.pretrained:
+        sources = [*self.grid.pretrained, *(s for g in self.grid.also for s in g.pretrained or ())]
+        for src in sources:
             if src.startswith("upstream:") and src.split(":", 1)[1] not in known:
                 raise ConfigError(
                     f"grid.pretrained names {src!r} but no upstream entry has that name; known: {sorted(known)}"
                 )
+        protocols = [*self.grid.protocols, *(p for g in self.grid.also for p in g.protocols or ())]
+        if self.data.task == "multiclass" and "linear_probe" in protocols:
+            raise ConfigError("grid.protocols: linear_probe fits one logistic regression per label (multi-label "
+                              "findings); data.task='multiclass' is fine-tuned only (protocols: [finetune])")
 
 
 # --------------------------------------------------------------------------------------------------------------

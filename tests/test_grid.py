@@ -2,7 +2,7 @@
 
 import pytest
 
-from scaling.config import StudyConfig, load_config, to_dict
+from scaling.config import ConfigError, StudyConfig, load_config, to_dict
 from scaling.study.grid import (
     NEUTRAL,
     RunSpec,
@@ -110,6 +110,22 @@ TABLE = [
     ("grid.fractions=[0.1,0.5,1]", False),
     ("grid.seeds=[0,1,2,3]", False),
     ("upstream=[{name: up, num_images: 10}]", False),
+    ("grid.shots=[1,5]", False),
+    ("grid.protocols=[finetune,linear_probe]", False),
+    ("grid.reinit=[none,after:2]", False),
+    ("grid.also=[{pretrained: [hub], reinit: ['after:2']}]", False),
+    # the linear probe: its settings are the study's (a study with another probe grid is another study)
+    ("probe.cs=[0.1,1]", True),
+    ("probe.select=log_loss", True),
+    ("probe.standardize=false", True),
+    ("probe.max_iter=50", True),
+    ("probe.batch_size=8", False),
+    # CKA: an analysis of the trained model, recomputed when it changes
+    ("cka.enabled=false", False),
+    ("cka.eval_set=val", False),
+    ("cka.max_examples=64", False),
+    ("cka.batch_size=32", False),
+    ("cka.scales=false", False),
 ]
 
 
@@ -163,6 +179,59 @@ def test_cell_axes_change_the_id_and_stay_readable():
     assert run_id(up, spec) != run_id(up2, spec)
 
 
+def test_protocol_budget_and_reinit_axes_are_cells_with_readable_ids():
+    cfg = _cfg("grid.backbones=[a]", "grid.fractions=[1]", "grid.seeds=[0]", "grid.shots=[5]",
+               "grid.protocols=[finetune,linear_probe]", "grid.reinit=[none,'after:2']")
+    cells = expand_grid(cfg)
+    # 2 sources x 2 budgets x (finetune + probe), plus hub's 2 budgets re-initialised: re-initialised scratch and
+    # probe cells are not cells
+    assert len(cells) == 2 * 2 * 2 + 1 * 2
+    assert not [c for c in cells if c.reinit != "none" and (c.pretrained == "scratch" or c.protocol != "finetune")]
+    ids = {(c.pretrained, c.budget, c.protocol, c.reinit): run_id(cfg, c) for c in cells}
+    assert len(set(ids.values())) == len(cells)
+    assert ids[("hub", "k5", "linear_probe", "none")].startswith("a__hub__k5__s0__probe__")
+    assert ids[("hub", "f1", "finetune", "after:2")].startswith("a__hub__f1__s0__reinit-after-2__")
+    # the plain fine-tuning cell keeps the id it had before these axes existed
+    plain = RunSpec("a", "hub", 1.0, 0)
+    assert run_id(cfg, plain) == run_id(_cfg("grid.backbones=[a]"), plain)
+    assert "protocol" not in result_settings(run_config(cfg, plain))["cell"]
+    shot = next(c for c in cells if c.shots == 5 and c.protocol == "linear_probe")
+    assert result_settings(run_config(cfg, shot))["cell"] == {"shots": [5], "protocol": ["linear_probe"]}
+    assert config_hash(run_config(cfg, shot)) == config_hash(cfg)
+
+
+def test_also_adds_cells_without_multiplying_the_grid():
+    cfg = _cfg("grid.also=[{pretrained: [hub], fractions: [1], reinit: ['after:1', 'first:2']}, "
+               "{backbones: [a], fractions: [], shots: [1, 5], protocols: [linear_probe], seeds: [0]}]")
+    cells = expand_grid(cfg)
+    main = [c for c in cells if c.protocol == "finetune" and c.reinit == "none" and not c.shots]
+    assert len(main) == 16
+    reinit = [c for c in cells if c.reinit != "none"]
+    assert {(c.backbone, c.reinit, c.seed) for c in reinit} == {(b, r, s) for b in "ab" for r in ("after:1", "first:2")
+                                                                for s in (0, 1)}
+    shots = [c for c in cells if c.shots]
+    assert {(c.pretrained, c.shots) for c in shots} == {(p, k) for p in ("scratch", "hub") for k in (1, 5)}
+    assert len(cells) == len(set(cells)) == 16 + 8 + 4
+    # the upstream names of sub-grids are checked like the grid's
+    with pytest.raises(ConfigError, match="grid.pretrained names 'upstream:nope'"):
+        _cfg("grid.also=[{pretrained: ['upstream:nope']}]")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grid.protocols=[probe]", "grid.protocols='probe' is not allowed"),
+    ("grid.reinit=['after']", "grid.reinit contains 'after'; use 'none', 'after:<k>' or 'first:<k>'"),
+    ("grid.shots=[0]", "grid.shots contains 0"),
+    ("grid.shots=[5,5]", "grid.shots=.5, 5. names a value twice"),
+    ("grid.fractions=[]", "grid.fractions and grid.shots are both empty"),
+    ("grid.also=[{reinit: ['first:x']}]", "grid.also.reinit contains 'first:x'"),
+    ("probe.cs=[]", "probe.cs=.. must be a non-empty list"),
+    ("cka.batch_size=2", "cka.batch_size=2 must be >= 4"),
+])
+def test_bad_analysis_axes_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(override)
+
+
 def test_ids_are_stable_and_independent_of_the_grid_around_them():
     a, b = _cfg(), _cfg()
     assert [run_id(a, s) for s in expand_grid(a)] == [run_id(b, s) for s in expand_grid(b)]
@@ -179,6 +248,7 @@ def test_run_config_collapses_the_grid_and_shares_the_study_hash():
     assert rc.train.seed == spec.seed and rc.grid.fractions == (spec.fraction,)
     assert config_hash(rc) == config_hash(cfg)
     assert result_settings(rc)["cell"] == {"fraction": [spec.fraction]}
+    assert rc.grid.protocols == ("finetune",) and rc.grid.reinit == ("none",) and rc.grid.shots == ()
     assert "grid" not in study_settings(cfg) and "cell" not in study_settings(cfg)
 
 

@@ -60,6 +60,21 @@ def test_report_object_built_offline(no_network):
     assert "test/ood_site_b" not in filters and "ood_site_b/auroc_drop" in filters
 
 
+@needs_workspaces
+def test_report_of_a_study_with_analysis_cells_separates_them(no_network):
+    report = build_wandb_report("demo", project="scaling", sources=["scratch", "upstream:big"], analysis=True)
+    main, probe, shots = [b for b in report.blocks if type(b).__name__ == "PanelGrid"]
+    # the scaling views draw plain fine-tuning cells only; the analysis grids pair each source's protocols
+    assert all("protocol" in str(r.filters) for r in main.runsets)
+    assert [r.name for r in probe.runsets] == ["scratch: fine-tuned", "upstream:big: fine-tuned",
+                                               "scratch: linear probe", "upstream:big: linear probe"]
+    assert [p.title for p in shots.panels] == ["Few-shot: AUROC vs k (test)"]
+    spec = str(report._to_model().model_dump())
+    assert "'value': 'linear_probe'" in spec and "'name': 'protocol'" in spec and "'name': 'shots'" in spec
+    plain = build_wandb_report("demo", project="scaling", sources=["scratch"])
+    assert "protocol" not in str(plain._to_model().model_dump())  # a plain study's Report is what it was
+
+
 def test_publish_offline(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
@@ -68,7 +83,8 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     args = study_report_args(tmp_path / "s")
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
-                    "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]}}
+                    "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]},
+                    "analysis": False}
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)

@@ -21,8 +21,9 @@ diagonals set to zero::
 It needs ``m >= 4``; smaller batches are skipped (and counted). Memory is one ``m x m`` Gram matrix per layer.
 
 Public API: :func:`hsic_unbiased`, :func:`linear_cka` (one full batch), :class:`MinibatchCKA` (accumulate every
-pair of layers of two models batch by batch), :func:`cka_table` (run two feature streams of
-:mod:`scaling.analysis.features` through it and return a tidy table).
+pair of layers of two models batch by batch, from features or from Gram matrices), :func:`cka_table` (run two
+feature streams of :mod:`scaling.analysis.features` through it and return a tidy table), :func:`gram_batches` and
+:func:`cka_from_grams` (store one model's minibatch Gram matrices, compare two stored models later).
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ MIN_BATCH = 4
 
 
 def _grams(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Linear Gram matrices ``[layers, m, m]`` in float64 with zeroed diagonals (the ``K~`` of Song et al.)."""
+    """Linear Gram matrices ``[layers, m, m]`` in float64 (diagonals included; HSIC zeroes them)."""
     flat = [f.reshape(f.shape[0], -1).to(torch.float64) for f in features]
-    grams = torch.stack([x @ x.T for x in flat])
-    grams.diagonal(dim1=1, dim2=2).zero_()
-    return grams
+    return torch.stack([x @ x.T for x in flat])
 
 
 def _hsic_pairs(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -133,8 +132,29 @@ class MinibatchCKA:
         if m < MIN_BATCH:
             self.skipped_examples += m
             return
-        ka = _grams(xa)
-        kb = ka if self.names_b is None else _grams(xb)
+        self.update_grams(_grams(xa), None if self.names_b is None else _grams(xb))
+
+    def update_grams(self, grams_a: torch.Tensor, grams_b: torch.Tensor | None = None) -> None:
+        """Add one minibatch given as linear Gram matrices ``[layers, m, m]`` of side A (and B) in layer order.
+
+        The Gram matrices of a minibatch are all CKA needs, so a model's can be stored (:func:`gram_batches`) and
+        compared later with another model's on the same examples, without running either model again.
+        """
+        ka = torch.as_tensor(grams_a, dtype=torch.float64).clone()
+        kb = ka if grams_b is None else torch.as_tensor(grams_b, dtype=torch.float64).clone()
+        if grams_b is not None and self.names_b is None:
+            raise ValueError("this MinibatchCKA compares A with itself; pass only grams_a")
+        n_b = len(self.names_b) if self.names_b is not None else len(self.names_a)
+        if ka.shape[0] != len(self.names_a) or kb.shape[0] != n_b or ka.shape[1:] != kb.shape[1:]:
+            raise ValueError(f"Gram stacks {tuple(ka.shape)} and {tuple(kb.shape)} do not match "
+                             f"{len(self.names_a)} and {n_b} layers of one minibatch")
+        m = ka.shape[-1]
+        if m < MIN_BATCH:
+            self.skipped_examples += m
+            return
+        ka.diagonal(dim1=1, dim2=2).zero_()
+        if kb is not ka:
+            kb.diagonal(dim1=1, dim2=2).zero_()
         self.cross += _hsic_pairs(ka, kb)
         self.self_a += _hsic_self(ka)
         self.self_b += _hsic_self(kb)
@@ -194,6 +214,33 @@ def cka_table(stream_a: Iterable[Mapping[str, torch.Tensor] | None],
             acc.update(fa, fb)
     if acc is None:
         return None
+    return acc.table()
+
+
+def gram_batches(features: Mapping[str, torch.Tensor], names: Sequence[str] | None = None,
+                 batch_size: int = 256) -> list[torch.Tensor]:
+    """The linear Gram matrices ``[layers, m, m]`` of each minibatch of ``batch_size`` consecutive examples of
+    ``{layer: [n, d]}`` (layers in ``names`` order, default the mapping's), in float64: what :meth:`MinibatchCKA.
+    update_grams` takes, and what a run stores so that it can be compared later with another model on the same
+    examples."""
+    names = list(names or features)
+    n = {features[k].shape[0] for k in names}
+    if len(n) != 1:
+        raise ValueError(f"every layer must hold the same examples; got {sorted(n)} rows")
+    total = n.pop()
+    return [_grams([features[k][lo:lo + batch_size] for k in names]) for lo in range(0, total, batch_size)]
+
+
+def cka_from_grams(batches_a: Sequence[torch.Tensor], names_a: Sequence[str],
+                   batches_b: Sequence[torch.Tensor] | None = None,
+                   names_b: Sequence[str] | None = None) -> pd.DataFrame:
+    """The :meth:`MinibatchCKA.table` of two models from their per-minibatch Gram stacks (:func:`gram_batches` of
+    the same examples in the same minibatches); ``batches_b=None`` compares A's layers with each other."""
+    if batches_b is not None and len(batches_a) != len(batches_b):
+        raise ValueError(f"{len(batches_a)} and {len(batches_b)} minibatches: not the same examples")
+    acc = MinibatchCKA(names_a, None if batches_b is None else names_b)
+    for i, ka in enumerate(batches_a):
+        acc.update_grams(ka, None if batches_b is None else batches_b[i])
     return acc.table()
 
 

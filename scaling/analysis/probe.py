@@ -18,6 +18,7 @@ metrics machinery applies unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,40 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scaling.config import ConfigError
+from scaling.config import ProbeConfig
 from scaling.io import atomic_write
 from scaling.metrics.discrimination import auroc
 
 log = logging.getLogger(__name__)
-
-SELECT = ("auroc", "log_loss")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How the linear probe is fitted and its L2 penalty chosen."""
-
-    cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-    """Inverse L2 strengths ``C`` tried per label (scikit-learn's convention: smaller = stronger penalty)."""
-    select: str = "auroc"
-    """Validation criterion that picks ``C``: ``auroc`` (higher is better) or ``log_loss`` (lower is better)."""
-    standardize: bool = True
-    """Scale features to zero mean and unit variance with training-set statistics before fitting."""
-    max_iter: int = 2000
-    """L-BFGS iteration limit per fit."""
-    batch_size: int = 64
-    """Batch size of the feature extraction forward passes."""
-
-    def __post_init__(self):
-        if not self.cs or any(not (c > 0 and math.isfinite(c)) for c in self.cs):
-            raise ConfigError(f"probe.cs={list(self.cs)} must be a non-empty list of positive numbers")
-        if self.select not in SELECT:
-            raise ConfigError(f"probe.select={self.select!r} must be one of {list(SELECT)}")
-        if self.max_iter < 1:
-            raise ConfigError(f"probe.max_iter={self.max_iter} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"probe.batch_size={self.batch_size} must be >= 1")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Features, extracted once and cached
@@ -72,11 +44,8 @@ def _cache_path(cache_dir: Path, name: str) -> Path:
     return cache_dir / f"{name}.safetensors"
 
 
-def _read_cache(path: Path, n: int, key: str, load: bool = True) -> dict | bool | None:
-    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise.
-
-    With ``load=False`` (ranks that only need the decision) returns True instead of reading the tensors.
-    """
+def _read_cache(path: Path, n: int, key: str) -> dict | None:
+    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -88,20 +57,27 @@ def _read_cache(path: Path, n: int, key: str, load: bool = True) -> dict | bool 
         log.info("%s was extracted for %s examples and key %r, not %d and %r: extracting again", path,
                  meta.get("n"), meta.get("key"), n, key)
         return None
-    if not load:
-        return True
     t = load_file(str(path))
     return {"index": t["index"].numpy(), "features": t["features"], "target": t["target"].numpy()}
 
 
+def _agree(runner, value: bool) -> bool:
+    """The main process's ``value`` on every rank of ``runner`` (a Trainer); the value itself for a module."""
+    if getattr(runner, "world_size", 1) < 2:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def extract_features(runner, datasets: Mapping[str, object], cache_dir: str | Path | None = None, *,
-                     key: str = "", batch_size: int = 64) -> dict[str, dict] | None:
+                     key: str | Mapping[str, str] = "", batch_size: int = 64) -> dict[str, dict] | None:
     """Pooled pre-logit features of each named dataset, read from / written to ``cache_dir/<name>.safetensors``.
 
     ``runner`` is a Trainer (call on every rank) or a plain module. A cached file is reused when it holds the same
-    number of examples and the same ``key`` (e.g. the weight source; a different key re-extracts and overwrites).
-    Returns ``{name: {"index": [N], "features": FloatTensor[N, D], "target": [N, L]}}`` on the main process,
-    None elsewhere.
+    number of examples and the same ``key`` (e.g. the weight source; a different key re-extracts and overwrites);
+    ``key`` may also map each dataset name to its own key. Returns ``{name: {"index": [N], "features":
+    FloatTensor[N, D], "target": [N, L]}}`` on the main process, None elsewhere.
     """
     from safetensors.torch import save_file
 
@@ -111,10 +87,12 @@ def extract_features(runner, datasets: Mapping[str, object], cache_dir: str | Pa
     cache = Path(cache_dir) if cache_dir is not None else None
     out: dict[str, dict] = {}
     for name, dataset in datasets.items():
+        set_key = key if isinstance(key, str) else key[name]
         path = _cache_path(cache, name) if cache is not None else None
-        # Every rank decides alike from the shared file, so all of them join the sharded forward or none does.
-        cached = _read_cache(path, len(dataset), key, load=is_main) if path is not None else None
-        if cached is not None:
+        # The main process decides for every rank, so all of them join the sharded forward or none does (another
+        # launch sharing the cache may write the file between two ranks' looks at it).
+        cached = _read_cache(path, len(dataset), set_key) if path is not None and is_main else None
+        if _agree(runner, cached is not None):
             if is_main:
                 out[name] = cached
             continue
@@ -124,12 +102,18 @@ def extract_features(runner, datasets: Mapping[str, object], cache_dir: str | Pa
             if path is not None:
                 tensors = {"index": torch.as_tensor(got["index"]).long(), "features": out[name]["features"],
                            "target": torch.as_tensor(got["target"])}
-                meta = {"n": str(len(dataset)), "key": key, "layer": PRE_LOGITS}
+                meta = {"n": str(len(dataset)), "key": set_key, "layer": PRE_LOGITS}
                 atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p),
                                                        metadata=meta))
-        if hasattr(runner, "accelerator"):
-            runner.accelerator.wait_for_everyone()  # the file exists for every rank before the next set
     return out if is_main else None
+
+
+def subset(features: Mapping, positions) -> dict:
+    """The rows ``positions`` of one set's features (as :func:`extract_features` returns them), re-indexed 0..n-1:
+    a fraction or k-shot training subset taken from the features of the whole training set."""
+    pos = np.asarray(positions, dtype=np.int64)
+    return {"index": np.arange(len(pos)), "features": features["features"][torch.from_numpy(pos)],
+            "target": np.asarray(features["target"])[pos]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,6 +151,27 @@ class LinearProbe:
     def chosen(self) -> pd.DataFrame:
         """The selected row of :attr:`search` per label."""
         return self.search[self.search["selected"]].reset_index(drop=True)
+
+    def save(self, path: str | Path) -> None:
+        """Write the probe as one safetensors file (weights as tensors, labels and the C search as metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), dtype=np.float64))
+                   for k in ("mean", "scale", "coef", "intercept")}
+        meta = {"labels": json.dumps(list(self.labels)), "search": self.search.to_json(orient="records")}
+        atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearProbe:
+        """Read a probe written by :meth:`save` (tensors and JSON only: nothing in the file is executed)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        t = {k: v.numpy() for k, v in load_file(str(path)).items()}
+        search = pd.DataFrame(json.loads(meta.get("search", "[]")))
+        return cls(tuple(json.loads(meta["labels"])), t["mean"], t["scale"], t["coef"], t["intercept"], search)
 
 
 def fit_probe(train_x, train_y, val_x, val_y, labels: Sequence[str] | None = None,
@@ -252,23 +257,27 @@ class ProbeResult:
 
 def linear_probe(runner, train, val, eval_sets: Mapping[str, object] | None = None, *,
                  run_dir: str | Path | None = None, labels: Sequence[str] | None = None,
-                 cfg: ProbeConfig | None = None, key: str = "") -> ProbeResult | None:
+                 cfg: ProbeConfig | None = None, key: str | Mapping[str, str] = "",
+                 train_positions=None, cache_dir: str | Path | None = None) -> ProbeResult | None:
     """Linear probe of a frozen backbone: extract (or read cached) features, fit, predict every evaluation set.
 
     ``runner`` is a Trainer whose model is the frozen backbone (call on every rank; nothing is trained) or a plain
     module; ``train``/``val``/``eval_sets`` are datasets yielding multi-label targets. Features are cached under
-    ``run_dir/probe_features/`` (``key``: see :func:`extract_features`). ``labels`` default to ``train.labels``.
+    ``cache_dir`` (default ``run_dir/probe_features/``; ``key``: see :func:`extract_features`). With
+    ``train_positions`` the probe is fitted on those rows of ``train`` only (a fraction or k-shot subset of a
+    training set whose features are cached once for every subset). ``labels`` default to ``train.labels``.
     Returns a :class:`ProbeResult` on the main process (predictions for ``val`` and every evaluation set), None
     elsewhere.
     """
     cfg = cfg or ProbeConfig()
     sets = {"train": train, "val": val, **dict(eval_sets or {})}
-    cache = Path(run_dir) / "probe_features" if run_dir is not None else None
+    cache = Path(cache_dir) if cache_dir is not None else Path(run_dir) / "probe_features" if run_dir else None
     feats = extract_features(runner, sets, cache, key=key, batch_size=cfg.batch_size)
     if feats is None:
         return None
+    fit_on = feats["train"] if train_positions is None else subset(feats["train"], train_positions)
     names = labels if labels is not None else getattr(train, "labels", None)
-    probe = fit_probe(feats["train"]["features"].numpy(), feats["train"]["target"], feats["val"]["features"].numpy(),
+    probe = fit_probe(fit_on["features"].numpy(), fit_on["target"], feats["val"]["features"].numpy(),
                       feats["val"]["target"], names, cfg)
     chosen = probe.chosen()
     log.info("linear probe: C per label %s", dict(zip(chosen["label"], chosen["C"])))

@@ -26,11 +26,17 @@ from scaling.tracking import redact_paths
 log = logging.getLogger(__name__)
 
 AXES = ("study", "config_hash", "backbone", "n_params", "pretrained", "pretrain_images", "fraction",
-        "n_train_images", "seed")
+        "n_train_images", "seed", "protocol", "shots", "reinit")
 """Study axes carried as columns of the tidy table (from each run's spec.json)."""
 
-CELL = ("backbone", "n_params", "pretrained", "pretrain_images", "fraction")
+CELL = ("backbone", "n_params", "pretrained", "pretrain_images", "fraction", "protocol", "shots", "reinit")
 """The axes that identify a grid cell up to its seed."""
+
+PLAIN = {"protocol": "finetune", "shots": 0, "reinit": "none"}
+"""The analysis axes of a plain fine-tuning cell (and of runs stored before those axes existed)."""
+
+GRID_KEYS = ("backbone", "pretrained", "fraction", "seed", "protocol", "shots", "reinit")
+"""What a run's spec.json and a cell of study.yaml's grid are matched on."""
 
 KEYS = ("eval_set", "label", "attribute", "group", "metric")
 """What one metric row measures."""
@@ -67,7 +73,8 @@ def _expected_cells(store_root: Path) -> pd.DataFrame:
     # Cells are matched on their axes, not on recomputed run ids: a config re-read from YAML can hash differently
     # from the in-memory config the runner hashed (ints read back as floats).
     return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,
-                          "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed)}
+                          "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed),
+                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit}
                          for s in expand_grid(cfg)])
 
 
@@ -96,11 +103,11 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
         elif status == "complete" and not (store.run_dir(rid) / "metrics.parquet").is_file():
             status, row["reason"] = "invalid", "DONE but metrics.parquet is missing"
         row["status"] = status
-        rows.append(row)
+        rows.append({**PLAIN, **row} if "backbone" in row else row)
     df = pd.DataFrame(rows)
     grid = _expected_cells(store.root)
     if not grid.empty:
-        cell = ["backbone", "pretrained", "fraction", "seed"]
+        cell = list(GRID_KEYS)
         seen = set(df[cell].itertuples(index=False, name=None)) if len(df) and set(cell) <= set(df.columns) else set()
         todo = [tuple(r) not in seen for r in grid[cell].itertuples(index=False, name=None)]
         missing = grid[todo].assign(status="not started", reason="in the grid of study.yaml, no run directory yet")
@@ -136,8 +143,9 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
     """The tidy results table of every complete run in the store, and the status of every run.
 
     ``results`` columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute,
-    group, metric, value, lo, hi, n); ``results.attrs["n_seeds_expected"]`` is the number of seeds of the study
-    (failed and unfinished runs included), which :func:`summarise` needs to flag incomplete cells. Problems are also
+    group, metric, value, lo, hi, n) and ``seeds_expected``, the seeds of the run's cell in the study (failed and
+    unfinished runs included; a ``grid.also`` cell may have fewer than the grid), which :func:`summarise` needs to
+    flag incomplete cells; ``results.attrs["n_seeds_expected"]`` is the number of seeds of the whole study. Problems are also
     logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study config, unless
     ``allow_mixed``.
     """
@@ -166,6 +174,14 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
     for c in ("n_params", "pretrain_images", "fraction", "n_train_images", "value", "lo", "hi", "n"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    df["shots"] = pd.to_numeric(df["shots"], errors="coerce").fillna(0).astype(int)
+    # Seeds per cell: a sub-grid (grid.also) may run fewer seeds than the main grid.
+    per_cell = status.dropna(subset=["backbone"]).assign(
+        shots=lambda t: pd.to_numeric(t["shots"], errors="coerce").fillna(0).astype(int),
+        fraction=lambda t: pd.to_numeric(t["fraction"], errors="coerce"))
+    keys = [k for k in GRID_KEYS if k != "seed"]
+    seeds = per_cell.groupby(keys, dropna=False)["seed"].nunique().rename(SEEDS_COLUMN).reset_index()
+    df = df.merge(seeds, on=keys, how="left") if len(df) else df.assign(**{SEEDS_COLUMN: pd.Series(dtype=int)})
     # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
     # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
     df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
@@ -175,6 +191,11 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
 def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
     """The tidy results table of every complete run in the store (:func:`load_study` without the run status)."""
     return load_study(store_root, allow_mixed=allow_mixed).results
+
+
+SEEDS_COLUMN = "seeds_expected"
+"""Column of the tidy table: how many seeds the run's cell has in the study (failed and unfinished runs
+included)."""
 
 
 def _expected_seeds(df: pd.DataFrame) -> int:
@@ -192,31 +213,47 @@ def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     a mean over fewer seeds is never mistaken for a full one.
     """
     group = [c for c in ("study", "config_hash") if c in df and df[c].nunique(dropna=False) > 1]
-    group += [*CELL, *KEYS]
-    expected = _expected_seeds(df)
+    cell = [c for c in CELL if c in df.columns]
+    group += [*cell, *KEYS]
     finite = np.isfinite(df["value"].to_numpy(dtype=float))
     # The bootstrap interval of a single seed is taken from the row that has a value.
     d = df.assign(lo=df["lo"].where(finite), hi=df["hi"].where(finite))
     out = d.groupby(group, dropna=False, sort=True).agg(
         mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"),
-        lo1=("lo", "first"), hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean")).reset_index()
+        lo1=("lo", "first"), hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean"),
+        **({"expected": (SEEDS_COLUMN, "max")} if SEEDS_COLUMN in d.columns else {})).reset_index()
     k = out["n_seeds"].to_numpy()
     half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * out["sd"].to_numpy() / np.sqrt(np.maximum(k, 1))
     many = k > 1
     out["lo"] = np.where(many, out["mean"] - half, out["lo1"])
     out["hi"] = np.where(many, out["mean"] + half, out["hi1"])
     out["ci_kind"] = np.select([many, k == 1], ["seeds", "bootstrap"], "none")
-    out["n_seeds_expected"] = expected
+    fallback = _expected_seeds(df)
+    out["n_seeds_expected"] = (out.pop("expected").fillna(fallback).astype(int) if "expected" in out.columns
+                               else fallback)
+    expected = out["n_seeds_expected"]
     # Completeness is about runs, not values: a subgroup too small to score is NaN in every seed, not missing.
     out["complete"] = out["n_runs"] >= expected
     out = out[[*group, "mean", "sd", "lo", "hi", "ci_kind", "n_seeds", "n_runs", "n_seeds_expected", "complete",
                "n_train_images", "n"]]
-    short = out[~out["complete"]].drop_duplicates(subset=list(CELL))
+    short = out[~out["complete"]].drop_duplicates(subset=cell)
     for r in short.itertuples(index=False):
         log.warning("cell %s/%s/fraction %g has %d of %d seeds complete", r.backbone, r.pretrained, r.fraction,
                     r.n_runs, r.n_seeds_expected)
     out.attrs = {}
     return out
+
+
+def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of plain fine-tuning cells (fraction budget, whole model fine-tuned, nothing re-initialised): what
+    the scaling views (size, data, shift, subgroups, calibration, fits) are drawn from. The analysis views read the
+    other cells (docs/analysis.md)."""
+    if not set(PLAIN) <= set(df.columns):
+        return df
+    keep = np.ones(len(df), dtype=bool)
+    for k, v in PLAIN.items():
+        keep &= (df[k] == v).to_numpy()
+    return df[keep]
 
 
 def select(summary: pd.DataFrame, metric: str, eval_set: str | None = None, label: str = "macro",
@@ -244,10 +281,12 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
         for m, lo, hi, c, k, e in zip(s["mean"], s["lo"], s["hi"], s["complete"], s["n_seeds"], s["n_seeds_expected"])
     ])
     mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
-    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction"], columns="eval_set",
-                           values="cell", aggfunc="first")
+    # A study with probe, k-shot or re-initialised cells shows those axes; a plain one keeps its four.
+    varied = [c for c in PLAIN if c in s.columns and (s[c] != PLAIN[c]).any()]
+    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction", *varied],
+                           columns="eval_set", values="cell", aggfunc="first")
     first = [c for c in ("test", "val") if c in wide.columns]
     order = first + sorted(c for c in wide.columns if c not in first)
     wide = wide[order].reset_index()
     wide.columns.name = None
-    return wide.sort_values(["pretrained", "n_params", "fraction"]).reset_index(drop=True)
+    return wide.sort_values(["pretrained", "n_params", "fraction", *varied]).reset_index(drop=True)

@@ -1,4 +1,9 @@
-"""The study grid: backbone × pretraining source × data fraction × seed → runs with stable, content-derived ids.
+"""The study grid: backbone × pretraining source × data budget × seed × protocol × re-initialisation → runs with
+stable, content-derived ids.
+
+A data budget is a fraction of the training patients or a k-shot subset; the protocol fine-tunes the model or fits
+a linear probe on its frozen features; re-initialisation resets the blocks above (or below) a unit before
+fine-tuning. The last three default to the plain fine-tuning cell, whose ids they leave unchanged.
 
 A run id names one result. It is the cell's axes (readable) plus a short hash of :func:`result_settings`, the one
 rule that says which settings change what a run trains and predicts (docs/run-store.md, "What a run id means").
@@ -14,10 +19,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from scaling.config import DataConfig, EvalSetConfig, GridConfig, StudyConfig, to_dict
+from scaling.config import DataConfig, EvalSetConfig, GridConfig, StudyConfig, SubGridConfig, to_dict
 
 SYNTHETIC = "synthetic"
 """``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
+
+
+FINETUNE, PROBE, NO_REINIT = "finetune", "linear_probe", "none"
+"""The default protocol and re-initialisation (the plain fine-tuning cell)."""
 
 
 @dataclass(frozen=True)
@@ -29,22 +38,54 @@ class RunSpec:
     pretrained: str
     """Weight source (``scratch``, ``upstream:<name>``, ``hub``, a file, ...)."""
     fraction: float
-    """Fraction of training patients."""
+    """Fraction of training patients (1.0 for a k-shot cell: its k-shot subset is drawn from all of them)."""
     seed: int
-    """Seed for init, data order and the fraction subset."""
+    """Seed for init, data order and the fraction or k-shot subset."""
+    protocol: str = FINETUNE
+    """``finetune`` or ``linear_probe``."""
+    shots: int = 0
+    """k of a k-shot cell (k positive and k negative patients per label); 0 for a fraction cell."""
+    reinit: str = NO_REINIT
+    """``none``, ``after:k`` or ``first:k`` (``scaling.config.parse_reinit``)."""
+
+    @property
+    def budget(self) -> str:
+        """The data budget, readable: ``f0.2`` or ``k5``."""
+        return f"k{self.shots}" if self.shots else f"f{self.fraction:g}"
+
+
+def _cells(g: GridConfig, sub: SubGridConfig | None = None) -> list[RunSpec]:
+    """The product of one grid's axes (``sub``'s where set, the grid's otherwise), minus the combinations that are
+    not cells: a re-initialised probe (a probe trains nothing) or re-initialised scratch backbone."""
+    def axis(name):
+        value = getattr(sub, name) if sub is not None else None
+        return value if value is not None else getattr(g, name)
+
+    budgets = [(float(f), 0) for f in axis("fractions")] + [(1.0, int(k)) for k in axis("shots")]
+    out = []
+    for b, p, (f, k), s, proto, r in itertools.product(axis("backbones"), axis("pretrained"), budgets, axis("seeds"),
+                                                     axis("protocols"), axis("reinit")):
+        if r != NO_REINIT and (proto != FINETUNE or p == "scratch"):
+            continue
+        out.append(RunSpec(b, p, f, int(s), proto, k, r))
+    return out
 
 
 def expand_grid(study: StudyConfig) -> list[RunSpec]:
-    """All cells of the study grid in a stable order (backbone-major)."""
+    """All cells of the study grid in a stable order (backbone-major), then those of ``grid.also`` not already
+    there."""
     g = study.grid
-    return [RunSpec(b, p, float(f), int(s)) for b, p, f, s in itertools.product(g.backbones, g.pretrained, g.fractions, g.seeds)]
+    cells = _cells(g) + [c for sub in g.also for c in _cells(g, sub)]
+    return list(dict.fromkeys(cells))
 
 
 def run_config(study: StudyConfig, spec: RunSpec) -> StudyConfig:
     """The fully resolved config of one run: the study config with the grid collapsed onto ``spec``."""
     model = dataclasses.replace(study.model, backbone=spec.backbone, pretrained=spec.pretrained)
     train = dataclasses.replace(study.train, seed=spec.seed)
-    grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.pretrained,), fractions=(spec.fraction,), seeds=(spec.seed,))
+    grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.pretrained,),
+                      fractions=() if spec.shots else (spec.fraction,), shots=(spec.shots,) if spec.shots else (),
+                      seeds=(spec.seed,), protocols=(spec.protocol,), reinit=(spec.reinit,))
     upstream = tuple(u for u in study.upstream if spec.pretrained == f"upstream:{u.name}")
     return dataclasses.replace(study, model=model, train=train, grid=grid, upstream=upstream)
 
@@ -78,7 +119,9 @@ NEUTRAL: dict[str, str] = {
     "sharding.activation_checkpointing": "recomputes activations instead of storing them",
     "sharding.sync_each_micro_batch": "when gradients are reduced, not their sum",
     "eval": "statistics of the stored predictions (and the prediction batch size); recomputed when they change",
-    "grid": "collapsed into the cell (backbone, pretrained, fraction, seed)",
+    "probe.batch_size": "how many images a feature-extraction forward pass takes, not what it computes",
+    "cka": "an analysis of the trained model, stored beside its predictions and recomputed when it changes",
+    "grid": "collapsed into the cell (backbone, pretrained, fraction or shots, seed, protocol, reinit)",
 }
 """Settings that never change a run's trained model or predictions, with the reason. Every other setting does,
 including any setting added to the config later: a new field changes ids until it is listed here."""
@@ -106,7 +149,9 @@ def _root_identity(root: str) -> str | None:
 def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     """Every setting that changes what a run trains and predicts, as a plain dict; the run id hashes exactly this.
 
-    ``cfg`` is a run's config (:func:`run_config`); the data fraction of the run is ``cell.fraction``. Settings in
+    ``cfg`` is a run's config (:func:`run_config`); its data budget is ``cell.fraction`` or ``cell.shots``, and a
+    protocol or re-initialisation other than the default is ``cell.protocol`` / ``cell.reinit`` (absent for the
+    plain fine-tuning cell, so its id is what it was before these axes existed). Settings in
     :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
     never silently ignored. The dataset root counts only as its identity (``synthetic``), not as a path: moving
     a dataset to another mount keeps the ids.
@@ -116,13 +161,23 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     for key in NEUTRAL:
         _drop(d, key)
     d["data"]["root"] = _root_identity(root)
-    d["cell"] = {"fraction": [float(f) for f in cfg.grid.fractions]}
+    d["cell"] = _cell(cfg.grid)
     return d
 
 
+def _cell(g: GridConfig) -> dict[str, Any]:
+    """The cell axes of a run config's collapsed grid that are not settings elsewhere in the config."""
+    cell: dict[str, Any] = {"shots": list(g.shots)} if g.shots else {"fraction": [float(f) for f in g.fractions]}
+    if tuple(g.protocols) != (FINETUNE,):
+        cell["protocol"] = list(g.protocols)
+    if tuple(g.reinit) != (NO_REINIT,):
+        cell["reinit"] = list(g.reinit)
+    return cell
+
+
 def study_settings(cfg: StudyConfig) -> dict[str, Any]:
-    """What every run of a study shares: :func:`result_settings` without the cell axes (backbone, source, fraction,
-    seed, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
+    """What every run of a study shares: :func:`result_settings` without the cell axes (backbone, source, data budget,
+    seed, protocol, re-initialisation, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
     d = result_settings(cfg)
     d.pop("cell")
     for key in CELL:
@@ -174,4 +229,6 @@ def run_id(study: StudyConfig, spec: RunSpec) -> str:
     """Stable id of a run: readable axes plus a hash of its :func:`result_settings`."""
     h = _hash(result_settings(run_config(study, spec)))[:8]
     src = spec.pretrained if not spec.pretrained.startswith(("/", ".")) else "file-" + spec.pretrained.rsplit("/", 1)[-1]
-    return f"{_slug(spec.backbone)}__{_slug(src)}__f{spec.fraction:g}__s{spec.seed}__{h}"
+    extra = ("__probe" if spec.protocol == PROBE else "") + (
+        f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "")
+    return f"{_slug(spec.backbone)}__{_slug(src)}__{spec.budget}__s{spec.seed}{extra}__{h}"

@@ -260,6 +260,126 @@ def selective_curves(curves: pd.DataFrame) -> plt.Figure | None:
     return _finish(fig, np.array([ax]))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Analysis views (scaling.study.analysis_tables): each draws exactly the table it is given
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ci(d: pd.DataFrame, mean: str, lo: str, hi: str) -> pd.DataFrame:
+    """A frame with the ``mean``/``lo``/``hi`` columns :func:`_lines` reads, taken from other column names."""
+    return d.assign(mean=d[mean], lo=d[lo], hi=d[hi])
+
+
+def probe_gap(table: pd.DataFrame) -> plt.Figure | None:
+    """Fine-tuned (solid) and linear-probe (dashed) AUROC vs parameter count per pretraining source, one panel per
+    data budget; a second row of panels draws the gap fine-tuned − probe."""
+    if table is None or table.empty:
+        return None
+    budgets = list(dict.fromkeys(table.sort_values(["shots", "fraction"])["budget"]))
+    colors = _palette(table["pretrained"].unique())
+    fig, axes = plt.subplots(2, len(budgets), figsize=(4.4 * len(budgets), 7.0), squeeze=False)
+    for j, b in enumerate(budgets):
+        d = table[table["budget"] == b]
+        top, bottom = axes[0, j], axes[1, j]
+        _lines(top, _ci(d, "finetune", "finetune_lo", "finetune_hi"), "n_params", "pretrained", colors)
+        _lines(top, _ci(d, "probe", "probe_lo", "probe_hi"), "n_params", "pretrained", colors, linestyle="--",
+               legend=False)
+        _lines(bottom, _ci(d, "gap", "gap_lo", "gap_hi"), "n_params", "pretrained", colors, legend=False)
+        bottom.axhline(0, color="grey", linewidth=1)
+        top.set(title=f"{b}: AUROC (test)", xlabel="parameters", ylabel="macro AUROC")
+        bottom.set(title=f"{b}: fine-tuned − probe", xlabel="parameters", ylabel="AUROC gap")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    key = [(plt.Line2D([], [], color="black"), "fine-tuned"),
+           (plt.Line2D([], [], color="black", linestyle="--"), "linear probe (frozen features)")]
+    return _finish(fig, axes, extra=key)
+
+
+def fewshot_curves(table: pd.DataFrame) -> plt.Figure | None:
+    """AUROC vs k (log x) of the k-shot cells, one panel per pretraining source, one colour per backbone (by size),
+    solid fine-tuned and dashed linear probe."""
+    if table is None or table.empty:
+        return None
+    srcs = sorted(table["pretrained"].unique(), key=str)
+    order = table.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(order, ordered=True)
+    fig, axes = _grid(len(srcs), sharey=True)
+    for ax, src in zip(axes, srcs):
+        d = table[table["pretrained"] == src]
+        for proto, style in (("finetune", "-"), ("linear_probe", "--")):
+            _lines(ax, d[d["protocol"] == proto], "shots", "backbone", colors, linestyle=style,
+                   legend=proto == "finetune" or not (d["protocol"] == "finetune").any())
+        _fraction_axis(ax, d["shots"])
+        ax.set(title=f"{src}: AUROC vs k (test)", xlabel="k (patients per class and label)", ylabel="macro AUROC")
+        ax.grid(alpha=0.3)
+    key = [(plt.Line2D([], [], color="black"), "fine-tuned"),
+           (plt.Line2D([], [], color="black", linestyle="--"), "linear probe")]
+    return _finish(fig, axes, extra=key)
+
+
+def reinit_curves(table: pd.DataFrame) -> plt.Figure | None:
+    """AUROC vs the number of units kept pretrained (the rest re-initialised before fine-tuning), one panel per
+    pretraining source and data budget, one line per backbone (by size)."""
+    if table is None or table.empty or table["units_kept"].isna().all():
+        return None
+    t = table.dropna(subset=["units_kept"]).assign(
+        panel=lambda d: d["pretrained"] + ", " + np.where(d["shots"] > 0, d["shots"].astype(str) + "-shot",
+                                                           "fraction " + d["fraction"].map("{:g}".format)))
+    panels = list(dict.fromkeys(t["panel"]))
+    order = t.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(order, ordered=True)
+    fig, axes = _grid(len(panels), sharey=True)
+    for ax, panel in zip(axes, panels):
+        _lines(ax, t[t["panel"] == panel], "units_kept", "backbone", colors)
+        ax.set(title=f"{panel}: AUROC vs units kept", xlabel="units kept pretrained (stem = 1)",
+               ylabel="macro AUROC (test)")
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def cka_block_curves(table: pd.DataFrame) -> plt.Figure | None:
+    """CKA between each fine-tuned model and its initialisation per block (x: depth from the first block to
+    ``pre_logits``), one panel per backbone, one line per pretraining source, the band spanning the seeds; plain
+    cells at their largest fraction."""
+    if table is None or table.empty:
+        return None
+    t = table[(table["reinit"] == "none") & (table["shots"] == 0)]
+    t = t[t["fraction"] == t["fraction"].max()] if len(t) else t
+    if t.empty:
+        return None
+    order = t.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    colors = _palette(t["pretrained"].unique())
+    fig, axes = _grid(len(order), sharey=True)
+    for ax, bb in zip(axes, order):
+        d = t[t["backbone"] == bb]
+        for src, g in d.groupby("pretrained", sort=True):
+            g = g.sort_values("depth")
+            ax.plot(g["depth"], g["mean"], marker="o", markersize=3, color=colors[src], label=src)
+            ax.fill_between(g["depth"], g["min"], g["max"], color=colors[src], alpha=0.15)
+        ax.set(title=f"{bb}: initialisation vs fine-tuned", xlabel="block depth (0 = first block, 1 = pre-logits)",
+               ylabel="linear CKA", ylim=(0, 1.05))
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
+def cka_scale_maps(table: pd.DataFrame) -> plt.Figure | None:
+    """Block-by-block CKA heat maps between the smallest backbone (rows) and a larger one (columns) per pretraining
+    source (Nguyen et al. 2021's cross-model maps); values in the table beside it."""
+    if table is None or table.empty:
+        return None
+    pairs = table[["pretrained", "backbone_a", "backbone_b"]].drop_duplicates().itertuples(index=False)
+    pairs = list(pairs)
+    fig, axes = _grid(len(pairs), size=(3.8, 3.6))
+    for ax, (src, a, b) in zip(axes, pairs):
+        d = table[(table["pretrained"] == src) & (table["backbone_a"] == a) & (table["backbone_b"] == b)]
+        grid = d.pivot_table(index="index_a", columns="index_b", values="cka", aggfunc="first")
+        im = ax.imshow(grid.to_numpy(float), origin="lower", vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set(title=f"{src}", xlabel=f"{b} block", ylabel=f"{a} block")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _finish(fig, axes)
+
+
 def to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
     """PNG bytes of a figure (and close it: a report makes many figures)."""
     buf = io.BytesIO()

@@ -23,7 +23,8 @@ from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import full_fraction, headline_table, load_study, select, summarise
+from scaling.study.aggregate import (PLAIN, full_fraction, headline_table, load_study, plain_cells, select,
+                                     summarise)
 from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
@@ -40,6 +41,11 @@ FIGURES = {
     "calibration": "ECE before and after temperature scaling vs model size, per evaluation set",
     "reliability": "Reliability diagrams per evaluation set and pretraining source, one line per backbone",
     "selective": "Selective prediction: best vs smallest model",
+    "probe_gap": "Fine-tuned vs linear-probe AUROC, and the gap, vs model size per pretraining source",
+    "fewshot": "Few-shot: AUROC vs k per pretraining source and backbone",
+    "reinit": "Block re-initialisation: AUROC vs the units kept pretrained",
+    "cka_blocks": "CKA between each fine-tuned model and its initialisation, block by block",
+    "cka_scales": "CKA between backbone scales of one pretraining source, block by block",
 }
 """Figure ids in the report and their captions; ``<id>:<evaluation set>`` is that figure for one set
 (``fairness:test``)."""
@@ -144,23 +150,33 @@ def _pooled_tables(summary: pd.DataFrame, eval_sets) -> tuple[dict[str, pd.DataF
 
 
 def _completion(runs: pd.DataFrame) -> pd.DataFrame:
-    """The grid as a matrix: one row per pretraining source × backbone (by size), one column per data fraction,
-    cells ``complete/seeds`` plus the count of any other status (e.g. ``1/2, 1 failed``)."""
+    """The grid as a matrix: one row per pretraining source × backbone (by size) (× protocol × re-initialisation
+    where the study varies them), one column per data budget (fraction or k-shot), cells ``complete/seeds`` plus
+    the count of any other status (e.g. ``1/2, 1 failed``); ``-`` where the grid has no such cell."""
     if runs.empty:
         return pd.DataFrame()
+    runs = runs.assign(**{k: runs[k].fillna(v) if k in runs else v for k, v in PLAIN.items()})
+    runs["shots"] = pd.to_numeric(runs["shots"]).astype(int)
+    varied = [k for k in ("protocol", "reinit") if (runs[k] != PLAIN[k]).any()]
+    analysis = bool(varied) or bool((runs["shots"] > 0).any())
     seeds = runs["seed"].nunique()
     size = runs.groupby("backbone")["n_params"].max()
 
     def cell(g: pd.DataFrame) -> str:
         counts = g["status"].value_counts()
         others = [f"{n} {s}" for s, n in counts.items() if s != "complete"]
-        return ", ".join([f"{int(counts.get('complete', 0))}/{seeds}", *others])
+        return ", ".join([f"{int(counts.get('complete', 0))}/{g['seed'].nunique() if analysis else seeds}", *others])
 
-    t = runs.groupby(["pretrained", "backbone", "fraction"]).apply(cell, include_groups=False).unstack("fraction")
-    t.columns = [f"fraction {f:g}" for f in t.columns]
-    t = t.fillna(f"0/{seeds}").reset_index()
+    order = runs[["fraction", "shots"]].drop_duplicates().sort_values(["shots", "fraction"])
+    runs["budget"] = [f"{k}-shot" if k else f"fraction {f:g}" for f, k in zip(runs["fraction"], runs["shots"])]
+    t = runs.groupby(["pretrained", "backbone", *varied, "budget"]).apply(cell, include_groups=False).unstack(
+        "budget")
+    names = [f"{k}-shot" if k else f"fraction {f:g}" for f, k in order.itertuples(index=False)]
+    t = t[[c for c in names if c in t.columns]]
+    t.columns.name = None
+    t = t.fillna("-" if analysis else f"0/{seeds}").reset_index()
     t["_size"] = t["backbone"].map(size)
-    return t.sort_values(["pretrained", "_size", "backbone"]).drop(columns="_size").reset_index(drop=True)
+    return t.sort_values(["pretrained", "_size", "backbone", *varied]).drop(columns="_size").reset_index(drop=True)
 
 
 def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
@@ -184,9 +200,16 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         rep.notes["results"] = "No complete run yet: nothing to aggregate."
         return rep
 
-    summary = summarise(df)
+    every = summarise(df)
+    rep.tables["headline"] = headline_table(every)
+    _analysis_views(rep, store_root, df, every, n_boot_curve)
+    # The scaling views compare plain fine-tuning cells; probe, k-shot and re-initialised cells have their own.
+    df, summary = plain_cells(df), plain_cells(every)
+    if df.empty:
+        rep.notes["plain"] = "No complete plain fine-tuning cell (fraction budget, nothing re-initialised) yet."
+        rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
+        return rep
     rep.ood_sets = ood_sets(df)
-    rep.tables["headline"] = headline_table(summary)
 
     fits, laws = fit_table(df, n_boot=n_boot_fit)
     rep.tables["fits"] = fits
@@ -237,6 +260,23 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["delong"] = delong_comparisons(store_root, df)
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     return rep
+
+
+def _analysis_views(rep: StudyReport, store_root: Path, df: pd.DataFrame, summary: pd.DataFrame,
+                    n_boot: int) -> None:
+    """The tables and figures of "What the pretrained features contribute" (scaling.study.analysis_tables)."""
+    from scaling.study import analysis_tables as at
+
+    rep.tables["probe_gap"] = at.probe_gap(df, store_root, n_boot=n_boot)
+    rep.figures["probe_gap"] = plots.probe_gap(rep.tables["probe_gap"])
+    rep.tables["fewshot"] = at.fewshot_table(summary)
+    rep.figures["fewshot"] = plots.fewshot_curves(rep.tables["fewshot"])
+    rep.tables["reinit"] = at.reinit_table(summary, rep.runs)
+    rep.figures["reinit"] = plots.reinit_curves(rep.tables["reinit"])
+    rep.tables["cka_blocks"] = at.cka_blocks(store_root, rep.runs)
+    rep.figures["cka_blocks"] = plots.cka_block_curves(rep.tables["cka_blocks"])
+    rep.tables["cka_scales"] = at.cka_scales(store_root, rep.runs)
+    rep.figures["cka_scales"] = plots.cka_scale_maps(rep.tables["cka_scales"])
 
 
 OOD_COLUMNS = {"auroc_id": "test AUROC", "auroc_ood": "{set} AUROC", "auroc_drop": "drop"}
@@ -460,6 +500,67 @@ def _exam_html(rep: StudyReport) -> list[str]:
     return parts
 
 
+def _ci_view(table: pd.DataFrame | None, names: list[str], drop=()) -> pd.DataFrame | None:
+    """``table`` with each ``<name>, <name>_lo, <name>_hi`` triple shown as one ``m [lo, hi]`` column."""
+    if table is None or table.empty:
+        return table
+    out = table.drop(columns=[c for c in drop if c in table.columns])
+    for n in names:
+        lo, hi = (f"{n}_lo", f"{n}_hi") if f"{n}_lo" in out.columns else ("lo", "hi")
+        out[n] = _fmt_ci(out.rename(columns={n: "mean", lo: "lo", hi: "hi"})[["mean", "lo", "hi"]])
+        out = out.drop(columns=[lo, hi])
+    return out
+
+
+def _analysis_html(rep: StudyReport) -> list[str]:
+    """What the pretrained features contribute: probe gap, few-shot, re-initialisation, CKA (docs/analysis.md)."""
+    t = rep.tables
+    parts = ["<h2 id='analysis'>What the pretrained features contribute</h2>",
+             "<p class='note'>Cells beyond plain fine-tuning (docs/analysis.md): a linear probe on the frozen "
+             "backbone's pooled features, k-shot training sets, blocks re-initialised before fine-tuning, and the "
+             "block-by-block CKA of each fine-tuned model. AUROC is macro on test; intervals as above (across "
+             "seeds, else the run's patient-level bootstrap).</p>",
+             "<h3 id='probe-gap'>Fine-tuning vs linear probe</h3>",
+             "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: its interval is across seeds, or a "
+             "paired patient-level bootstrap of the two runs' test predictions with one seed. A gap that shrinks "
+             "with scale means scale helps through better frozen features; a large gap, through a better starting "
+             "point for fine-tuning.</p>"]
+    if t.get("probe_gap") is not None and len(t["probe_gap"]):
+        parts += [_figure_html(rep, "probe_gap"),
+                  _table_html(_ci_view(t["probe_gap"], ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
+                              "probe_gap")]
+    else:
+        parts.append("<p class='note' id='tbl-probe_gap'>no cell has both protocols (grid.protocols: "
+                     "[finetune, linear_probe])</p>")
+    parts += ["<h3 id='fewshot'>Few-shot</h3>",
+              "<p class='note'>k positive and k negative patients per label (BiT's k-shot protocol; nested in k for "
+              "one seed), with all their images (n_train_images).</p>"]
+    parts += ([_figure_html(rep, "fewshot"), _table_html(_ci_view(t["fewshot"], ["mean"]), "fewshot")]
+              if t.get("fewshot") is not None and len(t["fewshot"]) else
+              ["<p class='note' id='tbl-fewshot'>no k-shot cell (grid.shots)</p>"])
+    parts += ["<h3 id='reinit'>Block re-initialisation</h3>",
+              "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
+              "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
+              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>"]
+    parts += ([_figure_html(rep, "reinit"), _table_html(_ci_view(t["reinit"], ["mean"]), "reinit")]
+              if t.get("reinit") is not None and len(t["reinit"]) else
+              ["<p class='note' id='tbl-reinit'>no re-initialised cell (grid.reinit)</p>"])
+    parts += ["<h3 id='cka'>Representation similarity (CKA)</h3>",
+              "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
+              "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
+              "kept (reused), low it was rewritten. The band spans the seeds.</p>"]
+    parts += ([_figure_html(rep, "cka_blocks"), _table_html(t["cka_blocks"], "cka_blocks")]
+              if t.get("cka_blocks") is not None and len(t["cka_blocks"]) else
+              ["<p class='note' id='tbl-cka_blocks'>no CKA table in the store (cka.enabled)</p>"])
+    if t.get("cka_scales") is not None and len(t["cka_scales"]):
+        parts += ["<p class='note'>Between the smallest backbone and each larger one of a source (fine-tuned, "
+                  "largest fraction, paired by seed): a bright diagonal band means the larger model computes the "
+                  "smaller one's features at the corresponding depth.</p>", _figure_html(rep, "cka_scales"),
+                  "<details><summary>CKA between scales, every pair of blocks</summary>",
+                  _table_html(t["cka_scales"], "cka_scales"), "</details>"]
+    return parts
+
+
 def render_html(rep: StudyReport) -> str:
     """The report as one self-contained HTML document."""
     t = rep.tables
@@ -490,6 +591,9 @@ def render_html(rep: StudyReport) -> str:
                   "(k/n seeds).</p>", _table_html(problems, "problems")]
     if "results" in rep.notes:
         parts.append(f"<p>{html.escape(rep.notes['results'])}</p>")
+    elif "plain" in rep.notes:
+        parts += [f"<p>{html.escape(rep.notes['plain'])}</p>", "<h2 id='headline'>AUROC by cell and evaluation set</h2>",
+                  _table_html(t.get("headline"), "headline"), *_analysis_html(rep)]
     else:
         parts += [
             "<h2 id='headline'>AUROC by cell and evaluation set</h2>",
@@ -520,6 +624,7 @@ def render_html(rep: StudyReport) -> str:
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
             "data, paired on the same samples (same seed); per label.</p>",
             _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
+            *_analysis_html(rep),
         ]
     parts += ["<h2 id='config'>Study config</h2>",
               f"<details><summary>study.yaml (paths redacted)</summary><pre>{html.escape(rep.config_yaml)}</pre>"

@@ -36,8 +36,10 @@ from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig,
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import atomic_write_text, read_json, write_error
+from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
 from scaling.study.grid import (
+    PROBE,
     SYNTHETIC,
     RunSpec,
     config_hash,
@@ -326,6 +328,7 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
             dropped.append(f"{spec.backbone} x {spec.pretrained}")
             log.warning("skipping %s x %s: no public weights for that pair (give a file as '%s:<path>')",
                         spec.backbone, spec.pretrained, spec.pretrained)
+    protocols.check_cka(cfg, eval_identities(cfg))
     if not cells:
         pairs = sorted(set(dropped))
         raise ConfigError(f"every cell of the grid was dropped: no public weights for {', '.join(pairs)}; change "
@@ -343,14 +346,18 @@ class Work:
     """What one run lacks in the store."""
 
     kind: str
-    """``train`` (not finished), ``evaluate`` (finished, evaluation sets missing) or ``metrics`` (finished, metric
-    settings changed)."""
+    """``train`` (not finished), ``evaluate`` (finished, evaluation sets missing), ``metrics`` (finished, metric
+    settings changed) or ``cka`` (a finished fine-tuned run without its CKA table, or one made with other
+    settings)."""
     eval_sets: tuple[str, ...] = ()
     """The evaluation sets to predict (``evaluate``)."""
+    cka: bool = False
+    """Also (re)compute the run's CKA table after ``evaluate`` or ``metrics``."""
 
     def describe(self) -> str:
         """One word or phrase for logs and the plan."""
-        return f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
+        what = f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
+        return what + (", cka" if self.cka and self.kind != "cka" else "")
 
 
 def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
@@ -377,12 +384,13 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
             return None
     if status != "complete":
         return Work("train")
+    cka = protocols.cka_pending(cfg, store, rid, spec)
     missing = tuple(n for n in eval_identities(cfg) if n not in store.eval_sets(rid))
     if missing:
-        return Work("evaluate", missing)
+        return Work("evaluate", missing, cka)
     if store.read_evaluation(rid).get("metrics") != metric_settings(cfg):
-        return Work("metrics")
-    return None
+        return Work("metrics", cka=cka)
+    return Work("cka") if cka else None
 
 
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
@@ -483,39 +491,58 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
     recorded = store.read_evaluation(rid).get("eval_sets", {})
     current = {k: v for k, v in eval_identities(cfg).items() if k in preds}
-    store.write_evaluation(rid, {"eval_sets": {**recorded, **current}, "metrics": metric_settings(cfg)})
+    store.write_evaluation(rid, {**store.read_evaluation(rid), "eval_sets": {**recorded, **current},
+                                 "metrics": metric_settings(cfg)})
     return rows
 
 
+def _build(rcfg: StudyConfig, spec: RunSpec, source: str, n_outputs: int):
+    """The cell's model as it starts: the backbone with its pretrained weights and a new head, seeded, with the
+    cell's blocks re-initialised (before any Trainer shards it)."""
+    from scaling.models import build_model
+
+    seed_everything(spec.seed)
+
+    def build():
+        model = build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=n_outputs,
+                            image_size=rcfg.data.image_size)
+        protocols.apply_reinit(model, spec)
+        return model
+
+    return main_process_first(build)
+
+
 def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -> dict:
-    """Fine-tune one grid cell, keep its weights and evaluate it on every evaluation set; write it all to the store."""
-    from scaling.data.splits import fraction_subset
+    """Do one grid cell: fine-tune it (keeping its weights) or fit its linear probe, evaluate it on every evaluation
+    set and, for a fine-tuned cell, compare its blocks with its initialisation (CKA); write it all to the store."""
     from scaling.engine import Trainer
-    from scaling.models import build_model, model_info
+    from scaling.models import model_info
     from scaling.tracking import Tracker
 
     rcfg = run_config(cfg, spec)
     rid = run_id(cfg, spec)
     run_dir = store.run_dir(rid)
     labels = list(data.labels)
+    probe = spec.protocol == PROBE
 
-    # -- data: nested, seeded, patient-level fraction of the training patients -----------------------------------
-    train_table = fraction_subset(data.train, spec.fraction, seed=spec.seed)
-    train_ds, eval_ds = _datasets(cfg, data.eval_sets(), labels, train_table)
+    # -- data: nested, seeded, patient-level fraction (or k-shot subset) of the training patients ----------------
+    train_table = protocols.train_subset(data.train, spec)
+    # A probe reads features of the whole training set once (shared by every subset), never augmented.
+    fit_table = None if probe else protocols.repeat_to_batch(train_table, cfg.train.batch_size)
+    train_ds, eval_ds = _datasets(cfg, data.eval_sets(), labels, fit_table)
 
     # -- model: seeded, so that a run id means one initialisation (the Trainer seeds its loop itself) ------------
     source = resolve_pretrained(cfg, store, spec)
-    seed_everything(spec.seed)
-    model = main_process_first(lambda: build_model(dataclasses.replace(rcfg.model, pretrained=source),
-                                                   num_outputs=len(labels), image_size=cfg.data.image_size))
+    model = _build(rcfg, spec, source, len(labels))
     info = model_info(spec.backbone)
     axes = {
         "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
         "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
+        "protocol": spec.protocol, "shots": spec.shots, "reinit": spec.reinit,
         "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
         "pretrain_images": pretrain_images(cfg, spec.backbone, spec.pretrained),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
-        "family": info.get("family", ""),
+        "family": info.get("family", ""), **protocols.reinit_axes(model, spec),
     }
 
     def start():
@@ -525,7 +552,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
     _on_main(start)
 
-    # -- train ----------------------------------------------------------------------------------------------------
+    # -- train (or fit the probe) ---------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
                              is_main_process=is_main_process())
     if tracker.active:  # identifiers must never reach W&B, whatever key or string carries them
@@ -533,14 +560,26 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
                         .to_numpy().ravel().tolist())
     trainer = None
     try:
-        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task, output_dir=run_dir, tracker=tracker)
-        summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
+        # A probe trains nothing: no checkpoint to resume (its features are cached instead).
+        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task,
+                          output_dir=None if probe else run_dir, tracker=tracker)
+        if probe:
+            summary = _probe_cell(cfg, store, spec, rid, trainer, data, train_table, eval_ds, labels)
+        else:
+            cka_ds = _cka_dataset(cfg, data, labels) if protocols.cka_wanted(cfg, spec) else None
+            # The initialisation's features are read before fit: on a resumed run too, fit loads the checkpoint.
+            init = _block_features(cfg, trainer, cka_ds)
+            summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
 
-        # -- predict on every evaluation set; metrics are computed from the stored predictions only -------------
-        _predict(cfg, store, rid, trainer, eval_ds)
+            # -- predict on every evaluation set; metrics are computed from the stored predictions only ---------
+            _predict(cfg, store, rid, trainer, eval_ds)
+            if cka_ds is not None:
+                tuned = _block_features(cfg, trainer, cka_ds)
+                _on_main(lambda: protocols.write_cka(store, rid, init, tuned, cfg.cka,
+                                                     protocols.sample_key(cka_ds.table)))
 
         def finish():
-            skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()]))
+            skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()] if ds is not None))
             rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped})
             tracker.log_metrics_table(rows)
             store.mark_complete(rid)
@@ -552,6 +591,44 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             trainer.close()
         tracker.finish()
     return axes
+
+
+def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trainer, data: StudyData,
+                train_table: pd.DataFrame, eval_ds: dict, labels: list[str]) -> dict | None:
+    """Fit the cell's linear probe on the frozen backbone (every rank extracts features; the main process fits)
+    and store its predictions on every evaluation set and the probe itself. Returns the summary (main process)."""
+    from scaling.analysis.probe import linear_probe
+
+    t0 = time.perf_counter()
+    _, features_ds = _datasets(cfg, {"train": data.train}, labels)
+    sets = {n: ds for n, ds in eval_ds.items() if n != "val"}
+    result = linear_probe(trainer, features_ds["train"], eval_ds["val"], sets, labels=labels, cfg=cfg.probe,
+                          key=protocols.feature_keys(cfg, ["train", "val", *sets]),
+                          train_positions=protocols.positions_in(data.train, train_table),
+                          cache_dir=protocols.feature_cache(cfg, store, spec))
+
+    def write():
+        for name, out in result.predictions.items():
+            store.write_predictions(rid, name, _prediction_frame(eval_ds[name].table, cfg.data, out["index"],
+                                                                 out["logits"]))
+        result.probe.save(store.run_dir(rid) / protocols.PROBE_FILE)
+        return protocols.probe_summary(result.probe, int(result.probe.coef.shape[1]), time.perf_counter() - t0,
+                                       trainer.world_size)
+
+    return _on_main(write)
+
+
+def _cka_dataset(cfg: StudyConfig, data: StudyData, labels: list[str]):
+    """The fixed sample of ``cka.eval_set`` that every run's blocks are compared on."""
+    table = protocols.cka_sample(data.eval_sets()[cfg.cka.eval_set], cfg.cka)
+    return _datasets(cfg, {"cka": table}, labels)[1]["cka"]
+
+
+def _block_features(cfg: StudyConfig, trainer, dataset) -> dict | None:
+    """Every block's pooled features of ``dataset`` on the main process (every rank calls); None without one."""
+    from scaling.analysis.features import block_features
+
+    return None if dataset is None else block_features(trainer, dataset, batch_size=cfg.eval.batch_size)
 
 
 def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int):
@@ -572,25 +649,35 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     return model
 
 
-def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore, names: tuple[str, ...]) -> None:
-    """Predict a finished run on the evaluation sets ``names`` from its stored weights (no training), under the
-    run's sharding, then recompute its metrics."""
+def _with_trainer(rcfg: StudyConfig, model, work: Callable[[Any], T]) -> T:
+    """``work(trainer)`` with a Trainer around ``model`` under the run's sharding (no run directory), closed after."""
     from scaling.engine import Trainer
 
+    trainer = None
+    try:
+        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task, output_dir=None)
+        return work(trainer)
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore, names: tuple[str, ...]) -> None:
+    """Predict a finished run on the evaluation sets ``names`` without training, under the run's sharding: from its
+    stored weights, or for a probe cell from its stored probe on the pretrained backbone's features. Then recompute
+    its metrics."""
     rcfg = run_config(cfg, spec)
     rid = run_id(cfg, spec)
     labels = list(data.labels)
     tables = {n: t for n, t in data.eval_sets().items() if n in names}
     _, eval_ds = _datasets(cfg, tables, labels)
-    seed_everything(spec.seed)
-    model = _trained_model(rcfg, store, rid, len(labels))
-    trainer = None
-    try:
-        trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task, output_dir=None)
-        _predict(cfg, store, rid, trainer, eval_ds)
-    finally:
-        if trainer is not None:
-            trainer.close()
+    if spec.protocol == PROBE:
+        model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
+        _with_trainer(rcfg, model, lambda t: _probe_predict(cfg, store, spec, rid, t, eval_ds, labels))
+    else:
+        seed_everything(spec.seed)
+        model = _trained_model(rcfg, store, rid, len(labels))
+        _with_trainer(rcfg, model, lambda t: _predict(cfg, store, rid, t, eval_ds))
 
     def finish():
         score_run(cfg, store, rid)
@@ -599,15 +686,53 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     _on_main(finish)
 
 
+def _probe_predict(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trainer, eval_ds: dict,
+                   labels: list[str]) -> None:
+    """Predict evaluation sets with a probe cell's stored probe on the frozen backbone's (cached) features."""
+    from scaling.analysis.probe import LinearProbe, extract_features, probe_predictions
+
+    path = store.run_dir(rid) / protocols.PROBE_FILE
+    if not _broadcast(path.is_file() if is_main_process() else None):
+        raise StoreError(f"{path} not found: probe run {rid} was stored without its probe, so a new evaluation set "
+                         f"needs it refitted (move {store.run_dir(rid)} away to refit it)")
+    feats = extract_features(trainer, eval_ds, protocols.feature_cache(cfg, store, spec),
+                             key=protocols.feature_keys(cfg, eval_ds), batch_size=cfg.probe.batch_size)
+
+    def write():
+        for name, out in probe_predictions(LinearProbe.load(path), feats).items():
+            store.write_predictions(rid, name, _prediction_frame(eval_ds[name].table, cfg.data, out["index"],
+                                                                 out["logits"]))
+
+    _on_main(write)
+
+
+def analyse_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -> None:
+    """CKA of a finished fine-tuned run without training: its initialisation is rebuilt (source, seed,
+    re-initialisation), its fine-tuned model read from its stored weights; both run under the run's sharding."""
+    rcfg = run_config(cfg, spec)
+    rid = run_id(cfg, spec)
+    labels = list(data.labels)
+    cka_ds = _cka_dataset(cfg, data, labels)
+    init_model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
+    init = _with_trainer(rcfg, init_model, lambda t: _block_features(cfg, t, cka_ds))
+    del init_model
+    tuned = _with_trainer(rcfg, _trained_model(rcfg, store, rid, len(labels)),
+                          lambda t: _block_features(cfg, t, cka_ds))
+    _on_main(lambda: (protocols.write_cka(store, rid, init, tuned, cfg.cka, protocols.sample_key(cka_ds.table)),
+                      store.log_event("cka", rid)))
+
+
 def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Callable[[], StudyData]) -> None:
     """Carry out ``work`` for the run of ``spec`` (every rank)."""
     if work.kind == "train":
         run_one(cfg, spec, data(), store)
     elif work.kind == "evaluate":
         evaluate_run(cfg, spec, data(), store, work.eval_sets)
-    else:
+    elif work.kind == "metrics":
         rid = run_id(cfg, spec)
         _on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
+    if work.kind == "cka" or work.cka:
+        analyse_run(cfg, spec, data(), store)
 
 
 def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
@@ -640,6 +765,18 @@ def record_study(cfg: StudyConfig, store: RunStore) -> None:
         atomic_write_text(path, text)
 
 
+ANALYSIS_AXES = ("protocol", "shots", "reinit")
+"""Cell axes beyond backbone × source × fraction × seed; a results table has their columns when the grid varies
+them."""
+
+
+def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
+    """The cell's protocol, k-shot size and re-initialisation, for each of them the study's grid varies."""
+    plain = RunSpec(spec.backbone, spec.pretrained, spec.fraction, spec.seed)
+    cells = expand_grid(cfg)
+    return {k: getattr(spec, k) for k in ANALYSIS_AXES if any(getattr(c, k) != getattr(plain, k) for c in cells)}
+
+
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
     one-of-K task also the test accuracy and balanced accuracy."""
@@ -650,7 +787,7 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     for spec in study_cells(cfg):
         rid = run_id(cfg, spec)
         row = {"backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction,
-               "seed": spec.seed, "status": store.status(rid)}
+               "seed": spec.seed, **_analysis_axes(cfg, spec), "status": store.status(rid)}
         if row["status"] == "complete":
             m = store.read_metrics(rid)
             macro = m[(m.label == "macro") & (m.attribute == "all") & (m.group == "all") & (m.metric == "auroc")]
@@ -680,7 +817,6 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     launch would do for the run (``train``, ``evaluate <sets>``, ``metrics`` or empty) and ``claimed_by`` the host
     and pid of a launch working on it now.
     """
-    from scaling.data.splits import fraction_subset
     from scaling.engine.schedule import total_steps
     from scaling.models import model_info
 
@@ -699,15 +835,16 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     rows = []
     for spec in cells:
         rid = run_id(cfg, spec)
-        train = fraction_subset(data.train, spec.fraction, seed=spec.seed)
-        steps = total_steps(cfg.train, len(train))
-        images = steps * cfg.train.batch_size
+        train = protocols.train_subset(data.train, spec)
+        steps = 0 if spec.protocol == PROBE else total_steps(cfg.train, len(train))
+        # A probe cell reads the whole training set's features once, shared by its fractions and k-shot subsets.
+        images = steps * cfg.train.batch_size if spec.protocol != PROBE else len(data.train)
         ips = speed.get(spec.backbone)
         work = pending_work(cfg, store, spec)
         owner = live_owner(store.lock_path(rid))
         rows.append({
             "backbone": spec.backbone, "params_M": round(model_info(spec.backbone)["n_params"] / 1e6, 2),
-            "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
+            "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed, **_analysis_axes(cfg, spec),
             "status": store.status(rid), "todo": work.describe() if work else "",
             "claimed_by": f"{owner['host']}:{owner['pid']}" if owner else "",
             "train_patients": int(train["patient_id"].nunique()), "train_images": len(train), "steps": steps,

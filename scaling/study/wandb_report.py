@@ -79,12 +79,28 @@ def report_panels(ood_sets=(), attributes=None) -> list[tuple[str, str, str, boo
     return panels
 
 
+PLAIN_FILTER = "Config('protocol') == 'finetune' and Config('reinit') == 'none' and Config('shots') == 0"
+"""The plain fine-tuning cells of a study with analysis cells (their W&B config carries these axes)."""
+
+ANALYSIS_PANELS = {
+    "probe": [("Fine-tuned vs linear probe: AUROC vs model size (test)", "config:n_params", "summary:test/auroc",
+               True),
+              ("Fine-tuned vs linear probe: AUROC vs labelled fraction (test)", "config:fraction",
+               "summary:test/auroc", True)],
+    "shots": [("Few-shot: AUROC vs k (test)", "config:shots", "summary:test/auroc", True)],
+}
+"""The analysis block's scatter panels, per run-set family (see :func:`build_wandb_report`)."""
+
+
 def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=None,
-                       description: str = ""):
+                       description: str = "", analysis: bool = False):
     """The W&B Report object of a study (``wandb_workspaces.reports.v2.Report``), built without network access.
 
     One run set per pretraining source (runs of W&B group ``study`` and job type ``source``), scatter panels from
-    :func:`report_panels`, a parallel-coordinates panel over the axes and the training-loss curves.
+    :func:`report_panels`, a parallel-coordinates panel over the axes and the training-loss curves. With
+    ``analysis`` (the study has probe, k-shot or re-initialised cells) those run sets hold the plain fine-tuning
+    cells only, and a second block compares them with the linear-probe cells of each source and draws the k-shot
+    cells against k (docs/analysis.md); the numbers of every analysis table are in the study-level run.
     """
     wr = _wr()
 
@@ -92,8 +108,11 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
         kind, key = spec.split(":", 1)
         return wr.Config(key) if kind == "config" else wr.SummaryMetric(key)
 
-    runsets = [wr.Runset(entity=entity, project=project, name=str(src),
-                         filters=f"Group = {_quote(study)} and JobType = {_quote(src)}") for src in sources]
+    def runset(name: str, src: str, extra: str = ""):
+        where = f"Group = {_quote(study)} and JobType = {_quote(src)}" + (f" and {extra}" if extra else "")
+        return wr.Runset(entity=entity, project=project, name=name, filters=where)
+
+    runsets = [runset(str(src), src, PLAIN_FILTER if analysis else "") for src in sources]
     if not runsets:
         runsets = [wr.Runset(entity=entity, project=project, name=study, filters=f"Group = {_quote(study)}")]
     panels: list[Any] = [wr.ScatterPlot(title=t, x=axis(x), y=axis(y), log_x=lx) for t, x, y, lx in
@@ -109,13 +128,27 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
              "has the same views with seed intervals, fitted scaling laws and DeLong comparisons."),
         wr.PanelGrid(runsets=runsets, panels=panels),
     ]
+    if analysis:
+        probe = "Config('protocol') == 'linear_probe' and Config('shots') == 0"
+        shots = "Config('shots') >= 1 and Config('reinit') == 'none'"
+        families = {"probe": [runset(f"{src}: fine-tuned", src, PLAIN_FILTER) for src in sources]
+                    + [runset(f"{src}: linear probe", src, probe) for src in sources],
+                    "shots": [runset(f"{src}: k-shot, {p}", src, f"{shots} and Config('protocol') == {_quote(p)}")
+                              for src in sources for p in ("finetune", "linear_probe")]}
+        blocks += [wr.H2("What the pretrained features contribute"),
+                   wr.P("Fine-tuned vs linear-probe cells of each source, and the k-shot cells against k. The HTML "
+                        "report and the study-level run (report/probe_gap, report/fewshot, report/reinit, "
+                        "report/cka_blocks, report/cka_scales) hold every table with its intervals.")]
+        blocks += [wr.PanelGrid(runsets=sets, panels=[wr.ScatterPlot(title=t, x=axis(x), y=axis(y), log_x=lx)
+                                                      for t, x, y, lx in ANALYSIS_PANELS[name]])
+                   for name, sets in families.items()]
     return wr.Report(project=project, entity=entity, title=f"Scaling study: {study}", blocks=blocks)
 
 
 def study_report_args(store_root: str | Path) -> dict:
-    """Study name, pretraining sources, OOD sets and, per test/OOD set, the subgroup attributes found in a run
-    store."""
-    from scaling.study.aggregate import load_study
+    """Study name, pretraining sources, OOD sets, per test/OOD set the subgroup attributes, and whether the study
+    has analysis cells (probe, k-shot, re-initialised), found in a run store."""
+    from scaling.study.aggregate import PLAIN, load_study
     from scaling.study.tables import ood_sets
 
     study = load_study(store_root)
@@ -127,6 +160,7 @@ def study_report_args(store_root: str | Path) -> dict:
         "ood_sets": ood_sets(df) if len(df) else [],
         "attributes": {e: sorted(a for a in df.loc[df["eval_set"] == e, "attribute"].unique() if a != "all")
                        for e in ["test", *ood_sets(df)] if (df["eval_set"] == e).any()} if len(df) else {},
+        "analysis": bool(len(runs)) and any(k in runs and (runs[k].fillna(v) != v).any() for k, v in PLAIN.items()),
     }
 
 

@@ -1,0 +1,235 @@
+"""The analysis views of a study as tables: what the pretrained features contribute (docs/analysis.md).
+
+* :func:`probe_gap`: fine-tuned vs linear-probe AUROC per backbone × source × data budget, and their difference;
+* :func:`fewshot_table`: AUROC vs k of the k-shot cells;
+* :func:`reinit_table`: AUROC vs the number of units kept pretrained (Raghu et al. 2019's weight transfusion) and
+  the AUROC lost by re-initialising, the measured feature reuse;
+* :func:`cka_blocks`: per-block CKA between each fine-tuned run and its initialisation (the diagonal of
+  ``runs/<id>/cka.parquet``), averaged over seeds;
+* :func:`cka_scales`: block-by-block CKA between the smallest backbone and each larger one of the same source at
+  full data, from the runs' stored Gram matrices.
+
+Each returns a numeric pandas table (``mean``/``lo``/``hi`` columns where there is an interval); the report prints
+them and the plots draw them, so a figure never shows a number that is not in a table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from scaling.config import parse_reinit
+from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
+from scaling.study.aggregate import PLAIN, select
+from scaling.study.store import RunStore
+
+log = logging.getLogger(__name__)
+
+BUDGET = ["fraction", "shots"]
+"""A cell's data budget: a fraction of the training patients (``shots`` 0) or a k-shot subset."""
+
+
+def budget_name(fraction: float, shots: int) -> str:
+    """``fraction 0.2`` or ``5-shot``."""
+    return f"{int(shots)}-shot" if shots else f"fraction {float(fraction):g}"
+
+
+def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    k = len(values)
+    half = stats.t.ppf(0.5 + confidence / 2, k - 1) * np.std(values, ddof=1) / np.sqrt(k)
+    return float(np.mean(values) - half), float(np.mean(values) + half)
+
+
+def paired_macro_gap(pred_a: pd.DataFrame, pred_b: pd.DataFrame, n_boot: int = 200, seed: int = 0,
+                     alpha: float = 0.05) -> tuple[float, float, float]:
+    """Macro AUROC of ``pred_a`` minus that of ``pred_b`` on the same samples, with a paired patient-level
+    bootstrap interval: (difference, lo, hi).
+
+    Predictions are the store's (``label:<L>``, ``logit:<L>``, ``patient_id``), joined on ``sample_id``. The macro
+    is the mean over the labels whose AUROC is defined (both classes labelled), as in the stored metrics, so the
+    difference equals the difference of the two runs' stored macro AUROCs; every replicate resamples the same
+    patients for both runs (:class:`scaling.metrics.bootstrap.ClusterBootstrap`).
+    """
+    from scaling.metrics.discrimination import auroc
+
+    j = pred_a.merge(pred_b, on="sample_id", suffixes=("", "@b"))
+    labels = [c.split(":", 1)[1] for c in pred_a.columns if c.startswith("label:")]
+    boot = ClusterBootstrap(j["patient_id"], n=len(j), n_boot=n_boot, seed=seed)
+    est, reps = [], []
+    for lab in labels:
+        y = j[f"label:{lab}"].to_numpy(float)
+        known = y[np.isfinite(y)]
+        if known.size == 0 or known.min() == known.max():
+            continue
+        a, b = j[f"logit:{lab}"].to_numpy(float), j[f"logit:{lab}@b"].to_numpy(float)
+        est.append(auroc(y, a) - auroc(y, b))
+        reps.append(boot.replicates("auroc", y, a) - boot.replicates("auroc", y, b))
+    if not est:
+        return float("nan"), float("nan"), float("nan")
+    with np.errstate(all="ignore"):
+        lo, hi = percentile_interval(np.nanmean(np.array(reps), axis=0), alpha)
+    return float(np.mean(est)), lo, hi
+
+
+def probe_gap(df: pd.DataFrame, store_root, eval_set: str = "test", confidence: float = 0.95,
+              n_boot: int = 200) -> pd.DataFrame:
+    """Fine-tuned vs linear-probe macro AUROC on ``eval_set`` per backbone × source × data budget (cells without
+    re-initialisation that have both protocols), and the gap fine-tuned − probe.
+
+    ``finetune``/``probe`` with ``*_lo``/``*_hi`` are the cells' means over seeds with the summary's interval (across
+    seeds, or the run's bootstrap for one seed). ``gap`` is the mean over seeds of the paired difference; its
+    interval is a t-interval of the per-seed differences with two or more seeds (``gap_ci='seeds'``), else a paired
+    patient-level bootstrap of the one pair's predictions (``gap_ci='bootstrap'``). Reading it: a gap that shrinks
+    with scale means scale helps through better frozen features.
+    """
+    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "finetune", "finetune_lo",
+            "finetune_hi", "probe", "probe_lo", "probe_hi", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
+    runs = select(df, "auroc", eval_set)
+    runs = runs[runs["reinit"] == "none"] if "reinit" in runs else runs.iloc[:0]
+    if runs.empty or set(runs["protocol"]) < {"finetune", "linear_probe"}:
+        return pd.DataFrame(columns=cols)
+    store = RunStore(store_root)
+    rows = []
+    for (src, bb, n, f, k), g in runs.groupby(["pretrained", "backbone", "n_params", *BUDGET], sort=True):
+        by = {p: g[g["protocol"] == p].set_index("seed") for p in ("finetune", "linear_probe")}
+        if by["finetune"].empty or by["linear_probe"].empty:
+            continue
+        seeds = sorted(set(by["finetune"].index) & set(by["linear_probe"].index))
+        row = {"pretrained": src, "backbone": bb, "n_params": n, "fraction": f, "shots": int(k),
+               "budget": budget_name(f, k), "n_seeds": len(seeds)}
+        for name, p in (("finetune", "finetune"), ("probe", "linear_probe")):
+            v = by[p]["value"].to_numpy(float)
+            lo, hi = (_t_interval(v, confidence) if len(v) > 1 else
+                      (float(by[p]["lo"].iloc[0]), float(by[p]["hi"].iloc[0])))
+            row.update({name: float(np.mean(v)), f"{name}_lo": lo, f"{name}_hi": hi})
+        diffs = np.array([by["finetune"].loc[s, "value"] - by["linear_probe"].loc[s, "value"] for s in seeds], float)
+        if len(seeds) > 1:
+            row.update(gap=float(diffs.mean()), gap_ci="seeds")
+            row["gap_lo"], row["gap_hi"] = _t_interval(diffs, confidence)
+        elif len(seeds) == 1:
+            s = seeds[0]
+            gap, lo, hi = paired_macro_gap(store.read_predictions(by["finetune"].loc[s, "run_id"], eval_set),
+                                           store.read_predictions(by["linear_probe"].loc[s, "run_id"], eval_set),
+                                           n_boot=n_boot, alpha=1 - confidence)
+            row.update(gap=gap, gap_lo=lo, gap_hi=hi, gap_ci="bootstrap")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params", "shots", "fraction"]).reset_index(
+        drop=True)
+
+
+def fewshot_table(summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
+    """Macro AUROC on ``eval_set`` of every k-shot cell (without re-initialisation): one row per backbone ×
+    source × protocol × k, with the labelled training images it had."""
+    cols = ["pretrained", "backbone", "n_params", "protocol", "shots", "n_train_images", "mean", "lo", "hi",
+            "n_seeds"]
+    s = select(summary, "auroc", eval_set)
+    if "shots" not in s or s.empty:
+        return pd.DataFrame(columns=cols)
+    s = s[(s["shots"] > 0) & (s["reinit"] == "none")]
+    return s[cols].sort_values(["pretrained", "n_params", "protocol", "shots"]).reset_index(drop=True)
+
+
+def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
+    """Fine-tuned macro AUROC on ``eval_set`` vs the units kept pretrained, per backbone × source × data budget
+    that has re-initialised cells, with the fully pretrained cell (``reinit='none'``) as the reference.
+
+    ``units_kept`` counts the pretrained units left as they were (``after:k`` keeps k; ``first:k`` keeps all but
+    the first k; ``none`` keeps all ``n_units``). ``auroc_lost`` = reference AUROC − this cell's: what those
+    re-initialised blocks' pretrained weights were worth, the feature reuse of Raghu et al. 2019.
+    """
+    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "units_kept", "n_units", "mean",
+            "lo", "hi", "auroc_lost", "n_seeds"]
+    s = select(summary, "auroc", eval_set)
+    if "reinit" not in s or not (s["reinit"] != "none").any():
+        return pd.DataFrame(columns=cols)
+    s = s[s["protocol"] == "finetune"]
+    units = {}
+    if "n_units" in runs:
+        known = runs.dropna(subset=["n_units"])
+        units = dict(zip(known["backbone"], known["n_units"].astype(int)))
+    rows = []
+    for key, g in s.groupby(["pretrained", "backbone", "n_params", *BUDGET], sort=True):
+        if not (g["reinit"] != "none").any():
+            continue
+        ref = g[g["reinit"] == "none"]
+        base = float(ref["mean"].iloc[0]) if len(ref) else float("nan")
+        n_units = units.get(key[1])
+        for r in g.itertuples(index=False):
+            kind, k = parse_reinit(r.reinit)
+            kept = {"none": n_units, "after": k, "first": None if n_units is None else n_units - k}[kind]
+            rows.append({"pretrained": key[0], "backbone": key[1], "n_params": key[2], "fraction": key[3],
+                         "shots": int(key[4]), "reinit": r.reinit, "units_kept": kept, "n_units": n_units,
+                         "mean": r.mean, "lo": r.lo, "hi": r.hi, "auroc_lost": base - r.mean, "n_seeds": r.n_seeds})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["pretrained", "n_params", "fraction", "shots", "units_kept"]).reset_index(drop=True)
+
+
+CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit"]
+"""The cell of a CKA curve (fine-tuned runs only), up to its seed."""
+
+
+def cka_blocks(store_root, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuned cell and layer: CKA between the initialisation and the fine-tuned model (the diagonal of each
+    run's ``cka.parquet``), mean / min / max over the cell's seeds. ``depth`` is the layer's position from 0 (first
+    block) to 1 (``pre_logits``), so backbones of different depth share an axis."""
+    from scaling.study.protocols import CKA_FILE
+
+    cols = [*CKA_KEYS, "index", "layer", "depth", "mean", "min", "max", "n_seeds", "n_examples"]
+    done = runs[(runs["status"] == "complete")] if len(runs) else runs
+    if "protocol" in done:
+        done = done[done["protocol"] == "finetune"]
+    store = RunStore(store_root)
+    frames = []
+    for r in done.to_dict("records"):
+        path = store.run_dir(r["run_id"]) / CKA_FILE
+        if not path.is_file():
+            continue
+        t = pd.read_parquet(path)
+        t = t[t["index_a"] == t["index_b"]]
+        frames.append(t.assign(**{k: r.get(k, PLAIN.get(k)) for k in (*CKA_KEYS, "seed")},
+                               depth=t["index_a"] / max(int(t["index_a"].max()), 1)))
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    d = pd.concat(frames, ignore_index=True).rename(columns={"index_a": "index", "layer_a": "layer"})
+    d["shots"] = pd.to_numeric(d["shots"]).astype(int)
+    out = d.groupby([*CKA_KEYS, "index", "layer", "depth"], sort=True, dropna=False).agg(
+        mean=("cka", "mean"), min=("cka", "min"), max=("cka", "max"), n_seeds=("seed", "nunique"),
+        n_examples=("n_examples", "first")).reset_index()
+    return out[cols].sort_values([*CKA_KEYS, "index"]).reset_index(drop=True)
+
+
+def cka_scales(store_root, runs: pd.DataFrame) -> pd.DataFrame:
+    """Block-by-block CKA between the smallest backbone and each larger one of the same source, at the largest
+    fraction of the plain fine-tuned cells, paired by seed and averaged over seeds (Nguyen, Raghu & Kornblith 2021's
+    cross-model maps). ``layer_a``/``index_a`` belong to ``backbone_a`` (the smaller)."""
+    from scaling.study.protocols import scale_cka
+
+    cols = ["pretrained", "backbone_a", "backbone_b", "index_a", "index_b", "layer_a", "layer_b", "cka", "n_seeds"]
+    done = runs[runs["status"] == "complete"] if len(runs) else runs
+    for k, v in PLAIN.items():
+        if k in done:
+            done = done[done[k] == v]
+    if done.empty:
+        return pd.DataFrame(columns=cols)
+    done = done[pd.to_numeric(done["fraction"]) == pd.to_numeric(done["fraction"]).max()]
+    store = RunStore(store_root)
+    frames = []
+    for (src, seed), g in done.groupby(["pretrained", "seed"], sort=True):
+        g = g.sort_values("n_params")
+        if g["backbone"].nunique() < 2:
+            continue
+        small = g.iloc[0]
+        for large in g.iloc[1:].itertuples(index=False):
+            t = scale_cka(store, small["run_id"], large.run_id)
+            if t is not None:
+                frames.append(t.assign(pretrained=src, backbone_a=small["backbone"], backbone_b=large.backbone,
+                                       seed=seed))
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    d = pd.concat(frames, ignore_index=True)
+    out = d.groupby(["pretrained", "backbone_a", "backbone_b", "index_a", "index_b", "layer_a", "layer_b"],
+                    sort=True).agg(cka=("cka", "mean"), n_seeds=("seed", "nunique")).reset_index()
+    return out[cols]

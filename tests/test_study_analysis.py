@@ -1,0 +1,210 @@
+"""The analysis axes in a real (tiny) study: linear-probe, k-shot and re-initialised cells, CKA per fine-tuned run
+and between scales, each checked against an independent computation; a grown study adds an evaluation set to a
+probe run and recomputes CKA without training anything."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from scaling.analysis.cka import linear_cka
+from scaling.analysis.features import block_features
+from scaling.analysis.probe import LinearProbe
+from scaling.config import load_config
+from scaling.data.dataset import TableDataset
+from scaling.data.splits import kshot_subset
+from scaling.models import build_model
+from scaling.models.reinit import units
+from scaling.study.grid import RunSpec, run_config, run_id
+from scaling.study.protocols import cka_sample, feature_cache
+from scaling.study.report import build_report, render_html
+from scaling.study.runner import load_study_data, run_study
+from scaling.study.store import RunStore
+from study_launch import count
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+UP = "upstream:up"
+
+
+def overrides(store, *extra):
+    return [
+        f"output_dir={store}", "name=analysis", "data.root=synthetic", "data.image_size=32",
+        f"data.labels=[{','.join(LABELS)}]", "data.options={uncertainty: ignore}", "train.batch_size=16",
+        "train.lr=0.05", "train.steps=6", "train.warmup_steps=1", "train.log_every=6", "sharding.strategy=none",
+        "eval.n_boot=20", "probe.cs=[0.01,1.0]", "cka.max_examples=64", "cka.batch_size=64",
+        "upstream=[{name: up, num_images: 200, num_classes: 4, image_size: 32, steps: 5, batch_size: 32}]",
+        "grid.backbones=[resnetv2_tiny,vit_micro]", f"grid.pretrained=['{UP}']", "grid.fractions=[1.0]",
+        "grid.protocols=[finetune,linear_probe]",
+        f"grid.also=[{{backbones: [resnetv2_tiny], pretrained: ['{UP}'], protocols: [finetune], reinit: ['after:2']}},"
+        f" {{backbones: [resnetv2_tiny], pretrained: ['{UP}'], fractions: [], shots: [2], "
+        "protocols: [linear_probe]}]", *extra]
+
+
+OOD = "data.ood=[{name: ood_site_b, root: 'synthetic:b', split: train}]"
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    """The study without an OOD set, then grown by one OOD set and another CKA sample size."""
+    store = tmp_path_factory.mktemp("analysis") / "store"
+    first = load_config(None, overrides(store))
+    table = run_study(first, report=False)
+    trained = count(store, "train")
+    cfg = load_config(None, overrides(store, OOD, "cka.max_examples=48"))
+    run_study(cfg)
+    return cfg, RunStore(store), table, trained
+
+
+def _model(cfg, spec, store, weights=None):
+    """The cell's model as a plain module: pretrained (and re-initialised) or with its stored fine-tuned weights."""
+    rcfg = run_config(cfg, spec)
+    source = str(store.upstream_dir("up") / f"{spec.backbone}.safetensors") if spec.pretrained == UP else "scratch"
+    torch.manual_seed(spec.seed)
+    model = build_model(dataclasses.replace(rcfg.model, pretrained="scratch" if weights else source),
+                        num_outputs=len(LABELS), image_size=32)
+    if weights:
+        model.load_state_dict(load_file(weights))
+    return model.eval()
+
+
+def _dataset(table):
+    return TableDataset(table, LABELS, 32, train=False)
+
+
+def test_every_cell_ran_once_and_the_grown_study_trained_nothing(grown):
+    cfg, store, table, trained = grown
+    assert len(table) == 2 * 2 + 1 + 1 and set(table["status"]) == {"complete"}
+    assert set(table["protocol"]) == {"finetune", "linear_probe"} and set(table["shots"]) == {0, 2}
+    assert count(store.root, "train") == trained and len(trained) == len(table)
+    probes = {r for r in store.run_ids() if "__probe" in r}
+    # the OOD set reached the probe runs from their stored probes, and the fine-tuned ones from their weights
+    assert set(count(store.root, "evaluate")) == set(store.run_ids())
+    # CKA with another sample size was recomputed for the fine-tuned runs only, from stored weights
+    assert set(count(store.root, "cka")) == set(store.run_ids()) - probes
+    for rid in probes:
+        assert not (store.run_dir(rid) / "checkpoints").exists()  # no fine-tuned weights
+        assert not (store.run_dir(rid) / "cka.parquet").exists()
+
+
+def test_probe_cell_is_sklearn_on_the_frozen_pretrained_features(grown):
+    cfg, store, *_ = grown
+    spec = RunSpec("resnetv2_tiny", UP, 1.0, 0, protocol="linear_probe")
+    rid = run_id(cfg, spec)
+    data = load_study_data(cfg)
+    model = _model(cfg, spec, store)
+    feats = {name: block_features(model, _dataset(t), layers=["pre_logits"])["features"]["pre_logits"].double()
+             .numpy() for name, t in (("train", data.train), ("test", data.test), ("ood_site_b", data.ood["ood_site_b"]))}
+    mean, std = feats["train"].mean(0), feats["train"].std(0)
+    std[std <= 1e-12] = 1.0  # a constant feature (a dead ReLU channel) is left at zero, as the probe documents
+    probe = LinearProbe.load(store.run_dir(rid) / "probe.safetensors")
+    chosen = probe.chosen().set_index("label")["C"]
+    for name in ("test", "ood_site_b"):
+        pred = store.read_predictions(rid, name)
+        assert list(pred["sample_id"]) == list(data.eval_sets()[name]["sample_id"])
+        for j, label in enumerate(LABELS):
+            y = data.train[f"label:{label}"].to_numpy(float)
+            ok = ~np.isnan(y)
+            ref = LogisticRegression(C=chosen[label], max_iter=2000).fit(((feats["train"] - mean) / std)[ok], y[ok])
+            expected = ref.decision_function((feats[name] - mean) / std)
+            np.testing.assert_allclose(pred[f"logit:{label}"], expected, atol=2e-3, rtol=1e-3)
+    # the stored AUROC of the probe run is scikit-learn's on its stored predictions
+    pred, m = store.read_predictions(rid, "test"), store.read_metrics(rid)
+    for label in LABELS:
+        ok = pred[f"label:{label}"].notna()
+        row = m[(m.eval_set == "test") & (m.label == label) & (m.attribute == "all") & (m.metric == "auroc")]
+        assert row.value.iloc[0] == pytest.approx(roc_auc_score(pred.loc[ok, f"label:{label}"],
+                                                                pred.loc[ok, f"logit:{label}"]), abs=1e-9)
+
+
+def test_kshot_probe_shares_the_feature_cache_and_fits_on_its_subset(grown):
+    cfg, store, *_ = grown
+    shot = RunSpec("resnetv2_tiny", UP, 1.0, 0, protocol="linear_probe", shots=2)
+    full = dataclasses.replace(shot, shots=0)
+    assert feature_cache(cfg, store, shot) == feature_cache(cfg, store, full)
+    assert sorted(p.name for p in feature_cache(cfg, store, shot).iterdir()) == [
+        "ood_site_b.safetensors", "test.safetensors", "train.safetensors", "val.safetensors"]
+    data = load_study_data(cfg)
+    subset = kshot_subset(data.train, 2, seed=0)
+    rid = run_id(cfg, shot)
+    assert store.read_spec(rid)["n_train_images"] == len(subset)
+    search = LinearProbe.load(store.run_dir(rid) / "probe.safetensors").search
+    assert (search["n_train"] == subset[[f"label:{lab}" for lab in LABELS]].notna().sum().to_numpy().repeat(2)).all()
+    assert (search.groupby("label")["n_train_pos"].first() >= 2).all()  # k positive patients per label at least
+
+
+def test_cka_is_linear_cka_of_the_initialisation_and_the_fine_tuned_model(grown):
+    cfg, store, *_ = grown
+    data = load_study_data(cfg)
+    sample = _dataset(cka_sample(data.test, cfg.cka))
+    assert len(sample) == 48
+    for spec in (RunSpec("resnetv2_tiny", UP, 1.0, 0), RunSpec("resnetv2_tiny", UP, 1.0, 0, reinit="after:2")):
+        rid = run_id(cfg, spec)
+        init = _model(cfg, spec, store)
+        if spec.reinit != "none":
+            from scaling.models.reinit import reinit_after
+
+            reinit_after(init, 2, seed=0)
+            assert store.read_spec(rid)["units_reinitialised"] == list(units(init))[2:]
+        tuned = _model(cfg, spec, store, weights=store.model_path(rid))
+        a, b = block_features(init, sample)["features"], block_features(tuned, sample)["features"]
+        t = pd.read_parquet(store.run_dir(rid) / "cka.parquet")
+        diag = t[t.index_a == t.index_b].set_index("layer_a")["cka"]
+        assert list(diag.index) == list(a) and (t["n_examples"] == 48).all()
+        for layer in a:
+            assert diag[layer] == pytest.approx(linear_cka(a[layer], b[layer]), abs=1e-4)
+        assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64}
+
+
+def test_report_shows_the_analysis_tables_and_their_numbers(grown):
+    cfg, store, *_ = grown
+    rep = build_report(store.root, n_boot_fit=10)
+    text = render_html(rep)
+    for tid in ("probe_gap", "fewshot", "reinit", "cka_blocks", "cka_scales"):
+        assert f'id="tbl-{tid}"' in text and f'id="fig-{tid}"><img' in text, tid
+    macro = {}
+    for rid in store.run_ids():
+        m = store.read_metrics(rid)
+        spec = store.read_spec(rid)
+        row = m[(m.eval_set == "test") & (m.label == "macro") & (m.attribute == "all") & (m.metric == "auroc")]
+        macro[(spec["backbone"], spec["pretrained"], spec["protocol"], spec["shots"], spec["reinit"])] = \
+            row.value.iloc[0]
+    gap = rep.tables["probe_gap"].set_index(["backbone", "pretrained", "budget"])
+    for bb in ("resnetv2_tiny", "vit_micro"):
+        r = gap.loc[(bb, UP, "fraction 1")]
+        ft, lp = macro[(bb, UP, "finetune", 0, "none")], macro[(bb, UP, "linear_probe", 0, "none")]
+        assert (r["finetune"], r["probe"]) == (pytest.approx(ft), pytest.approx(lp))
+        assert r["gap"] == pytest.approx(ft - lp) and r["gap_lo"] <= r["gap"] <= r["gap_hi"]
+        assert r["gap_ci"] == "bootstrap"
+    ri = rep.tables["reinit"].set_index("reinit")
+    assert ri.loc["after:2", "units_kept"] == 2 and ri.loc["none", "units_kept"] == ri.loc["none", "n_units"] == 6
+    assert ri.loc["after:2", "auroc_lost"] == pytest.approx(
+        macro[("resnetv2_tiny", UP, "finetune", 0, "none")] - macro[("resnetv2_tiny", UP, "finetune", 0, "after:2")])
+    fs = rep.tables["fewshot"]
+    assert list(fs["shots"]) == [2] and fs["mean"].iloc[0] == pytest.approx(
+        macro[("resnetv2_tiny", UP, "linear_probe", 2, "none")])
+    # the scaling views read plain fine-tuning cells only
+    assert len(rep.tables["delong"]) == len(LABELS) and (rep.tables["delong"]["n"] > 0).all()
+    blocks = rep.tables["cka_blocks"]
+    assert blocks["mean"].between(-1e-6, 1 + 1e-6).all() and set(blocks["reinit"]) == {"none", "after:2"}
+
+
+def test_cka_between_scales_is_cka_of_the_two_fine_tuned_models(grown):
+    cfg, store, *_ = grown
+    scales = build_report(store.root, n_boot_fit=10).tables["cka_scales"]
+    assert set(scales["backbone_a"]) == {"vit_micro"} and set(scales["backbone_b"]) == {"resnetv2_tiny"}
+    data = load_study_data(cfg)
+    sample = _dataset(cka_sample(data.test, cfg.cka))
+    feats = {}
+    for bb in ("vit_micro", "resnetv2_tiny"):
+        spec = RunSpec(bb, UP, 1.0, 0)
+        feats[bb] = block_features(_model(cfg, spec, store, weights=store.model_path(run_id(cfg, spec))),
+                                   sample)["features"]
+    got = scales[scales["pretrained"] == UP].set_index(["layer_a", "layer_b"])["cka"]
+    for la, xa in feats["vit_micro"].items():
+        for lb, xb in feats["resnetv2_tiny"].items():
+            assert got[(la, lb)] == pytest.approx(linear_cka(xa, xb), abs=1e-4)
