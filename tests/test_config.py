@@ -81,6 +81,7 @@ DERM = "data.labels=[Melanoma, Melanocytic Nevus, Basal Cell Carcinoma]"
     ([MC, DERM, "data.derived_labels={Malignant: [Melanoma, Melanoma]}"], r"names a class twice"),
     ([MC, DERM, "data.derived_labels={Malignant: [Melanoma, Melanocytic Nevus, Basal Cell Carcinoma]}"],
      r"groups every class"),
+    ([MC, DERM, "grid.also=[{protocols: [linear_probe]}]"], r"linear_probe .* data\.task='multiclass' is fine-tuned"),
     ([MC, DERM, "data.derived_labels={Malignant: Melanoma}"], r"data\.derived_labels\.Malignant: expected a list"),
 ])
 def test_task_and_derived_labels_are_checked(overrides, match):

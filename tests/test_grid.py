@@ -1,5 +1,7 @@
 """Grid expansion and run ids: a run id hashes exactly the settings that change a run's results."""
 
+import dataclasses
+
 import pytest
 
 from scaling.config import ConfigError, StudyConfig, load_config, to_dict
@@ -114,11 +116,11 @@ TABLE = [
     ("grid.protocols=[finetune,linear_probe]", False),
     ("grid.reinit=[none,after:2]", False),
     ("grid.also=[{pretrained: [hub], reinit: ['after:2']}]", False),
-    # the linear probe: its settings are the study's (a study with another probe grid is another study)
-    ("probe.cs=[0.1,1]", True),
-    ("probe.select=log_loss", True),
-    ("probe.standardize=false", True),
-    ("probe.max_iter=50", True),
+    # the linear probe: only a probe cell fits one (test_probe_settings_change_probe_cells_only)
+    ("probe.cs=[0.1,1]", False),
+    ("probe.select=log_loss", False),
+    ("probe.standardize=false", False),
+    ("probe.max_iter=50", False),
     ("probe.batch_size=8", False),
     # CKA: an analysis of the trained model, recomputed when it changes
     ("cka.enabled=false", False),
@@ -144,6 +146,27 @@ def test_derived_labels_alone_change_the_run_id():
     derived = _cfg("data.task=multiclass", "data.derived_labels={Malignant: [Edema, Atelectasis]}")
     other = _cfg("data.task=multiclass", "data.derived_labels={Malignant: [Edema]}")
     assert len({run_id(c, SPEC) for c in (one_of_k, derived, other)}) == 3
+
+
+@pytest.mark.parametrize("setting", ["probe.cs=[0.1,1]", "probe.select=log_loss", "probe.standardize=false",
+                                     "probe.max_iter=50"])
+def test_probe_settings_change_probe_cells_only(setting):
+    axes = ["grid.protocols=[finetune,linear_probe]"]
+    base, other = _cfg(*axes), _cfg(*axes, setting)
+    probe = dataclasses.replace(SPEC, protocol="linear_probe")
+    assert run_id(other, probe) != run_id(base, probe)
+    assert run_id(other, SPEC) == run_id(base, SPEC)
+    # one study: every cell records the same study hash, whatever its protocol
+    assert config_hash(run_config(other, probe)) == config_hash(run_config(other, SPEC)) == config_hash(base)
+
+
+def test_settings_added_later_keep_old_ids_at_their_old_behaviour():
+    # data.task and data.derived_labels postdate run ids: at multilabel / none they are not hashed, so a store
+    # written before them keeps its ids (the hash below is that of the plain cell before they existed)
+    assert "task" not in result_settings(run_config(_cfg(), SPEC))["data"]
+    assert run_id(_cfg("data.task=multiclass"), SPEC) != run_id(_cfg(), SPEC)
+    demo = load_config(None, ["grid.backbones=[resnetv2_tiny]"])
+    assert run_id(demo, RunSpec("resnetv2_tiny", "scratch", 1.0, 0)) == "resnetv2-tiny__scratch__f1__s0__85392d39"
 
 
 def _leaves(d, prefix=""):

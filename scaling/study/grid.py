@@ -126,6 +126,14 @@ NEUTRAL: dict[str, str] = {
 """Settings that never change a run's trained model or predictions, with the reason. Every other setting does,
 including any setting added to the config later: a new field changes ids until it is listed here."""
 
+LATER_DEFAULTS: dict[str, Any] = {
+    "data.task": "multilabel",
+    "data.derived_labels": {},
+}
+"""Settings added after run ids were first written, with the value that reproduces what runs did before them. At
+that value the setting is left out of the hash, so a store written before it existed keeps its ids (its runs
+trained exactly this way); any other value is hashed like every setting."""
+
 CELL = ("model.backbone", "model.pretrained", "train.seed", "upstream")
 """Settings that vary from cell to cell of one study (the upstream entry follows ``model.pretrained``)."""
 
@@ -149,7 +157,8 @@ def _root_identity(root: str) -> str | None:
 def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     """Every setting that changes what a run trains and predicts, as a plain dict; the run id hashes exactly this.
 
-    ``cfg`` is a run's config (:func:`run_config`); its data budget is ``cell.fraction`` or ``cell.shots``, and a
+    ``cfg`` is a run's config (:func:`run_config`); the ``probe`` section counts for linear-probe cells only, and a
+    setting of :data:`LATER_DEFAULTS` only away from its default. Its data budget is ``cell.fraction`` or ``cell.shots``, and a
     protocol or re-initialisation other than the default is ``cell.protocol`` / ``cell.reinit`` (absent for the
     plain fine-tuning cell, so its id is what it was before these axes existed). Settings in
     :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
@@ -160,6 +169,12 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     root = cfg.data.root
     for key in NEUTRAL:
         _drop(d, key)
+    for key, value in LATER_DEFAULTS.items():
+        head, _, rest = key.partition(".")
+        if d.get(head, {}).get(rest) == value:
+            _drop(d, key)
+    if tuple(cfg.grid.protocols) != (PROBE,):
+        d.pop("probe")  # only a probe cell fits a probe: its settings cannot change a fine-tuned run
     d["data"]["root"] = _root_identity(root)
     d["cell"] = _cell(cfg.grid)
     return d
@@ -180,6 +195,7 @@ def study_settings(cfg: StudyConfig) -> dict[str, Any]:
     seed, protocol, re-initialisation, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
     d = result_settings(cfg)
     d.pop("cell")
+    d.pop("probe", None)  # in a probe cell's id, not the study's: fine-tuned cells never read it
     for key in CELL:
         _drop(d, key)
     return d
