@@ -1,8 +1,8 @@
 """What a grid cell does beyond plain fine-tuning: its training subset (a fraction or k-shot), block
 re-initialisation, the linear-probe protocol's shared feature cache, and block-by-block CKA of fine-tuned runs.
 
-The study runner calls these in a few lines per cell (docs/analysis.md, "In a study"); everything model-
-or statistics-related lives in :mod:`scaling.analysis` and :mod:`scaling.models.reinit`, everything here is about
+The study runner calls these in a few lines per cell (docs/analysis.md, "The analysis axes of a study"); everything
+model- or statistics-related lives in :mod:`scaling.analysis` and :mod:`scaling.models.reinit`, everything here is about
 which data, which files and which runs.
 
 Files a cell writes besides the usual ones (docs/run-store.md):
