@@ -14,6 +14,7 @@ from scaling.config import compose, load_config
 from dataset_fixtures import write_fixture
 from scaling.demo.synthetic import write_synthetic_chexpert
 from scaling.study.aggregate import load_results, summarise
+from scaling.study.grid import expand_grid
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore
 
@@ -49,17 +50,25 @@ def test_dry_run_plans_every_cell(name, tmp_path):
     cfg = load_config(CONFIGS / f"{name}.yaml", _point_at_fixtures(name, tmp_path))
     p = plan(cfg)
     g = cfg.grid
-    n_cells = len(g.backbones) * len(g.pretrained) * len(g.fractions) * len(g.seeds)
+    n_cells = len(expand_grid(cfg))
     # cells without public weights (ViT-L x ImageNet-1k) are dropped, never more
     assert 0 < len(p) <= n_cells and (len(p) == n_cells or name == "chexpert_vit")
-    assert set(p.status) == {"missing"} and (p.train_images > 0).all() and (p.steps > 0).all()
+    # every shipped study has the no-transfer control; the multi-label ones also linear probes and k-shot probes
+    assert "scratch" in set(p.pretrained)
+    if cfg.data.task == "multilabel":
+        assert {"finetune", "linear_probe"} == set(p.protocol) and (p.shots > 0).any()
+    tuned = p[p.protocol == "finetune"] if "protocol" in p else p
+    assert set(p.status) == {"missing"} and (p.train_images > 0).all() and (tuned.steps > 0).all()
+    assert (p[~p.index.isin(tuned.index)].steps == 0).all()  # a probe cell trains no step
     # nested fractions: more patients at a larger fraction, for the same seed
-    one = p[(p.backbone == p.backbone.iloc[0]) & (p.pretrained == p.pretrained.iloc[0]) & (p.seed == g.seeds[0])]
+    plain = tuned[tuned.shots == 0] if "shots" in tuned else tuned
+    one = plain[(plain.backbone == p.backbone.iloc[0]) & (plain.pretrained == p.pretrained.iloc[0])
+                & (plain.seed == g.seeds[0])]
     assert list(one.sort_values("fraction").train_patients) == sorted(one.train_patients)
     assert not RunStore(cfg.output_dir).run_ids()  # a dry run trains nothing
 
 
-SMOKE = ["grid.pretrained=[scratch]", "grid.fractions=[1.0]", "grid.seeds=[0]", "train.hyperrule=off",
+SMOKE = ["grid.pretrained=[scratch]", "grid.also=[]", "grid.fractions=[1.0]", "grid.seeds=[0]", "train.hyperrule=off",
          "train.steps=3", "train.batch_size=8", "train.grad_accum=1", "train.mixed_precision=no", "train.warmup_steps=1",
          "sharding.strategy=none", "sharding.activation_checkpointing=none", "sharding.param_dtype=fp32",
          "data.image_size=32", "data.num_workers=0", "eval.n_boot=20", "tracking.wandb=offline"]
