@@ -1,11 +1,14 @@
 """Scaling-law fits recover known exponents, refuse too few points, and tabulate a hand-made study."""
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from study_store import B_PARAMS, shared_store
 
+from scaling.metrics.bootstrap import ClusterBootstrap
 from scaling.study.aggregate import load_results
-from scaling.study.fits import FitError, fit_power_law, fit_table
+from scaling.study.fits import FitError, fit_power_law, fit_table, patient_replicates
 
 
 def test_recovers_exact_law():
@@ -50,3 +53,65 @@ def test_fit_table_of_handmade_study(tmp_path_factory):
     lab = table[table["x_axis"] == "n_train_images"]
     assert len(lab) == 24 and lab["status"].str.contains("3 distinct x").all()
     assert ("n_params", "scratch", "", "test") in laws and len(laws) == 6
+    assert (params["ci"] == "seeds").all()
+    # from the store, the intervals also resample the test patients, and each contains its estimate
+    with_store, _ = fit_table(load_results(root), n_boot=30, store_root=root)
+    ok = with_store[with_store["status"] == "ok"]
+    assert (ok["ci"] == "seeds+patients").all() and ((ok["b_lo"] <= ok["b"]) & (ok["b"] <= ok["b_hi"])).all()
+    np.testing.assert_allclose(ok["b"], table[table["status"] == "ok"]["b"])  # the estimate is the same fit
+
+
+def test_one_run_per_size_without_predictions_has_no_interval_to_offer():
+    # Four runs at four sizes: a pairs bootstrap could only refit permutations of the same four points; the fit
+    # says it has nothing to resample instead of printing a zero-width interval.
+    x = np.array([3e2, 1e3, 3e3, 1e4])
+    f = fit_power_law(x, 0.5 * (x / 3e2) ** -0.2 + 0.1, n_boot=50)
+    assert f.ci == "none" and f.n_boot == 0 and np.isnan(f.b_ci).all()
+
+
+def _predictions(rng, strength, n_patients=60):
+    """Store-format predictions of one run on a shared test set: 2 images per patient, 2 labels."""
+    pid = np.repeat([f"p{i}" for i in range(n_patients)], 2)
+    df = pd.DataFrame({"sample_id": [f"s{i}" for i in range(pid.size)], "patient_id": pid})
+    truth = np.random.default_rng(7).integers(0, 2, (pid.size, 2)).astype(float)  # the same labels for every run
+    truth[3, 1] = np.nan  # an unlabelled finding
+    for j, lab in enumerate(["A", "B"]):
+        df[f"label:{lab}"] = truth[:, j]
+        df[f"logit:{lab}"] = strength * np.nan_to_num(truth[:, j]) + rng.normal(size=pid.size)
+    return df
+
+
+def test_patient_replicates_are_the_runs_scored_on_one_resample_of_patients():
+    rng = np.random.default_rng(0)
+    runs = [_predictions(rng, s) for s in (0.5, 1.0, 2.0)]
+    runs[1] = runs[1].iloc[::-1].reset_index(drop=True)  # row order does not matter, sample ids do
+    reps = patient_replicates(runs, n_boot=40, seed=3)
+    assert reps.shape == (40, 3)
+    # independent reference: replicate r's patient multiplicities, images repeated, scikit-learn's AUROC per label
+    boot = ClusterBootstrap(runs[0].sort_values("sample_id")["patient_id"].to_numpy(), n_boot=40, seed=3)
+    for r in (0, 17, 39):
+        for j, run in enumerate(runs):
+            run = run.sort_values("sample_id")
+            idx = np.repeat(np.arange(len(run)), boot.counts[r, boot.codes].astype(int))
+            aucs = []
+            for lab in ("A", "B"):
+                y, z = run[f"label:{lab}"].to_numpy()[idx], run[f"logit:{lab}"].to_numpy()[idx]
+                ok = ~np.isnan(y)
+                aucs.append(roc_auc_score(y[ok], z[ok]))
+            assert reps[r, j] == pytest.approx(1 - np.mean(aucs), abs=1e-12)
+    # the stronger run is better in every replicate: the resample is shared, so the runs stay paired
+    assert (reps[:, 2] < reps[:, 0]).all()
+
+
+def test_interval_resamples_seeds_within_each_size_and_patients():
+    x = np.repeat([3e2, 1e3, 3e3, 1e4], 2)
+    y = 0.5 * (x / 3e2) ** -0.3 + 0.1 + np.tile([0.004, -0.004], 4)
+    seeds = fit_power_law(x, y, n_boot=100)
+    assert seeds.ci == "seeds" and seeds.n_boot > 90 and seeds.b_ci[0] <= seeds.b <= seeds.b_ci[1]
+    noise = np.random.default_rng(1).normal(0, 0.01, (100, x.size))
+    both = fit_power_law(x, y, n_boot=100, replicates=y + noise)
+    assert both.ci == "seeds+patients" and both.b_ci[0] <= both.b <= both.b_ci[1]
+    # more noise, wider interval
+    assert both.b_ci[1] - both.b_ci[0] > seeds.b_ci[1] - seeds.b_ci[0]
+    with pytest.raises(ValueError, match=r"replicates must have shape \(n, 8\)"):
+        fit_power_law(x, y, replicates=noise[:, :3])

@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         if df.empty:
             return 0
         if args.command == "fits":
+            from scaling.study.aggregate import plain_cells
             from scaling.study.fits import fit_table
 
-            table, _ = fit_table(df, n_boot=args.n_boot)
+            # the scaling laws are fitted to plain fine-tuning cells, as in the report
+            table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
         summary = summarise(df)

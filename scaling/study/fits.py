@@ -3,8 +3,16 @@
 ``error`` is 1 − AUROC and ``x`` is the parameter count, the pretraining-set size or the labelled-set size. ``c``
 is the irreducible error the curve levels off at and ``b`` the exponent the tables report. Three parameters need
 at least four distinct ``x`` values to leave a degree of freedom; with fewer the fit is refused (an exactly
-interpolating curve would report an exponent with no meaning). Uncertainty comes from resampling whole runs with
-replacement and refitting (the nonparametric "pairs" bootstrap), so seed-to-seed variation is part of it.
+interpolating curve would report an exponent with no meaning).
+
+Uncertainty: each bootstrap replicate resamples the runs *within* each ``x`` value (the seeds: seed-to-seed
+variation, with the design of ``x`` values kept fixed) and, when the runs' stored predictions are at hand, also the
+evaluation patients — one resample of patients shared by every run, so a replicate is "the same study scored on
+another sample of patients" and the error correlation between runs evaluated on one test set is kept. Then the law
+is refitted. Resampling whole runs across ``x`` values instead (a pairs bootstrap) is degenerate at the few points
+a scaling study has: with four runs at four sizes only the 24 of 256 resamples that keep four distinct sizes
+could be fitted, and each is the original data. With one run per ``x`` and no predictions there is nothing to
+resample, and the intervals are NaN (``ci`` says so).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from scaling.study.aggregate import full_fraction
+from scaling.study.store import RunStore
 
 MIN_POINTS = 4
 """Fewest distinct x values a three-parameter law is fitted to."""
@@ -53,6 +62,8 @@ class PowerLawFit:
     """Root-mean-square residual of the fit on its runs."""
     n_boot: int
     """Bootstrap replicates that converged (the intervals' sample size)."""
+    ci: str = "seeds"
+    """What the intervals resample: ``seeds+patients``, ``seeds`` (runs within each x only) or ``none``."""
 
     def predict(self, x) -> np.ndarray:
         """The fitted error at ``x``."""
@@ -92,17 +103,23 @@ def _fit_once(z: np.ndarray, y: np.ndarray, start=None) -> tuple[float, float, f
 
 
 def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int = MIN_POINTS,
-                  confidence: float = 0.95) -> PowerLawFit:
-    """Fit error = a·x^(−b) + c to one point per run, with bootstrap-over-runs intervals.
+                  confidence: float = 0.95, replicates=None) -> PowerLawFit:
+    """Fit error = a·x^(−b) + c to one point per run, with bootstrap intervals (module docstring).
 
-    ``c`` is bounded to [0, min observed error] (an irreducible error above the best run would be contradicted by
-    it) and ``b`` to [0, 5]. Raises :class:`FitError` when there are fewer than ``min_points`` distinct x values,
-    or any x ≤ 0.
+    ``replicates`` (optional, shape ``(n_replicates, n_runs)``): each run's error under patient-level bootstrap
+    replicates that resample the same patients for every run (:func:`patient_replicates`); replicate ``r`` of the
+    fit uses row ``r mod n_replicates``. ``c`` is bounded to [0, min observed error] (an irreducible error above the
+    best run would be contradicted by it) and ``b`` to [0, 5]. Raises :class:`FitError` when there are fewer than
+    ``min_points`` distinct x values, or any x ≤ 0.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(error, dtype=float)
+    reps = None if replicates is None else np.asarray(replicates, dtype=float)
+    if reps is not None and (reps.ndim != 2 or reps.shape[1] != x.size):
+        raise ValueError(f"replicates must have shape (n, {x.size}), got {reps.shape}")
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
+    reps = None if reps is None else reps[:, ok]
     if np.any(x <= 0):
         raise FitError(f"x must be > 0 for a power law; got {sorted(set(x[x <= 0].tolist()))}")
     n_x = len(np.unique(x))
@@ -112,14 +129,18 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
     # Fitting on x / geometric mean keeps amp and b on comparable scales for x from 1e3 to 1e9.
     x0 = float(np.exp(np.log(x).mean()))
     amp, b, c = _fit_once(x / x0, y)
+    strata = [np.flatnonzero(x == v) for v in np.unique(x)]
+    seeds_vary = any(len(s) > 1 for s in strata)
+    method = "seeds+patients" if reps is not None else ("seeds" if seeds_vary else "none")
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        if len(np.unique(x[idx])) < min_points:
+    for r in range(n_boot if method != "none" else 0):
+        idx = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        yb = y[idx] if reps is None else reps[r % len(reps), idx]
+        if not np.isfinite(yb).all():
             continue
         try:
-            ab, bb, cb = _fit_once(x[idx] / x0, y[idx], start=(amp, b, c))
+            ab, bb, cb = _fit_once(x[idx] / x0, yb, start=(amp, b, c))
         except FitError:
             continue
         boots.append((ab * x0**bb, bb, cb))
@@ -131,19 +152,51 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
         cis = [(math.nan, math.nan)] * 3
     resid = _law(x / x0, amp, b, c) - y
     return PowerLawFit(a=amp * x0**b, b=b, c=c, a_ci=cis[0], b_ci=cis[1], c_ci=cis[2], n_points=len(x), n_x=n_x,
-                       rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots))
+                       rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method)
+
+
+def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed: int = 0) -> np.ndarray:
+    """``1 − macro AUROC`` of each run under ``n_boot`` patient-level bootstrap replicates shared by all runs:
+    shape ``(n_boot, n_runs)``.
+
+    ``predictions`` are the runs' stored predictions of one evaluation set (``sample_id``, ``patient_id``,
+    ``label:<L>``, ``logit:<L>``), scored on the samples every run has. The macro is the mean over the labels with
+    both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out).
+    """
+    from scaling.metrics.bootstrap import ClusterBootstrap
+
+    common = set(predictions[0]["sample_id"])
+    for p in predictions[1:]:
+        common &= set(p["sample_id"])
+    frames = [p[p["sample_id"].isin(common)].set_index("sample_id").sort_index() for p in predictions]
+    first = frames[0]
+    labels = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
+    boot = ClusterBootstrap(first["patient_id"].to_numpy(), n=len(first), n_boot=n_boot, seed=seed)
+    out = np.full((n_boot, len(frames)), np.nan)
+    for j, f in enumerate(frames):
+        per_label = []
+        for lab in labels:
+            yl = first[f"label:{lab}"].to_numpy(float)
+            known = yl[np.isfinite(yl)]
+            if known.size and known.min() != known.max() and f"logit:{lab}" in f:
+                per_label.append(boot.replicates("auroc", yl, f[f"logit:{lab}"].to_numpy(float)))
+        if per_label:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[:, j] = 1.0 - np.nanmean(np.array(per_label), axis=0)
+    return out
 
 
 def _row(fit_or_error, **keys) -> dict:
     if isinstance(fit_or_error, PowerLawFit):
         f = fit_or_error
         return {**keys, "n_runs": f.n_points, "n_x": f.n_x, "a": f.a, "b": f.b, "b_lo": f.b_ci[0], "b_hi": f.b_ci[1],
-                "c": f.c, "c_lo": f.c_ci[0], "c_hi": f.c_ci[1], "rmse": f.rmse, "status": "ok"}
+                "c": f.c, "c_lo": f.c_ci[0], "c_hi": f.c_ci[1], "rmse": f.rmse, "ci": f.ci, "status": "ok"}
     return {**keys, "status": f"refused: {fit_or_error}"}
 
 
 def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", eval_sets=None, n_boot: int = 200,
-              seed: int = 0) -> tuple[pd.DataFrame, dict]:
+              seed: int = 0, store_root=None) -> tuple[pd.DataFrame, dict]:
     """Fitted exponents for every scaling axis, per pretraining source (or backbone) and evaluation set.
 
     From the tidy table (:func:`scaling.study.aggregate.load_results`), error = 1 − ``metric`` per run:
@@ -152,8 +205,10 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     - ``pretrain_images``: per backbone × eval set, at the full data fraction (scratch, 0 images, left out);
     - ``n_train_images`` (labelled images): per pretraining source × backbone × eval set.
 
-    Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused) and the fitted laws keyed
-    by ``(x_axis, pretrained, backbone, eval_set)`` for plotting. ``eval_sets=None`` uses every set but ``val``.
+    Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused; ``ci`` what its intervals
+    resample) and the fitted laws keyed by ``(x_axis, pretrained, backbone, eval_set)`` for plotting.
+    ``eval_sets=None`` uses every set but ``val``. With ``store_root`` (the run store the rows came from) the macro
+    AUROC fits also resample the evaluation patients, from the runs' stored predictions.
     """
     rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
     if eval_sets is None:
@@ -172,13 +227,18 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     for axis, data, by in plans:
         for key, g in data.groupby(by, sort=True):
             keys = {"x_axis": axis, "pretrained": "", "backbone": "", **dict(zip(by, key))}
+            reps = None
+            if store_root is not None and metric == "auroc" and label == "macro" and "run_id" in g:
+                store = RunStore(store_root)
+                reps = patient_replicates([store.read_predictions(r, keys["eval_set"]) for r in g["run_id"]],
+                                          n_boot=n_boot, seed=seed)
             try:
-                fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed)
+                fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps)
             except FitError as e:
                 out.append(_row(e, **keys))
                 continue
             laws[(axis, keys["pretrained"], keys["backbone"], keys["eval_set"])] = fit
             out.append(_row(fit, **keys))
     cols = ["x_axis", "pretrained", "backbone", "eval_set", "n_runs", "n_x", "a", "b", "b_lo", "b_hi", "c", "c_lo",
-            "c_hi", "rmse", "status"]
+            "c_hi", "rmse", "ci", "status"]
     return pd.DataFrame(out, columns=cols), laws

@@ -211,7 +211,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         return rep
     rep.ood_sets = ood_sets(df)
 
-    fits, laws = fit_table(df, n_boot=n_boot_fit)
+    fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root)
     rep.tables["fits"] = fits
     rep.tables["fits_params"] = fits[fits["x_axis"] == "n_params"]
     rep.figures["auroc_vs_params"] = plots.auroc_vs_params(summary, laws)
