@@ -113,7 +113,7 @@ def materialize_from_safetensors(model: nn.Module, path: str | Path, device: tor
 
     The file is memory-mapped and each rank slices its own shard, so no process ever holds the whole model
     (the meta-device recipe of https://github.com/pytorch/pytorch/issues/105840; measured in
-    ``benchmarks/sharding_memory.py --meta``). Every parameter and buffer must be
+    ``benchmarks/sharding_memory.py --peak-host``). Every parameter and buffer must be
     in the file: a missing or mis-shaped tensor is an error naming the file and the tensor.
     """
     from safetensors import safe_open

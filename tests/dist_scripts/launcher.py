@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ def out_dir() -> Path:
     global _OUT
     if _OUT is None:
         _OUT = Path(tempfile.mkdtemp(prefix="scaling-dist-"))
+        atexit.register(shutil.rmtree, _OUT, ignore_errors=True)  # checkpoints of every suite: gone with pytest
     return _OUT
 
 
