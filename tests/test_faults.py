@@ -303,7 +303,7 @@ def _recipe():
 def test_a_grid_with_every_cell_dropped_exits_2_with_the_reason(dry_run, tmp_path, capsys):
     args = ["--dry-run"] if dry_run else []
     code = _recipe().main([*args, f"output_dir={tmp_path / 'store'}", "grid.backbones=[resnetv2_tiny]",
-                           "grid.pretrained=[bit-m]"])
+                           "grid.pretrained=[bit-m]", "grid.also=[]"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: every cell of the grid was dropped: no public weights for resnetv2_tiny x bit-m; change "
