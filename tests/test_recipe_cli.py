@@ -28,5 +28,5 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, capsys):
 def test_dry_run_plans_the_demo(tmp_path, capsys):
     assert scale_study.main(["--dry-run", f"output_dir={tmp_path / 'store'}"]) == 0
     out = capsys.readouterr().out
-    assert "20 runs, 0 complete" in out and "resnetv2_small" in out and "upstream:fractal_10k" in out
+    assert "44 runs, 0 complete" in out and "resnetv2_small" in out and "upstream:fractal_10k" in out
     assert not (tmp_path / "store" / "runs").exists()
