@@ -353,7 +353,8 @@ class Trainer:
             return self._validated({**finished, "from_final_checkpoint": True}, val_dataset, total)
         # A launch preempted while validating saved that step unvalidated: the candidate is evaluated now.
         stopped = False
-        if selection.active and start and start % cfg.eval_every == 0 and selection.validated < start:
+        if selection.active and start and (start % cfg.eval_every == 0 or start == total) \
+                and selection.validated < start:
             stopped = self._validation_point(val_dataset, start, total)
 
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
