@@ -193,6 +193,10 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
+SELECT = ("last", "val_loss", "val_auroc")
+"""The ``train.select`` values: which weights a fine-tuned run keeps (``scaling.engine.selection``)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: optimizer, schedule, batch, precision, duration."""
@@ -239,9 +243,16 @@ class TrainConfig:
     log_every: int = 10
     """Log throughput and loss every N optimizer steps."""
     eval_every: int = 0
-    """Validate every N steps (0 = only at the end)."""
+    """Validate every N steps (0 = only at the end): validation loss and macro AUROC (``torchmetrics``)."""
     checkpoint_every: int = 0
     """Save resumable state every N steps (0 = only on SIGTERM/SIGUSR1)."""
+    select: str = "last"
+    """Which weights a run keeps and predicts with: ``last`` (the last step), ``val_loss`` (lowest validation loss)
+    or ``val_auroc`` (highest validation macro AUROC) over the validation points (every ``eval_every`` steps and the
+    last step; ties go to the earlier step). Chosen on the validation split only, never on test (docs/design.md)."""
+    early_stopping_patience: int = 0
+    """Stop training when ``select``'s metric has not improved for this many validation points (0 = off); needs
+    ``select`` other than ``last`` and ``eval_every > 0``. The LR schedule stays that of the full length."""
     hyperrule: str = "off"
     """``off``, ``code`` or ``paper``: the BiT-HyperRule sets length, warmup and MixUp alpha from the size of each
     run's (fraction) training set, overriding steps/epochs/examples, warmup_steps and mixup_alpha; with
@@ -253,6 +264,15 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.hyperrule", self.hyperrule, ("off", "code", "paper"))
         _choice("train.compile", self.compile, ("off", "blocks", "model"))
+        _choice("train.select", self.select, SELECT)
+        _positive("train.early_stopping_patience", self.early_stopping_patience, allow_zero=True)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        if self.select != "last" and not self.eval_every:
+            raise ConfigError(f"train.select={self.select!r} chooses among validation points: set train.eval_every "
+                              f"> 0 (with train.eval_every=0 the last step is the only one)")
+        if self.early_stopping_patience and self.select == "last":
+            raise ConfigError(f"train.early_stopping_patience={self.early_stopping_patience} needs a metric to "
+                              f"watch: set train.select to val_loss or val_auroc")
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.lr", self.lr)

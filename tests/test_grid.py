@@ -88,6 +88,9 @@ TABLE = [
     ("train.deterministic=true", False),
     ("train.checkpoint_every=10", False),
     ("train.hyperrule=code", True),
+    # the weights kept: the best validation point instead of the last step (see the test below for eval_every)
+    (["train.select=val_auroc", "train.eval_every=10"], True),
+    (["train.select=val_loss", "train.eval_every=10", "train.early_stopping_patience=3"], True),
     # sharding: how, not what (equivalence with one process is tested in tests/test_sharding.py) — but precision
     ("sharding.strategy=fsdp", False),
     ("sharding.param_dtype=bf16", True),
@@ -139,6 +142,31 @@ def test_which_settings_change_a_run_id(overrides, changes):
     # the study hash (what aggregation groups runs by) follows the same rule for every setting outside the cell
     if not any(o.startswith(("grid.", "upstream", "model.backbone", "model.pretrained", "train.seed")) for o in ov):
         assert (config_hash(other) != config_hash(base)) is changes
+
+
+def test_selection_settings_keep_existing_ids_and_count_when_set():
+    # At their defaults they are not hashed at all: every run id from before they existed is unchanged.
+    plain = result_settings(run_config(_cfg(), SPEC))["train"]
+    assert not {"select", "early_stopping_patience", "eval_every"} & set(plain)
+    # Selecting on validation: the metric, the patience and the spacing of the validation points all count.
+    base = _cfg("train.select=val_auroc", "train.eval_every=10")
+    others = [_cfg("train.select=val_loss", "train.eval_every=10"),
+              _cfg("train.select=val_auroc", "train.eval_every=20"),
+              _cfg("train.select=val_auroc", "train.eval_every=10", "train.early_stopping_patience=2")]
+    assert len({run_id(c, SPEC) for c in [_cfg(), base, *others]}) == 5
+    assert len({config_hash(c) for c in [_cfg(), base, *others]}) == 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.select=val_auroc"], "train.select='val_auroc' chooses among validation points"),
+    (["train.early_stopping_patience=2"], "train.early_stopping_patience=2 needs a metric"),
+    (["train.select=best"], "train.select='best' is not allowed"),
+    (["train.select=val_loss", "train.eval_every=5", "train.early_stopping_patience=-1"],
+     "train.early_stopping_patience=-1 must be >= 0"),
+])
+def test_bad_selection_settings_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(*overrides)
 
 
 def test_derived_labels_alone_change_the_run_id():

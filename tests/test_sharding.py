@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
-from sharded_suite import STEPS, multiclass_data, train_cfg  # noqa: E402
+from sharded_suite import STEPS, multiclass_data, select_cfg, train_cfg  # noqa: E402
 from toy import FAMILIES, ToyDataset, vit  # noqa: E402
 
 from scaling.config import ConfigError, ShardingConfig, TrainConfig  # noqa: E402
@@ -95,6 +95,28 @@ def test_multiclass_two_ranks_with_accumulation_equal_one_process(torch_suite):
     assert_matches_reference(torch_suite["ddp_multiclass"], {"losses": [h["loss"] for h in trainer.history],
                                                              "params": trainer.full_state_dict()})
     trainer.close()
+
+
+def test_fsdp_selects_and_stops_on_validation_like_one_process(torch_suite, tmp_path):
+    """2 fsdp ranks validate (AUROC synchronised by torchmetrics, the padding duplicate left out), keep the best
+    step's weights and stop early exactly as one process does."""
+    from sharded_suite import ValidationLog
+
+    from scaling.engine import Trainer
+
+    tracker = ValidationLog()
+    trainer = Trainer(vit(), select_cfg(), ShardingConfig(strategy="none"), output_dir=tmp_path, tracker=tracker)
+    ref = trainer.fit(ToyDataset(64), val_dataset=ToyDataset(23, seed=2))
+    params = trainer.full_state_dict()
+    trainer.close()
+    cell = torch_suite["fsdp_select"]
+    assert cell["world"] == 2
+    assert ref["best_step"] == cell["summary"]["best_step"] == 2
+    assert ref["steps"] == cell["summary"]["steps"] == 6 and cell["summary"]["stopped_early"] is True
+    assert sorted(cell["val"]) == sorted(tracker.val) == [2, 4, 6]
+    np.testing.assert_allclose([cell["val"][s] for s in (2, 4, 6)], [tracker.val[s] for s in (2, 4, 6)],
+                               rtol=0, atol=FP32_TOL)
+    assert max_param_diff(cell["params"], params) <= FP32_TOL
 
 
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_grad_op", "accelerate_fsdp"])

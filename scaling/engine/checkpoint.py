@@ -7,8 +7,11 @@ Layout of a run directory::
         trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
-    <run_dir>/checkpoints/final/            what is kept once training has finished (replaces the step_* ones)
-        trainer_state.json                  as above, plus "final": true and the training summary
+    <run_dir>/checkpoints/best_00000080/    with train.select other than last: the weights of the best validation
+        best.json                           point so far (step, metric, value); the resumable checkpoint's state
+        model.safetensors                   names the one it refers to (scaling.engine.selection)
+    <run_dir>/checkpoints/final/            what is kept once training has finished (replaces the step_* and
+        trainer_state.json                  best_* ones); as above, plus "final": true and the training summary
         model.safetensors                   the consolidated fp32 weights (no optimizer state)
 
 A checkpoint is written into ``.tmp-<name>`` and renamed only when every rank has finished, then ``latest`` is
@@ -60,6 +63,8 @@ FORMAT_VERSION = 2  # 2: no per-rank RNG files (seeds are derived per step)
 FINAL = "final"
 WEIGHTS_FILE = "model.safetensors"
 _NAME = re.compile(r"step_\d{8}|final")
+BEST_FILE = "best.json"
+_BEST = re.compile(r"best_\d{8}")
 
 
 class CheckpointError(RuntimeError):
@@ -317,7 +322,56 @@ def save_final(run_dir: str | Path, step: int, state: dict, tensors: dict[str, t
             atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, "final": True, **state})
 
     needed = _tensor_bytes(tensors) if rank == 0 else 0
-    return _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0, needed=needed)
+    path = _publish(Path(run_dir) / CHECKPOINT_DIR, FINAL, write, rank, keep_others=0, needed=needed)
+    if rank == 0:
+        prune_best(run_dir, keep=())  # the final weights are the best ones where a best point was kept
+    return path
+
+
+def best_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The directory holding the weights of the best validation point at ``step`` (:func:`save_best`)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"best_{step:08d}"
+
+
+def save_best(run_dir: str | Path, step: int, record: dict, tensors: dict[str, torch.Tensor] | None, *,
+              rank: int) -> Path:
+    """Write the consolidated fp32 ``tensors`` (rank 0's; None elsewhere) of the best validation point ``step`` and
+    its ``record`` (metric, value) into :func:`best_checkpoint`, atomically, without touching ``latest``. Every rank
+    must call; a failed write raises :class:`CheckpointError` on every rank, as :func:`save_checkpoint` does."""
+
+    def write(tmp: Path) -> None:
+        if rank == 0:
+            save_safetensors(tensors, tmp / WEIGHTS_FILE, {"step": step})
+            atomic_write_json(tmp / BEST_FILE, {"format": FORMAT_VERSION, "step": step, **record})
+
+    needed = _tensor_bytes(tensors) if rank == 0 else 0
+    path = best_checkpoint(run_dir, step)
+    return _publish(path.parent, path.name, write, rank, keep_others=-1, needed=needed)
+
+
+def read_best(path: Path) -> dict:
+    """``best.json`` of a :func:`save_best` directory; :class:`CheckpointError` naming it when it is missing or
+    unreadable (its weights file is checked when loaded)."""
+    f = path / BEST_FILE
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: the best validation point's weights are missing or unreadable "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{f}: not a scaling best-weights record of format {FORMAT_VERSION}")
+    return record
+
+
+def prune_best(run_dir: str | Path, keep) -> None:
+    """Remove the best-weights directories of ``run_dir`` except those of the steps in ``keep`` (main process)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return
+    names = {best_checkpoint(run_dir, s).name for s in keep if s is not None}
+    for p in root.iterdir():
+        if p.is_dir() and _BEST.fullmatch(p.name) and p.name not in names:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _tensor_bytes(obj) -> int:
@@ -374,7 +428,8 @@ def _agree(error: str | None) -> list[str]:
 
 def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: int) -> Path:
     """Run ``write(tmp)`` on every rank into ``root/.tmp-<name>``, then (rank 0) rename it to ``root/<name>``,
-    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints.
+    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints (``keep_others=-1``: a side
+    directory, the best weights: ``latest`` and the other checkpoints are left alone).
 
     Before writing, every rank checks that the file system has room for the ``needed`` bytes it will write; a
     failed check or write raises :class:`CheckpointError` on every rank naming the path and the bytes needed and
@@ -411,7 +466,8 @@ def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: 
             try:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
-                atomic_write_text(root / LATEST, name)
+                if keep_others >= 0:
+                    atomic_write_text(root / LATEST, name)
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
         errors = _agree(error)
@@ -419,7 +475,7 @@ def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: 
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             pointer = root / LATEST
-            if final.is_dir() and not (pointer.is_file() and pointer.read_text().strip() == name):
+            if keep_others >= 0 and final.is_dir() and not (pointer.is_file() and pointer.read_text().strip() == name):
                 shutil.rmtree(final, ignore_errors=True)  # renamed but never pointed to: not a checkpoint
         _barrier()
         previous = latest_checkpoint(root.parent) if (root / LATEST).is_file() else None
@@ -427,7 +483,7 @@ def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: 
             f"cannot write checkpoint {final}: {'; '.join(errors)}. It needs about {total:,} bytes ({needed:,} from "
             f"rank {rank}); {free:,} bytes are available on {root}{limit}. The previous checkpoint "
             f"({previous if previous else 'none'}) is intact.")
-    if rank == 0:
+    if rank == 0 and keep_others >= 0:
         others = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and p.name != name)
         for old in others[:len(others) - keep_others]:
             shutil.rmtree(old, ignore_errors=True)

@@ -120,6 +120,8 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
         self.per_rank = math.ceil(n / world_size) if n else 0
         start = rank * self.per_rank
         self.positions = [(start + i) % n for i in range(self.per_rank)] if n else []
+        self.owned = max(0, min(self.per_rank, n - start))
+        """How many leading positions are this rank's own samples (the rest wrap around: padding)."""
 
     def __iter__(self) -> Iterator[list[int]]:
         for i in range(0, len(self.positions), self.batch_size):

@@ -5,6 +5,7 @@ Usage (what the study runner calls; every rank runs the same code)::
     trainer = Trainer(model, train_cfg, sharding_cfg, loss="multilabel", output_dir=run_dir, tracker=tracker)
     summary = trainer.fit(train_dataset, val_dataset)     # steps, seconds, images_per_s, final_loss, world_size, ...
     out = trainer.predict(test_dataset, batch_size=64)    # main process: {"index": [N], "logits": [N, L], "target"}
+    trainer.evaluate(val_dataset)                         # every rank: {"loss": masked BCE / CE, "auroc": macro}
     trainer.export(run_dir / "model.safetensors")         # consolidated fp32, written by the main process
 
 Datasets yield ``{"image": [C,H,W] uint8/uint16 (or already normalised float), "target": [L] float with NaN =
@@ -24,6 +25,10 @@ the device; values are read back only at *sync points* (every ``log_every`` and 
 last step), where the ranks also agree on preemption signals (``scaling.engine.preemption``). Run under
 ``torch.cuda.set_sync_debug_mode("error")`` to prove it: the sync points are exempt, any other synchronisation
 raises (``benchmarks/gpu_throughput.py`` does).
+
+Validation every ``eval_every`` steps records the loss and the macro AUROC (``torchmetrics``,
+:mod:`scaling.engine.validation`); with ``train.select`` other than ``last`` the weights of the best validation point
+are kept and training may stop early (:mod:`scaling.engine.selection`).
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ from scaling.engine.distributed import (
 from scaling.engine.inputs import Normalisation, pin_memory, to_device
 from scaling.engine.preemption import PreemptionSignals
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
+from scaling.engine.selection import Selection
 from scaling.engine.sharding import ShardingError, verify_sharding
 from scaling.engine.strategies import strategy_class
+from scaling.engine.validation import ValidationAUROC
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +168,7 @@ class Trainer:
         self.history: list[dict] = []
         self._signals = PreemptionSignals()
         self._eval_loaders: dict[tuple[int, int], tuple[Any, DataLoader]] = {}
+        self.selection = Selection(train_cfg.select, train_cfg.early_stopping_patience)
 
         # --- Launch: refuse an impossible strategy before touching the model ------------------------------------
         self.launch = check_launch(self.sharding, train_cfg)
@@ -178,6 +186,7 @@ class Trainer:
         self.accelerator = acc = self.plan.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.is_main = acc.is_main_process
+        self._auroc = ValidationAUROC(loss, self.device)
         self._image_format = torch.channels_last if self.plan.channels_last(self.module) else torch.preserve_format
 
         # --- Verify: sharding asked for is sharding in effect -----------------------------------------------
@@ -261,23 +270,28 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------
 
     def _expected_state(self, total: int) -> dict:
-        return {"world_size": self.world_size, "strategy": self.strategy, "model_signature": self.signature,
-                "batch_size": self.train_cfg.batch_size, "grad_accum": self.train_cfg.grad_accum,
-                "total_steps": total, "loss": self.loss_kind}
+        state = {"world_size": self.world_size, "strategy": self.strategy, "model_signature": self.signature,
+                 "batch_size": self.train_cfg.batch_size, "grad_accum": self.train_cfg.grad_accum,
+                 "total_steps": total, "loss": self.loss_kind}
+        if self.selection.active:  # absent under `last`: checkpoints written before train.select existed still fit
+            state["select"] = self.selection.select
+        return state
 
     def save_checkpoint(self, step: int, total: int) -> Path:
         """Write resumable state for ``step`` (collective: every rank calls)."""
         if self.output_dir is None:
             raise ValueError("Trainer(output_dir=None) cannot save checkpoints")
         state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
-                 "history": self.history}
-        return self.plan.save_checkpoint(self.output_dir, step, state, self.rank)
+                 "history": self.history, "selection": self.selection.state()}
+        path = self.plan.save_checkpoint(self.output_dir, step, state, self.rank)
+        self.selection.checkpoint_written(self.output_dir, self.rank)
+        return path
 
     def save_final(self, total: int, summary: dict) -> Path:
         """Keep the finished run: consolidated fp32 weights and ``summary`` (collective: every rank calls)."""
         state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
                  "history": self.history, "summary": summary}
-        return ckpt_lib.save_final(self.output_dir, total, state, self.full_state_dict(), rank=self.rank)
+        return ckpt_lib.save_final(self.output_dir, summary["steps"], state, self.full_state_dict(), rank=self.rank)
 
     def _resume(self, total: int) -> tuple[int, dict | None]:
         """(step to continue from, the stored summary when training had already finished)."""
@@ -290,6 +304,7 @@ class Trainer:
             ckpt_lib.load_final_weights(path, self.module, self.device, self.engine)
         else:
             self.plan.load_checkpoint(path, self.rank)
+            self.selection.restore(state.get("selection"), self.output_dir)
         self.history = list(state.get("history", []))
         if self.is_main:
             log.info("%s %s at step %d", "training finished earlier: loaded" if state.get("final") else
@@ -308,12 +323,15 @@ class Trainer:
     def fit(self, train_dataset, val_dataset=None) -> dict[str, Any]:
         """Train for ``total_steps(train_cfg, len(train_dataset))`` optimizer steps; resume if a checkpoint exists.
 
-        Returns (on every rank) ``steps``, ``seconds`` and ``cpu_seconds`` (this process, after the first step),
-        ``images_per_s``, ``final_loss``, ``world_size``,
+        Returns (on every rank) ``steps`` (run; fewer than planned after early stopping), ``seconds`` and
+        ``cpu_seconds`` (this process, after the first step), ``images_per_s``, ``final_loss``, ``world_size``,
         ``strategy``, ``global_batch``, ``micro_batch``, ``grad_accum``, ``resumed_from``, ``rank_share``,
-        ``fsdp_units``, ``mfu`` (GPU only, else None), ``from_final_checkpoint`` and ``val_loss`` when a validation
-        set is given. With ``output_dir``, the finished run is kept (:meth:`save_final`); a later ``fit`` on the same
-        directory loads its weights and returns its summary (``from_final_checkpoint: True``) without training.
+        ``fsdp_units``, ``mfu`` (GPU only, else None), ``from_final_checkpoint``, ``select``, ``best_step`` and
+        ``best_value`` (None under ``train.select: last``), ``stopped_early``, and ``val_loss`` / ``val_auroc``
+        of the kept weights when a validation set is given. With ``train.select`` other than ``last`` the kept
+        weights are those of the best validation point (:mod:`scaling.engine.selection`; needs ``output_dir`` and
+        ``val_dataset``). With ``output_dir``, the finished run is kept (:meth:`save_final`); a later ``fit`` on the
+        same directory loads its weights and returns its summary (``from_final_checkpoint: True``) without training.
         Raises :class:`Preempted` after saving a checkpoint when SIGTERM/SIGUSR1 arrives (honoured at the next sync
         point), and ``FloatingPointError`` when the loss became NaN/inf (detected at the next sync point).
         """
@@ -321,7 +339,11 @@ class Trainer:
 
         from scaling.engine.mixup import mixup, sample_lambda
 
-        cfg, plan = self.train_cfg, self.plan
+        cfg, plan, selection = self.train_cfg, self.plan, self.selection
+        if selection.active and (self.output_dir is None or val_dataset is None):
+            raise ValueError(f"train.select={selection.select!r} needs a validation set and an output_dir (the best "
+                             f"weights are kept on disk); got val_dataset="
+                             f"{'None' if val_dataset is None else 'set'}, output_dir={self.output_dir}")
 
         # --- Schedule and resume ------------------------------------------------------------------------------
         total = total_steps(cfg, len(train_dataset))
@@ -329,6 +351,11 @@ class Trainer:
         start, finished = self._resume(total) if self.output_dir is not None else (0, None)
         if finished is not None:  # trained in an earlier launch (e.g. one killed while evaluating): evaluate only
             return self._validated({**finished, "from_final_checkpoint": True}, val_dataset, total)
+        # A launch preempted while validating saved that step unvalidated: the candidate is evaluated now.
+        stopped = False
+        if selection.active and start and (start % cfg.eval_every == 0 or start == total) \
+                and selection.validated < start:
+            stopped = self._validation_point(val_dataset, start, total)
 
         # --- Data: this rank's micro-batches, step by step, from the resume position ----------------------------
         # Keys are (position, draw_seed): augmentation is a function of (seed, step, slot), never of a global RNG.
@@ -349,10 +376,12 @@ class Trainer:
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
         final_loss = self.history[-1]["loss"] if self.history else float("nan")
-        mfu = None
+        mfu, steps_run = None, start
         with self._signals:
             for step in range(start, total):
-                done = step + 1
+                if stopped:
+                    break
+                done = steps_run = step + 1
                 # The first step pays allocation, lazy initialisation and compilation: allowed to synchronise.
                 warmup = planned_sync(self.device) if step == start else contextlib.nullcontext()
                 with warmup:
@@ -422,16 +451,15 @@ class Trainer:
                     window.zero_()
                     window_steps, window_t0 = 0, time.perf_counter()
 
-                # --- Validate every eval_every steps (a signal during it still saves this step) ---------------
-                if val_dataset is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-                    try:
-                        val = self.evaluate(val_dataset)
-                    except Preempted as p:
-                        bar.close()
-                        raise self._preempted(p.signum, done, total) from None
-                    if self.is_main and self.tracker is not None:
-                        self.tracker.log({"val/loss": val["loss"]}, step=done)
-                    plan.train_mode(True)
+                # --- Validate every eval_every steps and, selecting on validation, at the last; keep the best;
+                # stop early when it has not improved for early_stopping_patience validation points ------------
+                if val_dataset is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total) \
+                        and (done != total or selection.active):
+                    stopped = self._validation_point(val_dataset, done, total, bar)
+                    if stopped:
+                        log.info("early stopping at step %d: %s has not improved for %d validation points since "
+                                 "step %s", done, selection.select, selection.since_best, selection.best_step)
+                        break
 
                 # --- Checkpoint every checkpoint_every steps; on an agreed SIGTERM/SIGUSR1 save and stop -------
                 if signum:
@@ -441,29 +469,56 @@ class Trainer:
                     self.save_checkpoint(done, total)
         bar.close()
 
+        # --- Selection: the best validation point's weights replace the last step's -----------------------------
+        best = selection.best_weights(self.output_dir)
+        if best is not None and selection.best_step != steps_run:
+            ckpt_lib.load_final_weights(best, self.module, self.device, self.engine)
+
         # --- Summary --------------------------------------------------------------------------------------------
         seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
-        timed_steps = max(0, total - timed_from)
+        timed_steps = max(0, steps_run - timed_from)
         summary = {
-            "steps": total, "seconds": seconds, "cpu_seconds": cpu_seconds, "world_size": self.world_size,
+            "steps": steps_run, "seconds": seconds, "cpu_seconds": cpu_seconds, "world_size": self.world_size,
             "strategy": self.strategy,
             "images_per_s": timed_steps * cfg.batch_size / seconds if timed_steps and seconds > 0 else float("nan"),
             "final_loss": final_loss, "global_batch": cfg.batch_size, "micro_batch": self.micro_batch,
             "grad_accum": cfg.grad_accum, "resumed_from": start, "rank_share": self.shard.share,
             "fsdp_units": self.shard.units, "mfu": mfu, "from_final_checkpoint": False,
+            **selection.summary(), "stopped_early": stopped,
         }
+        if best is not None:  # the kept weights' validation scores, measured at their step
+            summary.update(val_loss=selection.best_scores["loss"], val_auroc=selection.best_scores["auroc"])
         # Kept before validating: a launch killed from here on re-runs only the evaluation.
         if self.output_dir is not None:
             self.save_final(total, summary)
         return self._validated(summary, val_dataset, total)
 
     def _validated(self, summary: dict, val_dataset, total: int) -> dict:
-        """``summary`` with ``val_loss`` on ``val_dataset`` (when given), also logged to the tracker."""
-        if val_dataset is not None:
-            summary["val_loss"] = self.evaluate(val_dataset)["loss"]
+        """``summary`` with ``val_loss`` and ``val_auroc`` on ``val_dataset`` (when given and not recorded yet, as a
+        selected best point's are), also logged to the tracker."""
+        if val_dataset is not None and "val_loss" not in summary:
+            val = self.evaluate(val_dataset)
+            summary.update(val_loss=val["loss"], val_auroc=val["auroc"])
             if self.is_main and self.tracker is not None:
-                self.tracker.log({"val/loss": summary["val_loss"]}, step=total)
+                self.tracker.log({"val/loss": val["loss"], "val/auroc": val["auroc"]}, step=total)
         return summary
+
+    def _validation_point(self, val_dataset, done: int, total: int, bar=None) -> bool:
+        """Validate the weights of step ``done``, log ``val/loss`` and ``val/auroc``, keep the weights when they are
+        the best so far (``train.select``); True when training should stop early. A signal during it saves this
+        step (unvalidated: the resumed launch validates it first)."""
+        try:
+            val = self.evaluate(val_dataset)
+        except Preempted as p:
+            if bar is not None:
+                bar.close()
+            raise self._preempted(p.signum, done, total) from None
+        if self.is_main and self.tracker is not None:
+            self.tracker.log({"val/loss": val["loss"], "val/auroc": val["auroc"]}, step=done)
+        if self.selection.observe(done, val):
+            self.selection.keep(self.output_dir, done, self.full_state_dict(), self.rank)
+        self.plan.train_mode(True)
+        return self.selection.stop
 
     def _log(self, done: int, total: int, loss: float, lr: float, ips: float, mfu: float | None, bar,
              interactive: bool) -> None:
@@ -493,6 +548,20 @@ class Trainer:
         creates removed by sample index; returns None on the other ranks. SIGTERM/SIGUSR1 raise
         :class:`Preempted` at the next batch, on all ranks together.
         """
+        local = self._predict_local(dataset, batch_size)
+        del local["owned"]  # the padding duplicates are removed by sample index below
+        if self.world_size > 1:
+            local = {k: self.accelerator.gather(v.to(self.device)) for k, v in local.items()}
+        local = {k: v.cpu() for k, v in local.items()}  # one device-to-host copy per tensor, not one per batch
+        if not self.is_main:
+            return None
+        index = local["index"].numpy()
+        uniq, first = np.unique(index, return_index=True)
+        return {"index": uniq, "logits": local["logits"].numpy()[first], "target": local["target"].numpy()[first]}
+
+    def _predict_local(self, dataset, batch_size: int) -> dict[str, Any]:
+        """This rank's share of ``dataset``: ``index``, ``logits`` (on the device), ``target`` and ``owned``, the
+        number of leading entries that are its own samples (the rest repeat other ranks' to even the shares)."""
         loader = self._eval_loader(dataset, batch_size)
         norm = Normalisation.of(dataset)
         self.plan.train_mode(False)
@@ -508,26 +577,23 @@ class Trainer:
                 targets.append(b["target"].float() if self.loss_kind == "multilabel" else b["target"].long())
         if not idx:
             raise ValueError("predict() got an empty dataset")
-        local = {"index": torch.cat(idx), "logits": torch.cat(logits), "target": torch.cat(targets)}
-        if self.world_size > 1:
-            local = {k: self.accelerator.gather(v.to(self.device)) for k, v in local.items()}
-        local = {k: v.cpu() for k, v in local.items()}  # one device-to-host copy per tensor, not one per batch
-        if not self.is_main:
-            return None
-        index = local["index"].numpy()
-        uniq, first = np.unique(index, return_index=True)
-        return {"index": uniq, "logits": local["logits"].numpy()[first], "target": local["target"].numpy()[first]}
+        return {"index": torch.cat(idx), "logits": torch.cat(logits), "target": torch.cat(targets),
+                "owned": loader.batch_sampler.owned}
 
+    @torch.no_grad()
     def evaluate(self, dataset, batch_size: int = 64) -> dict[str, float]:
-        """Mean loss over ``dataset`` (masked BCE over labelled entries, or CE), the same on every rank."""
-        out = self.predict(dataset, batch_size)
-        value = [None]
-        if self.is_main:
-            s, n = masked_loss_sum(torch.from_numpy(out["logits"]), torch.from_numpy(out["target"]), self.loss_kind)
-            value = [float(s / max(int(n), 1))]
-        if self.world_size > 1:
-            torch.distributed.broadcast_object_list(value, src=0)
-        return {"loss": value[0]}
+        """``loss`` (mean masked BCE over labelled entries, or CE over labelled samples) and ``auroc`` (macro over
+        the labels with both classes, :class:`~scaling.engine.validation.ValidationAUROC`) over ``dataset``, the
+        same on every rank (collective). Each rank scores only its own samples, never the padding duplicates."""
+        local = self._predict_local(dataset, batch_size)
+        n = local["owned"]
+        logits, target = local["logits"][:n], local["target"][:n].to(self.device)
+        with planned_sync(self.device):
+            loss_sum, count = masked_loss_sum(logits, target, self.loss_kind)
+            loss_sum, count = self._all_sum(torch.stack([loss_sum.double(), count.double()])).tolist()
+            names = getattr(dataset, "labels", None)  # TableDataset's label names
+            auroc = self._auroc(logits, target, list(names) if isinstance(names, (list, tuple)) else None)
+        return {"loss": loss_sum / max(count, 1.0), "auroc": auroc}
 
     # ----------------------------------------------------------------------------------------------------------
     # export

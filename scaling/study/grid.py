@@ -109,7 +109,8 @@ NEUTRAL: dict[str, str] = {
     "train.log_every": "how often the loss is printed",
     "train.checkpoint_every": "how often resumable state is saved (saving draws no random number)",
     "train.eval_every": "validation passes draw no random number: the global RNGs are re-seeded at every step and "
-                        "every loader owns its generator (tests/test_augmentation.py)",
+                        "every loader owns its generator (tests/test_augmentation.py); it counts again under "
+                        "train.select other than last, where the validation points are the candidate weights",
     "train.compile": "compiled blocks compute the same function as eager ones (equal to 1e-5, tests/test_trainer.py)",
     "train.deterministic": "selects deterministic GPU kernels for the same computation",
     "sharding.strategy": "how the model is distributed; one process and N ranks take the same steps "
@@ -129,6 +130,8 @@ including any setting added to the config later: a new field changes ids until i
 LATER_DEFAULTS: dict[str, Any] = {
     "data.task": "multilabel",
     "data.derived_labels": {},
+    "train.select": "last",
+    "train.early_stopping_patience": 0,
 }
 """Settings added after run ids were first written, with the value that reproduces what runs did before them. At
 that value the setting is left out of the hash, so a store written before it existed keeps its ids (its runs
@@ -160,7 +163,8 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     ``cfg`` is a run's config (:func:`run_config`); the ``probe`` section counts for linear-probe cells only, and a
     setting of :data:`LATER_DEFAULTS` only away from its default. Its data budget is ``cell.fraction`` or ``cell.shots``, and a
     protocol or re-initialisation other than the default is ``cell.protocol`` / ``cell.reinit`` (absent for the
-    plain fine-tuning cell, so its id is what it was before these axes existed). Settings in
+    plain fine-tuning cell, so its id is what it was before these axes existed); a ``train.select`` other than
+    ``last`` brings ``train.eval_every`` in (the validation points are the candidate weights). Settings in
     :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
     never silently ignored. The dataset root counts only as its identity (``synthetic``), not as a path: moving
     a dataset to another mount keeps the ids.
@@ -175,6 +179,8 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
             _drop(d, key)
     if tuple(cfg.grid.protocols) != (PROBE,):
         d.pop("probe")  # only a probe cell fits a probe: its settings cannot change a fine-tuned run
+    if cfg.train.select != "last":  # the weights kept are chosen among the validation points: their spacing counts
+        d["train"]["eval_every"] = cfg.train.eval_every
     d["data"]["root"] = _root_identity(root)
     d["cell"] = _cell(cfg.grid)
     return d

@@ -7,7 +7,7 @@ Suites group many checks into one launch (each launch costs seconds of imports o
 * ``torch``   ddp (+ one-of-K cross-entropy with unlabelled samples), fsdp (+ accumulation, gradient clipping, bf16, FSDP activation checkpointing, compiled blocks,
               an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
               ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
-              host reads per step (ddp, fsdp)
+              host reads per step (ddp, fsdp); fsdp selecting its weights on validation with early stopping
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload),
               export; host reads per step (zero1/2/3);
               ZeRO-3 module-hook calls per step with and without block leaves
@@ -45,23 +45,44 @@ def train_cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+class ValidationLog:
+    """Tracker double (rank 0): the validation scores logged per step."""
+
+    run_id = "suite"
+
+    def __init__(self):
+        self.val = {}
+
+    def log(self, data, step):
+        if "val/loss" in data:
+            self.val[step] = (data["val/loss"], data["val/auroc"])
+
+
 def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, model=None,
-             weights=None, loss="multilabel", data=None, **sharding):
+             weights=None, loss="multilabel", data=None, val=None, **sharding):
     torch.manual_seed(0)
+    tracker = ValidationLog()
     trainer = Trainer(model or vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
-                      loss=loss, output_dir=output_dir, weights=weights)
-    summary = trainer.fit(data or ToyDataset(64))
+                      loss=loss, output_dir=output_dir, weights=weights, tracker=tracker)
+    summary = trainer.fit(data or ToyDataset(64), val_dataset=val)
     shares = [None] * trainer.world_size
     torch.distributed.all_gather_object(shares, trainer.shard.share)
     cell = {"world": trainer.accelerator.num_processes, "losses": [h["loss"] for h in trainer.history],
             "params": trainer.full_state_dict(), "shares": shares, "units": trainer.shard.units,
-            "summary": summary,
+            "summary": summary, "val": tracker.val,
             "compiled": sum(hasattr(m.forward, "_torchdynamo_orig_callable") for m in trainer.module.modules())}
     if predict:
         cell["pred"] = trainer.predict(ToyDataset(21, seed=1), batch_size=4)
         trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
     trainer.close()
     out[name] = cell
+
+
+def select_cfg() -> TrainConfig:
+    """The selection cell: at a constant lr of 0.3 the validation loss is lowest at step 2 and rises after it, so
+    patience 2 stops training at step 6 of 12 and keeps step 2's weights (tests/test_selection.py)."""
+    return train_cfg(steps=12, lr=0.3, schedule="constant", warmup_steps=0, eval_every=2, select="val_loss",
+                     early_stopping_patience=2)
 
 
 def multiclass_data() -> ToyDataset:
@@ -134,6 +155,9 @@ def main():
         run_cell("fsdp", out, "fsdp_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("fsdp", out, "fsdp_ac", activation_checkpointing="fsdp")
         run_cell("fsdp_grad_op", out, "fsdp_grad_op")
+        # Weights chosen on validation, stopping early: 23 validation samples pad rank 1 with a duplicate.
+        run_cell("fsdp", out, "fsdp_select", train=select_cfg(), output_dir=out_dir / "fsdp_select",
+                 val=ToyDataset(23, seed=2))
         run_cell("fsdp", out, "fsdp_compile", train=train_cfg(compile="blocks"))
         # The other backbone families of the table: BiT-style ResNetV2 (bottleneck units) and ConvNeXt.
         for family in ("resnetv2", "convnext"):
