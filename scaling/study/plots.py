@@ -110,6 +110,14 @@ def auroc_vs_params(summary: pd.DataFrame, laws: dict | None = None) -> plt.Figu
     return _finish(fig, axes)
 
 
+def _source_panels(d: pd.DataFrame):
+    """One panel per pretraining source and one colour per backbone, ordered by size: (sources, colours, fig, axes)."""
+    srcs = sorted(d["pretrained"].unique(), key=str)
+    order = d.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
+    fig, axes = _grid(len(srcs), sharey=True)
+    return srcs, _palette(order, ordered=True), fig, axes
+
+
 def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = None,
                       eval_set: str = "test") -> plt.Figure | None:
     """Data efficiency: AUROC vs labelled fraction (log x), one line per backbone, one panel per pretraining
@@ -117,10 +125,7 @@ def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = N
     s = select(summary, "auroc", eval_set)
     if s.empty or s["fraction"].nunique() < 2:
         return None
-    srcs = sorted(s["pretrained"].unique(), key=str)
-    order = s.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
-    colors = _palette(order, ordered=True)
-    fig, axes = _grid(len(srcs), sharey=True)
+    srcs, colors, fig, axes = _source_panels(s)
     for ax, src in zip(axes, srcs):
         d = s[s["pretrained"] == src]
         _lines(ax, d, "fraction", "backbone", colors)
@@ -301,10 +306,7 @@ def fewshot_curves(table: pd.DataFrame) -> plt.Figure | None:
     solid fine-tuned and dashed linear probe."""
     if table is None or table.empty:
         return None
-    srcs = sorted(table["pretrained"].unique(), key=str)
-    order = table.drop_duplicates("backbone").sort_values("n_params")["backbone"].tolist()
-    colors = _palette(order, ordered=True)
-    fig, axes = _grid(len(srcs), sharey=True)
+    srcs, colors, fig, axes = _source_panels(table)
     for ax, src in zip(axes, srcs):
         d = table[table["pretrained"] == src]
         for proto, style in (("finetune", "-"), ("linear_probe", "--")):
