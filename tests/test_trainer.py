@@ -194,7 +194,7 @@ def test_no_host_read_inside_a_step_one_process():
     cfg = TrainConfig(batch_size=8, steps=6, lr=0.05, log_every=100, grad_accum=2, clip_grad_norm=0.5)
     trainer = Trainer(vit(), cfg, NONE)
     per_step = syncs_per_step(trainer, ToyDataset(64))
-    assert len(per_step) == 6 and per_step[1:] == [(0, 0, 0)] * 5
+    assert len(per_step) == 6 and per_step[1:] == [(0, 0, 0, 0)] * 5
     assert len(trainer.history) == 1  # the one sync point, at the last step
 
 

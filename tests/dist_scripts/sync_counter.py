@@ -7,6 +7,10 @@ there is to see; on a GPU ``torch.cuda.set_sync_debug_mode("error")`` checks the
 benchmarks/gpu_throughput.py). The counts are cut at the end of every optimizer step (after ``plan.step``), so
 segment ``s`` holds everything step ``s`` did, from fetching its batch to its optimizer step.
 
+Device-wide synchronisations that read no value (``torch.cuda.synchronize`` and DeepSpeed's
+``get_accelerator().synchronize()``, e.g. its throughput timer's) are counted too, by wrapping both functions: on
+this CPU-only machine they wait for nothing, but the calls are the same as on a GPU, where each drains the queue.
+
 Reads made inside DeepSpeed are counted apart: DeepSpeed 0.19.8's ZeRO optimizers check the gradient norm for
 NaN/inf on the host in every ``engine.step()`` (``deepspeed/runtime/utils.py``, ``is_invalid_grad_norm``), which
 scaling cannot remove without patching DeepSpeed.
@@ -14,6 +18,8 @@ scaling cannot remove without patching DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import traceback
 
 import torch
@@ -52,21 +58,48 @@ class SyncCounter(TorchDispatchMode):
         return out
 
 
-def syncs_per_step(trainer, dataset) -> list[tuple[int, int, int]]:
+@contextlib.contextmanager
+def counting_device_syncs():
+    """Count calls of ``torch.cuda.synchronize`` and of DeepSpeed's accelerator ``synchronize`` (a one-item list)."""
+    count = [0]
+    targets = [(torch.cuda, "synchronize")]
+    if importlib.util.find_spec("deepspeed") is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        targets.append((get_accelerator(), "synchronize"))
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+
+    def counted(original):
+        def synchronize(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+        return synchronize
+
+    for owner, name, original in originals:
+        setattr(owner, name, counted(original))
+    try:
+        yield count
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def syncs_per_step(trainer, dataset) -> list[tuple[int, int, int, int]]:
     """Run ``trainer.fit(dataset)`` under a :class:`SyncCounter`; per step (scalar reads outside DeepSpeed,
-    device-to-host copies, scalar reads inside DeepSpeed)."""
+    device-to-host copies, scalar reads inside DeepSpeed, device-wide synchronisations)."""
     counter, marks = SyncCounter(), []
     original = trainer.plan.step
 
-    def step():
-        original()
-        marks.append((counter.scalar_reads, counter.device_to_host, counter.deepspeed_reads))
+    with counting_device_syncs() as device_syncs:
+        def step():
+            original()
+            marks.append((counter.scalar_reads, counter.device_to_host, counter.deepspeed_reads, device_syncs[0]))
 
-    trainer.plan.step = step
-    with counter:
-        trainer.fit(dataset)
+        trainer.plan.step = step
+        with counter:
+            trainer.fit(dataset)
     trainer.plan.step = original
-    previous = (0, 0, 0)
+    previous = (0, 0, 0, 0)
     out = []
     for mark in marks:
         out.append(tuple(m - p for m, p in zip(mark, previous)))

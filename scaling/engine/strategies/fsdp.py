@@ -68,7 +68,14 @@ def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, l
             # never combined with timm's own checkpointing (two recomputations per backward:
             # https://github.com/meta-llama/llama-cookbook/issues/740).
             checkpoint(block)
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+        # The last block's backward follows its forward at once (only the root's norm and head lie between), so
+        # resharding it would free its parameters just to all-gather them again: torchtitan keeps it unsharded
+        # (torchtitan/models/llama3/infra/parallelize.py, apply_fsdp). Same arithmetic, one block more memory.
+        # ``blocks`` is innermost-first, i.e. module order reversed: its first entry is the last block to run
+        # (timm registers blocks in execution order; were it otherwise, only the saved all-gather is lost).
+        last = block is blocks[0]
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard and not last, mp_policy=mp,
+                    offload_policy=offload)
     # The root is used right after the last block's backward, so keeping it gathered saves one all-gather.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
     return model

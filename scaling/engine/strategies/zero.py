@@ -141,6 +141,11 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
+    if _get(cfg, "timers.throughput.enabled") is None:
+        # DeepSpeed's throughput timer is on by default and, with its default "synchronized": true, waits for the
+        # device in every forward and every engine.step() (deepspeed/utils/timer.py, ThroughputTimer.start/stop):
+        # two device-wide synchronisations per step. The Trainer measures throughput itself at its sync points.
+        _set(cfg, "timers.throughput.enabled", False)
     left = _autos(cfg)
     if left:
         raise ValueError(f"{source}: scaling does not fill {left}; replace these \"auto\" values with numbers")
