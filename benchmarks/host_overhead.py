@@ -2,6 +2,7 @@
 zero3/none measured in one run.
 
     torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py [--rounds 5] [--steps 30] [--compile]
+        [--profile TOP]
 
 A ViT of 24 blocks at width 64 on 32 px images with batch 2 does almost no arithmetic, so its step time is what
 the framework spends on the host per step: module hooks, DTensor dispatch, DeepSpeed's per-parameter bookkeeping,
@@ -67,16 +68,57 @@ def make_model(depth: int, width: int):
                              embed_dim=width, depth=depth, num_heads=2)
 
 
-def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float]:
-    """(wall, CPU, fastest step) seconds per step of one Trainer run (its own timers, first step excluded; the
-    fastest step is the wall time of the quickest whole step after the first)."""
-    from scaling.engine import Trainer
-
+def _environment(strategy: str, ds_config: Path) -> None:
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     if strategy == "zero3":
         # What `accelerate launch --use_deepspeed` sets; the Trainer builds the plugin from the strategy.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds_config)
+
+
+def profile_cell(strategy: str, args, ds_config: Path, top: int) -> None:
+    """Where one strategy's host time goes: Python function calls and profiler op events per step (counts, which
+    the load on a shared machine does not change) and the ``top`` ops by self CPU time. The Trainer is fitted twice
+    on the same data; the second fit (warm: no first-call initialisation) is the one profiled."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from scaling.engine import Trainer
+
+    _environment(strategy, ds_config)
+    cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
+                      log_every=args.steps + 1)
+    linear = torch.nn.functional.linear
+    trainer = Trainer(make_model(args.depth, args.width), cfg, ShardingConfig(strategy=strategy))
+    trainer.fit(Data(args.batch * args.steps))
+    calls = cProfile.Profile()
+    calls.enable()
+    trainer.fit(Data(args.batch * args.steps))
+    calls.disable()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        trainer.fit(Data(args.batch * args.steps))
+    trainer.close()
+    torch.nn.functional.linear = linear
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{strategy}: {pstats.Stats(calls).total_calls / args.steps:,.0f} Python calls / step, "
+          f"{sum(e.count for e in events) / args.steps:,.0f} profiler events / step, self CPU "
+          f"{total / args.steps / 1e3:.1f} ms / step (profiled)")
+    print("| op | calls / step | self CPU ms / step | share |")
+    print("|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"| `{e.key[:70]}` | {e.count / args.steps:.0f} | {e.self_cpu_time_total / args.steps / 1e3:.2f} | "
+              f"{e.self_cpu_time_total / total:.0%} |")
+
+
+def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float]:
+    """(wall, CPU, fastest step) seconds per step of one Trainer run (its own timers, first step excluded; the
+    fastest step is the wall time of the quickest whole step after the first)."""
+    from scaling.engine import Trainer
+
+    _environment(strategy, ds_config)
     cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1, **({"compile": "blocks"} if args.compile else {}))
     linear = torch.nn.functional.linear
@@ -94,6 +136,24 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float]
     return summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1), min(steps)
 
 
+def report(times: dict[str, list[tuple[float, float, float]]], args) -> None:
+    """The table of median wall and CPU times and of the fastest steps, with their ratios to ``none``."""
+    print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
+          f"compile={'blocks' if args.compile else 'off'}, {args.rounds} alternating rounds")
+    print("| strategy | wall ms/step (median) | ratio | CPU ms/step (median) | ratio | fastest step ms (min) | ratio "
+          "| goal |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = {s: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), min(x[2] for x in v)]
+               for s, v in times.items()}
+    for s in times:
+        row = summary[s]
+        ratios = [row[i] / summary["none"][i] if "none" in summary else float("nan") for i in range(3)]
+        goal = f"<= {GOALS[s]}" if s in GOALS else ""
+        print(f"| {s} | " + " | ".join(f"{row[i] * 1e3:.1f} | {ratios[i]:.2f}" for i in range(3)) + f" | {goal} |")
+    print("On a shared machine the fastest step (the one least disturbed by other processes) is the robust figure; "
+          "medians move with the load.")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategies", default="none,fsdp,zero3")
@@ -105,6 +165,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="train.compile=blocks for every strategy")
     p.add_argument("--ds-config", default=str(REPO / "launch" / "ds_zero3.json"), help="DeepSpeed JSON for zero3")
     p.add_argument("--json", default="", help="also write the per-round times here")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after the rounds, profile one warm fit per strategy: calls per step and the TOP ops")
     args = p.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit("launch with `torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py`")
@@ -121,20 +183,10 @@ def main():
         print(f"round {r}: " + ", ".join(f"{s} {times[s][-1][0] * 1e3:.1f} ms wall / {times[s][-1][1] * 1e3:.1f} "
                                          f"ms CPU / {times[s][-1][2] * 1e3:.1f} ms fastest" for s in strategies),
               flush=True)
-    print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
-          f"compile={'blocks' if args.compile else 'off'}, {args.rounds} alternating rounds")
-    print("| strategy | wall ms/step (median) | ratio | CPU ms/step (median) | ratio | fastest step ms (min) | ratio "
-          "| goal |")
-    print("|---|---|---|---|---|---|---|---|")
-    summary = {s: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), min(x[2] for x in v)]
-               for s, v in times.items()}
-    for s in strategies:
-        row = summary[s]
-        ratios = [row[i] / summary["none"][i] if "none" in summary else float("nan") for i in range(3)]
-        goal = f"<= {GOALS[s]}" if s in GOALS else ""
-        print(f"| {s} | " + " | ".join(f"{row[i] * 1e3:.1f} | {ratios[i]:.2f}" for i in range(3)) + f" | {goal} |")
-    print("On a shared machine the fastest step (the one least disturbed by other processes) is the robust figure; "
-          "medians move with the load.")
+    if args.rounds:
+        report(times, args)
+    for s in strategies if args.profile else ():
+        profile_cell(s, args, ds_config, args.profile)
     if args.json:
         Path(args.json).write_text(json.dumps(times))
 
