@@ -165,18 +165,23 @@ def test_deepspeed_configs_fill_every_auto_once():
             assert zero["stage3_prefetch_bucket_size"] == 25_200_000
             assert zero["stage3_max_live_parameters"] == 50_400_000
             assert zero["memory_efficient_linear"] is False
-        DeepSpeedConfig(cfg)  # raises on batch mismatch, unknown keys, fp16+bf16
+        # DeepSpeed's throughput timer (on by default) synchronises the device twice per step: off.
+        assert DeepSpeedConfig(cfg).timers_config.enabled is False  # also raises on batch mismatch, fp16+bf16
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"gradient_accumulation_steps": 8}, "x.json")
     # A concrete threshold in the JSON is the user's: kept.
     base = {"zero_optimization": {"stage3_prefetch_bucket_size": 123}}
     cfg = deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, base, "x.json", Zero3Sizes(1000, 10))
     assert cfg["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
+    timed = deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"timers": {"throughput": {"enabled": True}}})
+    assert timed["timers"]["throughput"]["enabled"] is True
 
 
 def test_counter_sees_host_reads():
-    """The counter used by the sync-free tests can fail: it sees .item(), float(t) and bool(t)."""
-    from sync_counter import SyncCounter
+    """The counters used by the sync-free tests can fail: they see .item(), float(t) and bool(t), and device-wide
+    synchronisations through DeepSpeed's accelerator (what its throughput timer calls)."""
+    from deepspeed.accelerator import get_accelerator
+    from sync_counter import SyncCounter, counting_device_syncs
 
     t = torch.ones(3)
     with SyncCounter() as counter:
@@ -184,6 +189,10 @@ def test_counter_sees_host_reads():
         float(t.max())
         bool(t.min() > 0)
     assert counter.scalar_reads == 3
+    with counting_device_syncs() as syncs:
+        get_accelerator().synchronize()
+        get_accelerator().synchronize()
+    assert syncs == [2]
 
 
 def test_no_host_read_inside_a_step_one_process():
