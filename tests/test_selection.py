@@ -261,3 +261,23 @@ def test_selection_needs_a_validation_set_and_a_run_directory(tmp_path):
     with pytest.raises(ValueError, match="train.select='val_auroc' needs a validation set and an output_dir"):
         trainer.fit(ToyDataset(64), val_dataset=VAL)
     trainer.close()
+
+
+def test_bookkeeping_ignores_non_finite_values_and_breaks_ties_early(tmp_path, caplog):
+    from scaling.engine.selection import Selection
+
+    sel = Selection(select="val_auroc", patience=2)
+    # NaN (a validation set without both classes) never wins; the last step's weights stay, said once
+    assert not sel.observe(2, {"loss": 0.7, "auroc": float("nan")})
+    with caplog.at_level("WARNING", logger="scaling.engine.selection"):
+        assert sel.best_weights(tmp_path) is None
+    assert "no validation point had a finite value" in caplog.text and not sel.stop
+    assert sel.observe(4, {"loss": 0.6, "auroc": 0.70})
+    assert not sel.observe(6, {"loss": 0.5, "auroc": 0.70})  # a tie goes to the earlier step
+    assert not sel.observe(8, {"loss": 0.4, "auroc": float("inf")}) and sel.stop  # patience 2 spent
+    assert (sel.best_step, sel.best_value, sel.validated) == (4, 0.70, 8)
+    assert sel.best_weights(tmp_path).name == "best_00000004"
+    lowest = Selection(select="val_loss")
+    for step, loss in ((1, 0.9), (2, 0.3), (3, 0.3), (4, 0.5)):
+        lowest.observe(step, {"loss": loss, "auroc": 0.5})
+    assert lowest.best_step == 2 and not lowest.stop  # no patience: never stops early
