@@ -97,9 +97,11 @@ def test_multiclass_two_ranks_with_accumulation_equal_one_process(torch_suite):
     trainer.close()
 
 
-def test_fsdp_selects_and_stops_on_validation_like_one_process(torch_suite, tmp_path):
-    """2 fsdp ranks validate (AUROC synchronised by torchmetrics, the padding duplicate left out), keep the best
-    step's weights and stop early exactly as one process does."""
+@pytest.mark.parametrize("suite,name", [("torch", "fsdp_select"), ("zero", "zero3_select")])
+def test_sharded_ranks_select_and_stop_on_validation_like_one_process(torch_suite, zero_suite, tmp_path, suite,
+                                                                       name):
+    """2 fsdp or zero3 ranks validate (AUROC synchronised by torchmetrics, the padding duplicate left out), keep the
+    best step's weights (gathered from the shards into best_<N>/) and stop early exactly as one process does."""
     from sharded_suite import ValidationLog
 
     from scaling.engine import Trainer
@@ -109,7 +111,7 @@ def test_fsdp_selects_and_stops_on_validation_like_one_process(torch_suite, tmp_
     ref = trainer.fit(ToyDataset(64), val_dataset=ToyDataset(23, seed=2))
     params = trainer.full_state_dict()
     trainer.close()
-    cell = torch_suite["fsdp_select"]
+    cell = (torch_suite if suite == "torch" else zero_suite)[name]
     assert cell["world"] == 2
     assert ref["best_step"] == cell["summary"]["best_step"] == 2
     assert ref["steps"] == cell["summary"]["steps"] == 6 and cell["summary"]["stopped_early"] is True

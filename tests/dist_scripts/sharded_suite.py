@@ -8,8 +8,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               an Accelerate-FSDP launch routed to our path, a meta-device model materialised shard by shard,
               ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
               host reads per step (ddp, fsdp); fsdp selecting its weights on validation with early stopping
-* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload),
-              export; host reads per step (zero1/2/3);
+* ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload,
+              + selecting its weights on validation), export; host reads per step (zero1/2/3);
               ZeRO-3 module-hook calls per step with and without block leaves
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
 
@@ -193,6 +193,9 @@ def main():
         run_cell("zero3", out, "zero3_bf16", train=train_cfg(mixed_precision="bf16"))
         run_cell("zero3", out, "zero3_compile", train=train_cfg(compile="blocks"))
         run_cell("zero3", out, "zero3_offload", offload_params=True, offload_optimizer=True)
+        # Selection under ZeRO-3: each improvement gathers the partitioned weights (a collective) into best_<N>/.
+        run_cell("zero3", out, "zero3_select", train=select_cfg(), output_dir=out_dir / "zero3_select",
+                 val=ToyDataset(23, seed=2))
         for stage in ("zero1", "zero2", "zero3"):
             sync_cell(stage, out, f"{stage}_syncfree")
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
