@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Pointers to files that live beside the repository (never shipped with it) or to numbered tracker items.
 OUTSIDE = re.compile(
-    r"(?:DESIGN|performance|platform|anchors|bit_and_seed)\.md|reference/datasets\.md|anchors §|"
+    r"(?:DESIGN|performance|platform|anchors|bit_and_seed)\.md|reference/datasets\.md|anchors §|"  # forbidden pattern
     r"\.\./shared/reference|shared/reference/|[Ii]ssue [0-9]+(?: point| §|,|\)|:)"
 )
 
@@ -53,8 +53,9 @@ def test_no_file_points_outside_the_repository():
 
 
 def test_the_outside_pattern_catches_what_it_is_for():
-    for bad in ("see DESIGN.md", "(anchors §3.1)", "performance.md §6", "issue 3 point 2", "(issue 12)",
-                "../shared/reference/datasets.md"):
+    forbidden = ("see DESIGN.md", "(anchors §3.1)", "performance.md §6", "issue 3 point 2", "(issue 12)",
+                 "../shared/reference/datasets.md")  # forbidden pattern examples
+    for bad in forbidden:
         assert OUTSIDE.search(bad), bad
     for fine in ("https://github.com/pytorch/pytorch/issues/109385", "docs/design.md", "DataError"):
         assert not OUTSIDE.search(fine), fine
