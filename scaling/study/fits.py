@@ -216,6 +216,7 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     rows = rows[rows["eval_set"].isin(eval_sets)].assign(error=lambda d: 1 - d["value"])
     full = rows[rows["fraction"] == full_fraction(rows)] if len(rows) else rows
     out, laws = [], {}
+    store, preds = (RunStore(store_root) if store_root is not None else None), {}
     # Stores written before labelled-image counts were recorded fall back to the fraction: a constant factor on x
     # leaves the exponent b and the floor c unchanged.
     labelled = "n_train_images" if rows["n_train_images"].notna().all() else "fraction"
@@ -228,10 +229,14 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
         for key, g in data.groupby(by, sort=True):
             keys = {"x_axis": axis, "pretrained": "", "backbone": "", **dict(zip(by, key))}
             reps = None
-            if store_root is not None and metric == "auroc" and label == "macro" and "run_id" in g:
-                store = RunStore(store_root)
-                reps = patient_replicates([store.read_predictions(r, keys["eval_set"]) for r in g["run_id"]],
-                                          n_boot=n_boot, seed=seed)
+            # Only for fits that will be made (a refused one needs no replicates); every axis reads the same runs.
+            if (store is not None and metric == "auroc" and label == "macro" and "run_id" in g
+                    and g[axis].nunique() >= MIN_POINTS):
+                for r in g["run_id"]:
+                    if (r, keys["eval_set"]) not in preds:
+                        preds[(r, keys["eval_set"])] = store.read_predictions(r, keys["eval_set"])
+                reps = patient_replicates([preds[(r, keys["eval_set"])] for r in g["run_id"]], n_boot=n_boot,
+                                          seed=seed)
             try:
                 fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps)
             except FitError as e:
