@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
-from sharded_suite import STEPS, multiclass_data, select_cfg, train_cfg  # noqa: E402
+from sharded_suite import STEPS, evaluations, multiclass_data, select_cfg, train_cfg  # noqa: E402
 from toy import FAMILIES, ToyDataset, vit  # noqa: E402
 
 from scaling.config import ConfigError, ShardingConfig, TrainConfig  # noqa: E402
@@ -34,7 +34,7 @@ def reference():
     trainer = Trainer(vit(), train_cfg(), ShardingConfig(strategy="none"))
     trainer.fit(ToyDataset(64))
     ref = {"losses": [h["loss"] for h in trainer.history], "params": trainer.full_state_dict(),
-           "pred": trainer.predict(ToyDataset(21, seed=1), batch_size=4)}
+           "pred": trainer.predict(ToyDataset(21, seed=1), batch_size=4), "eval": evaluations(trainer)}
     trainer.close()
     return ref
 
@@ -66,8 +66,8 @@ def max_param_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def assert_matches_reference(cell: dict, ref: dict, tol: float = FP32_TOL):
-    assert cell["world"] == 2, "the launched run must really have 2 ranks"
+def assert_matches_reference(cell: dict, ref: dict, tol: float = FP32_TOL, world: int = 2):
+    assert cell["world"] == world, f"the launched run must really have {world} rank(s)"
     assert len(cell["losses"]) == STEPS
     np.testing.assert_allclose(cell["losses"], ref["losses"], rtol=0, atol=tol)
     assert max_param_diff(cell["params"], ref["params"]) <= tol
@@ -83,7 +83,18 @@ def assert_half(cell: dict):
 def test_ddp_two_ranks_equals_one_process(torch_suite, reference):
     cell = torch_suite["ddp"]
     assert_matches_reference(cell, reference)
+    assert cell["model_class"] == "DistributedDataParallel"
     assert cell["shares"] == [1.0, 1.0]  # replicated
+
+
+def test_none_launched_as_one_rank_trains_the_bare_model(reference):
+    """``none`` under torchrun with one process: Accelerate would wrap the model in DDP (a process group of one,
+    two all-reduces with itself per step); the Trainer calls the bare model, with the same losses and weights as a
+    plain process."""
+    cell = launcher.run_suite("single", nproc=1)["none_launched"]
+    assert cell["world"] == 1
+    assert cell["model_class"] == "VisionTransformer"
+    assert_matches_reference(cell, reference, world=1)
 
 
 def test_multiclass_two_ranks_with_accumulation_equal_one_process(torch_suite):
@@ -119,6 +130,24 @@ def test_sharded_ranks_select_and_stop_on_validation_like_one_process(torch_suit
     np.testing.assert_allclose([cell["val"][s] for s in (2, 4, 6)], [tracker.val[s] for s in (2, 4, 6)],
                                rtol=0, atol=FP32_TOL)
     assert max_param_diff(cell["params"], params) <= FP32_TOL
+
+
+@pytest.mark.parametrize("suite,name", [("torch", "ddp"), ("torch", "fsdp"), ("zero", "zero2"), ("zero", "zero3")])
+def test_validation_on_two_ranks_equals_one_process_even_with_a_rank_without_samples(torch_suite, zero_suite,
+                                                                                    reference, suite, name):
+    """``evaluate`` on 2 ranks (loss summed over ranks, AUROC synchronised by torchmetrics) == one process, for a
+    validation set of 1 sample (rank 1 owns none: it scores a padding duplicate and adds an empty update), 3 and 21.
+    The 1-sample set has one class per label, so its AUROC is NaN on both sides; the others' are numbers."""
+    cell = (torch_suite if suite == "torch" else zero_suite)[name]
+    assert cell["world"] == 2
+    for n, ref in reference["eval"].items():
+        got = cell["eval"][n]
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=0, atol=FP32_TOL, err_msg=f"{n} samples")
+        if n == 1:
+            assert np.isnan(ref["auroc"]) and np.isnan(got["auroc"])
+        else:
+            assert 0.0 <= ref["auroc"] <= 1.0
+            np.testing.assert_allclose(got["auroc"], ref["auroc"], rtol=0, atol=1e-6, err_msg=f"{n} samples")
 
 
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_grad_op", "accelerate_fsdp"])

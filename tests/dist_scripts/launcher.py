@@ -54,12 +54,13 @@ def command(suite: str, config: str | None = None, script: Path = SUITE, out: Pa
     return [*launch, str(script), suite, str(out or out_dir())]
 
 
-def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: str | None = None,
+def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: str | None = None, nproc: int = 2,
               **extra: str) -> dict:
     """Run a suite (cached per session under its name + extra env) and return rank 0's result dict."""
-    key = f"{suite}:{config}:{sorted(extra.items())}"
+    key = f"{suite}:{config}:{nproc}:{sorted(extra.items())}"
     if key not in _RESULTS:
-        proc = subprocess.run(command(suite, config), env=env(deepspeed, **extra), cwd=REPO, capture_output=True,
+        proc = subprocess.run(command(suite, config, nproc=nproc), env=env(deepspeed, **extra), cwd=REPO,
+                              capture_output=True,
                               text=True, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"suite {suite} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

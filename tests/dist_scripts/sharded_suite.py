@@ -12,6 +12,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               + selecting its weights on validation), export; host reads per step (zero1/2/3);
               ZeRO-3 module-hook calls per step with and without block leaves
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
+* ``single``  ``none`` launched as one rank (torchrun ``--nproc_per_node 1``: a process group of one): what
+              the forward calls
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
 every rank's share of the sharded state and the number of FSDP units. The pytest side compares them with a
@@ -69,13 +71,24 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
     torch.distributed.all_gather_object(shares, trainer.shard.share)
     cell = {"world": trainer.accelerator.num_processes, "losses": [h["loss"] for h in trainer.history],
             "params": trainer.full_state_dict(), "shares": shares, "units": trainer.shard.units,
-            "summary": summary, "val": tracker.val,
+            "summary": summary, "val": tracker.val, "model_class": type(trainer.model).__name__,
             "compiled": sum(hasattr(m.forward, "_torchdynamo_orig_callable") for m in trainer.module.modules())}
     if predict:
         cell["pred"] = trainer.predict(ToyDataset(21, seed=1), batch_size=4)
+        cell["eval"] = evaluations(trainer)
         trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
     trainer.close()
     out[name] = cell
+
+
+EVAL_SIZES = (1, 3, 21)
+"""Validation sets of the evaluation checks: on 2 ranks, 1 sample leaves rank 1 without a sample of its own (it
+scores only a padding duplicate), 3 gives it one, 21 gives it 10."""
+
+
+def evaluations(trainer) -> dict[int, dict[str, float]]:
+    """``trainer.evaluate`` (loss and macro AUROC, a collective) on each of :data:`EVAL_SIZES` samples."""
+    return {n: trainer.evaluate(ToyDataset(n, seed=5), batch_size=2) for n in EVAL_SIZES}
 
 
 def select_cfg() -> TrainConfig:
@@ -200,6 +213,8 @@ def main():
             sync_cell(stage, out, f"{stage}_syncfree")
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
+    elif suite == "single":
+        run_cell("none", out, "none_launched")
     elif suite == "nodes":
         # Launched as 2 accelerate process groups (machine ranks 0 and 1) of 2 processes: tests/test_sharding.py.
         nodes_cell(out, "hsdp_nodes")

@@ -52,6 +52,12 @@ class Replicate(Strategy):
         optimizer = self._build_optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.module = self.accelerator.unwrap_model(self.model)
+        if self.name == "none":
+            # One process launched by torchrun/srun (LOCAL_RANK set) makes Accelerate wrap the model in DDP, whose
+            # per-step bucket bookkeeping and two all-reduces with itself cost ~12 % of a launch-bound step
+            # (benchmarks/host_overhead.py: 25.3 -> 22.1 ms). Nothing is replicated, so the bare module trains; the
+            # forward keeps Accelerate's autocast wrapper, which it put on the module itself.
+            self.model = self.module
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits under Accelerate's autocast (``train.mixed_precision``)."""
