@@ -331,6 +331,24 @@ def test_zero3_blocks_are_leaf_modules(zero_suite):
     assert leaf["losses"] == pytest.approx(control["losses"], abs=1e-6)
 
 
+def test_a_zero3_checkpoint_failing_on_one_rank_fails_on_every_rank_at_once(zero_suite):
+    """Rank 1's disk is full while DeepSpeed writes its ZeRO-3 files (its torch.save raises ENOSPC): both ranks raise
+    the same CheckpointError naming rank 1's file within seconds, instead of rank 0 waiting in DeepSpeed's closing
+    barrier for the process-group timeout (60 min; the suite would time out first), and `latest` still names the
+    checkpoint written before."""
+    cell = zero_suite["zero3_save_fails_on_rank_1"]
+    assert cell["world"] == 2
+    errors = [r["error"] for r in cell["ranks"]]
+    assert None not in errors
+    # the same message on both ranks, but for the bytes each rank itself would have written ("from rank r")
+    assert [e.split(" It needs about")[0] for e in errors] == [errors[1].split(" It needs about")[0]] * 2
+    assert "rank 1: OSError" in errors[0] and "rank 0:" not in errors[0]
+    assert "No space left on device" in errors[0] and "zero_pp_rank_1_mp_rank_00_model_states.pt" in errors[0], errors[0]
+    assert max(r["seconds"] for r in cell["ranks"]) < 60
+    assert cell["latest"] == cell["before"] and cell["before"].endswith("step_00000001")
+    assert not list(Path(cell["run_dir"]).glob("checkpoints/.tmp-*"))  # the half-written directory is gone
+
+
 @pytest.mark.parametrize("suite,name", [("torch", "fsdp_compile"), ("zero", "zero3_compile")])
 def test_compiled_blocks_match_one_process(torch_suite, zero_suite, reference, suite, name):
     """train.compile=blocks (inductor on CPU) before fully_shard / under ZeRO-3 leaves: both ViT blocks compiled,

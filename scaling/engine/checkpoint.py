@@ -296,7 +296,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
 
     def write(tmp: Path) -> None:
         if engine is not None:
-            engine.save_checkpoint(str(tmp / "model"), tag="state", save_latest=False)
+            _save_zero(engine, tmp / "model")
         else:
             import torch.distributed.checkpoint as dcp
 
@@ -411,6 +411,38 @@ def _space(root: Path) -> tuple[int, str]:
     return free, note
 
 
+def _save_zero(engine, path: Path) -> None:
+    """``engine.save_checkpoint`` with every file write of this rank guarded: a write that fails (full disk, file
+    size limit) is held until DeepSpeed has passed its closing barrier, then raised here, so that :func:`_publish`
+    can agree on it with the other ranks. Unguarded, a rank whose ``torch.save`` raised would leave DeepSpeed's
+    ``save_checkpoint`` before that barrier, and every other rank would wait in it until the process-group timeout
+    (``deepspeed/runtime/engine.py`` 0.19.8, ``save_checkpoint``: ``dist.barrier()`` after the per-rank files)."""
+    writer = engine.checkpoint_engine
+    save = writer.save
+    failures: list[tuple[str, BaseException]] = []
+
+    def guarded(*args, **kwargs):  # CheckpointEngine.save(state_dict, path), called with either by keyword
+        if failures:
+            return  # the checkpoint is lost already; do not fill the disk further
+        try:
+            save(*args, **kwargs)
+        except Exception as e:
+            failures.append((kwargs.get("path", args[1] if len(args) > 1 else "?"), e))
+
+    own = "save" in vars(writer)  # an instance attribute already (someone else's wrapper): put it back after
+    writer.save = guarded
+    try:
+        engine.save_checkpoint(str(path), tag="state", save_latest=False)
+    finally:
+        if own:
+            writer.save = save
+        else:
+            del writer.save  # the class's method again
+    if failures:
+        file, e = failures[0]
+        raise OSError(f"{file}: {type(e).__name__}: {e}") from e
+
+
 def _gather(value) -> list:
     """``value`` of every rank (a barrier too); ``[value]`` without a process group."""
     if not torch.distributed.is_initialized():
@@ -434,8 +466,8 @@ def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: 
     Before writing, every rank checks that the file system has room for the ``needed`` bytes it will write; a
     failed check or write raises :class:`CheckpointError` on every rank naming the path and the bytes needed and
     available, with the half-written directory removed and ``latest`` still naming the previous checkpoint.
-    DeepSpeed writes its ZeRO files without this agreement: if one rank alone fails inside
-    ``engine.save_checkpoint``, the others wait in DeepSpeed's barrier until the process-group timeout.
+    Under ZeRO, DeepSpeed's own barrier lies inside the write: :func:`_save_zero` holds a rank's failed file write
+    until after it, so that rank reaches the agreement too.
     """
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 

@@ -10,7 +10,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               host reads per step (ddp, fsdp); fsdp selecting its weights on validation with early stopping
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload,
               + selecting its weights on validation), export; host reads per step (zero1/2/3);
-              ZeRO-3 module-hook calls per step with and without block leaves
+              ZeRO-3 module-hook calls per step with and without block leaves; a ZeRO-3 checkpoint whose
+              write fails on one rank only
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
 * ``single``  ``none`` launched as one rank (torchrun ``--nproc_per_node 1``: a process group of one): what
               the forward calls
@@ -136,6 +137,42 @@ def zero3_hooks_cell(out: dict, name: str, leaves: bool, depth: int = 8):
     trainer.close()
 
 
+def zero3_save_fails_on_one_rank_cell(out: dict, name: str, out_dir: Path):
+    """ZeRO-3 checkpoint whose file write fails on rank 1 only (a full disk there): every rank must raise the same
+    CheckpointError within seconds (not wait in DeepSpeed's barrier for the process-group timeout), and ``latest``
+    must still name the checkpoint before it."""
+    import time
+
+    from scaling.engine.checkpoint import CheckpointError, latest_checkpoint
+
+    torch.manual_seed(0)
+    run_dir = out_dir / name
+    trainer = Trainer(vit(), train_cfg(steps=2), ShardingConfig(strategy="zero3"), output_dir=run_dir)
+    trainer.fit(ToyDataset(64))
+    trainer.save_checkpoint(1, 2)
+    before = latest_checkpoint(run_dir)
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(f))
+
+    if trainer.rank == 1:
+        torch.save = full_disk
+    start, error = time.perf_counter(), None
+    try:
+        trainer.save_checkpoint(2, 2)
+    except CheckpointError as e:
+        error = str(e)
+    finally:
+        torch.save = save
+    seconds = time.perf_counter() - start
+    everyone = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, {"error": error, "seconds": seconds})
+    out[name] = {"world": trainer.world_size, "ranks": everyone, "before": str(before),
+                 "latest": str(latest_checkpoint(run_dir)), "run_dir": str(run_dir)}
+    trainer.close()
+
+
 def nodes_cell(out: dict, name: str):
     """hsdp on 2 "nodes" x 2 processes: the mesh, every rank's local shards (to compare across ranks), training."""
     torch.manual_seed(0)
@@ -213,6 +250,7 @@ def main():
             sync_cell(stage, out, f"{stage}_syncfree")
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
+        zero3_save_fails_on_one_rank_cell(out, "zero3_save_fails_on_rank_1", out_dir)
     elif suite == "single":
         run_cell("none", out, "none_launched")
     elif suite == "nodes":
