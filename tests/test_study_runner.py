@@ -246,6 +246,22 @@ def test_a_study_grows_in_place(launched_twice, tmp_path):
                          & (m.attribute == "all")][["lo", "hi"]].to_numpy()
         assert not np.array_equal(ci(before["metrics.parquet"]), ci(after["metrics.parquet"]))
     assert rs.read_evaluation(first)["metrics"]["eval"]["n_boot"] == 30
+    # 5. the OOD set leaves the config: every run is scored again on the configured sets only; its predictions of
+    # the set stay on disk (nothing written is lost), and nothing is trained or predicted
+    ood = {r: (rs.run_dir(r) / "predictions" / "ood_site_b.parquet").stat().st_mtime_ns for r in cells}
+    proc = launch(study_config(tmp_path, store, ood=False, **grid), "eval.n_boot=30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "train") == trained and count(store, "evaluate") == {first: 1}
+    assert count(store, "metrics") == {r: 2 for r in cells}
+    for r in cells:
+        assert set(pd.read_parquet(rs.run_dir(r) / "metrics.parquet")["eval_set"]) == {"test", "val"}
+        assert (rs.run_dir(r) / "predictions" / "ood_site_b.parquet").stat().st_mtime_ns == ood[r]
+        assert rs.read_evaluation(r)["scored"] == ["test", "val"]
+    # ... and coming back, it is scored from those predictions again, still without predicting
+    proc = launch(study_config(tmp_path, store, **grid), "eval.n_boot=30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "evaluate") == {first: 1} and count(store, "metrics") == {r: 3 for r in cells}
+    assert {r: _mtimes(rs.run_dir(r) / "predictions") for r in cells} == written
 
 
 def _mtimes(d: Path) -> dict[str, int]:

@@ -385,10 +385,14 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
     if status != "complete":
         return Work("train")
     cka = protocols.cka_pending(cfg, store, rid, spec)
-    missing = tuple(n for n in eval_identities(cfg) if n not in store.eval_sets(rid))
+    wanted, stored = eval_identities(cfg), store.eval_sets(rid)
+    missing = tuple(n for n in wanted if n not in stored)
     if missing:
         return Work("evaluate", missing, cka)
-    if store.read_evaluation(rid).get("metrics") != metric_settings(cfg):
+    evaluation = store.read_evaluation(rid)
+    # Scored before "scored" was recorded: every stored set was.
+    if evaluation.get("metrics") != metric_settings(cfg) or \
+            sorted(evaluation.get("scored", stored)) != sorted(wanted):
         return Work("metrics", cka=cka)
     return Work("cka") if cka else None
 
@@ -469,13 +473,16 @@ def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict
 
 
 def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
-    """Compute a run's metrics from its stored predictions with the config's metric settings and store them
-    (main process). ``age_group`` is re-derived from the stored ages with the config's bins. Returns the rows."""
+    """Compute a run's metrics from its stored predictions of the config's evaluation sets with the config's metric
+    settings and store them (main process). Predictions of a set no longer in the config (removed or renamed) stay
+    on disk but are not scored, so the results show exactly the configured sets. ``age_group`` is re-derived from
+    the stored ages with the config's bins. Returns the rows."""
     from scaling.metrics.run_metrics import compute_run_metrics
 
     labels = list(cfg.data.labels)
+    wanted = eval_identities(cfg)
     preds = {}
-    for name in store.eval_sets(rid):
+    for name in (n for n in store.eval_sets(rid) if n in wanted):
         df = store.read_predictions(rid, name)
         if "age" in df.columns:
             regrouped = add_age_group(df, cfg.data.age_bins)
@@ -490,9 +497,9 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
     recorded = store.read_evaluation(rid).get("eval_sets", {})
-    current = {k: v for k, v in eval_identities(cfg).items() if k in preds}
+    current = {k: v for k, v in wanted.items() if k in preds}
     store.write_evaluation(rid, {**store.read_evaluation(rid), "eval_sets": {**recorded, **current},
-                                 "metrics": metric_settings(cfg)})
+                                 "metrics": metric_settings(cfg), "scored": sorted(preds)})
     return rows
 
 
