@@ -13,7 +13,7 @@ Layout (everything written atomically: temp file + rename)::
         config.yaml                  the fully resolved per-run config (of the launch that trained it)
         settings.json                the settings the run id hashes (scaling.study.grid.result_settings)
         evaluation.json              what the stored predictions and metrics were made with: each evaluation
-                                     set's identity and the metric settings
+                                     set's identity, the metric settings and the sets scored in metrics.parquet
         predictions/<eval_set>.parquet
                                      one row per sample: sample_id, patient_id, label:<L> (target, NaN = none),
                                      logit:<L>, prob:<L>, plus attribute columns (sex, age, age_group, site, ...)
