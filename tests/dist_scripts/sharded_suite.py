@@ -67,6 +67,7 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
     tracker = ValidationLog()
     trainer = Trainer(model or vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
                       loss=loss, output_dir=output_dir, weights=weights, tracker=tracker)
+    model = None  # the Trainer's now: released_by_close checks that nothing else keeps it
     summary = trainer.fit(data or ToyDataset(64), val_dataset=val)
     shares = [None] * trainer.world_size
     torch.distributed.all_gather_object(shares, trainer.shard.share)
@@ -78,8 +79,24 @@ def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, p
         cell["pred"] = trainer.predict(ToyDataset(21, seed=1), batch_size=4)
         cell["eval"] = evaluations(trainer)
         trainer.export(Path(output_dir or os.environ["SUITE_OUT"]) / f"{name}.safetensors")
-    trainer.close()
+    cell["released"] = released_by_close(trainer)
     out[name] = cell
+
+
+def released_by_close(trainer) -> dict[str, bool]:
+    """``trainer.close()``, then whether its model, optimizer and (ZeRO) engine are gone: a study runs many cells in
+    one process, and anything a cell leaves reachable (on a GPU: its parameters) adds up over the grid."""
+    import gc
+    import weakref
+
+    plan = trainer.plan
+    refs = {"module": weakref.ref(plan.module), "optimizer": weakref.ref(plan.optimizer)}
+    if plan.engine is not None:
+        refs["engine"] = weakref.ref(plan.engine)
+    del plan
+    trainer.close()
+    gc.collect()
+    return {k: r() is None for k, r in refs.items()}
 
 
 EVAL_SIZES = (1, 3, 21)
