@@ -512,9 +512,17 @@ def _ci_view(table: pd.DataFrame | None, names: list[str], drop=()) -> pd.DataFr
     return out
 
 
+def _figure_and_table(rep: StudyReport, key: str, view=None, empty: str = "") -> list[str]:
+    """Figure ``key`` and table ``key`` (shown through ``view``), or the note ``empty`` when the table is empty."""
+    table = rep.tables.get(key)
+    if table is None or not len(table):
+        return [f"<p class='note' id='tbl-{key}'>{empty}</p>"]
+    return [_figure_html(rep, key), _table_html(view(table) if view else table, key)]
+
+
 def _analysis_html(rep: StudyReport) -> list[str]:
     """What the pretrained features contribute: probe gap, few-shot, re-initialisation, CKA (docs/analysis.md)."""
-    t = rep.tables
+    mean_ci = lambda t: _ci_view(t, ["mean"])  # noqa: E731
     parts = ["<h2 id='analysis'>What the pretrained features contribute</h2>",
              "<p class='note'>Cells beyond plain fine-tuning (docs/analysis.md): a linear probe on the frozen "
              "backbone's pooled features, k-shot training sets, blocks re-initialised before fine-tuning, and the "
@@ -524,40 +532,30 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: its interval is across seeds, or a "
              "paired patient-level bootstrap of the two runs' test predictions with one seed. A gap that shrinks "
              "with scale means scale helps through better frozen features; a large gap, through a better starting "
-             "point for fine-tuning.</p>"]
-    if t.get("probe_gap") is not None and len(t["probe_gap"]):
-        parts += [_figure_html(rep, "probe_gap"),
-                  _table_html(_ci_view(t["probe_gap"], ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
-                              "probe_gap")]
-    else:
-        parts.append("<p class='note' id='tbl-probe_gap'>no cell has both protocols (grid.protocols: "
-                     "[finetune, linear_probe])</p>")
-    parts += ["<h3 id='fewshot'>Few-shot</h3>",
-              "<p class='note'>k positive and k negative patients per label (BiT's k-shot protocol; nested in k for "
-              "one seed), with all their images (n_train_images).</p>"]
-    parts += ([_figure_html(rep, "fewshot"), _table_html(_ci_view(t["fewshot"], ["mean"]), "fewshot")]
-              if t.get("fewshot") is not None and len(t["fewshot"]) else
-              ["<p class='note' id='tbl-fewshot'>no k-shot cell (grid.shots)</p>"])
-    parts += ["<h3 id='reinit'>Block re-initialisation</h3>",
-              "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
-              "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
-              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>"]
-    parts += ([_figure_html(rep, "reinit"), _table_html(_ci_view(t["reinit"], ["mean"]), "reinit")]
-              if t.get("reinit") is not None and len(t["reinit"]) else
-              ["<p class='note' id='tbl-reinit'>no re-initialised cell (grid.reinit)</p>"])
-    parts += ["<h3 id='cka'>Representation similarity (CKA)</h3>",
-              "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
-              "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
-              "kept (reused), low it was rewritten. The band spans the seeds.</p>"]
-    parts += ([_figure_html(rep, "cka_blocks"), _table_html(t["cka_blocks"], "cka_blocks")]
-              if t.get("cka_blocks") is not None and len(t["cka_blocks"]) else
-              ["<p class='note' id='tbl-cka_blocks'>no CKA table in the store (cka.enabled)</p>"])
-    if t.get("cka_scales") is not None and len(t["cka_scales"]):
+             "point for fine-tuning.</p>",
+             *_figure_and_table(rep, "probe_gap",
+                                lambda t: _ci_view(t, ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
+                                "no cell has both protocols (grid.protocols: [finetune, linear_probe])"),
+             "<h3 id='fewshot'>Few-shot</h3>",
+             "<p class='note'>k positive and k negative patients per label (BiT's k-shot protocol; nested in k for "
+             "one seed), with all their images (n_train_images).</p>",
+             *_figure_and_table(rep, "fewshot", mean_ci, "no k-shot cell (grid.shots)"),
+             "<h3 id='reinit'>Block re-initialisation</h3>",
+             "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
+             "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
+             "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>",
+             *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (grid.reinit)"),
+             "<h3 id='cka'>Representation similarity (CKA)</h3>",
+             "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
+             "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
+             "kept (reused), low it was rewritten. The band spans the seeds.</p>",
+             *_figure_and_table(rep, "cka_blocks", empty="no CKA table in the store (cka.enabled)")]
+    if rep.tables.get("cka_scales") is not None and len(rep.tables["cka_scales"]):
         parts += ["<p class='note'>Between the smallest backbone and each larger one of a source (fine-tuned, "
                   "largest fraction, paired by seed): a bright diagonal band means the larger model computes the "
                   "smaller one's features at the corresponding depth.</p>", _figure_html(rep, "cka_scales"),
                   "<details><summary>CKA between scales, every pair of blocks</summary>",
-                  _table_html(t["cka_scales"], "cka_scales"), "</details>"]
+                  _table_html(rep.tables["cka_scales"], "cka_scales"), "</details>"]
     return parts
 
 
