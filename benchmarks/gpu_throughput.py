@@ -4,6 +4,7 @@ micro-batch and ``train.compile``, with the ratio to ``none`` at the same micro-
     python benchmarks/gpu_throughput.py                      # quick preset: the goal points, ~8 min on one H100/H200
     python benchmarks/gpu_throughput.py --preset sweep --models vit_l16 --batches 32,64,128,256 --compile off,blocks
     python benchmarks/gpu_throughput.py --gpus 8 --strategies none,ddp,fsdp,zero3   # all GPUs of the node
+    python benchmarks/gpu_throughput.py --cpu-smoke --batches 8 --compile off --warmup 1 --steps 2  # no GPU: a check
 
 Protocol (as timm's ``benchmark.py``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master
 weights, SGD momentum, ``--warmup`` steps discarded, then ``--steps`` timed steps; every run is a fresh ``torchrun``
@@ -47,6 +48,9 @@ MODELS = {
     "vit_l16": ("vit_large_patch16_224", 224),
     "bit_r101x3": ("resnetv2_101x3_bit", 384),
 }
+SMOKE = {"smoke": ("vit_tiny_patch16_224", 32)}
+"""``--cpu-smoke``'s only model: a ViT-Ti at 32 px (patch 16: 4 tokens) that runs the whole script on CPU ranks in
+seconds."""
 
 # (model, micro-batch per GPU, train.compile, strategy): the points the goals in benchmarks/README.md are about.
 QUICK = [
@@ -85,7 +89,8 @@ def worker(args) -> None:
     from scaling.config import ShardingConfig, TrainConfig
     from scaling.engine import Trainer
 
-    arch, res = MODELS[args.model]
+    arch, res = {**MODELS, **SMOKE}[args.model]
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     cfg = TrainConfig(batch_size=args.micro * world, steps=args.warmup + args.steps, lr=0.001, warmup_steps=0,
@@ -95,16 +100,18 @@ def worker(args) -> None:
     out = Path(args.out)
     try:
         trainer = Trainer(timm.create_model(arch, pretrained=False, num_classes=14, **kw), cfg,
-                          ShardingConfig(strategy=args.strategy), num_workers=4)
-        torch.cuda.reset_peak_memory_stats()
+                          ShardingConfig(strategy=args.strategy), num_workers=0 if args.cpu_smoke else 4)
         mode = "warn" if args.strategy.startswith("zero") else "error"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode(mode)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.set_sync_debug_mode(mode)
             try:
                 trainer.fit(Synthetic(cfg.batch_size * cfg.steps, res))
             finally:
-                torch.cuda.set_sync_debug_mode(0)
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
     except torch.OutOfMemoryError:
         if rank0:
             out.write_text(json.dumps({"oom": True}))
@@ -121,9 +128,10 @@ def worker(args) -> None:
         out.write_text(json.dumps({
             "model": args.model, "res": res, "strategy": args.strategy, "compile": args.compile, "gpus": world,
             "micro": args.micro, "images_per_s": statistics.mean(h["images_per_s"] for h in timed),
-            "mfu": timed[-1].get("mfu"), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "mfu": timed[-1].get("mfu"), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "syncs_per_step": syncs / args.steps if mode == "warn" else 0.0,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+            "device": torch.cuda.get_device_name() if cuda else "CPU (smoke run: no timings)",
+            "torch": torch.__version__}))
 
 
 def run(spec: tuple, args, tmp: Path) -> dict:
@@ -141,7 +149,10 @@ def run(spec: tuple, args, tmp: Path) -> dict:
                        ACCELERATE_DEEPSPEED_CONFIG_FILE=str(REPO / "launch" / f"ds_{strategy}.json"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
                __file__, "--worker", "--model", model, "--strategy", strategy, "--out", str(out), "--micro",
-               str(micro), "--compile-mode", compile_mode, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+               str(micro), "--compile-mode", compile_mode, "--warmup", str(args.warmup), "--steps", str(args.steps),
+               *(["--cpu-smoke"] if args.cpu_smoke else [])]
+        if args.cpu_smoke:
+            env.update(OMP_NUM_THREADS="1")
         try:
             proc = subprocess.run(cmd, env=env, cwd=REPO, timeout=args.timeout)
             code = proc.returncode
@@ -181,10 +192,15 @@ def main():
     p.add_argument("--micro", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--compile-mode", dest="compile", default="off", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="check the script itself on CPU ranks (gloo) with a tiny ViT before spending GPU time: every "
+                        "launch, strategy and the table run; the numbers mean nothing")
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        args.gpus = args.gpus or 2
+    elif not torch.cuda.is_available():
         print("no CUDA device on this machine: GPU throughput not measured")
         raise SystemExit(2)
     args.gpus = args.gpus or torch.cuda.device_count()
@@ -192,8 +208,8 @@ def main():
     if importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed: zero* strategies skipped")
         strategies = [s for s in strategies if not s.startswith("zero")]
-    models = args.models.split(",")
-    if args.preset == "quick":
+    models = ["smoke"] if args.cpu_smoke else args.models.split(",")
+    if args.preset == "quick" and not args.cpu_smoke:
         specs = [s for s in QUICK if s[0] in models and s[3] in strategies]
     else:
         specs = [(m, b if m == "vit_l16" else max(1, b // 4), c, s) for m in models
