@@ -113,9 +113,15 @@ def profile_cell(strategy: str, args, ds_config: Path, top: int) -> None:
               f"{e.self_cpu_time_total / total:.0%} |")
 
 
-def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float]:
+PHASES = ("forward", "backward", "step")
+"""The strategy plan's pieces of a step, timed around their calls (under ZeRO the optimizer steps inside
+``backward``; its ``step`` does nothing)."""
+
+
+def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float, dict[str, float]]:
     """(wall, CPU, fastest step) seconds per step of one Trainer run (its own timers, first step excluded; the
-    fastest step is the wall time of the quickest whole step after the first)."""
+    fastest step is the wall time of the quickest whole step after the first), and the seconds per step spent in
+    each of :data:`PHASES` (steps after the first)."""
     from scaling.engine import Trainer
 
     _environment(strategy, ds_config)
@@ -127,16 +133,26 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float]
     starts: list[float] = []
     set_lr = trainer.plan.set_lr
     trainer.plan.set_lr = lambda lr: (starts.append(time.perf_counter()), set_lr(lr))[1]
+    spent = {p: [0.0] * (args.steps + 1) for p in PHASES}
+    for phase in PHASES:
+        def timed(*a, _call=getattr(trainer.plan, phase), _spent=spent[phase], **k):
+            t0 = time.perf_counter()
+            try:
+                return _call(*a, **k)
+            finally:
+                _spent[len(starts)] += time.perf_counter() - t0
+        setattr(trainer.plan, phase, timed)
     summary = trainer.fit(Data(args.batch * args.steps))
     trainer.close()
     # DeepSpeed's ZeRO-3 default (memory_efficient_linear) replaces F.linear for the whole process; scaling turns
     # it off, but an older engine left it patched and every later cell of the run paid for it. Isolate the cells.
     torch.nn.functional.linear = linear
     steps = [b - a for a, b in zip(starts[1:], starts[2:])]  # whole steps after the first
-    return summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1), min(steps)
+    phases = {p: sum(v[2:]) / (args.steps - 1) for p, v in spent.items()}  # v[k]: step k (1-based); skip step 1
+    return summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1), min(steps), phases
 
 
-def report(times: dict[str, list[tuple[float, float, float]]], args) -> None:
+def report(times: dict[str, list[tuple]], args) -> None:
     """The table of median wall and CPU times and of the fastest steps, with their ratios to ``none``."""
     print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
           f"compile={'blocks' if args.compile else 'off'}, {args.rounds} alternating rounds")
@@ -152,6 +168,14 @@ def report(times: dict[str, list[tuple[float, float, float]]], args) -> None:
         print(f"| {s} | " + " | ".join(f"{row[i] * 1e3:.1f} | {ratios[i]:.2f}" for i in range(3)) + f" | {goal} |")
     print("On a shared machine the fastest step (the one least disturbed by other processes) is the robust figure; "
           "medians move with the load.")
+    print("\nWhere a step goes: the strategy plan's pieces, ms per step (median over rounds; under ZeRO the optimizer "
+          "steps inside backward)")
+    print("| strategy | " + " | ".join(PHASES) + " | rest of the loop |")
+    print("|---|" + "---|" * (len(PHASES) + 1))
+    for s, v in times.items():
+        ph = {p: statistics.median(x[3][p] for x in v) for p in PHASES}
+        rest = summary[s][0] - sum(ph.values())
+        print(f"| {s} | " + " | ".join(f"{ph[p] * 1e3:.1f}" for p in PHASES) + f" | {rest * 1e3:.1f} |")
 
 
 def main():
@@ -175,7 +199,7 @@ def main():
     if "zero3" in strategies and importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed: zero3 skipped")
         strategies.remove("zero3")
-    times: dict[str, list[tuple[float, float, float]]] = {s: [] for s in strategies}
+    times: dict[str, list[tuple]] = {s: [] for s in strategies}
     ds_config = Path(args.ds_config)
     for r in range(args.rounds):
         for s in strategies:
