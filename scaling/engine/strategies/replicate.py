@@ -50,14 +50,16 @@ class Replicate(Strategy):
         self._before_sharding(model, block_classes)
         self._compile_whole_model(model)
         optimizer = self._build_optimizer(model)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.module = self.accelerator.unwrap_model(self.model)
         if self.name == "none":
-            # One process launched by torchrun/srun (LOCAL_RANK set) makes Accelerate wrap the model in DDP, whose
+            # One process launched by torchrun/srun (LOCAL_RANK set) would make Accelerate wrap the model in DDP, whose
             # per-step bucket bookkeeping and two all-reduces with itself cost ~12 % of a launch-bound step
-            # (benchmarks/host_overhead.py: 25.3 -> 22.1 ms). Nothing is replicated, so the bare module trains; the
-            # forward keeps Accelerate's autocast wrapper, which it put on the module itself.
-            self.model = self.module
+            # (benchmarks/host_overhead.py: 25.3 -> 22.1 ms). Accelerate's evaluation_mode is its switch for "device
+            # placement and mixed precision (autocast on forward), no distributed wrapper": what one process needs.
+            self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.module = self.accelerator.unwrap_model(self.model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits under Accelerate's autocast (``train.mixed_precision``)."""
