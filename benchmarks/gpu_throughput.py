@@ -4,6 +4,7 @@ micro-batch and ``train.compile``, with the ratio to ``none`` at the same micro-
     python benchmarks/gpu_throughput.py                      # quick preset: the goal points, ~8 min on one H100/H200
     python benchmarks/gpu_throughput.py --preset sweep --models vit_l16 --batches 32,64,128,256 --compile off,blocks
     python benchmarks/gpu_throughput.py --gpus 8 --strategies none,ddp,fsdp,zero3   # all GPUs of the node
+    python benchmarks/gpu_throughput.py --budget 480        # stop starting runs that would end after 8 minutes
     python benchmarks/gpu_throughput.py --cpu-smoke --batches 8 --compile off --warmup 1 --steps 2  # no GPU: a check
 
 Protocol (as timm's ``benchmark.py``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -186,6 +188,9 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")
+    p.add_argument("--budget", type=int, default=0,
+                   help="seconds for the whole benchmark (0: no limit): runs that would not fit, judged by the longest "
+                        "run so far, are skipped and the table is printed for those that ran (a lent GPU's minutes)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="", help=argparse.SUPPRESS)
@@ -215,9 +220,17 @@ def main():
         specs = [(m, b if m == "vit_l16" else max(1, b // 4), c, s) for m in models
                  for b in map(int, args.batches.split(",")) for c in args.compile_modes.split(",") for s in strategies]
     rows = []
+    start, longest = time.perf_counter(), 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in specs:
+        for i, spec in enumerate(specs):
+            elapsed = time.perf_counter() - start
+            if args.budget and elapsed + longest > args.budget:
+                print(f"--budget {args.budget} s: {elapsed:.0f} s spent, the longest run took {longest:.0f} s; "
+                      f"skipped {[' '.join(map(str, s)) for s in specs[i:]]}", flush=True)
+                break
+            t0 = time.perf_counter()
             rows.append(run(spec, args, Path(tmp)))
+            longest = max(longest, time.perf_counter() - t0)
             print(json.dumps(rows[-1]), flush=True)
     none = {(r["model"], r["micro"], r["compile"]): r["images_per_s"] for r in rows
             if r["strategy"] == "none" and "error" not in r}

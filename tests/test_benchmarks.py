@@ -42,3 +42,14 @@ def test_gpu_throughput_script_without_cuda_says_not_measured():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py")], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "GPU throughput not measured" in proc.stdout
+
+
+def test_gpu_throughput_budget_skips_what_would_not_fit_and_still_prints_the_table():
+    """``--budget``: after the first run (a few seconds), a budget of 1 s leaves no room for another of its length;
+    the rest is skipped, named, and the table shows the run that was made."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--cpu-smoke",
+                           "--batches", "8", "--compile", "off", "--strategies", "none,fsdp", "--warmup", "1",
+                           "--steps", "2", "--budget", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r[2] for r in _rows(proc.stdout)] == ["none"]
+    assert "--budget 1 s:" in proc.stdout and "skipped ['smoke 2 off fsdp']" in proc.stdout, proc.stdout[-2000:]
