@@ -101,9 +101,11 @@ def test_closing_a_trainer_releases_its_model_optimizer_and_engine(torch_suite, 
     """After ``Trainer.close()`` nothing of a cell stays reachable, under every strategy — ZeRO-3 included, where
     DeepSpeed 0.19.8 keeps the last root module on its module-level forward stack and every coordinator and module in
     a class-level ``lru_cache`` (measured before: +210 MB per cell for a 22 M-parameter ViT on 2 ranks)."""
-    cells = {f"{suite}/{name}": c["released"] for suite, cells in (("torch", torch_suite), ("zero", zero_suite))
+    single = launcher.run_suite("single", nproc=1)  # none, launched as one rank
+    cells = {f"{suite}/{name}": c["released"]
+             for suite, cells in (("torch", torch_suite), ("zero", zero_suite), ("single", single))
              for name, c in cells.items() if isinstance(c, dict) and "released" in c}
-    assert {"torch/ddp", "torch/fsdp", "zero/zero1", "zero/zero2", "zero/zero3"} <= set(cells)
+    assert {"single/none_launched", "torch/ddp", "torch/fsdp", "zero/zero1", "zero/zero2", "zero/zero3"} <= set(cells)
     kept = {name: [k for k, gone in r.items() if not gone] for name, r in cells.items() if not all(r.values())}
     assert not kept, f"still reachable after close(): {kept}"
     assert all("engine" in cells[f"zero/{s}"] for s in ("zero1", "zero2", "zero3"))
