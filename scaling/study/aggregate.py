@@ -10,7 +10,6 @@ over fewer seeds.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -23,8 +23,7 @@ from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import (PLAIN, full_fraction, headline_table, load_study, plain_cells, select,
-                                     summarise)
+from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
 from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
