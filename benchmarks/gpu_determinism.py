@@ -9,7 +9,9 @@ ratio, and whether the two runs of each setting ended with bit-identical paramet
 host→device step on CUDA (uint8 and uint16 batches equal the CPU result) and that a run preempted by a real SIGTERM
 and resumed in a fresh Trainer ends bit-identical to the uninterrupted run on the GPU.
 
-Exits with status 2 on a machine without CUDA.
+Exits with status 2 on a machine without CUDA. ``--cpu-smoke`` checks the script itself on the CPU before a GPU's
+minutes are spent on it: the same four processes per model and the SIGTERM + resume check, with a tiny ViT on 32 px
+images (the host→device checks need CUDA and are skipped); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Images(torch.utils.data.Dataset):
         from scaling.data.images import BIT_MEAN, BIT_STD, build_transform
 
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 256, (n, 1, 256, 256), dtype=torch.uint8, generator=g)
+        stored = 256 * size // 224  # the stored image is larger than the crop, as with the real datasets' cache
+        self.x = torch.randint(0, 256, (n, 1, stored, stored), dtype=torch.uint8, generator=g)
         self.y = (torch.rand(n, labels, generator=g) < 0.3).float()
         self.mean, self.std = BIT_MEAN, BIT_STD
         self.transform = build_transform(size, train=True, flip=True)
@@ -52,6 +55,10 @@ class Images(torch.utils.data.Dataset):
         return {"image": self.transform(self.x[i], seed), "target": self.y[i], "index": i}
 
 
+SMOKE = {"model": "vit_tiny_patch16_224", "size": 32, "n": 32}
+"""``--cpu-smoke``: a ViT-Ti on 32 px crops of 36 px images, 32 of them."""
+
+
 def cfg(steps: int, batch: int, deterministic: bool):
     from scaling.config import TrainConfig
 
@@ -59,11 +66,11 @@ def cfg(steps: int, batch: int, deterministic: bool):
                        mixed_precision="bf16", deterministic=deterministic)
 
 
-def model(name: str):
+def model(name: str, size: int = 224):
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=5)
+    return timm.create_model(name, pretrained=False, num_classes=5, **({"img_size": size} if "vit" in name else {}))
 
 
 def digest(trainer) -> str:
@@ -75,24 +82,27 @@ def digest(trainer) -> str:
     return h.hexdigest()[:16]
 
 
-def worker(name: str, steps: int, batch: int, deterministic: bool) -> None:
+def worker(name: str, steps: int, batch: int, deterministic: bool, smoke: bool = False) -> None:
     from scaling.config import ShardingConfig
     from scaling.engine import Trainer
 
-    trainer = Trainer(model(name), cfg(steps, batch, deterministic), ShardingConfig(strategy="none"), num_workers=12)
-    summary = trainer.fit(Images())
+    size, n = (SMOKE["size"], SMOKE["n"]) if smoke else (224, 512)
+    trainer = Trainer(model(name, size), cfg(steps, batch, deterministic), ShardingConfig(strategy="none"),
+                      num_workers=0 if smoke else 12)
+    summary = trainer.fit(Images(n, size))
     print(json.dumps({"images_per_s": summary["images_per_s"], "digest": digest(trainer)}))
 
 
-def pipeline_and_resume() -> dict:
-    """CUDA checks in one process: to_device vs CPU, and SIGTERM + resume bit-identical (deterministic kernels)."""
+def pipeline_and_resume(smoke: bool = False) -> dict:
+    """CUDA checks in one process: to_device vs CPU, and SIGTERM + resume bit-identical (deterministic kernels).
+    ``smoke``: the resume check only, on the CPU with the smoke model."""
     from scaling.config import ShardingConfig
     from scaling.engine import Preempted, Trainer
     from scaling.engine.inputs import Normalisation, to_device
 
     out = {}
     norm = Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    for dtype, top in ((torch.uint8, 255), (torch.uint16, 65535)):
+    for dtype, top in () if smoke else ((torch.uint8, 255), (torch.uint16, 65535)):
         x = torch.randint(0, top + 1, (8, 1, 64, 64), dtype=torch.int32).to(dtype).pin_memory()
         gpu = to_device(x, torch.device("cuda"), norm, channels_last=True)
         cpu = to_device(x, torch.device("cpu"), norm)
@@ -107,18 +117,18 @@ def pipeline_and_resume() -> dict:
             if step == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    c = dataclasses.replace(cfg(8, 32, True), log_every=1)
-    data = Images(n=128)
-    ref = Trainer(model("resnetv2_50x1_bit"), c, ShardingConfig(strategy="none"))
+    c = dataclasses.replace(cfg(8, 8 if smoke else 32, True), log_every=1)
+    name, size = (SMOKE["model"], SMOKE["size"]) if smoke else ("resnetv2_50x1_bit", 224)
+    data = Images(SMOKE["n"] if smoke else 128, size)
+    ref = Trainer(model(name, size), c, ShardingConfig(strategy="none"))
     ref.fit(data)
     want = digest(ref)
     with tempfile.TemporaryDirectory() as d:
         try:
-            Trainer(model("resnetv2_50x1_bit"), c, ShardingConfig(strategy="none"), output_dir=d,
-                    tracker=SigtermAt()).fit(data)
+            Trainer(model(name, size), c, ShardingConfig(strategy="none"), output_dir=d, tracker=SigtermAt()).fit(data)
         except Preempted:
             pass
-        resumed = Trainer(model("resnetv2_50x1_bit"), c, ShardingConfig(strategy="none"), output_dir=d)
+        resumed = Trainer(model(name, size), c, ShardingConfig(strategy="none"), output_dir=d)
         out["resumed_from"] = resumed.fit(data)["resumed_from"]
         out["resume_bit_identical"] = digest(resumed) == want
     return out
@@ -131,16 +141,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "DETERMINISTIC"), help=argparse.SUPPRESS)
     ap.add_argument("--checks", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="check the script itself on the CPU (tiny ViT, 32 px) before spending GPU time; no timings")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        args.models = SMOKE["model"]
+    elif not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
         raise SystemExit(2)
+    smoke = ["--cpu-smoke"] if args.cpu_smoke else []
     if args.worker:
-        return worker(args.worker[0], args.steps, args.batch, args.worker[1] == "1")
+        return worker(args.worker[0], args.steps, args.batch, args.worker[1] == "1", args.cpu_smoke)
     if args.checks:
-        return print(json.dumps(pipeline_and_resume()))
+        return print(json.dumps(pipeline_and_resume(args.cpu_smoke)))
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps, batch {args.batch}, bf16\n")
+    card = "CPU (smoke run: no timings)" if args.cpu_smoke else torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, {args.steps} steps, batch {args.batch}, bf16\n")
     print("| model | deterministic | images/s run 1 | run 2 | runs bit-identical |")
     print("|---|---|---|---|---|")
     speed = {}
@@ -149,7 +165,7 @@ def main() -> None:
             runs = []
             for _ in range(2):
                 p = subprocess.run([sys.executable, __file__, "--worker", name, str(det), "--steps", str(args.steps),
-                                    "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+                                    "--batch", str(args.batch), *smoke], env=env, capture_output=True, text=True)
                 if p.returncode:
                     raise SystemExit(f"{name} deterministic={det} failed:\n{p.stderr[-4000:]}")
                 runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -159,7 +175,7 @@ def main() -> None:
     print()
     for name in args.models.split(","):
         print(f"{name}: deterministic / default images/s = {speed[name, 1] / speed[name, 0]:.3f}")
-    p = subprocess.run([sys.executable, __file__, "--checks"], env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, __file__, "--checks", *smoke], env=env, capture_output=True, text=True)
     print("checks:", p.stdout.strip().splitlines()[-1] if p.returncode == 0 else p.stderr[-4000:])
 
 

@@ -1,9 +1,9 @@
-"""The GPU benchmark script runs end to end before GPU time is spent on it.
+"""The GPU benchmark scripts run end to end before GPU time is spent on them.
 
-``benchmarks/gpu_throughput.py`` is meant for a lent GPU whose minutes are few; a plumbing error found there costs
-them. ``--cpu-smoke`` runs the same orchestration (a fresh torchrun per run, every strategy, the result files, the
-ratio table) on CPU ranks over gloo with a tiny ViT. Timings are not asserted (tests never are); the table's shape,
-world sizes and ratios are.
+``benchmarks/gpu_throughput.py`` and ``gpu_determinism.py`` are meant for a lent GPU whose minutes are few; a
+plumbing error found there costs them. Their ``--cpu-smoke`` runs the same orchestration (fresh processes per run,
+every strategy, the result files, the tables) on the CPU (ranks over gloo) with a tiny ViT. Timings are not asserted
+(tests never are); the tables' shape, world sizes, ratios and bit-identity on the CPU are.
 """
 
 from __future__ import annotations
@@ -53,3 +53,19 @@ def test_gpu_throughput_budget_skips_what_would_not_fit_and_still_prints_the_tab
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r[2] for r in _rows(proc.stdout)] == ["none"]
     assert "--budget 1 s:" in proc.stdout and "skipped ['smoke 2 off fsdp']" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_gpu_determinism_script_runs_on_cpu():
+    """``gpu_determinism.py --cpu-smoke``: four fresh processes (two per ``train.deterministic`` setting) and the
+    SIGTERM + resume check, on the CPU with a tiny ViT. On the CPU every pair must end bit-identical, and so must
+    the resumed run."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_determinism.py"), "--cpu-smoke", "--steps",
+                           "4", "--batch", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
+            if ln.startswith("| vit_tiny")]
+    assert [(r[1], r[4]) for r in rows] == [("False", "True"), ("True", "True")], proc.stdout[-2000:]
+    checks = json.loads(proc.stdout.split("checks: ", 1)[1].splitlines()[0])
+    assert checks == {"resumed_from": 5, "resume_bit_identical": True}
