@@ -60,8 +60,7 @@ def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: s
     key = f"{suite}:{config}:{nproc}:{sorted(extra.items())}"
     if key not in _RESULTS:
         proc = subprocess.run(command(suite, config, nproc=nproc), env=env(deepspeed, **extra), cwd=REPO,
-                              capture_output=True,
-                              text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"suite {suite} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                  f"{proc.stderr[-6000:]}")

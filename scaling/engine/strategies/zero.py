@@ -286,7 +286,8 @@ class ZeRO(Strategy):
 def release_zero3_globals() -> None:
     """Forget the finished ZeRO-3 engines that DeepSpeed 0.19.8 keeps reachable from module-level state, so that a
     study's next cell does not start with the last one's model, partitions and optimizer still allocated (measured
-    before: +210 MB per cell for a 22 M-parameter ViT on 2 CPU ranks; on a GPU, the partitions in device memory).
+    on one CPU rank with a 22 M-parameter ViT-S: resident memory +333 MiB per cell without this, +11 MiB with it;
+    on a GPU, the partitions stay in device memory).
 
     * ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK``: modules are pushed in forward and popped in
       backward, so every forward without backward (evaluation, prediction) leaves its module on it;
