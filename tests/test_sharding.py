@@ -365,6 +365,16 @@ def test_a_zero3_checkpoint_failing_on_one_rank_fails_on_every_rank_at_once(zero
     assert not list(Path(cell["run_dir"]).glob("checkpoints/.tmp-*"))  # the half-written directory is gone
 
 
+def test_zero_on_cpu_ranks_leaves_no_shared_memory_behind(zero_suite):
+    """DeepSpeed's CPU backend maps a 69 MB /dev/shm all-reduce buffer per rank and never unlinks it; the ZeRO
+    strategy removes the names once every rank has mapped them, so nothing outlives the launch (repeated launches
+    had filled /dev/shm, which is RAM, until a rank was killed)."""
+    ranks = zero_suite["shm_buffers"]
+    assert len(ranks) == 2
+    assert all(r["in_use"] for r in ranks), "DeepSpeed's shared-memory all-reduce was not set up: nothing checked"
+    assert [r["left"] for r in ranks] == [[], []]
+
+
 @pytest.mark.parametrize("suite,name", [("torch", "fsdp_compile"), ("zero", "zero3_compile")])
 def test_compiled_blocks_match_one_process(torch_suite, zero_suite, reference, suite, name):
     """train.compile=blocks (inductor on CPU) before fully_shard / under ZeRO-3 leaves: both ViT blocks compiled,

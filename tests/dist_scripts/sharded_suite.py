@@ -206,6 +206,20 @@ def nodes_cell(out: dict, name: str):
     trainer.close()
 
 
+def shm_buffers() -> list[dict]:
+    """Per rank: whether DeepSpeed's shared-memory all-reduce was set up in this launch, and which of this launch's
+    buffer names are still in /dev/shm (each is 69 MB of RAM that outlives the processes)."""
+    from deepspeed.comm import comm as ds_comm
+
+    prefix = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+              f"{os.environ.get('MASTER_PORT', '')}_")
+    mine = {"in_use": getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
+            "left": sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))}
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
 def main():
     suite, out_dir = sys.argv[1], Path(sys.argv[2])
     os.environ["SUITE_OUT"] = str(out_dir)
@@ -268,6 +282,7 @@ def main():
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         zero3_save_fails_on_one_rank_cell(out, "zero3_save_fails_on_rank_1", out_dir)
+        out["shm_buffers"] = shm_buffers()
     elif suite == "single":
         run_cell("none", out, "none_launched")
     elif suite == "nodes":

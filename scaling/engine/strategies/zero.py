@@ -213,6 +213,8 @@ class ZeRO(Strategy):
         base, source = load_deepspeed_base(self.name)
         ds_cfg = deepspeed_config(self.train, self.sharding, self.launch.world_size, base, source, sizes)
         self.accelerator = make_accelerator(self.train, self.sharding, self.launch, ds_cfg)
+        if not self.launch.cuda:
+            unlink_shm_allreduce_buffer(self.launch.rank)
         optimizer = self._build_optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = self.model
@@ -307,3 +309,33 @@ def release_zero3_globals() -> None:
         target = method if cell is None else cell.cell_contents
         if hasattr(target, "cache_clear"):
             target.cache_clear()
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> Path | None:
+    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it; return the
+    path removed (None when DeepSpeed made none).
+
+    DeepSpeed's CPU communication backend (0.19.8, ``deepspeed/comm/torch.py`` and
+    ``ops/csrc/cpu/comm/shm.cpp``) creates one 69 MB buffer per rank in ``/dev/shm`` when all ranks are on one
+    machine (``LOCAL_SIZE`` equals the world size, which DeepSpeed's launcher and :meth:`ZeRO.prepare` set) and
+    never unlinks it: every CPU launch left 69 MB per rank of memory-backed files behind after it ended, and
+    repeated launches on one machine fill ``/dev/shm`` (RAM) until the kernel kills a rank. Each rank maps all
+    ranks' buffers while the communication backend starts, so after a barrier the names can go: the mappings
+    stay valid until the processes exit, and the memory is returned then, also after a SIGKILL."""
+    try:
+        from deepspeed.comm import comm as ds_comm
+    except ImportError:
+        return None
+    backend = getattr(ds_comm, "cdb", None)
+    if getattr(backend, "shm_comm_op", None) is None:
+        return None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has opened every buffer before any name goes
+    # The name shm_initialize gives it: SHM_BUFFER_NAME_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>.
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    path = Path("/dev/shm") / name
+    if not path.exists():
+        return None
+    path.unlink(missing_ok=True)
+    return path
