@@ -366,13 +366,16 @@ def test_a_zero3_checkpoint_failing_on_one_rank_fails_on_every_rank_at_once(zero
 
 
 def test_zero_on_cpu_ranks_leaves_no_shared_memory_behind(zero_suite):
-    """DeepSpeed's CPU backend maps a 69 MB /dev/shm all-reduce buffer per rank and never unlinks it; the ZeRO
-    strategy removes the names once every rank has mapped them, so nothing outlives the launch (repeated launches
-    had filled /dev/shm, which is RAM, until a rank was killed)."""
-    ranks = zero_suite["shm_buffers"]
-    assert len(ranks) == 2
-    assert all(r["in_use"] for r in ranks), "DeepSpeed's shared-memory all-reduce was not set up: nothing checked"
-    assert [r["left"] for r in ranks] == [[], []]
+    """DeepSpeed's CPU backend maps a 69 MB /dev/shm all-reduce buffer per rank when LOCAL_SIZE is set as it starts,
+    and never unlinks it (repeated launches had filled /dev/shm, which is RAM, until a rank was killed). Launched
+    without LOCAL_SIZE (torchrun, accelerate launch) the ZeRO strategy sets it only afterwards: no buffer at all;
+    launched with it (DeepSpeed's launcher sets it) each rank removes its buffer's name once all have mapped it."""
+    plain = zero_suite["shm_buffers"]
+    assert [r["unlinked"] for r in plain] == [None, None] and [r["left"] for r in plain] == [[], []]
+    preset = launcher.run_suite("zero_local_size", deepspeed=True, LOCAL_SIZE="2")["shm_buffers"]
+    assert [r["left"] for r in preset] == [[], []]
+    names = [r["unlinked"] or "" for r in preset]  # made, then removed by its own rank
+    assert [n.startswith("deepspeed_allreduce_buffer_") and n[-2:] for n in names] == ["_0", "_1"], preset
 
 
 @pytest.mark.parametrize("suite,name", [("torch", "fsdp_compile"), ("zero", "zero3_compile")])

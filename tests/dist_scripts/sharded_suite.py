@@ -206,14 +206,13 @@ def nodes_cell(out: dict, name: str):
     trainer.close()
 
 
-def shm_buffers() -> list[dict]:
-    """Per rank: whether DeepSpeed's shared-memory all-reduce was set up in this launch, and which of this launch's
-    buffer names are still in /dev/shm (each is 69 MB of RAM that outlives the processes)."""
-    from deepspeed.comm import comm as ds_comm
-
+def shm_buffers(trainer=None) -> list[dict]:
+    """Per rank: the /dev/shm all-reduce buffer name the ZeRO plan of ``trainer`` removed, and which of this
+    launch's buffer names are still in /dev/shm (each is 69 MB of RAM that outlives the processes)."""
     prefix = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
               f"{os.environ.get('MASTER_PORT', '')}_")
-    mine = {"in_use": getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
+    unlinked = getattr(trainer.plan, "shm_unlinked", None) if trainer is not None else None
+    mine = {"unlinked": unlinked.name if unlinked else None,
             "left": sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))}
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
@@ -283,6 +282,13 @@ def main():
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         zero3_save_fails_on_one_rank_cell(out, "zero3_save_fails_on_rank_1", out_dir)
         out["shm_buffers"] = shm_buffers()
+    elif suite == "zero_local_size":
+        # Launched with LOCAL_SIZE=2 set, as DeepSpeed's own launcher does: DeepSpeed maps its /dev/shm buffers.
+        torch.manual_seed(0)
+        trainer = Trainer(vit(), train_cfg(steps=2), ShardingConfig(strategy="zero3"))
+        trainer.fit(ToyDataset(32))
+        out["shm_buffers"] = shm_buffers(trainer)
+        trainer.close()
     elif suite == "single":
         run_cell("none", out, "none_launched")
     elif suite == "nodes":

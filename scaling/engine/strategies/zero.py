@@ -176,6 +176,8 @@ class ZeRO(Strategy):
 
     names = ZERO_STRATEGIES
     deepspeed_launch = True
+    shm_unlinked: Path | None = None
+    """The /dev/shm buffer name this rank removed (a CPU launch that set ``LOCAL_SIZE``), else None."""
 
     @classmethod
     def check_launch(cls, sharding: ShardingConfig, train: TrainConfig, launch: LaunchInfo) -> None:
@@ -206,15 +208,16 @@ class ZeRO(Strategy):
             block_classes = block_classes or block_classes_for(model)
             sizes = zero3_sizes(model, block_classes)
             set_block_leaves(model, block_classes)
-        if not self.launch.cuda:
-            # DeepSpeed's CPU accelerator otherwise runs `numactl --hardware` in a subprocess for device_count()
-            # at every step; LOCAL_SIZE is what DeepSpeed's own launcher sets for CPU ranks.
-            os.environ.setdefault("LOCAL_SIZE", str(self.launch.local_world_size))
         base, source = load_deepspeed_base(self.name)
         ds_cfg = deepspeed_config(self.train, self.sharding, self.launch.world_size, base, source, sizes)
         self.accelerator = make_accelerator(self.train, self.sharding, self.launch, ds_cfg)
         if not self.launch.cuda:
-            unlink_shm_allreduce_buffer(self.launch.rank)
+            # DeepSpeed's CPU accelerator otherwise runs `numactl --hardware` in a subprocess for device_count()
+            # at every step; LOCAL_SIZE is what DeepSpeed's own launcher sets for CPU ranks. Set only now that
+            # DeepSpeed's communication backend is up: with it set before, that backend also maps a /dev/shm
+            # all-reduce buffer per rank that ZeRO training never uses (see unlink_shm_allreduce_buffer).
+            self.shm_unlinked = unlink_shm_allreduce_buffer(self.launch.rank)
+            os.environ.setdefault("LOCAL_SIZE", str(self.launch.local_world_size))
         optimizer = self._build_optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = self.model
@@ -316,12 +319,14 @@ def unlink_shm_allreduce_buffer(rank: int) -> Path | None:
     path removed (None when DeepSpeed made none).
 
     DeepSpeed's CPU communication backend (0.19.8, ``deepspeed/comm/torch.py`` and
-    ``ops/csrc/cpu/comm/shm.cpp``) creates one 69 MB buffer per rank in ``/dev/shm`` when all ranks are on one
-    machine (``LOCAL_SIZE`` equals the world size, which DeepSpeed's launcher and :meth:`ZeRO.prepare` set) and
-    never unlinks it: every CPU launch left 69 MB per rank of memory-backed files behind after it ended, and
-    repeated launches on one machine fill ``/dev/shm`` (RAM) until the kernel kills a rank. Each rank maps all
-    ranks' buffers while the communication backend starts, so after a barrier the names can go: the mappings
-    stay valid until the processes exit, and the memory is returned then, also after a SIGKILL."""
+    ``ops/csrc/cpu/comm/shm.cpp``) creates one 69 MB buffer per rank in ``/dev/shm`` when it starts with all
+    ranks on one machine (``LOCAL_SIZE`` equal to the world size, as DeepSpeed's own launcher sets it) and never
+    unlinks it: every such CPU launch left 69 MB per rank of memory-backed files behind after it ended, and
+    repeated launches on one machine fill ``/dev/shm`` (RAM) until the kernel kills a rank. Only DeepSpeed's
+    tensor-parallel inference all-reduce uses the buffer, so :meth:`ZeRO.prepare` sets ``LOCAL_SIZE`` only after
+    the backend is up and none is made; when the launch had set it, this removes it. Each rank maps all ranks'
+    buffers while the backend starts, so after a barrier the names can go: the mappings stay valid until the
+    processes exit, and the memory is returned then, also after a SIGKILL."""
     try:
         from deepspeed.comm import comm as ds_comm
     except ImportError:
