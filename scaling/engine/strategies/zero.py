@@ -177,7 +177,7 @@ class ZeRO(Strategy):
     names = ZERO_STRATEGIES
     deepspeed_launch = True
     shm_unlinked: Path | None = None
-    """The /dev/shm buffer name this rank removed (a CPU launch that set ``LOCAL_SIZE``), else None."""
+    """The /dev/shm buffer whose name this rank removed (a CPU launch that had set ``LOCAL_SIZE``), else None."""
 
     @classmethod
     def check_launch(cls, sharding: ShardingConfig, train: TrainConfig, launch: LaunchInfo) -> None:
