@@ -309,9 +309,22 @@ class ShardingConfig:
     """``none``, ``timm`` (model.set_grad_checkpointing) or ``fsdp`` (checkpoint each FSDP unit); never both."""
     sync_each_micro_batch: bool = True
     """Reduce gradients at every micro-batch under FSDP (lower memory) instead of only at the last."""
+    blocks_per_unit: int = 1
+    """FSDP2 only: consecutive backbone blocks gathered and reduced together as one unit. Fewer, larger
+    all-gathers and reduce-scatters and fewer hooks per step, for backbones whose blocks are small next to the
+    per-unit cost; each rank then holds up to two units of gathered parameters at a time (the one computing and the
+    one prefetched) instead of two blocks (docs/scaling-out.md, "How many blocks per FSDP unit")."""
 
     def __post_init__(self):
         _choice("sharding.strategy", self.strategy, SHARDING_STRATEGIES)
+        if isinstance(self.blocks_per_unit, bool) or not isinstance(self.blocks_per_unit, int) \
+                or self.blocks_per_unit < 1:
+            raise ConfigError(f"sharding.blocks_per_unit must be an integer >= 1, got {self.blocks_per_unit!r}")
+        if self.blocks_per_unit > 1 and self.strategy not in ("fsdp", "fsdp_grad_op", "hsdp"):
+            raise ConfigError(
+                f"sharding.blocks_per_unit={self.blocks_per_unit} groups FSDP2 units; strategy {self.strategy!r} "
+                f"has none (ZeRO-3 gathers one leaf block at a time); leave it at 1 or use an FSDP strategy"
+            )
         for f in ("param_dtype", "reduce_dtype"):
             _choice(f"sharding.{f}", getattr(self, f), ("fp32", "bf16", "fp16"))
         _choice("sharding.activation_checkpointing", self.activation_checkpointing, ("none", "timm", "fsdp"))

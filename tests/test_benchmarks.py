@@ -8,6 +8,7 @@ every strategy, the result files, the tables) on the CPU (ranks over gloo) with 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,22 @@ def test_gpu_determinism_script_runs_on_cpu():
     assert [(r[1], r[4]) for r in rows] == [("False", "True"), ("True", "True")], proc.stdout[-2000:]
     checks = json.loads(proc.stdout.split("checks: ", 1)[1].splitlines()[0])
     assert checks == {"resumed_from": 5, "resume_bit_identical": True}
+
+
+def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
+    """``host_overhead.py`` (one rank under torchrun) with ``fsdp:2``: 4 blocks as 2 units + the root, against 5
+    units with one block each; the ratio column divides by none's median in the same run."""
+    import json
+
+    out = tmp_path / "times.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(REPO / "benchmarks" / "host_overhead.py"), "--strategies", "none,fsdp,fsdp:2",
+                           "--rounds", "1", "--steps", "4", "--depth", "4", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
+                              if ln.startswith(("| none |", "| fsdp |", "| fsdp:2 |")) and ln.count("|") == 10)}
+    assert [rows[s][7] for s in ("none", "fsdp", "fsdp:2")] == ["0", "5", "3"], proc.stdout[-3000:]
+    times = json.loads(out.read_text())
+    assert rows["none"][2] == "1.00"
+    assert abs(float(rows["fsdp:2"][2]) - times["fsdp:2"][0][0] / times["none"][0][0]) <= 0.006

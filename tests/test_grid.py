@@ -99,6 +99,7 @@ TABLE = [
     ("sharding.offload_optimizer=true", False),
     ("sharding.activation_checkpointing=timm", False),
     ("sharding.sync_each_micro_batch=false", False),
+    (["sharding.strategy=fsdp", "sharding.blocks_per_unit=4"], False),
     # evaluation: statistics of stored predictions, recomputed when they change
     ("eval.n_boot=1000", False),
     ("eval.alpha=0.1", False),

@@ -189,6 +189,41 @@ def test_fsdp_other_families_shard_per_block(torch_suite, family, units):
     trainer.close()
 
 
+@pytest.mark.parametrize("name,family,units", [("fsdp_units", "vit", 4), ("fsdp_convnext_units", "convnext", 4)])
+def test_several_blocks_per_fsdp_unit_shard_and_match_one_process(torch_suite, name, family, units):
+    """sharding.blocks_per_unit groups consecutive blocks into one FSDP unit: 5 ViT blocks by 2 (with gradient
+    accumulation and FSDP activation checkpointing per block) and ConvNeXt's 12 blocks by 4 across its stages give
+    3 units + the root (6 and 13 with one block per unit); every parameter is still sharded and the run is the one
+    process's."""
+    from scaling.engine import Trainer
+
+    cell = torch_suite[name]
+    assert cell["units"] == units
+    assert_half(cell)
+    model = FAMILIES["vit"](depth=5) if family == "vit" else FAMILIES[family]()
+    trainer = Trainer(model, train_cfg(), ShardingConfig(strategy="none"))
+    trainer.fit(ToyDataset(64))
+    assert_matches_reference(cell, {"losses": [h["loss"] for h in trainer.history],
+                                    "params": trainer.full_state_dict()})
+    trainer.close()
+
+
+def test_block_units_cut_blocks_in_execution_order():
+    """Units hold blocks that run one after another; the list stays innermost first (the last blocks first), as
+    FSDP2 wants it; blocks inside blocks are refused."""
+    from scaling.engine.sharding import ShardingError
+    from scaling.engine.strategies.fsdp import block_units
+
+    seq = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)])
+    blocks = list(reversed(list(seq)))  # what blocks_of returns: innermost first, i.e. reverse execution order
+    assert block_units(blocks, 1) == [[b] for b in blocks]
+    assert block_units(blocks, 2) == [[seq[4]], [seq[2], seq[3]], [seq[0], seq[1]]]
+    assert block_units(blocks, 9) == [list(seq)]
+    outer = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ShardingError, match="contain each other"):
+        block_units([outer[0], outer], 2)
+
+
 def test_meta_device_model_materialised_per_shard(torch_suite, reference):
     cell = torch_suite["fsdp_meta"]
     assert_half(cell)
@@ -291,6 +326,8 @@ def test_trainer_checks_launch_before_touching_the_model(monkeypatch):
     (dict(batch_size=6, grad_accum=2), dict(strategy="ddp"), "divisible"),
     (dict(), dict(strategy="ddp", offload_params=True), "offload_params"),
     (dict(), dict(strategy="fsdp", offload_optimizer=True), "offload_optimizer"),
+    (dict(), dict(strategy="zero3", blocks_per_unit=2), "groups FSDP2 units"),
+    (dict(), dict(strategy="fsdp", blocks_per_unit=0), "integer >= 1"),
 ])
 def test_bad_precision_batch_offload(train, sharding, match):
     with pytest.raises((LaunchError, ConfigError), match=match):

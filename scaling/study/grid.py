@@ -119,6 +119,8 @@ NEUTRAL: dict[str, str] = {
     "sharding.offload_optimizer": "where optimizer state lives between steps",
     "sharding.activation_checkpointing": "recomputes activations instead of storing them",
     "sharding.sync_each_micro_batch": "when gradients are reduced, not their sum",
+    "sharding.blocks_per_unit": "how many blocks FSDP2 gathers at once; every parameter is sharded and its gradient "
+                                "reduced the same way (tests/test_sharding.py)",
     "eval": "statistics of the stored predictions (and the prediction batch size); recomputed when they change",
     "probe.batch_size": "how many images a feature-extraction forward pass takes, not what it computes",
     "cka": "an analysis of the trained model, stored beside its predictions and recomputed when it changes",

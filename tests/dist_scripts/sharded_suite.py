@@ -242,6 +242,11 @@ def main():
         # The other backbone families of the table: BiT-style ResNetV2 (bottleneck units) and ConvNeXt.
         for family in ("resnetv2", "convnext"):
             run_cell("fsdp", out, f"fsdp_{family}", model=FAMILIES[family]())
+        # Several blocks per FSDP unit: 5 ViT blocks as units of 2, 2, 1, with accumulation and checkpointing per
+        # block; ConvNeXt's 12 blocks as units of 4 that cross its stage boundaries.
+        run_cell("fsdp", out, "fsdp_units", model=vit(depth=5), train=train_cfg(grad_accum=2), blocks_per_unit=2,
+                 activation_checkpointing="fsdp")
+        run_cell("fsdp", out, "fsdp_convnext_units", model=FAMILIES["convnext"](), blocks_per_unit=4)
         # HSDP's 2-D mesh, faking 2 nodes of 1 process (replicate over 2, shard over 1).
         os.environ["LOCAL_WORLD_SIZE"] = "1"
         run_cell("hsdp", out, "hsdp")

@@ -62,30 +62,48 @@ def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, l
     offload = CPUOffloadPolicy() if sharding.offload_params else OffloadPolicy()
     # fsdp_grad_op keeps the gathered parameters from forward to backward (ZeRO-2-like: shards grads + optimizer).
     reshard = sharding.strategy != "fsdp_grad_op"
-    for block in blocks:
-        if sharding.activation_checkpointing == "fsdp":
-            # Composable checkpoint on the same module that is the FSDP unit: one recomputation per block,
-            # never combined with timm's own checkpointing (two recomputations per backward:
-            # https://github.com/meta-llama/llama-cookbook/issues/740).
+    if sharding.activation_checkpointing == "fsdp":
+        # Composable checkpoint on every block (the FSDP unit, or a member of one): one recomputation per block,
+        # never combined with timm's own checkpointing (two recomputations per backward:
+        # https://github.com/meta-llama/llama-cookbook/issues/740).
+        for block in blocks:
             checkpoint(block)
-        # The last block's backward follows its forward at once (only the root's norm and head lie between), so
+    units = block_units(blocks, sharding.blocks_per_unit)
+    for unit in units:
+        # The last unit's backward follows its forward at once (only the root's norm and head lie between), so
         # resharding it would free its parameters just to all-gather them again: torchtitan keeps it unsharded
-        # (torchtitan/models/llama3/infra/parallelize.py, apply_fsdp). Same arithmetic, one block more memory.
-        # ``blocks`` is innermost-first, i.e. module order reversed: its first entry is the last block to run
-        # (timm registers blocks in execution order; were it otherwise, only the saved all-gather is lost).
-        last = block is blocks[0]
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard and not last, mp_policy=mp,
-                    offload_policy=offload)
+        # (torchtitan/models/llama3/infra/parallelize.py, apply_fsdp). Same arithmetic, one unit more memory.
+        last = unit is units[0]
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, reshard_after_forward=reshard and not last,
+                    mp_policy=mp, offload_policy=offload)
     # The root is used right after the last block's backward, so keeping it gathered saves one all-gather.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
     return model
 
 
-def fsdp_units(model: nn.Module) -> int:
-    """Number of FSDP units (modules turned into ``FSDPModule`` by ``fully_shard``)."""
-    from torch.distributed.fsdp import FSDPModule
+def block_units(blocks: list[nn.Module], per_unit: int) -> list[list[nn.Module]]:
+    """``blocks`` (innermost first, i.e. the reverse of the order they run in) cut into units of ``per_unit``
+    blocks that run one after another, in the same innermost-first order: the first unit holds the last blocks to
+    run. timm registers blocks in execution order; were it otherwise, a unit would gather blocks that do not run
+    together (more memory, the same arithmetic). Nested blocks cannot share a unit (FSDP2 shards a child before its
+    parent), so grouping is refused for them."""
+    if per_unit == 1:
+        return [[b] for b in blocks]
+    inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+    nested = [b for b in blocks if id(b) in inside]
+    if nested:
+        raise ShardingError(f"sharding.blocks_per_unit={per_unit} needs blocks that do not contain each other; "
+                            f"{type(nested[0]).__name__} blocks sit inside other blocks")
+    in_order = blocks[::-1]
+    units = [in_order[i:i + per_unit] for i in range(0, len(in_order), per_unit)]
+    return units[::-1]
 
-    return sum(isinstance(m, FSDPModule) for m in model.modules())
+
+def fsdp_units(model: nn.Module) -> int:
+    """Number of FSDP units: the ``fully_shard`` calls on ``model`` (a call on a list of blocks is one unit)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    return len({id(fully_shard.state(m)) for m in model.modules() if isinstance(m, FSDPModule)})
 
 
 def step_on_local_shards(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
