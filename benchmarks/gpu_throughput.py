@@ -6,6 +6,7 @@ micro-batch and ``train.compile``, with the ratio to ``none`` at the same micro-
     python benchmarks/gpu_throughput.py --gpus 8 --strategies none,ddp,fsdp,zero3   # all GPUs of the node
     python benchmarks/gpu_throughput.py --budget 480        # stop starting runs that would end after 8 minutes
     python benchmarks/gpu_throughput.py --cpu-smoke --batches 8 --compile off --warmup 1 --steps 2  # no GPU: a check
+    python benchmarks/gpu_throughput.py --preset sweep --strategies none,fsdp,fsdp:4   # fsdp:N = N blocks per unit
 
 Protocol (as timm's ``benchmark.py``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master
 weights, SGD momentum, ``--warmup`` steps discarded, then ``--steps`` timed steps; every run is a fresh ``torchrun``
@@ -60,7 +61,9 @@ QUICK = [
     ("vit_l16", 128, "off", "none"), ("vit_l16", 128, "off", "fsdp"), ("vit_l16", 128, "off", "zero3"),
     ("vit_l16", 32, "blocks", "none"), ("vit_l16", 32, "blocks", "fsdp"), ("vit_l16", 128, "blocks", "none"),
     ("bit_r101x3", 8, "off", "none"), ("bit_r101x3", 8, "off", "fsdp"), ("bit_r101x3", 8, "blocks", "none"),
+    ("vit_l16", 32, "off", "fsdp:4"),
 ]
+"""``fsdp:N`` is fsdp with N blocks per FSDP unit (``sharding.blocks_per_unit``)."""
 
 GOALS = ("ViT-L/16 @224 with compile: MFU >= 45 %; fsdp >= 0.9x none at 32 images/GPU; zero3 >= 0.8x fsdp at 128; "
          "BiT-R101x3 @384: MFU >= 25 %")
@@ -84,11 +87,19 @@ class Synthetic(torch.utils.data.Dataset):
         return {"image": self.bank[i % 64], "target": self.target[i % 64], "index": i}
 
 
+def sharding_of(cell: str):
+    """``fsdp`` -> strategy fsdp; ``fsdp:4`` -> strategy fsdp with 4 blocks per FSDP unit."""
+    from scaling.config import ShardingConfig
+
+    strategy, _, per_unit = cell.partition(":")
+    return ShardingConfig(strategy=strategy, blocks_per_unit=int(per_unit or 1))
+
+
 def worker(args) -> None:
     """One run on every rank of a torchrun launch: writes a JSON result (or ``{"oom": true}``) on rank 0."""
     import timm
 
-    from scaling.config import ShardingConfig, TrainConfig
+    from scaling.config import TrainConfig
     from scaling.engine import Trainer
 
     arch, res = {**MODELS, **SMOKE}[args.model]
@@ -102,7 +113,7 @@ def worker(args) -> None:
     out = Path(args.out)
     try:
         trainer = Trainer(timm.create_model(arch, pretrained=False, num_classes=14, **kw), cfg,
-                          ShardingConfig(strategy=args.strategy), num_workers=0 if args.cpu_smoke else 4)
+                          sharding_of(args.strategy), num_workers=0 if args.cpu_smoke else 4)
         mode = "warn" if args.strategy.startswith("zero") else "error"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -110,7 +121,7 @@ def worker(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.set_sync_debug_mode(mode)
             try:
-                trainer.fit(Synthetic(cfg.batch_size * cfg.steps, res))
+                summary = trainer.fit(Synthetic(cfg.batch_size * cfg.steps, res))
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode(0)
@@ -131,7 +142,7 @@ def worker(args) -> None:
             "model": args.model, "res": res, "strategy": args.strategy, "compile": args.compile, "gpus": world,
             "micro": args.micro, "images_per_s": statistics.mean(h["images_per_s"] for h in timed),
             "mfu": timed[-1].get("mfu"), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "syncs_per_step": syncs / args.steps if mode == "warn" else 0.0,
+            "syncs_per_step": syncs / args.steps if mode == "warn" else 0.0, "fsdp_units": summary["fsdp_units"],
             "device": torch.cuda.get_device_name() if cuda else "CPU (smoke run: no timings)",
             "torch": torch.__version__}))
 
@@ -215,7 +226,7 @@ def main():
         strategies = [s for s in strategies if not s.startswith("zero")]
     models = ["smoke"] if args.cpu_smoke else args.models.split(",")
     if args.preset == "quick" and not args.cpu_smoke:
-        specs = [s for s in QUICK if s[0] in models and s[3] in strategies]
+        specs = [s for s in QUICK if s[0] in models and s[3].split(":")[0] in strategies]
     else:
         specs = [(m, b if m == "vit_l16" else max(1, b // 4), c, s) for m in models
                  for b in map(int, args.batches.split(",")) for c in args.compile_modes.split(",") for s in strategies]

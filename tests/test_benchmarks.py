@@ -8,6 +8,7 @@ every strategy, the result files, the tables) on the CPU (ranks over gloo) with 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,16 +24,20 @@ def _rows(stdout: str) -> list[list[str]]:
 
 def test_gpu_throughput_script_runs_every_strategy_on_cpu_ranks():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--cpu-smoke",
-                           "--batches", "8", "--compile", "off", "--strategies", "none,fsdp,zero3", "--warmup", "1",
-                           "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--batches", "8", "--compile", "off", "--strategies", "none,fsdp,fsdp:3,zero3", "--warmup",
+                           "1", "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(proc.stdout)
     # model, px, strategy, compile, GPUs, micro-batch/GPU, images/s/GPU, ratio to none, MFU, peak GiB, syncs, card
-    assert [(r[2], r[4], r[5]) for r in rows] == [("none", "1", "2"), ("fsdp", "2", "2"), ("zero3", "2", "2")], \
-        proc.stdout[-3000:]
+    assert [(r[2], r[4], r[5]) for r in rows] == [("none", "1", "2"), ("fsdp", "2", "2"), ("fsdp:3", "2", "2"),
+                                                  ("zero3", "2", "2")], proc.stdout[-3000:]
     for r in rows:
         assert "failed" not in r[6] and float(r[6]) > 0, r
         assert r[8] == "n/a" and r[11] == "CPU (smoke run: no timings)", r  # no MFU without a known card
+    # each run's result line: ViT-Ti's 12 blocks + root as FSDP units, or 4 units of 3 + root
+    results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"model"')]
+    assert [(r["strategy"], r["fsdp_units"]) for r in results] == [("none", 0), ("fsdp", 13), ("fsdp:3", 5),
+                                                                   ("zero3", 0)]
     ips = {r[2]: float(r[6]) for r in rows}
     assert rows[0][7] == "1.00"
     for r in rows[1:]:  # the ratio column divides images/s per GPU by none's at the same micro-batch
@@ -75,8 +80,6 @@ def test_gpu_determinism_script_runs_on_cpu():
 def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     """``host_overhead.py`` (one rank under torchrun) with ``fsdp:2``: 4 blocks as 2 units + the root, against 5
     units with one block each; the ratio column divides by none's median in the same run."""
-    import json
-
     out = tmp_path / "times.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            str(REPO / "benchmarks" / "host_overhead.py"), "--strategies", "none,fsdp,fsdp:2",
