@@ -198,3 +198,14 @@ def test_a_checkpoint_of_n_ranks_resumes_on_m(chain):
         assert (resumed["logits"] - reference["logits"]).abs().max().item() < 1e-4
     one, two = final["none"]["n2m_reference"], final["fsdp"]["n2m_reference"]
     assert _max_diff(one["params"], two["params"]) < 1e-5
+
+
+def test_an_fsdp_checkpoint_resumes_with_other_blocks_per_unit(chain):
+    """Checkpoints are per parameter: a 2-rank fsdp checkpoint written with one block per FSDP unit (preempted at
+    step 4) resumes with ``sharding.blocks_per_unit: 2`` and ends where the uninterrupted per-block run does."""
+    _, _, final = chain
+    regrouped, reference = final["fsdp"]["regrouped"], final["fsdp"]["n2m_reference"]
+    assert regrouped["world"] == 2 and regrouped["summary"]["resumed_from"] == 4
+    assert regrouped["summary"]["fsdp_units"] == 2 and reference["summary"]["fsdp_units"] == 3
+    assert _max_diff(regrouped["params"], reference["params"]) < 1e-5
+    assert (regrouped["logits"] - reference["logits"]).abs().max().item() < 1e-4

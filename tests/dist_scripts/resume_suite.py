@@ -18,7 +18,8 @@ Phases (``LABEL`` names the launch in marker files):
               chosen step (SIGKILL of the whole process group, or SIGTERM to the launcher, which torchrun forwards).
 * ``final``   resumes the victim to the end, fits it again (the run is finished: its final checkpoint is loaded,
               nothing trains), fits the reference, and resumes ``N2M_FROM`` (a copy of another world size's ``n2m``
-              checkpoint) next to an uninterrupted MixUp-free reference. The ``none`` launch, last, also loads
+              checkpoint) next to an uninterrupted MixUp-free reference; fsdp also resumes a copy of its own
+              ``n2m`` checkpoint with 2 blocks per FSDP unit (``regrouped``). The ``none`` launch, last, also loads
               the finished fsdp and zero3 victims (2 ranks) in its 1 process; the zero3 launch also fits a zero2
               cell twice, and resumes copies of a ZeRO checkpoint whose model-state or optimizer-state files (both
               ranks') hold a pickle that would create ``<out_dir>/PWNED`` when unpickled.
@@ -94,10 +95,11 @@ def datasets(out: Path) -> tuple[TableDataset, TableDataset]:
     return train, test
 
 
-def cell(strategy: str, out: dict, name: str, run_dir: Path | None, data, train=None, tracker=None) -> None:
+def cell(strategy: str, out: dict, name: str, run_dir: Path | None, data, train=None, tracker=None,
+         **sharding) -> None:
     """Fit (resuming from ``run_dir`` if it holds a checkpoint) and record the result under ``name``."""
     train_ds, test_ds = data
-    trainer = Trainer(vit(), train or train_cfg(), ShardingConfig(strategy=strategy), output_dir=run_dir,
+    trainer = Trainer(vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding), output_dir=run_dir,
                       tracker=tracker)
     try:
         summary = trainer.fit(train_ds)
@@ -175,6 +177,12 @@ def main():
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             cell(strategy, out, "n2m_resumed", base / "n2m_resumed", data, train=train_cfg(mixup=False))
+        if strategy == "fsdp":  # its own 2-rank checkpoint (one block per FSDP unit) resumed with 2 blocks per unit
+            if rank == 0:
+                shutil.copytree(base / "n2m", base / "regrouped")
+            barrier()
+            cell(strategy, out, "regrouped", base / "regrouped", data, train=train_cfg(mixup=False),
+                 blocks_per_unit=2)
         if strategy == "zero3":  # ZeRO-1/2 keep whole parameters on every rank: their final weights load another way
             cell("zero2", out, "zero2", base / "zero2", data, train=train_cfg(mixup=False))
             cell("zero2", out, "zero2_again", base / "zero2", data, train=train_cfg(mixup=False))
