@@ -42,7 +42,8 @@ def fsdp_mesh(sharding: ShardingConfig, launch: LaunchInfo):
 
 def apply_fsdp(model: nn.Module, train: TrainConfig, sharding: ShardingConfig, launch: LaunchInfo,
                block_classes: tuple[type, ...]) -> nn.Module:
-    """``fully_shard`` every block (innermost first), then the root; optional FSDP activation checkpointing.
+    """``fully_shard`` every unit of ``sharding.blocks_per_unit`` blocks (innermost first), then the root; optional
+    FSDP activation checkpointing per block.
 
     Precision: fp32 master weights; compute in ``train.mixed_precision``; gradients reduced in
     ``sharding.reduce_dtype`` (fp32 by default: FSDP2 needs uniform fp32 master weights,
