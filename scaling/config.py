@@ -306,7 +306,8 @@ class ShardingConfig:
     offload_optimizer: bool = False
     """Offload optimizer state to CPU (ZeRO offload_optimizer)."""
     activation_checkpointing: str = "none"
-    """``none``, ``timm`` (model.set_grad_checkpointing) or ``fsdp`` (checkpoint each FSDP unit); never both."""
+    """``none``, ``timm`` (model.set_grad_checkpointing) or ``fsdp`` (composable checkpoint of each block); never
+    both."""
     sync_each_micro_batch: bool = True
     """Reduce gradients at every micro-batch under FSDP (lower memory) instead of only at the last."""
     blocks_per_unit: int = 1

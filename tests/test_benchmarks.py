@@ -84,7 +84,8 @@ def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            str(REPO / "benchmarks" / "host_overhead.py"), "--strategies", "none,fsdp,fsdp:2",
                            "--rounds", "1", "--steps", "4", "--depth", "4", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
                               if ln.startswith(("| none |", "| fsdp |", "| fsdp:2 |")) and ln.count("|") == 10)}
