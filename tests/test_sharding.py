@@ -340,6 +340,24 @@ def test_hsdp_accepted_on_two_nodes():
     assert check_launch(ShardingConfig(strategy="hsdp"), TrainConfig(batch_size=8), two_nodes).num_nodes == 2
 
 
+def test_sharding_a_world_of_one_warns_once_unless_it_offloads(monkeypatch, caplog):
+    from scaling.engine.strategies import base
+
+    monkeypatch.setattr(base, "_warned_unsharded", set())
+    one = LaunchInfo(1, 1, 0, deepspeed=False, accelerate_fsdp=False, cuda=False)
+    one_ds = LaunchInfo(1, 1, 0, deepspeed=True, accelerate_fsdp=False, cuda=False)
+    with caplog.at_level("WARNING", logger=base.__name__):
+        check_launch(ShardingConfig(strategy="fsdp"), TrainConfig(batch_size=8), one)
+        check_launch(ShardingConfig(strategy="fsdp"), TrainConfig(batch_size=8), one)  # the next cell: silent
+        check_launch(ShardingConfig(strategy="zero3", offload_optimizer=True), TrainConfig(batch_size=8), one_ds)
+        check_launch(ShardingConfig(strategy="zero2"), TrainConfig(batch_size=8), one_ds)
+        check_launch(ShardingConfig(strategy="fsdp_grad_op"), TrainConfig(batch_size=8), LAUNCH_ONE_NODE)
+        check_launch(ShardingConfig(strategy="none"), TrainConfig(batch_size=8),
+                     LaunchInfo(1, 1, 0, deepspeed=False, accelerate_fsdp=False, cuda=False))
+    warned = [r.getMessage() for r in caplog.records if "shards nothing" in r.getMessage()]
+    assert [m.split()[0] for m in warned] == ["sharding.strategy='fsdp'", "sharding.strategy='zero2'"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # No host-device synchronisation inside a step; ZeRO-3 block leaves
 # --------------------------------------------------------------------------------------------------------------

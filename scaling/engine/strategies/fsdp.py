@@ -25,7 +25,7 @@ from scaling.engine.sharding import (
     has_meta,
     materialize_from_safetensors,
 )
-from scaling.engine.strategies.base import Strategy
+from scaling.engine.strategies.base import Strategy, warn_if_nothing_to_shard
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -210,6 +210,7 @@ class FSDP2(Strategy):
                 "train.mixed_precision='fp16' under FSDP2 needs a sharded gradient scaler, which scaling does not "
                 "provide; use 'bf16' (no loss scaling needed)"
             )
+        warn_if_nothing_to_shard(sharding, launch)
 
     def prepare(self, model: nn.Module, *, weights: str | Path | None = None,
                 block_classes: tuple[type, ...] | None = None) -> None:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from scaling.config import ShardingConfig, TrainConfig
 from scaling.engine.launch import ZERO_STRATEGIES, LaunchError, LaunchInfo, compute_dtype, make_accelerator
 from scaling.engine.sharding import ShardingError, ShardReport, block_classes_for, blocks_of, has_meta
-from scaling.engine.strategies.base import HOW, Strategy
+from scaling.engine.strategies.base import HOW, Strategy, warn_if_nothing_to_shard
 
 
 def _get(cfg: dict, dotted: str):
@@ -191,6 +191,7 @@ class ZeRO(Strategy):
         super().check_launch(sharding, train, launch)
         if sharding.offload_params and s != "zero3":
             raise LaunchError(f"sharding.offload_params needs fsdp/fsdp_grad_op/hsdp or zero3, not {s!r}")
+        warn_if_nothing_to_shard(sharding, launch)
 
     def check_model(self, model: nn.Module, weights: str | Path | None) -> None:
         """DeepSpeed partitions a materialised model at prepare time; a meta-device model is refused."""
