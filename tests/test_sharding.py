@@ -352,8 +352,7 @@ def test_sharding_a_world_of_one_warns_once_unless_it_offloads(monkeypatch, capl
         check_launch(ShardingConfig(strategy="zero3", offload_optimizer=True), TrainConfig(batch_size=8), one_ds)
         check_launch(ShardingConfig(strategy="zero2"), TrainConfig(batch_size=8), one_ds)
         check_launch(ShardingConfig(strategy="fsdp_grad_op"), TrainConfig(batch_size=8), LAUNCH_ONE_NODE)
-        check_launch(ShardingConfig(strategy="none"), TrainConfig(batch_size=8),
-                     LaunchInfo(1, 1, 0, deepspeed=False, accelerate_fsdp=False, cuda=False))
+        check_launch(ShardingConfig(strategy="none"), TrainConfig(batch_size=8), one)
     warned = [r.getMessage() for r in caplog.records if "shards nothing" in r.getMessage()]
     assert [m.split()[0] for m in warned] == ["sharding.strategy='fsdp'", "sharding.strategy='zero2'"]
 

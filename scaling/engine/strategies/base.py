@@ -39,20 +39,18 @@ log = logging.getLogger(__name__)
 _warned_unsharded: set[str] = set()
 
 
-def warn_if_nothing_to_shard(sharding: ShardingConfig, launch: LaunchInfo) -> bool:
+def warn_if_nothing_to_shard(sharding: ShardingConfig, launch: LaunchInfo) -> None:
     """Warn (once per strategy and process) when a sharding strategy runs in a world of one process without offload:
     every parameter, gradient and optimizer state stays whole on that one device, so the strategy saves no memory
     and only adds its host work per step (2-4 x the step time of ``none`` on ``benchmarks/host_overhead.py``'s
-    launch-bound model). Not an error: a one-GPU debugging run of a multi-GPU config is legitimate. Returns whether
-    it warned."""
+    launch-bound model). Not an error: a one-GPU debugging run of a multi-GPU config is legitimate."""
     s = sharding.strategy
     if launch.world_size != 1 or sharding.offload_params or sharding.offload_optimizer or s in _warned_unsharded:
-        return False
+        return
     _warned_unsharded.add(s)
     log.warning("sharding.strategy=%r in a world of 1 process shards nothing (the whole model, its gradients and "
                 "optimizer state stay on this one device) and costs host time every step; on one GPU use "
                 "sharding.strategy='none', or offload (sharding.offload_params / offload_optimizer)", s)
-    return True
 
 
 class Strategy(abc.ABC):
