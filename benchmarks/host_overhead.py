@@ -3,12 +3,15 @@ zero3/none measured in one run.
 
     torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py [--rounds 5] [--steps 30] [--compile]
         [--profile TOP]
+    python benchmarks/host_overhead.py --fake-world 2 [...]      # sharded cells take the multi-rank code path
 
 A ViT of 24 blocks at width 64 on 32 px images with batch 2 does almost no arithmetic, so its step time is what
 the framework spends on the host per step: module hooks, DTensor dispatch, DeepSpeed's per-parameter bookkeeping,
 synchronisations. That is the overhead that dominates a GPU step at small per-GPU batches (the small-batch regime
 of BiT-HyperRule's batch 512 on 16+ GPUs), made measurable on a CPU. One rank under torchrun: a real process group
-(gloo) with world size 1, so every strategy runs its full code path, collectives included.
+(gloo) with world size 1, so every strategy runs with its hooks and collectives; in a world of one, though, FSDP2
+(torch 2.14) copies each parameter into its unsharded buffer instead of all-gathering, and DeepSpeed partitions
+nothing, which ``--fake-world`` (below) checks against.
 
 The strategies alternate within each round (none, fsdp, zero3, none, fsdp, zero3, ...) so load from other processes
 on a shared machine hits all alike; each cell's per-step time is the Trainer's own timer over its steps after the
@@ -18,6 +21,16 @@ CPU time also stretches under load: per-step medians moved 10x within one run) t
 stays put: it is the step that ran without being preempted. ``log_every`` is larger than the run, so no step reads a
 value back from the device. Goals: fsdp <= 1.5x and zero3 <= 2.5x the step time of none. ``fsdp:N`` in
 ``--strategies`` adds fsdp with N blocks per FSDP unit (``sharding.blocks_per_unit``).
+
+``--fake-world N`` runs every sharded cell as rank 0 of N ranks in torch's fake process group
+(``torch.testing._internal.distributed.fake_pg``: collectives return at once and move no data), each rank with the
+same ``--batch`` images, while ``none`` keeps its real group of one; the process group is rebuilt before every cell.
+So a sharded cell holds 1/N of the model and takes the code path of a multi-GPU rank (all-gather copy-in/copy-out,
+reduce-scatter, the partitioned optimizer) without its communication, which on GPUs runs on its own streams. Use
+it to check that the one-rank figures are not an artefact of the world-size-1 paths of FSDP2 and DeepSpeed. The
+gathered halves of other ranks are whatever memory held, so the numbers computed are meaningless (only the times
+are), and denormals are flushed so that garbage cannot slow the arithmetic. ``ddp`` cannot run there (its
+gradient hook needs real all-reduce results).
 
 ``zero3`` needs DeepSpeed; without it that strategy is skipped with a message.
 """
@@ -75,6 +88,38 @@ def sharding_of(cell: str) -> ShardingConfig:
     return ShardingConfig(strategy=strategy, blocks_per_unit=int(per_unit or 1))
 
 
+def use_world(size: int) -> None:
+    """Rebuild the default process group before a ``--fake-world`` cell: a real gloo group of one process
+    (``size == 1``) or rank 0 of a fake group of ``size`` ranks, with the launcher variables the Trainer reads set to
+    match; DeepSpeed's cached group references and Accelerate's process state are released with the old group."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's references to the old groups
+        else:
+            dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.update(WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size), RANK="0", LOCAL_RANK="0")
+    if size == 1:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+
+
+def enter_world(strategy: str, args) -> int:
+    """The world size a cell runs in: 1 without ``--fake-world``; else ``none`` in a real group of one and every
+    sharded cell in a fake group of ``args.fake_world`` ranks (rebuilt here)."""
+    if args.fake_world < 2:
+        return 1
+    world = 1 if sharding_of(strategy).strategy == "none" else args.fake_world
+    use_world(world)
+    return world
+
+
 def _environment(strategy: str, ds_config: Path) -> None:
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     if strategy == "zero3":
@@ -94,18 +139,19 @@ def profile_cell(strategy: str, args, ds_config: Path, top: int) -> None:
 
     from scaling.engine import Trainer
 
+    world = enter_world(strategy, args)
     _environment(sharding_of(strategy).strategy, ds_config)
-    cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
+    cfg = TrainConfig(batch_size=args.batch * world, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1)
     linear = torch.nn.functional.linear
     trainer = Trainer(make_model(args.depth, args.width), cfg, sharding_of(strategy))
-    trainer.fit(Data(args.batch * args.steps))
+    trainer.fit(Data(args.batch * world * args.steps))
     calls = cProfile.Profile()
     calls.enable()
-    trainer.fit(Data(args.batch * args.steps))
+    trainer.fit(Data(args.batch * world * args.steps))
     calls.disable()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        trainer.fit(Data(args.batch * args.steps))
+        trainer.fit(Data(args.batch * world * args.steps))
     trainer.close()
     torch.nn.functional.linear = linear
     events = prof.key_averages()
@@ -125,14 +171,16 @@ PHASES = ("forward", "backward", "step")
 ``backward``; its ``step`` does nothing)."""
 
 
-def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float, dict[str, float], int]:
+def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float, dict[str, float], int, int, float]:
     """(wall, CPU, fastest step) seconds per step of one Trainer run (its own timers, first step excluded; the
     fastest step is the wall time of the quickest whole step after the first), the seconds per step spent in
-    each of :data:`PHASES` (steps after the first), and the number of FSDP units (0 outside FSDP)."""
+    each of :data:`PHASES` (steps after the first), the number of FSDP units (0 outside FSDP), the world size the
+    cell ran in and the share of the model's parameters (ZeRO: optimizer state) this rank held."""
     from scaling.engine import Trainer
 
+    world = enter_world(strategy, args)
     _environment(sharding_of(strategy).strategy, ds_config)
-    cfg = TrainConfig(batch_size=args.batch, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
+    cfg = TrainConfig(batch_size=args.batch * world, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1, **({"compile": "blocks"} if args.compile else {}))
     linear = torch.nn.functional.linear
     trainer = Trainer(make_model(args.depth, args.width), cfg, sharding_of(strategy))
@@ -149,7 +197,8 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float,
             finally:
                 _spent[len(starts)] += time.perf_counter() - t0
         setattr(trainer.plan, phase, timed)
-    summary = trainer.fit(Data(args.batch * args.steps))
+    summary = trainer.fit(Data(args.batch * world * args.steps))
+    share = trainer.shard.share
     trainer.close()
     # DeepSpeed's ZeRO-3 default (memory_efficient_linear) replaces F.linear for the whole process; scaling turns
     # it off, but an older engine left it patched and every later cell of the run paid for it. Isolate the cells.
@@ -157,16 +206,18 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float,
     steps = [b - a for a, b in zip(starts[1:], starts[2:])]  # whole steps after the first
     phases = {p: sum(v[2:]) / (args.steps - 1) for p, v in spent.items()}  # v[k]: step k (1-based); skip step 1
     return (summary["seconds"] / (args.steps - 1), summary["cpu_seconds"] / (args.steps - 1), min(steps), phases,
-            summary["fsdp_units"])
+            summary["fsdp_units"], summary["world_size"], share)
 
 
 def report(times: dict[str, list[tuple]], args) -> None:
     """The table of median wall and CPU times and of the fastest steps, with their ratios to ``none``."""
-    print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch}, 1 rank, torch {torch.__version__}, "
-          f"compile={'blocks' if args.compile else 'off'}, {args.rounds} alternating rounds")
+    world = (f"sharded cells as rank 0 of a fake world of {args.fake_world} (no communication)"
+             if args.fake_world > 1 else "1 rank")
+    print(f"ViT depth {args.depth} width {args.width} @32 px, batch {args.batch} per rank, {world}, torch "
+          f"{torch.__version__}, compile={'blocks' if args.compile else 'off'}, {args.rounds} alternating rounds")
     print("| strategy | wall ms/step (median) | ratio | CPU ms/step (median) | ratio | fastest step ms (min) | ratio "
-          "| FSDP units | goal |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| FSDP units | world | share held | goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {s: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), min(x[2] for x in v)]
                for s, v in times.items()}
     for s in times:
@@ -174,7 +225,7 @@ def report(times: dict[str, list[tuple]], args) -> None:
         ratios = [row[i] / summary["none"][i] if "none" in summary else float("nan") for i in range(3)]
         goal = f"<= {GOALS[s]}" if s in GOALS else ""  # the goals are for the defaults (one block per unit)
         print(f"| {s} | " + " | ".join(f"{row[i] * 1e3:.1f} | {ratios[i]:.2f}" for i in range(3))
-              + f" | {times[s][-1][4]} | {goal} |")
+              + f" | {times[s][-1][4]} | {times[s][-1][5]} | {times[s][-1][6]:.2f} | {goal} |")
     print("On a shared machine the fastest step (the one least disturbed by other processes) is the robust figure; "
           "medians move with the load.")
     print("\nWhere a step goes: the strategy plan's pieces, ms per step (median over rounds; under ZeRO the optimizer "
@@ -198,14 +249,28 @@ def main():
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="train.compile=blocks for every strategy")
     p.add_argument("--ds-config", default=str(REPO / "launch" / "ds_zero3.json"), help="DeepSpeed JSON for zero3")
+    p.add_argument("--fake-world", type=int, default=1, metavar="N",
+                   help="N >= 2: sharded cells run as rank 0 of N in torch's fake process group (see above)")
     p.add_argument("--json", default="", help="also write the per-round times here")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="after the rounds, profile one warm fit per strategy: calls per step and the TOP ops")
     args = p.parse_args()
-    if "RANK" not in os.environ:
-        raise SystemExit("launch with `torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py`")
-    torch.set_num_threads(1)
     strategies = args.strategies.split(",")
+    if args.fake_world > 1:
+        if "ddp" in strategies:
+            raise SystemExit("ddp cannot run in a fake process group (its gradient hook needs real all-reduce results)")
+        torch.set_flush_denormal(True)
+    elif "RANK" not in os.environ:
+        raise SystemExit("launch with `torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py` "
+                         "(or pass --fake-world N)")
+    elif int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise SystemExit("one rank: `torchrun --standalone --nproc_per_node 1` (more ranks measure gloo, not the "
+                         "host; --fake-world N shards over N ranks without communication)")
+    # One compute thread in every cell. Accelerate sets torch's thread count to the physical cores per local process
+    # whenever OMP_NUM_THREADS is unset (accelerate/state.py, MULTI_CPU), and torchrun leaves it unset for one
+    # process: that undid set_num_threads(1), and the idle OpenMP thread spun on the second core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     if "zero3" in strategies and importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed: zero3 skipped")
         strategies.remove("zero3")

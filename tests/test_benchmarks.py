@@ -88,8 +88,29 @@ def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
-                              if ln.startswith(("| none |", "| fsdp |", "| fsdp:2 |")) and ln.count("|") == 10)}
+                              if ln.startswith(("| none |", "| fsdp |", "| fsdp:2 |")) and ln.count("|") == 12)}
     assert [rows[s][7] for s in ("none", "fsdp", "fsdp:2")] == ["0", "5", "3"], proc.stdout[-3000:]
+    assert [rows[s][8] for s in ("none", "fsdp", "fsdp:2")] == ["1", "1", "1"]  # world sizes
     times = json.loads(out.read_text())
     assert rows["none"][2] == "1.00"
     assert abs(float(rows["fsdp:2"][2]) - times["fsdp:2"][0][0] / times["none"][0][0]) <= 0.006
+
+
+def test_host_overhead_fake_world_shards_over_two_ranks_in_one_process():
+    """``--fake-world 2``: fsdp and zero3 run as rank 0 of two (each holds half of the model) in torch's fake process
+    group, ``none`` in a real group of one; two rounds, so the group is rebuilt around DeepSpeed twice (its cached
+    group references must be released with the old group, or the second zero3 engine fails). Every cell ran on one
+    compute thread: CPU time stays within wall time (Accelerate would otherwise raise the thread count)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--fake-world", "2",
+                           "--strategies", "none,fsdp,zero3", "--rounds", "2", "--steps", "4", "--depth", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
+                              if ln.startswith(("| none |", "| fsdp |", "| zero3 |")) and ln.count("|") == 12)}
+    assert {s: (rows[s][8], rows[s][9]) for s in rows} == {"none": ("1", "1.00"), "fsdp": ("2", "0.50"),
+                                                           "zero3": ("2", "0.50")}, proc.stdout[-3000:]
+    assert rows["fsdp"][7] == "5"  # 4 blocks + root
+    for s, r in rows.items():
+        wall, cpu = float(r[1]), float(r[3])
+        assert cpu <= 1.3 * wall, (s, wall, cpu)
