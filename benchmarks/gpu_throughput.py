@@ -7,6 +7,7 @@ micro-batch and ``train.compile``, with the ratio to ``none`` at the same micro-
     python benchmarks/gpu_throughput.py --budget 480        # stop starting runs that would end after 8 minutes
     python benchmarks/gpu_throughput.py --cpu-smoke --batches 8 --compile off --warmup 1 --steps 2  # no GPU: a check
     python benchmarks/gpu_throughput.py --preset sweep --strategies none,fsdp,fsdp:4   # fsdp:N = N blocks per unit
+    python benchmarks/gpu_throughput.py --fake-world 8     # one GPU as rank 0 of 8: a multi-GPU rank's path and memory
 
 Protocol (as timm's ``benchmark.py``): synthetic inputs from an in-memory dataset, bf16 compute with fp32 master
 weights, SGD momentum, ``--warmup`` steps discarded, then ``--steps`` timed steps; every run is a fresh ``torchrun``
@@ -21,6 +22,12 @@ planned sync points (the warm-up step, the log windows), so for none/ddp/fsdp th
 synchronisation inside a step fails the run and names the operation. Under ZeRO the mode is ``warn`` and the column
 counts the synchronisations per step that DeepSpeed 0.19.8 makes inside ``engine.step()`` (its host check of the
 gradient norm, ``deepspeed/runtime/utils.py`` ``is_invalid_grad_norm``).
+
+``--fake-world N`` runs every strategy but ``none`` on one GPU as rank 0 of N ranks in torch's fake process group
+(``fake_world.py``: collectives return at once and move no data): the rank holds 1/N of the model and runs the
+all-gather / reduce-scatter code of an N-GPU job, so one lent GPU shows the host work and the memory of a rank of
+that job, without its communication (which NCCL runs on its own streams). On one GPU without it, fsdp and zero3 run
+the world-size-1 paths of FSDP2 and DeepSpeed, which shard nothing. ``ddp`` cannot run in a fake world.
 
 A micro-batch that runs out of memory is retried smaller (timm ``decay_batch_step``). ``zero3`` is skipped with a
 message when DeepSpeed is not installed. On a machine without CUDA the script says so and exits with status 2.
@@ -104,6 +111,10 @@ def worker(args) -> None:
 
     arch, res = {**MODELS, **SMOKE}[args.model]
     cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if args.fake_world > 1:  # rank 0 of a fake world, launched as a plain process
+        from fake_world import enter_world
+
+        enter_world(args.fake_world)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     cfg = TrainConfig(batch_size=args.micro * world, steps=args.warmup + args.steps, lr=0.001, warmup_steps=0,
@@ -139,7 +150,8 @@ def worker(args) -> None:
     timed = trainer.history[1:]  # the first window holds the warm-up (and compilation)
     if rank0:
         out.write_text(json.dumps({
-            "model": args.model, "res": res, "strategy": args.strategy, "compile": args.compile, "gpus": world,
+            "model": args.model, "res": res, "strategy": args.strategy, "compile": args.compile, "world": world,
+            "gpus": 1 if args.fake_world > 1 else world, "fake_world": args.fake_world > 1,
             "micro": args.micro, "images_per_s": statistics.mean(h["images_per_s"] for h in timed),
             "mfu": timed[-1].get("mfu"), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "syncs_per_step": syncs / args.steps if mode == "warn" else 0.0, "fsdp_units": summary["fsdp_units"],
@@ -152,7 +164,8 @@ def run(spec: tuple, args, tmp: Path) -> dict:
     from timm.utils import decay_batch_step
 
     model, micro, compile_mode, strategy = spec
-    gpus = 1 if strategy == "none" else args.gpus
+    fake = args.fake_world if args.fake_world > 1 and strategy != "none" else 0
+    gpus = 1 if strategy == "none" or fake else args.gpus
     while micro > 0:
         out = tmp / f"{model}_{strategy}_{compile_mode}_{micro}.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
@@ -160,8 +173,9 @@ def run(spec: tuple, args, tmp: Path) -> dict:
         if strategy.startswith("zero"):
             env.update(ACCELERATE_USE_DEEPSPEED="true",
                        ACCELERATE_DEEPSPEED_CONFIG_FILE=str(REPO / "launch" / f"ds_{strategy}.json"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               __file__, "--worker", "--model", model, "--strategy", strategy, "--out", str(out), "--micro",
+        launcher = ([] if fake else
+                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)])
+        cmd = [sys.executable, *launcher, __file__, "--worker", "--fake-world", str(fake), "--model", model, "--strategy", strategy, "--out", str(out), "--micro",
                str(micro), "--compile-mode", compile_mode, "--warmup", str(args.warmup), "--steps", str(args.steps),
                *(["--cpu-smoke"] if args.cpu_smoke else [])]
         if args.cpu_smoke:
@@ -172,19 +186,20 @@ def run(spec: tuple, args, tmp: Path) -> dict:
         except subprocess.TimeoutExpired:
             code = "timeout"
         if code != 0 or not out.exists():
-            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": micro,
-                    "error": code}
+            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "world": fake or gpus,
+                    "micro": micro, "error": code}
         result = json.loads(out.read_text())
         if "sync_error" in result:
             print(result["sync_error"], flush=True)
-            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": micro,
-                    "error": "host sync inside a step"}
+            return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "world": fake or gpus,
+                    "micro": micro, "error": "host sync inside a step"}
         if not result.get("oom"):
             return result
         print(f"{model} {strategy} compile={compile_mode}: micro-batch {micro} out of memory, retrying smaller",
               flush=True)
         micro = decay_batch_step(micro, no_odd=True)
-    return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "micro": 0, "error": "oom"}
+    return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "world": fake or gpus,
+            "micro": 0, "error": "oom"}
 
 
 def main():
@@ -202,6 +217,8 @@ def main():
     p.add_argument("--budget", type=int, default=0,
                    help="seconds for the whole benchmark (0: no limit): runs that would not fit, judged by the longest "
                         "run so far, are skipped and the table is printed for those that ran (a lent GPU's minutes)")
+    p.add_argument("--fake-world", type=int, default=0, metavar="N",
+                   help="N >= 2: every strategy but none runs on one GPU as rank 0 of N fake ranks (see above)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="", help=argparse.SUPPRESS)
@@ -221,6 +238,8 @@ def main():
         raise SystemExit(2)
     args.gpus = args.gpus or torch.cuda.device_count()
     strategies = args.strategies.split(",")
+    if args.fake_world > 1 and "ddp" in strategies:
+        raise SystemExit("ddp cannot run in a fake process group (its gradient hook needs a real all-reduce result)")
     if importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed: zero* strategies skipped")
         strategies = [s for s in strategies if not s.startswith("zero")]
@@ -246,19 +265,20 @@ def main():
     none = {(r["model"], r["micro"], r["compile"]): r["images_per_s"] for r in rows
             if r["strategy"] == "none" and "error" not in r}
     print(f"\nGoals: {GOALS}\n")
-    print("| model | px | strategy | compile | GPUs | micro-batch/GPU | images/s/GPU | ratio to none | MFU | "
+    print("| model | px | strategy | compile | GPUs | ranks | micro-batch/GPU | images/s/GPU | ratio to none | MFU | "
           "peak GiB | syncs/step in step | card |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ranks = f"{r['world']} (fake)" if r.get("fake_world") or r["world"] != r["gpus"] else str(r["world"])
         if "error" in r:
-            print(f"| {r['model']} | | {r['strategy']} | {r['compile']} | {r['gpus']} | {r['micro']} | "
+            print(f"| {r['model']} | | {r['strategy']} | {r['compile']} | {r['gpus']} | {ranks} | {r['micro']} | "
                   f"failed ({r['error']}) | | | | | |")
             continue
-        per_gpu = r["images_per_s"] / r["gpus"]
+        per_gpu = r["images_per_s"] / r["world"]  # the Trainer counts the global batch: micro-batch x ranks
         base = none.get((r["model"], r["micro"], r["compile"]))
         ratio = f"{per_gpu / base:.2f}" if base else "n/a"
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
-        print(f"| {r['model']} | {r['res']} | {r['strategy']} | {r['compile']} | {r['gpus']} | {r['micro']} | "
+        print(f"| {r['model']} | {r['res']} | {r['strategy']} | {r['compile']} | {r['gpus']} | {ranks} | {r['micro']} | "
               f"{per_gpu:.1f} | {ratio} | {mfu} | {r['peak_mem_gib']:.1f} | {r['syncs_per_step']:.1f} | "
               f"{r['device']} |")
 

@@ -22,15 +22,13 @@ stays put: it is the step that ran without being preempted. ``log_every`` is lar
 value back from the device. Goals: fsdp <= 1.5x and zero3 <= 2.5x the step time of none. ``fsdp:N`` in
 ``--strategies`` adds fsdp with N blocks per FSDP unit (``sharding.blocks_per_unit``).
 
-``--fake-world N`` runs every sharded cell as rank 0 of N ranks in torch's fake process group
-(``torch.testing._internal.distributed.fake_pg``: collectives return at once and move no data), each rank with the
-same ``--batch`` images, while ``none`` keeps its real group of one; the process group is rebuilt before every cell.
-So a sharded cell holds 1/N of the model and takes the code path of a multi-GPU rank (all-gather copy-in/copy-out,
-reduce-scatter, the partitioned optimizer) without its communication, which on GPUs runs on its own streams. Use
-it to check that the one-rank figures are not an artefact of the world-size-1 paths of FSDP2 and DeepSpeed. The
-gathered halves of other ranks are whatever memory held, so the numbers computed are meaningless (only the times
-are), and denormals are flushed so that garbage cannot slow the arithmetic. ``ddp`` cannot run there (its
-gradient hook needs real all-reduce results).
+``--fake-world N`` runs every sharded cell as rank 0 of N ranks in torch's fake process group (``fake_world.py``:
+collectives move no data; outputs are filled as if every rank held rank 0's data), each rank with the same ``--batch``
+images, while ``none`` keeps a real group of one; the process group is rebuilt before every cell. So a sharded cell
+holds 1/N of the model and takes the code path of a multi-GPU rank (all-gather copy-in/copy-out, reduce-scatter, the
+partitioned optimizer) without its communication, which on GPUs runs on its own streams. Use it to check that the
+one-rank figures are not an artefact of the world-size-1 paths of FSDP2 and DeepSpeed. ``ddp`` cannot run there (its
+gradient hook needs a real all-reduce result).
 
 ``zero3`` needs DeepSpeed; without it that strategy is skipped with a message.
 """
@@ -88,35 +86,15 @@ def sharding_of(cell: str) -> ShardingConfig:
     return ShardingConfig(strategy=strategy, blocks_per_unit=int(per_unit or 1))
 
 
-def use_world(size: int) -> None:
-    """Rebuild the default process group before a ``--fake-world`` cell: a real gloo group of one process
-    (``size == 1``) or rank 0 of a fake group of ``size`` ranks, with the launcher variables the Trainer reads set to
-    match; DeepSpeed's cached group references and Accelerate's process state are released with the old group."""
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        ds_comm = sys.modules.get("deepspeed.comm.comm")
-        if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
-            ds_comm.destroy_process_group()  # also drops DeepSpeed's references to the old groups
-        else:
-            dist.destroy_process_group()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    os.environ.update(WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size), RANK="0", LOCAL_RANK="0")
-    if size == 1:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    else:
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-
-
-def enter_world(strategy: str, args) -> int:
+def cell_world(strategy: str, args) -> int:
     """The world size a cell runs in: 1 without ``--fake-world``; else ``none`` in a real group of one and every
     sharded cell in a fake group of ``args.fake_world`` ranks (rebuilt here)."""
     if args.fake_world < 2:
         return 1
+    from fake_world import enter_world as enter
+
     world = 1 if sharding_of(strategy).strategy == "none" else args.fake_world
-    use_world(world)
+    enter(world)
     return world
 
 
@@ -139,7 +117,7 @@ def profile_cell(strategy: str, args, ds_config: Path, top: int) -> None:
 
     from scaling.engine import Trainer
 
-    world = enter_world(strategy, args)
+    world = cell_world(strategy, args)
     _environment(sharding_of(strategy).strategy, ds_config)
     cfg = TrainConfig(batch_size=args.batch * world, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1)
@@ -178,7 +156,7 @@ def run_cell(strategy: str, args, ds_config: Path) -> tuple[float, float, float,
     cell ran in and the share of the model's parameters (ZeRO: optimizer state) this rank held."""
     from scaling.engine import Trainer
 
-    world = enter_world(strategy, args)
+    world = cell_world(strategy, args)
     _environment(sharding_of(strategy).strategy, ds_config)
     cfg = TrainConfig(batch_size=args.batch * world, steps=args.steps, lr=0.01, warmup_steps=0, schedule="constant",
                       log_every=args.steps + 1, **({"compile": "blocks"} if args.compile else {}))
@@ -259,7 +237,6 @@ def main():
     if args.fake_world > 1:
         if "ddp" in strategies:
             raise SystemExit("ddp cannot run in a fake process group (its gradient hook needs real all-reduce results)")
-        torch.set_flush_denormal(True)
     elif "RANK" not in os.environ:
         raise SystemExit("launch with `torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py` "
                          "(or pass --fake-world N)")

@@ -28,20 +28,42 @@ def test_gpu_throughput_script_runs_every_strategy_on_cpu_ranks():
                            "1", "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(proc.stdout)
-    # model, px, strategy, compile, GPUs, micro-batch/GPU, images/s/GPU, ratio to none, MFU, peak GiB, syncs, card
-    assert [(r[2], r[4], r[5]) for r in rows] == [("none", "1", "2"), ("fsdp", "2", "2"), ("fsdp:3", "2", "2"),
-                                                  ("zero3", "2", "2")], proc.stdout[-3000:]
+    # model, px, strategy, compile, GPUs, ranks, micro-batch/GPU, images/s/GPU, ratio to none, MFU, peak GiB, syncs,
+    # card
+    assert [(r[2], r[4], r[5], r[6]) for r in rows] == [("none", "1", "1", "2"), ("fsdp", "2", "2", "2"),
+                                                        ("fsdp:3", "2", "2", "2"), ("zero3", "2", "2", "2")], \
+        proc.stdout[-3000:]
     for r in rows:
-        assert "failed" not in r[6] and float(r[6]) > 0, r
-        assert r[8] == "n/a" and r[11] == "CPU (smoke run: no timings)", r  # no MFU without a known card
+        assert "failed" not in r[7] and float(r[7]) > 0, r
+        assert r[9] == "n/a" and r[12] == "CPU (smoke run: no timings)", r  # no MFU without a known card
     # each run's result line: ViT-Ti's 12 blocks + root as FSDP units, or 4 units of 3 + root
     results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"model"')]
     assert [(r["strategy"], r["fsdp_units"]) for r in results] == [("none", 0), ("fsdp", 13), ("fsdp:3", 5),
                                                                    ("zero3", 0)]
-    ips = {r[2]: float(r[6]) for r in rows}
-    assert rows[0][7] == "1.00"
+    ips = {r[2]: float(r[7]) for r in rows}
+    assert rows[0][8] == "1.00"
     for r in rows[1:]:  # the ratio column divides images/s per GPU by none's at the same micro-batch
-        assert abs(float(r[7]) - ips[r[2]] / ips["none"]) <= 0.006, r
+        assert abs(float(r[8]) - ips[r[2]] / ips["none"]) <= 0.006, r
+
+
+def test_gpu_throughput_fake_world_runs_rank_0_of_n_on_one_device():
+    """``--fake-world 4``: fsdp and zero3 run in one plain process as rank 0 of 4 (a quarter of the model each, the
+    multi-rank code path), none as before; images/s per GPU divides the Trainer's global rate by the 4 ranks."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--cpu-smoke",
+                           "--fake-world", "4", "--batches", "8", "--compile", "off", "--strategies",
+                           "none,fsdp,zero3", "--warmup", "1", "--steps", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert [(r[2], r[4], r[5]) for r in rows] == [("none", "1", "1"), ("fsdp", "1", "4 (fake)"),
+                                                  ("zero3", "1", "4 (fake)")], proc.stdout[-3000:]
+    results = {r["strategy"]: r for r in (json.loads(ln) for ln in proc.stdout.splitlines()
+                                          if ln.startswith('{"model"'))}
+    assert [(results[s]["world"], results[s]["fake_world"]) for s in ("none", "fsdp", "zero3")] == [
+        (1, False), (4, True), (4, True)]
+    assert results["fsdp"]["fsdp_units"] == 13
+    for r in rows[1:]:
+        assert abs(float(r[7]) - results[r[2]]["images_per_s"] / 4) <= 0.06, r
 
 
 def test_gpu_throughput_script_without_cuda_says_not_measured():
@@ -114,3 +136,74 @@ def test_host_overhead_fake_world_shards_over_two_ranks_in_one_process():
     for s, r in rows.items():
         wall, cpu = float(r[1]), float(r[3])
         assert cpu <= 1.3 * wall, (s, wall, cpu)
+
+
+FAKE_WORLD_CHECK = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from fake_world import enter_world
+
+out = {}
+enter_world(4)
+out["world"], out["backend"] = dist.get_world_size(), dist.get_backend()
+x = torch.arange(3.0)
+gathered = torch.full((12,), float("nan"))
+dist.all_gather_into_tensor(gathered, x)                  # every rank seems to hold rank 0's data
+out["gather"] = gathered.tolist()
+inplace = torch.full((12,), float("nan"))
+inplace[:3] = x
+dist.all_gather_into_tensor(inplace, inplace[:3])         # FSDP2's in-place form: the input is slot 0
+out["inplace"] = inplace.tolist()
+scattered = torch.full((3,), float("nan"))
+dist.reduce_scatter_tensor(scattered, torch.arange(12.0))  # rank 0's chunk
+out["scatter"] = scattered.tolist()
+
+from torch.distributed.fsdp import fully_shard               # the multi-rank path, with finite numbers
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+fully_shard(model[0]); fully_shard(model)
+out["local_rows"] = model[0].weight.to_local().shape[0]
+loss = model(torch.randn(4, 8)).square().mean()
+loss.backward()
+out["finite"] = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad.to_local()).all())
+                                                   for p in model.parameters())
+import fake_world                                         # the wrappers for a fake backend that leaves outputs unset
+fake_world._install_loopback()
+again = torch.full((12,), float("nan"))
+dist.all_gather_into_tensor(again, x)
+scattered = torch.full((3,), float("nan"))
+dist.reduce_scatter_tensor(scattered, torch.arange(12.0))
+direct = torch.full((12,), float("nan"))
+fake_world._fill_gather(direct, x)
+direct_inplace = torch.full((12,), float("nan"))
+direct_inplace[:3] = x
+fake_world._fill_gather(direct_inplace, direct_inplace[:3])
+direct_scatter = torch.full((3,), float("nan"))
+fake_world._fill_scatter(direct_scatter, torch.arange(12.0))
+out["wrapped"] = [again.tolist(), scattered.tolist(), direct.tolist(), direct_inplace.tolist(), direct_scatter.tolist()]
+enter_world(1)                                            # a real group of one: collectives are real again
+one = torch.zeros(3)
+dist.all_gather_into_tensor(one, x)
+out["one"] = [dist.get_world_size(), dist.get_backend(), one.tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_fake_world_collectives_act_as_if_every_rank_held_rank_0s_data():
+    """``benchmarks/fake_world.py``: rank 0 of 4 fake ranks; an all-gather fills every slot with the local shard (also
+    in place, as FSDP2 gathers), a reduce-scatter returns rank 0's chunk, so FSDP2 over the fake world computes finite
+    numbers on a quarter of the parameters — from the fake backend itself (torch 2.14) or from the wrappers installed
+    for one that leaves outputs unset; switching back to a world of one restores real collectives."""
+    proc = subprocess.run([sys.executable, "-c", FAKE_WORLD_CHECK, str(REPO / "benchmarks")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["world"], out["backend"]) == (4, "fake")
+    assert out["gather"] == [0.0, 1.0, 2.0] * 4
+    assert out["inplace"] == [0.0, 1.0, 2.0] * 4
+    assert out["scatter"] == [0.0, 1.0, 2.0]
+    assert out["local_rows"] == 2 and out["finite"]
+    tiled, chunk = [0.0, 1.0, 2.0] * 4, [0.0, 1.0, 2.0]
+    assert out["wrapped"] == [tiled, chunk, tiled, tiled, chunk]
+    assert out["one"] == [1, "gloo", [0.0, 1.0, 2.0]]
