@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -175,6 +176,32 @@ def test_deepspeed_configs_fill_every_auto_once():
     assert cfg["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
     timed = deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"timers": {"throughput": {"enabled": True}}})
     assert timed["timers"]["throughput"]["enabled"] is True
+    # DeepSpeed's automatic leaves are refused under ZeRO-3 (scaling sets the block leaves; see the test below).
+    auto_leaves = {"zero_optimization": {"stage3_module_granularity_threshold": 100_000}}
+    with pytest.raises(ValueError, match=r"my\.json: zero_optimization\.stage3_module_granularity_threshold=100000"):
+        deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, auto_leaves, "my.json", Zero3Sizes(1000, 10))
+    off = {"zero_optimization": {"stage3_module_granularity_threshold": 0}}
+    assert deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, off, "my.json", Zero3Sizes(1000, 10))
+
+
+@pytest.mark.parametrize("threshold", [0, 100_000])
+def test_deepspeed_automatic_leaves_break_a_timm_vit(threshold):
+    """Why ``deepspeed_config`` refuses ``stage3_module_granularity_threshold``: with DeepSpeed 0.19.8 alone (no scaling
+    code), a timm ViT under ZeRO-3 trains with the threshold off and fails in its first backward with it on. When this
+    test fails for 100000, DeepSpeed has fixed it: the refusal can go."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "dist_scripts" / "zero3_granularity.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(script), str(threshold)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    if threshold == 0:
+        assert out["error"] is None and len(out["losses"]) == 2
+    else:
+        assert out["losses"] == [] and "doesn't match the broadcast shape" in out["error"], out
 
 
 def test_counter_sees_host_reads():

@@ -86,6 +86,10 @@ def zero3_sizes(model: nn.Module, block_classes: tuple[type, ...]) -> Zero3Sizes
     return Zero3Sizes(block=block, width=width)
 
 
+GRANULARITY = "zero_optimization.stage3_module_granularity_threshold"
+"""DeepSpeed's automatic ZeRO-3 leaf modules: refused (scaling sets the block leaves itself)."""
+
+
 def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: int, base: dict | None = None,
                      source: str = "<built-in>", sizes: Zero3Sizes | None = None) -> dict:
     """The DeepSpeed config for this cell: ``base`` (a ``launch/*.json``) with every ``"auto"`` filled from scaling's
@@ -94,7 +98,8 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
 
     A concrete value in ``base`` that contradicts scaling's config is an error naming the key and ``source``;
     so is an ``"auto"`` scaling does not know how to fill. Under ZeRO-3 with ``sizes``, the fetch thresholds
-    (:meth:`Zero3Sizes.thresholds`) fill those that are ``"auto"`` or absent; concrete ones are kept.
+    (:meth:`Zero3Sizes.thresholds`) fill those that are ``"auto"`` or absent; concrete ones are kept. DeepSpeed's
+    automatic leaf modules (:data:`GRANULARITY`) are refused with an error naming ``source``.
     """
     if sharding.strategy not in ZERO_STRATEGIES:
         raise ValueError(f"deepspeed_config is for zero1/zero2/zero3, not {sharding.strategy!r}")
@@ -124,6 +129,15 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
                 f"{source}: {key}={current!r} contradicts scaling's config (which gives {value!r}); set it to "
                 f'"auto" so it is filled from train/sharding settings'
             )
+    granularity = _get(cfg, GRANULARITY) if stage == 3 else None
+    if granularity not in (None, 0, "auto"):
+        # DeepSpeed's automatic leaf modules (0.19.8, deepspeed/runtime/zero/parameter_offload.py) break the backward
+        # of timm's ViT even without scaling (tests/test_trainer.py pins it); scaling declares the blocks leaves.
+        raise ValueError(
+            f"{source}: {GRANULARITY}={granularity!r} is not supported: scaling already makes every backbone block "
+            f"one ZeRO-3 leaf (deepspeed.utils.set_z3_leaf_modules), and DeepSpeed 0.19.8's automatic leaves break "
+            f"the backward of timm's ViT (RuntimeError: output with shape [1] doesn't match the broadcast shape); "
+            f"remove the key")
     if stage == 3 and sizes is not None:
         for key, value in sizes.thresholds().items():
             if _get(cfg, key) in (None, "auto"):
