@@ -384,6 +384,27 @@ def test_no_host_read_inside_a_step(torch_suite, zero_suite, suite, name):
         assert deepspeed_reads == [0] * 5
 
 
+def test_zero2_in_bf16_reads_only_for_clipping(zero_suite):
+    """In bf16 (the GPU regime) scaling turns DeepSpeed's bf16 overflow check off under ZeRO-1/2: of its three host
+    reads per step (overflow flag, norm check, clip check; measured with the check on) only the clip check is left
+    (none without clipping, measured)."""
+    cell = zero_suite["zero2_bf16_syncfree"]
+    assert cell["world"] == 2
+    assert [(reads, copies, ds, syncs) for reads, copies, ds, syncs in cell["per_step"][1:]] == [(0, 0, 1, 0)] * 5
+
+
+def test_zero2_bf16_nan_gradient_fails_the_run_like_every_strategy(zero_suite):
+    """NaN gradients at step 2 with a finite loss: with the overflow check off (scaling's default) DeepSpeed applies the
+    step as FSDP and DDP do, and the Trainer's device guard fails the run at the next sync point (step 3), naming it;
+    a launch JSON with ``bf16.check_grad_overflow: true`` gets DeepSpeed's silent skip instead (the run goes on)."""
+    ours, skipped = zero_suite["zero2_bf16_nan_gradient"], zero_suite["zero2_bf16_nan_gradient_skipped"]
+    assert ours["world"] == skipped["world"] == 2
+    assert ours["check"] is False and skipped["check"] is True
+    assert ours["error"] is not None and "NaN/inf in 1 step(s) up to step 3" in ours["error"], ours
+    assert ours["logged"] == []
+    assert skipped["error"] is None and skipped["logged"] == [3, 6]
+
+
 def test_zero3_blocks_are_leaf_modules(zero_suite):
     """Each ViT block is one ZeRO-3 leaf: DeepSpeed's module hooks run once per block (plus the few modules outside
     the blocks) instead of once per submodule, and the training is unchanged."""

@@ -260,9 +260,11 @@ class Trainer:
         return 3.0 * counter.get_total_flops()
 
     def _read_window(self, window: torch.Tensor) -> tuple[float, int, int]:
-        """Sync point: (sum over ranks of the window's step losses, non-finite steps, agreed signal)."""
+        """Sync point: (sum over ranks of the window's step losses, steps whose loss was non-finite on any rank,
+        agreed signal). ``window`` is [loss sum, one non-finite flag per step of the window]."""
         with planned_sync(self.device):
-            loss_sum, nonfinite = self._all_sum(window.clone()).tolist()
+            total = self._all_sum(window.clone())
+            loss_sum, nonfinite = torch.stack([total[0], (total[1:] > 0).sum().to(total.dtype)]).tolist()
             return loss_sum, int(nonfinite), self._signals.agree(self.world_size, self.device)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +374,9 @@ class Trainer:
         interactive = sys.stderr.isatty()
         bar = tqdm(total=total, initial=start, disable=not (self.is_main and interactive), desc="train", unit="step",
                    leave=False)
-        window = torch.zeros(2, device=self.device)  # [sum of step losses, steps with a non-finite loss]
+        # [sum of step losses, a non-finite flag per step]: summed over ranks at a sync point, a step counts once
+        # however many ranks saw it. The window is reset at every log point, so log_every steps at most.
+        window = torch.zeros(1 + max(1, min(cfg.log_every, total - start)), device=self.device)
         window_steps, window_t0 = 0, time.perf_counter()
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
         final_loss = self.history[-1]["loss"] if self.history else float("nan")
@@ -420,7 +424,7 @@ class Trainer:
                     plan.step()
                     step_loss = step_loss / count
                     window[0] += step_loss
-                    window[1] += ~torch.isfinite(step_loss)
+                    window[1 + window_steps] = ~torch.isfinite(step_loss)
                     window_steps += 1
                     bar.update(1)
                 if step == start:  # time the steps after the warm-up

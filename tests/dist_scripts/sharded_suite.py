@@ -9,7 +9,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               ResNetV2 and ConvNeXt), fsdp_grad_op, hsdp (2 fake nodes), predict with padding duplicates, export;
               host reads per step (ddp, fsdp); fsdp selecting its weights on validation with early stopping
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload,
-              + selecting its weights on validation), export; host reads per step (zero1/2/3);
+              + selecting its weights on validation), export; host reads per step (zero1/2/3, zero2 in bf16);
+              zero2 in bf16 with NaN gradients (DeepSpeed's overflow check off and on);
               ZeRO-3 module-hook calls per step with and without block leaves; a ZeRO-3 checkpoint whose
               write fails on one rank only
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
@@ -121,15 +122,80 @@ def multiclass_data() -> ToyDataset:
     return ToyDataset(64, multiclass=True, unlabelled=0.25)
 
 
-def sync_cell(strategy: str, out: dict, name: str):
+def sync_cell(strategy: str, out: dict, name: str, **train):
     """Host reads per step with no log point inside the run (accumulation and clipping on)."""
     from sync_counter import syncs_per_step
 
     torch.manual_seed(0)
-    cfg = train_cfg(steps=6, log_every=100, grad_accum=2, clip_grad_norm=0.5)
+    cfg = train_cfg(steps=6, log_every=100, grad_accum=2, clip_grad_norm=0.5, **train)
     trainer = Trainer(vit(), cfg, ShardingConfig(strategy=strategy))
     out[name] = {"world": trainer.world_size, "per_step": syncs_per_step(trainer, ToyDataset(64))}
     trainer.close()
+
+
+class PoisonGradient(torch.autograd.Function):
+    """Identity forward; the backward of call number ``at`` (1-based) returns NaN gradients: a step whose loss is
+    finite but whose gradients are not."""
+
+    calls = 0
+    at = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        PoisonGradient.calls += 1
+        return torch.full_like(grad, float("nan")) if PoisonGradient.calls == PoisonGradient.at else grad
+
+
+class Poisoned(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.inner = head
+
+    def forward(self, x):
+        return PoisonGradient.apply(self.inner(x))
+
+
+def nan_gradient_cell(out: dict, name: str, check_grad_overflow: bool | None):
+    """zero2 in bf16, NaN gradients (finite loss) at step 2 of 6, sync points every 3 steps; the launch JSON sets
+    ``bf16.check_grad_overflow`` to ``check_grad_overflow`` (None: scaling's default). Records the error (or None)
+    and the steps logged."""
+    import json
+    import tempfile
+
+    from scaling.engine.strategies.zero import load_deepspeed_base
+
+    torch.manual_seed(0)
+    model = vit()
+    model.head = Poisoned(model.head)
+    PoisonGradient.calls, PoisonGradient.at = 0, 2
+    base = load_deepspeed_base("zero2")[0] or {}
+    if check_grad_overflow is not None:
+        base.setdefault("bf16", {})["check_grad_overflow"] = check_grad_overflow
+    saved = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(base, f)
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = f.name
+    try:
+        trainer = Trainer(model, train_cfg(steps=6, log_every=3, mixed_precision="bf16", warmup_steps=0,
+                                           schedule="constant"), ShardingConfig(strategy="zero2"))
+        error = None
+        try:
+            trainer.fit(ToyDataset(64))
+        except FloatingPointError as e:
+            error = str(e)
+        out[name] = {"world": trainer.world_size, "error": error, "logged": [h["step"] for h in trainer.history],
+                     "check": trainer.engine.optimizer.check_grad_overflow}
+        trainer.close()
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
+        else:
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = saved
+        os.unlink(f.name)
 
 
 def zero3_hooks_cell(out: dict, name: str, leaves: bool, depth: int = 8):
@@ -283,6 +349,9 @@ def main():
                  val=ToyDataset(23, seed=2))
         for stage in ("zero1", "zero2", "zero3"):
             sync_cell(stage, out, f"{stage}_syncfree")
+        sync_cell("zero2", out, "zero2_bf16_syncfree", mixed_precision="bf16")
+        nan_gradient_cell(out, "zero2_bf16_nan_gradient", None)
+        nan_gradient_cell(out, "zero2_bf16_nan_gradient_skipped", True)
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         zero3_save_fails_on_one_rank_cell(out, "zero3_save_fails_on_rank_1", out_dir)
