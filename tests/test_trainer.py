@@ -166,8 +166,7 @@ def test_deepspeed_configs_fill_every_auto_once():
             assert zero["stage3_prefetch_bucket_size"] == 25_200_000
             assert zero["stage3_max_live_parameters"] == 50_400_000
             assert zero["memory_efficient_linear"] is False
-        # bf16 ZeRO-1/2: DeepSpeed's overflow check (two host reads per step, silent skips) off; ZeRO-3 has none.
-        assert cfg["bf16"].get("check_grad_overflow") is (False if stage != 3 else None)
+        assert "check_grad_overflow" not in cfg["bf16"]  # DeepSpeed's default (on) stays
         # DeepSpeed's throughput timer (on by default) synchronises the device twice per step: off.
         assert DeepSpeedConfig(cfg).timers_config.enabled is False  # also raises on batch mismatch, fp16+bf16
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
@@ -178,10 +177,8 @@ def test_deepspeed_configs_fill_every_auto_once():
     assert cfg["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
     timed = deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"timers": {"throughput": {"enabled": True}}})
     assert timed["timers"]["throughput"]["enabled"] is True
-    kept = deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"bf16": {"check_grad_overflow": True}})
-    assert kept["bf16"]["check_grad_overflow"] is True  # the launch JSON's choice
-    fp32 = deepspeed_config(TrainConfig(batch_size=32), ShardingConfig(strategy="zero2"), 4, {})
-    assert "check_grad_overflow" not in fp32["bf16"]
+    kept = deepspeed_config(train, ShardingConfig(strategy="zero2"), 4, {"bf16": {"check_grad_overflow": False}})
+    assert kept["bf16"]["check_grad_overflow"] is False  # the launch JSON's choice
     # DeepSpeed's automatic leaves are refused under ZeRO-3 (scaling sets the block leaves; see the test below).
     auto_leaves = {"zero_optimization": {"stage3_module_granularity_threshold": 100_000}}
     with pytest.raises(ValueError, match=r"my\.json: zero_optimization\.stage3_module_granularity_threshold=100000"):

@@ -10,7 +10,7 @@ Suites group many checks into one launch (each launch costs seconds of imports o
               host reads per step (ddp, fsdp); fsdp selecting its weights on validation with early stopping
 * ``zero``    zero1, zero2 (+ gradient clipping), zero3 (+ bf16, + compiled blocks, + parameter/optimizer offload,
               + selecting its weights on validation), export; host reads per step (zero1/2/3, zero2 in bf16);
-              zero2 in bf16 with NaN gradients (DeepSpeed's overflow check off and on);
+              zero2 in bf16 with NaN gradients (DeepSpeed's bf16 overflow check on and off);
               ZeRO-3 module-hook calls per step with and without block leaves; a ZeRO-3 checkpoint whose
               write fails on one rank only
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
@@ -24,6 +24,7 @@ single-process run of the same config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -159,20 +160,15 @@ class Poisoned(torch.nn.Module):
         return PoisonGradient.apply(self.inner(x))
 
 
-def nan_gradient_cell(out: dict, name: str, check_grad_overflow: bool | None):
-    """zero2 in bf16, NaN gradients (finite loss) at step 2 of 6, sync points every 3 steps; the launch JSON sets
-    ``bf16.check_grad_overflow`` to ``check_grad_overflow`` (None: scaling's default). Records the error (or None)
-    and the steps logged."""
+@contextlib.contextmanager
+def launch_json(strategy: str, check_grad_overflow: bool | None):
+    """The launch's DeepSpeed JSON for ``strategy`` with ``bf16.check_grad_overflow`` set (None: as it is)."""
     import json
     import tempfile
 
     from scaling.engine.strategies.zero import load_deepspeed_base
 
-    torch.manual_seed(0)
-    model = vit()
-    model.head = Poisoned(model.head)
-    PoisonGradient.calls, PoisonGradient.at = 0, 2
-    base = load_deepspeed_base("zero2")[0] or {}
+    base = load_deepspeed_base(strategy)[0] or {}
     if check_grad_overflow is not None:
         base.setdefault("bf16", {})["check_grad_overflow"] = check_grad_overflow
     saved = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -180,6 +176,24 @@ def nan_gradient_cell(out: dict, name: str, check_grad_overflow: bool | None):
         json.dump(base, f)
     os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = f.name
     try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
+        else:
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = saved
+        os.unlink(f.name)
+
+
+def nan_gradient_cell(out: dict, name: str, check_grad_overflow: bool | None):
+    """zero2 in bf16, NaN gradients (finite loss) at step 2 of 6, sync points every 3 steps; the launch JSON sets
+    ``bf16.check_grad_overflow`` to ``check_grad_overflow`` (None: DeepSpeed's default). Records the error (or None)
+    and the steps logged."""
+    torch.manual_seed(0)
+    model = vit()
+    model.head = Poisoned(model.head)
+    PoisonGradient.calls, PoisonGradient.at = 0, 2
+    with launch_json("zero2", check_grad_overflow):
         trainer = Trainer(model, train_cfg(steps=6, log_every=3, mixed_precision="bf16", warmup_steps=0,
                                            schedule="constant"), ShardingConfig(strategy="zero2"))
         error = None
@@ -190,12 +204,6 @@ def nan_gradient_cell(out: dict, name: str, check_grad_overflow: bool | None):
         out[name] = {"world": trainer.world_size, "error": error, "logged": [h["step"] for h in trainer.history],
                      "check": trainer.engine.optimizer.check_grad_overflow}
         trainer.close()
-    finally:
-        if saved is None:
-            os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
-        else:
-            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = saved
-        os.unlink(f.name)
 
 
 def zero3_hooks_cell(out: dict, name: str, leaves: bool, depth: int = 8):
@@ -350,8 +358,10 @@ def main():
         for stage in ("zero1", "zero2", "zero3"):
             sync_cell(stage, out, f"{stage}_syncfree")
         sync_cell("zero2", out, "zero2_bf16_syncfree", mixed_precision="bf16")
+        with launch_json("zero2", check_grad_overflow=False):
+            sync_cell("zero2", out, "zero2_bf16_nocheck_syncfree", mixed_precision="bf16")
         nan_gradient_cell(out, "zero2_bf16_nan_gradient", None)
-        nan_gradient_cell(out, "zero2_bf16_nan_gradient_skipped", True)
+        nan_gradient_cell(out, "zero2_bf16_nan_gradient_nocheck", False)
         zero3_hooks_cell(out, "zero3_hooks", leaves=True)
         zero3_hooks_cell(out, "zero3_hooks_noleaf", leaves=False)
         zero3_save_fails_on_one_rank_cell(out, "zero3_save_fails_on_rank_1", out_dir)

@@ -148,13 +148,6 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
         # arguments with inspect.signature on every call: host time per linear layer, and every later non-ZeRO
         # cell in the same process pays it too. Block leaves keep a block's weights gathered through its backward.
         _set(cfg, "zero_optimization.memory_efficient_linear", False)
-    if stage < 3 and train.mixed_precision == "bf16" and _get(cfg, "bf16.check_grad_overflow") is None:
-        # DeepSpeed's bf16 overflow check (on by default; deepspeed/runtime/zero/stage_1_and_2.py, step) reads two
-        # values back per step (measured: 3 host reads per step with clipping, 2 without; off: 1 and 0) and skips a
-        # step with non-finite gradients silently. Off, a non-finite step is applied as under every other strategy,
-        # and the Trainer's device-side guard fails the run at the next sync point, naming the steps. A launch JSON
-        # that sets the key keeps it (true: DeepSpeed's skip). ZeRO-3 checks the gradient norm regardless.
-        _set(cfg, "bf16.check_grad_overflow", False)
     if train.mixed_precision == "fp16" and _get(cfg, "fp16.loss_scale") is None:
         _set(cfg, "fp16.loss_scale", 0)  # dynamic loss scaling
     if sharding.offload_optimizer:
