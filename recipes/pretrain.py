@@ -8,9 +8,9 @@
     # the same from WebDataset tar shards (``<key>.jpg`` + ``<key>.cls`` members):
     accelerate launch ... recipes/pretrain.py --backbone bit_r50x1 --data '/data/in21k/shard-*.tar' ...
 
-    # demo scale on a 2-core CPU (a few seconds):
-    python recipes/pretrain.py --backbone resnetv2_tiny --data runs/demo/data/fractal_500_10_48 --image-size 48 \\
-        --out /tmp/tiny.safetensors train.steps=50 train.batch_size=32 sharding.strategy=none
+    # demo scale on a 2-core CPU (~15 s), on the fractal images the demo study generated:
+    python recipes/pretrain.py --backbone resnetv2_tiny --recipe short --data runs/demo/data/fractal_1000_12_48 \\
+        --image-size 48 --out /tmp/tiny.safetensors train.steps=50 train.batch_size=32 sharding.strategy=none
 
     # in-domain supervised pretraining on a medical dataset of the registry (multi-label, masked BCE: unlabelled
     # findings do not count), e.g. MIMIC-CXR before fine-tuning on CheXpert; one file per backbone in a directory

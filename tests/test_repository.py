@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Pointers to files that live beside the repository (never shipped with it) or to numbered tracker items.
 OUTSIDE = re.compile(
     r"(?:DESIGN|performance|platform|anchors|bit_and_seed)\.md|reference/datasets\.md|anchors §|"  # forbidden pattern
-    r"\.\./shared/reference|shared/reference/|[Ii]ssue [0-9]+(?: point| §|,|\)|:)"
+    r"\.\./shared/reference|shared/reference/|§ ?[0-9]+ of the reference|[Ii]ssue [0-9]+(?: point| §|,|\)|:)"
 )
 
 # package -> the scaling packages it may import (besides itself). Bottom: io, config. Top: study.

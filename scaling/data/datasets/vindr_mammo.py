@@ -54,8 +54,8 @@ def load(
 
     ``split``: ``train`` (``training``), ``test`` or ``all``. Labels: ``Suspicious`` (BI-RADS 4/5 = 1, 1/2 = 0,
     3 per ``birads3``: ``negative`` or ``nan``). ``malignant_from_birads``: also emit ``Malignant`` equal to
-    ``Suspicious`` — a proxy, the harmonisation of §7 of the reference for evaluating against pathology-labelled
-    sets (CBIS-DDSM, CMMD); off by default because BI-RADS is not pathology. Attributes: ``laterality``,
+    ``Suspicious`` — a proxy (BI-RADS 4/5 as "suspicious for malignancy", ACR BI-RADS Atlas, 5th ed.) for evaluating
+    against pathology-labelled sets (CBIS-DDSM, CMMD); off by default because BI-RADS is not pathology. Attributes: ``laterality``,
     ``view``, ``density`` (A–D), ``birads``, ``split``, and from ``metadata.csv`` when present ``age``
     (``Patient's Age``) and ``manufacturer``.
     """
