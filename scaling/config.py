@@ -438,8 +438,10 @@ class CKAConfig:
     batch_size: int = 256
     """Examples per CKA minibatch (Nguyen et al. use 256; the unbiased estimator needs at least 4)."""
     scales: bool = True
-    """Also compare each larger backbone's fine-tuned blocks with the smallest backbone's of the same source,
-    fraction and seed (``runs/<id>/cka_vs/<other id>.parquet``), after the grid."""
+    """Also compare each larger backbone's fine-tuned blocks with the smallest backbone's of the same source and
+    seed at the largest fraction (the report's ``cka_scales``): every fine-tuned run keeps its per-minibatch Gram
+    matrices (``runs/<id>/cka_grams.safetensors``, ~0.25 MB per layer per ``batch_size`` images). ``false`` stores
+    none, and the report has no cross-scale map."""
 
     def __post_init__(self):
         _positive("cka.max_examples", self.max_examples)

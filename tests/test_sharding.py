@@ -142,8 +142,10 @@ def test_sharded_ranks_select_and_stop_on_validation_like_one_process(torch_suit
     assert ref["best_step"] == cell["summary"]["best_step"] == 2
     assert ref["steps"] == cell["summary"]["steps"] == 6 and cell["summary"]["stopped_early"] is True
     assert sorted(cell["val"]) == sorted(tracker.val) == [2, 4, 6]
+    # (val loss, AUROC) per validation point: the loss (~5 by step 6) is a sum whose order differs between 2 ranks
+    # and one process, so it agrees in relative terms (seen: 2.1e-6); the AUROC to FP32_TOL absolute.
     np.testing.assert_allclose([cell["val"][s] for s in (2, 4, 6)], [tracker.val[s] for s in (2, 4, 6)],
-                               rtol=0, atol=FP32_TOL)
+                               rtol=1e-5, atol=FP32_TOL)
     assert max_param_diff(cell["params"], params) <= FP32_TOL
 
 

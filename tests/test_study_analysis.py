@@ -208,3 +208,35 @@ def test_cka_between_scales_is_cka_of_the_two_fine_tuned_models(grown):
     for la, xa in feats["vit_micro"].items():
         for lb, xb in feats["resnetv2_tiny"].items():
             assert got[(la, lb)] == pytest.approx(linear_cka(xa, xb), abs=1e-4)
+
+
+def test_cka_scales_off_keeps_no_gram_matrices_and_on_again_fills_in_only_the_missing(grown, tmp_path):
+    """``cka.scales: false``: a fine-tuned run's CKA keeps no Gram matrices (write_cka), and a store that has them
+    keeps them (nothing is recomputed or removed); turned on again, only the run without them gets its CKA
+    recomputed from its stored weights, and its Gram matrices equal the ones computed the first time."""
+    import shutil
+
+    from scaling.study.protocols import GRAMS_FILE, write_cka
+
+    cfg, store, *_ = grown
+    x, y = torch.randn(8, 3), torch.randn(8, 5)
+    off = dataclasses.replace(cfg.cka, scales=False, batch_size=4)
+    scratch = RunStore(tmp_path / "scratch")
+    write_cka(scratch, "r", {"features": {"a": x}}, {"features": {"a": y}}, off, "key")
+    assert (scratch.run_dir("r") / "cka.parquet").is_file() and not (scratch.run_dir("r") / GRAMS_FILE).exists()
+
+    copy = RunStore(shutil.copytree(store.root, tmp_path / "store"))
+    over = [f"output_dir={copy.root}", OOD, "cka.max_examples=48"]
+    run_study(load_config(None, overrides(copy.root, *over, "cka.scales=false")), report=False)
+    tuned = sorted(set(count(copy.root, "cka")))
+    assert count(copy.root, "cka") == count(store.root, "cka")  # nothing recomputed
+    assert all((copy.run_dir(r) / GRAMS_FILE).is_file() for r in tuned)  # nothing removed
+    before = load_file(copy.run_dir(tuned[0]) / GRAMS_FILE)
+    (copy.run_dir(tuned[0]) / GRAMS_FILE).unlink()
+    run_study(load_config(None, overrides(copy.root, *over)), report=False)
+    again = count(copy.root, "cka")
+    assert {r: again[r] - count(store.root, "cka")[r] for r in tuned} == {r: int(r == tuned[0]) for r in tuned}
+    after = load_file(copy.run_dir(tuned[0]) / GRAMS_FILE)
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-4, rtol=1e-4)

@@ -11,8 +11,9 @@ Files a cell writes besides the usual ones (docs/run-store.md):
   which a new evaluation set is predicted without refitting;
 * ``runs/<id>/cka.parquet``: a fine-tuned run's CKA between its initialisation and its fine-tuned blocks (every
   pair of layers; the diagonal is the per-block curve);
-* ``runs/<id>/cka_grams.safetensors``: the fine-tuned model's per-minibatch Gram matrices on the CKA sample, which
-  is all that minibatch CKA needs to compare two runs later (the report compares backbone scales with them);
+* ``runs/<id>/cka_grams.safetensors`` (with ``cka.scales``): the fine-tuned model's per-minibatch Gram matrices on
+  the CKA sample, which is all that minibatch CKA needs to compare two runs later (the report compares backbone
+  scales with them);
 * ``features/<id of the cell's full-data probe>/<set>.safetensors``: pooled pre-logit features shared by every
   probe cell of one backbone × source × seed (every fraction and k-shot subset is a row subset of the cached
   training set).
@@ -175,8 +176,9 @@ def sample_key(table: pd.DataFrame) -> str:
 
 
 def write_cka(store: RunStore, rid: str, init: dict, tuned: dict, cka: CKAConfig, samples: str) -> pd.DataFrame:
-    """Store the run's CKA table (initialisation vs fine-tuned, every pair of layers) and its fine-tuned Gram
-    matrices; record the CKA settings in evaluation.json. Main process; returns the table."""
+    """Store the run's CKA table (initialisation vs fine-tuned, every pair of layers) and, when ``cka.scales``, its
+    fine-tuned Gram matrices (for the report's comparison of backbone scales); record the CKA settings in
+    evaluation.json. Main process; returns the table."""
     from safetensors.torch import save_file
 
     from scaling.analysis.cka import cka_from_grams, gram_batches
@@ -186,10 +188,11 @@ def write_cka(store: RunStore, rid: str, init: dict, tuned: dict, cka: CKAConfig
     gb = gram_batches(tuned["features"], names, cka.batch_size)
     table = cka_from_grams(ga, names, gb, names)
     atomic_write_parquet(store.run_dir(rid) / CKA_FILE, table)
-    # float32: a quarter of a megabyte per layer per 256-example batch; CKA from them agrees with float64 to 1e-5.
-    tensors = {f"{i}": g.to(torch.float32).contiguous() for i, g in enumerate(gb)}
-    meta = {"layers": json.dumps(names), "samples": samples}
-    atomic_write(store.run_dir(rid) / GRAMS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    if cka.scales:
+        # float32: a quarter of a megabyte per layer per 256-example batch; CKA from them agrees with float64 to 1e-5.
+        tensors = {f"{i}": g.to(torch.float32).contiguous() for i, g in enumerate(gb)}
+        meta = {"layers": json.dumps(names), "samples": samples}
+        atomic_write(store.run_dir(rid) / GRAMS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
     record = store.read_evaluation(rid)
     store.write_evaluation(rid, {**record, "cka": cka_settings(cka)})
     return table
@@ -229,8 +232,12 @@ def scale_cka(store: RunStore, small: str, large: str) -> pd.DataFrame | None:
 
 
 def cka_pending(cfg: StudyConfig, store: RunStore, rid: str, spec: RunSpec) -> bool:
-    """A finished fine-tuned run whose CKA table is missing or was made with other CKA settings."""
+    """A finished fine-tuned run whose CKA table is missing or was made with other CKA settings, or that lacks the
+    Gram matrices ``cka.scales`` asks for (a store made with ``scales: false``). Files made with ``scales: true``
+    stay when a later run turns it off."""
     if not cka_wanted(cfg, spec):
         return False
-    return (not (store.run_dir(rid) / CKA_FILE).is_file()
-            or store.read_evaluation(rid).get("cka") != cka_settings(cfg.cka))
+    run_dir = store.run_dir(rid)
+    return (not (run_dir / CKA_FILE).is_file()
+            or store.read_evaluation(rid).get("cka") != cka_settings(cfg.cka)
+            or (cfg.cka.scales and not (run_dir / GRAMS_FILE).is_file()))
