@@ -28,9 +28,31 @@ class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message names the field."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping sets one key twice (YAML says keys are unique; PyYAML would keep the last silently)."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 booleans: only true/false. YAML 1.1 reads ``off``/``no``/``on``/``yes``
-    as booleans, which silently turns ``wandb: off`` or ``mixed_precision: no`` into False."""
+    as booleans, which silently turns ``wandb: off`` or ``mixed_precision: no`` into False. A key repeated in one
+    mapping, at any depth, is a :class:`DuplicateKeyError` (PyYAML would keep the last value and drop the rest)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if first is not key_node:
+                    raise DuplicateKeyError(
+                        None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first set at "
+                        f"line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -53,8 +75,18 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{name}={value!r} must be {bound}")
+
+
+def _file_name(name: str, value: str) -> None:
+    """``value`` names files and directories in the run store: non-empty, no path separators, not ``.``/``..``."""
+    if not value.strip() or value in (".", "..") or "/" in value or "\\" in value:
+        raise ConfigError(f"{name}={value!r} must be a non-empty name without '/' or '\\' (it names files in the "
+                          f"run store)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -67,7 +99,8 @@ class EvalSetConfig:
     """An evaluation set: a dataset split, optionally filtered by attribute values (e.g. another site)."""
 
     name: str
-    """Name used in the run store and reports (e.g. ``test``, ``ood_site_b``, ``nih``)."""
+    """Name used in the run store and reports (e.g. ``ood_site_b``, ``nih``); unique among ``data.ood`` and none of
+    ``train``, ``val``, ``test`` (the study's own splits)."""
     dataset: str = ""
     """Dataset name in ``scaling.data``; empty = the training dataset."""
     root: str = ""
@@ -78,6 +111,13 @@ class EvalSetConfig:
     """Attribute filters: ``{column: value or [values]}``; rows not matching are dropped (logged)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword options for the dataset's loader."""
+
+    def __post_init__(self):
+        _file_name("data.ood[].name", self.name)
+
+
+RESERVED_EVAL_SETS = ("train", "val", "test")
+"""Split names of the study's own data (``scaling.study.runner``): an OOD set may not take one."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +153,7 @@ class DataConfig:
     image_size: int = 64
     """Training/eval resolution in pixels (square)."""
     num_workers: int = 0
-    """DataLoader workers per process."""
+    """DataLoader workers per process (0 = load in the main process)."""
     cache: bool = True
     """Decode + resize each image once into a memory-mapped cache keyed by sample id."""
     on_bad_image: str = "error"
@@ -121,15 +161,17 @@ class DataConfig:
     flip: bool = False
     """Random horizontal flips in training (dermatology: yes; chest X-ray: no, laterality carries meaning)."""
     ood: tuple[EvalSetConfig, ...] = ()
-    """Out-of-distribution evaluation sets."""
+    """Out-of-distribution evaluation sets, each with its own name (not ``train``, ``val`` or ``test``)."""
     subgroups: tuple[str, ...] = ("sex", "age_group")
     """Attribute columns to report metrics per subgroup (``age_group`` is derived from ``age_bins``)."""
     age_bins: tuple[float, ...] = (0.0, 40.0, 60.0, 80.0, 200.0)
-    """Edges of the age bins for ``age_group`` (left-closed)."""
+    """Edges of the age bins for ``age_group`` (left-closed): at least two strictly increasing whole numbers of
+    years, which name the groups (``40-60``; ``80+`` for a last edge >= 120)."""
 
     def __post_init__(self):
         _choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
         _positive("data.image_size", self.image_size)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0 <= self.test_fraction < 1:
@@ -143,8 +185,29 @@ class DataConfig:
         if self.task == "multiclass" and len(self.labels) < 2:
             raise ConfigError(f"data.task='multiclass' needs at least two classes in data.labels, got {list(self.labels)}")
         self._check_derived_labels()
-        if list(self.age_bins) != sorted(self.age_bins):
-            raise ConfigError(f"data.age_bins={list(self.age_bins)} must be increasing")
+        self._check_age_bins()
+        self._check_ood_names()
+
+    def _check_age_bins(self) -> None:
+        edges = list(self.age_bins)
+        if len(edges) < 2:
+            raise ConfigError(f"data.age_bins={edges} needs at least two edges (one age group)")
+        if not all(math.isfinite(e) and float(e).is_integer() for e in edges):
+            raise ConfigError(f"data.age_bins={edges} must be finite whole numbers of years (they name the groups, "
+                              f"e.g. '40-60')")
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"data.age_bins={edges} must be strictly increasing")
+
+    def _check_ood_names(self) -> None:
+        first: dict[str, int] = {}
+        for i, eval_set in enumerate(self.ood):
+            if eval_set.name in RESERVED_EVAL_SETS:
+                raise ConfigError(f"data.ood[{i}].name={eval_set.name!r} is reserved for the study's own split; "
+                                  f"name OOD sets otherwise (reserved: {list(RESERVED_EVAL_SETS)})")
+            j = first.setdefault(eval_set.name, i)
+            if j != i:
+                raise ConfigError(f"data.ood[{i}].name={eval_set.name!r} repeats data.ood[{j}].name; each OOD set "
+                                  f"needs its own name")
 
     def _check_derived_labels(self) -> None:
         if self.derived_labels and self.task != "multiclass":
@@ -181,11 +244,15 @@ class ModelConfig:
     """Weight source: ``scratch``, ``hub`` (timm/HF hub tag of the preset), ``hub:<timm tag>``, a local file
     (``.safetensors``, ``.pt``/``.pth``/``.bin``, BiT ``.npz``), or ``upstream:<name>`` (a demo pretraining run)."""
     drop_path_rate: float = 0.0
-    """Stochastic depth rate passed to timm."""
+    """Stochastic depth rate passed to timm, in [0, 1)."""
     zero_init_head: bool = True
     """Zero-initialise the new head, as BiT does."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``)."""
+
+    def __post_init__(self):
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate!r} must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,17 +277,18 @@ class TrainConfig:
     lr: float = 0.003
     """Peak learning rate."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum, in [0, 1) (AdamW does not use it)."""
     weight_decay: float = 0.0
     """Weight decay (BiT-HyperRule: none). Never applied to the model's ``no_weight_decay()`` set or to norms/biases."""
     layer_decay: float = 1.0
-    """Layer-wise LR decay factor (1.0 = off); groups come from timm's ``group_matcher``."""
+    """Layer-wise LR decay factor in (0, 1] (1.0 = off); groups come from timm's ``group_matcher``."""
     schedule: str = "cosine"
     """``bit`` (warmup then x0.1 at 30/60/90 %), ``cosine`` (warmup then cosine), ``constant``."""
     warmup_steps: int = 10
-    """Linear warmup steps."""
+    """Linear warmup steps (0 = none)."""
     steps: int = 0
-    """Training length in optimizer steps. Exactly one of steps / epochs / examples must be > 0."""
+    """Training length in optimizer steps (0 = unset). At most one of steps / epochs / examples may be > 0; with
+    none set, the BiT-HyperRule length for the run's training-set size (``scaling.engine.schedule.total_steps``)."""
     epochs: float = 0.0
     """Training length in epochs of the (fraction-subset) training set."""
     examples: int = 0
@@ -241,7 +309,7 @@ class TrainConfig:
     ``:4096:8``): bit-identical reruns on GPU at a speed cost (docs/scaling-out.md); CPU runs are bit-identical
     anyway. Process-wide while a Trainer with it lives."""
     log_every: int = 10
-    """Log throughput and loss every N optimizer steps."""
+    """Log throughput and loss every N optimizer steps (>= 1)."""
     eval_every: int = 0
     """Validate every N steps (0 = only at the end): validation loss and macro AUROC (``torchmetrics``)."""
     checkpoint_every: int = 0
@@ -276,6 +344,15 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum={self.momentum!r} must be in [0, 1)")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay={self.layer_decay!r} must be in (0, 1] (1 = off)")
+        for name in ("weight_decay", "warmup_steps", "steps", "epochs", "examples", "mixup_alpha", "clip_grad_norm",
+                     "checkpoint_every"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
         if sum(x > 0 for x in (self.steps, self.epochs, self.examples)) > 1:
             raise ConfigError("set only one of train.steps, train.epochs, train.examples")
         if self.batch_size % self.grad_accum:
@@ -345,21 +422,22 @@ class EvalConfig:
     """Statistics computed from stored predictions."""
 
     n_boot: int = 200
-    """Cluster-bootstrap replicates (resampled by patient) for confidence intervals."""
+    """Cluster-bootstrap replicates (resampled by patient) for confidence intervals; 0 = no bootstrap (every
+    ``lo``/``hi`` is NaN)."""
     alpha: float = 0.05
     """1 - confidence level of every interval."""
     min_group_size: int = 10
-    """Subgroups smaller than this are reported with n and NaN metrics."""
+    """Subgroups smaller than this are reported with n and NaN metrics (0 = report every group)."""
     ece_bins: int = 10
-    """Equal-width bins for ECE."""
+    """Equal-width bins for ECE (>= 1)."""
     threshold: str = "max_f1"
     """Operating point chosen on validation: ``max_f1``, ``sens90`` (sensitivity 0.9), ``spec90``, ``fixed``."""
     fixed_threshold: float = 0.5
-    """Threshold when ``threshold: fixed``."""
+    """Threshold when ``threshold: fixed``, a probability in [0, 1]."""
     bootstrap_seed: int = 0
     """Seed of the patient resampling; the same seed gives every run the same replicates (paired comparisons)."""
     batch_size: int = 64
-    """Per-process batch size for prediction."""
+    """Per-process batch size for prediction (>= 1)."""
     aggregate: tuple[str, ...] = ()
     """Also evaluate per ``breast`` and/or per ``exam`` (mammography): image probabilities pooled by max and by
     mean over the views, beside the image-level numbers (``scaling.metrics.exam``; docs/metrics.md)."""
@@ -368,6 +446,13 @@ class EvalConfig:
         _choice("eval.threshold", self.threshold, ("max_f1", "sens90", "spec90", "fixed"))
         if not 0 < self.alpha < 1:
             raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1)")
+        _positive("eval.n_boot", self.n_boot, allow_zero=True)
+        _positive("eval.min_group_size", self.min_group_size, allow_zero=True)
+        for name in ("ece_bins", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.fixed_threshold <= 1:
+            raise ConfigError(f"eval.fixed_threshold={self.fixed_threshold!r} must be a probability in [0, 1]")
         for level in self.aggregate:
             _choice("eval.aggregate", level, ("breast", "exam"))
         if len(set(self.aggregate)) != len(self.aggregate):
@@ -472,6 +557,15 @@ class UpstreamConfig:
     """Batch size."""
     lr: float = 0.05
     """Peak learning rate (SGD, cosine)."""
+
+    def __post_init__(self):
+        _file_name("upstream[].name", self.name)
+        for name in ("num_images", "image_size", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"upstream[].{name}={getattr(self, name)} must be >= 1")
+        if self.num_classes < 2:
+            raise ConfigError(f"upstream[].num_classes={self.num_classes} must be >= 2")
+        _positive("upstream[].lr", self.lr)
 
 
 PROTOCOLS = ("finetune", "linear_probe")
@@ -585,7 +679,7 @@ class StudyConfig:
     name: str = "demo"
     """Study name (W&B group, report title)."""
     output_dir: str = "runs/demo"
-    """Run store directory."""
+    """Run store directory (required: an empty path is an error)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -599,7 +693,7 @@ class StudyConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Tracking settings."""
     upstream: tuple[UpstreamConfig, ...] = ()
-    """Upstream pretraining runs referenced by ``upstream:<name>`` sources."""
+    """Upstream pretraining runs referenced by ``upstream:<name>`` sources, each with its own name."""
     grid: GridConfig = field(default_factory=GridConfig)
     """Study axes."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -608,6 +702,14 @@ class StudyConfig:
     """Representation-similarity analysis of fine-tuned runs."""
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError(f"output_dir={self.output_dir!r} is empty; name the run store directory")
+        first: dict[str, int] = {}
+        for i, up in enumerate(self.upstream):
+            j = first.setdefault(up.name, i)
+            if j != i:
+                raise ConfigError(f"upstream[{i}].name={up.name!r} repeats upstream[{j}].name; each upstream run "
+                                  f"needs its own name")
         known = {u.name for u in self.upstream}
         sources = [*self.grid.pretrained, *(s for g in self.grid.also for s in g.pretrained or ())]
         for src in sources:
@@ -702,6 +804,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except ConfigError as e:  # a list item's check names ``section[].field``: say which item
+        m = re.fullmatch(r"(.+)\[(\d+)\]", prefix)
+        if m and str(e).startswith(f"{m.group(1)}[]"):
+            raise ConfigError(f"{prefix}{str(e)[len(m.group(1)) + 2:]}") from None
+        raise
 
 
 def to_dict(cfg: Any) -> Any:
@@ -728,6 +835,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         key, raw = ov.split("=", 1)
         try:
             value = read_yaml(raw) if raw != "" else ""
+        except DuplicateKeyError as e:
+            raise ConfigError(f"override {ov!r}: {e.problem}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {ov!r}: value is not valid YAML ({e})") from None
         node: Any = out
@@ -767,7 +876,16 @@ def _read_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = read_yaml(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a YAML "
+                          f"file?") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = read_yaml(text) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {path}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -809,7 +927,7 @@ def compose(path: str | Path | None = None, overrides: list[str] | tuple[str, ..
     return apply_overrides(data, overrides)
 
 
-_KEY = re.compile(r"[A-Za-z_]\w*(?:\.\w+|\[\d+\])+")
+_KEY = re.compile(r"[A-Za-z_]\w*(?:\.\w+|\[\d+\])*")
 
 
 def _has_path(data: Any, parts: list[str]) -> bool:
@@ -823,11 +941,22 @@ def _has_path(data: Any, parts: list[str]) -> bool:
     return True
 
 
+def _keys(message: str) -> list[str]:
+    """The config keys an error message may name, in order: dotted ones (``train.lr``, ``data.ood[1].name``)
+    anywhere, a single word (``train``) only where a key stands: at the start or quoted after ``key``."""
+    keys = []
+    for m in _KEY.finditer(message):
+        word = m.group(0)
+        single = "." not in word and "[" not in word
+        if single and m.start() > 0 and not message[:m.start()].endswith("key '"):
+            continue
+        keys.append(re.sub(r"\[(\d+)\]", r".\1", word))
+    return keys
+
+
 def _blame(message: str, layers: list[tuple[str, dict]], overrides) -> str:
     """Where the key an error names was set: ``in override `k=v` ``, ``in <file>``, or the top file."""
-    m = _KEY.search(message)
-    key = re.sub(r"\[(\d+)\]", r".\1", m.group(0)) if m else ""
-    if key:
+    for key in _keys(message):
         for ov in reversed(list(overrides)):
             k = ov.split("=", 1)[0].strip()
             if key == k or key.startswith(k + ".") or k.startswith(key + "."):

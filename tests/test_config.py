@@ -1,10 +1,12 @@
 """Config loading: every recipe YAML loads; typos, wrong types and bad values are rejected with the field named."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from scaling.config import ConfigError, StudyConfig, from_dict, load_config, save_config, to_dict
+from scaling.config import (ConfigError, EvalConfig, StudyConfig, TrainConfig, UpstreamConfig, from_dict, load_config,
+                            save_config, to_dict)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
 
@@ -180,3 +182,148 @@ def test_shipped_chexpert_studies_share_one_data_block():
     bit, vit = load_config(root / "chexpert_bit.yaml"), load_config(root / "chexpert_vit.yaml")
     assert bit.data == vit.data and len(bit.data.ood) == 2
     assert "\ndata:" not in (root / "chexpert_bit.yaml").read_text()  # the block lives in one fragment
+
+
+def test_duplicate_yaml_keys_are_refused_naming_file_key_and_line(tmp_path):
+    top = _write(tmp_path / "s.yaml", "train: {lr: 0.1, batch_size: 8}\ngrid: {seeds: [0]}\ntrain: {steps: 5}\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: duplicate key 'train' at line 3 \(first set at line 1\)"):
+        load_config(top)
+    nested = _write(tmp_path / "parts" / "d.yaml", "data:\n  options:\n    views: [frontal]\n    views: [lateral]\n")
+    with pytest.raises(ConfigError, match=r"parts/d\.yaml: duplicate key 'views' at line 4 \(first set at line 3\)"):
+        load_config(_write(tmp_path / "t.yaml", "defaults: [parts/d.yaml]\n"))
+    flow = _write(tmp_path / "f.yaml", "data: {ood: [{name: a, root: /x, root: /y}]}\n")
+    with pytest.raises(ConfigError, match=r"f\.yaml: duplicate key 'root' at line 1"):
+        load_config(flow)
+    with pytest.raises(ConfigError, match=r"override 'data\.options=\{a: 1, a: 2\}': duplicate key 'a'"):
+        load_config(None, ["data.options={a: 1, a: 2}"])
+    # YAML merge keys are not duplicates: a key of the mapping overrides the merged one
+    nested.write_text("x-base: &b {a: 1, b: 2}\ndata:\n  options: {<<: *b, a: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'x-base'"):  # the anchor's home is not a config key
+        load_config(tmp_path / "t.yaml")
+    nested.write_text("model:\n  kwargs: &k {a: 1, b: 2}\ndata:\n  options: {<<: *k, a: 3}\n")
+    assert load_config(tmp_path / "t.yaml").data.options == {"a": 3, "b": 2}
+
+
+def test_a_binary_config_file_is_a_config_error_naming_it(tmp_path):
+    f = tmp_path / "weights.yaml"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"config file .*weights\.yaml is not UTF-8 text"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, match", [
+    # accepted before, failing only after training (or silently meaning something else)
+    ("eval.batch_size=0", r"eval\.batch_size=0 must be >= 1"),
+    ("eval.ece_bins=0", r"eval\.ece_bins=0 must be >= 1"),
+    ("eval.n_boot=-1", r"eval\.n_boot=-1 must be >= 0"),
+    ("eval.min_group_size=-1", r"eval\.min_group_size=-1 must be >= 0"),
+    ("eval.fixed_threshold=1.5", r"eval\.fixed_threshold=1\.5 must be a probability in \[0, 1\]"),
+    ("train.log_every=0", r"train\.log_every=0 must be >= 1"),
+    ("model.drop_path_rate=2", r"model\.drop_path_rate=2\.0 must be in \[0, 1\)"),
+    ("model.drop_path_rate=1", r"model\.drop_path_rate=1\.0 must be in \[0, 1\)"),
+    ("train.momentum=-5", r"train\.momentum=-5\.0 must be in \[0, 1\)"),
+    ("train.momentum=1", r"train\.momentum=1\.0 must be in \[0, 1\)"),
+    ("train.lr=.nan", r"train\.lr=nan must be a finite number > 0"),
+    ("train.lr=.inf", r"train\.lr=inf must be a finite number > 0"),
+    ("train.lr=0", r"train\.lr=0\.0 must be > 0"),
+    ("train.steps=-5", r"train\.steps=-5 must be >= 0"),
+    ("train.epochs=-1", r"train\.epochs=-1\.0 must be >= 0"),
+    ("train.epochs=.nan", r"train\.epochs=nan must be a finite number >= 0"),
+    ("train.examples=-10", r"train\.examples=-10 must be >= 0"),
+    ("train.warmup_steps=-1", r"train\.warmup_steps=-1 must be >= 0"),
+    ("train.mixup_alpha=-0.2", r"train\.mixup_alpha=-0\.2 must be >= 0"),
+    ("train.weight_decay=-0.0001", r"train\.weight_decay=-0\.0001 must be >= 0"),
+    ("train.clip_grad_norm=-1", r"train\.clip_grad_norm=-1\.0 must be >= 0"),
+    ("train.checkpoint_every=-1", r"train\.checkpoint_every=-1 must be >= 0"),
+    ("train.layer_decay=0", r"train\.layer_decay=0\.0 must be in \(0, 1\]"),
+    ("data.num_workers=-2", r"data\.num_workers=-2 must be >= 0"),
+    ("output_dir=", r"output_dir='' is empty"),
+    ("output_dir=' '", r"output_dir=' ' is empty"),
+    # age groups: pd.cut needs at least two strictly increasing edges, and the edges name the groups
+    ("data.age_bins=[]", r"data\.age_bins=\[\] needs at least two edges"),
+    ("data.age_bins=[40]", r"data\.age_bins=\[40\.0\] needs at least two edges"),
+    ("data.age_bins=[0,40,40,200]", r"data\.age_bins=\[0\.0, 40\.0, 40\.0, 200\.0\] must be strictly increasing"),
+    ("data.age_bins=[0,60,40]", r"data\.age_bins=.* must be strictly increasing"),
+    ("data.age_bins=[0,.inf]", r"data\.age_bins=\[0\.0, inf\] must be finite whole numbers"),
+    ("data.age_bins=[0,40.5,200]", r"data\.age_bins=.* must be finite whole numbers"),
+    # upstream runs: sizes the generator and the trainer need
+    ("upstream=[{name: up, num_images: 0}]", r"upstream\[0\]\.num_images=0 must be >= 1"),
+    ("upstream=[{name: a}, {name: b, steps: 0}]", r"upstream\[1\]\.steps=0 must be >= 1"),
+    ("upstream=[{name: up, num_classes: 1}]", r"upstream\[0\]\.num_classes=1 must be >= 2"),
+    ("upstream=[{name: up, lr: -1}]", r"upstream\[0\]\.lr=-1\.0 must be > 0"),
+    ("upstream=[{name: ''}]", r"upstream\[0\]\.name='' must be a non-empty name"),
+])
+def test_values_that_fail_later_are_refused_at_load(override, match):
+    with pytest.raises(ConfigError, match=match + f".* in override `{re.escape(override)}`$"):
+        load_config(None, [override])
+
+
+def test_refused_values_name_the_file_that_set_them(tmp_path):
+    frag = _write(tmp_path / "parts" / "eval.yaml", "eval:\n  ece_bins: 0\n")
+    top = _write(tmp_path / "s.yaml", "defaults: [parts/eval.yaml]\ndata: {age_bins: [0, 40, 200]}\n")
+    with pytest.raises(ConfigError, match=r"eval\.ece_bins=0 must be >= 1 in .*parts/eval\.yaml$"):
+        load_config(top)
+    frag.write_text("upstream:\n  - {name: up}\n  - {name: big, num_images: 0}\n")
+    with pytest.raises(ConfigError, match=r"upstream\[1\]\.num_images=0 must be >= 1 in .*parts/eval\.yaml$"):
+        load_config(top)
+    frag.write_text("eval: {n_boot: 0}\n")
+    top.write_text("defaults: [parts/eval.yaml]\ndata: {age_bins: [0, 40, 40, 200]}\n")
+    with pytest.raises(ConfigError, match=r"data\.age_bins=.* must be strictly increasing in .*s\.yaml$"):
+        load_config(top)
+
+
+def test_documented_zero_settings_still_load():
+    """0 is "off" / "unset" where the field says so; these keep loading."""
+    cfg = load_config(None, ["eval.n_boot=0", "eval.min_group_size=0", "train.warmup_steps=0", "train.mixup_alpha=0",
+                             "train.clip_grad_norm=0", "train.checkpoint_every=0", "train.momentum=0",
+                             "model.drop_path_rate=0", "data.num_workers=0", "eval.fixed_threshold=0"])
+    assert cfg.eval.n_boot == 0 and cfg.train.warmup_steps == 0
+    # no length set: the BiT-HyperRule length (scaling.engine.schedule.total_steps); steps=0 means unset
+    none = load_config(None, ["train.steps=0", "train.epochs=0", "train.examples=0"]).train
+    assert (none.steps, none.epochs, none.examples) == (0, 0.0, 0)
+    assert load_config(None, ["train.steps=0", "train.examples=3200"]).train.examples == 3200
+
+
+def test_standalone_sections_check_their_values():
+    with pytest.raises(ConfigError, match=r"upstream\[\]\.num_images=0 must be >= 1"):
+        UpstreamConfig(name="up", num_images=0)
+    with pytest.raises(ConfigError, match=r"eval\.batch_size=0 must be >= 1"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"train\.log_every=0 must be >= 1"):
+        TrainConfig(log_every=0)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.ood=[{name: test, root: /x}]", r"data\.ood\[0\]\.name='test' is reserved"),
+    ("data.ood=[{name: a, root: /x}, {name: val, root: /y}]", r"data\.ood\[1\]\.name='val' is reserved"),
+    ("data.ood=[{name: train}]", r"data\.ood\[0\]\.name='train' is reserved"),
+    ("data.ood=[{name: nih, root: /x}, {name: nih, root: /y}]", r"data\.ood\[1\]\.name='nih' repeats data\.ood\[0\]"),
+    ("data.ood=[{name: 'a/b'}]", r"data\.ood\[0\]\.name='a/b' must be a non-empty name without '/'"),
+    ("data.ood=[{name: ''}]", r"data\.ood\[0\]\.name='' must be a non-empty name"),
+    ("upstream=[{name: up}, {name: up, num_images: 50}]", r"upstream\[1\]\.name='up' repeats upstream\[0\]\.name"),
+    ("upstream=[{name: ..}]", r"upstream\[0\]\.name='\.\.' must be a non-empty name"),
+])
+def test_name_collisions_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match + ".* in override"):
+        load_config(None, [override])
+
+
+def test_name_collisions_in_a_file_name_the_file(tmp_path):
+    f = _write(tmp_path / "s.yaml", "data:\n  ood:\n    - {name: nih, root: /x}\n    - {name: nih, root: /y}\n")
+    with pytest.raises(ConfigError, match=r"data\.ood\[1\]\.name='nih' repeats data\.ood\[0\]\.name.* in .*s\.yaml$"):
+        load_config(f)
+    assert [e.name for e in load_config(f, ["data.ood.1.name=mimic"]).data.ood] == ["nih", "mimic"]
+
+
+def test_errors_on_a_whole_section_name_where_it_was_set(tmp_path):
+    """A single-word key (``train=3``) is blamed on the override or file that set it, not on the top file."""
+    top = _write(tmp_path / "s.yaml", "train: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"train: expected a mapping for TrainConfig, got int in override `train=3`$"):
+        load_config(top, ["train=3"])
+    _write(tmp_path / "parts" / "t.yaml", "train: 3\n")
+    top.write_text("defaults: [parts/t.yaml]\ngrid: {seeds: [0]}\n")
+    with pytest.raises(ConfigError, match=r"train: expected a mapping .* in .*parts/t\.yaml$"):
+        load_config(top)
+    _write(tmp_path / "parts" / "t.yaml", "shardng: {strategy: ddp}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'shardng'.* in .*parts/t\.yaml$"):
+        load_config(top)
