@@ -49,10 +49,13 @@ def dicom_kind(path: str | Path) -> tuple[int, int]:
     except (InvalidDicomError, OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable DICOM file: {e}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    if photometric == "PALETTE COLOR":  # the lookup tables, not the indices, set the output depth
-        desc = ds.get("RedPaletteColorLookupTableDescriptor")
-        bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+    try:  # header values are parsed when read: a malformed one raises here
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+        if photometric == "PALETTE COLOR":  # the lookup tables, not the indices, set the output depth
+            desc = ds.get("RedPaletteColorLookupTableDescriptor")
+            bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: invalid BitsStored/palette descriptor in the DICOM header: {e}") from e
     return (1 if photometric in MONOCHROME else 3), bits
 
 
@@ -62,7 +65,8 @@ def read_dicom(path: str | Path, voi: bool = True) -> np.ndarray:
     Grayscale images come back as (rows, columns) after the Modality LUT, the VOI LUT / windowing (when the file
     has one and ``voi`` is true; the first of several windows) and MONOCHROME1 inversion within the image's value
     range. Colour images (RGB, YBR_*) come back as (rows, columns, 3) RGB. Any failure — not DICOM, no pixel data,
-    a transfer syntax without an installed decoder, several frames — is a DataError naming the file.
+    a transfer syntax without an installed decoder, several frames, a malformed header value — is a DataError naming
+    the file.
     """
     path = Path(path)
     try:
@@ -71,7 +75,10 @@ def read_dicom(path: str | Path, voi: bool = True) -> np.ndarray:
         raise DataError(f"{path}: not a readable DICOM file: {e}") from e
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: invalid NumberOfFrames in the DICOM header: {e}") from e
     if frames != 1:
         raise DataError(f"{path}: {frames} frames; only single-frame images are supported")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
@@ -93,8 +100,8 @@ def read_dicom(path: str | Path, voi: bool = True) -> np.ndarray:
         out = apply_modality_lut(arr, ds)
         if voi:
             out = apply_voi_lut(out, ds)
-    except ValueError as e:
-        raise DataError(f"{path}: invalid Modality/VOI LUT attributes: {e}") from e
+    except (TypeError, ValueError) as e:  # a non-numeric RescaleSlope reaches numpy as text: UFuncTypeError
+        raise DataError(f"{path}: invalid Modality/VOI LUT attributes: {type(e).__name__}: {e}") from e
     out = np.asarray(out, dtype=np.float32)
     if photometric == "MONOCHROME1":
         out = out.max() + out.min() - out

@@ -112,10 +112,18 @@ def decode(path: str | Path, size: int | None = None, channels: int = 1) -> np.n
     """Decode an image to a ``(channels, size, size)`` array (``(channels, H, W)`` when ``size`` is None).
 
     ``uint8`` for 8-bit sources, ``float32`` in [0, 1] for 16-bit PNG and DICOM (see the module docstring).
+    An unreadable file is a DataError naming it.
     """
     path = Path(path)
     if _is_dicom(path):
-        return _decode_dicom(path, size, channels)
+        return _decode_dicom(path, size, channels)  # read_dicom's errors already name the file
+    try:
+        return _decode_pillow(path, size, channels)
+    except Exception as e:  # Pillow's format plugins raise OSError, SyntaxError, ValueError, struct.error ...
+        raise DataError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
+
+
+def _decode_pillow(path: Path, size: int | None, channels: int) -> np.ndarray:
     with Image.open(path) as im:
         mode = "RGB" if channels == 3 else "L"
         if im.mode in _HIGH_DEPTH_MODES:
@@ -156,14 +164,25 @@ def probe(path: str | Path) -> tuple[int, np.dtype]:
 
         channels, bits = dicom_kind(path)
         return channels, np.dtype(np.uint8 if channels == 3 and bits <= 8 else np.uint16)
-    with Image.open(path) as im:
-        channels = 3 if im.mode in _COLOUR_MODES else 1
-        return channels, np.dtype(np.uint16 if im.mode in _HIGH_DEPTH_MODES else np.uint8)
+    try:
+        with Image.open(path) as im:
+            channels = 3 if im.mode in _COLOUR_MODES else 1
+            return channels, np.dtype(np.uint16 if im.mode in _HIGH_DEPTH_MODES else np.uint8)
+    except Exception as e:  # as in decode
+        raise DataError(f"{path}: cannot read image header: {type(e).__name__}: {e}") from e
 
 
 def bad_image_error(path, sample_id, exc: BaseException) -> DataError:
     """The error for an unreadable image: names the file and the sample id."""
-    return DataError(f"cannot read image {path} (sample {sample_id!r}): {type(exc).__name__}: {exc}")
+    return DataError(f"cannot read image {path} (sample {sample_id!r}): {_failure(path, exc)}")
+
+
+def _failure(path, exc: BaseException) -> str:
+    """What went wrong reading ``path``, without the path when ``exc`` is a DataError that starts with it."""
+    text = str(exc)
+    if isinstance(exc, DataError) and text.startswith(f"{path}: "):
+        return text[len(f"{path}: "):]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def check_on_bad_image(policy: str) -> None:
@@ -302,7 +321,7 @@ def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
     try:
         return quantise(decode(path, size, channels), dtype), None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image; the caller decides error vs skip
-        return None, f"{type(e).__name__}: {e}"
+        return None, _failure(path, e)
 
 
 class ImageCache:

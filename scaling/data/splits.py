@@ -24,6 +24,7 @@ row order. Splits and fractions use different random streams (``salt``), so the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -82,14 +83,17 @@ def patient_split(
 ) -> dict[str, pd.DataFrame]:
     """Split a table by patient into named parts, e.g. ``{"test": 0.2, "val": 0.1}``; the remainder is ``rest``.
 
-    Fractions are of patients, must be >= 0 and sum to at most 1; when they sum to less than 1 the remaining
-    patients form the part named ``rest`` (default ``train``). Patient counts use largest remainders, and every
-    part with a non-zero fraction gets at least one patient when there are enough. Stratified by the labels
+    Fractions are of patients, must be finite numbers in [0, 1] and sum to at most 1; when they sum to less than 1
+    the remaining patients form the part named ``rest`` (default ``train``). Patient counts use largest remainders,
+    and every part with a non-zero fraction gets at least one patient when there are enough. Stratified by the labels
     (default: all label columns). Use a study-wide seed so that every run of a study sees the same test patients.
     """
     parts_frac = dict(fractions)
+    for name, f in parts_frac.items():  # NaN fails every comparison, so it must be caught here or it empties a split
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.number)) or not math.isfinite(f) or not 0 <= f <= 1:
+            raise DataError(f"split fraction {name!r} = {f!r} must be a finite number in [0, 1]")
     total = sum(parts_frac.values())
-    if total > 1.0 + 1e-9 or any(f < 0 for f in parts_frac.values()):
+    if total > 1.0 + 1e-9:
         raise DataError(f"split fractions {parts_frac} must be >= 0 and sum to at most 1 (they sum to {total})")
     if total < 1.0 - 1e-9:
         if rest in parts_frac:

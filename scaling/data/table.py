@@ -38,6 +38,20 @@ def label_names(df: pd.DataFrame) -> list[str]:
     return [c[len(LABEL_PREFIX):] for c in label_columns(df)]
 
 
+def check_ids(df: pd.DataFrame, source: str) -> None:
+    """DataError naming ``source`` and the row when a ``sample_id`` or ``patient_id`` is missing or blank.
+
+    A missing patient id would silently drop the row from every patient-level split (pandas groups skip NaN).
+    """
+    for col in ("sample_id", "patient_id"):
+        values = df[col]
+        blank = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+        if blank.any():
+            i = int(np.flatnonzero(blank)[0])
+            sample = "" if col == "sample_id" else f" (sample {df['sample_id'].iloc[i]!r})"
+            raise DataError(f"{source}: row {i}{sample}: {col} is missing or blank")
+
+
 def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """Check the sample-table contract; raise DataError naming ``source`` and the offending column/row."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -45,6 +59,7 @@ def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(f"{source}: sample table lacks required column(s) {missing}")
     if not label_columns(df):
         raise DataError(f"{source}: sample table has no 'label:<name>' column")
+    check_ids(df, source)
     dup = df["sample_id"].duplicated()
     if dup.any():
         raise DataError(f"{source}: duplicate sample_id {df.loc[dup, 'sample_id'].iloc[0]!r}")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.datasets.readers import DENSITY, finish, map_values, parse_numbers, read_csv, suspicion
+from scaling.data.datasets.readers import (DENSITY, finish, map_values, parse_numbers, read_csv, require_ids,
+                                          suspicion)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def _read(path: Path, split: str) -> pd.DataFrame:
     col = next((c for c in DENSITY_COLUMNS if c in raw.columns), None)
     if col is None:
         raise DataError(f"{path}: missing required column 'breast_density' (mass CSVs) or 'breast density' (calc CSVs)")
+    for c in ("patient_id", "image file path"):
+        require_ids(raw[c], path, c)
     ids = raw["patient_id"].str.strip() + "_" + raw["left or right breast"].str.strip() + "_" + \
         raw["image view"].str.strip() + "#" + raw["abnormality id"].astype(str)
     # Density 0 occurs in the released calc CSVs; it is not a BI-RADS density, so it is unknown.

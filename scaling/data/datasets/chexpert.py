@@ -12,13 +12,15 @@ and the rest joined with the dataset directory, as torchxrayvision does. Rows: o
 Splits: ``train`` (train.csv) and ``valid`` (valid.csv, 234 radiologist-consensus images). With
 ``split_file=`` (e.g. chexploration's ``chexpert_split_2021_08_20.csv``, columns ``,index,split``, ``index`` =
 row of train.csv) the splits are ``train`` / ``validate`` / ``test`` of train.csv rows; unlisted rows are dropped
-(logged). Otherwise carve patient-level splits from ``train`` with :mod:`scaling.data.splits`.
+(logged), and any other split value is an error. Otherwise carve patient-level splits from ``train`` with
+:mod:`scaling.data.splits`.
 
 Columns produced: ``sample_id`` (path below the release directory, e.g. ``train/patient00001/study1/view1_frontal.jpg``),
 ``patient_id`` (``patient00001``), ``study_id`` (``patient00001/study1``), ``path``, ``sex`` (``Unknown`` → None),
-``age`` (0 → NaN, the release's placeholder), ``view`` (``frontal``/``lateral``), ``view_position``
-(``AP``/``PA``/``LL``/``RL``, None for laterals), ``race``/``ethnicity`` when a demographics file is found, and
-``label:<name>`` for the 14 observations under the uncertainty policy and blank rule of :mod:`scaling.data.labels`.
+``age`` (0 → NaN, the release's placeholder; above 120 → NaN, as for NIH; negative is an error), ``view``
+(``frontal``/``lateral``), ``view_position`` (``AP``/``PA``/``LL``/``RL``, None for laterals), ``race``/``ethnicity``
+when a demographics file is found, and ``label:<name>`` for the 14 observations under the uncertainty policy and
+blank rule of :mod:`scaling.data.labels`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from scaling.data.datasets.readers import read_csv, read_excel
 from scaling.data.labels import CHEXPERT_LABELS, apply_label_policy, parse_raw_labels
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -49,6 +52,8 @@ _SEX = {"Female": "F", "Male": "M", "Unknown": None}
 _VIEW = {"Frontal": "frontal", "Lateral": "lateral"}
 _VIEW_POSITIONS = ("AP", "PA", "LL", "RL")
 _PATIENT_STUDY = r"(?:^|/)(?P<patient>patient\d+)/(?P<study>study\d+)/"
+MAX_AGE = 120
+"""Ages above this are data-entry errors and become NaN, as in :mod:`scaling.data.datasets.nih_cxr14`."""
 
 
 def dataset_dir(root: str | Path) -> Path:
@@ -63,14 +68,12 @@ def dataset_dir(root: str | Path) -> Path:
 
 
 def read_csv_text(path: Path, required: Sequence[str]) -> pd.DataFrame:
-    """Read a CSV keeping every cell as text (blank stays ''), and check ``required`` columns are present."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
-    return df
+    """Read a CSV keeping every cell as text (blank stays ''), and check ``required`` columns are present.
+
+    Through :func:`~scaling.data.datasets.readers.read_csv`: a row with fewer or more fields than the header is a
+    DataError naming its line, never a row padded with blanks (which the blank rule would turn into negatives).
+    """
+    return read_csv(path, required, dtype=str, keep_default_na=False)
 
 
 def _race(primary_race: pd.Series) -> pd.Series:
@@ -92,13 +95,8 @@ def _ethnicity(values: pd.Series) -> pd.Series:
 
 def read_demographics(path: Path) -> pd.DataFrame:
     """Read ``CHEXPERT DEMO.xlsx``/``.csv`` into ``patient_id, race, ethnicity`` (one row per patient)."""
-    if path.suffix.lower() in (".xlsx", ".xls"):
-        raw = pd.read_excel(path, dtype=str, keep_default_na=False)
-    else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("PATIENT", "PRIMARY_RACE") if c not in raw.columns]
-    if missing:
-        raise DataError(f"{path}: missing required column(s) {missing}; found {list(raw.columns)}")
+    read = read_excel if path.suffix.lower() in (".xlsx", ".xls") else read_csv
+    raw = read(path, ("PATIENT", "PRIMARY_RACE"), dtype=str, keep_default_na=False)
     out = pd.DataFrame({"patient_id": raw["PATIENT"].str.strip(), "race": _race(raw["PRIMARY_RACE"])})
     out["ethnicity"] = _ethnicity(raw["ETHNICITY"]) if "ETHNICITY" in raw.columns else None
     return out.drop_duplicates("patient_id", keep="first")
@@ -153,6 +151,13 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
     if bad_age.any():
         i = int(np.flatnonzero(bad_age)[0])
         raise DataError(f"{source}: line {line[i]}, column 'Age': unparseable value {age_text.iloc[i]!r}")
+    negative = (age < 0).to_numpy()
+    if negative.any():
+        i = int(np.flatnonzero(negative)[0])
+        raise DataError(f"{source}: line {line[i]}, column 'Age': negative age {age_text.iloc[i]!r}")
+    implausible = age > MAX_AGE
+    if implausible.any():
+        log.info("%s: %d implausible ages (> %d) set to NaN", source, int(implausible.sum()), MAX_AGE)
     view_pos = raw["AP/PA"].str.strip()
     bad_vp = ~(view_pos.isin(_VIEW_POSITIONS) | (view_pos == "")).to_numpy()
     if bad_vp.any():
@@ -168,7 +173,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
             "path": str(ddir) + "/" + rel,  # string concat: Path joins cost ~50 s per million rows
             "sex": mapped("Sex", _SEX),
             # Age 0 is the release's placeholder for "unknown" (3 rows in train.csv), not a newborn.
-            "age": age.where(age > 0).astype(float),
+            "age": age.where((age > 0) & ~implausible).astype(float),
             "view": mapped("Frontal/Lateral", _VIEW),
             "view_position": view_pos.astype(object).where(view_pos != "", None),
         }
@@ -250,6 +255,12 @@ def _select_official_split(raw: pd.DataFrame, ddir: Path, split_file: str, split
     if index.isna().any() or (index >= len(raw)).any() or (index < 0).any():
         i = int(np.flatnonzero((index.isna() | (index >= len(raw)) | (index < 0)).to_numpy())[0])
         raise DataError(f"{path}: line {i + 2}: index {table['index'].iloc[i]!r} is not a row of {csv_path} ({len(raw)} rows)")
-    rows = index[table["split"].str.strip() == split].astype(int).to_numpy()
+    values = table["split"].str.strip()
+    unknown = ~values.isin(OFFICIAL_SPLITS)
+    if unknown.any():  # a misspelled split would otherwise drop its rows from every split
+        i = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(f"{path}: line {i + 2}, column 'split': unexpected value {values.iloc[i]!r} "
+                        f"(expected one of {list(OFFICIAL_SPLITS)})")
+    rows = index[values == split].astype(int).to_numpy()
     log.info("chexpert: %s assigns %d of %d train.csv rows to %r", path.name, len(rows), len(raw), split)
     return raw.iloc[np.sort(rows)]

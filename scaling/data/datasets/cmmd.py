@@ -21,7 +21,8 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from scaling.data.datasets.readers import check_columns, finish, map_values, only_all_split, parse_numbers
+from scaling.data.datasets.readers import (finish, map_values, only_all_split, parse_numbers, read_csv, read_excel,
+                                          require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,10 @@ def _clinical(root: Path) -> tuple[pd.DataFrame, Path]:
     path = next((root / n for n in CLINICAL_FILES if (root / n).is_file()), None)
     if path is None:
         raise DataError(f"{root}: none of the expected files exist: {list(CLINICAL_FILES)}")
-    try:
-        raw = pd.read_excel(path, dtype=str) if path.suffix == ".xlsx" else pd.read_csv(path, dtype=str)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot be read: {e}") from e
-    check_columns(raw, ["ID1", "LeftRight", "Age", "abnormality", "classification"], path)
+    read = read_excel if path.suffix == ".xlsx" else read_csv
+    raw = read(path, ["ID1", "LeftRight", "Age", "abnormality", "classification"], dtype=str)
+    if raw.empty:
+        raise DataError(f"{path}: no rows")
     return raw, path
 
 
@@ -72,6 +72,7 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     source = f"cmmd({root})"
     only_all_split(split, "cmmd")
     raw, path = _clinical(root)
+    require_ids(raw["ID1"], path, "ID1")
     ids = raw["ID1"].str.strip() + "/" + raw["LeftRight"].fillna("").str.strip()
     clinical = pd.DataFrame({
         "patient_id": raw["ID1"].str.strip(),

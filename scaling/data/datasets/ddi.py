@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.datasets.readers import finish, index_images, locate, map_values, only_all_split, read_csv
+from scaling.data.datasets.readers import (finish, index_images, locate, map_values, only_all_split, read_csv,
+                                          require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -41,6 +42,8 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     col = next((c for c in MALIGNANT_COLUMNS if c in raw.columns), None)
     if col is None:
         raise DataError(f"{path}: missing required column 'malignant' (or 'malignancy(malig=1)'); found {list(raw.columns)}")
+    for c in ("DDI_file", "DDI_ID"):
+        require_ids(raw[c], path, c)
     ids = raw["DDI_file"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate DDI_file {ids[ids.duplicated()].iloc[0]!r}")
@@ -58,5 +61,5 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
         "disease": disease,
     })
     found = index_images([root / "images", root], (".png",))
-    df["path"] = locate(ids, found, root / "images", source)
+    df["path"] = locate(ids, found, root / "images", path, "DDI_file")
     return finish(df, source, verify_files)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.data.datasets.readers import (filter_rows, find_file, finish, map_values, parse_numbers, read_csv,
-                                  select_split, suspicion)
+                                  require_ids, select_split, suspicion)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,12 @@ def load(
                                     "RACE_DESC", "age_at_study"], dtype=str, low_memory=False)
     meta = read_csv(meta_path, ["empi_anon", "acc_anon", "anon_dicom_path", "ImageLateralityFinal", "ViewPosition",
                                 "FinalImageType"], dtype=str, low_memory=False)
+    for table, path in ((clinical, clin_path), (meta, meta_path)):
+        if table.empty:
+            raise DataError(f"{path}: no rows")
+        for col in ("empi_anon", "acc_anon"):
+            require_ids(table[col], path, col)
+    require_ids(meta["anon_dicom_path"], meta_path, "anon_dicom_path")
 
     tail = meta["anon_dicom_path"].str.extract(r"(cohort_\d+/.*)$")[0]
     if tail.isna().any():
@@ -147,7 +153,8 @@ def load(
     exam = keys.merge(exams, on=["empi_anon", "acc_anon"], how="left")
     for c in ("race", "ethnicity", "age", "density"):
         df[c] = exam[c].to_numpy()
-    df["sex"] = df["sex"].where(~exam["male"].fillna(False).to_numpy(), "M")
+    # An exam without a clinical row has no `male` flag (NaN): not male, and its images get NaN labels below.
+    df["sex"] = df["sex"].where(~exam["male"].fillna(False).astype(bool).to_numpy(), "M")
 
     findings = _findings(clinical, clin_path)
     per_breast = findings.groupby(["empi_anon", "acc_anon", "side"]).agg(

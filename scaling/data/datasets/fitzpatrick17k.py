@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from scaling.data.datasets.readers import check_columns, finish, map_values, only_all_split, read_csv
+from scaling.data.datasets.readers import check_columns, finish, map_values, only_all_split, read_csv, require_ids
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -59,6 +59,7 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     # The current CSV names the column fitzpatrick_scale; the code of the original paper reads `fitzpatrick`.
     scale_col = "fitzpatrick_scale" if "fitzpatrick_scale" in raw.columns else "fitzpatrick"
     check_columns(raw, [scale_col], path)
+    require_ids(raw["md5hash"], path, "md5hash")
     ids = raw["md5hash"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate md5hash {ids[ids.duplicated()].iloc[0]!r}")

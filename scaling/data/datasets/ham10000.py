@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling.data import labels as L
 from scaling.data.datasets.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
-                                  parse_numbers, read_csv)
+                                  parse_numbers, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -57,6 +57,8 @@ def load(
     path = find_file(root, ["HAM10000_metadata.csv", "HAM10000_metadata"])
     raw = read_csv(path, ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"],
                    dtype={"lesion_id": str, "image_id": str, "dx": str, "sex": str})
+    for col in ("image_id", "lesion_id"):
+        require_ids(raw[col], path, col)
     ids = raw["image_id"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate image_id {ids[ids.duplicated()].iloc[0]!r}")
@@ -78,5 +80,5 @@ def load(
     })
     names = ids + ".jpg"
     found = index_images([root / d for d in IMAGE_DIRS], (".jpg",))
-    df["path"] = locate(names, found, root / "HAM10000_images", source)
+    df["path"] = locate(names, found, root / "HAM10000_images", path, "image_id")
     return finish(df, source, verify_files)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import filter_rows, finish, map_values, only_all_split, parse_numbers, read_csv
+from scaling.data.datasets.readers import (filter_rows, finish, map_values, only_all_split, parse_numbers, read_csv,
+                                          require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -63,6 +64,7 @@ def load(
     only_all_split(split, "isic2019")
     gt_path = root / "ISIC_2019_Training_GroundTruth.csv"
     gt = read_csv(gt_path, ["image", *CLASSES], dtype=str)
+    require_ids(gt["image"], gt_path, "image")
     ids = gt["image"]
     if ids.duplicated().any():
         raise DataError(f"{gt_path}: duplicate image {ids[ids.duplicated()].iloc[0]!r}")
@@ -77,6 +79,7 @@ def load(
     meta_path = root / "ISIC_2019_Training_Metadata.csv"
     meta = read_csv(meta_path, ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"],
                     dtype={"image": str, "lesion_id": str, "sex": str})
+    require_ids(meta["image"], meta_path, "image")
     meta = gt[["image"]].merge(meta, on="image", how="left", indicator=True)
     if (meta["_merge"] != "both").any():
         raise DataError(f"{meta_path}: no metadata row for image {meta.loc[meta['_merge'] != 'both', 'image'].iloc[0]!r}")

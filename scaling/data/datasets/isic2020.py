@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.data.datasets.readers import find_file, finish, index_images, locate, map_values, only_all_split, parse_numbers, read_csv
+from scaling.data.datasets.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
+                                          parse_numbers, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -37,6 +38,8 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     path = find_file(root, GROUND_TRUTH)
     raw = read_csv(path, ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
                           "diagnosis", "benign_malignant", "target"], dtype=str)
+    for col in ("image_name", "patient_id"):
+        require_ids(raw[col], path, col)
     ids = raw["image_name"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate image_name {ids[ids.duplicated()].iloc[0]!r}")
@@ -60,5 +63,5 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     if "lesion_id" in raw.columns:
         df["lesion_id"] = raw["lesion_id"]
     found = index_images([root / d for d in IMAGE_DIRS], (".jpg",))
-    df["path"] = locate(ids + ".jpg", found, root / "train", source)
+    df["path"] = locate(ids + ".jpg", found, root / "train", path, "image_name")
     return finish(df, source, verify_files)

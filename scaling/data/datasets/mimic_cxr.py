@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import chest_view, filter_views, find_file, finish, read_csv, select_split
+from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, map_values, parse_numbers,
+                                          read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,18 @@ RACE_POLICIES = ("unique", "first")
 def _table(root: Path, kind: str) -> Path:
     # PhysioNet ships gzip; users often decompress in place, so accept both.
     return find_file(root, [f"mimic-cxr-2.0.0-{kind}.csv.gz", f"mimic-cxr-2.0.0-{kind}.csv"])
+
+
+def _study_year(dates: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
+    """The year of each ``StudyDate`` (``YYYYMMDD``, shifted into 2100-2200 by de-identification); blank → NaN."""
+    number = parse_numbers(dates, ids, source, "StudyDate")
+    month, day = number // 100 % 100, number % 100
+    valid = number.isna() | ((number % 1 == 0) & (number >= 1000_01_01) & (number <= 9999_12_31)
+                             & month.between(1, 12) & day.between(1, 31))
+    if not valid.all():
+        i = int(np.flatnonzero(~valid.to_numpy())[0])
+        raise DataError(f"{source}: row {ids.iloc[i]!r}, column 'StudyDate': not a YYYYMMDD date: {dates.iloc[i]!r}")
+    return number // 10000
 
 
 def map_race(value) -> str | None:
@@ -67,14 +80,16 @@ def _demographics(root: Path, patients: str | Path | None, admissions: str | Pat
     demo = None
     if patients is not None:
         path = root / patients
-        p = read_csv(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
+        p = read_csv(path, ["subject_id", "gender", "anchor_age", "anchor_year"], dtype={"subject_id": str})
+        require_ids(p["subject_id"], path, "subject_id")
         p = p.drop_duplicates("subject_id")
         sex = p["gender"].map({"F": "F", "M": "M"})
         if (sex.isna() & p["gender"].notna()).any():
             bad = p.loc[sex.isna() & p["gender"].notna()].iloc[0]
             raise DataError(f"{path}: subject {bad['subject_id']}: unexpected gender {bad['gender']!r}")
         demo = pd.DataFrame({"subject_id": p["subject_id"], "sex": sex.astype(object),
-                             "anchor_age": p["anchor_age"].astype(float), "anchor_year": p["anchor_year"].astype(float)})
+                             "anchor_age": parse_numbers(p["anchor_age"], p["subject_id"], path, "anchor_age"),
+                             "anchor_year": parse_numbers(p["anchor_year"], p["subject_id"], path, "anchor_year")})
     races = None
     if admissions is not None:
         path = root / admissions
@@ -134,15 +149,27 @@ def load(
     if race_policy not in RACE_POLICIES:
         raise DataError(f"{source}: race_policy {race_policy!r} is not allowed; choose one of {list(RACE_POLICIES)}")
     ids = {"subject_id": str, "study_id": str, "dicom_id": str}
-    meta = read_csv(_table(root, "metadata"), ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"],
+    meta_path, split_path = _table(root, "metadata"), _table(root, "split")
+    meta = read_csv(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"],
                     dtype={**ids, "ViewPosition": str})
-    splits = read_csv(_table(root, "split"), ["dicom_id", "split"], dtype=ids)
+    splits = read_csv(split_path, ["dicom_id", "split"], dtype=ids)
     label_path = _table(root, labeler)
     lab = read_csv(label_path, ["subject_id", "study_id", *L.CHEXPERT_LABELS], dtype=str, keep_default_na=False)
+    for table, path, cols in ((meta, meta_path, ("dicom_id", "subject_id", "study_id")),
+                              (splits, split_path, ("dicom_id", "split")),
+                              (lab, label_path, ("subject_id", "study_id"))):
+        for col in cols:
+            require_ids(table[col], path, col)
+        if "dicom_id" in cols and table["dicom_id"].duplicated().any():
+            raise DataError(f"{path}: dicom_id {table.loc[table['dicom_id'].duplicated(), 'dicom_id'].iloc[0]!r} "
+                            "is listed twice")
+    # A misspelled split would otherwise drop its images from every split.
+    splits["split"] = map_values(splits["split"], {s: s for s in SPLITS if s != "all"}, splits["dicom_id"], split_path,
+                                 "split")
 
     df = meta.merge(splits[["dicom_id", "split"]], on="dicom_id", how="left", validate="one_to_one")
     if df["split"].isna().any():
-        raise DataError(f"{_table(root, 'split')}: image {df.loc[df['split'].isna(), 'dicom_id'].iloc[0]!r} "
+        raise DataError(f"{split_path}: image {df.loc[df['split'].isna(), 'dicom_id'].iloc[0]!r} "
                         "of the metadata file has no split row")
     df = select_split(df, split, SPLITS, source)
 
@@ -174,7 +201,7 @@ def load(
     if demo is not None:
         demo["subject_id"] = demo["subject_id"].astype(str)
         df = df.drop(columns=["sex"]).merge(demo, on="subject_id", how="left")
-        study_year = (pd.to_numeric(df["StudyDate"], errors="coerce") // 10000).astype(float)
+        study_year = _study_year(df["StudyDate"], df["dicom_id"], meta_path)
         df["age"] = df["anchor_age"] + study_year - df["anchor_year"]
     if races is not None:
         races["subject_id"] = races["subject_id"].astype(str)

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import chest_view, filter_views, finish, index_images, locate, map_values, read_csv, select_split
+from scaling.data.datasets.readers import (chest_view, filter_views, finish, index_images, locate, map_values,
+                                          read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def load(
     raw = read_csv(path, required, dtype={"Image Index": str, "Patient ID": str, "Patient Age": str})
     empty = [c for c in raw.columns if c.startswith("Unnamed:") and raw[c].isna().all()]
     raw = raw.drop(columns=empty)  # the 2017 file's trailing comma
+    for col in ("Image Index", "Patient ID"):
+        require_ids(raw[col], path, col)
     ids = raw["Image Index"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate Image Index {ids[ids.duplicated()].iloc[0]!r}")
@@ -124,6 +127,6 @@ def load(
     df = select_split(df, split, SPLITS, source)
 
     found = index_images([root / "images", *sorted(root.glob("images_*/images"))], (".png",))
-    df["path"] = locate(df["sample_id"], found, root / "images", source)
+    df["path"] = locate(df["sample_id"], found, root / "images", path, "Image Index")
     df = filter_views(df, views, source)
     return finish(df, source, verify_files)

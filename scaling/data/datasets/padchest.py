@@ -22,7 +22,7 @@ import pandas as pd
 
 from scaling.data import labels as L
 from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, index_images, map_values,
-                                  only_all_split, parse_numbers, read_csv)
+                                  only_all_split, parse_numbers, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def load(
                 "PatientSex_DICOM", "Projection", "Labels"]
     raw = read_csv(path, required, dtype={"ImageID": str, "PatientID": str, "StudyID": str, "Labels": str,
                                           "ImageDir": str}, low_memory=False)
+    for col in ("ImageID", "PatientID"):
+        require_ids(raw[col], path, col)
     ids = raw["ImageID"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate ImageID {ids[ids.duplicated()].iloc[0]!r}")

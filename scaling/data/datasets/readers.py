@@ -4,11 +4,20 @@ Every loader reads a released metadata file whose columns and encodings are fixe
 (see each loader's docstring for its release). These helpers make the failure modes uniform: a missing file or column, an
 unexpected value, or a missing image is a :class:`~scaling.data.table.DataError` that names the file and the row
 or sample id, never a KeyError deep inside pandas.
+
+Every CSV goes through :func:`read_csv`, which first checks that each data row has as many fields as the header:
+pandas pads a short row with blanks (which a CheXpert blank rule then reads as "negative") and, when the first
+data row is the long one, turns its leading fields into the index and shifts every column.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
+import io
 import logging
+import lzma
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -16,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, validate_table
+from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, check_ids, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +39,114 @@ def find_file(root: str | Path, names: Sequence[str]) -> Path:
     raise DataError(f"{root}: none of the expected files exist: {list(names)}")
 
 
+_DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
+"""Compressions pandas infers from these suffixes (the releases ship ``.csv`` and ``.csv.gz``)."""
+
+
 def read_csv(path: str | Path, required: Iterable[str], **kwargs) -> pd.DataFrame:
-    """Read a CSV (gzip by extension) and check that it has the ``required`` columns; DataError names the file."""
+    """Read a CSV (compression by extension) and check that it has the ``required`` columns; DataError names the file.
+
+    Every data row must have as many fields as the header (:func:`check_row_lengths`); ``kwargs`` go to pandas.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    check_row_lengths(path)
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (ValueError, OSError, EOFError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError included
+        raise DataError(f"{path}: cannot be read as CSV: {e}") from e
+    check_columns(df, required, path)
+    return df
+
+
+def _text(path: Path) -> str:
+    """The decompressed, UTF-8 decoded text of a CSV; DataError naming the file (and the line of a bad byte)."""
+    try:
+        data = path.read_bytes()
+        decompress = _DECOMPRESS.get(path.suffix.lower())
+        if decompress is not None:
+            data = decompress(data)
+    except (OSError, EOFError, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot be read: {e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start:e.start + 1]!r}): {e.reason}") from e
+
+
+def _is_blank(row: list[str]) -> bool:
+    """A line pandas skips: empty, or whitespace only."""
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def check_row_lengths(path: str | Path) -> None:
+    """DataError naming the file and line of the first data row whose field count differs from the header's.
+
+    One pass of the csv module, whose default dialect splits and quotes as pandas does; blank and whitespace-only
+    lines are skipped, as pandas skips them. The file must be UTF-8 (pandas' default).
+    """
+    path = Path(path)
+    text = _text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next((row for row in reader if row), None)  # pandas skips blank lines above the header too
+        if header is None:
+            raise DataError(f"{path}: empty file (no header row)")
+        n = len(header)
+        if set(map(len, reader)) <= {0, n}:  # the common case, at C speed: every row has the header's length
+            return
+        reader = csv.reader(io.StringIO(text, newline=""))
+        next(row for row in reader if row)
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if len(row) != n and not _is_blank(row):
+                # A record that spans lines up to the end of the file is an unclosed quote, not a short row.
+                unclosed = end > start and next(reader, None) is None
+                hint = " (an unclosed quote runs to the end of the file)" if unclosed else ""
+                raise DataError(f"{path}: line {start}: {len(row)} field(s), but the header has {n}{hint}")
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: cannot be read as CSV: {e}") from e
+
+
+def line_of(path: str | Path, row: int) -> int:
+    """The line of ``path`` on which data row ``row`` (0-based, as pandas reads the file) starts.
+
+    Rescans the file, so it is meant for error messages: quoted fields may span lines (CBIS-DDSM's paths end in a
+    newline) and blank lines are skipped, so the line is not always ``row + 2``. Sheets (``.xlsx``) have no such
+    lines: there it is ``row + 2``, the sheet's row number.
+    """
+    path = Path(path)
+    if ".csv" not in path.name.lower() or not path.is_file():
+        return row + 2
+    try:
+        reader = csv.reader(io.StringIO(_text(path), newline=""))
+        next(r for r in reader if r)
+        end, k = reader.line_num, -1
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not _is_blank(record):
+                k += 1
+                if k == row:
+                    return start
+    except (DataError, csv.Error, StopIteration):  # unreadable now: the plain count is the best answer
+        pass
+    return row + 2
+
+
+def read_excel(path: str | Path, required: Iterable[str], **kwargs) -> pd.DataFrame:
+    """Read the first sheet of an ``.xlsx`` and check its ``required`` columns; DataError names the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, **kwargs)
-    except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: cannot be read as CSV: {e}") from e
+        df = pd.read_excel(path, **kwargs)
+    except ImportError:  # openpyxl not installed: an environment problem, not a bad file
+        raise
+    except Exception as e:  # a damaged workbook raises BadZipFile, KeyError, ValueError ... from openpyxl or zipfile
+        raise DataError(f"{path}: cannot be read as an Excel workbook: {type(e).__name__}: {e}") from e
     check_columns(df, required, path)
     return df
 
@@ -48,6 +156,19 @@ def check_columns(df: pd.DataFrame, required: Iterable[str], source: str | Path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{source}: missing required column(s) {missing}; found {list(df.columns)}")
+
+
+def require_ids(values: pd.Series, source: str | Path, column: str) -> None:
+    """DataError naming the file, line and column of the first blank cell of an id or file-name column.
+
+    ``values`` is a column of the file ``source`` in file order. A blank image name would become a path ending in
+    ``nan``, a blank id the string ``'nan'``, and a blank patient id drops its images from every patient-level
+    split, so none is allowed.
+    """
+    blank = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+    if blank.any():
+        i = int(np.flatnonzero(blank)[0])
+        raise DataError(f"{source}: line {line_of(source, i)}, column {column!r}: blank")
 
 
 def map_values(
@@ -142,8 +263,14 @@ def index_images(dirs: Iterable[str | Path], suffixes: Sequence[str]) -> dict[st
     return found
 
 
-def locate(names: pd.Series, found: Mapping[str, str], default_dir: str | Path, source: str) -> pd.Series:
-    """Absolute path of each file name: where :func:`index_images` found it, else under ``default_dir``."""
+def locate(names: pd.Series, found: Mapping[str, str], default_dir: str | Path, source: str | Path,
+           column: str = "image name") -> pd.Series:
+    """Absolute path of each file name: where :func:`index_images` found it, else under ``default_dir``.
+
+    ``source`` is the metadata file the names come from, in its order; a blank name is a DataError naming the file,
+    the line and ``column``.
+    """
+    require_ids(names, source, column)
     default_dir = Path(default_dir).absolute()
     paths = names.map(lambda n: found.get(n) or str(default_dir / n))
     missing = (~names.isin(list(found))).sum()
@@ -169,6 +296,7 @@ def finish(df: pd.DataFrame, source: str, verify_files: bool) -> pd.DataFrame:
     for c in labels:
         out[c] = out[c].astype(float)
     out["age"] = out["age"].astype(float)
+    check_ids(out, source)  # before the text conversion, which would turn a missing id into 'nan'
     out["sample_id"] = out["sample_id"].astype(str)
     out["patient_id"] = out["patient_id"].astype(str)
     for c in rest + ["sex"]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scaling.data.datasets.readers import finish, map_values, read_csv, select_split, suspicion
+from scaling.data.datasets.readers import finish, map_values, read_csv, require_ids, select_split, suspicion
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("train", "test", "all")
@@ -64,6 +64,10 @@ def load(
     path = root / "breast-level_annotations.csv"
     raw = read_csv(path, ["study_id", "series_id", "image_id", "laterality", "view_position", "breast_birads",
                           "breast_density", "split"], dtype=str)
+    if raw.empty:
+        raise DataError(f"{path}: no rows")
+    for col in ("study_id", "image_id", "split"):
+        require_ids(raw[col], path, col)
     ids = raw["image_id"]
     if ids.duplicated().any():
         raise DataError(f"{path}: duplicate image_id {ids[ids.duplicated()].iloc[0]!r}")
