@@ -26,10 +26,12 @@ from scaling.data.table import DataError
 from scaling.engine.distributed import LaunchError
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
+from scaling.io import UnreadableFile
 from scaling.study.runner import StudyFailed, plan, run_study
 from scaling.study.store import StoreError
 
-USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch)
+USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch,
+               UnreadableFile)
 
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 

@@ -119,3 +119,39 @@ def test_cli_summary(store, capsys):
     assert main(["summary", str(root)]) == 0
     out = capsys.readouterr().out
     assert "72/72 runs complete" in out and "ood_site_b" in out and "bb_large" in out
+
+
+def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_path_factory, tmp_path, capsys):
+    """A spec.json that is not an object, a metrics.parquet that is not a metrics table and an unreadable
+    FAILED.json each mark their own run (the reason names the file); summary and report still cover the rest. A
+    mistyped store path is an error (exit 2), not an empty report written into a new directory."""
+    import pandas as pd
+
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    bad_spec, d1 = run_dir_of(root, cfg, "bb_tiny", "scratch", 1.0, 0)
+    bad_metrics, d2 = run_dir_of(root, cfg, "bb_small", "scratch", 1.0, 0)
+    bad_failure, d3 = run_dir_of(root, cfg, "bb_base", "scratch", 1.0, 0)
+    (d1 / "spec.json").write_text("[1, 2, 3]")
+    pd.DataFrame({"x": [1.0]}).to_parquet(d2 / "metrics.parquet")
+    (d3 / "DONE").unlink()
+    (d3 / "FAILED.json").write_text("{not json")
+    status = run_status(root).set_index("run_id")
+    assert status.loc[bad_spec, "status"] == "partial" and "spec.json: expected a JSON object, got list" in \
+        status.loc[bad_spec, "reason"]
+    assert status.loc[bad_failure, "status"] == "failed" and "FAILED.json unreadable" in \
+        status.loc[bad_failure, "reason"]
+    study = load_study(root)
+    assert study.runs.set_index("run_id").loc[bad_metrics, "status"] == "invalid"
+    assert "not a metrics table (no column ['eval_set', 'label', 'metric', 'value'])" in \
+        study.runs.set_index("run_id").loc[bad_metrics, "reason"]
+    assert set(study.results["run_id"]) == set(status[status["status"] == "complete"].index) - {bad_metrics}
+    assert main(["summary", str(root)]) == 0
+    # the run without a readable spec cannot be matched to its cell, which is listed as not started beside it
+    assert "69/73 runs complete (69 complete, 1 failed, 1 invalid, 1 partial, 1 not started)" in \
+        capsys.readouterr().out
+
+    typo = tmp_path / "stor"
+    for command in (["summary", str(typo)], ["report", str(typo)]):
+        assert main(command) == 2
+        assert f"{typo} is not a run store (it has neither runs/ nor study.yaml)" in capsys.readouterr().err
+    assert not typo.exists()

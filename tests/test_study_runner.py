@@ -150,6 +150,12 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     with pytest.raises(DataError, match=r"chexpert \(train set\): sample '.+' is positive for \['\w+', '\w+'.*"
                                         r"one-of-K task"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.task=multiclass"]))
+    # a loader option that matches no row (a misspelt view) is named before any run, not an IndexError in each
+    with pytest.raises(DataError, match=r"the train set of chexpert .*data.options=.*'views': \['frontall'\].* no rows"):
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.options={views: [frontall]}"]))
+    # a subgroup attribute that no set has (misspelt) is named with the attributes the tables do have
+    with pytest.raises(DataError, match=r"data.subgroups \['sexx'\] is not an attribute .*'sex'"):
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.subgroups=[sex,sexx]"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.root="]))

@@ -15,6 +15,7 @@ import sys
 import pandas as pd
 
 from scaling.config import ConfigError
+from scaling.io import UnreadableFile
 from scaling.study.aggregate import StoreError, headline_table, load_study, summarise
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv:
             summary.to_csv(args.csv, index=False)
         return 0
-    except (StoreError, ConfigError) as e:
+    except (StoreError, ConfigError, UnreadableFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

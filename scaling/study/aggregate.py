@@ -95,7 +95,10 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
             status, row["reason"] = ("failed" if status == "failed" else "partial"), f"no readable spec.json ({e})"
         row["run_id"] = rid
         if status == "failed":
-            fail = store.read_failure(rid) or {}
+            try:
+                fail = store.read_failure(rid) or {}
+            except (StoreError, ValueError) as e:  # one damaged record must not hide the rest of the study
+                fail = {"error": f"FAILED.json unreadable ({e})"}
             row["reason"] = redact_paths(str(fail.get("error", "FAILED.json without an error")))
         elif status == "partial" and "reason" not in row:
             row["reason"] = "started, no DONE marker (still running or interrupted)"
@@ -149,6 +152,8 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
     ``allow_mixed``.
     """
     store = RunStore(store_root)
+    if not (store.root / "runs").is_dir() and not (store.root / "study.yaml").is_file():
+        raise StoreError(f"{store.root} is not a run store (it has neither runs/ nor study.yaml): check the path")
     status = run_status(store_root)
     _check_mixed(status, allow_mixed)
     problems = status[~status["status"].isin(["complete", "not started"])]

@@ -225,17 +225,45 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     train = parts["train"]
     val = load_table(d.dataset, root, d.val_split, **d.options) if d.val_split else parts["val"]
     test = load_table(d.dataset, root, d.test_split, **d.options) if d.test_split else parts["test"]
+    for name, table, split in (("train", train, d.train_split), ("val", val, d.val_split or d.train_split),
+                               ("test", test, d.test_split or d.train_split)):
+        if table.empty:  # e.g. a loader option such as ``views`` that matches no row: named here, not in every run
+            raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}) has "
+                            f"no rows; check data.options and the {name} split")
     ood = {}
     for e in d.ood:
         eroot = _resolve_root(cfg, e.root) if e.root else root
         t = load_table(e.dataset or d.dataset, eroot, e.split, **{**(d.options if not e.dataset else {}), **e.options})
         ood[e.name] = apply_filters(t, e.filters, f"eval set {e.name!r}")
         if ood[e.name].empty:
-            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters}")
+            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options "
+                            f"{ {**(d.options if not e.dataset else {}), **e.options} })")
     own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
-    return StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
+    data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
                      labels=d.labels)
+    check_subgroups(d, set().union(*(t.columns for t in (data.train, data.val, data.test, *data.ood.values()))))
+    return data
+
+
+def check_subgroups(d: DataConfig, columns: set[str]) -> None:
+    """Refuse, before anything is written, a ``data.subgroups`` attribute that is none of ``columns`` (those of every
+    set of the study, or of its stored predictions): a misspelt name would otherwise only drop its fairness tables
+    with a warning. An attribute that only some sets have, such as skin type on dermatology OOD sets, is fine."""
+    missing = [a for a in d.subgroups if a not in columns]
+    if missing:
+        known = sorted(c for c in columns if not c.startswith(("label:", "logit:", "prob:", "path"))
+                       and c != "sample_id")
+        raise DataError(f"data.subgroups {missing} is not an attribute of any set of the study ({d.dataset}); "
+                        f"its tables have {known}")
+
+
+def stored_columns(store: RunStore, run_ids) -> set[str]:
+    """Every column of the stored predictions of ``run_ids`` (Parquet schemas only: nothing is loaded)."""
+    import pyarrow.parquet as pq
+
+    return {c for rid in run_ids for f in sorted((store.run_dir(rid) / "predictions").glob("*.parquet"))
+            for c in pq.read_schema(f).names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -947,6 +975,8 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
         # Tables are read (and checked) before anything is written: a bad row stops the launch with the store as
         # it was. Rescoring alone needs none.
         loaded = [load_study_data(cfg)] if set(todo) - {"metrics"} else []
+        if not loaded:  # rescoring only: the attributes are those of the stored predictions
+            _on_main(lambda: check_subgroups(cfg.data, stored_columns(store, [run_id(cfg, s) for s in cells])))
 
         def data() -> StudyData:
             if not loaded:

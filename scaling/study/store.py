@@ -49,6 +49,17 @@ class StoreError(RuntimeError):
     """The run store is inconsistent or a requested item is missing; the message names the path."""
 
 
+REQUIRED_METRIC_COLUMNS = ("eval_set", "label", "metric", "value")
+"""Columns without which a ``metrics.parquet`` is not a metrics table (the others of the schema are filled in)."""
+
+
+def _object(path: Path, value: Any) -> dict[str, Any]:
+    """A JSON record of the store (spec, failure): an object, or a StoreError naming the file."""
+    if not isinstance(value, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 class RunStore:
     """Read/write access to a study's run store directory."""
 
@@ -158,7 +169,7 @@ class RunStore:
         p = self.run_dir(run_id) / "spec.json"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return read_json(p)
+        return _object(p, read_json(p))
 
     def read_settings(self, run_id: str) -> dict[str, Any] | None:
         """The recorded result settings of a run, or None (not started, or made before they were recorded)."""
@@ -197,9 +208,13 @@ class RunStore:
         p = self.run_dir(run_id) / "metrics.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return read_parquet(p)
+        df = read_parquet(p)
+        missing = [c for c in REQUIRED_METRIC_COLUMNS if c not in df.columns]
+        if missing:
+            raise StoreError(f"{p}: not a metrics table (no column {missing})")
+        return df
 
     def read_failure(self, run_id: str) -> dict[str, Any] | None:
         """The failure record of a run, if any."""
         p = self.run_dir(run_id) / "FAILED.json"
-        return read_json(p) if p.is_file() else None
+        return _object(p, read_json(p)) if p.is_file() else None
