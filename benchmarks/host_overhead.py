@@ -2,7 +2,7 @@
 zero3/none measured in one run.
 
     torchrun --standalone --nproc_per_node 1 benchmarks/host_overhead.py [--rounds 5] [--steps 30] [--compile]
-        [--profile TOP]
+        [--bare] [--profile TOP]
     python benchmarks/host_overhead.py --fake-world 2 [...]      # sharded cells take the multi-rank code path
 
 A ViT of 24 blocks at width 64 on 32 px images with batch 2 does almost no arithmetic, so its step time is what
@@ -29,6 +29,11 @@ holds 1/N of the model and takes the code path of a multi-GPU rank (all-gather c
 partitioned optimizer) without its communication, which on GPUs runs on its own streams. Use it to check that the
 one-rank figures are not an artefact of the world-size-1 paths of FSDP2 and DeepSpeed. ``ddp`` cannot run there (its
 gradient hook needs a real all-reduce result).
+
+``--bare`` also times, in every round, plain training loops on the same model, batch and update without the
+Trainer (``bare_cell``): the bare model, FSDP2 per block, the legacy flat-parameter ``FullyShardedDataParallel``
+per block and ``deepspeed.initialize`` with the Trainer's ZeRO-3 config. Trainer / bare is the Trainer's own
+overhead per strategy; bare / bare none is what the framework alone costs on this proxy.
 
 ``zero3`` needs DeepSpeed; without it that strategy is skipped with a message.
 """
@@ -144,6 +149,87 @@ def profile_cell(strategy: str, args, ds_config: Path, top: int) -> None:
               f"{e.self_cpu_time_total / total:.0%} |")
 
 
+BARE = ("none", "fsdp", "fsdp1", "zero3")
+"""``--bare`` loops: the same model, batch and update written as plain PyTorch / DeepSpeed, no Trainer."""
+
+
+def bare_cell(kind: str, args, ds_config: Path) -> tuple[float, float, float]:
+    """(median, fastest) wall seconds per step, after the first, and the last loss of a plain training loop on the same model, images
+    and update as the Trainer's cells (SGD momentum 0.9, lr 0.01, foreach, BCE with logits, the batch made once):
+
+    * ``none``: the bare model;
+    * ``fsdp``: FSDP2 ``fully_shard`` on every block, then on the root (what the Trainer's ``fsdp`` does);
+    * ``fsdp1``: the legacy ``FullyShardedDataParallel`` with one flat parameter per block
+      (``use_orig_params=False``), the design FSDP2 replaced: shows what per-parameter bookkeeping costs;
+    * ``zero3``: ``deepspeed.initialize`` with the Trainer's DeepSpeed config and block leaves.
+
+    So ``Trainer / bare`` is the Trainer's own overhead per strategy, and ``bare / bare none`` the frameworks'. Every
+    bare loop does the same arithmetic on the same batch each step, so their last losses agree."""
+    model = make_model(args.depth, args.width)
+    block = type(model.blocks[0])
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for b in model.blocks:
+            fully_shard(b)
+        fully_shard(model)
+    elif kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({block}), use_orig_params=False,
+                                         device_id=torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    engine = None
+    if kind == "zero3":
+        import deepspeed
+
+        from scaling.engine.strategies.zero import deepspeed_config, set_block_leaves, zero3_sizes
+
+        sizes = zero3_sizes(model, (block,))
+        set_block_leaves(model, (block,))
+        cfg = deepspeed_config(TrainConfig(batch_size=args.batch, steps=args.steps), ShardingConfig(strategy="zero3"),
+                               1, json.loads(ds_config.read_text()), str(ds_config), sizes)
+        cfg["zero_allow_untested_optimizer"] = True  # a torch optimizer, as Accelerate's DeepSpeed plugin sets it
+        engine, optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    data = Data(args.batch)
+    x, y = data.x, data.y
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        if engine is not None:
+            loss = loss_fn(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    if engine is not None:
+        engine.destroy()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"bare {kind}: the loss is not finite")
+    return statistics.median(times[1:]), min(times[1:]), float(loss)
+
+
+def report_bare(bare: dict[str, list[tuple]], times: dict[str, list[tuple]]) -> None:
+    """Bare loops against each other and against the Trainer's cells of the same strategy (one block per unit)."""
+    print("\nBare loops (no Trainer): median and fastest step, ratios to bare none; Trainer / bare: the Trainer's own "
+          "overhead (fastest steps)")
+    print("| bare loop | wall ms/step (median) | ratio | fastest step ms | ratio | Trainer fastest / bare fastest |")
+    print("|---|---|---|---|---|---|")
+    fastest = {k: min(x[1] for x in v) for k, v in bare.items()}
+    for k, v in bare.items():
+        med = statistics.median(x[0] for x in v)
+        base_med = statistics.median(x[0] for x in bare["none"]) if "none" in bare else float("nan")
+        ratio = fastest[k] / fastest["none"] if "none" in bare else float("nan")
+        own = f"{min(x[2] for x in times[k]) / fastest[k]:.2f}" if k in times else "—"
+        print(f"| {k} | {med * 1e3:.1f} | {med / base_med:.2f} | {fastest[k] * 1e3:.1f} | {ratio:.2f} | {own} |")
+
+
 PHASES = ("forward", "backward", "step")
 """The strategy plan's pieces of a step, timed around their calls (under ZeRO the optimizer steps inside
 ``backward``; its ``step`` does nothing)."""
@@ -229,7 +315,10 @@ def main():
     p.add_argument("--ds-config", default=str(REPO / "launch" / "ds_zero3.json"), help="DeepSpeed JSON for zero3")
     p.add_argument("--fake-world", type=int, default=1, metavar="N",
                    help="N >= 2: sharded cells run as rank 0 of N in torch's fake process group (see above)")
-    p.add_argument("--json", default="", help="also write the per-round times here")
+    p.add_argument("--bare", action="store_true",
+                   help="also time plain loops (no Trainer) in every round: none, fsdp (FSDP2), fsdp1 (flat "
+                        "parameters) and zero3, as far as --strategies asks for them (fsdp1 with fsdp); one rank")
+    p.add_argument("--json", default="", help="also write the per-round times here (bare loops under \"bare\")")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="after the rounds, profile one warm fit per strategy: calls per step and the TOP ops")
     args = p.parse_args()
@@ -251,20 +340,30 @@ def main():
     if "zero3" in strategies and importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed: zero3 skipped")
         strategies.remove("zero3")
+    if args.bare and args.fake_world > 1:
+        raise SystemExit("--bare runs in the real group of one rank; leave out --fake-world")
+    wanted = {sharding_of(s).strategy for s in strategies}
+    bare: dict[str, list[tuple]] = {k: [] for k in BARE if args.bare and k in wanted | ({"fsdp1"} if "fsdp" in wanted
+                                                                                          else set())}
     times: dict[str, list[tuple]] = {s: [] for s in strategies}
     ds_config = Path(args.ds_config)
     for r in range(args.rounds):
         for s in strategies:
             times[s].append(run_cell(s, args, ds_config))
+        for k in bare:
+            _environment(k, ds_config)
+            bare[k].append(bare_cell(k, args, ds_config))
         print(f"round {r}: " + ", ".join(f"{s} {times[s][-1][0] * 1e3:.1f} ms wall / {times[s][-1][1] * 1e3:.1f} "
                                          f"ms CPU / {times[s][-1][2] * 1e3:.1f} ms fastest" for s in strategies),
               flush=True)
     if args.rounds:
         report(times, args)
+        if bare:
+            report_bare(bare, times)
     for s in strategies if args.profile else ():
         profile_cell(s, args, ds_config, args.profile)
     if args.json:
-        Path(args.json).write_text(json.dumps(times))
+        Path(args.json).write_text(json.dumps({**times, **({"bare": bare} if bare else {})}))
 
 
 if __name__ == "__main__":

@@ -101,11 +101,13 @@ def test_gpu_determinism_script_runs_on_cpu():
 
 def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     """``host_overhead.py`` (one rank under torchrun) with ``fsdp:2``: 4 blocks as 2 units + the root, against 5
-    units with one block each; the ratio column divides by none's median in the same run."""
+    units with one block each; the ratio column divides by none's median in the same run. ``--bare``: the plain
+    loops (none, FSDP2, flat-parameter FSDP, DeepSpeed ZeRO-3) do the same arithmetic, so they end at the same loss,
+    and the Trainer / bare column divides the two fastest steps of one strategy."""
     out = tmp_path / "times.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           str(REPO / "benchmarks" / "host_overhead.py"), "--strategies", "none,fsdp,fsdp:2",
-                           "--rounds", "1", "--steps", "4", "--depth", "4", "--json", str(out)],
+                           str(REPO / "benchmarks" / "host_overhead.py"), "--strategies", "none,fsdp,fsdp:2,zero3",
+                           "--bare", "--rounds", "1", "--steps", "4", "--depth", "4", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -116,6 +118,13 @@ def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     times = json.loads(out.read_text())
     assert rows["none"][2] == "1.00"
     assert abs(float(rows["fsdp:2"][2]) - times["fsdp:2"][0][0] / times["none"][0][0]) <= 0.006
+    bare = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in
+                              proc.stdout.split("Bare loops")[1].splitlines() if ln.count("|") == 7)}
+    assert set(bare) - {"bare loop", "---"} == {"none", "fsdp", "fsdp1", "zero3"}, proc.stdout[-3000:]
+    losses = {k: v[0][2] for k, v in times["bare"].items()}
+    assert all(abs(loss - losses["none"]) <= 1e-5 for loss in losses.values()), losses
+    own = min(x[2] for x in times["fsdp"]) / min(x[1] for x in times["bare"]["fsdp"])
+    assert abs(float(bare["fsdp"][5]) - own) <= 0.006 and bare["fsdp1"][5] == "—"
 
 
 def test_host_overhead_fake_world_shards_over_two_ranks_in_one_process():
