@@ -34,7 +34,8 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 booleans: only true/false. YAML 1.1 reads ``off``/``no``/``on``/``yes``
-    as booleans, which silently turns ``wandb: off`` or ``mixed_precision: no`` into False. A key repeated in one
+    as booleans, which silently turns ``wandb: off`` or ``mixed_precision: no`` into False. Floats such as ``1e-4``
+    are floats, as in YAML 1.2 (YAML 1.1 reads them as strings). A key repeated in one
     mapping, at any depth, is a :class:`DuplicateKeyError` (PyYAML would keep the last value and drop the rest)."""
 
     def construct_mapping(self, node, deep=False):
@@ -61,6 +62,11 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 }
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.2 exponent floats: YAML 1.1 reads ``lr: 1e-4`` and ``1.5e3`` as strings (it wants ``1.0e-4``, ``1.5e+3``).
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789.")
 )
 
 

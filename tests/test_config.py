@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from scaling.config import (ConfigError, EvalConfig, StudyConfig, TrainConfig, UpstreamConfig, from_dict, load_config,
-                            save_config, to_dict)
+                            read_yaml, save_config, to_dict)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
 
@@ -141,6 +141,17 @@ def test_yaml_1_1_booleans_stay_strings(tmp_path):
     cfg = load_config(f, ["sharding.activation_checkpointing=none", "data.on_bad_image=skip"])
     assert cfg.tracking.wandb == "off" and cfg.train.mixed_precision == "no" and cfg.train.hyperrule == "off"
     assert cfg.data.cache is False
+
+
+def test_exponent_floats_are_numbers_as_in_yaml_1_2(tmp_path):
+    """``lr: 1e-4`` is a float (YAML 1.1 reads it, and ``1.5e3``, as a string: "expected a number, got str"), in a
+    file and in an override; integers, dates and words that merely start with a digit or an e are unchanged."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {lr: 1e-4, weight_decay: 1.5e3, warmup_steps: 12}\nname: 1e\n")
+    cfg = load_config(f, ["train.clip_grad_norm=5E-1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.clip_grad_norm) == (1e-4, 1500.0, 0.5)
+    assert cfg.train.warmup_steps == 12 and isinstance(cfg.train.warmup_steps, int) and cfg.name == "1e"
+    assert read_yaml("a: .5e-2\nb: -2E+2\nc: 0x10\nd: e5\n") == {"a": 0.005, "b": -200.0, "c": 16, "d": "e5"}
 
 
 def _write(path, text):
