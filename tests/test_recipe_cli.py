@@ -17,6 +17,8 @@ spec.loader.exec_module(scale_study)
     (["data.root=/nonexistent/chexpert"], "dataset root does not exist: /nonexistent/chexpert"),
     (["sharding.strategy=zero3"], "needs a DeepSpeed launch"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["grid.pretrained=[/nonexistent/w.safetensors]"], "grid.pretrained '/nonexistent/w.safetensors' (backbone "),
+    (["--dry-run", "grid.pretrained=[bit-l:/nonexistent/]"], "(backbone resnetv2_small): weight file not found"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path, capsys):
     assert scale_study.main([*args, f"output_dir={tmp_path / 'store'}"]) == 2

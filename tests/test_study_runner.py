@@ -282,3 +282,22 @@ def _spec(backbone="resnetv2_tiny", fraction=1.0, seed=0):
     from scaling.study.grid import RunSpec
 
     return RunSpec(backbone, "scratch", fraction, seed)
+
+
+def test_a_missing_weight_file_is_named_before_training_but_not_needed_by_finished_runs(tmp_path):
+    """A local ``grid.pretrained`` file that does not exist is refused for the runs still to train (naming the
+    source and the backbone); once those runs are finished their own weights are all they need, so the same config
+    is accepted (a study grows on a machine without the pretrained files)."""
+    from scaling.models.weights import WeightsUnavailable
+    from scaling.study.runner import check_weights
+
+    store = tmp_path / "store"
+    cfg = _cfg(store, pretrained=[str(tmp_path / "w.safetensors"), "scratch"])
+    cells = expand_grid(cfg)
+    with pytest.raises(WeightsUnavailable, match=rf"grid.pretrained '{tmp_path}/w.safetensors' \(backbone "
+                                                 rf"resnetv2_tiny\): weight file not found: {tmp_path}/w.safetensors"):
+        check_weights(cfg, RunStore(store), cells)
+    for spec in cells:
+        if spec.pretrained != "scratch":
+            RunStore(store).mark_complete(run_id(cfg, spec))
+    check_weights(cfg, RunStore(store), cells)

@@ -425,6 +425,26 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
     return Work("cka") if cka else None
 
 
+def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
+    """Every local weight file a run still to be trained needs exists (``grid.pretrained`` given as a path or
+    ``<source>:<path>``): a missing one is named now, by ``--dry-run`` too, not when its runs start. Finished runs
+    need no pretrained weights (they are evaluated from their own), so a study that grows on a machine without
+    them is not refused. Hub, URL and ``upstream:`` sources are fetched or made when a run needs them. Reads only."""
+    from scaling.models.presets import resolve_backbone
+    from scaling.models.weights import WeightsUnavailable, resolve_source
+
+    needed = {(s.backbone, s.pretrained) for s in cells if not store.is_complete(run_id(cfg, s))}
+    for backbone, source in sorted(needed):
+        low = source.strip().lower()
+        if low.startswith(("upstream:", "hub", "hf:")) or ("/" not in source and not low.endswith(
+                (".npz", ".safetensors", ".pt", ".pth", ".bin"))):
+            continue
+        try:
+            resolve_source(resolve_backbone(backbone), source)
+        except WeightsUnavailable as e:
+            raise WeightsUnavailable(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
+
+
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
     """Refuse a config that contradicts the store: a run id recorded with other result settings, an evaluation
     set name that the store holds for another set, an upstream name pretrained with other settings. Each error
@@ -859,6 +879,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_roots(cfg.data)
     store = RunStore(cfg.output_dir)
     check_conflicts(cfg, store, cells)
+    check_weights(cfg, store, cells)
     data = load_study_data(cfg)
     n_eval = sum(len(t) for t in data.eval_sets().values())
     speed: dict[str, float] = {}
@@ -965,7 +986,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     check_roots(cfg.data)
     init_distributed()
     store = RunStore(cfg.output_dir)
-    _on_main(lambda: check_conflicts(cfg, store, cells))
+    _on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells)))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
