@@ -1,8 +1,10 @@
 """recipes/scale_study.py: bad input gives one clear line and exit code 2; --dry-run plans without training."""
 
 import importlib.util
+import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,12 @@ def test_dry_run_plans_the_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "44 runs, 0 complete" in out and "resnetv2_small" in out and "upstream:fractal_10k" in out
     assert not (tmp_path / "store" / "runs").exists()
+    # a missing image is found by the plan (a launch would fail every run that reads it)
+    train_csv = next((tmp_path / "store" / "data" / "site_a").rglob("train.csv"))  # the training dataset
+    first = pd.read_csv(train_csv)["Path"].iloc[0]
+    image = next(p for p in (train_csv.parent, *train_csv.parents) if (p / first).is_file()) / first
+    image.unlink()
+    assert scale_study.main(["--dry-run", f"output_dir={tmp_path / 'store'}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: chexpert \((train|val|test) set\): 1 of \d+ image files are missing: {image} \(sample ",
+                     err), err

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -119,6 +120,7 @@ def test_cli_summary(store, capsys):
     assert main(["summary", str(root)]) == 0
     out = capsys.readouterr().out
     assert "72/72 runs complete" in out and "ood_site_b" in out and "bb_large" in out
+    assert re.search(r"bb_large\s+6400000\s", out) and "6400000.0" not in out  # parameter counts as integers
 
 
 def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_path_factory, tmp_path, capsys):

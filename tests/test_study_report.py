@@ -199,3 +199,22 @@ def test_report_of_a_one_of_k_study(tmp_path):
                 r = cell.loc[metric]
                 assert shown.loc[bb, col] == f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
     assert rep.tables["reliability"]["pooled ECE (temperature)"].notna().all()
+
+
+def test_headline_models_name_one_cell_once_when_the_best_is_the_smallest():
+    """The selective-prediction view compares the best cell with the smallest backbone of its source; when the
+    smallest is the best (size did not help), it is one entry, not the same curve twice under two names."""
+    from scaling.study.tables import headline_models
+
+    def row(backbone, n_params, source, mean):
+        return {"metric": "auroc", "label": "macro", "attribute": "all", "group": "all", "eval_set": "test",
+                "fraction": 1.0, "backbone": backbone, "n_params": n_params, "pretrained": source,
+                "pretrain_images": np.nan, "protocol": "finetune", "shots": 0, "reinit": "none", "mean": mean}
+
+    summary = pd.DataFrame([row("small", 1e6, "scratch", 0.80), row("large", 1e8, "scratch", 0.75),
+                            row("large", 1e8, "other", 0.70)])
+    models = headline_models(summary)
+    assert list(models) == ["best, also the smallest"] and models["best, also the smallest"]["backbone"] == "small"
+    summary.loc[1, "mean"] = 0.9
+    models = headline_models(summary)
+    assert {k: v["backbone"] for k, v in models.items()} == {"best": "large", "smallest": "small"}

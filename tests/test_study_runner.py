@@ -301,3 +301,42 @@ def test_a_missing_weight_file_is_named_before_training_but_not_needed_by_finish
         if spec.pretrained != "scratch":
             RunStore(store).mark_complete(run_id(cfg, spec))
     check_weights(cfg, RunStore(store), cells)
+
+
+def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):
+    """NIH ChestX-ray14 ships a test list: a config that carves its test set from the training patients instead is
+    legitimate but usually an oversight, so the loader says so (and says nothing once data.test_split names it)."""
+    from dataset_fixtures import write_fixture
+
+    from scaling.study.runner import load_study_data
+
+    root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
+    base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
+            "data.labels=[Pleural Effusion,Atelectasis]", "data.test_fraction=0.3"]
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        load_study_data(load_config(None, base))
+    assert "nih_cxr14 has an official 'test' split, but data.test_split is empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        load_study_data(load_config(None, [*base, "data.test_split=test"]))
+    assert "official 'test' split" not in caplog.text
+
+
+def test_an_ood_set_drawn_from_the_test_patients_is_warned_about(tmp_path, caplog):
+    """A within-dataset shift taken from the official test list shares its patients with the test set: the drop is
+    then no comparison of different patients, and the launch says so (a set from another split does not warn)."""
+    from dataset_fixtures import write_fixture
+
+    from scaling.study.runner import load_study_data
+
+    root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
+    base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
+            "data.labels=[Pleural Effusion,Atelectasis]", "data.test_split=test"]
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        data = load_study_data(load_config(None, [*base, "data.ood=[{name: again, split: test}]"]))
+    n = data.test["patient_id"].nunique()
+    assert f"eval set 'again' shares {n} of its {n} patients with the test set" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        load_study_data(load_config(None, [*base, "data.ood=[{name: other, split: train}]"]))
+    assert "shares" not in caplog.text

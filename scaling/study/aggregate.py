@@ -293,4 +293,5 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
     order = first + sorted(c for c in wide.columns if c not in first)
     wide = wide[order].reset_index()
     wide.columns.name = None
+    wide["n_params"] = wide["n_params"].round().astype("Int64")  # a count: 216640, not 216640.0
     return wide.sort_values(["pretrained", "n_params", "fraction", *varied]).reset_index(drop=True)

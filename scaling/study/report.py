@@ -403,7 +403,8 @@ def _ood_html(rep: StudyReport) -> list[str]:
              "can score (both classes present among the labelled images of each): test AUROC, OOD AUROC and their "
              "difference (drop) are macro-averaged over exactly those labels, so a set with few labels is not "
              "compared against a macro over many. Interval of the drop: patient-level bootstrap of each set, "
-             "resampled independently (different patients), or across seeds.</p>"]
+             "resampled independently (different patients; for a set that shares patients with test, which the "
+             "launch log warns about, this interval is too wide), or across seeds.</p>"]
     for e in rep.ood_sets:
         shared = rep.shift_labels.get(e, [])
         own = rep.evaluable_labels.get(e, [])
@@ -428,6 +429,13 @@ def _set_title(e: str) -> str:
                              "temperature fitted on these very images)</span>" if e == FIT_SPLIT else "")
 
 
+BIASED_NOTE = (" Gaps and extremes over groups (worst group, max − min) and ECE are biased in small samples, and "
+               "their bootstrap replicates further in the same direction, so a value can lie outside its own "
+               "interval: read such an interval as how variable the number is, and compare models on the same sets "
+               "(docs/metrics.md, \"Biased statistics\").")
+"""Said under the tables whose statistics are biased (fairness gaps, ECE): a point outside its interval is no bug."""
+
+
 def _fairness_html(rep: StudyReport) -> list[str]:
     """One subsection per evaluation set: the summaries per attribute and every subgroup's AUROC."""
     parts = ["<p class='note'>Per evaluation set and attribute (attributes a set lacks are absent there; one only "
@@ -435,7 +443,7 @@ def _fairness_html(rep: StudyReport) -> list[str]:
              "groups) and equalized-odds difference (max of the TPR and FPR gaps) at the threshold fitted on "
              "validation; then each group's macro AUROC with its interval and size. Groups below "
              "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
-             "not summarised.</p>"]
+             "not summarised." + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
         parts += [f"<h3 id='fairness-{_anchor(e)}'>{_set_title(e)}</h3>", _figure_html(rep, f"fairness:{e}"),
                   _table_html(rep.tables.get(f"fairness:{e}"), f"fairness-{_anchor(e)}",
@@ -448,7 +456,7 @@ def _calibration_html(rep: StudyReport) -> list[str]:
     """The ECE figure, then one table per evaluation set (before / after temperature scaling)."""
     parts = [_figure_html(rep, "calibration"),
              "<p class='note'>ECE (10 equal-width bins), Brier score and NLL, macro over labels, before and after "
-             "the temperature fitted per label on validation (<i>_temp</i>).</p>"]
+             "the temperature fitted per label on validation (<i>_temp</i>)." + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
         parts += [f"<h3 id='calibration-{_anchor(e)}'>{_set_title(e)}</h3>",
                   _table_html(rep.tables.get(f"calibration:{e}"), f"calibration-{_anchor(e)}")]
@@ -619,7 +627,9 @@ def render_html(rep: StudyReport) -> str:
             _fits_html(fits, "fits"),
             "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
-            "data, paired on the same samples (same seed); per label.</p>",
+            "data, paired on the same samples (same seed); per label. DeLong's test treats images as independent: "
+            "with several images per patient its p-values are optimistic, so read them with the patient-level "
+            "intervals above (docs/metrics.md).</p>",
             _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
             *_analysis_html(rep),
         ]

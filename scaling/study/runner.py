@@ -211,8 +211,14 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     from scaling.data import load_table
     from scaling.data.splits import patient_split
 
+    from scaling.data.registry import get_loader
+
     d = cfg.data
     root = _resolve_root(cfg, d.root)
+    if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
+        log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
+                    "carved from %s patients of the %r split instead (set data.test_split: test to use the official "
+                    "one)", d.dataset, f"{d.test_fraction:.0%} of the", d.train_split)
     full = load_table(d.dataset, root, d.train_split, **d.options)
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
@@ -238,6 +244,13 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         if ood[e.name].empty:
             raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options "
                             f"{ {**(d.options if not e.dataset else {}), **e.options} })")
+        shared = (set(ood[e.name]["patient_id"]) & set(test["patient_id"])
+                  if (e.dataset or d.dataset) == d.dataset and eroot == root else set())
+        if shared:  # a within-dataset shift drawn from the test patients (e.g. AP films of the official test list)
+            log.warning("eval set %r shares %d of its %d patients with the test set: its AUROC drop is then not "
+                        "a comparison of different patients, and its interval (which resamples the two sets "
+                        "independently) is wider than it should be; draw the set from another split to avoid this",
+                        e.name, len(shared), ood[e.name]["patient_id"].nunique())
     own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
     data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
@@ -863,11 +876,24 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _check_image_files(data: StudyData, dataset: str) -> None:
+    """Every image file of every set exists (one ``stat`` per image: seconds for 10^5 local files, longer on a
+    network file system); a DataError counts the missing ones and names the first. For the plan: a launch reads
+    each image when a run first needs it, so a missing file would otherwise fail each run that reads it."""
+    from scaling.data.registry import check_files
+
+    t0 = time.perf_counter()
+    for name, table in {"train": data.train, **data.eval_sets()}.items():
+        check_files(table, f"{dataset} ({name} set)")
+    log.info("every image file of the study exists (%d checked in %.1f s)",
+             len(data.train) + sum(len(t) for t in data.eval_sets().values()), time.perf_counter() - t0)
+
+
 def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
-    Reads the dataset metadata only (no image is decoded; the synthetic demo data is generated if absent) to size
-    every run: training patients/images after the data fraction, optimizer steps, images processed (train + eval)
+    Reads the dataset metadata and checks that every image file exists (no image is decoded; the synthetic demo
+    data is generated if absent) to size every run: training patients/images after the data fraction, optimizer steps, images processed (train + eval)
     and, where a finished run of the same backbone recorded its speed, an estimated time. ``todo`` is what the next
     launch would do for the run (``train``, ``evaluate <sets>``, ``metrics`` or empty) and ``claimed_by`` the host
     and pid of a launch working on it now.
@@ -881,6 +907,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_conflicts(cfg, store, cells)
     check_weights(cfg, store, cells)
     data = load_study_data(cfg)
+    _check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
     speed: dict[str, float] = {}
     for rid in store.run_ids():

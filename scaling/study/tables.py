@@ -99,7 +99,8 @@ def evaluable_labels(df: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, pd.Series]:
-    """The ``best`` cell (highest mean AUROC at full data) and the ``smallest`` backbone with the same source."""
+    """The ``best`` cell (highest mean AUROC at full data) and the ``smallest`` backbone with the same source; one
+    entry, ``best, also the smallest``, when they are the same cell (a study where size does not help)."""
     s = select(summary, "auroc", eval_set)
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
     if s.empty:
@@ -107,4 +108,6 @@ def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, 
     best = s.loc[s["mean"].idxmax()]
     same = s[s["pretrained"] == best["pretrained"]]
     smallest = same.loc[same["n_params"].idxmin()]
+    if best[list(CELL)].equals(smallest[list(CELL)]):
+        return {"best, also the smallest": best[list(CELL)]}
     return {"best": best[list(CELL)], "smallest": smallest[list(CELL)]}
