@@ -375,3 +375,16 @@ def test_decode_truncated_image_names_the_file_once(tmp_path, suffix):
         assert str(e.value).count(str(path)) == 1, str(e.value)  # not wrapped twice
         assert str(e.value).startswith(f"cannot read image {path} (sample 's0'): cannot decode image: OSError")
 
+
+
+def test_a_dataset_root_one_level_off_names_the_right_one(tmp_path):
+    """The commonest root mistake is one folder off (the folder above, or the images folder inside): the error
+    lists the files it looked for and names the folder that has them."""
+    from scaling.data import load_table
+
+    root = write_fixture("nih_cxr14", tmp_path / "nih")
+    (root / "images").mkdir(exist_ok=True)
+    for wrong in (tmp_path, root / "images"):
+        with pytest.raises(DataError, match=rf"{wrong}: none of the expected label files exist: .*; {root} has "
+                                            r"them: is that the dataset root\?"):
+            load_table("nih_cxr14", wrong, "all")

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from scaling.data.datasets.readers import (finish, map_values, only_all_split, parse_numbers, read_csv, read_excel,
-                                          require_ids)
+                                          no_expected_file, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ HEADER_TAGS = ["ImageLaterality", "Laterality", "ViewPosition", "ViewCodeSequenc
 def _clinical(root: Path) -> tuple[pd.DataFrame, Path]:
     path = next((root / n for n in CLINICAL_FILES if (root / n).is_file()), None)
     if path is None:
-        raise DataError(f"{root}: none of the expected files exist: {list(CLINICAL_FILES)}")
+        raise no_expected_file(root, CLINICAL_FILES)
     read = read_excel if path.suffix == ".xlsx" else read_csv
     raw = read(path, ["ID1", "LeftRight", "Age", "abnormality", "classification"], dtype=str)
     if raw.empty:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from scaling.data import labels as L
 from scaling.data.datasets.readers import (chest_view, filter_views, finish, index_images, locate, map_values,
-                                          read_csv, require_ids, select_split)
+                                          no_expected_file, read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def load(
     names = [entry_file] if entry_file else list(ENTRY_FILES)
     path = next((root / n for n in names if (root / n).is_file()), None)
     if path is None:
-        raise DataError(f"{root}: none of the expected label files exist: {names}")
+        raise no_expected_file(root, names, "label files")
     required = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
                 "View Position"]
     raw = read_csv(path, required, dtype={"Image Index": str, "Patient ID": str, "Patient Age": str})

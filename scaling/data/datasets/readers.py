@@ -36,7 +36,21 @@ def find_file(root: str | Path, names: Sequence[str]) -> Path:
     for name in names:
         if (root / name).is_file():
             return root / name
-    raise DataError(f"{root}: none of the expected files exist: {list(names)}")
+    raise no_expected_file(root, names)
+
+
+def no_expected_file(root: Path, names: Sequence[str], what: str = "files") -> DataError:
+    """The error for a dataset root holding none of ``names``, with a hint when the folder above or one of the
+    folders directly inside holds one (the most common mistake: a root one level off)."""
+    root = Path(root)
+    near = [root.parent] if root.parent != root else []
+    try:
+        near += sorted(p for p in root.iterdir() if p.is_dir())[:100]
+    except OSError:
+        pass
+    found = next((d for d in near for n in names if (d / n).is_file()), None)
+    hint = f"; {found} has them: is that the dataset root?" if found is not None else ""
+    return DataError(f"{root}: none of the expected {what} exist: {list(names)}{hint}")
 
 
 _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
