@@ -316,6 +316,7 @@ def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="scaling.study.runner"):
         load_study_data(load_config(None, base))
     assert "nih_cxr14 has an official 'test' split, but data.test_split is empty" in caplog.text
+    assert "has no positive image in the training set" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="scaling.study.runner"):
         load_study_data(load_config(None, [*base, "data.test_split=test"]))
@@ -340,3 +341,42 @@ def test_an_ood_set_drawn_from_the_test_patients_is_warned_about(tmp_path, caplo
     with caplog.at_level("WARNING", logger="scaling.study.runner"):
         load_study_data(load_config(None, [*base, "data.ood=[{name: other, split: train}]"]))
     assert "shares" not in caplog.text
+
+
+def test_undefined_metrics_are_one_log_line_per_run_not_a_warning_each(interrupted_then_completed, tmp_path, caplog):
+    """Small subgroups without both classes make some metrics undefined (NaN rows): scoring a run logs one line
+    counting them (each message at debug level) and lets no MetricWarning reach the console; the stored metrics are
+    the same as before."""
+    import shutil
+    import warnings
+
+    from scaling.study.runner import score_run
+
+    cfg, store, first, *_ = interrupted_then_completed
+    copy = RunStore(shutil.copytree(store.root, tmp_path / "store"))
+    before = copy.read_metrics(first)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("DEBUG", logger="scaling.study.runner"):
+        warnings.simplefilter("always")
+        score_run(cfg, copy, first)
+    assert not [w for w in caught if "undefined" in str(w.message)]
+    lines = [r for r in caplog.records if r.levelname == "WARNING" and "metric values are undefined" in r.message]
+    n_nan = int(before["value"].isna().sum())
+    assert len(lines) == 1 and n_nan > 0 and f"run {first}: " in lines[0].message
+    assert any(r.levelname == "DEBUG" and "is undefined" in r.message for r in caplog.records)
+    pd.testing.assert_frame_equal(copy.read_metrics(first), before)
+
+
+def test_a_label_without_a_positive_training_image_is_warned_about(tmp_path, caplog):
+    """A label no training image has (a subset, a filter, a misread policy) cannot be learnt: the launch says so."""
+    from dataset_fixtures import write_fixture
+
+    from scaling.study.runner import load_study_data
+
+    root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
+    cfg = load_config(None, [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
+                             "data.labels=[Pleural Effusion,Hernia]", "data.test_split=test"])
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        data = load_study_data(cfg)
+    assert (data.train["label:Pleural Effusion"] == 1).any() and not (data.train["label:Hernia"] == 1).any()
+    assert "label 'Hernia' has no positive image in the training set" in caplog.text
+    assert "label 'Pleural Effusion' has no positive" not in caplog.text

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig,
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import atomic_write_text, read_json, write_error
+from scaling.metrics.validation import MetricWarning
 from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
 from scaling.study.grid import (
@@ -256,6 +258,12 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
                      labels=d.labels)
     check_subgroups(d, set().union(*(t.columns for t in (data.train, data.val, data.test, *data.ood.values()))))
+    for label in d.labels:
+        column = data.train.get(f"label:{label}")
+        if column is not None and not (column == 1).any():
+            log.warning("label %r has no positive image in the training set (%d images): the model cannot learn it "
+                        "and its AUROC says nothing; check data.labels and the loader options", label,
+                        len(data.train))
     return data
 
 
@@ -533,6 +541,23 @@ def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict
                                                                               out["logits"])))
 
 
+def _summarise_warnings(rid: str, caught: list[warnings.WarningMessage]) -> None:
+    """One log line per run for the metrics that are undefined on its sets (a subgroup or an OOD set without both
+    classes of a label: stored as NaN, as the metric rows document) instead of one console warning each, which
+    buried everything else in a real study's log; the messages themselves go to the debug log. Other warnings are
+    passed on unchanged."""
+    undefined = [w for w in caught if issubclass(w.category, MetricWarning)]
+    for w in caught:
+        if not issubclass(w.category, MetricWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if undefined:
+        messages = list(dict.fromkeys(str(w.message) for w in undefined))
+        log.warning("run %s: %d metric values are undefined on the data (stored as NaN), e.g. %s", rid,
+                    len(undefined), messages[0])
+        for m in messages:
+            log.debug("run %s: %s", rid, m)
+
+
 def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
     """Compute a run's metrics from its stored predictions of the config's evaluation sets with the config's metric
     settings and store them (main process). Predictions of a set no longer in the config (removed or renamed) stay
@@ -553,8 +578,11 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
                 store.write_predictions(rid, name, regrouped)
             df = regrouped
         preds[name] = df
-    rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
-                                       derived=list(cfg.data.derived_labels))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
+                                           derived=list(cfg.data.derived_labels))
+    _summarise_warnings(rid, caught)
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
     recorded = store.read_evaluation(rid).get("eval_sets", {})
