@@ -184,7 +184,8 @@ def bare_cell(kind: str, args, ds_config: Path) -> tuple[float, float, float]:
     if kind == "zero3":
         import deepspeed
 
-        from scaling.engine.strategies.zero import deepspeed_config, set_block_leaves, zero3_sizes
+        from scaling.engine.strategies.zero import (deepspeed_config, set_block_leaves, unlink_shm_allreduce_buffer,
+                                                    zero3_sizes)
 
         sizes = zero3_sizes(model, (block,))
         set_block_leaves(model, (block,))
@@ -192,6 +193,10 @@ def bare_cell(kind: str, args, ds_config: Path) -> tuple[float, float, float]:
                                1, json.loads(ds_config.read_text()), str(ds_config), sizes)
         cfg["zero_allow_untested_optimizer"] = True  # a torch optimizer, as Accelerate's DeepSpeed plugin sets it
         engine, optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+        # A Trainer cell before this one set LOCAL_SIZE, so DeepSpeed's CPU backend, started again here, mapped a
+        # 69 MB /dev/shm buffer that nothing removes (see unlink_shm_allreduce_buffer): remove its name, as the
+        # Trainer does.
+        unlink_shm_allreduce_buffer(0)
     data = Data(args.batch)
     x, y = data.x, data.y
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
