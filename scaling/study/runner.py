@@ -552,10 +552,17 @@ def _summarise_warnings(rid: str, caught: list[warnings.WarningMessage]) -> None
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if undefined:
         messages = list(dict.fromkeys(str(w.message) for w in undefined))
-        log.warning("run %s: %d metric values are undefined on the data (stored as NaN), e.g. %s", rid,
-                    len(undefined), messages[0])
+        new = [m for m in messages if m not in _UNDEFINED_SEEN]
+        _UNDEFINED_SEEN.update(messages)
+        # The evaluation sets are the same for every run, so the same gaps recur: a warning once, then info.
+        log.log(logging.WARNING if new else logging.INFO, "run %s: %d metric values are undefined on the data "
+                "(stored as NaN), e.g. %s", rid, len(undefined), (new or messages)[0])
         for m in messages:
             log.debug("run %s: %s", rid, m)
+
+
+_UNDEFINED_SEEN: set[str] = set()
+"""Messages of undefined metrics already logged as a warning by this process (see :func:`_summarise_warnings`)."""
 
 
 def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
