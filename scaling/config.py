@@ -88,6 +88,22 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {bound}")
 
 
+def _at_least_one(name: str, value: int) -> None:
+    """A count that must be >= 1 (a size, a number of bins, a logging interval)."""
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be >= 1")
+
+
+def _unique_names(field_name: str, names: list[str]) -> None:
+    """Each entry of a list section needs its own name (``data.ood``, ``upstream``): the first repeat is named."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        j = first.setdefault(name, i)
+        if j != i:
+            raise ConfigError(f"{field_name}[{i}].name={name!r} repeats {field_name}[{j}].name; each entry needs its "
+                              f"own name")
+
+
 def _file_name(name: str, value: str) -> None:
     """``value`` names files and directories in the run store: non-empty, no path separators, not ``.``/``..``."""
     if not value.strip() or value in (".", "..") or "/" in value or "\\" in value:
@@ -205,15 +221,11 @@ class DataConfig:
             raise ConfigError(f"data.age_bins={edges} must be strictly increasing")
 
     def _check_ood_names(self) -> None:
-        first: dict[str, int] = {}
         for i, eval_set in enumerate(self.ood):
             if eval_set.name in RESERVED_EVAL_SETS:
                 raise ConfigError(f"data.ood[{i}].name={eval_set.name!r} is reserved for the study's own split; "
                                   f"name OOD sets otherwise (reserved: {list(RESERVED_EVAL_SETS)})")
-            j = first.setdefault(eval_set.name, i)
-            if j != i:
-                raise ConfigError(f"data.ood[{i}].name={eval_set.name!r} repeats data.ood[{j}].name; each OOD set "
-                                  f"needs its own name")
+        _unique_names("data.ood", [e.name for e in self.ood])
 
     def _check_derived_labels(self) -> None:
         if self.derived_labels and self.task != "multiclass":
@@ -357,8 +369,7 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_steps", "steps", "epochs", "examples", "mixup_alpha", "clip_grad_norm",
                      "checkpoint_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
+        _at_least_one("train.log_every", self.log_every)
         if sum(x > 0 for x in (self.steps, self.epochs, self.examples)) > 1:
             raise ConfigError("set only one of train.steps, train.epochs, train.examples")
         if self.batch_size % self.grad_accum:
@@ -455,8 +466,7 @@ class EvalConfig:
         _positive("eval.n_boot", self.n_boot, allow_zero=True)
         _positive("eval.min_group_size", self.min_group_size, allow_zero=True)
         for name in ("ece_bins", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1")
+            _at_least_one(f"eval.{name}", getattr(self, name))
         if not 0 <= self.fixed_threshold <= 1:
             raise ConfigError(f"eval.fixed_threshold={self.fixed_threshold!r} must be a probability in [0, 1]")
         for level in self.aggregate:
@@ -567,8 +577,7 @@ class UpstreamConfig:
     def __post_init__(self):
         _file_name("upstream[].name", self.name)
         for name in ("num_images", "image_size", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"upstream[].{name}={getattr(self, name)} must be >= 1")
+            _at_least_one(f"upstream[].{name}", getattr(self, name))
         if self.num_classes < 2:
             raise ConfigError(f"upstream[].num_classes={self.num_classes} must be >= 2")
         _positive("upstream[].lr", self.lr)
@@ -710,12 +719,7 @@ class StudyConfig:
     def __post_init__(self):
         if not self.output_dir.strip():
             raise ConfigError(f"output_dir={self.output_dir!r} is empty; name the run store directory")
-        first: dict[str, int] = {}
-        for i, up in enumerate(self.upstream):
-            j = first.setdefault(up.name, i)
-            if j != i:
-                raise ConfigError(f"upstream[{i}].name={up.name!r} repeats upstream[{j}].name; each upstream run "
-                                  f"needs its own name")
+        _unique_names("upstream", [u.name for u in self.upstream])
         known = {u.name for u in self.upstream}
         sources = [*self.grid.pretrained, *(s for g in self.grid.also for s in g.pretrained or ())]
         for src in sources:

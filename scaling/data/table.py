@@ -38,14 +38,18 @@ def label_names(df: pd.DataFrame) -> list[str]:
     return [c[len(LABEL_PREFIX):] for c in label_columns(df)]
 
 
+def blank_cells(values: pd.Series) -> np.ndarray:
+    """Where a column of ids or file names is missing or blank (whitespace only)."""
+    return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+
+
 def check_ids(df: pd.DataFrame, source: str) -> None:
     """DataError naming ``source`` and the row when a ``sample_id`` or ``patient_id`` is missing or blank.
 
     A missing patient id would silently drop the row from every patient-level split (pandas groups skip NaN).
     """
     for col in ("sample_id", "patient_id"):
-        values = df[col]
-        blank = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+        blank = blank_cells(df[col])
         if blank.any():
             i = int(np.flatnonzero(blank)[0])
             sample = "" if col == "sample_id" else f" (sample {df['sample_id'].iloc[i]!r})"

@@ -211,16 +211,15 @@ def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool) 
 def load_study_data(cfg: StudyConfig) -> StudyData:
     """Load and split every table the study needs (patient-level; official splits where configured)."""
     from scaling.data import load_table
-    from scaling.data.splits import patient_split
-
     from scaling.data.registry import get_loader
+    from scaling.data.splits import patient_split
 
     d = cfg.data
     root = _resolve_root(cfg, d.root)
     if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
         log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
-                    "carved from %s patients of the %r split instead (set data.test_split: test to use the official "
-                    "one)", d.dataset, f"{d.test_fraction:.0%} of the", d.train_split)
+                    "carved from %.0f%% of the patients of the %r split instead (set data.test_split: test to use the "
+                    "official one)", d.dataset, 100 * d.test_fraction, d.train_split)
     full = load_table(d.dataset, root, d.train_split, **d.options)
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
@@ -447,23 +446,24 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
 
 
 def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
-    """Every local weight file a run still to be trained needs exists (``grid.pretrained`` given as a path or
-    ``<source>:<path>``): a missing one is named now, by ``--dry-run`` too, not when its runs start. Finished runs
-    need no pretrained weights (they are evaluated from their own), so a study that grows on a machine without
-    them is not refused. Hub, URL and ``upstream:`` sources are fetched or made when a run needs them. Reads only."""
+    """Every weight source a run still to be trained needs resolves (``resolve_source``: a local file given as a
+    path or ``<source>:<path>`` must exist): a missing one is named now, by ``--dry-run`` too, not when its runs
+    start. Finished runs need no pretrained weights (they are evaluated from their own), so a study that grows on a
+    machine without them is not refused. Hub and URL sources are fetched, ``upstream:`` ones made, when a run needs
+    them. Reads only."""
     from scaling.models.presets import resolve_backbone
     from scaling.models.weights import WeightsUnavailable, resolve_source
 
     needed = {(s.backbone, s.pretrained) for s in cells if not store.is_complete(run_id(cfg, s))}
     for backbone, source in sorted(needed):
-        low = source.strip().lower()
-        if low.startswith(("upstream:", "hub", "hf:")) or ("/" not in source and not low.endswith(
-                (".npz", ".safetensors", ".pt", ".pth", ".bin"))):
+        if source.strip().lower().startswith("upstream:"):
             continue
         try:
             resolve_source(resolve_backbone(backbone), source)
         except WeightsUnavailable as e:
             raise WeightsUnavailable(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
 
 
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
@@ -928,8 +928,8 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
     Reads the dataset metadata and checks that every image file exists (no image is decoded; the synthetic demo
-    data is generated if absent) to size every run: training patients/images after the data fraction, optimizer steps, images processed (train + eval)
-    and, where a finished run of the same backbone recorded its speed, an estimated time. ``todo`` is what the next
+    data is generated if absent) to size every run: training patients/images after the data fraction, optimizer
+    steps, images processed (train + eval) and, where a finished run of the same backbone recorded its speed, an estimated time. ``todo`` is what the next
     launch would do for the run (``train``, ``evaluate <sets>``, ``metrics`` or empty) and ``claimed_by`` the host
     and pid of a launch working on it now.
     """

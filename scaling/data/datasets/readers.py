@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, check_ids, validate_table
+from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, blank_cells, check_ids, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +60,36 @@ _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decom
 def read_csv(path: str | Path, required: Iterable[str], **kwargs) -> pd.DataFrame:
     """Read a CSV (compression by extension) and check that it has the ``required`` columns; DataError names the file.
 
-    Every data row must have as many fields as the header (:func:`check_row_lengths`); ``kwargs`` go to pandas.
+    Every data row must have as many fields as the header (:func:`check_row_lengths`); ``kwargs`` go to pandas,
+    which parses the bytes that check read and decompressed (the file is read once).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    check_row_lengths(path)
+    data = _bytes(path)
+    check_row_lengths(path, data)
     try:
-        df = pd.read_csv(path, **kwargs)
+        df = pd.read_csv(io.BytesIO(data), **kwargs)
     except (ValueError, OSError, EOFError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError included
         raise DataError(f"{path}: cannot be read as CSV: {e}") from e
     check_columns(df, required, path)
     return df
 
 
-def _text(path: Path) -> str:
-    """The decompressed, UTF-8 decoded text of a CSV; DataError naming the file (and the line of a bad byte)."""
+def _bytes(path: Path) -> bytes:
+    """The decompressed bytes of a CSV; DataError naming the file."""
     try:
         data = path.read_bytes()
         decompress = _DECOMPRESS.get(path.suffix.lower())
-        if decompress is not None:
-            data = decompress(data)
+        return decompress(data) if decompress is not None else data
     except (OSError, EOFError, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot be read: {e}") from e
+
+
+def _text(path: Path, data: bytes | None = None) -> str:
+    """The UTF-8 text of a CSV (``data``: its decompressed bytes, read here when None); DataError naming the file
+    (and the line of a bad byte)."""
+    data = _bytes(path) if data is None else data
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -95,14 +102,15 @@ def _is_blank(row: list[str]) -> bool:
     return not row or (len(row) == 1 and not row[0].strip())
 
 
-def check_row_lengths(path: str | Path) -> None:
+def check_row_lengths(path: str | Path, data: bytes | None = None) -> None:
     """DataError naming the file and line of the first data row whose field count differs from the header's.
 
     One pass of the csv module, whose default dialect splits and quotes as pandas does; blank and whitespace-only
-    lines are skipped, as pandas skips them. The file must be UTF-8 (pandas' default).
+    lines are skipped, as pandas skips them. The file must be UTF-8 (pandas' default). ``data``: the file's
+    decompressed bytes when the caller has them.
     """
     path = Path(path)
-    text = _text(path)
+    text = _text(path, data)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next((row for row in reader if row), None)  # pandas skips blank lines above the header too
@@ -179,7 +187,7 @@ def require_ids(values: pd.Series, source: str | Path, column: str) -> None:
     ``nan``, a blank id the string ``'nan'``, and a blank patient id drops its images from every patient-level
     split, so none is allowed.
     """
-    blank = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+    blank = blank_cells(values)
     if blank.any():
         i = int(np.flatnonzero(blank)[0])
         raise DataError(f"{source}: line {line_of(source, i)}, column {column!r}: blank")
