@@ -12,7 +12,7 @@ from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATUR
                          run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
-from scaling.metrics import compute_run_metrics
+from scaling.metrics import compute_run_metrics, delong_test
 from scaling.study.grid import config_hash, expand_grid, run_id
 
 from scaling.study.__main__ import main
@@ -47,7 +47,7 @@ def test_report_has_every_plot_and_table(report):
 
 
 def test_report_numbers_match_tables(report):
-    _, rep, text = report
+    root, rep, text = report
     # Data efficiency: bb_large/upstream:big beats the bb_tiny/scratch full-data baseline at the smallest fraction.
     eff = rep.tables["data_efficiency"].set_index(["pretrained", "backbone"])
     assert (eff["baseline"] == "bb_tiny / scratch / fraction 1").all()
@@ -70,6 +70,19 @@ def test_report_numbers_match_tables(report):
     big = dl[dl["backbone"] == "bb_large"]
     assert (big["diff"] > 0).all() and (big["p_value"] < 0.05).mean() >= 0.5
     assert ((big["auroc"] - big["auroc_vs"] - big["diff"]).abs() < 1e-12).all()
+    # Two images per patient: the test is clustered by patient (60 of them), recomputed here from the predictions.
+    assert (dl["n_patients"] == 60).all()
+    row = big.iloc[0]
+    runs = load_results(root).query("eval_set == 'test' and fraction == 1.0 and seed == @row.seed")
+    rid = {bb: runs[(runs["backbone"] == bb) & (runs["pretrained"] == row["pretrained"])]["run_id"].iloc[0]
+           for bb in ("bb_large", "bb_tiny")}
+    store = RunStore(root)
+    j = store.read_predictions(rid["bb_large"], "test").merge(store.read_predictions(rid["bb_tiny"], "test"),
+                                                              on="sample_id", suffixes=("", "_vs"))
+    lab = row["label"]
+    ref = delong_test(j[f"label:{lab}"], j[f"prob:{lab}"], j[f"prob:{lab}_vs"], cluster=j["patient_id"])
+    assert row["p_value"] == pytest.approx(ref.p_value, rel=1e-12)
+    assert ref.se != pytest.approx(delong_test(j[f"label:{lab}"], j[f"prob:{lab}"], j[f"prob:{lab}_vs"]).se, rel=1e-3)
     # Selective prediction: the best model retains a higher AUROC than the smallest at every referral rate.
     sel = rep.tables["selective"].set_index("model")
     assert [m.split(":")[0] for m in sel.index] == ["best", "smallest"]

@@ -2,7 +2,7 @@
 
 * discrimination: :func:`auroc`, :func:`auprc`, :func:`per_label`, :func:`macro_average`
 * uncertainty: :func:`bootstrap_ci` (patient-level cluster bootstrap, vectorised), :func:`paired_bootstrap_diff`,
-  :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014)
+  :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014; by patient with ``cluster``: Obuchowski 1997)
 * calibration: :func:`ece`, :func:`mce`, :func:`brier`, :func:`nll`, :func:`fit_temperature`,
   :func:`apply_temperature`, :func:`reliability_diagram`, :func:`plot_reliability`
 * operating points and fairness: :func:`choose_threshold`, :func:`rates_at`, :func:`subgroup_report`

@@ -7,8 +7,19 @@ algorithm for comparing the areas under correlated receiver operating characteri
 obtain the components from three midrankings (positives alone, negatives alone, all together), which costs
 O(N log N) instead of O(m n). Ties count one half, consistent with :func:`scaling.metrics.auroc`.
 
-DeLong treats samples as independent; with several images per patient prefer the cluster bootstrap
-(:func:`scaling.metrics.bootstrap_ci`).
+DeLong treats samples as independent, which understates the variance when a patient has several images (their
+scores and labels are correlated). Given ``cluster`` (one patient id per sample), the components are summed per
+patient and the variance is Obuchowski's ("Nonparametric analysis of clustered ROC curve data", Biometrics 53,
+1997): for I patients, I10 of them with a positive image and I01 with a negative one, per-patient sums
+X_i = sum of V10 over its m_i positives and Y_i = sum of V01 over its n_i negatives, M and N positives and
+negatives in all,
+
+    S10 = I10 / ((I10 - 1) M) * sum_i (X_i - m_i A)(X_i - m_i A')
+    S01 = I01 / ((I01 - 1) N) * sum_i (Y_i - n_i A)(Y_i - n_i A')
+    S11 = I / (I - 1)         * sum_i (X_i - m_i A)(Y_i - n_i A')
+    Cov(A, A') = S10 / M + S01 / N + (S11 + S11') / (M N)
+
+With one image per patient this is DeLong's covariance exactly (S11 = 0, I10 = M, I01 = N).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.stats import norm
 
 from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
@@ -80,20 +92,23 @@ def _three_midrankings(row: np.ndarray, m: int):
     return tx, ty, tz
 
 
-def delong_components(y, scores) -> tuple[np.ndarray, np.ndarray]:
+def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     """AUROCs and their DeLong covariance matrix for k score vectors on the same samples.
 
-    ``y``: (N,) labels (1/0/NaN; NaN rows masked); ``scores``: (k, N) or (N,). Returns (aurocs (k,), cov (k, k)).
-    Raises ValueError (naming ``y``) when a class is absent: the variance is then undefined.
+    ``y``: (N,) labels (1/0/NaN; NaN rows masked); ``scores``: (k, N) or (N,); ``cluster``: None (samples are
+    independent: DeLong 1988) or (N,) patient ids (Obuchowski 1997: samples of one patient are correlated).
+    Returns (aurocs (k,), cov (k, k)); the covariance is NaN with fewer than two samples (or, with ``cluster``,
+    patients) of a class. Raises ValueError (naming ``y``) when a class is absent: the variance is then undefined.
     """
     y = check_labels(y, "y")
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     for j in range(s.shape[0]):
         check_scores(s[j], "scores", probability=False)
     check_same_length(y=y, scores=s[0])
+    codes = _cluster_codes(cluster, y.size)
     mask = ~np.isnan(y)
-    pos = s[:, mask & (y == 1.0)]
-    neg = s[:, mask & (y == 0.0)]
+    is_pos, is_neg = mask & (y == 1.0), mask & (y == 0.0)
+    pos, neg = s[:, is_pos], s[:, is_neg]
     m, n = pos.shape[1], neg.shape[1]
     if m == 0 or n == 0:
         raise ValueError(f"y needs both classes for DeLong, got {m} positive and {n} negative labelled samples")
@@ -103,38 +118,73 @@ def delong_components(y, scores) -> tuple[np.ndarray, np.ndarray]:
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
     v10 = (tz[:, :m] - tx) / n  # per positive: share of negatives below it
     v01 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives above it
-    if m < 2 or n < 2:  # a variance needs two samples of each class
-        return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, cov
+    if codes is None:
+        if m < 2 or n < 2:  # a variance needs two samples of each class
+            return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
+        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
 
 
-def delong_ci(y, p, alpha: float = 0.05) -> DelongCI:
+def _cluster_codes(cluster, size: int) -> np.ndarray | None:
+    """0-based integer codes of the patient ids (None stays None); every sample needs an id."""
+    if cluster is None:
+        return None
+    ids = pd.Series(np.asarray(cluster, dtype=object).ravel())
+    if ids.isna().any():
+        raise ValueError("cluster contains missing ids; every sample needs a patient id")
+    check_same_length(y=np.empty(size), cluster=ids.to_numpy())
+    return pd.factorize(ids)[0]
+
+
+def _clustered_cov(aucs, v10, v01, pos_codes, neg_codes) -> np.ndarray:
+    """Obuchowski's (1997) covariance of the AUROCs from the structural components summed per patient."""
+    k = aucs.size
+    # Renumbered over the patients with a labelled image: I counts those only.
+    codes = np.unique(np.concatenate([pos_codes, neg_codes]), return_inverse=True)[1]
+    pos_c, neg_c = codes[: pos_codes.size], codes[pos_codes.size:]
+    n_clusters = int(codes.max()) + 1
+    m_i = np.bincount(pos_c, minlength=n_clusters).astype(float)
+    n_i = np.bincount(neg_c, minlength=n_clusters).astype(float)
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if i10 < 2 or i01 < 2:  # a variance needs two patients with each class
+        return np.full((k, k), np.nan)
+    big_m, big_n = pos_codes.size, neg_codes.size
+    x = np.stack([np.bincount(pos_c, weights=v10[r], minlength=n_clusters) for r in range(k)]) - m_i * aucs[:, None]
+    yy = np.stack([np.bincount(neg_c, weights=v01[r], minlength=n_clusters) for r in range(k)]) - n_i * aucs[:, None]
+    s10 = i10 / ((i10 - 1) * big_m) * (x @ x.T)
+    s01 = i01 / ((i01 - 1) * big_n) * (yy @ yy.T)
+    s11 = n_clusters / (n_clusters - 1) * (x @ yy.T)
+    return s10 / big_m + s01 / big_n + (s11 + s11.T) / (big_m * big_n)
+
+
+def delong_ci(y, p, alpha: float = 0.05, cluster=None) -> DelongCI:
     """AUROC with DeLong standard error and a (1 - alpha) normal interval clipped to [0, 1].
 
-    NaN fields (with a ``MetricWarning``) when the labelled rows hold one class. With fewer than two samples of a
-    class the variance is NaN.
+    ``cluster``: patient id per sample for Obuchowski's clustered variance (module docstring), None for
+    independent samples. NaN fields (with a ``MetricWarning``) when the labelled rows hold one class. With fewer
+    than two samples (or patients) of a class the variance is NaN.
     """
     y_arr = check_labels(y, "y")
     n_pos = int(np.nansum(y_arr))
     if one_class_nan(n_pos, int((y_arr == 0).sum()), "DeLong AUROC"):
         nan = float("nan")
         return DelongCI(nan, nan, nan, nan)
-    aucs, cov = delong_components(y_arr, p)
-    se = float(np.sqrt(cov[0, 0]))
+    aucs, cov = delong_components(y_arr, p, cluster)
+    se = float(np.sqrt(max(cov[0, 0], 0.0)))  # rounding can make a zero variance slightly negative
     z = norm.ppf(1.0 - alpha / 2.0)
     auc = float(aucs[0])
     return DelongCI(auc, se, float(np.clip(auc - z * se, 0.0, 1.0)), float(np.clip(auc + z * se, 0.0, 1.0)))
 
 
-def delong_test(y, p_a, p_b, alpha: float = 0.05) -> DelongTest:
+def delong_test(y, p_a, p_b, alpha: float = 0.05, cluster=None) -> DelongTest:
     """Paired DeLong test of AUROC(p_a) = AUROC(p_b) on the same samples (two-sided), with the difference's
-    (1 - alpha) interval. Raises ValueError when ``y`` lacks a class."""
+    (1 - alpha) interval. ``cluster``: patient id per sample (Obuchowski 1997), None for independent samples.
+    Raises ValueError when ``y`` lacks a class."""
     check_same_length(p_a=np.asarray(p_a), p_b=np.asarray(p_b))
-    aucs, cov = delong_components(y, np.vstack([np.asarray(p_a, float), np.asarray(p_b, float)]))
+    aucs, cov = delong_components(y, np.vstack([np.asarray(p_a, float), np.asarray(p_b, float)]), cluster)
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
-    if not np.isfinite(var):  # fewer than two samples of a class
+    if not np.isfinite(var):  # fewer than two samples (patients) of a class
         nan = float("nan")
         return DelongTest(float(aucs[0]), float(aucs[1]), diff, nan, nan, nan, nan, nan)
     se = float(np.sqrt(max(var, 0.0)))  # rounding can make an exactly-zero variance slightly negative

@@ -107,7 +107,9 @@ def delong_comparisons(store_root, df: pd.DataFrame, eval_set: str = "test") -> 
     """Each backbone against the smallest, per pretraining source, on ``eval_set`` at full data, per label and seed.
 
     The two runs of a pair share the seed, and are joined on sample id so the test is paired on the same samples
-    (:func:`scaling.metrics.delong_test`). One row per comparison: both AUROCs, their difference and the p-value.
+    (:func:`scaling.metrics.delong_test`); the variance is clustered by patient (Obuchowski 1997), so several
+    images of one patient count as correlated, not as independent evidence. One row per comparison: images and
+    patients, both AUROCs, their difference with its interval and the p-value.
     """
     store = RunStore(store_root)
     cache: dict[str, pd.DataFrame] = {}  # the reference run is compared with every other backbone
@@ -117,8 +119,8 @@ def delong_comparisons(store_root, df: pd.DataFrame, eval_set: str = "test") -> 
             cache[rid] = store.read_predictions(rid, eval_set)
         return cache[rid]
 
-    cols = ["pretrained", "backbone", "vs", "label", "seed", "n", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi",
-            "p_value"]
+    cols = ["pretrained", "backbone", "vs", "label", "seed", "n", "n_patients", "auroc", "auroc_vs", "diff", "diff_lo",
+            "diff_hi", "p_value"]
     full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
     rows = []
     for src, g in full.groupby("pretrained", sort=True):
@@ -134,14 +136,15 @@ def delong_comparisons(store_root, df: pd.DataFrame, eval_set: str = "test") -> 
                     continue
                 pa, pb = read(rid), read(b_runs[seed])
                 j = pa.merge(pb, on="sample_id", suffixes=("", "_vs"))
+                patients = j["patient_id"].to_numpy(dtype=object)
                 for lab in _label_names(pa):
                     y = j[f"label:{lab}"].to_numpy(float)
                     ok = np.isfinite(y)
                     row = {"pretrained": src, "backbone": bb, "vs": ref, "label": lab, "seed": int(seed),
-                           "n": int(ok.sum())}
+                           "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
                     try:
                         res = delong_test(y[ok], j[f"prob:{lab}"].to_numpy(float)[ok],
-                                          j[f"prob:{lab}_vs"].to_numpy(float)[ok])
+                                          j[f"prob:{lab}_vs"].to_numpy(float)[ok], cluster=patients[ok])
                     except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
                         rows.append(row)
                         continue

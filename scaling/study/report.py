@@ -627,9 +627,9 @@ def render_html(rep: StudyReport) -> str:
             _fits_html(fits, "fits"),
             "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
-            "data, paired on the same samples (same seed); per label. DeLong's test treats images as independent: "
-            "with several images per patient its p-values are optimistic, so read them with the patient-level "
-            "intervals above (docs/metrics.md).</p>",
+            "data, paired on the same samples (same seed); per label. The variance is clustered by patient "
+            "(Obuchowski 1997): several images of one patient count as correlated, not as independent evidence "
+            "(docs/metrics.md). p-values are per comparison, not corrected for the number of rows.</p>",
             _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
             *_analysis_html(rep),
         ]
