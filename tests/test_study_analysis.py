@@ -23,7 +23,8 @@ from scaling.models.reinit import units
 from scaling.study.grid import RunSpec, run_config, run_id
 from scaling.study.protocols import cka_sample, feature_cache
 from scaling.study.report import build_report, render_html
-from scaling.study.runner import load_study_data, run_study
+from scaling.study.data import load_study_data
+from scaling.study.runner import run_study
 from scaling.study.store import RunStore
 from study_launch import count
 

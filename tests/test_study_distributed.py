@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from scaling.config import load_config
-from scaling.study.runner import load_study_data
+from scaling.study.data import load_study_data
 from scaling.study.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]

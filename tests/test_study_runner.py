@@ -308,7 +308,7 @@ def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):
     legitimate but usually an oversight, so the loader says so (and says nothing once data.test_split names it)."""
     from dataset_fixtures import write_fixture
 
-    from scaling.study.runner import load_study_data
+    from scaling.study.data import load_study_data
 
     root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
     base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
@@ -328,7 +328,7 @@ def test_an_ood_set_drawn_from_the_test_patients_is_warned_about(tmp_path, caplo
     then no comparison of different patients, and the launch says so (a set from another split does not warn)."""
     from dataset_fixtures import write_fixture
 
-    from scaling.study.runner import load_study_data
+    from scaling.study.data import load_study_data
 
     root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
     base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
@@ -377,7 +377,7 @@ def test_a_label_without_a_positive_training_image_is_warned_about(tmp_path, cap
     """A label no training image has (a subset, a filter, a misread policy) cannot be learnt: the launch says so."""
     from dataset_fixtures import write_fixture
 
-    from scaling.study.runner import load_study_data
+    from scaling.study.data import load_study_data
 
     root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
     cfg = load_config(None, [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",

@@ -4,7 +4,8 @@ nor any file path, anywhere in what W&B wrote."""
 import pandas as pd
 
 from scaling.config import load_config
-from scaling.study.runner import load_study_data, run_study
+from scaling.study.data import load_study_data
+from scaling.study.runner import run_study
 
 
 def test_offline_wandb_study_leaks_no_identifiers(tmp_path, monkeypatch):

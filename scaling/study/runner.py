@@ -12,20 +12,19 @@ finished run whose metric settings changed has its metrics recomputed from its s
 Many launches can share one store (docs/run-store.md, "Many jobs on one store"): each claims a run before working on
 it (``scaling.study.claims``) and takes the next unclaimed one; shared preparation is built once under a lock.
 Every process of an ``accelerate launch`` runs this same code; rank 0 claims, decides and writes to the store, and
-broadcasts its decisions to the other ranks.
+broadcasts its decisions to the other ranks (``scaling.study.coordination``). The sample tables come from
+``scaling.study.data``, loaded and split once per launch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,15 +33,17 @@ import pandas as pd
 import yaml
 
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
-from scaling.data.table import DataError, add_age_group, apply_filters
-from scaling.engine.ranks import barrier, init_distributed, is_main_process, main_process_first, process_group
+from scaling.data.table import add_age_group
+from scaling.engine.ranks import init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import atomic_write_text, read_json, write_error
 from scaling.metrics.validation import MetricWarning
 from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
+from scaling.study.coordination import broadcast, on_main, once, run_errors
+from scaling.study.data import (StudyData, check_image_files, check_roots, check_subgroups, load_study_data,
+                                stored_columns)
 from scaling.study.grid import (
     PROBE,
-    SYNTHETIC,
     RunSpec,
     config_hash,
     eval_set_identity,
@@ -63,227 +64,12 @@ class StudyFailed(RuntimeError):
     """Some runs of a study failed (each has its FAILED.json); the message lists them."""
 
 
-@functools.cache
-def run_errors() -> tuple[type[BaseException], ...]:
-    """What fails one run (recorded in its FAILED.json) rather than the launch.
-
-    torch.distributed.checkpoint reports a failed save (a full disk included) as CheckpointException, which derives
-    from BaseException, not Exception; every other BaseException (an interrupt, preemption, a test runner's
-    timeout) is not a failure of the run and passes.
-    """
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return (Exception, CheckpointException)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ranks and shared preparation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _broadcast(value: T) -> T:
-    """Rank 0's ``value`` on every rank (the value itself without a process group)."""
-    d = process_group()
-    if d is None:
-        return value
-    box = [value]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _on_main(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only and let every rank see whether it raised, so that all of them stop together
-    instead of the others waiting at the next collective for a rank that has gone."""
-    error, out = None, None
-    if is_main_process():
-        try:
-            out = fn()
-        except run_errors() as e:  # re-raised below, on every rank
-            error = e
-    message = _broadcast(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if message is not None:
-        raise StoreError(f"rank 0 failed: {message}")
-    return out
-
-
-def _once(store: RunStore, name: str, is_done: Callable[[], bool], make: Callable[[], None]) -> None:
-    """Build a shared item once across launches and ranks: rank 0 takes the item's lock and checks ``is_done``;
-    if it is not, every rank calls ``make`` (which writes on rank 0 only, or trains collectively)."""
-    if _broadcast(is_done() if is_main_process() else None):  # fast path: a read-only store is never locked
-        return
-    with contextlib.ExitStack() as stack:
-        if is_main_process():
-            stack.enter_context(file_lock(store.lock_path(name)))
-        if not _broadcast(is_done() if is_main_process() else None):
-            make()
-        barrier()
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device) before a run draws anything random: the weights of a new
     backbone and head are drawn when it is built, before the Trainer seeds its loop."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StudyData:
-    """The sample tables of a study, split once and shared by every run."""
-
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-    ood: dict[str, pd.DataFrame] = field(default_factory=dict)
-    labels: tuple[str, ...] = ()
-
-    def eval_sets(self) -> dict[str, pd.DataFrame]:
-        """Every evaluation set by name: ``val`` (thresholds/temperature), ``test`` and the OOD sets."""
-        return {"val": self.val, "test": self.test, **self.ood}
-
-
-def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
-    """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
-    from scaling.demo.synthetic import write_synthetic_chexpert
-
-    site = root.split(":", 1)[1] if ":" in root else "a"
-    out = store.root / "data" / f"site_{site}"
-
-    def make():
-        if is_main_process():
-            n_patients = 700 if site == "a" else 300
-            # site b draws other patients (another seed) with another acquisition: the OOD test set.
-            write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
-            atomic_write_text(out / "DONE", "")
-
-    _once(store, f"data-site_{site}", (out / "DONE").is_file, make)
-    return out
-
-
-def _check_root(root: str, where: str) -> None:
-    """Refuse a root that cannot be a dataset, before anything is written."""
-    if not root:
-        raise DataError(f"{where} is empty: give the dataset's directory, or '{SYNTHETIC}' for the offline demo data")
-    if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
-        return
-    p = Path(root).expanduser()
-    if not p.exists():
-        raise DataError(f"dataset root does not exist: {p} ({where})")
-
-
-def check_roots(data: DataConfig) -> None:
-    """Every dataset root of the config exists (or names the demo data); DataError naming the field otherwise."""
-    _check_root(data.root, "data.root")
-    for i, e in enumerate(data.ood):
-        if e.root:
-            _check_root(e.root, f"data.ood.{i}.root ({e.name})")
-
-
-def _resolve_root(cfg: StudyConfig, root: str) -> Path:
-    _check_root(root, "data.root")
-    if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
-        return _synthetic_root(RunStore(cfg.output_dir), root, seed=0)
-    return Path(root).expanduser()
-
-
-def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool) -> pd.DataFrame:
-    """Select the study's labels (NaN where a dataset lacks one) and derive the age groups. A one-of-K task also
-    keeps its derived labels and completes every row with a class to a one-hot (two positive classes: a DataError
-    naming ``source`` and the sample); on the training dataset, which defines the task, the derived labels must
-    agree with their groups (``scaling.data.labels.check_derived_labels``)."""
-    from scaling.data.labels import check_derived_labels, one_of_k_labels, select_labels
-
-    out = select_labels(df, [*d.labels, *d.derived_labels])
-    if d.task == "multiclass":
-        out = one_of_k_labels(out, d.labels, source)
-        if training_data:
-            check_derived_labels(out, d.labels, d.derived_labels, source)
-    return add_age_group(out, d.age_bins).reset_index(drop=True)
-
-
-def load_study_data(cfg: StudyConfig) -> StudyData:
-    """Load and split every table the study needs (patient-level; official splits where configured)."""
-    from scaling.data import load_table
-    from scaling.data.registry import get_loader
-    from scaling.data.splits import patient_split
-
-    d = cfg.data
-    root = _resolve_root(cfg, d.root)
-    if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
-        log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
-                    "carved from %.0f%% of the patients of the %r split instead (set data.test_split: test to use the "
-                    "official one)", d.dataset, 100 * d.test_fraction, d.train_split)
-    full = load_table(d.dataset, root, d.train_split, **d.options)
-    # Validation and in-distribution test come from official splits when named, else from train patients.
-    # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
-    carve = {}
-    if not d.test_split:
-        carve["test"] = d.test_fraction
-    if not d.val_split:
-        carve["val"] = d.val_fraction
-    parts = patient_split(full, carve, seed=0) if carve else {"train": full}
-    train = parts["train"]
-    val = load_table(d.dataset, root, d.val_split, **d.options) if d.val_split else parts["val"]
-    test = load_table(d.dataset, root, d.test_split, **d.options) if d.test_split else parts["test"]
-    for name, table, split in (("train", train, d.train_split), ("val", val, d.val_split or d.train_split),
-                               ("test", test, d.test_split or d.train_split)):
-        if table.empty:  # e.g. a loader option such as ``views`` that matches no row: named here, not in every run
-            raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}) has "
-                            f"no rows; check data.options and the {name} split")
-    ood = {}
-    for e in d.ood:
-        eroot = _resolve_root(cfg, e.root) if e.root else root
-        t = load_table(e.dataset or d.dataset, eroot, e.split, **{**(d.options if not e.dataset else {}), **e.options})
-        ood[e.name] = apply_filters(t, e.filters, f"eval set {e.name!r}")
-        if ood[e.name].empty:
-            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options "
-                            f"{ {**(d.options if not e.dataset else {}), **e.options} })")
-        shared = (set(ood[e.name]["patient_id"]) & set(test["patient_id"])
-                  if (e.dataset or d.dataset) == d.dataset and eroot == root else set())
-        if shared:  # a within-dataset shift drawn from the test patients (e.g. AP films of the official test list)
-            log.warning("eval set %r shares %d of its %d patients with the test set: its AUROC drop is then not "
-                        "a comparison of different patients, and its interval (which resamples the two sets "
-                        "independently) is wider than it should be; draw the set from another split to avoid this",
-                        e.name, len(shared), ood[e.name]["patient_id"].nunique())
-    own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
-    data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
-                     ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
-                     labels=d.labels)
-    check_subgroups(d, set().union(*(t.columns for t in (data.train, data.val, data.test, *data.ood.values()))))
-    for label in d.labels:
-        column = data.train.get(f"label:{label}")
-        if column is not None and not (column == 1).any():
-            log.warning("label %r has no positive image in the training set (%d images): the model cannot learn it "
-                        "and its AUROC says nothing; check data.labels and the loader options", label,
-                        len(data.train))
-    return data
-
-
-def check_subgroups(d: DataConfig, columns: set[str]) -> None:
-    """Refuse, before anything is written, a ``data.subgroups`` attribute that is none of ``columns`` (those of every
-    set of the study, or of its stored predictions): a misspelt name would otherwise only drop its fairness tables
-    with a warning. An attribute that only some sets have, such as skin type on dermatology OOD sets, is fine."""
-    missing = [a for a in d.subgroups if a not in columns]
-    if missing:
-        known = sorted(c for c in columns if not c.startswith(("label:", "logit:", "prob:", "path"))
-                       and c != "sample_id")
-        raise DataError(f"data.subgroups {missing} is not an attribute of any set of the study ({d.dataset}); "
-                        f"its tables have {known}")
-
-
-def stored_columns(store: RunStore, run_ids) -> set[str]:
-    """Every column of the stored predictions of ``run_ids`` (Parquet schemas only: nothing is loaded)."""
-    import pyarrow.parquet as pq
-
-    return {c for rid in run_ids for f in sorted((store.run_dir(rid) / "predictions").glob("*.parquet"))
-            for c in pq.read_schema(f).names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,14 +111,14 @@ def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backb
             atomic_write_text(images / "DONE", "")
 
     def make_weights():
-        _once(store, f"data-{images.name}", (images / "DONE").is_file, make_images)
+        once(store, f"data-{images.name}", (images / "DONE").is_file, make_images)
         t0 = time.perf_counter()
         pretrain(up, backbone, images, out, sharding_cfg=cfg.sharding)
         if is_main_process():
             atomic_write_json(store.upstream_dir(up.name) / "settings.json", to_dict(up))
         log.info("upstream %s for %s: %.1f s", up.name, backbone, time.perf_counter() - t0)
 
-    _once(store, f"upstream-{up.name}-{backbone}", out.is_file, make_weights)
+    once(store, f"upstream-{up.name}-{backbone}", out.is_file, make_weights)
     return out
 
 
@@ -537,7 +323,7 @@ def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict
     """Predict every evaluation set (every rank) and store the predictions (main process)."""
     for name, ds in eval_ds.items():
         out = trainer.predict(ds, batch_size=cfg.eval.batch_size)
-        _on_main(lambda: store.write_predictions(rid, name, _prediction_frame(ds.table, cfg.data, out["index"],
+        on_main(lambda: store.write_predictions(rid, name, _prediction_frame(ds.table, cfg.data, out["index"],
                                                                               out["logits"])))
 
 
@@ -653,7 +439,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         store.write_settings(rid, result_settings(rcfg))
         store.log_event("train", rid)
 
-    _on_main(start)
+    on_main(start)
 
     # -- train (or fit the probe) ---------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
@@ -678,7 +464,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             _predict(cfg, store, rid, trainer, eval_ds)
             if cka_ds is not None:
                 tuned = _block_features(cfg, trainer, cka_ds)
-                _on_main(lambda: protocols.write_cka(store, rid, init, tuned, cfg.cka,
+                on_main(lambda: protocols.write_cka(store, rid, init, tuned, cfg.cka,
                                                      protocols.sample_key(cka_ds.table)))
 
         def finish():
@@ -688,7 +474,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             store.mark_complete(rid)
             store.log_event("done", rid)
 
-        _on_main(finish)
+        on_main(finish)
     finally:
         if trainer is not None:
             trainer.close()
@@ -718,7 +504,7 @@ def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trai
         return protocols.probe_summary(result.probe, int(result.probe.coef.shape[1]), time.perf_counter() - t0,
                                        trainer.world_size)
 
-    return _on_main(write)
+    return on_main(write)
 
 
 def _cka_dataset(cfg: StudyConfig, data: StudyData, labels: list[str]):
@@ -786,7 +572,7 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
         score_run(cfg, store, rid)
         store.log_event("evaluate", rid, eval_sets=list(names))
 
-    _on_main(finish)
+    on_main(finish)
 
 
 def _probe_predict(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trainer, eval_ds: dict,
@@ -795,7 +581,7 @@ def _probe_predict(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, t
     from scaling.analysis.probe import LinearProbe, extract_features, probe_predictions
 
     path = store.run_dir(rid) / protocols.PROBE_FILE
-    if not _broadcast(path.is_file() if is_main_process() else None):
+    if not broadcast(path.is_file() if is_main_process() else None):
         raise StoreError(f"{path} not found: probe run {rid} was stored without its probe, so a new evaluation set "
                          f"needs it refitted (move {store.run_dir(rid)} away to refit it)")
     feats = extract_features(trainer, eval_ds, protocols.feature_cache(cfg, store, spec),
@@ -806,7 +592,7 @@ def _probe_predict(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, t
             store.write_predictions(rid, name, _prediction_frame(eval_ds[name].table, cfg.data, out["index"],
                                                                  out["logits"]))
 
-    _on_main(write)
+    on_main(write)
 
 
 def analyse_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -> None:
@@ -821,7 +607,7 @@ def analyse_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStor
     del init_model
     tuned = _with_trainer(rcfg, _trained_model(rcfg, store, rid, len(labels)),
                           lambda t: _block_features(cfg, t, cka_ds))
-    _on_main(lambda: (protocols.write_cka(store, rid, init, tuned, cfg.cka, protocols.sample_key(cka_ds.table)),
+    on_main(lambda: (protocols.write_cka(store, rid, init, tuned, cfg.cka, protocols.sample_key(cka_ds.table)),
                       store.log_event("cka", rid)))
 
 
@@ -833,7 +619,7 @@ def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Call
         evaluate_run(cfg, spec, data(), store, work.eval_sets)
     elif work.kind == "metrics":
         rid = run_id(cfg, spec)
-        _on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
+        on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
     if work.kind == "cka" or work.cka:
         analyse_run(cfg, spec, data(), store)
 
@@ -911,19 +697,6 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _check_image_files(data: StudyData, dataset: str) -> None:
-    """Every image file of every set exists (one ``stat`` per image: seconds for 10^5 local files, longer on a
-    network file system); a DataError counts the missing ones and names the first. For the plan: a launch reads
-    each image when a run first needs it, so a missing file would otherwise fail each run that reads it."""
-    from scaling.data.registry import check_files
-
-    t0 = time.perf_counter()
-    for name, table in {"train": data.train, **data.eval_sets()}.items():
-        check_files(table, f"{dataset} ({name} set)")
-    log.info("every image file of the study exists (%d checked in %.1f s)",
-             len(data.train) + sum(len(t) for t in data.eval_sets().values()), time.perf_counter() - t0)
-
-
 def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
@@ -942,7 +715,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_conflicts(cfg, store, cells)
     check_weights(cfg, store, cells)
     data = load_study_data(cfg)
-    _check_image_files(data, cfg.data.dataset)
+    check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
     speed: dict[str, float] = {}
     for rid in store.run_ids():
@@ -1006,15 +779,15 @@ def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
         progress = False
         for spec in cells:
             rid = run_id(cfg, spec)
-            if rid in attempted or _broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None) \
+            if rid in attempted or broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None) \
                     is None:
                 continue
             claim = try_claim(store.lock_path(rid)) if is_main_process() else None
-            if not _broadcast(claim is not None):
+            if not broadcast(claim is not None):
                 continue
             try:
                 # Decided again under the claim: a launch beside this one may have finished the run meanwhile.
-                work = _broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None)
+                work = broadcast(pending_work(cfg, store, spec, since) if is_main_process() else None)
                 if work is None:
                     continue
                 attempted.add(rid)
@@ -1048,25 +821,25 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     check_roots(cfg.data)
     init_distributed()
     store = RunStore(cfg.output_dir)
-    _on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells)))
+    on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells)))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
-    todo = _broadcast([w.kind for w in todo])
+    todo = broadcast([w.kind for w in todo])
     failures = []
     if todo:
         # Tables are read (and checked) before anything is written: a bad row stops the launch with the store as
         # it was. Rescoring alone needs none.
         loaded = [load_study_data(cfg)] if set(todo) - {"metrics"} else []
         if not loaded:  # rescoring only: the attributes are those of the stored predictions
-            _on_main(lambda: check_subgroups(cfg.data, stored_columns(store, [run_id(cfg, s) for s in cells])))
+            on_main(lambda: check_subgroups(cfg.data, stored_columns(store, [run_id(cfg, s) for s in cells])))
 
         def data() -> StudyData:
             if not loaded:
                 loaded.append(load_study_data(cfg))
             return loaded[0]
 
-        _on_main(lambda: record_study(cfg, store))
+        on_main(lambda: record_study(cfg, store))
         failures = _work_through(cfg, store, cells, data)
     table = results_table(cfg, store)
     if is_main_process():

@@ -1,0 +1,188 @@
+"""The data of a study: every sample table it needs (training dataset split by patient once, official splits where
+configured, OOD sets), prepared with the study's labels and age groups, and the checks a launch or ``--dry-run``
+makes on them before anything is written (subgroup names, image files).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from scaling.config import DataConfig, StudyConfig
+from scaling.data.table import DataError, add_age_group, apply_filters
+from scaling.engine.ranks import is_main_process
+from scaling.io import atomic_write_text
+from scaling.study.coordination import once
+from scaling.study.grid import SYNTHETIC
+from scaling.study.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyData:
+    """The sample tables of a study, split once and shared by every run."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    ood: dict[str, pd.DataFrame] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+
+    def eval_sets(self) -> dict[str, pd.DataFrame]:
+        """Every evaluation set by name: ``val`` (thresholds/temperature), ``test`` and the OOD sets."""
+        return {"val": self.val, "test": self.test, **self.ood}
+
+
+def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
+    """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
+    from scaling.demo.synthetic import write_synthetic_chexpert
+
+    site = root.split(":", 1)[1] if ":" in root else "a"
+    out = store.root / "data" / f"site_{site}"
+
+    def make():
+        if is_main_process():
+            n_patients = 700 if site == "a" else 300
+            # site b draws other patients (another seed) with another acquisition: the OOD test set.
+            write_synthetic_chexpert(out, n_patients=n_patients, seed=seed + (0 if site == "a" else 1000), site=site)
+            atomic_write_text(out / "DONE", "")
+
+    once(store, f"data-site_{site}", (out / "DONE").is_file, make)
+    return out
+
+
+def _check_root(root: str, where: str) -> None:
+    """Refuse a root that cannot be a dataset, before anything is written."""
+    if not root:
+        raise DataError(f"{where} is empty: give the dataset's directory, or '{SYNTHETIC}' for the offline demo data")
+    if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
+        return
+    p = Path(root).expanduser()
+    if not p.exists():
+        raise DataError(f"dataset root does not exist: {p} ({where})")
+
+
+def check_roots(data: DataConfig) -> None:
+    """Every dataset root of the config exists (or names the demo data); DataError naming the field otherwise."""
+    _check_root(data.root, "data.root")
+    for i, e in enumerate(data.ood):
+        if e.root:
+            _check_root(e.root, f"data.ood.{i}.root ({e.name})")
+
+
+def _resolve_root(cfg: StudyConfig, root: str) -> Path:
+    _check_root(root, "data.root")
+    if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
+        return _synthetic_root(RunStore(cfg.output_dir), root, seed=0)
+    return Path(root).expanduser()
+
+
+def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool) -> pd.DataFrame:
+    """Select the study's labels (NaN where a dataset lacks one) and derive the age groups. A one-of-K task also
+    keeps its derived labels and completes every row with a class to a one-hot (two positive classes: a DataError
+    naming ``source`` and the sample); on the training dataset, which defines the task, the derived labels must
+    agree with their groups (``scaling.data.labels.check_derived_labels``)."""
+    from scaling.data.labels import check_derived_labels, one_of_k_labels, select_labels
+
+    out = select_labels(df, [*d.labels, *d.derived_labels])
+    if d.task == "multiclass":
+        out = one_of_k_labels(out, d.labels, source)
+        if training_data:
+            check_derived_labels(out, d.labels, d.derived_labels, source)
+    return add_age_group(out, d.age_bins).reset_index(drop=True)
+
+
+def load_study_data(cfg: StudyConfig) -> StudyData:
+    """Load and split every table the study needs (patient-level; official splits where configured)."""
+    from scaling.data import load_table
+    from scaling.data.registry import get_loader
+    from scaling.data.splits import patient_split
+
+    d = cfg.data
+    root = _resolve_root(cfg, d.root)
+    if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
+        log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
+                    "carved from %.0f%% of the patients of the %r split instead (set data.test_split: test to use the "
+                    "official one)", d.dataset, 100 * d.test_fraction, d.train_split)
+    full = load_table(d.dataset, root, d.train_split, **d.options)
+    # Validation and in-distribution test come from official splits when named, else from train patients.
+    # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
+    carve = {}
+    if not d.test_split:
+        carve["test"] = d.test_fraction
+    if not d.val_split:
+        carve["val"] = d.val_fraction
+    parts = patient_split(full, carve, seed=0) if carve else {"train": full}
+    train = parts["train"]
+    val = load_table(d.dataset, root, d.val_split, **d.options) if d.val_split else parts["val"]
+    test = load_table(d.dataset, root, d.test_split, **d.options) if d.test_split else parts["test"]
+    for name, table, split in (("train", train, d.train_split), ("val", val, d.val_split or d.train_split),
+                               ("test", test, d.test_split or d.train_split)):
+        if table.empty:  # e.g. a loader option such as ``views`` that matches no row: named here, not in every run
+            raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}) has "
+                            f"no rows; check data.options and the {name} split")
+    ood = {}
+    for e in d.ood:
+        eroot = _resolve_root(cfg, e.root) if e.root else root
+        t = load_table(e.dataset or d.dataset, eroot, e.split, **{**(d.options if not e.dataset else {}), **e.options})
+        ood[e.name] = apply_filters(t, e.filters, f"eval set {e.name!r}")
+        if ood[e.name].empty:
+            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options "
+                            f"{ {**(d.options if not e.dataset else {}), **e.options} })")
+        shared = (set(ood[e.name]["patient_id"]) & set(test["patient_id"])
+                  if (e.dataset or d.dataset) == d.dataset and eroot == root else set())
+        if shared:  # a within-dataset shift drawn from the test patients (e.g. AP films of the official test list)
+            log.warning("eval set %r shares %d of its %d patients with the test set: its AUROC drop is then not "
+                        "a comparison of different patients, and its interval (which resamples the two sets "
+                        "independently) is wider than it should be; draw the set from another split to avoid this",
+                        e.name, len(shared), ood[e.name]["patient_id"].nunique())
+    own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
+    data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
+                     ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
+                     labels=d.labels)
+    check_subgroups(d, set().union(*(t.columns for t in (data.train, data.val, data.test, *data.ood.values()))))
+    for label in d.labels:
+        column = data.train.get(f"label:{label}")
+        if column is not None and not (column == 1).any():
+            log.warning("label %r has no positive image in the training set (%d images): the model cannot learn it "
+                        "and its AUROC says nothing; check data.labels and the loader options", label,
+                        len(data.train))
+    return data
+
+
+def check_subgroups(d: DataConfig, columns: set[str]) -> None:
+    """Refuse, before anything is written, a ``data.subgroups`` attribute that is none of ``columns`` (those of every
+    set of the study, or of its stored predictions): a misspelt name would otherwise only drop its fairness tables
+    with a warning. An attribute that only some sets have, such as skin type on dermatology OOD sets, is fine."""
+    missing = [a for a in d.subgroups if a not in columns]
+    if missing:
+        known = sorted(c for c in columns if not c.startswith(("label:", "logit:", "prob:", "path"))
+                       and c != "sample_id")
+        raise DataError(f"data.subgroups {missing} is not an attribute of any set of the study ({d.dataset}); "
+                        f"its tables have {known}")
+
+
+def stored_columns(store: RunStore, run_ids) -> set[str]:
+    """Every column of the stored predictions of ``run_ids`` (Parquet schemas only: nothing is loaded)."""
+    import pyarrow.parquet as pq
+
+    return {c for rid in run_ids for f in sorted((store.run_dir(rid) / "predictions").glob("*.parquet"))
+            for c in pq.read_schema(f).names}
+
+
+def check_image_files(data: StudyData, dataset: str) -> None:
+    """Every image file of every set exists (one ``stat`` per image: seconds for 10^5 local files, longer on a
+    network file system); a DataError counts the missing ones and names the first. For the plan: a launch reads
+    each image when a run first needs it, so a missing file would otherwise fail each run that reads it."""
+    from scaling.data.registry import check_files
+
+    t0 = time.perf_counter()
+    for name, table in {"train": data.train, **data.eval_sets()}.items():
+        check_files(table, f"{dataset} ({name} set)")
+    log.info("every image file of the study exists (%d checked in %.1f s)",
+             len(data.train) + sum(len(t) for t in data.eval_sets().values()), time.perf_counter() - t0)
