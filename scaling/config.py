@@ -133,10 +133,21 @@ class EvalSetConfig:
     """Attribute filters: ``{column: value or [values]}``; rows not matching are dropped (logged)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword options for the dataset's loader."""
+    patients: str = "all"
+    """Which patients of a set drawn from the training dataset (same dataset and root) it keeps. ``all``: every
+    row; a patient or image the study trains or validates on is then an error (the set would score training
+    data). ``unseen``: drops those rows (logged). ``test``: keeps only the in-distribution test set's patients,
+    e.g. their lateral films, a shift on the same patients (its AUROC drop resamples both sets' patients
+    together). An image id that is also a training or validation image id is refused (``all``) or dropped
+    (``unseen``) whatever the set's source: ISIC 2019 contains the HAM10000 images under the same ids."""
 
     def __post_init__(self):
         _file_name("data.ood[].name", self.name)
+        _choice(f"data.ood[{self.name}].patients", self.patients, OOD_PATIENTS)
 
+
+OOD_PATIENTS = ("all", "unseen", "test")
+"""Values of ``EvalSetConfig.patients``."""
 
 RESERVED_EVAL_SETS = ("train", "val", "test")
 """Split names of the study's own data (``scaling.study.runner``): an OOD set may not take one."""
@@ -162,6 +173,11 @@ class DataConfig:
     ``{Malignant: [Melanoma, Basal Cell Carcinoma, ...]}``; the label itself (``label:<name>``) comes from the data."""
     options: dict[str, Any] = field(default_factory=dict)
     """Dataset-specific loader options (uncertainty policy, views, demographics file, ...)."""
+    filters: dict[str, Any] = field(default_factory=dict)
+    """Attribute filters on the training dataset, ``{column: value or [values]}`` as an OOD set's: rows not matching
+    are dropped (logged) before the patient split, and from official val/test splits too. Holds a site, scanner or
+    skin type out of training: HAM10000 with ``{site: [vidir_modern, rosendahl, vienna_dias]}`` and an OOD set
+    ``{name: molemax, split: all, filters: {site: vidir_molemax}}``."""
     train_split: str = "train"
     """Split used for training (and, by patient, for validation when ``val_split`` is empty)."""
     val_split: str = ""

@@ -46,6 +46,7 @@ TABLE = [
     # scored from the logits, but stored with the predictions (prob:<name>): the predictions differ
     (["data.task=multiclass", "data.derived_labels={Malignant: [Edema, Atelectasis]}"], True),
     ("data.options={uncertainty: zeros}", True),
+    ("data.filters={site: [a, b]}", True),  # another training population
     ("data.train_split=valid", True),
     ("data.val_split=valid", True),
     ("data.val_fraction=0.2", True),
@@ -193,6 +194,7 @@ def test_settings_added_later_keep_old_ids_at_their_old_behaviour():
     # data.task and data.derived_labels postdate run ids: at multilabel / none they are not hashed, so a store
     # written before them keeps its ids (the hash below is that of the plain cell before they existed)
     assert "task" not in result_settings(run_config(_cfg(), SPEC))["data"]
+    assert "filters" not in result_settings(run_config(_cfg(), SPEC))["data"]
     assert run_id(_cfg("data.task=multiclass"), SPEC) != run_id(_cfg(), SPEC)
     demo = load_config(None, ["grid.backbones=[resnetv2_tiny]"])
     assert run_id(demo, RunSpec("resnetv2_tiny", "scratch", 1.0, 0)) == "resnetv2-tiny__scratch__f1__s0__85392d39"
@@ -315,6 +317,11 @@ def test_eval_set_identity_ignores_the_mount_path():
     same = _cfg("data.options={uncertainty: zeros}", "data.ood=[{name: b, split: valid}]")
     assert eval_set_identity(same.data.ood[0], same.data)["options"] == {"uncertainty": "zeros"}
     assert eval_set_identity(same.data.ood[0], same.data)["dataset"] == "chexpert"
+    # which of its patients it keeps is part of what it is; "all" (the behaviour before the field) is not written
+    plain = _cfg("data.ood=[{name: b, split: valid}]")
+    test_patients = _cfg("data.ood=[{name: b, split: valid, patients: test}]")
+    assert "patients" not in ident(plain) and ident(test_patients)["patients"] == "test"
+    assert settings_diff(ident(plain), ident(test_patients)) == ["patients: '<absent>' != 'test'"]
 
 
 def test_settings_diff_names_nested_keys():

@@ -313,34 +313,14 @@ def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):
     root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
     base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
             "data.labels=[Pleural Effusion,Atelectasis]", "data.test_fraction=0.3"]
-    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
         load_study_data(load_config(None, base))
     assert "nih_cxr14 has an official 'test' split, but data.test_split is empty" in caplog.text
     assert "has no positive image in the training set" not in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
         load_study_data(load_config(None, [*base, "data.test_split=test"]))
     assert "official 'test' split" not in caplog.text
-
-
-def test_an_ood_set_drawn_from_the_test_patients_is_warned_about(tmp_path, caplog):
-    """A within-dataset shift taken from the official test list shares its patients with the test set: the drop is
-    then no comparison of different patients, and the launch says so (a set from another split does not warn)."""
-    from dataset_fixtures import write_fixture
-
-    from scaling.study.data import load_study_data
-
-    root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
-    base = [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
-            "data.labels=[Pleural Effusion,Atelectasis]", "data.test_split=test"]
-    with caplog.at_level("WARNING", logger="scaling.study.runner"):
-        data = load_study_data(load_config(None, [*base, "data.ood=[{name: again, split: test}]"]))
-    n = data.test["patient_id"].nunique()
-    assert f"eval set 'again' shares {n} of its {n} patients with the test set" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="scaling.study.runner"):
-        load_study_data(load_config(None, [*base, "data.ood=[{name: other, split: train}]"]))
-    assert "shares" not in caplog.text
 
 
 def test_undefined_metrics_are_one_log_line_per_run_not_a_warning_each(interrupted_then_completed, tmp_path, caplog):
@@ -382,7 +362,7 @@ def test_a_label_without_a_positive_training_image_is_warned_about(tmp_path, cap
     root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
     cfg = load_config(None, [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
                              "data.labels=[Pleural Effusion,Hernia]", "data.test_split=test"])
-    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
         data = load_study_data(cfg)
     assert (data.train["label:Pleural Effusion"] == 1).any() and not (data.train["label:Hernia"] == 1).any()
     assert "label 'Hernia' has no positive image in the training set" in caplog.text

@@ -27,7 +27,8 @@ set (``val``, ``test`` and each OOD set):
   ``macro`` over exactly those labels. A macro over all labels in-distribution against a macro over the two labels
   an OOD set happens to have would compare different tasks. ``info['shift_labels']`` lists the labels per set.
   The drop's interval comes from the difference of the two sets' replicates (different patients, independent
-  resamples).
+  resamples); for a set in ``paired`` (one that shares patients with ``test``, such as the test patients' lateral
+  films) from one bootstrap over the patients of both sets, so a patient drawn counts in both AUROCs at once.
 * pooled per breast / exam (``eval.aggregate``, mammography; see :mod:`scaling.metrics.exam`): the overall rows
   again, for every set, with metric names ``<metric>@<level>_<reducer>`` (``auroc@exam_max``,
   ``tpr@breast_mean``): the image probabilities of each unit pooled by their max and by their mean, threshold and
@@ -375,24 +376,40 @@ def _multiclass_rows(out: _Rows, eval_set: str, y, p, scaled, boot, eval_cfg) ->
             lambda *a: ece_top_label_replicates(*a, n_bins=bins))
 
 
-def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``auroc_id`` / ``auroc_ood`` / ``auroc_drop`` of every OOD set on the labels it shares with ``test``."""
+def _shift_rows(out: _Rows, ood_sets, evaluable: dict[str, list[str]], predictions: dict[str, pd.DataFrame],
+                paired, eval_cfg) -> dict[str, list[str]]:
+    """``auroc_id`` / ``auroc_ood`` / ``auroc_drop`` of every OOD set on the labels it shares with ``test``; the
+    drops of the ``paired`` sets are resampled jointly with ``test`` (:func:`_paired_drop_replicates`)."""
     test = out.by_key.get((ID_SPLIT, "all", "all", "auroc"), {})
     shared = {}
     for e in ood_sets:
         ood = out.by_key.get((e, "all", "all", "auroc"), {})
         shared[e] = [lab for lab in evaluable[ID_SPLIT] if lab in evaluable[e]]
+        joint = (_paired_drop_replicates(predictions[ID_SPLIT], predictions[e], shared[e], eval_cfg)
+                 if e in paired and eval_cfg.n_boot > 0 else {})
         for lab in shared[e]:
             (v_id, r_id, n_id), (v_ood, r_ood, n_ood) = test[lab], ood[lab]
             r_drop = r_id - r_ood if r_id is not None and r_ood is not None else None
+            r_drop = joint.get(lab, r_drop)
             out.add(e, lab, "all", "all", "auroc_id", v_id, n_id, r_id)
             out.add(e, lab, "all", "all", "auroc_ood", v_ood, n_ood, r_ood)
             out.add(e, lab, "all", "all", "auroc_drop", v_id - v_ood, n_ood, r_drop)
     return shared
 
 
+def _paired_drop_replicates(test: pd.DataFrame, ood: pd.DataFrame, labels, eval_cfg) -> dict[str, np.ndarray]:
+    """Per label, replicates of AUROC(test) − AUROC(OOD) from one cluster bootstrap over the patients of both sets
+    (a patient in both contributes its images of each set whenever drawn), for sets that share patients."""
+    ids = np.concatenate([test["patient_id"].to_numpy(dtype=object), ood["patient_id"].to_numpy(dtype=object)])
+    boot = ClusterBootstrap(ids, n=ids.size, n_boot=eval_cfg.n_boot, seed=eval_cfg.bootstrap_seed)
+    in_test, in_ood = boot.subset(np.arange(len(test))), boot.subset(np.arange(len(test), ids.size))
+    return {lab: in_test.replicates("auroc", test[f"label:{lab}"], test[f"prob:{lab}"])
+            - in_ood.replicates("auroc", ood[f"label:{lab}"], ood[f"prob:{lab}"]) for lab in labels}
+
+
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
-                        eval_cfg, task: str = "multilabel", derived: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
+                        eval_cfg, task: str = "multilabel", derived: Sequence[str] = (),
+                        paired: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
 
     ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
@@ -405,7 +422,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     ``label:<class>`` one-hot, ``prob:<class>`` a softmax): every row above one-vs-rest per class, plus the
     one-of-K rows (see the module docstring). ``derived`` are further binary labels (``label:``/``logit:``/``prob:``
     columns of their own, e.g. a group of classes) scored through the binary path and kept out of the per-set
-    macros.
+    macros. ``paired`` are OOD sets that share patients with ``test``: their AUROC drop is resampled over the
+    patients of both sets together.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
@@ -436,15 +454,21 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
                                          worst, one_of_k=one_of_k)
                  for eval_set, df in predictions.items()}
     ood_sets = [e for e in predictions if e not in (FIT_SPLIT, ID_SPLIT)]
-    shared = _shift_rows(out, ood_sets, evaluable) if ID_SPLIT in predictions else {}
+    unknown = [e for e in paired if e not in ood_sets]
+    if unknown:
+        raise ValueError(f"paired={list(paired)} names {unknown}, which are not OOD sets of predictions "
+                         f"(OOD sets: {ood_sets})")
+    shared = (_shift_rows(out, ood_sets, evaluable, predictions, set(paired), eval_cfg) if ID_SPLIT in predictions
+              else {})
     pooled = _pooled_rows(out, predictions, labels, eval_cfg, n_any)
     out.add_macro(n_any)
 
     rows = pd.DataFrame(out.rows, columns=list(METRIC_COLUMNS))
     rows["n"] = rows["n"].astype(np.int64)
     info = {**_json_safe(fitted), "eval_sets": list(predictions), "in_sample": {FIT_SPLIT: list(IN_SAMPLE_METRICS)},
-            "evaluable_labels": evaluable, "shift_labels": shared, "pooled": pooled, "skipped_attributes": skipped,
-            "worst_groups": worst, "multiclass_sets": one_of_k, "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
+            "evaluable_labels": evaluable, "shift_labels": shared, "paired_shift": sorted(paired), "pooled": pooled,
+            "skipped_attributes": skipped, "worst_groups": worst, "multiclass_sets": one_of_k,
+            "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
             "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.config import DataConfig, StudyConfig
+from scaling.config import DataConfig, EvalSetConfig, StudyConfig
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import is_main_process
 from scaling.io import atomic_write_text
@@ -109,7 +109,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
                     "carved from %.0f%% of the patients of the %r split instead (set data.test_split: test to use the "
                     "official one)", d.dataset, 100 * d.test_fraction, d.train_split)
-    full = load_table(d.dataset, root, d.train_split, **d.options)
+    where = f"{d.dataset} (data.filters)"
+    full = apply_filters(load_table(d.dataset, root, d.train_split, **d.options), d.filters, where)
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
     carve = {}
@@ -119,28 +120,30 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         carve["val"] = d.val_fraction
     parts = patient_split(full, carve, seed=0) if carve else {"train": full}
     train = parts["train"]
-    val = load_table(d.dataset, root, d.val_split, **d.options) if d.val_split else parts["val"]
-    test = load_table(d.dataset, root, d.test_split, **d.options) if d.test_split else parts["test"]
+    val = (apply_filters(load_table(d.dataset, root, d.val_split, **d.options), d.filters, where) if d.val_split
+           else parts["val"])
+    test = (apply_filters(load_table(d.dataset, root, d.test_split, **d.options), d.filters, where) if d.test_split
+            else parts["test"])
     for name, table, split in (("train", train, d.train_split), ("val", val, d.val_split or d.train_split),
                                ("test", test, d.test_split or d.train_split)):
         if table.empty:  # e.g. a loader option such as ``views`` that matches no row: named here, not in every run
-            raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}) has "
-                            f"no rows; check data.options and the {name} split")
+            raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}, "
+                            f"data.filters={dict(d.filters)}) has no rows; check data.options, data.filters and the "
+                            f"{name} split")
     ood = {}
-    for e in d.ood:
+    for i, e in enumerate(d.ood):
         eroot = _resolve_root(cfg, e.root) if e.root else root
-        t = load_table(e.dataset or d.dataset, eroot, e.split, **{**(d.options if not e.dataset else {}), **e.options})
-        ood[e.name] = apply_filters(t, e.filters, f"eval set {e.name!r}")
-        if ood[e.name].empty:
-            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options "
-                            f"{ {**(d.options if not e.dataset else {}), **e.options} })")
-        shared = (set(ood[e.name]["patient_id"]) & set(test["patient_id"])
-                  if (e.dataset or d.dataset) == d.dataset and eroot == root else set())
-        if shared:  # a within-dataset shift drawn from the test patients (e.g. AP films of the official test list)
-            log.warning("eval set %r shares %d of its %d patients with the test set: its AUROC drop is then not "
-                        "a comparison of different patients, and its interval (which resamples the two sets "
-                        "independently) is wider than it should be; draw the set from another split to avoid this",
-                        e.name, len(shared), ood[e.name]["patient_id"].nunique())
+        options = {**(d.options if not e.dataset else {}), **e.options}
+        t = apply_filters(load_table(e.dataset or d.dataset, eroot, e.split, **options), e.filters,
+                          f"eval set {e.name!r}")
+        if t.empty:
+            raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options {options})")
+        ood[e.name] = held_out(t, i, e, same_source(e, d), train, val, test)
+        shared = set(ood[e.name]["patient_id"]) & set(test["patient_id"]) if same_source(e, d) else set()
+        if shared:  # e.g. AP films of the official test list, or the test patients' lateral films
+            log.info("eval set %r shares %d of its %d patients with the test set: its AUROC drop is a comparison on "
+                     "partly the same patients, and its interval resamples the patients of both sets together",
+                     e.name, len(shared), ood[e.name]["patient_id"].nunique())
     own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
     data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
@@ -153,6 +156,56 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
                         "and its AUROC says nothing; check data.labels and the loader options", label,
                         len(data.train))
     return data
+
+
+def same_source(eval_set: EvalSetConfig, d: DataConfig) -> bool:
+    """Whether an OOD set reads the training dataset from the same root: its patient ids are then the training
+    data's, and a patient it shares with the study's own sets is the same person."""
+    def key(root: str) -> str:
+        return root if root == SYNTHETIC or root.startswith(SYNTHETIC + ":") else str(Path(root).expanduser().resolve())
+
+    return (eval_set.dataset or d.dataset) == d.dataset and key(eval_set.root or d.root) == key(d.root)
+
+
+def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.DataFrame, val: pd.DataFrame,
+             test: pd.DataFrame) -> pd.DataFrame:
+    """The rows of OOD set ``e`` (``data.ood[i]``) that the study may score, by ``e.patients``
+    (:class:`scaling.config.EvalSetConfig`): an OOD set must not hold an image, or (from the training dataset) a
+    patient, that the study trains or validates on, or its AUROC measures memory rather than transfer."""
+    field_name = f"data.ood.{i}.patients"
+    seen_images = t["sample_id"].isin(set(train["sample_id"]) | set(val["sample_id"]))
+    seen_patients = (t["patient_id"].isin(set(train["patient_id"]) | set(val["patient_id"])) if same
+                     else pd.Series(False, index=t.index))
+    if e.patients == "test":
+        if not same:
+            raise DataError(f"{field_name}: 'test' keeps the test set's patients, so eval set {e.name!r} must read "
+                            f"the training dataset from its root (it reads {e.dataset or '-'} at {e.root or '-'})")
+        keep = t["patient_id"].isin(set(test["patient_id"])) & ~seen_images
+        log.info("eval set %r: %d of its %d images belong to the test set's patients (%s: test)", e.name,
+                 int(keep.sum()), len(t), field_name)
+        if not keep.any():
+            raise DataError(f"eval set {e.name!r} has no image of a test-set patient ({field_name}: test); its "
+                            f"split {e.split!r} and filters {dict(e.filters)} select other patients")
+        return t[keep].reset_index(drop=True)
+    seen = seen_images | seen_patients
+    if not seen.any():
+        return t
+    n_patients = t.loc[seen, "patient_id"].nunique()
+    example = t.loc[seen, "sample_id"].iloc[0]
+    if e.patients == "unseen":
+        log.info("eval set %r: dropped %d of its %d images (%d patients) that the study trains or validates on "
+                 "(%s: unseen)", e.name, int(seen.sum()), len(t), n_patients, field_name)
+        if seen.all():
+            raise DataError(f"eval set {e.name!r} has only images of patients the study trains or validates on "
+                            f"({field_name}: unseen dropped all {len(t)}); draw it from other patients")
+        return t[~seen].reset_index(drop=True)
+    what = (f"{int(seen_patients.sum())} images of {t.loc[seen_patients, 'patient_id'].nunique()} patients"
+            if seen_patients.any() else f"{int(seen_images.sum())} images with the ids of training or validation "
+            f"images (a copy of them: ISIC 2019 contains HAM10000, see the isic2019 option exclude_ham)")
+    raise DataError(f"eval set {e.name!r} holds {what} that the study trains or validates on (e.g. sample "
+                    f"{example!r}): its AUROC would be measured on training data. Set {field_name}: unseen to drop "
+                    f"them, {field_name}: test to keep only the test set's patients (a shift on the same patients), "
+                    f"or hold these rows out of training with data.filters")
 
 
 def check_subgroups(d: DataConfig, columns: set[str]) -> None:

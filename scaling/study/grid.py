@@ -132,6 +132,7 @@ including any setting added to the config later: a new field changes ids until i
 LATER_DEFAULTS: dict[str, Any] = {
     "data.task": "multilabel",
     "data.derived_labels": {},
+    "data.filters": {},
     "train.select": "last",
     "train.early_stopping_patience": 0,
 }
@@ -219,6 +220,8 @@ def eval_set_identity(eval_set: EvalSetConfig, data: DataConfig) -> dict[str, An
         "split": eval_set.split,
         "filters": to_dict(eval_set.filters),
         "options": to_dict({**(data.options if not eval_set.dataset else {}), **eval_set.options}),
+        # Added later: "all" (every row) is what a set was before the field existed.
+        **({"patients": eval_set.patients} if eval_set.patients != "all" else {}),
     }
 
 

@@ -402,9 +402,9 @@ def _ood_html(rep: StudyReport) -> list[str]:
     parts = ["<p class='note'>Each OOD set is compared with the in-distribution test set on the labels <i>both</i> "
              "can score (both classes present among the labelled images of each): test AUROC, OOD AUROC and their "
              "difference (drop) are macro-averaged over exactly those labels, so a set with few labels is not "
-             "compared against a macro over many. Interval of the drop: patient-level bootstrap of each set, "
-             "resampled independently (different patients; for a set that shares patients with test, which the "
-             "launch log warns about, this interval is too wide), or across seeds.</p>"]
+             "compared against a macro over many. Interval of the drop: across seeds, or a patient-level bootstrap "
+             "of each set, resampled independently (different patients) or, for a set that shares patients with "
+             "test, over the patients of both sets together.</p>"]
     for e in rep.ood_sets:
         shared = rep.shift_labels.get(e, [])
         own = rep.evaluable_labels.get(e, [])

@@ -41,7 +41,7 @@ from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
 from scaling.study.coordination import broadcast, on_main, once, run_errors
 from scaling.study.data import (StudyData, check_image_files, check_roots, check_subgroups, load_study_data,
-                                stored_columns)
+                                same_source, stored_columns)
 from scaling.study.grid import (
     PROBE,
     RunSpec,
@@ -204,7 +204,11 @@ def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
     size), the subgroup attributes and the age bins."""
     ev = to_dict(cfg.eval)
     ev.pop("batch_size")
-    return {"eval": ev, "subgroups": list(cfg.data.subgroups), "age_bins": [float(b) for b in cfg.data.age_bins]}
+    out = {"eval": ev, "subgroups": list(cfg.data.subgroups), "age_bins": [float(b) for b in cfg.data.age_bins]}
+    if any(same_source(e, cfg.data) for e in cfg.data.ood):
+        # Added later: the drop of a set sharing test patients is resampled jointly (metrics scored before are redone).
+        out["shift_bootstrap"] = "paired on shared patients"
+    return out
 
 
 def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float | None = None) -> Work | None:
@@ -351,6 +355,16 @@ _UNDEFINED_SEEN: set[str] = set()
 """Messages of undefined metrics already logged as a warning by this process (see :func:`_summarise_warnings`)."""
 
 
+def paired_with_test(cfg: StudyConfig, preds: dict[str, pd.DataFrame]) -> list[str]:
+    """The OOD sets among ``preds`` that read the training dataset and share patients with its test set: their AUROC
+    drop is resampled over both sets' patients together (``compute_run_metrics(paired=...)``)."""
+    if "test" not in preds:
+        return []
+    test_patients = set(preds["test"]["patient_id"])
+    return [e.name for e in cfg.data.ood if e.name in preds and same_source(e, cfg.data)
+            and not test_patients.isdisjoint(preds[e.name]["patient_id"])]
+
+
 def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = None) -> pd.DataFrame:
     """Compute a run's metrics from its stored predictions of the config's evaluation sets with the config's metric
     settings and store them (main process). Predictions of a set no longer in the config (removed or renamed) stay
@@ -374,7 +388,7 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
-                                           derived=list(cfg.data.derived_labels))
+                                           derived=list(cfg.data.derived_labels), paired=paired_with_test(cfg, preds))
     _summarise_warnings(rid, caught)
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
