@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import kstest
 
-from scaling.metrics import auroc, bootstrap_ci, delong_ci, delong_components, delong_test
+from scaling.metrics import auroc, bootstrap_ci, delong_ci, delong_components, delong_test, holm
 
 
 def test_hand_worked_example():
@@ -198,3 +198,12 @@ def test_clustered_bad_input():
     # One patient holds every positive: no between-patient variance of the positives can be estimated.
     res = delong_test([1.0, 1.0, 0.0, 0.0], [0.9, 0.8, 0.1, 0.5], [0.7, 0.8, 0.2, 0.1], cluster=["a", "a", "b", "c"])
     assert res.diff == 0.0 and np.isnan(res.se) and np.isnan(res.p_value)
+
+
+def test_holm_adjustment_by_hand():
+    # Defined p-values sorted: 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; running maximum
+    # 0.02, 0.03, 0.06, 0.06. A NaN is no test: left NaN and not counted in m.
+    out = holm([0.01, 0.04, 0.03, np.nan, 0.005])
+    np.testing.assert_allclose(out, [0.03, 0.06, 0.06, np.nan, 0.02], rtol=1e-12)
+    np.testing.assert_array_equal(holm([0.6, 0.9]), [1.0, 1.0])  # capped at 1
+    assert holm([]).size == 0

@@ -12,7 +12,7 @@ from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATUR
                          run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
-from scaling.metrics import compute_run_metrics, delong_test
+from scaling.metrics import compute_run_metrics, delong_test, holm
 from scaling.study.grid import config_hash, expand_grid, run_id
 
 from scaling.study.__main__ import main
@@ -64,8 +64,13 @@ def test_report_numbers_match_tables(report):
     assert ((test["b"] - 0.3).abs() < 0.03).all()
     for b in test["b"]:
         assert f"<td>{b:.4g}</td>" in text
-    # DeLong: every backbone vs bb_tiny per source, label and seed, paired on all 120 test samples.
-    dl = rep.tables["delong"]
+    # DeLong: every backbone vs bb_tiny per source, label and seed, paired on all 120 test samples, and again on
+    # the OOD set; Holm's adjustment over the whole table.
+    every = rep.tables["delong"]
+    assert len(every) == 2 * 3 * 3 * 2 * 2 and set(every["eval_set"]) == {"test", "ood_site_b"}
+    np.testing.assert_array_equal(every["p_holm"], holm(every["p_value"]))
+    assert (every["p_holm"] >= every["p_value"]).all()
+    dl = every[every["eval_set"] == "test"]
     assert len(dl) == 3 * 3 * 2 * 2 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
     big = dl[dl["backbone"] == "bb_large"]
     assert (big["diff"] > 0).all() and (big["p_value"] < 0.05).mean() >= 0.5

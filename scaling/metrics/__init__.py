@@ -2,7 +2,8 @@
 
 * discrimination: :func:`auroc`, :func:`auprc`, :func:`per_label`, :func:`macro_average`
 * uncertainty: :func:`bootstrap_ci` (patient-level cluster bootstrap, vectorised), :func:`paired_bootstrap_diff`,
-  :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014; by patient with ``cluster``: Obuchowski 1997)
+  :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014; by patient with ``cluster``: Obuchowski 1997),
+  :func:`holm` (p-values adjusted for the number of tests)
 * calibration: :func:`ece`, :func:`mce`, :func:`brier`, :func:`nll`, :func:`fit_temperature`,
   :func:`apply_temperature`, :func:`reliability_diagram`, :func:`plot_reliability`
 * operating points and fairness: :func:`choose_threshold`, :func:`rates_at`, :func:`subgroup_report`
@@ -22,6 +23,7 @@ from scaling.metrics.delong import DelongCI, DelongTest, delong_ci, delong_compo
 from scaling.metrics.discrimination import auprc, auroc, macro_average, per_label
 from scaling.metrics.efficiency import DataEfficiency, data_efficiency, fraction_to_reach
 from scaling.metrics.fairness import SubgroupReport, subgroup_report
+from scaling.metrics.multiple_testing import holm
 from scaling.metrics.run_metrics import compute_run_metrics
 from scaling.metrics.selective import aurc, referral_area, referral_curve
 from scaling.metrics.temperature import apply_temperature, fit_temperature
@@ -32,7 +34,7 @@ __all__ = [
     "BootstrapResult", "ClusterBootstrap", "DataEfficiency", "DelongCI", "DelongTest", "MetricWarning",
     "PairedBootstrapResult", "SubgroupReport", "apply_temperature", "aurc", "auprc", "auroc", "bin_edges",
     "bootstrap_ci", "brier", "choose_threshold", "compute_run_metrics", "data_efficiency", "delong_ci",
-    "delong_components", "delong_test", "ece", "fit_temperature", "fraction_to_reach", "macro_average", "mce",
+    "delong_components", "delong_test", "ece", "fit_temperature", "fraction_to_reach", "holm", "macro_average", "mce",
     "nll", "paired_bootstrap_diff", "per_label", "percentile_interval", "plot_reliability", "rates_at",
     "referral_area", "referral_curve", "reliability_diagram", "subgroup_report",
 ]

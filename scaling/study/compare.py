@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import delong_test, referral_curve, reliability_diagram
+from scaling.metrics import delong_test, holm, referral_curve, reliability_diagram
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
 
@@ -103,53 +103,59 @@ def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 
 
-def delong_comparisons(store_root, df: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
-    """Each backbone against the smallest, per pretraining source, on ``eval_set`` at full data, per label and seed.
+def delong_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
+    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, per label
+    and seed.
 
     The two runs of a pair share the seed, and are joined on sample id so the test is paired on the same samples
     (:func:`scaling.metrics.delong_test`); the variance is clustered by patient (Obuchowski 1997), so several
     images of one patient count as correlated, not as independent evidence. One row per comparison: images and
-    patients, both AUROCs, their difference with its interval and the p-value.
+    patients, both AUROCs, their difference with its interval, the p-value and ``p_holm``, the p-value adjusted by
+    Holm's step-down method over every comparison of the table (:func:`scaling.metrics.holm`), which bounds the chance that any of
+    them is a false positive.
     """
     store = RunStore(store_root)
-    cache: dict[str, pd.DataFrame] = {}  # the reference run is compared with every other backbone
+    cache: dict[tuple[str, str], pd.DataFrame] = {}  # the reference run is compared with every other backbone
 
-    def read(rid: str) -> pd.DataFrame:
-        if rid not in cache:
-            cache[rid] = store.read_predictions(rid, eval_set)
-        return cache[rid]
+    def read(rid: str, eval_set: str) -> pd.DataFrame:
+        if (rid, eval_set) not in cache:
+            cache[rid, eval_set] = store.read_predictions(rid, eval_set)
+        return cache[rid, eval_set]
 
-    cols = ["pretrained", "backbone", "vs", "label", "seed", "n", "n_patients", "auroc", "auroc_vs", "diff", "diff_lo",
-            "diff_hi", "p_value"]
-    full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
+    cols = ["eval_set", "pretrained", "backbone", "vs", "label", "seed", "n", "n_patients", "auroc", "auroc_vs",
+            "diff", "diff_lo", "diff_hi", "p_value", "p_holm"]
     rows = []
-    for src, g in full.groupby("pretrained", sort=True):
-        sizes = g.drop_duplicates("backbone").sort_values("n_params")
-        if len(sizes) < 2:
-            continue
-        ref = sizes.iloc[0]["backbone"]
-        for bb in sizes["backbone"].iloc[1:]:
-            a_runs = cell_runs(g, {"backbone": bb})
-            b_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
-            for seed, rid in zip(a_runs["seed"], a_runs["run_id"]):
-                if seed not in b_runs.index:
-                    continue
-                pa, pb = read(rid), read(b_runs[seed])
-                j = pa.merge(pb, on="sample_id", suffixes=("", "_vs"))
-                patients = j["patient_id"].to_numpy(dtype=object)
-                for lab in _label_names(pa):
-                    y = j[f"label:{lab}"].to_numpy(float)
-                    ok = np.isfinite(y)
-                    row = {"pretrained": src, "backbone": bb, "vs": ref, "label": lab, "seed": int(seed),
-                           "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
-                    try:
-                        res = delong_test(y[ok], j[f"prob:{lab}"].to_numpy(float)[ok],
-                                          j[f"prob:{lab}_vs"].to_numpy(float)[ok], cluster=patients[ok])
-                    except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
-                        rows.append(row)
+    for eval_set in eval_sets:
+        full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
+        for src, g in full.groupby("pretrained", sort=True):
+            sizes = g.drop_duplicates("backbone").sort_values("n_params")
+            if len(sizes) < 2:
+                continue
+            ref = sizes.iloc[0]["backbone"]
+            for bb in sizes["backbone"].iloc[1:]:
+                a_runs = cell_runs(g, {"backbone": bb})
+                b_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
+                for seed, rid in zip(a_runs["seed"], a_runs["run_id"]):
+                    if seed not in b_runs.index:
                         continue
-                    rows.append({**row, **_delong_fields(res)})
-    return pd.DataFrame(rows, columns=cols)
+                    pa, pb = read(rid, eval_set), read(b_runs[seed], eval_set)
+                    j = pa.merge(pb, on="sample_id", suffixes=("", "_vs"))
+                    patients = j["patient_id"].to_numpy(dtype=object)
+                    for lab in _label_names(pa):
+                        y = j[f"label:{lab}"].to_numpy(float)
+                        ok = np.isfinite(y)
+                        row = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "label": lab,
+                               "seed": int(seed), "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
+                        try:
+                            res = delong_test(y[ok], j[f"prob:{lab}"].to_numpy(float)[ok],
+                                              j[f"prob:{lab}_vs"].to_numpy(float)[ok], cluster=patients[ok])
+                        except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
+                            rows.append(row)
+                            continue
+                        rows.append({**row, **_delong_fields(res)})
+    out = pd.DataFrame(rows, columns=cols)
+    out["p_holm"] = holm(out["p_value"].to_numpy(float))
+    return out
 
 
 def _delong_fields(res) -> dict:

@@ -256,7 +256,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["selective"] = _selective_table(curves)
     rep.figures["selective"] = plots.selective_curves(curves)
 
-    rep.tables["delong"] = delong_comparisons(store_root, df)
+    rep.tables["delong"] = delong_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     return rep
 
@@ -626,10 +626,11 @@ def render_html(rep: StudyReport) -> str:
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),
             "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
-            "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set at full "
-            "data, paired on the same samples (same seed); per label. The variance is clustered by patient "
-            "(Obuchowski 1997): several images of one patient count as correlated, not as independent evidence "
-            "(docs/metrics.md). p-values are per comparison, not corrected for the number of rows.</p>",
+            "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set and on "
+            "every OOD set at full data, paired on the same samples (same seed); per label. The variance is "
+            "clustered by patient (Obuchowski 1997): several images of one patient count as correlated, not as "
+            "independent evidence (docs/metrics.md). p_holm: Holm's adjustment over every row of the table "
+            "(family-wise error), p_value: the comparison alone.</p>",
             _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
             *_analysis_html(rep),
         ]
