@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from scaling.config import ProbeConfig
+from scaling.engine.ranks import broadcast
 from scaling.io import atomic_write
 from scaling.metrics.discrimination import auroc
 
@@ -63,11 +64,7 @@ def _read_cache(path: Path, n: int, key: str) -> dict | None:
 
 def _agree(runner, value: bool) -> bool:
     """The main process's ``value`` on every rank of ``runner`` (a Trainer); the value itself for a module."""
-    if getattr(runner, "world_size", 1) < 2:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return bool(broadcast(value)) if getattr(runner, "world_size", 1) > 1 else value
 
 
 def extract_features(runner, datasets: Mapping[str, object], cache_dir: str | Path | None = None, *,

@@ -29,6 +29,16 @@ def is_main_process() -> bool:
     return d is None or d.get_rank() == 0
 
 
+def broadcast(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank; the value itself without a process group."""
+    d = process_group()
+    if d is None:
+        return value
+    box = [value]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     d = process_group()

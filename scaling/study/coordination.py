@@ -1,6 +1,7 @@
-"""What every rank of a launch shares while running a study: which errors fail one run, rank 0's decisions
-broadcast to the others, work done on rank 0 with its failure seen by every rank, and shared preparation built once
-across launches and ranks (under a file lock, :func:`scaling.study.claims.file_lock`)."""
+"""What every rank of a launch shares while running a study: which errors fail one run, work done on rank 0 with its
+failure seen by every rank, and shared preparation built once across launches and ranks (under a file lock,
+:func:`scaling.study.claims.file_lock`). The generic rank helpers (broadcast, barrier) are
+``scaling.engine.ranks``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
-from scaling.engine.ranks import barrier, is_main_process, process_group
+from scaling.engine.ranks import barrier, broadcast, is_main_process
 from scaling.study.claims import file_lock
 from scaling.study.store import RunStore, StoreError
 
@@ -27,16 +28,6 @@ def run_errors() -> tuple[type[BaseException], ...]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return (Exception, CheckpointException)
-
-
-def broadcast(value: T) -> T:
-    """Rank 0's ``value`` on every rank (the value itself without a process group)."""
-    d = process_group()
-    if d is None:
-        return value
-    box = [value]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def on_main(fn: Callable[[], T]) -> T | None:

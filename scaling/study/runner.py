@@ -34,12 +34,12 @@ import yaml
 
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import add_age_group
-from scaling.engine.ranks import init_distributed, is_main_process, main_process_first, process_group
+from scaling.engine.ranks import broadcast, init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import atomic_write_text, read_json, write_error
 from scaling.metrics.validation import MetricWarning
 from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
-from scaling.study.coordination import broadcast, on_main, once, run_errors
+from scaling.study.coordination import on_main, once, run_errors
 from scaling.study.data import (StudyData, check_image_files, check_roots, check_subgroups, load_study_data,
                                 same_source, stored_columns)
 from scaling.study.grid import (
