@@ -51,6 +51,9 @@ def test_unseen_drops_the_patients_the_study_trains_on(nih, caplog):
     n = data.test["patient_id"].nunique()
     assert f"eval set 'rest' shares {n} of its {n} patients with the test set" in caplog.text
     assert f"dropped {len(every) - len(expected)} of its {len(every)} images" in caplog.text
+    sizes = {"train": data.train, "val": data.val, "test": data.test, "rest": rest}
+    assert "study data: " + ", ".join(f"{k} {len(t)} images of {t['patient_id'].nunique()} patients"
+                                      for k, t in sizes.items()) in caplog.text
     with pytest.raises(DataError, match="only images of patients the study trains or validates on"):
         load_study_data(load_config(None, [*base, "data.ood=[{name: x, split: train, patients: unseen}]"]))
 

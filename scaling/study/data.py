@@ -149,6 +149,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
                      labels=d.labels)
     check_subgroups(d, set().union(*(t.columns for t in (data.train, data.val, data.test, *data.ood.values()))))
+    log.info("study data: %s", ", ".join(f"{name} {len(t)} images of {t['patient_id'].nunique()} patients"
+                                          for name, t in {"train": data.train, **data.eval_sets()}.items()))
     for label in d.labels:
         column = data.train.get(f"label:{label}")
         if column is not None and not (column == 1).any():
