@@ -236,3 +236,23 @@ def test_headline_models_name_one_cell_once_when_the_best_is_the_smallest():
     summary.loc[1, "mean"] = 0.9
     models = headline_models(summary)
     assert {k: v["backbone"] for k, v in models.items()} == {"best": "large", "smallest": "small"}
+
+
+def test_seed_band_uses_the_seeds_where_a_rate_is_defined():
+    import warnings
+
+    from scipy import stats
+
+    from scaling.study.compare import seed_band
+
+    values = np.array([[0.8, np.nan, np.nan], [0.9, 0.7, np.nan], [0.7, 0.6, np.nan]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an all-NaN rate is NaN, without a RuntimeWarning
+        mean, lo, hi = seed_band(values, 0.95)
+    half0 = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)
+    half1 = stats.t.ppf(0.975, 1) * np.std([0.7, 0.6], ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(mean[:2], [0.8, 0.65])
+    np.testing.assert_allclose(hi[:2] - mean[:2], [half0, half1])
+    assert np.isnan(mean[2]) and np.isnan(lo[2]) and np.isnan(hi[2])
+    one = seed_band(np.array([[0.5], [np.nan]]))
+    assert one[0][0] == 0.5 and np.isnan(one[1][0])  # one defined seed: no interval

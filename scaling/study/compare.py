@@ -61,7 +61,22 @@ def _bootstrap_band(pred: pd.DataFrame, referral, thresholds: dict, n_boot: int,
         pick = rng.integers(0, len(members), len(members))
         reps.append(selective_curve(pred.iloc[np.concatenate([members[i] for i in pick])], referral, thresholds))
     q = (50 * (1 - confidence), 50 * (1 + confidence))
-    return np.nanpercentile(np.array(reps), q, axis=0)
+    with warnings.catch_warnings():  # a rate undefined in every replicate: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(np.array(reps), q, axis=0)
+
+
+def seed_band(values: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and t-interval across seeds (rows) of each column of ``values``, over the seeds where it is defined: a
+    column with one defined value has no interval, one with none is NaN throughout (no warning)."""
+    n = np.isfinite(values).sum(axis=0)
+    with warnings.catch_warnings():  # all-NaN columns: NaN is the answer, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        sd = np.nanstd(values, axis=0, ddof=1)
+    half = stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1))
+    half = np.where(n >= 2, half, np.nan)
+    return mean, mean - half, mean + half
 
 
 def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series], eval_set: str = "test",
@@ -81,11 +96,10 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
         if not curves:
             continue
         arr = np.array(curves)
-        mean = np.nanmean(arr, axis=0)
         if len(arr) > 1:
-            half = stats.t.ppf(0.5 + confidence / 2, len(arr) - 1) * np.nanstd(arr, axis=0, ddof=1) / np.sqrt(len(arr))
-            lo, hi = mean - half, mean + half
+            mean, lo, hi = seed_band(arr, confidence)
         else:
+            mean = arr[0]
             lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, thresholds[run_ids[0]],
                                      n_boot, confidence)
         # AUROC lives in [0, 1]; a two-seed t-interval can overshoot it, which would read as a bug, not as noise.
