@@ -293,11 +293,13 @@ def _prediction_frame(table: pd.DataFrame, d: DataConfig, index: np.ndarray,
     """Per-sample predictions joined with the rows they belong to (file paths are never stored): ``logit:<label>``
     and ``prob:<label>``, a sigmoid per label or, for a one-of-K task, the softmax over the classes and each derived
     label's summed probability and log-odds (``scaling.metrics.multiclass.group_scores``)."""
+    from scipy.special import expit
+
     from scaling.metrics.multiclass import group_scores, softmax_probabilities
 
     rows = table.iloc[index].drop(columns=["path"], errors="ignore").reset_index(drop=True)
     z = logits.astype(np.float64)
-    prob = softmax_probabilities(z) if d.task == "multiclass" else 1.0 / (1.0 + np.exp(-z))
+    prob = softmax_probabilities(z) if d.task == "multiclass" else expit(z)  # no overflow warning at z << 0
     for j, name in enumerate(d.labels):
         rows[f"logit:{name}"] = z[:, j]
         rows[f"prob:{name}"] = prob[:, j]
