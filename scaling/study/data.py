@@ -141,8 +141,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         ood[e.name] = held_out(t, i, e, same_source(e, d), train, val, test)
         shared = set(ood[e.name]["patient_id"]) & set(test["patient_id"]) if same_source(e, d) else set()
         if shared:  # e.g. AP films of the official test list, or the test patients' lateral films
-            log.info("eval set %r shares %d of its %d patients with the test set: its AUROC drop is a comparison on "
-                     "partly the same patients, and its interval resamples the patients of both sets together",
+            log.info("eval set %r shares %d of its %d patients with the test set: its AUROC drop compares images of "
+                     "the same people, and its interval resamples the patients of both sets together",
                      e.name, len(shared), ood[e.name]["patient_id"].nunique())
     own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
     data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
