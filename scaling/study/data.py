@@ -182,7 +182,8 @@ def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.Da
         if not same:
             raise DataError(f"{field_name}: 'test' keeps the test set's patients, so eval set {e.name!r} must read "
                             f"the training dataset from its root (it reads {e.dataset or '-'} at {e.root or '-'})")
-        keep = t["patient_id"].isin(set(test["patient_id"])) & ~seen_images
+        # An official test split need not be patient-disjoint from training: such patients are never kept.
+        keep = t["patient_id"].isin(set(test["patient_id"])) & ~seen_images & ~seen_patients
         log.info("eval set %r: %d of its %d images belong to the test set's patients (%s: test)", e.name,
                  int(keep.sum()), len(t), field_name)
         if not keep.any():
