@@ -212,3 +212,16 @@ def test_the_paired_drop_interval_covers_the_true_drop():
     assert 0.89 <= covered["paired"] / 200 <= 0.99
     assert covered["independent"] / 200 >= 0.975
     assert np.mean(width["paired"]) < 0.8 * np.mean(width["independent"])
+
+
+def test_an_official_split_sharing_training_patients_is_warned_about(nih, caplog):
+    root, base = nih
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
+        data = load_study_data(load_config(None, base))
+    assert "shares" not in caplog.text  # NIH's test list and its train_val list are patient-disjoint
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
+        data = load_study_data(load_config(None, [*base, "data.test_split=all"]))
+    n = data.test["patient_id"].nunique()
+    k = len(set(data.train["patient_id"]))
+    assert f"the test set (official split 'all') shares {k} of its {n} patients with the training set" in caplog.text

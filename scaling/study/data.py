@@ -130,6 +130,12 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
             raise DataError(f"the {name} set of {d.dataset} (split {split!r}, data.options={dict(d.options)}, "
                             f"data.filters={dict(d.filters)}) has no rows; check data.options, data.filters and the "
                             f"{name} split")
+    for name, table, split in (("val", val, d.val_split), ("test", test, d.test_split)):
+        shared = set(table["patient_id"]) & set(train["patient_id"]) if split else set()
+        if shared:  # an official split is the benchmark's protocol: said loudly, not refused
+            log.warning("the %s set (official split %r) shares %d of its %d patients with the training set: its "
+                        "metrics are optimistic for them (e.g. patient %r)", name, split, len(shared),
+                        table["patient_id"].nunique(), sorted(shared)[0])
     ood = {}
     for i, e in enumerate(d.ood):
         eroot = _resolve_root(cfg, e.root) if e.root else root
