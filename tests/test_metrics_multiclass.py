@@ -5,14 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import softmax
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, brier_score_loss, log_loss, roc_auc_score
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, brier_score_loss, log_loss, roc_auc_score,
+                             top_k_accuracy_score)
 
 from scaling.config import EvalConfig
 from scaling.metrics import ClusterBootstrap, compute_run_metrics
 from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
                                         brier_multiclass, brier_multiclass_replicates, ece_top_label,
                                         ece_top_label_replicates, group_scores, nll_multiclass,
-                                        nll_multiclass_replicates)
+                                        nll_multiclass_replicates, top_k_accuracy, top_k_accuracy_replicates)
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.metrics.temperature import apply_softmax_temperature, fit_softmax_temperature
 
@@ -52,6 +53,9 @@ def test_metrics_equal_sklearn():
     t, pl, _, _ = _labelled(df)
     assert accuracy(y, p) == pytest.approx(accuracy_score(t, pl.argmax(1)), abs=1e-12)
     assert balanced_accuracy(y, p) == pytest.approx(balanced_accuracy_score(t, pl.argmax(1)), abs=1e-12)
+    for k in (2, 3):
+        assert top_k_accuracy(y, p, k) == pytest.approx(top_k_accuracy_score(t, pl, k=k, labels=range(4)), abs=1e-12)
+    assert top_k_accuracy(y, p, 1) == accuracy(y, p) and top_k_accuracy(y, p, 4) == 1.0
     assert nll_multiclass(y, p) == pytest.approx(log_loss(t, pl, labels=range(4)), abs=1e-12)
     assert brier_multiclass(y, p) == pytest.approx(brier_score_loss(t, pl, labels=range(4)), abs=1e-12)
     # top-label ECE by hand: 10 equal-width bins of the confidence, |accuracy - confidence| weighted by bin mass
@@ -61,13 +65,26 @@ def test_metrics_equal_sklearn():
     assert ece_top_label(y, p) == pytest.approx(by_hand, abs=1e-12)
 
 
+def test_top_k_ties_are_ordered_like_the_argmax():
+    # True class 1 tied with the earlier class 0: not the argmax (which takes the first), so outside the top 1 and
+    # inside the top 2. True class 0 in the same tie is the argmax. A class ahead by probability always counts.
+    y = np.eye(3)[[1, 0, 2]]
+    p = np.array([[0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.5, 0.3, 0.2]])
+    assert top_k_accuracy(y[:1], p[:1], 1) == 0.0 and top_k_accuracy(y[:1], p[:1], 2) == 1.0
+    assert top_k_accuracy(y[1:2], p[1:2], 1) == 1.0 == accuracy(y[1:2], p[1:2])
+    assert top_k_accuracy(y, p, 2) == pytest.approx(2 / 3) and top_k_accuracy(y, p, 3) == 1.0
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        top_k_accuracy(y, p, 0)
+
+
 def test_replicates_equal_explicit_resampling():
     df = _frame(1, 200)
     t, p, _, keep = _labelled(df)
     y = np.eye(4)[t]
     boot = ClusterBootstrap(df["patient_id"][keep].to_numpy(), n_boot=25, seed=3)
     rows = np.arange(t.size)
-    pairs = ((accuracy, accuracy_replicates), (balanced_accuracy, balanced_accuracy_replicates),
+    pairs = ((accuracy, accuracy_replicates), (top_k_accuracy, top_k_accuracy_replicates),
+             (balanced_accuracy, balanced_accuracy_replicates),
              (nll_multiclass, nll_multiclass_replicates), (brier_multiclass, brier_multiclass_replicates),
              (ece_top_label, ece_top_label_replicates))
     for metric, replicates in pairs:
@@ -113,6 +130,7 @@ def test_run_metrics_multiclass_rows(run):
         t, p, z, _ = _labelled(preds[name])
         pt = softmax(z / temp, axis=1)
         expected = {"accuracy": accuracy_score(t, p.argmax(1)),
+                    "top3_accuracy": top_k_accuracy_score(t, p, k=3, labels=range(4)),
                     "balanced_accuracy": balanced_accuracy_score(t, p.argmax(1)),
                     "nll_multiclass": log_loss(t, p, labels=range(4)),
                     "brier_multiclass": brier_score_loss(t, p, labels=range(4)),

@@ -102,7 +102,7 @@ def _check_one_of_k(cfg, store, table, text, summary) -> None:
     its accuracy and balanced accuracy equal scikit-learn's on the stored predictions; results.csv and the report
     show them."""
     from scipy.special import expit
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
 
     classes = list(cfg.data.labels)
     for rid in table.run_id:
@@ -127,8 +127,11 @@ def _check_one_of_k(cfg, store, table, text, summary) -> None:
             t, guess = y[has_class].argmax(axis=1), p[has_class].argmax(axis=1)
             assert k[(e, "accuracy")] == pytest.approx(accuracy_score(t, guess), abs=1e-12)
             assert k[(e, "balanced_accuracy")] == pytest.approx(balanced_accuracy_score(t, guess), abs=1e-12)
+            assert k[(e, "top3_accuracy")] == pytest.approx(
+                top_k_accuracy_score(t, p[has_class], k=3, labels=range(len(classes))), abs=1e-12)
         assert scored == ONE_OF_K_SETS[cfg.name]
         assert table.set_index("run_id").loc[rid, "accuracy_test"] == k[("test", "accuracy")]
+        assert table.set_index("run_id").loc[rid, "top3_accuracy_test"] == k[("test", "top3_accuracy")]
     for e in ["val", "test", *(e.name for e in cfg.data.ood)]:
         if e not in ONE_OF_K_SETS[cfg.name]:
             assert f"tbl-multiclass-{e}" not in text

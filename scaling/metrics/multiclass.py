@@ -1,4 +1,5 @@
-"""One-of-K (multi-class) metrics: top-1 accuracy, balanced accuracy, multi-class NLL and Brier score, top-label ECE.
+"""One-of-K (multi-class) metrics: top-1 and top-k accuracy, balanced accuracy, multi-class NLL and Brier score,
+top-label ECE.
 
 A one-of-K task (e.g. the HAM10000 / ISIC diagnosis) stores one-hot ``label:<class>`` columns and ``prob:<class>``
 = the softmax over the classes. Conventions:
@@ -7,7 +8,10 @@ A one-of-K task (e.g. the HAM10000 / ISIC diagnosis) stores one-hot ``label:<cla
   exactly one 1 raises (naming the row);
 * ``p`` is (n, K) probabilities whose rows sum to 1 (1e-4 tolerance: a softmax, not K independent sigmoids).
 
-Definitions: accuracy = share of labelled rows whose argmax is the true class (ties: the first class); balanced
+Definitions: accuracy = share of labelled rows whose argmax is the true class (ties: the first class); top-k
+accuracy = share whose true class is among the k most probable (the differential-diagnosis view of dermatology:
+Liu et al., Nat. Med. 2020, report top-1 and top-3), ties ordered like the argmax (the earlier class first), so
+top-1 is accuracy; balanced
 accuracy = mean over the classes present of the recall (``sklearn.metrics.balanced_accuracy_score``; Brodersen et
 al. 2010); NLL = mean −log p_true, p clipped at float64 eps (``sklearn.metrics.log_loss``); Brier = mean over rows
 of Σ_k (p_k − y_k)², Brier's (1950) original multi-class score in [0, 2] (``sklearn.metrics.brier_score_loss``
@@ -85,6 +89,23 @@ def accuracy(y, p) -> float:
     return float(_correct(t, p).mean()) if t.size else float("nan")
 
 
+def _in_top_k(t, p, k: int):
+    """1.0 where the true class ranks among the ``k`` most probable: fewer than ``k`` classes come before it, a class
+    coming before it when it is more probable, or as probable and earlier."""
+    pt = _true_prob(t, p)[:, None]
+    earlier = np.arange(p.shape[1])[None, :] < t[:, None]
+    before = (p > pt) | ((p == pt) & earlier)
+    return (before.sum(axis=1) < k).astype(np.float64)
+
+
+def top_k_accuracy(y, p, k: int = 3) -> float:
+    """Share of labelled rows whose true class is among the ``k`` most probable (NaN when none is labelled)."""
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    t, p = _labelled(y, p)
+    return float(_in_top_k(t, p, int(k)).mean()) if t.size else float("nan")
+
+
 def balanced_accuracy(y, p) -> float:
     """Mean over the classes present among the labelled rows of each class's recall."""
     t, p = _labelled(y, p)
@@ -118,6 +139,11 @@ def ece_top_label(y, p, n_bins: int = 10) -> float:
 def accuracy_replicates(t, p, counts, codes) -> np.ndarray:
     """Accuracy under every replicate weighting (``t`` class indices of labelled rows, ``p`` their probabilities)."""
     return weighted_mean_replicates(_correct(t, p), counts, codes)
+
+
+def top_k_accuracy_replicates(t, p, counts, codes, k: int = 3) -> np.ndarray:
+    """Top-k accuracy under every replicate weighting."""
+    return weighted_mean_replicates(_in_top_k(t, p, k), counts, codes)
 
 
 def balanced_accuracy_replicates(t, p, counts, codes) -> np.ndarray:

@@ -37,7 +37,8 @@ set (``val``, ``test`` and each OOD set):
 * one-of-K tasks (``task='multiclass'``: ``label:<class>`` one-hot, ``prob:<class>`` the softmax): every row
   above is computed one-vs-rest per class (so ``macro`` AUROC is the one-vs-rest macro AUROC of
   ``roc_auc_score(multi_class='ovr')``, and each class's ``*_temp`` uses the one softmax temperature fitted on
-  val), plus ``label='all'`` rows scoring the classes together: ``accuracy`` (top-1), ``balanced_accuracy`` (mean
+  val), plus ``label='all'`` rows scoring the classes together: ``accuracy`` (top-1), ``top3_accuracy`` (the true
+  class among the 3 most probable; only with more than 3 classes), ``balanced_accuracy`` (mean
   per-class recall), ``nll_multiclass``, ``brier_multiclass`` and ``ece_top_label``, the last three also
   ``*_temp`` (see :mod:`scaling.metrics.multiclass`). A row's class is its one positive ``label:<class>`` (blank
   classes of such a row count as 0: the classes exclude each other); a row with no positive is unlabelled for these
@@ -81,7 +82,7 @@ from scaling.metrics.selective import aurc
 from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
                                         brier_multiclass, brier_multiclass_replicates, check_one_hot,
                                         check_probabilities, ece_top_label, ece_top_label_replicates, nll_multiclass,
-                                        nll_multiclass_replicates)
+                                        nll_multiclass_replicates, top_k_accuracy, top_k_accuracy_replicates)
 from scaling.metrics.temperature import (apply_softmax_temperature, apply_temperature, fit_softmax_temperature,
                                          fit_temperature)
 from scaling.metrics.thresholds import CONFIG_POLICIES, choose_threshold, rate_replicates, rates_at
@@ -96,7 +97,10 @@ TASKS = ("multilabel", "multiclass")
 """Independent findings (sigmoid per label) or one class out of K (softmax over the labels)."""
 MULTICLASS_LABEL = "all"
 """The ``label`` of the rows that score all classes of a one-of-K task together (accuracy, ...)."""
-MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "nll_multiclass", "brier_multiclass", "ece_top_label")
+TOP_K = 3
+"""The k of the ``top3_accuracy`` row of a one-of-K task (with more than k classes)."""
+MULTICLASS_METRICS = ("accuracy", f"top{TOP_K}_accuracy", "balanced_accuracy", "nll_multiclass", "brier_multiclass",
+                      "ece_top_label")
 """The one-of-K rows, each also after the validation-fitted softmax temperature (``<metric>_temp``) where it moves."""
 IN_SAMPLE_METRICS = ("tpr", "fpr", "aurc", "ece_temp", "brier_temp", "nll_temp", "tpr_gap", "fpr_gap", "eod",
                      "underdiagnosis_rate", "underdiagnosis_gap", "nll_multiclass_temp", "brier_multiclass_temp",
@@ -369,6 +373,9 @@ def _multiclass_rows(out: _Rows, eval_set: str, y, p, scaled, boot, eval_cfg) ->
         q = probs[mask]
         if not suffix:  # the argmax does not move with the temperature
             add("accuracy", accuracy(y, p), accuracy_replicates)
+            if y.shape[1] > TOP_K:  # with K <= 3 classes the true one is always among the top 3
+                add(f"top{TOP_K}_accuracy", top_k_accuracy(y, p, TOP_K),
+                    lambda *a: top_k_accuracy_replicates(*a, k=TOP_K))
             add("balanced_accuracy", balanced_accuracy(y, p), balanced_accuracy_replicates)
         add("nll_multiclass" + suffix, nll_multiclass(y, probs), nll_multiclass_replicates)
         add("brier_multiclass" + suffix, brier_multiclass(y, probs), brier_multiclass_replicates)

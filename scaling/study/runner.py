@@ -704,7 +704,7 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
             row["worst_subgroup_auroc"] = float(worst.value.min()) if len(worst) else math.nan
             if cfg.data.task == "multiclass":
                 k = m[(m.eval_set == "test") & (m.label == MULTICLASS_LABEL) & (m.attribute == "all")]
-                for metric in ("accuracy", "balanced_accuracy"):
+                for metric in ("accuracy", "top3_accuracy", "balanced_accuracy"):
                     value = k[k.metric == metric].value
                     row[f"{metric}_test"] = float(value.iloc[0]) if len(value) else math.nan
             row["params"] = store.read_spec(rid).get("n_params")
