@@ -225,3 +225,19 @@ def test_an_official_split_sharing_training_patients_is_warned_about(nih, caplog
     n = data.test["patient_id"].nunique()
     k = len(set(data.train["patient_id"]))
     assert f"the test set (official split 'all') shares {k} of its {n} patients with the training set" in caplog.text
+
+
+def test_each_ood_set_resamples_from_a_stream_of_its_own():
+    # One shared stream would give two sets of 60 different patients the same multiplicities by id rank: coupled
+    # replicates of test and OOD AUROC. val and test keep eval.bootstrap_seed (their stored intervals are unchanged).
+    from scaling.metrics.run_metrics import set_seed
+
+    assert set_seed(7, "val") == set_seed(7, "test") == 7
+    assert set_seed(7, "nih") == set_seed(7, "nih") != set_seed(7, "mimic")
+    ids = np.array([f"p{i}" for i in range(60)], dtype=object)
+    test = ClusterBootstrap(ids, n_boot=200, seed=set_seed(0, "test")).counts
+    ood = ClusterBootstrap(np.array([f"q{i}" for i in range(60)], dtype=object), n_boot=200,
+                           seed=set_seed(0, "ood")).counts
+    shared = ClusterBootstrap(np.array([f"q{i}" for i in range(60)], dtype=object), n_boot=200, seed=0).counts
+    assert np.array_equal(test, shared)  # what a shared stream did
+    assert abs(np.corrcoef(test.ravel(), ood.ravel())[0, 1]) < 0.03

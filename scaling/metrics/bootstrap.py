@@ -19,6 +19,7 @@ the percentile interval need not contain the point estimate.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,7 +106,7 @@ class ClusterBootstrap:
     exact); ``codes`` maps each sample to its cluster.
     """
 
-    def __init__(self, cluster=None, n: int | None = None, n_boot: int = 1000, seed: int = 0):
+    def __init__(self, cluster=None, n: int | None = None, n_boot: int = 1000, seed: int | Sequence[int] = 0):
         if cluster is None:
             if n is None:
                 raise ValueError("ClusterBootstrap needs cluster ids or the number of samples n")

@@ -50,7 +50,8 @@ set (``val``, ``test`` and each OOD set):
   temperature fitted on val — and the shift rows, but outside every per-set ``macro`` (a one-of-K ``macro`` is
   the one-vs-rest macro over the classes). The shift ``macro`` is over every shared label, derived ones included.
 * ``lo``/``hi``: percentile interval of a patient-level cluster bootstrap (``eval.n_boot`` replicates,
-  ``eval.alpha``, ``eval.bootstrap_seed``); NaN where not computed (``aurc``) or undefined.
+  ``eval.alpha``, ``eval.bootstrap_seed``; each OOD set its own stream, :func:`set_seed`); NaN where not computed
+  (``aurc``) or undefined.
 * ``n``: labelled samples the value is computed on (for macro rows, samples with any label).
 
 On ``val`` the numbers in :data:`IN_SAMPLE_METRICS` use a threshold or temperature fitted on those very samples:
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -288,13 +290,22 @@ def _attribute_values(df: pd.DataFrame, attribute: str):
     return group_labels(df[attribute].to_numpy(dtype=object))
 
 
+def set_seed(seed: int, eval_set: str) -> int | list[int]:
+    """The bootstrap seed of one evaluation set: ``eval.bootstrap_seed`` for ``val`` and ``test``, and a stream of
+    its own for each OOD set (the seed and a CRC-32 of its name). Each set's replicates are still the same in every
+    run (paired comparisons across runs); but two sets of different patients are resampled independently even when
+    they hold the same number of patients, where one shared stream would draw the same multiplicities by id rank
+    and couple the test and OOD AUROCs of the drop."""
+    return seed if eval_set in (FIT_SPLIT, ID_SPLIT) else [int(seed), zlib.crc32(eval_set.encode())]
+
+
 def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups, fitted: dict, eval_cfg,
                   n_any: dict, skipped: dict, worst: dict, suffix: str = "", one_of_k: dict | None = None) -> list[str]:
     """Every row of one evaluation set (metric names + ``suffix``); returns the labels it can score (both classes
     among the labelled rows), derived labels included. ``one_of_k`` receives whether a one-of-K set got its
     ``label='all'`` rows."""
     boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
-                             seed=eval_cfg.bootstrap_seed) if eval_cfg.n_boot > 0 else None)
+                             seed=set_seed(eval_cfg.bootstrap_seed, eval_set)) if eval_cfg.n_boot > 0 else None)
     attrs = {}
     for a in subgroups:
         values = _attribute_values(df, a)
