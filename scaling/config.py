@@ -80,6 +80,15 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
+def _check_filters(name: str, filters: dict) -> None:
+    """Attribute filters are ``{column: value or [values]}`` with scalar values (what a table cell can equal)."""
+    for column, want in filters.items():
+        values = want if isinstance(want, (list, tuple)) else [want]
+        bad = [v for v in values if isinstance(v, (dict, list, tuple, set))]
+        if bad or not values:
+            raise ConfigError(f"{name}.{column}={want!r} must be a value or a non-empty list of values")
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     bound = ">= 0" if allow_zero else "> 0"
     if not math.isfinite(value):
@@ -143,7 +152,8 @@ class EvalSetConfig:
 
     def __post_init__(self):
         _file_name("data.ood[].name", self.name)
-        _choice(f"data.ood[{self.name}].patients", self.patients, OOD_PATIENTS)
+        _choice("data.ood[].patients", self.patients, OOD_PATIENTS)
+        _check_filters("data.ood[].filters", self.filters)
 
 
 OOD_PATIENTS = ("all", "unseen", "test")
@@ -208,6 +218,7 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
+        _check_filters("data.filters", self.filters)
         _positive("data.image_size", self.image_size)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         if not 0 <= self.val_fraction < 1:

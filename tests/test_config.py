@@ -49,6 +49,10 @@ def test_unknown_key_suggests_closest():
         ("sharding.strategy=zero4", r"sharding\.strategy='zero4' is not allowed"),
         ("grid.fractions=[0.0]", r"grid\.fractions contains 0.0"),
         ("grid.pretrained=[upstream:nope]", r"no upstream entry has that name"),
+        ("data.ood=[{name: a}, {name: b, patients: some}]", r"data\.ood\[1\]\.patients='some' is not allowed"),
+        ("data.ood=[{name: a, filters: {view: [[x]]}}]", r"data\.ood\[0\]\.filters\.view=\[\['x'\]\] must be a value"),
+        ("data.filters={site: {a: 1}}", r"data\.filters\.site=\{'a': 1\} must be a value or a non-empty list"),
+        ("data.filters={site: []}", r"data\.filters\.site=\[\] must be a value or a non-empty list"),
         ("train.batch_size=10", None),
     ],
 )
