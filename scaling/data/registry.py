@@ -68,7 +68,9 @@ def check_files(df: pd.DataFrame, source: str) -> None:
     if missing:
         shown = "; ".join(f"{p} (sample {sid!r})" for sid, p in missing[:MISSING_LIST_SHOWN])
         more = f" and {len(missing) - MISSING_LIST_SHOWN} more" if len(missing) > MISSING_LIST_SHOWN else ""
-        raise DataError(f"{source}: {len(missing)} of {len(df)} image files are missing: {shown}{more}")
+        raise DataError(f"{source}: {len(missing)} of {len(df)} image files are missing: {shown}{more}. A file the "
+                        f"loader found nowhere is shown under the folder it expects by default; check that every "
+                        f"archive of the release is extracted under the dataset root")
 
 
 def load_table(
