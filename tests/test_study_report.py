@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, softmax
-from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, html_table, make_store,
+from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, copy_store, html_table, make_store,
                          run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
@@ -256,3 +256,20 @@ def test_seed_band_uses_the_seeds_where_a_rate_is_defined():
     assert np.isnan(mean[2]) and np.isnan(lo[2]) and np.isnan(hi[2])
     one = seed_band(np.array([[0.5], [np.nan]]))
     assert one[0][0] == 0.5 and np.isnan(one[1][0])  # one defined seed: no interval
+
+
+def test_an_ood_set_sharing_test_patients_says_how_its_drop_is_resampled(report, tmp_path_factory, tmp_path):
+    # The runs record which OOD sets were resampled together with test (compute_run_metrics(paired=...)); the
+    # report says it under that set only.
+    _, rep, text = report
+    assert rep.paired_sets == [] and "its drop compares images of the same people" not in text
+    root, _ = copy_store(tmp_path_factory, tmp_path / "store")
+    store = RunStore(root)
+    rid = store.run_ids()[0]
+    meta = store.read_meta(rid)
+    store.write_meta(rid, {**meta, "fitted_on_val": {**meta["fitted_on_val"], "paired_shift": ["ood_site_b"]}})
+    paired = build_report(root, n_boot_fit=5, n_boot_curve=5)
+    html_text = render_html(paired)
+    assert paired.paired_sets == ["ood_site_b"]
+    section = html_text.split("<h3 id='ood-ood_site_b'>", 1)[1].split("<h", 1)[0]
+    assert "It shares patients with the test set" in section

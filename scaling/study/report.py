@@ -26,6 +26,7 @@ from scaling.study import plots
 from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
 from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
+from scaling.study.store import RunStore
 from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
                                   ood_summary, shift_labels)
 from scaling.tracking import Scrubber
@@ -71,6 +72,8 @@ class StudyReport:
     """Per OOD set, the labels shared with test that its drop is computed on."""
     ood_sets: list[str] = field(default_factory=list)
     """The study's OOD evaluation sets."""
+    paired_sets: list[str] = field(default_factory=list)
+    """OOD sets sharing patients with test in some run: their drop interval resamples both sets' patients."""
     eval_sets: list[str] = field(default_factory=list)
     """Every evaluation set: val, test, then the OOD sets."""
 
@@ -209,6 +212,9 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
         rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
         return rep
     rep.ood_sets = ood_sets(df)
+    store = RunStore(store_root)
+    rep.paired_sets = sorted({e for rid in df["run_id"].unique()
+                              for e in store.read_meta(rid).get("fitted_on_val", {}).get("paired_shift", [])})
 
     fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root)
     rep.tables["fits"] = fits
@@ -418,8 +424,11 @@ def _ood_html(rep: StudyReport) -> list[str]:
         ood_only = [lab for lab in own if lab not in shared]
         left_out = "".join(f"; scored on {html.escape(where)} only: {html.escape(', '.join(labs))}"
                            for where, labs in (("test", test_only), (e, ood_only)) if labs)
+        paired = (" It shares patients with the test set (e.g. their other views): its drop compares images of "
+                  "the same people, and its interval resamples the patients of both sets together."
+                  if e in rep.paired_sets else "")
         parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>{left_out}."
-                     "</p>")
+                     f"{paired}</p>")
         parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
     return parts
 
