@@ -97,6 +97,17 @@ def resolve_metric(metric) -> Callable:
     return metric
 
 
+def cluster_codes(cluster, n: int | None = None) -> np.ndarray:
+    """0-based integer code of each sample's cluster (patient) id, numbered in sorted order of the ids. Every sample
+    needs an id; ``n``: the number of samples expected."""
+    ids = pd.Series(np.asarray(cluster, dtype=object).ravel())
+    if ids.isna().any():
+        raise ValueError("cluster contains missing ids; every sample needs a patient id")
+    if n is not None and len(ids) != n:
+        raise ValueError(f"cluster has length {len(ids)}, expected {n}")
+    return pd.factorize(ids, sort=True)[0].astype(np.intp)
+
+
 class ClusterBootstrap:
     """Per-cluster multiplicities of ``n_boot`` cluster resamples, reusable across metrics, labels and subsets.
 
@@ -112,12 +123,7 @@ class ClusterBootstrap:
                 raise ValueError("ClusterBootstrap needs cluster ids or the number of samples n")
             self.codes = np.arange(int(n))
         else:
-            ids = pd.Series(np.asarray(cluster, dtype=object).ravel())
-            if ids.isna().any():
-                raise ValueError("cluster contains missing ids; every sample needs a patient id")
-            if n is not None and len(ids) != n:
-                raise ValueError(f"cluster has length {len(ids)}, expected {n}")
-            self.codes = pd.factorize(ids, sort=True)[0].astype(np.intp)
+            self.codes = cluster_codes(cluster, n)
         if int(n_boot) < 1:
             raise ValueError(f"n_boot must be >= 1, got {n_boot}")
         self.n_boot = int(n_boot)

@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from scipy.stats import norm
 
+from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
 
 
@@ -105,7 +105,7 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     for j in range(s.shape[0]):
         check_scores(s[j], "scores", probability=False)
     check_same_length(y=y, scores=s[0])
-    codes = _cluster_codes(cluster, y.size)
+    codes = None if cluster is None else cluster_codes(cluster, y.size)
     mask = ~np.isnan(y)
     is_pos, is_neg = mask & (y == 1.0), mask & (y == 0.0)
     pos, neg = s[:, is_pos], s[:, is_neg]
@@ -123,17 +123,6 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
             return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
         return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
     return aucs, _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
-
-
-def _cluster_codes(cluster, size: int) -> np.ndarray | None:
-    """0-based integer codes of the patient ids (None stays None); every sample needs an id."""
-    if cluster is None:
-        return None
-    ids = pd.Series(np.asarray(cluster, dtype=object).ravel())
-    if ids.isna().any():
-        raise ValueError("cluster contains missing ids; every sample needs a patient id")
-    check_same_length(y=np.empty(size), cluster=ids.to_numpy())
-    return pd.factorize(ids)[0]
 
 
 def _clustered_cov(aucs, v10, v01, pos_codes, neg_codes) -> np.ndarray:

@@ -125,8 +125,8 @@ def delong_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.
     (:func:`scaling.metrics.delong_test`); the variance is clustered by patient (Obuchowski 1997), so several
     images of one patient count as correlated, not as independent evidence. One row per comparison: images and
     patients, both AUROCs, their difference with its interval, the p-value and ``p_holm``, the p-value adjusted by
-    Holm's step-down method over every comparison of the table (:func:`scaling.metrics.holm`), which bounds the chance that any of
-    them is a false positive.
+    Holm's step-down method over every comparison of the table (:func:`scaling.metrics.holm`), which bounds the
+    chance that any of them is a false positive.
     """
     store = RunStore(store_root)
     cache: dict[tuple[str, str], pd.DataFrame] = {}  # the reference run is compared with every other backbone
