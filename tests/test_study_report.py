@@ -8,20 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, softmax
+from sklearn.metrics import roc_auc_score
 from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, copy_store, html_table, make_store,
                          run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
-from scaling.metrics import compute_run_metrics, delong_test, holm
+from scaling.metrics import compute_run_metrics, delong_test, holm, or_test
 from scaling.study.grid import config_hash, expand_grid, run_id
 
+from scaling.study import compare
 from scaling.study.__main__ import main
 from scaling.study.aggregate import load_results, summarise
 from scaling.study.report import build_report, render_html
 from scaling.study.store import RunStore
 
 TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "selective", "fits",
-          "reliability", "reliability_bins",
+          "reliability", "reliability_bins", "comparisons",
           *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
 FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
               *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
@@ -64,30 +66,45 @@ def test_report_numbers_match_tables(report):
     assert ((test["b"] - 0.3).abs() < 0.03).all()
     for b in test["b"]:
         assert f"<td>{b:.4g}</td>" in text
-    # DeLong: every backbone vs bb_tiny per source, label and seed, paired on all 120 test samples, and again on
-    # the OOD set; Holm's adjustment over the whole table.
-    every = rep.tables["delong"]
-    assert len(every) == 2 * 3 * 3 * 2 * 2 and set(every["eval_set"]) == {"test", "ood_site_b"}
+    # Pairwise comparisons: every backbone vs bb_tiny per source and label, pooled over the two seeds, paired on all
+    # 120 test samples, and again on the OOD set; Holm's adjustment over the whole table.
+    every = rep.tables["comparisons"]
+    assert len(every) == 2 * 3 * 3 * 2 and set(every["eval_set"]) == {"test", "ood_site_b"}
+    assert (every["n_seeds"] == 2).all() and (every["method"] == "or-hillis").all() and (every["df"] >= 1).all()
     np.testing.assert_array_equal(every["p_holm"], holm(every["p_value"]))
     assert (every["p_holm"] >= every["p_value"]).all()
     dl = every[every["eval_set"] == "test"]
-    assert len(dl) == 3 * 3 * 2 * 2 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
+    assert len(dl) == 3 * 3 * 2 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
     big = dl[dl["backbone"] == "bb_large"]
-    assert (big["diff"] > 0).all() and (big["p_value"] < 0.05).mean() >= 0.5
+    assert (big["diff"] > 0).all() and (big["diff_lo"] < big["diff"]).all() and (big["diff"] < big["diff_hi"]).all()
     assert ((big["auroc"] - big["auroc_vs"] - big["diff"]).abs() < 1e-12).all()
-    # Two images per patient: the test is clustered by patient (60 of them), recomputed here from the predictions.
+    # Two images per patient: the test is clustered by patient (60 of them), recomputed here from the predictions
+    # of both seeds: the mean AUROCs are the seeds' scikit-learn AUROCs averaged, the p-value or_test's.
     assert (dl["n_patients"] == 60).all()
     row = big.iloc[0]
-    runs = load_results(root).query("eval_set == 'test' and fraction == 1.0 and seed == @row.seed")
-    rid = {bb: runs[(runs["backbone"] == bb) & (runs["pretrained"] == row["pretrained"])]["run_id"].iloc[0]
-           for bb in ("bb_large", "bb_tiny")}
+    runs = load_results(root).query("eval_set == 'test' and fraction == 1.0")
     store = RunStore(root)
-    j = store.read_predictions(rid["bb_large"], "test").merge(store.read_predictions(rid["bb_tiny"], "test"),
-                                                              on="sample_id", suffixes=("", "_vs"))
     lab = row["label"]
-    ref = delong_test(j[f"label:{lab}"], j[f"prob:{lab}"], j[f"prob:{lab}_vs"], cluster=j["patient_id"])
-    assert row["p_value"] == pytest.approx(ref.p_value, rel=1e-12)
-    assert ref.se != pytest.approx(delong_test(j[f"label:{lab}"], j[f"prob:{lab}"], j[f"prob:{lab}_vs"]).se, rel=1e-3)
+    preds = {}
+    for bb in ("bb_large", "bb_tiny"):
+        cell = runs[(runs["backbone"] == bb) & (runs["pretrained"] == row["pretrained"])]
+        for seed in SEEDS:
+            rid = cell[cell["seed"] == seed]["run_id"].iloc[0]
+            preds[bb, seed] = store.read_predictions(rid, "test").set_index("sample_id").sort_index()
+    first = preds["bb_large", SEEDS[0]]
+    y, patient = first[f"label:{lab}"].to_numpy(float), first["patient_id"].to_numpy(object)
+    scores = {bb: np.stack([preds[bb, s][f"prob:{lab}"].to_numpy(float) for s in SEEDS])
+              for bb in ("bb_large", "bb_tiny")}
+    assert row["auroc"] == pytest.approx(np.mean([roc_auc_score(y, p) for p in scores["bb_large"]]), abs=1e-12)
+    ref = or_test(y, scores["bb_large"], scores["bb_tiny"], cluster=patient)
+    assert (row["p_value"], row["df"]) == (pytest.approx(ref.p_value, rel=1e-12), pytest.approx(ref.df, rel=1e-12))
+    unclustered = or_test(y, scores["bb_large"], scores["bb_tiny"])
+    assert ref.se != pytest.approx(unclustered.se, rel=1e-3)
+    # A single seed of each: DeLong's test of that pair, to the last digit.
+    one = compare.pairwise_comparisons(root, runs[runs["seed"] == SEEDS[0]])
+    one = one[(one["backbone"] == "bb_large") & (one["pretrained"] == row["pretrained"]) & (one["label"] == lab)]
+    seed0 = delong_test(y, scores["bb_large"][0], scores["bb_tiny"][0], cluster=patient)
+    assert one["method"].item() == "delong" and one["p_value"].item() == pytest.approx(seed0.p_value, rel=1e-12)
     # Selective prediction: the best model retains a higher AUROC than the smallest at every referral rate.
     sel = rep.tables["selective"].set_index("model")
     assert [m.split(":")[0] for m in sel.index] == ["best", "smallest"]

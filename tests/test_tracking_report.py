@@ -89,7 +89,7 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)
     wandb_file = next(p for p in files if p.suffix == ".wandb").read_bytes()
-    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/delong",
+    for key in (b"report/auroc_vs_params", b"report/headline", b"report/fits", b"report/comparisons",
                 b"report/fairness/ood_site_b", b"report/calibration/val", b"report/ood/ood_site_b"):
         assert key in wandb_file, key
     for ident in PATIENTS + SAMPLES:

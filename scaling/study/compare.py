@@ -2,7 +2,7 @@
 model comparisons.
 
 Metrics in the store are per run; these need the samples themselves — the retained subset at each referral rate,
-or two models' scores on the same patients — which is why predictions are stored at all (``docs/design.md``).
+or several models' scores on the same patients — which is why predictions are stored at all (``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import delong_test, holm, referral_curve, reliability_diagram
+from scaling.metrics import holm, or_test, referral_curve, reliability_diagram
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
 
@@ -117,27 +117,30 @@ def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 
 
-def delong_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
-    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, per label
-    and seed.
+def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
+    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, per label,
+    over the seeds both cells have.
 
-    The two runs of a pair share the seed, and are joined on sample id so the test is paired on the same samples
-    (:func:`scaling.metrics.delong_test`); the variance is clustered by patient (Obuchowski 1997), so several
-    images of one patient count as correlated, not as independent evidence. One row per comparison: images and
-    patients, both AUROCs, their difference with its interval, the p-value and ``p_holm``, the p-value adjusted by
-    Holm's step-down method over every comparison of the table (:func:`scaling.metrics.holm`), which bounds the
-    chance that any of them is a false positive.
+    The runs are joined on sample id, so every comparison is paired on the same samples, and tested by
+    :func:`scaling.metrics.or_test`: with two or more shared seeds, Obuchowski–Rockette with Hillis's degrees of
+    freedom, seeds and patients both random (does the bigger backbone win whatever the seed?); with one seed,
+    DeLong's test of that pair (``method`` says which). Either way the patient variance is clustered by patient
+    (Obuchowski 1997), so several images of one patient count as correlated, not as independent evidence. One row
+    per comparison: seeds, images and patients, both seed-mean AUROCs, their difference with its interval, the
+    degrees of freedom, the p-value and ``p_holm``, the p-value adjusted by Holm's step-down method over every
+    comparison of the table (:func:`scaling.metrics.holm`), which bounds the chance that any of them is a false
+    positive.
     """
     store = RunStore(store_root)
-    cache: dict[tuple[str, str], pd.DataFrame] = {}  # the reference run is compared with every other backbone
+    cache: dict[tuple[str, str], pd.DataFrame] = {}  # the reference runs are compared with every other backbone
 
     def read(rid: str, eval_set: str) -> pd.DataFrame:
         if (rid, eval_set) not in cache:
             cache[rid, eval_set] = store.read_predictions(rid, eval_set)
         return cache[rid, eval_set]
 
-    cols = ["eval_set", "pretrained", "backbone", "vs", "label", "seed", "n", "n_patients", "auroc", "auroc_vs",
-            "diff", "diff_lo", "diff_hi", "p_value", "p_holm"]
+    cols = ["eval_set", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients", "auroc", "auroc_vs",
+            "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     rows = []
     for eval_set in eval_sets:
         full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
@@ -146,36 +149,44 @@ def delong_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.
             if len(sizes) < 2:
                 continue
             ref = sizes.iloc[0]["backbone"]
+            ref_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
             for bb in sizes["backbone"].iloc[1:]:
-                a_runs = cell_runs(g, {"backbone": bb})
-                b_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
-                for seed, rid in zip(a_runs["seed"], a_runs["run_id"]):
-                    if seed not in b_runs.index:
+                runs = cell_runs(g, {"backbone": bb}).set_index("seed")["run_id"]
+                seeds = sorted(set(runs.index) & set(ref_runs.index))
+                if not seeds:
+                    continue
+                joined, labels = _paired_predictions([read(rid, eval_set) for rid in
+                                                      [*runs[seeds], *ref_runs[seeds]]])
+                patients = joined["patient_id"].to_numpy(dtype=object)
+                r = len(seeds)
+                for lab in labels:
+                    y = joined[f"label:{lab}"].to_numpy(float)
+                    ok = np.isfinite(y)
+                    row = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "label": lab,
+                           "n_seeds": r, "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
+                    scores = joined[[f"prob:{lab}#{k}" for k in range(2 * r)]].to_numpy(float)[ok].T
+                    try:
+                        res = or_test(y[ok], scores[:r], scores[r:], cluster=patients[ok])
+                    except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
+                        rows.append(row)
                         continue
-                    pa, pb = read(rid, eval_set), read(b_runs[seed], eval_set)
-                    j = pa.merge(pb, on="sample_id", suffixes=("", "_vs"))
-                    patients = j["patient_id"].to_numpy(dtype=object)
-                    for lab in _label_names(pa):
-                        y = j[f"label:{lab}"].to_numpy(float)
-                        ok = np.isfinite(y)
-                        row = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "label": lab,
-                               "seed": int(seed), "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
-                        try:
-                            res = delong_test(y[ok], j[f"prob:{lab}"].to_numpy(float)[ok],
-                                              j[f"prob:{lab}_vs"].to_numpy(float)[ok], cluster=patients[ok])
-                        except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
-                            rows.append(row)
-                            continue
-                        rows.append({**row, **_delong_fields(res)})
+                    rows.append({**row, "auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff,
+                                 "diff_lo": res.lo, "diff_hi": res.hi, "df": res.df, "p_value": res.p_value,
+                                 "method": res.method})
     out = pd.DataFrame(rows, columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
 
 
-def _delong_fields(res) -> dict:
-    """AUROCs, difference and p-value of a :func:`scaling.metrics.delong_test` result."""
-    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": float(res.lo),
-            "diff_hi": float(res.hi), "p_value": res.p_value}
+def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
+    """The samples every run scored, one row each: the first run's sample id, patient id and labels, and run k's
+    probability of each label as ``prob:<label>#k``."""
+    labels = _label_names(preds[0])
+    out = preds[0][["sample_id", "patient_id", *(f"label:{lab}" for lab in labels)]]
+    for k, pred in enumerate(preds):
+        probs = pred[["sample_id", *(f"prob:{lab}" for lab in labels)]]
+        out = out.merge(probs.rename(columns={f"prob:{lab}": f"prob:{lab}#{k}" for lab in labels}), on="sample_id")
+    return out, labels
 
 
 def reliability_curves(store_root, df: pd.DataFrame, eval_sets, n_bins: int = 10) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLAS
                                          base_metric)
 from scaling.study import plots
 from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
-from scaling.study.compare import delong_comparisons, reliability_curves, reliability_summary, selective_curves
+from scaling.study.compare import pairwise_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.store import RunStore
 from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
@@ -262,7 +262,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["selective"] = _selective_table(curves)
     rep.figures["selective"] = plots.selective_curves(curves)
 
-    rep.tables["delong"] = delong_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     return rep
 
@@ -630,17 +630,21 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
-            f"<p class='note'>error = 1 − macro AUROC, one point per run; 95% intervals from bootstrapping runs. "
+            f"<p class='note'>error = 1 − macro AUROC, one point per run; 95% intervals resample the seeds within "
+            f"each x and the test patients (column ci says which). "
             f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),
-            "<h2 id='delong'>Pairwise comparisons (DeLong)</h2>",
+            "<h2 id='comparisons'>Pairwise comparisons</h2>",
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set and on "
-            "every OOD set at full data, paired on the same samples (same seed); per label. The variance is "
-            "clustered by patient (Obuchowski 1997): several images of one patient count as correlated, not as "
-            "independent evidence (docs/metrics.md). p_holm: Holm's adjustment over every row of the table "
-            "(family-wise error), p_value: the comparison alone.</p>",
-            _table_html(t.get("delong"), "delong", "no comparison (needs two backbones with stored predictions)"),
+            "every OOD set at full data, paired on the same samples, per label, over the seeds both cells have. "
+            "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
+            "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
+            "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
+            "images of one patient count as correlated, not as independent evidence (docs/metrics.md). p_holm: "
+            "Holm's adjustment over every row of the table (family-wise error), p_value: the comparison alone.</p>",
+            _table_html(t.get("comparisons"), "comparisons",
+                        "no comparison (needs two backbones with stored predictions)"),
             *_analysis_html(rep),
         ]
     parts += ["<h2 id='config'>Study config</h2>",

@@ -125,7 +125,7 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
         wr.H1(f"Scaling study: {study}"),
         wr.P(description or "Each point is one grid cell (backbone × pretraining source × data fraction × seed); "
              "colours are pretraining sources. The local HTML report (python -m scaling.study report <store>) "
-             "has the same views with seed intervals, fitted scaling laws and DeLong comparisons."),
+             "has the same views with seed intervals, fitted scaling laws and pairwise model comparisons."),
         wr.PanelGrid(runsets=runsets, panels=panels),
     ]
     if analysis:

@@ -1,0 +1,143 @@
+"""Comparing two models trained with several seeds: the Obuchowski–Rockette test with Hillis's degrees of freedom.
+
+A DeLong test of two trained models answers "do *these two networks* differ on patients like these?". A scaling
+study asks more: does the bigger backbone win *whatever the seed* — the random initialisation, data order and
+augmentation draws that make two trainings of one cell differ. That is the question of a multi-reader multi-case
+(MRMC) reader study, with seeds in the role of readers and patients in the role of cases, and its standard analysis
+is Obuchowski & Rockette's ("Hypothesis testing of diagnostic accuracy for multiple readers and multiple tests: an
+ANOVA approach with dependent observations", Commun. Stat. Simul. Comput. 24, 1995) with the denominator degrees
+of freedom of Hillis ("A comparison of denominator degrees of freedom methods for multiple observer ROC analysis",
+Stat. Med. 26, 2007).
+
+For two models (a, b) and r seeds, θ_ij is the AUROC of model i trained with seed j, all on the same patients. The
+case-sampling covariance of the 2r AUROCs (here DeLong's, clustered by patient: :func:`delong_components`) gives
+
+    Var   the mean variance of one AUROC,
+    Cov1  the mean covariance of a and b with the same seed,
+    Cov2  the mean covariance of one model with two different seeds,
+    Cov3  the mean covariance of a and b with different seeds,
+
+and the seed-by-model interaction mean square MS(T×R) = Σ_ij (θ_ij − θ_i. − θ_.j + θ_..)² / (r − 1) measures
+how much the difference between the models changes from seed to seed. Then, with d = θ_a. − θ_b. (the difference of
+the seed-mean AUROCs),
+
+    D  = MS(T×R) + r · max(Cov2 − Cov3, 0)
+    se = sqrt(2 D / r),   df = D² / (MS(T×R)² / (r − 1)),   t = d / se   (Student t with df degrees of freedom).
+
+Both sources of variation are in ``se``: new patients (the covariance terms) and new seeds (MS(T×R)); ``df`` is
+small when the seeds disagree and grows towards a normal test when patient sampling dominates. With one seed there
+is no seed-to-seed variation to estimate; the test is then DeLong's on that pair (se² = 2 (Var − Cov1)), and says
+so in ``method``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from scaling.metrics.delong import delong_components
+from scaling.metrics.validation import check_same_length
+
+METHODS = ("or-hillis", "delong")
+"""``method`` of an :class:`ORTest`: seeds random (two or more), or DeLong's test of the single seed."""
+
+
+@dataclass(frozen=True)
+class ORTest:
+    """Comparison of two models' seed-mean AUROCs with seeds and patients random (module docstring)."""
+
+    auroc_a: float
+    """Mean AUROC of model a over the seeds."""
+    auroc_b: float
+    """Mean AUROC of model b over the seeds."""
+    diff: float
+    """auroc_a − auroc_b."""
+    se: float
+    """Standard error of the difference: patient and seed variation."""
+    df: float
+    """Hillis's denominator degrees of freedom (inf with one seed, or when the seeds agree exactly)."""
+    t: float
+    """diff / se."""
+    p_value: float
+    """Two-sided p-value of H0: equal expected AUROC (Student t with ``df``)."""
+    lo: float
+    """Lower bound of the difference's interval."""
+    hi: float
+    """Upper bound of the difference's interval."""
+    n_seeds: int
+    """Seeds (readers) the test rests on."""
+    ms_seed_interaction: float
+    """MS(T×R): the variation of the difference across seeds (NaN with one seed)."""
+    method: str
+    """``or-hillis`` (two or more seeds) or ``delong`` (one seed)."""
+
+
+def or_hillis(aurocs, cov, alpha: float = 0.05) -> ORTest:
+    """Obuchowski–Rockette test of model a against model b from their AUROCs and its case-sampling covariance.
+
+    ``aurocs``: (2, r), row 0 model a and row 1 model b, column j trained with seed j (seeds paired by column);
+    ``cov``: (2r, 2r) covariance of ``aurocs.ravel()`` (a's seeds, then b's) over patient sampling — DeLong's,
+    clustered by patient, in :func:`or_test`; any consistent estimate (a jackknife over patients) works. A NaN
+    covariance (fewer than two patients of a class) gives NaN statistics.
+    """
+    theta = np.asarray(aurocs, dtype=np.float64)
+    if theta.ndim != 2 or theta.shape[0] != 2 or theta.shape[1] < 1:
+        raise ValueError(f"aurocs must have shape (2, seeds), got {theta.shape}")
+    r = theta.shape[1]
+    c = np.asarray(cov, dtype=np.float64)
+    if c.shape != (2 * r, 2 * r):
+        raise ValueError(f"cov must have shape ({2 * r}, {2 * r}) for {r} seed(s), got {c.shape}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    mean_a, mean_b = (float(v) for v in theta.mean(axis=1))
+    diff = mean_a - mean_b
+    nan = math.nan
+    block = c.reshape(2, r, 2, r)  # block[i, j, i', j'] = Cov(θ_ij, θ_i'j')
+    same_seed = np.eye(r, dtype=bool)
+    var = float(np.mean([block[i, j, i, j] for i in range(2) for j in range(r)]))
+    cov1 = float(np.mean(block[0, :, 1, :][same_seed]))
+    if r == 1:
+        ms_tr, denom, df = nan, 2.0 * (var - cov1), math.inf
+        method = "delong"
+    else:
+        cov2 = float(np.mean([block[i, :, i, :][~same_seed] for i in range(2)]))
+        cov3 = float(np.mean(block[0, :, 1, :][~same_seed]))
+        interaction = theta - theta.mean(axis=1, keepdims=True) - theta.mean(axis=0, keepdims=True) + theta.mean()
+        ms_tr = float((interaction**2).sum() / (r - 1))
+        d_or = ms_tr + r * max(cov2 - cov3, 0.0)
+        denom = 2.0 * d_or / r
+        df = math.inf if ms_tr == 0 else d_or**2 / (ms_tr**2 / (r - 1))
+        method = "or-hillis"
+    if not np.isfinite(denom):
+        return ORTest(mean_a, mean_b, diff, nan, nan, nan, nan, nan, nan, r, ms_tr, method)
+    se = math.sqrt(max(denom, 0.0))  # rounding can make an exactly-zero variance slightly negative
+    if se > 0:
+        t = diff / se
+        p_value = float(2.0 * stats.t.sf(abs(t), df))
+    elif diff == 0:  # identical rankings on every seed: no evidence of a difference
+        t, p_value = 0.0, 1.0
+    else:  # a difference without any variation
+        t, p_value = math.copysign(math.inf, diff), 0.0
+    half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
+    return ORTest(mean_a, mean_b, diff, se, float(df), t, p_value, diff - half, diff + half, r, ms_tr, method)
+
+
+def or_test(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> ORTest:
+    """Is model a better than model b over seeds and patients? (Obuchowski–Rockette–Hillis, module docstring.)
+
+    ``y``: (N,) labels (1/0/NaN; NaN rows masked); ``scores_a``, ``scores_b``: (r, N) scores of the two models, row
+    j trained with seed j (the same seeds, in the same order), or (N,) for one seed; ``cluster``: (N,) patient
+    ids, so that a patient's images count as correlated (Obuchowski 1997), or None for independent samples. Raises
+    ValueError when ``y`` lacks a class or the shapes disagree.
+    """
+    a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
+    if a.shape != b.shape:
+        raise ValueError("scores_a and scores_b must have the same shape (seeds, samples), "
+                         f"got {a.shape} and {b.shape}")
+    check_same_length(y=np.asarray(y), scores_a=a[0])
+    aurocs, cov = delong_components(y, np.concatenate([a, b]), cluster)
+    return or_hillis(aurocs.reshape(2, -1), cov, alpha)

@@ -1,0 +1,145 @@
+"""Obuchowski–Rockette–Hillis over seeds: DeLong's test with one seed, the DBM pseudovalue ANOVA it equals with
+jackknife covariances (Hillis 2005, 2007), and its size when seeds matter."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from scaling.metrics import delong_components, delong_test, or_hillis, or_test
+
+
+def _clustered_data(rng, n_patients=40, per_patient=2, seeds=3, gap=0.3):
+    """Two images per patient sharing the patient's label and a patient effect; models a and b trained with
+    ``seeds`` seeds, a separating the classes ``gap`` better on average."""
+    patient = np.repeat(np.arange(n_patients), per_patient)
+    y = np.repeat((rng.random(n_patients) < 0.4).astype(float), per_patient)
+    y[:per_patient], y[per_patient: 2 * per_patient] = 1.0, 0.0  # both classes present
+    base = np.repeat(rng.normal(size=n_patients), per_patient)
+    a = np.stack([(1.0 + gap + 0.2 * rng.normal()) * y + base + rng.normal(size=y.size) for _ in range(seeds)])
+    b = np.stack([(1.0 + 0.2 * rng.normal()) * y + base + rng.normal(size=y.size) for _ in range(seeds)])
+    return y, a, b, patient
+
+
+def test_one_seed_is_delong_clustered_test():
+    y, a, b, patient = _clustered_data(np.random.default_rng(0), seeds=1)
+    res, ref = or_test(y, a[0], b[0], cluster=patient), delong_test(y, a[0], b[0], cluster=patient)
+    assert res.method == "delong" and res.n_seeds == 1 and res.df == math.inf and math.isnan(res.ms_seed_interaction)
+    for got, want in [(res.auroc_a, ref.auroc_a), (res.auroc_b, ref.auroc_b), (res.diff, ref.diff), (res.se, ref.se),
+                      (res.t, ref.z), (res.p_value, ref.p_value), (res.lo, ref.lo), (res.hi, ref.hi)]:
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_seed_means_and_interaction_by_hand():
+    # θ_a = (0.80, 0.84, 0.82), θ_b = (0.70, 0.78, 0.77): mean difference 0.07; interaction residuals of the
+    # difference across seeds d_j − d̄ = (0.03, −0.01, −0.02) split half to each model, so
+    # MS(T×R) = 2 · Σ ((d_j − d̄)/2)² / (r − 1) = (0.0009 + 0.0001 + 0.0004) / 4 = 0.00035.
+    theta = np.array([[0.80, 0.84, 0.82], [0.70, 0.78, 0.77]])
+    cov = np.zeros((6, 6))
+    res = or_hillis(theta, cov)
+    assert res.diff == pytest.approx(0.07) and res.ms_seed_interaction == pytest.approx(0.00035)
+    # No patient variance: D = MS(T×R), se = sqrt(2 D / 3), df = (r − 1) = 2, a t-test of the per-seed differences.
+    d = theta[0] - theta[1]
+    assert res.se == pytest.approx(d.std(ddof=1) / math.sqrt(3)) and res.df == pytest.approx(2)
+    assert res.p_value == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def _jackknife(y, scores, patient):
+    """Leave-one-patient-out AUROCs (K patients × models) and OR's jackknife covariance
+    (K − 1)/K Σ (θ_(k) − θ̄)², computed with scikit-learn."""
+    ids = np.unique(patient)
+    loo = np.array([[roc_auc_score(y[patient != k], s[patient != k]) for s in scores] for k in ids])
+    centred = loo - loo.mean(axis=0)
+    k = ids.size
+    return loo, (k - 1) / k * centred.T @ centred
+
+
+def test_equals_dbm_anova_of_pseudovalues_with_jackknife_covariance():
+    # Hillis (2005, 2007): OR with jackknife covariances and DBM's ANOVA of normalised pseudovalues give the same F
+    # and the same denominator degrees of freedom. The DBM side is written here from its own definition.
+    y, a, b, patient = _clustered_data(np.random.default_rng(3), n_patients=36, seeds=4, gap=0.15)
+    scores = np.concatenate([a, b])
+    theta = np.array([roc_auc_score(y, s) for s in scores]).reshape(2, 4)
+    loo, cov = _jackknife(y, scores, patient)
+    res = or_hillis(theta, cov)
+
+    big_k = loo.shape[0]
+    t, r = 2, 4
+    pseudo = theta.ravel() + (big_k - 1) * (loo.mean(axis=0) - loo)  # normalised pseudovalues, (K, 2r)
+    yv = pseudo.T.reshape(t, r, big_k)
+    m = yv.mean()
+    m_t, m_r, m_c = yv.mean(axis=(1, 2)), yv.mean(axis=(0, 2)), yv.mean(axis=(0, 1))
+    m_tr, m_tc, m_rc = yv.mean(axis=2), yv.mean(axis=1), yv.mean(axis=0)
+    ms_t = r * big_k * ((m_t - m) ** 2).sum() / (t - 1)
+    ms_tr = big_k * ((m_tr - m_t[:, None] - m_r[None, :] + m) ** 2).sum() / ((t - 1) * (r - 1))
+    ms_tc = r * ((m_tc - m_t[:, None] - m_c[None, :] + m) ** 2).sum() / ((t - 1) * (big_k - 1))
+    resid = (yv - m_tr[:, :, None] - m_tc[:, None, :] - m_rc[None, :, :] + m_t[:, None, None] + m_r[None, :, None]
+             + m_c[None, None, :] - m)
+    ms_trc = (resid**2).sum() / ((t - 1) * (r - 1) * (big_k - 1))
+    denom = ms_tr + max(ms_tc - ms_trc, 0.0)
+    f_dbm = ms_t / denom
+    ddf_dbm = denom**2 / (ms_tr**2 / ((t - 1) * (r - 1)))
+
+    assert res.method == "or-hillis" and res.n_seeds == 4
+    assert res.t**2 == pytest.approx(f_dbm, rel=1e-9)
+    assert res.df == pytest.approx(ddf_dbm, rel=1e-9)
+    assert res.p_value == pytest.approx(stats.f.sf(f_dbm, 1, ddf_dbm), rel=1e-9)
+
+
+def test_delong_covariance_is_the_clustered_covariance_of_all_seeds():
+    y, a, b, patient = _clustered_data(np.random.default_rng(4), seeds=3)
+    aucs, cov = delong_components(y, np.concatenate([a, b]), cluster=patient)
+    res = or_test(y, a, b, cluster=patient)
+    ref = or_hillis(aucs.reshape(2, 3), cov)
+    assert res == ref
+    assert res.auroc_a == pytest.approx(np.mean([roc_auc_score(y, s) for s in a]), abs=1e-12)
+
+
+def test_size_with_seed_variation_and_power():
+    # Each training draws its own class separation (sd 0.25 around the model's mean): under the null the two
+    # models have the same mean, so a test that treats the trained networks as fixed (patients the only source of
+    # variation) rejects far too often, while OR–Hillis keeps its level. 400 simulated studies, 3 seeds each.
+    rng = np.random.default_rng(7)
+
+    def study(gap):
+        n = 150
+        y = (rng.random(n) < 0.4).astype(float)
+        y[:2], y[2:4] = 1.0, 0.0
+        base = rng.normal(size=n)
+        a = np.stack([(1.0 + gap + 0.25 * rng.normal()) * y + base + 0.7 * rng.normal(size=n) for _ in range(3)])
+        b = np.stack([(1.0 + 0.25 * rng.normal()) * y + base + 0.7 * rng.normal(size=n) for _ in range(3)])
+        return y, a, b
+
+    or_null, fixed_null = [], []
+    for _ in range(400):
+        y, a, b = study(0.0)
+        res = or_test(y, a, b)
+        or_null.append(res.p_value)
+        # seeds fixed: se² = (2/r)(Var − Cov1 + (r − 1)(Cov2 − Cov3)) from the same covariance, normal reference
+        aucs, cov = delong_components(y, np.concatenate([a, b]))
+        blk = cov.reshape(2, 3, 2, 3)
+        off = ~np.eye(3, dtype=bool)
+        var = np.mean([blk[i, j, i, j] for i in range(2) for j in range(3)])
+        cov1 = np.mean(np.diag(blk[0, :, 1, :]))
+        cov2 = np.mean([blk[i, :, i, :][off] for i in range(2)])
+        cov3 = np.mean(blk[0, :, 1, :][off])
+        se_fixed = math.sqrt(2 / 3 * (var - cov1 + 2 * (cov2 - cov3)))
+        fixed_null.append(2 * stats.norm.sf(abs(res.diff) / se_fixed))
+    or_size, fixed_size = np.mean(np.array(or_null) < 0.05), np.mean(np.array(fixed_null) < 0.05)
+    assert 0.02 <= or_size <= 0.085, or_size
+    assert fixed_size > 0.15, fixed_size
+    power = np.mean([or_test(*study(1.2)).p_value < 0.05 for _ in range(100)])
+    print(f"size OR {or_size:.3f}, seeds fixed {fixed_size:.3f}, power {power:.2f}")
+    assert power > 0.6, power
+
+
+def test_bad_shapes_are_refused():
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="same shape"):
+        or_test(y, np.zeros((2, 4)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"cov must have shape \(4, 4\)"):
+        or_hillis(np.zeros((2, 2)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="aurocs must have shape"):
+        or_hillis(np.zeros((3, 2)), np.zeros((6, 6)))
