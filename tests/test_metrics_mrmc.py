@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from scaling.metrics import delong_components, delong_test, or_hillis, or_test
+from scaling.metrics import ClusterBootstrap, delong_components, delong_test, or_hillis, or_test, or_test_macro
 
 
 def _clustered_data(rng, n_patients=40, per_patient=2, seeds=3, gap=0.3):
@@ -143,3 +143,55 @@ def test_bad_shapes_are_refused():
         or_hillis(np.zeros((2, 2)), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="aurocs must have shape"):
         or_hillis(np.zeros((3, 2)), np.zeros((6, 6)))
+
+
+def _multilabel(rng, n_patients, per_patient=2, labels=3, seeds=1, gap=0.3):
+    """Three correlated labels on images of the same patients (a shared patient effect and a shared image effect),
+    NaN where a label was not read; models a (``gap`` better) and b with ``seeds`` seeds, each network with a
+    patient effect of its own (what it makes of each patient's anatomy), so the difference is clustered too."""
+    patient = np.repeat(np.arange(n_patients), per_patient)
+    n = patient.size
+    y = np.repeat((rng.random((n_patients, labels)) < 0.35).astype(float), per_patient, axis=0)
+    y[rng.random((n, labels)) < 0.1] = np.nan
+    shared = np.repeat(rng.normal(size=(n_patients, 1)), per_patient, axis=0) + rng.normal(size=(n, 1))
+    sep = np.nan_to_num(y)
+
+    def model(strength):
+        own = [np.repeat(rng.normal(size=(n_patients, 1)), per_patient, axis=0) for _ in range(seeds)]
+        return np.stack([strength * sep + shared + o + rng.normal(size=(n, labels)) for o in own])
+
+    return y, model(1.0 + gap), model(1.0), patient
+
+
+def test_macro_is_the_mean_over_labels_and_one_label_is_close_to_or_test():
+    y, a, b, patient = _multilabel(np.random.default_rng(11), 200, seeds=3)
+    res = or_test_macro(y, a, b, cluster=patient)
+    per_run = [[np.mean([roc_auc_score(y[~np.isnan(y[:, k]), k], s[~np.isnan(y[:, k]), k]) for k in range(3)])
+                for s in m] for m in (a, b)]
+    assert (res.auroc_a, res.auroc_b) == (pytest.approx(np.mean(per_run[0]), abs=1e-12),
+                                          pytest.approx(np.mean(per_run[1]), abs=1e-12))
+    assert res.method == "or-hillis" and res.n_seeds == 3
+    one, ref = or_test_macro(y[:, :1], a[..., :1], b[..., :1], cluster=patient), None
+    keep = ~np.isnan(y[:, 0])
+    ref = or_test(y[keep, 0], a[:, keep, 0], b[:, keep, 0], cluster=patient[keep])
+    assert one.diff == pytest.approx(ref.diff, abs=1e-12)
+    assert one.se == pytest.approx(ref.se, rel=0.02)  # I/(I-1) in place of Obuchowski's per-class factors
+
+
+def test_macro_covariance_matches_the_patient_bootstrap():
+    # One seed: se is the standard error of the macro AUROC difference over patient resamples.
+    y, a, b, patient = _multilabel(np.random.default_rng(12), 1200, seeds=1)
+    res = or_test_macro(y, a[0], b[0], cluster=patient)
+    boot = ClusterBootstrap(patient, n_boot=2000, seed=0)
+    reps = {name: np.mean([boot.replicates("auroc", y[:, k], s[0][:, k]) for k in range(3)], axis=0)
+            for name, s in (("a", a), ("b", b))}
+    sd_boot = np.std(reps["a"] - reps["b"], ddof=1)
+    print(f"macro diff se: influence {res.se:.5f}, bootstrap {sd_boot:.5f}")
+    assert res.se == pytest.approx(sd_boot, rel=0.1)
+    # per-image (no cluster) understates it: two images per patient share a patient effect and the labels
+    assert or_test_macro(y, a[0], b[0]).se < 0.9 * res.se
+
+
+def test_macro_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"shape \(seeds, 4, 2\)"):
+        or_test_macro(np.zeros((4, 2)), np.zeros((1, 4, 3)), np.zeros((1, 4, 3)))

@@ -189,8 +189,8 @@ def test_report_shows_the_analysis_tables_and_their_numbers(grown):
     assert list(fs["shots"]) == [2] and fs["mean"].iloc[0] == pytest.approx(
         macro[("resnetv2_tiny", UP, "linear_probe", 2, "none")])
     # the scaling views read plain fine-tuning cells only
-    dl = rep.tables["comparisons"]  # per label on test and on the OOD set
-    assert sorted(dl["eval_set"]) == sorted(["ood_site_b", "test"] * len(LABELS)) and (dl["n"] > 0).all()
+    dl = rep.tables["comparisons"]  # macro and per label on test and on the OOD set
+    assert sorted(dl["eval_set"]) == sorted(["ood_site_b", "test"] * (1 + len(LABELS))) and (dl["n"] > 0).all()
     blocks = rep.tables["cka_blocks"]
     assert blocks["mean"].between(-1e-6, 1 + 1e-6).all() and set(blocks["reinit"]) == {"none", "after:2"}
 

@@ -13,7 +13,7 @@ from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATUR
                          run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
-from scaling.metrics import compute_run_metrics, delong_test, holm, or_test
+from scaling.metrics import compute_run_metrics, delong_test, holm, or_test, or_test_macro
 from scaling.study.grid import config_hash, expand_grid, run_id
 
 from scaling.study import compare
@@ -66,15 +66,16 @@ def test_report_numbers_match_tables(report):
     assert ((test["b"] - 0.3).abs() < 0.03).all()
     for b in test["b"]:
         assert f"<td>{b:.4g}</td>" in text
-    # Pairwise comparisons: every backbone vs bb_tiny per source and label, pooled over the two seeds, paired on all
-    # 120 test samples, and again on the OOD set; Holm's adjustment over the whole table.
+    # Pairwise comparisons: every backbone vs bb_tiny per source, macro and per label, pooled over the two seeds,
+    # paired on all 120 test samples, and again on the OOD set; Holm's adjustment over the whole table.
     every = rep.tables["comparisons"]
-    assert len(every) == 2 * 3 * 3 * 2 and set(every["eval_set"]) == {"test", "ood_site_b"}
+    assert len(every) == 2 * 3 * 3 * (1 + 2) and set(every["eval_set"]) == {"test", "ood_site_b"}
     assert (every["n_seeds"] == 2).all() and (every["method"] == "or-hillis").all() and (every["df"] >= 1).all()
     np.testing.assert_array_equal(every["p_holm"], holm(every["p_value"]))
     assert (every["p_holm"] >= every["p_value"]).all()
     dl = every[every["eval_set"] == "test"]
-    assert len(dl) == 3 * 3 * 2 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
+    assert len(dl) == 3 * 3 * 3 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
+    macro, dl = dl[dl["label"] == "macro"], dl[dl["label"] != "macro"]
     big = dl[dl["backbone"] == "bb_large"]
     assert (big["diff"] > 0).all() and (big["diff_lo"] < big["diff"]).all() and (big["diff"] < big["diff_hi"]).all()
     assert ((big["auroc"] - big["auroc_vs"] - big["diff"]).abs() < 1e-12).all()
@@ -105,6 +106,15 @@ def test_report_numbers_match_tables(report):
     one = one[(one["backbone"] == "bb_large") & (one["pretrained"] == row["pretrained"]) & (one["label"] == lab)]
     seed0 = delong_test(y, scores["bb_large"][0], scores["bb_tiny"][0], cluster=patient)
     assert one["method"].item() == "delong" and one["p_value"].item() == pytest.approx(seed0.p_value, rel=1e-12)
+    # The macro row: scikit-learn's AUROC averaged over both labels and both seeds, tested by or_test_macro.
+    mrow = macro[(macro["backbone"] == "bb_large") & (macro["pretrained"] == row["pretrained"])].iloc[0]
+    y_all = first[[f"label:{k}" for k in LABELS]].to_numpy(float)
+    both = {bb: np.stack([preds[bb, s][[f"prob:{k}" for k in LABELS]].to_numpy(float) for s in SEEDS])
+            for bb in ("bb_large", "bb_tiny")}
+    sk = [roc_auc_score(y_all[:, k], run[:, k]) for run in both["bb_large"] for k in range(len(LABELS))]
+    assert mrow["auroc"] == pytest.approx(np.mean(sk), abs=1e-12) and mrow["n_patients"] == 60
+    mref = or_test_macro(y_all, both["bb_large"], both["bb_tiny"], cluster=patient)
+    assert mrow["p_value"] == pytest.approx(mref.p_value, rel=1e-12) and mrow["method"] == "or-hillis"
     # Selective prediction: the best model retains a higher AUROC than the smallest at every referral rate.
     sel = rep.tables["selective"].set_index("model")
     assert [m.split(":")[0] for m in sel.index] == ["best", "smallest"]

@@ -100,12 +100,30 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     Returns (aurocs (k,), cov (k, k)); the covariance is NaN with fewer than two samples (or, with ``cluster``,
     patients) of a class. Raises ValueError (naming ``y``) when a class is absent: the variance is then undefined.
     """
+    y, s = _checked(y, scores)
+    codes = None if cluster is None else cluster_codes(cluster, y.size)
+    is_pos, is_neg, aucs, v10, v01 = _structural_components(y, s)
+    m, n = v10.shape[1], v01.shape[1]
+    if codes is None:
+        if m < 2 or n < 2:  # a variance needs two samples of each class
+            return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
+        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
+
+
+def _checked(y, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N,) and scores (k, N), validated."""
     y = check_labels(y, "y")
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     for j in range(s.shape[0]):
         check_scores(s[j], "scores", probability=False)
     check_same_length(y=y, scores=s[0])
-    codes = None if cluster is None else cluster_codes(cluster, y.size)
+    return y, s
+
+
+def _structural_components(y: np.ndarray, s: np.ndarray):
+    """Masks of the labelled positives and negatives, the AUROCs (k,) and DeLong's structural components V10 (k, m)
+    and V01 (k, n) from three midrankings per score row (Sun & Xu 2014)."""
     mask = ~np.isnan(y)
     is_pos, is_neg = mask & (y == 1.0), mask & (y == 0.0)
     pos, neg = s[:, is_pos], s[:, is_neg]
@@ -118,11 +136,30 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
     v10 = (tz[:, :m] - tx) / n  # per positive: share of negatives below it
     v01 = 1.0 - (tz[:, m:] - ty) / m  # per negative: share of positives above it
-    if codes is None:
-        if m < 2 or n < 2:  # a variance needs two samples of each class
-            return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
-        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
+    return is_pos, is_neg, aucs, v10, v01
+
+
+def delong_influence(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs and each patient's first-order influence on them, for k score vectors on the same samples.
+
+    Returns (aurocs (k,), psi (k, C)), C = the distinct ``cluster`` ids of all N samples (labelled or not, numbered
+    as :func:`scaling.metrics.bootstrap.cluster_codes` numbers them; without ``cluster`` one per sample), with
+    psi_i = (X_i − m_i A) / M + (Y_i − n_i A) / N in the notation of the module docstring (0 for a patient without
+    a labelled image). Influences of different labels of the same samples add up patient by patient, so
+    ``I / (I − 1) · Ψ Ψᵀ`` of their average Ψ is the covariance of macro AUROCs (I: patients with a labelled
+    image); for one label it is Obuchowski's with I / (I − 1) in place of his per-class factors.
+    """
+    y, s = _checked(y, scores)
+    codes = np.arange(y.size) if cluster is None else cluster_codes(cluster, y.size)
+    n_clusters = int(codes.max()) + 1 if codes.size else 0
+    is_pos, is_neg, aucs, v10, v01 = _structural_components(y, s)
+    big_m, big_n = v10.shape[1], v01.shape[1]
+    pos_c, neg_c = codes[is_pos], codes[is_neg]
+    m_i = np.bincount(pos_c, minlength=n_clusters).astype(float)
+    n_i = np.bincount(neg_c, minlength=n_clusters).astype(float)
+    x = np.stack([np.bincount(pos_c, weights=row, minlength=n_clusters) for row in v10]) - m_i * aucs[:, None]
+    yy = np.stack([np.bincount(neg_c, weights=row, minlength=n_clusters) for row in v01]) - n_i * aucs[:, None]
+    return aucs, x / big_m + yy / big_n
 
 
 def _clustered_cov(aucs, v10, v01, pos_codes, neg_codes) -> np.ndarray:

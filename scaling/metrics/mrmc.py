@@ -18,8 +18,8 @@ case-sampling covariance of the 2r AUROCs (here DeLong's, clustered by patient: 
     Cov3  the mean covariance of a and b with different seeds,
 
 and the seed-by-model interaction mean square MS(T×R) = Σ_ij (θ_ij − θ_i. − θ_.j + θ_..)² / (r − 1) measures
-how much the difference between the models changes from seed to seed. Then, with d = θ_a. − θ_b. (the difference of
-the seed-mean AUROCs),
+how much the difference between the models changes from seed to seed. Then, with d = θ_a. − θ_b. (the difference
+of the seed-mean AUROCs),
 
     D  = MS(T×R) + r · max(Cov2 − Cov3, 0)
     se = sqrt(2 D / r),   df = D² / (MS(T×R)² / (r − 1)),   t = d / se   (Student t with df degrees of freedom).
@@ -28,6 +28,10 @@ Both sources of variation are in ``se``: new patients (the covariance terms) and
 small when the seeds disagree and grows towards a normal test when patient sampling dominates. With one seed there
 is no seed-to-seed variation to estimate; the test is then DeLong's on that pair (se² = 2 (Var − Cov1)), and says
 so in ``method``.
+
+:func:`or_test_macro` compares macro AUROCs (the mean over labels of each run's AUROC). Their covariance adds the
+labels' per-patient influences (:func:`scaling.metrics.delong.delong_influence`) before squaring, so that labels
+scored on the same patients count as correlated.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from scaling.metrics.delong import delong_components
+from scaling.metrics.bootstrap import cluster_codes
+from scaling.metrics.delong import delong_components, delong_influence
 from scaling.metrics.validation import check_same_length
 
 METHODS = ("or-hillis", "delong")
@@ -141,3 +146,30 @@ def or_test(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> ORTest:
     check_same_length(y=np.asarray(y), scores_a=a[0])
     aurocs, cov = delong_components(y, np.concatenate([a, b]), cluster)
     return or_hillis(aurocs.reshape(2, -1), cov, alpha)
+
+
+def or_test_macro(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> ORTest:
+    """:func:`or_test` of macro AUROC: the unweighted mean over L labels of each run's AUROC.
+
+    ``y``: (N, L) labels (1/0/NaN; each label masked on its own); ``scores_a``, ``scores_b``: (r, N, L), or (N, L)
+    for one seed; ``cluster``: (N,) patient ids or None. Every label must have both classes among its labelled
+    rows (pass the labels a set can score). The case covariance of the 2r macro AUROCs is I / (I − 1) · Ψ Ψᵀ with
+    Ψ the patients' influences averaged over the labels (I: patients with a labelled image); for one label it is
+    Obuchowski's up to his per-class small-sample factors.
+    """
+    labels = np.asarray(y, dtype=np.float64)
+    labels = labels[:, None] if labels.ndim == 1 else labels
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    a, b = (a[None] if a.ndim == 2 else a), (b[None] if b.ndim == 2 else b)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[1:] != labels.shape:
+        raise ValueError(f"scores_a and scores_b must have shape (seeds, {labels.shape[0]}, {labels.shape[1]}) "
+                         f"like y (samples, labels), got {a.shape} and {b.shape}")
+    n_samples, n_labels = labels.shape
+    codes = np.arange(n_samples) if cluster is None else cluster_codes(cluster, n_samples)
+    aucs, psi = 0.0, 0.0
+    for lab in range(n_labels):
+        auc_l, psi_l = delong_influence(labels[:, lab], np.concatenate([a[..., lab], b[..., lab]]), codes)
+        aucs, psi = aucs + auc_l / n_labels, psi + psi_l / n_labels
+    n_patients = np.unique(codes[np.isfinite(labels).any(axis=1)]).size
+    cov = n_patients / (n_patients - 1) * (psi @ psi.T) if n_patients >= 2 else np.full((psi.shape[0],) * 2, np.nan)
+    return or_hillis(np.asarray(aucs).reshape(2, -1), cov, alpha)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import holm, or_test, referral_curve, reliability_diagram
+from scaling.metrics import holm, or_test, or_test_macro, referral_curve, reliability_diagram
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
 
@@ -118,8 +118,9 @@ def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
 
 
 def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
-    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, per label,
-    over the seeds both cells have.
+    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, on the
+    macro AUROC (``label = "macro"``: the labels the set can score, :func:`scaling.metrics.or_test_macro`) and per
+    label, over the seeds both cells have.
 
     The runs are joined on sample id, so every comparison is paired on the same samples, and tested by
     :func:`scaling.metrics.or_test`: with two or more shared seeds, Obuchowski–Rockette with Hillis's degrees of
@@ -159,23 +160,38 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> p
                                                       [*runs[seeds], *ref_runs[seeds]]])
                 patients = joined["patient_id"].to_numpy(dtype=object)
                 r = len(seeds)
-                for lab in labels:
-                    y = joined[f"label:{lab}"].to_numpy(float)
-                    ok = np.isfinite(y)
-                    row = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "label": lab,
-                           "n_seeds": r, "n": int(ok.sum()), "n_patients": int(pd.unique(patients[ok]).size)}
-                    scores = joined[[f"prob:{lab}#{k}" for k in range(2 * r)]].to_numpy(float)[ok].T
-                    try:
-                        res = or_test(y[ok], scores[:r], scores[r:], cluster=patients[ok])
-                    except ValueError:  # one class only in this label: no AUROC, no test (NaN row says so)
+                cell = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "n_seeds": r}
+                y_all = joined[[f"label:{lab}" for lab in labels]].to_numpy(float)
+                scores_all = np.stack([joined[[f"prob:{lab}#{k}" for lab in labels]].to_numpy(float)
+                                       for k in range(2 * r)])
+                defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
+                if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC
+                    ok = np.isfinite(y_all[:, defined]).any(axis=1)
+                    res = or_test_macro(y_all[ok][:, defined], scores_all[:r][:, ok][..., defined],
+                                        scores_all[r:][:, ok][..., defined], cluster=patients[ok])
+                    rows.append({**cell, "label": "macro", **_counts(ok, patients), **_test_fields(res)})
+                for i, lab in enumerate(labels):
+                    ok = np.isfinite(y_all[:, i])
+                    row = {**cell, "label": lab, **_counts(ok, patients)}
+                    if i not in defined:  # one class only in this label: no AUROC, no test (NaN row says so)
                         rows.append(row)
                         continue
-                    rows.append({**row, "auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff,
-                                 "diff_lo": res.lo, "diff_hi": res.hi, "df": res.df, "p_value": res.p_value,
-                                 "method": res.method})
+                    res = or_test(y_all[ok, i], scores_all[:r, ok, i], scores_all[r:, ok, i], cluster=patients[ok])
+                    rows.append({**row, **_test_fields(res)})
     out = pd.DataFrame(rows, columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
+
+
+def _counts(rows: np.ndarray, patients: np.ndarray) -> dict:
+    """Images and patients of the labelled rows of a comparison."""
+    return {"n": int(rows.sum()), "n_patients": int(pd.unique(patients[rows]).size)}
+
+
+def _test_fields(res) -> dict:
+    """The columns of a comparison row from an :class:`scaling.metrics.ORTest`."""
+    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
+            "df": res.df, "p_value": res.p_value, "method": res.method}
 
 
 def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:

@@ -637,7 +637,8 @@ def render_html(rep: StudyReport) -> str:
             _fits_html(fits, "fits"),
             "<h2 id='comparisons'>Pairwise comparisons</h2>",
             "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set and on "
-            "every OOD set at full data, paired on the same samples, per label, over the seeds both cells have. "
+            "every OOD set at full data, paired on the same samples, on the macro AUROC and per label, over the "
+            "seeds both cells have. "
             "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
