@@ -684,8 +684,8 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
-    one-of-K task also the test accuracy and balanced accuracy."""
-    from scaling.metrics.run_metrics import MULTICLASS_LABEL
+    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy."""
+    from scaling.metrics.run_metrics import MULTICLASS_LABEL, MULTICLASS_METRICS
 
     rows = []
     ood_names = [e.name for e in cfg.data.ood]
@@ -704,7 +704,7 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
             row["worst_subgroup_auroc"] = float(worst.value.min()) if len(worst) else math.nan
             if cfg.data.task == "multiclass":
                 k = m[(m.eval_set == "test") & (m.label == MULTICLASS_LABEL) & (m.attribute == "all")]
-                for metric in ("accuracy", "top3_accuracy", "balanced_accuracy"):
+                for metric in MULTICLASS_METRICS[:3]:  # top-1, top-k and balanced accuracy
                     value = k[k.metric == metric].value
                     row[f"{metric}_test"] = float(value.iloc[0]) if len(value) else math.nan
             row["params"] = store.read_spec(rid).get("n_params")
