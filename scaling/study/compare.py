@@ -117,70 +117,89 @@ def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 
 
-def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
-    """Each backbone against the smallest, per pretraining source, on each of ``eval_sets`` at full data, on the
-    macro AUROC (``label = "macro"``: the labels the set can score, :func:`scaling.metrics.or_test_macro`) and per
-    label, over the seeds both cells have.
+COMPARED_AXES = ("backbone", "pretrained")
+"""The study axes the pairwise comparisons step along: bigger backbones, then more pretraining."""
 
-    The runs are joined on sample id, so every comparison is paired on the same samples, and tested by
-    :func:`scaling.metrics.or_test`: with two or more shared seeds, Obuchowski–Rockette with Hillis's degrees of
-    freedom, seeds and patients both random (does the bigger backbone win whatever the seed?); with one seed,
-    DeLong's test of that pair (``method`` says which). Either way the patient variance is clustered by patient
-    (Obuchowski 1997), so several images of one patient count as correlated, not as independent evidence. One row
-    per comparison: seeds, images and patients, both seed-mean AUROCs, their difference with its interval, the
-    degrees of freedom, the p-value and ``p_holm``, the p-value adjusted by Holm's step-down method over every
-    comparison of the table (:func:`scaling.metrics.holm`), which bounds the chance that any of them is a false
-    positive.
+
+def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
+    """The seed paper's two questions as paired tests, on each of ``eval_sets`` at full data: each backbone against
+    the smallest with the same pretraining (``axis = "backbone"``), and each pretraining source against the one
+    with the fewest images (scratch first) on the same backbone (``axis = "pretrained"``). ``vs`` names the
+    reference; ``backbone`` and ``pretrained`` the compared cell.
+
+    Each comparison is on the macro AUROC (``label = "macro"``: the labels the set can score,
+    :func:`scaling.metrics.or_test_macro`) and per label, over the seeds both cells have. The runs are joined on
+    sample id, so every comparison is paired on the same samples, and tested by :func:`scaling.metrics.or_test`:
+    with two or more shared seeds, Obuchowski–Rockette with Hillis's degrees of freedom, seeds and patients both
+    random (does the bigger backbone win whatever the seed?); with one seed, DeLong's test of that pair (``method``
+    says which). Either way the patient variance is clustered by patient (Obuchowski 1997), so several images of
+    one patient count as correlated, not as independent evidence. One row per comparison and label: seeds, images
+    and patients, both seed-mean AUROCs, their difference with its interval, the degrees of freedom, the p-value and
+    ``p_holm``, the p-value adjusted by Holm's step-down method over every row of the table
+    (:func:`scaling.metrics.holm`), which bounds the chance that any of them is a false positive.
     """
     store = RunStore(store_root)
-    cache: dict[tuple[str, str], pd.DataFrame] = {}  # the reference runs are compared with every other backbone
+    cache: dict[tuple[str, str], pd.DataFrame] = {}  # a reference run is compared with every other cell
 
     def read(rid: str, eval_set: str) -> pd.DataFrame:
         if (rid, eval_set) not in cache:
             cache[rid, eval_set] = store.read_predictions(rid, eval_set)
         return cache[rid, eval_set]
 
-    cols = ["eval_set", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients", "auroc", "auroc_vs",
-            "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+    cols = ["axis", "eval_set", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients", "auroc",
+            "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     rows = []
-    for eval_set in eval_sets:
-        full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
-        for src, g in full.groupby("pretrained", sort=True):
-            sizes = g.drop_duplicates("backbone").sort_values("n_params")
-            if len(sizes) < 2:
-                continue
-            ref = sizes.iloc[0]["backbone"]
-            ref_runs = cell_runs(g, {"backbone": ref}).set_index("seed")["run_id"]
-            for bb in sizes["backbone"].iloc[1:]:
-                runs = cell_runs(g, {"backbone": bb}).set_index("seed")["run_id"]
-                seeds = sorted(set(runs.index) & set(ref_runs.index))
-                if not seeds:
-                    continue
-                joined, labels = _paired_predictions([read(rid, eval_set) for rid in
-                                                      [*runs[seeds], *ref_runs[seeds]]])
-                patients = joined["patient_id"].to_numpy(dtype=object)
-                r = len(seeds)
-                cell = {"eval_set": eval_set, "pretrained": src, "backbone": bb, "vs": ref, "n_seeds": r}
-                y_all = joined[[f"label:{lab}" for lab in labels]].to_numpy(float)
-                scores_all = np.stack([joined[[f"prob:{lab}#{k}" for lab in labels]].to_numpy(float)
-                                       for k in range(2 * r)])
-                defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
-                if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC
-                    ok = np.isfinite(y_all[:, defined]).any(axis=1)
-                    res = or_test_macro(y_all[ok][:, defined], scores_all[:r][:, ok][..., defined],
-                                        scores_all[r:][:, ok][..., defined], cluster=patients[ok])
-                    rows.append({**cell, "label": "macro", **_counts(ok, patients), **_test_fields(res)})
-                for i, lab in enumerate(labels):
-                    ok = np.isfinite(y_all[:, i])
-                    row = {**cell, "label": lab, **_counts(ok, patients)}
-                    if i not in defined:  # one class only in this label: no AUROC, no test (NaN row says so)
-                        rows.append(row)
+    for axis in COMPARED_AXES:
+        fixed = "pretrained" if axis == "backbone" else "backbone"
+        for eval_set in eval_sets:
+            full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
+            for held, g in full.groupby(fixed, sort=True):
+                steps = _ordered_values(g, axis)
+                for value in steps[1:]:
+                    runs = cell_runs(g, {axis: value}).set_index("seed")["run_id"]
+                    ref_runs = cell_runs(g, {axis: steps[0]}).set_index("seed")["run_id"]
+                    seeds = sorted(set(runs.index) & set(ref_runs.index))
+                    if not seeds:
                         continue
-                    res = or_test(y_all[ok, i], scores_all[:r, ok, i], scores_all[r:, ok, i], cluster=patients[ok])
-                    rows.append({**row, **_test_fields(res)})
+                    preds = [read(rid, eval_set) for rid in [*runs[seeds], *ref_runs[seeds]]]
+                    cell = {"axis": axis, "eval_set": eval_set, fixed: held, axis: value, "vs": steps[0]}
+                    rows += _compare_cell(preds, cell, len(seeds))
     out = pd.DataFrame(rows, columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
+
+
+def _ordered_values(g: pd.DataFrame, axis: str) -> list:
+    """The values of ``axis`` in ``g`` from the reference on: backbones by parameter count, pretraining sources by
+    image count (scratch = 0 first, an unknown count last), ties by name."""
+    key = "n_params" if axis == "backbone" else "pretrain_images"
+    cells = g.drop_duplicates(axis).assign(_key=g[key].fillna(np.inf) if key in g else 0.0)
+    return list(cells.sort_values(["_key", axis])[axis])
+
+
+def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
+    """The macro row and the per-label rows of one comparison: ``preds`` holds the compared cell's r runs, then the
+    reference's, seed by seed."""
+    joined, labels = _paired_predictions(preds)
+    patients = joined["patient_id"].to_numpy(dtype=object)
+    cell = {**cell, "n_seeds": r}
+    y_all = joined[[f"label:{lab}" for lab in labels]].to_numpy(float)
+    scores = np.stack([joined[[f"prob:{lab}#{k}" for lab in labels]].to_numpy(float) for k in range(2 * r)])
+    defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
+    rows = []
+    if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC
+        ok = np.isfinite(y_all[:, defined]).any(axis=1)
+        res = or_test_macro(y_all[ok][:, defined], scores[:r][:, ok][..., defined], scores[r:][:, ok][..., defined],
+                            cluster=patients[ok])
+        rows.append({**cell, "label": "macro", **_counts(ok, patients), **_test_fields(res)})
+    for i, lab in enumerate(labels):
+        ok = np.isfinite(y_all[:, i])
+        row = {**cell, "label": lab, **_counts(ok, patients)}
+        if i in defined:  # else one class only in this label: no AUROC, no test (the NaN row says so)
+            row.update(_test_fields(or_test(y_all[ok, i], scores[:r, ok, i], scores[r:, ok, i],
+                                            cluster=patients[ok])))
+        rows.append(row)
+    return rows
 
 
 def _counts(rows: np.ndarray, patients: np.ndarray) -> dict:

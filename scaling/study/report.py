@@ -350,6 +350,17 @@ def _table_html(df: pd.DataFrame, tid: str, empty: str = "nothing to show") -> s
                       formatters=counts, border=0, escape=True)
 
 
+def _comparisons_html(table: pd.DataFrame | None) -> list[str]:
+    """The macro rows of the pairwise comparisons, the per-label rows collapsed under them."""
+    if table is None or table.empty:
+        return [_table_html(None, "comparisons", "no comparison (needs two cells that differ in one axis, with "
+                                                 "stored predictions)")]
+    macro = table["label"] == "macro"
+    return [_table_html(table[macro], "comparisons"),
+            "<details><summary>per label</summary>", _table_html(table[~macro], "comparisons-labels"),
+            "</details>"]
+
+
 def _fits_html(fits: pd.DataFrame | None, tid: str) -> str:
     """Fitted laws as a table; refused fits summarised by axis and reason instead of rows of n/a."""
     if fits is None or fits.empty:
@@ -636,16 +647,16 @@ def render_html(rep: StudyReport) -> str:
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),
             "<h2 id='comparisons'>Pairwise comparisons</h2>",
-            "<p class='note'>Each backbone against the smallest, per pretraining source, on the test set and on "
-            "every OOD set at full data, paired on the same samples, on the macro AUROC and per label, over the "
-            "seeds both cells have. "
+            "<p class='note'>Each backbone against the smallest with the same pretraining (axis backbone), and "
+            "each pretraining source against the one with the fewest images on the same backbone (axis "
+            "pretrained), on the test set and on every OOD set at full data, paired on the same samples, on the "
+            "macro AUROC (below; per label in the collapsed table), over the seeds both cells have. "
             "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
             "images of one patient count as correlated, not as independent evidence (docs/metrics.md). p_holm: "
             "Holm's adjustment over every row of the table (family-wise error), p_value: the comparison alone.</p>",
-            _table_html(t.get("comparisons"), "comparisons",
-                        "no comparison (needs two backbones with stored predictions)"),
+            *_comparisons_html(t.get("comparisons")),
             *_analysis_html(rep),
         ]
     parts += ["<h2 id='config'>Study config</h2>",
