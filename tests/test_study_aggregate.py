@@ -5,6 +5,7 @@ import math
 import re
 import shutil
 
+import pandas as pd
 import pytest
 from scipy import stats
 from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
@@ -157,3 +158,17 @@ def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_pat
         assert main(command) == 2
         assert f"{typo} is not a run store (it has neither runs/ nor study.yaml)" in capsys.readouterr().err
     assert not typo.exists()
+
+
+def test_cli_compare(store, capsys, tmp_path):
+    root, _ = store
+    assert main(["compare", str(root), "--csv", str(tmp_path / "c.csv")]) == 0
+    out = capsys.readouterr().out
+    every = pd.read_csv(tmp_path / "c.csv")
+    macro = every[every["label"] == "macro"]
+    # the macro rows are printed, one line each (plus the header), on test and the OOD set, along both axes
+    assert len(out.strip().splitlines()) == 1 + 1 + len(macro)  # status line, header, rows
+    assert set(macro["axis"]) == {"backbone", "pretrained"} and set(macro["eval_set"]) == {"test", "ood_site_b"}
+    assert "or-hillis" in out and f" {LABELS[0]} " not in out
+    assert main(["compare", str(root), "--label", "Edema"]) == 0  # not a label of this study
+    assert "no comparison" in capsys.readouterr().out

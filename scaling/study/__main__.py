@@ -2,6 +2,7 @@
 
     python -m scaling.study summary <store>        completion, problems and the AUROC table (mean [CI] over seeds)
     python -m scaling.study fits <store>           fitted scaling-law exponents
+    python -m scaling.study compare <store>        paired tests: bigger backbone, more pretraining (test and OOD)
     python -m scaling.study report <store> [-o F]  write the self-contained HTML report (default <store>/report.html)
     python -m scaling.study wandb-report <store>   create the study's W&B Report (online; after `wandb sync`)
 """
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("summary", "print completion and the results table"),
                         ("fits", "print the fitted scaling-law exponents"),
+                        ("compare", "print the paired tests of bigger backbones and more pretraining"),
                         ("report", "write the HTML report"),
                         ("wandb-report", "create the W&B Report of the study (needs online W&B)")):
         s = sub.add_parser(name, help=help_)
@@ -34,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--metric", default="auroc", help="metric to tabulate (default: auroc)")
             s.add_argument("--label", default="macro", help="label to tabulate (default: macro)")
             s.add_argument("--csv", help="also write the seed summary (every metric) to this CSV")
+        if name == "compare":
+            s.add_argument("--label", default="macro", help="label to print, or 'all' (default: macro)")
+            s.add_argument("--csv", help="also write every comparison (all labels) to this CSV")
         if name in ("fits", "report"):
             s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of each fit (default 200)")
         if name == "report":
@@ -69,6 +74,25 @@ def _wandb_report(args) -> int:
     return 0
 
 
+def _compare(args, df: pd.DataFrame) -> int:
+    """The report's pairwise comparisons, on the plain fine-tuning cells, for test and every OOD set."""
+    from scaling.study.aggregate import plain_cells
+    from scaling.study.compare import pairwise_comparisons
+    from scaling.study.tables import ood_sets
+
+    plain = plain_cells(df)
+    table = pairwise_comparisons(args.store, plain, eval_sets=["test", *ood_sets(plain)])
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    shown = table if args.label == "all" else table[table["label"] == args.label]
+    if shown.empty:
+        print("no comparison (needs two cells that differ in one axis, with stored predictions"
+              + ("" if args.label == "all" or table.empty else f", and label {args.label!r}") + ")")
+        return 0
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -97,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
+        if args.command == "compare":
+            return _compare(args, df)
         summary = summarise(df)
         print(headline_table(summary, args.metric, args.label).to_string(index=False))
         if args.csv:
