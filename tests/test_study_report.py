@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy.special import expit, softmax
 from sklearn.metrics import roc_auc_score
-from study_store import (BACKBONES, LABELS, PATIENTS, SAMPLES, SEEDS, SOURCES, TEMPERATURES, copy_store, html_table,
-                         make_store, run_dir_of, shared_store, study_config)
+from study_store import (BACKBONES, FRACTIONS, LABELS, PATIENTS, SAMPLES, SEEDS, SOURCES, TEMPERATURES, copy_store,
+                         html_table, make_store, run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
 from scaling.metrics import compute_run_metrics, delong_test, holm, or_test, or_test_macro
@@ -69,15 +69,17 @@ def test_report_numbers_match_tables(report):
     # Pairwise comparisons: every backbone vs bb_tiny per source, macro and per label, pooled over the two seeds,
     # paired on all 120 test samples, and again on the OOD set; Holm's adjustment over the whole table.
     table = rep.tables["comparisons"]
-    every = table[table["axis"] == "backbone"]
+    assert sorted(set(table["fraction"]), reverse=True) == sorted(FRACTIONS, reverse=True)  # few labels too
+    every = table[(table["axis"] == "backbone") & (table["fraction"] == 1.0)]
     assert len(every) == 2 * 3 * 3 * (1 + 2) and set(every["eval_set"]) == {"test", "ood_site_b"}
     assert (every["n_seeds"] == 2).all() and (every["method"] == "or-hillis").all() and (every["df"] >= 1).all()
     np.testing.assert_array_equal(table["p_holm"], holm(table["p_value"]))
     assert (table["p_holm"] >= table["p_value"]).all()
     # ... and each pretraining source against scratch (0 images) on every backbone: more pretraining wins.
-    pre = table[(table["axis"] == "pretrained") & (table["eval_set"] == "test") & (table["label"] == "macro")]
+    pre = table[(table["axis"] == "pretrained") & (table["eval_set"] == "test") & (table["label"] == "macro")
+                & (table["fraction"] == 1.0)]
     assert len(pre) == 4 * 2 and (pre["vs"] == "scratch").all() and set(pre["pretrained"]) == set(SOURCES) - {"scratch"}
-    assert (pre["diff"] > 0).all() and len(table) == 2 * (3 * 3 + 4 * 2) * (1 + 2)
+    assert (pre["diff"] > 0).all() and len(table) == len(FRACTIONS) * 2 * (3 * 3 + 4 * 2) * (1 + 2)
     dl = every[every["eval_set"] == "test"]
     assert len(dl) == 3 * 3 * 3 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
     macro, dl = dl[dl["label"] == "macro"], dl[dl["label"] != "macro"]
@@ -109,7 +111,7 @@ def test_report_numbers_match_tables(report):
     # A single seed of each: DeLong's test of that pair, to the last digit.
     one = compare.pairwise_comparisons(root, runs[runs["seed"] == SEEDS[0]])
     one = one[(one["axis"] == "backbone") & (one["backbone"] == "bb_large") & (one["pretrained"] == row["pretrained"])
-              & (one["label"] == lab)]
+              & (one["label"] == lab) & (one["fraction"] == 1.0)]
     seed0 = delong_test(y, scores["bb_large"][0], scores["bb_tiny"][0], cluster=patient)
     assert one["method"].item() == "delong" and one["p_value"].item() == pytest.approx(seed0.p_value, rel=1e-12)
     # The macro row: scikit-learn's AUROC averaged over both labels and both seeds, tested by or_test_macro.

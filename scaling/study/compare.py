@@ -121,11 +121,12 @@ COMPARED_AXES = ("backbone", "pretrained")
 """The study axes the pairwise comparisons step along: bigger backbones, then more pretraining."""
 
 
-def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> pd.DataFrame:
-    """The seed paper's two questions as paired tests, on each of ``eval_sets`` at full data: each backbone against
-    the smallest with the same pretraining (``axis = "backbone"``), and each pretraining source against the one
-    with the fewest images (scratch first) on the same backbone (``axis = "pretrained"``). ``vs`` names the
-    reference; ``backbone`` and ``pretrained`` the compared cell.
+def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractions=None) -> pd.DataFrame:
+    """The seed paper's two questions as paired tests, on each of ``eval_sets`` at each data fraction (``fractions``,
+    default every fraction of ``df``, the full data first): each backbone against the smallest with the same
+    pretraining (``axis = "backbone"``), and each pretraining source against the one with the fewest images
+    (scratch first) on the same backbone (``axis = "pretrained"``). ``vs`` names the reference; ``backbone`` and
+    ``pretrained`` the compared cell. A fraction below 1 asks the third question: does it still hold with few labels?
 
     Each comparison is on the macro AUROC (``label = "macro"``: the labels the set can score,
     :func:`scaling.metrics.or_test_macro`) and per label, over the seeds both cells have. The runs are joined on
@@ -139,31 +140,33 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",)) -> p
     (:func:`scaling.metrics.holm`), which bounds the chance that any of them is a false positive.
     """
     store = RunStore(store_root)
-    cache: dict[tuple[str, str], pd.DataFrame] = {}  # a reference run is compared with every other cell
-
-    def read(rid: str, eval_set: str) -> pd.DataFrame:
-        if (rid, eval_set) not in cache:
-            cache[rid, eval_set] = store.read_predictions(rid, eval_set)
-        return cache[rid, eval_set]
-
-    cols = ["axis", "eval_set", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients", "auroc",
-            "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+    cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients",
+            "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+    if fractions is None:
+        fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
     rows = []
     for axis in COMPARED_AXES:
         fixed = "pretrained" if axis == "backbone" else "backbone"
         for eval_set in eval_sets:
-            full = df[(df["fraction"] == df["fraction"].max()) & (df["eval_set"] == eval_set)]
-            for held, g in full.groupby(fixed, sort=True):
-                steps = _ordered_values(g, axis)
-                for value in steps[1:]:
-                    runs = cell_runs(g, {axis: value}).set_index("seed")["run_id"]
+            for fraction in fractions:
+                cells = df[(df["fraction"] == fraction) & (df["eval_set"] == eval_set)]
+                for held, g in cells.groupby(fixed, sort=True):
+                    steps = _ordered_values(g, axis)
                     ref_runs = cell_runs(g, {axis: steps[0]}).set_index("seed")["run_id"]
-                    seeds = sorted(set(runs.index) & set(ref_runs.index))
-                    if not seeds:
-                        continue
-                    preds = [read(rid, eval_set) for rid in [*runs[seeds], *ref_runs[seeds]]]
-                    cell = {"axis": axis, "eval_set": eval_set, fixed: held, axis: value, "vs": steps[0]}
-                    rows += _compare_cell(preds, cell, len(seeds))
+                    ref_preds: dict[str, pd.DataFrame] = {}  # read once, compared with every other step
+                    for value in steps[1:]:
+                        runs = cell_runs(g, {axis: value}).set_index("seed")["run_id"]
+                        seeds = sorted(set(runs.index) & set(ref_runs.index))
+                        if not seeds:
+                            continue
+                        for rid in ref_runs[seeds]:
+                            if rid not in ref_preds:
+                                ref_preds[rid] = store.read_predictions(rid, eval_set)
+                        preds = [*(store.read_predictions(rid, eval_set) for rid in runs[seeds]),
+                                 *(ref_preds[rid] for rid in ref_runs[seeds])]
+                        cell = {"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
+                                axis: value, "vs": steps[0]}
+                        rows += _compare_cell(preds, cell, len(seeds))
     out = pd.DataFrame(rows, columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out

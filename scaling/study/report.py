@@ -649,8 +649,9 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='comparisons'>Pairwise comparisons</h2>",
             "<p class='note'>Each backbone against the smallest with the same pretraining (axis backbone), and "
             "each pretraining source against the one with the fewest images on the same backbone (axis "
-            "pretrained), on the test set and on every OOD set at full data, paired on the same samples, on the "
-            "macro AUROC (below; per label in the collapsed table), over the seeds both cells have. "
+            "pretrained), on the test set and on every OOD set at every data fraction (full data first), paired on "
+            "the same samples, on the macro AUROC (below; per label in the collapsed table), over the seeds both "
+            "cells have. "
             "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
