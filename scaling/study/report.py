@@ -656,7 +656,8 @@ def render_html(rep: StudyReport) -> str:
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
             "images of one patient count as correlated, not as independent evidence (docs/metrics.md). p_holm: "
-            "Holm's adjustment over every row of the table (family-wise error), p_value: the comparison alone.</p>",
+            "Holm's adjustment over every row of its table (family-wise error: the macro table is the primary family, the "
+            "per-label table a second one), p_value: the comparison alone.</p>",
             *_comparisons_html(t.get("comparisons")),
             *_analysis_html(rep),
         ]
