@@ -22,8 +22,8 @@ from scaling.study.aggregate import load_results, summarise
 from scaling.study.report import build_report, render_html
 from scaling.study.store import RunStore
 
-TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "selective", "fits",
-          "reliability", "reliability_bins", "comparisons", "comparisons-labels",
+TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "robustness-ood_site_b",
+          "selective", "fits", "reliability", "reliability_bins", "comparisons", "comparisons-labels",
           *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
 FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
               *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: the report is written on training nodes and i
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from scaling.study.aggregate import full_fraction, select
 
@@ -141,9 +142,11 @@ def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = N
     return _finish(fig, axes)
 
 
-def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure | None:
+def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame, trends: dict | None = None) -> plt.Figure | None:
     """Per OOD set, on the labels it shares with test: in-distribution vs OOD AUROC (every cell, both error bars,
-    y = x dashed) and the OOD drop (test − OOD AUROC) vs parameter count per pretraining source, at full data."""
+    y = x dashed, the study's probit trend dotted where ``trends`` has it: see
+    :func:`scaling.study.tables.effective_robustness`) and the OOD drop (test − OOD AUROC) vs parameter count per
+    pretraining source, at full data."""
     sets = sorted(set(select(summary, "auroc_drop")["eval_set"]))
     if not sets:
         return None
@@ -162,6 +165,11 @@ def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame) -> plt.Figure |
         lims = [np.nanmin(j[["lo_id", "lo_ood", "mean_id", "mean_ood"]].to_numpy()),
                 np.nanmax(j[["hi_id", "hi_ood", "mean_id", "mean_ood"]].to_numpy())]
         row[0].plot(lims, lims, linestyle="--", color="grey", linewidth=1)
+        line = (trends or {}).get(es)
+        if line is not None and np.all(np.isfinite(lims)):
+            grid = np.linspace(max(lims[0], 1e-3), min(lims[1], 1 - 1e-3), 50)
+            trend = stats.norm.cdf(line["intercept"] + line["slope"] * stats.norm.ppf(grid))
+            row[0].plot(grid, trend, linestyle=":", color="black", linewidth=1, label="trend (probit)")
         row[0].set(title=f"in-distribution vs {es} (shared labels)", xlabel="test AUROC", ylabel=f"{es} AUROC")
         d = drop_summary[(drop_summary["eval_set"] == es)] if len(drop_summary) else drop_summary
         d = d[d["fraction"] == full_fraction(summary)] if len(d) else d

@@ -27,8 +27,8 @@ from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_s
 from scaling.study.compare import pairwise_comparisons, reliability_curves, reliability_summary, selective_curves
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.store import RunStore
-from scaling.study.tables import (data_efficiency, eval_set_order, evaluable_labels, headline_models, ood_sets,
-                                  ood_summary, shift_labels)
+from scaling.study.tables import (ROBUSTNESS_MIN_CELLS, data_efficiency, effective_robustness, eval_set_order,
+                                  evaluable_labels, headline_models, ood_sets, ood_summary, shift_labels)
 from scaling.tracking import Scrubber
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,15 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.shift_labels = shared
     rep.evaluable_labels = evaluable_labels(df)
     rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, shared).items()})
-    rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops)
+    trends = {}
+    for e in shared:
+        rep.tables[f"robustness:{e}"], trends[e] = effective_robustness(summary, e)
+        if trends[e] is not None:
+            line = trends[e]
+            rep.notes[f"robustness:{e}"] = (
+                f"Trend: Φ⁻¹({e} AUROC) = {line['intercept']:.3f} + {line['slope']:.3f} · Φ⁻¹(test AUROC), fitted "
+                f"to {line['n_cells']} cells (every data fraction), R² = {line['r2']:.2f}.")
+    rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops, trends)
 
     rep.eval_sets = eval_set_order(df)
     one_of_k = [m + t for m in MULTICLASS_METRICS for t in ("", "_temp") if m + t in set(summary["metric"])]
@@ -441,6 +449,16 @@ def _ood_html(rep: StudyReport) -> list[str]:
         parts.append(f"<p>Compared on {len(shared)} label(s): <b>{html.escape(', '.join(shared))}</b>{left_out}."
                      f"{paired}</p>")
         parts.append(_table_html(rep.tables.get(f"ood:{e}"), f"ood-{_anchor(e)}"))
+        robust = rep.tables.get(f"robustness:{e}")
+        if robust is not None and len(robust):
+            parts += [f"<p><b>Effective robustness</b> (Taori et al. 2020): each cell's {html.escape(e)} AUROC minus "
+                      "what the study's trend predicts from its test AUROC (the dotted curve in the figure above): "
+                      "positive = more robust than its in-distribution accuracy alone would make it. "
+                      f"{html.escape(rep.notes.get(f'robustness:{e}', ''))}</p>",
+                      _table_html(robust, f"robustness-{_anchor(e)}")]
+        else:
+            parts.append(f"<p class='note' id='tbl-robustness-{_anchor(e)}'>No effective robustness: the trend "
+                         f"needs {ROBUSTNESS_MIN_CELLS} cells with different test AUROCs.</p>")
     return parts
 
 
@@ -656,8 +674,8 @@ def render_html(rep: StudyReport) -> str:
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
             "images of one patient count as correlated, not as independent evidence (docs/metrics.md). p_holm: "
-            "Holm's adjustment over every row of its table (family-wise error: the macro table is the primary family, the "
-            "per-label table a second one), p_value: the comparison alone.</p>",
+            "Holm's adjustment over every row of its table (family-wise error: the macro table is the primary "
+            "family, the per-label table a second one), p_value: the comparison alone.</p>",
             *_comparisons_html(t.get("comparisons")),
             *_analysis_html(rep),
         ]

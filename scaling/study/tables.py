@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from scaling.metrics import data_efficiency as metrics_data_efficiency
 from scaling.study.aggregate import CELL, full_fraction, select, summarise
@@ -83,6 +84,43 @@ def ood_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and CI over seeds of the OOD drop (on shared labels) per cell and OOD set (see :func:`ood_drop`)."""
     drops = ood_drop(df)
     return summarise(drops) if len(drops) else drops
+
+
+ROBUSTNESS_MIN_CELLS = 3
+"""Cells (with distinct in-distribution AUROCs) a trend line needs before effective robustness is measured from it."""
+
+
+def effective_robustness(summary: pd.DataFrame, eval_set: str) -> tuple[pd.DataFrame, dict | None]:
+    """Effective robustness on an OOD set (Taori et al., "Measuring robustness to natural distribution shifts in
+    image classification", NeurIPS 2020): a cell's OOD AUROC minus the OOD AUROC that the study's own trend predicts
+    from its in-distribution AUROC, both on the labels the set shares with test (``auroc_id`` / ``auroc_ood``).
+
+    A bigger or better-pretrained model usually gains OOD because it gains in distribution; effective robustness is
+    what it gains beyond that. The trend is the least-squares line through every cell's seed-mean AUROCs, every
+    data fraction included (more points, a wider range), in probit space — Φ⁻¹(OOD) = a + b·Φ⁻¹(test), the scale
+    on which such trends are linear (Miller et al., "Accuracy on the line", ICML 2021). Returns one row per cell at
+    full data (``auroc_ood_trend`` and ``effective_robustness``) and the line (``intercept``, ``slope``, ``r2``,
+    ``n_cells``), or an empty frame and None with fewer than :data:`ROBUSTNESS_MIN_CELLS` cells or no spread in
+    the in-distribution AUROCs.
+    """
+    keys = ["pretrained", "backbone", "n_params", "fraction"]
+    cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
+    pair = select(summary, "auroc_id", eval_set)[[*keys, "mean"]].merge(
+        select(summary, "auroc_ood", eval_set)[[*keys, "mean"]], on=keys, suffixes=("_id", "_ood"))
+    pair = pair[np.isfinite(pair["mean_id"]) & np.isfinite(pair["mean_ood"])]
+    if len(pair) < ROBUSTNESS_MIN_CELLS or pair["mean_id"].nunique() < 2:
+        return pd.DataFrame(columns=cols), None
+    eps = 1e-6  # an AUROC of exactly 0 or 1 has no probit
+    x, y = (stats.norm.ppf(pair[c].clip(eps, 1 - eps)) for c in ("mean_id", "mean_ood"))
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    r2 = 1.0 - float((residual**2).sum() / ((y - y.mean()) ** 2).sum()) if np.ptp(y) > 0 else float("nan")
+    out = pair.rename(columns={"mean_id": "auroc_id", "mean_ood": "auroc_ood"})
+    out["auroc_ood_trend"] = stats.norm.cdf(intercept + slope * x)
+    out["effective_robustness"] = out["auroc_ood"] - out["auroc_ood_trend"]
+    out = out[out["fraction"] == full_fraction(summary)][cols].sort_values(["pretrained", "n_params"])
+    line = {"intercept": float(intercept), "slope": float(slope), "r2": r2, "n_cells": len(pair)}
+    return out.reset_index(drop=True), line
 
 
 def shift_labels(df: pd.DataFrame) -> dict[str, list[str]]:
