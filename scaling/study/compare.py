@@ -145,6 +145,8 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
             "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
+    # one row per run and set is all the grouping below needs (the tidy table has one per metric and label)
+    df = df.drop_duplicates(["run_id", "eval_set"])
     rows = []
     for axis in COMPARED_AXES:
         fixed = "pretrained" if axis == "backbone" else "backbone"
@@ -186,11 +188,8 @@ def _ordered_values(g: pd.DataFrame, axis: str) -> list:
 def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
     """The macro row and the per-label rows of one comparison: ``preds`` holds the compared cell's r runs, then the
     reference's, seed by seed."""
-    joined, labels = _paired_predictions(preds)
-    patients = joined["patient_id"].to_numpy(dtype=object)
+    labels, y_all, patients, scores = _paired_predictions(preds)
     cell = {**cell, "n_seeds": r}
-    y_all = joined[[f"label:{lab}" for lab in labels]].to_numpy(float)
-    scores = np.stack([joined[[f"prob:{lab}#{k}" for lab in labels]].to_numpy(float) for k in range(2 * r)])
     defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
     rows = []
     if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC
@@ -219,15 +218,19 @@ def _test_fields(res) -> dict:
             "df": res.df, "p_value": res.p_value, "method": res.method}
 
 
-def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
-    """The samples every run scored, one row each: the first run's sample id, patient id and labels, and run k's
-    probability of each label as ``prob:<label>#k``."""
+def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The samples every run scored, in the first run's order: its label names, labels (N, L) and patient ids (N,),
+    and every run's probabilities (runs, N, L), aligned on sample id."""
     labels = _label_names(preds[0])
-    out = preds[0][["sample_id", "patient_id", *(f"label:{lab}" for lab in labels)]]
-    for k, pred in enumerate(preds):
-        probs = pred[["sample_id", *(f"prob:{lab}" for lab in labels)]]
-        out = out.merge(probs.rename(columns={f"prob:{lab}": f"prob:{lab}#{k}" for lab in labels}), on="sample_id")
-    return out, labels
+    ids = pd.Index(preds[0]["sample_id"])
+    for pred in preds[1:]:
+        ids = ids[ids.isin(pred["sample_id"])]
+    prob_cols = [f"prob:{lab}" for lab in labels]
+    rows = [pd.Index(pred["sample_id"]).get_indexer(ids) for pred in preds]
+    first = preds[0].iloc[rows[0]]
+    scores = np.stack([pred[prob_cols].to_numpy(float)[at] for pred, at in zip(preds, rows)])
+    return (labels, first[[f"label:{lab}" for lab in labels]].to_numpy(float),
+            first["patient_id"].to_numpy(dtype=object), scores)
 
 
 def reliability_curves(store_root, df: pd.DataFrame, eval_sets, n_bins: int = 10) -> pd.DataFrame:
