@@ -36,6 +36,24 @@ USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailab
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+def print_supported_comparisons(path: Path, alpha: float = 0.05) -> None:
+    """The study's answer in a few lines: the macro-AUROC comparisons (bigger backbone, more pretraining) whose
+    difference holds after Holm's adjustment over all of them."""
+    if not path.is_file():
+        return
+    c = pd.read_csv(path)
+    macro = c[c["label"] == "macro"]
+    held = macro[macro["p_holm"] < alpha]
+    print(f"\n{len(held)} of {len(macro)} paired comparisons (macro AUROC) hold after Holm's adjustment at {alpha}"
+          + (":" if len(held) else "."))
+    for r in held.itertuples(index=False):
+        what = (f"{r.backbone} vs {r.vs} ({r.pretrained})" if r.axis == "backbone"
+                else f"{r.pretrained} vs {r.vs} ({r.backbone})")
+        print(f"  {r.eval_set:>12s}  fraction {r.fraction:g}  {what}: {r.diff:+.3f} [{r.diff_lo:+.3f}, "
+              f"{r.diff_hi:+.3f}]  p_holm {r.p_holm:.2g}")
+    print("  every comparison: python -m scaling.study compare " + str(path.parent))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run (or plan) the study, print the results table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 cols = [c for c in table.columns if c not in ("run_id", "status")]
                 print(table[cols].to_string(index=False))
+                if not args.no_report:
+                    print_supported_comparisons(Path(cfg.output_dir) / "comparisons.csv")
                 print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}   "
                       f"report: {Path(cfg.output_dir) / 'report.html'}")
     except USER_ERRORS as e:

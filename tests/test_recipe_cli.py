@@ -43,3 +43,22 @@ def test_dry_run_plans_the_demo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(rf"error: chexpert \((train|val|test) set\): 1 of \d+ image files are missing: {image} \(sample ",
                      err), err
+
+
+def test_the_launch_prints_the_comparisons_that_hold_after_holm(tmp_path, capsys):
+    rows = [  # two macro rows, one holding (p_holm 0.01), one not; a per-label row is never printed
+        {"axis": "backbone", "eval_set": "test", "fraction": 1.0, "pretrained": "bit-m", "backbone": "bit_r101x3",
+         "vs": "bit_r50x1", "label": "macro", "diff": 0.031, "diff_lo": 0.012, "diff_hi": 0.05, "p_holm": 0.01},
+        {"axis": "pretrained", "eval_set": "ood", "fraction": 0.1, "pretrained": "bit-m", "backbone": "bit_r50x1",
+         "vs": "bit-s", "label": "macro", "diff": 0.01, "diff_lo": -0.01, "diff_hi": 0.03, "p_holm": 0.4},
+        {"axis": "backbone", "eval_set": "test", "fraction": 1.0, "pretrained": "bit-m", "backbone": "bit_r101x3",
+         "vs": "bit_r50x1", "label": "Edema", "diff": 0.05, "diff_lo": 0.02, "diff_hi": 0.08, "p_holm": 0.001},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "comparisons.csv", index=False)
+    scale_study.print_supported_comparisons(tmp_path / "comparisons.csv")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "1 of 2 paired comparisons (macro AUROC) hold after Holm's adjustment at 0.05:"
+    assert "bit_r101x3 vs bit_r50x1 (bit-m): +0.031 [+0.012, +0.050]  p_holm 0.01" in out[1]
+    assert "Edema" not in "\n".join(out) and out[-1].endswith(str(tmp_path))
+    scale_study.print_supported_comparisons(tmp_path / "missing.csv")  # --no-report or no comparison: silent
+    assert capsys.readouterr().out == ""

@@ -82,6 +82,11 @@ def test_interrupted_study_is_completed_without_redoing_finished_runs(interrupte
         assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
     assert list(table["status"]) == ["complete"] * 4
     assert (store.root / "results.csv").is_file() and (store.root / "report.html").is_file()
+    # the report's paired tests as a table: the pretrained source against scratch, at both fractions, on both sets
+    comp = pd.read_csv(store.root / "comparisons.csv")
+    macro = comp[comp["label"] == "macro"]
+    assert len(macro) == 2 * 2 and set(macro["axis"]) == {"pretrained"} and set(macro["vs"]) == {"scratch"}
+    assert set(macro["fraction"]) == {0.3, 1.0} and set(macro["eval_set"]) == {"test", "ood_site_b"}
 
 
 def test_stored_predictions_and_metrics_agree_with_sklearn(interrupted_then_completed):

@@ -763,7 +763,8 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
 
 def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True,
                   changed: bool = True) -> None:
-    """Write results.csv and rebuild the report (and the study's W&B view) when this launch ``changed`` the store,
+    """Write results.csv and rebuild the report, comparisons.csv (its pairwise tests) and the study's W&B view when
+    this launch ``changed`` the store,
     the results differ or the report is missing; under a lock, because launches beside this one write them too. A
     finished study whose outputs are current is not written to (a read-only store stays readable)."""
     csv = table.to_csv(index=False)
@@ -779,6 +780,9 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
 
             rep = build_report(store.root)
             write_report(store.root, report=rep)
+            comparisons = rep.tables.get("comparisons")
+            if comparisons is not None:  # the paired tests as a table, for pandas and for the launch's summary
+                atomic_write_text(store.root / "comparisons.csv", comparisons.to_csv(index=False))
             publish_study(store.root, cfg.tracking, report=rep)
 
 
