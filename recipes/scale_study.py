@@ -39,10 +39,12 @@ DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def print_supported_comparisons(path: Path, alpha: float = 0.05) -> None:
     """The study's answer in a few lines: the macro-AUROC comparisons (bigger backbone, more pretraining) whose
     difference holds after Holm's adjustment over all of them."""
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:  # --no-report, or nothing complete yet
         return
     c = pd.read_csv(path)
-    macro = c[c["label"] == "macro"]
+    macro = c[c["label"] == "macro"] if "label" in c else c
+    if macro.empty:  # no two cells differ in one axis
+        return
     held = macro[macro["p_holm"] < alpha]
     print(f"\n{len(held)} of {len(macro)} paired comparisons (macro AUROC) hold after Holm's adjustment at {alpha}"
           + (":" if len(held) else "."))

@@ -61,4 +61,8 @@ def test_the_launch_prints_the_comparisons_that_hold_after_holm(tmp_path, capsys
     assert "bit_r101x3 vs bit_r50x1 (bit-m): +0.031 [+0.012, +0.050]  p_holm 0.01" in out[1]
     assert "Edema" not in "\n".join(out) and out[-1].endswith(str(tmp_path))
     scale_study.print_supported_comparisons(tmp_path / "missing.csv")  # --no-report or no comparison: silent
+    (tmp_path / "empty.csv").write_text("")
+    scale_study.print_supported_comparisons(tmp_path / "empty.csv")
+    pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "none.csv", index=False)
+    scale_study.print_supported_comparisons(tmp_path / "none.csv")
     assert capsys.readouterr().out == ""

@@ -769,7 +769,8 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
     finished study whose outputs are current is not written to (a read-only store stays readable)."""
     csv = table.to_csv(index=False)
     path = store.root / "results.csv"
-    current = path.is_file() and path.read_text() == csv and (not report or (store.root / "report.html").is_file())
+    current = path.is_file() and path.read_text() == csv and (
+        not report or all((store.root / f).is_file() for f in ("report.html", "comparisons.csv")))
     if current and not changed:
         return
     with file_lock(store.lock_path("report")):
@@ -780,9 +781,9 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
 
             rep = build_report(store.root)
             write_report(store.root, report=rep)
-            comparisons = rep.tables.get("comparisons")
-            if comparisons is not None:  # the paired tests as a table, for pandas and for the launch's summary
-                atomic_write_text(store.root / "comparisons.csv", comparisons.to_csv(index=False))
+            comparisons = rep.tables.get("comparisons")  # the paired tests, for pandas and the launch's summary
+            atomic_write_text(store.root / "comparisons.csv",
+                              "" if comparisons is None else comparisons.to_csv(index=False))
             publish_study(store.root, cfg.tracking, report=rep)
 
 
