@@ -42,7 +42,7 @@ def print_supported_comparisons(path: Path, alpha: float = 0.05) -> None:
     if not path.is_file() or path.stat().st_size == 0:  # --no-report, or nothing complete yet
         return
     c = pd.read_csv(path)
-    macro = c[c["label"] == "macro"] if "label" in c else c
+    macro = c[c["label"] == "macro"]
     if macro.empty:  # no two cells differ in one axis
         return
     held = macro[macro["p_holm"] < alpha]

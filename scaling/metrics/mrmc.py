@@ -46,10 +46,6 @@ from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.delong import delong_components, delong_influence
 from scaling.metrics.validation import check_same_length
 
-METHODS = ("or-hillis", "delong")
-"""``method`` of an :class:`ORTest`: seeds random (two or more), or DeLong's test of the single seed."""
-
-
 @dataclass(frozen=True)
 class ORTest:
     """Comparison of two models' seed-mean AUROCs with seeds and patients random (module docstring)."""

@@ -764,9 +764,9 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
 def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True,
                   changed: bool = True) -> None:
     """Write results.csv and rebuild the report, comparisons.csv (its pairwise tests) and the study's W&B view when
-    this launch ``changed`` the store,
-    the results differ or the report is missing; under a lock, because launches beside this one write them too. A
-    finished study whose outputs are current is not written to (a read-only store stays readable)."""
+    this launch ``changed`` the store, the results differ or the report is missing; under a lock, because launches
+    beside this one write them too. A finished study whose outputs are current is not written to (a read-only store
+    stays readable)."""
     csv = table.to_csv(index=False)
     path = store.root / "results.csv"
     current = path.is_file() and path.read_text() == csv and (
