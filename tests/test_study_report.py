@@ -71,18 +71,30 @@ def test_report_numbers_match_tables(report):
     table = rep.tables["comparisons"]
     assert sorted(set(table["fraction"]), reverse=True) == sorted(FRACTIONS, reverse=True)  # few labels too
     every = table[(table["axis"] == "backbone") & (table["fraction"] == 1.0)]
-    assert len(every) == 2 * 3 * 3 * (1 + 2) and set(every["eval_set"]) == {"test", "ood_site_b"}
+    # 3 backbones vs bb_tiny, and bb_base vs bb_small, bb_large vs bb_base: 5 per source and set
+    assert len(every) == 2 * 3 * 5 * (1 + 2) and set(every["eval_set"]) == {"test", "ood_site_b"}
     assert (every["n_seeds"] == 2).all() and (every["method"] == "or-hillis").all() and (every["df"] >= 1).all()
     for family in (table[table["label"] == "macro"], table[table["label"] != "macro"]):  # Holm per table
         np.testing.assert_array_equal(family["p_holm"], holm(family["p_value"]))
     assert (table["p_holm"] >= table["p_value"]).all()
-    # ... and each pretraining source against scratch (0 images) on every backbone: more pretraining wins.
+    # ... and each pretraining source against scratch (0 images) on every backbone, then the 10k-image source against
+    # the 1k one (the step below it): more pretraining wins at each step.
     pre = table[(table["axis"] == "pretrained") & (table["eval_set"] == "test") & (table["label"] == "macro")
                 & (table["fraction"] == 1.0)]
-    assert len(pre) == 4 * 2 and (pre["vs"] == "scratch").all() and set(pre["pretrained"]) == set(SOURCES) - {"scratch"}
-    assert (pre["diff"] > 0).all() and len(table) == len(FRACTIONS) * 2 * (3 * 3 + 4 * 2) * (1 + 2)
-    dl = every[every["eval_set"] == "test"]
-    assert len(dl) == 3 * 3 * 3 and (dl["vs"] == "bb_tiny").all() and (dl["n"] == 120).all()
+    assert list(zip(pre["pretrained"], pre["vs"]))[:3] == [
+        ("upstream:small", "scratch"), ("upstream:big", "scratch"), ("upstream:big", "upstream:small")]
+    assert len(pre) == 4 * 3 and (pre["diff"] > 0).all()
+    assert len(table) == len(FRACTIONS) * 2 * (3 * 5 + 4 * 3) * (1 + 2)
+    # A step's reference AUROC is the AUROC its reference has as the compared cell of the step before.
+    step = pre.set_index(["backbone", "pretrained", "vs"])["auroc"]
+    for bb in BACKBONES:
+        assert step[bb, "upstream:big", "upstream:small"] == step[bb, "upstream:big", "scratch"]
+        assert (pre.set_index(["backbone", "pretrained", "vs"]).loc[(bb, "upstream:big", "upstream:small"), "auroc_vs"]
+                == step[bb, "upstream:small", "scratch"])
+    chain = every[(every["eval_set"] == "test") & (every["vs"] != "bb_tiny")]
+    assert set(zip(chain["backbone"], chain["vs"])) == {("bb_base", "bb_small"), ("bb_large", "bb_base")}
+    dl = every[(every["eval_set"] == "test") & (every["vs"] == "bb_tiny")]
+    assert len(dl) == 3 * 3 * 3 and (dl["n"] == 120).all()
     macro, dl = dl[dl["label"] == "macro"], dl[dl["label"] != "macro"]
     big = dl[dl["backbone"] == "bb_large"]
     assert (big["diff"] > 0).all() and (big["diff_lo"] < big["diff"]).all() and (big["diff"] < big["diff_hi"]).all()
@@ -111,8 +123,8 @@ def test_report_numbers_match_tables(report):
     assert ref.se != pytest.approx(unclustered.se, rel=1e-3)
     # A single seed of each: DeLong's test of that pair, to the last digit.
     one = compare.pairwise_comparisons(root, runs[runs["seed"] == SEEDS[0]])
-    one = one[(one["axis"] == "backbone") & (one["backbone"] == "bb_large") & (one["pretrained"] == row["pretrained"])
-              & (one["label"] == lab) & (one["fraction"] == 1.0)]
+    one = one[(one["axis"] == "backbone") & (one["backbone"] == "bb_large") & (one["vs"] == "bb_tiny")
+              & (one["pretrained"] == row["pretrained"]) & (one["label"] == lab) & (one["fraction"] == 1.0)]
     seed0 = delong_test(y, scores["bb_large"][0], scores["bb_tiny"][0], cluster=patient)
     assert one["method"].item() == "delong" and one["p_value"].item() == pytest.approx(seed0.p_value, rel=1e-12)
     # The macro row: scikit-learn's AUROC averaged over both labels and both seeds, tested by or_test_macro.

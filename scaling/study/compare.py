@@ -125,7 +125,9 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     """The seed paper's two questions as paired tests, on each of ``eval_sets`` at each data fraction (``fractions``,
     default every fraction of ``df``, the full data first): each backbone against the smallest with the same
     pretraining (``axis = "backbone"``), and each pretraining source against the one with the fewest images
-    (scratch first) on the same backbone (``axis = "pretrained"``). ``vs`` names the reference; ``backbone`` and
+    (scratch first) on the same backbone (``axis = "pretrained"``) — does scale help at all? — and, from the third
+    step on, each also against the step below it: does the next size, or more pretraining images, still help
+    (BiT-M against BiT-S, not only both against scratch)? ``vs`` names the reference; ``backbone`` and
     ``pretrained`` the compared cell. A fraction below 1 asks the third question: does it still hold with few labels?
 
     Each comparison is on the macro AUROC (``label = "macro"``: the labels the set can score,
@@ -154,27 +156,37 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
             for fraction in fractions:
                 cells = df[(df["fraction"] == fraction) & (df["eval_set"] == eval_set)]
                 for held, g in cells.groupby(fixed, sort=True):
-                    steps = _ordered_values(g, axis)
-                    ref_runs = cell_runs(g, {axis: steps[0]}).set_index("seed")["run_id"]
-                    ref_preds: dict[str, pd.DataFrame] = {}  # read once, compared with every other step
-                    for value in steps[1:]:
+                    read: dict[str, pd.DataFrame] = {}  # each run's predictions read once, however often compared
+                    for value, vs in _steps(_ordered_values(g, axis)):
                         runs = cell_runs(g, {axis: value}).set_index("seed")["run_id"]
+                        ref_runs = cell_runs(g, {axis: vs}).set_index("seed")["run_id"]
                         seeds = sorted(set(runs.index) & set(ref_runs.index))
                         if not seeds:
                             continue
-                        for rid in ref_runs[seeds]:
-                            if rid not in ref_preds:
-                                ref_preds[rid] = store.read_predictions(rid, eval_set)
-                        preds = [*(store.read_predictions(rid, eval_set) for rid in runs[seeds]),
-                                 *(ref_preds[rid] for rid in ref_runs[seeds])]
+                        for rid in (*runs[seeds], *ref_runs[seeds]):
+                            if rid not in read:
+                                read[rid] = store.read_predictions(rid, eval_set)
+                        preds = [read[rid] for rid in (*runs[seeds], *ref_runs[seeds])]
                         cell = {"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
-                                axis: value, "vs": steps[0]}
+                                axis: value, "vs": vs}
                         rows += _compare_cell(preds, cell, len(seeds))
     out = pd.DataFrame(rows, columns=cols)
     macro = (out["label"] == "macro").to_numpy()
     for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
         out.loc[family, "p_holm"] = holm(out.loc[family, "p_value"].to_numpy(float))
     return out
+
+
+def _steps(values: list) -> list[tuple]:
+    """The (compared, reference) pairs along one axis, ``values`` ordered from the reference on: each value against
+    the first (does scale help at all?) and, from the third on, also against the one before it (does the next step
+    still help, or has the gain saturated?)."""
+    pairs = []
+    for i, value in enumerate(values[1:], start=1):
+        pairs.append((value, values[0]))
+        if i >= 2:
+            pairs.append((value, values[i - 1]))
+    return pairs
 
 
 def _ordered_values(g: pd.DataFrame, axis: str) -> list:
