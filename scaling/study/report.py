@@ -667,7 +667,8 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='comparisons'>Pairwise comparisons</h2>",
             "<p class='note'>Each backbone against the smallest with the same pretraining (axis backbone), and "
             "each pretraining source against the one with the fewest images on the same backbone (axis "
-            "pretrained), on the test set and on every OOD set at every data fraction (full data first), paired on "
+            "pretrained); from the third step on each also against the step below it (vs): does the next size, or "
+            "more pretraining, still help? On the test set and on every OOD set at every data fraction (full data first), paired on "
             "the same samples, on the macro AUROC (below; per label in the collapsed table), over the seeds both "
             "cells have. "
             "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
