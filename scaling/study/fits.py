@@ -155,13 +155,15 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
                        rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method)
 
 
-def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed: int = 0) -> np.ndarray:
+def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed: int = 0,
+                       labels=None) -> np.ndarray:
     """``1 − macro AUROC`` of each run under ``n_boot`` patient-level bootstrap replicates shared by all runs:
     shape ``(n_boot, n_runs)``.
 
     ``predictions`` are the runs' stored predictions of one evaluation set (``sample_id``, ``patient_id``,
     ``label:<L>``, ``logit:<L>``), scored on the samples every run has. The macro is the mean over the labels with
-    both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out).
+    both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out), or
+    over those of ``labels`` (e.g. the labels an OOD set shares with test).
     """
     from scaling.metrics.bootstrap import ClusterBootstrap
 
@@ -170,7 +172,8 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
         common &= set(p["sample_id"])
     frames = [p[p["sample_id"].isin(common)].set_index("sample_id").sort_index() for p in predictions]
     first = frames[0]
-    labels = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
+    labels = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:") and (
+        labels is None or c.split(":", 1)[1] in labels)]
     boot = ClusterBootstrap(first["patient_id"].to_numpy(), n=len(first), n_boot=n_boot, seed=seed)
     out = np.full((n_boot, len(frames)), np.nan)
     for j, f in enumerate(frames):

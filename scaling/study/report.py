@@ -235,7 +235,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables.update({f"ood:{e}": t for e, t in _ood_tables(summary, shared).items()})
     trends = {}
     for e in shared:
-        rep.tables[f"robustness:{e}"], trends[e] = effective_robustness(summary, e)
+        rep.tables[f"robustness:{e}"], trends[e] = effective_robustness(summary, e, df=df, store_root=store_root,
+                                                                        n_boot=n_boot_fit)
         if trends[e] is not None:
             line = trends[e]
             rep.notes[f"robustness:{e}"] = (
@@ -453,7 +454,9 @@ def _ood_html(rep: StudyReport) -> list[str]:
         if robust is not None and len(robust):
             parts += [f"<p><b>Effective robustness</b> (Taori et al. 2020): each cell's {html.escape(e)} AUROC minus "
                       "what the study's trend predicts from its test AUROC (the dotted curve in the figure above): "
-                      "positive = more robust than its in-distribution accuracy alone would make it. "
+                      "positive = more robust than its in-distribution accuracy alone would make it; er_lo, er_hi: "
+                      "95% interval from refitting the trend on resampled seeds and test and OOD patients (ci says "
+                      "which). "
                       f"{html.escape(rep.notes.get(f'robustness:{e}', ''))}</p>",
                       _table_html(robust, f"robustness-{_anchor(e)}")]
         else:

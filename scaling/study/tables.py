@@ -90,7 +90,8 @@ ROBUSTNESS_MIN_CELLS = 3
 """Cells (with distinct in-distribution AUROCs) a trend line needs before effective robustness is measured from it."""
 
 
-def effective_robustness(summary: pd.DataFrame, eval_set: str) -> tuple[pd.DataFrame, dict | None]:
+def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFrame | None = None, store_root=None,
+                         n_boot: int = 200, seed: int = 0, confidence: float = 0.95) -> tuple[pd.DataFrame, dict | None]:
     """Effective robustness on an OOD set (Taori et al., "Measuring robustness to natural distribution shifts in
     image classification", NeurIPS 2020): a cell's OOD AUROC minus the OOD AUROC that the study's own trend predicts
     from its in-distribution AUROC, both on the labels the set shares with test (``auroc_id`` / ``auroc_ood``).
@@ -102,25 +103,94 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str) -> tuple[pd.DataF
     full data (``auroc_ood_trend`` and ``effective_robustness``) and the line (``intercept``, ``slope``, ``r2``,
     ``n_cells``), or an empty frame and None with fewer than :data:`ROBUSTNESS_MIN_CELLS` cells or no spread in
     the in-distribution AUROCs.
+
+    With ``df`` (the tidy table the summary came from) each row also gets a ``confidence`` percentile interval
+    (``er_lo``, ``er_hi``) from ``n_boot`` replicates of the whole measurement — every cell's seeds resampled, the
+    line refitted, the residual taken again — and, with ``store_root``, the test and OOD patients resampled as
+    well, one resample of each set shared by every run (the trend moves with the patients, so what is left is how
+    far the cell sits off it on another sample). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``, or
+    ``none`` (one seed per cell and no predictions: no interval).
     """
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
+    if df is not None:
+        cols += ["er_lo", "er_hi", "ci"]
     pair = select(summary, "auroc_id", eval_set)[[*keys, "mean"]].merge(
         select(summary, "auroc_ood", eval_set)[[*keys, "mean"]], on=keys, suffixes=("_id", "_ood"))
-    pair = pair[np.isfinite(pair["mean_id"]) & np.isfinite(pair["mean_ood"])]
+    pair = pair[np.isfinite(pair["mean_id"]) & np.isfinite(pair["mean_ood"])].reset_index(drop=True)
     if len(pair) < ROBUSTNESS_MIN_CELLS or pair["mean_id"].nunique() < 2:
         return pd.DataFrame(columns=cols), None
-    eps = 1e-6  # an AUROC of exactly 0 or 1 has no probit
-    x, y = (stats.norm.ppf(pair[c].clip(eps, 1 - eps)) for c in ("mean_id", "mean_ood"))
+    intercept, slope, r2 = _probit_line(pair["mean_id"].to_numpy(float), pair["mean_ood"].to_numpy(float))
+    out = pair.rename(columns={"mean_id": "auroc_id", "mean_ood": "auroc_ood"})
+    out["auroc_ood_trend"] = stats.norm.cdf(intercept + slope * _probit(out["auroc_id"]))
+    out["effective_robustness"] = out["auroc_ood"] - out["auroc_ood_trend"]
+    if df is not None:
+        lo, hi, ci = _robustness_interval(df, eval_set, pair[keys], store_root, n_boot, seed, confidence)
+        out = out.assign(er_lo=lo, er_hi=hi, ci=ci)
+    out = out[out["fraction"] == full_fraction(summary)][cols].sort_values(["pretrained", "n_params"])
+    line = {"intercept": intercept, "slope": slope, "r2": r2, "n_cells": len(pair)}
+    return out.reset_index(drop=True), line
+
+
+def _probit(auroc) -> np.ndarray:
+    """Φ⁻¹ of AUROCs; an AUROC of exactly 0 or 1 has none and is clipped 1e-6 inside."""
+    return stats.norm.ppf(np.clip(np.asarray(auroc, dtype=float), 1e-6, 1 - 1e-6))
+
+
+def _probit_line(auroc_id: np.ndarray, auroc_ood: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares Φ⁻¹(ood) = intercept + slope · Φ⁻¹(id): (intercept, slope, R²)."""
+    x, y = _probit(auroc_id), _probit(auroc_ood)
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (intercept + slope * x)
     r2 = 1.0 - float((residual**2).sum() / ((y - y.mean()) ** 2).sum()) if np.ptp(y) > 0 else float("nan")
-    out = pair.rename(columns={"mean_id": "auroc_id", "mean_ood": "auroc_ood"})
-    out["auroc_ood_trend"] = stats.norm.cdf(intercept + slope * x)
-    out["effective_robustness"] = out["auroc_ood"] - out["auroc_ood_trend"]
-    out = out[out["fraction"] == full_fraction(summary)][cols].sort_values(["pretrained", "n_params"])
-    line = {"intercept": float(intercept), "slope": float(slope), "r2": r2, "n_cells": len(pair)}
-    return out.reset_index(drop=True), line
+    return float(intercept), float(slope), r2
+
+
+def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, store_root, n_boot: int, seed: int,
+                         confidence: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """Percentile interval of every cell's effective robustness (see :func:`effective_robustness`)."""
+    from scaling.study.fits import patient_replicates
+    from scaling.study.store import RunStore
+
+    keys = list(cells.columns)
+    rows = df[(df["eval_set"] == eval_set) & (df["label"] == "macro") & (df["attribute"] == "all")
+              & (df["group"] == "all") & df["metric"].isin(["auroc_id", "auroc_ood"])]
+    runs = rows.pivot_table(index=[*keys, "seed", "run_id"], columns="metric", values="value").reset_index()
+    runs = cells.reset_index().merge(runs, on=keys).sort_values(["index", "seed"])
+    strata = [g.index.to_numpy() for _, g in runs.reset_index(drop=True).groupby("index", sort=True)]
+    nan = np.full(len(cells), np.nan)
+    if len(strata) != len(cells):  # a cell without its runs' rows (a summary from another table): nothing to resample
+        return nan, nan, "none"
+    values = runs[["auroc_id", "auroc_ood"]].to_numpy(float).T  # (2, runs)
+    reps = None
+    if store_root is not None and "run_id" in runs:
+        store, labels = RunStore(store_root), shift_labels(df).get(eval_set)
+        reps = [1.0 - patient_replicates([store.read_predictions(r, e) for r in runs["run_id"]], n_boot=n_boot,
+                                         seed=seed + k, labels=labels)
+                for k, e in enumerate(("test", eval_set))]
+    method = "seeds+patients" if reps is not None else (
+        "seeds" if any(len(s) > 1 for s in strata) else "none")
+    if method == "none":
+        return nan, nan, method
+    # Every replicate at once: per cell, its seeds' draws (n_boot, seeds); per replicate, the line by least squares.
+    rng = np.random.default_rng(seed)
+    means = np.empty((2, n_boot, len(strata)))
+    for c, s in enumerate(strata):
+        pick = rng.integers(0, len(s), size=(n_boot, len(s)))
+        for k in (0, 1):
+            v = np.broadcast_to(values[k][s], (n_boot, len(s))) if reps is None else reps[k][:, s]
+            means[k, :, c] = np.take_along_axis(v, pick, axis=1).mean(axis=1)
+    x, y = _probit(means[0]), _probit(means[1])
+    xc, yc = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    sxx = (xc**2).sum(axis=1)
+    ok = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & (sxx > 0)
+    if not ok.any():
+        return nan, nan, method
+    slope = (xc * yc).sum(axis=1)[ok] / sxx[ok]
+    intercept = y[ok].mean(axis=1) - slope * x[ok].mean(axis=1)
+    boots = means[1][ok] - stats.norm.cdf(intercept[:, None] + slope[:, None] * x[ok])
+    lo, hi = np.percentile(boots, (50 * (1 - confidence), 50 * (1 + confidence)), axis=0)
+    return lo, hi, method
 
 
 def shift_labels(df: pd.DataFrame) -> dict[str, list[str]]:
