@@ -1,5 +1,7 @@
 """Effective robustness: OOD AUROC beyond what the study's own in-distribution → OOD trend predicts."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,7 +97,6 @@ def test_seed_interval_matches_the_exact_bootstrap_distribution():
     df = _tidy(cells, seeds)
     table, _ = effective_robustness(summarise(df), "ood", df=df, n_boot=4000, seed=3)
     assert (table["ci"] == "seeds").all()
-    import itertools
     outcomes, weights = [], []
     for choice in itertools.product(range(3), repeat=4):  # 0: seed 0 twice, 1: seed 1 twice, 2: one of each
         means = np.array([np.mean([runs[0], runs[1]], axis=0) if c == 2 else np.array(runs[c])
