@@ -24,6 +24,7 @@ from scaling.study.store import RunStore
 
 TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "robustness-ood_site_b",
           "selective", "fits", "reliability", "reliability_bins", "comparisons", "comparisons-labels",
+          "comparisons-subgroups",
           *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
 FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
               *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
@@ -143,6 +144,49 @@ def test_report_numbers_match_tables(report):
     means = sel.apply(lambda col: col.str.split().str[0].astype(float))
     assert (means.iloc[0] > means.iloc[1]).all()
     assert (means.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # referring the uncertain cases helps both
+
+
+def test_subgroup_comparisons_are_the_paired_tests_within_each_group(report):
+    root, rep, _ = report
+    table = rep.tables["subgroup_comparisons"]
+    # full data only; the groups the runs' metric rows summarise (sex: F, M; age_group has no rows in this store);
+    # the same 27 comparisons as the overall table (15 along backbones, 12 along pretraining) on both sets
+    assert set(table["fraction"]) == {1.0} and set(zip(table["attribute"], table["group"])) == {("sex", "F"),
+                                                                                                ("sex", "M")}
+    assert len(table) == 27 * 2 * 2 and set(table["eval_set"]) == {"test", "ood_site_b"}
+    np.testing.assert_array_equal(table["p_holm"], holm(table["p_value"]))
+    overall = rep.tables["comparisons"]
+    keys = ["axis", "eval_set", "pretrained", "backbone", "vs"]
+    assert (set(map(tuple, table[keys].drop_duplicates().to_numpy()))
+            == set(map(tuple, overall[(overall["fraction"] == 1.0)][keys].drop_duplicates().to_numpy())))
+    # one row recomputed from the stored predictions: the women's images of bb_large vs bb_tiny (upstream:big)
+    row = table[(table["axis"] == "backbone") & (table["backbone"] == "bb_large") & (table["vs"] == "bb_tiny")
+                & (table["pretrained"] == "upstream:big") & (table["eval_set"] == "test")
+                & (table["group"] == "F")].iloc[0]
+    runs = load_results(root).query("eval_set == 'test' and fraction == 1.0 and pretrained == 'upstream:big'")
+    store = RunStore(root)
+    preds = {(bb, seed): store.read_predictions(runs[(runs["backbone"] == bb) & (runs["seed"] == seed)]["run_id"]
+                                                .iloc[0], "test").set_index("sample_id").sort_index()
+             for bb in ("bb_large", "bb_tiny") for seed in SEEDS}
+    first = preds["bb_large", SEEDS[0]]
+    women = (first["sex"] == "F").to_numpy()
+    y = first[[f"label:{k}" for k in LABELS]].to_numpy(float)[women]
+    scores = {bb: np.stack([preds[bb, s][[f"prob:{k}" for k in LABELS]].to_numpy(float)[women] for s in SEEDS])
+              for bb in ("bb_large", "bb_tiny")}
+    sk = np.mean([roc_auc_score(y[:, k], run[:, k]) for run in scores["bb_large"] for k in range(len(LABELS))])
+    assert row["auroc"] == pytest.approx(sk, abs=1e-12) and row["n"] == 60 and row["n_patients"] == 60
+    ref = or_test_macro(y, scores["bb_large"], scores["bb_tiny"], cluster=first["patient_id"].to_numpy(object)[women])
+    assert row["p_value"] == pytest.approx(ref.p_value, rel=1e-12) and row["diff"] == pytest.approx(ref.diff)
+    assert row["diff"] > 0 and row["method"] == "or-hillis"
+
+
+def test_cli_compare_subgroups(report, capsys, tmp_path):
+    root, rep, _ = report
+    assert main(["compare", str(root), "--subgroups", "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    written = pd.read_csv(tmp_path / "s.csv")
+    assert len(out) == 1 + 1 + len(written) == 2 + len(rep.tables["subgroup_comparisons"])  # status, header, rows
+    assert set(written["group"]) == {"F", "M"}
 
 
 def test_report_identifies_no_patient(report):

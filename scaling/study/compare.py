@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from scaling.metrics import holm, or_test, or_test_macro, referral_curve, reliability_diagram
+from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
 
@@ -142,14 +143,67 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     every macro row, or every per-label row — which bounds the chance that any test of the family is a false
     positive.
     """
-    store = RunStore(store_root)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients",
             "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
+    rows = []
+    for cell, preds, r in _compared_pairs(store_root, df, eval_sets, fractions):
+        rows += _compare_cell(preds, cell, r)
+    out = pd.DataFrame(rows, columns=cols)
+    macro = (out["label"] == "macro").to_numpy()
+    for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
+        out.loc[family, "p_holm"] = holm(out.loc[family, "p_value"].to_numpy(float))
+    return out
+
+
+def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None) -> pd.DataFrame:
+    """The comparisons of :func:`pairwise_comparisons` within every patient subgroup, at full data (``fraction``,
+    default the largest): does the bigger or better-pretrained model help each group — women and men, every age
+    band — and not only on average?
+
+    One row per comparison × attribute × group that the runs' metric rows summarise (a group of at least
+    ``eval.min_group_size`` samples; the ``missing`` group is left out, as in the fairness summaries): the macro
+    AUROC over the labels with both classes inside the group, paired on the group's samples, clustered by patient,
+    tested by :func:`scaling.metrics.or_test_macro` over the shared seeds. ``p_holm`` is Holm's adjustment over
+    this table alone (its own family: a finding about a group, read beside the overall comparison).
+    """
+    cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "attribute", "group", "n_seeds", "n",
+            "n_patients", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+    if fraction is None:
+        fraction = df["fraction"].max()
+    groups = df[(df["metric"] == "auroc") & (df["label"] == "macro") & (df["attribute"] != "all")
+                & (df["group"] != MISSING_GROUP) & np.isfinite(df["value"].to_numpy(dtype=float))]
+    summarised = {e: list(g[["attribute", "group"]].drop_duplicates().sort_values(["attribute", "group"])
+                          .itertuples(index=False, name=None)) for e, g in groups.groupby("eval_set")}
+    rows = []
+    sets = [e for e in eval_sets if summarised.get(e)]
+    for cell, preds, r in _compared_pairs(store_root, df, sets, [fraction]):
+        labels, y_all, patients, scores, first = _paired_predictions(preds)
+        for attribute, group in summarised[cell["eval_set"]]:
+            if attribute not in first:
+                continue
+            inside = group_labels(first[attribute].to_numpy(dtype=object)) == group
+            defined = [i for i in range(len(labels))
+                       if {0.0, 1.0} <= set(y_all[inside, i][np.isfinite(y_all[inside, i])])]
+            if not defined:
+                continue
+            ok = inside & np.isfinite(y_all[:, defined]).any(axis=1)
+            res = or_test_macro(y_all[ok][:, defined], scores[:r][:, ok][..., defined],
+                                scores[r:][:, ok][..., defined], cluster=patients[ok])
+            rows.append({**cell, "attribute": attribute, "group": group, "n_seeds": r, **_counts(ok, patients),
+                         **_test_fields(res)})
+    out = pd.DataFrame(rows, columns=cols)
+    out["p_holm"] = holm(out["p_value"].to_numpy(float))
+    return out
+
+
+def _compared_pairs(store_root, df: pd.DataFrame, eval_sets, fractions):
+    """Every comparison of :func:`pairwise_comparisons`: its keys (a row's first columns), the predictions of the
+    compared cell's runs then the reference's, seed by seed, and the number of shared seeds."""
+    store = RunStore(store_root)
     # one row per run and set is all the grouping below needs (the tidy table has one per metric and label)
     df = df.drop_duplicates(["run_id", "eval_set"])
-    rows = []
     for axis in COMPARED_AXES:
         fixed = "pretrained" if axis == "backbone" else "backbone"
         for eval_set in eval_sets:
@@ -166,15 +220,9 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
                         for rid in (*runs[seeds], *ref_runs[seeds]):
                             if rid not in read:
                                 read[rid] = store.read_predictions(rid, eval_set)
-                        preds = [read[rid] for rid in (*runs[seeds], *ref_runs[seeds])]
-                        cell = {"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
-                                axis: value, "vs": vs}
-                        rows += _compare_cell(preds, cell, len(seeds))
-    out = pd.DataFrame(rows, columns=cols)
-    macro = (out["label"] == "macro").to_numpy()
-    for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
-        out.loc[family, "p_holm"] = holm(out.loc[family, "p_value"].to_numpy(float))
-    return out
+                        yield ({"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
+                                axis: value, "vs": vs},
+                               [read[rid] for rid in (*runs[seeds], *ref_runs[seeds])], len(seeds))
 
 
 def _steps(values: list) -> list[tuple]:
@@ -200,7 +248,7 @@ def _ordered_values(g: pd.DataFrame, axis: str) -> list:
 def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
     """The macro row and the per-label rows of one comparison: ``preds`` holds the compared cell's r runs, then the
     reference's, seed by seed."""
-    labels, y_all, patients, scores = _paired_predictions(preds)
+    labels, y_all, patients, scores, _ = _paired_predictions(preds)
     cell = {**cell, "n_seeds": r}
     defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
     rows = []
@@ -230,9 +278,10 @@ def _test_fields(res) -> dict:
             "df": res.df, "p_value": res.p_value, "method": res.method}
 
 
-def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                                             pd.DataFrame]:
     """The samples every run scored, in the first run's order: its label names, labels (N, L) and patient ids (N,),
-    and every run's probabilities (runs, N, L), aligned on sample id."""
+    every run's probabilities (runs, N, L), aligned on sample id, and the first run's rows of them (attributes)."""
     labels = _label_names(preds[0])
     ids = pd.Index(preds[0]["sample_id"])
     for pred in preds[1:]:
@@ -242,7 +291,7 @@ def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarra
     first = preds[0].iloc[rows[0]]
     scores = np.stack([pred[prob_cols].to_numpy(float)[at] for pred, at in zip(preds, rows)])
     return (labels, first[[f"label:{lab}" for lab in labels]].to_numpy(float),
-            first["patient_id"].to_numpy(dtype=object), scores)
+            first["patient_id"].to_numpy(dtype=object), scores, first)
 
 
 def reliability_curves(store_root, df: pd.DataFrame, eval_sets, n_bins: int = 10) -> pd.DataFrame:

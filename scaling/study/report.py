@@ -24,7 +24,8 @@ from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLAS
                                          base_metric)
 from scaling.study import plots
 from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
-from scaling.study.compare import pairwise_comparisons, reliability_curves, reliability_summary, selective_curves
+from scaling.study.compare import (pairwise_comparisons, reliability_curves, reliability_summary, selective_curves,
+                                   subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.store import RunStore
 from scaling.study.tables import (ROBUSTNESS_MIN_CELLS, data_efficiency, effective_robustness, eval_set_order,
@@ -272,6 +273,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.figures["selective"] = plots.selective_curves(curves)
 
     rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     return rep
 
@@ -681,6 +683,11 @@ def render_html(rep: StudyReport) -> str:
             "Holm's adjustment over every row of its table (family-wise error: the macro table is the primary "
             "family, the per-label table a second one), p_value: the comparison alone.</p>",
             *_comparisons_html(t.get("comparisons")),
+            "<details><summary>per subgroup (full data)</summary><p class='note'>The same comparisons within each "
+            "patient subgroup the fairness tables summarise: macro AUROC over the labels with both classes in the "
+            "group, paired on its samples, clustered by patient; p_holm over this table alone.</p>",
+            _table_html(t.get("subgroup_comparisons"), "comparisons-subgroups", "no subgroup to compare"),
+            "</details>",
             *_analysis_html(rep),
         ]
     parts += ["<h2 id='config'>Study config</h2>",
