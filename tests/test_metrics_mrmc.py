@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from scaling.metrics import ClusterBootstrap, delong_components, delong_test, or_hillis, or_test, or_test_macro
+from scaling.metrics import (ClusterBootstrap, delong_components, delong_test, or_hillis, or_test, or_test_brier,
+                             or_test_macro)
 
 
 def _clustered_data(rng, n_patients=40, per_patient=2, seeds=3, gap=0.3):
@@ -195,3 +196,65 @@ def test_macro_covariance_matches_the_patient_bootstrap():
 def test_macro_shapes_are_checked():
     with pytest.raises(ValueError, match=r"shape \(seeds, 4, 2\)"):
         or_test_macro(np.zeros((4, 2)), np.zeros((1, 4, 3)), np.zeros((1, 4, 3)))
+
+
+def _brier_data(seed=0, n_patients=150, r=3, labels=3):
+    """Two or three images per patient, ``labels`` labels with some unlabelled entries, r seeds per model."""
+    rng = np.random.default_rng(seed)
+    cluster = np.repeat(np.arange(n_patients), rng.integers(2, 4, n_patients))
+    n = cluster.size
+    y = (rng.random((n, labels)) < 0.3).astype(float)
+    y[rng.random((n, labels)) < 0.1] = np.nan
+    base = np.clip(np.nan_to_num(y, nan=0.5) * 0.5 + 0.25 + rng.normal(0, 0.15, (n, labels)), 0.01, 0.99)
+    pa = np.clip(base + rng.normal(0, 0.05, (r, n, labels)), 0, 1)
+    pb = np.clip(base + rng.normal(0.05, 0.08, (r, n, labels)), 0, 1)
+    return y, pa, pb, cluster
+
+
+def test_brier_one_seed_is_the_clustered_paired_z_test():
+    y, pa, pb, cluster = _brier_data(r=1)
+    res = or_test_brier(y, pa[0], pb[0], cluster=cluster)
+    known = np.isfinite(y)
+    rows = known.sum(axis=0)
+    # by hand, from the differences: each label's loss difference per image, over that label's rows
+    d = np.where(known, (pa[0] - np.nan_to_num(y)) ** 2 - (pb[0] - np.nan_to_num(y)) ** 2, 0.0)
+    diff = float(np.mean(d.sum(axis=0) / rows))
+    centred = np.where(known, d - d.sum(axis=0) / rows, 0.0) / rows / y.shape[1]
+    per_patient = np.array([centred[cluster == c].sum() for c in np.unique(cluster)])
+    i = per_patient.size
+    se = math.sqrt(i / (i - 1) * (per_patient**2).sum())
+    assert res.method == "paired" and res.diff == pytest.approx(diff, abs=1e-15)
+    assert res.se == pytest.approx(se, rel=1e-10)
+    assert res.p_value == pytest.approx(2 * stats.norm.sf(abs(diff / se)), rel=1e-9)
+    assert res.auroc_a == pytest.approx(np.mean([np.mean((pa[0][known[:, k], k] - y[known[:, k], k]) ** 2)
+                                                 for k in range(y.shape[1])]), abs=1e-15)
+
+
+def test_brier_covariance_matches_the_patient_jackknife():
+    # The influence covariance of the 2r macro Brier scores against a leave-one-patient-out jackknife.
+    y, pa, pb, cluster = _brier_data(seed=1, n_patients=120, r=2)
+    runs = np.concatenate([pa, pb])
+
+    def macro(keep):
+        yk = y[keep]
+        return np.array([np.nanmean(np.where(np.isfinite(yk), (run[keep] - yk) ** 2, np.nan), axis=0).mean()
+                         for run in runs])
+
+    ids = np.unique(cluster)
+    jack = np.array([macro(cluster != c) for c in ids])
+    i = ids.size
+    cov_jack = (i - 1) / i * (jack - jack.mean(axis=0)).T @ (jack - jack.mean(axis=0))
+    res = or_test_brier(y, pa, pb, cluster=cluster)
+    ref = or_hillis(macro(np.ones(len(y), bool)).reshape(2, -1), cov_jack)
+    assert res.method == "or-hillis" and res.auroc_a == pytest.approx(ref.auroc_a, abs=1e-15)
+    assert res.se == pytest.approx(ref.se, rel=0.03) and res.df == pytest.approx(ref.df, rel=0.05)
+    assert res.diff < 0 and res.p_value < 0.05  # model b is noisier and biased upwards: a has the lower Brier
+
+
+def test_brier_shapes_and_unlabelled_labels_are_refused():
+    y, pa, pb, cluster = _brier_data(r=2)
+    with pytest.raises(ValueError, match="shape"):
+        or_test_brier(y, pa, pb[:1], cluster=cluster)
+    y[:, 1] = np.nan
+    with pytest.raises(ValueError, match="labelled row"):
+        or_test_brier(y, pa, pb, cluster=cluster)

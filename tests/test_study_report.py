@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, softmax
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, roc_auc_score
 from study_store import (BACKBONES, FRACTIONS, LABELS, PATIENTS, SAMPLES, SEEDS, SOURCES, TEMPERATURES, copy_store,
                          html_table, make_store, run_dir_of, shared_store, study_config)
 
@@ -24,7 +24,7 @@ from scaling.study.store import RunStore
 
 TABLES = ("completion", "headline", "labels", "fits_params", "data_efficiency", "ood-ood_site_b", "robustness-ood_site_b",
           "selective", "fits", "reliability", "reliability_bins", "comparisons", "comparisons-labels",
-          "comparisons-subgroups",
+          "comparisons-subgroups", "comparisons-brier",
           *[f"{view}-{e}" for view in ("fairness", "groups", "calibration") for e in ("val", "test", "ood_site_b")])
 FIGURE_IDS = ("auroc_vs_params", "auroc_vs_fraction", "id_vs_ood", "calibration", "reliability", "selective",
               *[f"fairness-{e}" for e in ("val", "test", "ood_site_b")])
@@ -187,6 +187,35 @@ def test_cli_compare_subgroups(report, capsys, tmp_path):
     written = pd.read_csv(tmp_path / "s.csv")
     assert len(out) == 1 + 1 + len(written) == 2 + len(rep.tables["subgroup_comparisons"])  # status, header, rows
     assert set(written["group"]) == {"F", "M"}
+
+
+def test_brier_comparisons_use_the_raw_and_the_validation_fitted_probabilities(report):
+    root, rep, _ = report
+    table = rep.tables["brier_comparisons"]
+    assert len(table) == 27 * 2 * 2 and set(table["scaling"]) == {"raw", "temperature"}  # comparisons x sets x 2
+    np.testing.assert_array_equal(table["p_holm"], holm(table["p_value"]))
+    row = table[(table["axis"] == "backbone") & (table["backbone"] == "bb_large") & (table["vs"] == "bb_tiny")
+                & (table["pretrained"] == "upstream:big") & (table["eval_set"] == "test")].set_index("scaling")
+    runs = load_results(root).query("eval_set == 'test' and fraction == 1.0 and pretrained == 'upstream:big'")
+    store = RunStore(root)
+    preds = {(bb, seed): store.read_predictions(runs[(runs["backbone"] == bb) & (runs["seed"] == seed)]["run_id"]
+                                                .iloc[0], "test").set_index("sample_id").sort_index()
+             for bb in ("bb_large", "bb_tiny") for seed in SEEDS}
+
+    def brier(bb, scaled):  # sklearn's Brier score per label, averaged; L1 at the stored temperature 2, L2 raw
+        per_run = []
+        for seed in SEEDS:
+            p = preds[bb, seed]
+            probs = {"L1": expit(p["logit:L1"] / TEMPERATURES["L1"]) if scaled else p["prob:L1"], "L2": p["prob:L2"]}
+            per_run.append(np.mean([brier_score_loss(p[f"label:{k}"], probs[k]) for k in LABELS]))
+        return np.mean(per_run)
+
+    for scaled, name in ((False, "raw"), (True, "temperature")):
+        assert row.loc[name, "brier"] == pytest.approx(brier("bb_large", scaled), abs=1e-12)
+        assert row.loc[name, "brier_vs"] == pytest.approx(brier("bb_tiny", scaled), abs=1e-12)
+    # the better-separating large backbone also has the better probabilities, tested over both seeds
+    assert (row["diff"] < 0).all() and (row["method"] == "or-hillis").all() and (row["n_patients"] == 60).all()
+    assert main(["compare", str(root), "--brier"]) == 0
 
 
 def test_report_identifies_no_patient(report):

@@ -39,8 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "compare":
             s.add_argument("--label", default="macro", help="label to print, or 'all' (default: macro)")
             s.add_argument("--csv", help="also write every comparison (all labels) to this CSV")
-            s.add_argument("--subgroups", action="store_true",
-                           help="the comparisons within each patient subgroup (full data) instead")
+            which = s.add_mutually_exclusive_group()
+            which.add_argument("--subgroups", action="store_true",
+                               help="the comparisons within each patient subgroup (full data) instead")
+            which.add_argument("--brier", action="store_true",
+                               help="the comparisons of the macro Brier score, raw and temperature-scaled (full "
+                                    "data) instead")
         if name in ("fits", "report"):
             s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of each fit (default 200)")
         if name == "report":
@@ -77,25 +81,28 @@ def _wandb_report(args) -> int:
 
 
 def _compare(args, df: pd.DataFrame) -> int:
-    """The report's pairwise comparisons (or, with ``--subgroups``, those within each patient subgroup), on the plain
-    fine-tuning cells, for test and every OOD set."""
+    """The report's pairwise comparisons (or, with ``--subgroups``, those within each patient subgroup; with
+    ``--brier``, those of the Brier score), on the plain fine-tuning cells, for test and every OOD set."""
     from scaling.study.aggregate import plain_cells
-    from scaling.study.compare import pairwise_comparisons, subgroup_comparisons
+    from scaling.study.compare import brier_comparisons, pairwise_comparisons, subgroup_comparisons
     from scaling.study.tables import ood_sets
 
     plain = plain_cells(df)
     sets = ["test", *ood_sets(plain)]
     if args.subgroups:
         table = subgroup_comparisons(args.store, plain, eval_sets=sets)
+    elif args.brier:
+        table = brier_comparisons(args.store, plain, eval_sets=sets)
     else:
         table = pairwise_comparisons(args.store, plain, eval_sets=sets)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    shown = table if args.label == "all" or args.subgroups else table[table["label"] == args.label]
+    per_label = not (args.subgroups or args.brier)
+    shown = table[table["label"] == args.label] if per_label and args.label != "all" else table
     if shown.empty:
         print("no comparison (needs two cells that differ in one axis, with stored predictions"
               + (", and subgroups with metric rows" if args.subgroups else "")
-              + ("" if args.label == "all" or args.subgroups or table.empty else f", and label {args.label!r}")
+              + ("" if args.label == "all" or not per_label or table.empty else f", and label {args.label!r}")
               + ")")
         return 0
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import holm, or_test, or_test_macro, referral_curve, reliability_diagram
+from scaling.metrics import holm, or_test, or_test_brier, or_test_macro, referral_curve, reliability_diagram
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore
@@ -148,7 +148,7 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
     rows = []
-    for cell, preds, r in _compared_pairs(store_root, df, eval_sets, fractions):
+    for cell, preds, r, _ in _compared_pairs(store_root, df, eval_sets, fractions):
         rows += _compare_cell(preds, cell, r)
     out = pd.DataFrame(rows, columns=cols)
     macro = (out["label"] == "macro").to_numpy()
@@ -178,7 +178,7 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
                           .itertuples(index=False, name=None)) for e, g in groups.groupby("eval_set")}
     rows = []
     sets = [e for e in eval_sets if summarised.get(e)]
-    for cell, preds, r in _compared_pairs(store_root, df, sets, [fraction]):
+    for cell, preds, r, _ in _compared_pairs(store_root, df, sets, [fraction]):
         labels, y_all, patients, scores, first = _paired_predictions(preds)
         for attribute, group in summarised[cell["eval_set"]]:
             if attribute not in first:
@@ -198,9 +198,52 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     return out
 
 
+def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None) -> pd.DataFrame:
+    """The comparisons of :func:`pairwise_comparisons` on the macro Brier score, at full data (``fraction``, default
+    the largest): are the bigger or better-pretrained model's probabilities better — under shift too — as they come
+    out of the network (``scaling = "raw"``) and after each run's temperatures fitted on validation
+    (``"temperature"``)?
+
+    The Brier score (mean squared error of the probability; lower is better) is a proper scoring rule: it rewards
+    calibration and discrimination together, and unlike ECE it has no binning and an unbiased mean, so two models
+    can be tested on it (:func:`scaling.metrics.or_test_brier`: seeds and patients random, clustered by patient;
+    one seed: the paired z-test). Over the labels the set can score (both classes), paired on the same samples.
+    ``diff`` < 0: the compared cell's probabilities are better. ``p_holm`` is over this table alone.
+    """
+    cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "scaling", "n_seeds", "n", "n_patients",
+            "brier", "brier_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+    if fraction is None:
+        fraction = df["fraction"].max()
+    store = RunStore(store_root)
+    fitted = {}
+    rows = []
+    for cell, preds, r, ids in _compared_pairs(store_root, df, eval_sets, [fraction]):
+        labels, y_all, patients, raw, first = _paired_predictions(preds)
+        defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
+        if not defined:
+            continue
+        for rid in ids:
+            if rid not in fitted:
+                fitted[rid] = store.read_meta(rid).get("fitted_on_val", {})
+        # the temperature-scaled probabilities, aligned like the raw ones (on the first run's sample order)
+        order = first["sample_id"]
+        scaled = np.stack([calibrated_probabilities(p.set_index("sample_id").loc[order].reset_index(), labels,
+                                                    fitted[rid]).to_numpy(float) for p, rid in zip(preds, ids)])
+        ok = np.isfinite(y_all[:, defined]).any(axis=1)
+        for scaling, probs in (("raw", raw), ("temperature", scaled)):
+            p = probs[:, ok][..., defined]
+            res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], cluster=patients[ok])
+            rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.auroc_a,
+                         "brier_vs": res.auroc_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
+                         "df": res.df, "p_value": res.p_value, "method": res.method})
+    out = pd.DataFrame(rows, columns=cols)
+    out["p_holm"] = holm(out["p_value"].to_numpy(float))
+    return out
+
+
 def _compared_pairs(store_root, df: pd.DataFrame, eval_sets, fractions):
     """Every comparison of :func:`pairwise_comparisons`: its keys (a row's first columns), the predictions of the
-    compared cell's runs then the reference's, seed by seed, and the number of shared seeds."""
+    compared cell's runs then the reference's, seed by seed, the number of shared seeds, and the runs' ids."""
     store = RunStore(store_root)
     # one row per run and set is all the grouping below needs (the tidy table has one per metric and label)
     df = df.drop_duplicates(["run_id", "eval_set"])
@@ -220,9 +263,9 @@ def _compared_pairs(store_root, df: pd.DataFrame, eval_sets, fractions):
                         for rid in (*runs[seeds], *ref_runs[seeds]):
                             if rid not in read:
                                 read[rid] = store.read_predictions(rid, eval_set)
+                        ids = [*runs[seeds], *ref_runs[seeds]]
                         yield ({"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
-                                axis: value, "vs": vs},
-                               [read[rid] for rid in (*runs[seeds], *ref_runs[seeds])], len(seeds))
+                                axis: value, "vs": vs}, [read[rid] for rid in ids], len(seeds), ids)
 
 
 def _steps(values: list) -> list[tuple]:

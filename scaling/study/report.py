@@ -24,8 +24,8 @@ from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLAS
                                          base_metric)
 from scaling.study import plots
 from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
-from scaling.study.compare import (pairwise_comparisons, reliability_curves, reliability_summary, selective_curves,
-                                   subgroup_comparisons)
+from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
+                                   reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
 from scaling.study.store import RunStore
 from scaling.study.tables import (ROBUSTNESS_MIN_CELLS, data_efficiency, effective_robustness, eval_set_order,
@@ -274,6 +274,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
 
     rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    rep.tables["brier_comparisons"] = brier_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     return rep
 
@@ -687,6 +688,13 @@ def render_html(rep: StudyReport) -> str:
             "patient subgroup the fairness tables summarise: macro AUROC over the labels with both classes in the "
             "group, paired on its samples, clustered by patient; p_holm over this table alone.</p>",
             _table_html(t.get("subgroup_comparisons"), "comparisons-subgroups", "no subgroup to compare"),
+            "</details>",
+            "<details><summary>probabilities: Brier score (full data)</summary><p class='note'>The same comparisons "
+            "on the macro Brier score (lower is better; a proper scoring rule, so calibration and discrimination "
+            "together), raw and after each run's validation-fitted temperatures: diff &lt; 0 means the compared "
+            "cell's probabilities are better. Seeds and patients random (one seed: the paired z-test), clustered "
+            "by patient; p_holm over this table alone.</p>",
+            _table_html(t.get("brier_comparisons"), "comparisons-brier", "no comparison"),
             "</details>",
             *_analysis_html(rep),
         ]
