@@ -260,10 +260,10 @@ def _compared_pairs(store_root, df: pd.DataFrame, eval_sets, fractions):
                         seeds = sorted(set(runs.index) & set(ref_runs.index))
                         if not seeds:
                             continue
-                        for rid in (*runs[seeds], *ref_runs[seeds]):
+                        ids = [*runs[seeds], *ref_runs[seeds]]
+                        for rid in ids:
                             if rid not in read:
                                 read[rid] = store.read_predictions(rid, eval_set)
-                        ids = [*runs[seeds], *ref_runs[seeds]]
                         yield ({"axis": axis, "eval_set": eval_set, "fraction": float(fraction), fixed: held,
                                 axis: value, "vs": vs}, [read[rid] for rid in ids], len(seeds), ids)
 

@@ -172,8 +172,8 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
         common &= set(p["sample_id"])
     frames = [p[p["sample_id"].isin(common)].set_index("sample_id").sort_index() for p in predictions]
     first = frames[0]
-    labels = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:") and (
-        labels is None or c.split(":", 1)[1] in labels)]
+    names = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
+    labels = [lab for lab in names if labels is None or lab in labels]
     boot = ClusterBootstrap(first["patient_id"].to_numpy(), n=len(first), n_boot=n_boot, seed=seed)
     out = np.full((n_boot, len(frames)), np.nan)
     for j, f in enumerate(frames):

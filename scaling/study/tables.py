@@ -91,7 +91,8 @@ ROBUSTNESS_MIN_CELLS = 3
 
 
 def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFrame | None = None, store_root=None,
-                         n_boot: int = 200, seed: int = 0, confidence: float = 0.95) -> tuple[pd.DataFrame, dict | None]:
+                         n_boot: int = 200, seed: int = 0,
+                         confidence: float = 0.95) -> tuple[pd.DataFrame, dict | None]:
     """Effective robustness on an OOD set (Taori et al., "Measuring robustness to natural distribution shifts in
     image classification", NeurIPS 2020): a cell's OOD AUROC minus the OOD AUROC that the study's own trend predicts
     from its in-distribution AUROC, both on the labels the set shares with test (``auroc_id`` / ``auroc_ood``).
