@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from study_store import BACKBONES, FRACTIONS, SOURCES, shared_store
+from study_store import BACKBONES, FRACTIONS, SOURCES, copy_store, shared_store
 
 from scaling.study.aggregate import load_results, plain_cells, summarise
 from scaling.study.report import build_report, render_html
+from scaling.study.store import RunStore
 from scaling.study.tables import effective_robustness
 
 
@@ -158,3 +159,23 @@ def test_report_interval_resamples_seeds_and_patients(tmp_path_factory):
     # the stored predictions carry patient variance on top of the seeds': wider intervals
     assert ((both["er_hi"] - both["er_lo"]) > (seeds_only["er_hi"] - seeds_only["er_lo"])).mean() > 0.8
     assert (both["er_lo"] < both["er_hi"]).all()
+
+
+def test_a_set_of_the_test_patients_is_resampled_with_test(tmp_path_factory, tmp_path):
+    # The OOD set holds the test images themselves: resampled patient by patient with test, every replicate has
+    # OOD AUROC = test AUROC in every cell, the refitted trend is the identity and the interval collapses to 0.
+    # Resampled as an independent sample, it would not.
+    root, _ = copy_store(tmp_path_factory, tmp_path / "store")
+    store = RunStore(root)
+    df = plain_cells(load_results(root))
+    for rid in df["run_id"].unique():
+        store.write_predictions(rid, "ood_site_b", store.read_predictions(rid, "test"))
+    summary = summarise(df)
+    apart, _ = effective_robustness(summary, "ood_site_b", df=df, store_root=root, n_boot=40)
+    for rid in df["run_id"].unique():
+        meta = store.read_meta(rid)
+        meta["fitted_on_val"]["paired_shift"] = ["ood_site_b"]
+        store.write_meta(rid, meta)
+    together, _ = effective_robustness(summary, "ood_site_b", df=df, store_root=root, n_boot=40)
+    np.testing.assert_allclose(together[["er_lo", "er_hi"]].to_numpy(float), 0.0, atol=1e-9)
+    assert ((apart["er_hi"] - apart["er_lo"]) > 0.01).all()

@@ -156,7 +156,7 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
 
 
 def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed: int = 0,
-                       labels=None) -> np.ndarray:
+                       labels=None, patients=None) -> np.ndarray:
     """``1 − macro AUROC`` of each run under ``n_boot`` patient-level bootstrap replicates shared by all runs:
     shape ``(n_boot, n_runs)``.
 
@@ -164,6 +164,10 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
     ``label:<L>``, ``logit:<L>``), scored on the samples every run has. The macro is the mean over the labels with
     both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out), or
     over those of ``labels`` (e.g. the labels an OOD set shares with test).
+
+    ``patients`` (optional): every patient id the resample draws from, when it must be shared with another set
+    (an OOD set of the test patients' other images): two calls with the same ``patients`` and ``seed`` draw each
+    patient the same number of times in both sets. Default: this set's own patients.
     """
     from scaling.metrics.bootstrap import ClusterBootstrap
 
@@ -174,7 +178,13 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
     first = frames[0]
     names = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
     labels = [lab for lab in names if labels is None or lab in labels]
-    boot = ClusterBootstrap(first["patient_id"].to_numpy(), n=len(first), n_boot=n_boot, seed=seed)
+    own = first["patient_id"].to_numpy(dtype=object)
+    if patients is None:
+        boot = ClusterBootstrap(own, n=len(first), n_boot=n_boot, seed=seed)
+    else:  # number the clusters over the whole universe, then keep this set's rows
+        universe = pd.unique(np.asarray(patients, dtype=object))
+        ids = np.concatenate([universe, own])
+        boot = ClusterBootstrap(ids, n=ids.size, n_boot=n_boot, seed=seed).subset(np.arange(universe.size, ids.size))
     out = np.full((n_boot, len(frames)), np.nan)
     for j, f in enumerate(frames):
         per_label = []

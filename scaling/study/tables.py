@@ -109,8 +109,9 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     (``er_lo``, ``er_hi``) from ``n_boot`` replicates of the whole measurement — every cell's seeds resampled, the
     line refitted, the residual taken again — and, with ``store_root``, the test and OOD patients resampled as
     well, one resample of each set shared by every run (the trend moves with the patients, so what is left is how
-    far the cell sits off it on another sample). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``, or
-    ``none`` (one seed per cell and no predictions: no interval).
+    far the cell sits off it on another sample); an OOD set that shares patients with test (``paired_shift`` in
+    the runs' ``meta.json``) is resampled together with it, each patient drawn as often in both. ``ci`` says what
+    was resampled: ``seeds+patients``, ``seeds``, or ``none`` (one seed per cell and no predictions: no interval).
     """
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
@@ -166,8 +167,16 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
     reps = None
     if store_root is not None and "run_id" in runs:
         store, labels = RunStore(store_root), shift_labels(df).get(eval_set)
-        reps = [1.0 - patient_replicates([store.read_predictions(r, e) for r in runs["run_id"]], n_boot=n_boot,
-                                         seed=seed + k, labels=labels)
+        preds = {e: [store.read_predictions(r, e) for r in runs["run_id"]] for e in ("test", eval_set)}
+        # A set of the test patients' other images (a paired shift) is resampled with test, patient by patient;
+        # any other set on its own (different patients: independent samples).
+        paired = any(eval_set in store.read_meta(r).get("fitted_on_val", {}).get("paired_shift", [])
+                     for r in runs["run_id"])
+        universe = (np.concatenate([p["patient_id"].to_numpy(dtype=object) for p in (preds["test"][0],
+                                                                                    preds[eval_set][0])])
+                    if paired else None)
+        reps = [1.0 - patient_replicates(preds[e], n_boot=n_boot, seed=seed + (0 if paired else k), labels=labels,
+                                         patients=universe)
                 for k, e in enumerate(("test", eval_set))]
     method = "seeds+patients" if reps is not None else (
         "seeds" if any(len(s) > 1 for s in strata) else "none")
