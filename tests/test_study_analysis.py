@@ -161,9 +161,15 @@ def test_cka_is_linear_cka_of_the_initialisation_and_the_fine_tuned_model(grown)
         assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64}
 
 
-def test_report_shows_the_analysis_tables_and_their_numbers(grown):
+@pytest.fixture(scope="module")
+def grown_report(grown):
+    """The report of the grown study, built once for the tests that read it (they do not change the store)."""
+    return build_report(grown[1].root, n_boot_fit=10)
+
+
+def test_report_shows_the_analysis_tables_and_their_numbers(grown, grown_report):
     cfg, store, *_ = grown
-    rep = build_report(store.root, n_boot_fit=10)
+    rep = grown_report
     text = render_html(rep)
     for tid in ("probe_gap", "fewshot", "reinit", "cka_blocks", "cka_scales"):
         assert f'id="tbl-{tid}"' in text and f'id="fig-{tid}"><img' in text, tid
@@ -195,9 +201,9 @@ def test_report_shows_the_analysis_tables_and_their_numbers(grown):
     assert blocks["mean"].between(-1e-6, 1 + 1e-6).all() and set(blocks["reinit"]) == {"none", "after:2"}
 
 
-def test_cka_between_scales_is_cka_of_the_two_fine_tuned_models(grown):
+def test_cka_between_scales_is_cka_of_the_two_fine_tuned_models(grown, grown_report):
     cfg, store, *_ = grown
-    scales = build_report(store.root, n_boot_fit=10).tables["cka_scales"]
+    scales = grown_report.tables["cka_scales"]
     assert set(scales["backbone_a"]) == {"vit_micro"} and set(scales["backbone_b"]) == {"resnetv2_tiny"}
     data = load_study_data(cfg)
     sample = _dataset(cka_sample(data.test, cfg.cka))

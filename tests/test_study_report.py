@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.special import expit, softmax
 from sklearn.metrics import brier_score_loss, roc_auc_score
-from study_store import (BACKBONES, FRACTIONS, LABELS, PATIENTS, SAMPLES, SEEDS, SOURCES, TEMPERATURES, copy_store,
+from study_store import (BACKBONES, FRACTIONS, LABELS, PATIENTS, SAMPLES, SEEDS, TEMPERATURES, copy_store,
                          html_table, make_store, run_dir_of, shared_store, study_config)
 
 from scaling.config import EvalConfig, GridConfig
@@ -144,6 +144,14 @@ def test_report_numbers_match_tables(report):
     means = sel.apply(lambda col: col.str.split().str[0].astype(float))
     assert (means.iloc[0] > means.iloc[1]).all()
     assert (means.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # referring the uncertain cases helps both
+
+
+def test_effective_robustness_is_shown_with_its_interval(report):
+    _, rep, text = report
+    assert "Effective robustness" in text
+    shown = rep.tables["robustness:ood_site_b"]  # seeds and test / OOD patients resampled, the trend refitted
+    assert (shown["ci"] == "seeds+patients").all() and (shown["er_lo"] < shown["effective_robustness"]).all()
+    assert (shown["effective_robustness"] < shown["er_hi"]).all()
 
 
 def test_subgroup_comparisons_are_the_paired_tests_within_each_group(report):
