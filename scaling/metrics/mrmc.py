@@ -155,22 +155,36 @@ def or_test_macro(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> O
     Ψ the patients' influences averaged over the labels (I: patients with a labelled image); for one label it is
     Obuchowski's up to his per-class small-sample factors.
     """
-    labels = np.asarray(y, dtype=np.float64)
-    labels = labels[:, None] if labels.ndim == 1 else labels
-    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    a, b = (a[None] if a.ndim == 2 else a), (b[None] if b.ndim == 2 else b)
-    if a.shape != b.shape or a.ndim != 3 or a.shape[1:] != labels.shape:
-        raise ValueError(f"scores_a and scores_b must have shape (seeds, {labels.shape[0]}, {labels.shape[1]}) "
-                         f"like y (samples, labels), got {a.shape} and {b.shape}")
-    n_samples, n_labels = labels.shape
-    codes = np.arange(n_samples) if cluster is None else cluster_codes(cluster, n_samples)
+    labels, a, b, codes = _multilabel_inputs(y, scores_a, scores_b, cluster, "scores")
+    n_labels = labels.shape[1]
     aucs, psi = 0.0, 0.0
     for lab in range(n_labels):
         auc_l, psi_l = delong_influence(labels[:, lab], np.concatenate([a[..., lab], b[..., lab]]), codes)
         aucs, psi = aucs + auc_l / n_labels, psi + psi_l / n_labels
+    return or_hillis(np.asarray(aucs).reshape(2, -1), _influence_covariance(psi, codes, labels), alpha)
+
+
+def _multilabel_inputs(y, runs_a, runs_b, cluster, name: str):
+    """``y`` as (N, L) floats, both models' runs as (seeds, N, L) (one seed may come as (N, L)), and the patient
+    codes of the N samples; a ValueError naming ``name`` when the shapes disagree."""
+    labels = np.asarray(y, dtype=np.float64)
+    labels = labels[:, None] if labels.ndim == 1 else labels
+    a, b = np.asarray(runs_a, dtype=np.float64), np.asarray(runs_b, dtype=np.float64)
+    a, b = (a[None] if a.ndim == 2 else a), (b[None] if b.ndim == 2 else b)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[1:] != labels.shape:
+        raise ValueError(f"{name}_a and {name}_b must have shape (seeds, {labels.shape[0]}, {labels.shape[1]}) "
+                         f"like y (samples, labels), got {a.shape} and {b.shape}")
+    codes = np.arange(labels.shape[0]) if cluster is None else cluster_codes(cluster, labels.shape[0])
+    return labels, a, b, codes
+
+
+def _influence_covariance(psi: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """I / (I − 1) · Ψ Ψᵀ: the case covariance of the runs' figures of merit from their per-patient influences Ψ
+    (runs, patients); I counts the patients with a labelled sample (NaN with fewer than two)."""
     n_patients = np.unique(codes[np.isfinite(labels).any(axis=1)]).size
-    cov = n_patients / (n_patients - 1) * (psi @ psi.T) if n_patients >= 2 else np.full((psi.shape[0],) * 2, np.nan)
-    return or_hillis(np.asarray(aucs).reshape(2, -1), cov, alpha)
+    if n_patients < 2:
+        return np.full((psi.shape[0],) * 2, np.nan)
+    return n_patients / (n_patients - 1) * (psi @ psi.T)
 
 
 def or_test_brier(y, probs_a, probs_b, alpha: float = 0.05, cluster=None) -> ORTest:
@@ -184,18 +198,10 @@ def or_test_brier(y, probs_a, probs_b, alpha: float = 0.05, cluster=None) -> ORT
     by the label's rows, averaged over labels), as for :func:`or_test_macro`; with one seed the test is the
     clustered paired z-test of the two models' scores (``method = "paired"``).
     """
-    labels = np.asarray(y, dtype=np.float64)
-    labels = labels[:, None] if labels.ndim == 1 else labels
-    a, b = np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
-    a, b = (a[None] if a.ndim == 2 else a), (b[None] if b.ndim == 2 else b)
-    if a.shape != b.shape or a.ndim != 3 or a.shape[1:] != labels.shape:
-        raise ValueError(f"probs_a and probs_b must have shape (seeds, {labels.shape[0]}, {labels.shape[1]}) "
-                         f"like y (samples, labels), got {a.shape} and {b.shape}")
+    labels, a, b, codes = _multilabel_inputs(y, probs_a, probs_b, cluster, "probs")
     known = np.isfinite(labels)
     if not known.any(axis=0).all():
         raise ValueError("every label needs at least one labelled row")
-    n_samples, n_labels = labels.shape
-    codes = np.arange(n_samples) if cluster is None else cluster_codes(cluster, n_samples)
     target, rows = np.where(known, labels, 0.0), known.sum(axis=0)
     briers, psi = [], []
     for run in (*a, *b):  # one (N, L) run at a time: a 240,000-image set with 14 labels is 27 MB per array
@@ -204,8 +210,5 @@ def or_test_brier(y, probs_a, probs_b, alpha: float = 0.05, cluster=None) -> ORT
         briers.append(per_label.mean())
         centred = np.where(known, loss - per_label, 0.0) / rows
         psi.append(np.bincount(codes, weights=centred.mean(axis=1), minlength=int(codes.max()) + 1))
-    psi = np.stack(psi)
-    n_patients = np.unique(codes[known.any(axis=1)]).size
-    cov = n_patients / (n_patients - 1) * (psi @ psi.T) if n_patients >= 2 else np.full((len(psi),) * 2, np.nan)
-    res = or_hillis(np.reshape(briers, (2, -1)), cov, alpha)
+    res = or_hillis(np.reshape(briers, (2, -1)), _influence_covariance(np.stack(psi), codes, labels), alpha)
     return res if res.method != "delong" else dataclasses.replace(res, method="paired")
