@@ -165,9 +165,14 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
         return nan, nan, "none"
     values = runs[["auroc_id", "auroc_ood"]].to_numpy(float).T  # (2, runs)
     reps = None
-    if store_root is not None and "run_id" in runs:
+    if store_root is not None:
         store, labels = RunStore(store_root), shift_labels(df).get(eval_set)
-        preds = {e: [store.read_predictions(r, e) for r in runs["run_id"]] for e in ("test", eval_set)}
+
+        def scored(frame: pd.DataFrame) -> pd.DataFrame:  # only what the replicates read: every run is held at once
+            return frame[[c for c in frame.columns if c in ("sample_id", "patient_id") or (
+                c.split(":", 1)[0] in ("label", "logit") and (labels is None or c.split(":", 1)[1] in labels))]]
+
+        preds = {e: [scored(store.read_predictions(r, e)) for r in runs["run_id"]] for e in ("test", eval_set)}
         # A set of the test patients' other images (a paired shift) is resampled with test, patient by patient;
         # any other set on its own (different patients: independent samples).
         paired = any(eval_set in store.read_meta(r).get("fitted_on_val", {}).get("paired_shift", [])
