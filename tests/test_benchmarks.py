@@ -41,10 +41,12 @@ def test_gpu_throughput_script_runs_every_strategy_on_cpu_ranks():
     results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"model"')]
     assert [(r["strategy"], r["fsdp_units"]) for r in results] == [("none", 0), ("fsdp", 13), ("fsdp:3", 5),
                                                                    ("zero3", 0)]
-    ips = {r[2]: float(r[7]) for r in rows}
+    # the ratio column divides images/s per GPU by none's at the same micro-batch (from the unrounded result lines:
+    # the table's one-decimal images/s of a slow CPU run can move a ratio by more than its own rounding)
+    ips = {r["strategy"]: r["images_per_s"] / r["world"] for r in results}
     assert rows[0][8] == "1.00"
-    for r in rows[1:]:  # the ratio column divides images/s per GPU by none's at the same micro-batch
-        assert abs(float(r[8]) - ips[r[2]] / ips["none"]) <= 0.006, r
+    for r in rows[1:]:
+        assert abs(float(r[8]) - ips[r[2]] / ips["none"]) <= 0.0051, r
 
 
 def test_gpu_throughput_fake_world_runs_rank_0_of_n_on_one_device():
@@ -100,6 +102,17 @@ def test_gpu_determinism_script_runs_on_cpu():
     assert checks == {"resumed_from": 5, "resume_bit_identical": True}
 
 
+def _shm_buffers_since(started: float) -> list[Path]:
+    found = []
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if path.stat().st_mtime > started:
+                found.append(path)
+        except FileNotFoundError:  # removed by its own launch while we looked
+            pass
+    return found
+
+
 def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     """``host_overhead.py`` (one rank under torchrun) with ``fsdp:2``: 4 blocks as 2 units + the root, against 5
     units with one block each; the ratio column divides by none's median in the same run. ``--bare``: the plain
@@ -127,8 +140,13 @@ def test_host_overhead_proxy_runs_and_groups_blocks_per_fsdp_unit(tmp_path):
     assert all(abs(loss - losses["none"]) <= 1e-5 for loss in losses.values()), losses
     own = min(x[2] for x in times["fsdp"]) / min(x[1] for x in times["bare"]["fsdp"])
     assert abs(float(bare["fsdp"][5]) - own) <= 0.006 and bare["fsdp1"][5] == "—"
-    # DeepSpeed's CPU backend, restarted for the plain ZeRO-3 loop, leaves no 69 MB buffer in /dev/shm
-    assert not [p for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if p.stat().st_mtime > started]
+    # DeepSpeed's CPU backend, restarted for the plain ZeRO-3 loop, leaves no 69 MB buffer in /dev/shm. Another
+    # test's launch running beside this one (pytest -n 2) may hold a buffer for a second before its ranks remove it:
+    # only a name still there 30 s later is a leak.
+    deadline = time.time() + 30
+    while (left := _shm_buffers_since(started)) and time.time() < deadline:
+        time.sleep(1)
+    assert not left
 
 
 def test_host_overhead_fake_world_shards_over_two_ranks_in_one_process():
