@@ -63,3 +63,18 @@ def test_paired_bootstrap_diff():
     res = paired_bootstrap_diff("auroc", y, p, worse, cluster=pid, n_boot=300)
     assert res.diff == pytest.approx(auroc(y, p) - auroc(y, worse))
     assert res.lo > 0 and res.p_value < 0.01
+
+
+def test_integer_and_string_patient_ids_give_the_same_clusters_and_replicates():
+    """Integer ids (or codes from a caller that numbered its patients once) take a fast path; it must number the
+    clusters exactly as the string path numbers the same ids in the same sorted order."""
+    from scaling.metrics.bootstrap import cluster_codes
+
+    y, p, pid = _data()
+    as_text = np.array([f"{i:05d}" for i in pid], dtype=object)  # zero-padded: sorts like the integers
+    np.testing.assert_array_equal(cluster_codes(pid), cluster_codes(as_text))
+    np.testing.assert_array_equal(cluster_codes(pid), np.searchsorted(np.unique(pid), pid))
+    np.testing.assert_array_equal(ClusterBootstrap(pid, n_boot=30, seed=1).replicates(auroc, y, p),
+                                  ClusterBootstrap(as_text, n_boot=30, seed=1).replicates(auroc, y, p))
+    with pytest.raises(ValueError, match="length 600, expected 5"):
+        cluster_codes(pid, n=5)

@@ -172,3 +172,13 @@ def test_cli_compare(store, capsys, tmp_path):
     assert "or-hillis" in out and f" {LABELS[0]} " not in out
     assert main(["compare", str(root), "--label", "Edema"]) == 0  # not a label of this study
     assert "no comparison" in capsys.readouterr().out
+
+
+def test_common_samples_keeps_the_ids_every_run_scored_in_the_first_runs_order():
+    from scaling.study.store import common_samples
+
+    a = pd.DataFrame({"sample_id": ["s3", "s1", "s2", "s9"]})
+    b = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s7"]})
+    c = pd.DataFrame({"sample_id": ["s2", "s3", "s4", "s9"]})
+    assert list(common_samples([a, b, c])) == ["s3", "s2"]
+    assert list(common_samples([a])) == ["s3", "s1", "s2", "s9"]

@@ -100,7 +100,12 @@ def resolve_metric(metric) -> Callable:
 def cluster_codes(cluster, n: int | None = None) -> np.ndarray:
     """0-based integer code of each sample's cluster (patient) id, numbered in sorted order of the ids. Every sample
     needs an id; ``n``: the number of samples expected."""
-    ids = pd.Series(np.asarray(cluster, dtype=object).ravel())
+    arr = np.asarray(cluster).ravel()
+    if arr.dtype.kind in "iu":  # integer ids (or codes already): no missing value possible, no object detour
+        if n is not None and arr.size != n:
+            raise ValueError(f"cluster has length {arr.size}, expected {n}")
+        return np.unique(arr, return_inverse=True)[1].astype(np.intp)
+    ids = pd.Series(arr.astype(object))
     if ids.isna().any():
         raise ValueError("cluster contains missing ids; every sample needs a patient id")
     if n is not None and len(ids) != n:

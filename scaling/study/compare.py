@@ -15,9 +15,10 @@ import pandas as pd
 from scipy import stats
 
 from scaling.metrics import holm, or_test, or_test_brier, or_test_macro, referral_curve, reliability_diagram
+from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
-from scaling.study.store import RunStore
+from scaling.study.store import RunStore, common_samples
 
 REFERRAL = tuple(np.round(np.arange(0.0, 0.51, 0.05), 2))
 """Referral rates of the selective-prediction curves (0 = keep everything, 0.5 = refer half)."""
@@ -323,18 +324,17 @@ def _test_fields(res) -> dict:
 
 def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
                                                              pd.DataFrame]:
-    """The samples every run scored, in the first run's order: its label names, labels (N, L) and patient ids (N,),
-    every run's probabilities (runs, N, L), aligned on sample id, and the first run's rows of them (attributes)."""
+    """The samples every run scored, in the first run's order: its label names, labels (N, L) and patients (N,) as
+    integer codes in sorted order of their ids (numbered once here, not again by every test of every label), every
+    run's probabilities (runs, N, L), aligned on sample id, and the first run's rows of them (attributes)."""
     labels = _label_names(preds[0])
-    ids = pd.Index(preds[0]["sample_id"])
-    for pred in preds[1:]:
-        ids = ids[ids.isin(pred["sample_id"])]
+    ids = common_samples(preds)
     prob_cols = [f"prob:{lab}" for lab in labels]
     rows = [pd.Index(pred["sample_id"]).get_indexer(ids) for pred in preds]
     first = preds[0].iloc[rows[0]]
     scores = np.stack([pred[prob_cols].to_numpy(float)[at] for pred, at in zip(preds, rows)])
     return (labels, first[[f"label:{lab}" for lab in labels]].to_numpy(float),
-            first["patient_id"].to_numpy(dtype=object), scores, first)
+            cluster_codes(first["patient_id"]), scores, first)
 
 
 def reliability_curves(store_root, df: pd.DataFrame, eval_sets, n_bins: int = 10) -> pd.DataFrame:

@@ -26,7 +26,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from scaling.study.aggregate import full_fraction
-from scaling.study.store import RunStore
+from scaling.study.store import RunStore, common_samples
 
 MIN_POINTS = 4
 """Fewest distinct x values a three-parameter law is fitted to."""
@@ -171,10 +171,8 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
     """
     from scaling.metrics.bootstrap import ClusterBootstrap
 
-    common = set(predictions[0]["sample_id"])
-    for p in predictions[1:]:
-        common &= set(p["sample_id"])
-    frames = [p[p["sample_id"].isin(common)].set_index("sample_id").sort_index() for p in predictions]
+    common = common_samples(predictions).sort_values()
+    frames = [p.iloc[pd.Index(p["sample_id"]).get_indexer(common)].set_index("sample_id") for p in predictions]
     first = frames[0]
     names = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
     labels = [lab for lab in names if labels is None or lab in labels]
