@@ -129,8 +129,17 @@ def read_yaml_file(path: str | Path) -> Any:
     return _checked(path, lambda: yaml.safe_load(Path(path).read_text()))
 
 
-def read_parquet(path: str | Path):
-    """Read a Parquet file into a pandas DataFrame; :class:`UnreadableFile` naming it otherwise."""
+def read_parquet(path: str | Path, columns=None):
+    """Read a Parquet file into a pandas DataFrame; :class:`UnreadableFile` naming it otherwise. ``columns``: read
+    only those of them the file holds (a name it lacks is left out, not an error)."""
     import pandas as pd
 
-    return _checked(path, lambda: pd.read_parquet(path))
+    def read():
+        if columns is None:
+            return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        have = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in columns if c in have])
+
+    return _checked(path, read)

@@ -103,6 +103,42 @@ def test_patient_replicates_are_the_runs_scored_on_one_resample_of_patients():
     assert (reps[:, 2] < reps[:, 0]).all()
 
 
+def test_patient_replicates_read_stored_runs_one_at_a_time_with_the_same_result(tmp_path):
+    """Loaders of stored runs (what fit_table and effective robustness pass) give the frames' replicates exactly,
+    read the sample ids of every run first, then the scores one run at a time — only the columns needed — each
+    run's frame dropped before the next is read."""
+    from scaling.study.store import RunStore
+
+    rng = np.random.default_rng(0)
+    runs = [_predictions(rng, s) for s in (0.5, 1.0, 2.0)]
+    runs[2] = runs[2].drop(index=[0, 1, 2]).iloc[::-1]  # one run lacks a patient's images: the common samples count
+    store = RunStore(tmp_path)
+    for j, run in enumerate(runs):
+        store.write_predictions(f"r{j}", "test", run)
+    calls, alive = [], []
+
+    class Scores(pd.DataFrame):  # a frame that reports when it is dropped
+        def __del__(self):
+            alive.remove(id(self))
+
+    def loader(j):
+        def load(cols):
+            calls.append((j, cols))
+            f = store.read_predictions(f"r{j}", "test", columns=cols)
+            if cols and any(c.startswith("logit:") for c in cols):
+                f = Scores(f)
+                alive.append(id(f))
+                assert len(alive) == 1, "two runs' scores held at once"
+            return f
+        return load
+
+    from_store = patient_replicates([loader(j) for j in range(3)], n_boot=40, seed=3)
+    np.testing.assert_array_equal(from_store, patient_replicates(runs, n_boot=40, seed=3))
+    assert calls[:3] == [(0, ["sample_id"]), (1, ["sample_id"]), (2, ["sample_id"])]
+    assert calls[4:] == [(j, ["sample_id", "logit:A", "logit:B"]) for j in range(3)]
+    assert store.read_predictions("r0", "test", columns=["sample_id", "logit:Z"]).columns.tolist() == ["sample_id"]
+
+
 def test_interval_resamples_seeds_within_each_size_and_patients():
     x = np.repeat([3e2, 1e3, 3e3, 1e4], 2)
     y = 0.5 * (x / 3e2) ** -0.3 + 0.1 + np.tile([0.004, -0.004], 4)

@@ -155,15 +155,18 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
                        rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method)
 
 
-def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed: int = 0,
-                       labels=None, patients=None) -> np.ndarray:
+def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=None, patients=None) -> np.ndarray:
     """``1 − macro AUROC`` of each run under ``n_boot`` patient-level bootstrap replicates shared by all runs:
     shape ``(n_boot, n_runs)``.
 
     ``predictions`` are the runs' stored predictions of one evaluation set (``sample_id``, ``patient_id``,
-    ``label:<L>``, ``logit:<L>``), scored on the samples every run has. The macro is the mean over the labels with
-    both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out), or
-    over those of ``labels`` (e.g. the labels an OOD set shares with test).
+    ``label:<L>``, ``logit:<L>``), scored on the samples every run has. Each may be a DataFrame or a loader
+    ``load(columns) -> DataFrame`` (e.g. ``lambda cols: store.read_predictions(run, eval_set, columns=cols)``):
+    loaders are read one run at a time — first their sample ids, then each run's scores, dropped once its
+    replicates are taken — so memory holds one run's predictions, not every run's (a 240,000-image OOD set with 14
+    labels is ~30 MB per run; a study has over a hundred runs). The macro is the mean over the labels with both
+    classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out), or over
+    those of ``labels`` (e.g. the labels an OOD set shares with test).
 
     ``patients`` (optional): every patient id the resample draws from, when it must be shared with another set
     (an OOD set of the test patients' other images): two calls with the same ``patients`` and ``seed`` draw each
@@ -171,26 +174,40 @@ def patient_replicates(predictions: list[pd.DataFrame], n_boot: int = 200, seed:
     """
     from scaling.metrics.bootstrap import ClusterBootstrap
 
-    common = common_samples(predictions).sort_values()
-    frames = [p.iloc[pd.Index(p["sample_id"]).get_indexer(common)].set_index("sample_id") for p in predictions]
-    first = frames[0]
+    def load(j: int, columns=None) -> pd.DataFrame:
+        p = predictions[j]
+        return (p if columns is None else p[columns]) if isinstance(p, pd.DataFrame) else p(columns)
+
+    common = common_samples([load(j, ["sample_id"]) for j in range(len(predictions))]).sort_values()
+
+    def aligned(j: int, columns=None) -> pd.DataFrame:
+        f = load(j, columns)
+        return f.iloc[pd.Index(f["sample_id"]).get_indexer(common)]
+
+    first = aligned(0)
     names = [c.split(":", 1)[1] for c in first.columns if c.startswith("label:")]
     labels = [lab for lab in names if labels is None or lab in labels]
+    truth = {}
+    for lab in labels:
+        yl = first[f"label:{lab}"].to_numpy(float)
+        known = yl[np.isfinite(yl)]
+        if known.size and known.min() != known.max():
+            truth[lab] = yl
     own = first["patient_id"].to_numpy(dtype=object)
+    del first
     if patients is None:
-        boot = ClusterBootstrap(own, n=len(first), n_boot=n_boot, seed=seed)
+        boot = ClusterBootstrap(own, n=len(own), n_boot=n_boot, seed=seed)
     else:  # number the clusters over the whole universe, then keep this set's rows
         universe = pd.unique(np.asarray(patients, dtype=object))
         ids = np.concatenate([universe, own])
         boot = ClusterBootstrap(ids, n=ids.size, n_boot=n_boot, seed=seed).subset(np.arange(universe.size, ids.size))
-    out = np.full((n_boot, len(frames)), np.nan)
-    for j, f in enumerate(frames):
-        per_label = []
-        for lab in labels:
-            yl = first[f"label:{lab}"].to_numpy(float)
-            known = yl[np.isfinite(yl)]
-            if known.size and known.min() != known.max() and f"logit:{lab}" in f:
-                per_label.append(boot.replicates("auroc", yl, f[f"logit:{lab}"].to_numpy(float)))
+    out = np.full((n_boot, len(predictions)), np.nan)
+    for j in range(len(predictions)):
+        f = aligned(j, None if isinstance(predictions[j], pd.DataFrame) else ["sample_id", *[
+            f"logit:{lab}" for lab in truth]])
+        per_label = [boot.replicates("auroc", yl, f[f"logit:{lab}"].to_numpy(float))
+                     for lab, yl in truth.items() if f"logit:{lab}" in f]
+        del f  # before the next run is read
         if per_label:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -227,7 +244,19 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     rows = rows[rows["eval_set"].isin(eval_sets)].assign(error=lambda d: 1 - d["value"])
     full = rows[rows["fraction"] == full_fraction(rows)] if len(rows) else rows
     out, laws = [], {}
-    store, preds = (RunStore(store_root) if store_root is not None else None), {}
+    store, by_set = (RunStore(store_root) if store_root is not None else None), {}
+
+    def replicates_of(eval_set: str, run_ids) -> np.ndarray:
+        """The runs' columns of one resample of the set's patients shared by every run of the set: each run is read
+        (one at a time) and resampled once per set, whichever fits it takes part in."""
+        if eval_set not in by_set:
+            runs = list(pd.unique(rows.loc[rows["eval_set"] == eval_set, "run_id"]))
+            loaders = [lambda cols, r=r: store.read_predictions(r, eval_set, columns=cols) for r in runs]
+            by_set[eval_set] = ({r: j for j, r in enumerate(runs)},
+                                patient_replicates(loaders, n_boot=n_boot, seed=seed))
+        index, reps = by_set[eval_set]
+        return reps[:, [index[r] for r in run_ids]]
+
     # Stores written before labelled-image counts were recorded fall back to the fraction: a constant factor on x
     # leaves the exponent b and the floor c unchanged.
     labelled = "n_train_images" if rows["n_train_images"].notna().all() else "fraction"
@@ -243,11 +272,7 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
             # Only for fits that will be made (a refused one needs no replicates); every axis reads the same runs.
             if (store is not None and metric == "auroc" and label == "macro" and "run_id" in g
                     and g[axis].nunique() >= MIN_POINTS):
-                for r in g["run_id"]:
-                    if (r, keys["eval_set"]) not in preds:
-                        preds[(r, keys["eval_set"])] = store.read_predictions(r, keys["eval_set"])
-                reps = patient_replicates([preds[(r, keys["eval_set"])] for r in g["run_id"]], n_boot=n_boot,
-                                          seed=seed)
+                reps = replicates_of(keys["eval_set"], g["run_id"])
             try:
                 fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps)
             except FitError as e:

@@ -206,12 +206,13 @@ class RunStore:
         d = self.run_dir(run_id) / "predictions"
         return sorted(p.stem for p in d.glob("*.parquet")) if d.is_dir() else []
 
-    def read_predictions(self, run_id: str, eval_set: str) -> pd.DataFrame:
-        """Per-sample predictions of one evaluation set."""
+    def read_predictions(self, run_id: str, eval_set: str, columns=None) -> pd.DataFrame:
+        """Per-sample predictions of one evaluation set; with ``columns``, only those of them the file holds (a
+        statistic over a hundred runs reads the few columns it needs, one run at a time)."""
         p = self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
         if not p.is_file():
             raise StoreError(f"{p} not found (eval sets stored: {self.eval_sets(run_id)})")
-        return read_parquet(p)
+        return read_parquet(p, columns=columns)
 
     def read_metrics(self, run_id: str) -> pd.DataFrame:
         """Tidy metric rows of one run."""

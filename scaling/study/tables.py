@@ -167,19 +167,17 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
     reps = None
     if store_root is not None:
         store, labels = RunStore(store_root), shift_labels(df).get(eval_set)
-
-        def scored(frame: pd.DataFrame) -> pd.DataFrame:  # only what the replicates read: every run is held at once
-            return frame[[c for c in frame.columns if c in ("sample_id", "patient_id") or (
-                c.split(":", 1)[0] in ("label", "logit") and (labels is None or c.split(":", 1)[1] in labels))]]
-
-        preds = {e: [scored(store.read_predictions(r, e)) for r in runs["run_id"]] for e in ("test", eval_set)}
+        wanted = None if labels is None else ["sample_id", "patient_id", *[f"{kind}:{lab}" for lab in labels
+                                                                           for kind in ("label", "logit")]]
+        # loaders, not frames: the replicates read one run at a time (a hundred runs of a large OOD set do not fit)
+        preds = {e: [lambda cols, r=r, e=e: store.read_predictions(r, e, columns=cols or wanted)
+                     for r in runs["run_id"]] for e in ("test", eval_set)}
         # A set of the test patients' other images (a paired shift) is resampled with test, patient by patient;
         # any other set on its own (different patients: independent samples).
         paired = any(eval_set in store.read_meta(r).get("fitted_on_val", {}).get("paired_shift", [])
                      for r in runs["run_id"])
-        universe = (np.concatenate([p["patient_id"].to_numpy(dtype=object) for p in (preds["test"][0],
-                                                                                    preds[eval_set][0])])
-                    if paired else None)
+        universe = (np.concatenate([preds[e][0](["patient_id"])["patient_id"].to_numpy(dtype=object)
+                                    for e in ("test", eval_set)]) if paired else None)
         reps = [1.0 - patient_replicates(preds[e], n_boot=n_boot, seed=seed + (0 if paired else k), labels=labels,
                                          patients=universe)
                 for k, e in enumerate(("test", eval_set))]
