@@ -9,12 +9,14 @@ two images per patient, sex and age-group attributes) and the metric rows of the
 ``scaling.metrics.compute_run_metrics`` (``--eval-boot`` replicates). Then each statistic that reads the stored
 predictions is timed on its own — the scaling-law fits, effective robustness, the paired comparisons overall, per
 subgroup and on the Brier score — and finally the whole ``build_report``. Wall and CPU seconds of this process are
-printed per section; the report's own bootstrap count is ``--n-boot`` (``python -m scaling.study report --n-boot``).
+printed per section, with the process's peak resident memory while it ran (the high-water mark is reset before each
+section); the report's own bootstrap count is ``--n-boot`` (``python -m scaling.study report --n-boot``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 import zlib
@@ -88,10 +90,27 @@ def build_store(root: Path, args) -> StudyConfig:
     return cfg
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new resident-memory high-water mark for this process (Linux: ``/proc/self/clear_refs``, 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed(name: str, fn, out: list):
+    peak = _reset_peak_rss()
     w, c = time.perf_counter(), time.process_time()
     result = fn()
-    out.append((name, time.perf_counter() - w, time.process_time() - c))
+    out.append((name, time.perf_counter() - w, time.process_time() - c, _peak_rss_mb() if peak else float("nan")))
     print(f"  {name}: {out[-1][1]:.1f} s", flush=True)
     return result
 
@@ -108,7 +127,9 @@ def main() -> None:
     p.add_argument("--ood-images", type=int, default=30000)
     p.add_argument("--eval-boot", type=int, default=100, help="replicates of each run's own metric intervals")
     p.add_argument("--n-boot", type=int, default=200, help="the report's replicates (fits, effective robustness)")
-    p.add_argument("--out", help="store folder (default: a temporary one, removed afterwards)")
+    p.add_argument("--out", help="store folder (default: a temporary one, removed afterwards); a folder this script "
+                   "wrote before with the same store arguments is reused, so two versions of the code can be timed "
+                   "on one store")
     args = p.parse_args()
 
     from scaling.study.aggregate import load_study, plain_cells, summarise
@@ -122,9 +143,15 @@ def main() -> None:
     runs = args.backbones * args.sources * len(args.fractions) * args.seeds
     print(f"writing {runs} runs: {args.labels} labels; val {args.val_images}, test {args.test_images}, "
           f"ood {args.ood_images} images", flush=True)
-    t0 = time.perf_counter()
-    build_store(root, args)
-    print(f"  store written in {time.perf_counter() - t0:.0f} s", flush=True)
+    made_with = {k: v for k, v in vars(args).items() if k not in ("n_boot", "out")}
+    marker = root / "report_speed_args.json"
+    if marker.is_file() and json.loads(marker.read_text()) == made_with:
+        print(f"  reusing the store in {root}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        build_store(root, args)
+        marker.write_text(json.dumps(made_with))
+        print(f"  store written in {time.perf_counter() - t0:.0f} s", flush=True)
 
     times: list[tuple[str, float, float]] = []
     study = timed("load_study (tidy table of every run)", lambda: load_study(root), times)
@@ -139,9 +166,9 @@ def main() -> None:
     timed("brier_comparisons", lambda: brier_comparisons(root, df, ["test", "ood"]), times)
     timed("build_report (everything, figures included)", lambda: build_report(root, n_boot_fit=args.n_boot), times)
     total = times[-1][1]
-    print("\n| section | wall s | CPU s | share of build_report |\n|---|---|---|---|")
-    for name, wall, cpu in times:
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {wall / total:.0%} |")
+    print("\n| section | wall s | CPU s | share of build_report | peak RSS MB |\n|---|---|---|---|---|")
+    for name, wall, cpu, rss in times:
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {wall / total:.0%} | {rss:.0f} |")
     if tmp is not None:
         tmp.cleanup()
 

@@ -261,3 +261,9 @@ def test_report_speed_builds_a_store_and_times_every_section(tmp_path):
     comp = pairwise_comparisons(out, load_results(out), ["test"])
     big = comp[(comp["axis"] == "backbone") & (comp["label"] == "macro")]
     assert len(big) == 2 and (big["diff"] > 0).all()  # bb1 is 0.03 AUROC better than bb0 by construction
+    assert all(float(r.split("|")[5]) > 50 for r in rows), rows  # peak RSS in MB: a Python process with pandas
+    # the same store arguments again (another --n-boot): the store is reused, not rewritten
+    args = list(proc.args)
+    args[args.index("--n-boot") + 1] = "5"
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reusing the store" in again.stdout, again.stderr[-3000:]
