@@ -1,6 +1,7 @@
 """Obuchowski–Rockette–Hillis over seeds: DeLong's test with one seed, the DBM pseudovalue ANOVA it equals with
 jackknife covariances (Hillis 2005, 2007), and its size when seeds matter."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from scaling.metrics import (ClusterBootstrap, delong_components, delong_test, or_hillis, or_test, or_test_brier,
-                             or_test_macro)
+                             or_test_labels, or_test_macro)
 
 
 def _clustered_data(rng, n_patients=40, per_patient=2, seeds=3, gap=0.3):
@@ -191,6 +192,22 @@ def test_macro_covariance_matches_the_patient_bootstrap():
     assert res.se == pytest.approx(sd_boot, rel=0.1)
     # per-image (no cluster) understates it: two images per patient share a patient effect and the labels
     assert or_test_macro(y, a[0], b[0]).se < 0.9 * res.se
+
+
+@pytest.mark.parametrize("seeds,clustered", [(3, True), (1, True), (3, False)])
+def test_or_test_labels_equals_the_macro_and_each_labels_test_made_apart(seeds, clustered):
+    """One DeLong pass per label serves the macro test and every label's own test: exactly the numbers of
+    or_test_macro and of or_test on each label's labelled rows (NaN rows of a label left out)."""
+    y, a, b, patient = _multilabel(np.random.default_rng(13), 80, seeds=seeds)
+    cluster = patient.astype(str) if clustered else None  # string ids, as stored
+    macro, each = or_test_labels(y, a, b, cluster=cluster)
+    same = np.testing.assert_equal  # field by field, NaN equal to NaN (one seed: no seed interaction)
+    same(dataclasses.astuple(macro), dataclasses.astuple(or_test_macro(y, a, b, cluster=cluster)))
+    assert len(each) == 3
+    for k, res in enumerate(each):
+        keep = ~np.isnan(y[:, k])
+        alone = or_test(y[keep, k], a[:, keep, k], b[:, keep, k], cluster=None if cluster is None else cluster[keep])
+        same(dataclasses.astuple(res), dataclasses.astuple(alone), err_msg=str(k))
 
 
 def test_macro_shapes_are_checked():

@@ -3,8 +3,9 @@
 * discrimination: :func:`auroc`, :func:`auprc`, :func:`per_label`, :func:`macro_average`
 * uncertainty: :func:`bootstrap_ci` (patient-level cluster bootstrap, vectorised), :func:`paired_bootstrap_diff`,
   :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014; by patient with ``cluster``: Obuchowski 1997),
-  :func:`or_test`, :func:`or_test_macro`, :func:`or_test_brier` (two models over several seeds and patients:
-  Obuchowski–Rockette with Hillis's degrees of freedom), :func:`holm` (p-values adjusted for the number of tests)
+  :func:`or_test`, :func:`or_test_macro`, :func:`or_test_labels`, :func:`or_test_brier` (two models over several
+  seeds and patients: Obuchowski–Rockette with Hillis's degrees of freedom), :func:`holm` (p-values adjusted for the
+  number of tests)
 * calibration: :func:`ece`, :func:`mce`, :func:`brier`, :func:`nll`, :func:`fit_temperature`,
   :func:`apply_temperature`, :func:`reliability_diagram`, :func:`plot_reliability`
 * operating points and fairness: :func:`choose_threshold`, :func:`rates_at`, :func:`subgroup_report`
@@ -25,7 +26,7 @@ from scaling.metrics.discrimination import auprc, auroc, macro_average, per_labe
 from scaling.metrics.efficiency import DataEfficiency, data_efficiency, fraction_to_reach
 from scaling.metrics.fairness import SubgroupReport, subgroup_report
 from scaling.metrics.multiple_testing import holm
-from scaling.metrics.mrmc import ORTest, or_hillis, or_test, or_test_brier, or_test_macro
+from scaling.metrics.mrmc import ORTest, or_hillis, or_test, or_test_brier, or_test_labels, or_test_macro
 from scaling.metrics.run_metrics import compute_run_metrics
 from scaling.metrics.selective import aurc, referral_area, referral_curve
 from scaling.metrics.temperature import apply_temperature, fit_temperature
@@ -37,6 +38,6 @@ __all__ = [
     "PairedBootstrapResult", "SubgroupReport", "apply_temperature", "aurc", "auprc", "auroc", "bin_edges",
     "bootstrap_ci", "brier", "choose_threshold", "compute_run_metrics", "data_efficiency", "delong_ci",
     "delong_components", "delong_test", "ece", "fit_temperature", "fraction_to_reach", "holm", "macro_average", "mce",
-    "nll", "or_hillis", "or_test", "or_test_brier", "or_test_macro", "paired_bootstrap_diff", "per_label",
+    "nll", "or_hillis", "or_test", "or_test_brier", "or_test_labels", "or_test_macro", "paired_bootstrap_diff", "per_label",
     "percentile_interval", "plot_reliability", "rates_at", "referral_area", "referral_curve", "reliability_diagram", "subgroup_report",
 ]

@@ -102,13 +102,29 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     """
     y, s = _checked(y, scores)
     codes = None if cluster is None else cluster_codes(cluster, y.size)
-    is_pos, is_neg, aucs, v10, v01 = _structural_components(y, s)
+    components = _structural_components(y, s)
+    return components[2], _covariance(components, codes)
+
+
+def delong_components_and_influence(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(aurocs, cov, psi): :func:`delong_components` and :func:`delong_influence` from one sort of each score row
+    — what a per-label test and a macro test over the same labels both need."""
+    y, s = _checked(y, scores)
+    codes = None if cluster is None else cluster_codes(cluster, y.size)
+    components = _structural_components(y, s)
+    return (components[2], _covariance(components, codes),
+            _influence(components, np.arange(y.size) if codes is None else codes))
+
+
+def _covariance(components, codes: np.ndarray | None) -> np.ndarray:
+    """DeLong's covariance of the AUROCs (independent samples: ``codes`` None) or Obuchowski's (clustered)."""
+    is_pos, is_neg, aucs, v10, v01 = components
     m, n = v10.shape[1], v01.shape[1]
     if codes is None:
         if m < 2 or n < 2:  # a variance needs two samples of each class
-            return aucs, np.full((s.shape[0], s.shape[0]), np.nan)
-        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
+            return np.full((aucs.size, aucs.size), np.nan)
+        return np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return _clustered_cov(aucs, v10, v01, codes[is_pos], codes[is_neg])
 
 
 def _checked(y, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -151,15 +167,21 @@ def delong_influence(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
     """
     y, s = _checked(y, scores)
     codes = np.arange(y.size) if cluster is None else cluster_codes(cluster, y.size)
+    components = _structural_components(y, s)
+    return components[2], _influence(components, codes)
+
+
+def _influence(components, codes: np.ndarray) -> np.ndarray:
+    """psi (k, C) of :func:`delong_influence` from :func:`_structural_components` and every sample's cluster code."""
+    is_pos, is_neg, aucs, v10, v01 = components
     n_clusters = int(codes.max()) + 1 if codes.size else 0
-    is_pos, is_neg, aucs, v10, v01 = _structural_components(y, s)
     big_m, big_n = v10.shape[1], v01.shape[1]
     pos_c, neg_c = codes[is_pos], codes[is_neg]
     m_i = np.bincount(pos_c, minlength=n_clusters).astype(float)
     n_i = np.bincount(neg_c, minlength=n_clusters).astype(float)
     x = np.stack([np.bincount(pos_c, weights=row, minlength=n_clusters) for row in v10]) - m_i * aucs[:, None]
     yy = np.stack([np.bincount(neg_c, weights=row, minlength=n_clusters) for row in v01]) - n_i * aucs[:, None]
-    return aucs, x / big_m + yy / big_n
+    return x / big_m + yy / big_n
 
 
 def _clustered_cov(aucs, v10, v01, pos_codes, neg_codes) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import stats
 
 from scaling.metrics.bootstrap import cluster_codes
-from scaling.metrics.delong import delong_components, delong_influence
+from scaling.metrics.delong import delong_components, delong_components_and_influence
 from scaling.metrics.validation import check_same_length
 
 @dataclass(frozen=True)
@@ -155,13 +155,22 @@ def or_test_macro(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> O
     Ψ the patients' influences averaged over the labels (I: patients with a labelled image); for one label it is
     Obuchowski's up to his per-class small-sample factors.
     """
+    return or_test_labels(y, scores_a, scores_b, alpha, cluster)[0]
+
+
+def or_test_labels(y, scores_a, scores_b, alpha: float = 0.05, cluster=None) -> tuple[ORTest, list[ORTest]]:
+    """(:func:`or_test_macro`, [:func:`or_test` of each label]) from one DeLong pass per label: the same numbers as
+    calling them apart, at half the sorting. Inputs as for :func:`or_test_macro`; label l's test uses the rows
+    where it is labelled."""
     labels, a, b, codes = _multilabel_inputs(y, scores_a, scores_b, cluster, "scores")
     n_labels = labels.shape[1]
-    aucs, psi = 0.0, 0.0
+    aucs, psi, each = 0.0, 0.0, []
     for lab in range(n_labels):
-        auc_l, psi_l = delong_influence(labels[:, lab], np.concatenate([a[..., lab], b[..., lab]]), codes)
+        auc_l, cov_l, psi_l = delong_components_and_influence(
+            labels[:, lab], np.concatenate([a[..., lab], b[..., lab]]), None if cluster is None else codes)
+        each.append(or_hillis(auc_l.reshape(2, -1), cov_l, alpha))
         aucs, psi = aucs + auc_l / n_labels, psi + psi_l / n_labels
-    return or_hillis(np.asarray(aucs).reshape(2, -1), _influence_covariance(psi, codes, labels), alpha)
+    return or_hillis(np.asarray(aucs).reshape(2, -1), _influence_covariance(psi, codes, labels), alpha), each
 
 
 def _multilabel_inputs(y, runs_a, runs_b, cluster, name: str):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.metrics import holm, or_test, or_test_brier, or_test_macro, referral_curve, reliability_diagram
+from scaling.metrics import holm, or_test_brier, or_test_labels, or_test_macro, referral_curve, reliability_diagram
 from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
@@ -295,18 +295,17 @@ def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
     labels, y_all, patients, scores, _ = _paired_predictions(preds)
     cell = {**cell, "n_seeds": r}
     defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
-    rows = []
-    if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC
-        ok = np.isfinite(y_all[:, defined]).any(axis=1)
-        res = or_test_macro(y_all[ok][:, defined], scores[:r][:, ok][..., defined], scores[r:][:, ok][..., defined],
-                            cluster=patients[ok])
+    rows, each = [], {}
+    if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC; each label's test
+        ok = np.isfinite(y_all[:, defined]).any(axis=1)  # on its own labelled rows (a subset of these)
+        res, tests = or_test_labels(y_all[ok][:, defined], scores[:r][:, ok][..., defined],
+                                    scores[r:][:, ok][..., defined], cluster=patients[ok])
         rows.append({**cell, "label": "macro", **_counts(ok, patients), **_test_fields(res)})
+        each = dict(zip(defined, tests))
     for i, lab in enumerate(labels):
-        ok = np.isfinite(y_all[:, i])
-        row = {**cell, "label": lab, **_counts(ok, patients)}
-        if i in defined:  # else one class only in this label: no AUROC, no test (the NaN row says so)
-            row.update(_test_fields(or_test(y_all[ok, i], scores[:r, ok, i], scores[r:, ok, i],
-                                            cluster=patients[ok])))
+        row = {**cell, "label": lab, **_counts(np.isfinite(y_all[:, i]), patients)}
+        if i in each:  # else one class only in this label: no AUROC, no test (the NaN row says so)
+            row.update(_test_fields(each[i]))
         rows.append(row)
     return rows
 
