@@ -246,11 +246,18 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     out, laws = [], {}
     store, by_set = (RunStore(store_root) if store_root is not None else None), {}
 
+    def resampled(axis: str, g: pd.DataFrame) -> bool:
+        """Only fits that will be made resample patients (a refused one needs no replicates)."""
+        return (store is not None and metric == "auroc" and label == "macro" and "run_id" in g
+                and g[axis].nunique() >= MIN_POINTS)
+
     def replicates_of(eval_set: str, run_ids) -> np.ndarray:
-        """The runs' columns of one resample of the set's patients shared by every run of the set: each run is read
-        (one at a time) and resampled once per set, whichever fits it takes part in."""
+        """The runs' columns of one resample of the set's patients shared by every run of the set that a fit
+        resamples: each run is read (one at a time) and resampled once per set, whichever fits it takes part in."""
         if eval_set not in by_set:
-            runs = list(pd.unique(rows.loc[rows["eval_set"] == eval_set, "run_id"]))
+            runs = list(pd.unique(pd.concat(
+                [g["run_id"] for axis, data, by in plans for _, g in data.groupby(by, sort=True)
+                 if g["eval_set"].iloc[0] == eval_set and resampled(axis, g)])))
             loaders = [lambda cols, r=r: store.read_predictions(r, eval_set, columns=cols) for r in runs]
             by_set[eval_set] = ({r: j for j, r in enumerate(runs)},
                                 patient_replicates(loaders, n_boot=n_boot, seed=seed))
@@ -268,11 +275,7 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     for axis, data, by in plans:
         for key, g in data.groupby(by, sort=True):
             keys = {"x_axis": axis, "pretrained": "", "backbone": "", **dict(zip(by, key))}
-            reps = None
-            # Only for fits that will be made (a refused one needs no replicates); every axis reads the same runs.
-            if (store is not None and metric == "auroc" and label == "macro" and "run_id" in g
-                    and g[axis].nunique() >= MIN_POINTS):
-                reps = replicates_of(keys["eval_set"], g["run_id"])
+            reps = replicates_of(keys["eval_set"], g["run_id"]) if resampled(axis, g) else None
             try:
                 fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps)
             except FitError as e:
