@@ -233,7 +233,7 @@ def test_report_identifies_no_patient(report):
     assert str(root) not in text  # output_dir in the config is redacted
 
 
-def test_cli_report_of_partial_store(tmp_path, capsys):
+def test_cli_report_of_partial_store(tmp_path, capsys, caplog):
     # Only bb_tiny/scratch at full data has run (two seeds): the report still renders, says what is missing, and
     # refuses the views that need more cells instead of drawing them from too little.
     keep = {("bb_tiny", "scratch", 1.0, 0), ("bb_tiny", "scratch", 1.0, 1)}
@@ -241,6 +241,11 @@ def test_cli_report_of_partial_store(tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(tmp_path / "s"), "-o", str(out), "--n-boot", "5"]) == 0
     assert str(out) in capsys.readouterr().out
+    # the CLI logs each long section as it ends, with its seconds (the logger is at INFO for `report`)
+    progress = [r.getMessage() for r in caplog.records if r.name == "scaling.study.report"]
+    assert progress[0].startswith("report: read 72 runs (") and "s in all)" in progress[0], progress
+    assert any(m.startswith("report: paired comparisons (") for m in progress), progress
+    assert progress[-1].startswith("report written to")
     text = out.read_text()
     assert "2 of 72 runs complete" in text and cfg.name in text
     assert 'id="fig-calibration"><img' in text and 'id="fig-selective"><img' in text

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from scaling.study.report import write_report
 
+            logging.getLogger("scaling.study.report").setLevel(logging.INFO)  # progress: a large study takes a while
+
             print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot))
             return 0
         if args.command == "wandb-report":

@@ -13,6 +13,7 @@ import datetime as _dt
 import html
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,11 +183,27 @@ def _completion(runs: pd.DataFrame) -> pd.DataFrame:
     return t.sort_values(["pretrained", "_size", "backbone", *varied]).drop(columns="_size").reset_index(drop=True)
 
 
+class _Progress:
+    """Logs each long section of a report as it ends, with its seconds: a report over a hundred runs of large OOD
+    sets takes half an hour or more (benchmarks/README.md, ``report_speed.py``), and should say where it is."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        log.info("report: %s (%.1f s; %.0f s in all)", what, now - self.last, now - self.start)
+        self.last = now
+
+
 def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
                  n_boot_curve: int = 100) -> StudyReport:
-    """Compute every table and figure of the report from the store (see module docstring)."""
+    """Compute every table and figure of the report from the store (see module docstring); each long section is
+    logged (INFO, logger ``scaling.study.report``) as it ends."""
     store_root = Path(store_root)
+    done = _Progress()
     study = load_study(store_root, allow_mixed=allow_mixed)
+    done(f"read {len(study.runs)} runs")
     df, runs = study.results, study.runs
     study_yaml = store_root / "study.yaml"
     cfg = read_yaml_file(study_yaml) if study_yaml.is_file() else {}
@@ -206,6 +223,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     every = summarise(df)
     rep.tables["headline"] = headline_table(every)
     _analysis_views(rep, store_root, df, every, n_boot_curve)
+    done("what the pretrained features contribute (probes, few-shot, re-initialised, CKA)")
     # The scaling views compare plain fine-tuning cells; probe, k-shot and re-initialised cells have their own.
     df, summary = plain_cells(df), plain_cells(every)
     if df.empty:
@@ -221,6 +239,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["fits"] = fits
     rep.tables["fits_params"] = fits[fits["x_axis"] == "n_params"]
     rep.figures["auroc_vs_params"] = plots.auroc_vs_params(summary, laws)
+    done(f"scaling-law fits ({n_boot_fit} patient replicates)")
 
     eff = data_efficiency(df, summary)
     rep.tables["data_efficiency"] = eff
@@ -244,6 +263,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
                 f"Trend: Φ⁻¹({e} AUROC) = {line['intercept']:.3f} + {line['slope']:.3f} · Φ⁻¹(test AUROC), fitted "
                 f"to {line['n_cells']} cells (every data fraction), R² = {line['r2']:.2f}.")
     rep.figures["id_vs_ood"] = plots.id_vs_ood(summary, drops, trends)
+    done(f"distribution shift and effective robustness ({', '.join(shared) or 'no OOD set'})")
 
     rep.eval_sets = eval_set_order(df)
     one_of_k = [m + t for m in MULTICLASS_METRICS for t in ("", "_temp") if m + t in set(summary["metric"])]
@@ -261,6 +281,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.tables["reliability"] = reliability_summary(curves)
     rep.tables["reliability_bins"] = curves
     rep.figures["reliability"] = plots.reliability(curves)
+    done("subgroups and calibration")
 
     pooled, units = _pooled_tables(summary, rep.eval_sets)
     rep.tables.update({f"exam:{e}": _in_sample(t, e) for e, t in pooled.items()})
@@ -271,11 +292,15 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
     rep.tables["selective"] = _selective_table(curves)
     rep.figures["selective"] = plots.selective_curves(curves)
+    done("exam-level pooling and selective prediction")
 
     rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    done(f"paired comparisons ({len(rep.tables['comparisons'])} rows)")
     rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
     rep.tables["brier_comparisons"] = brier_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    done("comparisons per subgroup and on the Brier score")
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
+    done(f"{len(rep.figures)} figures drawn")
     return rep
 
 
