@@ -153,7 +153,7 @@ def main() -> None:
         marker.write_text(json.dumps(made_with))
         print(f"  store written in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    times: list[tuple[str, float, float]] = []
+    times: list[tuple[str, float, float, float]] = []  # name, wall s, CPU s, peak RSS MB
     study = timed("load_study (tidy table of every run)", lambda: load_study(root), times)
     df = plain_cells(study.results)
     summary = summarise(df)

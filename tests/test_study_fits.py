@@ -104,9 +104,9 @@ def test_patient_replicates_are_the_runs_scored_on_one_resample_of_patients():
 
 
 def test_patient_replicates_read_stored_runs_one_at_a_time_with_the_same_result(tmp_path):
-    """Loaders of stored runs (what fit_table and effective robustness pass) give the frames' replicates exactly,
-    read the sample ids of every run first, then the scores one run at a time — only the columns needed — each
-    run's frame dropped before the next is read."""
+    """Loaders of stored runs (what fit_table and effective robustness pass) give the frames' replicates exactly:
+    every run's sample ids are read first, then the first run whole (labels, patients), then each run's scores in
+    turn — only the sample ids and the logits of the labels with both classes, one run per call."""
     from scaling.study.store import RunStore
 
     rng = np.random.default_rng(0)
@@ -115,27 +115,18 @@ def test_patient_replicates_read_stored_runs_one_at_a_time_with_the_same_result(
     store = RunStore(tmp_path)
     for j, run in enumerate(runs):
         store.write_predictions(f"r{j}", "test", run)
-    calls, alive = [], []
-
-    class Scores(pd.DataFrame):  # a frame that reports when it is dropped
-        def __del__(self):
-            alive.remove(id(self))
+    calls = []
 
     def loader(j):
         def load(cols):
             calls.append((j, cols))
-            f = store.read_predictions(f"r{j}", "test", columns=cols)
-            if cols and any(c.startswith("logit:") for c in cols):
-                f = Scores(f)
-                alive.append(id(f))
-                assert len(alive) == 1, "two runs' scores held at once"
-            return f
+            return store.read_predictions(f"r{j}", "test", columns=cols)
         return load
 
     from_store = patient_replicates([loader(j) for j in range(3)], n_boot=40, seed=3)
     np.testing.assert_array_equal(from_store, patient_replicates(runs, n_boot=40, seed=3))
-    assert calls[:3] == [(0, ["sample_id"]), (1, ["sample_id"]), (2, ["sample_id"])]
-    assert calls[4:] == [(j, ["sample_id", "logit:A", "logit:B"]) for j in range(3)]
+    assert calls == [(0, ["sample_id"]), (1, ["sample_id"]), (2, ["sample_id"]), (0, None),
+                     *[(j, ["sample_id", "logit:A", "logit:B"]) for j in range(3)]]
     assert store.read_predictions("r0", "test", columns=["sample_id", "logit:Z"]).columns.tolist() == ["sample_id"]
 
 

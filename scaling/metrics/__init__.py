@@ -38,6 +38,7 @@ __all__ = [
     "PairedBootstrapResult", "SubgroupReport", "apply_temperature", "aurc", "auprc", "auroc", "bin_edges",
     "bootstrap_ci", "brier", "choose_threshold", "compute_run_metrics", "data_efficiency", "delong_ci",
     "delong_components", "delong_test", "ece", "fit_temperature", "fraction_to_reach", "holm", "macro_average", "mce",
-    "nll", "or_hillis", "or_test", "or_test_brier", "or_test_labels", "or_test_macro", "paired_bootstrap_diff", "per_label",
-    "percentile_interval", "plot_reliability", "rates_at", "referral_area", "referral_curve", "reliability_diagram", "subgroup_report",
+    "nll", "or_hillis", "or_test", "or_test_brier", "or_test_labels", "or_test_macro", "paired_bootstrap_diff",
+    "per_label", "percentile_interval", "plot_reliability", "rates_at", "referral_area", "referral_curve",
+    "reliability_diagram", "subgroup_report",
 ]

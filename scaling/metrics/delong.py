@@ -107,8 +107,17 @@ def delong_components(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def delong_components_and_influence(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(aurocs, cov, psi): :func:`delong_components` and :func:`delong_influence` from one sort of each score row
-    — what a per-label test and a macro test over the same labels both need."""
+    """(aurocs, cov, psi): the AUROCs and covariance of :func:`delong_components` and each patient's first-order
+    influence on the AUROCs, from one sort of each score row — what a per-label test and a macro test over the same
+    labels both need (:func:`scaling.metrics.or_test_labels`).
+
+    psi is (k, C), C = the distinct ``cluster`` ids of all N samples (labelled or not, numbered as
+    :func:`scaling.metrics.bootstrap.cluster_codes` numbers them; without ``cluster`` one per sample), with
+    psi_i = (X_i − m_i A) / M + (Y_i − n_i A) / N in the notation of the module docstring (0 for a patient without
+    a labelled image). Influences of different labels of the same samples add up patient by patient, so
+    ``I / (I − 1) · Ψ Ψᵀ`` of their average Ψ is the covariance of macro AUROCs (I: patients with a labelled
+    image); for one label it is Obuchowski's with I / (I − 1) in place of his per-class factors.
+    """
     y, s = _checked(y, scores)
     codes = None if cluster is None else cluster_codes(cluster, y.size)
     components = _structural_components(y, s)
@@ -155,24 +164,9 @@ def _structural_components(y: np.ndarray, s: np.ndarray):
     return is_pos, is_neg, aucs, v10, v01
 
 
-def delong_influence(y, scores, cluster=None) -> tuple[np.ndarray, np.ndarray]:
-    """AUROCs and each patient's first-order influence on them, for k score vectors on the same samples.
-
-    Returns (aurocs (k,), psi (k, C)), C = the distinct ``cluster`` ids of all N samples (labelled or not, numbered
-    as :func:`scaling.metrics.bootstrap.cluster_codes` numbers them; without ``cluster`` one per sample), with
-    psi_i = (X_i − m_i A) / M + (Y_i − n_i A) / N in the notation of the module docstring (0 for a patient without
-    a labelled image). Influences of different labels of the same samples add up patient by patient, so
-    ``I / (I − 1) · Ψ Ψᵀ`` of their average Ψ is the covariance of macro AUROCs (I: patients with a labelled
-    image); for one label it is Obuchowski's with I / (I − 1) in place of his per-class factors.
-    """
-    y, s = _checked(y, scores)
-    codes = np.arange(y.size) if cluster is None else cluster_codes(cluster, y.size)
-    components = _structural_components(y, s)
-    return components[2], _influence(components, codes)
-
-
 def _influence(components, codes: np.ndarray) -> np.ndarray:
-    """psi (k, C) of :func:`delong_influence` from :func:`_structural_components` and every sample's cluster code."""
+    """psi (k, C) of :func:`delong_components_and_influence` from :func:`_structural_components` and every sample's
+    cluster code."""
     is_pos, is_neg, aucs, v10, v01 = components
     n_clusters = int(codes.max()) + 1 if codes.size else 0
     big_m, big_n = v10.shape[1], v01.shape[1]

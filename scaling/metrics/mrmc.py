@@ -30,9 +30,9 @@ is no seed-to-seed variation to estimate; the test is then DeLong's on that pair
 so in ``method``.
 
 :func:`or_test_macro` compares macro AUROCs (the mean over labels of each run's AUROC). Their covariance adds the
-labels' per-patient influences (:func:`scaling.metrics.delong.delong_influence`) before squaring, so that labels
-scored on the same patients count as correlated. :func:`or_test_brier` runs the same analysis on the macro Brier
-score.
+labels' per-patient influences (:func:`scaling.metrics.delong.delong_components_and_influence`) before squaring,
+so that labels scored on the same patients count as correlated. :func:`or_test_brier` runs the same analysis on the
+macro Brier score.
 """
 
 from __future__ import annotations
