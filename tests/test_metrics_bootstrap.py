@@ -1,10 +1,11 @@
-"""Cluster bootstrap: vectorised replicates equal explicit resampling; patient-level equivalence; paired diff."""
+"""Cluster bootstrap: vectorised replicates equal explicit resampling; patient-level equivalence; paired diff;
+the rescaled resample of few seeds."""
 
 import numpy as np
 import pytest
 
 from scaling.metrics import (ClusterBootstrap, auprc, auroc, bootstrap_ci, brier, ece, mce, nll,
-                             paired_bootstrap_diff)
+                             paired_bootstrap_diff, percentile_interval, rescale_resample)
 
 
 def _data(seed=0, n=600, n_patients=200):
@@ -78,3 +79,40 @@ def test_integer_and_string_patient_ids_give_the_same_clusters_and_replicates():
                                   ClusterBootstrap(as_text, n_boot=30, seed=1).replicates(auroc, y, p))
     with pytest.raises(ValueError, match="length 600, expected 5"):
         cluster_codes(pid, n=5)
+
+
+def test_rescaled_resample_of_a_mean_has_the_sample_means_variance_exactly():
+    # Every one of the 4^4 equally likely resamples of four values, enumerated: the plain resample mean varies
+    # (n-1)/n * s^2/n; rescaled (Rao & Wu) it varies s^2/n, the variance of the sample mean, and is centred on it.
+    import itertools
+
+    y = np.array([0.71, 0.74, 0.69, 0.78])
+    drawn = np.array([y[list(i)].mean() for i in itertools.product(range(4), repeat=4)])
+    s2 = y.var(ddof=1)
+    assert drawn.var() == pytest.approx(3 / 4 * s2 / 4, rel=1e-12)
+    rescaled = rescale_resample(drawn, y.mean(), 4)
+    assert rescaled.mean() == pytest.approx(y.mean(), abs=1e-15) and rescaled.var() == pytest.approx(s2 / 4, rel=1e-12)
+    # one value: nothing to rescale, the centre comes back (in the draws' shape)
+    np.testing.assert_array_equal(rescale_resample(np.full(3, 0.7), 0.7, 1), np.full(3, 0.7))
+    with pytest.raises(ValueError, match="confidence"):
+        rescale_resample(drawn, y.mean(), 4, confidence=95)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_rescaled_resample_with_confidence_widens_to_students_t(n):
+    # Over all n^n resamples, the rescaled, widened resample mean has exactly Student's spread: t(n-1)/z times the
+    # standard error of the mean (scipy's t and sem). With five values the resample mean is close enough to normal
+    # that its percentile interval is scipy's t-interval of the mean; with two or three it is too coarse for that.
+    import itertools
+
+    from scipy import stats
+
+    y = np.random.default_rng(n).normal(0.8, 0.02, n)
+    drawn = np.array([y[list(i)].mean() for i in itertools.product(range(n), repeat=n)])
+    rescaled = rescale_resample(drawn, y.mean(), n, confidence=0.95)
+    widen = stats.t.ppf(0.975, n - 1) / stats.norm.ppf(0.975)
+    assert rescaled.std() == pytest.approx(widen * stats.sem(y), rel=1e-12)
+    if n == 5:
+        lo, hi = percentile_interval(rescaled, alpha=0.05)
+        t_lo, t_hi = stats.t.interval(0.95, n - 1, loc=y.mean(), scale=stats.sem(y))
+        assert lo == pytest.approx(t_lo, abs=0.03 * (t_hi - t_lo)) and hi == pytest.approx(t_hi, abs=0.03 * (t_hi - t_lo))

@@ -44,3 +44,18 @@ def test_data_efficiency_interval_from_seeds():
     assert np.isnan(never.fraction) and never.censored == "above" and never.hi == np.inf
     with pytest.raises(ValueError, match="fractions"):
         data_efficiency([0.1, 0.01], seeds[:2], 0.7)
+
+
+def test_data_efficiency_seed_interval_covers_the_true_fraction():
+    # 300 simulated cells: AUROC linear in log fraction, five seeds with N(0, 0.01) noise at every fraction. The
+    # truth is the true curve's crossing. Measured 0.943; the plain percentile bootstrap of the seeds covered 0.833 and
+    # the rescaled one without the t-widening 0.863 (a resample of five seeds varies 4/5 as much as their mean, and
+    # the t-quantile of 4 degrees of freedom is 1.42 z).
+    fractions = np.array([0.01, 0.03, 0.1, 0.3, 1.0])
+    true = 0.70 + 0.05 * np.log10(fractions / 0.01)
+    truth = fraction_to_reach(fractions, true, 0.78)
+    rng = np.random.default_rng(1)
+    covered = [res.lo <= truth <= res.hi for res in (
+        data_efficiency(fractions, true[:, None] + rng.normal(0, 0.01, (5, 5)), 0.78, n_boot=300, seed=s)
+        for s in range(300))]
+    assert np.mean(covered) > 0.92

@@ -142,3 +142,28 @@ def test_interval_resamples_seeds_within_each_size_and_patients():
     assert both.b_ci[1] - both.b_ci[0] > seeds.b_ci[1] - seeds.b_ci[0]
     with pytest.raises(ValueError, match=r"replicates must have shape \(n, 8\)"):
         fit_power_law(x, y, replicates=noise[:, :3])
+
+
+@pytest.mark.parametrize("with_patients", [False, True])
+def test_seed_resample_is_rescaled_about_each_sizes_mean(monkeypatch, with_patients):
+    # Two seeds per size at mean ± d: a plain resample's mean of a size is m - d, m or m + d; rescaled (Rao & Wu,
+    # n = 2) it is m - √2·d, m or m + √2·d, about the mean of that replicate's own patient resample when there is one.
+    import scaling.study.fits as fits
+
+    x = np.repeat([3e2, 1e3, 3e3, 1e4], 2)
+    d = np.tile([0.004, -0.004], 4)
+    y = 0.5 * (x / 3e2) ** -0.3 + 0.1 + d
+    reps = y + np.random.default_rng(2).normal(0, 0.01, (7, x.size)) if with_patients else None
+    seen = []
+    real = fits._fit_once
+    # a replicate's refit starts from the fit's estimate; only those calls are recorded (one per replicate, in order)
+    monkeypatch.setattr(fits, "_fit_once",
+                        lambda z, yb, start=None: (start is not None and seen.append(yb.copy())) or real(z, yb, start))
+    assert fit_power_law(x, y, n_boot=40, replicates=reps).n_boot == 40
+    assert len(seen) == 40
+    for r, yb in enumerate(seen):
+        base = y if reps is None else reps[r % len(reps)]
+        for k in range(4):  # replicate values come size by size, two per size
+            centre, half = base[2 * k:2 * k + 2].mean(), abs(base[2 * k] - base[2 * k + 1]) / 2
+            dev = yb[2 * k:2 * k + 2].mean() - centre
+            assert min(abs(dev), abs(abs(dev) - np.sqrt(2) * half)) < 1e-12, (r, k, dev, half)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from scaling.metrics import rescale_resample
 from scaling.study.aggregate import full_fraction
 from scaling.study.store import RunStore, common_samples
 
@@ -135,8 +136,11 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
     rng = np.random.default_rng(seed)
     boots = []
     for r in range(n_boot if method != "none" else 0):
-        idx = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
-        yb = y[idx] if reps is None else reps[r % len(reps), idx]
+        picks = [rng.choice(s, size=len(s), replace=True) for s in strata]
+        base = y if reps is None else reps[r % len(reps)]
+        # each x's drawn runs rescaled about that x's mean (Rao & Wu): a few seeds' resample alone runs short
+        idx = np.concatenate(picks)
+        yb = np.concatenate([rescale_resample(base[p], base[s].mean(), len(s)) for p, s in zip(picks, strata)])
         if not np.isfinite(yb).all():
             continue
         try:

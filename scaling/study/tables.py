@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import stats
 
 from scaling.metrics import data_efficiency as metrics_data_efficiency
+from scaling.metrics import rescale_resample
 from scaling.study.aggregate import CELL, full_fraction, select, summarise
 
 
@@ -192,7 +193,8 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
         pick = rng.integers(0, len(s), size=(n_boot, len(s)))
         for k in (0, 1):
             v = np.broadcast_to(values[k][s], (n_boot, len(s))) if reps is None else reps[k][:, s]
-            means[k, :, c] = np.take_along_axis(v, pick, axis=1).mean(axis=1)
+            means[k, :, c] = rescale_resample(np.take_along_axis(v, pick, axis=1).mean(axis=1), v.mean(axis=1),
+                                              len(s))
     x, y = _probit(means[0]), _probit(means[1])
     xc, yc = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
     sxx = (xc**2).sum(axis=1)
