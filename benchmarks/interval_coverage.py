@@ -7,8 +7,10 @@ Simulated studies with seed noise only (no patient resampling), five seeds unles
 * data efficiency: AUROC linear in log fraction (0.70 at 1 %, +0.05 per decade), N(0, 0.01) noise, reference 0.78.
 
 Each interval is computed twice on the same simulated data: ``plain`` is the percentile bootstrap of the seeds as
-drawn, ``now`` what the library does (:func:`scaling.metrics.rescale_resample`: Rao & Wu's rescaling, and for data
-efficiency also the t-widening). Prints coverage and the median width of ``now`` over ``plain``.
+drawn, ``now`` what the library does (:func:`scaling.metrics.rescale_resample`: Rao & Wu's rescaling; then the
+widening to Student's tails, with the degrees of freedom of one sample of seeds for data efficiency and
+:func:`scaling.metrics.satterthwaite_widening`'s for the fits and effective robustness). Prints coverage and the
+median width of ``now`` over ``plain``.
 
     python benchmarks/interval_coverage.py                  # 300 studies each, ~3 min on one core
     python benchmarks/interval_coverage.py --studies 50     # quicker, coarser
@@ -39,17 +41,24 @@ def _as_drawn(drawn, center, n, confidence=None):
     return np.broadcast_to(np.asarray(drawn, float), np.broadcast_shapes(np.shape(drawn), np.shape(center))).copy()
 
 
+def _not_widened(jackknife, confidence=0.95):
+    """No widening to Student's tails: what the intervals were before it."""
+    return np.float64(1.0), np.float64(np.inf)
+
+
 @contextlib.contextmanager
 def plain_bootstrap():
-    """Every seed resample as drawn, for the A/B (the library's modules look the helper up by name)."""
-    saved = [m.rescale_resample for m in MODULES]
-    for m in MODULES:
-        m.rescale_resample = _as_drawn
+    """Every seed resample as drawn and not widened, for the A/B (the library's modules look the helpers up by
+    name)."""
+    saved = [(m, name, getattr(m, name)) for m in MODULES for name in ("rescale_resample", "satterthwaite_widening")
+             if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, _as_drawn if name == "rescale_resample" else _not_widened)
     try:
         yield
     finally:
-        for m, f in zip(MODULES, saved):
-            m.rescale_resample = f
+        for m, name, f in saved:
+            setattr(m, name, f)
 
 
 def _robustness_runs(seeds_per_cell: list, cells: list) -> tuple[pd.DataFrame, pd.DataFrame]:

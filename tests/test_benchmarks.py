@@ -270,15 +270,15 @@ def test_report_speed_builds_a_store_and_times_every_section(tmp_path):
 
 
 def test_interval_coverage_compares_plain_and_rescaled_intervals_on_the_same_studies():
-    """``interval_coverage.py`` on a few studies: every interval is there, and on the same data the rescaled ones are
-    √(5/4) as wide as the plain seed bootstrap (effective robustness and the law: linear enough in the seed means),
-    data efficiency wider still (also widened to Student's t, 1.42× at five seeds)."""
+    """``interval_coverage.py`` on a few studies: every interval is there, and on the same data each is wider than
+    the plain seed bootstrap by more than the rescaling alone (√(5/4) at five seeds): the widening to Student's
+    tails is on too (data efficiency: 4 degrees of freedom, 1.42×; the pooled statistics: fewer than that)."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "interval_coverage.py"), "--studies", "4",
                            "--n-boot", "50"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {ln[:21].strip(): [float(v) for v in ln[21:].split()] for ln in proc.stdout.splitlines()[3:]}
     assert list(rows) == ["effective robustness", "law exponent b", "law floor c", "data efficiency"], proc.stdout
     for name in ("effective robustness", "law exponent b", "law floor c"):
-        assert abs(rows[name][2] - (5 / 4) ** 0.5) < 0.02, (name, proc.stdout)
+        assert 1.15 < rows[name][2] < (5 / 4) ** 0.5 * 1.42, (name, proc.stdout)
     assert rows["data efficiency"][2] > 1.3, proc.stdout
     assert all(0 <= v <= 1 for plain, now, _ in rows.values() for v in (plain, now))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from scaling.metrics import (ClusterBootstrap, auprc, auroc, bootstrap_ci, brier, ece, mce, nll,
-                             paired_bootstrap_diff, percentile_interval, rescale_resample)
+                             paired_bootstrap_diff, percentile_interval, rescale_resample, satterthwaite_widening)
 
 
 def _data(seed=0, n=600, n_patients=200):
@@ -115,4 +115,30 @@ def test_rescaled_resample_with_confidence_widens_to_students_t(n):
     if n == 5:
         lo, hi = percentile_interval(rescaled, alpha=0.05)
         t_lo, t_hi = stats.t.interval(0.95, n - 1, loc=y.mean(), scale=stats.sem(y))
-        assert lo == pytest.approx(t_lo, abs=0.03 * (t_hi - t_lo)) and hi == pytest.approx(t_hi, abs=0.03 * (t_hi - t_lo))
+        tol = 0.03 * (t_hi - t_lo)
+        assert lo == pytest.approx(t_lo, abs=tol) and hi == pytest.approx(t_hi, abs=tol)
+
+
+def test_satterthwaite_widening_by_hand():
+    from scipy import stats
+
+    z = stats.norm.ppf(0.975)
+    one = np.array([0.1, 0.4, 0.2, 0.3, 0.5])  # one stratum of five: 4 degrees of freedom
+    factor, df = satterthwaite_widening([one])
+    assert df == pytest.approx(4.0) and factor == pytest.approx(stats.t.ppf(0.975, 4) / z)
+    # statistic 0 rests on two equal strata (their degrees of freedom add up), statistic 1 on the second only
+    factor, df = satterthwaite_widening([np.c_[one, 0 * one], np.c_[one, one]])
+    np.testing.assert_allclose(df, [8.0, 4.0])
+    np.testing.assert_allclose(factor, stats.t.ppf(0.975, [8.0, 4.0]) / z)
+    # unequal strata, by hand: V_h = (n-1)/n · Σ (θ_(i) - mean)², ν = (ΣV)² / Σ V²/(n_h - 1)
+    small, big = np.array([0.0, 1.0]), np.array([0.0, 0.5, 1.0, 1.5])
+    v1, v2 = 1 / 2 * 0.5, 3 / 4 * (2 * 0.75**2 + 2 * 0.25**2)
+    factor, df = satterthwaite_widening([small, big], confidence=0.9)
+    assert df == pytest.approx((v1 + v2) ** 2 / (v1**2 / 1 + v2**2 / 3))
+    assert factor == pytest.approx(stats.t.ppf(0.95, df) / stats.norm.ppf(0.95))
+    # no seed-to-seed spread anywhere, or only single-unit strata: nothing to widen
+    assert satterthwaite_widening([np.ones(3), np.ones(2)]) == (1.0, np.inf)
+    assert satterthwaite_widening([np.array([0.3])]) == (1.0, np.inf)
+    # a left-out unit whose refit failed (NaN) takes its stratum out rather than poisoning the others
+    factor, df = satterthwaite_widening([one, np.array([0.2, np.nan])])
+    assert df == pytest.approx(4.0)

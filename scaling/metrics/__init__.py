@@ -18,7 +18,8 @@ Probabilities must be finite. Bad input raises ValueError naming the argument.
 """
 
 from scaling.metrics.bootstrap import (BootstrapResult, ClusterBootstrap, PairedBootstrapResult, bootstrap_ci,
-                                       paired_bootstrap_diff, percentile_interval, rescale_resample)
+                                       paired_bootstrap_diff, percentile_interval, rescale_resample,
+                                       satterthwaite_widening)
 from scaling.metrics.calibration import (bin_edges, brier, ece, mce, nll, plot_reliability,
                                          reliability_diagram)
 from scaling.metrics.delong import DelongCI, DelongTest, delong_ci, delong_components, delong_test
@@ -40,5 +41,5 @@ __all__ = [
     "delong_components", "delong_test", "ece", "fit_temperature", "fraction_to_reach", "holm", "macro_average", "mce",
     "nll", "or_hillis", "or_test", "or_test_brier", "or_test_labels", "or_test_macro", "paired_bootstrap_diff",
     "per_label", "percentile_interval", "plot_reliability", "rates_at", "referral_area", "referral_curve",
-    "reliability_diagram", "rescale_resample", "subgroup_report",
+    "reliability_diagram", "rescale_resample", "satterthwaite_widening", "subgroup_report",
 ]

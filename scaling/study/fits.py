@@ -9,7 +9,11 @@ Uncertainty: each bootstrap replicate resamples the runs *within* each ``x`` val
 variation, with the design of ``x`` values kept fixed) and, when the runs' stored predictions are at hand, also the
 evaluation patients — one resample of patients shared by every run, so a replicate is "the same study scored on
 another sample of patients" and the error correlation between runs evaluated on one test set is kept. Then the law
-is refitted. Resampling whole runs across ``x`` values instead (a pairs bootstrap) is degenerate at the few points
+is refitted. Few seeds make a plain percentile interval too short, so each x's drawn runs are rescaled about that
+x's mean (:func:`scaling.metrics.rescale_resample`) and the refitted parameters widened to Student's tails
+(:func:`scaling.metrics.satterthwaite_widening`, degrees of freedom from refits with each run left out): 94-95 %
+coverage with five seeds in ``benchmarks/interval_coverage.py``, where the plain interval had 88 %. Resampling
+whole runs across ``x`` values instead (a pairs bootstrap) is degenerate at the few points
 a scaling study has: with four runs at four sizes only the 24 of 256 resamples that keep four distinct sizes
 could be fitted, and each is the original data. With one run per ``x`` and no predictions there is nothing to
 resample, and the intervals are NaN (``ci`` says so).
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from scaling.metrics import rescale_resample
+from scaling.metrics import rescale_resample, satterthwaite_widening
 from scaling.study.aggregate import full_fraction
 from scaling.study.store import RunStore, common_samples
 
@@ -151,12 +155,30 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
     q = (50 * (1 - confidence), 50 * (1 + confidence))
     if boots:
         arr = np.array(boots)
+        # widened about their median to Student's tails, with the degrees of freedom of the seeds the parameters
+        # rest on (satterthwaite_widening: each x's runs left out one at a time, the law refitted)
+        jackknife = [[_refit_without(x, y, x0, s, i, (amp, b, c)) for i in range(len(s) if len(s) > 1 else 0)]
+                     for s in strata]
+        factor, _ = satterthwaite_widening([np.array(j).reshape(-1, 3) for j in jackknife], confidence)
+        centre = np.median(arr, axis=0)
+        arr = centre + factor * (arr - centre)
         cis = [tuple(float(v) for v in np.percentile(arr[:, j], q)) for j in range(3)]
     else:
         cis = [(math.nan, math.nan)] * 3
     resid = _law(x / x0, amp, b, c) - y
     return PowerLawFit(a=amp * x0**b, b=b, c=c, a_ci=cis[0], b_ci=cis[1], c_ci=cis[2], n_points=len(x), n_x=n_x,
                        rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method)
+
+
+def _refit_without(x: np.ndarray, y: np.ndarray, x0: float, stratum: np.ndarray, i: int, start) -> tuple:
+    """(a, b, c) refitted without run ``stratum[i]`` (NaN if the refit fails): one delete-one jackknife value."""
+    keep = np.ones(x.size, dtype=bool)
+    keep[stratum[i]] = False
+    try:
+        ab, bb, cb = _fit_once(x[keep] / x0, y[keep], start=start)
+    except FitError:
+        return (math.nan,) * 3
+    return (ab * x0**bb, bb, cb)
 
 
 def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=None, patients=None) -> np.ndarray:

@@ -12,7 +12,7 @@ import pandas as pd
 from scipy import stats
 
 from scaling.metrics import data_efficiency as metrics_data_efficiency
-from scaling.metrics import rescale_resample
+from scaling.metrics import rescale_resample, satterthwaite_widening
 from scaling.study.aggregate import CELL, full_fraction, select, summarise
 
 
@@ -111,8 +111,10 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     line refitted, the residual taken again — and, with ``store_root``, the test and OOD patients resampled as
     well, one resample of each set shared by every run (the trend moves with the patients, so what is left is how
     far the cell sits off it on another sample); an OOD set that shares patients with test (``paired_shift`` in
-    the runs' ``meta.json``) is resampled together with it, each patient drawn as often in both. ``ci`` says what
-    was resampled: ``seeds+patients``, ``seeds``, or ``none`` (one seed per cell and no predictions: no interval).
+    the runs' ``meta.json``) is resampled together with it, each patient drawn as often in both. A cell's drawn
+    seeds are rescaled about its seed mean and the replicates widened to Student's tails (few seeds:
+    ``docs/metrics.md``, "Statistics, and why"). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``, or ``none`` (one seed per cell and no
+    predictions: no interval).
     """
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
@@ -204,8 +206,29 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
     slope = (xc * yc).sum(axis=1)[ok] / sxx[ok]
     intercept = y[ok].mean(axis=1) - slope * x[ok].mean(axis=1)
     boots = means[1][ok] - stats.norm.cdf(intercept[:, None] + slope[:, None] * x[ok])
+    # Then widened about their median to Student's tails, with the degrees of freedom of the cells' seeds that each
+    # cell's effective robustness rests on (mostly its own: ~5-17 with five seeds per cell; satterthwaite_widening).
+    seed_means = np.array([[values[k][s].mean() for s in strata] for k in (0, 1)])
+    jackknife = []
+    for c, s in enumerate(strata):
+        left_out = []
+        for i in range(len(s) if len(s) > 1 else 0):
+            m = seed_means.copy()
+            m[:, c] = values[:, np.delete(s, i)].mean(axis=1)
+            left_out.append(_residuals(m))
+        jackknife.append(np.array(left_out))
+    factor, _ = satterthwaite_widening(jackknife, confidence)
+    centre = np.median(boots, axis=0)
+    boots = centre + factor * (boots - centre)
     lo, hi = np.percentile(boots, (50 * (1 - confidence), 50 * (1 + confidence)), axis=0)
     return lo, hi, method
+
+
+def _residuals(means: np.ndarray) -> np.ndarray:
+    """Each cell's OOD AUROC minus the probit line's through every cell: ``means`` is (2, cells), test then OOD."""
+    x, y = _probit(means[0]), _probit(means[1])
+    slope, intercept = np.polyfit(x, y, 1)
+    return means[1] - stats.norm.cdf(intercept + slope * x)
 
 
 def shift_labels(df: pd.DataFrame) -> dict[str, list[str]]:
