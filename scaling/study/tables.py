@@ -113,8 +113,8 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     far the cell sits off it on another sample); an OOD set that shares patients with test (``paired_shift`` in
     the runs' ``meta.json``) is resampled together with it, each patient drawn as often in both. A cell's drawn
     seeds are rescaled about its seed mean and the replicates widened to Student's tails (few seeds:
-    ``docs/metrics.md``, "Statistics, and why"). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``, or ``none`` (one seed per cell and no
-    predictions: no interval).
+    ``docs/metrics.md``, "Statistics, and why"). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``,
+    or ``none`` (one seed per cell and no predictions: no interval).
     """
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
@@ -226,9 +226,8 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
 
 def _residuals(means: np.ndarray) -> np.ndarray:
     """Each cell's OOD AUROC minus the probit line's through every cell: ``means`` is (2, cells), test then OOD."""
-    x, y = _probit(means[0]), _probit(means[1])
-    slope, intercept = np.polyfit(x, y, 1)
-    return means[1] - stats.norm.cdf(intercept + slope * x)
+    intercept, slope, _ = _probit_line(means[0], means[1])
+    return means[1] - stats.norm.cdf(intercept + slope * _probit(means[0]))
 
 
 def shift_labels(df: pd.DataFrame) -> dict[str, list[str]]:
