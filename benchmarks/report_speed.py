@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--ood-images", type=int, default=30000)
     p.add_argument("--eval-boot", type=int, default=100, help="replicates of each run's own metric intervals")
     p.add_argument("--n-boot", type=int, default=200, help="the report's replicates (fits, effective robustness)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads for the per-run replicates and the comparisons (default: every usable core)")
     p.add_argument("--out", help="store folder (default: a temporary one, removed afterwards); a folder this script "
                    "wrote before with the same store arguments is reused, so two versions of the code can be timed "
                    "on one store")
@@ -137,13 +139,14 @@ def main() -> None:
     from scaling.study.fits import fit_table
     from scaling.study.report import build_report
     from scaling.study.tables import effective_robustness
+    from scaling.study.threads import resolve_workers
 
     tmp = None if args.out else tempfile.TemporaryDirectory()
     root = Path(args.out or tmp.name)
     runs = args.backbones * args.sources * len(args.fractions) * args.seeds
     print(f"writing {runs} runs: {args.labels} labels; val {args.val_images}, test {args.test_images}, "
           f"ood {args.ood_images} images", flush=True)
-    made_with = {k: v for k, v in vars(args).items() if k not in ("n_boot", "out")}
+    made_with = {k: v for k, v in vars(args).items() if k not in ("n_boot", "out", "workers")}
     marker = root / "report_speed_args.json"
     if marker.is_file() and json.loads(marker.read_text()) == made_with:
         print(f"  reusing the store in {root}", flush=True)
@@ -157,14 +160,18 @@ def main() -> None:
     study = timed("load_study (tidy table of every run)", lambda: load_study(root), times)
     df = plain_cells(study.results)
     summary = summarise(df)
+    w = args.workers
+    print(f"  {resolve_workers(w)} thread(s) for the per-run replicates and the comparisons", flush=True)
     timed(f"fit_table ({args.n_boot} patient replicates)", lambda: fit_table(df, n_boot=args.n_boot,
-                                                                            store_root=root), times)
+                                                                            store_root=root, workers=w), times)
     timed(f"effective_robustness ({args.n_boot} replicates)", lambda: effective_robustness(
-        summary, "ood", df=df, store_root=root, n_boot=args.n_boot), times)
-    timed("pairwise_comparisons (macro + per label)", lambda: pairwise_comparisons(root, df, ["test", "ood"]), times)
-    timed("subgroup_comparisons", lambda: subgroup_comparisons(root, df, ["test", "ood"]), times)
-    timed("brier_comparisons", lambda: brier_comparisons(root, df, ["test", "ood"]), times)
-    timed("build_report (everything, figures included)", lambda: build_report(root, n_boot_fit=args.n_boot), times)
+        summary, "ood", df=df, store_root=root, n_boot=args.n_boot, workers=w), times)
+    timed("pairwise_comparisons (macro + per label)",
+          lambda: pairwise_comparisons(root, df, ["test", "ood"], workers=w), times)
+    timed("subgroup_comparisons", lambda: subgroup_comparisons(root, df, ["test", "ood"], workers=w), times)
+    timed("brier_comparisons", lambda: brier_comparisons(root, df, ["test", "ood"], workers=w), times)
+    timed("build_report (everything, figures included)",
+          lambda: build_report(root, n_boot_fit=args.n_boot, workers=w), times)
     total = times[-1][1]
     print("\n| section | wall s | CPU s | share of build_report | peak RSS MB |\n|---|---|---|---|---|")
     for name, wall, cpu, rss in times:

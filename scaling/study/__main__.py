@@ -47,12 +47,27 @@ def _parser() -> argparse.ArgumentParser:
                                     "data) instead")
         if name in ("fits", "report"):
             s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of each fit (default 200)")
+        if name in ("fits", "report", "compare"):
+            s.add_argument("--workers", type=_workers, default=None,
+                           help="threads for the per-run replicates and the comparisons (default: every usable "
+                                "core); the numbers do not depend on it")
         if name == "report":
             s.add_argument("-o", "--out", help="output HTML path (default: <store>/report.html)")
         if name == "wandb-report":
             s.add_argument("--project", help="W&B project (default: tracking.project of the study)")
             s.add_argument("--entity", help="W&B entity (default: tracking.entity of the study, else yours)")
     return p
+
+
+def _workers(text: str) -> int:
+    """``--workers``: a whole number of threads, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be a whole number >= 1, got {text!r}")
+    return n
 
 
 def _print_status(runs: pd.DataFrame) -> None:
@@ -90,11 +105,11 @@ def _compare(args, df: pd.DataFrame) -> int:
     plain = plain_cells(df)
     sets = ["test", *ood_sets(plain)]
     if args.subgroups:
-        table = subgroup_comparisons(args.store, plain, eval_sets=sets)
+        table = subgroup_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
     elif args.brier:
-        table = brier_comparisons(args.store, plain, eval_sets=sets)
+        table = brier_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
     else:
-        table = pairwise_comparisons(args.store, plain, eval_sets=sets)
+        table = pairwise_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
     if args.csv:
         table.to_csv(args.csv, index=False)
     per_label = not (args.subgroups or args.brier)
@@ -122,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
             logging.getLogger("scaling.study.report").setLevel(logging.INFO)  # progress: a large study takes a while
 
-            print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot))
+            print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot,
+                               workers=args.workers))
             return 0
         if args.command == "wandb-report":
             return _wandb_report(args)
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             from scaling.study.fits import fit_table
 
             # the scaling laws are fitted to plain fine-tuning cells, as in the report
-            table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store)
+            table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store, workers=args.workers)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
         if args.command == "compare":

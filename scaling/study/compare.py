@@ -19,6 +19,7 @@ from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.store import RunStore, common_samples
+from scaling.study.threads import thread_map
 
 REFERRAL = tuple(np.round(np.arange(0.0, 0.51, 0.05), 2))
 """Referral rates of the selective-prediction curves (0 = keep everything, 0.5 = refer half)."""
@@ -123,7 +124,8 @@ COMPARED_AXES = ("backbone", "pretrained")
 """The study axes the pairwise comparisons step along: bigger backbones, then more pretraining."""
 
 
-def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractions=None) -> pd.DataFrame:
+def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractions=None,
+                         workers: int | None = None) -> pd.DataFrame:
     """The seed paper's two questions as paired tests, on each of ``eval_sets`` at each data fraction (``fractions``,
     default every fraction of ``df``, the full data first): each backbone against the smallest with the same
     pretraining (``axis = "backbone"``), and each pretraining source against the one with the fewest images
@@ -142,15 +144,16 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     and patients, both seed-mean AUROCs, their difference with its interval, the degrees of freedom, the p-value and
     ``p_holm``, the p-value adjusted by Holm's step-down method (:func:`scaling.metrics.holm`) over its family —
     every macro row, or every per-label row — which bounds the chance that any test of the family is a false
-    positive.
+    positive. ``workers``: comparisons tested at once, on threads (:mod:`scaling.study.threads`; None: every usable
+    core); the table does not depend on it.
     """
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients",
             "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
-    rows = []
-    for cell, preds, r, _ in _compared_pairs(store_root, df, eval_sets, fractions):
-        rows += _compare_cell(preds, cell, r)
+    pairs = _compared_pairs(store_root, df, eval_sets, fractions)
+    rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2]), pairs, workers)
+            for row in got]
     out = pd.DataFrame(rows, columns=cols)
     macro = (out["label"] == "macro").to_numpy()
     for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
@@ -158,7 +161,8 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     return out
 
 
-def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None) -> pd.DataFrame:
+def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None,
+                         workers: int | None = None) -> pd.DataFrame:
     """The comparisons of :func:`pairwise_comparisons` within every patient subgroup, at full data (``fraction``,
     default the largest): does the bigger or better-pretrained model help each group — women and men, every age
     band — and not only on average?
@@ -167,7 +171,8 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     ``eval.min_group_size`` samples; the ``missing`` group is left out, as in the fairness summaries): the macro
     AUROC over the labels with both classes inside the group, paired on the group's samples, clustered by patient,
     tested by :func:`scaling.metrics.or_test_macro` over the shared seeds. ``p_holm`` is Holm's adjustment over
-    this table alone (its own family: a finding about a group, read beside the overall comparison).
+    this table alone (its own family: a finding about a group, read beside the overall comparison). ``workers`` as
+    in :func:`pairwise_comparisons`.
     """
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "attribute", "group", "n_seeds", "n",
             "n_patients", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
@@ -177,10 +182,12 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
                 & (df["group"] != MISSING_GROUP) & np.isfinite(df["value"].to_numpy(dtype=float))]
     summarised = {e: list(g[["attribute", "group"]].drop_duplicates().sort_values(["attribute", "group"])
                           .itertuples(index=False, name=None)) for e, g in groups.groupby("eval_set")}
-    rows = []
     sets = [e for e in eval_sets if summarised.get(e)]
-    for cell, preds, r, _ in _compared_pairs(store_root, df, sets, [fraction]):
+
+    def compare(pair) -> list[dict]:  # every summarised group of one comparison: on a thread of its own
+        cell, preds, r, _ = pair
         labels, y_all, patients, scores, first = _paired_predictions(preds)
+        rows = []
         for attribute, group in summarised[cell["eval_set"]]:
             if attribute not in first:
                 continue
@@ -194,12 +201,16 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
                                 scores[r:][:, ok][..., defined], cluster=patients[ok])
             rows.append({**cell, "attribute": attribute, "group": group, "n_seeds": r, **_counts(ok, patients),
                          **_test_fields(res)})
-    out = pd.DataFrame(rows, columns=cols)
+        return rows
+
+    pairs = _compared_pairs(store_root, df, sets, [fraction])
+    out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
 
 
-def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None) -> pd.DataFrame:
+def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None,
+                      workers: int | None = None) -> pd.DataFrame:
     """The comparisons of :func:`pairwise_comparisons` on the macro Brier score, at full data (``fraction``, default
     the largest): are the bigger or better-pretrained model's probabilities better — under shift too — as they come
     out of the network (``scaling = "raw"``) and after each run's temperatures fitted on validation
@@ -209,7 +220,8 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
     calibration and discrimination together, and unlike ECE it has no binning and an unbiased mean, so two models
     can be tested on it (:func:`scaling.metrics.or_test_brier`: seeds and patients random, clustered by patient;
     one seed: the paired z-test). Over the labels the set can score (both classes), paired on the same samples.
-    ``diff`` < 0: the compared cell's probabilities are better. ``p_holm`` is over this table alone.
+    ``diff`` < 0: the compared cell's probabilities are better. ``p_holm`` is over this table alone. ``workers`` as
+    in :func:`pairwise_comparisons`.
     """
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "scaling", "n_seeds", "n", "n_patients",
             "brier", "brier_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
@@ -217,27 +229,36 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
         fraction = df["fraction"].max()
     store = RunStore(store_root)
     fitted = {}
-    rows = []
-    for cell, preds, r, ids in _compared_pairs(store_root, df, eval_sets, [fraction]):
+
+    def with_temperatures(pairs):  # in the calling thread: each run's fitted temperatures read once
+        for cell, preds, r, ids in pairs:
+            for rid in ids:
+                if rid not in fitted:
+                    fitted[rid] = store.read_meta(rid).get("fitted_on_val", {})
+            yield cell, preds, r, [fitted[rid] for rid in ids]
+
+    def compare(pair) -> list[dict]:  # raw and temperature-scaled test of one comparison: on a thread of its own
+        cell, preds, r, temperatures = pair
         labels, y_all, patients, raw, first = _paired_predictions(preds)
         defined = [i for i in range(len(labels)) if {0.0, 1.0} <= set(y_all[:, i][np.isfinite(y_all[:, i])])]
         if not defined:
-            continue
-        for rid in ids:
-            if rid not in fitted:
-                fitted[rid] = store.read_meta(rid).get("fitted_on_val", {})
+            return []
         # the temperature-scaled probabilities, aligned like the raw ones (on the first run's sample order)
         order = first["sample_id"]
         scaled = np.stack([calibrated_probabilities(p.set_index("sample_id").loc[order].reset_index(), labels,
-                                                    fitted[rid]).to_numpy(float) for p, rid in zip(preds, ids)])
+                                                    fit).to_numpy(float) for p, fit in zip(preds, temperatures)])
         ok = np.isfinite(y_all[:, defined]).any(axis=1)
+        rows = []
         for scaling, probs in (("raw", raw), ("temperature", scaled)):
             p = probs[:, ok][..., defined]
             res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], cluster=patients[ok])
             rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.auroc_a,
                          "brier_vs": res.auroc_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
                          "df": res.df, "p_value": res.p_value, "method": res.method})
-    out = pd.DataFrame(rows, columns=cols)
+        return rows
+
+    pairs = with_temperatures(_compared_pairs(store_root, df, eval_sets, [fraction]))
+    out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
 

@@ -32,6 +32,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from scaling.metrics import rescale_resample, satterthwaite_widening
 from scaling.study.aggregate import full_fraction
 from scaling.study.store import RunStore, common_samples
+from scaling.study.threads import thread_map
 
 MIN_POINTS = 4
 """Fewest distinct x values a three-parameter law is fitted to."""
@@ -181,22 +182,26 @@ def _refit_without(x: np.ndarray, y: np.ndarray, x0: float, stratum: np.ndarray,
     return (ab * x0**bb, bb, cb)
 
 
-def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=None, patients=None) -> np.ndarray:
+def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=None, patients=None,
+                       workers: int | None = None) -> np.ndarray:
     """``1 − macro AUROC`` of each run under ``n_boot`` patient-level bootstrap replicates shared by all runs:
     shape ``(n_boot, n_runs)``.
 
     ``predictions`` are the runs' stored predictions of one evaluation set (``sample_id``, ``patient_id``,
     ``label:<L>``, ``logit:<L>``), scored on the samples every run has. Each may be a DataFrame or a loader
     ``load(columns) -> DataFrame`` (e.g. ``lambda cols: store.read_predictions(run, eval_set, columns=cols)``):
-    loaders are read one run at a time — first their sample ids, then each run's scores, dropped once its
-    replicates are taken — so memory holds one run's predictions, not every run's (a 240,000-image OOD set with 14
-    labels is ~30 MB per run; a study has over a hundred runs). The macro is the mean over the labels with both
-    classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out), or over
-    those of ``labels`` (e.g. the labels an OOD set shares with test).
+    loaders are read run by run — first their sample ids, then each run's scores, dropped once its replicates are
+    taken — so memory holds a few runs' predictions per thread (``workers``), not every run's (a 240,000-image OOD
+    set with 14 labels is ~30 MB per run; a study has over a hundred runs). The macro is the mean over the labels
+    with both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out),
+    or over those of ``labels`` (e.g. the labels an OOD set shares with test).
 
     ``patients`` (optional): every patient id the resample draws from, when it must be shared with another set
     (an OOD set of the test patients' other images): two calls with the same ``patients`` and ``seed`` draw each
     patient the same number of times in both sets. Default: this set's own patients.
+
+    ``workers``: runs scored at once, on threads (:mod:`scaling.study.threads`; None: every usable core), each
+    holding one run's predictions; the result does not depend on it.
     """
     from scaling.metrics.bootstrap import ClusterBootstrap
 
@@ -227,14 +232,15 @@ def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=Non
         universe = pd.unique(np.asarray(patients, dtype=object))
         ids = np.concatenate([universe, own])
         boot = ClusterBootstrap(ids, n=ids.size, n_boot=n_boot, seed=seed).subset(np.arange(universe.size, ids.size))
-    out = np.full((n_boot, len(predictions)), np.nan)
-    for j in range(len(predictions)):
+    def score(j: int) -> list[np.ndarray]:  # one run's AUROC replicates per label: on a thread of its own
         f = aligned(j, None if isinstance(predictions[j], pd.DataFrame) else ["sample_id", *[
             f"logit:{lab}" for lab in truth]])
-        per_label = [boot.replicates("auroc", yl, f[f"logit:{lab}"].to_numpy(float))
-                     for lab, yl in truth.items() if f"logit:{lab}" in f]
-        del f  # before the next run is read
-        if per_label:
+        return [boot.replicates("auroc", yl, f[f"logit:{lab}"].to_numpy(float))
+                for lab, yl in truth.items() if f"logit:{lab}" in f]  # f is dropped here, before the next run
+
+    out = np.full((n_boot, len(predictions)), np.nan)
+    for j, per_label in enumerate(thread_map(score, range(len(predictions)), workers)):
+        if per_label:  # the macro in this thread: warnings filters are process-wide, not for worker threads to set
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out[:, j] = 1.0 - np.nanmean(np.array(per_label), axis=0)
@@ -250,7 +256,7 @@ def _row(fit_or_error, **keys) -> dict:
 
 
 def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", eval_sets=None, n_boot: int = 200,
-              seed: int = 0, store_root=None) -> tuple[pd.DataFrame, dict]:
+              seed: int = 0, store_root=None, workers: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Fitted exponents for every scaling axis, per pretraining source (or backbone) and evaluation set.
 
     From the tidy table (:func:`scaling.study.aggregate.load_results`), error = 1 − ``metric`` per run:
@@ -262,7 +268,8 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused; ``ci`` what its intervals
     resample) and the fitted laws keyed by ``(x_axis, pretrained, backbone, eval_set)`` for plotting.
     ``eval_sets=None`` uses every set but ``val``. With ``store_root`` (the run store the rows came from) the macro
-    AUROC fits also resample the evaluation patients, from the runs' stored predictions.
+    AUROC fits also resample the evaluation patients, from the runs' stored predictions (``workers`` runs at once,
+    :func:`patient_replicates`).
     """
     rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
     if eval_sets is None:
@@ -286,7 +293,7 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
                  if g["eval_set"].iloc[0] == eval_set and resampled(axis, g)])))
             loaders = [lambda cols, r=r: store.read_predictions(r, eval_set, columns=cols) for r in runs]
             by_set[eval_set] = ({r: j for j, r in enumerate(runs)},
-                                patient_replicates(loaders, n_boot=n_boot, seed=seed))
+                                patient_replicates(loaders, n_boot=n_boot, seed=seed, workers=workers))
         index, reps = by_set[eval_set]
         return reps[:, [index[r] for r in run_ids]]
 

@@ -197,9 +197,11 @@ class _Progress:
 
 
 def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
-                 n_boot_curve: int = 100) -> StudyReport:
+                 n_boot_curve: int = 100, workers: int | None = None) -> StudyReport:
     """Compute every table and figure of the report from the store (see module docstring); each long section is
-    logged (INFO, logger ``scaling.study.report``) as it ends."""
+    logged (INFO, logger ``scaling.study.report``) as it ends. ``workers``: threads for the per-run patient
+    replicates and the paired comparisons (:mod:`scaling.study.threads`; None: every usable core); the report does
+    not depend on it."""
     store_root = Path(store_root)
     done = _Progress()
     study = load_study(store_root, allow_mixed=allow_mixed)
@@ -235,7 +237,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.paired_sets = sorted({e for rid in df["run_id"].unique()
                               for e in store.read_meta(rid).get("fitted_on_val", {}).get("paired_shift", [])})
 
-    fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root)
+    fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root, workers=workers)
     rep.tables["fits"] = fits
     rep.tables["fits_params"] = fits[fits["x_axis"] == "n_params"]
     rep.figures["auroc_vs_params"] = plots.auroc_vs_params(summary, laws)
@@ -256,7 +258,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     trends = {}
     for e in shared:
         rep.tables[f"robustness:{e}"], trends[e] = effective_robustness(summary, e, df=df, store_root=store_root,
-                                                                        n_boot=n_boot_fit)
+                                                                        n_boot=n_boot_fit, workers=workers)
         if trends[e] is not None:
             line = trends[e]
             rep.notes[f"robustness:{e}"] = (
@@ -294,10 +296,13 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fi
     rep.figures["selective"] = plots.selective_curves(curves)
     done("exam-level pooling and selective prediction")
 
-    rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
+                                                     workers=workers)
     done(f"paired comparisons ({len(rep.tables['comparisons'])} rows)")
-    rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
-    rep.tables["brier_comparisons"] = brier_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets])
+    rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
+                                                              workers=workers)
+    rep.tables["brier_comparisons"] = brier_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
+                                                        workers=workers)
     done("comparisons per subgroup and on the Brier score")
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     done(f"{len(rep.figures)} figures drawn")
@@ -731,7 +736,7 @@ def render_html(rep: StudyReport) -> str:
 
 
 def write_report(store_root: str | Path, out_path: str | Path | None = None, *, report: StudyReport | None = None,
-                 allow_mixed: bool = False, n_boot_fit: int = 200) -> Path:
+                 allow_mixed: bool = False, n_boot_fit: int = 200, workers: int | None = None) -> Path:
     """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path.
 
     ``report`` is a :class:`StudyReport` already built (the runner builds it once and also hands it to
@@ -739,7 +744,8 @@ def write_report(store_root: str | Path, out_path: str | Path | None = None, *, 
     """
     store_root = Path(store_root)
     out = Path(out_path) if out_path is not None else store_root / "report.html"
-    rep = report if report is not None else build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit)
+    rep = report if report is not None else build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit,
+                                                         workers=workers)
     atomic_write_text(out, render_html(rep))
     log.info("report written to %s", out)
     return out

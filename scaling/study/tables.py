@@ -92,8 +92,8 @@ ROBUSTNESS_MIN_CELLS = 3
 
 
 def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFrame | None = None, store_root=None,
-                         n_boot: int = 200, seed: int = 0,
-                         confidence: float = 0.95) -> tuple[pd.DataFrame, dict | None]:
+                         n_boot: int = 200, seed: int = 0, confidence: float = 0.95,
+                         workers: int | None = None) -> tuple[pd.DataFrame, dict | None]:
     """Effective robustness on an OOD set (Taori et al., "Measuring robustness to natural distribution shifts in
     image classification", NeurIPS 2020): a cell's OOD AUROC minus the OOD AUROC that the study's own trend predicts
     from its in-distribution AUROC, both on the labels the set shares with test (``auroc_id`` / ``auroc_ood``).
@@ -114,7 +114,8 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     the runs' ``meta.json``) is resampled together with it, each patient drawn as often in both. A cell's drawn
     seeds are rescaled about its seed mean and the replicates widened to Student's tails (few seeds:
     ``docs/metrics.md``, "Statistics, and why"). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``,
-    or ``none`` (one seed per cell and no predictions: no interval).
+    or ``none`` (one seed per cell and no predictions: no interval). ``workers``: runs resampled at once
+    (:func:`scaling.study.fits.patient_replicates`).
     """
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
@@ -130,7 +131,7 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     out["auroc_ood_trend"] = stats.norm.cdf(intercept + slope * _probit(out["auroc_id"]))
     out["effective_robustness"] = out["auroc_ood"] - out["auroc_ood_trend"]
     if df is not None:
-        lo, hi, ci = _robustness_interval(df, eval_set, pair[keys], store_root, n_boot, seed, confidence)
+        lo, hi, ci = _robustness_interval(df, eval_set, pair[keys], store_root, n_boot, seed, confidence, workers)
         out = out.assign(er_lo=lo, er_hi=hi, ci=ci)
     out = out[out["fraction"] == full_fraction(summary)][cols].sort_values(["pretrained", "n_params"])
     line = {"intercept": intercept, "slope": slope, "r2": r2, "n_cells": len(pair)}
@@ -152,7 +153,7 @@ def _probit_line(auroc_id: np.ndarray, auroc_ood: np.ndarray) -> tuple[float, fl
 
 
 def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, store_root, n_boot: int, seed: int,
-                         confidence: float) -> tuple[np.ndarray, np.ndarray, str]:
+                         confidence: float, workers: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Percentile interval of every cell's effective robustness (see :func:`effective_robustness`)."""
     from scaling.study.fits import patient_replicates
     from scaling.study.store import RunStore
@@ -182,7 +183,7 @@ def _robustness_interval(df: pd.DataFrame, eval_set: str, cells: pd.DataFrame, s
         universe = (np.concatenate([preds[e][0](["patient_id"])["patient_id"].to_numpy(dtype=object)
                                     for e in ("test", eval_set)]) if paired else None)
         reps = [1.0 - patient_replicates(preds[e], n_boot=n_boot, seed=seed + (0 if paired else k), labels=labels,
-                                         patients=universe)
+                                         patients=universe, workers=workers)
                 for k, e in enumerate(("test", eval_set))]
     method = "seeds+patients" if reps is not None else (
         "seeds" if any(len(s) > 1 for s in strata) else "none")
