@@ -90,3 +90,16 @@ def test_every_threaded_statistic_is_the_same_on_one_thread_and_on_three(tmp_pat
     reps = patient_replicates(loaders, n_boot=20, workers=1)
     assert reps.shape == (20, len(runs)) and np.isfinite(reps).all()
     np.testing.assert_array_equal(reps, patient_replicates(loaders, n_boot=20, workers=4))
+
+
+def test_cli_takes_workers_and_refuses_a_bad_count(tmp_path_factory, capsys):
+    from scaling.study.__main__ import main
+
+    root, _ = shared_store(tmp_path_factory)
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", str(root), "--workers", "0"])
+    assert stop.value.code == 2 and "--workers must be a whole number >= 1, got '0'" in capsys.readouterr().err
+    assert main(["compare", str(root), "--workers", "2"]) == 0
+    one = capsys.readouterr().out
+    assert main(["compare", str(root), "--workers", "1"]) == 0
+    assert capsys.readouterr().out == one and "bb_" in one  # the same table printed either way
