@@ -248,13 +248,11 @@ def satterthwaite_widening(jackknife, confidence: float = 0.95) -> tuple[np.ndar
         n = jack.shape[0]
         if n < 2:
             continue
-        with warnings.catch_warnings():  # a left-out unit whose refit failed is NaN: the stratum is left out
-            warnings.simplefilter("ignore", RuntimeWarning)
-            parts.append((n - 1) / n * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
+        parts.append((n - 1) / n * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
         dof.append(n - 1)
     if not parts:
         return np.float64(1.0), np.float64(np.inf)
-    parts = np.nan_to_num(np.array(parts), nan=0.0)
+    parts = np.nan_to_num(np.array(parts), nan=0.0)  # a left-out unit whose refit failed (NaN): stratum left out
     dof = np.array(dof, dtype=np.float64).reshape((-1,) + (1,) * (parts.ndim - 1))
     total, spread = parts.sum(axis=0), (parts**2 / dof).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -87,7 +87,8 @@ def data_efficiency(fractions, values, reference: float, replicates: str = "seed
         rng = np.random.default_rng(seed)
         pick = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))
         # rescaled about the seed mean and widened to Student's t (one sample of few seeds; rescale_resample):
-        # the plain percentile interval of five seeds covered 85 % in simulation, this one 94-96 %
+        # the plain percentile interval of five seeds covered 81-85 % in simulation, this one 94 %
+        # (benchmarks/interval_coverage.py)
         curves = rescale_resample(v[:, pick].mean(axis=2), v.mean(axis=1, keepdims=True), v.shape[1],
                                   confidence=1.0 - alpha)
     else:

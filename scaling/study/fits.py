@@ -191,7 +191,7 @@ def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=Non
     ``label:<L>``, ``logit:<L>``), scored on the samples every run has. Each may be a DataFrame or a loader
     ``load(columns) -> DataFrame`` (e.g. ``lambda cols: store.read_predictions(run, eval_set, columns=cols)``):
     loaders are read run by run — first their sample ids, then each run's scores, dropped once its replicates are
-    taken — so memory holds a few runs' predictions per thread (``workers``), not every run's (a 240,000-image OOD
+    taken — so memory holds one run's predictions per thread (``workers``), not every run's (a 240,000-image OOD
     set with 14 labels is ~30 MB per run; a study has over a hundred runs). The macro is the mean over the labels
     with both classes labelled, as in the stored metrics (a replicate where a label has one class leaves it out),
     or over those of ``labels`` (e.g. the labels an OOD set shares with test).
@@ -232,6 +232,7 @@ def patient_replicates(predictions, n_boot: int = 200, seed: int = 0, labels=Non
         universe = pd.unique(np.asarray(patients, dtype=object))
         ids = np.concatenate([universe, own])
         boot = ClusterBootstrap(ids, n=ids.size, n_boot=n_boot, seed=seed).subset(np.arange(universe.size, ids.size))
+
     def score(j: int) -> list[np.ndarray]:  # one run's AUROC replicates per label: on a thread of its own
         f = aligned(j, None if isinstance(predictions[j], pd.DataFrame) else ["sample_id", *[
             f"logit:{lab}" for lab in truth]])
