@@ -243,8 +243,10 @@ def test_brier_one_seed_is_the_clustered_paired_z_test():
     assert res.method == "paired" and res.diff == pytest.approx(diff, abs=1e-15)
     assert res.se == pytest.approx(se, rel=1e-10)
     assert res.p_value == pytest.approx(2 * stats.norm.sf(abs(diff / se)), rel=1e-9)
-    assert res.auroc_a == pytest.approx(np.mean([np.mean((pa[0][known[:, k], k] - y[known[:, k], k]) ** 2)
-                                                 for k in range(y.shape[1])]), abs=1e-15)
+    brier_b = np.mean([np.mean((pb[0][known[:, k], k] - y[known[:, k], k]) ** 2) for k in range(y.shape[1])])
+    assert res.value_a == res.auroc_a == pytest.approx(
+        np.mean([np.mean((pa[0][known[:, k], k] - y[known[:, k], k]) ** 2) for k in range(y.shape[1])]), abs=1e-15)
+    assert res.value_b == res.auroc_b == pytest.approx(brier_b, abs=1e-15)
 
 
 def test_brier_covariance_matches_the_patient_jackknife():

@@ -77,6 +77,17 @@ class ORTest:
     method: str
     """``or-hillis`` (two or more seeds) or ``delong`` (one seed)."""
 
+    @property
+    def value_a(self) -> float:
+        """Model a's seed-mean figure of merit, whichever it is: the AUROC, or the Brier score from
+        :func:`or_test_brier` (the same number as ``auroc_a``, under a name that fits both)."""
+        return self.auroc_a
+
+    @property
+    def value_b(self) -> float:
+        """Model b's seed-mean figure of merit (``value_a``)."""
+        return self.auroc_b
+
 
 def or_hillis(aurocs, cov, alpha: float = 0.05) -> ORTest:
     """Obuchowski–Rockette test of model a against model b from their AUROCs and its case-sampling covariance.
@@ -198,7 +209,8 @@ def _influence_covariance(psi: np.ndarray, codes: np.ndarray, labels: np.ndarray
 
 def or_test_brier(y, probs_a, probs_b, alpha: float = 0.05, cluster=None) -> ORTest:
     """:func:`or_hillis` on the macro Brier score (lower is better): is model a better *calibrated and sharper* than
-    model b, over seeds and patients? ``auroc_a`` / ``auroc_b`` of the result hold the seed-mean Brier scores.
+    model b, over seeds and patients? ``value_a`` / ``value_b`` of the result hold the seed-mean Brier scores (so do
+    ``auroc_a`` / ``auroc_b``, the fields' names from the AUROC tests).
 
     ``y``: (N, L) labels (1/0/NaN; each label scored on its labelled rows); ``probs_a``, ``probs_b``: (r, N, L)
     probabilities, or (N, L) for one seed; ``cluster``: (N,) patient ids or None. A run's macro Brier score is the

@@ -252,8 +252,8 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
         for scaling, probs in (("raw", raw), ("temperature", scaled)):
             p = probs[:, ok][..., defined]
             res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], cluster=patients[ok])
-            rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.auroc_a,
-                         "brier_vs": res.auroc_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
+            rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.value_a,
+                         "brier_vs": res.value_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
                          "df": res.df, "p_value": res.p_value, "method": res.method})
         return rows
 
