@@ -45,10 +45,38 @@ def _point_at_fixtures(name: str, tmp: Path) -> list[str]:
     return ov
 
 
+def _plan_offline(cfg, weights: Path, monkeypatch) -> tuple[pd.DataFrame, list[str]]:
+    """Plan ``cfg`` offline (as the tests run) with an empty weights directory, copying in each file the dry run
+    names as missing, as its message tells a user to: (the plan, the files it asked for)."""
+    from huggingface_hub import constants
+
+    from scaling.models.weights import WeightsUnavailable
+
+    monkeypatch.setenv("SCALING_WEIGHTS_DIR", str(weights))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(weights.parent / "hf"))
+    asked = []
+    while True:
+        try:
+            return plan(cfg), asked
+        except WeightsUnavailable as e:
+            path = Path(re.search(r"copy it to (\S+) \(directory set by", str(e)).group(1))
+            assert path.parent == weights and path.name not in asked, str(e)
+            asked.append(path.name)
+            weights.mkdir(exist_ok=True)
+            path.write_bytes(b"")
+
+
 @pytest.mark.parametrize("name", STUDIES)
-def test_dry_run_plans_every_cell(name, tmp_path):
+def test_dry_run_plans_every_cell(name, tmp_path, monkeypatch):
     cfg = load_config(CONFIGS / f"{name}.yaml", _point_at_fixtures(name, tmp_path))
-    p = plan(cfg)
+    p, asked = _plan_offline(cfg, tmp_path / "weights", monkeypatch)
+    # offline, every public checkpoint the grid starts from is asked for by name before anything is written:
+    # BiT-M from the hub, BiT-S from its URL, one per backbone; ViT in21k and in1k (ViT-L has no in1k weights)
+    bit = ["50x1", "50x3", "101x1", "101x3", "152x2"] + (["152x4"] if name == "chexpert_bit" else [])
+    vit = [f"vit_{s}_patch16_224.augreg_{t}.safetensors" for s in ("small", "base") for t in ("in1k", "in21k")]
+    expected = ({*vit, "vit_large_patch16_224.augreg_in21k.safetensors"} if name == "chexpert_vit" else
+                {f"resnetv2_{a}_bit.goog_in21k.safetensors" for a in bit} | {f"BiT-S-R{a}.npz" for a in bit})
+    assert sorted(asked) == sorted(expected)
     g = cfg.grid
     n_cells = len(expand_grid(cfg))
     # cells without public weights (ViT-L x ImageNet-1k) are dropped, never more

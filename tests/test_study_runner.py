@@ -2,6 +2,7 @@
 a study grown in place, conflicts refused."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,6 +307,70 @@ def test_a_missing_weight_file_is_named_before_training_but_not_needed_by_finish
         if spec.pretrained != "scratch":
             RunStore(store).mark_complete(run_id(cfg, spec))
     check_weights(cfg, RunStore(store), cells)
+
+
+def test_offline_a_hub_or_url_source_missing_from_the_weights_dir_and_cache_is_named_before_training(
+        tmp_path, monkeypatch):
+    """Offline (what the SLURM scripts set) a ``bit-m`` (hub) or ``bit-s`` (URL) source must already be on disk: the
+    dry run names the one that is not, with the file to provide, instead of every run failing later; copying the
+    file into the weights directory is enough. Online nothing is checked and no host is probed."""
+    from huggingface_hub import constants
+
+    from scaling.models import weights
+    from scaling.models.weights import WeightsUnavailable
+    from scaling.study.runner import check_weights
+
+    wdir = tmp_path / "weights"
+    monkeypatch.setenv("SCALING_WEIGHTS_DIR", str(wdir))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    store = tmp_path / "store"
+    cfg = _cfg(store, backbones=["bit_r50x1"], pretrained=["bit-m", "bit-s"])
+    cells = expand_grid(cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match=r"grid.pretrained 'bit-m' \(backbone bit_r50x1\): cannot load hub "
+                                                 r"weights timm/resnetv2_50x1_bit.goog_in21k: offline mode.*"
+                                                 + re.escape(str(wdir / "resnetv2_50x1_bit.goog_in21k.safetensors"))):
+        check_weights(cfg, RunStore(store), cells)
+    wdir.mkdir()
+    (wdir / "resnetv2_50x1_bit.goog_in21k.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsUnavailable, match=r"grid.pretrained 'bit-s' .*" + re.escape(str(wdir / "BiT-S-R50x1.npz"))):
+        check_weights(cfg, RunStore(store), cells)
+    (wdir / "BiT-S-R50x1.npz").write_bytes(b"")
+    check_weights(cfg, RunStore(store), cells)
+
+    (wdir / "BiT-S-R50x1.npz").unlink()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("SCALING_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "_reachable", lambda *a, **k: pytest.fail("online, the check must not probe a host"))
+    check_weights(cfg, RunStore(store), cells)
+
+
+def test_offline_a_hugging_face_encoder_needs_its_weights_on_disk(tmp_path, monkeypatch):
+    """``check_cached``: a directory needs a weight file beside its config; a hub repo needs one in the HF cache
+    (found by huggingface_hub's own cache lookup, a sharded checkpoint by its index)."""
+    from huggingface_hub import constants
+
+    from scaling.models.weights import WeightSpec, WeightsUnavailable, check_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    local = tmp_path / "rad-dino"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    with pytest.raises(WeightsUnavailable, match=rf"directory {local} holds none of \['model.safetensors'"):
+        check_offline(WeightSpec("hf", str(local)))
+    (local / "model.safetensors").write_bytes(b"")
+    check_offline(WeightSpec("hf", str(local)))
+    with pytest.raises(WeightsUnavailable, match=r"'org/enc'.*not in the Hugging Face cache"):
+        check_offline(WeightSpec("hf", "org/enc"))
+    snapshot = tmp_path / "hf" / "models--org--enc" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hf" / "models--org--enc" / "refs").mkdir()
+    (tmp_path / "hf" / "models--org--enc" / "refs" / "main").write_text("abc123")
+    (snapshot / "model.safetensors.index.json").write_text("{}")
+    check_offline(WeightSpec("hf", "org/enc"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    check_offline(WeightSpec("hf", "org/missing"))  # online: fetched when a run needs it, not checked
 
 
 def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):

@@ -133,13 +133,35 @@ class HFBackbone(nn.Module):
                               self.pretrained_cfg["std"])
 
 
-def _weights_error(location: str, error: Exception) -> WeightsUnavailable:
+def _weights_error(location: str, error: Exception | str) -> WeightsUnavailable:
     return WeightsUnavailable(
         f"cannot load Hugging Face model {location!r}: {error}. Provide it as a local directory holding "
         f"config.json and model.safetensors (e.g. `hf download {location} --local-dir /weights/name` where the hub "
         f"is reachable) and set model.backbone to 'hf:/weights/name'; models already in the Hugging Face cache are "
         f"used offline with HF_HUB_OFFLINE=1"
     )
+
+
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+
+
+def check_cached(location: str) -> None:
+    """WeightsUnavailable unless the encoder's weights are on disk: in the directory ``location`` or, for a hub
+    repo, in the Hugging Face cache (``transformers``' file names, sharded checkpoints by their index). Reads
+    only the file system: what an offline run would find."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(location).expanduser()
+    if path.is_dir():
+        found = any((path / name).is_file() for name in _WEIGHT_FILES)
+        reason = f"directory {path} holds none of {list(_WEIGHT_FILES)}"
+    else:
+        found = any(isinstance(try_to_load_from_cache(location, name), str) for name in _WEIGHT_FILES)
+        reason = "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE) and its weights are not in the Hugging Face cache"
+    if not found:
+        raise _weights_error(location, reason)
 
 
 def load_config(location: str):

@@ -197,6 +197,21 @@ def fetch(spec: WeightSpec) -> Path:
     raise ValueError(f"nothing to fetch for a {spec.kind!r} source")
 
 
+def check_offline(spec: WeightSpec) -> None:
+    """Offline (``HF_HUB_OFFLINE`` / ``SCALING_OFFLINE``), find ``spec``'s file now, where a run on this node would
+    look for it (the weights directory, then the Hugging Face cache), and raise :class:`WeightsUnavailable` with
+    the instruction to provide it when it is in neither. Touches no network. Online it does nothing: a run
+    downloads what it needs, and a download cannot be checked without making it."""
+    if not _offline():
+        return
+    if spec.kind in ("hub", "url"):
+        fetch(spec)  # offline, fetch reads the weights directory and the cache and raises before any network
+    elif spec.kind == "hf":
+        from scaling.models.hf import check_cached
+
+        check_cached(spec.location)
+
+
 def _offline() -> bool:
     flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "SCALING_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)

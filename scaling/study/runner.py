@@ -239,17 +239,19 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
     """Every weight source a run still to be trained needs resolves (``resolve_source``: a local file given as a
     path or ``<source>:<path>`` must exist): a missing one is named now, by ``--dry-run`` too, not when its runs
     start. Finished runs need no pretrained weights (they are evaluated from their own), so a study that grows on a
-    machine without them is not refused. Hub and URL sources are fetched, ``upstream:`` ones made, when a run needs
-    them. Reads only."""
+    machine without them is not refused. Hub, URL and Hugging Face sources are fetched when a run needs them, so
+    online they are not checked here; offline (``HF_HUB_OFFLINE=1`` / ``SCALING_OFFLINE=1``, as the SLURM scripts
+    set) each must already be in the weights directory or the Hugging Face cache, and one that is not is named now
+    (``check_offline``). ``upstream:`` sources are made by the study. Reads only."""
     from scaling.models.presets import resolve_backbone
-    from scaling.models.weights import WeightsUnavailable, resolve_source
+    from scaling.models.weights import WeightsUnavailable, check_offline, resolve_source
 
     needed = {(s.backbone, s.pretrained) for s in cells if not store.is_complete(run_id(cfg, s))}
     for backbone, source in sorted(needed):
         if source.strip().lower().startswith("upstream:"):
             continue
         try:
-            resolve_source(resolve_backbone(backbone), source)
+            check_offline(resolve_source(resolve_backbone(backbone), source))
         except WeightsUnavailable as e:
             raise WeightsUnavailable(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
         except ValueError as e:
