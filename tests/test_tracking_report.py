@@ -104,6 +104,28 @@ def _without_wandb_workspaces(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb_workspaces", None)
 
 
+def test_online_study_without_wandb_credentials_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Without a W&B login every cell of an online study would fail when its tracker starts (a FAILED.json each):
+    refused at start, before the store, naming the fix; a key in the environment is enough (read, not verified:
+    no network)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    with pytest.raises(ConfigError, match=r"tracking.wandb=online needs W&B credentials .* `wandb login`"):
+        check_available(TrackingConfig(wandb="online"))
+    cfg = load_config(None, [f"output_dir={tmp_path / 'store'}", "data.root=synthetic", "tracking.wandb=online",
+                             "grid.backbones=[resnetv2_tiny]", "grid.pretrained=[scratch]", "train.steps=2"])
+    with pytest.raises(ConfigError, match="W&B credentials"):
+        run_study(cfg)
+    assert not (tmp_path / "store").exists()
+    assert main(["wandb-report", str(tmp_path / "store")]) == 2
+    assert "export WANDB_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    check_available(TrackingConfig(wandb="online"))
+
+
 def test_online_study_without_wandb_workspaces_is_refused_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the test session disables W&B; here the config decides
     _without_wandb_workspaces(monkeypatch)

@@ -30,11 +30,13 @@ def _wr():
 
 
 def check_available(tracking_cfg: TrackingConfig) -> None:
-    """Refuse, before any training, a study that will need wandb-workspaces at its end and cannot import it.
+    """Refuse, before any training, an online study that cannot log or will fail at its end.
 
-    Only ``tracking.wandb: online`` (after ``WANDB_MODE``) builds the W&B Report when the grid is done; without this
-    check such a study trains every cell and then stops with an ImportError. Raises :class:`ConfigError` naming
-    the field and the fix.
+    Only ``tracking.wandb: online`` (after ``WANDB_MODE``) is checked. It needs W&B credentials on this machine
+    (``WANDB_API_KEY`` or a ``wandb login``; read, not verified, so no network is touched) — without them every cell
+    fails when its tracker starts, one FAILED.json each — and wandb-workspaces for the W&B Report built when the
+    grid is done — without it the study trains every cell and then stops with an ImportError. Raises
+    :class:`ConfigError` naming the field and the fix.
     """
     from scaling.tracking import wandb_mode
 
@@ -47,6 +49,12 @@ def check_available(tracking_cfg: TrackingConfig) -> None:
             "tracking.wandb=online creates a W&B Report when the study is done, which needs wandb-workspaces: "
             "pip install 'scaling[wandb-report]' (or set tracking.wandb=offline and create the Report later with "
             "`python -m scaling.study wandb-report <store>`)") from e
+    import wandb
+
+    if not wandb.login(verify=False, prompt=False):
+        raise ConfigError(
+            "tracking.wandb=online needs W&B credentials on this machine and none were found: run `wandb login` or "
+            "export WANDB_API_KEY (or set tracking.wandb=offline and `wandb sync` the runs later)")
 
 
 def _quote(s: str) -> str:
