@@ -168,3 +168,30 @@ def test_seed_resample_is_rescaled_about_each_sizes_mean(monkeypatch, with_patie
             centre, half = base[2 * k:2 * k + 2].mean(), abs(base[2 * k] - base[2 * k + 1]) / 2
             dev = yb[2 * k:2 * k + 2].mean() - centre
             assert min(abs(dev), abs(abs(dev) - np.sqrt(2) * half)) < 1e-12, (r, k, dev, half)
+
+
+def test_scaling_views_leave_out_probe_and_reinitialised_cells(tmp_path_factory):
+    """A store's results hold linear-probe, k-shot and re-initialised cells beside the fine-tuned ones (every shipped
+    study has them). Pooled into a scaling law, a robustness trend or a paired comparison they would be wrong (a
+    probe run is no extra seed of its cell): fit_table, effective_robustness and the comparisons use the plain
+    fine-tuning cells only, as the report does, so the same call on the whole table gives the plain table's
+    numbers."""
+    from scaling.study.aggregate import PLAIN, summarise
+    from scaling.study.compare import brier_comparisons, pairwise_comparisons, subgroup_comparisons
+    from scaling.study.tables import effective_robustness
+
+    root, _ = shared_store(tmp_path_factory)
+    plain = load_results(root).assign(**PLAIN)
+    other = [plain.assign(protocol="linear_probe", value=plain["value"] * 0.5),
+             plain.assign(reinit="after:2", value=plain["value"] * 0.9),
+             plain.assign(protocol="linear_probe", shots=5, value=plain["value"] * 0.7)]
+    mixed = pd.concat([plain, *(o.assign(run_id=o["run_id"] + f"-other{i}") for i, o in enumerate(other))],
+                      ignore_index=True)
+    pd.testing.assert_frame_equal(fit_table(mixed, n_boot=20)[0], fit_table(plain, n_boot=20)[0])
+    ood = sorted(set(plain["eval_set"]) - {"val", "test"})[0]
+    er_mixed, line_mixed = effective_robustness(summarise(mixed), ood, df=mixed, n_boot=20)
+    er_plain, line_plain = effective_robustness(summarise(plain), ood, df=plain, n_boot=20)
+    pd.testing.assert_frame_equal(er_mixed, er_plain)
+    assert line_mixed == line_plain
+    for compare in (pairwise_comparisons, subgroup_comparisons, brier_comparisons):
+        pd.testing.assert_frame_equal(compare(root, mixed, workers=1), compare(root, plain, workers=1))

@@ -18,6 +18,7 @@ from scaling.metrics import holm, or_test_brier, or_test_labels, or_test_macro, 
 from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
+from scaling.study.aggregate import plain_cells
 from scaling.study.store import RunStore, common_samples
 from scaling.study.threads import thread_map
 
@@ -145,8 +146,11 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     ``p_holm``, the p-value adjusted by Holm's step-down method (:func:`scaling.metrics.holm`) over its family —
     every macro row, or every per-label row — which bounds the chance that any test of the family is a false
     positive. ``workers``: comparisons tested at once, on threads (:mod:`scaling.study.threads`; None: every usable
-    core); the table does not depend on it.
+    core); the table does not depend on it. Only plain fine-tuning cells of ``df`` are compared
+    (:func:`scaling.study.aggregate.plain_cells`, as in the report; so in the other two comparison tables): a probe
+    run of a cell is not another seed of its fine-tuned runs.
     """
+    df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients",
             "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fractions is None:
@@ -174,6 +178,7 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     this table alone (its own family: a finding about a group, read beside the overall comparison). ``workers`` as
     in :func:`pairwise_comparisons`.
     """
+    df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "attribute", "group", "n_seeds", "n",
             "n_patients", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fraction is None:
@@ -223,6 +228,7 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
     ``diff`` < 0: the compared cell's probabilities are better. ``p_holm`` is over this table alone. ``workers`` as
     in :func:`pairwise_comparisons`.
     """
+    df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "scaling", "n_seeds", "n", "n_patients",
             "brier", "brier_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
     if fraction is None:

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from scaling.metrics import rescale_resample, satterthwaite_widening
-from scaling.study.aggregate import full_fraction
+from scaling.study.aggregate import full_fraction, plain_cells
 from scaling.study.store import RunStore, common_samples
 from scaling.study.threads import thread_map
 
@@ -270,8 +270,11 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     resample) and the fitted laws keyed by ``(x_axis, pretrained, backbone, eval_set)`` for plotting.
     ``eval_sets=None`` uses every set but ``val``. With ``store_root`` (the run store the rows came from) the macro
     AUROC fits also resample the evaluation patients, from the runs' stored predictions (``workers`` runs at once,
-    :func:`patient_replicates`).
+    :func:`patient_replicates`). Only plain fine-tuning cells are used (:func:`scaling.study.aggregate.plain_cells`,
+    as in the report): probe, k-shot and re-initialised cells of ``df`` are dropped, since pooling them with
+    fine-tuned runs would be wrong.
     """
+    df = plain_cells(df)
     rows = df[(df["metric"] == metric) & (df["label"] == label) & (df["attribute"] == "all") & (df["group"] == "all")]
     if eval_sets is None:
         eval_sets = sorted(e for e in rows["eval_set"].unique() if e != "val")

@@ -13,7 +13,7 @@ from scipy import stats
 
 from scaling.metrics import data_efficiency as metrics_data_efficiency
 from scaling.metrics import rescale_resample, satterthwaite_widening
-from scaling.study.aggregate import CELL, full_fraction, select, summarise
+from scaling.study.aggregate import CELL, full_fraction, plain_cells, select, summarise
 
 
 def ood_sets(df: pd.DataFrame) -> list[str]:
@@ -115,8 +115,11 @@ def effective_robustness(summary: pd.DataFrame, eval_set: str, *, df: pd.DataFra
     seeds are rescaled about its seed mean and the replicates widened to Student's tails (few seeds:
     ``docs/metrics.md``, "Statistics, and why"). ``ci`` says what was resampled: ``seeds+patients``, ``seeds``,
     or ``none`` (one seed per cell and no predictions: no interval). ``workers``: runs resampled at once
-    (:func:`scaling.study.fits.patient_replicates`).
+    (:func:`scaling.study.fits.patient_replicates`). Only plain fine-tuning cells of ``summary`` and ``df`` are
+    used (:func:`scaling.study.aggregate.plain_cells`, as in the report): a probe or re-initialised cell is no point
+    of the trend.
     """
+    summary, df = plain_cells(summary), (None if df is None else plain_cells(df))
     keys = ["pretrained", "backbone", "n_params", "fraction"]
     cols = [*keys, "auroc_id", "auroc_ood", "auroc_ood_trend", "effective_robustness"]
     if df is not None:
