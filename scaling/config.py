@@ -378,6 +378,7 @@ class TrainConfig:
         _choice("train.hyperrule", self.hyperrule, ("off", "code", "paper"))
         _choice("train.compile", self.compile, ("off", "blocks", "model"))
         _choice("train.select", self.select, SELECT)
+        _check_seeds("train.seed", (self.seed,))
         _positive("train.early_stopping_patience", self.early_stopping_patience, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         if self.select != "last" and not self.eval_every:
@@ -630,6 +631,14 @@ def parse_reinit(value: str, where: str = "grid.reinit") -> tuple[str, int]:
     return kind, int(k)
 
 
+def _check_seeds(where: str, seeds) -> None:
+    """Seeds seed numpy's and Accelerate's generators, which take [0, 2**32): refuse others when the config is read,
+    not when each run seeds itself."""
+    for s in seeds or ():
+        if not 0 <= s < 2**32:
+            raise ConfigError(f"{where}: seed {s} is out of range; seeds must be integers in [0, 2**32)")
+
+
 def _check_axes(where: str, protocols, shots, reinit) -> None:
     """Validate the analysis axes of a grid or a sub-grid (None = not set there)."""
     for p in protocols or ():
@@ -667,6 +676,7 @@ class SubGridConfig:
         for f in self.fractions or ():
             if not 0 < f <= 1:
                 raise ConfigError(f"grid.also.fractions contains {f}; fractions must be in (0, 1]")
+        _check_seeds("grid.also.seeds", self.seeds)
         _check_axes("grid.also", self.protocols, self.shots, self.reinit)
 
 
@@ -711,6 +721,7 @@ class GridConfig:
                 raise ConfigError(f"grid.{name} must not be empty")
         if not self.fractions and not self.shots:
             raise ConfigError("grid.fractions and grid.shots are both empty: give at least one data budget")
+        _check_seeds("grid.seeds", self.seeds)
         _check_axes("grid", self.protocols, self.shots, self.reinit)
 
 

@@ -342,3 +342,15 @@ def test_errors_on_a_whole_section_name_where_it_was_set(tmp_path):
     _write(tmp_path / "parts" / "t.yaml", "shardng: {strategy: ddp}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'shardng'.* in .*parts/t\.yaml$"):
         load_config(top)
+
+
+@pytest.mark.parametrize("override, field", [("grid.seeds=[0,-1]", "grid.seeds"), ("grid.seeds=[4294967296]", "grid.seeds"),
+                                             ("train.seed=-3", "train.seed"),
+                                             ("grid.also=[{seeds: [-2]}]", "grid.also.seeds")])
+def test_seeds_outside_what_the_generators_take_are_refused_at_load(override, field):
+    """numpy's and Accelerate's generators take seeds in [0, 2**32): another value is refused when the config is
+    read, naming the field and the override, instead of failing every run that seeds itself with it."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: seed -?\d+ is out of range; seeds must be integers "
+                                          rf"in \[0, 2\*\*32\) in override `{re.escape(override)}`"):
+        load_config(None, ["data.root=synthetic", override])
+    assert load_config(None, ["data.root=synthetic", "grid.seeds=[0,4294967295]"]).grid.seeds == (0, 4294967295)

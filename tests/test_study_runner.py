@@ -15,7 +15,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from scaling.config import load_config
+from scaling.config import ConfigError, load_config
 from scaling.data.table import DataError
 from scaling.study.grid import expand_grid, run_id
 from scaling.study.runner import plan, run_study
@@ -371,6 +371,19 @@ def test_offline_a_hugging_face_encoder_needs_its_weights_on_disk(tmp_path, monk
     check_offline(WeightSpec("hf", "org/enc"))
     monkeypatch.delenv("HF_HUB_OFFLINE")
     check_offline(WeightSpec("hf", "org/missing"))  # online: fetched when a run needs it, not checked
+
+
+def test_model_kwargs_a_backbone_does_not_take_are_refused_by_the_dry_run(tmp_path):
+    """``model.kwargs`` reach every backbone's constructor only when a run builds it: the dry run builds each on the
+    meta device, so a misspelled keyword fails there, naming the field and the backbone, before anything is
+    written; keywords the backbone takes pass."""
+    store = tmp_path / "store"
+    path = study_config(tmp_path, store)
+    with pytest.raises(ConfigError, match=r"model.kwargs \{'drop_rat': 0.1\} do not build backbone resnetv2_tiny: "
+                                          r".*unexpected keyword argument 'drop_rat'"):
+        plan(load_config(path, ["model.kwargs={drop_rat: 0.1}"]))
+    assert not store.exists()
+    assert len(plan(load_config(path, ["model.kwargs={drop_path_rate: 0.1}"]))) > 0
 
 
 def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):

@@ -258,6 +258,27 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
             raise ConfigError(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
 
 
+def check_model_kwargs(cfg: StudyConfig, cells: list[RunSpec]) -> None:
+    """``model.kwargs`` go to every backbone's constructor: build each backbone of the grid with them on the meta
+    device (no memory, no weights read) so that a misspelled or unsupported keyword is a ConfigError naming the
+    field and the backbone now, by ``--dry-run`` too, not a TypeError in every run."""
+    import dataclasses
+
+    import torch
+
+    from scaling.models import build_model
+
+    if not cfg.model.kwargs:
+        return
+    for backbone in dict.fromkeys(s.backbone for s in cells):
+        try:
+            with torch.device("meta"):
+                build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
+                            image_size=cfg.data.image_size)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.kwargs {dict(cfg.model.kwargs)} do not build backbone {backbone}: {e}") from None
+
+
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
     """Refuse a config that contradicts the store: a run id recorded with other result settings, an evaluation
     set name that the store holds for another set, an upstream name pretrained with other settings. Each error
@@ -732,6 +753,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     store = RunStore(cfg.output_dir)
     check_conflicts(cfg, store, cells)
     check_weights(cfg, store, cells)
+    check_model_kwargs(cfg, cells)
     data = load_study_data(cfg)
     check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
@@ -844,7 +866,8 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     check_roots(cfg.data)
     init_distributed()
     store = RunStore(cfg.output_dir)
-    on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells)))
+    on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
+                     check_model_kwargs(cfg, cells)))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
