@@ -76,6 +76,14 @@ def test_scratch_is_the_same_architecture_without_the_weights(hf_dir):
                            b["embeddings.patch_embeddings.projection.weight"])
 
 
+def test_input_channels_follow_the_encoders_config(hf_dir):
+    from scaling.models import input_channels
+
+    gray = build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="scratch", kwargs={"num_channels": 1}), 2)
+    assert input_channels(build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="hf"), 2)) == 3
+    assert input_channels(gray) == 1
+
+
 def test_family_row_optimizer_groups_and_checkpointing(hf_dir):
     from scaling.engine.sharding import blocks_of
 

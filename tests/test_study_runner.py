@@ -372,3 +372,29 @@ def test_a_label_without_a_positive_training_image_is_warned_about(tmp_path, cap
     assert (data.train["label:Pleural Effusion"] == 1).any() and not (data.train["label:Hernia"] == 1).any()
     assert "label 'Hernia' has no positive image in the training set" in caplog.text
     assert "label 'Pleural Effusion' has no positive" not in caplog.text
+
+
+def test_a_study_with_in_chans_1_feeds_the_model_one_channel(tmp_path, monkeypatch):
+    """docs/models.md: ``model.kwargs: {in_chans: 1}`` adapts a backbone to grayscale input. Every batch of the
+    study (training and prediction) reaches the model with 1 channel, and the run completes with predictions for
+    every test sample."""
+    import scaling.engine.trainer as trainer_module
+
+    shapes = []
+    real = trainer_module.to_device
+
+    def recording(*args, **kwargs):
+        x = real(*args, **kwargs)
+        shapes.append(tuple(x.shape))
+        return x
+
+    monkeypatch.setattr(trainer_module, "to_device", recording)
+    store = tmp_path / "store"
+    cfg = load_config(study_config(tmp_path, store, ood=False), ["model.kwargs={in_chans: 1}", "grid.also=[]",
+                                                                 "cka.enabled=false"])
+    run_study(cfg, report=False)
+    rid = run_id(cfg, expand_grid(cfg)[0])
+    assert RunStore(store).is_complete(rid)
+    assert len(shapes) > 4 and {s[1] for s in shapes} == {1}
+    test = pd.read_parquet(store / "runs" / rid / "predictions" / "test.parquet")
+    assert len(test) > 0 and test.filter(like="prob:").notna().all().all()
