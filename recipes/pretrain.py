@@ -23,8 +23,13 @@ The exported safetensors file holds the whole model with its upstream head; fine
 (``model.pretrained: /path/to/file.safetensors`` or ``bit-l:/path/...`` to label it as a JFT-class source; a
 directory holding ``<preset>.safetensors`` per backbone serves a whole grid), drops that head and attaches a new
 one. Pretraining on a medical table uses all of the split's patients: keep the downstream dataset's test
-patients out of it (pretrain on another dataset, or on a split that excludes them). The study's demo pretraining axis (``upstream:<name>``) calls
-``scaling.study.upstream.pretrain``; this script is for real-scale runs and any dataset on disk.
+patients out of it (pretrain on another dataset, or on a split that excludes them). The study's demo pretraining
+axis (``upstream:<name>``) calls ``scaling.study.upstream.pretrain``; this script is for real-scale runs and any
+dataset on disk.
+
+An override of the training length (one of ``train.steps``, ``train.epochs``, ``train.examples``) replaces the
+recipe's length, whichever field the recipe uses. ``--recipe short`` warms up for 10 % of the final length.
+Exit status: 0 done, 2 bad input (config, data, weights, launch), printed as one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -41,11 +46,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scaling.config import ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.config import ConfigError, ShardingConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from scaling.data.table import DataError
+from scaling.engine.distributed import LaunchError
+from scaling.engine.schedule import total_steps
+from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.study.upstream import run_pretraining
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+USER_ERRORS = (ConfigError, DataError, LaunchError, WeightsUnavailable, CheckpointMismatch)
+"""Bad input: reported as one ``error:`` line with exit status 2, like ``recipes/scale_study.py``."""
+LENGTH_FIELDS = ("steps", "epochs", "examples")
+"""The TrainConfig fields that set the training length; at most one may be > 0."""
+SHORT_WARMUP = 0.1
+"""``--recipe short`` warms up for this fraction of the final number of steps."""
 
 
 def bit_upstream_train_config(batch_size: int = 4096, epochs: float = 90.0, **overrides) -> TrainConfig:
@@ -92,7 +107,7 @@ class TarShardDataset(Dataset):
 
         self.shards = [Path(s) for s in shards]
         if not self.shards:
-            raise FileNotFoundError("no tar shards given")
+            raise DataError("no tar shards given")
         self.samples: list[tuple[int, int, int, int]] = []  # (shard, offset, size, class)
         for si, shard in enumerate(self.shards):
             images, classes = {}, {}
@@ -107,13 +122,13 @@ class TarShardDataset(Dataset):
                         classes[key] = int(tar.extractfile(m).read().decode().strip())
             missing = sorted(set(images) - set(classes))
             if missing:
-                raise ValueError(f"{shard}: image {missing[0]!r} has no .cls member ({len(missing)} without a class)")
+                raise DataError(f"{shard}: image {missing[0]!r} has no .cls member ({len(missing)} without a class)")
             self.samples += [(si, off, size, classes[k]) for k, (off, size) in sorted(images.items())]
         if not self.samples:
-            raise ValueError(f"no images in {len(self.shards)} shard(s), e.g. {self.shards[0]}")
+            raise DataError(f"no images in {len(self.shards)} shard(s), e.g. {self.shards[0]}")
         self.classes = sorted({c for *_, c in self.samples})
         if self.classes != list(range(len(self.classes))):
-            raise ValueError(f"class indices must be 0..K-1; found {self.classes[:5]}... ({len(self.classes)} classes)")
+            raise DataError(f"class indices must be 0..K-1; found {self.classes[:5]}... ({len(self.classes)} classes)")
         self.image_size = int(image_size)
         self.mean, self.std = BIT_MEAN, BIT_STD
         self.transform = build_transform(self.image_size, train, flip=True)
@@ -150,7 +165,7 @@ def open_dataset(data: str | Path, image_size: int, train: bool = True) -> Datas
     if not shards and Path(text).is_file():  # a text file listing one shard per line
         shards = [s.strip() for s in Path(text).read_text().splitlines() if s.strip()]
     if not shards:
-        raise FileNotFoundError(f"{text!r} is neither an ImageFolder directory nor tar shards (a glob, .tar, or list)")
+        raise DataError(f"--data {text!r} is neither an ImageFolder directory nor tar shards (a glob, .tar, or list)")
     return TarShardDataset(shards, image_size, train=train)
 
 
@@ -181,14 +196,51 @@ def _options(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--option expects key=value, got {pair!r}")
+            raise ConfigError(f"--option expects key=value, got {pair!r}")
         out[key] = yaml.safe_load(value)
     return out
 
 
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+
+
+def configs(recipe: str, overrides: list[str]) -> tuple[TrainConfig, ShardingConfig]:
+    """The recipe's TrainConfig with ``overrides`` applied, and the ShardingConfig.
+
+    An override of one length field clears the recipe's others: ``train.steps=100`` on the ``bit`` recipe (90
+    epochs) means 100 steps, not "set only one of train.steps, train.epochs, train.examples". Setting two length
+    fields in the overrides themselves is still refused.
+    """
+    base = bit_upstream_train_config() if recipe == "bit" else \
+        TrainConfig(optimizer="sgd", lr=0.05, weight_decay=1e-4, schedule="cosine", steps=200)
+    train = to_dict(base)
+    keys = _override_keys(overrides)
+    if keys & {f"train.{f}" for f in LENGTH_FIELDS}:
+        train.update({f: type(train[f])(0) for f in LENGTH_FIELDS if f"train.{f}" not in keys})
+    config = apply_overrides({"train": train, "sharding": to_dict(ShardingConfig())}, overrides)
+    unknown = set(config) - {"train", "sharding"}
+    if unknown:
+        raise ConfigError(f"overrides must start with train. or sharding.; got {sorted(unknown)}")
+    train_cfg = from_dict(TrainConfig, config["train"], prefix="train")
+    if recipe == "bit" and "train.lr" not in keys:
+        # Keep BiT's linear lr scaling when only the batch size was overridden.
+        train_cfg = from_dict(TrainConfig, {**config["train"], "lr": 0.03 * train_cfg.batch_size / 256}, prefix="train")
+    return train_cfg, from_dict(ShardingConfig, config["sharding"], prefix="sharding")
+
+
+def short_warmup(train_cfg: TrainConfig, n_examples: int) -> TrainConfig:
+    """``--recipe short``'s warmup: :data:`SHORT_WARMUP` of the final length, which an override of
+    steps / epochs / examples (or the dataset size, for epochs and examples) sets."""
+    from dataclasses import replace
+
+    return replace(train_cfg, warmup_steps=round(SHORT_WARMUP * total_steps(train_cfg, n_examples)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: ``--backbone --data --out [--dataset --split --labels --option k=v] [--image-size]
-    [--recipe bit|short] [train.x=y sharding.x=y ...]``."""
+    [--recipe bit|short] [train.x=y sharding.x=y ...]``. Returns the Trainer's summary; bad input prints one
+    ``error:`` line and exits with status 2 (``SystemExit(2)``, as argparse does for a bad option)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", required=True, help="preset (bit_r50x1, vit_b16, ...) or timm model name")
     parser.add_argument("--data", required=True,
@@ -202,31 +254,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output safetensors file")
     parser.add_argument("--image-size", type=int, default=224, help="training resolution (BiT upstream: 224)")
     parser.add_argument("--recipe", choices=("bit", "short"), default="bit",
-                        help="bit: BiT's 90-epoch upstream recipe; short: cosine, 10 %% warmup, lr 0.05 (demo scale)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides: train.steps=100 sharding.strategy=fsdp")
+                        help="bit: BiT's 90-epoch upstream recipe; short: cosine over 200 steps, 10 %% warmup, "
+                             "lr 0.05 (demo scale)")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides: train.steps=100 sharding.strategy=fsdp (a length override replaces "
+                             "the recipe's length)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return _pretrain(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    if args.recipe == "bit":
-        base = bit_upstream_train_config()
-    else:
-        base = TrainConfig(optimizer="sgd", lr=0.05, weight_decay=1e-4, schedule="cosine", warmup_steps=20, steps=200)
-    config = apply_overrides({"train": to_dict(base), "sharding": to_dict(ShardingConfig())}, args.overrides)
-    unknown = set(config) - {"train", "sharding"}
-    if unknown:
-        raise SystemExit(f"overrides must start with train. or sharding.; got {sorted(unknown)}")
-    train_cfg = from_dict(TrainConfig, config["train"], prefix="train")
-    if args.recipe == "bit" and not any(o.startswith("train.lr=") for o in args.overrides):
-        # Keep BiT's linear lr scaling when only the batch size was overridden.
-        train_cfg = from_dict(TrainConfig, {**config["train"], "lr": 0.03 * train_cfg.batch_size / 256}, prefix="train")
-    sharding_cfg = from_dict(ShardingConfig, config["sharding"], prefix="sharding")
+
+def _pretrain(args: argparse.Namespace) -> dict:
+    train_cfg, sharding_cfg = configs(args.recipe, args.overrides)
     if args.dataset:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
         dataset = open_table_dataset(args.dataset, args.data, args.image_size, args.split, labels,
                                      _options(args.option), args.cache_dir or None)
-        return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg, loss="multilabel")
-    dataset = open_dataset(args.data, args.image_size, train=True)
-    return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg)
+        loss = "multilabel"
+    else:
+        dataset = open_dataset(args.data, args.image_size, train=True)
+        loss = "multiclass"
+    if args.recipe == "short" and "train.warmup_steps" not in _override_keys(args.overrides):
+        train_cfg = short_warmup(train_cfg, len(dataset))
+    return run_pretraining(args.backbone, dataset, args.out, train_cfg, sharding_cfg, loss=loss)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,30 @@ def test_to_device_contract():
         Normalisation((0.5, 0.5), (0.5,))
 
 
+def test_a_one_channel_model_gets_one_channel_images(tmp_path):
+    """``model.kwargs: {in_chans: 1}``: grayscale images stay 1 channel, normalised by the one value of equal RGB
+    statistics; RGB images become their luma, i.e. what decoding them as grayscale (Pillow's ``convert("L")``)
+    gives, up to the rounding of one 8-bit level in each path."""
+    norm = Normalisation(BIT_MEAN, BIT_STD)
+    gray = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    one = to_device(gray, CPU, norm, channels=1)
+    assert one.shape == (1, 1, 2, 2)
+    torch.testing.assert_close(one.flatten(), torch.tensor([0, 255, 51, 102]) / 255 * 2 - 1, atol=1e-6, rtol=0)
+    table = _table(tmp_path, "rgb")
+    rgb = TableDataset(table, ["Edema"], SIZE)
+    as_gray = TableDataset(table, ["Edema"], SIZE, channels=1)
+    rgb_batch = torch.stack([rgb[i]["image"] for i in range(len(rgb))])
+    gray_batch = torch.stack([as_gray[i]["image"] for i in range(len(rgb))])
+    assert rgb_batch.shape[1] == 3 and gray_batch.shape[1] == 1
+    got, want = to_device(rgb_batch, CPU, norm, channels=1), to_device(gray_batch, CPU, norm, channels=1)
+    assert got.shape == want.shape == (len(rgb), 1, SIZE, SIZE)
+    assert (got - want).abs().max().item() <= 2 / 255 / BIT_STD[0] + 1e-6
+    with pytest.raises(ValueError, match=r"one value per RGB channel, but the model takes 1 channel"):
+        to_device(gray, CPU, Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), channels=1)
+    with pytest.raises(ValueError, match="images with 2 channels cannot feed a model that takes 3"):
+        to_device(torch.zeros(1, 2, 2, 2, dtype=torch.uint8), CPU, norm)
+
+
 def test_mixup_after_normalisation_equals_normalising_the_mixed_pixels():
     """Normalisation is affine and MixUp a convex combination, so mixing on the device after normalisation is the
     same as mixing raw pixels."""

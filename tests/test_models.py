@@ -19,6 +19,7 @@ from scaling.models import (
     build_model,
     count_params,
     family_spec,
+    input_channels,
     model_info,
 )
 from scaling.models import weights as W
@@ -174,6 +175,17 @@ def test_rgb_checkpoint_adapts_to_grayscale_input(tmp_path):
     save_file(_source().state_dict(), str(path))
     model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path), kwargs={"in_chans": 1}), 2)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("backbone", ["resnetv2_tiny", "vit_micro"])
+def test_input_channels_are_those_the_first_layer_was_built_with(backbone):
+    """timm leaves ``pretrained_cfg["input_size"]`` at 3 channels for ``in_chans=1``; the first layer knows."""
+    for kwargs, channels in (({}, 3), ({"in_chans": 1}, 1)):
+        model = build_model(ModelConfig(backbone=backbone, pretrained="scratch", kwargs=kwargs), 2, image_size=32)
+        assert input_channels(model) == input_channels(model.backbone) == channels
+        with torch.device("meta"):
+            on_meta = build_model(ModelConfig(backbone=backbone, pretrained="scratch", kwargs=kwargs), 2)
+        assert input_channels(on_meta) == channels
 
 
 def test_wrong_architecture_names_the_first_mismatching_tensor(tmp_path):

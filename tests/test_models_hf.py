@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from toy import ToyDataset  # noqa: E402
 from scaling.config import ModelConfig, ShardingConfig, TrainConfig  # noqa: E402
 from scaling.models import WeightsUnavailable, build_model, family_spec, has_source, model_info  # noqa: E402
 from scaling.models.optim import param_groups  # noqa: E402
+from scaling.models.presets import missing_source_hint  # noqa: E402
 
 
 def tiny_hf_dir(root: Path, kind: str = "vit", seed: int = 0) -> Path:
@@ -74,6 +76,39 @@ def test_scratch_is_the_same_architecture_without_the_weights(hf_dir):
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert not torch.equal(a["embeddings.patch_embeddings.projection.weight"],
                            b["embeddings.patch_embeddings.projection.weight"])
+
+
+def test_input_channels_follow_the_encoders_config(hf_dir):
+    from scaling.models import input_channels
+
+    gray = build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="scratch", kwargs={"num_channels": 1}), 2)
+    assert input_channels(build_model(ModelConfig(backbone=f"hf:{hf_dir}", pretrained="hf"), 2)) == 3
+    assert input_channels(gray) == 1
+
+
+@pytest.mark.parametrize("location", ["/nonexistent/rad-dino", "./no-such-model", "../no-such-model",
+                                      "~/no-such-model-here"])
+def test_a_local_path_that_is_not_a_directory_is_named_at_once(location, tmp_path):
+    """Written as a path, an ``hf:`` location is a directory: a missing one is said to be missing, not passed to the
+    hub as a malformed repo id (which took seconds and never mentioned the directory)."""
+    for call in (lambda: build_model(ModelConfig(backbone=f"hf:{location}", pretrained="hf"), 2),
+                 lambda: model_info(f"hf:{location}")):
+        with pytest.raises(WeightsUnavailable, match=rf"^directory not found: {re.escape(location)} "):
+            call()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WeightsUnavailable, match=rf"^not a directory: {re.escape(str(tmp_path / 'file'))} "):
+        build_model(ModelConfig(backbone=f"hf:{tmp_path / 'file'}", pretrained="hf"), 2)
+
+
+def test_skip_hints_for_hugging_face_pairs_never_offer_a_file():
+    """A Hugging Face checkpoint is its own architecture, so no file fixes an hf x timm pair; a named timm source
+    without public weights does take one."""
+    assert missing_source_hint("resnetv2_tiny", "hf") == missing_source_hint("bit_r50x1", "hf:/w/rad-dino") == (
+        "Hugging Face weights come with their own architecture: list 'hf:<repo or directory>' in grid.backbones, "
+        "with pretrained 'hf'")
+    assert missing_source_hint("hf:/w/rad-dino", "bit-m") == \
+        "an 'hf:' backbone takes pretrained 'hf' (its own weights) or 'scratch'"
+    assert missing_source_hint("vit_l16", "in1k") == "give a file as 'in1k:<path>'"
 
 
 def test_family_row_optimizer_groups_and_checkpointing(hf_dir):
@@ -151,8 +186,9 @@ def test_sources_metadata_and_errors(hf_dir, tmp_path):
         build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=name), 2)
     with pytest.raises(ValueError, match="takes pretrained 'hf'"):
         build_model(ModelConfig(backbone=name, pretrained="in21k"), 2)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsUnavailable, match="local directory holding config.json"):
-        build_model(ModelConfig(backbone=f"hf:{tmp_path / 'absent'}", pretrained="hf"), 2)
+        build_model(ModelConfig(backbone=f"hf:{tmp_path / 'empty'}", pretrained="hf"), 2)
     from transformers import BertConfig
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scaling.config import ModelConfig, ShardingConfig, TrainConfig
+from scaling.config import ConfigError, ModelConfig, ShardingConfig, TrainConfig
+from scaling.data.table import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,7 +69,7 @@ def test_tar_shards_index_and_decode_like_an_image_folder(tmp_path):
     listed = tmp_path / "shards.txt"
     listed.write_text("\n".join(map(str, paths)))
     assert len(pretrain.open_dataset(listed, 16)) == 12
-    with pytest.raises(FileNotFoundError, match="neither an ImageFolder"):
+    with pytest.raises(DataError, match="neither an ImageFolder"):
         pretrain.open_dataset(tmp_path / "nothing-*.tar", 16)
 
 
@@ -105,8 +106,64 @@ def test_cli_runs_the_short_recipe(image_folder, tmp_path):
         "--recipe", "short", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "sharding.strategy=none",
     ])
     assert summary["steps"] == 2 and out.is_file()
-    with pytest.raises(Exception, match="unknown config key 'train.stepz'"):
-        pretrain.main(["--backbone", "vit_micro", "--data", str(image_folder), "--out", str(out), "train.stepz=2"])
+    # --help's example, train.steps=..., on the default bit recipe (whose length is 90 epochs)
+    summary = pretrain.main(["--backbone", "resnetv2_tiny", "--data", str(image_folder), "--out", str(out),
+                             "--image-size", "24", "train.steps=2", "train.batch_size=4", "sharding.strategy=none"])
+    assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("recipe", ["bit", "short"])
+@pytest.mark.parametrize("length,field,value", [("train.steps=100", "steps", 100), ("train.epochs=2", "epochs", 2.0),
+                                                ("train.examples=640", "examples", 640)])
+def test_a_length_override_replaces_the_recipes_length(recipe, length, field, value):
+    """``--help``'s own example, ``train.steps=100``, on the default ``bit`` recipe (90 epochs): the override is the
+    length, the recipe's other length fields are cleared."""
+    train, _ = pretrain.configs(recipe, [length, "sharding.strategy=none"])
+    assert {f: getattr(train, f) for f in ("steps", "epochs", "examples")} == \
+        {f: (value if f == field else 0) for f in ("steps", "epochs", "examples")}
+    untouched, _ = pretrain.configs(recipe, [])
+    assert (untouched.epochs, untouched.steps) == ((90.0, 0) if recipe == "bit" else (0.0, 200))
+    with pytest.raises(ConfigError, match="set only one of train.steps, train.epochs, train.examples"):
+        pretrain.configs(recipe, ["train.steps=100", "train.epochs=2"])
+
+
+@pytest.mark.parametrize("overrides,n,warmup", [([], 100, 20), (["train.steps=50"], 100, 5),
+                                                (["train.epochs=3", "train.batch_size=10"], 100, 3),
+                                                (["train.steps=50", "train.warmup_steps=7"], 100, 7)])
+def test_short_recipe_warms_up_for_a_tenth_of_its_final_length(overrides, n, warmup):
+    train, _ = pretrain.configs("short", overrides)
+    if "train.warmup_steps=7" not in overrides:
+        train = pretrain.short_warmup(train, n)
+    assert train.warmup_steps == warmup
+
+
+def _cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(list(argv))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return exit_.value.code, lines
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_status_2(image_folder, tmp_path, capsys):
+    out = str(tmp_path / "x.safetensors")
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--data", str(image_folder), "--out", out,
+                       "train.stepz=2")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: unknown config key 'train.stepz'; did you mean 'train.steps'?")
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--dataset", "chexpert", "--data",
+                       str(tmp_path / "nonexistent"), "--out", out)
+    assert code == 2 and lines == [f"error: chexpert: dataset root '{tmp_path / 'nonexistent'}' does not exist"]
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--data", str(tmp_path / "nothing"), "--out", out)
+    assert code == 2 and len(lines) == 1 and "neither an ImageFolder directory nor tar shards" in lines[0]
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--dataset", "mimic_cxr", "--data", str(tmp_path),
+                       "--out", out, "--option", "uncertainty")
+    assert code == 2 and lines == ["error: --option expects key=value, got 'uncertainty'"]
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--data", str(image_folder), "--out", out,
+                       "model.kwargs={}")
+    assert code == 2 and lines == ["error: overrides must start with train. or sharding.; got ['model']"]
+    code, lines = _cli(capsys, "--backbone", "resnetv2_tiny", "--data", str(image_folder), "--out", out,
+                       "train.steps=2")  # the bit recipe's batch of 4096 on 12 images
+    assert code == 2 and len(lines) == 1 and "fewer than train.batch_size=4096" in lines[-1]
 
 
 def test_multilabel_pretraining_on_a_medical_table_exports_a_grid_weight_source(tmp_path):
@@ -131,6 +188,5 @@ def test_multilabel_pretraining_on_a_medical_table_exports_a_grid_weight_source(
     torch.testing.assert_close(tuned.backbone.stem.conv.weight, sd["stem.conv.weight"])
     ds = pretrain.open_table_dataset("mimic_cxr", root, 32, options={"uncertainty": "ignore"})
     assert len(ds.labels) == 14 and torch.isnan(ds.targets).any()  # all labels by default, unlabelled stay NaN
-    with pytest.raises(SystemExit, match="key=value"):
-        pretrain.main(["--backbone", "resnetv2_tiny", "--dataset", "mimic_cxr", "--data", str(root), "--out",
-                       str(tmp_path / "x.safetensors"), "--option", "uncertainty"])
+    with pytest.raises(ConfigError, match="key=value"):
+        pretrain._options(["uncertainty"])

@@ -97,6 +97,24 @@ def test_none_launched_as_one_rank_trains_the_bare_model(reference):
     assert_matches_reference(cell, reference, world=1)
 
 
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_grad_op"])
+def test_fsdp_in_a_plain_process_trains_like_none_and_ends_its_own_process_group(reference, name):
+    """``python recipes/scale_study.py ... sharding.strategy=fsdp`` (or a one-process ``accelerate launch``) sets no
+    ``RANK`` for torch's ``env://`` rendezvous: the strategy starts a one-rank process group itself, trains exactly
+    like ``none``, and destroys that group when the trainer is closed."""
+    cell = launcher.run_suite("plain", nproc=0)[name]
+    assert_matches_reference(cell, reference, world=1)
+    assert cell["units"] > 1 and cell["shares"] == [1.0]  # really FSDP2, one rank holding everything
+    assert cell["group_after_close"] is False
+    assert all(cell["released"].values())
+
+
+def test_fsdp_in_a_plain_process_leaves_a_callers_process_group_up(reference):
+    cell = launcher.run_suite("plain", nproc=0)["fsdp_in_callers_group"]
+    assert_matches_reference(cell, reference, world=1)
+    assert cell["group_after_close"] is True
+
+
 def test_closing_a_trainer_releases_its_model_optimizer_and_engine(torch_suite, zero_suite):
     """After ``Trainer.close()`` nothing of a cell stays reachable, under every strategy — ZeRO-3 included, where
     DeepSpeed 0.19.8 keeps the last root module on its module-level forward stack and every coordinator and module in

@@ -450,3 +450,55 @@ def test_a_label_without_a_positive_training_image_is_warned_about(tmp_path, cap
     assert (data.train["label:Pleural Effusion"] == 1).any() and not (data.train["label:Hernia"] == 1).any()
     assert "label 'Hernia' has no positive image in the training set" in caplog.text
     assert "label 'Pleural Effusion' has no positive" not in caplog.text
+
+
+def test_a_study_with_in_chans_1_feeds_the_model_one_channel(tmp_path, monkeypatch):
+    """docs/models.md: ``model.kwargs: {in_chans: 1}`` adapts a backbone to grayscale input. Every batch of the
+    study (training and prediction) reaches the model with 1 channel, and the run completes with predictions for
+    every test sample."""
+    import scaling.engine.trainer as trainer_module
+
+    shapes = []
+    real = trainer_module.to_device
+
+    def recording(*args, **kwargs):
+        x = real(*args, **kwargs)
+        shapes.append(tuple(x.shape))
+        return x
+
+    monkeypatch.setattr(trainer_module, "to_device", recording)
+    store = tmp_path / "store"
+    cfg = load_config(study_config(tmp_path, store, ood=False), ["model.kwargs={in_chans: 1}", "grid.also=[]",
+                                                                 "cka.enabled=false"])
+    run_study(cfg, report=False)
+    rid = run_id(cfg, expand_grid(cfg)[0])
+    assert RunStore(store).is_complete(rid)
+    assert len(shapes) > 4 and {s[1] for s in shapes} == {1}
+    test = pd.read_parquet(store / "runs" / rid / "predictions" / "test.parquet")
+    assert len(test) > 0 and test.filter(like="prob:").notna().all().all()
+
+
+def test_skipped_hugging_face_pairs_say_what_fixes_them(tmp_path, caplog):
+    """models.md's grid of a timm and an hf: backbone crossed with scratch, bit-m and hf: the two pairs without
+    weights are skipped with the fix that works; 'give a file as hf:<path>' would be refused by build_model."""
+    from scaling.study.runner import study_cells
+
+    from scaling.config import ConfigError
+
+    store = tmp_path / "store"
+    grid = ["grid.backbones=[bit_r50x1, 'hf:/weights/rad-dino']", "grid.pretrained=[scratch, bit-m, hf]",
+            "grid.also=[]"]
+    with caplog.at_level("WARNING", logger="scaling.study.runner"):
+        cells = study_cells(load_config(study_config(tmp_path, store), grid))
+    assert {(c.backbone, c.pretrained) for c in cells} == {
+        ("bit_r50x1", "scratch"), ("bit_r50x1", "bit-m"), ("hf:/weights/rad-dino", "scratch"),
+        ("hf:/weights/rad-dino", "hf")}
+    skipped = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping"))
+    assert skipped == [
+        "skipping bit_r50x1 x hf: no public weights for that pair (Hugging Face weights come with their own "
+        "architecture: list 'hf:<repo or directory>' in grid.backbones, with pretrained 'hf')",
+        "skipping hf:/weights/rad-dino x bit-m: no public weights for that pair (an 'hf:' backbone takes pretrained "
+        "'hf' (its own weights) or 'scratch')"]
+    with pytest.raises(ConfigError, match=r"no public weights for resnetv2_tiny x hf; change grid.backbones or "
+                                          r"grid.pretrained; Hugging Face weights come with their own architecture"):
+        study_cells(load_config(study_config(tmp_path, store), ["grid.pretrained=[hf]", "grid.also=[]"]))

@@ -137,6 +137,52 @@ def test_predict_export_roundtrip(tmp_path):
         np.testing.assert_allclose(fresh(data.images).numpy(), out["logits"], atol=1e-6)
 
 
+class IntegerImages(torch.utils.data.Dataset):
+    """The toy problem as a TableDataset serves it: uint8 pixels with ``channels`` channels, BiT's mean and std."""
+
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def __init__(self, n: int, channels: int, seed: int = 0):
+        toy = ToyDataset(n, seed=seed)
+        pixels = (toy.images[:, :channels] * 0.25 + 0.5).clamp(0, 1) if channels == 3 else \
+            (toy.images.mean(1, keepdim=True) * 0.25 + 0.5).clamp(0, 1)
+        self.images, self.targets = (pixels * 255).round().to(torch.uint8), toy.targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> dict:
+        i = key[0] if isinstance(key, tuple) else key
+        return {"image": self.images[i], "target": self.targets[i], "index": i}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_model_built_with_in_chans_1_trains_and_predicts_on_one_channel(channels):
+    """``model.kwargs: {in_chans: 1}``: the Trainer feeds what the model's first layer takes, 1 channel, whether
+    the images are stored grayscale (X-rays) or RGB (their luma); predictions are the model's on those inputs."""
+    from scaling.config import ModelConfig
+    from scaling.engine.inputs import Normalisation, to_device
+    from scaling.models import build_model
+
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained="scratch", kwargs={"in_chans": 1}),
+                        NUM_LABELS)
+    seen = []
+    model.backbone.stem.conv.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    trainer = Trainer(model, TrainConfig(batch_size=8, steps=3, log_every=1), NONE)
+    assert trainer.in_channels == 1
+    summary = trainer.fit(IntegerImages(32, channels))
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert len(seen) >= 3 and {s[1] for s in seen} == {1}
+    data = IntegerImages(11, channels, seed=3)
+    out = trainer.predict(data, batch_size=4)
+    with torch.no_grad():
+        trainer.module.eval()
+        want = trainer.module(to_device(data.images, torch.device("cpu"), Normalisation.of(data), channels=1))
+    assert out["logits"].shape == (11, NUM_LABELS)
+    np.testing.assert_allclose(out["logits"], want.numpy(), atol=1e-5, rtol=0)
+    trainer.close()
+
+
 def test_deepspeed_configs_fill_every_auto_once():
     """Every launch/*.json fills completely from scaling's config (clipping explicit: DeepSpeed defaults to 1.0)
     and is accepted by DeepSpeed's own validator; a contradicting value names the key and the file."""

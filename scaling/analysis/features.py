@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from scaling.engine.distributed import ShardedEvalSampler
 from scaling.engine.inputs import Normalisation, to_device
-from scaling.models.families import family_spec, timm_model
+from scaling.models.families import family_spec, input_channels, timm_model
 
 PRE_LOGITS = "pre_logits"
 """Name of the pooled classifier input among the recorded layers."""
@@ -145,9 +145,10 @@ def _run_module(model: nn.Module, chunk: _Positions, layers: Sequence[str], batc
     logits, targets = [], []
     loader = DataLoader(chunk, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     norm = Normalisation.of(chunk)
+    channels = input_channels(model)
     with _capture(model, layers) as store:
         for b in loader:
-            logits.append(model(to_device(b["image"], device, norm)).float().cpu())
+            logits.append(model(to_device(b["image"], device, norm, channels=channels)).float().cpu())
             targets.append(b["target"])
     if not logits:
         raise ValueError("the dataset is empty")

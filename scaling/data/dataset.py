@@ -4,10 +4,10 @@ pretraining.
 Items are dicts ``{"image": uint8 | uint16 Tensor[C, H, W], "target": ..., "index": int}``: pixels after augmentation,
 not normalised, as stored in the image cache (uint8 for 8-bit sources, uint16 for 16-bit PNG and DICOM, full range),
 with the dataset's channels (1 for grayscale). ``scaling.engine.inputs.to_device`` turns a batch into normalised
-float with 3 channels on the accelerator, with the dataset's ``mean`` / ``std``: 4x fewer bytes than float32
-through the DataLoader and the host→device copy. ``index`` is the row position in the table (or file list); the
-trainer gathers indices across ranks and drops the duplicates that distributed padding creates, then maps indices
-back to ``sample_id`` / ``patient_id``.
+float with the model's channels (3, or 1 for ``in_chans: 1``) on the accelerator, with the dataset's ``mean`` /
+``std``: 4x fewer bytes than float32 through the DataLoader and the host→device copy. ``index`` is the row
+position in the table (or file list); the trainer gathers indices across ranks and drops the duplicates that
+distributed padding creates, then maps indices back to ``sample_id`` / ``patient_id``.
 
 Keys: ``ds[i]`` (an int) is the sample without randomness (evaluation); ``ds[(i, draw_seed)]`` is the training view,
 augmented from a generator seeded with ``draw_seed`` (the trainer's sampler derives it from the run seed, the step

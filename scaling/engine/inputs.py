@@ -10,7 +10,9 @@ the rest on the device:
    DataLoaders request on CUDA (:func:`pin_memory`);
 2. float32 in [0, 1] by the dtype's range (``/ 255`` or ``/ 65535``), the same arithmetic as the host-side
    ``scaling.data.images.to_float``;
-3. 1 → 3 channels (a view);
+3. the channels the model takes (:func:`scaling.models.input_channels`): 1 → N is a view; 3 → 1 (an RGB image for a
+   model built with ``in_chans: 1``) is the luma of ITU-R 601, the weights Pillow's ``convert("L")`` uses, so it
+   matches decoding the image as grayscale;
 4. ``(x - mean) / std`` with the dataset's ``mean`` / ``std`` (``torchvision.transforms.v2.Normalize``'s arithmetic);
 5. optionally ``channels_last`` memory format (NHWC), which convolutional backbones run faster in on recent GPUs
    when the model is converted too (PyTorch tutorial "Channels Last Memory Format").
@@ -44,6 +46,16 @@ class Normalisation:
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std {self.std} must be > 0")
 
+    def for_channels(self, channels: int) -> Normalisation:
+        """The statistics for ``channels`` image channels: these, or the one value of equal per-RGB-channel ones for
+        a 1-channel model. Different per-channel values have no 1-channel equivalent: an error naming them."""
+        if len(self.mean) in (1, channels):
+            return self
+        if channels == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:
+            return Normalisation(self.mean[:1], self.std[:1])
+        raise ValueError(f"the dataset's mean {self.mean} and std {self.std} have one value per RGB channel, but the "
+                         f"model takes {channels} channel(s); give the dataset one mean and one std value")
+
     @classmethod
     def of(cls, dataset) -> Normalisation | None:
         """The dataset's ``mean`` / ``std`` attributes, or None when it has none (it then returns float images)."""
@@ -60,6 +72,27 @@ def _stats(norm: Normalisation, device: torch.device) -> tuple[torch.Tensor, tor
             torch.tensor(norm.std, device=device).view(1, -1, 1, 1))
 
 
+LUMA = (0.299, 0.587, 0.114)
+"""RGB → gray weights (ITU-R 601-2 luma; Pillow's ``Image.convert("L")``)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _luma(device: torch.device) -> torch.Tensor:
+    return torch.tensor(LUMA, device=device).view(1, 3, 1, 1)
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return x.expand(-1, channels, -1, -1)
+    if have == 3 and channels == 1:
+        return (x * _luma(x.device)).sum(1, keepdim=True)
+    raise ValueError(f"images with {have} channels cannot feed a model that takes {channels} (1 → N and RGB → gray "
+                     f"are converted; nothing else is)")
+
+
 def pin_memory(device: torch.device) -> bool:
     """Whether DataLoaders feeding ``device`` should pin their batches (only CUDA copies asynchronously from them)."""
     return device.type == "cuda"
@@ -69,8 +102,9 @@ def to_device(images: torch.Tensor, device: torch.device, norm: Normalisation | 
               channels_last: bool = False) -> torch.Tensor:
     """A batch ``[B, C, H, W]`` of images on ``device`` as normalised float32 with ``channels`` channels.
 
-    Integer batches (uint8 / uint16) are scaled to [0, 1] by their dtype's range, expanded from 1 to ``channels``
-    channels and normalised with ``norm`` (required for them); float batches are moved as they are.
+    Integer batches (uint8 / uint16) are scaled to [0, 1] by their dtype's range, brought to ``channels`` channels
+    (1 → N expanded, RGB → gray by :data:`LUMA`) and normalised with ``norm`` (required for them; equal RGB values
+    serve a 1-channel model, :meth:`Normalisation.for_channels`); float batches are moved as they are.
     """
     x = images.to(device, non_blocking=True)
     if not x.is_floating_point():
@@ -79,10 +113,8 @@ def to_device(images: torch.Tensor, device: torch.device, norm: Normalisation | 
         if norm is None:
             raise ValueError(f"{x.dtype} images need the dataset's mean and std (attributes .mean/.std) to be "
                              f"normalised on the device")
-        x = x.float().div_(_RANGE[images.dtype])
-        if x.shape[1] == 1 and channels != 1:
-            x = x.expand(-1, channels, -1, -1)
-        mean, std = _stats(norm, x.device)
+        x = _to_channels(x.float().div_(_RANGE[images.dtype]), channels)
+        mean, std = _stats(norm.for_channels(channels), x.device)
         x = (x - mean).div_(std)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -68,3 +68,29 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def start_one_process_group(cuda: bool) -> bool:
+    """Start a process group of this process alone (rank 0 of 1) when none exists; True when this call started it.
+
+    FSDP2's device mesh needs a process group even in a world of one process, and a plain ``python`` run or a
+    one-process ``accelerate launch`` sets no ``RANK`` / ``MASTER_ADDR`` for torch's ``env://`` rendezvous to read.
+    The one rank needs no rendezvous: an in-memory store (``HashStore``) serves it, so no port or file is taken and
+    nothing is left behind. Whoever started the group ends it (:func:`end_process_group`); a group that existed
+    before (a launcher's, a caller's) is reused and left alone.
+    """
+    if dist.is_initialized():
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise RuntimeError(f"WORLD_SIZE={world} but no process group is initialised; a process group of one "
+                           f"process would train {world} unsynchronised copies")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    return True
+
+
+def end_process_group() -> None:
+    """Destroy the default process group (one :func:`start_one_process_group` started); no-op when there is none."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

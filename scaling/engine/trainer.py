@@ -180,6 +180,10 @@ class Trainer:
         self.signature = ckpt_lib.model_signature([(n, tuple(p.shape)) for n, p in model.named_parameters()])
         # Head width (MixUp one-hots class targets): TransferModel.num_outputs, or a bare timm model's num_classes.
         self.num_outputs = getattr(model, "num_outputs", getattr(model, "num_classes", None))
+        from scaling.models.families import input_channels
+
+        self.in_channels = input_channels(model)
+        """Image channels the model takes (``model.kwargs: {in_chans: 1}`` gives 1); every batch is brought to it."""
 
         # --- Prepare: activation checkpointing, compile, memory layout, sharding, optimizer (the plan's job) ----
         self.plan.prepare(model, weights=weights, block_classes=block_classes)
@@ -211,9 +215,9 @@ class Trainer:
 
     def _to_device(self, batch: dict, norm: Normalisation | None) -> dict:
         """The one place a batch moves from host to device (``scaling.engine.inputs.to_device``): pinned memory (the
-        DataLoader's) + non-blocking copies of the integer images, float conversion and normalisation on the device,
-        NHWC images for convolutional families on GPUs."""
-        return {**batch, "image": to_device(batch["image"], self.device, norm,
+        DataLoader's) + non-blocking copies of the integer images, float conversion, the model's channel count and
+        normalisation on the device, NHWC images for convolutional families on GPUs."""
+        return {**batch, "image": to_device(batch["image"], self.device, norm, channels=self.in_channels,
                                             channels_last=self._image_format == torch.channels_last),
                 "target": batch["target"].to(self.device, non_blocking=True)}
 

@@ -8,6 +8,7 @@ Public API:
   in BiT when ``model_cfg.zero_init_head``). ``forward(images) -> logits[B, num_outputs]`` is the only entry
   point; never call ``forward_features`` on a sharded module.
 * :func:`has_source` ``(backbone, pretrained) -> bool``: whether a grid cell has public weights (skip it if not).
+* :func:`input_channels` ``(model) -> int``: the image channels the built model takes (its first layer's).
 * :func:`model_info` ``(backbone) -> dict``: parameter count, family, native resolution, sources with their
   pretraining dataset and its size. :func:`count_params` ``(model) -> int``.
 * :mod:`scaling.models.families` (``family_spec``), :mod:`scaling.models.optim` (``param_groups``,
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from scaling.models import tiny  # noqa: F401  (registers resnetv2_tiny/small, vit_micro/mini with timm)
-from scaling.models.families import FAMILIES, family_spec, timm_model
+from scaling.models.families import FAMILIES, family_spec, input_channels, timm_model
 from scaling.models.presets import PRESETS, Preset, has_source, resolve_backbone
 from scaling.models.weights import (
     CheckpointMismatch,
@@ -46,6 +47,7 @@ __all__ = [
     "count_params",
     "family_spec",
     "has_source",
+    "input_channels",
     "timm_model",
     "model_info",
     "resolve_backbone",

@@ -89,6 +89,33 @@ def timm_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "backbone", model)
 
 
+def input_channels(model: torch.nn.Module) -> int:
+    """Number of image channels ``model`` takes (1 for ``model.kwargs: {in_chans: 1}``), from its first layer.
+
+    What the first convolution was built with is what the images must have: the first layer named by timm's
+    ``pretrained_cfg["first_conv"]``, else the model's first ``Conv2d``. ``pretrained_cfg["input_size"]`` is only
+    the last resort (timm keeps the checkpoint's 3 there when a model is built with ``in_chans=1``; a Hugging Face
+    backbone sets it from its config). Reads module attributes, never weights, so a sharded or meta-device model
+    answers the same; 3 when nothing says otherwise.
+    """
+    inner = timm_model(model)
+    cfg = getattr(inner, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv")
+    first = first[0] if isinstance(first, (list, tuple)) and first else first
+    if isinstance(first, str) and first:
+        try:
+            channels = getattr(inner.get_submodule(first), "in_channels", None)
+        except AttributeError:  # a pretrained_cfg that names a layer this model does not have
+            channels = None
+        if isinstance(channels, int):
+            return channels
+    conv = next((m for m in inner.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is not None:
+        return conv.in_channels
+    size = cfg.get("input_size")
+    return int(size[0]) if size else 3
+
+
 def _prefix_of(model: torch.nn.Module, inner: torch.nn.Module) -> str:
     return "" if inner is model else "backbone."
 

@@ -153,6 +153,7 @@ def check_cached(location: str) -> None:
     only the file system: what an offline run would find."""
     from huggingface_hub import try_to_load_from_cache
 
+    check_local(location)
     path = Path(location).expanduser()
     if path.is_dir():
         found = any((path / name).is_file() for name in _WEIGHT_FILES)
@@ -164,8 +165,27 @@ def check_cached(location: str) -> None:
         raise _weights_error(location, reason)
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+"""An ``hf:`` location starting with one of these is a local directory, never a hub repo id."""
+
+
+def check_local(location: str) -> None:
+    """Refuse at once a location that is written as a local path but is not a directory on this machine.
+
+    Otherwise transformers takes it for a hub repo id and, seconds later, says the repo id is malformed, never that
+    the directory does not exist."""
+    if not (location.startswith(LOCAL_PREFIXES) or location in (".", "..")):
+        return
+    path = Path(location).expanduser()
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "directory not found"
+        raise WeightsUnavailable(f"{what}: {location} (model.backbone 'hf:{location}' names a local directory "
+                                 f"holding config.json and model.safetensors)")
+
+
 def load_config(location: str):
     """The ``transformers`` config of ``location`` (hub repo or directory); WeightsUnavailable when absent."""
+    check_local(location)
     from transformers import AutoConfig
 
     try:

@@ -195,6 +195,22 @@ def has_source(backbone: str, pretrained: str) -> bool:
     return key in preset.sources and not preset.sources[key].user_file
 
 
+def missing_source_hint(backbone: str, pretrained: str) -> str:
+    """What to do about a grid cell :func:`has_source` rejects, for the message that skips it.
+
+    A named source without public weights takes a file (``in1k:/w/vit_l16.npz``). A Hugging Face pair does not: an
+    ``hf`` source on a timm backbone (or a timm source on an ``hf:`` backbone) is refused whatever file is given,
+    because a Hugging Face checkpoint brings its own architecture.
+    """
+    key = pretrained.strip().lower()
+    if resolve_backbone(backbone).family == "hf":
+        return "an 'hf:' backbone takes pretrained 'hf' (its own weights) or 'scratch'"
+    if key == "hf" or key.startswith(HF_PREFIX):
+        return ("Hugging Face weights come with their own architecture: list 'hf:<repo or directory>' in "
+                "grid.backbones, with pretrained 'hf'")
+    return f"give a file as '{pretrained}:<path>'"
+
+
 def _family_of_arch(arch: str) -> str:
     # The family is confirmed from the built module's class by ``families.family_spec``; this guess only fills
     # the metadata table without building the model.

@@ -147,26 +147,29 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
     """The grid cells to run: every backbone is validated first (an unknown name fails before anything is written),
     and cells whose pretraining source has no public weights (e.g. ViT-L × ImageNet-1k) are dropped and logged. A
     grid with no cell left is a ConfigError saying why."""
-    from scaling.models.presets import has_source, resolve_backbone
+    from scaling.models.presets import has_source, missing_source_hint, resolve_backbone
 
     for b in cfg.grid.backbones:
         try:
             resolve_backbone(b)
         except ValueError as e:
             raise ConfigError(f"grid.backbones: {e}") from None
-    cells, dropped = [], []
+    cells, dropped, hints = [], [], set()
     for spec in expand_grid(cfg):
         if has_source(spec.backbone, spec.pretrained):
             cells.append(spec)
         else:
+            # A named source takes a file; a Hugging Face pair does not (its checkpoint is its architecture).
+            hint = missing_source_hint(spec.backbone, spec.pretrained)
             dropped.append(f"{spec.backbone} x {spec.pretrained}")
-            log.warning("skipping %s x %s: no public weights for that pair (give a file as '%s:<path>')",
-                        spec.backbone, spec.pretrained, spec.pretrained)
+            hints.add(", or give a file as '<source>:<path>'" if hint.startswith("give a file") else f"; {hint}")
+            log.warning("skipping %s x %s: no public weights for that pair (%s)", spec.backbone, spec.pretrained,
+                        hint)
     protocols.check_cka(cfg, eval_identities(cfg))
     if not cells:
         pairs = sorted(set(dropped))
         raise ConfigError(f"every cell of the grid was dropped: no public weights for {', '.join(pairs)}; change "
-                          f"grid.backbones or grid.pretrained, or give a file as '<source>:<path>'")
+                          f"grid.backbones or grid.pretrained{''.join(sorted(hints))}")
     return cells
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from scaling.config import ModelConfig, ShardingConfig, TrainConfig, UpstreamConfig
+from scaling.data.table import DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run_pretraining(
 
     names = list(dataset.classes if loss == "multiclass" else dataset.labels)
     if loss == "multiclass" and len(names) < 2:
-        raise ValueError(f"pretraining needs at least 2 classes, the dataset has {len(names)}")
+        raise DataError(f"pretraining needs at least 2 classes, the dataset has {len(names)}")
     model_cfg = ModelConfig(backbone=backbone, pretrained="scratch", zero_init_head=False, kwargs=model_kwargs or {})
     # The initial weights are drawn here, before the Trainer seeds its loop: seed them too, so that the same
     # upstream settings always give the same weights.

@@ -16,6 +16,8 @@ Suites group many checks into one launch (each launch costs seconds of imports o
 * ``nodes``   hsdp over 2 "nodes" of 2 processes: two ``accelerate launch`` process groups (machine ranks 0/1)
 * ``single``  ``none`` launched as one rank (torchrun ``--nproc_per_node 1``: a process group of one): what
               the forward calls
+* ``plain``   fsdp and fsdp_grad_op in a plain ``python`` process (no launcher, no ``RANK``): the process group
+              the strategy starts for itself, and one the caller started, after the cell
 
 Rank 0 writes ``<out_dir>/<suite>.pt``: per cell the world size, per-step losses, final consolidated parameters,
 every rank's share of the sharded state and the number of FSDP units. The pytest side compares them with a
@@ -280,6 +282,25 @@ def nodes_cell(out: dict, name: str):
     trainer.close()
 
 
+def plain_process_cells(out: dict) -> None:
+    """FSDP2 cells in a process no launcher started: each starts a process group of its own and ends it on close
+    (so the next cell starts afresh); a group the caller started before the cell is used and left up."""
+    import torch.distributed as dist
+
+    if "RANK" in os.environ or dist.is_initialized():
+        raise SystemExit("the plain suite must run in a plain process (no RANK, no process group)")
+    for strategy in ("fsdp", "fsdp_grad_op"):
+        run_cell(strategy, out, strategy)
+        out[strategy]["group_after_close"] = dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    callers = dist.group.WORLD
+    run_cell("fsdp", out, "fsdp_in_callers_group")
+    alive = torch.ones(1)
+    dist.all_reduce(alive)  # raises if the group was destroyed
+    out["fsdp_in_callers_group"]["group_after_close"] = dist.is_initialized() and dist.group.WORLD is callers
+    dist.destroy_process_group()
+
+
 def shm_buffers(trainer=None) -> list[dict]:
     """Per rank: the /dev/shm all-reduce buffer name the ZeRO plan of ``trainer`` removed, and which of this
     launch's buffer names are still in /dev/shm (each is 69 MB of RAM that outlives the processes)."""
@@ -297,7 +318,7 @@ def main():
     suite, out_dir = sys.argv[1], Path(sys.argv[2])
     os.environ["SUITE_OUT"] = str(out_dir)
     out: dict = {}
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))  # unset in the plain suite
     if suite == "torch":
         run_cell("ddp", out, "ddp", predict=True)
         run_cell("fsdp", out, "fsdp", predict=True)
@@ -375,6 +396,8 @@ def main():
         trainer.close()
     elif suite == "single":
         run_cell("none", out, "none_launched")
+    elif suite == "plain":
+        plain_process_cells(out)
     elif suite == "nodes":
         # Launched as 2 accelerate process groups (machine ranks 0 and 1) of 2 processes: tests/test_sharding.py.
         nodes_cell(out, "hsdp_nodes")

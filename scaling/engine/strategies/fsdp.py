@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from scaling.config import ShardingConfig, TrainConfig
 from scaling.engine.launch import LaunchError, LaunchInfo, compute_dtype, make_accelerator
+from scaling.engine.ranks import end_process_group, start_one_process_group
 from scaling.engine.sharding import (
     ShardingError,
     ShardReport,
@@ -186,6 +187,8 @@ class FSDP2(Strategy):
 
     names = ("fsdp", "fsdp_grad_op", "hsdp")
     fsdp_launch = True
+    _own_group = False
+    """This plan started the (one-process) process group, and ends it in :meth:`close`."""
 
     @classmethod
     def check_launch(cls, sharding: ShardingConfig, train: TrainConfig, launch: LaunchInfo) -> None:
@@ -217,6 +220,9 @@ class FSDP2(Strategy):
         """Compile blocks, ``fully_shard`` them and the root, materialise a meta model shard by shard, optimizer."""
         # Precision is FSDP2's MixedPrecisionPolicy (parameters cast once per unit), not autocast.
         self.accelerator = make_accelerator(self.train, self.sharding, self.launch, None)
+        # A plain one-process run has no process group for the mesh (a launched one has the launcher's). Started
+        # after the Accelerator, which then stays in its single-process mode (no distributed wrapper, no gather).
+        self._own_group = start_one_process_group(self.launch.cuda)
         block_classes = self._before_sharding(model, block_classes) or block_classes_for(model)
         apply_fsdp(model, self.train, self.sharding, self.launch, block_classes)
         if weights is not None and has_meta(model):
@@ -255,3 +261,12 @@ class FSDP2(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def close(self) -> None:
+        """Release the model and optimizer, then end the process group if :meth:`prepare` started it (the next cell
+        of a study starts its own; a launcher's group stays up)."""
+        super().close()
+        self._shard_group = None
+        if self._own_group:
+            self._own_group = False
+            end_process_group()
