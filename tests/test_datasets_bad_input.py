@@ -316,6 +316,21 @@ def test_chexpert_misspelled_split_value_is_an_error(tmp_path):
         load_table("chexpert", ddir, "train", split_file="split.csv")
 
 
+def test_chexpert_split_file_giving_one_row_two_splits_is_an_error(tmp_path):
+    # Before: row 1 loaded into both 'train' and 'test', so the study tested on an image it trained on.
+    ddir = write_chexpert(tmp_path)
+    (ddir / "split.csv").write_text(",index,split\n0,0,train\n1,1,train\n2,2,test\n3,3,validate\n4,1,test\n")
+    message = (f"lines 3, 6: index 1 (a row of {ddir / 'train.csv'}) is listed 2 times, as 'train', 'test'; a row "
+               f"belongs to one split (2 lines repeat an index)")
+    for split in ("train", "test", "validate"):
+        with pytest.raises(DataError, match=names(ddir / "split.csv", message)):
+            load_table("chexpert", ddir, split, split_file="split.csv")
+    # the same row twice under one split is a damaged file too (it would load the image twice)
+    (ddir / "split.csv").write_text(",index,split\n0,0,train\n1,2,test\n2,2.0,test\n")
+    with pytest.raises(DataError, match=names(ddir / "split.csv", "lines 3, 4: index 2 (a row of")):
+        load_table("chexpert", ddir, "train", split_file="split.csv")
+
+
 def test_chexpert_implausible_age_is_nan_and_negative_age_an_error(tmp_path, caplog):
     write_chexpert(tmp_path, rows=[ROWS[0].replace(",68,", ",670,"), *ROWS[1:]])
     with caplog.at_level("INFO"):

@@ -12,8 +12,8 @@ and the rest joined with the dataset directory, as torchxrayvision does. Rows: o
 Splits: ``train`` (train.csv) and ``valid`` (valid.csv, 234 radiologist-consensus images). With
 ``split_file=`` (e.g. chexploration's ``chexpert_split_2021_08_20.csv``, columns ``,index,split``, ``index`` =
 row of train.csv) the splits are ``train`` / ``validate`` / ``test`` of train.csv rows; unlisted rows are dropped
-(logged), and any other split value is an error. Otherwise carve patient-level splits from ``train`` with
-:mod:`scaling.data.splits`.
+(logged), and any other split value, or an index listed twice, is an error. Otherwise carve patient-level splits
+from ``train`` with :mod:`scaling.data.splits`.
 
 Columns produced: ``sample_id`` (path below the release directory, e.g. ``train/patient00001/study1/view1_frontal.jpg``),
 ``patient_id`` (``patient00001``), ``study_id`` (``patient00001/study1``), ``path``, ``sex`` (``Unknown`` → None),
@@ -261,6 +261,13 @@ def _select_official_split(raw: pd.DataFrame, ddir: Path, split_file: str, split
         i = int(np.flatnonzero(unknown.to_numpy())[0])
         raise DataError(f"{path}: line {i + 2}, column 'split': unexpected value {values.iloc[i]!r} "
                         f"(expected one of {list(OFFICIAL_SPLITS)})")
+    repeated = index.duplicated(keep=False).to_numpy()
+    if repeated.any():  # one image in two splits would be trained on and tested on; twice in one, loaded twice
+        first = index.iloc[int(np.flatnonzero(repeated)[0])]
+        lines = np.flatnonzero((index == first).to_numpy())
+        raise DataError(f"{path}: lines {', '.join(str(i + 2) for i in lines)}: index {int(first)} (a row of "
+                        f"{csv_path}) is listed {len(lines)} times, as {', '.join(repr(values.iloc[i]) for i in lines)}"
+                        f"; a row belongs to one split ({int(repeated.sum())} lines repeat an index)")
     rows = index[values == split].astype(int).to_numpy()
     log.info("chexpert: %s assigns %d of %d train.csv rows to %r", path.name, len(rows), len(raw), split)
     return raw.iloc[np.sort(rows)]
