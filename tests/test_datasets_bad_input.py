@@ -343,6 +343,55 @@ def test_chexpert_implausible_age_is_nan_and_negative_age_an_error(tmp_path, cap
         load_table("chexpert", tmp_path, "train")
 
 
+# NIH lists: train_val_list.txt = 00000001_000, 00000001_001, 00000002_000, 00000003_000 (lines 1-4);
+# test_list.txt = 00000004_000, 00000005_000, 00000006_000 (lines 1-3).
+
+
+def test_nih_image_in_both_official_lists_is_an_error(roots, tmp_path):
+    # Before: the image silently stayed in train only.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    with open(root / "test_list.txt", "a") as f:
+        f.write("00000002_000.png\n")
+    message = (f"{root / 'train_val_list.txt'} (line 3) and {root / 'test_list.txt'} (line 4) both list image "
+               f"'00000002_000.png' (1 image(s) in both lists: '00000002_000.png'); an image belongs to one official "
+               f"split")
+    for split in ("train", "test", "all"):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_table("nih_cxr14", root, split)
+
+
+def test_nih_list_entry_naming_no_row_is_an_error_when_a_split_is_loaded(roots, tmp_path, caplog):
+    # Before: the misspelt entry was ignored and the test set was one image smaller without a word.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    path = root / "test_list.txt"
+    path.write_text(path.read_text().replace("00000004_000.png", "00000004_000.PNG"))
+    message = (f"{path}: 1 of its 3 entries name no row of {root / 'Data_Entry_2017.csv'}, e.g. '00000004_000.PNG' "
+               f"(line 1); the release's lists and label file match exactly")
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_table("nih_cxr14", root, split)
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        every = load_table("nih_cxr14", root, "all")  # the lists only fill the split column here
+    assert message in caplog.text
+    assert len(every) == 7 and every.set_index("sample_id").loc["00000004_000.png", "split"] is None
+
+
+def test_nih_rows_in_neither_list_are_logged_with_examples(roots, tmp_path, caplog):
+    # Before: the row silently dropped out of every split.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    path = root / "train_val_list.txt"
+    path.write_text(path.read_text().replace("00000001_000.png\n", ""))
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        train = load_table("nih_cxr14", root, "train")
+    assert list(train["sample_id"]) == ["00000001_001.png", "00000002_000.png", "00000003_000.png"]
+    assert (f"{root / 'Data_Entry_2017.csv'}: 1 of its 7 rows are in neither train_val_list.txt nor test_list.txt "
+            f"and are left out of every split, e.g. '00000001_000.png'") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        assert len(load_table("nih_cxr14", roots["nih_cxr14"], "train")) == 4  # the release's lists: no message
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.5, "0.2", None, True])
 def test_patient_split_requires_finite_fractions_in_unit_interval(fraction):
     df = pd.DataFrame({"sample_id": ["a", "b", "c"], "patient_id": ["p1", "p2", "p3"], "label:Edema": [1.0, 0.0, 1.0]})
