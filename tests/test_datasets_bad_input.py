@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dataset_fixtures import write_dicom, write_fixture
+from dataset_fixtures import write_dicom, write_fixture, write_gray
 from scaling.data import load_table
 from scaling.data.dataset import TableDataset
 from scaling.data.datasets import chexpert, cmmd, embed, mimic_cxr, nih_cxr14, readers
@@ -439,6 +439,26 @@ def test_decode_truncated_image_names_the_file_once(tmp_path, suffix):
         assert str(e.value).count(str(path)) == 1, str(e.value)  # not wrapped twice
         assert str(e.value).startswith(f"cannot read image {path} (sample 's0'): cannot decode image: OSError")
 
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("zeroed", [1024, 12])
+def test_decode_png_with_a_zero_filled_tail_names_the_file(tmp_path, bits, zeroed):
+    # Before: Pillow skips the image data's checksums and stops quietly at the broken chunk after it, so the 8-bit
+    # fixture with its last 1 KB zeroed decoded as a partly black image (and with IEND zeroed, as the whole image).
+    path = tmp_path / "tail.png"
+    write_gray(path, np.random.default_rng(0), positive=True, bits=bits)
+    good = decode(path, None)
+    data = path.read_bytes()
+    assert len(data) > 2 * zeroed
+    path.write_bytes(data[:-zeroed] + b"\0" * zeroed)
+    with pytest.raises(DataError, match=names(path, "cannot decode image: ") + ".*" + re.escape("broken PNG file")):
+        decode(path, 16)
+    path.write_bytes(data[:-12])  # no IEND chunk: the copy stopped right after the image data
+    with pytest.raises(DataError, match=names(path, "cannot decode image: OSError: damaged PNG: OSError: truncated")):
+        decode(path, 16)
+    path.write_bytes(data + b"\0" * 64)  # bytes after IEND are no damage: PNG readers ignore them
+    np.testing.assert_array_equal(decode(path, None), good)
 
 
 def test_a_dataset_root_one_level_off_names_the_right_one(tmp_path):
