@@ -336,9 +336,10 @@ def test_chexpert_implausible_age_is_nan_and_negative_age_an_error(tmp_path, cap
     with caplog.at_level("INFO"):
         df = load_table("chexpert", tmp_path, "train")
     assert math.isnan(df["age"].iloc[0]) and df["age"].iloc[1] == 87.0  # as NIH: ages above 120 are entry errors
-    assert "1 implausible ages (> 120) set to NaN" in caplog.text and chexpert.MAX_AGE == nih_cxr14.MAX_AGE
-    write_chexpert(tmp_path, rows=[ROWS[0], ROWS[1].replace(",87,", ",-67,")])
     path = tmp_path / "CheXpert-v1.0-small" / "train.csv"
+    assert (f"{path}: 1 implausible ages (> 120) set to NaN in column 'Age', e.g. row "
+            f"'train/patient00001/study1/view1_frontal.jpg'") in caplog.text and readers.MAX_AGE == 120
+    write_chexpert(tmp_path, rows=[ROWS[0], ROWS[1].replace(",87,", ",-67,")])
     with pytest.raises(DataError, match=names(path, "line 3, column 'Age': negative age '-67'")):
         load_table("chexpert", tmp_path, "train")
 
@@ -390,6 +391,66 @@ def test_nih_rows_in_neither_list_are_logged_with_examples(roots, tmp_path, capl
     with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
         assert len(load_table("nih_cxr14", roots["nih_cxr14"], "train")) == 4  # the release's lists: no message
     assert caplog.text == ""
+
+
+# (dataset, file, age column, row ids of data rows 0 and 3 as the loader names them, whether errors give the line,
+#  the age in data row 3)
+AGE_CASES = [
+    ("ham10000", "HAM10000_metadata.csv", "age", ("ISIC_0027419", "ISIC_0031633"), True, 0.0),
+    ("isic2020", "ISIC_2020_Training_GroundTruth.csv", "age_approx", ("ISIC_2637011", "ISIC_0068279"), True, 45.0),
+    # the metadata rows are taken in the ground-truth file's order, so only the image names the row
+    ("isic2019", "ISIC_2019_Training_Metadata.csv", "age_approx", ("ISIC_0000000", "ISIC_0053453"), False, 70.0),
+    ("embed", "tables/EMBED_OpenData_clinical.csv", "age_at_study",
+     ("10000879/6117700412478730", "10005678/8000000000000002"), True, 71.9),
+    ("cmmd", "CMMD_clinicaldata_revision.csv", "Age", ("D1-0001/R", "D2-0001/L"), True, 60.0),
+]
+
+
+@pytest.mark.parametrize("name, file, column, ids, lines, age", AGE_CASES)
+def test_derm_and_mammo_ages_follow_the_chest_policy(tmp_path, caplog, name, file, column, ids, lines, age):
+    # Before: -5 and 999 were kept as ages (and silently fell out of every age group).
+    root = write_fixture(name, tmp_path / name)
+    if name == "cmmd":  # the CSV form of the clinical table, which the loader also reads, is easier to edit
+        sheet = root / "CMMD_clinicaldata_revision.xlsx"
+        pd.read_excel(sheet, dtype=str).to_csv(root / file, index=False)
+        sheet.unlink()
+    path = root / file
+    before = load_table(name, root, "all")
+    set_cell(path, 3, column, "999")
+    with caplog.at_level("INFO", logger="scaling.data.datasets.readers"):
+        after = load_table(name, root, "all")
+    assert f"{path}: 1 implausible ages (> 120) set to NaN in column {column!r}, e.g. row {ids[1]!r}" in caplog.text
+    now_nan = after["age"].isna() & before["age"].notna()
+    assert now_nan.any() and set(before.loc[now_nan, "age"]) == {age}  # that row's image(s): its exam, its breast
+    pd.testing.assert_series_equal(after.loc[~now_nan, "age"], before.loc[~now_nan, "age"])
+    set_cell(path, 0, column, "-5.0")
+    where = f"line 2, row {ids[0]!r}" if lines else f"row {ids[0]!r}"
+    with pytest.raises(DataError, match=names(path, f"{where}, column {column!r}: negative age '-5.0'")):
+        load_table(name, root, "all")
+
+
+def test_ham10000_ages_from_the_audit(roots, tmp_path):
+    root = copy(roots["ham10000"], tmp_path / "h")
+    path = root / "HAM10000_metadata.csv"
+    set_cell(path, 1, "age", "999.0")
+    df = load_table("ham10000", root, "all").set_index("sample_id")
+    assert math.isnan(df.loc["ISIC_0025030", "age"]) and df.loc["ISIC_0027419", "age"] == 80.0
+    assert df.loc["ISIC_0031633", "age"] == 0.0  # an infant, not a placeholder: kept
+    set_cell(path, 0, "age", "-5.0")
+    with pytest.raises(DataError, match=names(path, "line 2, row 'ISIC_0027419', column 'age': negative age '-5.0'")):
+        load_table("ham10000", root, "all")
+
+
+def test_vindr_dicom_age_above_120_is_nan_and_logged(roots, tmp_path, caplog):
+    root = copy(roots["vindr_mammo"], tmp_path / "v")
+    path = root / "metadata.csv"
+    sop = read_rows(path)[1][0]
+    set_cell(path, 0, "Patient's Age", "999Y")
+    with caplog.at_level("INFO", logger="scaling.data.datasets.readers"):
+        df = load_table("vindr_mammo", root, "all")
+    ages = dict(zip(df["sample_id"].str.rsplit("/", n=1).str[-1], df["age"]))
+    assert math.isnan(ages[sop]) and sum(a == 53.0 for a in ages.values()) == 3  # the study's other images
+    assert f"{path}: 1 implausible ages (> 120) set to NaN in column \"Patient's Age\", e.g. row {sop!r}" in caplog.text
 
 
 @pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.5, "0.2", None, True])

@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scaling.data.datasets.readers import read_csv, read_excel
+from scaling.data.datasets.readers import drop_implausible_ages, read_csv, read_excel
 from scaling.data.labels import CHEXPERT_LABELS, apply_label_policy, parse_raw_labels
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -52,8 +52,6 @@ _SEX = {"Female": "F", "Male": "M", "Unknown": None}
 _VIEW = {"Frontal": "frontal", "Lateral": "lateral"}
 _VIEW_POSITIONS = ("AP", "PA", "LL", "RL")
 _PATIENT_STUDY = r"(?:^|/)(?P<patient>patient\d+)/(?P<study>study\d+)/"
-MAX_AGE = 120
-"""Ages above this are data-entry errors and become NaN, as in :mod:`scaling.data.datasets.nih_cxr14`."""
 
 
 def dataset_dir(root: str | Path) -> Path:
@@ -155,9 +153,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
     if negative.any():
         i = int(np.flatnonzero(negative)[0])
         raise DataError(f"{source}: line {line[i]}, column 'Age': negative age {age_text.iloc[i]!r}")
-    implausible = age > MAX_AGE
-    if implausible.any():
-        log.info("%s: %d implausible ages (> %d) set to NaN", source, int(implausible.sum()), MAX_AGE)
+    age = drop_implausible_ages(age, rel, source, "Age")  # > 120: entry errors, as in NIH's 2017 file
     view_pos = raw["AP/PA"].str.strip()
     bad_vp = ~(view_pos.isin(_VIEW_POSITIONS) | (view_pos == "")).to_numpy()
     if bad_vp.any():
@@ -173,7 +169,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
             "path": str(ddir) + "/" + rel,  # string concat: Path joins cost ~50 s per million rows
             "sex": mapped("Sex", _SEX),
             # Age 0 is the release's placeholder for "unknown" (3 rows in train.csv), not a newborn.
-            "age": age.where((age > 0) & ~implausible).astype(float),
+            "age": age.where(age > 0).astype(float),
             "view": mapped("Frontal/Lateral", _VIEW),
             "view_position": view_pos.astype(object).where(view_pos != "", None),
         }

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import (chest_view, filter_views, finish, index_images, locate, map_values,
-                                          no_expected_file, read_csv, require_ids, select_split)
+from scaling.data.datasets.readers import (chest_view, drop_implausible_ages, filter_views, finish, index_images,
+                                          locate, map_values, no_expected_file, read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Dat
 SPLITS = ("train", "test", "all")
 """``train`` is train_val_list.txt (carve validation from it by patient), ``test`` is test_list.txt."""
 FINDINGS = tuple(L.HARMONISATION["nih_cxr14"])
-MAX_AGE = 120  # ages above this are data-entry errors in the 2017 file (up to 414)
 
 
 def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
@@ -50,11 +49,7 @@ def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
     if not match.all():
         i = int(np.flatnonzero(~match.to_numpy())[0])
         raise DataError(f"{source}: row {ids.iloc[i]!r}, column 'Patient Age': unparseable age {text.iloc[i]!r}")
-    age = text.str.rstrip("Y").astype(float)
-    implausible = age > MAX_AGE
-    if implausible.any():
-        log.info("%s: %d implausible ages (> %d) set to NaN", source, implausible.sum(), MAX_AGE)
-    return age.where(~implausible)
+    return drop_implausible_ages(text.str.rstrip("Y").astype(float), ids, source, "Patient Age")
 
 
 def _labels(findings: pd.Series, ids: pd.Series, source: Path) -> pd.DataFrame:
