@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dataset_fixtures import write_dicom, write_fixture
+from dataset_fixtures import write_dicom, write_fixture, write_gray
 from scaling.data import load_table
 from scaling.data.dataset import TableDataset
 from scaling.data.datasets import chexpert, cmmd, embed, mimic_cxr, nih_cxr14, readers
@@ -316,16 +316,141 @@ def test_chexpert_misspelled_split_value_is_an_error(tmp_path):
         load_table("chexpert", ddir, "train", split_file="split.csv")
 
 
+def test_chexpert_split_file_giving_one_row_two_splits_is_an_error(tmp_path):
+    # Before: row 1 loaded into both 'train' and 'test', so the study tested on an image it trained on.
+    ddir = write_chexpert(tmp_path)
+    (ddir / "split.csv").write_text(",index,split\n0,0,train\n1,1,train\n2,2,test\n3,3,validate\n4,1,test\n")
+    message = (f"lines 3, 6: index 1 (a row of {ddir / 'train.csv'}) is listed 2 times, as 'train', 'test'; a row "
+               f"belongs to one split (2 lines repeat an index)")
+    for split in ("train", "test", "validate"):
+        with pytest.raises(DataError, match=names(ddir / "split.csv", message)):
+            load_table("chexpert", ddir, split, split_file="split.csv")
+    # the same row twice under one split is a damaged file too (it would load the image twice)
+    (ddir / "split.csv").write_text(",index,split\n0,0,train\n1,2,test\n2,2.0,test\n")
+    with pytest.raises(DataError, match=names(ddir / "split.csv", "lines 3, 4: index 2 (a row of")):
+        load_table("chexpert", ddir, "train", split_file="split.csv")
+
+
 def test_chexpert_implausible_age_is_nan_and_negative_age_an_error(tmp_path, caplog):
     write_chexpert(tmp_path, rows=[ROWS[0].replace(",68,", ",670,"), *ROWS[1:]])
     with caplog.at_level("INFO"):
         df = load_table("chexpert", tmp_path, "train")
     assert math.isnan(df["age"].iloc[0]) and df["age"].iloc[1] == 87.0  # as NIH: ages above 120 are entry errors
-    assert "1 implausible ages (> 120) set to NaN" in caplog.text and chexpert.MAX_AGE == nih_cxr14.MAX_AGE
-    write_chexpert(tmp_path, rows=[ROWS[0], ROWS[1].replace(",87,", ",-67,")])
     path = tmp_path / "CheXpert-v1.0-small" / "train.csv"
+    assert (f"{path}: 1 implausible ages (> 120) set to NaN in column 'Age', e.g. row "
+            f"'train/patient00001/study1/view1_frontal.jpg'") in caplog.text and readers.MAX_AGE == 120
+    write_chexpert(tmp_path, rows=[ROWS[0], ROWS[1].replace(",87,", ",-67,")])
     with pytest.raises(DataError, match=names(path, "line 3, column 'Age': negative age '-67'")):
         load_table("chexpert", tmp_path, "train")
+
+
+# NIH lists: train_val_list.txt = 00000001_000, 00000001_001, 00000002_000, 00000003_000 (lines 1-4);
+# test_list.txt = 00000004_000, 00000005_000, 00000006_000 (lines 1-3).
+
+
+def test_nih_image_in_both_official_lists_is_an_error(roots, tmp_path):
+    # Before: the image silently stayed in train only.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    with open(root / "test_list.txt", "a") as f:
+        f.write("00000002_000.png\n")
+    message = (f"{root / 'train_val_list.txt'} (line 3) and {root / 'test_list.txt'} (line 4) both list image "
+               f"'00000002_000.png' (1 image(s) in both lists: '00000002_000.png'); an image belongs to one official "
+               f"split")
+    for split in ("train", "test", "all"):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_table("nih_cxr14", root, split)
+
+
+def test_nih_list_entry_naming_no_row_is_an_error_when_a_split_is_loaded(roots, tmp_path, caplog):
+    # Before: the misspelt entry was ignored and the test set was one image smaller without a word.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    path = root / "test_list.txt"
+    path.write_text(path.read_text().replace("00000004_000.png", "00000004_000.PNG"))
+    message = (f"{path}: 1 of its 3 entries name no row of {root / 'Data_Entry_2017.csv'}, e.g. '00000004_000.PNG' "
+               f"(line 1); the release's lists and label file match exactly")
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_table("nih_cxr14", root, split)
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        every = load_table("nih_cxr14", root, "all")  # the lists only fill the split column here
+    assert message in caplog.text
+    assert len(every) == 7 and every.set_index("sample_id").loc["00000004_000.png", "split"] is None
+
+
+def test_nih_rows_in_neither_list_are_logged_with_examples(roots, tmp_path, caplog):
+    # Before: the row silently dropped out of every split.
+    root = copy(roots["nih_cxr14"], tmp_path / "n")
+    path = root / "train_val_list.txt"
+    path.write_text(path.read_text().replace("00000001_000.png\n", ""))
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        train = load_table("nih_cxr14", root, "train")
+    assert list(train["sample_id"]) == ["00000001_001.png", "00000002_000.png", "00000003_000.png"]
+    assert (f"{root / 'Data_Entry_2017.csv'}: 1 of its 7 rows are in neither train_val_list.txt nor test_list.txt "
+            f"and are left out of every split, e.g. '00000001_000.png'") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaling.data.datasets.nih_cxr14"):
+        assert len(load_table("nih_cxr14", roots["nih_cxr14"], "train")) == 4  # the release's lists: no message
+    assert caplog.text == ""
+
+
+# (dataset, file, age column, row ids of data rows 0 and 3 as the loader names them, whether errors give the line,
+#  the age in data row 3)
+AGE_CASES = [
+    ("ham10000", "HAM10000_metadata.csv", "age", ("ISIC_0027419", "ISIC_0031633"), True, 0.0),
+    ("isic2020", "ISIC_2020_Training_GroundTruth.csv", "age_approx", ("ISIC_2637011", "ISIC_0068279"), True, 45.0),
+    # the metadata rows are taken in the ground-truth file's order, so only the image names the row
+    ("isic2019", "ISIC_2019_Training_Metadata.csv", "age_approx", ("ISIC_0000000", "ISIC_0053453"), False, 70.0),
+    ("embed", "tables/EMBED_OpenData_clinical.csv", "age_at_study",
+     ("10000879/6117700412478730", "10005678/8000000000000002"), True, 71.9),
+    ("cmmd", "CMMD_clinicaldata_revision.csv", "Age", ("D1-0001/R", "D2-0001/L"), True, 60.0),
+]
+
+
+@pytest.mark.parametrize("name, file, column, ids, lines, age", AGE_CASES)
+def test_derm_and_mammo_ages_follow_the_chest_policy(tmp_path, caplog, name, file, column, ids, lines, age):
+    # Before: -5 and 999 were kept as ages (and silently fell out of every age group).
+    root = write_fixture(name, tmp_path / name)
+    if name == "cmmd":  # the CSV form of the clinical table, which the loader also reads, is easier to edit
+        sheet = root / "CMMD_clinicaldata_revision.xlsx"
+        pd.read_excel(sheet, dtype=str).to_csv(root / file, index=False)
+        sheet.unlink()
+    path = root / file
+    before = load_table(name, root, "all")
+    set_cell(path, 3, column, "999")
+    with caplog.at_level("INFO", logger="scaling.data.datasets.readers"):
+        after = load_table(name, root, "all")
+    assert f"{path}: 1 implausible ages (> 120) set to NaN in column {column!r}, e.g. row {ids[1]!r}" in caplog.text
+    now_nan = after["age"].isna() & before["age"].notna()
+    assert now_nan.any() and set(before.loc[now_nan, "age"]) == {age}  # that row's image(s): its exam, its breast
+    pd.testing.assert_series_equal(after.loc[~now_nan, "age"], before.loc[~now_nan, "age"])
+    set_cell(path, 0, column, "-5.0")
+    where = f"line 2, row {ids[0]!r}" if lines else f"row {ids[0]!r}"
+    with pytest.raises(DataError, match=names(path, f"{where}, column {column!r}: negative age '-5.0'")):
+        load_table(name, root, "all")
+
+
+def test_ham10000_ages_from_the_audit(roots, tmp_path):
+    root = copy(roots["ham10000"], tmp_path / "h")
+    path = root / "HAM10000_metadata.csv"
+    set_cell(path, 1, "age", "999.0")
+    df = load_table("ham10000", root, "all").set_index("sample_id")
+    assert math.isnan(df.loc["ISIC_0025030", "age"]) and df.loc["ISIC_0027419", "age"] == 80.0
+    assert df.loc["ISIC_0031633", "age"] == 0.0  # an infant, not a placeholder: kept
+    set_cell(path, 0, "age", "-5.0")
+    with pytest.raises(DataError, match=names(path, "line 2, row 'ISIC_0027419', column 'age': negative age '-5.0'")):
+        load_table("ham10000", root, "all")
+
+
+def test_vindr_dicom_age_above_120_is_nan_and_logged(roots, tmp_path, caplog):
+    root = copy(roots["vindr_mammo"], tmp_path / "v")
+    path = root / "metadata.csv"
+    sop = read_rows(path)[1][0]
+    set_cell(path, 0, "Patient's Age", "999Y")
+    with caplog.at_level("INFO", logger="scaling.data.datasets.readers"):
+        df = load_table("vindr_mammo", root, "all")
+    ages = dict(zip(df["sample_id"].str.rsplit("/", n=1).str[-1], df["age"]))
+    assert math.isnan(ages[sop]) and sum(a == 53.0 for a in ages.values()) == 3  # the study's other images
+    assert f"{path}: 1 implausible ages (> 120) set to NaN in column \"Patient's Age\", e.g. row {sop!r}" in caplog.text
 
 
 @pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.5, "0.2", None, True])
@@ -375,6 +500,26 @@ def test_decode_truncated_image_names_the_file_once(tmp_path, suffix):
         assert str(e.value).count(str(path)) == 1, str(e.value)  # not wrapped twice
         assert str(e.value).startswith(f"cannot read image {path} (sample 's0'): cannot decode image: OSError")
 
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("zeroed", [1024, 12])
+def test_decode_png_with_a_zero_filled_tail_names_the_file(tmp_path, bits, zeroed):
+    # Before: Pillow skips the image data's checksums and stops quietly at the broken chunk after it, so the 8-bit
+    # fixture with its last 1 KB zeroed decoded as a partly black image (and with IEND zeroed, as the whole image).
+    path = tmp_path / "tail.png"
+    write_gray(path, np.random.default_rng(0), positive=True, bits=bits)
+    good = decode(path, None)
+    data = path.read_bytes()
+    assert len(data) > 2 * zeroed
+    path.write_bytes(data[:-zeroed] + b"\0" * zeroed)
+    with pytest.raises(DataError, match=names(path, "cannot decode image: ") + ".*" + re.escape("broken PNG file")):
+        decode(path, 16)
+    path.write_bytes(data[:-12])  # no IEND chunk: the copy stopped right after the image data
+    with pytest.raises(DataError, match=names(path, "cannot decode image: OSError: damaged PNG: OSError: truncated")):
+        decode(path, 16)
+    path.write_bytes(data + b"\0" * 64)  # bytes after IEND are no damage: PNG readers ignore them
+    np.testing.assert_array_equal(decode(path, None), good)
 
 
 def test_a_dataset_root_one_level_off_names_the_right_one(tmp_path):

@@ -2,6 +2,8 @@
 request), a shift on the test set's own patients is resampled together with the test set, and data.filters holds
 rows out of training."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from scaling.config import EvalConfig, load_config
 from scaling.data import load_table
+from scaling.data.splits import patient_split
 from scaling.data.table import DataError
 from scaling.metrics import compute_run_metrics
 from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
@@ -214,17 +217,43 @@ def test_the_paired_drop_interval_covers_the_true_drop():
     assert np.mean(width["paired"]) < 0.8 * np.mean(width["independent"])
 
 
-def test_an_official_split_sharing_training_patients_is_warned_about(nih, caplog):
+def test_an_official_split_sharing_training_patients_is_warned_about(nih, tmp_path, caplog):
     root, base = nih
     with caplog.at_level("WARNING", logger="scaling.study.data"):
-        data = load_study_data(load_config(None, base))
+        load_study_data(load_config(None, base))
     assert "shares" not in caplog.text  # NIH's test list and its train_val list are patient-disjoint
     caplog.clear()
+    # Move patient 1's follow-up image to the test list: patient 1 is then in both splits, no image is.
+    moved = write_fixture("nih_cxr14", tmp_path / "moved", n=120)
+    train_list = (moved / "train_val_list.txt").read_text().split()
+    train_list.remove("00000001_001.png")
+    (moved / "train_val_list.txt").write_text("\n".join(train_list) + "\n")
+    (moved / "test_list.txt").write_text((moved / "test_list.txt").read_text() + "00000001_001.png\n")
     with caplog.at_level("WARNING", logger="scaling.study.data"):
-        data = load_study_data(load_config(None, [*base, "data.test_split=all"]))
+        data = load_study_data(load_config(None, [*base, f"data.root={moved}", f"output_dir={tmp_path / 's'}"]))
     n = data.test["patient_id"].nunique()
-    k = len(set(data.train["patient_id"]))
-    assert f"the test set (official split 'all') shares {k} of its {n} patients with the training set" in caplog.text
+    assert "00000001_001.png" in set(data.test["sample_id"]) and "1" in set(data.train["patient_id"])
+    assert (f"the test set (official split 'test') shares 1 of its {n} patients with the training set: its metrics "
+            f"are optimistic for them (e.g. patient '1')") in caplog.text
+
+
+@pytest.mark.parametrize("override, name", [("data.test_split=all", "test"), ("data.val_split=train", "val")])
+def test_an_official_split_holding_training_images_is_refused(nih, override, name):
+    # Before: only the shared patients were warned about, and the study scored training images as test images.
+    root, base = nih
+    cfg = load_config(None, [*base, override])
+    train = patient_split(load_table("nih_cxr14", root, "train"), {"val": cfg.data.val_fraction}, seed=0)["train"]
+    if name == "val":  # the whole train split: every training image, and the test set is untouched
+        train, held = load_table("nih_cxr14", root, "train"), load_table("nih_cxr14", root, "train")
+    else:
+        held = load_table("nih_cxr14", root, "all")
+    first = held.loc[held["sample_id"].isin(set(train["sample_id"])), "sample_id"].iloc[0]
+    split = override.split("=")[1]
+    with pytest.raises(DataError, match=re.escape(
+            f"the {name} set (split {split!r} of nih_cxr14) holds {len(train)} of its {len(held)} images that the "
+            f"training set (split 'train') also holds (e.g. sample {first!r}): its metrics would be measured on "
+            f"training images. Name a split disjoint from data.train_split in data.{name}_split")):
+        load_study_data(cfg)
 
 
 def test_each_ood_set_resamples_from_a_stream_of_its_own():

@@ -125,17 +125,39 @@ def decode(path: str | Path, size: int | None = None, channels: int = 1) -> np.n
 
 def _decode_pillow(path: Path, size: int | None, channels: int) -> np.ndarray:
     with Image.open(path) as im:
-        mode = "RGB" if channels == 3 else "L"
-        if im.mode in _HIGH_DEPTH_MODES:
-            a = _resize_float(_minmax(np.asarray(im, dtype=np.float32)), size)[None]
-            return np.repeat(a, 3, axis=0) if channels == 3 else a
-        if size is not None and im.format == "JPEG":
-            im.draft(mode, (size, size))
-        im = im.convert(mode)
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-        a = np.asarray(im, dtype=np.uint8)
+        png = im.format == "PNG"
+        a = _pixels(im, size, channels)
+    if png:  # after decoding, so that a truncated file keeps the decoder's own message
+        _verify_png(path)
+    return a
+
+
+def _pixels(im: Image.Image, size: int | None, channels: int) -> np.ndarray:
+    mode = "RGB" if channels == 3 else "L"
+    if im.mode in _HIGH_DEPTH_MODES:
+        a = _resize_float(_minmax(np.asarray(im, dtype=np.float32)), size)[None]
+        return np.repeat(a, 3, axis=0) if channels == 3 else a
+    if size is not None and im.format == "JPEG":
+        im.draft(mode, (size, size))
+    im = im.convert(mode)
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    a = np.asarray(im, dtype=np.uint8)
     return a[None] if channels == 1 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _verify_png(path: Path) -> None:
+    """Check every chunk checksum of a PNG up to its ``IEND`` (Pillow's ``verify``, on a fresh open).
+
+    Pillow's decoder skips the checksums of the image data and stops quietly at a broken chunk after it, so a PNG
+    whose tail is zero-filled (an interrupted copy, a preallocated download) decodes as a partly black image. The
+    check reads the file once more but inflates nothing: about 5 % of a decode.
+    """
+    with Image.open(path) as im:
+        try:
+            im.verify()
+        except Exception as e:  # SyntaxError for a bad checksum, OSError for a missing IEND
+            raise OSError(f"damaged PNG: {type(e).__name__}: {e}") from e
 
 
 def to_float(a: np.ndarray) -> np.ndarray:

@@ -131,6 +131,13 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
                             f"data.filters={dict(d.filters)}) has no rows; check data.options, data.filters and the "
                             f"{name} split")
     for name, table, split in (("val", val, d.val_split), ("test", test, d.test_split)):
+        again = seen_images(table, train)
+        if again.any():  # only official splits can: carved ones are patient-disjoint by construction
+            raise DataError(f"the {name} set (split {split!r} of {d.dataset}) holds {int(again.sum())} of its "
+                            f"{len(table)} images that the training set (split {d.train_split!r}) also holds (e.g. "
+                            f"sample {table.loc[again, 'sample_id'].iloc[0]!r}): its metrics would be measured on "
+                            f"training images. Name a split disjoint from data.train_split in data.{name}_split, or "
+                            f"fix the dataset's split lists")
         shared = set(table["patient_id"]) & set(train["patient_id"]) if split else set()
         if shared:  # an official split is the benchmark's protocol: said loudly, not refused
             log.warning("the %s set (official split %r) shares %d of its %d patients with the training set: its "
@@ -175,13 +182,20 @@ def same_source(eval_set: EvalSetConfig, d: DataConfig) -> bool:
     return (eval_set.dataset or d.dataset) == d.dataset and key(eval_set.root or d.root) == key(d.root)
 
 
+def seen_images(table: pd.DataFrame, *seen: pd.DataFrame) -> pd.Series:
+    """Which rows of ``table`` are images of the ``seen`` tables (the same ``sample_id``): an evaluation set must hold
+    none of the images the study trains on, or it measures memory. Ids are compared whatever dataset each table
+    reads, since a release can contain another under the same ids (ISIC 2019 holds HAM10000)."""
+    return table["sample_id"].isin(set().union(*(set(s["sample_id"]) for s in seen)))
+
+
 def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.DataFrame, val: pd.DataFrame,
              test: pd.DataFrame) -> pd.DataFrame:
     """The rows of OOD set ``e`` (``data.ood[i]``) that the study may score, by ``e.patients``
     (:class:`scaling.config.EvalSetConfig`): an OOD set must not hold an image, or (from the training dataset) a
     patient, that the study trains or validates on, or its AUROC measures memory rather than transfer."""
     field_name = f"data.ood.{i}.patients"
-    seen_images = t["sample_id"].isin(set(train["sample_id"]) | set(val["sample_id"]))
+    images = seen_images(t, train, val)
     seen_patients = (t["patient_id"].isin(set(train["patient_id"]) | set(val["patient_id"])) if same
                      else pd.Series(False, index=t.index))
     if e.patients == "test":
@@ -189,14 +203,14 @@ def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.Da
             raise DataError(f"{field_name}: 'test' keeps the test set's patients, so eval set {e.name!r} must read "
                             f"the training dataset from its root (it reads {e.dataset or '-'} at {e.root or '-'})")
         # An official test split need not be patient-disjoint from training: such patients are never kept.
-        keep = t["patient_id"].isin(set(test["patient_id"])) & ~seen_images & ~seen_patients
+        keep = t["patient_id"].isin(set(test["patient_id"])) & ~images & ~seen_patients
         log.info("eval set %r: %d of its %d images belong to the test set's patients (%s: test)", e.name,
                  int(keep.sum()), len(t), field_name)
         if not keep.any():
             raise DataError(f"eval set {e.name!r} has no image of a test-set patient ({field_name}: test); its "
                             f"split {e.split!r} and filters {dict(e.filters)} select other patients")
         return t[keep].reset_index(drop=True)
-    seen = seen_images | seen_patients
+    seen = images | seen_patients
     if not seen.any():
         return t
     n_patients = t.loc[seen, "patient_id"].nunique()
@@ -209,7 +223,7 @@ def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.Da
                             f"({field_name}: unseen dropped all {len(t)}); draw it from other patients")
         return t[~seen].reset_index(drop=True)
     what = (f"{int(seen_patients.sum())} images of {t.loc[seen_patients, 'patient_id'].nunique()} patients"
-            if seen_patients.any() else f"{int(seen_images.sum())} images with the ids of training or validation "
+            if seen_patients.any() else f"{int(images.sum())} images with the ids of training or validation "
             f"images (a copy of them: ISIC 2019 contains HAM10000, see the isic2019 option exclude_ham)")
     raise DataError(f"eval set {e.name!r} holds {what} that the study trains or validates on (e.g. sample "
                     f"{example!r}): its AUROC would be measured on training data. Set {field_name}: unseen to drop "

@@ -12,8 +12,8 @@ and the rest joined with the dataset directory, as torchxrayvision does. Rows: o
 Splits: ``train`` (train.csv) and ``valid`` (valid.csv, 234 radiologist-consensus images). With
 ``split_file=`` (e.g. chexploration's ``chexpert_split_2021_08_20.csv``, columns ``,index,split``, ``index`` =
 row of train.csv) the splits are ``train`` / ``validate`` / ``test`` of train.csv rows; unlisted rows are dropped
-(logged), and any other split value is an error. Otherwise carve patient-level splits from ``train`` with
-:mod:`scaling.data.splits`.
+(logged), and any other split value, or an index listed twice, is an error. Otherwise carve patient-level splits
+from ``train`` with :mod:`scaling.data.splits`.
 
 Columns produced: ``sample_id`` (path below the release directory, e.g. ``train/patient00001/study1/view1_frontal.jpg``),
 ``patient_id`` (``patient00001``), ``study_id`` (``patient00001/study1``), ``path``, ``sex`` (``Unknown`` → None),
@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scaling.data.datasets.readers import read_csv, read_excel
+from scaling.data.datasets.readers import drop_implausible_ages, read_csv, read_excel
 from scaling.data.labels import CHEXPERT_LABELS, apply_label_policy, parse_raw_labels
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -52,8 +52,6 @@ _SEX = {"Female": "F", "Male": "M", "Unknown": None}
 _VIEW = {"Frontal": "frontal", "Lateral": "lateral"}
 _VIEW_POSITIONS = ("AP", "PA", "LL", "RL")
 _PATIENT_STUDY = r"(?:^|/)(?P<patient>patient\d+)/(?P<study>study\d+)/"
-MAX_AGE = 120
-"""Ages above this are data-entry errors and become NaN, as in :mod:`scaling.data.datasets.nih_cxr14`."""
 
 
 def dataset_dir(root: str | Path) -> Path:
@@ -155,9 +153,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
     if negative.any():
         i = int(np.flatnonzero(negative)[0])
         raise DataError(f"{source}: line {line[i]}, column 'Age': negative age {age_text.iloc[i]!r}")
-    implausible = age > MAX_AGE
-    if implausible.any():
-        log.info("%s: %d implausible ages (> %d) set to NaN", source, int(implausible.sum()), MAX_AGE)
+    age = drop_implausible_ages(age, rel, source, "Age")  # > 120: entry errors, as in NIH's 2017 file
     view_pos = raw["AP/PA"].str.strip()
     bad_vp = ~(view_pos.isin(_VIEW_POSITIONS) | (view_pos == "")).to_numpy()
     if bad_vp.any():
@@ -173,7 +169,7 @@ def parse_rows(raw: pd.DataFrame, ddir: Path, source: str) -> pd.DataFrame:
             "path": str(ddir) + "/" + rel,  # string concat: Path joins cost ~50 s per million rows
             "sex": mapped("Sex", _SEX),
             # Age 0 is the release's placeholder for "unknown" (3 rows in train.csv), not a newborn.
-            "age": age.where((age > 0) & ~implausible).astype(float),
+            "age": age.where(age > 0).astype(float),
             "view": mapped("Frontal/Lateral", _VIEW),
             "view_position": view_pos.astype(object).where(view_pos != "", None),
         }
@@ -261,6 +257,13 @@ def _select_official_split(raw: pd.DataFrame, ddir: Path, split_file: str, split
         i = int(np.flatnonzero(unknown.to_numpy())[0])
         raise DataError(f"{path}: line {i + 2}, column 'split': unexpected value {values.iloc[i]!r} "
                         f"(expected one of {list(OFFICIAL_SPLITS)})")
+    repeated = index.duplicated(keep=False).to_numpy()
+    if repeated.any():  # one image in two splits would be trained on and tested on; twice in one, loaded twice
+        first = index.iloc[int(np.flatnonzero(repeated)[0])]
+        lines = np.flatnonzero((index == first).to_numpy())
+        raise DataError(f"{path}: lines {', '.join(str(i + 2) for i in lines)}: index {int(first)} (a row of "
+                        f"{csv_path}) is listed {len(lines)} times, as {', '.join(repr(values.iloc[i]) for i in lines)}"
+                        f"; a row belongs to one split ({int(repeated.sum())} lines repeat an index)")
     rows = index[values == split].astype(int).to_numpy()
     log.info("chexpert: %s assigns %d of %d train.csv rows to %r", path.name, len(rows), len(raw), split)
     return raw.iloc[np.sort(rows)]

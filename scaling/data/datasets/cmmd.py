@@ -21,7 +21,7 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from scaling.data.datasets.readers import (finish, map_values, only_all_split, parse_numbers, read_csv, read_excel,
+from scaling.data.datasets.readers import (finish, map_values, only_all_split, parse_ages, read_csv, read_excel,
                                           no_expected_file, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -77,7 +77,7 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
     clinical = pd.DataFrame({
         "patient_id": raw["ID1"].str.strip(),
         "laterality": map_values(raw["LeftRight"], {"L": "L", "R": "R"}, ids, path, "LeftRight"),
-        "age": parse_numbers(raw["Age"], ids, path, "Age"),
+        "age": parse_ages(raw["Age"], ids, path, "Age"),
         LABEL_PREFIX + "Malignant": map_values(raw["classification"], CLASSIFICATION, ids, path, "classification",
                                                blank=float("nan")).astype(float),
         "abnormality": raw["abnormality"].str.strip(),

@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.datasets.readers import (filter_rows, find_file, finish, map_values, parse_numbers, read_csv,
-                                  require_ids, select_split, suspicion)
+from scaling.data.datasets.readers import (filter_rows, find_file, finish, map_values, parse_ages, parse_numbers,
+                                  read_csv, require_ids, select_split, suspicion)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def load(
         "empi_anon": clinical["empi_anon"], "acc_anon": clinical["acc_anon"],
         "race": _race(race_text, clin_path),
         "ethnicity": clinical[ethnic_col] if ethnic_col else None,
-        "age": parse_numbers(clinical["age_at_study"], exam_ids, clin_path, "age_at_study"),
+        "age": parse_ages(clinical["age_at_study"], exam_ids, clin_path, "age_at_study"),
         "density": map_values(density_raw, DENSITY, exam_ids, clin_path, "tissueden"),
         "male": density_raw == "5",
     }).drop_duplicates(["empi_anon", "acc_anon"])

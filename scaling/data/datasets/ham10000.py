@@ -9,7 +9,8 @@ Columns ``lesion_id,image_id,dx,dx_type,age,sex,localization,dataset``. ``datase
 (vidir_molemax, vidir_modern, rosendahl, vienna_dias) — the within-dataset site shift. The release has no patient
 id; several images show the same lesion, so ``patient_id`` is the ``lesion_id`` and patient-level splits keep a
 lesion's images together (the grouping MEDFAIR uses). ``age`` has 5-year steps and 0.0 is a real value (infants);
-blank age and ``sex == 'unknown'`` are missing. No official split (``split='all'``).
+blank age and ``sex == 'unknown'`` are missing; a negative age is an error and one above 120 becomes NaN (logged), as
+in the chest loaders. No official split (``split='all'``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 
 from scaling.data import labels as L
 from scaling.data.datasets.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
-                                  parse_numbers, read_csv, require_ids)
+                                          parse_ages, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -69,7 +70,7 @@ def load(
         "sample_id": ids,
         "patient_id": raw["lesion_id"],
         "sex": map_values(raw["sex"], SEX, ids, path, "sex"),
-        "age": parse_numbers(raw["age"], ids, path, "age"),
+        "age": parse_ages(raw["age"], ids, path, "age"),
         LABEL_PREFIX + "Malignant": dx.isin(list(malignant)).astype(float),
         **{LABEL_PREFIX + L.harmonise("ham10000", d): (dx == d).astype(float) for d in DX},
         "site": raw["dataset"],

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import (filter_rows, finish, map_values, only_all_split, parse_numbers, read_csv,
+from scaling.data.datasets.readers import (filter_rows, finish, map_values, only_all_split, parse_ages, read_csv,
                                           require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
@@ -98,7 +98,7 @@ def load(
         "patient_id": lesion.where(lesion.notna(), ids),
         "path": [str((root / "ISIC_2019_Training_Input" / f"{i}.jpg").absolute()) for i in ids],
         "sex": map_values(meta["sex"], SEX, ids, meta_path, "sex"),
-        "age": parse_numbers(meta["age_approx"], ids, meta_path, "age_approx"),
+        "age": parse_ages(meta["age_approx"], ids, meta_path, "age_approx", in_file_order=False),  # gt's order
         **labels,
         "site": site,
         "anatom_site": meta["anatom_site_general"],

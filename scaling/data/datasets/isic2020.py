@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.data.datasets.readers import (find_file, finish, index_images, locate, map_values, only_all_split,
-                                          parse_numbers, read_csv, require_ids)
+                                          parse_ages, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("all",)
@@ -54,7 +54,7 @@ def load(root: str | Path, split: str = "all", *, verify_files: bool = False) ->
         "sample_id": ids,
         "patient_id": raw["patient_id"],
         "sex": map_values(raw["sex"], SEX, ids, path, "sex"),
-        "age": parse_numbers(raw["age_approx"], ids, path, "age_approx"),
+        "age": parse_ages(raw["age_approx"], ids, path, "age_approx"),
         LABEL_PREFIX + "Malignant": target.astype(float),
         LABEL_PREFIX + "Melanoma": (raw["diagnosis"].str.strip().str.lower() == "melanoma").astype(float),
         "anatom_site": raw["anatom_site_general_challenge"],

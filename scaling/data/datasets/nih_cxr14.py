@@ -12,6 +12,11 @@ extra columns, and the original 2017 file ends every line with a comma (an empty
 file also has implausible ages up to 414, which become NaN. Labels are ``|``-separated finding names; a name
 outside the 14 findings and ``No Finding`` is an error, not a silent zero. There is no uncertainty: a finding not
 listed is 0.0.
+
+The release's two lists and its label file match exactly: every row is in one list and every list entry is a row.
+So an image in both lists is an error naming both files; with a split asked for, a list entry that names no row is
+an error naming the list, the count and examples (``split='all'``: a warning), and rows in neither list are left out
+of every split with a warning giving their count and examples.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import (chest_view, filter_views, finish, index_images, locate, map_values,
-                                          no_expected_file, read_csv, require_ids, select_split)
+from scaling.data.datasets.readers import (chest_view, drop_implausible_ages, filter_views, finish, index_images,
+                                          locate, map_values, no_expected_file, read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,6 @@ ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Dat
 SPLITS = ("train", "test", "all")
 """``train`` is train_val_list.txt (carve validation from it by patient), ``test`` is test_list.txt."""
 FINDINGS = tuple(L.HARMONISATION["nih_cxr14"])
-MAX_AGE = 120  # ages above this are data-entry errors in the 2017 file (up to 414)
 
 
 def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
@@ -45,11 +49,7 @@ def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
     if not match.all():
         i = int(np.flatnonzero(~match.to_numpy())[0])
         raise DataError(f"{source}: row {ids.iloc[i]!r}, column 'Patient Age': unparseable age {text.iloc[i]!r}")
-    age = text.str.rstrip("Y").astype(float)
-    implausible = age > MAX_AGE
-    if implausible.any():
-        log.info("%s: %d implausible ages (> %d) set to NaN", source, implausible.sum(), MAX_AGE)
-    return age.where(~implausible)
+    return drop_implausible_ages(text.str.rstrip("Y").astype(float), ids, source, "Patient Age")
 
 
 def _labels(findings: pd.Series, ids: pd.Series, source: Path) -> pd.DataFrame:
@@ -66,14 +66,60 @@ def _labels(findings: pd.Series, ids: pd.Series, source: Path) -> pd.DataFrame:
     return pd.DataFrame(out, index=findings.index)
 
 
-def _split_list(root: Path, name: str, required: bool) -> set[str]:
-    """Image names in an official split list; an absent list is an error only when a split was asked for."""
+def _split_list(root: Path, name: str, required: bool) -> dict[str, int]:
+    """Image names in an official split list, each with its line; an absent list is an error only when a split was
+    asked for."""
     path = root / name
     if not path.is_file():
         if not required:
-            return set()
+            return {}
         raise DataError(f"{path}: official split list not found (needed for split != 'all')")
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    names: dict[str, int] = {}
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            names.setdefault(line.strip(), i)
+    return names
+
+
+def _examples(names, k: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+
+
+def _official_splits(root: Path, ids: pd.Series, entry: Path, split: str) -> np.ndarray:
+    """``train`` / ``test`` / None per Data_Entry row from the two official lists, after checking them against
+    each other and against Data_Entry.
+
+    The release's lists and Data_Entry match exactly (every row in one list, every list entry a row), so anything
+    else is a wrong or edited file: an image in both lists is an error; a list entry that names no row is an error
+    when a split is loaded from the lists (the split would silently lose it) and a warning for ``split='all'``,
+    where the lists only fill the ``split`` column; rows in neither list, which no split holds, are logged."""
+    lists = {which: (root / name, _split_list(root, name, split != "all")) for which, name in
+             (("train", "train_val_list.txt"), ("test", "test_list.txt"))}
+    (train_path, train), (test_path, test) = lists["train"], lists["test"]
+    both = set(train) & set(test)
+    if both:
+        first = min(both, key=train.get)
+        raise DataError(f"{train_path} (line {train[first]}) and {test_path} (line {test[first]}) both list image "
+                        f"{first!r} ({len(both)} image(s) in both lists: {_examples(both)}); an image belongs to "
+                        f"one official split, or the study would test on an image it trains on")
+    known = set(ids)
+    for list_path, names in (lists["train"], lists["test"]):
+        unknown = [n for n in names if n not in known]
+        if not unknown:
+            continue
+        message = (f"{list_path}: {len(unknown)} of its {len(names)} entries name no row of {entry}, e.g. "
+                   f"{_examples(unknown)} (line {names[unknown[0]]}); the release's lists and label file match "
+                   f"exactly, so one of them is a wrong or edited file")
+        if split != "all":
+            raise DataError(message)
+        log.warning("%s", message)
+    listed = ids.isin(set(train) | set(test))
+    if split != "all" and not listed.all():
+        log.warning("%s: %d of its %d rows are in neither %s nor %s and are left out of every split, e.g. %s",
+                    entry, int((~listed).sum()), len(ids), train_path.name, test_path.name,
+                    _examples(ids[~listed]))
+    return np.where(ids.isin(set(train)), "train", np.where(ids.isin(set(test)), "test", None))
 
 
 def load(
@@ -121,9 +167,7 @@ def load(
     })
     df = pd.concat([df, _labels(raw["Finding Labels"], ids, path)], axis=1)
 
-    train = _split_list(root, "train_val_list.txt", split != "all")
-    test = _split_list(root, "test_list.txt", split != "all")
-    df["split"] = np.where(ids.isin(train), "train", np.where(ids.isin(test), "test", None))
+    df["split"] = _official_splits(root, ids, path, split)
     df = select_split(df, split, SPLITS, source)
 
     found = index_images([root / "images", *sorted(root.glob("images_*/images"))], (".png",))

@@ -227,6 +227,40 @@ def parse_numbers(values: pd.Series, ids: pd.Series, source: str | Path, column:
     return num.astype(float)
 
 
+MAX_AGE = 120
+"""Ages above this are data-entry errors (NIH's 2017 file has ages up to 414) and become NaN in every loader."""
+
+
+def _examples(ids: pd.Series, k: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in ids.iloc[:k])
+    return shown + (", ..." if len(ids) > k else "")
+
+
+def drop_implausible_ages(age: pd.Series, ids: pd.Series, source: str | Path, column: str) -> pd.Series:
+    """``age`` with the ages above :data:`MAX_AGE` set to NaN, logged with the file, column, count and example rows
+    (``ids``: the row ids, aligned with ``age``), so an age group never holds a 414-year-old."""
+    implausible = (age > MAX_AGE).to_numpy()
+    if implausible.any():
+        log.info("%s: %d implausible ages (> %d) set to NaN in column %r, e.g. row %s", source,
+                 int(implausible.sum()), MAX_AGE, column, _examples(ids[implausible]))
+    return age.where(~implausible)
+
+
+def parse_ages(values: pd.Series, ids: pd.Series, source: str | Path, column: str, *,
+               in_file_order: bool = True) -> pd.Series:
+    """Age cells as years under the policy every loader shares: blank → NaN; a non-number or a negative age is a
+    DataError naming the file, the row (its line too when ``values`` are in ``source``'s row order) and ``column``;
+    an age above :data:`MAX_AGE` → NaN, logged (:func:`drop_implausible_ages`). A negative age is no placeholder
+    any release uses, so it means a broken export, and it would silently fall out of every age group."""
+    age = parse_numbers(values, ids, source, column)
+    negative = (age < 0).to_numpy()
+    if negative.any():
+        i = int(np.flatnonzero(negative)[0])
+        where = f"line {line_of(source, i)}, row {ids.iloc[i]!r}" if in_file_order else f"row {ids.iloc[i]!r}"
+        raise DataError(f"{source}: {where}, column {column!r}: negative age {str(values.iloc[i]).strip()!r}")
+    return drop_implausible_ages(age, ids, source, column)
+
+
 def select_split(df: pd.DataFrame, split: str, splits: Sequence[str], source: str | Path) -> pd.DataFrame:
     """Rows of ``df`` whose ``split`` column equals ``split`` (one of ``splits``); ``all`` keeps every row."""
     if split not in splits:
