@@ -1,6 +1,7 @@
 """recipes/scale_study.py: bad input gives one clear line and exit code 2; --dry-run plans without training."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -66,3 +67,25 @@ def test_the_launch_prints_the_comparisons_that_hold_after_holm(tmp_path, capsys
     pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "none.csv", index=False)
     scale_study.print_supported_comparisons(tmp_path / "none.csv")
     assert capsys.readouterr().out == ""
+
+
+def test_a_run_that_fails_before_training_keeps_its_spec_and_is_counted_once(tmp_path, monkeypatch, capsys):
+    import scaling.study.runner
+    from scaling.models import WeightsUnavailable
+    from scaling.study.__main__ import main as study_cli
+    from study_launch import study_config
+
+    def unavailable(*args, **kwargs):
+        raise WeightsUnavailable("cannot load hub weights: offline mode")
+
+    monkeypatch.setattr(scaling.study.runner, "_build", unavailable)
+    store = tmp_path / "store"
+    assert scale_study.main(["--config", str(study_config(tmp_path, store, ood=False)), "--no-report"]) == 1
+    (run,) = (store / "runs").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["FAILED.json", "config.yaml", "settings.json", "spec.json"]
+    spec = json.loads((run / "spec.json").read_text())
+    assert (spec["run_id"], spec["backbone"], spec["pretrained"], spec["fraction"], spec["seed"]) == (
+        run.name, "resnetv2_tiny", "scratch", 1.0, 0)
+    capsys.readouterr()
+    assert study_cli(["summary", str(store)]) == 0
+    assert capsys.readouterr().out.startswith("0/1 runs complete (1 failed)\n  failed   ")

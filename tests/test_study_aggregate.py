@@ -13,6 +13,7 @@ from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_erro
 from scaling.study.__main__ import main
 from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
                                      summarise)
+from scaling.study.grid import config_hash as cfg_hash
 from scaling.study.store import RunStore
 
 ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (13 + 2 * 5 + 3) + (len(LABELS) + 1) * 3  # + OOD shift rows
@@ -116,6 +117,27 @@ def test_mixed_studies_refused(tmp_path_factory, tmp_path, capsys):
     assert set(s["config_hash"]) == {spec["config_hash"], "0123456789ab"}
 
 
+def test_a_run_with_only_its_failure_record_is_counted_once_as_its_cell(tmp_path_factory, tmp_path, capsys):
+    """A run that failed before writing spec.json (a store written by an older version) is matched to the cell of
+    study.yaml's grid that has its run id, not listed again as 'not started'."""
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    rid, d = run_dir_of(root, cfg, "bb_small", "upstream:big", 0.5, 1)
+    shutil.rmtree(d)
+    try:
+        raise RuntimeError("cannot load hub weights: offline mode")
+    except RuntimeError as e:
+        RunStore(root).mark_failed(rid, e)
+    assert sorted(p.name for p in d.iterdir()) == ["FAILED.json"]
+    status = run_status(root)
+    assert len(status) == 72 and (status["status"] == "not started").sum() == 0
+    row = status.set_index("run_id").loc[rid]
+    assert (row["status"], row["backbone"], row["pretrained"], row["fraction"], row["seed"]) == (
+        "failed", "bb_small", "upstream:big", 0.5, 1)
+    assert "offline mode" in row["reason"] and row["config_hash"] == cfg_hash(cfg)
+    assert main(["summary", str(root)]) == 0
+    assert "71/72 runs complete (71 complete, 1 failed)" in capsys.readouterr().out
+
+
 def test_cli_summary(store, capsys):
     root, _ = store
     assert main(["summary", str(root)]) == 0
@@ -149,9 +171,10 @@ def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_pat
         study.runs.set_index("run_id").loc[bad_metrics, "reason"]
     assert set(study.results["run_id"]) == set(status[status["status"] == "complete"].index) - {bad_metrics}
     assert main(["summary", str(root)]) == 0
-    # the run without a readable spec cannot be matched to its cell, which is listed as not started beside it
-    assert "69/73 runs complete (69 complete, 1 failed, 1 invalid, 1 partial, 1 not started)" in \
-        capsys.readouterr().out
+    # the run without a readable spec is placed in its cell by its run id (study.yaml's grid): counted once
+    assert "69/72 runs complete (69 complete, 1 failed, 1 invalid, 1 partial)" in capsys.readouterr().out
+    assert status.loc[bad_spec, ["backbone", "pretrained", "fraction", "seed"]].tolist() == ["bb_tiny", "scratch",
+                                                                                              1.0, 0]
 
     typo = tmp_path / "stor"
     for command in (["summary", str(typo)], ["report", str(typo)]):

@@ -62,18 +62,20 @@ def read_study_config(store_root: str | Path):
 
 
 def _expected_cells(store_root: Path) -> pd.DataFrame:
-    """The grid of ``study.yaml`` as rows of axes; empty when the store has no readable study.yaml."""
+    """The grid of ``study.yaml`` as rows of axes, with each cell's run id; empty when the store has no readable
+    study.yaml."""
     cfg = read_study_config(store_root)
     if cfg is None:
         return pd.DataFrame()
-    from scaling.study.grid import expand_grid
+    from scaling.study.grid import expand_grid, run_id
 
     meta = (read_yaml_file(Path(store_root) / "study.yaml") or {}).get("_meta") or {}
-    # Cells are matched on their axes, not on recomputed run ids: a config re-read from YAML can hash differently
-    # from the in-memory config the runner hashed (ints read back as floats).
+    # Runs with a spec.json are matched on their axes; the recomputed run id only places a run that has none (one
+    # that failed before writing it, in a store written by an older version).
     return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,
                           "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed),
-                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit}
+                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit,
+                          "run_id": run_id(cfg, s)}
                          for s in expand_grid(cfg)])
 
 
@@ -82,9 +84,12 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
 
     Status is ``complete``, ``failed`` (FAILED.json; reason = the error, file paths redacted), ``partial`` (started,
     no DONE: still running or interrupted), ``invalid`` (DONE but its metrics are unreadable) or ``not started``
-    (in the grid of study.yaml, no directory yet).
+    (in the grid of study.yaml, no directory yet). A run without a readable spec.json takes the axes of the cell of
+    study.yaml's grid whose run id it has, so it is counted once, as that cell.
     """
     store = RunStore(store_root)
+    grid = _expected_cells(store.root)
+    by_id = {r["run_id"]: r for r in grid.to_dict("records")} if len(grid) else {}
     rows = []
     for rid in store.run_ids():
         status = store.status(rid)
@@ -93,6 +98,7 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
             row.update(store.read_spec(rid))
         except (StoreError, ValueError) as e:
             status, row["reason"] = ("failed" if status == "failed" else "partial"), f"no readable spec.json ({e})"
+            row.update(by_id.get(rid, {}))
         row["run_id"] = rid
         if status == "failed":
             try:
@@ -107,12 +113,12 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
         row["status"] = status
         rows.append({**PLAIN, **row} if "backbone" in row else row)
     df = pd.DataFrame(rows)
-    grid = _expected_cells(store.root)
     if not grid.empty:
         cell = list(GRID_KEYS)
         seen = set(df[cell].itertuples(index=False, name=None)) if len(df) and set(cell) <= set(df.columns) else set()
         todo = [tuple(r) not in seen for r in grid[cell].itertuples(index=False, name=None)]
-        missing = grid[todo].assign(status="not started", reason="in the grid of study.yaml, no run directory yet")
+        missing = grid[todo].drop(columns="run_id").assign(status="not started",
+                                                           reason="in the grid of study.yaml, no run directory yet")
         df = pd.concat([df, missing], ignore_index=True) if len(df) else missing.reset_index(drop=True)
     for c in ("run_id", *AXES, "status", "reason"):
         if c not in df.columns:

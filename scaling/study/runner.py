@@ -429,6 +429,18 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     run_dir = store.run_dir(rid)
     labels = list(data.labels)
     probe = spec.protocol == PROBE
+    axes = {"run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg), "backbone": spec.backbone,
+            "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed, "protocol": spec.protocol,
+            "shots": spec.shots, "reinit": spec.reinit}
+
+    def start():
+        # Before anything that can fail (data, weights, model, tracker): a failed run is always its cell's, with its
+        # FAILED.json beside its spec.json; the axes that need the model are added once it is built.
+        store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
+        store.write_settings(rid, result_settings(rcfg))
+        store.log_event("train", rid)
+
+    on_main(start)
 
     # -- data: nested, seeded, patient-level fraction (or k-shot subset) of the training patients ----------------
     train_table = protocols.train_subset(data.train, spec)
@@ -441,21 +453,12 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     model = _build(rcfg, spec, source, len(labels))
     info = model_info(spec.backbone)
     axes = {
-        "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
-        "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
-        "protocol": spec.protocol, "shots": spec.shots, "reinit": spec.reinit,
-        "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
+        **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
         "pretrain_images": pretrain_images(cfg, spec.backbone, spec.pretrained),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""), **protocols.reinit_axes(model, spec),
     }
-
-    def start():
-        store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
-        store.write_settings(rid, result_settings(rcfg))
-        store.log_event("train", rid)
-
-    on_main(start)
+    on_main(lambda: store.update_spec(rid, axes))
 
     # -- train (or fit the probe) ---------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
