@@ -112,9 +112,25 @@ def test_mixed_studies_refused(tmp_path_factory, tmp_path, capsys):
     with pytest.raises(MixedStudyError, match="2 study configs.*allow_mixed"):
         load_results(root)
     assert main(["summary", str(root)]) == 2
-    assert "allow-mixed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # both configs with their run counts (the one of study.yaml marked), and both ways out
+    assert f"{spec['config_hash']} (handmade: 72 runs, 72 complete, the config in study.yaml)" in err
+    assert "0123456789ab (handmade: 1 run, 1 complete)" in err
+    assert "--config-hash HASH" in err and "--allow-mixed" in err
     s = summarise(load_results(root, allow_mixed=True))
     assert set(s["config_hash"]) == {spec["config_hash"], "0123456789ab"}
+
+    # one config chosen: its runs only, and the others named as left out
+    one = load_study(root, config_hash="0123456789ab")
+    assert list(one.runs["run_id"]) == [other] and set(one.results["run_id"]) == {other}
+    assert one.left_out.startswith(f"{spec['config_hash']} (handmade: 72 runs")
+    assert set(load_results(root, config_hash=spec["config_hash"])["run_id"]) == set(RunStore(root).run_ids()) - {
+        other}
+    assert main(["summary", str(root), "--config-hash", "0123456789ab"]) == 0
+    assert "1/1 runs complete" in capsys.readouterr().out
+    assert main(["summary", str(root), "--config-hash", "feedfacecafe"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run of config 'feedfacecafe'" in err and "0123456789ab (handmade: 1 run" in err
 
 
 def test_a_run_with_only_its_failure_record_is_counted_once_as_its_cell(tmp_path_factory, tmp_path, capsys):

@@ -42,7 +42,8 @@ KEYS = ("eval_set", "label", "attribute", "group", "metric")
 
 
 class MixedStudyError(StoreError):
-    """The store holds runs of more than one study config; refused unless ``allow_mixed=True``."""
+    """The store holds runs of more than one study config; refused unless one is chosen (``config_hash``) or
+    ``allow_mixed=True``."""
 
 
 def read_study_config(store_root: str | Path):
@@ -126,15 +127,54 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
     return df
 
 
-def _check_mixed(status: pd.DataFrame, allow_mixed: bool) -> None:
-    specs = status.dropna(subset=["config_hash"]) if "config_hash" in status else status.iloc[:0]
-    configs = specs.groupby(["study", "config_hash"], dropna=False).size()
-    if len(configs) > 1 and not allow_mixed:
-        listing = ", ".join(f"{s} (config {h}): {n} runs" for (s, h), n in configs.items())
+def recorded_config_hash(store_root: str | Path) -> str | None:
+    """The config hash that study.yaml records (that of the latest launch with work to do), or None."""
+    p = Path(store_root) / "study.yaml"
+    meta = ((read_yaml_file(p) or {}).get("_meta") or {}) if p.is_file() else {}
+    return meta.get("config_hash")
+
+
+def _configs(status: pd.DataFrame, store_root: Path) -> str:
+    """Each study config of a run-status table, for messages: its hash, study name and how many of its runs have a
+    directory and are complete; the one study.yaml records is marked."""
+    specs = status.dropna(subset=["config_hash"])
+    latest = recorded_config_hash(store_root)
+    out = []
+    for (h, name), g in specs.groupby(["config_hash", "study"], dropna=False, sort=True):
+        started = g[g["status"] != "not started"]
+        out.append(f"{h} ({name}: {len(started)} run{'' if len(started) == 1 else 's'}, "
+                   f"{int((g['status'] == 'complete').sum())} complete"
+                   + (", the config in study.yaml" if h == latest else "") + ")")
+    return "; ".join(out)
+
+
+def _check_mixed(status: pd.DataFrame, allow_mixed: bool, store_root: Path) -> None:
+    configs = status.dropna(subset=["config_hash"]).groupby(["study", "config_hash"], dropna=False).ngroups
+    if configs > 1 and not allow_mixed:
         raise MixedStudyError(
-            f"the store mixes runs of {len(configs)} study configs: {listing}. Their numbers are not comparable; "
-            f"pass allow_mixed=True (CLI: --allow-mixed) to aggregate them anyway, keeping study/config_hash columns"
+            f"{store_root} holds runs of {configs} study configs: {_configs(status, store_root)}. Their numbers "
+            f"are not comparable: pass config_hash=<hash> (CLI: --config-hash HASH) to read the runs of one of "
+            f"them, or allow_mixed=True (CLI: --allow-mixed) to aggregate them together, keeping study/config_hash "
+            f"columns"
         )
+
+
+def _select_config(status: pd.DataFrame, config_hash: str, store_root: Path) -> pd.DataFrame:
+    """The runs of one study config; a run whose config is unknown (no readable spec.json and no cell of study.yaml,
+    or a spec.json written before config hashes were recorded) is kept, so that nothing is hidden by the choice. A
+    hash that no run has, in a store that records hashes, is refused (a mistyped one)."""
+    if status["config_hash"].notna().any() and not (status["config_hash"] == config_hash).any():
+        raise StoreError(f"{store_root} holds no run of config {config_hash!r}; its configs: "
+                         f"{_configs(status, store_root) or 'none recorded'}")
+    keep = (status["config_hash"] == config_hash) | status["config_hash"].isna()
+    return status[keep].reset_index(drop=True)
+
+
+def check_store(store_root: str | Path) -> None:
+    """Refuse a path that is not a run store (a mistyped one) before anything reads or writes there."""
+    root = Path(store_root)
+    if not (root / "runs").is_dir() and not (root / "study.yaml").is_file():
+        raise StoreError(f"{root} is not a run store (it has neither runs/ nor study.yaml): check the path")
 
 
 @dataclass(frozen=True)
@@ -145,23 +185,29 @@ class StudyResults:
     """The tidy results table (see :func:`load_results`)."""
     runs: pd.DataFrame
     """:func:`run_status`, with runs whose metrics could not be read marked ``invalid``."""
+    left_out: str = ""
+    """The study configs of the store that a ``config_hash`` choice left out (hash, name, run counts), or ""."""
 
 
-def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyResults:
+def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash: str | None = None) -> StudyResults:
     """The tidy results table of every complete run in the store, and the status of every run.
 
     ``results`` columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute,
     group, metric, value, lo, hi, n) and ``seeds_expected``, the seeds of the run's cell in the study (failed and
     unfinished runs included; a ``grid.also`` cell may have fewer than the grid), which :func:`summarise` needs to
     flag incomplete cells; ``results.attrs["n_seeds_expected"]`` is the number of seeds of the whole study. Problems are also
-    logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study config, unless
-    ``allow_mixed``.
+    logged. ``config_hash`` reads the runs of that study config only (a store also holds the runs of every earlier
+    config a launch wrote there, e.g. another learning rate); without it a store holding runs of more than one
+    config raises :class:`MixedStudyError`, unless ``allow_mixed``.
     """
     store = RunStore(store_root)
-    if not (store.root / "runs").is_dir() and not (store.root / "study.yaml").is_file():
-        raise StoreError(f"{store.root} is not a run store (it has neither runs/ nor study.yaml): check the path")
-    status = run_status(store_root)
-    _check_mixed(status, allow_mixed)
+    check_store(store.root)
+    status, left_out = run_status(store_root), ""
+    if config_hash is not None:
+        every, status = status, _select_config(status, config_hash, store.root)
+        left_out = _configs(every[every["config_hash"] != config_hash], store.root)
+    else:
+        _check_mixed(status, allow_mixed, store.root)
     problems = status[~status["status"].isin(["complete", "not started"])]
     for r in problems.itertuples(index=False):
         log.warning("run %s is %s: %s", r.run_id, r.status, r.reason)
@@ -195,12 +241,13 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
     # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
     # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
     df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
-    return StudyResults(df, status)
+    return StudyResults(df, status, left_out)
 
 
-def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+def load_results(store_root: str | Path, *, allow_mixed: bool = False,
+                 config_hash: str | None = None) -> pd.DataFrame:
     """The tidy results table of every complete run in the store (:func:`load_study` without the run status)."""
-    return load_study(store_root, allow_mixed=allow_mixed).results
+    return load_study(store_root, allow_mixed=allow_mixed, config_hash=config_hash).results
 
 
 SEEDS_COLUMN = "seeds_expected"
