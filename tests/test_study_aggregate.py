@@ -8,7 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 from scipy import stats
-from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
+from study_store import (EVAL_SETS, LABELS, SEED_SHIFT, auroc_gap, copy_store, expected_error, run_dir_of,
+                         shared_store)
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
@@ -152,6 +153,36 @@ def test_a_run_with_only_its_failure_record_is_counted_once_as_its_cell(tmp_path
     assert "offline mode" in row["reason"] and row["config_hash"] == cfg_hash(cfg)
     assert main(["summary", str(root)]) == 0
     assert "71/72 runs complete (71 complete, 1 failed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "aucroc"], "no overall rows (attribute all) for metric 'aucroc' and label 'macro'. Metrics: "
+                             "auprc, aurc, auroc, auroc_drop,"),
+    (["--label", "Edmea"], "no overall rows (attribute all) for metric 'auroc' and label 'Edmea'. Labels with "
+                           "auroc: L1, L2, macro."),
+    (["--metric", "worst_group_auroc"], "worst_group_auroc is stored under --attribute sex."),
+    (["--attribute", "race"], "no rows of attribute 'race' in the complete runs; attributes: sex (--attribute)"),
+])
+def test_summary_of_nothing_is_an_error_listing_what_there_is(store, capsys, args, message):
+    root, _ = store
+    assert main(["summary", str(root), *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Empty DataFrame" not in captured.out
+
+
+def test_summary_of_subgroups(store, capsys):
+    root, _ = store
+    assert main(["summary", str(root), "--attribute", "sex", "--metric", "worst_group_auroc"]) == 0
+    out = capsys.readouterr().out
+    worst = [1 - expected_error("bb_large", "upstream:big", 1.0, seed) - auroc_gap("bb_large") / 2
+             for seed in SEED_SHIFT]
+    row = next(line for line in out.splitlines() if "upstream:big" in line and "bb_large" in line
+               and re.search(r"\s1\.00?\s", line))
+    assert f"{sum(worst) / 2:.3f} [" in row
+    assert main(["summary", str(root), "--attribute", "sex"]) == 0  # auroc per group: F and M rows per cell
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
+    assert sum(" F " in line for line in lines) == 36 and sum(" M " in line for line in lines) == 36
 
 
 def test_cli_summary(store, capsys):

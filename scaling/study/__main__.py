@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "summary":
             s.add_argument("--metric", default="auroc", help="metric to tabulate (default: auroc)")
             s.add_argument("--label", default="macro", help="label to tabulate (default: macro)")
+            s.add_argument("--attribute", default="all",
+                           help="subgroup attribute (e.g. sex): one row per cell and group, and the attribute's "
+                                "summaries such as worst_group_auroc (default: all = the overall rows)")
             s.add_argument("--csv", help="also write the seed summary (every metric) to this CSV")
         if name == "compare":
             s.add_argument("--label", default="macro", help="label to print, or 'all' (default: macro)")
@@ -131,6 +134,40 @@ def _compare(args, df: pd.DataFrame) -> int:
     return 0
 
 
+def _summary(args, df: pd.DataFrame) -> int:
+    """The seed summary of one metric, label and attribute; an empty selection is an error listing what there is."""
+    summary = summarise(df)
+    table = headline_table(summary, args.metric, args.label, args.attribute)
+    if table.empty:
+        print(f"error: {_no_rows(df, args.metric, args.label, args.attribute)}", file=sys.stderr)
+        return 2
+    print(table.to_string(index=False))
+    if args.csv:
+        summary.to_csv(args.csv, index=False)
+    return 0
+
+
+def _no_rows(df: pd.DataFrame, metric: str, label: str, attribute: str) -> str:
+    """Why a summary selection is empty: the metrics and labels there are for the attribute, and where the metric
+    is stored instead (a per-subgroup metric such as worst_group_auroc under its attribute)."""
+    rows = df[df["attribute"] == attribute]
+    attributes = sorted(a for a in df["attribute"].dropna().unique() if a != "all")
+    where = "overall rows (attribute all)" if attribute == "all" else f"rows of attribute {attribute!r}"
+    if rows.empty:
+        return (f"no {where} in the complete runs; attributes: {', '.join(attributes) or 'none'} "
+                f"(--attribute)")
+    metrics, labels = sorted(rows["metric"].unique()), sorted(rows["label"].unique())
+    text = f"no {where} for metric {metric!r} and label {label!r}."
+    if metric in metrics:
+        text += f" Labels with {metric}: {', '.join(sorted(rows.loc[rows['metric'] == metric, 'label'].unique()))}."
+    else:
+        elsewhere = sorted(df.loc[df["metric"] == metric, "attribute"].unique())
+        if elsewhere:
+            text += f" {metric} is stored under --attribute {', '.join(elsewhere)}."
+        text += f" Metrics: {', '.join(metrics)}."
+    return text + f" Labels: {', '.join(labels)}; attributes: {', '.join(attributes) or 'none'} (--attribute)."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -169,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args, df)
-        summary = summarise(df)
-        print(headline_table(summary, args.metric, args.label).to_string(index=False))
-        if args.csv:
-            summary.to_csv(args.csv, index=False)
-        return 0
+        return _summary(args, df)
     except (StoreError, ConfigError, UnreadableFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -314,10 +314,12 @@ def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def select(summary: pd.DataFrame, metric: str, eval_set: str | None = None, label: str = "macro",
-           attribute: str = "all", group: str = "all") -> pd.DataFrame:
-    """Rows of a summary (or tidy table) for one metric; ``eval_set=None`` keeps every evaluation set."""
-    m = (summary["metric"] == metric) & (summary["label"] == label) & (summary["attribute"] == attribute) & (
-        summary["group"] == group)
+           attribute: str = "all", group: str | None = "all") -> pd.DataFrame:
+    """Rows of a summary (or tidy table) for one metric; ``eval_set=None`` keeps every evaluation set and
+    ``group=None`` every group of the attribute."""
+    m = (summary["metric"] == metric) & (summary["label"] == label) & (summary["attribute"] == attribute)
+    if group is not None:
+        m &= summary["group"] == group
     if eval_set is not None:
         m &= summary["eval_set"] == eval_set
     return summary[m]
@@ -328,9 +330,13 @@ def full_fraction(df: pd.DataFrame) -> float:
     return float(df["fraction"].max())
 
 
-def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro") -> pd.DataFrame:
-    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings."""
-    s = select(summary, metric, label=label)
+def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro",
+                   attribute: str = "all") -> pd.DataFrame:
+    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings. With an
+    ``attribute`` (``sex``), one row per cell and subgroup: its groups' values and the per-attribute summaries
+    (``worst_group_auroc``, group ``all``). Empty when the summary has no such rows."""
+    subgroups = attribute != "all"
+    s = select(summary, metric, label=label, attribute=attribute, group=None if subgroups else "all")
     if s.empty:
         return pd.DataFrame()
     fmt = s.assign(cell=[
@@ -340,11 +346,12 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
     mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
     # A study with probe, k-shot or re-initialised cells shows those axes; a plain one keeps its four.
     varied = [c for c in PLAIN if c in s.columns and (s[c] != PLAIN[c]).any()]
-    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction", *varied],
+    by_group = ["group"] if subgroups else []
+    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction", *varied, *by_group],
                            columns="eval_set", values="cell", aggfunc="first")
     first = [c for c in ("test", "val") if c in wide.columns]
     order = first + sorted(c for c in wide.columns if c not in first)
     wide = wide[order].reset_index()
     wide.columns.name = None
     wide["n_params"] = wide["n_params"].round().astype("Int64")  # a count: 216640, not 216640.0
-    return wide.sort_values(["pretrained", "n_params", "fraction", *varied]).reset_index(drop=True)
+    return wide.sort_values(["pretrained", "n_params", "fraction", *varied, *by_group]).reset_index(drop=True)
