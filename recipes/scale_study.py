@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=DEMO, help="study YAML (default: the offline demo study)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs, which are done, and their cost; no training")
     ap.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 (anywhere on the line)")
+    args = ap.parse_intermixed_args(argv)  # overrides before and after an option are all overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

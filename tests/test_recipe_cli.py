@@ -142,6 +142,12 @@ def test_no_report_prints_no_report_path(relaunched, capsys):
     assert (store / "report.html").stat().st_mtime_ns == before
 
 
+def test_overrides_on_both_sides_of_an_option(relaunched, capsys):
+    store, config, _, _ = relaunched
+    assert scale_study.main(["train.lr=0.01", "--dry-run", "--config", str(config), "grid.seeds=[0, 1]"]) == 0
+    assert "2 runs, 1 complete, 1 with work to do" in capsys.readouterr().out  # lr 0.01, seed 0 is the stored run
+
+
 def test_a_report_that_cannot_be_built_after_training_is_exit_1_not_bad_input(relaunched, tmp_path, monkeypatch,
                                                                                capsys):
     import shutil
