@@ -28,6 +28,7 @@ import pandas as pd
 from scaling.config import ConfigError, load_config
 from scaling.data.table import DataError
 from scaling.engine.distributed import LaunchError
+from scaling.engine.launch import detect_launch
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
 from scaling.io import UnreadableFile
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
             if args.dry_run:
+                if detect_launch().rank != 0:  # under `accelerate launch` every rank runs this: plan once
+                    return 0
                 p = plan(cfg)
                 print(p.drop(columns=["run_id"]).to_string(index=False))
                 print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete, {int((p.todo != '').sum())} "

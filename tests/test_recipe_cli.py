@@ -190,3 +190,14 @@ def test_a_run_that_fails_before_training_keeps_its_spec_and_is_counted_once(tmp
     capsys.readouterr()
     assert study_cli(["summary", str(store)]) == 0
     assert capsys.readouterr().out.startswith("0/1 runs complete (1 failed)\n  failed   ")
+
+
+def test_a_dry_run_under_several_processes_prints_the_plan_once(relaunched, monkeypatch, capsys):
+    _, config, _, _ = relaunched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
+    assert "1 runs, 1 complete" in capsys.readouterr().out
