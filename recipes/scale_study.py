@@ -4,12 +4,16 @@
     accelerate launch recipes/scale_study.py --config recipes/configs/chexpert_bit.yaml data.root=/data/chexpert
     python recipes/scale_study.py --config ... --dry-run                      # the plan, no training
 
-Arguments after the options are dotted overrides (``train.lr=0.01 grid.seeds=[0,1,2]``). Re-running the same
-command skips the runs already complete in the store and finishes the rest; a grown config (more seeds, backbones,
-fractions, OOD sets) does only the new work; any number of launches may share one store (docs/run-store.md).
+Arguments that are not options are dotted overrides (``train.lr=0.01 'grid.seeds=[0,1,2]'``), before or after the
+options; quote one that holds brackets, braces or spaces, which the shell would otherwise expand or split.
+Re-running the same command skips the runs already complete in the store and finishes the rest; a grown config
+(more seeds, backbones, fractions, OOD sets) does only the new work; a changed setting that counts (another
+learning rate) trains new runs beside the old ones, and the report covers the runs of the launch's config; any
+number of launches may share one store (docs/run-store.md).
 
-Exit status: 0 done, 1 some runs failed (each has its FAILED.json; the others are complete), 2 bad input
-(config, data, a store that contradicts the config, a grid with no cell left), nothing trained.
+Exit status: 0 done, 1 some runs failed (each has its FAILED.json; the others are complete) or the report could not
+be rebuilt after training (the runs are stored; the message says how to rebuild it), 2 bad input (config, data, a
+store that contradicts the config, a grid with no cell left), nothing trained.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pandas as pd
 from scaling.config import ConfigError, load_config
 from scaling.data.table import DataError
 from scaling.engine.distributed import LaunchError
+from scaling.engine.launch import detect_launch
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
 from scaling.io import UnreadableFile
@@ -62,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=DEMO, help="study YAML (default: the offline demo study)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs, which are done, and their cost; no training")
     ap.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 (anywhere on the line)")
+    args = ap.parse_intermixed_args(argv)  # overrides before and after an option are all overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
             if args.dry_run:
+                if detect_launch().rank != 0:  # under `accelerate launch` every rank runs this: plan once
+                    return 0
                 p = plan(cfg)
                 print(p.drop(columns=["run_id"]).to_string(index=False))
                 print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete, {int((p.todo != '').sum())} "
@@ -80,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(table[cols].to_string(index=False))
                 if not args.no_report:
                     print_supported_comparisons(Path(cfg.output_dir) / "comparisons.csv")
-                print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}   "
-                      f"report: {Path(cfg.output_dir) / 'report.html'}")
+                print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}"
+                      + ("" if args.no_report else f"   report: {Path(cfg.output_dir) / 'report.html'}"))
     except USER_ERRORS as e:
         # Bad input: one clear line naming the file/field/row; the run store is left as it was.
         print(f"error: {e}", file=sys.stderr)

@@ -329,3 +329,23 @@ def test_settings_diff_names_nested_keys():
     new = result_settings(run_config(_cfg("train.lr=0.5", "data.labels=[Edema]"), SPEC))
     assert settings_diff(old, new) == ["data.labels: ['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', "
                                        "'Pleural Effusion'] != ['Edema']", "train.lr: 0.003 != 0.5"]
+
+
+def test_the_docs_quote_real_demo_run_ids_and_every_later_default():
+    """The run-id examples of the docs are ids the demo study really has (an example with a source the demo lacks
+    sends a reader looking for a run that cannot exist), and run-store.md names every setting of LATER_DEFAULTS."""
+    import re
+    from pathlib import Path
+
+    from scaling.study.grid import LATER_DEFAULTS
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    demo = load_config(docs.parent / "recipes" / "configs" / "demo.yaml")
+    ids = {run_id(demo, s) for s in expand_grid(demo)}
+    quoted = {m for page in ("configs.md", "run-store.md")
+              for m in re.findall(r"`([a-z0-9.-]+__[a-z0-9.-]+__[fk][0-9.]+__s\d+__[0-9a-f]{8})`",
+                                  (docs / page).read_text())}
+    assert len(quoted) >= 1 and quoted <= ids, quoted - ids
+    text = " ".join((docs / "run-store.md").read_text().split())
+    listed = re.search(r"Settings added after run ids were first written \(([^;]*);", text).group(1)
+    assert sorted(re.findall(r"`([a-z_.]+)`", listed)) == sorted(LATER_DEFAULTS)

@@ -1,11 +1,15 @@
 """recipes/scale_study.py: bad input gives one clear line and exit code 2; --dry-run plans without training."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+
+from scaling.study.store import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("scale_study", REPO / "recipes" / "scale_study.py")
@@ -66,3 +70,134 @@ def test_the_launch_prints_the_comparisons_that_hold_after_holm(tmp_path, capsys
     pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "none.csv", index=False)
     scale_study.print_supported_comparisons(tmp_path / "none.csv")
     assert capsys.readouterr().out == ""
+
+
+@pytest.fixture(scope="module")
+def relaunched(tmp_path_factory):
+    """A tiny study launched twice on one store, the second time with another learning rate (a setting that
+    counts): two run ids, two study configs in one store."""
+    from study_launch import study_config
+
+    tmp = tmp_path_factory.mktemp("relaunch")
+    store = tmp / "store"
+    config = study_config(tmp, store, ood=False)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "cka": {"enabled": False}}))
+    first = scale_study.main(["--config", str(config)])
+    outputs = {f: (store / f).read_text() for f in ("results.csv", "report.html")}
+    second = scale_study.main(["--config", str(config), "train.lr=0.01"])
+    return store, config, (first, second), outputs
+
+
+def _hashes(store: Path) -> dict[str, str]:
+    """Run id -> config hash of every run of a store."""
+    return {d.name: json.loads((d / "spec.json").read_text())["config_hash"] for d in (store / "runs").iterdir()}
+
+
+def test_a_relaunch_with_a_changed_setting_reports_the_runs_of_its_own_config(relaunched, capsys):
+    store, _, codes, first = relaunched
+    assert codes == (0, 0)
+    hashes = _hashes(store)
+    latest = yaml.safe_load((store / "study.yaml").read_text())["_meta"]["config_hash"]
+    (new,) = [r for r, h in hashes.items() if h == latest]
+    (old,) = [r for r, h in hashes.items() if h != latest]
+    results = pd.read_csv(store / "results.csv")
+    assert list(results["run_id"]) == [new] and list(results["status"]) == ["complete"]
+    report = (store / "report.html").read_text()
+    assert report != first["report.html"] and "1 of 1 runs complete" in report
+    assert f"The runs of study config {latest}. The store also holds runs of other configs, left out here: " \
+           f"{hashes[old]} (tiny: 1 run, 1 complete)." in report
+    assert (store / "comparisons.csv").is_file()
+
+    from scaling.study.__main__ import main as study_cli
+
+    capsys.readouterr()
+    assert study_cli(["summary", str(store)]) == 2  # which of the two? the message lists them and both ways out
+    err = capsys.readouterr().err
+    assert f"{latest} (tiny: 1 run, 1 complete, the config in study.yaml)" in err and hashes[old] in err
+    assert "--config-hash HASH" in err and "--allow-mixed" in err
+    assert study_cli(["summary", str(store), "--config-hash", hashes[old]]) == 0
+    assert "1/1 runs complete (1 complete)" in capsys.readouterr().out
+
+    # `report` rebuilds what the launch wrote, with the same function: report, comparisons and results.csv
+    launched = {f: (store / f).read_text() for f in ("results.csv", "comparisons.csv")}
+    for f in launched:
+        (store / f).unlink()
+    assert study_cli(["report", str(store), "--config-hash", latest, "--n-boot", "5"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(store / f) for f in ("report.html", "comparisons.csv", "results.csv")]
+    assert {f: (store / f).read_text() for f in launched} == launched
+    # the old config's report says that study.yaml is not its config instead of showing it
+    assert study_cli(["report", str(store), "--config-hash", hashes[old], "--n-boot", "5"]) == 0
+    report = (store / "report.html").read_text()
+    assert f"The runs of study config {hashes[old]}." in report
+    assert f"study.yaml records config {latest}, not {hashes[old]}" in report
+
+
+def test_no_report_prints_no_report_path(relaunched, capsys):
+    store, config, _, _ = relaunched
+    before = (store / "report.html").stat().st_mtime_ns
+    assert scale_study.main(["--config", str(config), "train.lr=0.01", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert f"results: {store / 'results.csv'}" in out and "report:" not in out
+    assert (store / "report.html").stat().st_mtime_ns == before
+
+
+def test_overrides_on_both_sides_of_an_option(relaunched, capsys):
+    store, config, _, _ = relaunched
+    assert scale_study.main(["train.lr=0.01", "--dry-run", "--config", str(config), "grid.seeds=[0, 1]"]) == 0
+    assert "2 runs, 1 complete, 1 with work to do" in capsys.readouterr().out  # lr 0.01, seed 0 is the stored run
+
+
+def test_a_report_that_cannot_be_built_after_training_is_exit_1_not_bad_input(relaunched, tmp_path, monkeypatch,
+                                                                               capsys):
+    import shutil
+
+    import scaling.study.report
+
+    def broken(*args, **kwargs):
+        raise StoreError("the report broke")
+
+    store, config, _, _ = relaunched
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    (copy / "report.html").unlink()  # a launch with nothing to train still rebuilds a missing report
+    monkeypatch.setattr(scaling.study.report, "build_report", broken)
+    assert scale_study.main(["--config", str(config), "train.lr=0.01", f"output_dir={copy}"]) == 1
+    err = capsys.readouterr().err
+    assert "the runs are stored, but the study's outputs (results.csv, report.html, comparisons.csv) could not all " \
+           "be written (StoreError: the report broke)" in err
+    assert f"python -m scaling.study report {copy} --config-hash " in err
+    assert (copy / "results.csv").read_text() == (store / "results.csv").read_text()
+
+
+def test_a_run_that_fails_before_training_keeps_its_spec_and_is_counted_once(tmp_path, monkeypatch, capsys):
+    import scaling.study.runner
+    from scaling.models import WeightsUnavailable
+    from scaling.study.__main__ import main as study_cli
+    from study_launch import study_config
+
+    def unavailable(*args, **kwargs):
+        raise WeightsUnavailable("cannot load hub weights: offline mode")
+
+    monkeypatch.setattr(scaling.study.runner, "_build", unavailable)
+    store = tmp_path / "store"
+    assert scale_study.main(["--config", str(study_config(tmp_path, store, ood=False)), "--no-report"]) == 1
+    (run,) = (store / "runs").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["FAILED.json", "config.yaml", "settings.json", "spec.json"]
+    spec = json.loads((run / "spec.json").read_text())
+    assert (spec["run_id"], spec["backbone"], spec["pretrained"], spec["fraction"], spec["seed"]) == (
+        run.name, "resnetv2_tiny", "scratch", 1.0, 0)
+    capsys.readouterr()
+    assert study_cli(["summary", str(store)]) == 0
+    assert capsys.readouterr().out.startswith("0/1 runs complete (1 failed)\n  failed   ")
+
+
+def test_a_dry_run_under_several_processes_prints_the_plan_once(relaunched, monkeypatch, capsys):
+    _, config, _, _ = relaunched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
+    assert "1 runs, 1 complete" in capsys.readouterr().out

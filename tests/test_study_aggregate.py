@@ -8,11 +8,13 @@ import shutil
 import pandas as pd
 import pytest
 from scipy import stats
-from study_store import EVAL_SETS, LABELS, SEED_SHIFT, copy_store, expected_error, run_dir_of, shared_store
+from study_store import (EVAL_SETS, LABELS, SEED_SHIFT, auroc_gap, copy_store, expected_error, run_dir_of,
+                         shared_store)
 
 from scaling.study.__main__ import main
 from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
                                      summarise)
+from scaling.study.grid import config_hash as cfg_hash
 from scaling.study.store import RunStore
 
 ROWS_PER_RUN = len(EVAL_SETS) * (len(LABELS) + 1) * (13 + 2 * 5 + 3) + (len(LABELS) + 1) * 3  # + OOD shift rows
@@ -111,9 +113,76 @@ def test_mixed_studies_refused(tmp_path_factory, tmp_path, capsys):
     with pytest.raises(MixedStudyError, match="2 study configs.*allow_mixed"):
         load_results(root)
     assert main(["summary", str(root)]) == 2
-    assert "allow-mixed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # both configs with their run counts (the one of study.yaml marked), and both ways out
+    assert f"{spec['config_hash']} (handmade: 72 runs, 72 complete, the config in study.yaml)" in err
+    assert "0123456789ab (handmade: 1 run, 1 complete)" in err
+    assert "--config-hash HASH" in err and "--allow-mixed" in err
     s = summarise(load_results(root, allow_mixed=True))
     assert set(s["config_hash"]) == {spec["config_hash"], "0123456789ab"}
+
+    # one config chosen: its runs only, and the others named as left out
+    one = load_study(root, config_hash="0123456789ab")
+    assert list(one.runs["run_id"]) == [other] and set(one.results["run_id"]) == {other}
+    assert one.left_out.startswith(f"{spec['config_hash']} (handmade: 72 runs")
+    assert set(load_results(root, config_hash=spec["config_hash"])["run_id"]) == set(RunStore(root).run_ids()) - {
+        other}
+    assert main(["summary", str(root), "--config-hash", "0123456789ab"]) == 0
+    assert "1/1 runs complete" in capsys.readouterr().out
+    assert main(["summary", str(root), "--config-hash", "feedfacecafe"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run of config 'feedfacecafe'" in err and "0123456789ab (handmade: 1 run" in err
+
+
+def test_a_run_with_only_its_failure_record_is_counted_once_as_its_cell(tmp_path_factory, tmp_path, capsys):
+    """A run that failed before writing spec.json (a store written by an older version) is matched to the cell of
+    study.yaml's grid that has its run id, not listed again as 'not started'."""
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    rid, d = run_dir_of(root, cfg, "bb_small", "upstream:big", 0.5, 1)
+    shutil.rmtree(d)
+    try:
+        raise RuntimeError("cannot load hub weights: offline mode")
+    except RuntimeError as e:
+        RunStore(root).mark_failed(rid, e)
+    assert sorted(p.name for p in d.iterdir()) == ["FAILED.json"]
+    status = run_status(root)
+    assert len(status) == 72 and (status["status"] == "not started").sum() == 0
+    row = status.set_index("run_id").loc[rid]
+    assert (row["status"], row["backbone"], row["pretrained"], row["fraction"], row["seed"]) == (
+        "failed", "bb_small", "upstream:big", 0.5, 1)
+    assert "offline mode" in row["reason"] and row["config_hash"] == cfg_hash(cfg)
+    assert main(["summary", str(root)]) == 0
+    assert "71/72 runs complete (71 complete, 1 failed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "aucroc"], "no overall rows (attribute all) for metric 'aucroc' and label 'macro'. Metrics: "
+                             "auprc, aurc, auroc, auroc_drop,"),
+    (["--label", "Edmea"], "no overall rows (attribute all) for metric 'auroc' and label 'Edmea'. Labels with "
+                           "auroc: L1, L2, macro."),
+    (["--metric", "worst_group_auroc"], "worst_group_auroc is stored under --attribute sex."),
+    (["--attribute", "race"], "no rows of attribute 'race' in the complete runs; attributes: sex (--attribute)"),
+])
+def test_summary_of_nothing_is_an_error_listing_what_there_is(store, capsys, args, message):
+    root, _ = store
+    assert main(["summary", str(root), *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Empty DataFrame" not in captured.out
+
+
+def test_summary_of_subgroups(store, capsys):
+    root, _ = store
+    assert main(["summary", str(root), "--attribute", "sex", "--metric", "worst_group_auroc"]) == 0
+    out = capsys.readouterr().out
+    worst = [1 - expected_error("bb_large", "upstream:big", 1.0, seed) - auroc_gap("bb_large") / 2
+             for seed in SEED_SHIFT]
+    row = next(line for line in out.splitlines() if "upstream:big" in line and "bb_large" in line
+               and re.search(r"\s1\.00?\s", line))
+    assert f"{sum(worst) / 2:.3f} [" in row
+    assert main(["summary", str(root), "--attribute", "sex"]) == 0  # auroc per group: F and M rows per cell
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
+    assert sum(" F " in line for line in lines) == 36 and sum(" M " in line for line in lines) == 36
 
 
 def test_cli_summary(store, capsys):
@@ -149,9 +218,10 @@ def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_pat
         study.runs.set_index("run_id").loc[bad_metrics, "reason"]
     assert set(study.results["run_id"]) == set(status[status["status"] == "complete"].index) - {bad_metrics}
     assert main(["summary", str(root)]) == 0
-    # the run without a readable spec cannot be matched to its cell, which is listed as not started beside it
-    assert "69/73 runs complete (69 complete, 1 failed, 1 invalid, 1 partial, 1 not started)" in \
-        capsys.readouterr().out
+    # the run without a readable spec is placed in its cell by its run id (study.yaml's grid): counted once
+    assert "69/72 runs complete (69 complete, 1 failed, 1 invalid, 1 partial)" in capsys.readouterr().out
+    assert status.loc[bad_spec, ["backbone", "pretrained", "fraction", "seed"]].tolist() == ["bb_tiny", "scratch",
+                                                                                              1.0, 0]
 
     typo = tmp_path / "stor"
     for command in (["summary", str(typo)], ["report", str(typo)]):

@@ -3,8 +3,12 @@
     python -m scaling.study summary <store>        completion, problems and the AUROC table (mean [CI] over seeds)
     python -m scaling.study fits <store>           fitted scaling-law exponents
     python -m scaling.study compare <store>        paired tests: bigger backbone, more pretraining (test and OOD)
-    python -m scaling.study report <store> [-o F]  write the self-contained HTML report (default <store>/report.html)
+    python -m scaling.study report <store> [-o F]  rebuild report.html, comparisons.csv and results.csv in the store
+                                                   (with -o: only the HTML report, written to F)
     python -m scaling.study wandb-report <store>   create the study's W&B Report (online; after `wandb sync`)
+
+A store that holds runs of several study configs (a launch with another learning rate on the same output_dir) is
+refused with the list of its config hashes: choose one with --config-hash HASH, or --allow-mixed for all together.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ def _parser() -> argparse.ArgumentParser:
                         ("wandb-report", "create the W&B Report of the study (needs online W&B)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("store", help="the study's output_dir (run store)")
-        if name != "wandb-report":
-            s.add_argument("--allow-mixed", action="store_true", help="aggregate runs of different study configs")
+        mixed = s.add_mutually_exclusive_group()
+        mixed.add_argument("--config-hash", metavar="HASH",
+                           help="the runs of this study config only (a store may hold runs of several)")
+        mixed.add_argument("--allow-mixed", action="store_true", help="aggregate runs of different study configs")
         if name == "summary":
             s.add_argument("--metric", default="auroc", help="metric to tabulate (default: auroc)")
             s.add_argument("--label", default="macro", help="label to tabulate (default: macro)")
+            s.add_argument("--attribute", default="all",
+                           help="subgroup attribute (e.g. sex): one row per cell and group, and the attribute's "
+                                "summaries such as worst_group_auroc (default: all = the overall rows)")
             s.add_argument("--csv", help="also write the seed summary (every metric) to this CSV")
         if name == "compare":
             s.add_argument("--label", default="macro", help="label to print, or 'all' (default: macro)")
@@ -52,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="threads for the per-run replicates and the comparisons (default: every usable "
                                 "core); the numbers do not depend on it")
         if name == "report":
-            s.add_argument("-o", "--out", help="output HTML path (default: <store>/report.html)")
+            s.add_argument("-o", "--out", help="write only the HTML report, to this path, and nothing into the store "
+                                               "(default: report.html, comparisons.csv and results.csv in the store)")
         if name == "wandb-report":
             s.add_argument("--project", help="W&B project (default: tracking.project of the study)")
             s.add_argument("--entity", help="W&B entity (default: tracking.entity of the study, else yours)")
@@ -91,7 +101,7 @@ def _wandb_report(args) -> int:
     tracking = dataclasses.replace(tracking, wandb="online", project=args.project or tracking.project,
                                    entity=args.entity or tracking.entity)
     check_available(tracking)
-    print(save_wandb_report(args.store, tracking))
+    print(save_wandb_report(args.store, tracking, config_hash=args.config_hash, allow_mixed=args.allow_mixed))
     return 0
 
 
@@ -124,6 +134,40 @@ def _compare(args, df: pd.DataFrame) -> int:
     return 0
 
 
+def _summary(args, df: pd.DataFrame) -> int:
+    """The seed summary of one metric, label and attribute; an empty selection is an error listing what there is."""
+    summary = summarise(df)
+    table = headline_table(summary, args.metric, args.label, args.attribute)
+    if table.empty:
+        print(f"error: {_no_rows(df, args.metric, args.label, args.attribute)}", file=sys.stderr)
+        return 2
+    print(table.to_string(index=False))
+    if args.csv:
+        summary.to_csv(args.csv, index=False)
+    return 0
+
+
+def _no_rows(df: pd.DataFrame, metric: str, label: str, attribute: str) -> str:
+    """Why a summary selection is empty: the metrics and labels there are for the attribute, and where the metric
+    is stored instead (a per-subgroup metric such as worst_group_auroc under its attribute)."""
+    rows = df[df["attribute"] == attribute]
+    attributes = sorted(a for a in df["attribute"].dropna().unique() if a != "all")
+    where = "overall rows (attribute all)" if attribute == "all" else f"rows of attribute {attribute!r}"
+    if rows.empty:
+        return (f"no {where} in the complete runs; attributes: {', '.join(attributes) or 'none'} "
+                f"(--attribute)")
+    metrics, labels = sorted(rows["metric"].unique()), sorted(rows["label"].unique())
+    text = f"no {where} for metric {metric!r} and label {label!r}."
+    if metric in metrics:
+        text += f" Labels with {metric}: {', '.join(sorted(rows.loc[rows['metric'] == metric, 'label'].unique()))}."
+    else:
+        elsewhere = sorted(df.loc[df["metric"] == metric, "attribute"].unique())
+        if elsewhere:
+            text += f" {metric} is stored under --attribute {', '.join(elsewhere)}."
+        text += f" Metrics: {', '.join(metrics)}."
+    return text + f" Labels: {', '.join(labels)}; attributes: {', '.join(attributes) or 'none'} (--attribute)."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -131,18 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 50)
     pd.set_option("display.max_rows", 500)
+    chosen = dict(allow_mixed=args.allow_mixed, config_hash=args.config_hash)
     try:
         if args.command == "report":
             from scaling.study.report import write_report
+            from scaling.study.runner import rebuild_outputs
 
             logging.getLogger("scaling.study.report").setLevel(logging.INFO)  # progress: a large study takes a while
 
-            print(write_report(args.store, args.out, allow_mixed=args.allow_mixed, n_boot_fit=args.n_boot,
-                               workers=args.workers))
+            if args.out:  # elsewhere: nothing is written into the store (which may be read-only)
+                print(write_report(args.store, args.out, n_boot_fit=args.n_boot, workers=args.workers, **chosen))
+            else:
+                for path in rebuild_outputs(args.store, n_boot_fit=args.n_boot, workers=args.workers, **chosen):
+                    print(path)
             return 0
         if args.command == "wandb-report":
             return _wandb_report(args)
-        study = load_study(args.store, allow_mixed=args.allow_mixed)
+        study = load_study(args.store, **chosen)
         df = study.results
         _print_status(study.runs)
         if df.empty:
@@ -157,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args, df)
-        summary = summarise(df)
-        print(headline_table(summary, args.metric, args.label).to_string(index=False))
-        if args.csv:
-            summary.to_csv(args.csv, index=False)
-        return 0
+        return _summary(args, df)
     except (StoreError, ConfigError, UnreadableFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

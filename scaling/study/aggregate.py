@@ -42,7 +42,8 @@ KEYS = ("eval_set", "label", "attribute", "group", "metric")
 
 
 class MixedStudyError(StoreError):
-    """The store holds runs of more than one study config; refused unless ``allow_mixed=True``."""
+    """The store holds runs of more than one study config; refused unless one is chosen (``config_hash``) or
+    ``allow_mixed=True``."""
 
 
 def read_study_config(store_root: str | Path):
@@ -62,18 +63,20 @@ def read_study_config(store_root: str | Path):
 
 
 def _expected_cells(store_root: Path) -> pd.DataFrame:
-    """The grid of ``study.yaml`` as rows of axes; empty when the store has no readable study.yaml."""
+    """The grid of ``study.yaml`` as rows of axes, with each cell's run id; empty when the store has no readable
+    study.yaml."""
     cfg = read_study_config(store_root)
     if cfg is None:
         return pd.DataFrame()
-    from scaling.study.grid import expand_grid
+    from scaling.study.grid import expand_grid, run_id
 
     meta = (read_yaml_file(Path(store_root) / "study.yaml") or {}).get("_meta") or {}
-    # Cells are matched on their axes, not on recomputed run ids: a config re-read from YAML can hash differently
-    # from the in-memory config the runner hashed (ints read back as floats).
+    # Runs with a spec.json are matched on their axes; the recomputed run id only places a run that has none (one
+    # that failed before writing it, in a store written by an older version).
     return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,
                           "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed),
-                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit}
+                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit,
+                          "run_id": run_id(cfg, s)}
                          for s in expand_grid(cfg)])
 
 
@@ -82,9 +85,12 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
 
     Status is ``complete``, ``failed`` (FAILED.json; reason = the error, file paths redacted), ``partial`` (started,
     no DONE: still running or interrupted), ``invalid`` (DONE but its metrics are unreadable) or ``not started``
-    (in the grid of study.yaml, no directory yet).
+    (in the grid of study.yaml, no directory yet). A run without a readable spec.json takes the axes of the cell of
+    study.yaml's grid whose run id it has, so it is counted once, as that cell.
     """
     store = RunStore(store_root)
+    grid = _expected_cells(store.root)
+    by_id = {r["run_id"]: r for r in grid.to_dict("records")} if len(grid) else {}
     rows = []
     for rid in store.run_ids():
         status = store.status(rid)
@@ -93,6 +99,7 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
             row.update(store.read_spec(rid))
         except (StoreError, ValueError) as e:
             status, row["reason"] = ("failed" if status == "failed" else "partial"), f"no readable spec.json ({e})"
+            row.update(by_id.get(rid, {}))
         row["run_id"] = rid
         if status == "failed":
             try:
@@ -107,12 +114,12 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
         row["status"] = status
         rows.append({**PLAIN, **row} if "backbone" in row else row)
     df = pd.DataFrame(rows)
-    grid = _expected_cells(store.root)
     if not grid.empty:
         cell = list(GRID_KEYS)
         seen = set(df[cell].itertuples(index=False, name=None)) if len(df) and set(cell) <= set(df.columns) else set()
         todo = [tuple(r) not in seen for r in grid[cell].itertuples(index=False, name=None)]
-        missing = grid[todo].assign(status="not started", reason="in the grid of study.yaml, no run directory yet")
+        missing = grid[todo].drop(columns="run_id").assign(status="not started",
+                                                           reason="in the grid of study.yaml, no run directory yet")
         df = pd.concat([df, missing], ignore_index=True) if len(df) else missing.reset_index(drop=True)
     for c in ("run_id", *AXES, "status", "reason"):
         if c not in df.columns:
@@ -120,15 +127,54 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
     return df
 
 
-def _check_mixed(status: pd.DataFrame, allow_mixed: bool) -> None:
-    specs = status.dropna(subset=["config_hash"]) if "config_hash" in status else status.iloc[:0]
-    configs = specs.groupby(["study", "config_hash"], dropna=False).size()
-    if len(configs) > 1 and not allow_mixed:
-        listing = ", ".join(f"{s} (config {h}): {n} runs" for (s, h), n in configs.items())
+def recorded_config_hash(store_root: str | Path) -> str | None:
+    """The config hash that study.yaml records (that of the latest launch with work to do), or None."""
+    p = Path(store_root) / "study.yaml"
+    meta = ((read_yaml_file(p) or {}).get("_meta") or {}) if p.is_file() else {}
+    return meta.get("config_hash")
+
+
+def _configs(status: pd.DataFrame, store_root: Path) -> str:
+    """Each study config of a run-status table, for messages: its hash, study name and how many of its runs have a
+    directory and are complete; the one study.yaml records is marked."""
+    specs = status.dropna(subset=["config_hash"])
+    latest = recorded_config_hash(store_root)
+    out = []
+    for (h, name), g in specs.groupby(["config_hash", "study"], dropna=False, sort=True):
+        started = g[g["status"] != "not started"]
+        out.append(f"{h} ({name}: {len(started)} run{'' if len(started) == 1 else 's'}, "
+                   f"{int((g['status'] == 'complete').sum())} complete"
+                   + (", the config in study.yaml" if h == latest else "") + ")")
+    return "; ".join(out)
+
+
+def _check_mixed(status: pd.DataFrame, allow_mixed: bool, store_root: Path) -> None:
+    configs = status.dropna(subset=["config_hash"]).groupby(["study", "config_hash"], dropna=False).ngroups
+    if configs > 1 and not allow_mixed:
         raise MixedStudyError(
-            f"the store mixes runs of {len(configs)} study configs: {listing}. Their numbers are not comparable; "
-            f"pass allow_mixed=True (CLI: --allow-mixed) to aggregate them anyway, keeping study/config_hash columns"
+            f"{store_root} holds runs of {configs} study configs: {_configs(status, store_root)}. Their numbers "
+            f"are not comparable: pass config_hash=<hash> (CLI: --config-hash HASH) to read the runs of one of "
+            f"them, or allow_mixed=True (CLI: --allow-mixed) to aggregate them together, keeping study/config_hash "
+            f"columns"
         )
+
+
+def _select_config(status: pd.DataFrame, config_hash: str, store_root: Path) -> pd.DataFrame:
+    """The runs of one study config; a run whose config is unknown (no readable spec.json and no cell of study.yaml,
+    or a spec.json written before config hashes were recorded) is kept, so that nothing is hidden by the choice. A
+    hash that no run has, in a store that records hashes, is refused (a mistyped one)."""
+    if status["config_hash"].notna().any() and not (status["config_hash"] == config_hash).any():
+        raise StoreError(f"{store_root} holds no run of config {config_hash!r}; its configs: "
+                         f"{_configs(status, store_root) or 'none recorded'}")
+    keep = (status["config_hash"] == config_hash) | status["config_hash"].isna()
+    return status[keep].reset_index(drop=True)
+
+
+def check_store(store_root: str | Path) -> None:
+    """Refuse a path that is not a run store (a mistyped one) before anything reads or writes there."""
+    root = Path(store_root)
+    if not (root / "runs").is_dir() and not (root / "study.yaml").is_file():
+        raise StoreError(f"{root} is not a run store (it has neither runs/ nor study.yaml): check the path")
 
 
 @dataclass(frozen=True)
@@ -139,23 +185,29 @@ class StudyResults:
     """The tidy results table (see :func:`load_results`)."""
     runs: pd.DataFrame
     """:func:`run_status`, with runs whose metrics could not be read marked ``invalid``."""
+    left_out: str = ""
+    """The study configs of the store that a ``config_hash`` choice left out (hash, name, run counts), or ""."""
 
 
-def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyResults:
+def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash: str | None = None) -> StudyResults:
     """The tidy results table of every complete run in the store, and the status of every run.
 
     ``results`` columns: ``run_id``, the study axes (:data:`AXES`) and the metric columns (eval_set, label, attribute,
     group, metric, value, lo, hi, n) and ``seeds_expected``, the seeds of the run's cell in the study (failed and
     unfinished runs included; a ``grid.also`` cell may have fewer than the grid), which :func:`summarise` needs to
     flag incomplete cells; ``results.attrs["n_seeds_expected"]`` is the number of seeds of the whole study. Problems are also
-    logged. Raises :class:`MixedStudyError` when the store holds runs of more than one study config, unless
-    ``allow_mixed``.
+    logged. ``config_hash`` reads the runs of that study config only (a store also holds the runs of every earlier
+    config a launch wrote there, e.g. another learning rate); without it a store holding runs of more than one
+    config raises :class:`MixedStudyError`, unless ``allow_mixed``.
     """
     store = RunStore(store_root)
-    if not (store.root / "runs").is_dir() and not (store.root / "study.yaml").is_file():
-        raise StoreError(f"{store.root} is not a run store (it has neither runs/ nor study.yaml): check the path")
-    status = run_status(store_root)
-    _check_mixed(status, allow_mixed)
+    check_store(store.root)
+    status, left_out = run_status(store_root), ""
+    if config_hash is not None:
+        every, status = status, _select_config(status, config_hash, store.root)
+        left_out = _configs(every[every["config_hash"] != config_hash], store.root)
+    else:
+        _check_mixed(status, allow_mixed, store.root)
     problems = status[~status["status"].isin(["complete", "not started"])]
     for r in problems.itertuples(index=False):
         log.warning("run %s is %s: %s", r.run_id, r.status, r.reason)
@@ -189,12 +241,13 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False) -> StudyRes
     # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
     # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
     df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
-    return StudyResults(df, status)
+    return StudyResults(df, status, left_out)
 
 
-def load_results(store_root: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+def load_results(store_root: str | Path, *, allow_mixed: bool = False,
+                 config_hash: str | None = None) -> pd.DataFrame:
     """The tidy results table of every complete run in the store (:func:`load_study` without the run status)."""
-    return load_study(store_root, allow_mixed=allow_mixed).results
+    return load_study(store_root, allow_mixed=allow_mixed, config_hash=config_hash).results
 
 
 SEEDS_COLUMN = "seeds_expected"
@@ -261,10 +314,12 @@ def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def select(summary: pd.DataFrame, metric: str, eval_set: str | None = None, label: str = "macro",
-           attribute: str = "all", group: str = "all") -> pd.DataFrame:
-    """Rows of a summary (or tidy table) for one metric; ``eval_set=None`` keeps every evaluation set."""
-    m = (summary["metric"] == metric) & (summary["label"] == label) & (summary["attribute"] == attribute) & (
-        summary["group"] == group)
+           attribute: str = "all", group: str | None = "all") -> pd.DataFrame:
+    """Rows of a summary (or tidy table) for one metric; ``eval_set=None`` keeps every evaluation set and
+    ``group=None`` every group of the attribute."""
+    m = (summary["metric"] == metric) & (summary["label"] == label) & (summary["attribute"] == attribute)
+    if group is not None:
+        m &= summary["group"] == group
     if eval_set is not None:
         m &= summary["eval_set"] == eval_set
     return summary[m]
@@ -275,9 +330,13 @@ def full_fraction(df: pd.DataFrame) -> float:
     return float(df["fraction"].max())
 
 
-def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro") -> pd.DataFrame:
-    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings."""
-    s = select(summary, metric, label=label)
+def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro",
+                   attribute: str = "all") -> pd.DataFrame:
+    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings. With an
+    ``attribute`` (``sex``), one row per cell and subgroup: its groups' values and the per-attribute summaries
+    (``worst_group_auroc``, group ``all``). Empty when the summary has no such rows."""
+    subgroups = attribute != "all"
+    s = select(summary, metric, label=label, attribute=attribute, group=None if subgroups else "all")
     if s.empty:
         return pd.DataFrame()
     fmt = s.assign(cell=[
@@ -287,11 +346,12 @@ def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "m
     mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
     # A study with probe, k-shot or re-initialised cells shows those axes; a plain one keeps its four.
     varied = [c for c in PLAIN if c in s.columns and (s[c] != PLAIN[c]).any()]
-    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction", *varied],
+    by_group = ["group"] if subgroups else []
+    wide = fmt.pivot_table(index=[*mixed, "pretrained", "backbone", "n_params", "fraction", *varied, *by_group],
                            columns="eval_set", values="cell", aggfunc="first")
     first = [c for c in ("test", "val") if c in wide.columns]
     order = first + sorted(c for c in wide.columns if c not in first)
     wide = wide[order].reset_index()
     wide.columns.name = None
     wide["n_params"] = wide["n_params"].round().astype("Int64")  # a count: 216640, not 216640.0
-    return wide.sort_values(["pretrained", "n_params", "fraction", *varied]).reset_index(drop=True)
+    return wide.sort_values(["pretrained", "n_params", "fraction", *varied, *by_group]).reset_index(drop=True)

@@ -196,23 +196,34 @@ class _Progress:
         self.last = now
 
 
-def build_report(store_root: str | Path, *, allow_mixed: bool = False, n_boot_fit: int = 200,
-                 n_boot_curve: int = 100, workers: int | None = None) -> StudyReport:
+def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_hash: str | None = None,
+                 n_boot_fit: int = 200, n_boot_curve: int = 100, workers: int | None = None) -> StudyReport:
     """Compute every table and figure of the report from the store (see module docstring); each long section is
-    logged (INFO, logger ``scaling.study.report``) as it ends. ``workers``: threads for the per-run patient
-    replicates and the paired comparisons (:mod:`scaling.study.threads`; None: every usable core); the report does
-    not depend on it."""
+    logged (INFO, logger ``scaling.study.report``) as it ends. ``config_hash`` reports the runs of that study
+    config only, ``allow_mixed`` every config together (:func:`scaling.study.aggregate.load_study`). ``workers``:
+    threads for the per-run patient replicates and the paired comparisons (:mod:`scaling.study.threads`; None:
+    every usable core); the report does not depend on it."""
     store_root = Path(store_root)
     done = _Progress()
-    study = load_study(store_root, allow_mixed=allow_mixed)
+    study = load_study(store_root, allow_mixed=allow_mixed, config_hash=config_hash)
     done(f"read {len(study.runs)} runs")
     df, runs = study.results, study.runs
     study_yaml = store_root / "study.yaml"
     cfg = read_yaml_file(study_yaml) if study_yaml.is_file() else {}
+    recorded = ((cfg or {}).get("_meta") or {}).get("config_hash")
+    notes = {}
+    if study.left_out:
+        notes["scope"] = (f"The runs of study config {config_hash}. The store also holds runs of other configs, "
+                          f"left out here: {study.left_out}.")
+    if config_hash is not None:
+        if recorded != config_hash:  # study.yaml is the config of another launch: showing it would mislead
+            cfg = {}
+            notes["config"] = (f"study.yaml records config {recorded}, not {config_hash}: each run's own config is "
+                               f"in runs/<run_id>/config.yaml")
     names = sorted(runs["study"].dropna().unique()) if len(runs) else []
     name = (cfg or {}).get("name") or (", ".join(names) if names else store_root.name)
     scrub = Scrubber()
-    rep = StudyReport(name=name, runs=runs,
+    rep = StudyReport(name=name, runs=runs, notes=notes,
                       config_yaml=yaml.safe_dump(scrub.value(cfg), sort_keys=False) if cfg else "")
     rep.tables["completion"] = _completion(runs)
     shown = ["run_id", "backbone", "pretrained", "fraction", "seed", "status", "reason"]
@@ -659,6 +670,7 @@ def render_html(rep: StudyReport) -> str:
         f"<p class='note'>Generated {now} from the run store. Intervals: 95% t-interval across seeds where a cell "
         "has several seeds, else the run's patient-level bootstrap interval. AUROC is macro-averaged over labels "
         "unless stated.</p>",
+        *([f"<p class='note'>{html.escape(rep.notes['scope'])}</p>"] if "scope" in rep.notes else []),
         "<h2 id='completion'>Grid and completion</h2>",
         f"<p>{done} of {total} runs complete ({html.escape(status_line)}).</p>",
         _table_html(t.get("completion"), "completion", "no runs in the store"),
@@ -730,13 +742,15 @@ def render_html(rep: StudyReport) -> str:
         ]
     parts += ["<h2 id='config'>Study config</h2>",
               f"<details><summary>study.yaml (paths redacted)</summary><pre>{html.escape(rep.config_yaml)}</pre>"
-              "</details>" if rep.config_yaml else "<p class='note'>no study.yaml in the store</p>",
+              "</details>" if rep.config_yaml else
+              f"<p class='note'>{html.escape(rep.notes.get('config', 'no study.yaml in the store'))}</p>",
               "</body></html>"]
     return "\n".join(parts)
 
 
 def write_report(store_root: str | Path, out_path: str | Path | None = None, *, report: StudyReport | None = None,
-                 allow_mixed: bool = False, n_boot_fit: int = 200, workers: int | None = None) -> Path:
+                 allow_mixed: bool = False, config_hash: str | None = None, n_boot_fit: int = 200,
+                 workers: int | None = None) -> Path:
     """Write the study's self-contained HTML report (default ``<store>/report.html``) and return its path.
 
     ``report`` is a :class:`StudyReport` already built (the runner builds it once and also hands it to
@@ -744,8 +758,8 @@ def write_report(store_root: str | Path, out_path: str | Path | None = None, *, 
     """
     store_root = Path(store_root)
     out = Path(out_path) if out_path is not None else store_root / "report.html"
-    rep = report if report is not None else build_report(store_root, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit,
-                                                         workers=workers)
+    rep = report if report is not None else build_report(store_root, allow_mixed=allow_mixed, config_hash=config_hash,
+                                                         n_boot_fit=n_boot_fit, workers=workers)
     atomic_write_text(out, render_html(rep))
     log.info("report written to %s", out)
     return out

@@ -455,6 +455,18 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     run_dir = store.run_dir(rid)
     labels = list(data.labels)
     probe = spec.protocol == PROBE
+    axes = {"run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg), "backbone": spec.backbone,
+            "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed, "protocol": spec.protocol,
+            "shots": spec.shots, "reinit": spec.reinit}
+
+    def start():
+        # Before anything that can fail (data, weights, model, tracker): a failed run is always its cell's, with its
+        # FAILED.json beside its spec.json; the axes that need the model are added once it is built.
+        store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
+        store.write_settings(rid, result_settings(rcfg))
+        store.log_event("train", rid)
+
+    on_main(start)
 
     # -- data: nested, seeded, patient-level fraction (or k-shot subset) of the training patients ----------------
     train_table = protocols.train_subset(data.train, spec)
@@ -467,21 +479,12 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     model = _build(rcfg, spec, source, len(labels))
     info = model_info(spec.backbone)
     axes = {
-        "run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg),
-        "backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed,
-        "protocol": spec.protocol, "shots": spec.shots, "reinit": spec.reinit,
-        "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
+        **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
         "pretrain_images": pretrain_images(cfg, spec.backbone, spec.pretrained),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""), **protocols.reinit_axes(model, spec),
     }
-
-    def start():
-        store.write_spec(rid, axes, yaml.safe_dump(to_dict(rcfg), sort_keys=False))
-        store.write_settings(rid, result_settings(rcfg))
-        store.log_event("train", rid)
-
-    on_main(start)
+    on_main(lambda: store.update_spec(rid, axes))
 
     # -- train (or fit the probe) ---------------------------------------------------------------------------------
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
@@ -788,12 +791,23 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _write_report_files(store: RunStore, rep) -> None:
+    """report.html and comparisons.csv (its pairwise tests, for pandas and the launch's summary) of a built report,
+    each written atomically; the caller holds the store's report lock."""
+    from scaling.study.report import write_report
+
+    write_report(store.root, report=rep)
+    comparisons = rep.tables.get("comparisons")
+    atomic_write_text(store.root / "comparisons.csv", "" if comparisons is None else comparisons.to_csv(index=False))
+
+
 def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True,
                   changed: bool = True) -> None:
     """Write results.csv and rebuild the report, comparisons.csv (its pairwise tests) and the study's W&B view when
     this launch ``changed`` the store, the results differ or the report is missing; under a lock, because launches
     beside this one write them too. A finished study whose outputs are current is not written to (a read-only store
-    stays readable)."""
+    stays readable). The report covers the runs of this launch's config (its ``config_hash``): a store may also
+    hold the runs of earlier configs (another learning rate), which are not comparable with them."""
     csv = table.to_csv(index=False)
     path = store.root / "results.csv"
     current = path.is_file() and path.read_text() == csv and (
@@ -803,15 +817,41 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
     with file_lock(store.lock_path("report")):
         atomic_write_text(path, csv)
         if report:
-            from scaling.study.report import build_report, write_report
+            from scaling.study.report import build_report
             from scaling.study.wandb_report import publish_study
 
-            rep = build_report(store.root)
-            write_report(store.root, report=rep)
-            comparisons = rep.tables.get("comparisons")  # the paired tests, for pandas and the launch's summary
-            atomic_write_text(store.root / "comparisons.csv",
-                              "" if comparisons is None else comparisons.to_csv(index=False))
-            publish_study(store.root, cfg.tracking, report=rep)
+            rep = build_report(store.root, config_hash=config_hash(cfg))
+            _write_report_files(store, rep)
+            publish_study(store.root, cfg.tracking, report=rep, config_hash=config_hash(cfg))
+
+
+def rebuild_outputs(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False,
+                    n_boot_fit: int = 200, workers: int | None = None) -> list[Path]:
+    """Rebuild in the store what a launch writes at its end (``python -m scaling.study report``): report.html and
+    comparisons.csv of the runs chosen (``config_hash``, ``allow_mixed``: :func:`scaling.study.aggregate.load_study`)
+    and results.csv, the table of the grid of study.yaml (left as it is, with a warning, when study.yaml cannot be
+    read or its grid no longer resolves here). Each file is written atomically under the report lock, after
+    everything is computed, so an error leaves the store as it was. Returns the paths written."""
+    from scaling.study.aggregate import check_store, read_study_config
+    from scaling.study.report import build_report
+
+    check_store(store_root)  # before the lock, which would create a mistyped store's directory
+    store = RunStore(store_root)
+    with file_lock(store.lock_path("report")):
+        cfg, table = read_study_config(store.root), None
+        try:
+            table = results_table(cfg, store) if cfg is not None else None
+        except (ConfigError, StoreError, ValueError) as e:
+            log.warning("results.csv is left as it is: the grid of study.yaml cannot be tabulated here (%s)", e)
+        if cfg is None:
+            log.warning("results.csv is left as it is: %s has no readable study.yaml", store.root)
+        rep = build_report(store.root, config_hash=config_hash, allow_mixed=allow_mixed, n_boot_fit=n_boot_fit,
+                           workers=workers)
+        _write_report_files(store, rep)
+        if table is not None:
+            atomic_write_text(store.root / "results.csv", table.to_csv(index=False))
+    return [store.root / f for f in ("report.html", "comparisons.csv", "results.csv")
+            if f != "results.csv" or table is not None]
 
 
 def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
@@ -857,8 +897,9 @@ def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
 def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     """Do for every run of the grid what the store lacks, then write results.csv (and the HTML report).
 
-    Raises :class:`StudyFailed` after the whole grid when some runs failed (each has its FAILED.json); under a
-    multi-rank launch the first failure stops the launch.
+    Raises :class:`StudyFailed` after the whole grid when some runs failed (each has its FAILED.json) or the outputs
+    could not be written (after training, so never as bad input); under a multi-rank launch the first failure of a
+    run stops the launch.
     """
     from scaling.engine.distributed import check_launch
     from scaling.study.wandb_report import check_available
@@ -891,9 +932,17 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
         on_main(lambda: record_study(cfg, store))
         failures = _work_through(cfg, store, cells, data)
     table = results_table(cfg, store)
+    problems = [f"{len(failures)} run(s) failed (see FAILED.json in each): "
+                + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failures)] if failures else []
     if is_main_process():
-        write_outputs(cfg, store, table, report=report, changed=bool(todo))
-    if failures:
-        raise StudyFailed(f"{len(failures)} run(s) failed (see FAILED.json in each): "
-                          + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failures))
+        try:
+            write_outputs(cfg, store, table, report=report, changed=bool(todo))
+        except Exception as e:  # the runs are in the store: a view that cannot be built is not bad input
+            log.exception("the study's outputs could not be written")
+            problems.append(f"the runs are stored, but the study's outputs (results.csv, report.html, comparisons.csv) "
+                            f"could not all be written ({type(e).__name__}: {e}); those not rewritten are as an "
+                            f"earlier launch left them. Rebuild them with: python -m scaling.study report "
+                            f"{store.root} --config-hash {config_hash(cfg)}")
+    if problems:
+        raise StudyFailed("; ".join(problems))
     return table

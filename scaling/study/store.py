@@ -123,6 +123,10 @@ class RunStore:
         atomic_write_text(d / "config.yaml", config_yaml)
         (d / "FAILED.json").unlink(missing_ok=True)
 
+    def update_spec(self, run_id: str, spec: dict) -> None:
+        """Rewrite the run's axes (spec.json) alone: those known once its model is built."""
+        atomic_write_json(self.run_dir(run_id) / "spec.json", spec)
+
     def write_predictions(self, run_id: str, eval_set: str, df: pd.DataFrame) -> None:
         """Write per-sample predictions of one evaluation set."""
         if df["sample_id"].duplicated().any():

@@ -153,13 +153,14 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
     return wr.Report(project=project, entity=entity, title=f"Scaling study: {study}", blocks=blocks)
 
 
-def study_report_args(store_root: str | Path) -> dict:
+def study_report_args(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False) -> dict:
     """Study name, pretraining sources, OOD sets, per test/OOD set the subgroup attributes, and whether the study
-    has analysis cells (probe, k-shot, re-initialised), found in a run store."""
+    has analysis cells (probe, k-shot, re-initialised), found in a run store (the runs of ``config_hash`` only, or
+    of every config with ``allow_mixed``: :func:`scaling.study.aggregate.load_study`)."""
     from scaling.study.aggregate import PLAIN, load_study
     from scaling.study.tables import ood_sets
 
-    study = load_study(store_root)
+    study = load_study(store_root, config_hash=config_hash, allow_mixed=allow_mixed)
     df, runs = study.results, study.runs
     names = sorted(runs["study"].dropna().unique())
     return {
@@ -172,12 +173,14 @@ def study_report_args(store_root: str | Path) -> dict:
     }
 
 
-def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) -> str | None:
+def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report,
+                  config_hash: str | None = None) -> str | None:
     """Mirror the study to W&B: a study-level run (job type ``report``) with the report's figures and tables, and,
     when online, the W&B Report. Returns the Report URL (None when not online; nothing at all when tracking is off).
 
     ``report`` is the :class:`scaling.study.report.StudyReport` the HTML report was rendered from. The study run's id
-    is kept in ``<store>/wandb-study/`` so publishing again continues the same W&B run.
+    is kept in ``<store>/wandb-study/`` so publishing again continues the same W&B run. ``config_hash``: the study
+    config the report covers (a store may also hold runs of earlier configs).
     """
     from scaling.tracking import Tracker, wandb_mode
 
@@ -185,7 +188,7 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) 
     if mode == "off":
         return None
     store_root = Path(store_root)
-    args = study_report_args(store_root)
+    args = study_report_args(store_root, config_hash=config_hash)
     run_dir = store_root / "wandb-study"
     tracker = Tracker.create(tracking_cfg, args["study"], f"{args['study']}-report", {"study": args["study"]},
                              run_dir, job_type="report")
@@ -207,13 +210,14 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report) 
         log.info("W&B Report not created (tracking mode %s): it needs online W&B; sync the runs with `wandb sync`, "
                  "then run `python -m scaling.study wandb-report <store>` online", mode)
         return None
-    return save_wandb_report(store_root, tracking_cfg)
+    return save_wandb_report(store_root, tracking_cfg, config_hash=config_hash)
 
 
-def save_wandb_report(store_root: str | Path, tracking_cfg: TrackingConfig) -> str:
+def save_wandb_report(store_root: str | Path, tracking_cfg: TrackingConfig, *, config_hash: str | None = None,
+                      allow_mixed: bool = False) -> str:
     """Build the study's W&B Report and save it to the server (needs an online W&B login); return its URL."""
     report = build_wandb_report(project=tracking_cfg.project, entity=tracking_cfg.entity or _default_entity(),
-                                **study_report_args(store_root))
+                                **study_report_args(store_root, config_hash=config_hash, allow_mixed=allow_mixed))
     report.save()
     log.info("W&B Report: %s", report.url)
     return report.url
