@@ -350,27 +350,27 @@ def test_offline_a_hugging_face_encoder_needs_its_weights_on_disk(tmp_path, monk
     (found by huggingface_hub's own cache lookup, a sharded checkpoint by its index)."""
     from huggingface_hub import constants
 
-    from scaling.models.weights import WeightSpec, WeightsUnavailable, check_offline
+    from scaling.models.hf import check_cached
+    from scaling.models.weights import WeightsUnavailable
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     local = tmp_path / "rad-dino"
     local.mkdir()
     (local / "config.json").write_text("{}")
     with pytest.raises(WeightsUnavailable, match=rf"directory {local} holds none of \['model.safetensors'"):
-        check_offline(WeightSpec("hf", str(local)))
+        check_cached(str(local))
     (local / "model.safetensors").write_bytes(b"")
-    check_offline(WeightSpec("hf", str(local)))
+    check_cached(str(local))
+    with pytest.raises(WeightsUnavailable, match=r"directory not found: /nonexistent/rad-dino"):
+        check_cached("/nonexistent/rad-dino")
     with pytest.raises(WeightsUnavailable, match=r"'org/enc'.*not in the Hugging Face cache"):
-        check_offline(WeightSpec("hf", "org/enc"))
+        check_cached("org/enc")
     snapshot = tmp_path / "hf" / "models--org--enc" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (tmp_path / "hf" / "models--org--enc" / "refs").mkdir()
     (tmp_path / "hf" / "models--org--enc" / "refs" / "main").write_text("abc123")
     (snapshot / "model.safetensors.index.json").write_text("{}")
-    check_offline(WeightSpec("hf", "org/enc"))
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    check_offline(WeightSpec("hf", "org/missing"))  # online: fetched when a run needs it, not checked
+    check_cached("org/enc")
 
 
 def test_model_kwargs_a_backbone_does_not_take_are_refused_by_the_dry_run(tmp_path):

@@ -198,21 +198,16 @@ def fetch(spec: WeightSpec) -> Path:
 
 
 def check_offline(spec: WeightSpec) -> None:
-    """Offline (``HF_HUB_OFFLINE`` / ``SCALING_OFFLINE``), find ``spec``'s file now, where a run on this node would
-    look for it (the weights directory, then the Hugging Face cache), and raise :class:`WeightsUnavailable` with
-    the instruction to provide it when it is in neither. Touches no network. Online it does nothing: a run
-    downloads what it needs, and a download cannot be checked without making it."""
-    if not _offline():
-        return
-    if spec.kind in ("hub", "url"):
+    """Offline (:func:`offline`), find a hub or URL source's file now, where a run on this node would look for it
+    (the weights directory, then the Hugging Face cache), and raise :class:`WeightsUnavailable` with the
+    instruction to provide it when it is in neither. Touches no network. Online it does nothing: a run downloads
+    what it needs, and a download cannot be checked without making it. (A Hugging Face encoder's own check is
+    :func:`scaling.models.hf.check_cached`.)"""
+    if offline() and spec.kind in ("hub", "url"):
         fetch(spec)  # offline, fetch reads the weights directory and the cache and raises before any network
-    elif spec.kind == "hf":
-        from scaling.models.hf import check_cached
-
-        check_cached(spec.location)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "SCALING_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)
 
@@ -272,7 +267,7 @@ def _fetch_hub(name: str) -> Path:
     for local_only in (True, False):
         if not local_only:
             reason = (
-                "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE) and not in the cache" if _offline()
+                "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE) and not in the cache" if offline()
                 else f"{constants.ENDPOINT} is unreachable" if not _reachable(constants.ENDPOINT) else ""
             )
             if reason:
@@ -290,7 +285,7 @@ def _fetch_url(url: str) -> Path:
     target = weights_dir() / filename
     if target.is_file():
         return target
-    if _offline():
+    if offline():
         raise WeightsUnavailable(_how_to_provide(url, filename, "offline mode (HF_HUB_OFFLINE/SCALING_OFFLINE)"))
     if not _reachable(url):
         raise WeightsUnavailable(_how_to_provide(url, filename, "the host is unreachable"))

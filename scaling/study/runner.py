@@ -245,16 +245,20 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
     machine without them is not refused. Hub, URL and Hugging Face sources are fetched when a run needs them, so
     online they are not checked here; offline (``HF_HUB_OFFLINE=1`` / ``SCALING_OFFLINE=1``, as the SLURM scripts
     set) each must already be in the weights directory or the Hugging Face cache, and one that is not is named now
-    (``check_offline``). ``upstream:`` sources are made by the study. Reads only."""
+    (``check_offline``, ``check_cached``). ``upstream:`` sources are made by the study. Reads only."""
+    from scaling.models.hf import check_cached
     from scaling.models.presets import resolve_backbone
-    from scaling.models.weights import WeightsUnavailable, check_offline, resolve_source
+    from scaling.models.weights import WeightsUnavailable, check_offline, offline, resolve_source
 
     needed = {(s.backbone, s.pretrained) for s in cells if not store.is_complete(run_id(cfg, s))}
     for backbone, source in sorted(needed):
         if source.strip().lower().startswith("upstream:"):
             continue
         try:
-            check_offline(resolve_source(resolve_backbone(backbone), source))
+            spec = resolve_source(resolve_backbone(backbone), source)
+            if spec.kind == "hf" and offline():
+                check_cached(spec.location)
+            check_offline(spec)
         except WeightsUnavailable as e:
             raise WeightsUnavailable(f"grid.pretrained {source!r} (backbone {backbone}): {e}") from None
         except ValueError as e:
