@@ -130,10 +130,10 @@ def test_a_full_disk_fails_runs_with_the_file_and_bytes_and_loses_nothing(refere
     assert "error: 2 run(s) failed" in proc.stderr
     for rid in ids:
         err = RunStore(store).read_failure(rid)["error"]
-        assert "cannot write image cache" in err and "/cache/gray-uint8/data-" in err, err
+        assert "cannot write image cache" in err and "/cache/32px/gray-uint8/data-" in err, err
         assert "bytes needed" in err and "File too large" in err, err
     # the half-written memmap was removed; the store built before it (train + val images, under 1 MB) still serves
-    kept = json.loads((store / "cache" / "gray-uint8" / "meta.json").read_text())
+    kept = json.loads((store / "cache" / "32px" / "gray-uint8" / "meta.json").read_text())
     assert [p.name for p in (store / "cache").rglob("data-*.bin")] == [kept["data_file"]]
 
     # 2. 1.9 MB per file: the cache fits, the fine-tuned weights (2 MB) do not; every run is tried and recorded
@@ -174,11 +174,12 @@ def test_the_image_cache_checks_free_space_before_its_memmap(tmp_path, monkeypat
     before = snapshot(tmp_path / "cache")
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3000))
-    with pytest.raises(WriteError, match=r"image cache .*/cache/gray-uint8/data-\w+\.bin needs 4,096 bytes, but its "
-                                         r"file system has only 3,000 free"):
+    with pytest.raises(WriteError, match=r"image cache .*/cache/32px/gray-uint8/data-\w+\.bin needs 4,096 bytes, "
+                                         r"but its file system has only 3,000 free"):
         cache.build(table)
     after = snapshot(tmp_path / "cache")
-    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
+        {k: v for k, v in before.items() if not k.endswith(".lock")}
     # the built store is intact and still serves its images
     assert ImageCache(tmp_path / "cache", 32).read(str(paths[1])).mean() == 60
 
