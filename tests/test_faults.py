@@ -257,6 +257,37 @@ def test_a_bad_image_mid_study_fails_only_the_runs_that_read_it(reference, tmp_p
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Damaged files of finished runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_lost_or_damaged_metrics_file_is_rescored_from_the_stored_predictions(reference, tmp_path):
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    lost, garbled, foreign, *_ = ids
+    (store / "runs" / lost / "metrics.parquet").unlink()
+    (store / "runs" / garbled / "metrics.parquet").write_bytes(b"this is not parquet\n" * 10)
+    pd.DataFrame({"x": [1.0]}).to_parquet(store / "runs" / foreign / "metrics.parquet")
+    predictions = {rid: snapshot(store / "runs" / rid / "predictions") for rid in ids}
+    # The study grows by a seed at the same time: the launch trains two runs, rescores three and writes its results.
+    config = study_config(tmp_path, store, fractions=GRID["fractions"], seeds=[0, 1, 2, 3])
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{lost}: metrics (metrics.parquet is missing)" in proc.stderr
+    assert f"{garbled}: metrics (metrics.parquet cannot be read (ArrowInvalid" in proc.stderr
+    assert f"{foreign}: metrics (metrics.parquet not a metrics table" in proc.stderr
+    assert count(store, "metrics") == {lost: 1, garbled: 1, foreign: 1}
+    assert set(count(store, "train")) == set(_ids(config)) - set(ids)  # nothing finished was trained again
+    assert_same_results(ref, store, ids)  # the metrics are back, bit for bit; the predictions were not rewritten
+    assert {rid: snapshot(store / "runs" / rid / "predictions") for rid in ids} == predictions
+    table = pd.read_csv(store / "results.csv")
+    assert len(table) == 8 and set(table["status"]) == {"complete"} and table["auroc_test"].notna().all()
+    before = snapshot(store / "runs")
+    assert launch(config).returncode == 0 and snapshot(store / "runs") == before  # repaired: nothing left to do
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # A read-only store, an empty grid
 # ----------------------------------------------------------------------------------------------------------------
 

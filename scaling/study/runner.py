@@ -35,7 +35,7 @@ import yaml
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import add_age_group
 from scaling.engine.ranks import broadcast, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import atomic_write_text, read_json, write_error
+from scaling.io import UnreadableFile, atomic_write_text, read_json, write_error
 from scaling.metrics.validation import MetricWarning
 from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
@@ -187,11 +187,13 @@ class Work:
     """The evaluation sets to predict (``evaluate``)."""
     cka: bool = False
     """Also (re)compute the run's CKA table after ``evaluate`` or ``metrics``."""
+    why: str = ""
+    """Why, where the kind alone does not say (``metrics`` for a run whose metrics.parquet is lost or damaged)."""
 
     def describe(self) -> str:
         """One word or phrase for logs and the plan."""
         what = f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
-        return what + (", cka" if self.cka and self.kind != "cka" else "")
+        return what + (f" ({self.why})" if self.why else "") + (", cka" if self.cka and self.kind != "cka" else "")
 
 
 def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
@@ -213,7 +215,8 @@ def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
 
 def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float | None = None) -> Work | None:
     """What the run of ``spec`` lacks, or None. A run that failed after ``since`` (in a launch running beside this
-    one) is left alone; one that failed before is retried."""
+    one) is left alone; one that failed before is retried. A finished run whose metrics.parquet is missing or
+    unreadable is rescored: metrics are a function of the stored predictions."""
     rid = run_id(cfg, spec)
     status = store.status(rid)
     if status == "failed" and since is not None:
@@ -232,6 +235,13 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
     if evaluation.get("metrics") != metric_settings(cfg) or \
             sorted(evaluation.get("scored", stored)) != sorted(wanted):
         return Work("metrics", cka=cka)
+    try:
+        store.read_metrics(rid)
+    except (StoreError, UnreadableFile) as e:
+        # Lost or damaged after the run finished (atomic writes never leave half a file): rescoring restores it.
+        path = store.run_dir(rid) / "metrics.parquet"
+        return Work("metrics", cka=cka, why=f"{path.name} {str(e).removeprefix(f'{path}: ')}" if path.is_file()
+                    else f"{path.name} is missing")
     return Work("cka") if cka else None
 
 
@@ -686,7 +696,9 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
-    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy."""
+    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
+    be read (one that a launch beside this one is rescoring, or that failed to rescore) is ``invalid``, without
+    numbers, as in the aggregation: the table of the other runs is still written."""
     from scaling.metrics.run_metrics import MULTICLASS_LABEL, MULTICLASS_METRICS
 
     rows = []
@@ -696,7 +708,12 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
         row = {"backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction,
                "seed": spec.seed, **_analysis_axes(cfg, spec), "status": store.status(rid)}
         if row["status"] == "complete":
-            m = store.read_metrics(rid)
+            try:
+                m = store.read_metrics(rid)
+            except (StoreError, UnreadableFile) as e:
+                log.warning("run %s is left out of the results table: %s", rid, e)
+                row["status"] = "invalid"
+        if row["status"] == "complete":
             macro = m[(m.label == "macro") & (m.attribute == "all") & (m.group == "all") & (m.metric == "auroc")]
             val = dict(zip(macro.eval_set, macro.value))
             row["auroc_test"] = val.get("test", math.nan)
