@@ -143,3 +143,14 @@ def read_parquet(path: str | Path, columns=None):
         return pd.read_parquet(path, columns=[c for c in columns if c in have])
 
     return _checked(path, read)
+
+
+def read_parquet_columns(path: str | Path) -> list[str]:
+    """The column names of a Parquet file, from its footer alone (no data is read); :class:`UnreadableFile` naming
+    it when it is not Parquet (a truncated file has no footer)."""
+    def read():
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+
+    return _checked(path, read)

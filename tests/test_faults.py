@@ -287,6 +287,33 @@ def test_a_lost_or_damaged_metrics_file_is_rescored_from_the_stored_predictions(
     assert launch(config).returncode == 0 and snapshot(store / "runs") == before  # repaired: nothing left to do
 
 
+def test_a_damaged_predictions_file_is_named_when_a_launch_rescores(reference, tmp_path):
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    config = study_config(tmp_path, store, **GRID)
+    truncated = RunStore(store).predictions_path(ids[0], "test")
+    good = truncated.read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    before = snapshot(store / "runs")
+    # New metric settings: the launch only rescores, with the attributes of the stored predictions.
+    proc = launch(config, "eval.n_boot=5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {truncated}: cannot be read (ArrowInvalid: "), \
+        proc.stderr[-3000:]
+    assert snapshot(store / "runs") == before  # refused before anything was rescored
+
+    # A file that reads but lacks a column fails its own run, naming the file; the others are rescored.
+    truncated.write_bytes(good)
+    lacking = RunStore(store).predictions_path(ids[1], "val")
+    pd.read_parquet(lacking).drop(columns="prob:Edema").to_parquet(lacking)
+    proc = launch(config, "eval.n_boot=5")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = RunStore(store).read_failure(ids[1])["error"]
+    assert err == f"ValueError: predictions['val'] ({lacking}) lacks column(s) ['prob:Edema']", err
+    assert count(store, "metrics") == {rid: 1 for rid in ids if rid != ids[1]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A read-only store, an empty grid
 # ----------------------------------------------------------------------------------------------------------------

@@ -402,7 +402,8 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
-                                           derived=list(cfg.data.derived_labels), paired=paired_with_test(cfg, preds))
+                                           derived=list(cfg.data.derived_labels), paired=paired_with_test(cfg, preds),
+                                           sources={n: store.predictions_path(rid, n) for n in preds})
     _summarise_warnings(rid, caught)
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
