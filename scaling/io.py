@@ -154,3 +154,15 @@ def read_parquet_columns(path: str | Path) -> list[str]:
         return list(pq.read_schema(path).names)
 
     return _checked(path, read)
+
+
+def read_safetensors(path: str | Path, *, tensors: bool = True) -> tuple[dict, dict[str, str]]:
+    """The tensors (``{}`` with ``tensors=False``: the header alone) and the string metadata of a safetensors file;
+    :class:`UnreadableFile` naming it when it is damaged (safetensors' own error names no file)."""
+    def read():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+
+    return _checked(path, read)

@@ -550,9 +550,9 @@ def _block_features(cfg: StudyConfig, trainer, dataset) -> dict | None:
 
 
 def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int):
-    """Rebuild a finished run's model from its stored weights (every tensor, the fine-tuned head included)."""
-    from safetensors.torch import load_file
-
+    """Rebuild a finished run's model from its stored weights (every tensor, the fine-tuned head included); a
+    damaged weights file is a CheckpointError naming it."""
+    from scaling.engine.checkpoint import read_final_weights
     from scaling.models import build_model
 
     path = store.model_path(rid)
@@ -563,7 +563,7 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     # head and zero-initialise a new one.
     model = build_model(dataclasses.replace(rcfg.model, pretrained="scratch"), num_outputs=n_outputs,
                         image_size=rcfg.data.image_size)
-    model.load_state_dict(load_file(path), strict=True)
+    model.load_state_dict(read_final_weights(path.parent), strict=True)
     return model
 
 
