@@ -314,6 +314,55 @@ def test_a_damaged_predictions_file_is_named_when_a_launch_rescores(reference, t
     assert count(store, "metrics") == {rid: 1 for rid in ids if rid != ids[1]}
 
 
+def test_damaged_weights_fail_a_new_evaluation_naming_the_file_and_the_run_is_not_reported_complete(
+        reference, tmp_path, capsys):
+    from scaling.study.__main__ import main as study_cli
+
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    config = study_config(tmp_path, store, **GRID)
+    weights = RunStore(store).model_path(ids[0])
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    # A second name for the OOD set: a new evaluation set, predicted from each run's stored weights.
+    grown = "data.ood=[{name: ood_site_b, root: 'synthetic:b', split: train}, {name: b_again, root: 'synthetic:b', " \
+            "split: train}]"
+    proc = launch(config, grown)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = RunStore(store).read_failure(ids[0])["error"]
+    assert err.startswith(f"CheckpointError: {weights}: cannot load the final weights (SafetensorError: "), err
+    assert f"{ids[0]}: {err}" in proc.stderr
+    assert count(store, "evaluate") == {rid: 1 for rid in ids[1:]}
+    # It finished once (nothing is trained again), but it does not hold what the config asks: failed, not complete.
+    assert RunStore(store).is_complete(ids[0]) and RunStore(store).status(ids[0]) == "failed"
+    assert [RunStore(store).status(rid) for rid in ids[1:]] == ["complete"] * 5
+    table = pd.read_csv(store / "results.csv").set_index("run_id")
+    assert table.loc[ids[0], "status"] == "failed" and pd.isna(table.loc[ids[0], "auroc_test"])
+    capsys.readouterr()
+    assert study_cli(["summary", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "5/6 runs complete (5 complete, 1 failed)" in out and f"failed   {ids[0]}: CheckpointError: " in out
+
+    # The set is dropped again: what the run stores answers the config; rescoring it confirms that (the others are
+    # rescored on the configured sets).
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{ids[0]}: metrics (its last evaluation failed)" in proc.stderr
+    assert count(store, "metrics") == {rid: 1 for rid in ids} and count(store, "train") == {}
+    assert RunStore(store).status(ids[0]) == "complete"
+    assert_same_results(ref, store, [ids[0]])
+
+    # The weights repaired, the set back: the run is predicted on it, as the others were.
+    weights.write_bytes(good)
+    proc = launch(config, grown)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "evaluate") == {rid: 1 for rid in ids} and count(store, "train") == {}
+    assert [RunStore(store).status(rid) for rid in ids] == ["complete"] * 6
+    pd.testing.assert_frame_equal(RunStore(store).read_predictions(ids[0], "b_again"),
+                                  RunStore(store).read_predictions(ids[0], "ood_site_b"), check_exact=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A read-only store, an empty grid
 # ----------------------------------------------------------------------------------------------------------------

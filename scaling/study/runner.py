@@ -215,15 +215,16 @@ def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
 
 def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float | None = None) -> Work | None:
     """What the run of ``spec`` lacks, or None. A run that failed after ``since`` (in a launch running beside this
-    one) is left alone; one that failed before is retried. A finished run whose metrics.parquet is missing or
-    unreadable is rescored: metrics are a function of the stored predictions."""
+    one) is left alone; one that failed before is retried: trained if it never finished, or if it finished and a
+    later evaluation of it failed, that evaluation again (nothing is trained). A finished run whose metrics.parquet
+    is missing or unreadable is rescored: metrics are a function of the stored predictions."""
     rid = run_id(cfg, spec)
     status = store.status(rid)
     if status == "failed" and since is not None:
         failed_at = (store.run_dir(rid) / "FAILED.json").stat().st_mtime
         if failed_at >= since:
             return None
-    if status != "complete":
+    if not store.is_complete(rid):
         return Work("train")
     cka = protocols.cka_pending(cfg, store, rid, spec)
     wanted, stored = eval_identities(cfg), store.eval_sets(rid)
@@ -242,7 +243,12 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
         path = store.run_dir(rid) / "metrics.parquet"
         return Work("metrics", cka=cka, why=f"{path.name} {str(e).removeprefix(f'{path}: ')}" if path.is_file()
                     else f"{path.name} is missing")
-    return Work("cka") if cka else None
+    if cka:
+        return Work("cka")
+    if status == "failed":
+        # Its last work failed under a config since changed back; rescoring confirms what it stores (not failed).
+        return Work("metrics", why="its last evaluation failed")
+    return None
 
 
 def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:

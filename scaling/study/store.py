@@ -111,11 +111,22 @@ class RunStore:
         return (self.run_dir(run_id) / "DONE").is_file()
 
     def status(self, run_id: str) -> str:
-        """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``."""
+        """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``.
+
+        A finished run (DONE) whose later work failed (predicting a new evaluation set from its weights, rescoring,
+        CKA) is ``failed`` as well: its FAILED.json is newer than DONE and than its ``evaluation.json``, which that
+        work rewrites last when it succeeds. Its stored numbers no longer answer the config (a set is missing, or
+        the metrics were made with other settings), so it is not reported as complete; the next launch redoes
+        only that work (:meth:`is_complete` still holds: nothing is trained again).
+        """
         d = self.run_dir(run_id)
+        failed = d / "FAILED.json"
         if (d / "DONE").is_file():
-            return "complete"
-        if (d / "FAILED.json").is_file():
+            if not failed.is_file():
+                return "complete"
+            done = max(p.stat().st_mtime_ns for p in (d / "DONE", d / "evaluation.json") if p.is_file())
+            return "failed" if failed.stat().st_mtime_ns >= done else "complete"
+        if failed.is_file():
             return "failed"
         return "partial" if d.is_dir() else "missing"
 
