@@ -680,10 +680,11 @@ def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
 
 def record_study(cfg: StudyConfig, store: RunStore) -> None:
     """Write study.yaml (the config of this launch and the hash of the settings its runs share) unless the store
-    already holds exactly that (a finished study on a read-only store is then never written to)."""
+    already holds exactly that (a finished study on a read-only store is then never written to). Compared as bytes:
+    a damaged study.yaml is simply replaced."""
     text = yaml.safe_dump({**to_dict(cfg), "_meta": {"config_hash": config_hash(cfg)}}, sort_keys=False)
     path = store.root / "study.yaml"
-    if path.is_file() and path.read_text() == text:
+    if path.is_file() and path.read_bytes() == text.encode():
         return
     with file_lock(store.lock_path("study")):
         atomic_write_text(path, text)
