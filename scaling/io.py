@@ -143,3 +143,26 @@ def read_parquet(path: str | Path, columns=None):
         return pd.read_parquet(path, columns=[c for c in columns if c in have])
 
     return _checked(path, read)
+
+
+def read_parquet_columns(path: str | Path) -> list[str]:
+    """The column names of a Parquet file, from its footer alone (no data is read); :class:`UnreadableFile` naming
+    it when it is not Parquet (a truncated file has no footer)."""
+    def read():
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+
+    return _checked(path, read)
+
+
+def read_safetensors(path: str | Path, *, tensors: bool = True) -> tuple[dict, dict[str, str]]:
+    """The tensors (``{}`` with ``tensors=False``: the header alone) and the string metadata of a safetensors file;
+    :class:`UnreadableFile` naming it when it is damaged (safetensors' own error names no file)."""
+    def read():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+
+    return _checked(path, read)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -118,3 +119,41 @@ def test_linear_probe_end_to_end_with_cached_features(tmp_path):
     # Another key (another backbone or weight source) re-extracts.
     with pytest.raises(AssertionError, match="cache should have been used"):
         linear_probe(_exploding(), train, val, {"test": test}, run_dir=tmp_path, cfg=cfg, key="other")
+
+
+def test_a_damaged_feature_cache_is_extracted_again_and_a_damaged_probe_is_named(tmp_path, caplog):
+    from safetensors.torch import load, load_file, save_file
+
+    from scaling.analysis.probe import LinearProbe
+    from scaling.io import UnreadableFile
+
+    model = vit()
+    train, val, test = ToyDataset(96, seed=0), ToyDataset(48, seed=1), ToyDataset(30, seed=2)
+    cfg = ProbeConfig(cs=(0.01, 1.0), batch_size=16)
+    first = linear_probe(model, train, val, {"test": test}, run_dir=tmp_path, labels=["x", "y", "z"], cfg=cfg,
+                         key="k")
+    cached = tmp_path / "probe_features" / "train.safetensors"
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 2])  # a cache, so only lost work: warned about and extracted again
+    with caplog.at_level("WARNING", logger="scaling.analysis.probe"):
+        again = linear_probe(model, train, val, {"test": test}, run_dir=tmp_path, labels=["x", "y", "z"], cfg=cfg,
+                             key="k")
+    assert f"feature cache {cached} is damaged (SafetensorError: " in caplog.text
+    np.testing.assert_array_equal(again.predictions["test"]["logits"], first.predictions["test"]["logits"])
+    rewritten, before = load_file(cached), load(good)  # rewritten with the same features: the next call reads it
+    assert rewritten.keys() == before.keys()
+    for k in before:  # bit for bit (NaN = unlabelled target)
+        torch.testing.assert_close(rewritten[k], before[k], rtol=0, atol=0, equal_nan=True)
+    linear_probe(_exploding(), train, val, {"test": test}, run_dir=tmp_path, labels=["x", "y", "z"], cfg=cfg, key="k")
+
+    path = tmp_path / "probe.safetensors"
+    first.probe.save(path)
+    loaded = LinearProbe.load(path)
+    np.testing.assert_array_equal(loaded.coef, first.probe.coef)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UnreadableFile, match=rf"^{re.escape(str(path))}: cannot be read \(SafetensorError: "):
+        LinearProbe.load(path)
+    # readable, but not a probe (another safetensors file of the store)
+    save_file({"mean": torch.zeros(2)}, str(path))
+    with pytest.raises(UnreadableFile, match=rf"^{re.escape(str(path))}: not a linear probe \(KeyError: "):
+        LinearProbe.load(path)

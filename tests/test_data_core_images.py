@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,13 +110,84 @@ def test_cache_rebuilt_when_source_or_resolution_changes(tmp_path):
     assert np.array_equal(cache.read(p), decode(p, SIZE)) and int(cache.read(p).max()) == 200
     # A subset reuses everything; a new sample is added without re-decoding the others.
     assert cache.build(df.iloc[:3]).reused == 3
-    # Another resolution: a full rebuild at that resolution.
+    # Another resolution: a store of its own, beside the first one (whose files stay as they were).
+    first_files = _files(tmp_path / "cache" / f"{SIZE}px")
     big = ImageCache(tmp_path / "cache", SIZE * 2)
     rebuilt = big.build(df)
     assert (rebuilt.decoded, rebuilt.reused) == (6, 0)
     assert big.read(df["path"][0]).shape == (1, SIZE * 2, SIZE * 2)
-    assert len(list((tmp_path / "cache").rglob("data-*.bin"))) == 1  # old stores are removed
-    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == ["gray-uint8"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [f"{SIZE}px", f"{SIZE * 2}px"]
+    assert _files(tmp_path / "cache" / f"{SIZE}px") == first_files
+    assert len(list((tmp_path / "cache").rglob("data-*.bin"))) == 2  # one per resolution: replaced ones are removed
+
+
+def _files(root):
+    """Every file under ``root`` but the lock, with its content."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_two_resolutions_share_one_cache_directory(tmp_path):
+    # Two launches of one study store that differ in data.image_size (a counted setting, so other run ids) share
+    # <output_dir>/cache: building one resolution never replaces the other's store, in whatever order they go.
+    df = write_images(tmp_path)
+    small, big = ImageCache(tmp_path / "cache", SIZE), ImageCache(tmp_path / "cache", SIZE + 8)
+    assert small.build(df).decoded == 6
+    assert big.build(df).decoded == 6
+    assert small.build(df).reused == 6 and big.build(df.iloc[:3]).reused == 3  # nothing decoded again
+    for cache, size in ((small, SIZE), (big, SIZE + 8)):
+        for p in df["path"]:
+            assert np.array_equal(cache.read(p), decode(p, size))
+            # a reader that did not build (a DataLoader worker, another rank) finds the store of its resolution
+            assert np.array_equal(ImageCache(tmp_path / "cache", size).read(p), decode(p, size))
+
+
+_BUILD_AND_READ = """
+import sys
+import numpy as np
+import pandas as pd
+from scaling.data.images import ImageCache, decode
+table, cache_dir, size = pd.read_csv(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(int(sys.argv[4])):
+    rows = table.iloc[: 2 + i % (len(table) - 1)]  # a growing, shrinking table: every build that adds a row rewrites
+    cache = ImageCache(cache_dir, size)
+    cache.build(rows)
+    for p in rows["path"]:
+        assert np.array_equal(cache.read(p), decode(p, size)), (size, i, p)
+"""
+
+
+def test_two_processes_building_two_resolutions_at_once_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    df = write_images(tmp_path, n=8)
+    table = tmp_path / "table.csv"
+    df.to_csv(table, index=False)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_READ, str(table), str(tmp_path / "cache"), str(size),
+                               "25"], env=env, stderr=subprocess.PIPE, text=True) for size in (SIZE, SIZE + 8)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    for size in (SIZE, SIZE + 8):
+        cache = ImageCache(tmp_path / "cache", size)
+        assert cache.build(df).reused == 8
+        assert all(np.array_equal(cache.read(p), decode(p, size)) for p in df["path"])
+
+
+def test_a_store_of_the_old_layout_is_moved_not_decoded_again(tmp_path):
+    # Before stores were kept per resolution, <cache>/<kind> held the one resolution last built.
+    df = write_images(tmp_path)
+    ImageCache(tmp_path / "cache", SIZE).build(df)
+    (tmp_path / "cache" / f"{SIZE}px" / "gray-uint8").rename(tmp_path / "cache" / "gray-uint8")
+    shutil.rmtree(tmp_path / "cache" / f"{SIZE}px")
+    other = ImageCache(tmp_path / "cache", SIZE * 2).build(df)  # another resolution leaves it where it is
+    assert other.decoded == 6 and (tmp_path / "cache" / "gray-uint8" / "meta.json").is_file()
+    cache = ImageCache(tmp_path / "cache", SIZE)
+    report = cache.build(df)
+    assert (report.decoded, report.reused) == (0, 6)
+    assert not (tmp_path / "cache" / "gray-uint8").exists()
+    assert all(np.array_equal(cache.read(p), decode(p, SIZE)) for p in df["path"])
 
 
 def test_one_cache_directory_keeps_each_image_kind_intact(tmp_path):
@@ -125,7 +198,8 @@ def test_one_cache_directory_keeps_each_image_kind_intact(tmp_path):
     deep = write_images(tmp_path / "deep", kind="png16")
     sets = {name: TableDataset(t, ["Edema"], SIZE, cache_dir=tmp_path / "cache") for name, t in
             (("gray", gray), ("rgb", rgb), ("deep", deep))}
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == ["gray-uint16", "gray-uint8", "rgb-uint8"]
+    kinds = sorted(p.name for p in (tmp_path / "cache" / f"{SIZE}px").iterdir() if p.is_dir())
+    assert kinds == ["gray-uint16", "gray-uint8", "rgb-uint8"]
     assert sets["rgb"].load_pixels(1).shape == (3, SIZE, SIZE)  # colour is not squeezed into the gray store
     assert torch.equal(sets["rgb"].load_pixels(1), TableDataset(rgb, ["Edema"], SIZE).load_pixels(1))
     assert sets["deep"].cache.read(deep["path"][0]).dtype == np.uint16

@@ -130,10 +130,10 @@ def test_a_full_disk_fails_runs_with_the_file_and_bytes_and_loses_nothing(refere
     assert "error: 2 run(s) failed" in proc.stderr
     for rid in ids:
         err = RunStore(store).read_failure(rid)["error"]
-        assert "cannot write image cache" in err and "/cache/gray-uint8/data-" in err, err
+        assert "cannot write image cache" in err and "/cache/32px/gray-uint8/data-" in err, err
         assert "bytes needed" in err and "File too large" in err, err
     # the half-written memmap was removed; the store built before it (train + val images, under 1 MB) still serves
-    kept = json.loads((store / "cache" / "gray-uint8" / "meta.json").read_text())
+    kept = json.loads((store / "cache" / "32px" / "gray-uint8" / "meta.json").read_text())
     assert [p.name for p in (store / "cache").rglob("data-*.bin")] == [kept["data_file"]]
 
     # 2. 1.9 MB per file: the cache fits, the fine-tuned weights (2 MB) do not; every run is tried and recorded
@@ -174,11 +174,12 @@ def test_the_image_cache_checks_free_space_before_its_memmap(tmp_path, monkeypat
     before = snapshot(tmp_path / "cache")
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3000))
-    with pytest.raises(WriteError, match=r"image cache .*/cache/gray-uint8/data-\w+\.bin needs 4,096 bytes, but its "
-                                         r"file system has only 3,000 free"):
+    with pytest.raises(WriteError, match=r"image cache .*/cache/32px/gray-uint8/data-\w+\.bin needs 4,096 bytes, "
+                                         r"but its file system has only 3,000 free"):
         cache.build(table)
     after = snapshot(tmp_path / "cache")
-    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
+        {k: v for k, v in before.items() if not k.endswith(".lock")}
     # the built store is intact and still serves its images
     assert ImageCache(tmp_path / "cache", 32).read(str(paths[1])).mean() == 60
 
@@ -253,6 +254,113 @@ def test_a_bad_image_mid_study_fails_only_the_runs_that_read_it(reference, tmp_p
     proc = launch(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_results(ref, store, [first, *rest])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged files of finished runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_lost_or_damaged_metrics_file_is_rescored_from_the_stored_predictions(reference, tmp_path):
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    lost, garbled, foreign, *_ = ids
+    (store / "runs" / lost / "metrics.parquet").unlink()
+    (store / "runs" / garbled / "metrics.parquet").write_bytes(b"this is not parquet\n" * 10)
+    pd.DataFrame({"x": [1.0]}).to_parquet(store / "runs" / foreign / "metrics.parquet")
+    predictions = {rid: snapshot(store / "runs" / rid / "predictions") for rid in ids}
+    # The study grows by a seed at the same time: the launch trains two runs, rescores three and writes its results.
+    config = study_config(tmp_path, store, fractions=GRID["fractions"], seeds=[0, 1, 2, 3])
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{lost}: metrics (metrics.parquet is missing)" in proc.stderr
+    assert f"{garbled}: metrics (metrics.parquet cannot be read (ArrowInvalid" in proc.stderr
+    assert f"{foreign}: metrics (metrics.parquet not a metrics table" in proc.stderr
+    assert count(store, "metrics") == {lost: 1, garbled: 1, foreign: 1}
+    assert set(count(store, "train")) == set(_ids(config)) - set(ids)  # nothing finished was trained again
+    assert_same_results(ref, store, ids)  # the metrics are back, bit for bit; the predictions were not rewritten
+    assert {rid: snapshot(store / "runs" / rid / "predictions") for rid in ids} == predictions
+    table = pd.read_csv(store / "results.csv")
+    assert len(table) == 8 and set(table["status"]) == {"complete"} and table["auroc_test"].notna().all()
+    before = snapshot(store / "runs")
+    assert launch(config).returncode == 0 and snapshot(store / "runs") == before  # repaired: nothing left to do
+
+
+def test_a_damaged_predictions_file_is_named_when_a_launch_rescores(reference, tmp_path):
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    config = study_config(tmp_path, store, **GRID)
+    truncated = RunStore(store).predictions_path(ids[0], "test")
+    good = truncated.read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    before = snapshot(store / "runs")
+    # New metric settings: the launch only rescores, with the attributes of the stored predictions.
+    proc = launch(config, "eval.n_boot=5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {truncated}: cannot be read (ArrowInvalid: "), \
+        proc.stderr[-3000:]
+    assert snapshot(store / "runs") == before  # refused before anything was rescored
+
+    # A file that reads but lacks a column fails its own run, naming the file; the others are rescored.
+    truncated.write_bytes(good)
+    lacking = RunStore(store).predictions_path(ids[1], "val")
+    pd.read_parquet(lacking).drop(columns="prob:Edema").to_parquet(lacking)
+    proc = launch(config, "eval.n_boot=5")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = RunStore(store).read_failure(ids[1])["error"]
+    assert err == f"ValueError: predictions['val'] ({lacking}) lacks column(s) ['prob:Edema']", err
+    assert count(store, "metrics") == {rid: 1 for rid in ids if rid != ids[1]}
+
+
+def test_damaged_weights_fail_a_new_evaluation_naming_the_file_and_the_run_is_not_reported_complete(
+        reference, tmp_path, capsys):
+    from scaling.study.__main__ import main as study_cli
+
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    config = study_config(tmp_path, store, **GRID)
+    weights = RunStore(store).model_path(ids[0])
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    # A second name for the OOD set: a new evaluation set, predicted from each run's stored weights.
+    grown = "data.ood=[{name: ood_site_b, root: 'synthetic:b', split: train}, {name: b_again, root: 'synthetic:b', " \
+            "split: train}]"
+    proc = launch(config, grown)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = RunStore(store).read_failure(ids[0])["error"]
+    assert err.startswith(f"CheckpointError: {weights}: cannot load the final weights (SafetensorError: "), err
+    assert f"{ids[0]}: {err}" in proc.stderr
+    assert count(store, "evaluate") == {rid: 1 for rid in ids[1:]}
+    # It finished once (nothing is trained again), but it does not hold what the config asks: failed, not complete.
+    assert RunStore(store).is_complete(ids[0]) and RunStore(store).status(ids[0]) == "failed"
+    assert [RunStore(store).status(rid) for rid in ids[1:]] == ["complete"] * 5
+    table = pd.read_csv(store / "results.csv").set_index("run_id")
+    assert table.loc[ids[0], "status"] == "failed" and pd.isna(table.loc[ids[0], "auroc_test"])
+    capsys.readouterr()
+    assert study_cli(["summary", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "5/6 runs complete (5 complete, 1 failed)" in out and f"failed   {ids[0]}: CheckpointError: " in out
+
+    # The set is dropped again: what the run stores answers the config; rescoring it confirms that (the others are
+    # rescored on the configured sets).
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{ids[0]}: metrics (its last evaluation failed)" in proc.stderr
+    assert count(store, "metrics") == {rid: 1 for rid in ids} and count(store, "train") == {}
+    assert RunStore(store).status(ids[0]) == "complete"
+    assert_same_results(ref, store, [ids[0]])
+
+    # The weights repaired, the set back: the run is predicted on it, as the others were.
+    weights.write_bytes(good)
+    proc = launch(config, grown)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert count(store, "evaluate") == {rid: 1 for rid in ids} and count(store, "train") == {}
+    assert [RunStore(store).status(rid) for rid in ids] == ["complete"] * 6
+    pd.testing.assert_frame_equal(RunStore(store).read_predictions(ids[0], "b_again"),
+                                  RunStore(store).read_predictions(ids[0], "ood_site_b"), check_exact=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and between scales, each checked against an independent computation; a grown stu
 probe run and recomputes CKA without training anything."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from scaling.study.protocols import cka_sample, feature_cache
 from scaling.study.report import build_report, render_html
 from scaling.study.data import load_study_data
 from scaling.study.runner import run_study
-from scaling.study.store import RunStore
+from scaling.study.store import RunStore, StoreError
 from study_launch import count
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -248,3 +249,34 @@ def test_cka_scales_off_keeps_no_gram_matrices_and_on_again_fills_in_only_the_mi
     assert after.keys() == before.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k], atol=1e-4, rtol=1e-4)
+
+
+def test_a_damaged_cka_file_is_named_by_the_report(grown, tmp_path, capsys):
+    """The report treats a damaged CKA file as it treats a damaged predictions file: exit 2, one line naming it
+    (nothing is written; deleted, the file is computed again by the next launch)."""
+    import shutil
+
+    from scaling.io import UnreadableFile
+    from scaling.study.__main__ import main as study_cli
+    from scaling.study.aggregate import load_study
+    from scaling.study.analysis_tables import cka_blocks
+    from scaling.study.protocols import CKA_FILE, GRAMS_FILE
+
+    copy = RunStore(shutil.copytree(grown[1].root, tmp_path / "store"))
+    tuned = sorted(r for r in copy.run_ids() if (copy.run_dir(r) / GRAMS_FILE).is_file())
+    grams = copy.run_dir(tuned[0]) / GRAMS_FILE
+    grams.write_bytes(grams.read_bytes()[:200])
+    capsys.readouterr()
+    assert study_cli(["report", str(copy.root), "-o", str(tmp_path / "report.html"), "--n-boot", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {grams} is not a readable Gram-matrix file (SafetensorError: ")
+    assert not (tmp_path / "report.html").exists()
+
+    runs = load_study(copy.root).runs
+    table = copy.run_dir(tuned[1]) / CKA_FILE
+    table.write_bytes(b"garbage" * 20)
+    with pytest.raises(UnreadableFile, match=rf"^{re.escape(str(table))}: cannot be read \(ArrowInvalid: "):
+        cka_blocks(copy.root, runs)
+    pd.DataFrame({"x": [1.0]}).to_parquet(table)
+    with pytest.raises(StoreError, match=rf"^{re.escape(str(table))}: not a CKA table \(no column \['cka', "):
+        cka_blocks(copy.root, runs)

@@ -31,7 +31,7 @@ import torch
 
 from scaling.config import ProbeConfig
 from scaling.engine.ranks import broadcast
-from scaling.io import atomic_write
+from scaling.io import UnreadableFile, atomic_write, read_safetensors
 from scaling.metrics.discrimination import auroc
 
 log = logging.getLogger(__name__)
@@ -46,20 +46,23 @@ def _cache_path(cache_dir: Path, name: str) -> Path:
 
 
 def _read_cache(path: Path, n: int, key: str) -> dict | None:
-    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """The cached features at ``path`` if they are for ``n`` examples and ``key``; None (logged) otherwise. A
+    damaged file is only a lost cache: warned about and extracted again (then overwritten)."""
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("n") != str(n) or meta.get("key") != key:
-        log.info("%s was extracted for %s examples and key %r, not %d and %r: extracting again", path,
-                 meta.get("n"), meta.get("key"), n, key)
+    try:
+        _, meta = read_safetensors(path, tensors=False)
+        if meta.get("n") != str(n) or meta.get("key") != key:
+            log.info("%s was extracted for %s examples and key %r, not %d and %r: extracting again", path,
+                     meta.get("n"), meta.get("key"), n, key)
+            return None
+        t, _ = read_safetensors(path)
+        return {"index": t["index"].numpy(), "features": t["features"], "target": t["target"].numpy()}
+    except (UnreadableFile, KeyError) as e:
+        cause = e.__cause__ if isinstance(e, UnreadableFile) else e
+        log.warning("feature cache %s is damaged (%s: %s): extracting the features again", path,
+                    type(cause).__name__, cause)
         return None
-    t = load_file(str(path))
-    return {"index": t["index"].numpy(), "features": t["features"], "target": t["target"].numpy()}
 
 
 def _agree(runner, value: bool) -> bool:
@@ -160,15 +163,15 @@ class LinearProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearProbe:
-        """Read a probe written by :meth:`save` (tensors and JSON only: nothing in the file is executed)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        t = {k: v.numpy() for k, v in load_file(str(path)).items()}
-        search = pd.DataFrame(json.loads(meta.get("search", "[]")))
-        return cls(tuple(json.loads(meta["labels"])), t["mean"], t["scale"], t["coef"], t["intercept"], search)
+        """Read a probe written by :meth:`save` (tensors and JSON only: nothing in the file is executed); a damaged
+        file, or one that is not a probe, is an :class:`~scaling.io.UnreadableFile` naming it."""
+        tensors, meta = read_safetensors(path)
+        try:
+            t = {k: v.numpy() for k, v in tensors.items()}
+            search = pd.DataFrame(json.loads(meta.get("search", "[]")))
+            return cls(tuple(json.loads(meta["labels"])), t["mean"], t["scale"], t["coef"], t["intercept"], search)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UnreadableFile(f"{path}: not a linear probe ({type(e).__name__}: {e})") from e
 
 
 def fit_probe(train_x, train_y, val_x, val_y, labels: Sequence[str] | None = None,

@@ -14,12 +14,14 @@ the image border are kept).
 
 The cache (:class:`ImageCache`) stores each image decoded and resized once, as ``uint8`` (8-bit sources) or
 ``uint16`` (16-bit/DICOM sources), in a numpy memmap of shape ``(N, C, size, size)`` plus a Parquet index of
-samples (``sample_id``, source path, byte size, mtime). One cache directory holds one such store per kind of
-image (``gray-uint8``, ``rgb-uint8``, ``gray-uint16``; the kind of a table is that of its first image), so a
-colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8 bits. Entries are looked up by the sample's absolute source
+samples (``sample_id``, source path, byte size, mtime). One cache directory holds one such store per resolution
+and kind of image (``<size>px/gray-uint8``, ``<size>px/rgb-uint8``, ``<size>px/gray-uint16``; the kind of a table
+is that of its first image), so a colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8
+bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
+Entries are looked up by the sample's absolute source
 path: sample ids are unique only within one dataset (CheXpert and CheXpert-small, or two synthetic sites, share
 ids), while one store serves every dataset of a study. An entry is reused only when path, size and mtime all
-match and the store's resolution is the requested one; otherwise the image is decoded again. Decoding
+match; otherwise the image is decoded again. Decoding
 every time costs a full-resolution decode per sample per epoch; the cache costs one memmap row read
 (``benchmarks/dataloader.py`` measures both).
 """
@@ -349,31 +351,64 @@ def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
 class ImageCache:
     """A memory-mapped store of images decoded and resized once, keyed by sample id (see the module docstring).
 
-    Layout: ``directory/<kind>/`` (kind ``gray-uint8``, ``rgb-uint8``, ``gray-uint16`` ...) holds ``meta.json``
-    (resolution, dtype, channels, file names), ``index-<token>.parquet`` (``sample_id, path, size, mtime_ns, row,
-    ok``) and ``data-<token>.bin`` (the memmap). A build writes new files and swaps ``meta.json`` last, under a file
-    lock, so concurrent processes (DDP ranks) never read a half-built store. Entries for samples not in the current
-    table are kept, so train/val/test, the OOD sets and every data fraction share one store per kind.
+    Layout: ``directory/<size>px/<kind>/`` (kind ``gray-uint8``, ``rgb-uint8``, ``gray-uint16`` ...) holds
+    ``meta.json`` (resolution, dtype, channels, file names), ``index-<token>.parquet`` (``sample_id, path, size,
+    mtime_ns, row, ok``) and ``data-<token>.bin`` (the memmap). Everything that changes the cached bytes (the
+    resolution, the channels and the dtype) is in the path, so each build only ever replaces its own store's files.
+    A build writes new files and swaps ``meta.json`` last, under a file lock per resolution
+    (``directory/<size>px/.lock``), so concurrent processes (DDP ranks, launches sharing a study's store) never read
+    a half-built store. Entries for samples not in the current table are kept, so train/val/test, the OOD sets and
+    every data fraction share one store per resolution and kind.
     """
 
     def __init__(self, directory: str | Path, image_size: int):
         self.directory = Path(directory)
         self.image_size = int(image_size)
-        self.store: Path | None = None  # directory/<gray|rgb>-<dtype>, chosen by build() from the images' kind
+        self.root = self.directory / f"{self.image_size}px"
+        """The stores of this resolution (one per kind of image)."""
+        self.store: Path | None = None  # root/<gray|rgb>-<dtype>, chosen by build() from the images' kind
         self._data: np.memmap | None = None
         self._meta: dict | None = None
         self._rows: dict[str, int] | None = None
 
     # -- state on disk -------------------------------------------------------------------------------------------
+    @staticmethod
     @contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "w") as f:
+    def _flock(path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _lock(self):
+        """The lock of this resolution's stores: builds at another resolution never wait for it."""
+        return self._flock(self.root / ".lock")
+
+    def _adopt_old_layout(self) -> None:
+        """Move a store of this resolution and kind from where caches kept it before stores were per resolution
+        (``directory/<kind>``) to ``directory/<size>px/<kind>`` instead of decoding every image again (a rename:
+        hours of decoding saved on a 10^5-image dataset). Under the old layout's lock too, so that a process of an
+        older version never sees the store half moved; stores of other resolutions stay where they are."""
+        old = self.directory / self.store.name
+        if not (old / "meta.json").is_file():
+            return
+        with self._flock(self.directory / ".lock"), self._lock():
+            try:
+                meta = json.loads((old / "meta.json").read_text())
+            except (OSError, ValueError):
+                return
+            if meta.get("version") != CACHE_VERSION or meta.get("image_size") != self.image_size \
+                    or (self.store / "meta.json").is_file():
+                return
+            try:
+                os.replace(old, self.store)  # onto nothing, or the empty directory a failed build left
+            except OSError as e:
+                log.warning("image cache: cannot move %s to %s (%s); decoding its images again", old, self.store, e)
+                return
+            log.info("image cache: moved the %dpx store %s to %s", self.image_size, old, self.store)
 
     def _read_state(self) -> tuple[dict | None, pd.DataFrame | None]:
         meta_path = self.store / "meta.json"
@@ -398,7 +433,8 @@ class ImageCache:
         paths = df["path"].astype(str).to_numpy()
         sizes, mtimes = _source_stat(paths)
         channels, dtype = _probe_first(paths)
-        self.store = self.directory / f"{'rgb' if channels == 3 else 'gray'}-{dtype.name}"
+        self.store = self.root / f"{'rgb' if channels == 3 else 'gray'}-{dtype.name}"
+        self._adopt_old_layout()
         with self._lock():
             meta, old = self._read_state()
             want = pd.DataFrame({"sample_id": ids, "path": paths, "size": sizes, "mtime_ns": mtimes})
@@ -508,12 +544,11 @@ class ImageCache:
             self._open_locked()
 
     def _open_locked(self) -> None:
-        if self.store is None:  # not built by this object: use the directory's only store at this resolution
-            stores = [d for d in sorted(self.directory.glob("*-uint*")) if (d / "meta.json").is_file()]
-            stores = [d for d in stores if json.loads((d / "meta.json").read_text()).get("image_size") == self.image_size]
+        if self.store is None:  # not built by this object: use the only store at this resolution
+            stores = [d for d in sorted(self.root.glob("*-uint*")) if (d / "meta.json").is_file()]
             if len(stores) != 1:
                 raise DataError(
-                    f"image cache {self.directory} has {len(stores)} stores at {self.image_size}px; call build() first"
+                    f"image cache {self.root} has {len(stores)} stores at {self.image_size}px; call build() first"
                 )
             self.store = stores[0]
         meta, index = self._read_state()

@@ -555,7 +555,24 @@ def load_final_weights(ckpt: Path, module: nn.Module, device: torch.device, engi
     except CheckpointError:
         raise
     except Exception as e:  # a damaged or foreign weights file: say which
-        raise CheckpointError(f"{path}: cannot load the final weights ({type(e).__name__}: {str(e)[:500]})") from e
+        raise _unloadable(path, e) from e
+
+
+def read_final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The consolidated weights of a final checkpoint as a state dict on the CPU (a whole model in one process: a
+    finished run rebuilt for evaluation); a damaged file is a :class:`CheckpointError` naming it, as in
+    :func:`load_final_weights` (safetensors' own error names no file)."""
+    from safetensors.torch import load_file
+
+    path = ckpt / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any reader failure is a damaged file
+        raise _unloadable(path, e) from e
+
+
+def _unloadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot load the final weights ({type(exc).__name__}: {str(exc)[:500]})")
 
 
 def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:

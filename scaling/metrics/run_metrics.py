@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -114,14 +114,17 @@ SHIFT_METRICS = ("auroc_id", "auroc_ood", "auroc_drop")
 _NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
 
 
-def _columns(df: pd.DataFrame, eval_set: str, labels) -> None:
-    """Every column the metrics read is there, and patient ids are complete (the bootstrap resamples them)."""
+def _columns(df: pd.DataFrame, eval_set: str, labels, source=None) -> None:
+    """Every column the metrics read is there, and patient ids are complete (the bootstrap resamples them).
+    ``source`` (the file the frame was read from) is named in the error: a stored file may be damaged or foreign."""
+    at = f" ({source})" if source is not None else ""
     need = ["patient_id"] + [f"{k}:{lab}" for lab in labels for k in ("label", "logit", "prob")]
     missing = [c for c in need if c not in df.columns]
     if missing:
-        raise ValueError(f"predictions[{eval_set!r}] lacks column(s) {missing}")
+        raise ValueError(f"predictions[{eval_set!r}]{at} lacks column(s) {missing}")
     if df["patient_id"].isna().any():
-        raise ValueError(f"predictions[{eval_set!r}]['patient_id'] has missing ids; the bootstrap resamples patients")
+        raise ValueError(f"predictions[{eval_set!r}]['patient_id']{at} has missing ids; the bootstrap resamples "
+                         f"patients")
 
 
 def _fit_on_val(val: pd.DataFrame, labels, eval_cfg, task: str = "multilabel", derived=()) -> dict:
@@ -427,7 +430,8 @@ def _paired_drop_replicates(test: pd.DataFrame, ood: pd.DataFrame, labels, eval_
 
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
                         eval_cfg, task: str = "multilabel", derived: Sequence[str] = (),
-                        paired: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
+                        paired: Sequence[str] = (), sources: Mapping[str, object] | None = None,
+                        ) -> tuple[pd.DataFrame, dict]:
     """All metric rows of one run (see the module docstring for the row conventions) and the fitted state.
 
     ``predictions`` maps evaluation-set name → per-sample prediction frame and must include ``val``;
@@ -441,7 +445,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     one-of-K rows (see the module docstring). ``derived`` are further binary labels (``label:``/``logit:``/``prob:``
     columns of their own, e.g. a group of classes) scored through the binary path and kept out of the per-set
     macros. ``paired`` are OOD sets that share patients with ``test``: their AUROC drop is resampled over the
-    patients of both sets together.
+    patients of both sets together. ``sources`` names where each set's frame was read from (a run store's
+    predictions file), for the errors about a frame that lacks columns.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
@@ -461,7 +466,7 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     if derived and eval_cfg.aggregate:
         raise ValueError("eval.aggregate (breast/exam pooling) does not pool derived labels")
     for name, df in predictions.items():
-        _columns(df, name, [*labels, *derived])
+        _columns(df, name, [*labels, *derived], (sources or {}).get(name))
     fitted = _fit_on_val(predictions[FIT_SPLIT], labels, eval_cfg, task, derived)
     out = _Rows(eval_cfg.alpha, outside_macro=derived)
     n_any: dict[tuple, int] = {}

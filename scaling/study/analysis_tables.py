@@ -22,9 +22,10 @@ import pandas as pd
 from scipy import stats
 
 from scaling.config import parse_reinit
+from scaling.io import read_parquet
 from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
 from scaling.study.aggregate import PLAIN, select
-from scaling.study.store import RunStore
+from scaling.study.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,10 @@ def cka_blocks(store_root, runs: pd.DataFrame) -> pd.DataFrame:
         path = store.run_dir(r["run_id"]) / CKA_FILE
         if not path.is_file():
             continue
-        t = pd.read_parquet(path)
+        t = read_parquet(path)  # a damaged file is named (UnreadableFile), as a damaged predictions file is
+        missing = sorted({"index_a", "index_b", "layer_a", "cka", "n_examples"} - set(t.columns))
+        if missing:
+            raise StoreError(f"{path}: not a CKA table (no column {missing})")
         t = t[t["index_a"] == t["index_b"]]
         frames.append(t.assign(**{k: r.get(k, PLAIN.get(k)) for k in (*CKA_KEYS, "seed")},
                                depth=t["index_a"] / max(int(t["index_a"].max()), 1)))

@@ -15,7 +15,7 @@ import pandas as pd
 from scaling.config import DataConfig, EvalSetConfig, StudyConfig
 from scaling.data.table import DataError, add_age_group, apply_filters
 from scaling.engine.ranks import is_main_process
-from scaling.io import atomic_write_text
+from scaling.io import atomic_write_text, read_parquet_columns
 from scaling.study.coordination import once
 from scaling.study.grid import SYNTHETIC
 from scaling.study.store import RunStore
@@ -244,11 +244,10 @@ def check_subgroups(d: DataConfig, columns: set[str]) -> None:
 
 
 def stored_columns(store: RunStore, run_ids) -> set[str]:
-    """Every column of the stored predictions of ``run_ids`` (Parquet schemas only: nothing is loaded)."""
-    import pyarrow.parquet as pq
-
+    """Every column of the stored predictions of ``run_ids`` (Parquet schemas only: nothing is loaded). A damaged
+    file is an :class:`~scaling.io.UnreadableFile` naming it, before anything is rescored."""
     return {c for rid in run_ids for f in sorted((store.run_dir(rid) / "predictions").glob("*.parquet"))
-            for c in pq.read_schema(f).names}
+            for c in read_parquet_columns(f)}
 
 
 def check_image_files(data: StudyData, dataset: str) -> None:

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from scaling.config import CKAConfig, StudyConfig, parse_reinit, to_dict
-from scaling.io import atomic_write, atomic_write_parquet
+from scaling.io import UnreadableFile, atomic_write, atomic_write_parquet, read_safetensors
 from scaling.study.grid import FINETUNE, RunSpec, eval_set_identity, run_id
 from scaling.study.store import RunStore, StoreError
 
@@ -201,19 +201,15 @@ def write_cka(store: RunStore, rid: str, init: dict, tuned: dict, cka: CKAConfig
 def read_grams(store: RunStore, rid: str) -> tuple[list[str], list[torch.Tensor], str] | None:
     """A run's stored Gram matrices: (layers, one ``[layers, m, m]`` stack per minibatch, the :func:`sample_key`),
     or None when it has none."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = store.run_dir(rid) / GRAMS_FILE
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        t = load_file(str(path))
+        t, meta = read_safetensors(path)
         return json.loads(meta["layers"]), [t[str(i)] for i in range(len(t))], meta["samples"]
-    except (OSError, ValueError, KeyError) as e:
-        raise StoreError(f"{path} is not a readable Gram-matrix file ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError) as e:  # UnreadableFile (a damaged file) is a ValueError; name what it wraps
+        cause = e.__cause__ if isinstance(e, UnreadableFile) else e
+        raise StoreError(f"{path} is not a readable Gram-matrix file ({type(cause).__name__}: {cause})") from None
 
 
 def scale_cka(store: RunStore, small: str, large: str) -> pd.DataFrame | None:

@@ -35,7 +35,7 @@ import yaml
 from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.data.table import add_age_group
 from scaling.engine.ranks import broadcast, init_distributed, is_main_process, main_process_first, process_group
-from scaling.io import atomic_write_text, read_json, write_error
+from scaling.io import UnreadableFile, atomic_write_text, read_json, write_error
 from scaling.metrics.validation import MetricWarning
 from scaling.study import protocols
 from scaling.study.claims import file_lock, live_owner, try_claim
@@ -190,11 +190,13 @@ class Work:
     """The evaluation sets to predict (``evaluate``)."""
     cka: bool = False
     """Also (re)compute the run's CKA table after ``evaluate`` or ``metrics``."""
+    why: str = ""
+    """Why, where the kind alone does not say (``metrics`` for a run whose metrics.parquet is lost or damaged)."""
 
     def describe(self) -> str:
         """One word or phrase for logs and the plan."""
         what = f"evaluate {', '.join(self.eval_sets)}" if self.kind == "evaluate" else self.kind
-        return what + (", cka" if self.cka and self.kind != "cka" else "")
+        return what + (f" ({self.why})" if self.why else "") + (", cka" if self.cka and self.kind != "cka" else "")
 
 
 def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
@@ -216,14 +218,16 @@ def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
 
 def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float | None = None) -> Work | None:
     """What the run of ``spec`` lacks, or None. A run that failed after ``since`` (in a launch running beside this
-    one) is left alone; one that failed before is retried."""
+    one) is left alone; one that failed before is retried: trained if it never finished, or if it finished and a
+    later evaluation of it failed, that evaluation again (nothing is trained). A finished run whose metrics.parquet
+    is missing or unreadable is rescored: metrics are a function of the stored predictions."""
     rid = run_id(cfg, spec)
     status = store.status(rid)
     if status == "failed" and since is not None:
         failed_at = (store.run_dir(rid) / "FAILED.json").stat().st_mtime
         if failed_at >= since:
             return None
-    if status != "complete":
+    if not store.is_complete(rid):
         return Work("train")
     cka = protocols.cka_pending(cfg, store, rid, spec)
     wanted, stored = eval_identities(cfg), store.eval_sets(rid)
@@ -235,7 +239,19 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
     if evaluation.get("metrics") != metric_settings(cfg) or \
             sorted(evaluation.get("scored", stored)) != sorted(wanted):
         return Work("metrics", cka=cka)
-    return Work("cka") if cka else None
+    try:
+        store.read_metrics(rid)
+    except (StoreError, UnreadableFile) as e:
+        # Lost or damaged after the run finished (atomic writes never leave half a file): rescoring restores it.
+        path = store.run_dir(rid) / "metrics.parquet"
+        return Work("metrics", cka=cka, why=f"{path.name} {str(e).removeprefix(f'{path}: ')}" if path.is_file()
+                    else f"{path.name} is missing")
+    if cka:
+        return Work("cka")
+    if status == "failed":
+        # Its last work failed under a config since changed back; rescoring confirms what it stores (not failed).
+        return Work("metrics", why="its last evaluation failed")
+    return None
 
 
 def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
@@ -420,7 +436,8 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         rows, fitted = compute_run_metrics(preds, labels, list(cfg.data.subgroups), cfg.eval, task=cfg.data.task,
-                                           derived=list(cfg.data.derived_labels), paired=paired_with_test(cfg, preds))
+                                           derived=list(cfg.data.derived_labels), paired=paired_with_test(cfg, preds),
+                                           sources={n: store.predictions_path(rid, n) for n in preds})
     _summarise_warnings(rid, caught)
     store.write_metrics(rid, rows)
     store.write_meta(rid, {**store.read_meta(rid), **(meta or {}), "fitted_on_val": fitted})
@@ -570,9 +587,9 @@ def _block_features(cfg: StudyConfig, trainer, dataset) -> dict | None:
 
 
 def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int):
-    """Rebuild a finished run's model from its stored weights (every tensor, the fine-tuned head included)."""
-    from safetensors.torch import load_file
-
+    """Rebuild a finished run's model from its stored weights (every tensor, the fine-tuned head included); a
+    damaged weights file is a CheckpointError naming it."""
+    from scaling.engine.checkpoint import read_final_weights
     from scaling.models import build_model
 
     path = store.model_path(rid)
@@ -583,7 +600,7 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     # head and zero-initialise a new one.
     model = build_model(dataclasses.replace(rcfg.model, pretrained="scratch"), num_outputs=n_outputs,
                         image_size=rcfg.data.image_size)
-    model.load_state_dict(load_file(path), strict=True)
+    model.load_state_dict(read_final_weights(path.parent), strict=True)
     return model
 
 
@@ -694,10 +711,11 @@ def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
 
 def record_study(cfg: StudyConfig, store: RunStore) -> None:
     """Write study.yaml (the config of this launch and the hash of the settings its runs share) unless the store
-    already holds exactly that (a finished study on a read-only store is then never written to)."""
+    already holds exactly that (a finished study on a read-only store is then never written to). Compared as bytes:
+    a damaged study.yaml is simply replaced."""
     text = yaml.safe_dump({**to_dict(cfg), "_meta": {"config_hash": config_hash(cfg)}}, sort_keys=False)
     path = store.root / "study.yaml"
-    if path.is_file() and path.read_text() == text:
+    if path.is_file() and path.read_bytes() == text.encode():
         return
     with file_lock(store.lock_path("study")):
         atomic_write_text(path, text)
@@ -717,7 +735,9 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
-    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy."""
+    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
+    be read (one that a launch beside this one is rescoring, or that failed to rescore) is ``invalid``, without
+    numbers, as in the aggregation: the table of the other runs is still written."""
     from scaling.metrics.run_metrics import MULTICLASS_LABEL, MULTICLASS_METRICS
 
     rows = []
@@ -727,7 +747,12 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
         row = {"backbone": spec.backbone, "pretrained": spec.pretrained, "fraction": spec.fraction,
                "seed": spec.seed, **_analysis_axes(cfg, spec), "status": store.status(rid)}
         if row["status"] == "complete":
-            m = store.read_metrics(rid)
+            try:
+                m = store.read_metrics(rid)
+            except (StoreError, UnreadableFile) as e:
+                log.warning("run %s is left out of the results table: %s", rid, e)
+                row["status"] = "invalid"
+        if row["status"] == "complete":
             macro = m[(m.label == "macro") & (m.attribute == "all") & (m.group == "all") & (m.metric == "auroc")]
             val = dict(zip(macro.eval_set, macro.value))
             row["auroc_test"] = val.get("test", math.nan)

@@ -92,6 +92,10 @@ class RunStore:
 
         return self.run_dir(run_id) / CHECKPOINT_DIR / FINAL / WEIGHTS_FILE
 
+    def predictions_path(self, run_id: str, eval_set: str) -> Path:
+        """The stored predictions of one evaluation set of a run."""
+        return self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
+
     def lock_path(self, name: str) -> Path:
         """Lock file of a run id or of a shared preparation step (see ``scaling.study.claims``)."""
         return self.root / "locks" / f"{name}.lock"
@@ -107,11 +111,22 @@ class RunStore:
         return (self.run_dir(run_id) / "DONE").is_file()
 
     def status(self, run_id: str) -> str:
-        """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``."""
+        """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``.
+
+        A finished run (DONE) whose later work failed (predicting a new evaluation set from its weights, rescoring,
+        CKA) is ``failed`` as well: its FAILED.json is newer than DONE and than its ``evaluation.json``, which that
+        work rewrites last when it succeeds. Its stored numbers no longer answer the config (a set is missing, or
+        the metrics were made with other settings), so it is not reported as complete; the next launch redoes
+        only that work (:meth:`is_complete` still holds: nothing is trained again).
+        """
         d = self.run_dir(run_id)
+        failed = d / "FAILED.json"
         if (d / "DONE").is_file():
-            return "complete"
-        if (d / "FAILED.json").is_file():
+            if not failed.is_file():
+                return "complete"
+            done = max(p.stat().st_mtime_ns for p in (d / "DONE", d / "evaluation.json") if p.is_file())
+            return "failed" if failed.stat().st_mtime_ns >= done else "complete"
+        if failed.is_file():
             return "failed"
         return "partial" if d.is_dir() else "missing"
 
@@ -131,7 +146,7 @@ class RunStore:
         """Write per-sample predictions of one evaluation set."""
         if df["sample_id"].duplicated().any():
             raise StoreError(f"predictions for {run_id}/{eval_set} contain duplicate sample ids")
-        atomic_write_parquet(self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet", df)
+        atomic_write_parquet(self.predictions_path(run_id, eval_set), df)
 
     def write_metrics(self, run_id: str, rows: pd.DataFrame | list[dict]) -> None:
         """Write the tidy metric rows of a run."""
@@ -213,7 +228,7 @@ class RunStore:
     def read_predictions(self, run_id: str, eval_set: str, columns=None) -> pd.DataFrame:
         """Per-sample predictions of one evaluation set; with ``columns``, only those of them the file holds (a
         statistic over a hundred runs reads the few columns it needs, one run at a time)."""
-        p = self.run_dir(run_id) / "predictions" / f"{eval_set}.parquet"
+        p = self.predictions_path(run_id, eval_set)
         if not p.is_file():
             raise StoreError(f"{p} not found (eval sets stored: {self.eval_sets(run_id)})")
         return read_parquet(p, columns=columns)
