@@ -18,11 +18,10 @@ samples (``sample_id``, source path, byte size, mtime). One cache directory hold
 and kind of image (``<size>px/gray-uint8``, ``<size>px/rgb-uint8``, ``<size>px/gray-uint16``; the kind of a table
 is that of its first image), so a colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8
 bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
-Entries are looked up by the sample's absolute source
-path: sample ids are unique only within one dataset (CheXpert and CheXpert-small, or two synthetic sites, share
-ids), while one store serves every dataset of a study. An entry is reused only when path, size and mtime all
-match; otherwise the image is decoded again. Decoding
-every time costs a full-resolution decode per sample per epoch; the cache costs one memmap row read
+Entries are looked up by the sample's absolute source path: sample ids are unique only within one dataset
+(CheXpert and CheXpert-small, or two synthetic sites, share ids), while one store serves every dataset of a study.
+An entry is reused only when path, size and mtime all match; otherwise the image is decoded again. Decoding every
+time costs a full-resolution decode per sample per epoch; the cache costs one memmap row read
 (``benchmarks/dataloader.py`` measures both).
 """
 
