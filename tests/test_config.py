@@ -344,7 +344,8 @@ def test_errors_on_a_whole_section_name_where_it_was_set(tmp_path):
         load_config(top)
 
 
-@pytest.mark.parametrize("override, field", [("grid.seeds=[0,-1]", "grid.seeds"), ("grid.seeds=[4294967296]", "grid.seeds"),
+@pytest.mark.parametrize("override, field", [("grid.seeds=[0,-1]", "grid.seeds"),
+                                             ("grid.seeds=[4294967296]", "grid.seeds"),
                                              ("train.seed=-3", "train.seed"),
                                              ("grid.also=[{seeds: [-2]}]", "grid.also.seeds")])
 def test_seeds_outside_what_the_generators_take_are_refused_at_load(override, field):

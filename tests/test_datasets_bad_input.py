@@ -19,7 +19,7 @@ from PIL import Image
 from dataset_fixtures import write_dicom, write_fixture, write_gray
 from scaling.data import load_table
 from scaling.data.dataset import TableDataset
-from scaling.data.datasets import chexpert, cmmd, embed, mimic_cxr, nih_cxr14, readers
+from scaling.data.datasets import cmmd, embed, mimic_cxr, readers
 from scaling.data.dicom import read_dicom
 from scaling.data.images import decode
 from scaling.data.splits import patient_split

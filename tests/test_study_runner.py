@@ -333,7 +333,8 @@ def test_offline_a_hub_or_url_source_missing_from_the_weights_dir_and_cache_is_n
         check_weights(cfg, RunStore(store), cells)
     wdir.mkdir()
     (wdir / "resnetv2_50x1_bit.goog_in21k.safetensors").write_bytes(b"")
-    with pytest.raises(WeightsUnavailable, match=r"grid.pretrained 'bit-s' .*" + re.escape(str(wdir / "BiT-S-R50x1.npz"))):
+    with pytest.raises(WeightsUnavailable,
+                       match=r"grid.pretrained 'bit-s' .*" + re.escape(str(wdir / "BiT-S-R50x1.npz"))):
         check_weights(cfg, RunStore(store), cells)
     (wdir / "BiT-S-R50x1.npz").write_bytes(b"")
     check_weights(cfg, RunStore(store), cells)

@@ -70,10 +70,10 @@ def _expected_cells(store_root: Path) -> pd.DataFrame:
         return pd.DataFrame()
     from scaling.study.grid import expand_grid, run_id
 
-    meta = (read_yaml_file(Path(store_root) / "study.yaml") or {}).get("_meta") or {}
+    recorded = recorded_config_hash(store_root) or np.nan
     # Runs with a spec.json are matched on their axes; the recomputed run id only places a run that has none (one
     # that failed before writing it, in a store written by an older version).
-    return pd.DataFrame([{"study": cfg.name, "config_hash": meta.get("config_hash", np.nan), "backbone": s.backbone,
+    return pd.DataFrame([{"study": cfg.name, "config_hash": recorded, "backbone": s.backbone,
                           "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed),
                           "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit,
                           "run_id": run_id(cfg, s)}
