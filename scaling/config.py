@@ -881,6 +881,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.path=value")
         key, raw = ov.split("=", 1)
+        if "" in key.strip().split("."):
+            raise ConfigError(f"override {ov!r}: the key {key.strip()!r} has an empty part (a leading, trailing or "
+                              f"double dot)")
         try:
             value = read_yaml(raw) if raw != "" else ""
         except DuplicateKeyError as e:
@@ -1002,17 +1005,36 @@ def _keys(message: str) -> list[str]:
     return keys
 
 
-def _blame(message: str, layers: list[tuple[str, dict]], overrides) -> str:
-    """Where the key an error names was set: ``in override `k=v` ``, ``in <file>``, or the top file."""
+def _source(message: str, layers: list[tuple[str, dict]], overrides) -> tuple[str, str] | None:
+    """``(key, where)`` for the first config key ``message`` names that an override (``in override `k=v` ``) or a
+    file of ``layers`` (``in <file>``) sets; None when none does."""
     for key in _keys(message):
         for ov in reversed(list(overrides)):
             k = ov.split("=", 1)[0].strip()
             if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-                return f"in override `{ov}`"
+                return key, f"in override `{ov}`"
         for src, data in reversed(layers):
             if _has_path(data, key.split(".")):
-                return f"in {src}"
+                return key, f"in {src}"
+    return None
+
+
+def _blame(message: str, layers: list[tuple[str, dict]], overrides) -> str:
+    """Where the key an error names was set: ``in override `k=v` ``, ``in <file>``, or the top file."""
+    found = _source(message, layers, overrides)
+    if found:
+        return found[1]
     return f"in {layers[-1][0]}" if layers else ""
+
+
+def where_set(message: str, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """For an error found after the config was read (an unknown label or split, a loader option the dataset does
+    not take, a missing dataset root): `` [data.labels is set in override `data.labels=[Foo]`]`` naming the first
+    config key the message names and the file or override of ``path`` + ``overrides`` that set it; ``""`` when
+    the message names no key they set (defaults)."""
+    layers = config_layers(path) if path is not None else []
+    found = _source(message, layers, overrides)
+    return f" [{found[0]} is set {found[1]}]" if found else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = StudyConfig):

@@ -25,12 +25,38 @@ spec.loader.exec_module(scale_study)
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["grid.pretrained=[/nonexistent/w.safetensors]"], "grid.pretrained '/nonexistent/w.safetensors' (backbone "),
     (["--dry-run", "grid.pretrained=[bit-l:/nonexistent/]"], "(backbone resnetv2_small): weight file not found"),
+    # settings found wrong only once the data is read name their field and the override that set it
+    (["data.root=/nonexistent/chexpert"], "[data.root is set in override `data.root=/nonexistent/chexpert`]"),
+    (["data.labels=[Foo]"], "data.labels: unknown label 'Foo'; canonical names: ['No Finding', "),
+    (["data.labels=[Edma]"], "data.labels: unknown label 'Edma'; closest canonical names: ['Edema'] [data.labels is "
+                             "set in override `data.labels=[Edma]`]"),
+    (["--dry-run", "data.test_split=tst"], "data.test_split: chexpert: unknown split 'tst'; choose one of ['train', "
+                                           "'valid'] [data.test_split is set in override `data.test_split=tst`]"),
+    (["--dry-run", "data.options={bogus: 1}"], "data.options: chexpert: unknown loader option(s) ['bogus']"),
+    (["--dry-run", "data.options.uncertainty=maybe"], "data.options: uncertainty policy 'maybe' is not allowed"),
+    ([".train.lr=0.1"], "override '.train.lr=0.1': the key '.train.lr' has an empty part"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path, capsys):
     assert scale_study.main([*args, f"output_dir={tmp_path / 'store'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_a_setting_of_a_config_file_found_wrong_at_launch_names_the_file(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"defaults: [{REPO / 'recipes' / 'configs' / 'demo.yaml'}]\ndata:\n  labels: [Edema, Foo]\n")
+    assert scale_study.main(["--config", str(study), f"output_dir={tmp_path / 'store'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.labels: unknown label 'Foo'") and err.endswith(f"[data.labels is set in {study}]")
+
+
+def test_a_label_the_dataset_lacks_is_logged_once_per_source(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="scaling.data.labels")
+    assert scale_study.main(["--dry-run", "data.labels=[Edema,Mass]", f"output_dir={tmp_path / 'store'}"]) == 0
+    said = [r.getMessage() for r in caplog.records if "are not in" in r.getMessage()]
+    assert said == ["labels ['Mass'] are not in chexpert (train set); they are NaN (excluded from loss and metrics)",
+                    "labels ['Mass'] are not in eval set 'ood_site_b'; they are NaN (excluded from loss and metrics)"]
 
 
 def test_dry_run_plans_the_demo(tmp_path, capsys):

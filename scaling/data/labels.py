@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.table import LABEL_PREFIX, DataError, label_names
+from scaling.data.table import LABEL_PREFIX, DataError, OptionError, label_names
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,14 @@ BLANK_RULES = ("zero", "nan")
 
 
 
-def check_label_names(names: Sequence[str]) -> None:
-    """Raise DataError for a name that is not canonical, suggesting the closest canonical names."""
+def check_label_names(names: Sequence[str], setting: str = "labels") -> None:
+    """Raise :class:`~scaling.data.table.OptionError` (a DataError) for a name that is not canonical, suggesting the
+    closest canonical names (``setting`` says which setting named it: ``labels``, or ``options`` for a policy)."""
     for n in names:
         if n not in CANONICAL_LABELS:
             close = difflib.get_close_matches(n, CANONICAL_LABELS, n=3)
-            raise DataError(f"unknown label {n!r}; closest canonical names: {close or list(CANONICAL_LABELS)}")
+            hint = f"closest canonical names: {close}" if close else f"canonical names: {list(CANONICAL_LABELS)}"
+            raise OptionError(f"unknown label {n!r}; {hint}", setting)
 
 
 def harmonise(dataset: str, source_name: str) -> str | None:
@@ -211,15 +213,16 @@ def uncertainty_for(label: str, policy: str | Mapping[str, str]) -> str:
         if policy == "best":
             return BEST_UNCERTAINTY.get(label, "ignore")
         if policy not in UNCERTAINTY_POLICIES:
-            raise DataError(
+            raise OptionError(
                 f"uncertainty policy {policy!r} is not allowed; choose one of {list(UNCERTAINTY_POLICIES) + ['best']}"
-                " or a {label: policy} mapping"
+                " or a {label: policy} mapping", "options"
             )
         return policy
-    check_label_names(list(policy))
+    check_label_names(list(policy), setting="options")
     choice = policy.get(label, "ignore")
     if choice not in UNCERTAINTY_POLICIES:
-        raise DataError(f"uncertainty policy for {label!r} is {choice!r}; choose one of {list(UNCERTAINTY_POLICIES)}")
+        raise OptionError(f"uncertainty policy for {label!r} is {choice!r}; choose one of {list(UNCERTAINTY_POLICIES)}",
+                          "options")
     return choice
 
 
@@ -234,7 +237,7 @@ def apply_label_policy(
     policy applies to it like to any other label.
     """
     if blank not in BLANK_RULES:
-        raise DataError(f"blank rule {blank!r} is not allowed; choose one of {list(BLANK_RULES)}")
+        raise OptionError(f"blank rule {blank!r} is not allowed; choose one of {list(BLANK_RULES)}", "options")
     no_finding = raw.get("No Finding")
     out = {}
     for name, values in raw.items():
@@ -250,18 +253,18 @@ def apply_label_policy(
     return out
 
 
-def select_labels(df: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+def select_labels(df: pd.DataFrame, names: Sequence[str], source: str | None = "this dataset") -> pd.DataFrame:
     """Return ``df`` with exactly the label columns ``label:<name>`` for ``names``, in that order.
 
-    Labels the dataset lacks become all-NaN columns (never 0), and a warning lists them; other label columns are
-    dropped. Names must be canonical.
+    Labels the dataset lacks become all-NaN columns (never 0), and a warning naming ``source`` lists them (none
+    when ``source`` is None); other label columns are dropped. Names must be canonical.
     """
     names = list(names)
     check_label_names(names)
     present = set(label_names(df))
     missing = [n for n in names if n not in present]
-    if missing:
-        log.warning("labels %s are not in this dataset; they are NaN (excluded from loss and metrics)", missing)
+    if missing and source is not None:
+        log.warning("labels %s are not in %s; they are NaN (excluded from loss and metrics)", missing, source)
     keep = [c for c in df.columns if not c.startswith(LABEL_PREFIX)]
     out = df[keep].copy()
     for n in names:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from scaling.data.table import DataError, apply_filters, validate_table
+from scaling.data.table import DataError, OptionError, apply_filters, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def load_table(
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
     unknown = [] if takes_any else [k for k in options if k not in accepted]
     if unknown:
-        raise DataError(f"{name}: unknown loader option(s) {unknown}; valid options: {accepted}")
+        raise OptionError(f"{name}: unknown loader option(s) {unknown}; valid options: {accepted}", "options")
     source = f"{name}:{split} at {root_path}"
     t0 = time.perf_counter()
     df = validate_table(loader.load(root_path, split, **options), source)

@@ -28,6 +28,17 @@ class DataError(ValueError):
     """A dataset file, row or field is invalid; the message names the file and the row or sample id."""
 
 
+class OptionError(DataError):
+    """A setting names something the dataset does not have: a split, a loader option or its value, a label.
+
+    ``setting`` says which (``"split"``, ``"options"`` or ``"labels"``), so a study can name the config field
+    (``data.test_split``, ``data.ood.0.options`` …) that set it."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def label_columns(df: pd.DataFrame) -> list[str]:
     """The ``label:<name>`` columns of a sample table, in order."""
     return [c for c in df.columns if c.startswith(LABEL_PREFIX)]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from scaling.config import DataConfig, EvalSetConfig, StudyConfig
-from scaling.data.table import DataError, add_age_group, apply_filters
+from scaling.data.table import DataError, OptionError, add_age_group, apply_filters
 from scaling.engine.ranks import is_main_process
 from scaling.io import atomic_write_text, read_parquet_columns
 from scaling.study.coordination import once
@@ -82,14 +83,29 @@ def _resolve_root(cfg: StudyConfig, root: str) -> Path:
     return Path(root).expanduser()
 
 
-def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool) -> pd.DataFrame:
-    """Select the study's labels (NaN where a dataset lacks one) and derive the age groups. A one-of-K task also
-    keeps its derived labels and completes every row with a class to a one-hot (two positive classes: a DataError
-    naming ``source`` and the sample); on the training dataset, which defines the task, the derived labels must
-    agree with their groups (``scaling.data.labels.check_derived_labels``)."""
+@contextmanager
+def _fields(**fields: str):
+    """Name the config field behind an :class:`~scaling.data.table.OptionError` raised inside: ``split=``,
+    ``options=`` and ``labels=`` give the field for each kind of setting (e.g. ``split="data.test_split"``)."""
+    try:
+        yield
+    except OptionError as e:
+        name = fields.get(e.setting)
+        if name is None or str(e).startswith(f"{name}: "):
+            raise
+        raise OptionError(f"{name}: {e}", e.setting) from None
+
+
+def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool, warn_missing: bool = True
+             ) -> pd.DataFrame:
+    """Select the study's labels (NaN where a dataset lacks one, logged unless ``warn_missing`` is off: the val and
+    test sets of the training dataset lack what its training set lacks) and derive the age groups. A one-of-K task
+    also keeps its derived labels and completes every row with a class to a one-hot (two positive classes: a
+    DataError naming ``source`` and the sample); on the training dataset, which defines the task, the derived labels
+    must agree with their groups (``scaling.data.labels.check_derived_labels``)."""
     from scaling.data.labels import check_derived_labels, one_of_k_labels, select_labels
 
-    out = select_labels(df, [*d.labels, *d.derived_labels])
+    out = select_labels(df, [*d.labels, *d.derived_labels], source=source if warn_missing else None)
     if d.task == "multiclass":
         out = one_of_k_labels(out, d.labels, source)
         if training_data:
@@ -103,14 +119,21 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     from scaling.data.registry import get_loader
     from scaling.data.splits import patient_split
 
+    from scaling.data.labels import check_label_names
+
     d = cfg.data
+    with _fields(labels="data.labels"):  # before any table is read
+        check_label_names(d.labels)
+    with _fields(labels="data.derived_labels"):
+        check_label_names(d.derived_labels)
     root = _resolve_root(cfg, d.root)
     if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
         log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
                     "carved from %.0f%% of the patients of the %r split instead (set data.test_split: test to use the "
                     "official one)", d.dataset, 100 * d.test_fraction, d.train_split)
     where = f"{d.dataset} (data.filters)"
-    full = apply_filters(load_table(d.dataset, root, d.train_split, **d.options), d.filters, where)
+    with _fields(split="data.train_split", options="data.options"):
+        full = apply_filters(load_table(d.dataset, root, d.train_split, **d.options), d.filters, where)
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
     carve = {}
@@ -120,10 +143,12 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
         carve["val"] = d.val_fraction
     parts = patient_split(full, carve, seed=0) if carve else {"train": full}
     train = parts["train"]
-    val = (apply_filters(load_table(d.dataset, root, d.val_split, **d.options), d.filters, where) if d.val_split
-           else parts["val"])
-    test = (apply_filters(load_table(d.dataset, root, d.test_split, **d.options), d.filters, where) if d.test_split
-            else parts["test"])
+    with _fields(split="data.val_split", options="data.options"):
+        val = (apply_filters(load_table(d.dataset, root, d.val_split, **d.options), d.filters, where) if d.val_split
+               else parts["val"])
+    with _fields(split="data.test_split", options="data.options"):
+        test = (apply_filters(load_table(d.dataset, root, d.test_split, **d.options), d.filters, where)
+                if d.test_split else parts["test"])
     for name, table, split in (("train", train, d.train_split), ("val", val, d.val_split or d.train_split),
                                ("test", test, d.test_split or d.train_split)):
         if table.empty:  # e.g. a loader option such as ``views`` that matches no row: named here, not in every run
@@ -147,8 +172,9 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     for i, e in enumerate(d.ood):
         eroot = _resolve_root(cfg, e.root) if e.root else root
         options = {**(d.options if not e.dataset else {}), **e.options}
-        t = apply_filters(load_table(e.dataset or d.dataset, eroot, e.split, **options), e.filters,
-                          f"eval set {e.name!r}")
+        with _fields(split=f"data.ood.{i}.split", options=f"data.ood.{i}.options" if e.options else "data.options"):
+            t = apply_filters(load_table(e.dataset or d.dataset, eroot, e.split, **options), e.filters,
+                              f"eval set {e.name!r}")
         if t.empty:
             raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options {options})")
         ood[e.name] = held_out(t, i, e, same_source(e, d), train, val, test)
@@ -157,7 +183,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
             log.info("eval set %r shares %d of its %d patients with the test set: its AUROC drop compares images of "
                      "the same people, and its interval resamples the patients of both sets together",
                      e.name, len(shared), ood[e.name]["patient_id"].nunique())
-    own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True)  # noqa: E731
+    own = lambda t, name: _prepare(t, d, f"{d.dataset} ({name} set)", training_data=True,  # noqa: E731
+                                   warn_missing=name == "train")
     data = StudyData(train=own(train, "train"), val=own(val, "val"), test=own(test, "test"),
                      ood={k: _prepare(v, d, f"eval set {k!r}", training_data=False) for k, v in ood.items()},
                      labels=d.labels)

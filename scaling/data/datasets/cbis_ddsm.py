@@ -24,7 +24,7 @@ import pandas as pd
 
 from scaling.data.datasets.readers import (DENSITY, finish, map_values, parse_numbers, read_csv, require_ids,
                                           suspicion)
-from scaling.data.table import LABEL_PREFIX, DataError
+from scaling.data.table import LABEL_PREFIX, DataError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,10 @@ def load(
     root = Path(root)
     source = f"cbis_ddsm({root})"
     if abnormality not in ABNORMALITIES:
-        raise DataError(f"{source}: abnormality {abnormality!r} is not allowed; choose one of {list(ABNORMALITIES)}")
+        raise OptionError(f"{source}: abnormality {abnormality!r} is not allowed; choose one of {list(ABNORMALITIES)}",
+                          "options")
     if split not in SPLITS:
-        raise DataError(f"{source}: unknown split {split!r}; choose one of {list(SPLITS)}")
+        raise OptionError(f"{source}: unknown split {split!r}; choose one of {list(SPLITS)}", "split")
     kinds = ("mass", "calc") if abnormality == "both" else (abnormality,)
     splits = ("train", "test") if split == "all" else (split,)
     rows = pd.concat([_read(root / f"{k}_case_description_{s}_set.csv", s) for s in splits for k in kinds],

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from scaling.data.datasets.readers import drop_implausible_ages, read_csv, read_excel
 from scaling.data.labels import CHEXPERT_LABELS, apply_label_policy, parse_raw_labels
-from scaling.data.table import LABEL_PREFIX, DataError
+from scaling.data.table import LABEL_PREFIX, DataError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def load(
     ddir = dataset_dir(root)
     allowed = OFFICIAL_SPLITS if split_file else SPLITS
     if split not in allowed:
-        raise DataError(f"chexpert: unknown split {split!r}; choose one of {list(allowed)}")
+        raise OptionError(f"chexpert: unknown split {split!r}; choose one of {list(allowed)}", "split")
     csv_name = csv or ("valid.csv" if split == "valid" else "train.csv")
     csv_path = ddir / csv_name
     raw = read_csv_text(csv_path, COLUMNS)

@@ -23,7 +23,7 @@ import pandas as pd
 from scaling.data import labels as L
 from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, map_values, parse_numbers,
                                           read_csv, require_ids, select_split)
-from scaling.data.table import LABEL_PREFIX, DataError
+from scaling.data.table import LABEL_PREFIX, DataError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ def load(
     root = Path(root)
     source = f"mimic_cxr({root})"
     if labeler not in LABELERS:
-        raise DataError(f"{source}: labeler {labeler!r} is not allowed; choose one of {list(LABELERS)}")
+        raise OptionError(f"{source}: labeler {labeler!r} is not allowed; choose one of {list(LABELERS)}", "options")
     if race_policy not in RACE_POLICIES:
-        raise DataError(f"{source}: race_policy {race_policy!r} is not allowed; choose one of {list(RACE_POLICIES)}")
+        raise OptionError(f"{source}: race_policy {race_policy!r} is not allowed; choose one of {list(RACE_POLICIES)}",
+                          "options")
     ids = {"subject_id": str, "study_id": str, "dicom_id": str}
     meta_path, split_path = _table(root, "metadata"), _table(root, "split")
     meta = read_csv(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"],

@@ -25,7 +25,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, blank_cells, check_ids, validate_table
+from scaling.data.table import (LABEL_PREFIX, REQUIRED_COLUMNS, DataError, OptionError, blank_cells, check_ids,
+                                 validate_table)
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def parse_ages(values: pd.Series, ids: pd.Series, source: str | Path, column: st
 def select_split(df: pd.DataFrame, split: str, splits: Sequence[str], source: str | Path) -> pd.DataFrame:
     """Rows of ``df`` whose ``split`` column equals ``split`` (one of ``splits``); ``all`` keeps every row."""
     if split not in splits:
-        raise DataError(f"{source}: unknown split {split!r}; choose one of {list(splits)}")
+        raise OptionError(f"{source}: unknown split {split!r}; choose one of {list(splits)}", "split")
     if split == "all":
         return df.reset_index(drop=True)
     return df[df["split"] == split].reset_index(drop=True)
@@ -273,9 +274,9 @@ def select_split(df: pd.DataFrame, split: str, splits: Sequence[str], source: st
 def only_all_split(split: str, dataset: str) -> None:
     """DataError unless ``split`` is ``all`` (for datasets released without an official split: ``SPLITS = ("all",)``)."""
     if split != "all":
-        raise DataError(
+        raise OptionError(
             f"{dataset} has no official split; load split='all' and let scaling.data.splits make a patient-level one"
-            f" (got split={split!r})"
+            f" (got split={split!r})", "split"
         )
 
 
@@ -377,7 +378,8 @@ def suspicion(birads: pd.Series, birads3: str, source: str) -> pd.Series:
     reading) or NaN under ``'nan'``; 0 (incomplete, needs more imaging) and missing are NaN.
     """
     if birads3 not in BIRADS3_POLICIES:
-        raise DataError(f"{source}: birads3 {birads3!r} is not allowed; choose one of {list(BIRADS3_POLICIES)}")
+        raise OptionError(f"{source}: birads3 {birads3!r} is not allowed; choose one of {list(BIRADS3_POLICIES)}",
+                          "options")
     b = birads.astype(float)
     out = pd.Series(np.nan, index=b.index)
     out[b >= 4] = 1.0
