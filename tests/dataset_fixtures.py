@@ -267,6 +267,10 @@ _PADCHEST_ROWS = [
      "Agfa", ""),
     ("216840111366964013076187734852011291090445392_00-196-189.png", 1, 20111018, "p3", "1975.0", "", "PA",
      "Agfa", "['atelectasis', 'nodule', 'hiatal hernia']"),
+    # children of PadChest's finding hierarchy count for their parent label
+    ("216840111366964013076187734852011291090445393_00-196-190.png", 1, 20111018, "p4", "1950.0", "F", "PA",
+     "Agfa", "['laminar atelectasis', 'callus rib fracture', ' pulmonary mass', 'loculated pleural effusion', "
+     "'multiple nodules', 'apical pleural thickening', 'interstitial pattern', 'air bronchogram']"),
 ]
 
 

@@ -12,8 +12,10 @@ from scaling.data.datasets.chexpert import COLUMNS, _race
 from scaling.data.labels import (
     CANONICAL_LABELS,
     HARMONISATION,
+    PADCHEST_TERMS,
     apply_label_policy,
     harmonise,
+    padchest_labels,
     select_labels,
 )
 from scaling.data.splits import (
@@ -233,11 +235,13 @@ def test_select_labels_adds_nan_never_zero(tmp_path):
 def test_harmonisation_to_canonical_names():
     assert harmonise("nih_cxr14", "Effusion") == "Pleural Effusion"
     assert harmonise("nih_cxr14", "Pleural_Thickening") == "Pleural Thickening"
-    assert harmonise("padchest", "pulmonary edema") == "Edema"
+    assert padchest_labels(["abnormal mediastinum", "pulmonary edema"])["Edema"] == 1.0
+    assert padchest_labels(["abnormal mediastinum"])["No Finding"] == 0.0 and padchest_labels(["normal"])["No Finding"]
     assert harmonise("mimic_cxr", "Lung Opacity") == "Lung Opacity"
     assert harmonise("isic2019", "AK") == "Actinic Keratosis"
     assert harmonise("nih_cxr14", "Support Devices") is None  # NIH does not label it: NaN after select_labels
     assert {v for table in HARMONISATION.values() for v in table.values()} <= set(CANONICAL_LABELS)
+    assert set(PADCHEST_TERMS) <= set(CANONICAL_LABELS)
     with pytest.raises(DataError, match="no harmonisation table for dataset 'openi'"):
         harmonise("openi", "Effusion")
 

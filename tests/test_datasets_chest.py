@@ -137,6 +137,15 @@ def test_mimic_iv_v1_ethnicity_column(mimic_root, tmp_path):
     assert list(df["race"]) == ["White", "White", "White", "Black", None, None, None, "Other"]
 
 
+def test_mimic_insurance_is_kept_where_race_is_unknown(mimic_root, tmp_path):
+    adm = pd.read_csv(mimic_root / "hosp/admissions.csv.gz")
+    adm.loc[adm["subject_id"] == 10000764, "race"] = "UNABLE TO OBTAIN"  # no admission of this subject has a race
+    adm.to_csv(tmp_path / "admissions.csv", index=False)
+    df = mimic_cxr.load(mimic_root, "all", admissions=tmp_path / "admissions.csv")
+    assert list(df["race"]) == ["White", "White", "White", None, None, None, None, "Other"]
+    assert list(df["insurance"]) == ["Other", "Other", "Other", "Medicare", "Other", "Other", None, "Medicare"]
+
+
 @pytest.mark.parametrize("value, expected", [
     ("WHITE", "White"), ("WHITE - RUSSIAN", "White"), ("PORTUGUESE", "White"), ("BLACK/CAPE VERDEAN", "Black"),
     ("ASIAN - SOUTH EAST ASIAN", "Asian"), ("HISPANIC OR LATINO", "Hispanic"), ("SOUTH AMERICAN", "Hispanic"),
@@ -282,18 +291,19 @@ P2 = "216840111366964012819207061112010307142602254_04-014-085.png"
 P3 = "216840111366964012989926673512011074122523403_00-163-058.png"
 P4 = "216840111366964013076187734852011291090445391_00-196-188.png"
 P5 = "216840111366964013076187734852011291090445392_00-196-189.png"
+P6 = "216840111366964013076187734852011291090445393_00-196-190.png"
 
 
 def test_padchest_rows_labels_and_attributes(padchest_root):
     df = padchest.load(padchest_root, "all", verify_files=True)
-    assert list(df["sample_id"]) == [P1, P2, P3, P4, P5]
-    assert list(df["patient_id"]) == ["p1", "p1", "p2", "p3", "p3"]
-    assert list(df["sex"]) == ["M", "M", "F", None, None]
-    # age = study year - PatientBirth: 2015-1939, blank birth year, 2011-1975.
-    assert list(df["age"].fillna(-1)) == [76.0, 76.0, -1, 36.0, 36.0]
-    assert list(df["view_position"]) == ["PA", "L", "AP_horizontal", "PA", "PA"]
-    assert list(df["view"]) == ["frontal", "lateral", "frontal", "frontal", "frontal"]
-    assert list(df["manufacturer"]) == ["PhilipsMedicalSystems"] * 2 + ["Agfa"] * 3
+    assert list(df["sample_id"]) == [P1, P2, P3, P4, P5, P6]
+    assert list(df["patient_id"]) == ["p1", "p1", "p2", "p3", "p3", "p4"]
+    assert list(df["sex"]) == ["M", "M", "F", None, None, "F"]
+    # age = study year - PatientBirth: 2015-1939, blank birth year, 2011-1975, 2011-1950.
+    assert list(df["age"].fillna(-1)) == [76.0, 76.0, -1, 36.0, 36.0, 61.0]
+    assert list(df["view_position"]) == ["PA", "L", "AP_horizontal", "PA", "PA", "PA"]
+    assert list(df["view"]) == ["frontal", "lateral", "frontal", "frontal", "frontal", "frontal"]
+    assert list(df["manufacturer"]) == ["PhilipsMedicalSystems"] * 2 + ["Agfa"] * 4
     assert row(df, P4)["path"] == str(padchest_root / "1" / P4)
     assert_labels(df, P1, {"No Finding": 1.0, "Cardiomegaly": 0.0, "Pleural Effusion": 0.0})
     # "['cardiomegaly', ' pleural effusion']": the leading space is part of the released strings.
@@ -301,6 +311,10 @@ def test_padchest_rows_labels_and_attributes(padchest_root):
     assert_labels(df, P3, {"Pneumonia": 1.0, "Infiltration": 1.0, "Pleural Effusion": 0.0})
     assert row(df, P4)[[c for c in df.columns if c.startswith("label:")]].isna().all()  # blank Labels
     assert_labels(df, P5, {"Atelectasis": 1.0, "Nodule": 1.0, "Hernia": 1.0, "Mass": 0.0})
+    # a child term of PadChest's hierarchy is a positive of its parent (torchxrayvision PC_Dataset's substring rule)
+    assert_labels(df, P6, {"Atelectasis": 1.0, "Fracture": 1.0, "Mass": 1.0, "Pleural Effusion": 1.0, "Nodule": 1.0,
+                           "Pleural Thickening": 1.0, "Infiltration": 1.0, "Consolidation": 1.0, "No Finding": 0.0,
+                           "Cardiomegaly": 0.0, "Edema": 0.0, "Pneumonia": 0.0, "Hernia": 0.0})
 
 
 def test_padchest_images_are_16_bit_png(padchest_root):
@@ -322,7 +336,7 @@ def test_padchest_bad_inputs(padchest_root, tmp_path):
         padchest.load(root, "all")
     csv.write_text(text)
     (root / "0" / P3).unlink()
-    with pytest.raises(DataError, match=f"1 of 5 image files are missing.*{P3}"):
+    with pytest.raises(DataError, match=f"1 of 6 image files are missing.*{P3}"):
         padchest.load(root, "all", verify_files=True)
 
 
@@ -333,5 +347,5 @@ def test_chest_fixtures_grow_with_n_and_keep_both_classes(tmp_path):
     mimic = mimic_cxr.load(write_fixture("mimic_cxr", tmp_path / "mimic", n=16), "all", verify_files=True,
                            patients="hosp/patients.csv.gz")
     assert len(mimic) == 16 and mimic["patient_id"].nunique() == 10
-    pc = padchest.load(write_fixture("padchest", tmp_path / "pc", n=10), "all", verify_files=True)
-    assert len(pc) == 10 and pc["patient_id"].nunique() == 6
+    pc = padchest.load(write_fixture("padchest", tmp_path / "pc", n=12), "all", verify_files=True)
+    assert len(pc) == 12 and pc["patient_id"].nunique() == 8

@@ -103,25 +103,6 @@ HARMONISATION: dict[str, dict[str, str]] = {
         "Mass": "Mass",
         "Hernia": "Hernia",
     },
-    # PadChest findings are lower-case strings inside a list-in-string; synonyms follow torchxrayvision PC_Dataset.
-    "padchest": {
-        "normal": "No Finding",
-        "atelectasis": "Atelectasis",
-        "cardiomegaly": "Cardiomegaly",
-        "consolidation": "Consolidation",
-        "pulmonary edema": "Edema",
-        "pleural effusion": "Pleural Effusion",
-        "pneumonia": "Pneumonia",
-        "pneumothorax": "Pneumothorax",
-        "fracture": "Fracture",
-        "infiltrates": "Infiltration",
-        "emphysema": "Emphysema",
-        "pulmonary fibrosis": "Fibrosis",
-        "pleural thickening": "Pleural Thickening",
-        "nodule": "Nodule",
-        "mass": "Mass",
-        "hiatal hernia": "Hernia",
-    },
     "ham10000": {
         "mel": "Melanoma",
         "nv": "Melanocytic Nevus",
@@ -164,6 +145,46 @@ def check_label_names(names: Sequence[str], setting: str = "labels") -> None:
             close = difflib.get_close_matches(n, CANONICAL_LABELS, n=3)
             hint = f"closest canonical names: {close}" if close else f"canonical names: {list(CANONICAL_LABELS)}"
             raise OptionError(f"unknown label {n!r}; {hint}", setting)
+
+
+PADCHEST_TERMS: dict[str, tuple[str, ...]] = {
+    "No Finding": ("normal",),
+    "Atelectasis": ("atelectasis",),
+    "Cardiomegaly": ("cardiomegaly",),
+    "Consolidation": ("consolidation", "air bronchogram"),
+    "Edema": ("edema",),
+    "Pleural Effusion": ("effusion",),
+    "Pneumonia": ("pneumonia",),
+    "Pneumothorax": ("pneumothorax",),
+    "Fracture": ("fracture",),
+    "Infiltration": ("infiltration", "infiltrates", "interstitial pattern", "ground glass pattern",
+                     "reticular interstitial pattern", "reticulonodular interstitial pattern", "alveolar pattern",
+                     "consolidation", "air bronchogram"),
+    "Emphysema": ("emphysema",),
+    "Fibrosis": ("fibrosis",),
+    "Pleural Thickening": ("pleural thickening",),
+    "Nodule": ("nodule",),
+    "Mass": ("mass",),
+    "Hernia": ("hernia",),
+}
+"""PadChest's findings (about 190 lower-case terms of a hierarchy: ``laminar atelectasis``, ``callus rib fracture``,
+``pulmonary mass``, ``loculated pleural effusion``, ``multiple nodules`` …) per canonical label. As in
+torchxrayvision's ``PC_Dataset`` (``datasets.py``), which Cohen et al. 2020 evaluate PadChest with, a label is
+positive when one of its terms is **part of** a finding, so a child term counts for its parent; the synonym lists are
+torchxrayvision's. Like there, ``effusion`` includes pericardial effusion and ``pneumothorax`` hydropneumothorax.
+``No Finding`` is the finding ``normal`` itself (``abnormal …`` is not normal)."""
+
+
+def padchest_labels(findings: Sequence[str]) -> dict[str, float]:
+    """1.0/0.0 per canonical label of :data:`PADCHEST_TERMS` for one image's findings (lower-case, stripped)."""
+    out = {}
+    for name, terms in PADCHEST_TERMS.items():
+        if name == "No Finding":
+            hit = any(f in terms for f in findings)
+        else:
+            hit = any(t in f for f in findings for t in terms)
+        out[name] = float(hit)
+    return out
 
 
 def harmonise(dataset: str, source_name: str) -> str | None:

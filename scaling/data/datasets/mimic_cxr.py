@@ -110,7 +110,9 @@ def _demographics(root: Path, patients: str | Path | None, admissions: str | Pat
             race = known.groupby("subject_id")["race"].first().where(n == 1)
             if (n > 1).any():
                 log.info("%s: %d subjects have conflicting race across admissions; race set to None", path, (n > 1).sum())
-        races = pd.DataFrame({"race": race.astype(object)})
+        # Every subject with an admission, so insurance is kept where race is unknown (None).
+        races = pd.DataFrame(index=pd.Index(a["subject_id"].unique(), name="subject_id"))
+        races["race"] = race.astype(object).reindex(races.index)
         if "insurance" in a.columns:
             races["insurance"] = a.groupby("subject_id")["insurance"].first()
         races = races.reset_index()

@@ -6,8 +6,9 @@ Layout (PadChest release of BIMCV; Bustos et al. 2020)::
     <root>/<ImageDir>/<ImageID>.png      (the release's zip folders 0 … 54), or flat: <root>/images/<ImageID>
 
 ``Labels`` holds the string of a Python list of lower-case findings (``"['pleural effusion', ' cardiomegaly']"``,
-some with a leading space); findings are mapped to canonical names through :data:`scaling.data.labels.HARMONISATION`
-and every mapped label not listed is 0.0. A row with no ``Labels`` is not labelled (NaN). A cell that is not a list
+some with a leading space) from a hierarchy of about 190 terms; a canonical label is positive when one of its terms
+is part of a finding (``laminar atelectasis`` → Atelectasis, ``callus rib fracture`` → Fracture), as in
+torchxrayvision (:data:`scaling.data.labels.PADCHEST_TERMS`), and 0.0 otherwise. A row with no ``Labels`` is not labelled (NaN). A cell that is not a list
 of strings is an error naming the ImageID. There is no official split.
 """
 
@@ -30,11 +31,10 @@ log = logging.getLogger(__name__)
 CSV_NAMES = ("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
              "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
 SPLITS = ("all",)
-SYNONYMS = L.HARMONISATION["padchest"]
 FRONTAL = ("PA", "AP", "AP_horizontal")
 LATERAL = ("L",)
 """``Projection`` codes per view; COSTAL (rib views), EXCLUDE and UNK have no view."""
-CANONICAL = tuple(dict.fromkeys(SYNONYMS.values()))
+CANONICAL = tuple(L.PADCHEST_TERMS)
 
 
 def _findings(cell, image: str, source: Path) -> list[str] | None:
@@ -79,10 +79,9 @@ def load(
         raise DataError(f"{path}: duplicate ImageID {ids[ids.duplicated()].iloc[0]!r}")
 
     findings = [_findings(cell, image, path) for cell, image in zip(raw["Labels"], ids)]
-    labels = {}
-    for name in CANONICAL:
-        synonyms = {s for s, c in SYNONYMS.items() if c == name}
-        labels[LABEL_PREFIX + name] = [np.nan if f is None else float(bool(synonyms & set(f))) for f in findings]
+    cache: dict[tuple[str, ...], dict[str, float]] = {}  # a third of the release is "['normal']"
+    per_image = [None if f is None else cache.setdefault(tuple(f), L.padchest_labels(f)) for f in findings]
+    labels = {LABEL_PREFIX + name: [np.nan if p is None else p[name] for p in per_image] for name in CANONICAL}
 
     birth = parse_numbers(raw["PatientBirth"], ids, path, "PatientBirth")
     year = parse_numbers(raw["StudyDate_DICOM"], ids, path, "StudyDate_DICOM") // 10000
