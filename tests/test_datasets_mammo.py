@@ -13,7 +13,7 @@ import pytest
 from scaling.data.datasets import cbis_ddsm, cmmd, embed, vindr_mammo
 from scaling.data.dicom import read_dicom
 from dataset_fixtures import write_fixture
-from scaling.data.table import DataError
+from scaling.data.table import DataError, apply_filters
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +310,26 @@ def test_embed_cohorts_filters_and_male_without_sex_column(roots, tmp_path, capl
     meta = pd.read_csv(other / "tables" / "EMBED_OpenData_metadata.csv", dtype=str)
     meta.drop(columns=["PatientSex"]).to_csv(other / "tables" / "EMBED_OpenData_metadata.csv", index=False)
     assert values(embed.load(other)["sex"]) == [None] * 9 + ["M"] * 2 + [None] * 2  # only tissueden 5 says M
+
+
+def test_embed_device_attributes_come_from_the_columns_the_metadata_has(roots, tmp_path, caplog):
+    df = embed.load(roots["embed"])
+    assert list(df["manufacturer"]) == ["HOLOGIC, Inc."] * 9 + ["GE MEDICAL SYSTEMS"] * 4
+    assert list(df["device_model"]) == ["Selenia Dimensions"] * 9 + ["Senographe Pristina"] * 4
+    root = copy(roots["embed"], tmp_path / "e")
+    meta_path = root / "tables" / "EMBED_OpenData_metadata.csv"
+    meta = pd.read_csv(meta_path, dtype=str)
+    meta.drop(columns=["Manufacturer"]).to_csv(meta_path, index=False)
+    only_model = embed.load(root)
+    # no column of None: a manufacturer subgroup or filter is refused naming the attributes there are
+    assert "manufacturer" not in only_model.columns and only_model["device_model"].iloc[-1] == "Senographe Pristina"
+    with pytest.raises(DataError, match="manufacturer"):
+        apply_filters(only_model, {"manufacturer": "HOLOGIC, Inc."}, "embed")
+    meta.drop(columns=["Manufacturer", "ManufacturerModelName"]).to_csv(meta_path, index=False)
+    with caplog.at_level("WARNING"):
+        neither = embed.load(root)
+    assert not {"manufacturer", "device_model"} & set(neither.columns)
+    assert "has neither a Manufacturer nor a ManufacturerModelName column" in caplog.text
 
 
 def test_embed_bad_inputs(roots, tmp_path):

@@ -92,7 +92,8 @@ def load(
     breast's findings ≥ 4; 3 per ``birads3``) and ``Malignant`` (1 if a finding's pathology is cancer, 0 if every
     finding has non-cancer pathology or a negative/benign assessment, else NaN); images of a breast without
     findings have NaN labels. Attributes: ``race``, ``ethnicity``, ``density``, ``birads``, ``laterality``,
-    ``view``, ``image_type``, ``spot_mag``, ``manufacturer``, ``exam_id``, ``cohort``.
+    ``view``, ``image_type``, ``spot_mag``, ``manufacturer`` (``Manufacturer``) and ``device_model``
+    (``ManufacturerModelName``) where the metadata has those columns, ``exam_id``, ``cohort``.
     """
     root = Path(root)
     source = f"embed({root})"
@@ -126,7 +127,6 @@ def load(
         "image_type": meta["FinalImageType"],
         "spot_mag": meta["spot_mag"].notna() & (meta["spot_mag"].astype(str).str.strip() != "")
         if "spot_mag" in meta.columns else False,
-        "manufacturer": meta["Manufacturer"] if "Manufacturer" in meta.columns else None,
         "cohort": tail.str.split("/").str[0],
         "split": tail.str.split("/").str[0],
         "sex": map_values(meta["PatientSex"], {"F": "F", "M": "M", "O": None}, sop, meta_path, "PatientSex")
@@ -134,6 +134,15 @@ def load(
     })
     if df["sample_id"].duplicated().any():
         raise DataError(f"{meta_path}: image {df.loc[df['sample_id'].duplicated(), 'sample_id'].iloc[0]!r} listed twice")
+    # Device attributes only where the metadata has them: a column of None would make a manufacturer subgroup or
+    # filter silently empty, whereas a missing one is refused naming the attributes there are.
+    devices = {"manufacturer": "Manufacturer", "device_model": "ManufacturerModelName"}
+    for attribute, column in devices.items():
+        if column in meta.columns:
+            df[attribute] = meta[column].to_numpy()
+    if not set(devices.values()) & set(meta.columns):
+        log.warning("%s has neither a Manufacturer nor a ManufacturerModelName column: the images have no device "
+                    "attribute", meta_path)
 
     # Exam-level attributes (same on every finding row of an exam): race, ethnicity, age, density.
     exam_ids = clinical["empi_anon"] + "/" + clinical["acc_anon"]
