@@ -59,6 +59,18 @@ def same(a, b):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_chexpert_csv_option_relabels_the_training_images_only(tmp_path):
+    write_chexpert(tmp_path, rows=ROWS[:2], name="train_cheXbert.csv")
+    write_chexpert(tmp_path, rows=ROWS[2:], name="train.csv")
+    valid = [r.replace("/train/", "/valid/").replace("patient0000", "patient6454") for r in ROWS[3:]]
+    write_chexpert(tmp_path, rows=valid, name="valid.csv")
+    options = {"csv": "train_cheXbert.csv"}  # what a study's data.options gives both of its splits
+    assert list(load_table("chexpert", tmp_path, "train", **options)["patient_id"]) == ["patient00001",
+                                                                                         "patient00002"]
+    assert list(load_table("chexpert", tmp_path, "valid", **options)["sample_id"]) == [
+        "valid/patient64543/study1/view1_frontal.jpg"]  # valid.csv, not the training re-labelling
+
+
 def test_chexpert_rows_and_attributes(tmp_path):
     ddir = write_chexpert(tmp_path)
     df = load_table("chexpert", tmp_path, "train")  # the parent of the release directory works too

@@ -80,6 +80,26 @@ def test_cbis_splits_abnormality_and_birads3(roots):
     assert values(strict["label:Suspicious"]) == [1.0, 1.0, None, None]
 
 
+def test_cbis_a_mammogram_with_abnormalities_in_both_splits_is_one_test_image(roots, tmp_path, caplog):
+    root = copy(roots["cbis_ddsm"], tmp_path / "c")
+    csv = root / "calc_case_description_test_set.csv"
+    calc = pd.read_csv(csv, dtype=str)
+    # the train CSVs hold a benign mass on P_00004 RIGHT MLO; a malignant calcification of that film sits in a test CSV
+    calc.loc[0, ["patient_id", "left or right breast", "image view", "pathology"]] = ["P_00004", "RIGHT", "MLO",
+                                                                                     "MALIGNANT"]
+    calc.to_csv(csv, index=False)
+    with caplog.at_level("WARNING"):
+        train = cbis_ddsm.load(root, "train")
+    assert "1 mammograms have abnormalities in both a train and a test CSV (e.g. P_00004 RIGHT MLO)" in caplog.text
+    assert list(train["sample_id"]) == [CBIS_ALL[0], CBIS_ALL[1], CBIS_ALL[3]]  # not trained on
+    test = cbis_ddsm.load(root, "test").set_index("sample_id")
+    film = test.loc["test/P_00004_RIGHT_MLO"]
+    assert film["label:Malignant"] == 1.0 and film["abnormality"] == "calcification+mass"
+    assert "/Mass-Training_P_00004_RIGHT_MLO/" in film["path"]  # the mass copy of the image
+    every = cbis_ddsm.load(root, "all")
+    assert every["sample_id"].str.endswith("P_00004_RIGHT_MLO").sum() == 1 and every["sample_id"].is_unique
+
+
 def test_cbis_nbia_layout_and_newline_in_paths(roots, tmp_path):
     root = copy(roots["cbis_ddsm"], tmp_path / "c")
     csv = root / "mass_case_description_test_set.csv"

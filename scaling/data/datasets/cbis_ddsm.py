@@ -11,8 +11,9 @@ Traps handled: the mass CSVs spell the density column ``breast_density`` and the
 path columns may end with a newline inside the quotes. One mammogram (patient, side, view) can carry several
 abnormalities, in the mass CSV, the calc CSV or both (TCIA stores a copy of the image under each), so rows are
 aggregated per mammogram: ``Malignant`` if any abnormality is MALIGNANT (BENIGN_WITHOUT_CALLBACK is benign), the
-BI-RADS ``assessment`` is the maximum, and the image is the mass copy when there is one. The CSVs carry neither
-age nor sex.
+BI-RADS ``assessment`` is the maximum, and the image is the mass copy when there is one. The mass and calc splits
+were drawn separately, so a mammogram can have abnormalities in a train and a test CSV: it is one test image. The
+CSVs carry neither age nor sex.
 """
 
 from __future__ import annotations
@@ -100,17 +101,30 @@ def load(
     if split not in SPLITS:
         raise OptionError(f"{source}: unknown split {split!r}; choose one of {list(SPLITS)}", "split")
     kinds = ("mass", "calc") if abnormality == "both" else (abnormality,)
-    splits = ("train", "test") if split == "all" else (split,)
-    rows = pd.concat([_read(root / f"{k}_case_description_{s}_set.csv", s) for s in splits for k in kinds],
+    # Both splits are read whatever ``split`` is: the mass and calc splits were drawn separately, so one mammogram
+    # can have an abnormality in a train CSV and another in a test CSV. It is one film with one label, and it
+    # belongs to the test split (the training split must not hold a film the test split scores).
+    rows = pd.concat([_read(root / f"{k}_case_description_{s}_set.csv", s) for s in ("train", "test") for k in kinds],
                      ignore_index=True)
-
-    key = ["split", "patient_id", "side", "view"]
-    grouped = rows.groupby(key, sort=False)
-    df = grouped.agg(
-        image=("image", "first"), density=("density", "first"), birads=("birads", "max"),
-        malignant=("malignant", "max"),
+    key = ["patient_id", "side", "view"]
+    df = rows.groupby(key, sort=False).agg(
+        split=("split", lambda s: "test" if (s == "test").any() else "train"),
+        n_splits=("split", "nunique"),
+        density=("density", "first"), birads=("birads", "max"), malignant=("malignant", "max"),
         abnormality=("abnormality", lambda a: "+".join(sorted(set(a)))),
     ).reset_index()
+    mass_first = rows.sort_values("abnormality", key=lambda a: a != "mass", kind="stable")
+    image = mass_first.groupby(key, sort=False)["image"].first()
+    df["image"] = image.reindex(pd.MultiIndex.from_frame(df[key])).to_numpy()
+    df = df.sort_values("split", key=lambda s: s == "test", kind="stable").reset_index(drop=True)  # train, then test
+    both = df[df["n_splits"] > 1]
+    if len(both):
+        first = both.iloc[0]
+        log.warning("%s: %d mammograms have abnormalities in both a train and a test CSV (e.g. %s %s %s); each is "
+                    "one test image whose labels take every abnormality, and none is a training image", source,
+                    len(both), first["patient_id"], first["side"], first["view"])
+    if split != "all":
+        df = df[df["split"] == split].reset_index(drop=True)
     base = root / "CBIS-DDSM" if (root / "CBIS-DDSM").is_dir() else root
     out = pd.DataFrame({
         "sample_id": df["split"] + "/" + df["patient_id"] + "_" + df["side"] + "_" + df["view"],

@@ -202,13 +202,17 @@ def load(
         unique_patients: keep the first image (file order) of each patient; off by default.
         demographics: None = use ``CHEXPERT DEMO.xlsx/.csv`` if present; a path; True = required; False = never.
         split_file: official split CSV (``,index,split``), relative paths are taken from the dataset directory.
-        csv: label file to read instead of ``<split>.csv`` (e.g. ``train_cheXbert.csv``).
+        csv: label file to read instead of ``train.csv`` (e.g. ``train_cheXbert.csv``, a re-labelling of the training
+            images); the ``valid`` split is always ``valid.csv`` (its radiologists' labels), so one ``data.options``
+            serves a study's train and valid splits.
     """
     ddir = dataset_dir(root)
     allowed = OFFICIAL_SPLITS if split_file else SPLITS
     if split not in allowed:
         raise OptionError(f"chexpert: unknown split {split!r}; choose one of {list(allowed)}", "split")
-    csv_name = csv or ("valid.csv" if split == "valid" else "train.csv")
+    if csv and split == "valid":
+        log.info("chexpert: csv=%r re-labels the training images; the valid split is read from valid.csv", csv)
+    csv_name = "valid.csv" if split == "valid" else csv or "train.csv"
     csv_path = ddir / csv_name
     raw = read_csv_text(csv_path, COLUMNS)
     if split_file:
