@@ -246,6 +246,20 @@ def test_a_label_with_one_class_is_left_out_of_the_macro_and_said_once(caplog):
     assert len(warned) == 1 and "[2]" in warned[0].getMessage()
 
 
+def test_a_one_label_task_validates_and_evaluates_like_sklearn():
+    data = ToyDataset(40, seed=5)
+    data.targets = data.targets[:, :1].clone()  # one label: a binary task such as malignant or not
+    model = vit()
+    model.reset_classifier(1)
+    trainer = Trainer(model, TrainConfig(batch_size=8, steps=2, eval_every=1), NONE)
+    trainer.fit(data, data)  # validates at every step and at the end
+    out = trainer.predict(data, batch_size=8)
+    got = trainer.evaluate(data, batch_size=8)
+    trainer.close()
+    assert out["logits"].shape == (40, 1) and np.isnan(out["target"]).any()
+    assert got["auroc"] == pytest.approx(sklearn_macro_auroc(out["logits"], out["target"]), abs=1e-6)
+
+
 def test_multiclass_validation_auroc_is_one_vs_rest_over_labelled_samples():
     data = ToyDataset(40, seed=4, multiclass=True, unlabelled=0.25)
     trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=1), NONE, loss="multiclass")

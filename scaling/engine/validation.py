@@ -6,6 +6,8 @@ over ``torch.distributed``, so every rank gets the value of the whole validation
 
 * ``multilabel``: :class:`torchmetrics.classification.MultilabelAUROC`, one AUROC per label over its labelled
   samples: a NaN target (missing, or uncertain under the dataset's uncertainty policy) becomes ``ignore_index``.
+  A one-label (binary) task uses :class:`~torchmetrics.classification.BinaryAUROC` the same way (the multilabel
+  metric needs two labels).
 * ``multiclass``: :class:`torchmetrics.classification.MulticlassAUROC`, one-vs-rest per class over the samples with
   a class (index -1 = unlabelled is ``ignore_index``).
 
@@ -43,9 +45,11 @@ class ValidationAUROC:
         self._warned = False
 
     def _build(self, num_outputs: int):
-        from torchmetrics.classification import MulticlassAUROC, MultilabelAUROC
+        from torchmetrics.classification import BinaryAUROC, MulticlassAUROC, MultilabelAUROC
 
-        if self.kind == "multilabel":
+        if self.kind == "multilabel" and num_outputs == 1:
+            metric = BinaryAUROC(ignore_index=IGNORE)
+        elif self.kind == "multilabel":
             metric = MultilabelAUROC(num_labels=num_outputs, average=None, ignore_index=IGNORE)
         else:
             metric = MulticlassAUROC(num_classes=num_outputs, average=None, ignore_index=IGNORE)
@@ -76,11 +80,13 @@ class ValidationAUROC:
         else:
             scores = torch.softmax(logits.double(), dim=-1)
             target = target.long()
-        self._metric.update(scores, target)  # an empty update (a rank with no own sample) adds nothing
+        binary = self.kind == "multilabel" and num_outputs == 1
+        # an empty update (a rank with no own sample) adds nothing
+        self._metric.update(*((scores[:, 0], target[:, 0]) if binary else (scores, target)))
         with warnings.catch_warnings():
             # A label with one class only: torchmetrics warns at every call; it is left out below, and said once.
             warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
-            per_label = self._metric.compute().double()
+            per_label = self._metric.compute().double().reshape(-1)
         self._metric.reset()
         counts = self._counts(target, num_outputs).to(per_label.device)
         both = (counts > 0).all(0)
