@@ -48,7 +48,7 @@ def print_supported_comparisons(path: Path, alpha: float = 0.05) -> None:
         return
     c = pd.read_csv(path)
     macro = c[c["label"] == "macro"]
-    if macro.empty:  # no two cells differ in one axis
+    if macro.empty:  # no two cells differ in backbone or pretraining source only
         return
     held = macro[macro["p_holm"] < alpha]
     print(f"\n{len(held)} of {len(macro)} paired comparisons (macro AUROC) hold after Holm's adjustment at {alpha}"

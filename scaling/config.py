@@ -133,7 +133,8 @@ class EvalSetConfig:
     """Name used in the run store and reports (e.g. ``ood_site_b``, ``nih``); unique among ``data.ood`` and none of
     ``train``, ``val``, ``test`` (the study's own splits)."""
     dataset: str = ""
-    """Dataset name in ``scaling.data``; empty = the training dataset."""
+    """Dataset name in ``scaling.data`` or the dotted import path of a loader module of your own; empty = the
+    training dataset."""
     root: str = ""
     """Dataset root; empty = the training dataset's root."""
     split: str = "test"

@@ -2,9 +2,12 @@
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -227,3 +230,63 @@ def test_a_dry_run_under_several_processes_prints_the_plan_once(relaunched, monk
     monkeypatch.setenv("RANK", "0")
     assert scale_study.main(["--config", str(config), "--dry-run"]) == 0
     assert "1 runs, 1 complete" in capsys.readouterr().out
+
+
+OWN_LOADER = '''"""A lab's own lesion photos: <root>/labels.csv (image, patient, lesion, sex, age) and <root>/images/*.png."""
+from pathlib import Path
+
+import pandas as pd
+
+SPLITS = ("all",)
+
+
+def load(root, split, *, site="a"):
+    root = Path(root)
+    df = pd.read_csv(root / "labels.csv")
+    return pd.DataFrame({"sample_id": df["image"], "patient_id": df["patient"].astype(str),
+                         "path": [str(root / "images" / i) for i in df["image"]], "sex": df["sex"],
+                         "age": df["age"].astype(float), "label:Lesion": df["lesion"].astype(float), "site": site})
+'''
+
+
+def test_a_dataset_of_your_own_by_module_path_with_its_own_label_names(tmp_path):
+    """The loader is named by its import path in the config, so the launch (a fresh process) imports it itself;
+    its label ``Lesion`` is no canonical name, and a typo of it is still refused."""
+    from PIL import Image
+
+    from study_launch import command, env, study_config
+
+    (tmp_path / "lablib").mkdir()
+    (tmp_path / "lablib" / "__init__.py").write_text("")
+    (tmp_path / "lablib" / "lesions.py").write_text(OWN_LOADER)
+    data = tmp_path / "photos"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(80):
+        lesion = i % 2
+        pixels = rng.integers(0, 120, (32, 32, 3)) + 100 * lesion  # learnable: lesions are brighter
+        Image.fromarray(pixels.astype(np.uint8)).save(data / "images" / f"p{i:03d}.png")
+        rows.append({"image": f"p{i:03d}.png", "patient": i // 2, "lesion": lesion, "sex": "FM"[i % 3 % 2],
+                     "age": 30 + i % 40})
+    pd.DataFrame(rows).to_csv(data / "labels.csv", index=False)
+    config = study_config(tmp_path, tmp_path / "store", ood=False)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"] = {**cfg["data"], "dataset": "lablib.lesions", "root": str(data), "labels": ["Lesion"],
+                   "options": {"site": "lab"}, "subgroups": ["sex"]}
+    cfg["cka"] = {"enabled": False}
+    config.write_text(yaml.safe_dump(cfg))
+    path = f"{tmp_path}{os.pathsep}{env()['PYTHONPATH']}"
+    done = subprocess.run(command(config), env=env(PYTHONPATH=path), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = pd.read_csv(tmp_path / "store" / "results.csv")
+    assert list(results["status"]) == ["complete"] and 0 <= results["auroc_test"].iloc[0] <= 1
+    (run,) = (tmp_path / "store" / "runs").iterdir()
+    test = pd.read_parquet(run / "predictions" / "test.parquet")
+    assert "label:Lesion" in test.columns and set(test["label:Lesion"]) == {0.0, 1.0}
+    typo = subprocess.run(command(config, "data.labels=[Lesoin]", "--dry-run"), env=env(PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "data.labels: unknown label 'Lesoin'" in typo.stderr
+    missing = subprocess.run(command(config, "data.dataset=lablib.nope", "--dry-run"), env=env(PYTHONPATH=path),
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "dataset 'lablib.nope': no registered dataset has this name" in missing.stderr

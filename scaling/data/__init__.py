@@ -4,7 +4,7 @@ Entry point: :func:`load_table` (``load_table("chexpert", root, "train", uncerta
 imported lazily from :data:`scaling.data.registry.DATASETS`, so importing this package stays cheap.
 """
 
-from scaling.data.registry import DATASETS, available, load_table
+from scaling.data.registry import DATASETS, available, load_table, register_dataset
 from scaling.data.table import LABEL_PREFIX, DataError, label_columns, label_names, validate_table
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "label_columns",
     "label_names",
     "load_table",
+    "register_dataset",
     "validate_table",
 ]

@@ -274,15 +274,18 @@ def apply_label_policy(
     return out
 
 
-def select_labels(df: pd.DataFrame, names: Sequence[str], source: str | None = "this dataset") -> pd.DataFrame:
+def select_labels(df: pd.DataFrame, names: Sequence[str], source: str | None = "this dataset",
+                  known: Sequence[str] = ()) -> pd.DataFrame:
     """Return ``df`` with exactly the label columns ``label:<name>`` for ``names``, in that order.
 
     Labels the dataset lacks become all-NaN columns (never 0), and a warning naming ``source`` lists them (none
-    when ``source`` is None); other label columns are dropped. Names must be canonical.
+    when ``source`` is None); other label columns are dropped. A name must be canonical, a label of ``df`` itself
+    (a loader of your own may name its labels freely) or one of ``known`` (e.g. the study's training labels, which
+    another dataset lacks).
     """
     names = list(names)
-    check_label_names(names)
     present = set(label_names(df))
+    check_label_names([n for n in names if n not in present and n not in known])
     missing = [n for n in names if n not in present]
     if missing and source is not None:
         log.warning("labels %s are not in %s; they are NaN (excluded from loss and metrics)", missing, source)

@@ -4,6 +4,11 @@ Each loader module exposes ``load(root, split, **options) -> DataFrame`` (a samp
 :mod:`scaling.data.table`), a ``SPLITS`` tuple and a module docstring describing its on-disk layout. Lazy import
 keeps ``import scaling.data`` cheap and lets a dataset's optional dependencies (pydicom, openpyxl) load only when
 that dataset is used.
+
+Your own dataset: write such a module and name it by its dotted import path wherever a dataset name goes
+(``data.dataset: mylab.loaders.lesions``, ``load_table("mylab.loaders.lesions", root, "all")``): every process of a
+launch imports it itself, so nothing has to be registered in each rank. :func:`register_dataset` gives it a short
+name within one process (docs/data.md, "Your own dataset").
 """
 
 from __future__ import annotations
@@ -50,12 +55,39 @@ def available() -> list[str]:
     return [n for n, m in DATASETS.items() if importlib.util.find_spec(m) is not None]
 
 
+def register_dataset(name: str, module: str) -> None:
+    """Register loader module ``module`` (a dotted import path) under ``name`` in this process. A study launched
+    with ``accelerate launch`` runs in fresh processes: name the module itself in ``data.dataset`` there."""
+    if not name or not module:
+        raise ValueError("register_dataset needs a name and a module path")
+    DATASETS[name] = module
+
+
+def _own_loader(name: str) -> ModuleType:
+    """The loader module at dotted path ``name``, checked for the loader contract."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise DataError(f"dataset {name!r}: no registered dataset has this name, and importing it as a loader module "
+                        f"failed ({e}); is its package installed or on PYTHONPATH?") from None
+    missing = [a for a in ("load", "SPLITS") if not hasattr(module, a)]
+    if missing or not callable(getattr(module, "load", None)):
+        raise DataError(f"dataset {name!r}: module {module.__file__} is not a loader: it needs load(root, split, "
+                        f"**options) returning a sample table and a SPLITS tuple (missing: {missing or ['load()']}); "
+                        f"see docs/data.md, 'Your own dataset'")
+    return module
+
+
 def get_loader(name: str) -> ModuleType:
-    """Import and return the loader module of dataset ``name``; unknown names list the valid ones."""
+    """Import and return the loader module of dataset ``name`` (a registered name, or the dotted import path of a
+    loader module of your own); unknown names list the valid ones."""
     if name not in DATASETS:
+        if "." in name:
+            return _own_loader(name)
         close = difflib.get_close_matches(name, DATASETS, n=3)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; valid names: {sorted(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}{hint}; valid names: {sorted(DATASETS)}, or the dotted import "
+                        f"path of a loader module of your own (docs/data.md, 'Your own dataset')")
     module = DATASETS[name]
     if importlib.util.find_spec(module) is None:
         raise DataError(f"dataset {name!r}: loader module {module} is not available in this installation")

@@ -125,7 +125,8 @@ def _compare(args, df: pd.DataFrame) -> int:
     per_label = not (args.subgroups or args.brier)
     shown = table[table["label"] == args.label] if per_label and args.label != "all" else table
     if shown.empty:
-        print("no comparison (needs two cells that differ in one axis, with stored predictions"
+        print("no comparison (needs two cells that differ in backbone or in pretraining source only, with stored "
+              "predictions"
               + (", and subgroups with metric rows" if args.subgroups else "")
               + ("" if args.label == "all" or not per_label or table.empty else f", and label {args.label!r}")
               + ")")

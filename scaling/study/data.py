@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.config import DataConfig, EvalSetConfig, StudyConfig
-from scaling.data.table import DataError, OptionError, add_age_group, apply_filters
+from scaling.data.table import DataError, OptionError, add_age_group, apply_filters, label_names
 from scaling.engine.ranks import is_main_process
 from scaling.io import atomic_write_text, read_parquet_columns
 from scaling.study.coordination import once
@@ -105,7 +105,8 @@ def _prepare(df: pd.DataFrame, d: DataConfig, source: str, training_data: bool, 
     must agree with their groups (``scaling.data.labels.check_derived_labels``)."""
     from scaling.data.labels import check_derived_labels, one_of_k_labels, select_labels
 
-    out = select_labels(df, [*d.labels, *d.derived_labels], source=source if warn_missing else None)
+    out = select_labels(df, [*d.labels, *d.derived_labels], source=source if warn_missing else None,
+                        known=[*d.labels, *d.derived_labels])  # checked against the training table
     if d.task == "multiclass":
         out = one_of_k_labels(out, d.labels, source)
         if training_data:
@@ -119,13 +120,15 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     from scaling.data.registry import get_loader
     from scaling.data.splits import patient_split
 
-    from scaling.data.labels import check_label_names
+    from scaling.data.labels import CANONICAL_LABELS, check_label_names
 
     d = cfg.data
-    with _fields(labels="data.labels"):  # before any table is read
-        check_label_names(d.labels)
-    with _fields(labels="data.derived_labels"):
-        check_label_names(d.derived_labels)
+    own = not get_loader(d.dataset).__name__.startswith("scaling.")
+    if not own:  # a shipped loader names canonical labels only: a typo is refused before any table is read
+        with _fields(labels="data.labels"):
+            check_label_names(d.labels)
+        with _fields(labels="data.derived_labels"):
+            check_label_names(d.derived_labels)
     root = _resolve_root(cfg, d.root)
     if not d.test_split and d.train_split != "all" and "test" in getattr(get_loader(d.dataset), "SPLITS", ()):
         log.warning("%s has an official 'test' split, but data.test_split is empty: the in-distribution test set is "
@@ -134,6 +137,10 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     where = f"{d.dataset} (data.filters)"
     with _fields(split="data.train_split", options="data.options"):
         full = apply_filters(load_table(d.dataset, root, d.train_split, **d.options), d.filters, where)
+    theirs = set(label_names(full))
+    for field_name, names in (("data.labels", d.labels), ("data.derived_labels", d.derived_labels)):
+        with _fields(labels=field_name):  # a loader of your own may name its labels freely
+            check_label_names([n for n in names if n not in theirs and n not in CANONICAL_LABELS])
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
     carve = {}
