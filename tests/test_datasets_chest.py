@@ -317,6 +317,19 @@ def test_padchest_rows_labels_and_attributes(padchest_root):
                            "Cardiomegaly": 0.0, "Edema": 0.0, "Pneumonia": 0.0, "Hernia": 0.0})
 
 
+def test_computed_ages_outside_0_to_120_come_from_a_wrong_date(padchest_root, tmp_path, caplog):
+    root = _copy(padchest_root, tmp_path / "p")
+    csv = root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    table = pd.read_csv(csv, dtype=str)
+    table.loc[0, "PatientBirth"] = "2016.0"  # born after the 2015 study
+    table.loc[5, "PatientBirth"] = "1850.0"  # 161 at the 2011 study
+    table.to_csv(csv, index=False)
+    with caplog.at_level("INFO"):
+        df = padchest.load(root, "all")
+    assert list(df["age"].fillna(-1)) == [-1, 76.0, -1, 36.0, 36.0, -1]
+    assert "2 computed ages (StudyDate_DICOM year − PatientBirth) outside [0, 120] set to NaN" in caplog.text
+
+
 def test_padchest_images_are_16_bit_png(padchest_root):
     img = Image.open(padchest_root / "0" / P1)
     assert img.mode == "I;16" and np.asarray(img).dtype == np.uint16 and np.asarray(img).max() > 255

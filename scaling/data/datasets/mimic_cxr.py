@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, map_values, parse_numbers,
-                                          read_csv, require_ids, select_split)
+from scaling.data.datasets.readers import (chest_view, computed_ages, filter_views, find_file, finish, map_values,
+                                          parse_numbers, read_csv, require_ids, select_split)
 from scaling.data.table import LABEL_PREFIX, DataError, OptionError
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,8 @@ def load(
         demo["subject_id"] = demo["subject_id"].astype(str)
         df = df.drop(columns=["sex"]).merge(demo, on="subject_id", how="left")
         study_year = _study_year(df["StudyDate"], df["dicom_id"], meta_path)
-        df["age"] = df["anchor_age"] + study_year - df["anchor_year"]
+        df["age"] = computed_ages(df["anchor_age"] + study_year - df["anchor_year"], df["dicom_id"], meta_path,
+                                  "anchor_age + StudyDate year − anchor_year")
     if races is not None:
         races["subject_id"] = races["subject_id"].astype(str)
         df = df.merge(races, on="subject_id", how="left")

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from scaling.data import labels as L
-from scaling.data.datasets.readers import (chest_view, filter_views, find_file, finish, index_images, map_values,
-                                  only_all_split, parse_numbers, read_csv, require_ids)
+from scaling.data.datasets.readers import (chest_view, computed_ages, filter_views, find_file, finish, index_images,
+                                          map_values, only_all_split, parse_numbers, read_csv, require_ids)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def load(
         "sample_id": ids,
         "patient_id": raw["PatientID"],
         "sex": map_values(raw["PatientSex_DICOM"], {"M": "M", "F": "F", "O": None}, ids, path, "PatientSex_DICOM"),
-        "age": year - birth,
+        "age": computed_ages(year - birth, ids, path, "StudyDate_DICOM year − PatientBirth"),
         **labels,
         "view": chest_view(raw["Projection"], FRONTAL, LATERAL),
         "view_position": raw["Projection"],

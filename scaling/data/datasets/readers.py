@@ -247,6 +247,17 @@ def drop_implausible_ages(age: pd.Series, ids: pd.Series, source: str | Path, co
     return age.where(~implausible)
 
 
+def computed_ages(age: pd.Series, ids: pd.Series, source: str | Path, how: str) -> pd.Series:
+    """Ages a loader computes from dates (``how``, e.g. ``StudyDate_DICOM − PatientBirth``): one outside
+    [0, :data:`MAX_AGE`] comes from a wrong date, not an age someone entered, so it becomes NaN, logged with the
+    file, the count and example rows, rather than refusing the release for one date."""
+    implausible = ((age < 0) | (age > MAX_AGE)).to_numpy()
+    if implausible.any():
+        log.info("%s: %d computed ages (%s) outside [0, %d] set to NaN, e.g. row %s", source, int(implausible.sum()),
+                 how, MAX_AGE, _examples(ids[implausible]))
+    return age.where(~implausible)
+
+
 def parse_ages(values: pd.Series, ids: pd.Series, source: str | Path, column: str, *,
                in_file_order: bool = True) -> pd.Series:
     """Age cells as years under the policy every loader shares: blank → NaN; a non-number or a negative age is a
