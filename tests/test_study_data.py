@@ -270,3 +270,15 @@ def test_each_ood_set_resamples_from_a_stream_of_its_own():
     shared = ClusterBootstrap(np.array([f"q{i}" for i in range(60)], dtype=object), n_boot=200, seed=0).counts
     assert np.array_equal(test, shared)  # what a shared stream did
     assert abs(np.corrcoef(test.ravel(), ood.ravel())[0, 1]) < 0.03
+
+
+def test_val_and_test_sharing_images_is_warned_about(nih, caplog):
+    _, base = nih
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
+        load_study_data(load_config(None, base))
+    assert "the val and test sets share" not in caplog.text  # val carved from the training patients
+    with caplog.at_level("WARNING", logger="scaling.study.data"):
+        data = load_study_data(load_config(None, [*base, "data.val_split=test"]))  # both NIH's test list
+    n = len(data.test)
+    assert f"the val and test sets share {n} of the test set's {n} images" in caplog.text
+    assert "calibration and threshold metrics are optimistic" in caplog.text

@@ -175,6 +175,12 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
             log.warning("the %s set (official split %r) shares %d of its %d patients with the training set: its "
                         "metrics are optimistic for them (e.g. patient %r)", name, split, len(shared),
                         table["patient_id"].nunique(), sorted(shared)[0])
+    both = seen_images(test, val)
+    if both.any():  # e.g. val_split and test_split both CheXpert's `valid`: allowed, but not silently
+        log.warning("the val and test sets share %d of the test set's %d images (e.g. sample %r): the temperature and "
+                    "thresholds fitted on val are scored on the same images, so the test set's calibration and "
+                    "threshold metrics are optimistic; name disjoint splits in data.val_split and data.test_split",
+                    int(both.sum()), len(test), test.loc[both, "sample_id"].iloc[0])
     ood = {}
     for i, e in enumerate(d.ood):
         eroot = _resolve_root(cfg, e.root) if e.root else root
