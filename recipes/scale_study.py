@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = plan(cfg)
                 print(p.drop(columns=["run_id"]).to_string(index=False))
                 print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete, {int((p.todo != '').sum())} "
-                      f"with work to do; {int(p.images_processed[p.status != 'complete'].sum()):,} images to process")
+                      f"with work to do; {int(p.images_todo.sum()):,} images to process")
                 return 0
             table = run_study(cfg, report=not args.no_report)
             if is_main_process():

@@ -1,6 +1,7 @@
 """The study runner end to end on synthetic CheXpert data: an interrupted study completed, one run id one result,
 a study grown in place, conflicts refused."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -15,9 +16,10 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from scaling.config import ConfigError, load_config
+from scaling.config import ConfigError, EvalSetConfig, load_config
 from scaling.data.table import DataError
 from scaling.study.grid import expand_grid, run_id
+from scaling.study.data import load_study_data
 from scaling.study.runner import plan, run_study
 from scaling.study.store import RunStore, StoreError
 from study_launch import assert_same_results, count, launch, results, study_config
@@ -128,7 +130,14 @@ def test_rerun_skips_everything_and_dry_run_reports_done(interrupted_then_comple
     run_study(cfg, report=False)
     assert (store.run_dir(first) / "DONE").stat().st_mtime_ns == before
     p = plan(cfg)
-    assert list(p["status"]) == ["complete"] * 4
+    assert list(p["status"]) == ["complete"] * 4 and list(p["images_todo"]) == [0] * 4
+    # a new evaluation set: each finished run reads that set's images only, no training image
+    again = EvalSetConfig(name="site_b_again", root="synthetic:b", split="train")
+    more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, ood=(*cfg.data.ood, again)))
+    p = plan(more)
+    n_again = len(load_study_data(more).ood["site_b_again"])
+    assert list(p["todo"]) == ["evaluate site_b_again"] * 4 and list(p["images_todo"]) == [n_again] * 4
+    assert (p["images_processed"] > n_again).all()  # the run's whole cost, training included
 
 
 def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupted_then_completed, tmp_path):

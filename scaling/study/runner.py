@@ -771,14 +771,28 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _images_todo(work: Work | None, train_images: int, data: StudyData) -> int:
+    """Images the next launch reads for a run: training and every evaluation set when it trains, the missing sets
+    when it only evaluates, none to rescore metrics from stored predictions (CKA's few images not counted)."""
+    if work is None:
+        return 0
+    sets = data.eval_sets()
+    if work.kind == "train":
+        return train_images + sum(len(t) for t in sets.values())
+    if work.kind == "evaluate":
+        return sum(len(sets[name]) for name in work.eval_sets if name in sets)
+    return 0
+
+
 def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
     Reads the dataset metadata and checks that every image file exists (no image is decoded; the synthetic demo
     data is generated if absent) to size every run: training patients/images after the data fraction, optimizer
-    steps, images processed (train + eval) and, where a finished run of the same backbone recorded its speed, an estimated time. ``todo`` is what the next
-    launch would do for the run (``train``, ``evaluate <sets>``, ``metrics`` or empty) and ``claimed_by`` the host
-    and pid of a launch working on it now.
+    steps, images processed (train + eval), ``images_todo`` (what the next launch reads for it: a finished run that
+    only lacks an evaluation set needs no training image) and, where a finished run of the same backbone recorded
+    its speed, an estimated time. ``todo`` is what the next launch would do for the run (``train``, ``evaluate
+    <sets>``, ``metrics`` or empty) and ``claimed_by`` the host and pid of a launch working on it now.
     """
     from scaling.engine.schedule import total_steps
     from scaling.models import model_info
@@ -814,7 +828,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
             "status": store.status(rid), "todo": work.describe() if work else "",
             "claimed_by": f"{owner['host']}:{owner['pid']}" if owner else "",
             "train_patients": int(train["patient_id"].nunique()), "train_images": len(train), "steps": steps,
-            "images_processed": images + n_eval,
+            "images_processed": images + n_eval, "images_todo": _images_todo(work, images, data),
             "est_minutes": round((images + n_eval) / ips / 60, 1) if ips else math.nan, "run_id": rid,
         })
     return pd.DataFrame(rows)
