@@ -282,3 +282,20 @@ def test_interval_coverage_compares_plain_and_rescaled_intervals_on_the_same_stu
         assert 1.15 < rows[name][2] < (5 / 4) ** 0.5 * 1.42, (name, proc.stdout)
     assert rows["data efficiency"][2] > 1.3, proc.stdout
     assert all(0 <= v <= 1 for plain, now, _ in rows.values() for v in (plain, now))
+
+
+def test_or_type1_error_prints_every_rule_per_number_of_seeds():
+    """``or_type1_error.py`` on a few studies: one row per τ and number of seeds, the library's p-value that of r − 1
+    below ``HILLIS_MIN_SEEDS`` seeds and Hillis's from there on (the same studies, so the rates agree exactly)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "or_type1_error.py"), "--studies", "30",
+                           "--seeds", "2,5", "--taus", "0.3", "--gap", "0"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "type-I error (true null):" and "power" not in proc.stdout, proc.stdout
+    header, rows = lines[2].split(), [ln.split() for ln in lines[3:]]
+    got = [dict(zip(header, row)) for row in rows]
+    assert [(r["seeds"], r["method"]) for r in got] == [("2", "or"), ("5", "or-hillis")], proc.stdout
+    assert got[0]["library"] == got[0]["r-1"] and got[1]["library"] == got[1]["hillis"], proc.stdout
+    assert all(0 <= float(r[k]) <= 1 for r in got for k in ("hillis", "r-1", "library")), proc.stdout
+

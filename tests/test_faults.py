@@ -287,6 +287,29 @@ def test_a_lost_or_damaged_metrics_file_is_rescored_from_the_stored_predictions(
     assert launch(config).returncode == 0 and snapshot(store / "runs") == before  # repaired: nothing left to do
 
 
+def test_runs_scored_under_older_metric_definitions_are_rescored_not_mixed(reference, tmp_path):
+    # A store scored before a stored row changed its definition (SCORING_VERSION: the macro worst-group AUROC and
+    # AUROC gap) records metric settings without that version, or with an older one: every finished run is
+    # rescored from its predictions (nothing trained), so no results table mixes rows of two definitions.
+    from scaling.metrics.run_metrics import SCORING_VERSION
+    from scaling.study.runner import metric_settings, pending_work
+
+    ref, ids = reference
+    store = tmp_path / "store"
+    shutil.copytree(ref, store, ignore=shutil.ignore_patterns("cache", "locks", "events.jsonl"))
+    cfg = load_config(study_config(tmp_path, store, **GRID))
+    runs, specs = RunStore(store), expand_grid(cfg)
+    assert metric_settings(cfg)["scoring"] == SCORING_VERSION
+    assert all(pending_work(cfg, runs, spec) is None for spec in specs)  # as scored: nothing to do
+    older = [{k: v for k, v in metric_settings(cfg).items() if k != "scoring"},
+             {**metric_settings(cfg), "scoring": SCORING_VERSION - 1}]
+    for spec, settings in zip(specs, older * len(specs)):
+        rid = run_id(cfg, spec)
+        runs.write_evaluation(rid, {**runs.read_evaluation(rid), "metrics": settings})
+        work = pending_work(cfg, runs, spec)
+        assert work is not None and work.kind == "metrics", (rid, work)
+
+
 def test_a_damaged_predictions_file_is_named_when_a_launch_rescores(reference, tmp_path):
     ref, ids = reference
     store = tmp_path / "store"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import kstest
 
-from scaling.metrics import auroc, bootstrap_ci, delong_ci, delong_components, delong_test, holm
+from scaling.metrics import MetricWarning, auroc, bootstrap_ci, delong_ci, delong_components, delong_test, holm
 
 
 def test_hand_worked_example():
@@ -63,8 +63,27 @@ def test_too_few_samples_of_a_class_give_nan_variance_not_a_false_verdict():
     assert res.diff == 0.5 and np.isnan(res.se) and np.isnan(res.p_value)
     ci = delong_ci([1.0, 0.0, 0.0], [0.9, 0.2, 0.5])
     assert ci.auroc == 1.0 and np.isnan(ci.lo) and np.isnan(ci.hi)
-    same = delong_test([1.0, 0.0, 0.0, 1.0], [0.9, 0.2, 0.5, 0.6], [0.9, 0.2, 0.5, 0.6])
-    assert same.diff == 0 and same.p_value == 1.0
+
+
+def test_zero_variance_gives_nan_p_and_interval_not_certainty():
+    # y = (1, 1, 0, 0); a = (0.9, 0.8, 0.2, 0.1) separates perfectly: V10 = (1, 1), V01 = (1, 1), AUROC 1;
+    # b = 0.5 everywhere ties every pair: V10 = V01 = (1/2, 1/2), AUROC 1/2. Every component is constant, so
+    # DeLong's variance is S10/2 + S01/2 = 0 for both and for their difference: four patients leave nothing to refer
+    # the difference 1/2 to. Before, the test said p = 0 with the interval [0.5, 0.5], and the AUROC [1, 1].
+    y, a, b = [1.0, 1.0, 0.0, 0.0], [0.9, 0.8, 0.2, 0.1], [0.5, 0.5, 0.5, 0.5]
+    with pytest.warns(MetricWarning, match="variance of the AUROC difference"):
+        res = delong_test(y, a, b)
+    assert (res.auroc_a, res.auroc_b, res.diff, res.se) == (1.0, 0.5, 0.5, 0.0)
+    assert np.isnan(res.z) and np.isnan(res.p_value) and np.isnan(res.lo) and np.isnan(res.hi)
+    for scores, value in ((a, 1.0), (b, 0.5)):
+        with pytest.warns(MetricWarning, match="variance of the AUROC"):
+            ci = delong_ci(y, scores)
+        assert (ci.auroc, ci.se) == (value, 0.0) and np.isnan(ci.lo) and np.isnan(ci.hi)
+    # Two identical models: the difference's variance is 0 up to rounding; no test either (Holm leaves it out).
+    with pytest.warns(MetricWarning):
+        same = delong_test([1.0, 0.0, 0.0, 1.0], [0.9, 0.2, 0.5, 0.6], [0.9, 0.2, 0.5, 0.6])
+    assert same.diff == 0 and same.se == 0 and np.isnan(same.p_value) and np.isnan(same.lo)
+    np.testing.assert_allclose(holm([same.p_value, 0.02, 0.04]), [np.nan, 0.04, 0.04])
 
 
 def test_one_class_and_bad_input():

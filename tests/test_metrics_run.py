@@ -118,10 +118,62 @@ def test_subgroup_rows(result, preds):
     eod = _row(sub, group="all", metric="eod").value
     assert eod == max(_row(sub, group="all", metric="tpr_gap").value, _row(sub, group="all", metric="fpr_gap").value)
     assert len(rows[(rows.label == "Edema") & rows.metric.str.startswith("underdiagnosis")]) == 0
+    # the macro summaries are those of the groups' macro AUROCs (test_macro_worst_group_is_over_the_group_macros)
+    macros = {g: _row(rows, eval_set="test", label="macro", attribute="sex", group=g, metric="auroc").value
+              for g in ["F", "M"]}
     worst_macro = _row(rows, eval_set="test", label="macro", attribute="sex", group="all", metric="worst_group_auroc")
-    per_label = rows[(rows.eval_set == "test") & (rows.attribute == "sex") & (rows.metric == "worst_group_auroc")
-                     & (rows.label != "macro")]
-    assert worst_macro.value == pytest.approx(per_label.value.mean())
+    assert worst_macro.value == pytest.approx(min(macros.values()), abs=1e-12)
+
+
+def _crossed_groups(n_per_group=40, seed=0):
+    """Two labels whose worst group differs: A separates the classes well in F and poorly in M, B the other way
+    round (less so); plus a group U below the minimum size and rows without the attribute."""
+    rng = np.random.default_rng(seed)
+    sex = np.array(["F"] * n_per_group + ["M"] * n_per_group + ["U"] * 5 + [None] * 6, dtype=object)
+    n = sex.size
+    df = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
+                       "sex": sex})
+    for lab, strength in (("A", {"F": 2.0, "M": 0.3}), ("B", {"F": 0.8, "M": 2.5})):
+        y = (rng.random(n) < 0.4).astype(float)
+        y[:2], y[2:4], y[n_per_group:n_per_group + 2], y[n_per_group + 2:n_per_group + 4] = 1, 0, 1, 0
+        z = np.array([strength.get(g, 1.0) for g in sex]) * y + rng.normal(size=n)
+        df[f"label:{lab}"], df[f"logit:{lab}"], df[f"prob:{lab}"] = y, z, expit(z)
+    return df
+
+
+def test_macro_worst_group_is_over_the_group_macros():
+    # Hand-made: per label the worst group differs (A: M, B: F), so the mean over labels of each label's worst
+    # group lies below every group's macro AUROC. The macro rows must be the smallest group macro AUROC and the
+    # spread of the group macros, as the report's group table shows them; the per-label rows stay per label.
+    test = _crossed_groups()
+    cfg = EvalConfig(n_boot=200, min_group_size=10)
+    rows, _ = compute_run_metrics({"val": _crossed_groups(seed=1), "test": test}, ["A", "B"], ["sex"], cfg)
+    ref = {(lab, g): roc_auc_score(test.loc[test.sex == g, f"label:{lab}"], test.loc[test.sex == g, f"prob:{lab}"])
+           for lab in "AB" for g in "FM"}
+    group_macro = {g: (ref["A", g] + ref["B", g]) / 2 for g in "FM"}
+    sub = rows[(rows.eval_set == "test") & (rows.attribute == "sex")]
+    for g in "FM":
+        assert _row(sub, label="macro", group=g, metric="auroc").value == pytest.approx(group_macro[g], abs=1e-12)
+    worst = _row(sub, label="macro", group="all", metric="worst_group_auroc")
+    gap = _row(sub, label="macro", group="all", metric="auroc_gap")
+    assert worst.value == pytest.approx(min(group_macro.values()), abs=1e-12)
+    assert gap.value == pytest.approx(abs(group_macro["F"] - group_macro["M"]), abs=1e-12)
+    # the per-label rows are unchanged: each label's own worst group and gap
+    per_label_worst = {lab: min(ref[lab, "F"], ref[lab, "M"]) for lab in "AB"}
+    for lab in "AB":
+        assert _row(sub, label=lab, group="all", metric="worst_group_auroc").value == pytest.approx(
+            per_label_worst[lab], abs=1e-12)
+        assert _row(sub, label=lab, group="all", metric="auroc_gap").value == pytest.approx(
+            abs(ref[lab, "F"] - ref[lab, "M"]), abs=1e-12)
+    # the example tells the two definitions apart: the old macro was the mean of the labels' worst groups
+    assert np.mean(list(per_label_worst.values())) < min(group_macro.values()) - 0.05
+    # the interval comes from the same replicates, reduced replicate by replicate: the worst group's replicate is
+    # at most each group's, so are its percentiles
+    groups = {g: _row(sub, label="macro", group=g, metric="auroc") for g in "FM"}
+    assert np.isfinite(worst.lo) and np.isfinite(gap.lo) and 0 <= gap.lo <= gap.hi
+    assert worst.lo <= min(r.lo for r in groups.values()) and worst.hi <= min(r.hi for r in groups.values())
+    # U (below min_group_size) and the rows without the attribute are not summarised
+    assert np.isnan(_row(sub, label="macro", group="U", metric="auroc").value)
 
 
 def test_config_policy_and_no_bootstrap(preds):

@@ -4,8 +4,8 @@
 * uncertainty: :func:`bootstrap_ci` (patient-level cluster bootstrap, vectorised), :func:`paired_bootstrap_diff`,
   :func:`delong_ci`, :func:`delong_test` (fast DeLong, Sun & Xu 2014; by patient with ``cluster``: Obuchowski 1997),
   :func:`or_test`, :func:`or_test_macro`, :func:`or_test_labels`, :func:`or_test_brier` (two models over several
-  seeds and patients: Obuchowski–Rockette with Hillis's degrees of freedom), :func:`holm` (p-values adjusted for the
-  number of tests)
+  seeds and patients: Obuchowski–Rockette; Hillis's degrees of freedom from 5 seeds), :func:`holm` (p-values
+  adjusted for the number of tests)
 * calibration: :func:`ece`, :func:`mce`, :func:`brier`, :func:`nll`, :func:`fit_temperature`,
   :func:`apply_temperature`, :func:`reliability_diagram`, :func:`plot_reliability`
 * operating points and fairness: :func:`choose_threshold`, :func:`rates_at`, :func:`subgroup_report`

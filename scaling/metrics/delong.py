@@ -20,17 +20,28 @@ negatives in all,
     Cov(A, A') = S10 / M + S01 / N + (S11 + S11') / (M N)
 
 With one image per patient this is DeLong's covariance exactly (S11 = 0, I10 = M, I01 = N).
+
+The estimate is 0 when the components do not vary: a model that separates the classes perfectly, or one that scores
+every sample alike (and the difference of two such models, or of two identical ones). The sample then shows no
+variation to refer the AUROC or the difference to, which is no evidence that there is none (four patients of a
+perfect model do not make its AUROC certain): :func:`delong_ci` and :func:`delong_test` return a NaN interval and
+p-value with a :class:`~scaling.metrics.validation.MetricWarning` instead of a zero-width interval and p = 0.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import norm
 
 from scaling.metrics.bootstrap import cluster_codes
-from scaling.metrics.validation import check_labels, check_same_length, check_scores, one_class_nan
+from scaling.metrics.validation import MetricWarning, check_labels, check_same_length, check_scores, one_class_nan
+
+ZERO_VARIANCE_RTOL = 1e-12
+"""A variance of a difference at most this fraction of the magnitude of the terms it is made of is zero: what is
+left is rounding (e.g. two identical models)."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,9 @@ class DelongCI:
     se: float
     """DeLong standard error."""
     lo: float
-    """Lower bound."""
+    """Lower bound (NaN when ``se`` is 0)."""
     hi: float
-    """Upper bound."""
+    """Upper bound (NaN when ``se`` is 0)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,11 @@ class DelongTest:
     z: float
     """diff / se."""
     p_value: float
-    """Two-sided p-value of H0: equal AUROC."""
+    """Two-sided p-value of H0: equal AUROC (NaN when ``se`` is 0: no variation to test against)."""
     lo: float
-    """Lower bound of the difference's normal-approximation interval."""
+    """Lower bound of the difference's normal-approximation interval (NaN when ``se`` is 0)."""
     hi: float
-    """Upper bound of the difference's normal-approximation interval."""
+    """Upper bound of the difference's normal-approximation interval (NaN when ``se`` is 0)."""
 
 
 def _sorted_midranks(sorted_values: np.ndarray) -> np.ndarray:
@@ -204,7 +215,8 @@ def delong_ci(y, p, alpha: float = 0.05, cluster=None) -> DelongCI:
 
     ``cluster``: patient id per sample for Obuchowski's clustered variance (module docstring), None for
     independent samples. NaN fields (with a ``MetricWarning``) when the labelled rows hold one class. With fewer
-    than two samples (or patients) of a class the variance is NaN.
+    than two samples (or patients) of a class the variance is NaN. When the estimated variance is 0 (perfect
+    separation, or constant scores) ``se`` is 0 and the interval NaN, with a ``MetricWarning``.
     """
     y_arr = check_labels(y, "y")
     n_pos = int(np.nansum(y_arr))
@@ -212,30 +224,38 @@ def delong_ci(y, p, alpha: float = 0.05, cluster=None) -> DelongCI:
         nan = float("nan")
         return DelongCI(nan, nan, nan, nan)
     aucs, cov = delong_components(y_arr, p, cluster)
-    se = float(np.sqrt(max(cov[0, 0], 0.0)))  # rounding can make a zero variance slightly negative
+    auc, var = float(aucs[0]), float(cov[0, 0])
+    if var <= 0:  # a sum of squares: exactly 0 when the components do not vary
+        _zero_variance(f"the DeLong variance of the AUROC ({auc:.4g}) is 0")
+        return DelongCI(auc, 0.0, float("nan"), float("nan"))
+    se = float(np.sqrt(var))  # NaN with fewer than two samples (patients) of a class
     z = norm.ppf(1.0 - alpha / 2.0)
-    auc = float(aucs[0])
     return DelongCI(auc, se, float(np.clip(auc - z * se, 0.0, 1.0)), float(np.clip(auc + z * se, 0.0, 1.0)))
 
 
 def delong_test(y, p_a, p_b, alpha: float = 0.05, cluster=None) -> DelongTest:
     """Paired DeLong test of AUROC(p_a) = AUROC(p_b) on the same samples (two-sided), with the difference's
     (1 - alpha) interval. ``cluster``: patient id per sample (Obuchowski 1997), None for independent samples.
-    Raises ValueError when ``y`` lacks a class."""
+    Raises ValueError when ``y`` lacks a class. When the estimated variance of the difference is 0 (module
+    docstring) ``se`` is 0 and ``z``, ``p_value``, ``lo``, ``hi`` are NaN, with a ``MetricWarning``."""
     check_same_length(p_a=np.asarray(p_a), p_b=np.asarray(p_b))
     aucs, cov = delong_components(y, np.vstack([np.asarray(p_a, float), np.asarray(p_b, float)]), cluster)
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    nan = float("nan")
     if not np.isfinite(var):  # fewer than two samples (patients) of a class
-        nan = float("nan")
         return DelongTest(float(aucs[0]), float(aucs[1]), diff, nan, nan, nan, nan, nan)
-    se = float(np.sqrt(max(var, 0.0)))  # rounding can make an exactly-zero variance slightly negative
-    if se > 0:
-        z = diff / se
-        p_value = float(2.0 * norm.sf(abs(z)))
-    elif diff == 0:  # identical rankings: no evidence of a difference
-        z, p_value = 0.0, 1.0
-    else:  # a difference without sampling variance
-        z, p_value = float(np.sign(diff) * np.inf), 0.0
+    if var <= ZERO_VARIANCE_RTOL * float(np.abs(cov).sum()):  # 0 up to the rounding of the three terms
+        _zero_variance(f"the DeLong variance of the AUROC difference ({diff:+.4g}) is 0")
+        return DelongTest(float(aucs[0]), float(aucs[1]), diff, 0.0, nan, nan, nan, nan)
+    se = float(np.sqrt(var))
+    z = diff / se
     half = float(norm.ppf(1.0 - alpha / 2.0)) * se
-    return DelongTest(float(aucs[0]), float(aucs[1]), diff, se, z, p_value, diff - half, diff + half)
+    return DelongTest(float(aucs[0]), float(aucs[1]), diff, se, z, float(2.0 * norm.sf(abs(z))), diff - half,
+                      diff + half)
+
+
+def _zero_variance(what: str) -> None:
+    """Warn that a DeLong variance estimate is 0, so no interval or p-value is given (module docstring)."""
+    warnings.warn(f"{what}: no interval or p-value (NaN); the sample shows no variation to refer it to, which is "
+                  f"no evidence that there is none", MetricWarning, stacklevel=3)

@@ -1,13 +1,15 @@
-"""Comparing two models trained with several seeds: the Obuchowski–Rockette test with Hillis's degrees of freedom.
+"""Comparing two models trained with several seeds: the Obuchowski–Rockette test (with Hillis's degrees of freedom
+from five seeds on).
 
 A DeLong test of two trained models answers "do *these two networks* differ on patients like these?". A scaling
 study asks more: does the bigger backbone win *whatever the seed* — the random initialisation, data order and
 augmentation draws that make two trainings of one cell differ. That is the question of a multi-reader multi-case
 (MRMC) reader study, with seeds in the role of readers and patients in the role of cases, and its standard analysis
 is Obuchowski & Rockette's ("Hypothesis testing of diagnostic accuracy for multiple readers and multiple tests: an
-ANOVA approach with dependent observations", Commun. Stat. Simul. Comput. 24, 1995) with the denominator degrees
+ANOVA approach with dependent observations", Commun. Stat. Simul. Comput. 24, 1995), with the denominator degrees
 of freedom of Hillis ("A comparison of denominator degrees of freedom methods for multiple observer ROC analysis",
-Stat. Med. 26, 2007).
+Stat. Med. 26, 2007; Hillis, Berbaum & Metz, "Recent developments in the Dorfman-Berbaum-Metz procedure for
+multireader ROC study analysis", Acad. Radiol. 15, 2008) when there are enough seeds to estimate them.
 
 For two models (a, b) and r seeds, θ_ij is the AUROC of model i trained with seed j, all on the same patients. The
 case-sampling covariance of the 2r AUROCs (here DeLong's, clustered by patient: :func:`delong_components`) gives
@@ -22,12 +24,29 @@ how much the difference between the models changes from seed to seed. Then, with
 of the seed-mean AUROCs),
 
     D  = MS(T×R) + r · max(Cov2 − Cov3, 0)
-    se = sqrt(2 D / r),   df = D² / (MS(T×R)² / (r − 1)),   t = d / se   (Student t with df degrees of freedom).
+    se = sqrt(2 D / r),   t = d / se   (Student t with df degrees of freedom, below),
+    df = r − 1 (2 to 4 seeds)   or   df = D² / (MS(T×R)² / (r − 1)) (Hillis; 5 seeds or more).
 
-Both sources of variation are in ``se``: new patients (the covariance terms) and new seeds (MS(T×R)); ``df`` is
-small when the seeds disagree and grows towards a normal test when patient sampling dominates. With one seed there
-is no seed-to-seed variation to estimate; the test is then DeLong's on that pair (se² = 2 (Var − Cov1)), and says
-so in ``method``.
+Both sources of variation are in ``se``: new patients (the covariance terms) and new seeds (MS(T×R)). The
+denominator degrees of freedom depend on the number of seeds (``method`` says which were used):
+
+* ``or-hillis`` (``HILLIS_MIN_SEEDS`` = 5 seeds or more): Hillis's ddf, small when the seeds disagree and growing
+  towards a normal test when patient sampling dominates. It is always at least r − 1 (D ≥ MS(T×R)).
+* ``or`` (2 to 4 seeds): Obuchowski & Rockette's original ddf (t − 1)(r − 1) = r − 1. With few seeds MS(T×R) rests
+  on r − 1 degrees of freedom; when it comes out small by chance, Hillis's ddf runs off towards infinity just when
+  the seed variation is underestimated, and the test is anti-conservative. In simulated null studies in which every
+  training draws its own class separation (``benchmarks/or_type1_error.py``; 3,000–4,000 studies per setting, the
+  separation's sd from 0 to 0.6) Hillis's ddf rejected at the 5 % level 7.1–9.3 % of the time with 2 seeds,
+  5.1–6.7 % with 3 and 4.6–6.8 % with 4 (5.4 % on average), r − 1 2.1–3.6 %, 3.3–4.7 % and 3.7–5.5 %; with 5 seeds
+  Hillis's ddf gave 4.6–5.4 %. Hillis (2007) proposed his ddf because r − 1 is conservative with the usual numbers
+  of readers, as it is here with 2 seeds: with few seeds a valid test has little power, and more seeds are the
+  remedy.
+* ``delong`` (one seed): there is no seed-to-seed variation to estimate; the test is DeLong's on that pair
+  (se² = 2 (Var − Cov1)).
+
+When the estimated variance of the difference is zero (e.g. a perfect model against a constant one on four
+patients, with identical seeds), there is nothing to refer ``diff`` to: the p-value and the interval are NaN, with a
+:class:`~scaling.metrics.validation.MetricWarning`, not a p of 0 and a zero-width interval.
 
 :func:`or_test_macro` compares macro AUROCs (the mean over labels of each run's AUROC). Their covariance adds the
 labels' per-patient influences (:func:`scaling.metrics.delong.delong_components_and_influence`) before squaring,
@@ -39,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +66,14 @@ from scipy import stats
 
 from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.delong import delong_components, delong_components_and_influence
-from scaling.metrics.validation import check_same_length
+from scaling.metrics.validation import MetricWarning, check_same_length
 
+HILLIS_MIN_SEEDS = 5
+"""Seeds from which the test uses Hillis's denominator degrees of freedom; with 2 to HILLIS_MIN_SEEDS − 1 seeds it
+uses Obuchowski & Rockette's original (t − 1)(r − 1) (module docstring, ``benchmarks/or_type1_error.py``)."""
+ZERO_VARIANCE_RTOL = 1e-12
+"""A variance of a difference at most this fraction of the magnitude of the terms it is made of is zero: what is
+left is rounding (two identical models, or a perfect against a constant one)."""
 @dataclass(frozen=True)
 class ORTest:
     """Comparison of two models' seed-mean AUROCs with seeds and patients random (module docstring)."""
@@ -61,11 +87,12 @@ class ORTest:
     se: float
     """Standard error of the difference: patient and seed variation."""
     df: float
-    """Hillis's denominator degrees of freedom (inf with one seed, or when the seeds agree exactly)."""
+    """Denominator degrees of freedom: r − 1 (``method`` ``or``), Hillis's (``or-hillis``; inf when the seeds
+    agree exactly), inf with one seed (``delong``)."""
     t: float
     """diff / se."""
     p_value: float
-    """Two-sided p-value of H0: equal expected AUROC (Student t with ``df``)."""
+    """Two-sided p-value of H0: equal expected AUROC (Student t with ``df``); NaN when the estimated variance is 0."""
     lo: float
     """Lower bound of the difference's interval."""
     hi: float
@@ -75,7 +102,8 @@ class ORTest:
     ms_seed_interaction: float
     """MS(T×R): the variation of the difference across seeds (NaN with one seed)."""
     method: str
-    """``or-hillis`` (two or more seeds) or ``delong`` (one seed)."""
+    """The degrees of freedom used: ``or-hillis`` (Hillis's, HILLIS_MIN_SEEDS seeds or more), ``or`` (Obuchowski &
+    Rockette's original r − 1, 2 to HILLIS_MIN_SEEDS − 1 seeds) or ``delong`` (one seed: DeLong's test)."""
 
     @property
     def value_a(self) -> float:
@@ -95,7 +123,8 @@ def or_hillis(aurocs, cov, alpha: float = 0.05) -> ORTest:
     ``aurocs``: (2, r), row 0 model a and row 1 model b, column j trained with seed j (seeds paired by column);
     ``cov``: (2r, 2r) covariance of ``aurocs.ravel()`` (a's seeds, then b's) over patient sampling — DeLong's,
     clustered by patient, in :func:`or_test`; any consistent estimate (a jackknife over patients) works. A NaN
-    covariance (fewer than two patients of a class) gives NaN statistics.
+    covariance (fewer than two patients of a class) gives NaN statistics; a zero variance of the difference gives
+    NaN ``t``, ``p_value``, ``lo`` and ``hi`` with a ``MetricWarning`` (module docstring).
     """
     theta = np.asarray(aurocs, dtype=np.float64)
     if theta.ndim != 2 or theta.shape[0] != 2 or theta.shape[1] < 1:
@@ -115,6 +144,7 @@ def or_hillis(aurocs, cov, alpha: float = 0.05) -> ORTest:
     cov1 = float(np.mean(block[0, :, 1, :][same_seed]))
     if r == 1:
         ms_tr, denom, df = nan, 2.0 * (var - cov1), math.inf
+        scale = 2.0 * (abs(var) + abs(cov1))
         method = "delong"
     else:
         cov2 = float(np.mean([block[i, :, i, :][~same_seed] for i in range(2)]))
@@ -123,18 +153,24 @@ def or_hillis(aurocs, cov, alpha: float = 0.05) -> ORTest:
         ms_tr = float((interaction**2).sum() / (r - 1))
         d_or = ms_tr + r * max(cov2 - cov3, 0.0)
         denom = 2.0 * d_or / r
-        df = math.inf if ms_tr == 0 else d_or**2 / (ms_tr**2 / (r - 1))
-        method = "or-hillis"
+        # rounding of the covariance terms, and of MS(T×R) (squares of differences of the θ's)
+        scale = 2.0 * (abs(var) + abs(cov1) + abs(cov2) + abs(cov3) + float(np.max(theta**2)) * 1e-12)
+        if r >= HILLIS_MIN_SEEDS:  # Hillis (2007): D² / (MS(T×R)² / (r − 1)), at least r − 1
+            df = math.inf if ms_tr == 0 else d_or**2 / (ms_tr**2 / (r - 1))
+            method = "or-hillis"
+        else:  # Obuchowski & Rockette (1995): (t − 1)(r − 1) with t = 2 models
+            df, method = float(r - 1), "or"
     if not np.isfinite(denom):
         return ORTest(mean_a, mean_b, diff, nan, nan, nan, nan, nan, nan, r, ms_tr, method)
-    se = math.sqrt(max(denom, 0.0))  # rounding can make an exactly-zero variance slightly negative
-    if se > 0:
-        t = diff / se
-        p_value = float(2.0 * stats.t.sf(abs(t), df))
-    elif diff == 0:  # identical rankings on every seed: no evidence of a difference
-        t, p_value = 0.0, 1.0
-    else:  # a difference without any variation
-        t, p_value = math.copysign(math.inf, diff), 0.0
+    if denom <= ZERO_VARIANCE_RTOL * scale:
+        warnings.warn(f"the estimated variance of the difference of the two models' mean figures of merit is 0 "
+                      f"({r} seed(s), difference {diff:+.4g}): no p-value or interval (NaN); the sample shows no "
+                      f"variation to refer the difference to, which is no evidence that there is none",
+                      MetricWarning, stacklevel=3)
+        return ORTest(mean_a, mean_b, diff, 0.0, float(df), nan, nan, nan, nan, r, ms_tr, method)
+    se = math.sqrt(denom)
+    t = diff / se
+    p_value = float(2.0 * stats.t.sf(abs(t), df))
     half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
     return ORTest(mean_a, mean_b, diff, se, float(df), t, p_value, diff - half, diff + half, r, ms_tr, method)
 

@@ -10,7 +10,9 @@ set (``val``, ``test`` and each OOD set):
 
 * ``label``: a label name, or ``macro`` = the mean over labels whose value is not NaN. Macro ``lo``/``hi`` come
   from the per-replicate mean over those labels (the replicates of all labels are drawn from the same patients);
-  macro ``n`` = samples with at least one label. Summary macros (e.g. ``worst_group_auroc``) are means of the
+  macro ``n`` = samples with at least one label. The macro of an attribute's ``worst_group_auroc`` and
+  ``auroc_gap`` is taken over its groups' macro AUROCs (the smallest, and max − min; ``GROUP_SUMMARIES``), its
+  interval from the same replicates; the other summary macros (``tpr_gap``, ``eod``, ...) are means of the
   per-label summaries.
 * ``attribute='all', group='all'``: overall ``auroc``, ``auprc``, ``ece``, ``mce``, ``brier``, ``nll`` and, after
   the validation-fitted temperature, ``ece_temp``, ``brier_temp``, ``nll_temp``; ``prevalence``, ``tpr`` and
@@ -78,7 +80,7 @@ from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_repli
                                          nll_replicates, weighted_mean_replicates)
 from scaling.metrics.discrimination import auprc, auprc_replicates, auroc, auroc_replicates
 from scaling.metrics.exam import REDUCERS, aggregate_predictions
-from scaling.metrics.fairness import GROUP_METRICS, analyse_subgroups, group_labels
+from scaling.metrics.fairness import GROUP_METRICS, MISSING_GROUP, analyse_subgroups, group_labels
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.metrics.selective import aurc
 from scaling.metrics.multiclass import (accuracy, accuracy_replicates, balanced_accuracy, balanced_accuracy_replicates,
@@ -112,6 +114,24 @@ SHIFT_METRICS = ("auroc_id", "auroc_ood", "auroc_drop")
 """The distribution-shift rows of an OOD set (on the labels it shares with the in-distribution test set)."""
 # Metrics that exist for one label only are not macro-averaged.
 _NOT_MACRO = ("underdiagnosis_rate", "underdiagnosis_gap")
+
+
+def _gap(values, axis=None):
+    """max − min."""
+    return np.max(values, axis=axis) - np.min(values, axis=axis)
+
+
+GROUP_SUMMARIES = {"worst_group_auroc": ("auroc", np.min, 1), "auroc_gap": ("auroc", _gap, 2)}
+"""Attribute summaries whose ``macro`` row is taken over the groups' macro AUROCs — (group metric, reducer over
+groups, groups needed) — not averaged over the labels' own summaries: the worst group's macro AUROC and the spread
+of the groups' macro AUROCs, as the report's group table shows them. A label's worst group can differ from label to
+label, so the mean of the labels' worst groups lies below every group's macro AUROC."""
+
+SCORING_VERSION = 2
+"""Raised whenever a stored metric row changes its definition (what :func:`compute_run_metrics` writes for the same
+predictions and settings), so that a study rescores its finished runs from their stored predictions instead of
+mixing rows of two definitions (``scaling.study.runner.metric_settings`` records it). 2: the macro rows of
+``worst_group_auroc`` and ``auroc_gap`` are taken over the groups' macro AUROCs (``GROUP_SUMMARIES``)."""
 
 
 def _columns(df: pd.DataFrame, eval_set: str, labels, source=None) -> None:
@@ -240,16 +260,40 @@ class _Rows:
 
     def add_macro(self, n_any: dict[tuple, int]) -> None:
         for (eval_set, attribute, group, metric), per_label in self.by_key.items():
-            defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])
-                       and (k not in self.outside_macro or metric in SHIFT_METRICS)}
-            value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
-            reps = [r for _, r, _ in defined.values()]
-            same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
-            rep = np.mean(np.vstack(reps), axis=0) if same else None
+            summary = GROUP_SUMMARIES.get(base_metric(metric)) if attribute != "all" and group == "all" else None
+            if summary is not None:
+                value, rep = self._over_group_macros(eval_set, attribute, metric, *summary)
+            else:
+                value, rep = self._macro(metric, per_label)
             lo, hi = percentile_interval(rep, self.alpha) if rep is not None else (math.nan, math.nan)
             self.rows.append({"eval_set": eval_set, "label": "macro", "attribute": attribute, "group": group,
                               "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi),
                               "n": int(n_any.get((eval_set, attribute, group, level_suffix(metric)), 0))})
+
+    def _macro(self, metric: str, per_label: dict) -> tuple[float, np.ndarray | None]:
+        """The macro of one metric row over the labels whose value is defined, and its replicates (the mean of the
+        labels' replicates, all drawn from the same patients; None when a label has none)."""
+        defined = {k: v for k, v in per_label.items() if np.isfinite(v[0])
+                   and (k not in self.outside_macro or metric in SHIFT_METRICS)}
+        value = np.mean([v[0] for v in defined.values()]) if defined else math.nan
+        reps = [r for _, r, _ in defined.values()]
+        same = defined and all(r is not None and r.shape == reps[0].shape for r in reps)
+        return value, (np.mean(np.vstack(reps), axis=0) if same else None)
+
+    def _over_group_macros(self, eval_set, attribute, metric, group_metric, reducer, need):
+        """A summary over the groups of ``attribute`` (worst group, max − min) taken of the groups' *macro* rows —
+        the numbers the report prints per group — and its replicates from the same replicates of those macros
+        (reduced replicate by replicate). Groups whose macro is undefined (below ``eval.min_group_size``, no label
+        with both classes) and the ``missing`` group are left out, as in each label's own summary."""
+        name = group_metric + level_suffix(metric)
+        macros = [self._macro(name, per_label) for (e, a, g, m), per_label in self.by_key.items()
+                  if e == eval_set and a == attribute and g not in ("all", MISSING_GROUP) and m == name]
+        macros = [(v, r) for v, r in macros if np.isfinite(v)]
+        if len(macros) < need:
+            return math.nan, None
+        reps = [r for _, r in macros]
+        same = all(r is not None and r.shape == reps[0].shape for r in reps)
+        return float(reducer(np.array([v for v, _ in macros]))), (reducer(np.vstack(reps), axis=0) if same else None)
 
 
 def _overall(out: _Rows, eval_set, lab, y, p, pt, thr, boot, n_bins, suffix=""):

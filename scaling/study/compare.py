@@ -138,10 +138,12 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     Each comparison is on the macro AUROC (``label = "macro"``: the labels the set can score,
     :func:`scaling.metrics.or_test_macro`) and per label, over the seeds both cells have. The runs are joined on
     sample id, so every comparison is paired on the same samples, and tested by :func:`scaling.metrics.or_test`:
-    with two or more shared seeds, Obuchowski–Rockette with Hillis's degrees of freedom, seeds and patients both
-    random (does the bigger backbone win whatever the seed?); with one seed, DeLong's test of that pair (``method``
-    says which). Either way the patient variance is clustered by patient (Obuchowski 1997), so several images of
-    one patient count as correlated, not as independent evidence. One row per comparison and label: seeds, images
+    with two or more shared seeds, Obuchowski–Rockette, seeds and patients both random (does the bigger backbone
+    win whatever the seed?), with r − 1 degrees of freedom for 2–4 seeds and Hillis's from 5 on; with one seed,
+    DeLong's test of that pair (``method`` says which: ``or``, ``or-hillis``, ``delong``). A test whose estimated
+    variance is 0 has a NaN p-value, which Holm's adjustment counts as no test. Either way the patient variance is
+    clustered by patient (Obuchowski 1997), so several images of one patient count as correlated, not as
+    independent evidence. One row per comparison and label: seeds, images
     and patients, both seed-mean AUROCs, their difference with its interval, the degrees of freedom, the p-value and
     ``p_holm``, the p-value adjusted by Holm's step-down method (:func:`scaling.metrics.holm`) over its family —
     every macro row, or every per-label row — which bounds the chance that any test of the family is a false

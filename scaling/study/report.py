@@ -524,9 +524,10 @@ BIASED_NOTE = (" Gaps and extremes over groups (worst group, max − min) and EC
 def _fairness_html(rep: StudyReport) -> list[str]:
     """One subsection per evaluation set: the summaries per attribute and every subgroup's AUROC."""
     parts = ["<p class='note'>Per evaluation set and attribute (attributes a set lacks are absent there; one only "
-             "an OOD set has, such as skin type, appears there): worst-group AUROC, AUROC gap (max − min over "
-             "groups) and equalized-odds difference (max of the TPR and FPR gaps) at the threshold fitted on "
-             "validation; then each group's macro AUROC with its interval and size. Groups below "
+             "an OOD set has, such as skin type, appears there): worst-group AUROC and AUROC gap (the smallest of "
+             "the groups' macro AUROCs below and their max − min) and equalized-odds difference (max of the TPR "
+             "and FPR gaps) at the threshold fitted on validation; then each group's macro AUROC with its "
+             "interval and size. Groups below "
              "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
              "not summarised." + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
@@ -719,7 +720,8 @@ def render_html(rep: StudyReport) -> str:
             "more pretraining, still help? On the test set and on every OOD set at every data fraction (full data "
             "first), paired on the same samples, on the macro AUROC (below; per label in the collapsed table), over "
             "the seeds both cells have. "
-            "With two or more seeds the test is Obuchowski–Rockette with Hillis's degrees of freedom (df): seeds "
+            "With two or more seeds the test is Obuchowski–Rockette (df: r − 1 with 2–4 seeds, method or; "
+            "Hillis's from 5 seeds, method or-hillis): seeds "
             "and patients both random, so a difference must hold whatever the seed; with one seed it is DeLong's "
             "test of that pair (method). The patient variance is clustered by patient (Obuchowski 1997): several "
             "images of one patient count as correlated, not as independent evidence (docs/metrics.md). p_holm: "

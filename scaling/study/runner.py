@@ -206,10 +206,14 @@ def eval_identities(cfg: StudyConfig) -> dict[str, Any]:
 
 def metric_settings(cfg: StudyConfig) -> dict[str, Any]:
     """Everything the metrics of stored predictions depend on: the eval section (without the prediction batch
-    size), the subgroup attributes and the age bins."""
+    size), the subgroup attributes, the age bins and the definitions of the stored rows
+    (:data:`scaling.metrics.run_metrics.SCORING_VERSION`: a run scored under another is rescored)."""
+    from scaling.metrics.run_metrics import SCORING_VERSION
+
     ev = to_dict(cfg.eval)
     ev.pop("batch_size")
-    out = {"eval": ev, "subgroups": list(cfg.data.subgroups), "age_bins": [float(b) for b in cfg.data.age_bins]}
+    out = {"eval": ev, "subgroups": list(cfg.data.subgroups), "age_bins": [float(b) for b in cfg.data.age_bins],
+           "scoring": SCORING_VERSION}
     if any(same_source(e, cfg.data) for e in cfg.data.ood):
         # Added later: the drop of a set sharing test patients is resampled jointly (metrics scored before are redone).
         out["shift_bootstrap"] = "paired on shared patients"
