@@ -46,6 +46,17 @@ def test_data_efficiency_interval_from_seeds():
         data_efficiency([0.1, 0.01], seeds[:2], 0.7)
 
 
+
+def test_data_efficiency_with_one_seed_has_no_interval():
+    """One seed: nothing to resample, so NaN bounds and no replicates, not lo = hi = the estimate."""
+    res = data_efficiency([0.1, 0.2, 0.5, 1.0], [[0.70], [0.74], [0.78], [0.80]], 0.76)
+    # by hand: 0.76 is reached between 0.2 (0.74) and 0.5 (0.78), halfway in value, so at √(0.2·0.5) in fraction
+    assert res.fraction == pytest.approx(np.sqrt(0.1)) and res.censored == ""
+    assert np.isnan(res.lo) and np.isnan(res.hi) and res.n_replicates == 0
+    flat = data_efficiency([0.1, 0.2, 0.5, 1.0], [0.70, 0.74, 0.78, 0.80], 0.76, replicates="bootstrap")
+    assert np.isnan(flat.lo) and np.isnan(flat.hi) and flat.n_replicates == 0
+
+
 def test_data_efficiency_seed_interval_covers_the_true_fraction():
     # 300 simulated cells: AUROC linear in log fraction, five seeds with N(0, 0.01) noise at every fraction. The
     # truth is the true curve's crossing. Measured 0.943; the plain percentile bootstrap of the seeds covered 0.833 and

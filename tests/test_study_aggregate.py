@@ -54,10 +54,15 @@ def test_summary_over_seeds(store):
     values = [1 - expected_error("bb_base", "upstream:big", 1.0, seed) for seed in SEED_SHIFT]
     mean = sum(values) / 2
     sd = abs(values[0] - values[1]) / math.sqrt(2)
-    half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+    # each run's stored patient interval is value ± 0.03: se = 0.03 / z; seeds and patients combined
+    se = 0.03 / stats.norm.ppf(0.975)
+    var = sd**2 / 2 + se**2
+    dof = var**2 * (2 - 1) / (sd**2 / 2) ** 2
+    half = stats.t.ppf(0.975, dof) * math.sqrt(var)
     assert r["mean"] == pytest.approx(mean) and r["sd"] == pytest.approx(sd)
     assert (r["lo"], r["hi"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
-    assert r["ci_kind"] == "seeds" and r["n_seeds"] == 2 and r["complete"]
+    assert r["ci_kind"] == "seeds+patients" and r["ci_df"] == pytest.approx(dof)
+    assert r["n_seeds"] == 2 and r["complete"]
     assert len(s) == 72 // 2 * ROWS_PER_RUN
     wide = headline_table(s)
     assert list(wide.columns[:4]) == ["pretrained", "backbone", "n_params", "fraction"]
@@ -252,3 +257,119 @@ def test_common_samples_keeps_the_ids_every_run_scored_in_the_first_runs_order()
     c = pd.DataFrame({"sample_id": ["s2", "s3", "s4", "s9"]})
     assert list(common_samples([a, b, c])) == ["s3", "s2"]
     assert list(common_samples([a])) == ["s3", "s1", "s2", "s9"]
+
+
+def _tidy(cells) -> pd.DataFrame:
+    """A hand-made tidy table: ``cells`` maps (backbone, metric) to the (value, lo, hi) of each seed's run."""
+    rows = []
+    for (backbone, metric), runs in cells.items():
+        for seed, (value, lo, hi) in enumerate(runs):
+            rows.append({"run_id": f"{backbone}-{metric}-s{seed}", "backbone": backbone, "n_params": 1e6,
+                         "pretrained": "scratch", "pretrain_images": 0, "fraction": 1.0, "protocol": "finetune",
+                         "shots": 0, "reinit": "none", "seed": seed, "n_train_images": 100, "eval_set": "test",
+                         "label": "macro", "attribute": "all", "group": "all", "metric": metric, "value": value,
+                         "lo": lo, "hi": hi, "n": 25})
+    return pd.DataFrame(rows)
+
+
+def _by_hand(values, lo, hi, confidence):
+    """mean ± t(df)·√V, V = S²/k + mean_j se_j², se_j = (hi_j − lo_j)/(2z), df = V²(k − 1)/(S²/k)² (Satterthwaite)."""
+    values, lo, hi = (pd.Series(x, dtype=float) for x in (values, lo, hi))
+    k = len(values)
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    seed_term = values.var(ddof=1) / k
+    patient_term = (((hi - lo) / (2 * z)) ** 2).mean()
+    var = seed_term + patient_term
+    dof = var**2 * (k - 1) / seed_term**2 if seed_term > 0 else math.inf
+    q = stats.t.ppf(0.5 + confidence / 2, dof) if math.isfinite(dof) else z
+    return values.mean() - q * math.sqrt(var), values.mean() + q * math.sqrt(var), dof
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.9])
+def test_summary_interval_combines_seeds_and_test_patients(confidence):
+    """Several seeds scored on one test set: the interval holds the seed spread and the patient uncertainty, with
+    Welch–Satterthwaite degrees of freedom; identical seeds leave the patient term alone (df = ∞, not zero width)."""
+    three = [(0.70, 0.64, 0.75), (0.74, 0.69, 0.80), (0.72, 0.68, 0.76)]
+    same = [(0.72398, 0.652, 0.755), (0.72391, 0.636, 0.757)]  # two seeds 7e-5 apart on 25 images
+    s = summarise(_tidy({("three", "auroc"): three, ("same", "auroc"): same}), confidence)
+    r = _one(s, backbone="three")
+    lo, hi, dof = _by_hand(*zip(*three), confidence)
+    assert r["ci_kind"] == "seeds+patients" and r["n_seeds"] == 3
+    assert (r["lo"], r["hi"], r["ci_df"]) == (pytest.approx(lo), pytest.approx(hi), pytest.approx(dof))
+    # by hand, written out: S² = 4e-4, V = 4e-4/3 + mean(se²), 2 ≤ df
+    assert (hi - lo) > 2 * stats.t.ppf(0.5 + confidence / 2, 2) * math.sqrt(4e-4 / 3)
+    r = _one(s, backbone="same")
+    lo, hi, dof = _by_hand(*zip(*same), confidence)
+    assert r["ci_kind"] == "seeds+patients" and r["ci_df"] > 1e6
+    assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    # the seed-only t-interval here was [0.72353, 0.72436] (0.0008 wide) at 95 %; each run alone is ~0.11 wide
+    assert r["hi"] - r["lo"] > 0.08
+
+
+def test_summary_interval_kinds_and_clipping_to_the_metric_range():
+    """No bootstrap interval: the t-interval across seeds; one seed: its bootstrap interval (or none); the bounds are
+    clipped to the metric's natural range, and a metric without one is not clipped."""
+    nan = math.nan
+    s = summarise(_tidy({
+        ("noboot", "auroc"): [(0.60, nan, nan), (0.64, nan, nan)],
+        ("wide", "auroc"): [(0.30, 0.10, 0.50), (0.62, 0.40, 0.85)],
+        ("wide", "auroc_drop"): [(-0.9, -0.99, -0.6), (-0.3, -0.5, -0.1)],
+        ("wide", "nll"): [(0.05, 0.01, 0.09), (0.60, 0.4, 0.9)],
+        ("wide", "ece_temp"): [(0.02, 0.0, 0.05), (0.30, 0.2, 0.4)],
+        ("wide", "odd_metric"): [(0.05, 0.01, 0.09), (0.60, 0.4, 0.9)],
+        ("one", "auroc"): [(0.61, 0.55, 0.66)],
+        ("bare", "auroc"): [(0.61, nan, nan)],
+    }))
+    r = _one(s, backbone="noboot")
+    half = stats.t.ppf(0.975, 1) * (0.04 / math.sqrt(2)) / math.sqrt(2)
+    assert r["ci_kind"] == "seeds" and r["ci_df"] == 1
+    assert (r["lo"], r["hi"]) == (pytest.approx(0.62 - half), pytest.approx(0.62 + half))
+    for metric, runs, bounds in (("auroc", [(0.30, 0.10, 0.50), (0.62, 0.40, 0.85)], (0.0, 1.0)),
+                                 ("auroc_drop", [(-0.9, -0.99, -0.6), (-0.3, -0.5, -0.1)], (-1.0, 1.0)),
+                                 ("ece_temp", [(0.02, 0.0, 0.05), (0.30, 0.2, 0.4)], (0.0, 1.0))):
+        lo, hi, _ = _by_hand(*zip(*runs), 0.95)
+        r = _one(s, backbone="wide", metric=metric)
+        assert lo < bounds[0]  # the unclipped interval runs past the range
+        assert (r["lo"], r["hi"]) == (bounds[0], pytest.approx(min(hi, bounds[1])))
+    r = _one(s, backbone="wide", metric="nll")
+    lo, hi, _ = _by_hand([0.05, 0.60], [0.01, 0.4], [0.09, 0.9], 0.95)
+    assert r["lo"] == 0.0 and r["hi"] == pytest.approx(hi)  # NLL: [0, ∞)
+    r = _one(s, backbone="wide", metric="odd_metric")
+    assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi))  # no known range: not clipped
+    r = _one(s, backbone="one")
+    assert r["ci_kind"] == "bootstrap" and (r["lo"], r["hi"]) == (0.55, 0.66) and math.isnan(r["ci_df"])
+    r = _one(s, backbone="bare")
+    assert r["ci_kind"] == "none" and math.isnan(r["lo"]) and math.isnan(r["hi"])
+
+
+def test_metric_ranges():
+    from scaling.study.aggregate import metric_range
+
+    assert metric_range("auroc") == metric_range("auroc@exam_max") == metric_range("ece_temp") == (0.0, 1.0)
+    assert metric_range("eod") == metric_range("worst_group_auroc") == metric_range("balanced_accuracy") == (0, 1)
+    assert metric_range("auroc_drop") == (-1.0, 1.0) and metric_range("brier_multiclass_temp") == (0.0, 2.0)
+    assert metric_range("nll") == (0.0, math.inf) and metric_range("something_new") == (-math.inf, math.inf)
+
+
+def test_the_confidence_follows_the_runs_eval_alpha(tmp_path_factory, tmp_path, capsys):
+    """The runs record eval.alpha with their metrics; the summary (and the CLI) state intervals at 1 − alpha."""
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    assert load_study(root).confidence == pytest.approx(0.95)  # no record: study.yaml's eval.alpha (0.05)
+    store = RunStore(root)
+    for rid in store.run_ids():
+        meta = store.read_meta(rid)
+        meta["fitted_on_val"] = {**meta.get("fitted_on_val", {}), "alpha": 0.1, "ece_bins": 15}
+        store.write_meta(rid, meta)
+    study = load_study(root)
+    assert study.confidence == pytest.approx(0.9) and study.ece_bins == 15
+    assert main(["summary", str(root), "--csv", str(tmp_path / "s.csv")]) == 0
+    printed = pd.read_csv(tmp_path / "s.csv")
+    expected = summarise(study.results, 0.9)
+    r = _one(expected, backbone="bb_base", pretrained="upstream:big", fraction=1.0, eval_set="test", label="macro",
+             attribute="all", group="all", metric="auroc")
+    p = _one(printed, backbone="bb_base", pretrained="upstream:big", fraction=1.0, eval_set="test", label="macro",
+             attribute="all", group="all", metric="auroc")
+    assert (p["lo"], p["hi"]) == (pytest.approx(r["lo"]), pytest.approx(r["hi"]))
+    assert r["hi"] - r["lo"] < _one(summarise(study.results, 0.95), backbone="bb_base", pretrained="upstream:big",
+                                    fraction=1.0, eval_set="test", label="macro", attribute="all", group="all",
+                                    metric="auroc")[["lo", "hi"]].diff().iloc[-1]

@@ -53,7 +53,7 @@ def test_fit_table_of_handmade_study(tmp_path_factory):
     lab = table[table["x_axis"] == "n_train_images"]
     assert len(lab) == 24 and lab["status"].str.contains("3 distinct x").all()
     assert ("n_params", "scratch", "", "test") in laws and len(laws) == 6
-    assert (params["ci"] == "seeds").all()
+    assert (params["ci"] == "seeds").all() and (params["at_bound"] == "").all()
     # from the store, the intervals also resample the test patients, and each contains its estimate
     with_store, _ = fit_table(load_results(root), n_boot=30, store_root=root)
     ok = with_store[with_store["status"] == "ok"]
@@ -67,6 +67,30 @@ def test_one_run_per_size_without_predictions_has_no_interval_to_offer():
     x = np.array([3e2, 1e3, 3e3, 1e4])
     f = fit_power_law(x, 0.5 * (x / 3e2) ** -0.2 + 0.1, n_boot=50)
     assert f.ci == "none" and f.n_boot == 0 and np.isnan(f.b_ci).all()
+
+
+
+def test_identical_seeds_without_patient_replicates_have_no_interval_to_offer():
+    """Flat errors identical across seeds: every resample is the data, so no interval (NaN, ci 'none'), not a
+    zero-width one around an exponent fitted to noise-free flat points; a parameter on its bound is named."""
+    x = np.array([1e5, 4e5, 1.6e6, 6.4e6]).repeat(2)
+    f = fit_power_law(x, np.full(8, 0.2), n_boot=50)
+    assert f.ci == "none" and f.n_boot == 0
+    assert np.isnan(f.a_ci).all() and np.isnan(f.b_ci).all() and np.isnan(f.c_ci).all()
+    # one seed apart at one size: that stratum varies, so the seeds are resampled again
+    y = np.full(8, 0.2)
+    y[1] = 0.21
+    assert fit_power_law(x, y, n_boot=20).ci == "seeds"
+    # patient replicates that vary restore the interval; replicates that never move do not
+    flat = np.full((20, 8), 0.2)
+    assert fit_power_law(x, np.full(8, 0.2), n_boot=20, replicates=flat).ci == "none"
+    moving = flat + np.random.default_rng(0).normal(0, 0.01, flat.shape)
+    assert fit_power_law(x, np.full(8, 0.2), n_boot=20, replicates=moving).ci == "seeds+patients"
+    # error rising with x: the best decreasing law is flat, b pinned at 0
+    rising = fit_power_law(np.geomspace(1e5, 1e8, 4), [0.10, 0.12, 0.14, 0.16], n_boot=10)
+    assert "b=0" in rising.at_bound
+    exact = fit_power_law(np.geomspace(1e5, 1e9, 6), 2.0 * np.geomspace(1e5, 1e9, 6) ** -0.3 + 0.07, n_boot=10)
+    assert exact.at_bound == ""
 
 
 def _predictions(rng, strength, n_patients=60):

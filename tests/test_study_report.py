@@ -412,3 +412,30 @@ def test_an_ood_set_sharing_test_patients_says_how_its_drop_is_resampled(report,
     assert paired.paired_sets == ["ood_site_b"]
     section = html_text.split("<h3 id='ood-ood_site_b'>", 1)[1].split("<h", 1)[0]
     assert "It shares patients with the test set" in section
+
+
+def test_report_states_the_runs_confidence_level_and_ece_bins(report):
+    """The level printed is the study's (1 − eval.alpha) and the ECE binning its eval.ece_bins, not 95 % and 10."""
+    _, rep, text = report
+    assert rep.confidence == pytest.approx(0.95) and rep.ece_bins == 10
+    assert "Intervals: 95% confidence" in text and "ECE (10 equal-width bins)" in text
+    other = render_html(dataclasses.replace(rep, confidence=0.9, ece_bins=15))
+    assert "95%" not in other and "10 equal-width" not in other
+    assert "Intervals: 90% confidence" in other and "90% intervals resample" in other
+    assert "90% interval from refitting" in other
+    assert "ECE (15 equal-width bins)" in other and "in 15 equal-width bins" in other
+
+
+def test_data_efficiency_of_one_seed_has_no_interval(report):
+    """A one-seed study: data efficiency has nothing to resample, so its lo/hi are n/a, not the estimate twice."""
+    from scaling.study.aggregate import plain_cells
+    from scaling.study.tables import data_efficiency
+
+    root, _, _ = report
+    df = load_results(root)
+    one = df[df["seed"] == df["seed"].min()]
+    eff = data_efficiency(plain_cells(one), plain_cells(summarise(one)))
+    assert len(eff) and eff["fraction_to_match"].notna().all()
+    assert eff["lo"].isna().all() and eff["hi"].isna().all() and (eff["n_seeds"] == 1).all()
+    two = data_efficiency(plain_cells(df), plain_cells(summarise(df)))
+    assert two["lo"].notna().any()

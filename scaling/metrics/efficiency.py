@@ -10,7 +10,9 @@ to linear in log data). A curve already at the reference at its smallest fractio
 The interval comes from replicate curves: ``replicates='seeds'`` resamples the seed columns with replacement
 (the mean curve of each resample gives one crossing), ``replicates='bootstrap'`` takes each column as one
 bootstrap replicate curve. A replicate that never reaches the reference counts as +inf, so ``hi = inf`` says
-the upper bound lies beyond the largest measured fraction.
+the upper bound lies beyond the largest measured fraction. With a single column there is nothing to resample: every
+"replicate" would be the curve itself, so ``lo`` and ``hi`` are NaN (``n_replicates = 0``) rather than a zero-width
+interval at the estimate.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ class DataEfficiency:
     fraction: float
     """Interpolated fraction (NaN when not reached)."""
     lo: float
-    """Lower percentile bound over replicate curves."""
+    """Lower percentile bound over replicate curves (NaN with a single curve: nothing to resample)."""
     hi: float
     """Upper percentile bound (inf when more than alpha/2 of the replicates never reach the reference)."""
     censored: str
     """'' (interpolated), 'below' (reached at the smallest fraction) or 'above' (never reached)."""
     n_replicates: int
-    """Replicate curves behind the interval."""
+    """Replicate curves behind the interval (0: no interval)."""
 
 
 def _crossing(fractions: np.ndarray, values: np.ndarray, reference: float) -> tuple[float, str]:
@@ -75,7 +77,8 @@ def data_efficiency(fractions, values, reference: float, replicates: str = "seed
 
     ``values`` is (n_fractions, n_columns): one column per seed (``replicates='seeds'``, resampled ``n_boot``
     times) or per bootstrap replicate (``replicates='bootstrap'``). The estimate uses the mean curve. Returns a
-    :class:`DataEfficiency`.
+    :class:`DataEfficiency`; with one column its ``lo`` and ``hi`` are NaN and ``n_replicates`` is 0 (one seed
+    gives no spread to resample).
     """
     f, v = _check(fractions, values)
     if v.ndim == 1:
@@ -83,6 +86,8 @@ def data_efficiency(fractions, values, reference: float, replicates: str = "seed
     if replicates not in ("seeds", "bootstrap"):
         raise ValueError(f"replicates={replicates!r} is not allowed; choose 'seeds' or 'bootstrap'")
     estimate, censored = _crossing(f, v.mean(axis=1), reference)
+    if v.shape[1] < 2:
+        return DataEfficiency(estimate, float("nan"), float("nan"), censored, 0)
     if replicates == "seeds":
         rng = np.random.default_rng(seed)
         pick = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))

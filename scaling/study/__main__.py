@@ -135,9 +135,10 @@ def _compare(args, df: pd.DataFrame) -> int:
     return 0
 
 
-def _summary(args, df: pd.DataFrame) -> int:
-    """The seed summary of one metric, label and attribute; an empty selection is an error listing what there is."""
-    summary = summarise(df)
+def _summary(args, df: pd.DataFrame, confidence: float = 0.95) -> int:
+    """The seed summary of one metric, label and attribute, at the runs' ``confidence`` (1 − eval.alpha); an empty
+    selection is an error listing what there is."""
+    summary = summarise(df, confidence)
     table = headline_table(summary, args.metric, args.label, args.attribute)
     if table.empty:
         print(f"error: {_no_rows(df, args.metric, args.label, args.attribute)}", file=sys.stderr)
@@ -202,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             from scaling.study.fits import fit_table
 
             # the scaling laws are fitted to plain fine-tuning cells, as in the report
-            table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store, workers=args.workers)
+            table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store, workers=args.workers,
+                                 confidence=study.confidence)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
         if args.command == "compare":
             return _compare(args, df)
-        return _summary(args, df)
+        return _summary(args, df, study.confidence)
     except (StoreError, ConfigError, UnreadableFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

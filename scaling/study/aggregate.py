@@ -187,6 +187,35 @@ class StudyResults:
     """:func:`run_status`, with runs whose metrics could not be read marked ``invalid``."""
     left_out: str = ""
     """The study configs of the store that a ``config_hash`` choice left out (hash, name, run counts), or ""."""
+    alpha: float = 0.05
+    """``eval.alpha`` of the runs: their bootstrap intervals are at confidence 1 − alpha (:func:`eval_settings`)."""
+    ece_bins: int = 10
+    """``eval.ece_bins`` of the runs: the equal-width bins of their ECE rows (:func:`eval_settings`)."""
+
+    @property
+    def confidence(self) -> float:
+        """The confidence level of the runs' intervals, 1 − ``eval.alpha``: what :func:`summarise` needs."""
+        return 1.0 - self.alpha
+
+
+def eval_settings(store_root: str | Path, metas: list[dict] | None = None) -> dict:
+    """``{"alpha": ..., "ece_bins": ...}``: the ``eval`` settings the runs' metrics were computed with.
+
+    Read from the runs' own record (``meta.json`` → ``fitted_on_val``, written with the metrics) in ``metas``;
+    where the runs disagree or record none, from study.yaml's ``eval`` section (with a warning when they disagree),
+    else the defaults of ``EvalConfig``."""
+    from scaling.config import EvalConfig
+
+    cfg = read_study_config(store_root)
+    default = cfg.eval if cfg is not None else EvalConfig()
+    out = {}
+    for key in ("alpha", "ece_bins"):
+        seen = {m["fitted_on_val"][key] for m in metas or () if key in (m.get("fitted_on_val") or {})}
+        if len(seen) > 1:
+            log.warning("the runs' metrics were computed with different eval.%s (%s): the report states %s, the "
+                        "value of study.yaml", key, ", ".join(map(str, sorted(seen))), getattr(default, key))
+        out[key] = seen.pop() if len(seen) == 1 else getattr(default, key)
+    return {"alpha": float(out["alpha"]), "ece_bins": int(out["ece_bins"])}
 
 
 def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash: str | None = None) -> StudyResults:
@@ -198,7 +227,9 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     flag incomplete cells; ``results.attrs["n_seeds_expected"]`` is the number of seeds of the whole study. Problems are also
     logged. ``config_hash`` reads the runs of that study config only (a store also holds the runs of every earlier
     config a launch wrote there, e.g. another learning rate); without it a store holding runs of more than one
-    config raises :class:`MixedStudyError`, unless ``allow_mixed``.
+    config raises :class:`MixedStudyError`, unless ``allow_mixed``. ``alpha`` and ``ece_bins`` are the ``eval``
+    settings the runs' metrics were computed with (:func:`eval_settings`): summarise with
+    ``confidence=study.confidence``.
     """
     store = RunStore(store_root)
     check_store(store.root)
@@ -211,7 +242,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     problems = status[~status["status"].isin(["complete", "not started"])]
     for r in problems.itertuples(index=False):
         log.warning("run %s is %s: %s", r.run_id, r.status, r.reason)
-    frames = []
+    frames, metas = [], []
     for r in status[status["status"] == "complete"].to_dict("records"):
         try:
             m = store.read_metrics(r["run_id"])
@@ -219,6 +250,10 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
             status.loc[status["run_id"] == r["run_id"], ["status", "reason"]] = ["invalid", f"metrics unreadable: {e}"]
             log.warning("run %s: metrics unreadable (%s)", r["run_id"], e)
             continue
+        try:  # the eval settings the metrics were computed with; an unreadable meta.json leaves the study's
+            metas.append(store.read_meta(r["run_id"]))
+        except Exception as e:
+            log.warning("run %s: meta.json unreadable (%s)", r["run_id"], e)
         for c in METRIC_COLUMNS:
             if c not in m.columns:
                 m[c] = np.nan
@@ -241,7 +276,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
     # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
     df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
-    return StudyResults(df, status, left_out)
+    return StudyResults(df, status, left_out, **eval_settings(store.root, metas))
 
 
 def load_results(store_root: str | Path, *, allow_mixed: bool = False,
@@ -260,39 +295,144 @@ def _expected_seeds(df: pd.DataFrame) -> int:
     return int(expected) if expected is not None else int(df["seed"].dropna().nunique())
 
 
+METRIC_RANGES = {
+    **dict.fromkeys(("auroc", "auprc", "auroc_id", "auroc_ood", "worst_group_auroc", "auroc_gap", "ece", "mce",
+                     "brier", "prevalence", "tpr", "fpr", "tpr_gap", "fpr_gap", "eod", "underdiagnosis_rate",
+                     "underdiagnosis_gap", "aurc", "accuracy", "top3_accuracy", "balanced_accuracy",
+                     "ece_top_label"), (0.0, 1.0)),
+    "auroc_drop": (-1.0, 1.0),
+    "brier_multiclass": (0.0, 2.0),
+    "nll": (0.0, np.inf),
+    "nll_multiclass": (0.0, np.inf),
+}
+"""The natural range of each metric a run stores (by base name), which :func:`summarise` clips intervals to.
+
+Probabilities, rates, AUROC/AUPRC, ECE/MCE, the binary Brier score, AURC and accuracies lie in [0, 1]; so do gaps
+between two of them taken as max − min over groups (``auroc_gap``, ``tpr_gap``, ``fpr_gap``, ``eod``,
+``underdiagnosis_gap``: never negative). A signed difference of two AUROCs (``auroc_drop``) lies in [−1, 1], the
+multi-class Brier score (Σ_k (p_k − y_k)²) in [0, 2] and an NLL in [0, ∞). A metric not listed here (a name a later
+version adds) is not clipped."""
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The natural range of a metric row's value (:data:`METRIC_RANGES`), or (−∞, ∞) when it has none.
+
+    The name is reduced to its base first: a pooled level's suffix (``auroc@exam_max``) and the temperature-scaled
+    variant's ``_temp`` (``ece_temp``) share the range of the metric they are a version of."""
+    base = str(metric).split("@", 1)[0]
+    base = base.removesuffix("_temp")
+    return METRIC_RANGES.get(base, (-np.inf, np.inf))
+
+
+def cell_interval(values, lo, hi, confidence: float = 0.95) -> tuple[float, float, float, str]:
+    """Confidence interval of the mean over the seeds of one cell, from the seed spread *and* the test patients.
+
+    ``values`` are the cell's runs' values (one per seed, every seed scored on the same test patients), ``lo`` and
+    ``hi`` each run's patient-level bootstrap interval at the same ``confidence``. Returns ``(lo, hi, df, kind)``:
+
+    * two or more seeds, at least one with a finite bootstrap interval (``kind='seeds+patients'``): the mean of k
+      seeds has variance ``V = S²/k + P`` — S the standard deviation across seeds (retraining), P the mean over the
+      runs of ``se_j²``, each run's patient standard error read off its interval as ``se_j = (hi_j − lo_j)/(2·z)``
+      with z the normal quantile at (1 + confidence)/2. The test set is shared by every seed, so the patient term
+      does not shrink with k. The interval is ``mean ± t(df)·√V`` with Welch–Satterthwaite degrees of freedom
+      (Satterthwaite, "An approximate distribution of estimates of variance components", Biometrics Bulletin 2,
+      1946), the patient term counted with infinite degrees of freedom: ``df = V²·(k − 1)/(S²/k)²``, ∞ when S = 0
+      (the normal interval of the patient term alone).
+    * two or more seeds, no finite bootstrap interval (``kind='seeds'``): the t-interval across seeds,
+      ``mean ± t(k − 1)·S/√k``, df = k − 1.
+    * one seed: that run's bootstrap interval (``kind='bootstrap'``, df = NaN), or NaN (``kind='none'``) when it
+      has none; no value at all: NaN, ``kind='none'``.
+
+    The bounds are not clipped here (:func:`summarise` clips them to the metric's range).
+    """
+    v = np.asarray(values, dtype=float)
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    ok = np.isfinite(v)
+    v, lo, hi = v[ok], lo[ok], hi[ok]
+    boot = np.isfinite(lo) & np.isfinite(hi)
+    se2 = ((hi[boot] - lo[boot]) / (2.0 * stats.norm.ppf(0.5 + confidence / 2.0))) ** 2
+    first = np.flatnonzero(boot)[:1]
+    out = _intervals(np.array([v.size]), np.array([v.mean() if v.size else np.nan]),
+                     np.array([v.std(ddof=1) if v.size > 1 else np.nan]),
+                     np.array([se2.mean() if se2.size else np.nan]),
+                     lo[first] if v.size == 1 and first.size else np.array([np.nan]),
+                     hi[first] if v.size == 1 and first.size else np.array([np.nan]), confidence)
+    return float(out[0][0]), float(out[1][0]), float(out[2][0]), str(out[3][0])
+
+
+def _intervals(k, mean, sd, patient_var, lo1, hi1, confidence: float):
+    """:func:`cell_interval` for many cells at once, from each cell's number of seeds ``k``, ``mean``, ``sd``
+    across seeds, mean squared patient standard error ``patient_var`` (NaN: no run with a bootstrap interval) and,
+    for one seed, its bootstrap bounds ``lo1``/``hi1``: arrays ``(lo, hi, df, kind)``."""
+    k = np.asarray(k, dtype=float)
+    mean, sd, patient_var = (np.asarray(x, dtype=float) for x in (mean, sd, patient_var))
+    q = 0.5 + confidence / 2.0
+    many = k > 1
+    seed_var = np.where(many, sd**2 / np.maximum(k, 1), np.nan)
+    pooled = many & np.isfinite(patient_var)
+    total = np.where(pooled, seed_var + np.where(pooled, patient_var, 0.0), seed_var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        satterthwaite = np.where(seed_var > 0, total**2 * (k - 1) / seed_var**2, np.inf)
+    dof = np.select([pooled, many], [satterthwaite, k - 1], np.nan)
+    finite_df = np.isfinite(dof)
+    quantile = np.where(finite_df, stats.t.ppf(q, np.where(finite_df, dof, 1.0)), stats.norm.ppf(q))
+    half = quantile * np.sqrt(total)
+    single = (k == 1) & np.isfinite(lo1) & np.isfinite(hi1)
+    lo = np.where(many, mean - half, np.where(single, lo1, np.nan))
+    hi = np.where(many, mean + half, np.where(single, hi1, np.nan))
+    kind = np.select([pooled, many, single], ["seeds+patients", "seeds", "bootstrap"], "none").astype(object)
+    return lo, hi, dof, kind
+
+
 def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Mean and confidence interval of every metric over seeds, one row per grid cell × metric row.
 
-    With two or more seeds the interval is a t-interval across seeds (``ci_kind='seeds'``); with one seed it is that
-    run's patient-level bootstrap interval (``ci_kind='bootstrap'``). ``n_seeds`` counts the finite values that
-    contributed, ``n_runs`` the complete runs of the cell and ``n_seeds_expected`` the seeds of the study (failed and
-    running runs included): ``complete`` is False where a cell has fewer complete runs than the study has seeds, so
-    a mean over fewer seeds is never mistaken for a full one.
+    ``confidence`` must be the level the runs' bootstrap intervals were computed at, 1 − ``eval.alpha``
+    (:attr:`StudyResults.confidence` reads it from the store). The interval of a cell (:func:`cell_interval`,
+    ``ci_kind`` says which) combines the seed-to-seed spread with each run's patient-level bootstrap uncertainty
+    (``seeds+patients``); it is the t-interval across seeds alone (``seeds``) where no run of the cell has a bootstrap
+    interval, the single run's bootstrap interval with one seed (``bootstrap``), NaN where there is none (``none``).
+    ``ci_df`` holds its degrees of freedom (∞: the patient term alone; NaN: a bootstrap interval). The bounds are
+    clipped to the metric's natural range (:func:`metric_range`: [0, 1] for AUROC, rates, ECE, Brier, ...), so a
+    cell near a bound gets an interval that stops there rather than one running past it.
+
+    ``n_seeds`` counts the finite values that contributed, ``n_runs`` the complete runs of the cell and
+    ``n_seeds_expected`` the seeds of the study (failed and running runs included): ``complete`` is False where a
+    cell has fewer complete runs than the study has seeds, so a mean over fewer seeds is never mistaken for a full
+    one.
     """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     group = [c for c in ("study", "config_hash") if c in df and df[c].nunique(dropna=False) > 1]
     cell = [c for c in CELL if c in df.columns]
     group += [*cell, *KEYS]
     finite = np.isfinite(df["value"].to_numpy(dtype=float))
-    # The bootstrap interval of a single seed is taken from the row that has a value.
+    # A run's bootstrap interval counts only beside a value.
     d = df.assign(lo=df["lo"].where(finite), hi=df["hi"].where(finite))
+    # Each run's patient variance, read off its bootstrap interval (the normal quantile at the same level).
+    both = np.isfinite(d["lo"].to_numpy(dtype=float)) & np.isfinite(d["hi"].to_numpy(dtype=float))
+    z = float(stats.norm.ppf(0.5 + confidence / 2.0))
+    d["_se2"] = np.where(both, ((d["hi"] - d["lo"]).to_numpy(dtype=float) / (2.0 * z)) ** 2, np.nan)
     out = d.groupby(group, dropna=False, sort=True).agg(
         mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"),
-        lo1=("lo", "first"), hi1=("hi", "first"), n_train_images=("n_train_images", "mean"), n=("n", "mean"),
+        lo1=("lo", "first"), hi1=("hi", "first"), patient_var=("_se2", "mean"),
+        n_train_images=("n_train_images", "mean"), n=("n", "mean"),
         **({"expected": (SEEDS_COLUMN, "max")} if SEEDS_COLUMN in d.columns else {})).reset_index()
-    k = out["n_seeds"].to_numpy()
-    half = stats.t.ppf(0.5 + confidence / 2, np.maximum(k - 1, 1)) * out["sd"].to_numpy() / np.sqrt(np.maximum(k, 1))
-    many = k > 1
-    out["lo"] = np.where(many, out["mean"] - half, out["lo1"])
-    out["hi"] = np.where(many, out["mean"] + half, out["hi1"])
-    out["ci_kind"] = np.select([many, k == 1], ["seeds", "bootstrap"], "none")
+    lo, hi, dof, kind = _intervals(out["n_seeds"], out["mean"], out["sd"], out["patient_var"], out["lo1"],
+                                   out["hi1"], confidence)
+    bounds = np.array([metric_range(m) for m in out["metric"]], dtype=float).reshape(-1, 2)
+    out["lo"] = np.clip(lo, bounds[:, 0], bounds[:, 1])
+    out["hi"] = np.clip(hi, bounds[:, 0], bounds[:, 1])
+    out["ci_kind"] = kind
+    out["ci_df"] = dof
     fallback = _expected_seeds(df)
     out["n_seeds_expected"] = (out.pop("expected").fillna(fallback).astype(int) if "expected" in out.columns
                                else fallback)
     expected = out["n_seeds_expected"]
     # Completeness is about runs, not values: a subgroup too small to score is NaN in every seed, not missing.
     out["complete"] = out["n_runs"] >= expected
-    out = out[[*group, "mean", "sd", "lo", "hi", "ci_kind", "n_seeds", "n_runs", "n_seeds_expected", "complete",
-               "n_train_images", "n"]]
+    out = out[[*group, "mean", "sd", "lo", "hi", "ci_kind", "ci_df", "n_seeds", "n_runs", "n_seeds_expected",
+               "complete", "n_train_images", "n"]]
     short = out[~out["complete"]].drop_duplicates(subset=cell)
     for r in short.itertuples(index=False):
         log.warning("cell %s/%s/fraction %g has %d of %d seeds complete", r.backbone, r.pretrained, r.fraction,

@@ -16,7 +16,12 @@ coverage with five seeds in ``benchmarks/interval_coverage.py``, where the plain
 whole runs across ``x`` values instead (a pairs bootstrap) is degenerate at the few points
 a scaling study has: with four runs at four sizes only the 24 of 256 resamples that keep four distinct sizes
 could be fitted, and each is the original data. With one run per ``x`` and no predictions there is nothing to
-resample, and the intervals are NaN (``ci`` says so).
+resample, and the intervals are NaN (``ci`` says so); so it is when the runs within every ``x`` are identical and
+there are no patient replicates either: every resample would be the data itself, and its zero-width "interval"
+would claim a certainty that nothing measured.
+
+A parameter that ends on its bound (``b`` at 0 or 5, ``c`` at 0 or at the lowest observed error) is named in
+``at_bound``: its interval is cut off there, and the law may not describe the points (a flat curve: b = 0).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from scaling.study.threads import thread_map
 
 MIN_POINTS = 4
 """Fewest distinct x values a three-parameter law is fitted to."""
+
+B_MAX = 5.0
+"""Upper bound of the exponent b in the fit."""
 
 X_AXES = {
     "n_params": "parameters",
@@ -69,7 +77,10 @@ class PowerLawFit:
     n_boot: int
     """Bootstrap replicates that converged (the intervals' sample size)."""
     ci: str = "seeds"
-    """What the intervals resample: ``seeds+patients``, ``seeds`` (runs within each x only) or ``none``."""
+    """What the intervals resample: ``seeds+patients``, ``seeds`` (runs within each x only) or ``none`` (nothing
+    varies: one run per x, or identical runs within every x, and no patient replicates; intervals NaN)."""
+    at_bound: str = ""
+    """The parameters that sit on a bound of the fit, e.g. ``b=0`` or ``c=min error`` ("" when none)."""
 
     def predict(self, x) -> np.ndarray:
         """The fitted error at ``x``."""
@@ -95,7 +106,7 @@ def _fit_once(z: np.ndarray, y: np.ndarray, start=None) -> tuple[float, float, f
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)
-                p, _ = curve_fit(_law, z, y, p0=p0, bounds=([0.0, 0.0, 0.0], [np.inf, 5.0, hi_c]), maxfev=5000)
+                p, _ = curve_fit(_law, z, y, p0=p0, bounds=([0.0, 0.0, 0.0], [np.inf, B_MAX, hi_c]), maxfev=5000)
         except (RuntimeError, ValueError):
             continue
         sse = float(np.sum((_law(z, *p) - y) ** 2))
@@ -136,8 +147,12 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
     x0 = float(np.exp(np.log(x).mean()))
     amp, b, c = _fit_once(x / x0, y)
     strata = [np.flatnonzero(x == v) for v in np.unique(x)]
-    seeds_vary = any(len(s) > 1 for s in strata)
-    method = "seeds+patients" if reps is not None else ("seeds" if seeds_vary else "none")
+    # A stratum whose runs are all equal resamples to itself; patient replicates that never move add nothing either.
+    seeds_vary = any(len(s) > 1 and np.ptp(y[s]) > 0 for s in strata)
+    with warnings.catch_warnings():  # a run with no defined replicate (all NaN) has no spread
+        warnings.simplefilter("ignore", RuntimeWarning)
+        patients_vary = reps is not None and bool((np.nanmax(reps, axis=0) > np.nanmin(reps, axis=0)).any())
+    method = "seeds+patients" if patients_vary else ("seeds" if seeds_vary else "none")
     rng = np.random.default_rng(seed)
     boots = []
     for r in range(n_boot if method != "none" else 0):
@@ -168,7 +183,23 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
         cis = [(math.nan, math.nan)] * 3
     resid = _law(x / x0, amp, b, c) - y
     return PowerLawFit(a=amp * x0**b, b=b, c=c, a_ci=cis[0], b_ci=cis[1], c_ci=cis[2], n_points=len(x), n_x=n_x,
-                       rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method)
+                       rmse=float(np.sqrt(np.mean(resid**2))), n_boot=len(boots), ci=method,
+                       at_bound=_at_bound(b, c, float(y.min())))
+
+
+def _at_bound(b: float, c: float, min_error: float, rtol: float = 1e-6) -> str:
+    """The parameters on a bound of the fit (b in [0, B_MAX], c in [0, lowest error]), e.g. ``b=0, c=min error``."""
+    out = []
+    if b <= rtol * B_MAX:
+        out.append("b=0")
+    elif b >= B_MAX * (1 - rtol):
+        out.append(f"b={B_MAX:g}")
+    scale = max(min_error, 1e-9)
+    if c <= rtol * scale:
+        out.append("c=0")
+    elif c >= scale * (1 - rtol):
+        out.append("c=min error")
+    return ", ".join(out)
 
 
 def _refit_without(x: np.ndarray, y: np.ndarray, x0: float, stratum: np.ndarray, i: int, start) -> tuple:
@@ -252,12 +283,14 @@ def _row(fit_or_error, **keys) -> dict:
     if isinstance(fit_or_error, PowerLawFit):
         f = fit_or_error
         return {**keys, "n_runs": f.n_points, "n_x": f.n_x, "a": f.a, "b": f.b, "b_lo": f.b_ci[0], "b_hi": f.b_ci[1],
-                "c": f.c, "c_lo": f.c_ci[0], "c_hi": f.c_ci[1], "rmse": f.rmse, "ci": f.ci, "status": "ok"}
+                "c": f.c, "c_lo": f.c_ci[0], "c_hi": f.c_ci[1], "rmse": f.rmse, "ci": f.ci, "at_bound": f.at_bound,
+                "status": "ok"}
     return {**keys, "status": f"refused: {fit_or_error}"}
 
 
 def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", eval_sets=None, n_boot: int = 200,
-              seed: int = 0, store_root=None, workers: int | None = None) -> tuple[pd.DataFrame, dict]:
+              seed: int = 0, store_root=None, workers: int | None = None,
+              confidence: float = 0.95) -> tuple[pd.DataFrame, dict]:
     """Fitted exponents for every scaling axis, per pretraining source (or backbone) and evaluation set.
 
     From the tidy table (:func:`scaling.study.aggregate.load_results`), error = 1 − ``metric`` per run:
@@ -267,7 +300,8 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     - ``n_train_images`` (labelled images): per pretraining source × backbone × eval set.
 
     Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused; ``ci`` what its intervals
-    resample) and the fitted laws keyed by ``(x_axis, pretrained, backbone, eval_set)`` for plotting.
+    resample, at ``confidence``; ``at_bound`` the parameters on a bound of the fit) and the fitted laws keyed by
+    ``(x_axis, pretrained, backbone, eval_set)`` for plotting.
     ``eval_sets=None`` uses every set but ``val``. With ``store_root`` (the run store the rows came from) the macro
     AUROC fits also resample the evaluation patients, from the runs' stored predictions (``workers`` runs at once,
     :func:`patient_replicates`). Only plain fine-tuning cells are used (:func:`scaling.study.aggregate.plain_cells`,
@@ -314,12 +348,13 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
             keys = {"x_axis": axis, "pretrained": "", "backbone": "", **dict(zip(by, key))}
             reps = replicates_of(keys["eval_set"], g["run_id"]) if resampled(axis, g) else None
             try:
-                fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps)
+                fit = fit_power_law(g[axis], g["error"], n_boot=n_boot, seed=seed, replicates=reps,
+                                    confidence=confidence)
             except FitError as e:
                 out.append(_row(e, **keys))
                 continue
             laws[(axis, keys["pretrained"], keys["backbone"], keys["eval_set"])] = fit
             out.append(_row(fit, **keys))
     cols = ["x_axis", "pretrained", "backbone", "eval_set", "n_runs", "n_x", "a", "b", "b_lo", "b_hi", "c", "c_lo",
-            "c_hi", "rmse", "ci", "status"]
+            "c_hi", "rmse", "ci", "at_bound", "status"]
     return pd.DataFrame(out, columns=cols), laws

@@ -78,6 +78,29 @@ class StudyReport:
     """OOD sets sharing patients with test in some run: their drop interval resamples both sets' patients."""
     eval_sets: list[str] = field(default_factory=list)
     """Every evaluation set: val, test, then the OOD sets."""
+    confidence: float = 0.95
+    """The confidence level of every interval, 1 − ``eval.alpha`` of the runs."""
+    ece_bins: int = 10
+    """``eval.ece_bins`` of the runs: the equal-width bins of ECE and of the reliability diagrams."""
+
+
+def _level(confidence: float) -> str:
+    """A confidence level as people write it: 0.95 → ``95%``, 0.995 → ``99.5%``."""
+    return f"{100 * confidence:.4g}%"
+
+
+def _bins(n_bins: int) -> str:
+    """The ECE binning: ``10 equal-width bins``."""
+    return f"{n_bins} equal-width bin{'' if n_bins == 1 else 's'}"
+
+
+def interval_note(confidence: float) -> str:
+    """How the intervals of the summary tables are made (:func:`scaling.study.aggregate.summarise`), at its level."""
+    return (f"Intervals: {_level(confidence)} confidence. With several seeds a cell's interval combines the "
+            "seed-to-seed spread with each run's patient-level bootstrap uncertainty (the seeds share one test set: "
+            "variance S²/k + mean patient variance, Welch–Satterthwaite degrees of freedom); with one seed it is the "
+            "run's patient-level bootstrap interval; a t-interval across seeds alone only where no run has a "
+            "bootstrap interval. Bounds are clipped to the metric's range ([0, 1] for AUROC, rates, ECE, Brier).")
 
 
 def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
@@ -224,7 +247,9 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     name = (cfg or {}).get("name") or (", ".join(names) if names else store_root.name)
     scrub = Scrubber()
     rep = StudyReport(name=name, runs=runs, notes=notes,
-                      config_yaml=yaml.safe_dump(scrub.value(cfg), sort_keys=False) if cfg else "")
+                      config_yaml=yaml.safe_dump(scrub.value(cfg), sort_keys=False) if cfg else "",
+                      confidence=study.confidence, ece_bins=study.ece_bins)
+    confidence = study.confidence
     rep.tables["completion"] = _completion(runs)
     shown = ["run_id", "backbone", "pretrained", "fraction", "seed", "status", "reason"]
     problems = runs[~runs["status"].isin(["complete", "not started"])][shown]
@@ -233,9 +258,9 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
         rep.notes["results"] = "No complete run yet: nothing to aggregate."
         return rep
 
-    every = summarise(df)
+    every = summarise(df, confidence)
     rep.tables["headline"] = headline_table(every)
-    _analysis_views(rep, store_root, df, every, n_boot_curve)
+    _analysis_views(rep, store_root, df, every, n_boot_curve, confidence)
     done("what the pretrained features contribute (probes, few-shot, re-initialised, CKA)")
     # The scaling views compare plain fine-tuning cells; probe, k-shot and re-initialised cells have their own.
     df, summary = plain_cells(df), plain_cells(every)
@@ -248,20 +273,20 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     rep.paired_sets = sorted({e for rid in df["run_id"].unique()
                               for e in store.read_meta(rid).get("fitted_on_val", {}).get("paired_shift", [])})
 
-    fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root, workers=workers)
+    fits, laws = fit_table(df, n_boot=n_boot_fit, store_root=store_root, workers=workers, confidence=confidence)
     rep.tables["fits"] = fits
     rep.tables["fits_params"] = fits[fits["x_axis"] == "n_params"]
     rep.figures["auroc_vs_params"] = plots.auroc_vs_params(summary, laws)
     done(f"scaling-law fits ({n_boot_fit} patient replicates)")
 
-    eff = data_efficiency(df, summary)
+    eff = data_efficiency(df, summary, confidence=confidence)
     rep.tables["data_efficiency"] = eff
     if len(eff):
         rep.notes["baseline"] = (f"Baseline: {eff['baseline'].iloc[0]}, test AUROC "
                                  f"{eff['baseline_auroc'].iloc[0]:.3f}.")
     rep.figures["auroc_vs_fraction"] = plots.auroc_vs_fraction(summary, eff)
 
-    drops = ood_summary(df)
+    drops = ood_summary(df, confidence)
     shared = shift_labels(df)
     rep.shift_labels = shared
     rep.evaluable_labels = evaluable_labels(df)
@@ -269,7 +294,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     trends = {}
     for e in shared:
         rep.tables[f"robustness:{e}"], trends[e] = effective_robustness(summary, e, df=df, store_root=store_root,
-                                                                        n_boot=n_boot_fit, workers=workers)
+                                                                        n_boot=n_boot_fit, workers=workers,
+                                                                        confidence=confidence)
         if trends[e] is not None:
             line = trends[e]
             rep.notes[f"robustness:{e}"] = (
@@ -290,7 +316,7 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
         rep.figures[f"fairness:{e}"] = plots.fairness_vs_params(summary, eval_set=e)
         rep.tables[f"calibration:{e}"] = _in_sample(_view_table(summary, CALIBRATION_METRICS, eval_set=e), e)
     rep.figures["calibration"] = plots.calibration_vs_params(summary, rep.eval_sets)
-    curves = reliability_curves(store_root, df, [e for e in rep.eval_sets if e != FIT_SPLIT])
+    curves = reliability_curves(store_root, df, [e for e in rep.eval_sets if e != FIT_SPLIT], n_bins=rep.ece_bins)
     rep.tables["reliability"] = reliability_summary(curves)
     rep.tables["reliability_bins"] = curves
     rep.figures["reliability"] = plots.reliability(curves)
@@ -302,7 +328,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
         rep.tables["exam_units"] = units
 
     models = headline_models(summary)
-    curves = selective_curves(store_root, df, models, n_boot=n_boot_curve) if models else pd.DataFrame()
+    curves = (selective_curves(store_root, df, models, n_boot=n_boot_curve, confidence=confidence) if models
+              else pd.DataFrame())
     rep.tables["selective"] = _selective_table(curves)
     rep.figures["selective"] = plots.selective_curves(curves)
     done("exam-level pooling and selective prediction")
@@ -321,11 +348,11 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
 
 
 def _analysis_views(rep: StudyReport, store_root: Path, df: pd.DataFrame, summary: pd.DataFrame,
-                    n_boot: int) -> None:
+                    n_boot: int, confidence: float = 0.95) -> None:
     """The tables and figures of "What the pretrained features contribute" (scaling.study.analysis_tables)."""
     from scaling.study import analysis_tables as at
 
-    rep.tables["probe_gap"] = at.probe_gap(df, store_root, n_boot=n_boot)
+    rep.tables["probe_gap"] = at.probe_gap(df, store_root, n_boot=n_boot, confidence=confidence)
     rep.figures["probe_gap"] = plots.probe_gap(rep.tables["probe_gap"])
     rep.tables["fewshot"] = at.fewshot_table(summary)
     rep.figures["fewshot"] = plots.fewshot_curves(rep.tables["fewshot"])
@@ -472,9 +499,9 @@ def _ood_html(rep: StudyReport) -> list[str]:
     parts = ["<p class='note'>Each OOD set is compared with the in-distribution test set on the labels <i>both</i> "
              "can score (both classes present among the labelled images of each): test AUROC, OOD AUROC and their "
              "difference (drop) are macro-averaged over exactly those labels, so a set with few labels is not "
-             "compared against a macro over many. Interval of the drop: across seeds, or a patient-level bootstrap "
-             "of each set, resampled independently (different patients) or, for a set that shares patients with "
-             "test, over the patients of both sets together.</p>"]
+             "compared against a macro over many. Interval of the drop: as every cell's (the top of the report), "
+             "its patient-level part from each run's bootstrap of both sets, resampled independently (different "
+             "patients) or, for a set that shares patients with test, over the patients of both sets together.</p>"]
     for e in rep.ood_sets:
         shared = rep.shift_labels.get(e, [])
         own = rep.evaluable_labels.get(e, [])
@@ -499,8 +526,8 @@ def _ood_html(rep: StudyReport) -> list[str]:
             parts += [f"<p><b>Effective robustness</b> (Taori et al. 2020): each cell's {html.escape(e)} AUROC minus "
                       "what the study's trend predicts from its test AUROC (the dotted curve in the figure above): "
                       "positive = more robust than its in-distribution accuracy alone would make it; er_lo, er_hi: "
-                      "95% interval from refitting the trend on resampled seeds and test and OOD patients (ci says "
-                      "which). "
+                      f"{_level(rep.confidence)} interval from refitting the trend on resampled seeds and test and "
+                      "OOD patients (ci says which). "
                       f"{html.escape(rep.notes.get(f'robustness:{e}', ''))}</p>",
                       _table_html(robust, f"robustness-{_anchor(e)}")]
         else:
@@ -541,13 +568,14 @@ def _fairness_html(rep: StudyReport) -> list[str]:
 def _calibration_html(rep: StudyReport) -> list[str]:
     """The ECE figure, then one table per evaluation set (before / after temperature scaling)."""
     parts = [_figure_html(rep, "calibration"),
-             "<p class='note'>ECE (10 equal-width bins), Brier score and NLL, macro over labels, before and after "
+             f"<p class='note'>ECE ({_bins(rep.ece_bins)}), Brier score and NLL, macro over labels, before and after "
              "the temperature fitted per label on validation (<i>_temp</i>)." + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
         parts += [f"<h3 id='calibration-{_anchor(e)}'>{_set_title(e)}</h3>",
                   _table_html(rep.tables.get(f"calibration:{e}"), f"calibration-{_anchor(e)}")]
     parts += ["<h3 id='reliability'>Reliability under shift</h3>",
-              "<p class='note'>Observed fraction positive vs mean predicted probability in 10 equal-width bins, for "
+              f"<p class='note'>Observed fraction positive vs mean predicted probability in {_bins(rep.ece_bins)}, "
+              "for "
               "test and every OOD set, per backbone at full data (points on the diagonal are calibrated; below it, "
               "over-confident). Every labelled (image, label) pair of every label and seed is pooled; left raw, "
               "right after each run's validation-fitted temperatures. The pooled ECE of each diagram is below, its "
@@ -619,8 +647,8 @@ def _analysis_html(rep: StudyReport) -> list[str]:
     parts = ["<h2 id='analysis'>What the pretrained features contribute</h2>",
              "<p class='note'>Cells beyond plain fine-tuning (docs/analysis.md): a linear probe on the frozen "
              "backbone's pooled features, k-shot training sets, blocks re-initialised before fine-tuning, and the "
-             "block-by-block CKA of each fine-tuned model. AUROC is macro on test; intervals as above (across "
-             "seeds, else the run's patient-level bootstrap).</p>",
+             "block-by-block CKA of each fine-tuned model. AUROC is macro on test; intervals as above (seeds "
+             "and patients, else the run's patient-level bootstrap).</p>",
              "<h3 id='probe-gap'>Fine-tuning vs linear probe</h3>",
              "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: its interval is across seeds, or a "
              "paired patient-level bootstrap of the two runs' test predictions with one seed. A gap that shrinks "
@@ -668,9 +696,8 @@ def render_html(rep: StudyReport) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Scaling study report: {html.escape(rep.name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Scaling study: {html.escape(rep.name)}</h1>",
-        f"<p class='note'>Generated {now} from the run store. Intervals: 95% t-interval across seeds where a cell "
-        "has several seeds, else the run's patient-level bootstrap interval. AUROC is macro-averaged over labels "
-        "unless stated.</p>",
+        f"<p class='note'>Generated {now} from the run store. {html.escape(interval_note(rep.confidence))} AUROC is "
+        "macro-averaged over labels unless stated.</p>",
         *([f"<p class='note'>{html.escape(rep.notes['scope'])}</p>"] if "scope" in rep.notes else []),
         "<h2 id='completion'>Grid and completion</h2>",
         f"<p>{done} of {total} runs complete ({html.escape(status_line)}).</p>",
@@ -697,8 +724,8 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='data-efficiency'>Data efficiency</h2>",
             "<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
             "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
-            "resampling seeds). censored: <i>below</i> = already reached at the smallest fraction, <i>above</i> "
-            "= never reached within the grid.</p>",
+            "resampling seeds, n/a with one seed: nothing to resample). censored: <i>below</i> = already reached "
+            "at the smallest fraction, <i>above</i> = never reached within the grid.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
             _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
@@ -708,8 +735,10 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
-            f"<p class='note'>error = 1 − macro AUROC, one point per run; 95% intervals resample the seeds within "
-            f"each x and the test patients (column ci says which). "
+            f"<p class='note'>error = 1 − macro AUROC, one point per run; {_level(rep.confidence)} intervals resample "
+            f"the seeds within each x and the test patients (column ci says which; <i>none</i>: nothing to resample, "
+            f"one run per x or identical runs within every x, and no stored predictions; at_bound names a parameter "
+            f"that sits on its bound, b in [0, 5], c in [0, the lowest error], where the interval is cut off). "
             f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),

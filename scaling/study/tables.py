@@ -41,14 +41,15 @@ def baseline_cell(summary: pd.DataFrame, eval_set: str = "test") -> pd.Series | 
     return least.iloc[0].drop(labels="_pi")
 
 
-def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
+def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "test",
+                    confidence: float = 0.95) -> pd.DataFrame:
     """Per backbone × pretraining source: the fraction of labels needed to match the full-data baseline AUROC.
 
     :func:`scaling.metrics.data_efficiency` on the cell's AUROC-vs-fraction curves, one column per seed (the
-    seeds that completed every fraction): log-linear interpolation of the mean curve, interval from resampling
-    seeds (degenerate with one seed). ``censored`` is ``below`` when even the smallest fraction beats the baseline
-    (the true crossing may be lower) and ``above`` when the curve never reaches it. The baseline is
-    :func:`baseline_cell`.
+    seeds that completed every fraction): log-linear interpolation of the mean curve, ``confidence`` interval from
+    resampling seeds; ``lo``/``hi`` are NaN with one seed (nothing to resample). ``censored`` is ``below`` when
+    even the smallest fraction beats the baseline (the true crossing may be lower) and ``above`` when the curve never
+    reaches it. The baseline is :func:`baseline_cell`.
     """
     base = baseline_cell(summary, eval_set)
     cols = ["pretrained", "backbone", "n_params", "auroc_full", "fraction_to_match", "lo", "hi", "censored",
@@ -67,7 +68,7 @@ def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "te
         if curves.shape[1]:
             # 200 seed resamples are plenty for 2.5/97.5 percentiles of a handful of seeds (1000 costs ~1 s/report).
             eff = metrics_data_efficiency(curves.index.to_numpy(float), curves.to_numpy(float), target, n_boot=200,
-                                          seed=0)
+                                          alpha=1.0 - confidence, seed=0)
             row.update(fraction_to_match=eff.fraction, lo=eff.lo, hi=eff.hi, censored=eff.censored)
         rows.append(row)
     return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params"]).reset_index(drop=True)
@@ -81,10 +82,11 @@ def ood_drop(df: pd.DataFrame, label: str = "macro") -> pd.DataFrame:
               & (df["group"] == "all")]
 
 
-def ood_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and CI over seeds of the OOD drop (on shared labels) per cell and OOD set (see :func:`ood_drop`)."""
+def ood_summary(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean and ``confidence`` interval (seeds and patients, :func:`scaling.study.aggregate.summarise`) of the OOD
+    drop (on shared labels) per cell and OOD set (see :func:`ood_drop`)."""
     drops = ood_drop(df)
-    return summarise(drops) if len(drops) else drops
+    return summarise(drops, confidence) if len(drops) else drops
 
 
 ROBUSTNESS_MIN_CELLS = 3
