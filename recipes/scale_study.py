@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.config import ConfigError, load_config, where_set
-from scaling.data.table import DataError
+from scaling.data.table import DataError, OptionError
 from scaling.engine.distributed import LaunchError
 from scaling.engine.launch import detect_launch
 from scaling.models import CheckpointMismatch, WeightsUnavailable
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 (anywhere on the line)")
     args = ap.parse_intermixed_args(argv)  # overrides before and after an option are all overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         # Bad input: one clear line naming the file/field/row; the run store is left as it was. A setting found
         # wrong only once the data is read (a label, split or loader option) is traced to the file or override.
-        where = where_set(str(e), args.config, args.overrides) if cfg is not None else ""
+        where = where_set(str(e), args.config, args.overrides) if isinstance(e, OptionError) else ""
         print(f"error: {e}{where}", file=sys.stderr)
         return 2
     except StudyFailed as e:

@@ -31,8 +31,8 @@ class DataError(ValueError):
 class OptionError(DataError):
     """A setting names something the dataset does not have: a split, a loader option or its value, a label.
 
-    ``setting`` says which (``"split"``, ``"options"`` or ``"labels"``), so a study can name the config field
-    (``data.test_split``, ``data.ood.0.options`` …) that set it."""
+    ``setting`` says which (``"split"``, ``"options"``, ``"labels"`` or ``"root"``), so a study can name the config
+    field (``data.test_split``, ``data.ood.0.options`` …) and the file or override that set it."""
 
     def __init__(self, message: str, setting: str):
         super().__init__(message)

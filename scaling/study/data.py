@@ -60,12 +60,13 @@ def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
 def _check_root(root: str, where: str) -> None:
     """Refuse a root that cannot be a dataset, before anything is written."""
     if not root:
-        raise DataError(f"{where} is empty: give the dataset's directory, or '{SYNTHETIC}' for the offline demo data")
+        raise OptionError(f"{where} is empty: give the dataset's directory, or '{SYNTHETIC}' for the offline demo "
+                          f"data", "root")
     if root == SYNTHETIC or root.startswith(SYNTHETIC + ":"):
         return
     p = Path(root).expanduser()
     if not p.exists():
-        raise DataError(f"dataset root does not exist: {p} ({where})")
+        raise OptionError(f"dataset root does not exist: {p} ({where})", "root")
 
 
 def check_roots(data: DataConfig) -> None:
