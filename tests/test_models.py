@@ -532,3 +532,20 @@ def test_plain_directory_serves_every_backbone_of_a_grid(tmp_path):
         torch.testing.assert_close(_features(model, x), _features(src, x), rtol=0, atol=0)
     with pytest.raises(WeightsUnavailable, match=r"looked for \['resnetv2_small\.safetensors'"):
         build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(tmp_path)), num_outputs=2)
+
+
+def test_a_label_of_ones_own_names_a_weight_directory_and_a_missing_one_is_named(tmp_path):
+    """``<label>:<dir>`` loads the backbone's file from the directory (also ``bit-l:`` on a non-BiT backbone, which
+    has no such source); a path that does not exist is named as such, not as the whole source string."""
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", zero_init_head=False), num_outputs=2)
+    (tmp_path / "w").mkdir()
+    save_file(model.state_dict(), tmp_path / "w" / "resnetv2_tiny.safetensors")
+    for source in (f"mypre:{tmp_path / 'w'}", f"bit-l:{tmp_path / 'w'}"):
+        spec = W.resolve_source(resolve_backbone("resnetv2_tiny"), source)
+        assert (spec.kind, spec.location) == ("file", str(tmp_path / "w" / "resnetv2_tiny.safetensors"))
+        again = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=source), num_outputs=3)
+        torch.testing.assert_close(again.backbone.stem.conv.weight, model.backbone.stem.conv.weight)
+    assert W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path / 'w'}").name == "mypre"
+    with pytest.raises(W.WeightsUnavailable, match=rf"weight file or directory not found: {tmp_path}/nope "
+                                                   rf"\(from 'mypre:{tmp_path}/nope'\)"):
+        W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path}/nope")
