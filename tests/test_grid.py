@@ -349,3 +349,33 @@ def test_the_docs_quote_real_demo_run_ids_and_every_later_default():
     text = " ".join((docs / "run-store.md").read_text().split())
     listed = re.search(r"Settings added after run ids were first written \(([^;]*);", text).group(1)
     assert sorted(re.findall(r"`([a-z_.]+)`", listed)) == sorted(LATER_DEFAULTS)
+
+
+def test_weight_sources_are_labelled_without_their_directories():
+    from scaling.study.grid import source_label
+
+    cases = {"/home/alice/site7/weights": "file:weights", "./w/x.pt": "file:x.pt", "r50.safetensors":
+             "file:r50.safetensors", "~/w/r50.npz": "file:r50.npz", "/w/dir/": "file:dir",
+             "bit-l:/data/jft": "bit-l", "mimic:/home/alice/mimic": "mimic", "scratch": "scratch",
+             "bit-m": "bit-m", "hub:goog_in21k": "hub:goog_in21k", "upstream:up": "upstream:up"}
+    assert {s: source_label(s) for s in cases} == cases
+    assert all(source_label(label) == label for label in cases.values())  # a label is its own label
+    spec = RunSpec("a", "/home/alice/site7/weights", 1.0, 0)
+    assert (spec.pretrained, spec.source) == ("file:weights", "/home/alice/site7/weights")
+    assert run_config(_cfg(), spec).model.pretrained == "/home/alice/site7/weights"  # loaded from the source
+    cfg = _cfg("grid.pretrained=[scratch, /home/alice/site7/weights, 'mimic:/home/alice/mimic']")
+    assert list(dict.fromkeys(c.pretrained for c in expand_grid(cfg))) == ["scratch", "file:weights", "mimic"]
+
+
+def test_labelling_sources_keeps_the_run_ids_stores_hold():
+    # ids written before sources had labels (computed then, for these sources): a store keeps every run
+    demo = load_config(None, ["grid.backbones=[bit_r50x1]"])
+    before = {"/w/bit_m.npz": "bit-r50x1__file-bit-m.npz__f1__s0__2fbf3627",
+              "./w/x.pt": "bit-r50x1__file-x.pt__f1__s0__0b24ae21",
+              "w/x.safetensors": "bit-r50x1__w-x.safetensors__f1__s0__c5ddcd17",
+              "bit-l:/w/jft": "bit-r50x1__bit-l-w-jft__f1__s0__36dc30e0",
+              "hub:goog_in21k": "bit-r50x1__hub-goog-in21k__f1__s0__4d2030a7",
+              "bit-m": "bit-r50x1__bit-m__f1__s0__570bb727"}
+    assert {s: run_id(demo, RunSpec("bit_r50x1", s, 1.0, 0)) for s in before} == before
+    # a label of one's own (refused before labels existed) names the run by the label, not by its directories
+    assert run_id(demo, RunSpec("bit_r50x1", "mine:/home/alice/w", 1.0, 0)).startswith("bit-r50x1__mine__f1__s0__")

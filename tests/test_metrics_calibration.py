@@ -99,3 +99,26 @@ def test_reliability_diagram_and_plot():
     assert weighted_gap == pytest.approx(ece(y, p), abs=1e-12)
     ax = plot_reliability(data=data, label="model")
     assert len(ax.lines) == 2
+
+
+def test_a_temperature_on_its_search_bound_is_warned_about():
+    import warnings
+
+    from scaling.metrics.temperature import T_BOUNDS, fit_softmax_temperature
+    from scaling.metrics.validation import MetricWarning
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    separated = np.array([-2.0, -1.5, -1.0, 1.0, 1.5, 2.0])  # perfectly separable: the NLL falls as T -> 0
+    with pytest.warns(MetricWarning, match=r"search bound 0.01 \(the validation logits separate the classes"):
+        t = fit_temperature(y, separated)
+    assert t == pytest.approx(T_BOUNDS[0], rel=1e-3)
+    with pytest.warns(MetricWarning, match=r"search bound 0.01"):
+        fit_softmax_temperature(np.eye(2)[y], np.c_[-separated, separated])
+    noise = np.array([5.0, -5.0, 5.0, -5.0, 5.0, -5.0])  # anti-informative on balanced labels: T -> infinity
+    with pytest.warns(MetricWarning, match=r"search bound 100 \(the validation logits carry no signal"):
+        assert fit_temperature(np.array([0, 1, 0, 1, 0, 1]), noise) == pytest.approx(T_BOUNDS[1], rel=1e-3)
+    # an interior optimum says nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetricWarning)
+        t = fit_temperature(y, np.array([-2.0, 1.0, -1.0, 1.0, -1.5, 2.0]))
+    assert T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01

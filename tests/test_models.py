@@ -352,6 +352,66 @@ def test_family_spec_rejects_unknown_classes():
         family_spec(torch.nn.Linear(2, 2))
 
 
+def test_a_timm_model_outside_the_table_gets_the_generic_row(tmp_path):
+    from timm.models.resnet import BasicBlock
+
+    from scaling.analysis.features import layer_names
+
+    model = build_model(ModelConfig(backbone="resnet18", zero_init_head=False), num_outputs=2)
+    spec = family_spec(model)
+    assert spec.name == "timm:ResNet" and spec.block_classes == (BasicBlock,) and spec.filter_fn is None
+    # CKA's layers: every BasicBlock of the four stages in forward order, then the pooled classifier input.
+    assert layer_names(model) == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["pre_logits"]
+    # Own weights load through the same path (head dropped, every other tensor copied).
+    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
+    again = build_model(ModelConfig(backbone="resnet18", pretrained=str(tmp_path)), num_outputs=5)
+    torch.testing.assert_close(again.backbone.layer3[1].conv2.weight, model.backbone.layer3[1].conv2.weight)
+    assert again.backbone.fc.out_features == 5
+    # A stage that is a norm layer with an activation inside is no block (DenseNet's norm0 / norm5).
+    assert [c.__name__ for c in family_spec(timm.create_model("densenet121")).block_classes] == ["DenseBlock"]
+
+
+def test_register_family_adds_a_row_that_wins_over_the_generic_rule_and_parents():
+    from timm.models.resnet import Bottleneck, ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    from scaling.models.families import FAMILIES, FamilySpec, register_family
+
+    class MyViT(VisionTransformer):
+        pass
+
+    rows = dict(FAMILIES)
+    try:
+        register_family(FamilySpec("resnet", ResNet, (Bottleneck,), None))
+        assert family_spec(timm.create_model("resnet18")).block_classes == (Bottleneck,)
+        register_family(FamilySpec("myvit", MyViT, (torch.nn.Linear,), None))
+        assert family_spec(MyViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)).name == "myvit"
+        assert family_spec(timm.create_model("vit_micro")).name == "vit"  # the parent keeps its row
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(FamilySpec("resnet", ResNet, (torch.nn.Conv2d,), None))
+        register_family(FamilySpec("resnet", ResNet, (torch.nn.Conv2d,), None), replace=True)
+        assert family_spec(timm.create_model("resnet18")).block_classes == (torch.nn.Conv2d,)
+    finally:
+        FAMILIES.clear()
+        FAMILIES.update(rows)
+
+
+def test_own_module_without_blocks_is_told_to_pass_block_classes():
+    from scaling.config import ShardingConfig
+    from scaling.engine import Trainer
+    from scaling.engine.sharding import block_classes_for
+
+    own = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"pass Trainer\(\.\.\., block_classes=\(YourBlock,\)\)"):
+        block_classes_for(own)
+    # What a Trainer that needs the blocks (here per-block compile) says, before anything is compiled.
+    with pytest.raises(ValueError, match=r"Sequential is neither a timm model nor in the family table.*"
+                                         r"block_classes=\(YourBlock,\)"):
+        Trainer(own, TrainConfig(batch_size=4, steps=1, compile="blocks"), ShardingConfig(strategy="none"))
+    assert block_classes_for(timm.create_model("resnet18"))[0].__name__ == "BasicBlock"
+
+
 def test_param_groups_no_decay_on_norms_and_layer_decay_scales():
     model = build_model(ModelConfig(backbone="vit_micro"), num_outputs=3)
     groups = param_groups(model, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75))
@@ -472,3 +532,20 @@ def test_plain_directory_serves_every_backbone_of_a_grid(tmp_path):
         torch.testing.assert_close(_features(model, x), _features(src, x), rtol=0, atol=0)
     with pytest.raises(WeightsUnavailable, match=r"looked for \['resnetv2_small\.safetensors'"):
         build_model(ModelConfig(backbone="resnetv2_small", pretrained=str(tmp_path)), num_outputs=2)
+
+
+def test_a_label_of_ones_own_names_a_weight_directory_and_a_missing_one_is_named(tmp_path):
+    """``<label>:<dir>`` loads the backbone's file from the directory (also ``bit-l:`` on a non-BiT backbone, which
+    has no such source); a path that does not exist is named as such, not as the whole source string."""
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", zero_init_head=False), num_outputs=2)
+    (tmp_path / "w").mkdir()
+    save_file(model.state_dict(), tmp_path / "w" / "resnetv2_tiny.safetensors")
+    for source in (f"mypre:{tmp_path / 'w'}", f"bit-l:{tmp_path / 'w'}"):
+        spec = W.resolve_source(resolve_backbone("resnetv2_tiny"), source)
+        assert (spec.kind, spec.location) == ("file", str(tmp_path / "w" / "resnetv2_tiny.safetensors"))
+        again = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=source), num_outputs=3)
+        torch.testing.assert_close(again.backbone.stem.conv.weight, model.backbone.stem.conv.weight)
+    assert W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path / 'w'}").name == "mypre"
+    with pytest.raises(W.WeightsUnavailable, match=rf"weight file or directory not found: {tmp_path}/nope "
+                                                   rf"\(from 'mypre:{tmp_path}/nope'\)"):
+        W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path}/nope")

@@ -27,7 +27,7 @@ spec.loader.exec_module(scale_study)
     (["sharding.strategy=zero3"], "needs a DeepSpeed launch"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["grid.pretrained=[/nonexistent/w.safetensors]"], "grid.pretrained '/nonexistent/w.safetensors' (backbone "),
-    (["--dry-run", "grid.pretrained=[bit-l:/nonexistent/]"], "(backbone resnetv2_small): weight file not found"),
+    (["--dry-run", "grid.pretrained=[bit-l:/nonexistent/]"], "(backbone resnetv2_small): weight file or directory not found: /nonexistent"),
     # settings found wrong only once the data is read name their field and the override that set it
     (["data.root=/nonexistent/chexpert"], "[data.root is set in override `data.root=/nonexistent/chexpert`]"),
     (["data.labels=[Foo]"], "data.labels: unknown label 'Foo'; canonical names: ['No Finding', "),

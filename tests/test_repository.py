@@ -137,3 +137,15 @@ def test_no_import_cycle_between_modules():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_study_package_names_and_exports_its_entry_points():
+    import scaling
+    import scaling.study as study
+    from scaling.study import aggregate, report, runner, store
+
+    assert (study.run_study, study.plan, study.RunStore) == (runner.run_study, runner.plan, store.RunStore)
+    assert (study.load_study, study.build_report) == (aggregate.load_study, report.build_report)
+    assert all(getattr(study, name) is not None for name in study.__all__)
+    for name in ("run_study", "plan", "RunStore", "load_study", "build_report"):
+        assert name in study.__doc__ and name in scaling.__doc__

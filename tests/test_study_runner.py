@@ -310,12 +310,53 @@ def test_a_missing_weight_file_is_named_before_training_but_not_needed_by_finish
     cfg = _cfg(store, pretrained=[str(tmp_path / "w.safetensors"), "scratch"])
     cells = expand_grid(cfg)
     with pytest.raises(WeightsUnavailable, match=rf"grid.pretrained '{tmp_path}/w.safetensors' \(backbone "
-                                                 rf"resnetv2_tiny\): weight file not found: {tmp_path}/w.safetensors"):
+                                                 rf"resnetv2_tiny\): weight file or directory not found: {tmp_path}/w.safetensors"):
         check_weights(cfg, RunStore(store), cells)
     for spec in cells:
         if spec.pretrained != "scratch":
             RunStore(store).mark_complete(run_id(cfg, spec))
     check_weights(cfg, RunStore(store), cells)
+
+
+def test_path_sources_are_labelled_by_name_in_the_store_tables_and_wandb(tmp_path, monkeypatch):
+    """A weight directory given as a plain path, and another under a label of one's own (``mine:<dir>``), train from
+    their files; the store, the results table, the run status and the W&B run (its job_type is the ``pretrained``
+    axis) name them ``file:<dir name>`` and ``mine``, never by the directories above, which carry user and site
+    names. Two sources with the same label are refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    import scaling.tracking
+    from scaling.config import ModelConfig
+    from scaling.models import build_model
+    from scaling.study.aggregate import load_study
+
+    private = tmp_path / "alice-site7"
+    for name in ("weights", "other"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone="resnetv2_tiny"), num_outputs=2)
+        (private / name).mkdir(parents=True)
+        save_file(model.state_dict(), private / name / "resnetv2_tiny.safetensors")
+    axes = []
+    real = scaling.tracking.Tracker.create
+    monkeypatch.setattr(scaling.tracking.Tracker, "create",
+                        staticmethod(lambda *a, **k: axes.append(dict(k["axes"] if "axes" in k else a[3]))
+                                     or real(*a, **k)))
+    store = tmp_path / "store"
+    cfg = load_config(study_config(tmp_path, store, ood=False, pretrained=[str(private / "weights"),
+                                                                          f"mine:{private / 'other'}"]),
+                      ["grid.also=[]", "cka.enabled=false", "train.steps=2", "eval.n_boot=10"])
+    table = run_study(cfg, report=False)
+    assert sorted(table["pretrained"]) == ["file:weights", "mine"] and set(table["status"]) == {"complete"}
+    assert sorted(a["pretrained"] for a in axes) == ["file:weights", "mine"]
+    runs = load_study(store).runs
+    assert len(runs) == 2 and set(runs["status"]) == {"complete"}
+    assert sorted(runs["pretrained"]) == ["file:weights", "mine"]
+    stored = "".join(p.read_text() for p in store.rglob("spec.json")) + (store / "results.csv").read_text()
+    assert "alice-site7" not in stored
+    with pytest.raises(ConfigError, match=r"would both be labelled 'file:weights'.*'<label>:<path>'"):
+        plan(load_config(study_config(tmp_path, store, ood=False,
+                                      pretrained=[str(private / "weights"), str(tmp_path / "weights")])))
 
 
 def test_offline_a_hub_or_url_source_missing_from_the_weights_dir_and_cache_is_named_before_training(

@@ -399,3 +399,24 @@ def test_predict_with_workers_keeps_its_loader():
     np.testing.assert_array_equal(first["index"], np.arange(13) * 10 + 3)
     np.testing.assert_allclose(first["logits"], second["logits"])
     trainer.close()
+
+
+def test_a_one_process_checkpoint_prints_no_single_process_warning(tmp_path, monkeypatch, recwarn):
+    """Strategy ``none`` saves its checkpoints with torch.distributed.checkpoint without a process group on purpose;
+    torch's "assuming the intent is to save in a single process" warning is filtered around that call only."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    saves = []
+    real = dcp.save
+    monkeypatch.setattr(dcp, "save", lambda *a, **k: saves.append(k.get("no_dist")) or real(*a, **k))
+    assert not torch.distributed.is_initialized()
+    trainer = Trainer(vit(), TrainConfig(batch_size=8, steps=3, lr=0.01, warmup_steps=0, checkpoint_every=1,
+                                         log_every=1), ShardingConfig(strategy="none"), output_dir=tmp_path)
+    trainer.fit(ToyDataset(16))
+    assert saves == [True, True]  # steps 1 and 2 checkpointed through DCP without a process group
+    assert not [w for w in recwarn if "assuming the intent" in str(w.message)]
+    with pytest.warns(UserWarning, match="assuming the intent"):  # the filter is gone after the save
+        warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to save "
+                      "in a single process.", UserWarning)

@@ -47,6 +47,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,17 @@ def _dcp_state(module: nn.Module, optimizer) -> dict:
     return {"model": msd, "optim": osd}
 
 
+@contextlib.contextmanager
+def _single_process_dcp():
+    """Around a ``torch.distributed.checkpoint`` save or load that we run without a process group on purpose
+    (``no_dist=True``: strategy ``none``, one process): silence only torch's UserWarning that it is "assuming the
+    intent is to save/load in a single process", which every such checkpoint would otherwise print."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
+                                r"assuming the intent is to (save|load) in a single process", category=UserWarning)
+        yield
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, module: nn.Module, optimizer,
                     engine=None, keep: int = 1) -> Path:
     """Write a resumable checkpoint of ``step`` atomically and point ``latest`` at it. Every rank must call.
@@ -303,7 +315,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, rank: int, m
             if torch.distributed.is_initialized():
                 dcp.save(sd, checkpoint_id=str(tmp / "model"))
             else:
-                dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
+                with _single_process_dcp():
+                    dcp.save(sd, checkpoint_id=str(tmp / "model"), no_dist=True)
         if rank == 0:
             atomic_write_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": step, **state})
 
@@ -610,8 +623,10 @@ def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) ->
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             sd = _dcp_state(module, optimizer)
-            kw = {} if torch.distributed.is_initialized() else {"no_dist": True}
-            dcp.load(sd, storage_reader=_dcp_reader(ckpt / "model"), planner=_dcp_planner(), **kw)
+            single = not torch.distributed.is_initialized()
+            with _single_process_dcp() if single else contextlib.nullcontext():
+                dcp.load(sd, storage_reader=_dcp_reader(ckpt / "model"), planner=_dcp_planner(),
+                         **({"no_dist": True} if single else {}))
             set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     except CheckpointError:
         raise

@@ -131,8 +131,10 @@ def make_accelerator(train: TrainConfig, sharding: ShardingConfig, launch: Launc
         mp = train.mixed_precision if sharding.strategy in ("none", "ddp") else "no"
         # Keep Accelerate's own FSDP plugin out: it never activates on CPU and would fight our fully_shard.
         # DDP's buckets would otherwise hold a second copy of every gradient (measured: +82 MB on a 22 M-param
-        # ViT-S, benchmarks/sharding_memory.py); grads as views into the buckets remove it.
-        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
+        # ViT-S, benchmarks/sharding_memory.py); grads as views into the buckets remove it. broadcast_buffers=False:
+        # each rank keeps the BatchNorm statistics of its own batches, as under FSDP2, and the Trainer averages them
+        # over the ranks (Trainer.sync_norm_statistics) instead of DDP overwriting them with rank 0's every step.
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False))
         with _without_env("ACCELERATE_USE_FSDP"):
             acc = Accelerator(cpu=not launch.cuda, mixed_precision=mp, kwargs_handlers=handlers)
     if acc.num_processes != launch.world_size:

@@ -38,10 +38,26 @@ class ShardingError(RuntimeError):
 
 
 def block_classes_for(model: nn.Module) -> tuple[type, ...]:
-    """Block classes that become one FSDP unit each, from the backbone family table (``scaling.models.families``)."""
-    from scaling.models.families import family_spec
+    """Block classes that become one FSDP unit each, from the backbone family table (``scaling.models.families``).
 
-    return tuple(family_spec(model).block_classes)
+    What the Trainer uses when it is not given ``block_classes=``. A model that no family row describes (your own
+    ``nn.Module``), or a timm model whose generic row finds no blocks, raises ValueError saying to pass
+    ``Trainer(..., block_classes=(YourBlock,))``.
+    """
+    from scaling.models.families import family_spec, timm_model
+
+    how = ("pass Trainer(..., block_classes=(YourBlock,)) naming the module class your model repeats (a residual "
+           "block, a transformer layer: each instance becomes one FSDP unit / ZeRO-3 leaf / compiled region), or "
+           "register the architecture with scaling.models.families.register_family(FamilySpec(...))")
+    name = type(timm_model(model)).__name__
+    try:
+        classes = tuple(family_spec(model).block_classes)
+    except ValueError:
+        raise ValueError(f"{name} is neither a timm model nor in the family table, so its blocks are unknown: "
+                         f"{how}") from None
+    if not classes:
+        raise ValueError(f"{name}: the generic timm rule found no blocks (the model lists no feature_info): {how}")
+    return classes
 
 
 def blocks_of(model: nn.Module, block_classes: tuple[type, ...]) -> list[nn.Module]:

@@ -244,6 +244,35 @@ class Trainer:
             torch.distributed.all_reduce(t)
         return t
 
+    def sync_norm_statistics(self) -> int:
+        """Average the BatchNorm running statistics (``running_mean``, ``running_var``) over the ranks, so that
+        every rank predicts with the same model and the exported weights are the ones every rank used; returns the
+        number of BatchNorm layers averaged (collective: every rank calls; nothing to do for one process or a model
+        without BatchNorm, e.g. the GroupNorm / LayerNorm presets).
+
+        During training each rank updates its copy from its own micro-batches (DDP is told not to overwrite them
+        with rank 0's: ``broadcast_buffers=False``). A running statistic is an exponential moving average, linear in
+        the batch statistics, so the average over ranks of the per-rank averages (all starting equal) is the moving
+        average of the rank-averaged batch statistics, whenever it is taken. It is taken before every prediction or
+        evaluation, before a checkpoint or the final weights are written and at the end of :meth:`fit`. It is not
+        what one process would hold: its batch statistics are those of the whole global batch, whose variance also
+        counts the spread between the ranks' means (docs/scaling-out.md, "What N ranks equal").
+        """
+        if self.world_size == 1:
+            return 0
+        layers = [m for m in self.module.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                  and m.running_mean is not None]
+        buffers = [b for m in layers for b in (m.running_mean, m.running_var)]
+        if not buffers:
+            return 0
+        flat = torch.cat([b.detach().reshape(-1).to(self.device, torch.float32) for b in buffers])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for b, new in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
+            b.copy_(new.view_as(b))
+        return len(layers)
+
     def _label_count(self, micro: list[dict]) -> torch.Tensor:
         """Labelled entries of the whole global batch (on the device; one all-reduce, no host read)."""
         count = torch.zeros((), device=self.device)
@@ -289,6 +318,7 @@ class Trainer:
             raise ValueError("Trainer(output_dir=None) cannot save checkpoints")
         state = {**self._expected_state(total), "run_id": getattr(self.tracker, "run_id", None),
                  "history": self.history, "selection": self.selection.state()}
+        self.sync_norm_statistics()
         path = self.plan.save_checkpoint(self.output_dir, step, state, self.rank)
         self.selection.checkpoint_written(self.output_dir, self.rank)
         return path
@@ -482,6 +512,8 @@ class Trainer:
         if best is not None and selection.best_step != steps_run:
             ckpt_lib.load_final_weights(best, self.module, self.device, self.engine)
 
+        self.sync_norm_statistics()  # every rank ends with the same BatchNorm statistics, also without an export
+
         # --- Summary --------------------------------------------------------------------------------------------
         seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
         timed_steps = max(0, steps_run - timed_from)
@@ -572,6 +604,7 @@ class Trainer:
         number of leading entries that are its own samples (the rest repeat other ranks' to even the shares)."""
         loader = self._eval_loader(dataset, batch_size)
         norm = Normalisation.of(dataset)
+        self.sync_norm_statistics()
         self.plan.train_mode(False)
         idx, logits, targets = [], [], []
         with self._signals:
@@ -608,7 +641,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Consolidated fp32 state dict on the main process (None elsewhere); every rank must call."""
+        """Consolidated fp32 state dict on the main process (None elsewhere); every rank must call. BatchNorm
+        running statistics are those averaged over the ranks (:meth:`sync_norm_statistics`)."""
+        self.sync_norm_statistics()
         sd = self.plan.full_state_dict()
         return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()} \
             if self.is_main else None

@@ -19,7 +19,25 @@ from scaling.metrics.multiclass import check_one_hot
 from scaling.metrics.validation import MetricWarning, check_labels, check_same_length, check_scores, one_class_nan
 
 # Search range for log T: T in [0.01, 100] covers any temperature a trained network needs.
-_LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
+T_BOUNDS = (0.01, 100.0)
+"""The temperatures searched; an optimum on one of them is returned with a ``MetricWarning`` (:func:`_at_bound`)."""
+_LOG_T_BOUNDS = (np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1]))
+
+
+def _at_bound(nll, log_t: float, what: str) -> float:
+    """The fitted temperature ``exp(log_t)`` of the objective ``nll(log_t)``, or the search bound, with a
+    ``MetricWarning``, when the objective there is no higher: the NLL was still falling (or flat) towards it, so the
+    temperature is a limit of the search, not an optimum. At 100 the logits carry no signal on validation (a flat
+    0.5 is best); at 0.01 they separate the classes perfectly (the NLL falls towards 0 with T, and calibrated
+    probabilities become 0 and 1)."""
+    best = nll(log_t)
+    for bound, why in ((T_BOUNDS[1], "the validation logits carry no signal"),
+                       (T_BOUNDS[0], "the validation logits separate the classes perfectly")):
+        if nll(np.log(bound)) <= best:
+            warnings.warn(f"{what}: the fitted temperature is the search bound {bound:g} ({why}); the calibrated "
+                          f"probabilities are those of that bound, not of an optimum", MetricWarning, stacklevel=3)
+            return bound
+    return float(np.exp(log_t))
 
 
 def nll_from_logits(y: np.ndarray, z: np.ndarray) -> float:
@@ -35,16 +53,20 @@ def _fit_one(y, z) -> float:
     n_pos = int(y.sum())
     if one_class_nan(n_pos, y.size - n_pos, "temperature (needs both classes on validation)"):
         return float("nan")
-    res = minimize_scalar(lambda log_t: nll_from_logits(y, z / np.exp(log_t)), bounds=_LOG_T_BOUNDS,
-                          method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(res.x))
+    def objective(log_t):
+        return nll_from_logits(y, z / np.exp(log_t))
+
+    res = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return _at_bound(objective, res.x, "temperature")
 
 
 def fit_temperature(y, logits):
     """Fit the temperature minimising validation NLL of ``sigmoid(logits / T)``.
 
     ``y``/``logits`` 1-D → a float; (n, L) → an array of L temperatures, one per label column, each fitted on that
-    label's labelled rows (NaN labels masked). NaN (with a ``MetricWarning``) for a label with one class only.
+    label's labelled rows (NaN labels masked). NaN (with a ``MetricWarning``) for a label with one class only. T is
+    searched in :data:`T_BOUNDS` ([0.01, 100]); an optimum on a bound (perfectly separated or signal-free validation
+    logits) is returned with a ``MetricWarning``.
     """
     y_arr = np.asarray(y, dtype=np.float64)
     z_arr = np.asarray(logits, dtype=np.float64)
@@ -82,9 +104,11 @@ def fit_softmax_temperature(y, logits) -> float:
                       "validation rows; reported as NaN", MetricWarning, stacklevel=2)
         return float("nan")
     rows = np.arange(t.size)
-    res = minimize_scalar(lambda log_t: float(-log_softmax(z / np.exp(log_t), axis=1)[rows, t].mean()),
-                          bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(res.x))
+    def objective(log_t):
+        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, t].mean())
+
+    res = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return _at_bound(objective, res.x, "softmax temperature")
 
 
 def apply_softmax_temperature(logits, temperature: float) -> np.ndarray:

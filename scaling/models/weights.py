@@ -9,6 +9,8 @@
 * a named URL source (``bit-s``): the official BiT ``.npz``, downloaded once into the weights directory.
 * ``<source>:<path>`` or a plain path: a local ``.safetensors``, ``.pt``/``.pth``/``.bin``
   (``torch.load(weights_only=True)``) or BiT ``.npz`` file.
+* ``<label>:<path>`` with a label of your own (``mimic:/weights/mimic``): the same file or directory, named
+  ``<label>`` in tables, plots and W&B instead of by its path (:data:`LABEL`).
 * ``<source>:<directory>`` or a plain directory: one file per backbone, so one grid source serves every backbone
   of a grid (e.g. ``bit-l:/weights/jft`` holding ``BiT-L-R50x1.npz``, ``BiT-L-R101x3.npz``...). The file is found
   by :func:`file_candidates`: the official BiT name of that source, then ``<preset>.<ext>`` and
@@ -42,6 +44,10 @@ import torch
 from scaling.models.presets import Preset, Source, hf_location, is_hf
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
+"""What may name a user's weight file or directory in ``<label>:<path>``: a letter, then letters, digits and
+``_ . + -``. ``hub``, ``hf`` and ``upstream`` are taken."""
+RESERVED_LABELS = ("hub", "hf", "upstream", "scratch", "none")
 PROBE_TIMEOUT_S = 3.0
 """Seconds allowed to resolve and connect to a weight host before declaring it unreachable."""
 
@@ -65,11 +71,13 @@ class WeightSpec:
     ``hf:`` backbone, whose architecture comes from there)."""
     source: Source | None = None
     """The preset's source metadata (dataset, size) when known."""
+    name: str = ""
+    """The user's label of a file source (``mimic`` of ``mimic:/weights/mimic``), or ""."""
 
     @property
     def label(self) -> str:
         """Short description for logs and run metadata."""
-        name = self.source.name if self.source else self.kind
+        name = self.source.name if self.source else self.name or self.kind
         return name if self.kind == "scratch" else f"{name} ({self.location})"
 
 
@@ -118,10 +126,16 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
         # ``bit-l:/data/jft_r50x1.npz``: a local file standing in for a named source (keeps its metadata);
         # ``bit-l:/data/jft/``: a directory with one such file per backbone.
         source = preset.source(name)
-        return WeightSpec("file", _existing(rest, preset, source), source)
+        return WeightSpec("file", _existing(rest, preset, source, text), source)
+    if sep and LABEL.fullmatch(name) and name.lower() not in RESERVED_LABELS and _is_path(rest) \
+            and not Path(text).exists():
+        # ``mimic:/weights/mimic``: the user's own file or directory under a label of their choosing (no metadata:
+        # the label is not a source this preset knows, so its pretraining set and size are unknown).
+        return WeightSpec("file", _existing(rest, preset, None, text), None, name)
     if _is_path(text):
         return WeightSpec("file", _existing(text, preset))
-    valid = sorted(["scratch", "hub", "hub:<timm tag>", "<path>", *preset.sources, *preset.aliases])
+    valid = sorted(["scratch", "hub", "hub:<timm tag>", "<path>", "<label>:<path>", *preset.sources,
+                    *preset.aliases])
     raise ValueError(f"unknown weight source {text!r} for backbone {preset.name!r}; valid: {valid}")
 
 
@@ -163,21 +177,23 @@ def file_candidates(preset: Preset, source: Source | None = None) -> list[str]:
     return names
 
 
-def _existing(path: str, preset: Preset, source: Source | None = None) -> str:
-    """The weight file at ``path``, or for a directory the file of ``preset`` in it (:func:`file_candidates`)."""
+def _existing(path: str, preset: Preset, source: Source | None = None, given: str = "") -> str:
+    """The weight file at ``path``, or for a directory the file of ``preset`` in it (:func:`file_candidates`).
+    ``given`` is the source string ``path`` came from (``mimic:/weights/mimic``), named in the error."""
     p = Path(path).expanduser()
+    origin = f" (from {given!r})" if given and given != path else ""
     if p.is_dir():
         names = file_candidates(preset, source)
         found = next((p / n for n in names if (p / n).is_file()), None)
         if found is None:
             present = sorted(f.name for f in p.iterdir() if f.suffix.lower() in FILE_SUFFIXES)
             raise WeightsUnavailable(
-                f"weight directory {p} has no file for backbone {preset.name!r}: looked for {names}; "
+                f"weight directory {p}{origin} has no file for backbone {preset.name!r}: looked for {names}; "
                 f"weight files present: {present[:20]}{' ...' if len(present) > 20 else ''}"
             )
         return str(found)
     if not p.is_file():
-        raise WeightsUnavailable(f"weight file not found: {p}")
+        raise WeightsUnavailable(f"weight file or directory not found: {p}{origin}")
     return str(p)
 
 

@@ -29,14 +29,49 @@ FINETUNE, PROBE, NO_REINIT = "finetune", "linear_probe", "none"
 """The default protocol and re-initialisation (the plain fine-tuning cell)."""
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
+
+
+def _pathlike(text: str) -> bool:
+    return "/" in text or "\\" in text or text.startswith("~")
+
+
+def source_label(pretrained: str) -> str:
+    """The short, path-free name of a weight source, as results tables, the report, plots and W&B show it.
+
+    * a plain path (``/weights/mimic``, ``~/w/r50.npz``, ``r50.safetensors``): ``file:<its last part>``
+      (``file:mimic``, ``file:r50.npz``);
+    * ``<name>:<path>`` (a preset source standing for a file, ``bit-l:/weights/jft``, or a label of your own,
+      ``mimic:/weights/mimic``): ``<name>``;
+    * anything else (``scratch``, ``bit-m``, ``hub:<tag>``, ``upstream:<name>``): itself.
+
+    Parent directories, which often carry user, site or project names, never reach a table. The label is a
+    function of the source string alone and applying it twice changes nothing; two sources of one grid with the
+    same label are refused (``scaling.study.runner.study_cells``). Run ids are not derived from it.
+    """
+    text = pretrained.strip()
+    name, sep, rest = text.partition(":")
+    if sep and _LABEL.fullmatch(name):
+        return name if _pathlike(rest) else text
+    if _pathlike(text) or text.lower().endswith(_WEIGHT_SUFFIXES):
+        return "file:" + re.split(r"[\\/]", text.rstrip("/\\"))[-1]
+    return text
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One cell of the grid."""
+    """One cell of the grid.
+
+    ``pretrained`` is the source's label (:func:`source_label`), the axis every table and plot shows; ``source`` the
+    source as the config gives it, from which weights are loaded and the run id is derived. Built with one string
+    (``RunSpec("bit_r50x1", "/weights/jft", 1.0, 0)``), that string is the source and its label the axis.
+    """
 
     backbone: str
     """Backbone preset or timm name."""
     pretrained: str
-    """Weight source (``scratch``, ``upstream:<name>``, ``hub``, a file, ...)."""
+    """Label of the weight source (``scratch``, ``upstream:<name>``, ``hub``, ``bit-l``, ``file:<name>``, ...)."""
     fraction: float
     """Fraction of training patients (1.0 for a k-shot cell: its k-shot subset is drawn from all of them)."""
     seed: int
@@ -47,6 +82,13 @@ class RunSpec:
     """k of a k-shot cell (k positive and k negative patients per label); 0 for a fraction cell."""
     reinit: str = NO_REINIT
     """``none``, ``after:k`` or ``first:k`` (``scaling.config.parse_reinit``)."""
+    source: str = ""
+    """The weight source as written in ``grid.pretrained`` (a path included); set from ``pretrained`` when empty."""
+
+    def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", self.pretrained)
+        object.__setattr__(self, "pretrained", source_label(self.pretrained))
 
     @property
     def budget(self) -> str:
@@ -81,12 +123,12 @@ def expand_grid(study: StudyConfig) -> list[RunSpec]:
 
 def run_config(study: StudyConfig, spec: RunSpec) -> StudyConfig:
     """The fully resolved config of one run: the study config with the grid collapsed onto ``spec``."""
-    model = dataclasses.replace(study.model, backbone=spec.backbone, pretrained=spec.pretrained)
+    model = dataclasses.replace(study.model, backbone=spec.backbone, pretrained=spec.source)
     train = dataclasses.replace(study.train, seed=spec.seed)
-    grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.pretrained,),
+    grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.source,),
                       fractions=() if spec.shots else (spec.fraction,), shots=(spec.shots,) if spec.shots else (),
                       seeds=(spec.seed,), protocols=(spec.protocol,), reinit=(spec.reinit,))
-    upstream = tuple(u for u in study.upstream if spec.pretrained == f"upstream:{u.name}")
+    upstream = tuple(u for u in study.upstream if spec.source == f"upstream:{u.name}")
     return dataclasses.replace(study, model=model, train=train, grid=grid, upstream=upstream)
 
 
@@ -248,14 +290,32 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix or '<root>'}: {old!r} != {new!r}"]
 
 
+def _is_user_label(name: str) -> bool:
+    """True when ``name`` (of ``<name>:<path>``) is no preset source or alias (``bit-l``, ``in21k``...) nor a reserved
+    prefix: a label of the user's own."""
+    from scaling.models.presets import PRESETS
+
+    known = {"hub", "hf", "upstream", "scratch", "none"}
+    for preset in PRESETS.values():
+        known |= set(preset.sources) | set(preset.aliases)
+    return name.lower() not in known
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40] or "x"
 
 
 def run_id(study: StudyConfig, spec: RunSpec) -> str:
-    """Stable id of a run: readable axes plus a hash of its :func:`result_settings`."""
+    """Stable id of a run: readable axes plus a hash of its :func:`result_settings`.
+
+    The readable part of the source is the source as given (a path starting with ``/`` or ``.`` by its last part,
+    ``file-<name>``), as it always was, so stores keep their ids; a ``<label>:<path>`` with a label of the user's
+    own (one no preset source has: that form was refused before labels existed) by its label alone."""
     h = _hash(result_settings(run_config(study, spec)))[:8]
-    src = spec.pretrained if not spec.pretrained.startswith(("/", ".")) else "file-" + spec.pretrained.rsplit("/", 1)[-1]
+    given = spec.source
+    src = given if not given.startswith(("/", ".")) else "file-" + given.rsplit("/", 1)[-1]
+    if ":" in given and _is_user_label(given.partition(":")[0]) and _pathlike(given.partition(":")[2]):
+        src = given.partition(":")[0]
     extra = ("__probe" if spec.protocol == PROBE else "") + (
         f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "")
     return f"{_slug(spec.backbone)}__{_slug(src)}__{spec.budget}__s{spec.seed}{extra}__{h}"

@@ -123,10 +123,11 @@ def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backb
 
 
 def resolve_pretrained(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> str:
-    """Turn ``upstream:<name>`` into the local weight file it produced; other sources pass through."""
-    if not spec.pretrained.startswith("upstream:"):
-        return spec.pretrained
-    name = spec.pretrained.split(":", 1)[1]
+    """Turn ``upstream:<name>`` into the local weight file it produced; other sources pass through (as given in
+    ``grid.pretrained``, not as labelled)."""
+    if not spec.source.startswith("upstream:"):
+        return spec.source
+    name = spec.source.split(":", 1)[1]
     up = next(u for u in cfg.upstream if u.name == name)
     return str(ensure_upstream(cfg, store, up, spec.backbone))
 
@@ -155,12 +156,14 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
         except ValueError as e:
             raise ConfigError(f"grid.backbones: {e}") from None
     cells, dropped, hints = [], [], set()
-    for spec in expand_grid(cfg):
-        if has_source(spec.backbone, spec.pretrained):
+    grid = expand_grid(cfg)
+    check_source_labels(grid)
+    for spec in grid:
+        if has_source(spec.backbone, spec.source):
             cells.append(spec)
         else:
             # A named source takes a file; a Hugging Face pair does not (its checkpoint is its architecture).
-            hint = missing_source_hint(spec.backbone, spec.pretrained)
+            hint = missing_source_hint(spec.backbone, spec.source)
             dropped.append(f"{spec.backbone} x {spec.pretrained}")
             hints.add(", or give a file as '<source>:<path>'" if hint.startswith("give a file") else f"; {hint}")
             log.warning("skipping %s x %s: no public weights for that pair (%s)", spec.backbone, spec.pretrained,
@@ -171,6 +174,19 @@ def study_cells(cfg: StudyConfig) -> list[RunSpec]:
         raise ConfigError(f"every cell of the grid was dropped: no public weights for {', '.join(pairs)}; change "
                           f"grid.backbones or grid.pretrained{''.join(sorted(hints))}")
     return cells
+
+
+def check_source_labels(cells: list[RunSpec]) -> None:
+    """Refuse a grid in which two weight sources share a label (:func:`~scaling.study.grid.source_label`):
+    ``/a/weights`` and ``/b/weights`` are both ``file:weights``, and their runs could not be told apart in a table.
+    The message names both and the fix (a label of one's own, ``<label>:<path>``)."""
+    by_label: dict[str, str] = {}
+    for spec in cells:
+        other = by_label.setdefault(spec.pretrained, spec.source)
+        if other != spec.source:
+            raise ConfigError(f"grid.pretrained {other!r} and {spec.source!r} would both be labelled "
+                              f"{spec.pretrained!r} in tables and plots; name them apart as '<label>:<path>' "
+                              f"(e.g. 'mimic:/weights/mimic')")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,7 +286,7 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
     from scaling.models.presets import resolve_backbone
     from scaling.models.weights import WeightsUnavailable, check_offline, offline, resolve_source
 
-    needed = {(s.backbone, s.pretrained) for s in cells if not store.is_complete(run_id(cfg, s))}
+    needed = {(s.backbone, s.source) for s in cells if not store.is_complete(run_id(cfg, s))}
     for backbone, source in sorted(needed):
         if source.strip().lower().startswith("upstream:"):
             continue
@@ -329,7 +345,7 @@ def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> 
                 raise StoreError(f"evaluation set {name!r} of run {rid} was predicted on another set "
                                  f"({'; '.join(diff)}); give the new set another name")
     for up in cfg.upstream:
-        if any(s.pretrained == f"upstream:{up.name}" for s in cells):
+        if any(s.source == f"upstream:{up.name}" for s in cells):
             _check_upstream(store, up)
 
 
@@ -505,7 +521,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     info = model_info(spec.backbone)
     axes = {
         **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
-        "pretrain_images": pretrain_images(cfg, spec.backbone, spec.pretrained),
+        "pretrain_images": pretrain_images(cfg, spec.backbone, spec.source),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
         "family": info.get("family", ""), **protocols.reinit_axes(model, spec),
     }

@@ -43,6 +43,7 @@ import pandas as pd
 
 from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text, read_json, read_parquet
 from scaling.metrics.schema import METRIC_COLUMNS
+from scaling.study.grid import source_label
 
 
 class StoreError(RuntimeError):
@@ -194,11 +195,15 @@ class RunStore:
 
     # -- reading ----------------------------------------------------------------------------------------------
     def read_spec(self, run_id: str) -> dict[str, Any]:
-        """The run's axes (spec.json)."""
+        """The run's axes (spec.json); ``pretrained`` is the source's label (``scaling.study.grid.source_label``)."""
         p = self.run_dir(run_id) / "spec.json"
         if not p.is_file():
             raise StoreError(f"{p} not found")
-        return _object(p, read_json(p))
+        spec = _object(p, read_json(p))
+        if isinstance(spec.get("pretrained"), str):
+            # Stores written before sources were labelled hold the source as given (a path): read as its label.
+            spec["pretrained"] = source_label(spec["pretrained"])
+        return spec
 
     def read_settings(self, run_id: str) -> dict[str, Any] | None:
         """The recorded result settings of a run, or None (not started, or made before they were recorded)."""
