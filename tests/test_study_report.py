@@ -125,6 +125,13 @@ def test_report_numbers_match_tables(report):
     assert row["auroc"] == pytest.approx(np.mean([roc_auc_score(y, p) for p in scores["bb_large"]]), abs=1e-12)
     ref = or_test(y, scores["bb_large"], scores["bb_tiny"], cluster=patient)
     assert (row["p_value"], row["df"]) == (pytest.approx(ref.p_value, rel=1e-12), pytest.approx(ref.df, rel=1e-12))
+    # At the study's eval.alpha (here 0.1) the difference's interval is or_test's at that level, and narrower.
+    ninety = compare.pairwise_comparisons(root, runs, alpha=0.1)
+    r90 = ninety[(ninety["axis"] == "backbone") & (ninety["backbone"] == "bb_large") & (ninety["vs"] == "bb_tiny")
+                 & (ninety["pretrained"] == row["pretrained"]) & (ninety["label"] == lab)].iloc[0]
+    ref90 = or_test(y, scores["bb_large"], scores["bb_tiny"], alpha=0.1, cluster=patient)
+    assert (r90["diff_lo"], r90["diff_hi"]) == (pytest.approx(ref90.lo, rel=1e-12), pytest.approx(ref90.hi, rel=1e-12))
+    assert row["diff_lo"] < r90["diff_lo"] < r90["diff_hi"] < row["diff_hi"]
     unclustered = or_test(y, scores["bb_large"], scores["bb_tiny"])
     assert ref.se != pytest.approx(unclustered.se, rel=1e-3)
     # A single seed of each: DeLong's test of that pair, to the last digit.

@@ -105,9 +105,10 @@ def _wandb_report(args) -> int:
     return 0
 
 
-def _compare(args, df: pd.DataFrame) -> int:
+def _compare(args, df: pd.DataFrame, alpha: float = 0.05) -> int:
     """The report's pairwise comparisons (or, with ``--subgroups``, those within each patient subgroup; with
-    ``--brier``, those of the Brier score), on the plain fine-tuning cells, for test and every OOD set."""
+    ``--brier``, those of the Brier score), on the plain fine-tuning cells, for test and every OOD set, with
+    intervals at 1 − ``alpha`` (the runs' eval.alpha)."""
     from scaling.study.aggregate import plain_cells
     from scaling.study.compare import brier_comparisons, pairwise_comparisons, subgroup_comparisons
     from scaling.study.tables import ood_sets
@@ -115,11 +116,11 @@ def _compare(args, df: pd.DataFrame) -> int:
     plain = plain_cells(df)
     sets = ["test", *ood_sets(plain)]
     if args.subgroups:
-        table = subgroup_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
+        table = subgroup_comparisons(args.store, plain, eval_sets=sets, workers=args.workers, alpha=alpha)
     elif args.brier:
-        table = brier_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
+        table = brier_comparisons(args.store, plain, eval_sets=sets, workers=args.workers, alpha=alpha)
     else:
-        table = pairwise_comparisons(args.store, plain, eval_sets=sets, workers=args.workers)
+        table = pairwise_comparisons(args.store, plain, eval_sets=sets, workers=args.workers, alpha=alpha)
     if args.csv:
         table.to_csv(args.csv, index=False)
     per_label = not (args.subgroups or args.brier)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
         if args.command == "compare":
-            return _compare(args, df)
+            return _compare(args, df, alpha=1 - study.confidence)
         return _summary(args, df, study.confidence)
     except (StoreError, ConfigError, UnreadableFile) as e:
         print(f"error: {e}", file=sys.stderr)

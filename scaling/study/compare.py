@@ -126,7 +126,7 @@ COMPARED_AXES = ("backbone", "pretrained")
 
 
 def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractions=None,
-                         workers: int | None = None) -> pd.DataFrame:
+                         workers: int | None = None, alpha: float = 0.05) -> pd.DataFrame:
     """The seed paper's two questions as paired tests, on each of ``eval_sets`` at each data fraction (``fractions``,
     default every fraction of ``df``, the full data first): each backbone against the smallest with the same
     pretraining (``axis = "backbone"``), and each pretraining source against the one with the fewest images
@@ -148,7 +148,8 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     ``p_holm``, the p-value adjusted by Holm's step-down method (:func:`scaling.metrics.holm`) over its family —
     every macro row, or every per-label row — which bounds the chance that any test of the family is a false
     positive. ``workers``: comparisons tested at once, on threads (:mod:`scaling.study.threads`; None: every usable
-    core); the table does not depend on it. Only plain fine-tuning cells of ``df`` are compared
+    core); the table does not depend on it. ``diff_lo``/``diff_hi`` bound a 1 − ``alpha`` interval (the report
+    passes the study's ``eval.alpha``). Only plain fine-tuning cells of ``df`` are compared
     (:func:`scaling.study.aggregate.plain_cells`, as in the report; so in the other two comparison tables): a probe
     run of a cell is not another seed of its fine-tuned runs.
     """
@@ -158,7 +159,7 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
     pairs = _compared_pairs(store_root, df, eval_sets, fractions)
-    rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2]), pairs, workers)
+    rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2], alpha), pairs, workers)
             for row in got]
     out = pd.DataFrame(rows, columns=cols)
     macro = (out["label"] == "macro").to_numpy()
@@ -168,7 +169,7 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
 
 
 def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None,
-                         workers: int | None = None) -> pd.DataFrame:
+                         workers: int | None = None, alpha: float = 0.05) -> pd.DataFrame:
     """The comparisons of :func:`pairwise_comparisons` within every patient subgroup, at full data (``fraction``,
     default the largest): does the bigger or better-pretrained model help each group — women and men, every age
     band — and not only on average?
@@ -205,7 +206,7 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
                 continue
             ok = inside & np.isfinite(y_all[:, defined]).any(axis=1)
             res = or_test_macro(y_all[ok][:, defined], scores[:r][:, ok][..., defined],
-                                scores[r:][:, ok][..., defined], cluster=patients[ok])
+                                scores[r:][:, ok][..., defined], alpha=alpha, cluster=patients[ok])
             rows.append({**cell, "attribute": attribute, "group": group, "n_seeds": r, **_counts(ok, patients),
                          **_test_fields(res)})
         return rows
@@ -217,7 +218,7 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
 
 
 def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fraction=None,
-                      workers: int | None = None) -> pd.DataFrame:
+                      workers: int | None = None, alpha: float = 0.05) -> pd.DataFrame:
     """The comparisons of :func:`pairwise_comparisons` on the macro Brier score, at full data (``fraction``, default
     the largest): are the bigger or better-pretrained model's probabilities better — under shift too — as they come
     out of the network (``scaling = "raw"``) and after each run's temperatures fitted on validation
@@ -259,7 +260,7 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
         rows = []
         for scaling, probs in (("raw", raw), ("temperature", scaled)):
             p = probs[:, ok][..., defined]
-            res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], cluster=patients[ok])
+            res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], alpha=alpha, cluster=patients[ok])
             rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.value_a,
                          "brier_vs": res.value_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
                          "df": res.df, "p_value": res.p_value, "method": res.method})
@@ -318,7 +319,7 @@ def _ordered_values(g: pd.DataFrame, axis: str) -> list:
     return list(cells.sort_values(["_key", axis])[axis])
 
 
-def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
+def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int, alpha: float = 0.05) -> list[dict]:
     """The macro row and the per-label rows of one comparison: ``preds`` holds the compared cell's r runs, then the
     reference's, seed by seed."""
     labels, y_all, patients, scores, _ = _paired_predictions(preds)
@@ -328,7 +329,7 @@ def _compare_cell(preds: list[pd.DataFrame], cell: dict, r: int) -> list[dict]:
     if defined:  # the macro over the labels this set can score, as in the run's own macro AUROC; each label's test
         ok = np.isfinite(y_all[:, defined]).any(axis=1)  # on its own labelled rows (a subset of these)
         res, tests = or_test_labels(y_all[ok][:, defined], scores[:r][:, ok][..., defined],
-                                    scores[r:][:, ok][..., defined], cluster=patients[ok])
+                                    scores[r:][:, ok][..., defined], alpha=alpha, cluster=patients[ok])
         rows.append({**cell, "label": "macro", **_counts(ok, patients), **_test_fields(res)})
         each = dict(zip(defined, tests))
     for i, lab in enumerate(labels):

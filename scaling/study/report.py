@@ -334,13 +334,14 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     rep.figures["selective"] = plots.selective_curves(curves)
     done("exam-level pooling and selective prediction")
 
+    alpha = 1 - confidence  # the runs' eval.alpha: the differences' intervals at the report's level
     rep.tables["comparisons"] = pairwise_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
-                                                     workers=workers)
+                                                     workers=workers, alpha=alpha)
     done(f"paired comparisons ({len(rep.tables['comparisons'])} rows)")
     rep.tables["subgroup_comparisons"] = subgroup_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
-                                                              workers=workers)
+                                                              workers=workers, alpha=alpha)
     rep.tables["brier_comparisons"] = brier_comparisons(store_root, df, eval_sets=["test", *rep.ood_sets],
-                                                        workers=workers)
+                                                        workers=workers, alpha=alpha)
     done("comparisons per subgroup and on the Brier score")
     rep.figures = {k: plots.to_png(f) for k, f in rep.figures.items() if f is not None}
     done(f"{len(rep.figures)} figures drawn")
