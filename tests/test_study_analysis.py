@@ -280,3 +280,33 @@ def test_a_damaged_cka_file_is_named_by_the_report(grown, tmp_path, capsys):
     pd.DataFrame({"x": [1.0]}).to_parquet(table)
     with pytest.raises(StoreError, match=rf"^{re.escape(str(table))}: not a CKA table \(no column \['cka', "):
         cka_blocks(copy.root, runs)
+
+
+def test_the_probe_gap_over_seeds_combines_their_spread_with_each_pair_s_patient_interval(monkeypatch, tmp_path):
+    """Two seeds: gap = mean of the per-seed paired differences; its interval V = S²/k + mean se_j² with se_j from
+    each seed's paired bootstrap interval, t with Welch–Satterthwaite df (Satterthwaite 1946), by hand."""
+    from scipy import stats
+
+    from scaling.study import analysis_tables
+
+    pairs = {("ft0", "lp0"): (0.10, 0.04, 0.16), ("ft1", "lp1"): (0.14, 0.09, 0.19)}  # (gap, lo, hi) per seed
+    monkeypatch.setattr(analysis_tables.RunStore, "read_predictions", lambda self, rid, eval_set: rid)
+    monkeypatch.setattr(analysis_tables, "paired_macro_gap", lambda a, b, n_boot, alpha: pairs[a, b])
+    rows = [{"eval_set": "test", "label": "macro", "attribute": "all", "group": "all", "metric": "auroc",
+             "reinit": "none", "pretrained": "bit-m", "backbone": "bit_r50x1", "n_params": 23.5e6, "fraction": 1.0,
+             "shots": 0, "protocol": protocol, "seed": seed, "run_id": f"{tag}{seed}", "value": value,
+             "lo": value - 0.05, "hi": value + 0.05}
+            for protocol, tag, values in (("finetune", "ft", (0.80, 0.84)), ("linear_probe", "lp", (0.70, 0.70)))
+            for seed, value in enumerate(values)]
+    row = analysis_tables.probe_gap(pd.DataFrame(rows), tmp_path).iloc[0]
+    z = stats.norm.ppf(0.975)
+    gaps = np.array([0.10, 0.14])
+    seed_term = gaps.var(ddof=1) / 2
+    patient_term = np.mean([((0.16 - 0.04) / (2 * z)) ** 2, ((0.19 - 0.09) / (2 * z)) ** 2])
+    v = seed_term + patient_term
+    df = v ** 2 * (2 - 1) / seed_term ** 2
+    half = stats.t.ppf(0.975, df) * np.sqrt(v)
+    assert row["gap"] == pytest.approx(0.12) and row["gap_ci"] == "seeds+patients"
+    assert (row["gap_lo"], row["gap_hi"]) == (pytest.approx(0.12 - half), pytest.approx(0.12 + half))
+    # the probe's two seeds agree exactly: its interval is the patient term alone (a normal interval, df = ∞)
+    assert (row["probe_lo"], row["probe_hi"]) == (pytest.approx(0.65), pytest.approx(0.75))

@@ -24,7 +24,7 @@ from scipy import stats
 from scaling.config import parse_reinit
 from scaling.io import read_parquet
 from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
-from scaling.study.aggregate import PLAIN, select
+from scaling.study.aggregate import PLAIN, cell_interval, select
 from scaling.study.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,6 @@ BUDGET = ["fraction", "shots"]
 def budget_name(fraction: float, shots: int) -> str:
     """``fraction 0.2`` or ``5-shot``."""
     return f"{int(shots)}-shot" if shots else f"fraction {float(fraction):g}"
-
-
-def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    k = len(values)
-    half = stats.t.ppf(0.5 + confidence / 2, k - 1) * np.std(values, ddof=1) / np.sqrt(k)
-    return float(np.mean(values) - half), float(np.mean(values) + half)
 
 
 def paired_macro_gap(pred_a: pd.DataFrame, pred_b: pd.DataFrame, n_boot: int = 200, seed: int = 0,
@@ -80,11 +74,13 @@ def probe_gap(df: pd.DataFrame, store_root, eval_set: str = "test", confidence: 
     """Fine-tuned vs linear-probe macro AUROC on ``eval_set`` per backbone × source × data budget (cells without
     re-initialisation that have both protocols), and the gap fine-tuned − probe.
 
-    ``finetune``/``probe`` with ``*_lo``/``*_hi`` are the cells' means over seeds with the summary's interval (across
-    seeds, or the run's bootstrap for one seed). ``gap`` is the mean over seeds of the paired difference; its
-    interval is a t-interval of the per-seed differences with two or more seeds (``gap_ci='seeds'``), else a paired
-    patient-level bootstrap of the one pair's predictions (``gap_ci='bootstrap'``). Reading it: a gap that shrinks
-    with scale means scale helps through better frozen features.
+    ``finetune``/``probe`` with ``*_lo``/``*_hi`` are the cells' means over seeds with the summary's interval
+    (:func:`scaling.study.aggregate.cell_interval`: seed spread and test patients together, or the run's bootstrap for
+    one seed), clipped to [0, 1]. ``gap`` is the mean over seeds of the paired difference fine-tuned − probe of each
+    seed; each seed's difference has a paired patient-level bootstrap interval of the pair's predictions, and with
+    two or more seeds they are combined with the spread of the differences the same way (``gap_ci``:
+    ``seeds+patients``, or ``bootstrap`` for one seed), clipped to [−1, 1]. Reading it: a gap that shrinks with
+    scale means scale helps through better frozen features.
     """
     cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "finetune", "finetune_lo",
             "finetune_hi", "probe", "probe_lo", "probe_hi", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
@@ -103,19 +99,14 @@ def probe_gap(df: pd.DataFrame, store_root, eval_set: str = "test", confidence: 
                "budget": budget_name(f, k), "n_seeds": len(seeds)}
         for name, p in (("finetune", "finetune"), ("probe", "linear_probe")):
             v = by[p]["value"].to_numpy(float)
-            lo, hi = (_t_interval(v, confidence) if len(v) > 1 else
-                      (float(by[p]["lo"].iloc[0]), float(by[p]["hi"].iloc[0])))
-            row.update({name: float(np.mean(v)), f"{name}_lo": lo, f"{name}_hi": hi})
-        diffs = np.array([by["finetune"].loc[s, "value"] - by["linear_probe"].loc[s, "value"] for s in seeds], float)
-        if len(seeds) > 1:
-            row.update(gap=float(diffs.mean()), gap_ci="seeds")
-            row["gap_lo"], row["gap_hi"] = _t_interval(diffs, confidence)
-        elif len(seeds) == 1:
-            s = seeds[0]
-            gap, lo, hi = paired_macro_gap(store.read_predictions(by["finetune"].loc[s, "run_id"], eval_set),
-                                           store.read_predictions(by["linear_probe"].loc[s, "run_id"], eval_set),
-                                           n_boot=n_boot, alpha=1 - confidence)
-            row.update(gap=gap, gap_lo=lo, gap_hi=hi, gap_ci="bootstrap")
+            lo, hi, _, _ = cell_interval(v, by[p]["lo"], by[p]["hi"], confidence)
+            row.update({name: float(np.mean(v)), f"{name}_lo": max(lo, 0.0), f"{name}_hi": min(hi, 1.0)})
+        if seeds:  # each seed's paired difference with its patient bootstrap, then the seeds combined
+            gaps = np.array([paired_macro_gap(store.read_predictions(by["finetune"].loc[s, "run_id"], eval_set),
+                                              store.read_predictions(by["linear_probe"].loc[s, "run_id"], eval_set),
+                                              n_boot=n_boot, alpha=1 - confidence) for s in seeds], float)
+            lo, hi, _, kind = cell_interval(gaps[:, 0], gaps[:, 1], gaps[:, 2], confidence)
+            row.update(gap=float(gaps[:, 0].mean()), gap_lo=max(lo, -1.0), gap_hi=min(hi, 1.0), gap_ci=kind)
         rows.append(row)
     return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params", "shots", "fraction"]).reset_index(
         drop=True)

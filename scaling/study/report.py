@@ -651,8 +651,9 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "block-by-block CKA of each fine-tuned model. AUROC is macro on test; intervals as above (seeds "
              "and patients, else the run's patient-level bootstrap).</p>",
              "<h3 id='probe-gap'>Fine-tuning vs linear probe</h3>",
-             "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: its interval is across seeds, or a "
-             "paired patient-level bootstrap of the two runs' test predictions with one seed. A gap that shrinks "
+             "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: each seed's difference has a paired "
+             "patient-level bootstrap of the two runs' test predictions, combined over seeds with their spread as "
+             "the cells' intervals are (gap_ci). A gap that shrinks "
              "with scale means scale helps through better frozen features; a large gap, through a better starting "
              "point for fine-tuning.</p>",
              *_figure_and_table(rep, "probe_gap",
