@@ -308,6 +308,12 @@ def test_runs_scored_under_older_metric_definitions_are_rescored_not_mixed(refer
         runs.write_evaluation(rid, {**runs.read_evaluation(rid), "metrics": settings})
         work = pending_work(cfg, runs, spec)
         assert work is not None and work.kind == "metrics", (rid, work)
+    # Read before a launch rescores them, the store says its rows are of an older definition (report: a note).
+    from scaling.study.aggregate import load_study
+    from scaling.study.report import build_report
+
+    assert sorted(load_study(store).stale_scoring) == sorted(run_id(cfg, s) for s in specs)
+    assert "scored under an older definition" in build_report(store, n_boot_fit=5, n_boot_curve=5).notes["scoring"]
 
 
 def test_a_damaged_predictions_file_is_named_when_a_launch_rescores(reference, tmp_path):

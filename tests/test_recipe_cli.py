@@ -31,7 +31,7 @@ spec.loader.exec_module(scale_study)
     # settings found wrong only once the data is read name their field and the override that set it
     (["data.root=/nonexistent/chexpert"], "[data.root is set in override `data.root=/nonexistent/chexpert`]"),
     (["data.labels=[Foo]"], "data.labels: unknown label 'Foo'; canonical names: ['No Finding', "),
-    (["data.labels=[Edma]"], "data.labels: unknown label 'Edma'; closest canonical names: ['Edema'] [data.labels is "
+    (["data.labels=[Edma]"], "data.labels: unknown label 'Edma'; closest names: ['Edema'] [data.labels is "
                              "set in override `data.labels=[Edma]`]"),
     (["--dry-run", "data.test_split=tst"], "data.test_split: chexpert: unknown split 'tst'; choose one of ['train', "
                                            "'valid'] [data.test_split is set in override `data.test_split=tst`]"),
@@ -286,7 +286,7 @@ def test_a_dataset_of_your_own_by_module_path_with_its_own_label_names(tmp_path)
     assert "label:Lesion" in test.columns and set(test["label:Lesion"]) == {0.0, 1.0}
     typo = subprocess.run(command(config, "data.labels=[Lesoin]", "--dry-run"), env=env(PYTHONPATH=path),
                           capture_output=True, text=True, timeout=300)
-    assert typo.returncode == 2 and "data.labels: unknown label 'Lesoin'" in typo.stderr
+    assert typo.returncode == 2 and "data.labels: unknown label 'Lesoin'; closest names: ['Lesion']" in typo.stderr
     missing = subprocess.run(command(config, "data.dataset=lablib.nope", "--dry-run"), env=env(PYTHONPATH=path),
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "dataset 'lablib.nope': no registered dataset has this name" in missing.stderr

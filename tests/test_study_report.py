@@ -446,3 +446,19 @@ def test_data_efficiency_of_one_seed_has_no_interval(report):
     assert eff["lo"].isna().all() and eff["hi"].isna().all() and (eff["n_seeds"] == 1).all()
     two = data_efficiency(plain_cells(df), plain_cells(summarise(df)))
     assert two["lo"].notna().any()
+
+
+def test_zero_variance_tests_are_one_log_line_per_table_not_a_warning_each(report, caplog):
+    import warnings
+
+    root, _, _ = report
+    runs = load_results(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no MetricWarning escapes, one per test
+        with caplog.at_level("WARNING", logger="scaling.study.compare"):
+            table = compare.pairwise_comparisons(root, runs)
+    untested = int(table["p_value"].isna().sum())
+    said = [r.getMessage() for r in caplog.records if r.name == "scaling.study.compare"]
+    assert untested > 0 and len(said) == 1
+    assert said[0].startswith(f"pairwise comparisons: {untested} paired test(s) had no variation to refer the "
+                              f"difference to (variance estimate 0)")

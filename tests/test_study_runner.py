@@ -479,7 +479,7 @@ def test_undefined_metrics_are_one_log_line_per_run_not_a_warning_each(interrupt
             warnings.simplefilter("always")
             score_run(cfg, copy, first)
         assert not [w for w in caught if "undefined" in str(w.message)]
-        lines = [r for r in caplog.records if "metric values are undefined" in r.message]
+        lines = [r for r in caplog.records if "metric warnings (an undefined value is stored as NaN" in r.message]
         assert len(lines) == 1 and f"run {first}: " in lines[0].message
         assert any(r.levelname == "DEBUG" and "is undefined" in r.message for r in caplog.records)
         levels.append(lines[0].levelname)

@@ -137,13 +137,16 @@ BLANK_RULES = ("zero", "nan")
 
 
 
-def check_label_names(names: Sequence[str], setting: str = "labels") -> None:
-    """Raise :class:`~scaling.data.table.OptionError` (a DataError) for a name that is not canonical, suggesting the
-    closest canonical names (``setting`` says which setting named it: ``labels``, or ``options`` for a policy)."""
+def check_label_names(names: Sequence[str], setting: str = "labels", also: Sequence[str] = ()) -> None:
+    """Raise :class:`~scaling.data.table.OptionError` (a DataError) for a name that is neither canonical nor one of
+    ``also`` (a loader's own label names), suggesting the closest valid names (``setting`` says which setting named
+    it: ``labels``, or ``options`` for a policy)."""
+    valid = [*CANONICAL_LABELS, *(a for a in also if a not in CANONICAL_LABELS)]
     for n in names:
-        if n not in CANONICAL_LABELS:
-            close = difflib.get_close_matches(n, CANONICAL_LABELS, n=3)
-            hint = f"closest canonical names: {close}" if close else f"canonical names: {list(CANONICAL_LABELS)}"
+        if n not in valid:
+            close = difflib.get_close_matches(n, valid, n=3)
+            own = f"; the dataset's own labels: {list(also)}" if also else ""
+            hint = f"closest names: {close}{own}" if close else f"canonical names: {list(CANONICAL_LABELS)}{own}"
             raise OptionError(f"unknown label {n!r}; {hint}", setting)
 
 

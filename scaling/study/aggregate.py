@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from scaling.io import read_yaml_file
+from scaling.metrics.run_metrics import SCORING_VERSION
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.study.store import RunStore, StoreError
 from scaling.tracking import redact_paths
@@ -191,6 +192,10 @@ class StudyResults:
     """``eval.alpha`` of the runs: their bootstrap intervals are at confidence 1 − alpha (:func:`eval_settings`)."""
     ece_bins: int = 10
     """``eval.ece_bins`` of the runs: the equal-width bins of their ECE rows (:func:`eval_settings`)."""
+    stale_scoring: tuple[str, ...] = ()
+    """Complete runs whose metric rows were written under an older definition
+    (:data:`scaling.metrics.run_metrics.SCORING_VERSION`): a launch of the study rescores them from their stored
+    predictions; until then their rows mean what they meant then (docs/run-store.md)."""
 
     @property
     def confidence(self) -> float:
@@ -242,7 +247,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     problems = status[~status["status"].isin(["complete", "not started"])]
     for r in problems.itertuples(index=False):
         log.warning("run %s is %s: %s", r.run_id, r.status, r.reason)
-    frames, metas = [], []
+    frames, metas, stale = [], [], []
     for r in status[status["status"] == "complete"].to_dict("records"):
         try:
             m = store.read_metrics(r["run_id"])
@@ -254,6 +259,12 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
             metas.append(store.read_meta(r["run_id"]))
         except Exception as e:
             log.warning("run %s: meta.json unreadable (%s)", r["run_id"], e)
+        try:
+            scoring = (store.read_evaluation(r["run_id"]).get("metrics") or {}).get("scoring", 1)
+        except Exception:  # an unreadable evaluation.json: a launch redoes the run's evaluation anyway
+            scoring = SCORING_VERSION
+        if scoring != SCORING_VERSION:
+            stale.append(r["run_id"])
         for c in METRIC_COLUMNS:
             if c not in m.columns:
                 m[c] = np.nan
@@ -276,7 +287,12 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     # Only a plain int goes into attrs: pandas compares the attrs of every frame it concatenates or merges, and a
     # DataFrame there makes that comparison raise ("The truth value of a DataFrame is ambiguous", pandas >= 2.1).
     df.attrs = {"n_seeds_expected": int(status["seed"].dropna().nunique())}
-    return StudyResults(df, status, left_out, **eval_settings(store.root, metas))
+    if stale:
+        log.warning("%d complete run(s) were scored under an older definition of their metric rows (this code "
+                    "writes scoring version %d; e.g. run %s): launch the study again to rescore them from their "
+                    "stored predictions (nothing is trained) before reading worst-group AUROC and AUROC gap",
+                    len(stale), SCORING_VERSION, stale[0])
+    return StudyResults(df, status, left_out, **eval_settings(store.root, metas), stale_scoring=tuple(stale))
 
 
 def load_results(store_root: str | Path, *, allow_mixed: bool = False,

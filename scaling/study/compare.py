@@ -7,6 +7,8 @@ or several models' scores on the same patients — which is why predictions are 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 
@@ -21,6 +23,29 @@ from scaling.metrics.run_metrics import calibrated_probabilities
 from scaling.study.aggregate import plain_cells
 from scaling.study.store import RunStore, common_samples
 from scaling.study.threads import thread_map
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _zero_variance_summary(table: str):
+    """One log line for the paired tests of ``table`` whose variance estimate is 0 (their p-value and interval are
+    NaN, which Holm's adjustment counts as no test) instead of one warning per test, which says neither which
+    comparison nor how many. Other warnings pass unchanged. Entered in the calling thread around the worker
+    threads, whose warnings reach the same (process-wide) record."""
+    from scaling.metrics.validation import MetricWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        yield
+    zero = [w for w in caught if issubclass(w.category, MetricWarning)]
+    for w in caught:
+        if not issubclass(w.category, MetricWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if zero:
+        log.warning("%s: %d paired test(s) had no variation to refer the difference to (variance estimate 0): "
+                    "p_value and the interval are NaN in those rows, no test for Holm's adjustment; e.g. %s", table,
+                    len(zero), zero[0].message)
 
 REFERRAL = tuple(np.round(np.arange(0.0, 0.51, 0.05), 2))
 """Referral rates of the selective-prediction curves (0 = keep everything, 0.5 = refer half)."""
@@ -159,8 +184,9 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
     pairs = _compared_pairs(store_root, df, eval_sets, fractions)
-    rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2], alpha), pairs, workers)
-            for row in got]
+    with _zero_variance_summary("pairwise comparisons"):
+        rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2], alpha), pairs,
+                                          workers) for row in got]
     out = pd.DataFrame(rows, columns=cols)
     macro = (out["label"] == "macro").to_numpy()
     for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
@@ -212,7 +238,8 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
         return rows
 
     pairs = _compared_pairs(store_root, df, sets, [fraction])
-    out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
+    with _zero_variance_summary("subgroup comparisons"):
+        out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
 
@@ -267,7 +294,8 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
         return rows
 
     pairs = with_temperatures(_compared_pairs(store_root, df, eval_sets, [fraction]))
-    out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
+    with _zero_variance_summary("Brier comparisons"):
+        out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
     return out
 

@@ -141,7 +141,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     theirs = set(label_names(full))
     for field_name, names in (("data.labels", d.labels), ("data.derived_labels", d.derived_labels)):
         with _fields(labels=field_name):  # a loader of your own may name its labels freely
-            check_label_names([n for n in names if n not in theirs and n not in CANONICAL_LABELS])
+            check_label_names([n for n in names if n not in theirs and n not in CANONICAL_LABELS],
+                              also=sorted(theirs))
     # Validation and in-distribution test come from official splits when named, else from train patients.
     # The split seed is fixed (not the run seed): every run of the study sees the same val/test patients.
     carve = {}

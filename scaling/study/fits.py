@@ -178,6 +178,8 @@ def fit_power_law(x, error, *, n_boot: int = 200, seed: int = 0, min_points: int
         factor, _ = satterthwaite_widening([np.array(j).reshape(-1, 3) for j in jackknife], confidence)
         centre = np.median(arr, axis=0)
         arr = centre + factor * (arr - centre)
+        # the widening can reach past what every fit allows (a ≥ 0, 0 ≤ b ≤ B_MAX, c ≥ 0): cut there
+        arr = np.clip(arr, [0.0, 0.0, 0.0], [np.inf, B_MAX, np.inf])
         cis = [tuple(float(v) for v in np.percentile(arr[:, j], q)) for j in range(3)]
     else:
         cis = [(math.nan, math.nan)] * 3

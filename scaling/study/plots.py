@@ -156,7 +156,7 @@ def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame, trends: dict | 
     for row, es in zip(axes, sets):
         test = select(summary, "auroc_id", es).set_index(keys)
         ood = select(summary, "auroc_ood", es).set_index(keys)
-        j = test.join(ood, how="inner", lsuffix="_id", rsuffix="_ood").reset_index()
+        j = test.merge(ood, how="inner", left_index=True, right_index=True, suffixes=("_id", "_ood")).reset_index()
         for src, g in j.groupby("pretrained", sort=True):
             xerr = _yerr(g.rename(columns={"mean_id": "mean", "lo_id": "lo", "hi_id": "hi"}))
             yerr = _yerr(g.rename(columns={"mean_ood": "mean", "lo_ood": "lo", "hi_ood": "hi"}))

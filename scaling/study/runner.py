@@ -400,8 +400,9 @@ def _predict(cfg: StudyConfig, store: RunStore, rid: str, trainer, eval_ds: dict
 
 
 def _summarise_warnings(rid: str, caught: list[warnings.WarningMessage]) -> None:
-    """One log line per run for the metrics that are undefined on its sets (a subgroup or an OOD set without both
-    classes of a label: stored as NaN, as the metric rows document) instead of one console warning each, which
+    """One log line per run for its metric warnings — values undefined on its sets (a subgroup or an OOD set without
+    both classes of a label: stored as NaN, as the metric rows document), a temperature at its search bound —
+    instead of one console warning each, which
     buried everything else in a real study's log; the messages themselves go to the debug log. Other warnings are
     passed on unchanged."""
     undefined = [w for w in caught if issubclass(w.category, MetricWarning)]
@@ -413,8 +414,8 @@ def _summarise_warnings(rid: str, caught: list[warnings.WarningMessage]) -> None
         new = [m for m in messages if m not in _UNDEFINED_SEEN]
         _UNDEFINED_SEEN.update(messages)
         # The evaluation sets are the same for every run, so the same gaps recur: a warning once, then info.
-        log.log(logging.WARNING if new else logging.INFO, "run %s: %d metric values are undefined on the data "
-                "(stored as NaN), e.g. %s", rid, len(undefined), (new or messages)[0])
+        log.log(logging.WARNING if new else logging.INFO, "run %s: %d metric warnings (an undefined value is stored "
+                "as NaN; all of them in the debug log), e.g. %s", rid, len(undefined), (new or messages)[0])
         for m in messages:
             log.debug("run %s: %s", rid, m)
 
