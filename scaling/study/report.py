@@ -557,8 +557,10 @@ BIASED_NOTE = (" Gaps and extremes over groups (worst group, max − min) and EC
 def _fairness_html(rep: StudyReport) -> list[str]:
     """One subsection per evaluation set: the summaries per attribute and every subgroup's AUROC."""
     parts = ["<p class='note'>Per evaluation set and attribute (attributes a set lacks are absent there; one only "
-             "an OOD set has, such as skin type, appears there): worst-group AUROC and AUROC gap (the smallest of "
-             "the groups' macro AUROCs below and their max − min) and equalized-odds difference (max of the TPR "
+             "an OOD set has, such as skin type, appears there): worst-group AUROC and AUROC gap (in each run the "
+             "smallest of the groups' macro AUROCs and their max − min, then averaged over seeds, so with several "
+             "seeds the worst group can sit a little below the lowest seed-mean group below: the worst group may "
+             "differ by seed) and equalized-odds difference (max of the TPR "
              "and FPR gaps) at the threshold fitted on validation; then each group's macro AUROC with its "
              "interval and size. Groups below "
              "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
