@@ -71,6 +71,21 @@ def test_fit_table_of_handmade_study(tmp_path_factory):
     np.testing.assert_allclose(ok["b"], table[table["status"] == "ok"]["b"])  # the estimate is the same fit
 
 
+def test_the_labelled_images_law_has_one_x_per_fraction_not_per_seed(tmp_path_factory):
+    # Each seed draws its own patients, so the runs of one fraction hold a few images more or fewer: as x values of
+    # their own, 2 fractions x 3 seeds passed for 6 sizes of a law that needs 4.
+    rows = []
+    for fraction, images in ((0.5, 500), (1.0, 1000)):
+        for seed in range(3):
+            rows.append({"run_id": f"r{fraction}-{seed}", "backbone": "b", "pretrained": "scratch", "fraction": fraction,
+                         "n_params": 1e6, "pretrain_images": 0,
+                         "seed": seed, "n_train_images": images + 3 * seed, "eval_set": "test", "metric": "auroc",
+                         "label": "macro", "attribute": "all", "group": "all", "value": 0.7 + 0.1 * fraction})
+    table, _ = fit_table(pd.DataFrame(rows), n_boot=10)
+    lab = table[table["x_axis"] == "n_train_images"]
+    assert len(lab) == 1 and lab["status"].iloc[0].startswith("refused: too few points: 2 distinct x value(s) (6 runs)")
+
+
 def test_one_run_per_size_without_predictions_has_no_interval_to_offer():
     # Four runs at four sizes: a pairs bootstrap could only refit permutations of the same four points; the fit
     # says it has nothing to resample instead of printing a zero-width interval.

@@ -299,7 +299,8 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
 
     - ``n_params``: per pretraining source × eval set, at the full data fraction;
     - ``pretrain_images``: per backbone × eval set, at the full data fraction (scratch, 0 images, left out);
-    - ``n_train_images`` (labelled images): per pretraining source × backbone × eval set.
+    - ``n_train_images`` (labelled images): per pretraining source × backbone × eval set, one x per data fraction
+      (the mean over its seeds, whose patient draws differ by a few images).
 
     Returns the table (one row per fit; ``status`` is ``ok`` or the reason it was refused; ``ci`` what its intervals
     resample, at ``confidence``; ``at_bound`` the parameters on a bound of the fit) and the fitted laws keyed by
@@ -340,6 +341,11 @@ def fit_table(df: pd.DataFrame, *, metric: str = "auroc", label: str = "macro", 
     # Stores written before labelled-image counts were recorded fall back to the fraction: a constant factor on x
     # leaves the exponent b and the floor c unchanged.
     labelled = "n_train_images" if rows["n_train_images"].notna().all() else "fraction"
+    if labelled == "n_train_images" and len(rows):
+        # One x per data fraction: each seed draws its own patients, so their image counts differ by a few, and as
+        # x values of their own they would pass for extra points of the law (2 fractions × 3 seeds ≠ 6 sizes).
+        cell = ["pretrained", "backbone", "eval_set", "fraction"]
+        rows = rows.assign(n_train_images=rows.groupby(cell)["n_train_images"].transform("mean"))
     plans = [
         ("n_params", full, ["pretrained", "eval_set"]),
         ("pretrain_images", full[full["pretrain_images"] > 0], ["backbone", "eval_set"]),
