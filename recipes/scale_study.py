@@ -58,6 +58,10 @@ def print_supported_comparisons(path: Path, alpha: float = 0.05) -> None:
                 else f"{r.pretrained} vs {r.vs} ({r.backbone})")
         print(f"  {r.eval_set:>12s}  fraction {r.fraction:g}  {what}: {r.diff:+.3f} [{r.diff_lo:+.3f}, "
               f"{r.diff_hi:+.3f}]  p_holm {r.p_holm:.2g}")
+    few = macro["n_seeds"].between(2, 4).any() if "n_seeds" in macro else False
+    if few and len(held) < len(macro):
+        print("  (2-4 seeds: each test has r - 1 degrees of freedom and little power; a comparison that does not "
+              "hold is no evidence that scale does not help)")
     print("  every comparison: python -m scaling.study compare " + str(path.parent))
 
 

@@ -99,6 +99,10 @@ def test_the_launch_prints_the_comparisons_that_hold_after_holm(tmp_path, capsys
     pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "none.csv", index=False)
     scale_study.print_supported_comparisons(tmp_path / "none.csv")
     assert capsys.readouterr().out == ""
+    # with 2-4 seeds a comparison that does not hold says little: the launch says so
+    pd.DataFrame([{**r, "n_seeds": 2} for r in rows]).to_csv(tmp_path / "two_seeds.csv", index=False)
+    scale_study.print_supported_comparisons(tmp_path / "two_seeds.csv")
+    assert "2-4 seeds: each test has r - 1 degrees of freedom and little power" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -384,24 +384,27 @@ def test_headline_models_name_one_cell_once_when_the_best_is_the_smallest():
     assert {k: v["backbone"] for k, v in models.items()} == {"best": "large", "smallest": "small"}
 
 
-def test_seed_band_uses_the_seeds_where_a_rate_is_defined():
-    import warnings
+def test_selective_bands_over_seeds_combine_the_seeds_spread_with_each_run_s_patient_band(report):
+    """Two seeds: each rate's interval is cell_interval of the runs' curves and their own patient-bootstrap bands
+    (seed spread + test patients), as every cell interval of the report, not a t-interval of the seeds alone."""
+    from scaling.study.aggregate import cell_interval
+    from scaling.study.compare import _bootstrap_band, cell_runs, selective_curve, selective_curves
 
-    from scipy import stats
-
-    from scaling.study.compare import seed_band
-
-    values = np.array([[0.8, np.nan, np.nan], [0.9, 0.7, np.nan], [0.7, 0.6, np.nan]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # an all-NaN rate is NaN, without a RuntimeWarning
-        mean, lo, hi = seed_band(values, 0.95)
-    half0 = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)
-    half1 = stats.t.ppf(0.975, 1) * np.std([0.7, 0.6], ddof=1) / np.sqrt(2)
-    np.testing.assert_allclose(mean[:2], [0.8, 0.65])
-    np.testing.assert_allclose(hi[:2] - mean[:2], [half0, half1])
-    assert np.isnan(mean[2]) and np.isnan(lo[2]) and np.isnan(hi[2])
-    one = seed_band(np.array([[0.5], [np.nan]]))
-    assert one[0][0] == 0.5 and np.isnan(one[1][0])  # one defined seed: no interval
+    root, _, _ = report
+    df = load_results(root)
+    cell = {"backbone": "bb_large", "pretrained": df["pretrained"].iloc[0], "fraction": 1.0}
+    got = selective_curves(root, df, {"m": pd.Series(cell)}, n_boot=20).set_index("referral")
+    store = RunStore(root)
+    runs = cell_runs(df, cell)["run_id"].tolist()
+    assert len(runs) == 2 and (got["n_seeds"] == 2).all()
+    thresholds = {r: store.read_meta(r).get("fitted_on_val", {}).get("thresholds", {}) for r in runs}
+    curves = np.array([selective_curve(store.read_predictions(r, "test"), thresholds=thresholds[r]) for r in runs])
+    bands = np.array([_bootstrap_band(store.read_predictions(r, "test"), got.index.to_numpy(), thresholds[r], 20,
+                                      0.95, seed=j) for j, r in enumerate(runs)])
+    for i, rate in enumerate(got.index):
+        lo, hi, _, kind = cell_interval(curves[:, i], bands[:, 0, i], bands[:, 1, i], 0.95)
+        assert kind == "seeds+patients" and got.loc[rate, "mean"] == pytest.approx(curves[:, i].mean())
+        assert (got.loc[rate, "lo"], got.loc[rate, "hi"]) == (pytest.approx(max(lo, 0)), pytest.approx(min(hi, 1)))
 
 
 def test_an_ood_set_sharing_test_patients_says_how_its_drop_is_resampled(report, tmp_path_factory, tmp_path):

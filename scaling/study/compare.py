@@ -14,13 +14,12 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from scaling.metrics import holm, or_test_brier, or_test_labels, or_test_macro, referral_curve, reliability_diagram
 from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
 from scaling.metrics.run_metrics import calibrated_probabilities
-from scaling.study.aggregate import plain_cells
+from scaling.study.aggregate import cell_interval, plain_cells
 from scaling.study.store import RunStore, common_samples
 from scaling.study.threads import thread_map
 
@@ -95,25 +94,13 @@ def _bootstrap_band(pred: pd.DataFrame, referral, thresholds: dict, n_boot: int,
         return np.nanpercentile(np.array(reps), q, axis=0)
 
 
-def seed_band(values: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and t-interval across seeds (rows) of each column of ``values``, over the seeds where it is defined: a
-    column with one defined value has no interval, one with none is NaN throughout (no warning)."""
-    n = np.isfinite(values).sum(axis=0)
-    with warnings.catch_warnings():  # all-NaN columns: NaN is the answer, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(values, axis=0)
-        sd = np.nanstd(values, axis=0, ddof=1)
-    half = stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1))
-    half = np.where(n >= 2, half, np.nan)
-    return mean, mean - half, mean + half
-
-
 def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series], eval_set: str = "test",
                      referral=REFERRAL, confidence: float = 0.95, n_boot: int = 100) -> pd.DataFrame:
     """Selective-prediction curves of named cells (e.g. :func:`scaling.study.tables.headline_models`).
 
-    One row per model × referral rate: ``mean`` over the cell's seeds and an interval (t-interval across seeds, or
-    the patient-level bootstrap of the single run).
+    One row per model × referral rate: ``mean`` over the cell's seeds and an interval at ``confidence``: each run's
+    patient-level bootstrap band, and with several seeds those combined with the seeds' spread as a cell's
+    interval is (:func:`scaling.study.aggregate.cell_interval`), clipped to [0, 1].
     """
     store = RunStore(store_root)
     rows = []
@@ -125,14 +112,14 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
         if not curves:
             continue
         arr = np.array(curves)
-        if len(arr) > 1:
-            mean, lo, hi = seed_band(arr, confidence)
-        else:
-            mean = arr[0]
-            lo, hi = _bootstrap_band(store.read_predictions(run_ids[0], eval_set), referral, thresholds[run_ids[0]],
-                                     n_boot, confidence)
-        # AUROC lives in [0, 1]; a two-seed t-interval can overshoot it, which would read as a bug, not as noise.
-        lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
+        bands = np.array([_bootstrap_band(store.read_predictions(r, eval_set), referral, thresholds[r], n_boot,
+                                          confidence, seed=j) for j, r in enumerate(run_ids)])  # [run, lo/hi, rate]
+        with warnings.catch_warnings():  # a rate undefined in every run: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(arr, axis=0)
+        both = [cell_interval(arr[:, i], bands[:, 0, i], bands[:, 1, i], confidence) for i in range(arr.shape[1])]
+        # AUROC lives in [0, 1]; a few seeds' interval can overshoot it, which would read as a bug, not as noise.
+        lo, hi = np.clip([b[0] for b in both], 0, 1), np.clip([b[1] for b in both], 0, 1)
         label = f"{name}: {cell['backbone']} / {cell['pretrained']}"
         rows += [{"model": label, "referral": r, "mean": m, "lo": a, "hi": b, "n_seeds": len(arr)}
                  for r, m, a, b in zip(referral, mean, lo, hi)]
@@ -289,7 +276,8 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
             p = probs[:, ok][..., defined]
             res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], alpha=alpha, cluster=patients[ok])
             rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.value_a,
-                         "brier_vs": res.value_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
+                         "brier_vs": res.value_b, "diff": res.diff, "diff_lo": max(res.lo, -1.0),
+                         "diff_hi": min(res.hi, 1.0),
                          "df": res.df, "p_value": res.p_value, "method": res.method})
         return rows
 
@@ -374,9 +362,10 @@ def _counts(rows: np.ndarray, patients: np.ndarray) -> dict:
 
 
 def _test_fields(res) -> dict:
-    """The columns of a comparison row from an :class:`scaling.metrics.ORTest`."""
-    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": res.lo, "diff_hi": res.hi,
-            "df": res.df, "p_value": res.p_value, "method": res.method}
+    """The columns of a comparison row from an :class:`scaling.metrics.ORTest`; the difference's interval is cut at
+    ±1, the most two AUROCs (or Brier scores) can differ by — with two seeds (1 degree of freedom) it can run past."""
+    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": max(res.lo, -1.0),
+            "diff_hi": min(res.hi, 1.0), "df": res.df, "p_value": res.p_value, "method": res.method}
 
 
 def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,

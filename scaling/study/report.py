@@ -332,7 +332,8 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     if pooled:
         rep.tables["exam_units"] = units
 
-    models = headline_models(summary)
+    # chosen on validation, scored on test: the best cell by test AUROC would flatter itself on that test set
+    models = headline_models(summary, "val") or headline_models(summary)
     curves = (selective_curves(store_root, df, models, n_boot=n_boot_curve, confidence=confidence) if models
               else pd.DataFrame())
     rep.tables["selective"] = _selective_table(curves)
@@ -585,9 +586,12 @@ def _calibration_html(rep: StudyReport) -> list[str]:
               f"<p class='note'>Observed fraction positive vs mean predicted probability in {_bins(rep.ece_bins)}, "
               "for "
               "test and every OOD set, per backbone at full data (points on the diagonal are calibrated; below it, "
-              "over-confident). Every labelled (image, label) pair of every label and seed is pooled; left raw, "
+              "the predicted probability exceeds the observed frequency: risk over-estimated; above it, "
+              "under-estimated). Every labelled (image, label) pair of every label and seed is pooled; left raw, "
               "right after each run's validation-fitted temperatures. The pooled ECE of each diagram is below, its "
-              "bins in the collapsed table.</p>",
+              "bins in the collapsed table. It pools the labels' pairs into one set of bins, whereas the tables "
+              "above average each label's own ECE: the two can move in opposite directions after temperature "
+              "scaling (a label's temperature can help the pooled bins and hurt that label's own).</p>",
               _figure_html(rep, "reliability"), _table_html(rep.tables.get("reliability"), "reliability"),
               "<details><summary>reliability bins</summary>",
               _table_html(rep.tables.get("reliability_bins"), "reliability_bins"), "</details>"]
@@ -660,9 +664,10 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "<h3 id='probe-gap'>Fine-tuning vs linear probe</h3>",
              "<p class='note'>gap = fine-tuned − probe AUROC, paired by seed: each seed's difference has a paired "
              "patient-level bootstrap of the two runs' test predictions, combined over seeds with their spread as "
-             "the cells' intervals are (gap_ci). A gap that shrinks "
+             "the cells' intervals are (gap_ci names how the interval was made). A gap that shrinks "
              "with scale means scale helps through better frozen features; a large gap, through a better starting "
-             "point for fine-tuning.</p>",
+             "point for fine-tuning; a negative gap, that fine-tuning did worse than the frozen features (too few "
+             "steps, too high a learning rate, or over-fitting a small training set).</p>",
              *_figure_and_table(rep, "probe_gap",
                                 lambda t: _ci_view(t, ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
                                 "no cell has both protocols (grid.protocols: [finetune, linear_probe])"),
@@ -741,7 +746,13 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
             "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
             *_exam_html(rep),
-            "<h2 id='selective'>Selective prediction</h2>", _figure_html(rep, "selective"),
+            "<h2 id='selective'>Selective prediction</h2>",
+            f"<p class='note'>Macro AUROC of the test images kept when the given share of the least confident "
+            f"ones (nearest each label's validation-fitted threshold) is referred to a reader. <i>best</i>: the cell "
+            f"with the highest validation macro AUROC at full data (chosen on validation, scored on test); "
+            f"<i>smallest</i>: the smallest backbone with its pretraining. {_level(rep.confidence)} intervals: each "
+            f"run's patient-level bootstrap, combined over seeds with their spread as the cells' intervals are.</p>",
+            _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
             f"<p class='note'>error = 1 − macro AUROC, one point per run; {_level(rep.confidence)} intervals resample "
