@@ -19,7 +19,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from scaling.config import parse_reinit
 from scaling.io import read_parquet
