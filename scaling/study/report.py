@@ -670,16 +670,16 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "steps, too high a learning rate, or over-fitting a small training set).</p>",
              *_figure_and_table(rep, "probe_gap",
                                 lambda t: _ci_view(t, ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
-                                "no cell has both protocols (grid.protocols: [finetune, linear_probe])"),
+                                "no cell has both protocols (set grid.protocols: [finetune, linear_probe] to compare them)"),
              "<h3 id='fewshot'>Few-shot</h3>",
              "<p class='note'>k positive and k negative patients per label (BiT's k-shot protocol; nested in k for "
              "one seed), with all their images (n_train_images).</p>",
-             *_figure_and_table(rep, "fewshot", mean_ci, "no k-shot cell (grid.shots)"),
+             *_figure_and_table(rep, "fewshot", mean_ci, "no k-shot cell (set grid.shots to add some)"),
              "<h3 id='reinit'>Block re-initialisation</h3>",
              "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
              "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>",
-             *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (grid.reinit)"),
+             *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (set grid.reinit to add some)"),
              "<h3 id='cka'>Representation similarity (CKA)</h3>",
              "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
              "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
