@@ -382,6 +382,16 @@ def test_headline_models_name_one_cell_once_when_the_best_is_the_smallest():
     summary.loc[1, "mean"] = 0.9
     models = headline_models(summary)
     assert {k: v["backbone"] for k, v in models.items()} == {"best": "large", "smallest": "small"}
+    # a probe cell is never the headline model, and its runs are never seeds of the fine-tuned cell
+    probe = {**row("large", 1e8, "scratch", 0.95), "protocol": "linear_probe"}
+    models = headline_models(pd.concat([summary, pd.DataFrame([probe])], ignore_index=True))
+    assert models["best"]["protocol"] == "finetune" and models["best"]["backbone"] == "large"
+    from scaling.study.compare import cell_runs
+
+    runs = pd.DataFrame({"run_id": ["ft0", "ft1", "lp0", "lp1"], "seed": [0, 1, 0, 1], "backbone": "large",
+                         "pretrained": "scratch", "fraction": 1.0, "shots": 0, "reinit": "none",
+                         "protocol": ["finetune", "finetune", "linear_probe", "linear_probe"]})
+    assert list(cell_runs(runs, dict(models["best"]))["run_id"]) == ["ft0", "ft1"]
 
 
 def test_selective_bands_over_seeds_combine_the_seeds_spread_with_each_run_s_patient_band(report):

@@ -127,9 +127,11 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
 
 
 def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
-    """Run ids and seeds of one grid cell, matched on the backbone / pretrained / fraction keys that ``cell`` has
-    (the derived axes, such as a NaN pretraining size, would never compare equal)."""
-    m = np.logical_and.reduce([df[c] == cell[c] for c in ("backbone", "pretrained", "fraction") if c in cell])
+    """Run ids and seeds of one grid cell, matched on the backbone / pretrained / fraction / protocol / shots /
+    reinit keys that ``cell`` and ``df`` have (so a probe run is never another seed of its fine-tuned cell; the
+    derived axes, such as a NaN pretraining size, would never compare equal)."""
+    keys = ("backbone", "pretrained", "fraction", "protocol", "shots", "reinit")
+    m = np.logical_and.reduce([df[c] == cell[c] for c in keys if c in cell and c in df])
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 
 

@@ -250,9 +250,10 @@ def evaluable_labels(df: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, pd.Series]:
-    """The ``best`` cell (highest mean AUROC at full data) and the ``smallest`` backbone with the same source; one
-    entry, ``best, also the smallest``, when they are the same cell (a study where size does not help)."""
-    s = select(summary, "auroc", eval_set)
+    """The ``best`` plain fine-tuning cell (highest mean AUROC on ``eval_set`` at full data) and the ``smallest``
+    backbone with the same source; one entry, ``best, also the smallest``, when they are the same cell (a study
+    where size does not help). Probe, k-shot and re-initialised cells are never picked."""
+    s = select(plain_cells(summary), "auroc", eval_set)
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
     if s.empty:
         return {}
