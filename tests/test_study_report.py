@@ -382,6 +382,8 @@ def test_headline_models_name_one_cell_once_when_the_best_is_the_smallest():
     summary.loc[1, "mean"] = 0.9
     models = headline_models(summary)
     assert {k: v["backbone"] for k, v in models.items()} == {"best": "large", "smallest": "small"}
+    # a set that no cell could score (too small for both classes) picks nobody, rather than failing the report
+    assert headline_models(summary.assign(mean=np.nan)) == {}
     # a probe cell is never the headline model, and its runs are never seeds of the fine-tuned cell
     probe = {**row("large", 1e8, "scratch", 0.95), "protocol": "linear_probe"}
     models = headline_models(pd.concat([summary, pd.DataFrame([probe])], ignore_index=True))

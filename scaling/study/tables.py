@@ -255,6 +255,7 @@ def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, 
     where size does not help). Probe, k-shot and re-initialised cells are never picked."""
     s = select(plain_cells(summary), "auroc", eval_set)
     s = s[s["fraction"] == full_fraction(summary)] if len(s) else s
+    s = s[np.isfinite(s["mean"].to_numpy(dtype=float))]  # a set too small to score (no label with both classes)
     if s.empty:
         return {}
     best = s.loc[s["mean"].idxmax()]
