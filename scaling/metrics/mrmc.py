@@ -65,15 +65,14 @@ import numpy as np
 from scipy import stats
 
 from scaling.metrics.bootstrap import cluster_codes
-from scaling.metrics.delong import delong_components, delong_components_and_influence
+from scaling.metrics.delong import ZERO_VARIANCE_RTOL, delong_components, delong_components_and_influence
 from scaling.metrics.validation import MetricWarning, check_same_length
 
 HILLIS_MIN_SEEDS = 5
 """Seeds from which the test uses Hillis's denominator degrees of freedom; with 2 to HILLIS_MIN_SEEDS − 1 seeds it
 uses Obuchowski & Rockette's original (t − 1)(r − 1) (module docstring, ``benchmarks/or_type1_error.py``)."""
-ZERO_VARIANCE_RTOL = 1e-12
-"""A variance of a difference at most this fraction of the magnitude of the terms it is made of is zero: what is
-left is rounding (two identical models, or a perfect against a constant one)."""
+
+
 @dataclass(frozen=True)
 class ORTest:
     """Comparison of two models' seed-mean AUROCs with seeds and patients random (module docstring)."""

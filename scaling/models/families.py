@@ -182,7 +182,8 @@ def generic_blocks(inner: torch.nn.Module) -> tuple[type, ...]:
     modules its feature maps come from). A stage that is an ``nn.Sequential`` contributes the classes of its
     children (ResNet's ``BasicBlock`` / ``Bottleneck``, EfficientNet's ``InvertedResidual``), any other stage its own
     class (a Swin or RegNet stage, a DeiT ``Block``); an entry without parameters or without submodules (a lone
-    activation or norm layer, such as ResNet's ``act1`` or DenseNet's ``norm0``) is no stage. Empty when the model lists no ``feature_info``."""
+    activation or norm layer, such as ResNet's ``act1`` or DenseNet's ``norm0``) is no stage. Empty when the model
+    lists no ``feature_info``."""
     classes: dict[type, None] = {}
     for info in getattr(inner, "feature_info", None) or []:
         name = info.get("module") if isinstance(info, dict) else None

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from scaling.io import read_yaml_file
-from scaling.metrics.run_metrics import SCORING_VERSION
+from scaling.metrics.run_metrics import SCORING_VERSION, base_metric
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.study.store import RunStore, StoreError
 from scaling.tracking import redact_paths
@@ -335,9 +335,7 @@ def metric_range(metric: str) -> tuple[float, float]:
 
     The name is reduced to its base first: a pooled level's suffix (``auroc@exam_max``) and the temperature-scaled
     variant's ``_temp`` (``ece_temp``) share the range of the metric they are a version of."""
-    base = str(metric).split("@", 1)[0]
-    base = base.removesuffix("_temp")
-    return METRIC_RANGES.get(base, (-np.inf, np.inf))
+    return METRIC_RANGES.get(base_metric(str(metric)).removesuffix("_temp"), (-np.inf, np.inf))
 
 
 def cell_interval(values, lo, hi, confidence: float = 0.95) -> tuple[float, float, float, str]:

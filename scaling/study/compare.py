@@ -278,9 +278,8 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
             p = probs[:, ok][..., defined]
             res = or_test_brier(y_all[ok][:, defined], p[:r], p[r:], alpha=alpha, cluster=patients[ok])
             rows.append({**cell, "scaling": scaling, "n_seeds": r, **_counts(ok, patients), "brier": res.value_a,
-                         "brier_vs": res.value_b, "diff": res.diff, "diff_lo": max(res.lo, -1.0),
-                         "diff_hi": min(res.hi, 1.0),
-                         "df": res.df, "p_value": res.p_value, "method": res.method})
+                         "brier_vs": res.value_b, "diff": res.diff, **_diff_interval(res), "df": res.df,
+                         "p_value": res.p_value, "method": res.method})
         return rows
 
     pairs = with_temperatures(_compared_pairs(store_root, df, eval_sets, [fraction]))
@@ -363,11 +362,16 @@ def _counts(rows: np.ndarray, patients: np.ndarray) -> dict:
     return {"n": int(rows.sum()), "n_patients": int(pd.unique(patients[rows]).size)}
 
 
+def _diff_interval(res) -> dict:
+    """``diff_lo``/``diff_hi`` of a test's difference, cut at ±1, the most two AUROCs (or Brier scores) can differ
+    by — with two seeds (1 degree of freedom) the interval can run past it. NaN stays NaN."""
+    return {"diff_lo": max(res.lo, -1.0), "diff_hi": min(res.hi, 1.0)}
+
+
 def _test_fields(res) -> dict:
-    """The columns of a comparison row from an :class:`scaling.metrics.ORTest`; the difference's interval is cut at
-    ±1, the most two AUROCs (or Brier scores) can differ by — with two seeds (1 degree of freedom) it can run past."""
-    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, "diff_lo": max(res.lo, -1.0),
-            "diff_hi": min(res.hi, 1.0), "df": res.df, "p_value": res.p_value, "method": res.method}
+    """The columns of a comparison row from an :class:`scaling.metrics.ORTest`."""
+    return {"auroc": res.auroc_a, "auroc_vs": res.auroc_b, "diff": res.diff, **_diff_interval(res), "df": res.df,
+            "p_value": res.p_value, "method": res.method}
 
 
 def _paired_predictions(preds: list[pd.DataFrame]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,

@@ -29,10 +29,6 @@ FINETUNE, PROBE, NO_REINIT = "finetune", "linear_probe", "none"
 """The default protocol and re-initialisation (the plain fine-tuning cell)."""
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
-_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
-
-
 def _pathlike(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith("~")
 
@@ -50,11 +46,13 @@ def source_label(pretrained: str) -> str:
     function of the source string alone and applying it twice changes nothing; two sources of one grid with the
     same label are refused (``scaling.study.runner.study_cells``). Run ids are not derived from it.
     """
+    from scaling.models.weights import FILE_SUFFIXES, LABEL
+
     text = pretrained.strip()
     name, sep, rest = text.partition(":")
-    if sep and _LABEL.fullmatch(name):
+    if sep and LABEL.fullmatch(name):
         return name if _pathlike(rest) else text
-    if _pathlike(text) or text.lower().endswith(_WEIGHT_SUFFIXES):
+    if _pathlike(text) or text.lower().endswith(FILE_SUFFIXES):
         return "file:" + re.split(r"[\\/]", text.rstrip("/\\"))[-1]
     return text
 
@@ -294,8 +292,9 @@ def _is_user_label(name: str) -> bool:
     """True when ``name`` (of ``<name>:<path>``) is no preset source or alias (``bit-l``, ``in21k``...) nor a reserved
     prefix: a label of the user's own."""
     from scaling.models.presets import PRESETS
+    from scaling.models.weights import RESERVED_LABELS
 
-    known = {"hub", "hf", "upstream", "scratch", "none"}
+    known = set(RESERVED_LABELS)
     for preset in PRESETS.values():
         known |= set(preset.sources) | set(preset.aliases)
     return name.lower() not in known

@@ -670,7 +670,8 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "steps, too high a learning rate, or over-fitting a small training set).</p>",
              *_figure_and_table(rep, "probe_gap",
                                 lambda t: _ci_view(t, ["finetune", "probe", "gap"], drop=["fraction", "shots"]),
-                                "no cell has both protocols (set grid.protocols: [finetune, linear_probe] to compare them)"),
+                                "no cell has both protocols (set grid.protocols: [finetune, linear_probe] to "
+                                "compare them)"),
              "<h3 id='fewshot'>Few-shot</h3>",
              "<p class='note'>k positive and k negative patients per label (BiT's k-shot protocol; nested in k for "
              "one seed), with all their images (n_train_images).</p>",

@@ -792,14 +792,13 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _images_todo(work: Work | None, train_images: int, data: StudyData) -> int:
-    """Images the next launch reads for a run: training and every evaluation set when it trains, the missing sets
-    when it only evaluates, none to rescore metrics from stored predictions (CKA's few images not counted)."""
+def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) -> int:
+    """Images the next launch reads for a run: its whole ``cost`` (training and every evaluation set) when it
+    trains, the missing ``sets`` when it only evaluates, none to rescore stored predictions (CKA's few not counted)."""
     if work is None:
         return 0
-    sets = data.eval_sets()
     if work.kind == "train":
-        return train_images + sum(len(t) for t in sets.values())
+        return cost
     if work.kind == "evaluate":
         return sum(len(sets[name]) for name in work.eval_sets if name in sets)
     return 0
@@ -849,7 +848,8 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
             "status": store.status(rid), "todo": work.describe() if work else "",
             "claimed_by": f"{owner['host']}:{owner['pid']}" if owner else "",
             "train_patients": int(train["patient_id"].nunique()), "train_images": len(train), "steps": steps,
-            "images_processed": images + n_eval, "images_todo": _images_todo(work, images, data),
+            "images_processed": images + n_eval,
+            "images_todo": _images_todo(work, images + n_eval, data.eval_sets()),
             "est_minutes": round((images + n_eval) / ips / 60, 1) if ips else math.nan, "run_id": rid,
         })
     return pd.DataFrame(rows)

@@ -8,8 +8,8 @@ Layout (PadChest release of BIMCV; Bustos et al. 2020)::
 ``Labels`` holds the string of a Python list of lower-case findings (``"['pleural effusion', ' cardiomegaly']"``,
 some with a leading space) from a hierarchy of about 190 terms; a canonical label is positive when one of its terms
 is part of a finding (``laminar atelectasis`` → Atelectasis, ``callus rib fracture`` → Fracture), as in
-torchxrayvision (:data:`scaling.data.labels.PADCHEST_TERMS`), and 0.0 otherwise. A row with no ``Labels`` is not labelled (NaN). A cell that is not a list
-of strings is an error naming the ImageID. There is no official split.
+torchxrayvision (:data:`scaling.data.labels.PADCHEST_TERMS`), and 0.0 otherwise. A row with no ``Labels`` is not
+labelled (NaN). A cell that is not a list of strings is an error naming the ImageID. There is no official split.
 """
 
 from __future__ import annotations
