@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import resource
 import shutil
 import stat
@@ -365,6 +366,10 @@ def test_damaged_weights_fail_a_new_evaluation_naming_the_file_and_the_run_is_no
     assert count(store, "evaluate") == {rid: 1 for rid in ids[1:]}
     # It finished once (nothing is trained again), but it does not hold what the config asks: failed, not complete.
     assert RunStore(store).is_complete(ids[0]) and RunStore(store).status(ids[0]) == "failed"
+    # ... also in a copy that did not keep the files' times (cp -r): FAILED.json older than DONE there.
+    failed = RunStore(store).run_dir(ids[0]) / "FAILED.json"
+    os.utime(failed, ns=(0, 0))
+    assert RunStore(store).status(ids[0]) == "failed"
     assert [RunStore(store).status(rid) for rid in ids[1:]] == ["complete"] * 5
     table = pd.read_csv(store / "results.csv").set_index("run_id")
     assert table.loc[ids[0], "status"] == "failed" and pd.isna(table.loc[ids[0], "auroc_test"])
@@ -379,7 +384,7 @@ def test_damaged_weights_fail_a_new_evaluation_naming_the_file_and_the_run_is_no
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{ids[0]}: metrics (its last evaluation failed)" in proc.stderr
     assert count(store, "metrics") == {rid: 1 for rid in ids} and count(store, "train") == {}
-    assert RunStore(store).status(ids[0]) == "complete"
+    assert RunStore(store).status(ids[0]) == "complete" and not failed.exists()
     assert_same_results(ref, store, [ids[0]])
 
     # The weights repaired, the set back: the run is predicted on it, as the others were.

@@ -373,3 +373,30 @@ def test_the_confidence_follows_the_runs_eval_alpha(tmp_path_factory, tmp_path, 
     assert r["hi"] - r["lo"] < _one(summarise(study.results, 0.95), backbone="bb_base", pretrained="upstream:big",
                                     fraction=1.0, eval_set="test", label="macro", attribute="all", group="all",
                                     metric="auroc")[["lo", "hi"]].diff().iloc[-1]
+
+
+def test_a_finished_runs_failure_is_read_from_its_records_not_from_file_times(tmp_path_factory, tmp_path):
+    """A finished run whose later work failed stays ``failed`` whatever the files' times (a store copied with
+    ``cp -r`` gets new times in copy order); a record written before records said ``after_done`` is judged by the
+    times it was written with."""
+    import os
+
+    from scaling.study.store import RunStore
+
+    root, cfg = copy_store(tmp_path_factory, tmp_path / "s")
+    rid, d = run_dir_of(root, cfg, "bb_tiny", "scratch", 1.0, 0)
+    store = RunStore(root)
+    store.mark_failed(rid, RuntimeError("predicting ood_new: weights damaged"))
+    assert store.read_failure(rid)["after_done"] is True and store.status(rid) == "failed"
+    os.utime(d / "FAILED.json", ns=(0, 0))  # copied before DONE and evaluation.json
+    assert store.status(rid) == "failed" and store.is_complete(rid)
+    store.clear_failure(rid)
+    assert store.status(rid) == "complete"
+
+    legacy = d / "FAILED.json"
+    legacy.write_text('{"error": "RuntimeError: old", "traceback": ""}')
+    os.utime(legacy, ns=(0, 0))
+    assert store.status(rid) == "complete"  # older than DONE: the work succeeded after it
+    now = (d / "DONE").stat().st_mtime_ns + 10**9
+    os.utime(legacy, ns=(now, now))
+    assert store.status(rid) == "failed"

@@ -709,6 +709,8 @@ def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Call
         on_main(lambda: (score_run(cfg, store, rid), store.log_event("metrics", rid)))
     if work.kind == "cka" or work.cka:
         analyse_run(cfg, spec, data(), store)
+    if work.kind != "train":  # a finished run's later work succeeded: an earlier failure of it is over
+        on_main(lambda: store.clear_failure(run_id(cfg, spec)))
 
 
 def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:

@@ -41,7 +41,8 @@ from typing import Any
 
 import pandas as pd
 
-from scaling.io import atomic_write_json, atomic_write_parquet, atomic_write_text, read_json, read_parquet
+from scaling.io import (UnreadableFile, atomic_write_json, atomic_write_parquet, atomic_write_text, read_json,
+                        read_parquet)
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.study.grid import source_label
 
@@ -115,18 +116,18 @@ class RunStore:
         """``complete``, ``failed``, ``partial`` (started, not finished) or ``missing``.
 
         A finished run (DONE) whose later work failed (predicting a new evaluation set from its weights, rescoring,
-        CKA) is ``failed`` as well: its FAILED.json is newer than DONE and than its ``evaluation.json``, which that
-        work rewrites last when it succeeds. Its stored numbers no longer answer the config (a set is missing, or
-        the metrics were made with other settings), so it is not reported as complete; the next launch redoes
-        only that work (:meth:`is_complete` still holds: nothing is trained again).
+        CKA) is ``failed`` as well: that work removes FAILED.json when it succeeds, so a FAILED.json beside DONE is
+        current. Its stored numbers no longer answer the config (a set is missing, or the metrics were made with
+        other settings), so it is not reported as complete; the next launch redoes only that work
+        (:meth:`is_complete` still holds: nothing is trained again). Decided by the files' contents, not their
+        times, so a store copied without keeping times (``cp -r``, ``rsync`` without ``-t``) reads the same.
         """
         d = self.run_dir(run_id)
         failed = d / "FAILED.json"
         if (d / "DONE").is_file():
             if not failed.is_file():
                 return "complete"
-            done = max(p.stat().st_mtime_ns for p in (d / "DONE", d / "evaluation.json") if p.is_file())
-            return "failed" if failed.stat().st_mtime_ns >= done else "complete"
+            return "failed" if self._failure_is_current(d, failed) else "complete"
         if failed.is_file():
             return "failed"
         return "partial" if d.is_dir() else "missing"
@@ -187,11 +188,30 @@ class RunStore:
         atomic_write_text(self.run_dir(run_id) / "DONE", "")
 
     def mark_failed(self, run_id: str, exc: BaseException) -> None:
-        """Record why a run failed, without touching anything else it wrote."""
-        atomic_write_json(
-            self.run_dir(run_id) / "FAILED.json",
-            {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
-        )
+        """Record why a run failed, without touching anything else it wrote. ``after_done``: the run had finished
+        and work on it since (a new evaluation set, rescoring, CKA) failed."""
+        d = self.run_dir(run_id)
+        atomic_write_json(d / "FAILED.json", {"error": f"{type(exc).__name__}: {exc}",
+                                              "traceback": traceback.format_exc(),
+                                              "after_done": (d / "DONE").is_file()})
+
+    def clear_failure(self, run_id: str) -> None:
+        """Remove the failure record of a finished run whose later work has now succeeded."""
+        (self.run_dir(run_id) / "FAILED.json").unlink(missing_ok=True)
+
+    @staticmethod
+    def _failure_is_current(d: Path, failed: Path) -> bool:
+        """Whether the FAILED.json of a finished run records its latest work. Records written since work that
+        succeeds removes them say so (``after_done``); for older ones the files' times decide, as they did when
+        they were written: newer than DONE and evaluation.json (which that work rewrites last) means current."""
+        try:
+            record = read_json(failed)
+        except UnreadableFile:  # treated as current, so the run's work is checked again
+            return True
+        if not isinstance(record, dict) or "after_done" in record:
+            return True
+        done = max(p.stat().st_mtime_ns for p in (d / "DONE", d / "evaluation.json") if p.is_file())
+        return failed.stat().st_mtime_ns >= done
 
     # -- reading ----------------------------------------------------------------------------------------------
     def read_spec(self, run_id: str) -> dict[str, Any]:
