@@ -310,3 +310,26 @@ def test_the_probe_gap_over_seeds_combines_their_spread_with_each_pair_s_patient
     assert (row["gap_lo"], row["gap_hi"]) == (pytest.approx(0.12 - half), pytest.approx(0.12 + half))
     # the probe's two seeds agree exactly: its interval is the patient term alone (a normal interval, df = ∞)
     assert (row["probe_lo"], row["probe_hi"]) == (pytest.approx(0.65), pytest.approx(0.75))
+
+
+def test_reinit_after_and_first_keep_different_units_and_are_drawn_as_two_lines():
+    """``after:4`` and ``first:2`` of a 6-unit backbone both keep 4 units pretrained, the lowest and the highest:
+    the table says which, and the figure draws each direction as its own line through the fully pretrained cell."""
+    from scaling.study import plots
+    from scaling.study.analysis_tables import reinit_table
+
+    aurocs = {"none": 0.80, "after:2": 0.70, "after:4": 0.78, "first:2": 0.79, "first:4": 0.75}
+    summary = pd.DataFrame([{"eval_set": "test", "label": "macro", "attribute": "all", "group": "all",
+                             "metric": "auroc", "protocol": "finetune", "pretrained": "bit-m", "backbone": "bit_r50x1",
+                             "n_params": 23.5e6, "fraction": 1.0, "shots": 0, "reinit": r, "mean": v, "lo": v - 0.02,
+                             "hi": v + 0.02, "n_seeds": 1} for r, v in aurocs.items()])
+    table = reinit_table(summary, pd.DataFrame([{"backbone": "bit_r50x1", "n_units": 6}])).set_index("reinit")
+    assert table["kept"].to_dict() == {"none": "all", "after:2": "first", "after:4": "first", "first:2": "last",
+                                       "first:4": "last"}
+    assert table["units_kept"].to_dict() == {"none": 6, "after:2": 2, "after:4": 4, "first:2": 4, "first:4": 2}
+    assert table.loc["first:4", "auroc_lost"] == pytest.approx(0.05)
+    fig = plots.reinit_curves(table.reset_index())
+    lines = {line.get_linestyle(): [tuple(map(float, p)) for p in zip(*line.get_data())]
+             for line in fig.axes[0].get_lines() if line.get_linestyle() in ("-", "--")}  # not the error-bar caps
+    assert lines["-"] == [(2.0, 0.70), (4.0, 0.78), (6.0, 0.80)]
+    assert lines["--"] == [(2.0, 0.75), (4.0, 0.79), (6.0, 0.80)]

@@ -678,7 +678,8 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              *_figure_and_table(rep, "fewshot", mean_ci, "no k-shot cell (set grid.shots to add some)"),
              "<h3 id='reinit'>Block re-initialisation</h3>",
              "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
-             "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
+             "fine-tuning: kept = first for the lowest units (after:k, Raghu et al. 2019's weight transfusion; "
+             "solid), last for the highest (first:k; dashed). auroc_lost = AUROC of the fully pretrained "
              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>",
              *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (set grid.reinit to add some)"),
              "<h3 id='cka'>Representation similarity (CKA)</h3>",
