@@ -333,3 +333,18 @@ def test_reinit_after_and_first_keep_different_units_and_are_drawn_as_two_lines(
              for line in fig.axes[0].get_lines() if line.get_linestyle() in ("-", "--")}  # not the error-bar caps
     assert lines["-"] == [(2.0, 0.70), (4.0, 0.78), (6.0, 0.80)]
     assert lines["--"] == [(2.0, 0.75), (4.0, 0.79), (6.0, 0.80)]
+
+
+def test_the_probe_feature_cache_is_shared_by_seeds_unless_the_backbone_is_the_seed_s(tmp_path):
+    """A loaded backbone's pooled features are the same for every seed (only the head, which they precede, is
+    seeded), so every seed's probe cells read one cache; a scratch backbone is its seed's random init."""
+    store = RunStore(tmp_path / "store")
+    cfg = load_config(None, overrides(store.root, "grid.seeds=[0,1]", "grid.pretrained=['upstream:up',scratch]"))
+    probe = {"protocol": "linear_probe"}
+    for source in (UP, "/weights/bit_m.npz"):
+        caches = {feature_cache(cfg, store, RunSpec("resnetv2_tiny", source, f, s, shots=k, **probe))
+                  for f, s, k in ((1.0, 0, 0), (1.0, 1, 0), (0.2, 1, 0), (1.0, 1, 5))}
+        assert caches == {store.root / "features" / run_id(cfg, RunSpec("resnetv2_tiny", source, 1.0, 0, **probe))}
+    scratch = [feature_cache(cfg, store, RunSpec("resnetv2_tiny", "scratch", 0.2, s, **probe)) for s in (0, 1)]
+    assert scratch == [store.root / "features" / run_id(cfg, RunSpec("resnetv2_tiny", "scratch", 1.0, s, **probe))
+                       for s in (0, 1)]

@@ -15,8 +15,8 @@ Files a cell writes besides the usual ones (docs/run-store.md):
   the CKA sample, which is all that minibatch CKA needs to compare two runs later (the report compares backbone
   scales with them);
 * ``features/<id of the cell's full-data probe>/<set>.safetensors``: pooled pre-logit features shared by every
-  probe cell of one backbone × source × seed (every fraction and k-shot subset is a row subset of the cached
-  training set).
+  probe cell of one backbone × source (every seed, fraction and k-shot subset is a row subset of the cached
+  training set; a scratch backbone's features are its seed's, cached per seed).
 """
 
 from __future__ import annotations
@@ -105,9 +105,15 @@ def reinit_axes(model, spec: RunSpec) -> dict[str, Any]:
 
 
 def feature_cache(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> Path:
-    """Where the probe features of ``spec``'s backbone × source × seed are cached: named by the run id of that
-    combination's full-data probe cell, so the cache follows every setting the run id follows."""
-    full = dataclasses.replace(spec, fraction=1.0, shots=0)
+    """Where the probe features of ``spec``'s backbone × source are cached: named by the run id of that
+    combination's full-data probe cell of seed 0, so the cache follows every setting the run id follows.
+
+    A loaded backbone is the same for every seed (every tensor but the head, which the pooled features precede,
+    comes from the weights), so its features are extracted once for all seeds; a scratch backbone is its seed's
+    random initialisation, and its features are cached per seed."""
+    from scaling.models.weights import is_scratch
+
+    full = dataclasses.replace(spec, fraction=1.0, shots=0, seed=spec.seed if is_scratch(spec.source) else 0)
     return store.root / "features" / run_id(cfg, full)
 
 
