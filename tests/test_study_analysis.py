@@ -348,3 +348,20 @@ def test_the_probe_feature_cache_is_shared_by_seeds_unless_the_backbone_is_the_s
     scratch = [feature_cache(cfg, store, RunSpec("resnetv2_tiny", "scratch", 0.2, s, **probe)) for s in (0, 1)]
     assert scratch == [store.root / "features" / run_id(cfg, RunSpec("resnetv2_tiny", "scratch", 1.0, s, **probe))
                        for s in (0, 1)]
+
+
+def test_a_reinit_beyond_the_backbone_s_units_is_refused_before_anything_runs(tmp_path):
+    """``after:9`` of resnetv2_tiny (6 units) is a ConfigError naming the value and the units, by the dry run and
+    the launch alike, instead of a failed run after the grid's other cells trained."""
+    from scaling.config import ConfigError
+    from scaling.study.runner import plan
+
+    store = tmp_path / "store"
+    cfg = load_config(None, overrides(store, "grid.backbones=[resnetv2_tiny,vit_micro]", "grid.protocols=[finetune]",
+                                      "grid.also=[]", "grid.reinit=[none,'after:5','after:9','first:7']"))
+    message = r"^grid\.reinit \['after:9', 'first:7'\]: backbone resnetv2_tiny has 6 units \(stem, stages\.0\.blocks\.0"
+    with pytest.raises(ConfigError, match=message + r" \.\. neck\), so k must be at most 6$"):
+        run_study(cfg, report=False)
+    assert not (store / "runs").exists()
+    with pytest.raises(ConfigError, match=message):
+        plan(cfg)

@@ -87,6 +87,30 @@ def apply_reinit(model, spec: RunSpec) -> list[str]:
     return chosen
 
 
+def check_reinit(cfg: StudyConfig, cells: list[RunSpec]) -> None:
+    """Refuse, before anything runs, a re-initialisation that asks for more units than its backbone has
+    (``after:9`` of a 6-unit backbone): each backbone with such cells is built on the meta device (nothing
+    allocated, no weights read) and its units counted, so the error names the value, the backbone and its units
+    instead of failing that run after the others trained."""
+    from scaling.config import ConfigError
+    from scaling.models import build_model
+    from scaling.models.reinit import units
+
+    asked: dict[str, set[str]] = {}
+    for spec in cells:
+        if parse_reinit(spec.reinit)[0] != "none":
+            asked.setdefault(spec.backbone, set()).add(spec.reinit)
+    for backbone, values in asked.items():
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"),
+                                num_outputs=1, image_size=cfg.data.image_size)
+        names = list(units(model))
+        too_many = sorted(v for v in values if parse_reinit(v)[1] > len(names))
+        if too_many:
+            raise ConfigError(f"grid.reinit {too_many}: backbone {backbone} has {len(names)} units ({names[0]}, "
+                              f"{names[1]} .. {names[-1]}), so k must be at most {len(names)}")
+
+
 def reinit_axes(model, spec: RunSpec) -> dict[str, Any]:
     """What a re-initialised cell records in spec.json: the backbone's number of units and the units reset (the
     report's x axis, units kept pretrained, needs the first); nothing for other cells."""
