@@ -159,7 +159,8 @@ def test_cka_is_linear_cka_of_the_initialisation_and_the_fine_tuned_model(grown)
         assert list(diag.index) == list(a) and (t["n_examples"] == 48).all()
         for layer in a:
             assert diag[layer] == pytest.approx(linear_cka(a[layer], b[layer]), abs=1e-4)
-        assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64}
+        assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64,
+                                                     "order": "shuffled"}
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +366,24 @@ def test_a_reinit_beyond_the_backbone_s_units_is_refused_before_anything_runs(tm
     assert not (store / "runs").exists()
     with pytest.raises(ConfigError, match=message):
         plan(cfg)
+
+
+def test_cka_minibatches_of_a_set_sorted_by_label_are_random_draws_of_it():
+    """Minibatch CKA estimates the whole sample's CKA only from random minibatches: a test set sorted by label must
+    not become one minibatch per class. Reference: full-batch linear CKA of the whole sample."""
+    from scaling.analysis.cka import cka_from_grams, gram_batches
+    from scaling.config import CKAConfig
+
+    rng = np.random.default_rng(0)
+    n, d = 512, 64
+    label = np.repeat([0, 1], n // 2)  # the table lists every negative, then every positive
+    centres = rng.normal(size=(2, d)) * 3
+    x = centres[label] + rng.normal(size=(n, d))  # two representations sharing the class structure only
+    y = (centres @ rng.normal(size=(d, d)) / np.sqrt(d))[label] + rng.normal(size=(n, d))
+    table = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "label:Edema": label.astype(float)})
+    cka = CKAConfig(max_examples=n, batch_size=256)
+    rows = cka_sample(table, cka)["sample_id"].str[1:].astype(int).to_numpy()
+    assert sorted(rows) == list(range(n))  # the same images, in another order
+    got = cka_from_grams(gram_batches({"x": torch.from_numpy(x[rows])}, batch_size=cka.batch_size), ["x"],
+                         gram_batches({"y": torch.from_numpy(y[rows])}, batch_size=cka.batch_size), ["y"])
+    assert linear_cka(x, y) > 0.99 and got["cka"].iloc[0] == pytest.approx(linear_cka(x, y), abs=0.01)

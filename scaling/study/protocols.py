@@ -45,6 +45,10 @@ CKA_FILE, GRAMS_FILE, PROBE_FILE = "cka.parquet", "cka_grams.safetensors", "prob
 CKA_SAMPLE_SEED = 0
 """Seed of the CKA sample: the same images for every run of a study, so that any two runs can be compared."""
 
+CKA_SAMPLE_ORDER = "shuffled"
+"""How the CKA sample's rows are ordered into minibatches (:func:`cka_sample`), recorded with every run's CKA so
+that a table made from minibatches in another order is computed again."""
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Training subset and re-initialisation
@@ -179,15 +183,18 @@ def cka_wanted(cfg: StudyConfig, spec: RunSpec) -> bool:
 def cka_settings(cka: CKAConfig) -> dict[str, Any]:
     """What a run's CKA table depends on beyond the run itself (recorded in evaluation.json under ``cka``)."""
     d = to_dict(cka)
-    return {k: d[k] for k in ("eval_set", "max_examples", "batch_size")}
+    return {**{k: d[k] for k in ("eval_set", "max_examples", "batch_size")}, "order": CKA_SAMPLE_ORDER}
 
 
 def cka_sample(table: pd.DataFrame, cka: CKAConfig) -> pd.DataFrame:
-    """At most ``cka.max_examples`` rows of an evaluation set, a fixed seeded sample in table order."""
-    n = len(table)
-    if n <= cka.max_examples:
-        return table.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(CKA_SAMPLE_SEED).permutation(n)[: cka.max_examples])
+    """At most ``cka.max_examples`` rows of an evaluation set, a fixed seeded sample in a seeded random order.
+
+    Minibatch CKA averages HSIC over minibatches of consecutive rows, which estimates the CKA of the whole sample
+    only when each minibatch is a random draw from it (Nguyen et al. 2021 use shuffled minibatches). In table order
+    a set sorted by label, site or date (or one that keeps a patient's images together, as every table here does)
+    fills a minibatch with one kind of image, whose HSIC misses the differences between the kinds: two classes
+    sorted into two 256-image minibatches read a CKA of 0.99 as 0.00."""
+    keep = np.random.default_rng(CKA_SAMPLE_SEED).permutation(len(table))[: cka.max_examples]
     return table.iloc[keep].reset_index(drop=True)
 
 

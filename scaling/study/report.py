@@ -683,9 +683,10 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>",
              *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (set grid.reinit to add some)"),
              "<h3 id='cka'>Representation similarity (CKA)</h3>",
-             "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
-             "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
-             "kept (reused), low it was rewritten. The band spans the seeds.</p>",
+             "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) of each block's output "
+             "averaged over space, on a fixed sample of cka.eval_set in shuffled minibatches. Per block, between "
+             "the initialisation and the fine-tuned model: near 1 the block was kept (reused), low it was "
+             "rewritten. The band spans the seeds.</p>",
              *_figure_and_table(rep, "cka_blocks", empty="no CKA table in the store (cka.enabled)")]
     if rep.tables.get("cka_scales") is not None and len(rep.tables["cka_scales"]):
         parts += ["<p class='note'>Between the smallest backbone and each larger one of a source (fine-tuned, "
