@@ -80,6 +80,11 @@ def test_hooked_features_equal_a_direct_forward(family):
     np.testing.assert_array_equal(got["index"], np.arange(21))
     with pytest.raises(ValueError, match="unknown layer"):
         block_features(model, ToyDataset(4), layers=["nope"])
+    # a module in training (dropout, batch statistics) gets eval-mode features and is handed back in training mode
+    model.train()
+    again = block_features(model, ToyDataset(21, seed=1), batch_size=4)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(again["features"][PRE_LOGITS], got["features"][PRE_LOGITS])
 
 
 def test_two_ranks_give_the_features_of_one_process(suite):

@@ -371,6 +371,27 @@ def test_a_timm_model_outside_the_table_gets_the_generic_row(tmp_path):
     assert [c.__name__ for c in family_spec(timm.create_model("densenet121")).block_classes] == ["DenseBlock"]
 
 
+@pytest.mark.parametrize("name, blocks", [
+    ("regnety_002", ["s1", "s2", "s3", "s4"]),  # feature_info lists the stem, a ConvNormAct, beside the stages
+    ("inception_v3", ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b",
+                      "Mixed_7c"]),
+])
+def test_the_generic_rule_takes_no_block_class_that_also_lives_inside_another_block(name, blocks):
+    """Every convolution inside a RegNet stage or an Inception module is a ``ConvNormAct``, the class of a stem
+    entry of ``feature_info``: it must not make each of them a CKA layer and a re-initialisation unit."""
+    from scaling.analysis.features import layer_names
+    from scaling.models.reinit import NECK, STEM, units
+
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=2)
+    assert layer_names(model) == [*blocks, "pre_logits"]
+    table = units(model)
+    assert list(table) == [STEM, *blocks, NECK]
+    assert all(table[b] for b in blocks)  # every unit holds tensors: after:k / first:k count real blocks
+    head = {"head.fc.weight", "head.fc.bias", "fc.weight", "fc.bias"}
+    assert sorted(k for u in table.values() for k in u) == sorted(set(model.state_dict()) - head)
+
+
 def test_register_family_adds_a_row_that_wins_over_the_generic_rule_and_parents():
     from timm.models.resnet import Bottleneck, ResNet
     from timm.models.vision_transformer import VisionTransformer

@@ -159,7 +159,8 @@ def test_cka_is_linear_cka_of_the_initialisation_and_the_fine_tuned_model(grown)
         assert list(diag.index) == list(a) and (t["n_examples"] == 48).all()
         for layer in a:
             assert diag[layer] == pytest.approx(linear_cka(a[layer], b[layer]), abs=1e-4)
-        assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64}
+        assert store.read_evaluation(rid)["cka"] == {"eval_set": "test", "max_examples": 48, "batch_size": 64,
+                                                     "order": "shuffled"}
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +311,79 @@ def test_the_probe_gap_over_seeds_combines_their_spread_with_each_pair_s_patient
     assert (row["gap_lo"], row["gap_hi"]) == (pytest.approx(0.12 - half), pytest.approx(0.12 + half))
     # the probe's two seeds agree exactly: its interval is the patient term alone (a normal interval, df = ∞)
     assert (row["probe_lo"], row["probe_hi"]) == (pytest.approx(0.65), pytest.approx(0.75))
+
+
+def test_reinit_after_and_first_keep_different_units_and_are_drawn_as_two_lines():
+    """``after:4`` and ``first:2`` of a 6-unit backbone both keep 4 units pretrained, the lowest and the highest:
+    the table says which, and the figure draws each direction as its own line through the fully pretrained cell."""
+    from scaling.study import plots
+    from scaling.study.analysis_tables import reinit_table
+
+    aurocs = {"none": 0.80, "after:2": 0.70, "after:4": 0.78, "first:2": 0.79, "first:4": 0.75}
+    summary = pd.DataFrame([{"eval_set": "test", "label": "macro", "attribute": "all", "group": "all",
+                             "metric": "auroc", "protocol": "finetune", "pretrained": "bit-m", "backbone": "bit_r50x1",
+                             "n_params": 23.5e6, "fraction": 1.0, "shots": 0, "reinit": r, "mean": v, "lo": v - 0.02,
+                             "hi": v + 0.02, "n_seeds": 1} for r, v in aurocs.items()])
+    table = reinit_table(summary, pd.DataFrame([{"backbone": "bit_r50x1", "n_units": 6}])).set_index("reinit")
+    assert table["kept"].to_dict() == {"none": "all", "after:2": "first", "after:4": "first", "first:2": "last",
+                                       "first:4": "last"}
+    assert table["units_kept"].to_dict() == {"none": 6, "after:2": 2, "after:4": 4, "first:2": 4, "first:4": 2}
+    assert table.loc["first:4", "auroc_lost"] == pytest.approx(0.05)
+    fig = plots.reinit_curves(table.reset_index())
+    lines = {line.get_linestyle(): [tuple(map(float, p)) for p in zip(*line.get_data())]
+             for line in fig.axes[0].get_lines() if line.get_linestyle() in ("-", "--")}  # not the error-bar caps
+    assert lines["-"] == [(2.0, 0.70), (4.0, 0.78), (6.0, 0.80)]
+    assert lines["--"] == [(2.0, 0.75), (4.0, 0.79), (6.0, 0.80)]
+
+
+def test_the_probe_feature_cache_is_shared_by_seeds_unless_the_backbone_is_the_seed_s(tmp_path):
+    """A loaded backbone's pooled features are the same for every seed (only the head, which they precede, is
+    seeded), so every seed's probe cells read one cache; a scratch backbone is its seed's random init."""
+    store = RunStore(tmp_path / "store")
+    cfg = load_config(None, overrides(store.root, "grid.seeds=[0,1]", "grid.pretrained=['upstream:up',scratch]"))
+    probe = {"protocol": "linear_probe"}
+    for source in (UP, "/weights/bit_m.npz"):
+        caches = {feature_cache(cfg, store, RunSpec("resnetv2_tiny", source, f, s, shots=k, **probe))
+                  for f, s, k in ((1.0, 0, 0), (1.0, 1, 0), (0.2, 1, 0), (1.0, 1, 5))}
+        assert caches == {store.root / "features" / run_id(cfg, RunSpec("resnetv2_tiny", source, 1.0, 0, **probe))}
+    scratch = [feature_cache(cfg, store, RunSpec("resnetv2_tiny", "scratch", 0.2, s, **probe)) for s in (0, 1)]
+    assert scratch == [store.root / "features" / run_id(cfg, RunSpec("resnetv2_tiny", "scratch", 1.0, s, **probe))
+                       for s in (0, 1)]
+
+
+def test_a_reinit_beyond_the_backbone_s_units_is_refused_before_anything_runs(tmp_path):
+    """``after:9`` of resnetv2_tiny (6 units) is a ConfigError naming the value and the units, by the dry run and
+    the launch alike, instead of a failed run after the grid's other cells trained."""
+    from scaling.config import ConfigError
+    from scaling.study.runner import plan
+
+    store = tmp_path / "store"
+    cfg = load_config(None, overrides(store, "grid.backbones=[resnetv2_tiny,vit_micro]", "grid.protocols=[finetune]",
+                                      "grid.also=[]", "grid.reinit=[none,'after:5','after:9','first:7']"))
+    message = r"^grid\.reinit \['after:9', 'first:7'\]: backbone resnetv2_tiny has 6 units \(stem, stages\.0\.blocks\.0"
+    with pytest.raises(ConfigError, match=message + r" \.\. neck\), so k must be at most 6$"):
+        run_study(cfg, report=False)
+    assert not (store / "runs").exists()
+    with pytest.raises(ConfigError, match=message):
+        plan(cfg)
+
+
+def test_cka_minibatches_of_a_set_sorted_by_label_are_random_draws_of_it():
+    """Minibatch CKA estimates the whole sample's CKA only from random minibatches: a test set sorted by label must
+    not become one minibatch per class. Reference: full-batch linear CKA of the whole sample."""
+    from scaling.analysis.cka import cka_from_grams, gram_batches
+    from scaling.config import CKAConfig
+
+    rng = np.random.default_rng(0)
+    n, d = 512, 64
+    label = np.repeat([0, 1], n // 2)  # the table lists every negative, then every positive
+    centres = rng.normal(size=(2, d)) * 3
+    x = centres[label] + rng.normal(size=(n, d))  # two representations sharing the class structure only
+    y = (centres @ rng.normal(size=(d, d)) / np.sqrt(d))[label] + rng.normal(size=(n, d))
+    table = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "label:Edema": label.astype(float)})
+    cka = CKAConfig(max_examples=n, batch_size=256)
+    rows = cka_sample(table, cka)["sample_id"].str[1:].astype(int).to_numpy()
+    assert sorted(rows) == list(range(n))  # the same images, in another order
+    got = cka_from_grams(gram_batches({"x": torch.from_numpy(x[rows])}, batch_size=cka.batch_size), ["x"],
+                         gram_batches({"y": torch.from_numpy(y[rows])}, batch_size=cka.batch_size), ["y"])
+    assert linear_cka(x, y) > 0.99 and got["cka"].iloc[0] == pytest.approx(linear_cka(x, y), abs=0.01)

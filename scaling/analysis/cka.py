@@ -192,8 +192,10 @@ def cka_table(stream_a: Iterable[Mapping[str, torch.Tensor] | None],
     Each stream yields ``{"index": [m], "features": {layer: [m, d]}}`` chunks in the same order (as
     :func:`scaling.analysis.features.iter_block_features` does for two models over one dataset) or None on
     non-main processes, which must iterate too (the models are run on every rank). Chunks are cut into minibatches
-    of ``batch_size`` examples. ``stream_b=None`` compares stream A's layers with each other. Layers default to
-    every layer of the first chunk, in its order. Returns None on non-main processes.
+    of ``batch_size`` consecutive examples, so the examples must come in a random order: the mean over minibatches
+    estimates the CKA of the whole set only when each minibatch is a random draw of it. ``stream_b=None`` compares
+    stream A's layers with each other. Layers default to every layer of the first chunk, in its order. Returns None
+    on non-main processes.
     """
     acc: MinibatchCKA | None = None
     chunks_b = iter(stream_b) if stream_b is not None else None
@@ -250,7 +252,8 @@ def block_cka(runner_a, dataset, runner_b=None, *, layers_a: Sequence[str] | Non
     """Block-by-block minibatch CKA of two models on ``dataset`` (e.g. pretrained vs fine-tuned, or two scales).
 
     ``runner_a`` / ``runner_b`` are Trainers (sharded or not; call on every rank) or plain modules; ``runner_b=None``
-    compares A's blocks with each other. Features come chunk by chunk from
+    compares A's blocks with each other. Minibatches are consecutive examples of ``dataset``: shuffle its rows
+    first (a set sorted by label or site fills a minibatch with one kind of image). Features come chunk by chunk from
     :func:`scaling.analysis.features.iter_block_features` (every block and ``pre_logits`` by default), so only
     ``chunk_size`` examples' features are held at a time. Returns the :meth:`MinibatchCKA.table` on the main
     process, None elsewhere.

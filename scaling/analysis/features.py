@@ -139,17 +139,22 @@ def _run_trainer(trainer, chunk: _Positions, layers: Sequence[str], batch_size: 
 @torch.no_grad()
 def _run_module(model: nn.Module, chunk: _Positions, layers: Sequence[str], batch_size: int,
                 num_workers: int) -> dict:
-    """Features of one chunk through a plain (unsharded) module in this process."""
+    """Features of one chunk through a plain (unsharded) module in this process, in eval mode (no dropout, stored
+    norm statistics); the module is left in the mode it came in."""
     device = next(model.parameters(), torch.empty(0)).device
+    training = model.training
     model.eval()
     logits, targets = [], []
     loader = DataLoader(chunk, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     norm = Normalisation.of(chunk)
     channels = input_channels(model)
-    with _capture(model, layers) as store:
-        for b in loader:
-            logits.append(model(to_device(b["image"], device, norm, channels=channels)).float().cpu())
-            targets.append(b["target"])
+    try:
+        with _capture(model, layers) as store:
+            for b in loader:
+                logits.append(model(to_device(b["image"], device, norm, channels=channels)).float().cpu())
+                targets.append(b["target"])
+    finally:
+        model.train(training)
     if not logits:
         raise ValueError("the dataset is empty")
     return {"index": np.arange(chunk.lo, chunk.hi), "features": {n: torch.cat(store[n]) for n in layers},

@@ -182,8 +182,11 @@ def generic_blocks(inner: torch.nn.Module) -> tuple[type, ...]:
     modules its feature maps come from). A stage that is an ``nn.Sequential`` contributes the classes of its
     children (ResNet's ``BasicBlock`` / ``Bottleneck``, EfficientNet's ``InvertedResidual``), any other stage its own
     class (a Swin or RegNet stage, a DeiT ``Block``); an entry without parameters or without submodules (a lone
-    activation or norm layer, such as ResNet's ``act1`` or DenseNet's ``norm0``) is no stage. Empty when the model
-    lists no ``feature_info``."""
+    activation or norm layer, such as ResNet's ``act1`` or DenseNet's ``norm0``) is no stage. A class with an
+    instance inside a module of another of these classes is no block class: RegNet lists its stem, a
+    ``ConvNormAct``, beside its ``RegStage`` stages, whose every convolution is a ``ConvNormAct`` too, which would
+    make each of them a block of its own (likewise Inception-v3, DLA, CSPNet, VoVNet, MobileViT). Empty when the
+    model lists no ``feature_info``."""
     classes: dict[type, None] = {}
     for info in getattr(inner, "feature_info", None) or []:
         name = info.get("module") if isinstance(info, dict) else None
@@ -199,7 +202,22 @@ def generic_blocks(inner: torch.nn.Module) -> tuple[type, ...]:
         for m in (children if isinstance(stage, torch.nn.Sequential) else [stage]):
             if next(m.parameters(), None) is not None:
                 classes.setdefault(type(m))
-    return tuple(classes)
+    nested = _nested_classes(inner, tuple(classes))
+    return tuple(c for c in classes if c not in nested)
+
+
+def _nested_classes(inner: torch.nn.Module, classes: tuple[type, ...]) -> set[type]:
+    """The classes of ``classes`` with an instance inside a module of another class of ``classes``."""
+    modules = dict(inner.named_modules())
+    nested = set()
+    for name, module in modules.items():
+        if type(module) not in classes:
+            continue
+        parts = name.split(".")
+        outer = {type(modules[".".join(parts[:i])]) for i in range(1, len(parts))}
+        if outer & (set(classes) - {type(module)}):
+            nested.add(type(module))
+    return nested
 
 
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)

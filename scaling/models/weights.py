@@ -90,6 +90,12 @@ def _is_path(text: str) -> bool:
     return text.lower().endswith(FILE_SUFFIXES) or "/" in text or os.sep in text or Path(text).exists()
 
 
+def is_scratch(pretrained: str) -> bool:
+    """Whether ``model.pretrained`` loads nothing (``scratch``, ``none`` or empty): the backbone is the seed's own
+    random initialisation."""
+    return pretrained.strip().lower() in ("", "scratch", "none")
+
+
 def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     """Parse ``model.pretrained`` for ``preset`` into a :class:`WeightSpec` (no I/O besides path checks).
 
@@ -98,7 +104,7 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     text = pretrained.strip()
     low = text.lower()
     if preset.family == "hf":
-        if low in ("", "scratch", "none"):
+        if is_scratch(text):
             return WeightSpec("scratch", hf_location(preset.name))
         if low in ("hf", "hub") or (is_hf(text) and hf_location(text) == hf_location(preset.name)):
             return WeightSpec("hf", hf_location(preset.name))
@@ -106,7 +112,7 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     if is_hf(text):
         raise ValueError(f"pretrained={text!r} is a Hugging Face model, which brings its own architecture: set "
                          f"model.backbone to {text!r} and model.pretrained to 'hf' (backbone {preset.name!r} is timm's)")
-    if low in ("", "scratch", "none"):
+    if is_scratch(text):
         return WeightSpec("scratch")
     if low.startswith("upstream:"):
         raise ValueError(

@@ -123,16 +123,22 @@ def fewshot_table(summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame
     return s[cols].sort_values(["pretrained", "n_params", "protocol", "shots"]).reset_index(drop=True)
 
 
+REINIT_KEPT = {"none": "all", "after": "first", "first": "last"}
+"""Which units a re-initialisation keeps pretrained, by its kind (:func:`scaling.config.parse_reinit`)."""
+
+
 def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame:
     """Fine-tuned macro AUROC on ``eval_set`` vs the units kept pretrained, per backbone × source × data budget
     that has re-initialised cells, with the fully pretrained cell (``reinit='none'``) as the reference.
 
     ``units_kept`` counts the pretrained units left as they were (``after:k`` keeps k; ``first:k`` keeps all but
-    the first k; ``none`` keeps all ``n_units``). ``auroc_lost`` = reference AUROC − this cell's: what those
-    re-initialised blocks' pretrained weights were worth, the feature reuse of Raghu et al. 2019.
+    the first k; ``none`` keeps all ``n_units``) and ``kept`` says which end of the network they are: ``first``
+    (the lowest units, ``after:k``), ``last`` (the highest, ``first:k``) or ``all``; ``after:4`` and ``first:2``
+    of a 6-unit backbone both keep 4 units, but not the same ones. ``auroc_lost`` = reference AUROC − this cell's:
+    what those re-initialised blocks' pretrained weights were worth, the feature reuse of Raghu et al. 2019.
     """
-    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "units_kept", "n_units", "mean",
-            "lo", "hi", "auroc_lost", "n_seeds"]
+    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "kept", "units_kept", "n_units",
+            "mean", "lo", "hi", "auroc_lost", "n_seeds"]
     s = select(summary, "auroc", eval_set)
     if "reinit" not in s or not (s["reinit"] != "none").any():
         return pd.DataFrame(columns=cols)
@@ -152,10 +158,12 @@ def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "tes
             kind, k = parse_reinit(r.reinit)
             kept = {"none": n_units, "after": k, "first": None if n_units is None else n_units - k}[kind]
             rows.append({"pretrained": key[0], "backbone": key[1], "n_params": key[2], "fraction": key[3],
-                         "shots": int(key[4]), "reinit": r.reinit, "units_kept": kept, "n_units": n_units,
+                         "shots": int(key[4]), "reinit": r.reinit, "kept": REINIT_KEPT[kind], "units_kept": kept,
+                         "n_units": n_units,
                          "mean": r.mean, "lo": r.lo, "hi": r.hi, "auroc_lost": base - r.mean, "n_seeds": r.n_seeds})
     out = pd.DataFrame(rows, columns=cols)
-    return out.sort_values(["pretrained", "n_params", "fraction", "shots", "units_kept"]).reset_index(drop=True)
+    return out.sort_values(["pretrained", "n_params", "fraction", "shots", "kept", "units_kept"]).reset_index(
+        drop=True)
 
 
 CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit"]

@@ -330,7 +330,8 @@ def fewshot_curves(table: pd.DataFrame) -> plt.Figure | None:
 
 def reinit_curves(table: pd.DataFrame) -> plt.Figure | None:
     """AUROC vs the number of units kept pretrained (the rest re-initialised before fine-tuning), one panel per
-    pretraining source and data budget, one line per backbone (by size)."""
+    pretraining source and data budget, one colour per backbone (by size): solid when the lowest units are kept
+    (``after:k``), dashed when the highest are (``first:k``), both ending at the fully pretrained cell."""
     if table is None or table.empty or table["units_kept"].isna().all():
         return None
     t = table.dropna(subset=["units_kept"]).assign(
@@ -341,11 +342,19 @@ def reinit_curves(table: pd.DataFrame) -> plt.Figure | None:
     colors = _palette(order, ordered=True)
     fig, axes = _grid(len(panels), sharey=True)
     for ax, panel in zip(axes, panels):
-        _lines(ax, t[t["panel"] == panel], "units_kept", "backbone", colors)
-        ax.set(title=f"{panel}: AUROC vs units kept", xlabel="units kept pretrained (stem = 1)",
-               ylabel="macro AUROC (test)")
+        d = t[t["panel"] == panel]
+        drawn = False
+        for kept, style in (("first", "-"), ("last", "--")):
+            if (d["kept"] == kept).any():
+                _lines(ax, d[d["kept"].isin([kept, "all"])], "units_kept", "backbone", colors, linestyle=style,
+                       legend=not drawn)
+                drawn = True
+        ax.set(title=f"{panel}: AUROC vs units kept", xlabel="units kept pretrained", ylabel="macro AUROC (test)")
         ax.grid(alpha=0.3)
-    return _finish(fig, axes)
+    key = [(plt.Line2D([], [], color="black", linestyle=style), label)
+           for kept, style, label in (("first", "-", "lowest units kept (after:k; stem = 1)"),
+                                      ("last", "--", "highest units kept (first:k)")) if (t["kept"] == kept).any()]
+    return _finish(fig, axes, extra=key)
 
 
 def cka_block_curves(table: pd.DataFrame) -> plt.Figure | None:

@@ -15,8 +15,8 @@ Files a cell writes besides the usual ones (docs/run-store.md):
   the CKA sample, which is all that minibatch CKA needs to compare two runs later (the report compares backbone
   scales with them);
 * ``features/<id of the cell's full-data probe>/<set>.safetensors``: pooled pre-logit features shared by every
-  probe cell of one backbone × source × seed (every fraction and k-shot subset is a row subset of the cached
-  training set).
+  probe cell of one backbone × source (every seed, fraction and k-shot subset is a row subset of the cached
+  training set; a scratch backbone's features are its seed's, cached per seed).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ CKA_FILE, GRAMS_FILE, PROBE_FILE = "cka.parquet", "cka_grams.safetensors", "prob
 
 CKA_SAMPLE_SEED = 0
 """Seed of the CKA sample: the same images for every run of a study, so that any two runs can be compared."""
+
+CKA_SAMPLE_ORDER = "shuffled"
+"""How the CKA sample's rows are ordered into minibatches (:func:`cka_sample`), recorded with every run's CKA so
+that a table made from minibatches in another order is computed again."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,6 +91,30 @@ def apply_reinit(model, spec: RunSpec) -> list[str]:
     return chosen
 
 
+def check_reinit(cfg: StudyConfig, cells: list[RunSpec]) -> None:
+    """Refuse, before anything runs, a re-initialisation that asks for more units than its backbone has
+    (``after:9`` of a 6-unit backbone): each backbone with such cells is built on the meta device (nothing
+    allocated, no weights read) and its units counted, so the error names the value, the backbone and its units
+    instead of failing that run after the others trained."""
+    from scaling.config import ConfigError
+    from scaling.models import build_model
+    from scaling.models.reinit import units
+
+    asked: dict[str, set[str]] = {}
+    for spec in cells:
+        if parse_reinit(spec.reinit)[0] != "none":
+            asked.setdefault(spec.backbone, set()).add(spec.reinit)
+    for backbone, values in asked.items():
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"),
+                                num_outputs=1, image_size=cfg.data.image_size)
+        names = list(units(model))
+        too_many = sorted(v for v in values if parse_reinit(v)[1] > len(names))
+        if too_many:
+            raise ConfigError(f"grid.reinit {too_many}: backbone {backbone} has {len(names)} units ({names[0]}, "
+                              f"{names[1]} .. {names[-1]}), so k must be at most {len(names)}")
+
+
 def reinit_axes(model, spec: RunSpec) -> dict[str, Any]:
     """What a re-initialised cell records in spec.json: the backbone's number of units and the units reset (the
     report's x axis, units kept pretrained, needs the first); nothing for other cells."""
@@ -105,9 +133,15 @@ def reinit_axes(model, spec: RunSpec) -> dict[str, Any]:
 
 
 def feature_cache(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> Path:
-    """Where the probe features of ``spec``'s backbone × source × seed are cached: named by the run id of that
-    combination's full-data probe cell, so the cache follows every setting the run id follows."""
-    full = dataclasses.replace(spec, fraction=1.0, shots=0)
+    """Where the probe features of ``spec``'s backbone × source are cached: named by the run id of that
+    combination's full-data probe cell of seed 0, so the cache follows every setting the run id follows.
+
+    A loaded backbone is the same for every seed (every tensor but the head, which the pooled features precede,
+    comes from the weights), so its features are extracted once for all seeds; a scratch backbone is its seed's
+    random initialisation, and its features are cached per seed."""
+    from scaling.models.weights import is_scratch
+
+    full = dataclasses.replace(spec, fraction=1.0, shots=0, seed=spec.seed if is_scratch(spec.source) else 0)
     return store.root / "features" / run_id(cfg, full)
 
 
@@ -149,15 +183,18 @@ def cka_wanted(cfg: StudyConfig, spec: RunSpec) -> bool:
 def cka_settings(cka: CKAConfig) -> dict[str, Any]:
     """What a run's CKA table depends on beyond the run itself (recorded in evaluation.json under ``cka``)."""
     d = to_dict(cka)
-    return {k: d[k] for k in ("eval_set", "max_examples", "batch_size")}
+    return {**{k: d[k] for k in ("eval_set", "max_examples", "batch_size")}, "order": CKA_SAMPLE_ORDER}
 
 
 def cka_sample(table: pd.DataFrame, cka: CKAConfig) -> pd.DataFrame:
-    """At most ``cka.max_examples`` rows of an evaluation set, a fixed seeded sample in table order."""
-    n = len(table)
-    if n <= cka.max_examples:
-        return table.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(CKA_SAMPLE_SEED).permutation(n)[: cka.max_examples])
+    """At most ``cka.max_examples`` rows of an evaluation set, a fixed seeded sample in a seeded random order.
+
+    Minibatch CKA averages HSIC over minibatches of consecutive rows, which estimates the CKA of the whole sample
+    only when each minibatch is a random draw from it (Nguyen et al. 2021 use shuffled minibatches). In table order
+    a set sorted by label, site or date (or one that keeps a patient's images together, as every table here does)
+    fills a minibatch with one kind of image, whose HSIC misses the differences between the kinds: two classes
+    sorted into two 256-image minibatches read a CKA of 0.99 as 0.00."""
+    keep = np.random.default_rng(CKA_SAMPLE_SEED).permutation(len(table))[: cka.max_examples]
     return table.iloc[keep].reset_index(drop=True)
 
 

@@ -678,13 +678,15 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              *_figure_and_table(rep, "fewshot", mean_ci, "no k-shot cell (set grid.shots to add some)"),
              "<h3 id='reinit'>Block re-initialisation</h3>",
              "<p class='note'>Units (stem, each block, neck) kept pretrained, the rest re-initialised before "
-             "fine-tuning (Raghu et al. 2019's weight transfusion). auroc_lost = AUROC of the fully pretrained "
+             "fine-tuning: kept = first for the lowest units (after:k, Raghu et al. 2019's weight transfusion; "
+             "solid), last for the highest (first:k; dashed). auroc_lost = AUROC of the fully pretrained "
              "cell − this cell's: what the re-initialised blocks' pretrained weights were worth.</p>",
              *_figure_and_table(rep, "reinit", mean_ci, "no re-initialised cell (set grid.reinit to add some)"),
              "<h3 id='cka'>Representation similarity (CKA)</h3>",
-             "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) on a fixed sample of "
-             "cka.eval_set. Per block, between the initialisation and the fine-tuned model: near 1 the block was "
-             "kept (reused), low it was rewritten. The band spans the seeds.</p>",
+             "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) of each block's output "
+             "averaged over space, on a fixed sample of cka.eval_set in shuffled minibatches. Per block, between "
+             "the initialisation and the fine-tuned model: near 1 the block was kept (reused), low it was "
+             "rewritten. The band spans the seeds.</p>",
              *_figure_and_table(rep, "cka_blocks", empty="no CKA table in the store (cka.enabled)")]
     if rep.tables.get("cka_scales") is not None and len(rep.tables["cka_scales"]):
         parts += ["<p class='note'>Between the smallest backbone and each larger one of a source (fine-tuned, "

@@ -825,6 +825,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_conflicts(cfg, store, cells)
     check_weights(cfg, store, cells)
     check_model_kwargs(cfg, cells)
+    protocols.check_reinit(cfg, cells)
     data = load_study_data(cfg)
     check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
@@ -977,7 +978,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     init_distributed()
     store = RunStore(cfg.output_dir)
     on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
-                     check_model_kwargs(cfg, cells)))
+                     check_model_kwargs(cfg, cells), protocols.check_reinit(cfg, cells)))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
