@@ -435,6 +435,11 @@ def test_model_kwargs_a_backbone_does_not_take_are_refused_by_the_dry_run(tmp_pa
         plan(load_config(path, ["model.kwargs={drop_rat: 0.1}"]))
     assert not store.exists()
     assert len(plan(load_config(path, ["model.kwargs={drop_path_rate: 0.1}"]))) > 0
+    # A timm model the library cannot fine-tune (two classifier heads) is named as well, without any kwargs.
+    with pytest.raises(ConfigError, match=r"grid.backbones: cannot build backbone deit_tiny_distilled_patch16_224: "
+                                          r".*2 classifier heads.*use its plain variant \(e.g. "
+                                          r"'deit_tiny_patch16_224'\)"):
+        plan(load_config(path, ["grid.backbones=[resnetv2_tiny, deit_tiny_distilled_patch16_224]"]))
 
 
 def test_an_official_test_split_left_unused_is_warned_about(tmp_path, caplog):

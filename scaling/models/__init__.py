@@ -140,6 +140,10 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     path = fetch(spec) if spec.kind != "scratch" and not on_meta else None
     kwargs["num_classes"] = num_outputs
     backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    if isinstance(backbone.get_classifier(), tuple):
+        raise ValueError(f"backbone {model_cfg.backbone!r} has {len(backbone.get_classifier())} classifier heads (a "
+                         f"distilled DeiT's class and distillation tokens); transfer studies fine-tune one head: use "
+                         f"its plain variant (e.g. {preset.timm_name.replace('_distilled', '')!r})")
     if path is not None:
         load_into(backbone, read_state_dict(path), family_spec(backbone).filter_fn, origin=str(path))
         log.info("%s: loaded %s from %s", preset.name, spec.label, path)

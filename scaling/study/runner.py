@@ -302,24 +302,25 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
 
 
 def check_model_kwargs(cfg: StudyConfig, cells: list[RunSpec]) -> None:
-    """``model.kwargs`` go to every backbone's constructor: build each backbone of the grid with them on the meta
-    device (no memory, no weights read) so that a misspelled or unsupported keyword is a ConfigError naming the
-    field and the backbone now, by ``--dry-run`` too, not a TypeError in every run."""
+    """Build each backbone of the grid with ``model.kwargs`` on the meta device (no memory, no weights read), so
+    that a misspelled or unsupported keyword, or a backbone the library cannot fine-tune (a distilled DeiT's two
+    heads), is a ConfigError naming the field and the backbone now, by ``--dry-run`` too, not a failure in every
+    run."""
     import dataclasses
 
     import torch
 
     from scaling.models import build_model
 
-    if not cfg.model.kwargs:
-        return
     for backbone in dict.fromkeys(s.backbone for s in cells):
         try:
             with torch.device("meta"):
                 build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
                             image_size=cfg.data.image_size)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.kwargs {dict(cfg.model.kwargs)} do not build backbone {backbone}: {e}") from None
+            field = f"model.kwargs {dict(cfg.model.kwargs)} do not build" if cfg.model.kwargs else \
+                "grid.backbones: cannot build"
+            raise ConfigError(f"{field} backbone {backbone}: {e}") from None
 
 
 def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
