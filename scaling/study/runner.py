@@ -310,9 +310,11 @@ def check_model_kwargs(cfg: StudyConfig, cells: list[RunSpec]) -> None:
 
     import torch
 
-    from scaling.models import build_model
+    from scaling.models import build_model, resolve_backbone
 
     for backbone in dict.fromkeys(s.backbone for s in cells):
+        if not cfg.model.kwargs and resolve_backbone(backbone).family == "hf":
+            continue  # its head is ours, and its config may need a download
         try:
             with torch.device("meta"):
                 build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
