@@ -477,3 +477,24 @@ def test_zero_variance_tests_are_one_log_line_per_table_not_a_warning_each(repor
     assert untested > 0 and len(said) == 1
     assert said[0].startswith(f"pairwise comparisons: {untested} paired test(s) had no variation to refer the "
                               f"difference to (variance estimate 0)")
+
+
+def test_comparison_csvs_name_the_holm_family_of_every_row(report, tmp_path):
+    """The store's comparison CSVs are self-describing: each row names the rows its p_holm was adjusted over, and
+    the subgroup and Brier comparisons are written beside the macro and per-label ones."""
+    from scaling.study.runner import COMPARISON_FILES, _write_report_files
+
+    _, rep, _ = report
+    _write_report_files(RunStore(tmp_path), rep)
+    tables = {key: pd.read_csv(tmp_path / name) for key, name in COMPARISON_FILES.items()}
+    assert set(COMPARISON_FILES.values()) == {"comparisons.csv", "comparisons_subgroups.csv", "comparisons_brier.csv"}
+    main_table = tables["comparisons"]
+    assert set(main_table["holm_family"]) == {"macro_auroc", "label_auroc"}
+    assert (main_table["holm_family"] == "macro_auroc").eq(main_table["label"] == "macro").all()
+    assert set(tables["subgroup_comparisons"]["holm_family"]) == {"subgroup_auroc"}
+    assert set(tables["brier_comparisons"]["holm_family"]) == {"brier"}
+    for table in tables.values():  # Holm's adjustment is over the rows of one family, and only those
+        for _, family in table.groupby("holm_family"):
+            np.testing.assert_allclose(family["p_holm"], holm(family["p_value"]), rtol=1e-12)
+    assert len(tables["brier_comparisons"]) == len(rep.tables["brier_comparisons"]) == 27 * 2 * 2
+    assert "holm_family" not in html_table(render_html(rep), "tbl-comparisons").columns  # one family per HTML table

@@ -443,6 +443,7 @@ def _comparisons_html(table: pd.DataFrame | None) -> list[str]:
         return [_table_html(None, "comparisons", "no comparison (needs two cells that differ in one axis, with "
                                                  "stored predictions)")]
     macro = table["label"] == "macro"
+    table = table.drop(columns="holm_family")  # one family per table shown, as its note says
     return [_table_html(table[macro].drop(columns="label"), "comparisons"),
             "<details><summary>per label</summary>", _table_html(table[~macro], "comparisons-labels"),
             "</details>"]
@@ -781,14 +782,15 @@ def render_html(rep: StudyReport) -> str:
             "<details><summary>per subgroup (full data)</summary><p class='note'>The same comparisons within each "
             "patient subgroup the fairness tables summarise: macro AUROC over the labels with both classes in the "
             "group, paired on its samples, clustered by patient; p_holm over this table alone.</p>",
-            _table_html(t.get("subgroup_comparisons"), "comparisons-subgroups", "no subgroup to compare"),
+            _table_html(_without(t.get("subgroup_comparisons"), ["holm_family"]), "comparisons-subgroups",
+                        "no subgroup to compare"),
             "</details>",
             "<details><summary>probabilities: Brier score (full data)</summary><p class='note'>The same comparisons "
             "on the macro Brier score (lower is better; a proper scoring rule, so calibration and discrimination "
             "together), raw and after each run's validation-fitted temperatures: diff &lt; 0 means the compared "
             "cell's probabilities are better. Seeds and patients random (one seed: the paired z-test), clustered "
             "by patient; p_holm over this table alone.</p>",
-            _table_html(t.get("brier_comparisons"), "comparisons-brier", "no comparison"),
+            _table_html(_without(t.get("brier_comparisons"), ["holm_family"]), "comparisons-brier", "no comparison"),
             "</details>",
             *_analysis_html(rep),
         ]
