@@ -12,8 +12,8 @@ from study_store import (EVAL_SETS, LABELS, SEED_SHIFT, auroc_gap, copy_store, e
                          shared_store)
 
 from scaling.study.__main__ import main
-from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
-                                     summarise)
+from scaling.study.aggregate import (LOW_DF, MixedStudyError, headline_table, interval_text, load_results,
+                                     load_study, run_status, summarise)
 from scaling.study.grid import config_hash as cfg_hash
 from scaling.study.store import RunStore
 
@@ -304,6 +304,30 @@ def test_summary_interval_combines_seeds_and_test_patients(confidence):
     assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi))
     # the seed-only t-interval here was [0.72353, 0.72436] (0.0008 wide) at 95 %; each run alone is ~0.11 wide
     assert r["hi"] - r["lo"] > 0.08
+
+
+def test_identical_seeds_are_counted_as_one_model_and_few_degrees_of_freedom_are_shown():
+    """A linear probe of pretrained features on every training image is the same model whatever the seed: the
+    summary counts its distinct models and the printed cell says so; its interval stays the patient term alone.
+    An interval resting on few degrees of freedom (a seed term from two seeds) is printed with them, a
+    patient-dominated one is not."""
+    probe = [(0.744, 0.714, 0.774), (0.744, 0.714, 0.774)]  # two seeds, one model (bit-identical runs)
+    spread = [(0.49, 0.44, 0.54), (0.55, 0.50, 0.60)]  # seed term dominates: df ≈ 3
+    close = [(0.700, 0.60, 0.80), (0.705, 0.605, 0.805)]  # patient term dominates: df in the thousands
+    s = summarise(_tidy({("probe", "auroc"): probe, ("spread", "auroc"): spread, ("close", "auroc"): close}))
+    r = _one(s, backbone="probe")
+    lo, hi, dof = _by_hand(*zip(*probe), 0.95)
+    assert (r["n_seeds"], r["n_models"], r["ci_kind"], r["ci_df"]) == (2, 1, "seeds+patients", math.inf)
+    assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi)) and hi - lo == pytest.approx(0.06)
+    assert (_one(s, backbone="spread")["n_models"], _one(s, backbone="close")["n_models"]) == (2, 2)
+    _, _, spread_df = _by_hand(*zip(*spread), 0.95)
+    _, _, close_df = _by_hand(*zip(*close), 0.95)
+    assert spread_df < LOW_DF < close_df
+    cells = headline_table(s).set_index("backbone")["test"]
+    assert cells["probe"] == "0.744 [0.714, 0.774] (2 seeds, 1 model)"
+    assert cells["spread"].endswith(f"] (df {math.floor(spread_df * 10) / 10:g})") and cells["close"].endswith("]")
+    assert interval_text(0.5, 0.4, 0.6, 9.96) == "0.500 [0.400, 0.600] (df 9.9)"  # rounded down: below 10
+    assert interval_text(0.5, 0.4, 0.6, math.nan) == "0.500 [0.400, 0.600]"  # one run's bootstrap: no df
 
 
 def test_summary_interval_kinds_and_clipping_to_the_metric_range():

@@ -24,7 +24,8 @@ from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
+from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, load_study,
+                                     plain_cells, summarise)
 from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
                                    reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
@@ -100,12 +101,11 @@ def interval_note(confidence: float) -> str:
             "seed-to-seed spread with each run's patient-level bootstrap uncertainty (the seeds share one test set: "
             "variance S²/k + mean patient variance, Welch–Satterthwaite degrees of freedom); with one seed it is the "
             "run's patient-level bootstrap interval; a t-interval across seeds alone only where no run has a "
-            "bootstrap interval. Bounds are clipped to the metric's range ([0, 1] for AUROC, rates, ECE, Brier).")
-
-
-def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
-    return [f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(m) else "n/a"
-            for m, lo, hi in zip(d["mean"], d["lo"], d["hi"])]
+            "bootstrap interval. Bounds are clipped to the metric's range ([0, 1] for AUROC, rates, ECE, Brier). An "
+            f"interval on fewer than {LOW_DF} degrees of freedom (the seed term, estimated from few seeds, dominates) "
+            "is marked with them, e.g. (df 1.5): its width is itself uncertain. (k seeds, 1 model): the cell's "
+            "seeds gave identical runs (a linear probe of pretrained features on every training image), one model "
+            "counted k times.")
 
 
 def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", attribute="all",
@@ -118,7 +118,7 @@ def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", a
     if s.empty:
         return pd.DataFrame()
     idx = ["pretrained", "backbone", "n_params", "fraction"] + (["attribute"] if attribute is None else [])
-    wide = s.assign(v=_fmt_ci(s)).pivot_table(index=idx, columns="metric", values="v", aggfunc="first")
+    wide = s.assign(v=interval_texts(s)).pivot_table(index=idx, columns="metric", values="v", aggfunc="first")
     wide = wide[[m for m in metrics if m in wide.columns]].reset_index()
     wide.columns.name = None
     return wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
@@ -139,7 +139,7 @@ def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
     if s.empty:
         return pd.DataFrame()
     s = s.assign(col=s["attribute"] + "=" + s["group"],
-                 v=[f"{c} (n={n:.0f})" for c, n in zip(_fmt_ci(s), s["n"])])
+                 v=[f"{c} (n={n:.0f})" for c, n in zip(interval_texts(s), s["n"])])
     wide = s.pivot_table(index=["pretrained", "backbone", "n_params"], columns="col", values="v", aggfunc="first")
     wide.columns.name = None
     return wide.reset_index().sort_values(["pretrained", "n_params"]).reset_index(drop=True)
@@ -164,7 +164,7 @@ def _pooled_tables(summary: pd.DataFrame, eval_sets) -> tuple[dict[str, pd.DataF
         d = s[s["eval_set"] == e]
         if d.empty:
             continue
-        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=_fmt_ci(d))
+        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=interval_texts(d))
         wide = d.pivot_table(index=keys, columns="col", values="v", aggfunc="first")
         wide = wide[[c for c in POOLED.values() if c in wide.columns]].reset_index()
         wide.columns.name = None
@@ -386,10 +386,11 @@ def _ood_tables(summary: pd.DataFrame, labels: dict[str, list[str]]) -> dict[str
         t = s[(s["eval_set"] == e) & (s["label"] == "macro")][keys].drop_duplicates()
         for metric, col in OOD_COLUMNS.items():
             m = s[(s["eval_set"] == e) & (s["label"] == "macro") & (s["metric"] == metric)]
-            t = t.merge(m.assign(**{col.format(set=e): _fmt_ci(m)})[keys + [col.format(set=e)]], on=keys, how="left")
+            t = t.merge(m.assign(**{col.format(set=e): interval_texts(m)})[keys + [col.format(set=e)]], on=keys,
+                        how="left")
         for lab in shared:
             m = s[(s["eval_set"] == e) & (s["label"] == lab) & (s["metric"] == "auroc_drop")]
-            t = t.merge(m.assign(**{f"drop: {lab}": _fmt_ci(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
+            t = t.merge(m.assign(**{f"drop: {lab}": interval_texts(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
         out[e] = t.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
     return out
 
@@ -398,7 +399,7 @@ def _selective_table(curves: pd.DataFrame) -> pd.DataFrame:
     if curves is None or curves.empty:
         return pd.DataFrame()
     c = curves[curves["referral"].isin([0.0, 0.1, 0.2, 0.3, 0.5])]
-    t = c.assign(v=_fmt_ci(c)).pivot_table(index="model", columns="referral", values="v", aggfunc="first")
+    t = c.assign(v=interval_texts(c)).pivot_table(index="model", columns="referral", values="v", aggfunc="first")
     t.columns = [f"AUROC, {r:.0%} referred" for r in t.columns]
     return t.reset_index()
 
@@ -641,7 +642,7 @@ def _ci_view(table: pd.DataFrame | None, names: list[str], drop=()) -> pd.DataFr
     out = table.drop(columns=[c for c in drop if c in table.columns])
     for n in names:
         lo, hi = (f"{n}_lo", f"{n}_hi") if f"{n}_lo" in out.columns else ("lo", "hi")
-        out[n] = _fmt_ci(out.rename(columns={n: "mean", lo: "lo", hi: "hi"})[["mean", "lo", "hi"]])
+        out[n] = interval_texts(out.rename(columns={n: "mean", lo: "lo", hi: "hi"})[["mean", "lo", "hi"]])
         out = out.drop(columns=[lo, hi])
     return out
 
