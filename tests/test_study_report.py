@@ -56,10 +56,17 @@ def test_report_numbers_match_tables(report):
     assert (eff["baseline"] == "bb_tiny / scratch / fraction 1").all()
     assert eff.loc[("upstream:big", "bb_large"), "fraction_to_match"] == 0.25
     assert eff.loc[("upstream:big", "bb_large"), "censored"] == "below"
-    assert eff.loc[("scratch", "bb_tiny"), "fraction_to_match"] == 1.0
+    assert eff.loc[("upstream:big", "bb_large"), "fraction_to_match_text"] == "≤ 0.25"  # a bound, not a value
+    assert ("scratch", "bb_tiny") not in eff.index  # the baseline is not compared with itself
     # upstream:small bb_tiny crosses the baseline between 0.25 and 0.5 (AUROC linear in log fraction there).
     x = eff.loc[("upstream:small", "bb_tiny")]
     assert 0.25 < x["fraction_to_match"] < 0.5 and x["censored"] == "" and x["n_seeds"] == 2
+    # its interval runs past the grid on both sides (two seeds of the curve and two of the baseline): written so
+    assert x["lo"] == 0.25 and x["hi"] == np.inf
+    assert x["fraction_to_match_text"] == f"{x['fraction_to_match']:.2g} [≤ 0.25, > 1]"
+    shown = html_table(text, "tbl-data_efficiency").set_index(["pretrained", "backbone"])
+    assert shown.loc[("upstream:small", "bb_tiny"), "fraction_to_match [interval]"] == x["fraction_to_match_text"]
+    assert "inf" not in shown.to_numpy().ravel().tolist() and "hi" not in shown.columns
     # The model-size fit of every source and eval set is reported, exponent close to the true 0.3 on test.
     fits = rep.tables["fits_params"]
     assert len(fits) == 6 and (fits["status"] == "ok").all()

@@ -468,6 +468,15 @@ def _fits_html(fits: pd.DataFrame | None, tid: str) -> str:
     return "\n".join(out)
 
 
+def _efficiency_view(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The data-efficiency table as a reader takes it: each crossing with its interval and censoring written out
+    (``0.41 [≤ 0.25, 0.78]``, ``> 1``), not as numbers with infinite bounds."""
+    if table is None or table.empty:
+        return table
+    view = _without(table, ["fraction_to_match", "lo", "hi", "baseline", "baseline_auroc"])
+    return view.rename(columns={"fraction_to_match_text": "fraction_to_match [interval]"})
+
+
 def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
     return df.drop(columns=[c for c in cols if c in df.columns]) if df is not None else None
 
@@ -739,12 +748,14 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
             _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",
-            "<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
-            "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
-            "resampling seeds, n/a with one seed: nothing to resample). censored: <i>below</i> = already reached "
-            "at the smallest fraction, <i>above</i> = never reached within the grid.</p>",
+            f"<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
+            f"AUROC reaches the full-data baseline's (log-linear interpolation between grid fractions), with its "
+            f"{_level(rep.confidence)} interval from resampling the cell's seeds and the baseline's (none with one "
+            "seed: nothing to resample). Outside the grid a value is a bound: <i>≤ f</i> = already reached at the "
+            "smallest fraction f (censored <i>below</i>: the true crossing may be lower), <i>&gt; f</i> = not reached "
+            "even at the largest (censored <i>above</i>). The baseline itself has no row.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
-            _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
+            _table_html(_efficiency_view(t.get("data_efficiency")), "data_efficiency"),
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
             "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
             "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
