@@ -186,7 +186,9 @@ def test_summary_of_subgroups(store, capsys):
     assert f"{sum(worst) / 2:.3f} [" in row
     assert main(["summary", str(root), "--attribute", "sex"]) == 0  # auroc per group: F and M rows per cell
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
+    assert lines[1] == ("auroc (label macro, per group of sex): mean over seeds [95% interval: seeds and test "
+                        "patients], one column per evaluation set; (df x): fewer than 10 degrees of freedom")
+    assert lines[2].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
     assert sum(" F " in line for line in lines) == 36 and sum(" M " in line for line in lines) == 36
 
 
@@ -196,6 +198,10 @@ def test_cli_summary(store, capsys):
     out = capsys.readouterr().out
     assert "72/72 runs complete" in out and "ood_site_b" in out and "bb_large" in out
     assert re.search(r"bb_large\s+6400000\s", out) and "6400000.0" not in out  # parameter counts as integers
+    # the table says what it shows: metric, label and the intervals' level
+    assert out.splitlines()[1].startswith("auroc (label macro): mean over seeds [95% interval: seeds and test")
+    assert main(["summary", str(root), "--metric", "ece", "--label", "L1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("ece (label L1): mean over seeds [95% interval")
 
 
 def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_path_factory, tmp_path, capsys):
@@ -242,7 +248,9 @@ def test_cli_compare(store, capsys, tmp_path):
     every = pd.read_csv(tmp_path / "c.csv")
     macro = every[every["label"] == "macro"]
     # the macro rows are printed, one line each (plus the header), on test and the OOD set, along both axes
-    assert len(out.strip().splitlines()) == 1 + 1 + len(macro)  # status line, header, rows
+    assert len(out.strip().splitlines()) == 1 + 1 + 1 + len(macro)  # status line, caption, header, rows
+    assert out.splitlines()[1] == ("Paired comparisons of the macro AUROC: diff = compared cell − vs, [diff_lo, "
+                                   "diff_hi] at 95%; p_holm adjusted over the rows of one holm_family (macro_auroc)")
     assert set(macro["axis"]) == {"backbone", "pretrained"} and set(macro["eval_set"]) == {"test", "ood_site_b"}
     assert (macro["method"] == "or").all() and f" {LABELS[0]} " not in out  # two seeds: OR's r − 1 df
     assert main(["compare", str(root), "--label", "Edema"]) == 0  # not a label of this study

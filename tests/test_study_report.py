@@ -212,7 +212,8 @@ def test_cli_compare_subgroups(report, capsys, tmp_path):
     assert main(["compare", str(root), "--subgroups", "--csv", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     written = pd.read_csv(tmp_path / "s.csv")
-    assert len(out) == 1 + 1 + len(written) == 2 + len(rep.tables["subgroup_comparisons"])  # status, header, rows
+    assert len(out) == 1 + 2 + len(written) == 3 + len(rep.tables["subgroup_comparisons"])  # status, caption, header
+    assert out[1].startswith("Paired comparisons of the macro AUROC within each patient subgroup, full data")
     assert set(written["group"]) == {"F", "M"}
 
 
@@ -505,3 +506,18 @@ def test_comparison_csvs_name_the_holm_family_of_every_row(report, tmp_path):
             np.testing.assert_allclose(family["p_holm"], holm(family["p_value"]), rtol=1e-12)
     assert len(tables["brier_comparisons"]) == len(rep.tables["brier_comparisons"]) == 27 * 2 * 2
     assert "holm_family" not in html_table(render_html(rep), "tbl-comparisons").columns  # one family per HTML table
+
+
+def test_a_cell_with_fewer_seeds_is_marked_in_every_summary_table(tmp_path):
+    """A mean over 1 of 2 seeds is never shown as a full one: not in the headline, and not in the calibration,
+    fairness, subgroup and distribution-shift tables either."""
+    make_store(tmp_path / "s", skip={("bb_small", "scratch", 1.0, 1)})
+    rep = build_report(tmp_path / "s", n_boot_fit=5)
+    for key, column in (("headline", "test"), ("calibration:test", "ece"), ("fairness:val", "worst_group_auroc"),
+                        ("groups:test", "sex=F"), ("ood:ood_site_b", "ood_site_b AUROC")):
+        t = rep.tables[key]
+        full = t["fraction"] == 1.0 if "fraction" in t else True  # the per-group table is at full data only
+        short = (t["backbone"] == "bb_small") & (t["pretrained"] == "scratch") & full
+        marked = t.loc[short, column].str.contains(" (1/2 seeds)", regex=False)
+        assert marked.all(), (key, t.loc[short, column].tolist())
+        assert not t.loc[~short, column].str.contains("seeds").any(), key

@@ -11,7 +11,8 @@ The interval comes from replicate curves: ``replicates='seeds'`` resamples the s
 (the mean curve of each resample gives one crossing), ``replicates='bootstrap'`` takes each column as one
 bootstrap replicate curve. A reference that is itself a mean over seeds (a baseline model's full-data AUROC) can be
 given as its seeds' values: with ``replicates='seeds'`` each replicate then also resamples the reference's seeds,
-so the interval holds the baseline's seed spread as well as the curve's. A replicate that never reaches the reference counts as +inf, so ``hi = inf`` says
+so the interval holds the baseline's seed spread as well as the curve's. A replicate that never reaches the
+reference counts as +inf, so ``hi = inf`` says
 the upper bound lies beyond the largest measured fraction. With a single column there is nothing to resample: every
 "replicate" would be the curve itself, so ``lo`` and ``hi`` are NaN (``n_replicates = 0``) rather than a zero-width
 interval at the estimate.

@@ -479,6 +479,11 @@ quantile is 2.23 against the normal 1.96, at df 2 it is 4.30, and the interval's
 patient-dominated interval (df in the hundreds or ∞) is printed without a flag."""
 
 
+def level_text(confidence: float) -> str:
+    """A confidence level as people write it: 0.95 → ``95%``, 0.995 → ``99.5%``."""
+    return f"{100 * confidence:.4g}%"
+
+
 def interval_text(mean: float, lo: float, hi: float, df: float = np.nan, digits: int = 3) -> str:
     """``mean [lo, hi]`` as every table of the report and the CLI prints a cell, with `` (df 1.5)`` appended where
     the interval rests on fewer than :data:`LOW_DF` degrees of freedom; ``n/a`` without a mean."""
@@ -490,10 +495,24 @@ def interval_text(mean: float, lo: float, hi: float, df: float = np.nan, digits:
 
 
 def interval_texts(summary: pd.DataFrame, digits: int = 3) -> list[str]:
-    """:func:`interval_text` of every row of a table with ``mean``, ``lo``, ``hi`` and, if it has one, ``ci_df``."""
-    dof = summary["ci_df"] if "ci_df" in summary.columns else pd.Series(np.nan, index=summary.index)
-    return [interval_text(m, lo, hi, float(d), digits)
-            for m, lo, hi, d in zip(summary["mean"], summary["lo"], summary["hi"], dof)]
+    """:func:`interval_text` of every row of a table with ``mean``, ``lo``, ``hi`` and, if it has them, the columns
+    of :func:`summarise` that qualify a cell: ``ci_df``, `` (1/2 seeds)`` where it has fewer complete runs than the
+    study has seeds (``complete``) and `` (2 seeds, 1 model)`` where its seeds gave identical runs (``n_models``)."""
+    n = len(summary)
+
+    def column(name, default):
+        return summary[name].to_numpy() if name in summary.columns else np.full(n, default, dtype=object)
+
+    seeds = column("n_seeds", 0)
+    out = []
+    for m, lo, hi, dof, complete, k, expected, models in zip(
+            summary["mean"], summary["lo"], summary["hi"], column("ci_df", np.nan), column("complete", True), seeds,
+            column("n_seeds_expected", 0), column("n_models", 0)):
+        text = interval_text(m, lo, hi, float(dof), digits)
+        text += "" if complete else f" ({k}/{expected} seeds)"
+        text += f" ({k} seeds, {models} model{'' if models == 1 else 's'})" if 0 < models < k else ""
+        out.append(text)
+    return out
 
 
 def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -527,21 +546,16 @@ def full_fraction(df: pd.DataFrame) -> float:
 
 def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro",
                    attribute: str = "all") -> pd.DataFrame:
-    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi]`` strings (:func:`interval_text`:
-    `` (df 1.5)`` on an interval of few degrees of freedom), `` (k/n seeds)`` on a cell with fewer complete runs
-    than the study has seeds, `` (2 seeds, 1 model)`` on one whose seeds gave identical runs (``n_models``). With an
+    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi]`` strings (:func:`interval_texts`:
+    `` (df 1.5)`` on an interval of few degrees of freedom, `` (k/n seeds)`` on a cell with fewer complete runs
+    than the study has seeds, `` (2 seeds, 1 model)`` on one whose seeds gave identical runs). With an
     ``attribute`` (``sex``), one row per cell and subgroup: its groups' values and the per-attribute summaries
     (``worst_group_auroc``, group ``all``). Empty when the summary has no such rows."""
     subgroups = attribute != "all"
     s = select(summary, metric, label=label, attribute=attribute, group=None if subgroups else "all")
     if s.empty:
         return pd.DataFrame()
-    models = s["n_models"] if "n_models" in s.columns else s["n_seeds"]
-    fmt = s.assign(cell=[
-        text + ("" if c else f" ({k}/{e} seeds)") + (f" ({k} seeds, {m} model{'' if m == 1 else 's'})"
-                                                      if 0 < m < k else "")
-        for text, c, k, e, m in zip(interval_texts(s), s["complete"], s["n_seeds"], s["n_seeds_expected"], models)
-    ])
+    fmt = s.assign(cell=interval_texts(s))
     mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
     # A study with probe, k-shot or re-initialised cells shows those axes; a plain one keeps its four.
     varied = [c for c in PLAIN if c in s.columns and (s[c] != PLAIN[c]).any()]

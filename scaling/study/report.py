@@ -24,8 +24,8 @@ from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, load_study,
-                                     plain_cells, summarise)
+from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, level_text,
+                                     load_study, plain_cells, summarise)
 from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
                                    reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
@@ -85,11 +85,6 @@ class StudyReport:
     """``eval.ece_bins`` of the runs: the equal-width bins of ECE and of the reliability diagrams."""
 
 
-def _level(confidence: float) -> str:
-    """A confidence level as people write it: 0.95 → ``95%``, 0.995 → ``99.5%``."""
-    return f"{100 * confidence:.4g}%"
-
-
 def _bins(n_bins: int) -> str:
     """The ECE binning: ``10 equal-width bins``."""
     return f"{n_bins} equal-width bin{'' if n_bins == 1 else 's'}"
@@ -97,7 +92,7 @@ def _bins(n_bins: int) -> str:
 
 def interval_note(confidence: float) -> str:
     """How the intervals of the summary tables are made (:func:`scaling.study.aggregate.summarise`), at its level."""
-    return (f"Intervals: {_level(confidence)} confidence. With several seeds a cell's interval combines the "
+    return (f"Intervals: {level_text(confidence)} confidence. With several seeds a cell's interval combines the "
             "seed-to-seed spread with each run's patient-level bootstrap uncertainty (the seeds share one test set: "
             "variance S²/k + mean patient variance, Welch–Satterthwaite degrees of freedom); with one seed it is the "
             "run's patient-level bootstrap interval; a t-interval across seeds alone only where no run has a "
@@ -544,8 +539,8 @@ def _ood_html(rep: StudyReport) -> list[str]:
             parts += [f"<p><b>Effective robustness</b> (Taori et al. 2020): each cell's {html.escape(e)} AUROC minus "
                       "what the study's trend predicts from its test AUROC (the dotted curve in the figure above): "
                       "positive = more robust than its in-distribution accuracy alone would make it; er_lo, er_hi: "
-                      f"{_level(rep.confidence)} interval from refitting the trend on resampled seeds and test and "
-                      "OOD patients (ci says which). "
+                      f"{level_text(rep.confidence)} interval from refitting the trend on resampled seeds and test "
+                      "and OOD patients (ci says which). "
                       f"{html.escape(rep.notes.get(f'robustness:{e}', ''))}</p>",
                       _table_html(robust, f"robustness-{_anchor(e)}")]
         else:
@@ -750,8 +745,8 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='data-efficiency'>Data efficiency</h2>",
             f"<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
             f"AUROC reaches the full-data baseline's (log-linear interpolation between grid fractions), with its "
-            f"{_level(rep.confidence)} interval from resampling the cell's seeds and the baseline's (none with one "
-            "seed: nothing to resample). Outside the grid a value is a bound: <i>≤ f</i> = already reached at the "
+            f"{level_text(rep.confidence)} interval from resampling the cell's seeds and the baseline's (none with "
+            "one seed: nothing to resample). Outside the grid a value is a bound: <i>≤ f</i> = already reached at the "
             "smallest fraction f (censored <i>below</i>: the true crossing may be lower), <i>&gt; f</i> = not reached "
             "even at the largest (censored <i>above</i>). The baseline itself has no row.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
@@ -764,15 +759,17 @@ def render_html(rep: StudyReport) -> str:
             f"<p class='note'>Macro AUROC of the test images kept when the given share of the least confident "
             f"ones (nearest each label's validation-fitted threshold) is referred to a reader. <i>best</i>: the cell "
             f"with the highest validation macro AUROC at full data (chosen on validation, scored on test); "
-            f"<i>smallest</i>: the smallest backbone with its pretraining. {_level(rep.confidence)} intervals: each "
-            f"run's patient-level bootstrap, combined over seeds with their spread as the cells' intervals are.</p>",
+            f"<i>smallest</i>: the smallest backbone with its pretraining. {level_text(rep.confidence)} intervals: "
+            "each run's patient-level bootstrap, combined over seeds with their spread as the cells' intervals "
+            "are.</p>",
             _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
-            f"<p class='note'>error = 1 − macro AUROC, one point per run; {_level(rep.confidence)} intervals resample "
-            f"the seeds within each x and the test patients (column ci says which; <i>none</i>: nothing to resample, "
-            f"one run per x or identical runs within every x, and no stored predictions; at_bound names a parameter "
-            f"that sits on its bound, b in [0, 5], c in [0, the lowest error], where the interval is cut off). "
+            f"<p class='note'>error = 1 − macro AUROC, one point per run; {level_text(rep.confidence)} intervals "
+            f"resample the seeds within each x and the test patients (column ci says which; <i>none</i>: nothing "
+            f"to resample, one run per x or identical runs within every x, and no stored predictions; at_bound names "
+            f"a parameter that sits on its bound, b in [0, 5], c in [0, the lowest error], where the interval is cut "
+            "off). "
             f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),

@@ -755,8 +755,9 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
 
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
-    """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
-    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
+    """One row per run: axes, status, macro AUROC in-distribution and on each OOD set, ``worst_subgroup_auroc`` (on
+    test, the smallest ``worst_group_auroc`` over the subgroup attributes) and ``n_params``; for a one-of-K task also
+    the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
     be read (one that a launch beside this one is rescoring, or that failed to rescore) is ``invalid``, without
     numbers, as in the aggregation: the table of the other runs is still written."""
     from scaling.metrics.run_metrics import MULTICLASS_LABEL, MULTICLASS_METRICS
@@ -786,10 +787,18 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
                 for metric in MULTICLASS_METRICS[:3]:  # top-1, top-k and balanced accuracy
                     value = k[k.metric == metric].value
                     row[f"{metric}_test"] = float(value.iloc[0]) if len(value) else math.nan
-            row["params"] = store.read_spec(rid).get("n_params")
+            row["n_params"] = store.read_spec(rid).get("n_params")
         row["run_id"] = rid
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "n_params" in table:  # the column's name before it was named as everywhere else: kept for existing scripts
+        table[DEPRECATED_PARAMS] = table["n_params"]
+    return table
+
+
+DEPRECATED_PARAMS = "params"
+"""results.csv's old name of ``n_params``, written as its last column until scripts have moved to ``n_params``
+(docs/run-store.md); the printed table leaves it out."""
 
 
 def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) -> int:
@@ -898,7 +907,8 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
 def rebuild_outputs(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False,
                     n_boot_fit: int = 200, workers: int | None = None) -> list[Path]:
     """Rebuild in the store what a launch writes at its end (``python -m scaling.study report``): report.html and
-    its comparison CSVs (:data:`COMPARISON_FILES`) of the runs chosen (``config_hash``, ``allow_mixed``: :func:`scaling.study.aggregate.load_study`)
+    its comparison CSVs (:data:`COMPARISON_FILES`) of the runs chosen (``config_hash``, ``allow_mixed``:
+    :func:`scaling.study.aggregate.load_study`)
     and results.csv, the table of the grid of study.yaml (left as it is, with a warning, when study.yaml cannot be
     read or its grid no longer resolves here). Each file is written atomically under the report lock, after
     everything is computed, so an error leaves the store as it was. Returns the paths written."""
