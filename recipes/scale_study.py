@@ -32,7 +32,7 @@ from scaling.engine.launch import detect_launch
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
 from scaling.io import UnreadableFile
-from scaling.study.runner import StudyFailed, plan, run_study
+from scaling.study.runner import DEPRECATED_PARAMS, StudyFailed, plan, run_study
 from scaling.study.store import StoreError
 
 USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch,
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             table = run_study(cfg, report=not args.no_report)
             if is_main_process():
-                cols = [c for c in table.columns if c not in ("run_id", "status")]
+                cols = [c for c in table.columns if c not in ("run_id", "status", DEPRECATED_PARAMS)]
                 print(table[cols].to_string(index=False))
                 if not args.no_report:
-                    print_supported_comparisons(Path(cfg.output_dir) / "comparisons.csv")
+                    print_supported_comparisons(Path(cfg.output_dir) / "comparisons.csv", cfg.eval.alpha)
                 print(f"\nresults: {Path(cfg.output_dir) / 'results.csv'}"
                       + ("" if args.no_report else f"   report: {Path(cfg.output_dir) / 'report.html'}"))
     except USER_ERRORS as e:

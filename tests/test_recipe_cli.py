@@ -152,12 +152,13 @@ def test_a_relaunch_with_a_changed_setting_reports_the_runs_of_its_own_config(re
     assert "1/1 runs complete (1 complete)" in capsys.readouterr().out
 
     # `report` rebuilds what the launch wrote, with the same function: report, comparisons and results.csv
-    launched = {f: (store / f).read_text() for f in ("results.csv", "comparisons.csv")}
+    csvs = ("comparisons.csv", "comparisons_subgroups.csv", "comparisons_brier.csv")
+    launched = {f: (store / f).read_text() for f in ("results.csv", *csvs)}
     for f in launched:
         (store / f).unlink()
     assert study_cli(["report", str(store), "--config-hash", latest, "--n-boot", "5"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(store / f) for f in ("report.html", "comparisons.csv", "results.csv")]
+    assert printed == [str(store / f) for f in ("report.html", *csvs, "results.csv")]
     assert {f: (store / f).read_text() for f in launched} == launched
     # the old config's report says that study.yaml is not its config instead of showing it
     assert study_cli(["report", str(store), "--config-hash", hashes[old], "--n-boot", "5"]) == 0

@@ -12,8 +12,8 @@ from study_store import (EVAL_SETS, LABELS, SEED_SHIFT, auroc_gap, copy_store, e
                          shared_store)
 
 from scaling.study.__main__ import main
-from scaling.study.aggregate import (MixedStudyError, headline_table, load_results, load_study, run_status,
-                                     summarise)
+from scaling.study.aggregate import (LOW_DF, MixedStudyError, headline_table, interval_text, load_results,
+                                     load_study, run_status, summarise)
 from scaling.study.grid import config_hash as cfg_hash
 from scaling.study.store import RunStore
 
@@ -186,7 +186,9 @@ def test_summary_of_subgroups(store, capsys):
     assert f"{sum(worst) / 2:.3f} [" in row
     assert main(["summary", str(root), "--attribute", "sex"]) == 0  # auroc per group: F and M rows per cell
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
+    assert lines[1] == ("auroc (label macro, per group of sex): mean over seeds [95% interval: seeds and test "
+                        "patients], one column per evaluation set; (df x): fewer than 10 degrees of freedom")
+    assert lines[2].split()[:6] == ["pretrained", "backbone", "n_params", "fraction", "group", "test"]
     assert sum(" F " in line for line in lines) == 36 and sum(" M " in line for line in lines) == 36
 
 
@@ -196,6 +198,10 @@ def test_cli_summary(store, capsys):
     out = capsys.readouterr().out
     assert "72/72 runs complete" in out and "ood_site_b" in out and "bb_large" in out
     assert re.search(r"bb_large\s+6400000\s", out) and "6400000.0" not in out  # parameter counts as integers
+    # the table says what it shows: metric, label and the intervals' level
+    assert out.splitlines()[1].startswith("auroc (label macro): mean over seeds [95% interval: seeds and test")
+    assert main(["summary", str(root), "--metric", "ece", "--label", "L1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("ece (label L1): mean over seeds [95% interval")
 
 
 def test_damaged_records_are_named_and_do_not_hide_the_rest_of_the_study(tmp_path_factory, tmp_path, capsys):
@@ -242,7 +248,9 @@ def test_cli_compare(store, capsys, tmp_path):
     every = pd.read_csv(tmp_path / "c.csv")
     macro = every[every["label"] == "macro"]
     # the macro rows are printed, one line each (plus the header), on test and the OOD set, along both axes
-    assert len(out.strip().splitlines()) == 1 + 1 + len(macro)  # status line, header, rows
+    assert len(out.strip().splitlines()) == 1 + 1 + 1 + len(macro)  # status line, caption, header, rows
+    assert out.splitlines()[1] == ("Paired comparisons of the macro AUROC: diff = compared cell − vs, [diff_lo, "
+                                   "diff_hi] at 95%; p_holm adjusted over the rows of one holm_family (macro_auroc)")
     assert set(macro["axis"]) == {"backbone", "pretrained"} and set(macro["eval_set"]) == {"test", "ood_site_b"}
     assert (macro["method"] == "or").all() and f" {LABELS[0]} " not in out  # two seeds: OR's r − 1 df
     assert main(["compare", str(root), "--label", "Edema"]) == 0  # not a label of this study
@@ -304,6 +312,30 @@ def test_summary_interval_combines_seeds_and_test_patients(confidence):
     assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi))
     # the seed-only t-interval here was [0.72353, 0.72436] (0.0008 wide) at 95 %; each run alone is ~0.11 wide
     assert r["hi"] - r["lo"] > 0.08
+
+
+def test_identical_seeds_are_counted_as_one_model_and_few_degrees_of_freedom_are_shown():
+    """A linear probe of pretrained features on every training image is the same model whatever the seed: the
+    summary counts its distinct models and the printed cell says so; its interval stays the patient term alone.
+    An interval resting on few degrees of freedom (a seed term from two seeds) is printed with them, a
+    patient-dominated one is not."""
+    probe = [(0.744, 0.714, 0.774), (0.744, 0.714, 0.774)]  # two seeds, one model (bit-identical runs)
+    spread = [(0.49, 0.44, 0.54), (0.55, 0.50, 0.60)]  # seed term dominates: df ≈ 3
+    close = [(0.700, 0.60, 0.80), (0.705, 0.605, 0.805)]  # patient term dominates: df in the thousands
+    s = summarise(_tidy({("probe", "auroc"): probe, ("spread", "auroc"): spread, ("close", "auroc"): close}))
+    r = _one(s, backbone="probe")
+    lo, hi, dof = _by_hand(*zip(*probe), 0.95)
+    assert (r["n_seeds"], r["n_models"], r["ci_kind"], r["ci_df"]) == (2, 1, "seeds+patients", math.inf)
+    assert (r["lo"], r["hi"]) == (pytest.approx(lo), pytest.approx(hi)) and hi - lo == pytest.approx(0.06)
+    assert (_one(s, backbone="spread")["n_models"], _one(s, backbone="close")["n_models"]) == (2, 2)
+    _, _, spread_df = _by_hand(*zip(*spread), 0.95)
+    _, _, close_df = _by_hand(*zip(*close), 0.95)
+    assert spread_df < LOW_DF < close_df
+    cells = headline_table(s).set_index("backbone")["test"]
+    assert cells["probe"] == "0.744 [0.714, 0.774] (2 seeds, 1 model)"
+    assert cells["spread"].endswith(f"] (df {math.floor(spread_df * 10) / 10:g})") and cells["close"].endswith("]")
+    assert interval_text(0.5, 0.4, 0.6, 9.96) == "0.500 [0.400, 0.600] (df 9.9)"  # rounded down: below 10
+    assert interval_text(0.5, 0.4, 0.6, math.nan) == "0.500 [0.400, 0.600]"  # one run's bootstrap: no df
 
 
 def test_summary_interval_kinds_and_clipping_to_the_metric_range():

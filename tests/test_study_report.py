@@ -56,10 +56,17 @@ def test_report_numbers_match_tables(report):
     assert (eff["baseline"] == "bb_tiny / scratch / fraction 1").all()
     assert eff.loc[("upstream:big", "bb_large"), "fraction_to_match"] == 0.25
     assert eff.loc[("upstream:big", "bb_large"), "censored"] == "below"
-    assert eff.loc[("scratch", "bb_tiny"), "fraction_to_match"] == 1.0
+    assert eff.loc[("upstream:big", "bb_large"), "fraction_to_match_text"] == "≤ 0.25"  # a bound, not a value
+    assert ("scratch", "bb_tiny") not in eff.index  # the baseline is not compared with itself
     # upstream:small bb_tiny crosses the baseline between 0.25 and 0.5 (AUROC linear in log fraction there).
     x = eff.loc[("upstream:small", "bb_tiny")]
     assert 0.25 < x["fraction_to_match"] < 0.5 and x["censored"] == "" and x["n_seeds"] == 2
+    # its interval runs past the grid on both sides (two seeds of the curve and two of the baseline): written so
+    assert x["lo"] == 0.25 and x["hi"] == np.inf
+    assert x["fraction_to_match_text"] == f"{x['fraction_to_match']:.2g} [≤ 0.25, > 1]"
+    shown = html_table(text, "tbl-data_efficiency").set_index(["pretrained", "backbone"])
+    assert shown.loc[("upstream:small", "bb_tiny"), "fraction_to_match [interval]"] == x["fraction_to_match_text"]
+    assert "inf" not in shown.to_numpy().ravel().tolist() and "hi" not in shown.columns
     # The model-size fit of every source and eval set is reported, exponent close to the true 0.3 on test.
     fits = rep.tables["fits_params"]
     assert len(fits) == 6 and (fits["status"] == "ok").all()
@@ -205,7 +212,8 @@ def test_cli_compare_subgroups(report, capsys, tmp_path):
     assert main(["compare", str(root), "--subgroups", "--csv", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     written = pd.read_csv(tmp_path / "s.csv")
-    assert len(out) == 1 + 1 + len(written) == 2 + len(rep.tables["subgroup_comparisons"])  # status, header, rows
+    assert len(out) == 1 + 2 + len(written) == 3 + len(rep.tables["subgroup_comparisons"])  # status, caption, header
+    assert out[1].startswith("Paired comparisons of the macro AUROC within each patient subgroup, full data")
     assert set(written["group"]) == {"F", "M"}
 
 
@@ -477,3 +485,39 @@ def test_zero_variance_tests_are_one_log_line_per_table_not_a_warning_each(repor
     assert untested > 0 and len(said) == 1
     assert said[0].startswith(f"pairwise comparisons: {untested} paired test(s) had no variation to refer the "
                               f"difference to (variance estimate 0)")
+
+
+def test_comparison_csvs_name_the_holm_family_of_every_row(report, tmp_path):
+    """The store's comparison CSVs are self-describing: each row names the rows its p_holm was adjusted over, and
+    the subgroup and Brier comparisons are written beside the macro and per-label ones."""
+    from scaling.study.runner import COMPARISON_FILES, _write_report_files
+
+    _, rep, _ = report
+    _write_report_files(RunStore(tmp_path), rep)
+    tables = {key: pd.read_csv(tmp_path / name) for key, name in COMPARISON_FILES.items()}
+    assert set(COMPARISON_FILES.values()) == {"comparisons.csv", "comparisons_subgroups.csv", "comparisons_brier.csv"}
+    main_table = tables["comparisons"]
+    assert set(main_table["holm_family"]) == {"macro_auroc", "label_auroc"}
+    assert (main_table["holm_family"] == "macro_auroc").eq(main_table["label"] == "macro").all()
+    assert set(tables["subgroup_comparisons"]["holm_family"]) == {"subgroup_auroc"}
+    assert set(tables["brier_comparisons"]["holm_family"]) == {"brier"}
+    for table in tables.values():  # Holm's adjustment is over the rows of one family, and only those
+        for _, family in table.groupby("holm_family"):
+            np.testing.assert_allclose(family["p_holm"], holm(family["p_value"]), rtol=1e-12)
+    assert len(tables["brier_comparisons"]) == len(rep.tables["brier_comparisons"]) == 27 * 2 * 2
+    assert "holm_family" not in html_table(render_html(rep), "tbl-comparisons").columns  # one family per HTML table
+
+
+def test_a_cell_with_fewer_seeds_is_marked_in_every_summary_table(tmp_path):
+    """A mean over 1 of 2 seeds is never shown as a full one: not in the headline, and not in the calibration,
+    fairness, subgroup and distribution-shift tables either."""
+    make_store(tmp_path / "s", skip={("bb_small", "scratch", 1.0, 1)})
+    rep = build_report(tmp_path / "s", n_boot_fit=5)
+    for key, column in (("headline", "test"), ("calibration:test", "ece"), ("fairness:val", "worst_group_auroc"),
+                        ("groups:test", "sex=F"), ("ood:ood_site_b", "ood_site_b AUROC")):
+        t = rep.tables[key]
+        full = t["fraction"] == 1.0 if "fraction" in t else True  # the per-group table is at full data only
+        short = (t["backbone"] == "bb_small") & (t["pretrained"] == "scratch") & full
+        marked = t.loc[short, column].str.contains(" (1/2 seeds)", regex=False)
+        assert marked.all(), (key, t.loc[short, column].tolist())
+        assert not t.loc[~short, column].str.contains("seeds").any(), key

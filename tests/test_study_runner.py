@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from scaling.config import ConfigError, EvalSetConfig, load_config
 from scaling.data.table import DataError
+from scaling.study.aggregate import load_results, summarise
 from scaling.study.grid import expand_grid, run_id
 from scaling.study.data import load_study_data
 from scaling.study.runner import plan, run_study
@@ -122,6 +123,14 @@ def test_nested_fractions_in_the_store(interrupted_then_completed):
     res = pd.read_csv(store.root / "results.csv")
     assert set(res.fraction) == {0.3, 1.0}
     assert res["auroc_test"].between(0.0, 1.0).all() and res["auroc_ood_site_b"].notna().all()
+    # the parameter count is n_params, as in spec.json and the summary, so the two merge on their common columns;
+    # the old name stays as the last column for scripts written against it
+    assert list(res.columns)[-1] == "params" and (res["n_params"] == res["params"]).all()
+    assert (res["n_params"] == [store.read_spec(r)["n_params"] for r in res["run_id"]]).all()
+    summary = summarise(load_results(store.root))
+    merged = res.merge(summary[(summary["metric"] == "auroc") & (summary["eval_set"] == "test")
+                               & (summary["label"] == "macro") & (summary["attribute"] == "all")])
+    assert len(merged) == len(res) // len(cfg.grid.seeds)
 
 
 def test_rerun_skips_everything_and_dry_run_reports_done(interrupted_then_completed):

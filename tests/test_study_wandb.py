@@ -5,6 +5,7 @@ import pandas as pd
 
 from scaling.config import load_config
 from scaling.study.data import load_study_data
+from scaling.study.grid import config_hash
 from scaling.study.runner import run_study
 
 
@@ -36,5 +37,7 @@ def test_offline_wandb_study_leaks_no_identifiers(tmp_path, monkeypatch):
     synced = b"\n".join(p.read_bytes() for p in wandb_files if "logs" not in p.parts and p.suffix != ".log")
     assert str(tmp_path).encode() not in synced and b"CheXpert-v1.0-small" not in blob
     cell = next(b for b in binaries if b"fraction" in b.read_bytes()).read_bytes()
-    for key in (b"test/auroc", b"ood_site_b/auroc", b"train/loss", b"resnetv2_tiny", b"wandb_study"):
+    # the config hash is in every cell's W&B config: the W&B Report selects one study config by it
+    for key in (b"test/auroc", b"ood_site_b/auroc", b"train/loss", b"resnetv2_tiny", b"wandb_study", b"config_hash",
+                config_hash(cfg).encode()):
         assert key in cell, key

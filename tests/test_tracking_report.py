@@ -3,16 +3,19 @@ report's figures and tables to a study-level run, creates no Report and leaks no
 could not build its Report is refused before training."""
 
 import importlib.util
+import json
 import socket
 import sys
 
 import pytest
-from study_store import PATIENTS, SAMPLES, make_store
+from study_store import PATIENTS, SAMPLES, make_store, run_dir_of
 
 from scaling.config import ConfigError, TrackingConfig, load_config
+from scaling.study.grid import config_hash
 from scaling.study.__main__ import main
 from scaling.study.report import build_report
 from scaling.study.runner import run_study
+from scaling.study.store import RunStore
 from scaling.study.wandb_report import (build_wandb_report, check_available, publish_study, report_panels,
                                         study_report_args)
 
@@ -75,16 +78,49 @@ def test_report_of_a_study_with_analysis_cells_separates_them(no_network):
     assert "protocol" not in str(plain._to_model().model_dump())  # a plain study's Report is what it was
 
 
+@needs_workspaces
+def test_report_selects_the_runs_of_one_study_config(tmp_path, no_network):
+    """Two configs of one study name (another learning rate, same output_dir or W&B project) share the W&B group and
+    job types; the Report, like the HTML report and the CSVs, draws the runs of one config hash: every run set
+    filters on the config hash the cells carry in their W&B config."""
+    cfg = make_store(tmp_path / "s", only={(b, "scratch", 1.0, 0) for b in ("bb_tiny", "bb_small")})
+    rid, d = run_dir_of(tmp_path / "s", cfg, "bb_tiny", "scratch", 1.0, 0)
+    spec = json.loads((d / "spec.json").read_text())
+    other = "bb-tiny__scratch__f1__s0__otherconf"
+    store = RunStore(tmp_path / "s")
+    store.write_spec(other, {**spec, "run_id": other, "config_hash": "0123456789ab"}, "{}\n")
+    store.write_metrics(other, store.read_metrics(rid))
+    store.mark_complete(other)
+    assert study_report_args(tmp_path / "s", config_hash="0123456789ab")["config_hash"] == "0123456789ab"
+    assert study_report_args(tmp_path / "s", allow_mixed=True)["config_hash"] is None  # every config, on request
+
+    args = study_report_args(tmp_path / "s", config_hash=config_hash(cfg))
+    report = build_wandb_report(project="scaling", **{**args, "analysis": True})
+    grids = [b for b in report.blocks if type(b).__name__ == "PanelGrid"]
+    runsets = [r for g in grids for r in g.runsets]
+    assert len(runsets) == 3 * (1 + 2 + 2)  # per source: the scaling views, fine-tuned vs probe, k-shot per protocol
+    for r in runsets:
+        assert f"Config('config_hash') == '{config_hash(cfg)}'" in r.filters, r.filters
+    # the filter the server gets: a config key equal to the hash, in every run set
+    for r in runsets:
+        spec = str(r._to_model().model_dump())
+        assert "'name': 'config_hash'" in spec and f"'value': '{config_hash(cfg)}'" in spec
+    no_sources = build_wandb_report("demo", project="scaling", config_hash="0123456789ab")
+    assert "Config('config_hash') == '0123456789ab'" in no_sources.blocks[-1].runsets[0].filters
+    mixed = build_wandb_report("demo", project="scaling", sources=["scratch"])
+    assert "config_hash" not in mixed.blocks[-1].runsets[0].filters
+
+
 def test_publish_offline(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
     keep = {(b, "scratch", 1.0, 0) for b in ("bb_tiny", "bb_small")}
-    make_store(tmp_path / "s", only=keep)
+    cfg = make_store(tmp_path / "s", only=keep)
     args = study_report_args(tmp_path / "s")
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
                     "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]},
-                    "analysis": False}
+                    "analysis": False, "config_hash": config_hash(cfg)}
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)

@@ -9,7 +9,10 @@ to linear in log data). A curve already at the reference at its smallest fractio
 
 The interval comes from replicate curves: ``replicates='seeds'`` resamples the seed columns with replacement
 (the mean curve of each resample gives one crossing), ``replicates='bootstrap'`` takes each column as one
-bootstrap replicate curve. A replicate that never reaches the reference counts as +inf, so ``hi = inf`` says
+bootstrap replicate curve. A reference that is itself a mean over seeds (a baseline model's full-data AUROC) can be
+given as its seeds' values: with ``replicates='seeds'`` each replicate then also resamples the reference's seeds,
+so the interval holds the baseline's seed spread as well as the curve's. A replicate that never reaches the
+reference counts as +inf, so ``hi = inf`` says
 the upper bound lies beyond the largest measured fraction. With a single column there is nothing to resample: every
 "replicate" would be the curve itself, so ``lo`` and ``hi`` are NaN (``n_replicates = 0``) rather than a zero-width
 interval at the estimate.
@@ -71,21 +74,26 @@ def _check(fractions, values):
     return f, v
 
 
-def data_efficiency(fractions, values, reference: float, replicates: str = "seeds", n_boot: int = 1000,
+def data_efficiency(fractions, values, reference, replicates: str = "seeds", n_boot: int = 1000,
                     alpha: float = 0.05, seed: int = 0) -> DataEfficiency:
     """Label fraction at which the curve ``values`` reaches ``reference``, with a percentile interval.
 
     ``values`` is (n_fractions, n_columns): one column per seed (``replicates='seeds'``, resampled ``n_boot``
-    times) or per bootstrap replicate (``replicates='bootstrap'``). The estimate uses the mean curve. Returns a
-    :class:`DataEfficiency`; with one column its ``lo`` and ``hi`` are NaN and ``n_replicates`` is 0 (one seed
-    gives no spread to resample).
+    times) or per bootstrap replicate (``replicates='bootstrap'``). The estimate uses the mean curve. ``reference``
+    is a number, or the values of the reference's seeds (its mean is the target; with ``replicates='seeds'`` every
+    replicate draws them too, rescaled and widened as the curve's seeds are, independently of them: the baseline is
+    another model). Returns a :class:`DataEfficiency`; with one column its ``lo`` and ``hi`` are NaN and
+    ``n_replicates`` is 0 (one seed gives no spread to resample).
     """
     f, v = _check(fractions, values)
     if v.ndim == 1:
         v = v[:, None]
     if replicates not in ("seeds", "bootstrap"):
         raise ValueError(f"replicates={replicates!r} is not allowed; choose 'seeds' or 'bootstrap'")
-    estimate, censored = _crossing(f, v.mean(axis=1), reference)
+    ref = np.atleast_1d(np.asarray(reference, dtype=np.float64))
+    if ref.ndim != 1 or not ref.size or not np.isfinite(ref).all():
+        raise ValueError(f"reference must be a finite number or a 1-D array of finite seed values, got {reference!r}")
+    estimate, censored = _crossing(f, v.mean(axis=1), float(ref.mean()))
     if v.shape[1] < 2:
         return DataEfficiency(estimate, float("nan"), float("nan"), censored, 0)
     if replicates == "seeds":
@@ -96,9 +104,11 @@ def data_efficiency(fractions, values, reference: float, replicates: str = "seed
         # (benchmarks/interval_coverage.py)
         curves = rescale_resample(v[:, pick].mean(axis=2), v.mean(axis=1, keepdims=True), v.shape[1],
                                   confidence=1.0 - alpha)
+        drawn = ref[rng.integers(0, ref.size, size=(n_boot, ref.size))].mean(axis=1)
+        targets = rescale_resample(drawn, ref.mean(), ref.size, confidence=1.0 - alpha)
     else:
-        curves = v
-    reps = np.array([_crossing(f, curves[:, b], reference)[0] for b in range(curves.shape[1])])
+        curves, targets = v, np.full(v.shape[1], ref.mean())
+    reps = np.array([_crossing(f, curves[:, b], targets[b])[0] for b in range(curves.shape[1])])
     reps = np.where(np.isnan(reps), np.inf, reps)
     lo = float(np.quantile(reps, alpha / 2.0, method="lower"))
     hi = float(np.quantile(reps, 1.0 - alpha / 2.0, method="higher"))

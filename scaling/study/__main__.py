@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling.config import ConfigError
 from scaling.io import UnreadableFile
-from scaling.study.aggregate import StoreError, headline_table, load_study, summarise
+from scaling.study.aggregate import LOW_DF, StoreError, headline_table, level_text, load_study, summarise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,6 +125,10 @@ def _compare(args, df: pd.DataFrame, alpha: float = 0.05) -> int:
         table.to_csv(args.csv, index=False)
     per_label = not (args.subgroups or args.brier)
     shown = table[table["label"] == args.label] if per_label and args.label != "all" else table
+    what = ("the macro AUROC within each patient subgroup, full data" if args.subgroups else
+            "the macro Brier score (lower is better), raw and temperature-scaled, full data" if args.brier else
+            "the macro AUROC" if args.label == "macro" else
+            "the AUROC of every label and its macro" if args.label == "all" else f"the AUROC of label {args.label}")
     if shown.empty:
         print("no comparison (needs two cells that differ in backbone or in pretraining source only, with stored "
               "predictions"
@@ -132,6 +136,8 @@ def _compare(args, df: pd.DataFrame, alpha: float = 0.05) -> int:
               + ("" if args.label == "all" or not per_label or table.empty else f", and label {args.label!r}")
               + ")")
         return 0
+    print(f"Paired comparisons of {what}: diff = compared cell − vs, [diff_lo, diff_hi] at {level_text(1 - alpha)}; "
+          f"p_holm adjusted over the rows of one holm_family ({', '.join(pd.unique(shown['holm_family']))})")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
@@ -144,6 +150,9 @@ def _summary(args, df: pd.DataFrame, confidence: float = 0.95) -> int:
     if table.empty:
         print(f"error: {_no_rows(df, args.metric, args.label, args.attribute)}", file=sys.stderr)
         return 2
+    where = "" if args.attribute == "all" else f", per group of {args.attribute}"
+    print(f"{args.metric} (label {args.label}{where}): mean over seeds [{level_text(confidence)} interval: seeds and "
+          f"test patients], one column per evaluation set; (df x): fewer than {LOW_DF} degrees of freedom")
     print(table.to_string(index=False))
     if args.csv:
         summary.to_csv(args.csv, index=False)
@@ -206,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             # the scaling laws are fitted to plain fine-tuning cells, as in the report
             table, _ = fit_table(plain_cells(df), n_boot=args.n_boot, store_root=args.store, workers=args.workers,
                                  confidence=study.confidence)
+            print(f"Fitted laws error = a·x^(−b) + c, error = 1 − macro AUROC; *_lo, *_hi: "
+                  f"{level_text(study.confidence)} intervals (ci says what was resampled)")
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             return 0
         if args.command == "compare":

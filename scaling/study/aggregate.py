@@ -413,7 +413,10 @@ def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     ``n_seeds`` counts the finite values that contributed, ``n_runs`` the complete runs of the cell and
     ``n_seeds_expected`` the seeds of the study (failed and running runs included): ``complete`` is False where a
     cell has fewer complete runs than the study has seeds, so a mean over fewer seeds is never mistaken for a full
-    one.
+    one. ``n_models`` counts the distinct models among the cell's runs (:func:`model_fingerprints`): a seed that
+    changes nothing (a linear probe of pretrained features on every training image: the same features, the same
+    deterministic fit) gives a run identical to the others, and ``n_models < n_seeds`` says so. The interval is
+    unchanged by it: identical seeds have no spread, so it is the patient term alone, as it should be.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -427,8 +430,10 @@ def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     both = np.isfinite(d["lo"].to_numpy(dtype=float)) & np.isfinite(d["hi"].to_numpy(dtype=float))
     z = float(stats.norm.ppf(0.5 + confidence / 2.0))
     d["_se2"] = np.where(both, ((d["hi"] - d["lo"]).to_numpy(dtype=float) / (2.0 * z)) ** 2, np.nan)
+    d["_model"] = d["run_id"].map(model_fingerprints(df))
     out = d.groupby(group, dropna=False, sort=True).agg(
         mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "count"), n_runs=("run_id", "nunique"),
+        n_models=("_model", "nunique"),
         lo1=("lo", "first"), hi1=("hi", "first"), patient_var=("_se2", "mean"),
         n_train_images=("n_train_images", "mean"), n=("n", "mean"),
         **({"expected": (SEEDS_COLUMN, "max")} if SEEDS_COLUMN in d.columns else {})).reset_index()
@@ -446,12 +451,67 @@ def summarise(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     # Completeness is about runs, not values: a subgroup too small to score is NaN in every seed, not missing.
     out["complete"] = out["n_runs"] >= expected
     out = out[[*group, "mean", "sd", "lo", "hi", "ci_kind", "ci_df", "n_seeds", "n_runs", "n_seeds_expected",
-               "complete", "n_train_images", "n"]]
+               "complete", "n_models", "n_train_images", "n"]]
     short = out[~out["complete"]].drop_duplicates(subset=cell)
     for r in short.itertuples(index=False):
         log.warning("cell %s/%s/fraction %g has %d of %d seeds complete", r.backbone, r.pretrained, r.fraction,
                     r.n_runs, r.n_seeds_expected)
     out.attrs = {}
+    return out
+
+
+def model_fingerprints(df: pd.DataFrame) -> pd.Series:
+    """Per run of a tidy table, a fingerprint of every metric value it has there (rounded to 12 decimals, which
+    absorbs summation order only): runs with equal fingerprints computed the same numbers on the same rows, i.e.
+    are one model counted as several seeds (:func:`summarise`'s ``n_models``)."""
+    ordered = df.sort_values(["run_id", *KEYS])
+    rows = pd.util.hash_pandas_object(ordered[list(KEYS)].assign(value=ordered["value"].astype(float).round(12)),
+                                      index=False).to_numpy()
+    return pd.Series({rid: hash(rows[at].tobytes())
+                      for rid, at in ordered.groupby("run_id", sort=False).indices.items()}, dtype=object)
+
+
+LOW_DF = 10
+"""Degrees of freedom below which a cell's interval is flagged with its df where it is printed (``(df 1.5)``).
+
+With few seeds, the seed-to-seed term of an interval is estimated from a handful of values: at df 10 Student's
+quantile is 2.23 against the normal 1.96, at df 2 it is 4.30, and the interval's own width is uncertain. A
+patient-dominated interval (df in the hundreds or ∞) is printed without a flag."""
+
+
+def level_text(confidence: float) -> str:
+    """A confidence level as people write it: 0.95 → ``95%``, 0.995 → ``99.5%``."""
+    return f"{100 * confidence:.4g}%"
+
+
+def interval_text(mean: float, lo: float, hi: float, df: float = np.nan, digits: int = 3) -> str:
+    """``mean [lo, hi]`` as every table of the report and the CLI prints a cell, with `` (df 1.5)`` appended where
+    the interval rests on fewer than :data:`LOW_DF` degrees of freedom; ``n/a`` without a mean."""
+    if pd.isna(mean):
+        return "n/a"
+    text = f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    # rounded down to a tenth: 9.96 prints 9.9, never a "10" that is flagged as below 10
+    return text + (f" (df {np.floor(df * 10) / 10:g})" if np.isfinite(df) and df < LOW_DF else "")
+
+
+def interval_texts(summary: pd.DataFrame, digits: int = 3) -> list[str]:
+    """:func:`interval_text` of every row of a table with ``mean``, ``lo``, ``hi`` and, if it has them, the columns
+    of :func:`summarise` that qualify a cell: ``ci_df``, `` (1/2 seeds)`` where it has fewer complete runs than the
+    study has seeds (``complete``) and `` (2 seeds, 1 model)`` where its seeds gave identical runs (``n_models``)."""
+    n = len(summary)
+
+    def column(name, default):
+        return summary[name].to_numpy() if name in summary.columns else np.full(n, default, dtype=object)
+
+    seeds = column("n_seeds", 0)
+    out = []
+    for m, lo, hi, dof, complete, k, expected, models in zip(
+            summary["mean"], summary["lo"], summary["hi"], column("ci_df", np.nan), column("complete", True), seeds,
+            column("n_seeds_expected", 0), column("n_models", 0)):
+        text = interval_text(m, lo, hi, float(dof), digits)
+        text += "" if complete else f" ({k}/{expected} seeds)"
+        text += f" ({k} seeds, {models} model{'' if models == 1 else 's'})" if 0 < models < k else ""
+        out.append(text)
     return out
 
 
@@ -486,17 +546,16 @@ def full_fraction(df: pd.DataFrame) -> float:
 
 def headline_table(summary: pd.DataFrame, metric: str = "auroc", label: str = "macro",
                    attribute: str = "all") -> pd.DataFrame:
-    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi] (seeds)`` strings. With an
+    """Wide view: one row per cell, one column per evaluation set, ``mean [lo, hi]`` strings (:func:`interval_texts`:
+    `` (df 1.5)`` on an interval of few degrees of freedom, `` (k/n seeds)`` on a cell with fewer complete runs
+    than the study has seeds, `` (2 seeds, 1 model)`` on one whose seeds gave identical runs). With an
     ``attribute`` (``sex``), one row per cell and subgroup: its groups' values and the per-attribute summaries
     (``worst_group_auroc``, group ``all``). Empty when the summary has no such rows."""
     subgroups = attribute != "all"
     s = select(summary, metric, label=label, attribute=attribute, group=None if subgroups else "all")
     if s.empty:
         return pd.DataFrame()
-    fmt = s.assign(cell=[
-        f"{m:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if c else f" ({k}/{e} seeds)")
-        for m, lo, hi, c, k, e in zip(s["mean"], s["lo"], s["hi"], s["complete"], s["n_seeds"], s["n_seeds_expected"])
-    ])
+    fmt = s.assign(cell=interval_texts(s))
     mixed = [c for c in ("study", "config_hash") if c in s.columns]  # present only for an allow_mixed summary
     # A study with probe, k-shot or re-initialised cells shows those axes; a plain one keeps its four.
     varied = [c for c in PLAIN if c in s.columns and (s[c] != PLAIN[c]).any()]

@@ -135,6 +135,12 @@ def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 
 
+HOLM_FAMILIES = {"macro_auroc": "the macro-AUROC comparisons (the study's questions: the primary family)",
+                 "label_auroc": "the per-label AUROC comparisons, which break the macro ones down",
+                 "subgroup_auroc": "the macro-AUROC comparisons within each patient subgroup (full data)",
+                 "brier": "the macro Brier-score comparisons, raw and temperature-scaled (full data)"}
+"""The ``holm_family`` of a comparison row: the rows its ``p_holm`` was adjusted over (one family per value)."""
+
 COMPARED_AXES = ("backbone", "pretrained")
 """The study axes the pairwise comparisons step along: bigger backbones, then more pretraining."""
 
@@ -160,7 +166,8 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     independent evidence. One row per comparison and label: seeds, images
     and patients, both seed-mean AUROCs, their difference with its interval, the degrees of freedom, the p-value and
     ``p_holm``, the p-value adjusted by Holm's step-down method (:func:`scaling.metrics.holm`) over its family —
-    every macro row, or every per-label row — which bounds the chance that any test of the family is a false
+    every macro row, or every per-label row: ``holm_family`` names it (:data:`HOLM_FAMILIES`) — which bounds the
+    chance that any test of the family is a false
     positive. ``workers``: comparisons tested at once, on threads (:mod:`scaling.study.threads`; None: every usable
     core); the table does not depend on it. ``diff_lo``/``diff_hi`` bound a 1 − ``alpha`` interval (the report
     passes the study's ``eval.alpha``). Only plain fine-tuning cells of ``df`` are compared
@@ -169,7 +176,7 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     """
     df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "label", "n_seeds", "n", "n_patients",
-            "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+            "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method", "holm_family"]
     if fractions is None:
         fractions = sorted(df["fraction"].dropna().unique(), reverse=True)
     pairs = _compared_pairs(store_root, df, eval_sets, fractions)
@@ -177,8 +184,8 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
         rows = [row for got in thread_map(lambda pair: _compare_cell(pair[1], pair[0], pair[2], alpha), pairs,
                                           workers) for row in got]
     out = pd.DataFrame(rows, columns=cols)
-    macro = (out["label"] == "macro").to_numpy()
-    for family in (macro, ~macro):  # the headline macro tests, and the per-label ones that break them down
+    out["holm_family"] = np.where(out["label"] == "macro", "macro_auroc", "label_auroc")
+    for family in out.groupby("holm_family").groups.values():  # the headline macro tests, the per-label ones
         out.loc[family, "p_holm"] = holm(out.loc[family, "p_value"].to_numpy(float))
     return out
 
@@ -198,7 +205,8 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     """
     df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "attribute", "group", "n_seeds", "n",
-            "n_patients", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+            "n_patients", "auroc", "auroc_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method",
+            "holm_family"]
     if fraction is None:
         fraction = df["fraction"].max()
     groups = df[(df["metric"] == "auroc") & (df["label"] == "macro") & (df["attribute"] != "all")
@@ -230,6 +238,7 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     with _zero_variance_summary("subgroup comparisons"):
         out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
+    out["holm_family"] = "subgroup_auroc"
     return out
 
 
@@ -249,7 +258,7 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
     """
     df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "scaling", "n_seeds", "n", "n_patients",
-            "brier", "brier_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method"]
+            "brier", "brier_vs", "diff", "diff_lo", "diff_hi", "df", "p_value", "p_holm", "method", "holm_family"]
     if fraction is None:
         fraction = df["fraction"].max()
     store = RunStore(store_root)
@@ -286,6 +295,7 @@ def brier_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), fractio
     with _zero_variance_summary("Brier comparisons"):
         out = pd.DataFrame([row for got in thread_map(compare, pairs, workers) for row in got], columns=cols)
     out["p_holm"] = holm(out["p_value"].to_numpy(float))
+    out["holm_family"] = "brier"
     return out
 
 

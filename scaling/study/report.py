@@ -24,7 +24,8 @@ from scaling.io import atomic_write_text, read_yaml_file
 from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLASS_LABEL, MULTICLASS_METRICS,
                                          base_metric)
 from scaling.study import plots
-from scaling.study.aggregate import PLAIN, full_fraction, headline_table, load_study, plain_cells, summarise
+from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, level_text,
+                                     load_study, plain_cells, summarise)
 from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
                                    reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
@@ -84,11 +85,6 @@ class StudyReport:
     """``eval.ece_bins`` of the runs: the equal-width bins of ECE and of the reliability diagrams."""
 
 
-def _level(confidence: float) -> str:
-    """A confidence level as people write it: 0.95 → ``95%``, 0.995 → ``99.5%``."""
-    return f"{100 * confidence:.4g}%"
-
-
 def _bins(n_bins: int) -> str:
     """The ECE binning: ``10 equal-width bins``."""
     return f"{n_bins} equal-width bin{'' if n_bins == 1 else 's'}"
@@ -96,16 +92,15 @@ def _bins(n_bins: int) -> str:
 
 def interval_note(confidence: float) -> str:
     """How the intervals of the summary tables are made (:func:`scaling.study.aggregate.summarise`), at its level."""
-    return (f"Intervals: {_level(confidence)} confidence. With several seeds a cell's interval combines the "
+    return (f"Intervals: {level_text(confidence)} confidence. With several seeds a cell's interval combines the "
             "seed-to-seed spread with each run's patient-level bootstrap uncertainty (the seeds share one test set: "
             "variance S²/k + mean patient variance, Welch–Satterthwaite degrees of freedom); with one seed it is the "
             "run's patient-level bootstrap interval; a t-interval across seeds alone only where no run has a "
-            "bootstrap interval. Bounds are clipped to the metric's range ([0, 1] for AUROC, rates, ECE, Brier).")
-
-
-def _fmt_ci(d: pd.DataFrame, digits: int = 3) -> list[str]:
-    return [f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if pd.notna(m) else "n/a"
-            for m, lo, hi in zip(d["mean"], d["lo"], d["hi"])]
+            "bootstrap interval. Bounds are clipped to the metric's range ([0, 1] for AUROC, rates, ECE, Brier). An "
+            f"interval on fewer than {LOW_DF} degrees of freedom (the seed term, estimated from few seeds, dominates) "
+            "is marked with them, e.g. (df 1.5): its width is itself uncertain. (k seeds, 1 model): the cell's "
+            "seeds gave identical runs (a linear probe of pretrained features on every training image), one model "
+            "counted k times.")
 
 
 def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", attribute="all",
@@ -118,7 +113,7 @@ def _view_table(summary: pd.DataFrame, metrics: list[str], *, eval_set="test", a
     if s.empty:
         return pd.DataFrame()
     idx = ["pretrained", "backbone", "n_params", "fraction"] + (["attribute"] if attribute is None else [])
-    wide = s.assign(v=_fmt_ci(s)).pivot_table(index=idx, columns="metric", values="v", aggfunc="first")
+    wide = s.assign(v=interval_texts(s)).pivot_table(index=idx, columns="metric", values="v", aggfunc="first")
     wide = wide[[m for m in metrics if m in wide.columns]].reset_index()
     wide.columns.name = None
     return wide.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
@@ -139,7 +134,7 @@ def _group_table(summary: pd.DataFrame, eval_set: str) -> pd.DataFrame:
     if s.empty:
         return pd.DataFrame()
     s = s.assign(col=s["attribute"] + "=" + s["group"],
-                 v=[f"{c} (n={n:.0f})" for c, n in zip(_fmt_ci(s), s["n"])])
+                 v=[f"{c} (n={n:.0f})" for c, n in zip(interval_texts(s), s["n"])])
     wide = s.pivot_table(index=["pretrained", "backbone", "n_params"], columns="col", values="v", aggfunc="first")
     wide.columns.name = None
     return wide.reset_index().sort_values(["pretrained", "n_params"]).reset_index(drop=True)
@@ -164,7 +159,7 @@ def _pooled_tables(summary: pd.DataFrame, eval_sets) -> tuple[dict[str, pd.DataF
         d = s[s["eval_set"] == e]
         if d.empty:
             continue
-        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=_fmt_ci(d))
+        d = d.assign(col=d["metric"].str.removeprefix("auroc").map(POOLED), v=interval_texts(d))
         wide = d.pivot_table(index=keys, columns="col", values="v", aggfunc="first")
         wide = wide[[c for c in POOLED.values() if c in wide.columns]].reset_index()
         wide.columns.name = None
@@ -386,10 +381,11 @@ def _ood_tables(summary: pd.DataFrame, labels: dict[str, list[str]]) -> dict[str
         t = s[(s["eval_set"] == e) & (s["label"] == "macro")][keys].drop_duplicates()
         for metric, col in OOD_COLUMNS.items():
             m = s[(s["eval_set"] == e) & (s["label"] == "macro") & (s["metric"] == metric)]
-            t = t.merge(m.assign(**{col.format(set=e): _fmt_ci(m)})[keys + [col.format(set=e)]], on=keys, how="left")
+            t = t.merge(m.assign(**{col.format(set=e): interval_texts(m)})[keys + [col.format(set=e)]], on=keys,
+                        how="left")
         for lab in shared:
             m = s[(s["eval_set"] == e) & (s["label"] == lab) & (s["metric"] == "auroc_drop")]
-            t = t.merge(m.assign(**{f"drop: {lab}": _fmt_ci(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
+            t = t.merge(m.assign(**{f"drop: {lab}": interval_texts(m)})[keys + [f"drop: {lab}"]], on=keys, how="left")
         out[e] = t.sort_values(["pretrained", "n_params"]).reset_index(drop=True)
     return out
 
@@ -398,7 +394,7 @@ def _selective_table(curves: pd.DataFrame) -> pd.DataFrame:
     if curves is None or curves.empty:
         return pd.DataFrame()
     c = curves[curves["referral"].isin([0.0, 0.1, 0.2, 0.3, 0.5])]
-    t = c.assign(v=_fmt_ci(c)).pivot_table(index="model", columns="referral", values="v", aggfunc="first")
+    t = c.assign(v=interval_texts(c)).pivot_table(index="model", columns="referral", values="v", aggfunc="first")
     t.columns = [f"AUROC, {r:.0%} referred" for r in t.columns]
     return t.reset_index()
 
@@ -443,6 +439,7 @@ def _comparisons_html(table: pd.DataFrame | None) -> list[str]:
         return [_table_html(None, "comparisons", "no comparison (needs two cells that differ in one axis, with "
                                                  "stored predictions)")]
     macro = table["label"] == "macro"
+    table = table.drop(columns="holm_family")  # one family per table shown, as its note says
     return [_table_html(table[macro].drop(columns="label"), "comparisons"),
             "<details><summary>per label</summary>", _table_html(table[~macro], "comparisons-labels"),
             "</details>"]
@@ -464,6 +461,15 @@ def _fits_html(fits: pd.DataFrame | None, tid: str) -> str:
                                      for r in g.itertuples()}))}), include_groups=False).reset_index()
         out.append(_table_html(summary[["x_axis", "refused fits", "reason", "for"]], f"{tid}-refused"))
     return "\n".join(out)
+
+
+def _efficiency_view(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The data-efficiency table as a reader takes it: each crossing with its interval and censoring written out
+    (``0.41 [≤ 0.25, 0.78]``, ``> 1``), not as numbers with infinite bounds."""
+    if table is None or table.empty:
+        return table
+    view = _without(table, ["fraction_to_match", "lo", "hi", "baseline", "baseline_auroc"])
+    return view.rename(columns={"fraction_to_match_text": "fraction_to_match [interval]"})
 
 
 def _without(df: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame | None:
@@ -533,8 +539,8 @@ def _ood_html(rep: StudyReport) -> list[str]:
             parts += [f"<p><b>Effective robustness</b> (Taori et al. 2020): each cell's {html.escape(e)} AUROC minus "
                       "what the study's trend predicts from its test AUROC (the dotted curve in the figure above): "
                       "positive = more robust than its in-distribution accuracy alone would make it; er_lo, er_hi: "
-                      f"{_level(rep.confidence)} interval from refitting the trend on resampled seeds and test and "
-                      "OOD patients (ci says which). "
+                      f"{level_text(rep.confidence)} interval from refitting the trend on resampled seeds and test "
+                      "and OOD patients (ci says which). "
                       f"{html.escape(rep.notes.get(f'robustness:{e}', ''))}</p>",
                       _table_html(robust, f"robustness-{_anchor(e)}")]
         else:
@@ -640,7 +646,7 @@ def _ci_view(table: pd.DataFrame | None, names: list[str], drop=()) -> pd.DataFr
     out = table.drop(columns=[c for c in drop if c in table.columns])
     for n in names:
         lo, hi = (f"{n}_lo", f"{n}_hi") if f"{n}_lo" in out.columns else ("lo", "hi")
-        out[n] = _fmt_ci(out.rename(columns={n: "mean", lo: "lo", hi: "hi"})[["mean", "lo", "hi"]])
+        out[n] = interval_texts(out.rename(columns={n: "mean", lo: "lo", hi: "hi"})[["mean", "lo", "hi"]])
         out = out.drop(columns=[lo, hi])
     return out
 
@@ -739,12 +745,14 @@ def render_html(rep: StudyReport) -> str:
             "<h2 id='scaling'>Scaling with model size</h2>", _figure_html(rep, "auroc_vs_params"),
             _fits_html(t.get("fits_params"), "fits_params"),
             "<h2 id='data-efficiency'>Data efficiency</h2>",
-            "<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
-            "AUROC reaches the full-data baseline (log-linear interpolation between grid fractions; lo/hi from "
-            "resampling seeds, n/a with one seed: nothing to resample). censored: <i>below</i> = already reached "
-            "at the smallest fraction, <i>above</i> = never reached within the grid.</p>",
+            f"<p class='note'>fraction_to_match: the smallest fraction of labelled data at which the cell's mean "
+            f"AUROC reaches the full-data baseline's (log-linear interpolation between grid fractions), with its "
+            f"{level_text(rep.confidence)} interval from resampling the cell's seeds and the baseline's (none with "
+            "one seed: nothing to resample). Outside the grid a value is a bound: <i>≤ f</i> = already reached at the "
+            "smallest fraction f (censored <i>below</i>: the true crossing may be lower), <i>&gt; f</i> = not reached "
+            "even at the largest (censored <i>above</i>). The baseline itself has no row.</p>",
             f"<p>{html.escape(rep.notes.get('baseline', ''))}</p>", _figure_html(rep, "auroc_vs_fraction"),
-            _table_html(_without(t.get("data_efficiency"), ["baseline", "baseline_auroc"]), "data_efficiency"),
+            _table_html(_efficiency_view(t.get("data_efficiency")), "data_efficiency"),
             "<h2 id='ood'>Distribution shift</h2>", _figure_html(rep, "id_vs_ood"), *_ood_html(rep),
             "<h2 id='fairness'>Subgroups</h2>", *_fairness_html(rep),
             "<h2 id='calibration'>Calibration</h2>", *_calibration_html(rep),
@@ -753,15 +761,17 @@ def render_html(rep: StudyReport) -> str:
             f"<p class='note'>Macro AUROC of the test images kept when the given share of the least confident "
             f"ones (nearest each label's validation-fitted threshold) is referred to a reader. <i>best</i>: the cell "
             f"with the highest validation macro AUROC at full data (chosen on validation, scored on test); "
-            f"<i>smallest</i>: the smallest backbone with its pretraining. {_level(rep.confidence)} intervals: each "
-            f"run's patient-level bootstrap, combined over seeds with their spread as the cells' intervals are.</p>",
+            f"<i>smallest</i>: the smallest backbone with its pretraining. {level_text(rep.confidence)} intervals: "
+            "each run's patient-level bootstrap, combined over seeds with their spread as the cells' intervals "
+            "are.</p>",
             _figure_html(rep, "selective"),
             _table_html(t.get("selective"), "selective"),
             "<h2 id='fits'>Fitted scaling laws: error = a·x<sup>−b</sup> + c</h2>",
-            f"<p class='note'>error = 1 − macro AUROC, one point per run; {_level(rep.confidence)} intervals resample "
-            f"the seeds within each x and the test patients (column ci says which; <i>none</i>: nothing to resample, "
-            f"one run per x or identical runs within every x, and no stored predictions; at_bound names a parameter "
-            f"that sits on its bound, b in [0, 5], c in [0, the lowest error], where the interval is cut off). "
+            f"<p class='note'>error = 1 − macro AUROC, one point per run; {level_text(rep.confidence)} intervals "
+            f"resample the seeds within each x and the test patients (column ci says which; <i>none</i>: nothing "
+            f"to resample, one run per x or identical runs within every x, and no stored predictions; at_bound names "
+            f"a parameter that sits on its bound, b in [0, 5], c in [0, the lowest error], where the interval is cut "
+            "off). "
             f"x axes: {html.escape(', '.join(f'{k} = {v}' for k, v in X_AXES.items()))}. {len(ok_fits)} fitted, "
             f"{refused} refused (too few distinct x values).</p>",
             _fits_html(fits, "fits"),
@@ -783,14 +793,15 @@ def render_html(rep: StudyReport) -> str:
             "<details><summary>per subgroup (full data)</summary><p class='note'>The same comparisons within each "
             "patient subgroup the fairness tables summarise: macro AUROC over the labels with both classes in the "
             "group, paired on its samples, clustered by patient; p_holm over this table alone.</p>",
-            _table_html(t.get("subgroup_comparisons"), "comparisons-subgroups", "no subgroup to compare"),
+            _table_html(_without(t.get("subgroup_comparisons"), ["holm_family"]), "comparisons-subgroups",
+                        "no subgroup to compare"),
             "</details>",
             "<details><summary>probabilities: Brier score (full data)</summary><p class='note'>The same comparisons "
             "on the macro Brier score (lower is better; a proper scoring rule, so calibration and discrimination "
             "together), raw and after each run's validation-fitted temperatures: diff &lt; 0 means the compared "
             "cell's probabilities are better. Seeds and patients random (one seed: the paired z-test), clustered "
             "by patient; p_holm over this table alone.</p>",
-            _table_html(t.get("brier_comparisons"), "comparisons-brier", "no comparison"),
+            _table_html(_without(t.get("brier_comparisons"), ["holm_family"]), "comparisons-brier", "no comparison"),
             "</details>",
             *_analysis_html(rep),
         ]

@@ -760,8 +760,9 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
 
 
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
-    """One row per run: axes, macro AUROC in-distribution and on each OOD set, worst-subgroup AUROC, status; for a
-    one-of-K task also the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
+    """One row per run: axes, status, macro AUROC in-distribution and on each OOD set, ``worst_subgroup_auroc`` (on
+    test, the smallest ``worst_group_auroc`` over the subgroup attributes) and ``n_params``; for a one-of-K task also
+    the test accuracy, top-3 accuracy and balanced accuracy. A finished run whose metrics cannot
     be read (one that a launch beside this one is rescoring, or that failed to rescore) is ``invalid``, without
     numbers, as in the aggregation: the table of the other runs is still written."""
     from scaling.metrics.run_metrics import MULTICLASS_LABEL, MULTICLASS_METRICS
@@ -791,10 +792,18 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
                 for metric in MULTICLASS_METRICS[:3]:  # top-1, top-k and balanced accuracy
                     value = k[k.metric == metric].value
                     row[f"{metric}_test"] = float(value.iloc[0]) if len(value) else math.nan
-            row["params"] = store.read_spec(rid).get("n_params")
+            row["n_params"] = store.read_spec(rid).get("n_params")
         row["run_id"] = rid
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "n_params" in table:  # the column's name before it was named as everywhere else: kept for existing scripts
+        table[DEPRECATED_PARAMS] = table["n_params"]
+    return table
+
+
+DEPRECATED_PARAMS = "params"
+"""results.csv's old name of ``n_params``, written as its last column until scripts have moved to ``n_params``
+(docs/run-store.md); the printed table leaves it out."""
 
 
 def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) -> int:
@@ -861,19 +870,25 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+COMPARISON_FILES = {"comparisons": "comparisons.csv", "subgroup_comparisons": "comparisons_subgroups.csv",
+                    "brier_comparisons": "comparisons_brier.csv"}
+"""The report's comparison tables written beside it as CSV (for pandas/R and the launch's summary), by table."""
+
+
 def _write_report_files(store: RunStore, rep) -> None:
-    """report.html and comparisons.csv (its pairwise tests, for pandas and the launch's summary) of a built report,
-    each written atomically; the caller holds the store's report lock."""
+    """report.html and its comparison tables as CSV (:data:`COMPARISON_FILES`) of a built report, each written
+    atomically; the caller holds the store's report lock."""
     from scaling.study.report import write_report
 
     write_report(store.root, report=rep)
-    comparisons = rep.tables.get("comparisons")
-    atomic_write_text(store.root / "comparisons.csv", "" if comparisons is None else comparisons.to_csv(index=False))
+    for key, name in COMPARISON_FILES.items():
+        table = rep.tables.get(key)
+        atomic_write_text(store.root / name, "" if table is None else table.to_csv(index=False))
 
 
 def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, report: bool = True,
                   changed: bool = True) -> None:
-    """Write results.csv and rebuild the report, comparisons.csv (its pairwise tests) and the study's W&B view when
+    """Write results.csv and rebuild the report, its comparison CSVs and the study's W&B view when
     this launch ``changed`` the store, the results differ or the report is missing; under a lock, because launches
     beside this one write them too. A finished study whose outputs are current is not written to (a read-only store
     stays readable). The report covers the runs of this launch's config (its ``config_hash``): a store may also
@@ -881,7 +896,7 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
     csv = table.to_csv(index=False)
     path = store.root / "results.csv"
     current = path.is_file() and path.read_text() == csv and (
-        not report or all((store.root / f).is_file() for f in ("report.html", "comparisons.csv")))
+        not report or all((store.root / f).is_file() for f in ("report.html", *COMPARISON_FILES.values())))
     if current and not changed:
         return
     with file_lock(store.lock_path("report")):
@@ -898,7 +913,8 @@ def write_outputs(cfg: StudyConfig, store: RunStore, table: pd.DataFrame, *, rep
 def rebuild_outputs(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False,
                     n_boot_fit: int = 200, workers: int | None = None) -> list[Path]:
     """Rebuild in the store what a launch writes at its end (``python -m scaling.study report``): report.html and
-    comparisons.csv of the runs chosen (``config_hash``, ``allow_mixed``: :func:`scaling.study.aggregate.load_study`)
+    its comparison CSVs (:data:`COMPARISON_FILES`) of the runs chosen (``config_hash``, ``allow_mixed``:
+    :func:`scaling.study.aggregate.load_study`)
     and results.csv, the table of the grid of study.yaml (left as it is, with a warning, when study.yaml cannot be
     read or its grid no longer resolves here). Each file is written atomically under the report lock, after
     everything is computed, so an error leaves the store as it was. Returns the paths written."""
@@ -920,7 +936,7 @@ def rebuild_outputs(store_root: str | Path, *, config_hash: str | None = None, a
         _write_report_files(store, rep)
         if table is not None:
             atomic_write_text(store.root / "results.csv", table.to_csv(index=False))
-    return [store.root / f for f in ("report.html", "comparisons.csv", "results.csv")
+    return [store.root / f for f in ("report.html", *COMPARISON_FILES.values(), "results.csv")
             if f != "results.csv" or table is not None]
 
 

@@ -46,20 +46,30 @@ def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "te
     """Per backbone × pretraining source: the fraction of labels needed to match the full-data baseline AUROC.
 
     :func:`scaling.metrics.data_efficiency` on the cell's AUROC-vs-fraction curves, one column per seed (the
-    seeds that completed every fraction): log-linear interpolation of the mean curve, ``confidence`` interval from
-    resampling seeds; ``lo``/``hi`` are NaN with one seed (nothing to resample). ``censored`` is ``below`` when
-    even the smallest fraction beats the baseline (the true crossing may be lower) and ``above`` when the curve never
-    reaches it. The baseline is :func:`baseline_cell`.
+    seeds that completed every fraction), against the baseline's seeds at full data: log-linear interpolation of
+    the mean curve to the baseline's mean, ``confidence`` interval from resampling the cell's seeds and the
+    baseline's (its mean is a mean over seeds too); ``lo``/``hi`` are NaN with one seed (nothing to resample). The
+    baseline (:func:`baseline_cell`) has no row: its own curve reaches its own full-data AUROC by definition.
+
+    Censored crossings lie outside the grid: ``censored`` is ``below`` when even the smallest fraction reaches the
+    baseline (``fraction_to_match`` is then that fraction, an upper bound: the true crossing may be lower) and
+    ``above`` when the curve never reaches it (``fraction_to_match`` NaN: more than the largest fraction). ``lo`` at
+    the smallest fraction is such a bound too, and ``hi = inf`` means that more than (1 − confidence)/2 of the
+    replicates never reach the baseline. ``fraction_to_match_text`` writes the three as a reader should take them:
+    ``0.41 [≤ 0.25, 0.78]``, ``≤ 0.25``, ``> 1``.
     """
     base = baseline_cell(summary, eval_set)
     cols = ["pretrained", "backbone", "n_params", "auroc_full", "fraction_to_match", "lo", "hi", "censored",
-            "n_seeds", "baseline", "baseline_auroc"]
+            "fraction_to_match_text", "n_seeds", "baseline", "baseline_auroc"]
     if base is None:
         return pd.DataFrame(columns=cols)
     target = float(base["mean"])
     runs = select(df, "auroc", eval_set)
+    smallest, largest = float(runs["fraction"].min()), float(runs["fraction"].max())
+    is_base = (runs["pretrained"] == base["pretrained"]) & (runs["backbone"] == base["backbone"])
+    base_seeds = runs.loc[is_base & (runs["fraction"] == base["fraction"]), "value"].dropna().to_numpy(float)
     rows = []
-    for (src, bb, n), g in runs.groupby(["pretrained", "backbone", "n_params"], dropna=False, sort=True):
+    for (src, bb, n), g in runs[~is_base].groupby(["pretrained", "backbone", "n_params"], dropna=False, sort=True):
         curves = g.pivot_table(index="fraction", columns="seed", values="value", aggfunc="first").dropna(axis=1)
         row = {"pretrained": src, "backbone": bb, "n_params": n, "n_seeds": curves.shape[1],
                "auroc_full": float(g.loc[g["fraction"] == g["fraction"].max(), "value"].mean()),
@@ -67,11 +77,24 @@ def data_efficiency(df: pd.DataFrame, summary: pd.DataFrame, eval_set: str = "te
                "baseline_auroc": target}
         if curves.shape[1]:
             # 200 seed resamples are plenty for 2.5/97.5 percentiles of a handful of seeds (1000 costs ~1 s/report).
-            eff = metrics_data_efficiency(curves.index.to_numpy(float), curves.to_numpy(float), target, n_boot=200,
-                                          alpha=1.0 - confidence, seed=0)
-            row.update(fraction_to_match=eff.fraction, lo=eff.lo, hi=eff.hi, censored=eff.censored)
+            eff = metrics_data_efficiency(curves.index.to_numpy(float), curves.to_numpy(float), base_seeds,
+                                          n_boot=200, alpha=1.0 - confidence, seed=0)
+            row.update(fraction_to_match=eff.fraction, lo=eff.lo, hi=eff.hi, censored=eff.censored,
+                       fraction_to_match_text=_efficiency_text(eff, smallest, largest))
         rows.append(row)
     return pd.DataFrame(rows, columns=cols).sort_values(["pretrained", "n_params"]).reset_index(drop=True)
+
+
+def _efficiency_text(eff, smallest: float, largest: float) -> str:
+    """A crossing as it reads: ``0.41 [≤ 0.25, 0.78]``; a bound at the smallest fraction is ``≤ smallest``, one
+    never reached ``> largest``; an interval wholly outside the grid is that bound alone (``≤ 0.25``, ``> 1``)."""
+    def bound(x: float) -> str:
+        return f"≤ {smallest:g}" if x <= smallest else (f"> {largest:g}" if not np.isfinite(x) else f"{x:.2g}")
+
+    point = f"> {largest:g}" if eff.censored == "above" else bound(eff.fraction)
+    if np.isnan(eff.lo) or bound(eff.lo) == bound(eff.hi) == point:
+        return point
+    return f"{point} [{bound(eff.lo)}, {bound(eff.hi)}]"
 
 
 def ood_drop(df: pd.DataFrame, label: str = "macro") -> pd.DataFrame:

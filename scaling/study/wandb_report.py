@@ -101,10 +101,12 @@ ANALYSIS_PANELS = {
 
 
 def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=None,
-                       description: str = "", analysis: bool = False):
+                       description: str = "", analysis: bool = False, config_hash: str | None = None):
     """The W&B Report object of a study (``wandb_workspaces.reports.v2.Report``), built without network access.
 
-    One run set per pretraining source (runs of W&B group ``study`` and job type ``source``), scatter panels from
+    One run set per pretraining source (runs of W&B group ``study``, job type ``source`` and, given ``config_hash``,
+    that study config: the cells' W&B config carries it, so the runs of an earlier config of the same study name in
+    the same W&B project, e.g. another learning rate, are not drawn beside them), scatter panels from
     :func:`report_panels`, a parallel-coordinates panel over the axes and the training-loss curves. With
     ``analysis`` (the study has probe, k-shot or re-initialised cells) those run sets hold the plain fine-tuning
     cells only, and a second block compares them with the linear-probe cells of each source and draws the k-shot
@@ -116,13 +118,16 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
         kind, key = spec.split(":", 1)
         return wr.Config(key) if kind == "config" else wr.SummaryMetric(key)
 
+    of_config = f" and Config('config_hash') == {_quote(config_hash)}" if config_hash else ""
+
     def runset(name: str, src: str, extra: str = ""):
-        where = f"Group = {_quote(study)} and JobType = {_quote(src)}" + (f" and {extra}" if extra else "")
+        where = f"Group = {_quote(study)} and JobType = {_quote(src)}{of_config}" + (f" and {extra}" if extra else "")
         return wr.Runset(entity=entity, project=project, name=name, filters=where)
 
     runsets = [runset(str(src), src, PLAIN_FILTER if analysis else "") for src in sources]
     if not runsets:
-        runsets = [wr.Runset(entity=entity, project=project, name=study, filters=f"Group = {_quote(study)}")]
+        runsets = [wr.Runset(entity=entity, project=project, name=study,
+                             filters=f"Group = {_quote(study)}{of_config}")]
     panels: list[Any] = [wr.ScatterPlot(title=t, x=axis(x), y=axis(y), log_x=lx) for t, x, y, lx in
                          report_panels(ood_sets, attributes)]
     panels.append(wr.ParallelCoordinatesPlot(title="Study axes → test AUROC", columns=[
@@ -154,15 +159,19 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
 
 
 def study_report_args(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False) -> dict:
-    """Study name, pretraining sources, OOD sets, per test/OOD set the subgroup attributes, and whether the study
-    has analysis cells (probe, k-shot, re-initialised), found in a run store (the runs of ``config_hash`` only, or
-    of every config with ``allow_mixed``: :func:`scaling.study.aggregate.load_study`)."""
+    """Study name, pretraining sources, OOD sets, per test/OOD set the subgroup attributes, whether the study
+    has analysis cells (probe, k-shot, re-initialised) and the study config the Report selects (``config_hash``),
+    found in a run store (the runs of ``config_hash`` only, or of every config with ``allow_mixed``:
+    :func:`scaling.study.aggregate.load_study`). Without a choice, the config hash is that of the store's runs (a
+    store of one config); with ``allow_mixed`` it is None and the Report draws every config of the study name, as
+    the HTML report then aggregates them."""
     from scaling.study.aggregate import PLAIN, load_study
     from scaling.study.tables import ood_sets
 
     study = load_study(store_root, config_hash=config_hash, allow_mixed=allow_mixed)
     df, runs = study.results, study.runs
     names = sorted(runs["study"].dropna().unique())
+    hashes = sorted(runs["config_hash"].dropna().unique())
     return {
         "study": names[0] if names else Path(store_root).name,
         "sources": sorted(runs["pretrained"].dropna().unique()),
@@ -170,6 +179,7 @@ def study_report_args(store_root: str | Path, *, config_hash: str | None = None,
         "attributes": {e: sorted(a for a in df.loc[df["eval_set"] == e, "attribute"].unique() if a != "all")
                        for e in ["test", *ood_sets(df)] if (df["eval_set"] == e).any()} if len(df) else {},
         "analysis": bool(len(runs)) and any(k in runs and (runs[k].fillna(v) != v).any() for k, v in PLAIN.items()),
+        "config_hash": config_hash or (hashes[0] if len(hashes) == 1 and not allow_mixed else None),
     }
 
 
@@ -190,7 +200,8 @@ def publish_study(store_root: str | Path, tracking_cfg: TrackingConfig, report,
     store_root = Path(store_root)
     args = study_report_args(store_root, config_hash=config_hash)
     run_dir = store_root / "wandb-study"
-    tracker = Tracker.create(tracking_cfg, args["study"], f"{args['study']}-report", {"study": args["study"]},
+    tracker = Tracker.create(tracking_cfg, args["study"], f"{args['study']}-report",
+                             {"study": args["study"], "config_hash": args["config_hash"]},
                              run_dir, job_type="report")
     try:
         figures = run_dir / "figures"
