@@ -109,6 +109,19 @@ def test_a_signal_to_every_process_of_the_step_checkpoints_despite_dataloader_wo
     assert read_state(latest_checkpoint(tmp_path))["step"] == 3
 
 
+def test_a_checkpoint_half_written_by_a_killed_launch_is_ignored_then_removed(preempted, reference, tmp_path):
+    """A launch killed mid-save (SIGKILL, a lost node) leaves ``.tmp-step_<N>``: the relaunch resumes from
+    ``latest`` and the next checkpoint it writes removes the leftover (it stayed after the run had finished)."""
+    run = _copy(preempted, tmp_path)
+    half = run / "checkpoints" / ".tmp-step_00000005" / "model"
+    half.mkdir(parents=True)
+    (half / "__0_0.distcp").write_bytes(b"\0" * 4096)  # a shard cut off mid-write, no index, no state
+    trainer = Trainer(vit(seed=5), CFG, NONE, output_dir=run)
+    assert trainer.fit(ToyDataset(64))["resumed_from"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "latest"]
+    assert all(torch.equal(trainer.full_state_dict()[k], v) for k, v in reference[1].items())
+
+
 def test_corrupt_state_file_names_the_file(preempted, tmp_path):
     run = _copy(preempted, tmp_path)
     state = latest_checkpoint(run) / "trainer_state.json"
