@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,55 @@ def test_resume_in_fresh_trainer_is_exact(preempted, reference, tmp_path):
     final = trainer.full_state_dict()
     assert all(torch.equal(final[k], params[k]) for k in params)
     assert not list((run / "checkpoints").glob(".tmp-*"))  # nothing half-written left behind
+
+
+class SignalStepAt:
+    """Tracker double that signals this process *and its DataLoader workers* while step ``at - 1`` is logged, as
+    SLURM signals every process of a job step (``scancel --signal``, preemption, a signal srun forwards)."""
+
+    run_id = "run-1"
+
+    def __init__(self, at: int, signum: int):
+        self.at, self.signum, self.workers = at, signum, 0
+
+    def log(self, data, step):
+        if step == self.at - 1:
+            import subprocess
+
+            import psutil
+
+            children = psutil.Process().children()
+            self.workers = len(children)
+            # From another process, as slurmstepd sends it (torch's worker takes a SIGTERM from its parent as the
+            # loader's own request to exit).
+            pids = [str(p.pid) for p in [*children, psutil.Process()]]
+            subprocess.run(["kill", f"-{self.signum}", *pids], check=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_every_process_of_the_step_checkpoints_despite_dataloader_workers(tmp_path, signum):
+    """DataLoader workers ignore the job's signals and leave them to their rank: the rank saves the step and exits
+    with 128 + the signal (a worker that died of it made the rank raise "DataLoader worker ... is killed by
+    signal" with no checkpoint written)."""
+    tracker = SignalStepAt(3, signum)
+    with pytest.raises(Preempted) as stop:
+        Trainer(vit(), CFG, NONE, output_dir=tmp_path, tracker=tracker, num_workers=2).fit(ToyDataset(64))
+    assert tracker.workers >= 2  # this run's workers (a previous test's may still be exiting)
+    assert stop.value.code == 128 + signum and stop.value.checkpoint.name == "step_00000003"
+    assert read_state(latest_checkpoint(tmp_path))["step"] == 3
+
+
+def test_a_checkpoint_half_written_by_a_killed_launch_is_ignored_then_removed(preempted, reference, tmp_path):
+    """A launch killed mid-save (SIGKILL, a lost node) leaves ``.tmp-step_<N>``: the relaunch resumes from
+    ``latest`` and the next checkpoint it writes removes the leftover (it stayed after the run had finished)."""
+    run = _copy(preempted, tmp_path)
+    half = run / "checkpoints" / ".tmp-step_00000005" / "model"
+    half.mkdir(parents=True)
+    (half / "__0_0.distcp").write_bytes(b"\0" * 4096)  # a shard cut off mid-write, no index, no state
+    trainer = Trainer(vit(seed=5), CFG, NONE, output_dir=run)
+    assert trainer.fit(ToyDataset(64))["resumed_from"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "latest"]
+    assert all(torch.equal(trainer.full_state_dict()[k], v) for k, v in reference[1].items())
 
 
 def test_corrupt_state_file_names_the_file(preempted, tmp_path):

@@ -354,6 +354,76 @@ def test_bad_precision_batch_offload(train, sharding, match):
         check_launch(ShardingConfig(**sharding), TrainConfig(**{"batch_size": 8, **train}), LAUNCH_ONE_NODE)
 
 
+ZERO3_2 = dict(strategy="zero3")
+INLINE_DS = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
+             "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,gradient_accumulation_steps,gradient_clipping,"
+                                            "offload_optimizer_device,zero3_init_flag,mixed_precision"}
+
+
+@pytest.mark.parametrize("env,train,sharding,refused", [
+    # what `accelerate launch` passes for a yaml with `mixed_precision: bf16` (a plain MULTI_GPU launch)
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, dict(), dict(strategy="ddp"), ["mixed_precision: bf16"]),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, dict(mixed_precision="bf16"), dict(strategy="ddp"), []),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, dict(mixed_precision="bf16"), dict(strategy="fsdp"), []),  # the default
+    # a DeepSpeed yaml with the settings inline in `deepspeed_config` (what `accelerate config` writes)
+    ({**INLINE_DS, "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, dict(), ZERO3_2,
+     ["mixed_precision: bf16", "gradient_accumulation_steps: 4", "gradient_clipping: 1.0", "zero_stage: 2",
+      "offload_optimizer_device: cpu"]),
+    ({**INLINE_DS, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2",
+      "ACCELERATE_GRADIENT_CLIPPING": "1.0", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"},
+     dict(grad_accum=2, clip_grad_norm=1.0, mixed_precision="bf16"), dict(ZERO3_2, offload_optimizer=True),
+     ["mixed_precision: no"]),  # a DeepSpeed yaml that names `mixed_precision: no` set it
+])
+def test_a_launch_config_may_repeat_but_not_contradict_the_study_config(monkeypatch, env, train, sharding, refused):
+    from scaling.engine.launch import detect_launch
+
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", **env}.items():
+        monkeypatch.setenv(name, value)
+    launch = detect_launch()
+    args = ShardingConfig(**sharding), TrainConfig(**{"batch_size": 8, **train}), launch
+    if not refused:
+        check_launch(*args)
+        return
+    with pytest.raises(LaunchError, match="contradicts the study config") as err:
+        check_launch(*args)
+    for field in refused:
+        assert field in str(err.value)
+    assert str(err.value).count(" where the study config's ") == len(refused)
+
+
+def test_a_deepspeed_launch_config_repeating_the_study_config_trains(tmp_path):
+    """`accelerate config` writes the DeepSpeed settings inline; when they agree with the study config the run
+    trains (Accelerate refused them next to the config scaling builds: "When using `deepspeed_config_file`, the
+    following accelerate config variables will be ignored")."""
+    import subprocess
+
+    cfg = tmp_path / "inline_zero3.yaml"
+    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                   "  zero_stage: 3\n  gradient_accumulation_steps: 2\n  gradient_clipping: 1.0\n"
+                   "  offload_optimizer_device: none\n  zero3_init_flag: false\nmixed_precision: 'no'\n"
+                   "num_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(launcher.HERE)!r}, {str(launcher.REPO)!r}]\n"
+        "from toy import ToyDataset, vit\n"
+        "from scaling.config import ShardingConfig, TrainConfig\n"
+        "from scaling.engine import Trainer\n"
+        "t = Trainer(vit(), TrainConfig(batch_size=8, steps=2, grad_accum=2, clip_grad_norm=1.0),\n"
+        "            ShardingConfig(strategy='zero3'))\n"
+        "s = t.fit(ToyDataset(32))\n"
+        "e = t.engine\n"
+        "print('TRAINED', t.world_size, s['steps'], e.zero_optimization_stage(), e.gradient_accumulation_steps(),\n"
+        "      e.gradient_clipping(), flush=True)\n")
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    proc = subprocess.run([accelerate, "launch", "--config_file", str(cfg), "--main_process_port", "0", str(script)],
+                          env=launcher.env(), cwd=launcher.REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("TRAINED 2 2 3 2 1.0") == 2
+
+
 def test_hsdp_accepted_on_two_nodes():
     two_nodes = LaunchInfo(world_size=4, local_world_size=2, rank=0, deepspeed=False, accelerate_fsdp=False,
                            cuda=False)

@@ -15,8 +15,9 @@ Layout of a run directory::
         model.safetensors                   the consolidated fp32 weights (no optimizer state)
 
 A checkpoint is written into ``.tmp-<name>`` and renamed only when every rank has finished, then ``latest`` is
-replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact. When training ends, ``final`` is
-written and the resumable checkpoints are removed: the optimizer state (1x the parameters for SGD with momentum,
+replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact, and the next checkpoint written
+removes the half-written directory. When training ends, ``final`` is written and the resumable checkpoints are
+removed: the optimizer state (1x the parameters for SGD with momentum,
 2x for AdamW, in fp32) is only needed to continue training, the weights are needed to evaluate again (a study
 killed during evaluation re-runs only the evaluation). A 928M-parameter backbone keeps 3.7 GB per finished run,
 and needs room for one resumable checkpoint plus the one being written while it trains. Sharded formats are used for resume
@@ -473,8 +474,8 @@ def _agree(error: str | None) -> list[str]:
 
 def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: int) -> Path:
     """Run ``write(tmp)`` on every rank into ``root/.tmp-<name>``, then (rank 0) rename it to ``root/<name>``,
-    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints (``keep_others=-1``: a side
-    directory, the best weights: ``latest`` and the other checkpoints are left alone).
+    point ``latest`` at it and keep only the newest ``keep_others`` other checkpoints and no half-written one
+    (``keep_others=-1``: a side directory, the best weights: ``latest`` and the other checkpoints are left alone).
 
     Before writing, every rank checks that the file system has room for the ``needed`` bytes it will write; a
     failed check or write raises :class:`CheckpointError` on every rank naming the path and the bytes needed and
@@ -532,6 +533,10 @@ def _publish(root: Path, name: str, write, rank: int, keep_others: int, needed: 
         others = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and p.name != name)
         for old in others[:len(others) - keep_others]:
             shutil.rmtree(old, ignore_errors=True)
+        # Half-written by a launch killed mid-save (SIGKILL, a lost node): never loaded, and only one launch works
+        # on a run at a time (scaling.study.claims), so nothing writes them now.
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 

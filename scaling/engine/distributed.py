@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from scaling.config import ConfigError, ShardingConfig, TrainConfig
-from scaling.engine.launch import LaunchError, LaunchInfo, detect_launch
+from scaling.engine.launch import ZERO_STRATEGIES, LaunchError, LaunchInfo, detect_launch
 from scaling.engine.strategies import strategy_class
 from scaling.engine.seeds import AUGMENT, derive_seed
 
@@ -30,6 +30,7 @@ def check_launch(sharding: ShardingConfig, train: TrainConfig, launch: LaunchInf
     """
     launch = launch or detect_launch()
     strategy_class(sharding.strategy).check_launch(sharding, train, launch)
+    _check_launch_settings(launch, sharding, train)
     mp = train.mixed_precision
     if mp == "fp16" and not launch.cuda:
         raise LaunchError("train.mixed_precision='fp16' needs a CUDA GPU (loss scaling); use 'bf16' on the CPU")
@@ -46,6 +47,36 @@ def check_launch(sharding: ShardingConfig, train: TrainConfig, launch: LaunchInf
             f"{launch.world_size} x {train.grad_accum} = {per_step}"
         )
     return launch
+
+
+def _check_launch_settings(launch: LaunchInfo, sharding: ShardingConfig, train: TrainConfig) -> None:
+    """A launch config may repeat a training setting of the study config, never contradict it: the study config is
+    the one switch (docs/design.md, "One switch per concern"), and the launch's value would otherwise be dropped
+    without a word (a ``mixed_precision: bf16`` yaml training in fp32)."""
+    stage = int(sharding.strategy[-1]) if sharding.strategy in ZERO_STRATEGIES else None
+    ours = {
+        "mixed_precision": ("train.mixed_precision", train.mixed_precision, str),
+        "gradient_accumulation_steps": ("train.grad_accum", train.grad_accum, int),
+        "gradient_clipping": ("train.clip_grad_norm", float(train.clip_grad_norm), float),
+        "zero_stage": ("sharding.strategy", stage, int),
+        "offload_optimizer_device": ("sharding.offload_optimizer", "cpu" if sharding.offload_optimizer else "none",
+                                     str.lower),
+        "offload_param_device": ("sharding.offload_params", "cpu" if sharding.offload_params else "none", str.lower),
+    }
+    diffs = []
+    for name, text in launch.settings.items():
+        key, value, parse = ours[name]
+        try:
+            same = parse(text) == value
+        except ValueError:
+            same = False
+        if not same:
+            diffs.append(f"{name}: {text} where the study config's {key} gives {value!r}")
+    if diffs:
+        raise LaunchError(
+            f"the launch config (accelerate launch --config_file, or its command line) contradicts the study config: "
+            f"{'; '.join(diffs)}. The study config is the one switch for these: remove them from the launch config "
+            f"(launch/README.md), or set the study config to what you meant")
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

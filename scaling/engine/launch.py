@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,30 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 class LaunchError(RuntimeError):
     """The requested strategy cannot run in the way this process was launched."""
+
+
+LAUNCH_SETTINGS = {
+    "mixed_precision": "ACCELERATE_MIXED_PRECISION",
+    "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
+    "zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+    "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+}
+"""Training settings an Accelerate launch config (or ``accelerate launch``'s command line) may set, by their name
+there, and the variable ``accelerate launch`` passes each in (Accelerate 1.15.0, ``utils/launch.py``). The study
+config owns all of them (:func:`scaling.engine.distributed.check_launch` refuses a contradiction)."""
+DS_FIELDS = "ACCELERATE_CONFIG_DS_FIELDS"
+"""The fields a DeepSpeed launch config wrote in its ``deepspeed_config`` section (and ``mixed_precision``)."""
+
+
+def _launch_settings() -> dict[str, str]:
+    """The :data:`LAUNCH_SETTINGS` this launch set. Accelerate always passes a precision (``no`` by default), so
+    ``no`` counts only when a DeepSpeed launch config names ``mixed_precision``."""
+    settings = {field: os.environ[var] for field, var in LAUNCH_SETTINGS.items() if var in os.environ}
+    if settings.get("mixed_precision") == "no" and "mixed_precision" not in os.environ.get(DS_FIELDS, "").split(","):
+        del settings["mixed_precision"]
+    return settings
 
 
 def _env_flag(name: str) -> bool:
@@ -59,6 +83,8 @@ class LaunchInfo:
     """Launched with an Accelerate FSDP config (``ACCELERATE_USE_FSDP``)."""
     cuda: bool
     """A CUDA device is usable."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """Training settings the launch config set (:data:`LAUNCH_SETTINGS` names), as text."""
 
     @property
     def num_nodes(self) -> int:
@@ -76,6 +102,7 @@ def detect_launch() -> LaunchInfo:
         deepspeed=_env_flag("ACCELERATE_USE_DEEPSPEED"),
         accelerate_fsdp=_env_flag("ACCELERATE_USE_FSDP"),
         cuda=torch.cuda.is_available(),
+        settings=_launch_settings(),
     )
 
 
@@ -114,12 +141,15 @@ def make_accelerator(train: TrainConfig, sharding: ShardingConfig, launch: Launc
     launched = "LOCAL_RANK" in os.environ
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)] if launched else []
     if sharding.strategy in ZERO_STRATEGIES:
-        plugin = DeepSpeedPlugin(
-            hf_ds_config=deepspeed_config,
-            gradient_accumulation_steps=train.grad_accum,
-            gradient_clipping=train.clip_grad_norm,
-            zero3_init_flag=False,
-        )
+        # The launch config's DeepSpeed fields were checked to agree with the study config (check_launch) and are
+        # filled into the config from it; hidden here, Accelerate would refuse them next to a config dict.
+        with _without_env(DS_FIELDS):
+            plugin = DeepSpeedPlugin(
+                hf_ds_config=deepspeed_config,
+                gradient_accumulation_steps=train.grad_accum,
+                gradient_clipping=train.clip_grad_norm,
+                zero3_init_flag=False,
+            )
         acc = Accelerator(
             deepspeed_plugin=plugin,
             mixed_precision=train.mixed_precision,

@@ -7,6 +7,9 @@ stop at the same step, save one consistent checkpoint and exit together, and the
 for the device. The price is latency: a signal is honoured at most ``min(log_every, checkpoint_every)`` optimizer
 steps after it arrives (docs/scaling-out.md, "Preemption latency"); SLURM's ``--signal=B:USR1@120`` in
 ``launch/slurm.sbatch`` leaves 120 s for that and the checkpoint.
+
+SLURM signals every process of a job step (``scancel --signal``, preemption, a signal srun forwards), DataLoader
+workers included; a worker ignores these signals (:func:`ignore_in_worker`) and leaves them to its rank.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ import threading
 import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker ignores SIGTERM and SIGUSR1, which its rank handles.
+
+    Without it a worker dies of a signal meant for the job (torch's worker handler exits on a SIGTERM only when its
+    parent sent it, ``torch/csrc/DataLoader.cpp``; SIGUSR1's default action ends the process), and its rank raises
+    ``DataLoader worker ... is killed by signal`` instead of checkpointing. A worker still ends when the loader
+    shuts it down or its rank exits (torch's worker loop watches its parent).
+    """
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class PreemptionSignals:

@@ -58,7 +58,7 @@ from scaling.engine.distributed import (
     check_training_keys,
 )
 from scaling.engine.inputs import Normalisation, pin_memory, to_device
-from scaling.engine.preemption import PreemptionSignals
+from scaling.engine.preemption import PreemptionSignals, ignore_in_worker
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
 from scaling.engine.selection import Selection
 from scaling.engine.sharding import ShardingError, verify_sharding
@@ -225,8 +225,10 @@ class Trainer:
         """DataLoader with pinned memory on GPUs and, with workers, a deeper prefetch queue; ``persistent`` keeps
         the workers alive between passes (validation every ``eval_every`` steps would otherwise start them anew).
         The loader has its own generator: creating an iterator otherwise draws its workers' base seed from the
-        global RNG."""
-        workers = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.num_workers else {}
+        global RNG. Workers leave SIGTERM / SIGUSR1 to their rank (:func:`~scaling.engine.preemption.ignore_in_worker`).
+        """
+        workers = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent,
+                   "worker_init_fn": ignore_in_worker} if self.num_workers else {}
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                           pin_memory=pin_memory(self.device), generator=torch.Generator().manual_seed(seed), **workers)
 
