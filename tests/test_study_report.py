@@ -521,3 +521,32 @@ def test_a_cell_with_fewer_seeds_is_marked_in_every_summary_table(tmp_path):
         marked = t.loc[short, column].str.contains(" (1/2 seeds)", regex=False)
         assert marked.all(), (key, t.loc[short, column].tolist())
         assert not t.loc[~short, column].str.contains("seeds").any(), key
+
+
+def test_data_efficiency_figure_marks_each_crossing_as_the_table_reads_it(report):
+    """A crossing inside the grid is a ``|`` at its fraction, one at the smallest fraction or below a ``<`` there
+    (the table's ``≤``), one never reached a ``>`` at the largest fraction (the table's ``>``), on the baseline."""
+    from scaling.study import plots
+    from scaling.study.aggregate import plain_cells
+
+    root, rep, _ = report
+    eff = rep.tables["data_efficiency"]
+    summary = plain_cells(summarise(load_results(root)))
+    smallest, largest = min(FRACTIONS), max(FRACTIONS)
+    # The hand-made store's crossings are all at the smallest fraction or inside the grid: add one never reached.
+    never = eff.iloc[[0]].assign(fraction_to_match=np.nan, censored="above", fraction_to_match_text=f"> {largest:g}")
+    eff = pd.concat([eff, never.assign(pretrained=eff["pretrained"].iloc[-1])], ignore_index=True)
+    assert set(eff["censored"]) >= {"below", "above"}
+    fig = plots.auroc_vs_fraction(summary, eff)
+    base = float(eff["baseline_auroc"].iloc[0])
+    drawn = sorted((ax.get_title().rsplit(": AUROC vs data", 1)[0], line.get_marker(), float(line.get_xdata()[0]))
+                   for ax in fig.axes for line in ax.get_lines()
+                   if line.get_marker() in ("|", "<", ">") and float(line.get_ydata()[0]) == base)
+    want = sorted((r.pretrained, ">" if r.censored == "above" else "<" if r.censored == "below" else "|",
+                   largest if r.censored == "above" else float(r.fraction_to_match))
+                  for r in eff.itertuples(index=False))
+    assert drawn == want
+    assert all(x == smallest for _, m, x in drawn if m == "<")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "matches it at this fraction or less" in labels and \
+        "does not match it (more than the largest fraction)" in labels

@@ -122,11 +122,15 @@ def _source_panels(d: pd.DataFrame):
 def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = None,
                       eval_set: str = "test") -> plt.Figure | None:
     """Data efficiency: AUROC vs labelled fraction (log x), one line per backbone, one panel per pretraining
-    source; the full-data baseline as a horizontal line and each curve's fraction-to-match marked."""
+    source; the full-data baseline as a horizontal line and each curve's fraction-to-match marked on it as the
+    table reads it (``fraction_to_match_text``): a crossing inside the grid ``|``, one at most the smallest
+    fraction ``<`` at that fraction, one never reached ``>`` at the largest."""
     s = select(summary, "auroc", eval_set)
     if s.empty or s["fraction"].nunique() < 2:
         return None
     srcs, colors, fig, axes = _source_panels(s)
+    largest = float(s["fraction"].max())
+    shown: set[str] = set()
     for ax, src in zip(axes, srcs):
         d = s[s["pretrained"] == src]
         _lines(ax, d, "fraction", "backbone", colors)
@@ -134,12 +138,19 @@ def auroc_vs_fraction(summary: pd.DataFrame, efficiency: pd.DataFrame | None = N
             base = float(efficiency["baseline_auroc"].iloc[0])
             ax.axhline(base, color="grey", linestyle=":", label=f"baseline: {efficiency['baseline'].iloc[0]}")
             for r in efficiency[efficiency["pretrained"] == src].itertuples(index=False):
-                if np.isfinite(r.fraction_to_match):
-                    ax.plot([r.fraction_to_match], [base], marker="|", markersize=14, color=colors.get(r.backbone))
+                x, marker = (largest, ">") if r.censored == "above" else \
+                    (r.fraction_to_match, "<" if r.censored == "below" else "|")
+                if np.isfinite(x):
+                    ax.plot([x], [base], marker=marker, markersize=14 if marker == "|" else 9, linestyle="none",
+                            color=colors.get(r.backbone))
+                    shown.add(marker)
         _fraction_axis(ax, d["fraction"])
         ax.set(title=f"{src}: AUROC vs data ({eval_set})", xlabel="fraction of labelled data", ylabel="macro AUROC")
         ax.grid(alpha=0.3)
-    return _finish(fig, axes)
+    key = [(plt.Line2D([], [], color="black", marker=m, linestyle="none"), label) for m, label in
+           (("|", "matches the baseline at this fraction"), ("<", "matches it at this fraction or less"),
+            (">", "does not match it (more than the largest fraction)")) if m in shown]
+    return _finish(fig, axes, extra=key)
 
 
 def id_vs_ood(summary: pd.DataFrame, drop_summary: pd.DataFrame, trends: dict | None = None) -> plt.Figure | None:
