@@ -250,7 +250,8 @@ def test_cli_compare(store, capsys, tmp_path):
     # the macro rows are printed, one line each (plus the header), on test and the OOD set, along both axes
     assert len(out.strip().splitlines()) == 1 + 1 + 1 + len(macro)  # status line, caption, header, rows
     assert out.splitlines()[1] == ("Paired comparisons of the macro AUROC: diff = compared cell − vs, [diff_lo, "
-                                   "diff_hi] at 95%; p_holm adjusted over the rows of one holm_family (macro_auroc)")
+                                   "diff_hi] at 95%; p_holm adjusted over the rows of one holm_family (macro_auroc: "
+                                   "the macro-AUROC comparisons (the study's questions: the primary family))")
     assert set(macro["axis"]) == {"backbone", "pretrained"} and set(macro["eval_set"]) == {"test", "ood_site_b"}
     assert (macro["method"] == "or").all() and f" {LABELS[0]} " not in out  # two seeds: OR's r − 1 df
     assert main(["compare", str(root), "--label", "Edema"]) == 0  # not a label of this study

@@ -110,7 +110,7 @@ def _compare(args, df: pd.DataFrame, alpha: float = 0.05) -> int:
     ``--brier``, those of the Brier score), on the plain fine-tuning cells, for test and every OOD set, with
     intervals at 1 − ``alpha`` (the runs' eval.alpha)."""
     from scaling.study.aggregate import plain_cells
-    from scaling.study.compare import brier_comparisons, pairwise_comparisons, subgroup_comparisons
+    from scaling.study.compare import HOLM_FAMILIES, brier_comparisons, pairwise_comparisons, subgroup_comparisons
     from scaling.study.tables import ood_sets
 
     plain = plain_cells(df)
@@ -136,8 +136,9 @@ def _compare(args, df: pd.DataFrame, alpha: float = 0.05) -> int:
               + ("" if args.label == "all" or not per_label or table.empty else f", and label {args.label!r}")
               + ")")
         return 0
+    families = "; ".join(f"{f}: {HOLM_FAMILIES[f]}" for f in pd.unique(shown["holm_family"]))
     print(f"Paired comparisons of {what}: diff = compared cell − vs, [diff_lo, diff_hi] at {level_text(1 - alpha)}; "
-          f"p_holm adjusted over the rows of one holm_family ({', '.join(pd.unique(shown['holm_family']))})")
+          f"p_holm adjusted over the rows of one holm_family ({families})")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 

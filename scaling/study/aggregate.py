@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scaling.io import read_yaml_file
+from scaling.io import UnreadableFile, read_yaml_file
 from scaling.metrics.run_metrics import SCORING_VERSION, base_metric
 from scaling.metrics.schema import METRIC_COLUMNS
 from scaling.study.store import RunStore, StoreError
@@ -261,7 +261,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
             log.warning("run %s: meta.json unreadable (%s)", r["run_id"], e)
         try:
             scoring = (store.read_evaluation(r["run_id"]).get("metrics") or {}).get("scoring", 1)
-        except Exception:  # an unreadable evaluation.json: a launch redoes the run's evaluation anyway
+        except (UnreadableFile, AttributeError):  # unreadable, or not an object: a launch redoes its evaluation
             scoring = SCORING_VERSION
         if scoring != SCORING_VERSION:
             stale.append(r["run_id"])

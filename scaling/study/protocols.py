@@ -91,13 +91,22 @@ def apply_reinit(model, spec: RunSpec) -> list[str]:
     return chosen
 
 
+def meta_model(cfg: StudyConfig, backbone: str):
+    """``backbone`` as the study builds it (``model.kwargs``, the data's image size), from scratch on the meta
+    device: no memory allocated, no weights read. What the checks made before anything runs inspect."""
+    from scaling.models import build_model
+
+    with torch.device("meta"):
+        return build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
+                           image_size=cfg.data.image_size)
+
+
 def check_reinit(cfg: StudyConfig, cells: list[RunSpec]) -> None:
     """Refuse, before anything runs, a re-initialisation that asks for more units than its backbone has
-    (``after:9`` of a 6-unit backbone): each backbone with such cells is built on the meta device (nothing
-    allocated, no weights read) and its units counted, so the error names the value, the backbone and its units
-    instead of failing that run after the others trained."""
+    (``after:9`` of a 6-unit backbone): each backbone with such cells is built on the meta device
+    (:func:`meta_model`) and its units counted, so the error names the value, the backbone and its units instead
+    of failing that run after the others trained."""
     from scaling.config import ConfigError
-    from scaling.models import build_model
     from scaling.models.reinit import units
 
     asked: dict[str, set[str]] = {}
@@ -105,10 +114,7 @@ def check_reinit(cfg: StudyConfig, cells: list[RunSpec]) -> None:
         if parse_reinit(spec.reinit)[0] != "none":
             asked.setdefault(spec.backbone, set()).add(spec.reinit)
     for backbone, values in asked.items():
-        with torch.device("meta"):
-            model = build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"),
-                                num_outputs=1, image_size=cfg.data.image_size)
-        names = list(units(model))
+        names = list(units(meta_model(cfg, backbone)))
         too_many = sorted(v for v in values if parse_reinit(v)[1] > len(names))
         if too_many:
             raise ConfigError(f"grid.reinit {too_many}: backbone {backbone} has {len(names)} units ({names[0]}, "

@@ -439,7 +439,7 @@ def _comparisons_html(table: pd.DataFrame | None) -> list[str]:
         return [_table_html(None, "comparisons", "no comparison (needs two cells that differ in one axis, with "
                                                  "stored predictions)")]
     macro = table["label"] == "macro"
-    table = table.drop(columns="holm_family")  # one family per table shown, as its note says
+    table = _without(table, ["holm_family"])  # one family per table shown, as its note says
     return [_table_html(table[macro].drop(columns="label"), "comparisons"),
             "<details><summary>per label</summary>", _table_html(table[~macro], "comparisons-labels"),
             "</details>"]

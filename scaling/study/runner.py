@@ -306,19 +306,13 @@ def check_model_kwargs(cfg: StudyConfig, cells: list[RunSpec]) -> None:
     that a misspelled or unsupported keyword, or a backbone the library cannot fine-tune (a distilled DeiT's two
     heads), is a ConfigError naming the field and the backbone now, by ``--dry-run`` too, not a failure in every
     run."""
-    import dataclasses
-
-    import torch
-
-    from scaling.models import build_model, resolve_backbone
+    from scaling.models import resolve_backbone
 
     for backbone in dict.fromkeys(s.backbone for s in cells):
         if not cfg.model.kwargs and resolve_backbone(backbone).family == "hf":
             continue  # its head is ours, and its config may need a download
         try:
-            with torch.device("meta"):
-                build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
-                            image_size=cfg.data.image_size)
+            protocols.meta_model(cfg, backbone)
         except (TypeError, ValueError) as e:
             field = f"model.kwargs {dict(cfg.model.kwargs)} do not build" if cfg.model.kwargs else \
                 "grid.backbones: cannot build"
@@ -759,6 +753,11 @@ def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
     return {k: getattr(spec, k) for k in ANALYSIS_AXES if any(getattr(c, k) != getattr(plain, k) for c in cells)}
 
 
+DEPRECATED_PARAMS = "params"
+"""results.csv's old name of ``n_params``, written as its last column until scripts have moved to ``n_params``
+(docs/run-store.md); the printed table leaves it out."""
+
+
 def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     """One row per run: axes, status, macro AUROC in-distribution and on each OOD set, ``worst_subgroup_auroc`` (on
     test, the smallest ``worst_group_auroc`` over the subgroup attributes) and ``n_params``; for a one-of-K task also
@@ -799,11 +798,6 @@ def results_table(cfg: StudyConfig, store: RunStore) -> pd.DataFrame:
     if "n_params" in table:  # the column's name before it was named as everywhere else: kept for existing scripts
         table[DEPRECATED_PARAMS] = table["n_params"]
     return table
-
-
-DEPRECATED_PARAMS = "params"
-"""results.csv's old name of ``n_params``, written as its last column until scripts have moved to ``n_params``
-(docs/run-store.md); the printed table leaves it out."""
 
 
 def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) -> int:
