@@ -415,13 +415,16 @@ def test_a_deepspeed_launch_config_repeating_the_study_config_trains(tmp_path):
         "            ShardingConfig(strategy='zero3'))\n"
         "s = t.fit(ToyDataset(32))\n"
         "e = t.engine\n"
-        "print('TRAINED', t.world_size, s['steps'], e.zero_optimization_stage(), e.gradient_accumulation_steps(),\n"
-        "      e.gradient_clipping(), flush=True)\n")
+        "import os\n"
+        "line = (f'TRAINED {t.world_size} {s[\"steps\"]} {e.zero_optimization_stage()} '\n"
+        "        f'{e.gradient_accumulation_steps()} {e.gradient_clipping()}\\n')\n"
+        "os.write(1, line.encode())  # one write per rank: two ranks share the pipe and PYTHONUNBUFFERED splits print\n")
     accelerate = str(Path(sys.executable).parent / "accelerate")
     proc = subprocess.run([accelerate, "launch", "--config_file", str(cfg), "--main_process_port", "0", str(script)],
                           env=launcher.env(), cwd=launcher.REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.count("TRAINED 2 2 3 2 1.0") == 2
+    trained = [ln for ln in proc.stdout.splitlines() if ln.startswith("TRAINED")]
+    assert trained == ["TRAINED 2 2 3 2 1.0"] * 2, proc.stdout[-3000:]
 
 
 def test_hsdp_accepted_on_two_nodes():
