@@ -497,7 +497,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     columns of their own, e.g. a group of classes) scored through the binary path and kept out of the per-set
     macros. ``paired`` are OOD sets that share patients with ``test``: their AUROC drop is resampled over the
     patients of both sets together. ``sources`` names where each set's frame was read from (a run store's
-    predictions file), for the errors about a frame that lacks columns.
+    predictions file), for the errors about a frame that lacks columns. While it runs, the process's BLAS uses one
+    thread (the comment above says why).
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
