@@ -126,7 +126,8 @@ def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
 
     One sort serves all replicates: the weight called positive at each distinct threshold is the cumulative weight
     of the samples down to it, the true-positive weight that of the positives among them (cumulated over the
-    positives alone, and in float32 where that is exact: :func:`_cumulative_dtype`)."""
+    positives alone, and in float32 where that is exact: :func:`_cumulative_dtype`). The sum runs over the
+    thresholds that hold a positive: the others' terms are zero."""
     if not y.any():  # also covers no labelled sample at all
         return np.full(counts.shape[0], np.nan)
     order = np.argsort(-p)  # tied scores are grouped into one threshold below
@@ -136,16 +137,16 @@ def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     codes_s = codes[order]
     pos_codes = codes_s[ys]
     pos_upto = np.cumsum(ys)[ends]  # positives among the samples down to each distinct threshold
+    with_pos = np.flatnonzero(np.diff(pos_upto, prepend=0) > 0)  # the thresholds that hold a positive
     work = _cumulative_dtype(counts, y.size)
     out = []
     for block in _blocks(counts, y.size):
         block = block.astype(work, copy=False)
-        called = np.cumsum(block[:, codes_s], axis=1)[:, ends].astype(np.float64)  # tp + fp at each threshold
+        called = np.cumsum(block[:, codes_s], axis=1)[:, ends[with_pos]].astype(np.float64)  # tp + fp there
         tp_cum = np.zeros((block.shape[0], pos_codes.size + 1), dtype=work)
         np.cumsum(block[:, pos_codes], axis=1, out=tp_cum[:, 1:])
-        tp = tp_cum[:, pos_upto].astype(np.float64)
-        d_tp = tp.copy()
-        d_tp[:, 1:] -= tp[:, :-1]
+        tp = tp_cum[:, pos_upto[with_pos]].astype(np.float64)
+        d_tp = np.diff(tp, axis=1, prepend=0.0)  # the positives' weight at each of those thresholds
         with np.errstate(invalid="ignore", divide="ignore"):
             # d_tp > 0 implies called > 0, so the 0/0 cases carry zero weight.
             ap = (d_tp * np.where(called > 0, tp / called, 0.0)).sum(axis=1) / tp[:, -1]
