@@ -1,6 +1,7 @@
 """Metric-speed benchmark: cluster-bootstrap AUROC, DeLong, and one study run's compute_run_metrics.
 
     python benchmarks/metrics_speed.py [--n 100000] [--patients 20000] [--n-boot 1000] [--sklearn-reps 20]
+    python benchmarks/metrics_speed.py --real-run-boot 0     # without the real-size run of 4.
 
 1. 1,000 patient-level bootstrap replicates of AUROC at n = 100,000 images of 20,000 patients with
    ``scaling.metrics.bootstrap_ci`` (goal <= 2 s on 2 cores; goal >= 20x faster than the obvious alternative: a
@@ -13,6 +14,11 @@
    a report runs tens of them per evaluation set).
 3. ``compute_run_metrics`` for one demo-sized run: val + test + OOD sets of 1,000 samples, 5 labels,
    3 subgroup attributes, 200 replicates (goal: well under 1 s).
+4. ``compute_run_metrics`` for one run at a real size: NIH ChestX-ray14's test list (25,596 images of 2,797
+   patients) with a validation and an OOD set of 5,000 images each, 14 labels, 3 subgroup attributes and
+   ``--real-run-boot`` replicates (1,000, as the shipped study configs set ``eval.n_boot``), as it runs (one BLAS
+   thread) and with the BLAS threads the process has by default (``compute_run_metrics.__wrapped__``): the
+   ratio of the two, and the rows compared.
 
 Each timing is the best of ``--repeats`` runs, as wall time and as this process's CPU time (on a shared machine
 the wall time includes waiting for a core). The ratio against sklearn is given for both.
@@ -75,6 +81,22 @@ def demo_predictions(n: int, seed: int) -> pd.DataFrame:
     return df
 
 
+def real_size_predictions(n: int, n_patients: int, n_labels: int, seed: int) -> pd.DataFrame:
+    """A prediction frame of ``n`` images of ``n_patients`` patients (images of a patient together, as a dataset
+    lists them), ``n_labels`` findings of 2-20 % prevalence, and sex / age group / view attributes per patient."""
+    rng = np.random.default_rng(seed)
+    patient = np.sort(rng.integers(0, n_patients, n))
+    df = pd.DataFrame({"sample_id": [f"{seed}-{i}" for i in range(n)], "patient_id": [f"p{seed}-{k}" for k in patient],
+                       "sex": np.array(["F", "M"])[patient % 2],
+                       "age_group": np.array(["0-40", "40-60", "60-80", "80+"])[patient % 4],
+                       "view": rng.choice(["PA", "AP"], n)})
+    for j in range(n_labels):
+        y = (rng.random(n) < rng.uniform(0.02, 0.2)).astype(float)
+        z = 1.5 * y - 1.5 + rng.normal(size=n)
+        df[f"label:L{j}"], df[f"logit:L{j}"], df[f"prob:L{j}"] = y, z, expit(z)
+    return df
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -83,6 +105,8 @@ def main() -> None:
     ap.add_argument("--sklearn-reps", type=int, default=20)
     ap.add_argument("--delong-n", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--real-run-boot", type=int, default=1000,
+                    help="replicates of the real-size run of 4. (0: leave it out)")
     args = ap.parse_args()
 
     from scaling.config import EvalConfig
@@ -129,6 +153,27 @@ def main() -> None:
                                   args.repeats)
     print(f"compute_run_metrics, 3 sets x 1,000 samples x 5 labels x 3 attributes, 200 replicates: {t_run} "
           f"({len(rows)} rows)  [goal well under 1 s]")
+
+    if args.real_run_boot:
+        from threadpoolctl import threadpool_info
+
+        per_patient = n_img / n_pat
+        preds = {name: real_size_predictions(n, round(n / per_patient), n_lab, seed)
+                 for seed, (name, n) in enumerate([("val", 5_000), ("test", n_img), ("ood", 5_000)])}
+        labels = [f"L{j}" for j in range(n_lab)]
+        cfg = EvalConfig(n_boot=args.real_run_boot)
+        blas = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+        what = (f"compute_run_metrics at NIH ChestX-ray14 size (val 5,000 + test {n_img:,} + OOD 5,000 images, "
+                f"{n_lab} labels, 3 attributes, {args.real_run_boot} replicates)")
+        t_one, one, (rows_one, _) = best_of(lambda: compute_run_metrics(preds, labels, ["sex", "age_group", "view"],
+                                                                        cfg), 1)
+        print(f"{what}, one BLAS thread (as it runs): {t_one}", flush=True)
+        t_all, all_, (rows_all, _) = best_of(lambda: compute_run_metrics.__wrapped__(
+            preds, labels, ["sex", "age_group", "view"], cfg), 1)
+        moved = int((rows_one[["lo", "hi"]].fillna(0) != rows_all[["lo", "hi"]].fillna(0)).any(axis=1).sum())
+        print(f"  the same with the process's {blas} BLAS thread(s): {t_all}  ->  {all_[0] / one[0]:.2f}x the wall "
+              f"time, {all_[1] / one[1]:.2f}x the CPU time of one thread; {moved} of {len(rows_one)} rows' "
+              f"intervals differ in their last bits")
 
 
 if __name__ == "__main__":

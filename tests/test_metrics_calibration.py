@@ -122,3 +122,27 @@ def test_a_temperature_on_its_search_bound_is_warned_about():
         warnings.simplefilter("error", MetricWarning)
         t = fit_temperature(y, np.array([-2.0, 1.0, -1.0, 1.0, -1.5, 2.0]))
     assert T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01
+
+
+def test_bootstrap_counts_are_converted_once_per_matrix_and_freed_with_it():
+    """The weighted means multiply a bootstrap's float32 counts with float64 sums: the float64 copy is made once per
+    count matrix (not once per product), gives the products of the matrix itself, and goes when the matrix goes."""
+    import gc
+
+    from scaling.metrics.bootstrap import ClusterBootstrap
+    from scaling.metrics.calibration import _FLOAT64_COUNTS, float64_counts, weighted_mean_replicates
+
+    rng = np.random.default_rng(0)
+    patients = rng.integers(0, 50, 300)
+    boot = ClusterBootstrap(patients, n=300, n_boot=40, seed=1)
+    values = rng.random(300)
+    first = float64_counts(boot.counts)
+    assert first.dtype == np.float64 and np.array_equal(first, boot.counts)
+    assert float64_counts(boot.counts) is first and float64_counts(boot.subset(values > 0.5).counts) is first
+    means = weighted_mean_replicates(values, boot.counts, boot.codes)
+    weights = boot.counts[:, boot.codes].astype(np.float64)  # each replicate's weight of every sample, by hand
+    np.testing.assert_allclose(means, (weights * values).sum(axis=1) / weights.sum(axis=1), rtol=1e-12)
+    entries = len(_FLOAT64_COUNTS)
+    del boot, first
+    gc.collect()
+    assert len(_FLOAT64_COUNTS) == entries - 1

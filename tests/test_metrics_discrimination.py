@@ -57,3 +57,21 @@ def test_one_class_label_is_nan_with_warning_and_kept_in_per_label():
     assert macro_average(values) == 1.0
     with pytest.warns(MetricWarning):
         assert np.isnan(macro_average([np.nan, np.nan]))
+
+
+def test_auprc_replicates_of_a_bootstraps_float32_counts_are_exact():
+    """A bootstrap's float32 counts are cumulated in float32 (exact for small integers): the same numbers, to the
+    last bit, as with the counts in float64, and scikit-learn's weighted average precision, ties included."""
+    from scaling.metrics.bootstrap import ClusterBootstrap
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    y = rng.random(n) < 0.2
+    p = np.round(rng.random(n) * 0.8 + 0.2 * y, 2)  # many ties
+    boot = ClusterBootstrap(rng.integers(0, 400, n), n=n, n_boot=50, seed=0)
+    assert boot.counts.dtype == np.float32
+    single = auprc_replicates(y, p, boot.counts, boot.codes)
+    np.testing.assert_array_equal(single, auprc_replicates(y, p, boot.counts.astype(np.float64), boot.codes))
+    for b in range(0, 50, 7):
+        w = boot.counts[b, boot.codes].astype(np.float64)
+        assert abs(single[b] - average_precision_score(y, p, sample_weight=w)) < 1e-9

@@ -71,6 +71,14 @@ def _blocks(counts: np.ndarray, n: int):
         yield counts[start:start + step]
 
 
+def _cumulative_dtype(counts: np.ndarray, n: int):
+    """The dtype to cumulate weights of ``counts`` over ``n`` samples in: float32 for a bootstrap's float32 counts
+    (small integers, exact in float32 while every cumulative sum stays below 2**24: the same numbers for half the
+    memory traffic), else float64."""
+    exact32 = counts.size == 0 or float(counts.max()) * n < 2 ** 24  # bounds every cumulative sum
+    return np.float32 if counts.dtype == np.float32 and exact32 else np.float64
+
+
 def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Weighted AUROC for every row of ``counts`` (sample ``i`` weighs ``counts[b, codes[i]]``); NaN if a class
     has zero weight.
@@ -87,10 +95,8 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     upto = np.searchsorted(neg_scores, p[pos], side="right")
     tied = np.flatnonzero(below != upto)
     neg_codes, pos_codes = codes[neg], codes[pos]
-    # Integer weights are exact in float32 while cumulative sums stay below 2**24; the products and sums over
-    # positives are accumulated in float64, so the result is exact and cheaper in memory traffic.
-    exact32 = counts.size == 0 or float(counts.max()) * y.size < 2 ** 24  # bounds every cumulative sum
-    work = np.float32 if counts.dtype == np.float32 and exact32 else np.float64
+    # The products and sums over positives are accumulated in float64, so the result is exact.
+    work = _cumulative_dtype(counts, y.size)
     step = max(1, _BLOCK_ELEMENTS // max(y.size, 1))
     # Buffers are allocated once and refilled per block (fresh large arrays cost page faults on every block).
     cum_buf = np.zeros((step, neg.size + 1), dtype=work)
@@ -116,7 +122,12 @@ def auroc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
 
 
 def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Weighted average precision for every row of ``counts`` (see :func:`auroc_replicates` for the weights)."""
+    """Weighted average precision for every row of ``counts`` (see :func:`auroc_replicates` for the weights).
+
+    One sort serves all replicates: the weight called positive at each distinct threshold is the cumulative weight
+    of the samples down to it, the true-positive weight that of the positives among them (cumulated over the
+    positives alone, and in float32 where that is exact: :func:`_cumulative_dtype`). The sum runs over the
+    thresholds that hold a positive: the others' terms are zero."""
     if not y.any():  # also covers no labelled sample at all
         return np.full(counts.shape[0], np.nan)
     order = np.argsort(-p)  # tied scores are grouped into one threshold below
@@ -124,14 +135,18 @@ def auprc_replicates(y: np.ndarray, p: np.ndarray, counts: np.ndarray, codes: np
     ps = p[order]
     ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])  # last index of each distinct threshold
     codes_s = codes[order]
+    pos_codes = codes_s[ys]
+    pos_upto = np.cumsum(ys)[ends]  # positives among the samples down to each distinct threshold
+    with_pos = np.flatnonzero(np.diff(pos_upto, prepend=0) > 0)  # the thresholds that hold a positive
+    work = _cumulative_dtype(counts, y.size)
     out = []
     for block in _blocks(counts, y.size):
-        w = block[:, codes_s].astype(np.float64)
-        called = np.cumsum(w, axis=1)[:, ends]  # weight called positive at each distinct threshold (tp + fp)
-        w *= ys
-        tp = np.cumsum(w, axis=1)[:, ends]
-        d_tp = tp.copy()
-        d_tp[:, 1:] -= tp[:, :-1]
+        block = block.astype(work, copy=False)
+        called = np.cumsum(block[:, codes_s], axis=1)[:, ends[with_pos]].astype(np.float64)  # tp + fp there
+        tp_cum = np.zeros((block.shape[0], pos_codes.size + 1), dtype=work)
+        np.cumsum(block[:, pos_codes], axis=1, out=tp_cum[:, 1:])
+        tp = tp_cum[:, pos_upto[with_pos]].astype(np.float64)
+        d_tp = np.diff(tp, axis=1, prepend=0.0)  # the positives' weight at each of those thresholds
         with np.errstate(invalid="ignore", divide="ignore"):
             # d_tp > 0 implies called > 0, so the 0/0 cases carry zero weight.
             ap = (d_tp * np.where(called > 0, tp / called, 0.0)).sum(axis=1) / tp[:, -1]

@@ -74,6 +74,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from scaling.metrics.bootstrap import ClusterBootstrap, percentile_interval
 from scaling.metrics.calibration import (brier, brier_replicates, ece, ece_replicates, mce, mce_replicates, nll,
@@ -472,6 +473,12 @@ def _paired_drop_replicates(test: pd.DataFrame, ood: pd.DataFrame, labels, eval_
             - in_ood.replicates("auroc", ood[f"label:{lab}"], ood[f"prob:{lab}"]) for lab in labels}
 
 
+# The bootstrap's matrix products (replicates x patients by one or ten columns, hundreds per run) are too small for
+# BLAS threads: starting and spinning them cost more than they save (a run of 25,596 images and 14 labels at 1,000
+# replicates took 134 s instead of 42 s with two threads on a busy 2-core machine), and a threaded product splits
+# its sums by the number of cores, so the stored ECE/MCE intervals changed in their last bits from one machine to
+# the next. One BLAS thread makes the rows a function of the predictions and the settings alone.
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], subgroups: list[str],
                         eval_cfg, task: str = "multilabel", derived: Sequence[str] = (),
                         paired: Sequence[str] = (), sources: Mapping[str, object] | None = None,
@@ -490,7 +497,8 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
     columns of their own, e.g. a group of classes) scored through the binary path and kept out of the per-set
     macros. ``paired`` are OOD sets that share patients with ``test``: their AUROC drop is resampled over the
     patients of both sets together. ``sources`` names where each set's frame was read from (a run store's
-    predictions file), for the errors about a frame that lacks columns.
+    predictions file), for the errors about a frame that lacks columns. While it runs, the process's BLAS uses one
+    thread (the comment above says why).
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed; choose one of {list(TASKS)}")
