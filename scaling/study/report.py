@@ -569,9 +569,9 @@ def _fairness_html(rep: StudyReport) -> list[str]:
              "seeds the worst group can sit a little below the lowest seed-mean group below: the worst group may "
              "differ by seed) and equalized-odds difference (max of the TPR "
              "and FPR gaps) at the threshold fitted on validation; then each group's macro AUROC with its "
-             "interval and size. Groups below "
-             "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
-             "not summarised." + BIASED_NOTE + "</p>"]
+             "interval and size. Groups below eval.min_group_size images or eval.min_group_patients patients are "
+             "n/a; samples without the attribute form the group <i>missing</i>, shown but not summarised."
+             + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
         parts += [f"<h3 id='fairness-{_anchor(e)}'>{_set_title(e)}</h3>", _figure_html(rep, f"fairness:{e}"),
                   _table_html(rep.tables.get(f"fairness:{e}"), f"fairness-{_anchor(e)}",
