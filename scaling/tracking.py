@@ -209,9 +209,11 @@ class Tracker:
         config = scrubber.mapping(dict(axes))
         settings = wandb.Settings(
             # W&B would otherwise record the host, user, program path, argv, git state, installed packages and
-            # all console output; argv and logs carry dataset paths, so only what we log explicitly is sent.
+            # all console output; argv and logs carry dataset paths, so only what we log explicitly is sent. The
+            # host name goes into the run record itself (wandb 0.31 fills it in when host is None), not the
+            # metadata x_disable_meta switches off.
             console="off", x_disable_meta=True, x_disable_machine_info=True, save_code=False, disable_code=True,
-            disable_git=True, x_save_requirements=False, x_disable_stats=True, silent=True,
+            disable_git=True, x_save_requirements=False, x_disable_stats=True, silent=True, host="",
         )
         run = wandb.init(
             project=tracking_cfg.project, entity=tracking_cfg.entity or None, group=study_name,

@@ -76,6 +76,23 @@ def test_non_main_process_is_noop(tmp_path):
     assert not t.active and not any(tmp_path.rglob("*"))
 
 
+def test_offline_run_records_no_host_name(tmp_path, monkeypatch):
+    """W&B puts the machine's name in every run it syncs (the run's 'host', shown in its overview) unless told
+    otherwise; a hospital workstation's name is not W&B's business."""
+    import socket
+
+    host = "ward7-radiology-ws042"
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    t = Tracker.create(TrackingConfig(wandb="offline", project="scaling-test"), "demo", "cell", {"seed": 0},
+                       tmp_path / "run")
+    t.log({"train/loss": 0.5}, step=1)
+    t.finish()
+    records = b"".join(p.read_bytes() for p in tmp_path.rglob("*.wandb"))
+    assert b"train/loss" in records and host.encode() not in records
+
+
 def test_offline_run_has_metrics_and_no_identifiers(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)  # anything W&B writes relative to the cwd stays in tmp
