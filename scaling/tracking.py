@@ -18,6 +18,7 @@ off too, because command lines and logs routinely carry dataset paths.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -86,30 +87,58 @@ class Scrubber:
     With ``allow_identifiers=True`` (``tracking.log_identifiers``) it passes everything through unchanged.
     ``protect(values)`` registers known identifier values (e.g. a sample table's ids) so that any string containing
     one is redacted even under a harmless-looking key.
+
+    A protected value is found where it stands as a whole token: a span that starts and ends where the kind of
+    character (letter, digit, other) changes, so ``10000032`` is found in ``p10000032`` and ``'s5.png'``, but id
+    ``12`` is not found in ``2012``. Values are kept in a set, not a regex alternation: a study protects every
+    sample and patient id of its tables (MIMIC-CXR: 440,000), which as one alternation took 35 s to compile and
+    50 ms to search per string of a cell's metric table.
     """
 
     def __init__(self, allow_identifiers: bool = False, protected: Iterable[str] = ()):
         self.allow_identifiers = allow_identifiers
         self._protected: set[str] = set()
-        self._pattern: re.Pattern | None = None
+        self._longest = 0
         self.protect(protected)
 
     def protect(self, values: Iterable[Any]) -> None:
         """Redact any string that contains one of ``values`` from now on."""
         new = {str(v) for v in values if v is not None and str(v) != ""}
-        if not new - self._protected:
-            return
         self._protected |= new
-        # Longest first so that "p1" never pre-empts "p10" in the alternation.
-        alts = sorted(self._protected, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(a) for a in alts))
+        self._longest = max([self._longest, *map(len, new)])
+
+    def _occurrences(self, s: str) -> list[tuple[int, int]]:
+        """Spans of ``s`` holding a protected value as a whole token, left to right, the longest at each start."""
+        if not self._protected or not s:
+            return []
+        kinds = [c.isalpha() + 2 * c.isdigit() for c in s]
+        cuts = [0, *(i for i in range(1, len(s)) if kinds[i] != kinds[i - 1]), len(s)]
+        spans, covered = [], 0
+        for a, start in enumerate(cuts[:-1]):
+            if start < covered:
+                continue
+            ends = cuts[a + 1:bisect.bisect_right(cuts, start + self._longest)]
+            end = next((e for e in reversed(ends) if s[start:e] in self._protected), None)
+            if end is not None:
+                spans.append((start, end))
+                covered = end
+        return spans
 
     def text(self, s: str) -> str:
-        """A string with protected ids and path-like substrings redacted."""
+        """A string with protected ids and path-like substrings redacted (all of it when it holds a protected id)."""
         if self.allow_identifiers:
             return s
-        if self._pattern is not None and self._pattern.search(s):
+        if self._occurrences(s):
             return REDACTED
+        return redact_paths(s)
+
+    def message(self, s: str) -> str:
+        """An error message with each protected id and path-like substring replaced by ``<redacted>``, the rest
+        kept, so it still says what went wrong (what the report shows of a failed run)."""
+        if self.allow_identifiers:
+            return s
+        for start, end in reversed(self._occurrences(s)):
+            s = s[:start] + REDACTED + s[end:]
         return redact_paths(s)
 
     def value(self, v: Any) -> Any:

@@ -54,6 +54,22 @@ def test_identifier_keys_and_paths():
     assert Scrubber(allow_identifiers=True).mapping({"patient_id": "p1"}) == {"patient_id": "p1"}
 
 
+def test_protected_ids_are_found_as_whole_tokens():
+    # MIMIC-CXR subject ids stand inside folder names (p10000032); NIH's patient ids are small numbers, which inside
+    # another number or a group name such as '40-60' identify nobody and must not blank the string.
+    s = Scrubber(protected=["10000032", "00000001_000.png", "40", "a1b2-c3"])
+    for text in ("p10000032", "files/p10/p10000032 missing", "sample '00000001_000.png'", "group 40", "x a1b2-c3"):
+        assert s.text(text) == REDACTED, text
+    for text in ("1400 images", "a1b2-c34", "test/auroc"):
+        assert s.text(text) != REDACTED, text
+    assert s.text("2040-2060") == "2040-2060"
+    # an error message keeps what went wrong and loses only the ids and paths
+    assert s.message(f"cannot read image {IMAGE_PATH} (sample '00000001_000.png'): truncated") == (
+        f"cannot read image {REDACTED} (sample '{REDACTED}'): truncated")
+    assert s.message("subject p10000032: 3 images") == f"subject p{REDACTED}: 3 images"
+    assert Scrubber(allow_identifiers=True, protected=["40"]).message("group 40") == "group 40"
+
+
 def test_off_imports_nothing_and_writes_nothing(tmp_path):
     # A fresh interpreter: the test session itself may already have imported wandb.
     code = textwrap.dedent(f"""

@@ -38,6 +38,11 @@ class StudyData:
         """Every evaluation set by name: ``val`` (thresholds/temperature), ``test`` and the OOD sets."""
         return {"val": self.val, "test": self.test, **self.ood}
 
+    def identifiers(self) -> list[str]:
+        """Every sample and patient id of the study's tables: what W&B and the report must never show."""
+        tables = [self.train, *self.eval_sets().values()]
+        return pd.concat([t[["sample_id", "patient_id"]] for t in tables]).to_numpy().ravel().tolist()
+
 
 def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
     """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""

@@ -3,7 +3,8 @@
 Sections: completion of the grid (and every failed or unfinished run with its reason), the headline AUROC table,
 each of the seed paper's views as a plot next to the table it draws, the fitted scaling laws, pairwise DeLong
 comparisons, and the (scrubbed) study config. Nothing identifying is written: predictions are only read to
-recompute curves and tests, and file paths in configs and error messages are redacted.
+recompute curves and tests, file paths in configs and error messages are redacted, and so are the study's sample
+and patient ids in error messages (``FAILED.json``'s ``reason``).
 """
 
 from __future__ import annotations
