@@ -85,7 +85,7 @@ class Scrubber:
     """Removes identifying content (patient/sample ids, file paths, patient images) from anything to be logged.
 
     With ``allow_identifiers=True`` (``tracking.log_identifiers``) it passes everything through unchanged.
-    ``protect(values)`` registers known identifier values (e.g. a sample table's ids) so that any string containing
+    ``protect(values)`` registers known identifier values (e.g. a sample table's ids) so that any string holding
     one is redacted even under a harmless-looking key.
 
     A protected value is found where it stands as a whole token: a span that starts and ends where the kind of
@@ -102,7 +102,7 @@ class Scrubber:
         self.protect(protected)
 
     def protect(self, values: Iterable[Any]) -> None:
-        """Redact any string that contains one of ``values`` from now on."""
+        """Redact any string that holds one of ``values`` (as a whole token) from now on."""
         new = {str(v) for v in values if v is not None and str(v) != ""}
         self._protected |= new
         self._longest = max([self._longest, *map(len, new)])
