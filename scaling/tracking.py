@@ -49,7 +49,7 @@ _ID_TOKENS = {
     "studyid", "path", "paths", "filepath", "filename", "file", "files", "dir", "directory", "uid",
 }
 _ID_PAIRS = {("sample", "id"), ("image", "id"), ("img", "id"), ("study", "id"), ("series", "id"), ("patient", "id"),
-             ("sample", "ids"), ("patient", "ids"), ("file", "name")}
+             ("exam", "id"), ("lesion", "id"), ("sample", "ids"), ("patient", "ids"), ("file", "name")}
 # A value that looks like a location on disk: absolute, home- or dot-relative, Windows drive, UNC, or anything with a
 # separator ending in an image/volume extension (CheXpert's "patient00001/study1/view1_frontal.jpg").
 _PATH_RE = re.compile(

@@ -180,6 +180,9 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     # a subgroup attribute that no set has (misspelt) is named with the attributes the tables do have
     with pytest.raises(DataError, match=r"data.subgroups \['sexx'\] is not an attribute .*'sex'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.subgroups=[sex,sexx]"]))
+    # an identifier column (CheXpert's study_id) as a subgroup attribute: one group per exam, named by its id
+    with pytest.raises(DataError, match=r"data.subgroups \['study_id'\] names an identifier column"):
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.subgroups=[sex,study_id]"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.root="]))

@@ -40,10 +40,11 @@ def _rows() -> pd.DataFrame:
 
 
 def test_identifier_keys_and_paths():
-    for k in ("patient_id", "sample_id", "PatientID", "path", "image_path", "filename", "data.root_dir", "studyId"):
+    for k in ("patient_id", "sample_id", "PatientID", "path", "image_path", "filename", "data.root_dir", "studyId",
+              "exam_id", "lesion_id"):
         assert is_identifier_key(k), k
     for k in ("pretrain_images", "n_params", "test/auroc", "run_id", "fraction", "backbone", "test/sex/auroc_gap",
-              "n_train_patients", "patient_count"):
+              "n_train_patients", "patient_count", "test/auroc@exam_max"):
         assert not is_identifier_key(k), k
     assert redact_paths(f"could not read {IMAGE_PATH}") == f"could not read {REDACTED}"
     assert redact_paths("patient1/study2/view1.png bad") == f"{REDACTED} bad"
