@@ -128,11 +128,12 @@ groups, groups needed) — not averaged over the labels' own summaries: the wors
 of the groups' macro AUROCs, as the report's group table shows them. A label's worst group can differ from label to
 label, so the mean of the labels' worst groups lies below every group's macro AUROC."""
 
-SCORING_VERSION = 2
+SCORING_VERSION = 3
 """Raised whenever a stored metric row changes its definition (what :func:`compute_run_metrics` writes for the same
 predictions and settings), so that a study rescores its finished runs from their stored predictions instead of
 mixing rows of two definitions (``scaling.study.runner.metric_settings`` records it). 2: the macro rows of
-``worst_group_auroc`` and ``auroc_gap`` are taken over the groups' macro AUROCs (``GROUP_SUMMARIES``)."""
+``worst_group_auroc`` and ``auroc_gap`` are taken over the groups' macro AUROCs (``GROUP_SUMMARIES``). 3: a subgroup
+of fewer than ``eval.min_group_patients`` patients gets NaN metrics, however many images it has."""
 
 
 def _columns(df: pd.DataFrame, eval_set: str, labels, source=None) -> None:

@@ -293,7 +293,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     if stale:
         log.warning("%d complete run(s) were scored under an older definition of their metric rows (this code "
                     "writes scoring version %d; e.g. run %s): launch the study again to rescore them from their "
-                    "stored predictions (nothing is trained) before reading worst-group AUROC and AUROC gap",
+                    "stored predictions (nothing is trained) before reading or sharing their subgroup rows",
                     len(stale), SCORING_VERSION, stale[0])
     return StudyResults(df, status, left_out, **eval_settings(store.root, metas), stale_scoring=tuple(stale))
 

@@ -233,9 +233,10 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     notes = {}
     if study.stale_scoring:
         notes["scoring"] = (f"{len(study.stale_scoring)} run(s) were scored under an older definition of their metric "
-                            f"rows (e.g. the worst-group AUROC and AUROC gap before they were taken over the groups' "
-                            f"macro AUROCs): launch the study again to rescore them from their stored predictions "
-                            f"(nothing is trained), then rebuild this report.")
+                            f"rows (e.g. metrics of subgroups of fewer than eval.min_group_patients patients, which "
+                            f"disclose those patients' findings, or the worst-group AUROC and AUROC gap before they "
+                            f"were taken over the groups' macro AUROCs): launch the study again to rescore them from "
+                            f"their stored predictions (nothing is trained), then rebuild this report.")
     if study.left_out:
         notes["scope"] = (f"The runs of study config {config_hash}. The store also holds runs of other configs, "
                           f"left out here: {study.left_out}.")
