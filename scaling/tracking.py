@@ -90,9 +90,9 @@ class Scrubber:
 
     A protected value is found where it stands as a whole token: a span that starts and ends where the kind of
     character (letter, digit, other) changes, so ``10000032`` is found in ``p10000032`` and ``s5.png`` in
-    ``'s5.png'``, but ``12`` is not found in ``2012``. Values are kept in a set, not a regex alternation: a study protects every
-    sample and patient id of its tables (MIMIC-CXR: 440,000), which as one alternation took 35 s to compile and
-    ~10 ms to search per string: five minutes for the strings of one cell's metric table.
+    ``'s5.png'``, but ``12`` is not found in ``2012``. Values are kept in a set, not a regex alternation: a study
+    protects every sample and patient id of its tables (MIMIC-CXR: 440,000), which as one alternation took 35 s to
+    compile and ~10 ms to search per string: five minutes for the strings of one cell's metric table.
     """
 
     def __init__(self, allow_identifiers: bool = False, protected: Iterable[str] = ()):
