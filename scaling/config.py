@@ -473,7 +473,11 @@ class EvalConfig:
     alpha: float = 0.05
     """1 - confidence level of every interval."""
     min_group_size: int = 10
-    """Subgroups smaller than this are reported with n and NaN metrics (0 = report every group)."""
+    """Subgroups with fewer labelled images than this are reported with n and NaN metrics (0 = report every group)."""
+    min_group_patients: int = 10
+    """Subgroups with fewer patients than this are reported with n and NaN metrics, however many images they have:
+    a group of a few patients is no evidence, and its prevalence and error rates disclose those patients' findings
+    (0 = no patient minimum)."""
     ece_bins: int = 10
     """Equal-width bins for ECE (>= 1)."""
     threshold: str = "max_f1"
@@ -494,6 +498,7 @@ class EvalConfig:
             raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1)")
         _positive("eval.n_boot", self.n_boot, allow_zero=True)
         _positive("eval.min_group_size", self.min_group_size, allow_zero=True)
+        _positive("eval.min_group_patients", self.min_group_patients, allow_zero=True)
         for name in ("ece_bins", "batch_size"):
             _at_least_one(f"eval.{name}", getattr(self, name))
         if not 0 <= self.fixed_threshold <= 1:

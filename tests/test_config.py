@@ -232,6 +232,7 @@ def test_a_binary_config_file_is_a_config_error_naming_it(tmp_path):
     ("eval.ece_bins=0", r"eval\.ece_bins=0 must be >= 1"),
     ("eval.n_boot=-1", r"eval\.n_boot=-1 must be >= 0"),
     ("eval.min_group_size=-1", r"eval\.min_group_size=-1 must be >= 0"),
+    ("eval.min_group_patients=-1", r"eval\.min_group_patients=-1 must be >= 0"),
     ("eval.fixed_threshold=1.5", r"eval\.fixed_threshold=1\.5 must be a probability in \[0, 1\]"),
     ("train.log_every=0", r"train\.log_every=0 must be >= 1"),
     ("model.drop_path_rate=2", r"model\.drop_path_rate=2\.0 must be in \[0, 1\)"),

@@ -51,6 +51,20 @@ def test_group_aurocs_worst_gap_small_and_missing_groups():
     assert rep.info["groups_summarised"] == ["F", "M"]
 
 
+def test_a_group_of_few_patients_is_small_whatever_its_image_count():
+    y, p, groups = _data(3)
+    patients = np.arange(y.size).astype(object)
+    patients[groups == "X"] = [f"x{i % 4}" for i in range((groups == "X").sum())]  # X: 4 patients, many images
+    assert (groups == "X").sum() >= 10
+    rep = subgroup_report(y, p, groups, threshold=0.5, cluster=patients, n_boot=0)
+    assert rep.groups.loc["X", "small"] and np.isnan(rep.groups.loc["X", "prevalence"])
+    assert rep.info["min_group_patients"] == 10 and rep.info["groups_summarised"] == ["F", "M"]
+    # without patient ids every sample is a patient of its own: X is then 10+ patients and gets its numbers
+    rep = subgroup_report(y, p, groups, threshold=0.5, n_boot=0)
+    x = groups == "X"
+    assert not rep.groups.loc["X", "small"] and rep.groups.loc["X", "prevalence"] == pytest.approx(y[x].mean())
+
+
 def test_underdiagnosis_rate_is_fpr_of_no_finding():
     y, p, groups = _data(2)
     rep = subgroup_report(y, p, groups, threshold=0.4, n_boot=0, underdiagnosis=True)

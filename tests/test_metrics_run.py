@@ -176,6 +176,38 @@ def test_macro_worst_group_is_over_the_group_macros():
     assert np.isnan(_row(sub, label="macro", group="U", metric="auroc").value)
 
 
+def _few_patients(seed):
+    """Group 'A' of 30 patients with one image each and group 'B' of 3 patients with 6 images each: B passes
+    eval.min_group_size (18 images) but is three people."""
+    rng = np.random.default_rng(seed)
+    patients = [f"a{i}" for i in range(30)] + [f"b{i // 6}" for i in range(18)]
+    y = np.r_[np.tile([0.0, 1.0], 15), np.repeat([1.0, 1.0, 0.0], 6)]
+    z = 2 * y - 1 + rng.normal(size=y.size)
+    return pd.DataFrame({"sample_id": [f"s{i}" for i in range(y.size)], "patient_id": patients,
+                         "race": ["A"] * 30 + ["B"] * 18, "label:Edema": y, "logit:Edema": z, "prob:Edema": expit(z)})
+
+
+def test_a_group_of_few_patients_gets_no_metrics_however_many_images():
+    """A subgroup below eval.min_group_patients patients gets its true n and NaN metrics, even when it has more
+    images than eval.min_group_size: its prevalence would be those patients' findings (here 2 of 3 positive)."""
+    preds = {"val": _few_patients(0), "test": _few_patients(1)}
+    rows, info = compute_run_metrics(preds, ["Edema"], ["race"], EvalConfig(n_boot=0))
+    test = rows[(rows.eval_set == "test") & (rows.attribute == "race")]
+    few = test[(test.label == "Edema") & (test.group == "B")]
+    assert len(few) == 5 and (few.n == 18).all() and few.value.isna().all()
+    assert np.isnan(_row(test, label="macro", group="B", metric="auroc").value)
+    t = preds["test"]
+    a = t[t.race == "A"]
+    assert _row(test, label="Edema", group="A", metric="auroc").value == pytest.approx(
+        roc_auc_score(a["label:Edema"], a["prob:Edema"]), abs=1e-12)
+    assert _row(test, label="Edema", group="all", metric="worst_group_auroc").value == pytest.approx(
+        roc_auc_score(a["label:Edema"], a["prob:Edema"]), abs=1e-12)  # B is not summarised
+    assert info["min_group_patients"] == 10
+    # the minimum is a setting: at 0 only the image count applies and B's prevalence is its 12 positive of 18 images
+    rows, _ = compute_run_metrics(preds, ["Edema"], ["race"], EvalConfig(n_boot=0, min_group_patients=0))
+    assert _row(rows, eval_set="test", label="Edema", group="B", metric="prevalence").value == pytest.approx(12 / 18)
+
+
 def test_config_policy_and_no_bootstrap(preds):
     cfg = dataclasses.replace(EvalConfig(), threshold="sens90", n_boot=0)
     rows, info = compute_run_metrics({"val": preds["val"], "test": preds["test"]}, LABELS, ["sex"], cfg)

@@ -180,6 +180,9 @@ def test_conflicts_and_bad_inputs_name_the_problem_and_keep_the_store(interrupte
     # a subgroup attribute that no set has (misspelt) is named with the attributes the tables do have
     with pytest.raises(DataError, match=r"data.subgroups \['sexx'\] is not an attribute .*'sex'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.subgroups=[sex,sexx]"]))
+    # an identifier column (CheXpert's study_id) as a subgroup attribute: one group per exam, named by its id
+    with pytest.raises(DataError, match=r"data.subgroups \['study_id'\] names an identifier column"):
+        run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.subgroups=[sex,study_id]"]))
     # an empty dataset root is an error, not the current directory
     with pytest.raises(DataError, match="data.root is empty.*'synthetic'"):
         run_study(load_config(base, [f"output_dir={cfg.output_dir}", "data.root="]))
@@ -483,7 +486,10 @@ def test_undefined_metrics_are_one_log_line_per_run_not_a_warning_each(interrupt
     from scaling.study import runner
 
     cfg, store, first, *_ = interrupted_then_completed
+    # scored without a patient minimum, so that the groups of a few patients (one class only) are computed
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, min_group_patients=0))
     copy = RunStore(shutil.copytree(store.root, tmp_path / "store"))
+    score_run(cfg, copy, first)
     before = copy.read_metrics(first)
     runner._UNDEFINED_SEEN.clear()
     levels = []
@@ -567,3 +573,27 @@ def test_skipped_hugging_face_pairs_say_what_fixes_them(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"no public weights for resnetv2_tiny x hf; change grid.backbones or "
                                           r"grid.pretrained; Hugging Face weights come with their own architecture"):
         study_cells(load_config(study_config(tmp_path, store), ["grid.pretrained=[hf]", "grid.also=[]"]))
+
+
+def test_a_failed_runs_reason_in_the_report_names_no_sample(tmp_path):
+    """report.html is sent as it is (docs/report.md): a run failed by an unreadable image is listed there with its
+    error, but the sample id the error names (NIH ChestX-ray14's 'Image Index', no path) is redacted; FAILED.json,
+    which stays on the machine, keeps the whole error."""
+    from dataset_fixtures import write_fixture
+
+    from scaling.study.runner import StudyFailed
+
+    root = write_fixture("nih_cxr14", tmp_path / "nih", n=60)
+    cfg = load_config(None, [f"output_dir={tmp_path / 's'}", "data.dataset=nih_cxr14", f"data.root={root}",
+                             "data.labels=[Pleural Effusion,Atelectasis]", "data.test_split=test",
+                             "data.image_size=32", "train.steps=2", "train.batch_size=8", "eval.n_boot=10"])
+    sample = load_study_data(cfg).train.iloc[0]
+    Path(sample["path"]).write_bytes(b"not an image")
+    with pytest.raises(StudyFailed):
+        run_study(cfg)
+    store = RunStore(cfg.output_dir)
+    html = (store.root / "report.html").read_text()
+    assert "DataError: cannot read image" in html and sample["sample_id"] not in html
+    failure = store.read_failure(run_id(cfg, expand_grid(cfg)[0]))
+    assert f"(sample {sample['sample_id']!r})" in failure["error"]
+    assert failure["reason"].startswith("DataError: cannot read image <redacted> (sample '<redacted>')")

@@ -40,10 +40,11 @@ def _rows() -> pd.DataFrame:
 
 
 def test_identifier_keys_and_paths():
-    for k in ("patient_id", "sample_id", "PatientID", "path", "image_path", "filename", "data.root_dir", "studyId"):
+    for k in ("patient_id", "sample_id", "PatientID", "path", "image_path", "filename", "data.root_dir", "studyId",
+              "exam_id", "lesion_id"):
         assert is_identifier_key(k), k
     for k in ("pretrain_images", "n_params", "test/auroc", "run_id", "fraction", "backbone", "test/sex/auroc_gap",
-              "n_train_patients", "patient_count"):
+              "n_train_patients", "patient_count", "test/auroc@exam_max"):
         assert not is_identifier_key(k), k
     assert redact_paths(f"could not read {IMAGE_PATH}") == f"could not read {REDACTED}"
     assert redact_paths("patient1/study2/view1.png bad") == f"{REDACTED} bad"
@@ -52,6 +53,22 @@ def test_identifier_keys_and_paths():
     s = Scrubber(protected=SAMPLES)
     assert s.value({"x": f"id {SAMPLES[1]}", "ok": "fine", "patient": "p"}) == {"x": REDACTED, "ok": "fine"}
     assert Scrubber(allow_identifiers=True).mapping({"patient_id": "p1"}) == {"patient_id": "p1"}
+
+
+def test_protected_ids_are_found_as_whole_tokens():
+    # MIMIC-CXR subject ids stand inside folder names (p10000032); NIH's patient ids are small numbers, which inside
+    # another number or a group name such as '40-60' identify nobody and must not blank the string.
+    s = Scrubber(protected=["10000032", "00000001_000.png", "40", "a1b2-c3"])
+    for text in ("p10000032", "files/p10/p10000032 missing", "sample '00000001_000.png'", "group 40", "x a1b2-c3"):
+        assert s.text(text) == REDACTED, text
+    for text in ("1400 images", "a1b2-c34", "test/auroc"):
+        assert s.text(text) != REDACTED, text
+    assert s.text("2040-2060") == "2040-2060"
+    # an error message keeps what went wrong and loses only the ids and paths
+    assert s.message(f"cannot read image {IMAGE_PATH} (sample '00000001_000.png'): truncated") == (
+        f"cannot read image {REDACTED} (sample '{REDACTED}'): truncated")
+    assert s.message("subject p10000032: 3 images") == f"subject p{REDACTED}: 3 images"
+    assert Scrubber(allow_identifiers=True, protected=["40"]).message("group 40") == "group 40"
 
 
 def test_off_imports_nothing_and_writes_nothing(tmp_path):
@@ -74,6 +91,23 @@ def test_non_main_process_is_noop(tmp_path):
     t.log({"a": 1.0}, step=1)
     t.finish()
     assert not t.active and not any(tmp_path.rglob("*"))
+
+
+def test_offline_run_records_no_host_name(tmp_path, monkeypatch):
+    """W&B puts the machine's name in every run it syncs (the run's 'host', shown in its overview) unless told
+    otherwise; a hospital workstation's name is not W&B's business."""
+    import socket
+
+    host = "ward7-radiology-ws042"
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    t = Tracker.create(TrackingConfig(wandb="offline", project="scaling-test"), "demo", "cell", {"seed": 0},
+                       tmp_path / "run")
+    t.log({"train/loss": 0.5}, step=1)
+    t.finish()
+    records = b"".join(p.read_bytes() for p in tmp_path.rglob("*.wandb"))
+    assert b"train/loss" in records and host.encode() not in records
 
 
 def test_offline_run_has_metrics_and_no_identifiers(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ Metric set (as in MEDFAIR, Zong et al. 2023; CheXclusion, Seyyed-Kalantari et al
   ``equalized_odds_difference``), and, for the "No Finding" label, the under-diagnosis rate = FPR of "No Finding"
   (a sick patient called healthy; Seyyed-Kalantari et al. 2021) and its gap.
 
-Groups with fewer than ``min_group_size`` labelled samples are reported with their n and NaN metrics, never merged.
+Groups with fewer than ``min_group_size`` labelled samples or fewer than ``min_group_patients`` patients are reported
+with their n and NaN metrics, never merged: a group of one patient with many images (MIMIC-CXR, EMBED) is one
+person, and its prevalence and error rates would publish that person's findings.
 Samples whose attribute is missing form the group ``"missing"``: reported like any group but left out of the
 summary (it is not a population). Summaries use the groups whose metric is defined; a gap needs two groups.
 Summary intervals come from the same replicates as the group intervals (e.g. the worst-group AUROC of each
@@ -42,7 +44,7 @@ class GroupAnalysis:
     summary: dict[str, dict]
     """Summary metric → {value, lo, hi}."""
     info: dict
-    """threshold used, worst group name, groups summarised, min_group_size."""
+    """threshold used, worst group name, groups summarised, min_group_size, min_group_patients."""
     replicates: dict = field(repr=False)
     """Bootstrap replicates: ``{(group, metric): array}`` and ``{("all", summary metric): array}``; empty
     without a bootstrap."""
@@ -59,7 +61,7 @@ class SubgroupReport:
     """Index: summary metric (worst_group_auroc, auroc_gap, tpr_gap, fpr_gap, eod[, underdiagnosis_gap]);
     columns value, lo, hi."""
     info: dict = field(default_factory=dict)
-    """threshold used, worst group name, groups summarised, min_group_size."""
+    """threshold used, worst group name, groups summarised, min_group_size, min_group_patients."""
 
 
 def group_labels(groups) -> np.ndarray:
@@ -84,14 +86,16 @@ def _group_metrics(y, p, rows, threshold, n_bins, boot):
 
 
 def analyse_subgroups(y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshold: float, *,
-                      min_group_size: int = 10, n_bins: int = 10, alpha: float = 0.05,
-                      boot: ClusterBootstrap | None = None, underdiagnosis: bool = False,
-                      group_names=None) -> GroupAnalysis:
+                      min_group_size: int = 10, min_group_patients: int = 10, patients: np.ndarray | None = None,
+                      n_bins: int = 10, alpha: float = 0.05, boot: ClusterBootstrap | None = None,
+                      underdiagnosis: bool = False, group_names=None) -> GroupAnalysis:
     """The engine of :func:`subgroup_report` on already-validated, labelled rows (no pandas: it runs per label,
     attribute and evaluation set of every study run).
 
     ``y`` boolean, ``p`` probabilities, ``groups`` string names (see :func:`group_labels`), all of one length;
     ``boot`` (optional) is a :class:`ClusterBootstrap` whose ``codes`` are aligned with these rows.
+    ``patients`` (optional, aligned with the rows) are counted against ``min_group_patients``; without them every
+    sample counts as a patient of its own.
     ``group_names`` lists groups to report even when none of their samples is labelled (n = 0); default: the
     groups present in ``groups``.
     """
@@ -100,7 +104,9 @@ def analyse_subgroups(y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshol
     table, replicates = [], {}
     for g in names:
         rows = np.flatnonzero(groups == g)
-        row = {"group": g, "n": int(rows.size), "small": bool(rows.size < max(min_group_size, 1))}
+        n_patients = rows.size if patients is None else len(set(patients[rows].tolist()))
+        row = {"group": g, "n": int(rows.size),
+               "small": bool(rows.size < max(min_group_size, 1) or n_patients < min_group_patients)}
         values, reps = ({}, {}) if row["small"] else _group_metrics(y, p, rows, threshold, n_bins, boot)
         if underdiagnosis and values:
             values["underdiagnosis_rate"] = values["fpr"]
@@ -112,7 +118,8 @@ def analyse_subgroups(y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshol
         table.append(row)
         replicates[g] = reps
     summary, summary_reps, info = _summary(table, replicates, alpha, underdiagnosis)
-    info.update({"threshold": float(threshold), "min_group_size": int(min_group_size)})
+    info.update({"threshold": float(threshold), "min_group_size": int(min_group_size),
+                 "min_group_patients": int(min_group_patients)})
     flat = {(g, m): r for g, reps in replicates.items() for m, r in reps.items()}
     if boot is not None:
         flat.update({("all", m): r for m, r in summary_reps.items()})
@@ -148,31 +155,31 @@ def _summary(table: list[dict], replicates: dict, alpha: float, underdiagnosis: 
     return summary, {k: r for k, (_, r) in rows.items()}, info
 
 
-def subgroup_report(y, p, groups, threshold: float, *, cluster=None, min_group_size: int = 10, n_boot: int = 200,
-                    alpha: float = 0.05, seed: int = 0, n_bins: int = 10,
-                    underdiagnosis: bool = False) -> SubgroupReport:
+def subgroup_report(y, p, groups, threshold: float, *, cluster=None, min_group_size: int = 10,
+                    min_group_patients: int = 10, n_boot: int = 200, alpha: float = 0.05, seed: int = 0,
+                    n_bins: int = 10, underdiagnosis: bool = False) -> SubgroupReport:
     """Fairness report of one label's probabilities ``p`` split by the attribute values ``groups``.
 
     ``threshold`` is the operating point chosen on validation data (:func:`scaling.metrics.choose_threshold`:
     max-F1, fixed sensitivity, fixed specificity or a fixed value); it is applied unchanged to every group.
     ``cluster`` (patient ids) makes the AUROC/rate intervals a patient-level bootstrap (``n_boot`` replicates,
     ``n_boot=0`` for no intervals). Rows whose label is NaN are masked; groups with fewer than ``min_group_size``
-    labelled samples get n and NaN metrics. Set ``underdiagnosis=True`` for the "No Finding" label to add the
+    labelled samples or fewer than ``min_group_patients`` patients (``cluster``; without it each sample is a patient
+    of its own) get n and NaN metrics. Set ``underdiagnosis=True`` for the "No Finding" label to add the
     under-diagnosis rate (its FPR) and gap. Returns a :class:`SubgroupReport`.
     """
     y = check_labels(y, "y")
     p = check_scores(p, "p")
     n = check_same_length(y=y, p=p)
     g = check_groups(groups, "groups", n=n)
-    boot = None
-    if n_boot:
-        ids = None if cluster is None else np.asarray(cluster, dtype=object)
-        if ids is not None:
-            check_same_length(y=y, cluster=ids)
-        boot = ClusterBootstrap(ids, n=n, n_boot=n_boot, seed=seed)
+    ids = None if cluster is None else np.asarray(cluster, dtype=object)
+    if ids is not None:
+        check_same_length(y=y, cluster=ids)
+    boot = ClusterBootstrap(ids, n=n, n_boot=n_boot, seed=seed) if n_boot else None
     mask = ~np.isnan(y)
     res = analyse_subgroups(y[mask] == 1.0, p[mask], group_labels(g[mask]), threshold,
-                            min_group_size=min_group_size, n_bins=n_bins, alpha=alpha,
+                            min_group_size=min_group_size, min_group_patients=min_group_patients,
+                            patients=None if ids is None else ids[mask], n_bins=n_bins, alpha=alpha,
                             boot=None if boot is None else boot.subset(mask), underdiagnosis=underdiagnosis)
     summary = pd.DataFrame.from_dict(res.summary, orient="index")
     summary.index.name = "metric"

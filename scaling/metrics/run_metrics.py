@@ -19,8 +19,9 @@ set (``val``, ``test`` and each OOD set):
   ``fpr`` (at the val-fitted threshold) and ``aurc`` (area under the risk-coverage curve at that threshold; see
   ``selective``).
 * ``attribute=<column>, group=<value>``: ``prevalence``, ``auroc``, ``ece``, ``tpr``, ``fpr`` (and
-  ``underdiagnosis_rate`` for "No Finding"); groups below ``eval.min_group_size`` have NaN values and their true
-  ``n``; a missing attribute value forms the group ``missing``.
+  ``underdiagnosis_rate`` for "No Finding"); groups below ``eval.min_group_size`` labelled samples or
+  ``eval.min_group_patients`` patients have NaN values and their true ``n``; a missing attribute value forms the
+  group ``missing``.
 * ``attribute=<column>, group='all'``: ``worst_group_auroc``, ``auroc_gap``, ``tpr_gap``, ``fpr_gap``, ``eod``
   (equalized-odds difference) and, for "No Finding", ``underdiagnosis_gap`` (see ``fairness``).
 * distribution shift, ``eval_set=<OOD set>, attribute='all', group='all'``: ``auroc_id`` (the in-distribution
@@ -128,11 +129,12 @@ groups, groups needed) — not averaged over the labels' own summaries: the wors
 of the groups' macro AUROCs, as the report's group table shows them. A label's worst group can differ from label to
 label, so the mean of the labels' worst groups lies below every group's macro AUROC."""
 
-SCORING_VERSION = 2
+SCORING_VERSION = 3
 """Raised whenever a stored metric row changes its definition (what :func:`compute_run_metrics` writes for the same
 predictions and settings), so that a study rescores its finished runs from their stored predictions instead of
 mixing rows of two definitions (``scaling.study.runner.metric_settings`` records it). 2: the macro rows of
-``worst_group_auroc`` and ``auroc_gap`` are taken over the groups' macro AUROCs (``GROUP_SUMMARIES``)."""
+``worst_group_auroc`` and ``auroc_gap`` are taken over the groups' macro AUROCs (``GROUP_SUMMARIES``). 3: a subgroup
+of fewer than ``eval.min_group_patients`` patients gets NaN metrics, however many images it has."""
 
 
 def _columns(df: pd.DataFrame, eval_set: str, labels, source=None) -> None:
@@ -284,7 +286,8 @@ class _Rows:
     def _over_group_macros(self, eval_set, attribute, metric, group_metric, reducer, need):
         """A summary over the groups of ``attribute`` (worst group, max − min) taken of the groups' *macro* rows —
         the numbers the report prints per group — and its replicates from the same replicates of those macros
-        (reduced replicate by replicate). Groups whose macro is undefined (below ``eval.min_group_size``, no label
+        (reduced replicate by replicate). Groups whose macro is undefined (below ``eval.min_group_size`` or
+        ``eval.min_group_patients``, no label
         with both classes) and the ``missing`` group are left out, as in each label's own summary."""
         name = group_metric + level_suffix(metric)
         macros = [self._macro(name, per_label) for (e, a, g, m), per_label in self.by_key.items()
@@ -352,7 +355,8 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
     """Every row of one evaluation set (metric names + ``suffix``); returns the labels it can score (both classes
     among the labelled rows), derived labels included. ``one_of_k`` receives whether a one-of-K set got its
     ``label='all'`` rows."""
-    boot = (ClusterBootstrap(df["patient_id"].to_numpy(dtype=object), n=len(df), n_boot=eval_cfg.n_boot,
+    patients = df["patient_id"].to_numpy(dtype=object)
+    boot = (ClusterBootstrap(patients, n=len(df), n_boot=eval_cfg.n_boot,
                              seed=set_seed(eval_cfg.bootstrap_seed, eval_set)) if eval_cfg.n_boot > 0 else None)
     attrs = {}
     for a in subgroups:
@@ -403,7 +407,7 @@ def _evaluate_set(out: _Rows, eval_set: str, df: pd.DataFrame, labels, subgroups
         _overall(out, eval_set, lab, yl, pl, pt, thr, sub, eval_cfg.ece_bins, suffix)
         for a, values in attrs.items():
             worst.setdefault(eval_set, {}).setdefault(lab, {})[a] = _subgroup_rows(
-                out, eval_set, lab, a, yl, pl, values[mask], names[a], thr, sub, eval_cfg)
+                out, eval_set, lab, a, yl, pl, values[mask], patients[mask], names[a], thr, sub, eval_cfg)
     n_any[(eval_set, "all", "all", suffix)] = int(any_label.sum())
     for a, values in attrs.items():
         n_any[(eval_set, a, "all", suffix)] = int(any_label.sum())
@@ -545,13 +549,17 @@ def compute_run_metrics(predictions: dict[str, pd.DataFrame], labels: list[str],
             "skipped_attributes": skipped, "worst_groups": worst, "multiclass_sets": one_of_k,
             "n_boot": int(eval_cfg.n_boot), "alpha": float(eval_cfg.alpha),
             "bootstrap": "patient-level cluster bootstrap, percentile intervals",
-            "min_group_size": int(eval_cfg.min_group_size), "ece_bins": int(eval_cfg.ece_bins)}
+            "min_group_size": int(eval_cfg.min_group_size), "min_group_patients": int(eval_cfg.min_group_patients),
+            "ece_bins": int(eval_cfg.ece_bins)}
     return rows, info
 
 
-def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, names, thr, boot, eval_cfg) -> str | None:
+def _subgroup_rows(out: _Rows, eval_set, lab, attribute, y, p, groups, patients, names, thr, boot,
+                   eval_cfg) -> str | None:
     """Rows of one label split by one attribute; returns the worst group's name (None when undefined)."""
-    res = analyse_subgroups(y, p, groups, thr, min_group_size=eval_cfg.min_group_size, n_bins=eval_cfg.ece_bins,
+    res = analyse_subgroups(y, p, groups, thr, min_group_size=eval_cfg.min_group_size,
+                            min_group_patients=eval_cfg.min_group_patients, patients=patients,
+                            n_bins=eval_cfg.ece_bins,
                             alpha=eval_cfg.alpha, boot=boot, underdiagnosis=(lab == NO_FINDING), group_names=names)
     metrics = GROUP_METRICS + (("underdiagnosis_rate",) if lab == NO_FINDING else ())
     n_summarised = 0

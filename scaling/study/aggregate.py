@@ -84,7 +84,8 @@ def _expected_cells(store_root: Path) -> pd.DataFrame:
 def run_status(store_root: str | Path) -> pd.DataFrame:
     """One row per run of the study: its axes, ``status`` and, for every run that is not complete, the ``reason``.
 
-    Status is ``complete``, ``failed`` (FAILED.json; reason = the error, file paths redacted), ``partial`` (started,
+    Status is ``complete``, ``failed`` (FAILED.json; reason = the error, the study's sample and patient ids and
+    file paths redacted), ``partial`` (started,
     no DONE: still running or interrupted), ``invalid`` (DONE but its metrics are unreadable) or ``not started``
     (in the grid of study.yaml, no directory yet). A run without a readable spec.json takes the axes of the cell of
     study.yaml's grid whose run id it has, so it is counted once, as that cell.
@@ -107,7 +108,9 @@ def run_status(store_root: str | Path) -> pd.DataFrame:
                 fail = store.read_failure(rid) or {}
             except (StoreError, ValueError) as e:  # one damaged record must not hide the rest of the study
                 fail = {"error": f"FAILED.json unreadable ({e})"}
-            row["reason"] = redact_paths(str(fail.get("error", "FAILED.json without an error")))
+            # the error with the study's ids redacted when the run recorded it (FAILED.json "reason"), else paths
+            error = str(fail.get("error", "FAILED.json without an error"))
+            row["reason"] = str(fail.get("reason") or redact_paths(error))
         elif status == "partial" and "reason" not in row:
             row["reason"] = "started, no DONE marker (still running or interrupted)"
         elif status == "complete" and not (store.run_dir(rid) / "metrics.parquet").is_file():
@@ -290,7 +293,7 @@ def load_study(store_root: str | Path, *, allow_mixed: bool = False, config_hash
     if stale:
         log.warning("%d complete run(s) were scored under an older definition of their metric rows (this code "
                     "writes scoring version %d; e.g. run %s): launch the study again to rescore them from their "
-                    "stored predictions (nothing is trained) before reading worst-group AUROC and AUROC gap",
+                    "stored predictions (nothing is trained) before reading or sharing their subgroup rows",
                     len(stale), SCORING_VERSION, stale[0])
     return StudyResults(df, status, left_out, **eval_settings(store.root, metas), stale_scoring=tuple(stale))
 

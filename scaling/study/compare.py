@@ -197,11 +197,11 @@ def subgroup_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     band — and not only on average?
 
     One row per comparison × attribute × group that the runs' metric rows summarise (a group of at least
-    ``eval.min_group_size`` samples; the ``missing`` group is left out, as in the fairness summaries): the macro
-    AUROC over the labels with both classes inside the group, paired on the group's samples, clustered by patient,
-    tested by :func:`scaling.metrics.or_test_macro` over the shared seeds. ``p_holm`` is Holm's adjustment over
-    this table alone (its own family: a finding about a group, read beside the overall comparison). ``workers`` as
-    in :func:`pairwise_comparisons`.
+    ``eval.min_group_size`` samples and ``eval.min_group_patients`` patients; the ``missing`` group is left out, as
+    in the fairness summaries): the macro AUROC over the labels with both classes inside the group, paired on the
+    group's samples, clustered by patient, tested by :func:`scaling.metrics.or_test_macro` over the shared seeds.
+    ``p_holm`` is Holm's adjustment over this table alone (its own family: a finding about a group, read beside the
+    overall comparison). ``workers`` as in :func:`pairwise_comparisons`.
     """
     df = plain_cells(df)
     cols = ["axis", "eval_set", "fraction", "pretrained", "backbone", "vs", "attribute", "group", "n_seeds", "n",

@@ -38,6 +38,11 @@ class StudyData:
         """Every evaluation set by name: ``val`` (thresholds/temperature), ``test`` and the OOD sets."""
         return {"val": self.val, "test": self.test, **self.ood}
 
+    def identifiers(self) -> list[str]:
+        """Every sample and patient id of the study's tables: what W&B and the report must never show."""
+        tables = [self.train, *self.eval_sets().values()]
+        return pd.concat([t[["sample_id", "patient_id"]] for t in tables]).to_numpy().ravel().tolist()
+
 
 def _synthetic_root(store: RunStore, root: str, seed: int) -> Path:
     """Resolve ``synthetic[:site]`` to a generated CheXpert-layout dataset under the store (generated once)."""
@@ -276,7 +281,16 @@ def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.Da
 def check_subgroups(d: DataConfig, columns: set[str]) -> None:
     """Refuse, before anything is written, a ``data.subgroups`` attribute that is none of ``columns`` (those of every
     set of the study, or of its stored predictions): a misspelt name would otherwise only drop its fairness tables
-    with a warning. An attribute that only some sets have, such as skin type on dermatology OOD sets, is fine."""
+    with a warning. An attribute that only some sets have, such as skin type on dermatology OOD sets, is fine. An
+    identifier column (``patient_id``, ``exam_id``, ``path``, ...: ``scaling.tracking.is_identifier_key``) is
+    refused too."""
+    from scaling.tracking import is_identifier_key
+
+    identifiers = [a for a in d.subgroups if is_identifier_key(a)]
+    if identifiers:
+        raise DataError(f"data.subgroups {identifiers} names an identifier column: its groups would be single "
+                        f"patients, exams or images, and their names (the ids) would be written to the report and "
+                        f"W&B; split by an attribute such as sex, age_group or race")
     missing = [a for a in d.subgroups if a not in columns]
     if missing:
         known = sorted(c for c in columns if not c.startswith(("label:", "logit:", "prob:", "path"))

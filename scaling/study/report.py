@@ -3,7 +3,8 @@
 Sections: completion of the grid (and every failed or unfinished run with its reason), the headline AUROC table,
 each of the seed paper's views as a plot next to the table it draws, the fitted scaling laws, pairwise DeLong
 comparisons, and the (scrubbed) study config. Nothing identifying is written: predictions are only read to
-recompute curves and tests, and file paths in configs and error messages are redacted.
+recompute curves and tests, file paths in configs and error messages are redacted, and so are the study's sample
+and patient ids in error messages (``FAILED.json``'s ``reason``).
 """
 
 from __future__ import annotations
@@ -232,9 +233,10 @@ def build_report(store_root: str | Path, *, allow_mixed: bool = False, config_ha
     notes = {}
     if study.stale_scoring:
         notes["scoring"] = (f"{len(study.stale_scoring)} run(s) were scored under an older definition of their metric "
-                            f"rows (e.g. the worst-group AUROC and AUROC gap before they were taken over the groups' "
-                            f"macro AUROCs): launch the study again to rescore them from their stored predictions "
-                            f"(nothing is trained), then rebuild this report.")
+                            f"rows (e.g. metrics of subgroups of fewer than eval.min_group_patients patients, which "
+                            f"disclose those patients' findings, or the worst-group AUROC and AUROC gap before they "
+                            f"were taken over the groups' macro AUROCs): launch the study again to rescore them from "
+                            f"their stored predictions (nothing is trained), then rebuild this report.")
     if study.left_out:
         notes["scope"] = (f"The runs of study config {config_hash}. The store also holds runs of other configs, "
                           f"left out here: {study.left_out}.")
@@ -569,9 +571,9 @@ def _fairness_html(rep: StudyReport) -> list[str]:
              "seeds the worst group can sit a little below the lowest seed-mean group below: the worst group may "
              "differ by seed) and equalized-odds difference (max of the TPR "
              "and FPR gaps) at the threshold fitted on validation; then each group's macro AUROC with its "
-             "interval and size. Groups below "
-             "eval.min_group_size are n/a; samples without the attribute form the group <i>missing</i>, shown but "
-             "not summarised." + BIASED_NOTE + "</p>"]
+             "interval and size. Groups below eval.min_group_size images or eval.min_group_patients patients are "
+             "n/a; samples without the attribute form the group <i>missing</i>, shown but not summarised."
+             + BIASED_NOTE + "</p>"]
     for e in rep.eval_sets:
         parts += [f"<h3 id='fairness-{_anchor(e)}'>{_set_title(e)}</h3>", _figure_html(rep, f"fairness:{e}"),
                   _table_html(rep.tables.get(f"fairness:{e}"), f"fairness-{_anchor(e)}",

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -529,8 +529,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     tracker = Tracker.create(cfg.tracking, study_name=cfg.name, run_id=rid, axes=axes, run_dir=run_dir,
                              is_main_process=is_main_process())
     if tracker.active:  # identifiers must never reach W&B, whatever key or string carries them
-        tracker.protect(pd.concat([t[["sample_id", "patient_id"]] for t in [data.train, *data.eval_sets().values()]])
-                        .to_numpy().ravel().tolist())
+        tracker.protect(data.identifiers())
     trainer = None
     try:
         # A probe trains nothing: no checkpoint to resume (its features are cached instead).
@@ -710,15 +709,19 @@ def _do(work: Work, cfg: StudyConfig, spec: RunSpec, store: RunStore, data: Call
         on_main(lambda: store.clear_failure(run_id(cfg, spec)))
 
 
-def _record_failure(store: RunStore, rid: str, exc: BaseException) -> None:
+def _record_failure(store: RunStore, rid: str, exc: BaseException, identifiers: Iterable[str]) -> None:
     """FAILED.json and an event for a run that raised, best effort: on a full disk even these may not fit. A
-    saver's BaseException (a sharded checkpoint's) is recorded with the run directory and its free space."""
+    saver's BaseException (a sharded checkpoint's) is recorded with the run directory and its free space. The
+    report shows the error with ``identifiers`` (the study's sample and patient ids) and paths redacted: an
+    unreadable image's error names its sample id, and report.html is meant to be sent as it is."""
+    from scaling.tracking import Scrubber
+
     if not is_main_process():
         return
     if not isinstance(exc, Exception):
         exc = write_error(store.run_dir(rid), exc, what="writing under")
     try:
-        store.mark_failed(rid, exc)
+        store.mark_failed(rid, exc, reason=Scrubber(protected=identifiers).message(f"{type(exc).__name__}: {exc}"))
         store.log_event("failed", rid, error=f"{type(exc).__name__}: {exc}")
     except OSError as e:
         log.error("run %s failed (%s) and its failure could not be recorded: %s", rid, exc, e)
@@ -934,10 +937,11 @@ def rebuild_outputs(store_root: str | Path, *, config_hash: str | None = None, a
             if f != "results.csv" or table is not None]
 
 
-def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
-                  data: Callable[[], StudyData]) -> list[tuple[str, BaseException]]:
+def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec], data: Callable[[], StudyData],
+                  identifiers: Callable[[], Iterable[str]]) -> list[tuple[str, BaseException]]:
     """Claim and do, cell after cell, what each run lacks, until a pass over the grid finds nothing this launch can
-    take (done, or claimed by a live launch beside this one). Returns the runs that failed here."""
+    take (done, or claimed by a live launch beside this one). Returns the runs that failed here. ``identifiers``:
+    the sample and patient ids of the tables read so far, redacted from a failure's reason."""
     since = time.time()
     attempted: set[str] = set()
     failures: list[tuple[str, BaseException]] = []
@@ -963,7 +967,7 @@ def _work_through(cfg: StudyConfig, store: RunStore, cells: list[RunSpec],
                 log.info("%s: %s", rid, work.describe())
                 _do(work, cfg, spec, store, data)
             except run_errors() as exc:  # preemption (SystemExit), interrupts pass: the run resumes next launch
-                _record_failure(store, rid, exc)
+                _record_failure(store, rid, exc, identifiers())
                 if process_group() is not None:  # ranks cannot safely continue after one of them raised
                     raise
                 log.exception("run %s failed; continuing with the next run", rid)
@@ -1009,8 +1013,11 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
                 loaded.append(load_study_data(cfg))
             return loaded[0]
 
+        def identifiers() -> list[str]:  # a rescoring-only launch reads no table: the failure names none
+            return loaded[0].identifiers() if loaded else []
+
         on_main(lambda: record_study(cfg, store))
-        failures = _work_through(cfg, store, cells, data)
+        failures = _work_through(cfg, store, cells, data, identifiers)
     table = results_table(cfg, store)
     problems = [f"{len(failures)} run(s) failed (see FAILED.json in each): "
                 + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failures)] if failures else []

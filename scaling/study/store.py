@@ -24,7 +24,8 @@ Layout (everything written atomically: temp file + rename)::
         checkpoints/                 resumable training state (engine); after training final/model.safetensors,
                                      the fine-tuned weights (new evaluation sets are predicted from them)
         DONE                         written last; a run without it is incomplete and is redone/resumed
-        FAILED.json                  written when a run raised; the error text and traceback
+        FAILED.json                  written when a run raised; the error text and traceback, and the error
+                                     with the study's sample and patient ids and paths redacted (the report's)
       results.csv, report.html       study outputs
 
 docs/run-store.md describes what a run id means, how a study grows and what several jobs on one store do.
@@ -187,13 +188,14 @@ class RunStore:
         """Write the DONE marker (last step of a run)."""
         atomic_write_text(self.run_dir(run_id) / "DONE", "")
 
-    def mark_failed(self, run_id: str, exc: BaseException) -> None:
+    def mark_failed(self, run_id: str, exc: BaseException, reason: str | None = None) -> None:
         """Record why a run failed, without touching anything else it wrote. ``after_done``: the run had finished
-        and work on it since (a new evaluation set, rescoring, CKA) failed."""
+        and work on it since (a new evaluation set, rescoring, CKA) failed. ``reason``: the error as the report may
+        show it (no patient or sample id, no path); the error itself stays on this machine."""
         d = self.run_dir(run_id)
-        atomic_write_json(d / "FAILED.json", {"error": f"{type(exc).__name__}: {exc}",
-                                              "traceback": traceback.format_exc(),
-                                              "after_done": (d / "DONE").is_file()})
+        record = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                  "after_done": (d / "DONE").is_file()}
+        atomic_write_json(d / "FAILED.json", record if reason is None else {**record, "reason": reason})
 
     def clear_failure(self, run_id: str) -> None:
         """Remove the failure record of a finished run whose later work has now succeeded."""
