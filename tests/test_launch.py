@@ -33,8 +33,6 @@ SRUN = f'''#!{sys.executable}
 import os, signal, subprocess, sys
 import psutil
 
-with open(os.path.join(os.environ["FAKE_OUT"], "srun"), "w") as f:
-    f.write(" ".join(sys.argv[1:]))
 args = sys.argv[1:]
 while args and args[0].startswith("--"):
     args = args[1:]
@@ -60,6 +58,9 @@ def handle(signum, frame):
 
 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(s, handle)
+# Recorded once the handlers are in place: a test that waits for this file may signal srun.
+with open(os.path.join(os.environ["FAKE_OUT"], "srun"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
 code = task.wait()
 for p in psutil.Process().children(recursive=True):
     p.kill()
@@ -95,12 +96,24 @@ def _env(tmp_path: Path, bin_dir: Path, **extra: str) -> dict:
             "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", **extra}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30, text: str = "") -> None:
+def _wait_until(ready, proc: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 30) -> None:
+    """Poll ``ready()`` until it holds; fail (with the output so far) if ``proc`` ends or ``timeout`` passes."""
     deadline = time.time() + timeout
-    while not (path.exists() and text in path.read_text()):
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else path.read_text()[-5000:]
-        assert time.time() < deadline, f"{path.name} never had {text!r}"
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else log.read_text()[-5000:]
+        assert time.time() < deadline, f"{what} not within {timeout} s"
         time.sleep(0.05)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30, text: str = "") -> None:
+    _wait_until(lambda: path.exists() and text in path.read_text(), proc, f"{path.name} with {text!r}", path, timeout)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has installed a handler for ``signum`` (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
 def test_slurm_sbatch_builds_the_per_node_launch_and_requeues_on_sigusr1(tmp_path):
@@ -108,8 +121,11 @@ def test_slurm_sbatch_builds_the_per_node_launch_and_requeues_on_sigusr1(tmp_pat
                             cwd=REPO, env=_env(tmp_path, _bin(tmp_path, fake_accelerate=True)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(tmp_path / "accelerate", proc)
-        time.sleep(0.2)
+        # Signal only once every process on the way has its handler: the fake accelerate has written its last
+        # file (its trap comes first), srun has recorded itself (after its handlers) and the batch shell traps USR1.
+        _wait_for(tmp_path / "accelerate_env", proc, text="\n")
+        _wait_for(tmp_path / "srun", proc, text="bash -c")
+        _wait_until(lambda: _catches(proc.pid, signal.SIGUSR1), proc, "the batch shell's USR1 trap")
         args = (tmp_path / "accelerate").read_text().split("\n")[:-1]
         assert args == ["launch", "--config_file", "launch/hsdp.yaml",
                         "--num_machines", "2", "--num_processes", "8",  # SLURM_NNODES x SLURM_GPUS_ON_NODE
