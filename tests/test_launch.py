@@ -20,7 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
-from launcher import free_port  # noqa: E402
+from launcher import reserved_port  # noqa: E402
 from study_launch import study_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +206,9 @@ def _preempt_then_resume(tmp_path: Path, script: str, launch_cfg: str, strategy:
 def test_slurm_sbatch_preempted_on_two_ranks_checkpoints_every_rank_and_resumes(tmp_path):
     """Real ranks: SIGUSR1 from SLURM reaches both ranks (through srun and the agent; their DataLoader workers get
     it too and ignore it), both save the same step, the job requeues, and the next start resumes from that step."""
-    got = _preempt_then_resume(tmp_path, "launch/slurm.sbatch", "launch/cpu_2proc.yaml", "fsdp",
-                               MAIN_PORT=str(free_port()))
+    with reserved_port() as port:  # both launches of the job use it
+        got = _preempt_then_resume(tmp_path, "launch/slurm.sbatch", "launch/cpu_2proc.yaml", "fsdp",
+                                   MAIN_PORT=str(port))
     saved = [line for line in got["first"].splitlines() if "signal 10: saved" in line]
     assert len(saved) == 2, got["first"][-5000:]  # every rank
     (step,) = {line.rsplit("at step ", 1)[1].split(";")[0] for line in saved}
@@ -228,3 +229,35 @@ def test_slurm_array_preempted_one_process_run_checkpoints_and_resumes(tmp_path)
     assert got["saved"] == ["latest", f"step_{step:08d}"]
     assert got["final"]["world_size"] == 1 and got["final"]["summary"]["resumed_from"] == step >= 3
 
+
+
+# Autobinds elsewhere until one is handed ``port`` (the kernel picks each at random among ~14,000 free ports).
+_AUTOBIND_UNTIL = """
+import socket, sys
+port = int(sys.argv[1])
+for i in range(1, 40001):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        if s.getsockname()[1] == port:
+            sys.exit(f"handed out after {i} binds")
+"""
+
+
+def test_a_reserved_rendezvous_port_is_handed_to_no_other_process_and_the_launch_binds_it():
+    """The port of a 2-node rehearsal or of the preempted SLURM job is chosen in this process and bound seconds later
+    by the launch; meanwhile the other pytest worker's ranks bind ports of their own. A port picked free and closed
+    went to another process's bind(0) after ~7,000 binds on average; a reserved one never does, and the launch's
+    TCPStore binds it as accelerate's port check finds it free."""
+    from datetime import timedelta
+
+    from accelerate.utils import is_port_in_use
+    from torch.distributed import TCPStore
+
+    with reserved_port() as port:
+        other = subprocess.run([sys.executable, "-c", _AUTOBIND_UNTIL, str(port)], capture_output=True, text=True,
+                               timeout=120)
+        assert other.returncode == 0, other.stderr
+        assert not is_port_in_use(port)
+        store = TCPStore("127.0.0.1", port, 1, True, timeout=timedelta(seconds=30))
+        store.set("rendezvous", "up")
+        assert store.get("rendezvous") == b"up" and is_port_in_use(port)
