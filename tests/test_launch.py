@@ -20,7 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
-from launcher import free_port  # noqa: E402
+from launcher import reserved_port  # noqa: E402
 from study_launch import study_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +33,6 @@ SRUN = f'''#!{sys.executable}
 import os, signal, subprocess, sys
 import psutil
 
-with open(os.path.join(os.environ["FAKE_OUT"], "srun"), "w") as f:
-    f.write(" ".join(sys.argv[1:]))
 args = sys.argv[1:]
 while args and args[0].startswith("--"):
     args = args[1:]
@@ -60,6 +58,9 @@ def handle(signum, frame):
 
 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(s, handle)
+# Recorded once the handlers are in place: a test that waits for this file may signal srun.
+with open(os.path.join(os.environ["FAKE_OUT"], "srun"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
 code = task.wait()
 for p in psutil.Process().children(recursive=True):
     p.kill()
@@ -95,12 +96,24 @@ def _env(tmp_path: Path, bin_dir: Path, **extra: str) -> dict:
             "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", **extra}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30, text: str = "") -> None:
+def _wait_until(ready, proc: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 30) -> None:
+    """Poll ``ready()`` until it holds; fail (with the output so far) if ``proc`` ends or ``timeout`` passes."""
     deadline = time.time() + timeout
-    while not (path.exists() and text in path.read_text()):
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else path.read_text()[-5000:]
-        assert time.time() < deadline, f"{path.name} never had {text!r}"
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else log.read_text()[-5000:]
+        assert time.time() < deadline, f"{what} not within {timeout} s"
         time.sleep(0.05)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30, text: str = "") -> None:
+    _wait_until(lambda: path.exists() and text in path.read_text(), proc, f"{path.name} with {text!r}", path, timeout)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has installed a handler for ``signum`` (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
 def test_slurm_sbatch_builds_the_per_node_launch_and_requeues_on_sigusr1(tmp_path):
@@ -108,8 +121,11 @@ def test_slurm_sbatch_builds_the_per_node_launch_and_requeues_on_sigusr1(tmp_pat
                             cwd=REPO, env=_env(tmp_path, _bin(tmp_path, fake_accelerate=True)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(tmp_path / "accelerate", proc)
-        time.sleep(0.2)
+        # Signal only once every process on the way has its handler: the fake accelerate has written its last
+        # file (its trap comes first), srun has recorded itself (after its handlers) and the batch shell traps USR1.
+        _wait_for(tmp_path / "accelerate_env", proc, text="\n")
+        _wait_for(tmp_path / "srun", proc, text="bash -c")
+        _wait_until(lambda: _catches(proc.pid, signal.SIGUSR1), proc, "the batch shell's USR1 trap")
         args = (tmp_path / "accelerate").read_text().split("\n")[:-1]
         assert args == ["launch", "--config_file", "launch/hsdp.yaml",
                         "--num_machines", "2", "--num_processes", "8",  # SLURM_NNODES x SLURM_GPUS_ON_NODE
@@ -190,8 +206,9 @@ def _preempt_then_resume(tmp_path: Path, script: str, launch_cfg: str, strategy:
 def test_slurm_sbatch_preempted_on_two_ranks_checkpoints_every_rank_and_resumes(tmp_path):
     """Real ranks: SIGUSR1 from SLURM reaches both ranks (through srun and the agent; their DataLoader workers get
     it too and ignore it), both save the same step, the job requeues, and the next start resumes from that step."""
-    got = _preempt_then_resume(tmp_path, "launch/slurm.sbatch", "launch/cpu_2proc.yaml", "fsdp",
-                               MAIN_PORT=str(free_port()))
+    with reserved_port() as port:  # both launches of the job use it
+        got = _preempt_then_resume(tmp_path, "launch/slurm.sbatch", "launch/cpu_2proc.yaml", "fsdp",
+                                   MAIN_PORT=str(port))
     saved = [line for line in got["first"].splitlines() if "signal 10: saved" in line]
     assert len(saved) == 2, got["first"][-5000:]  # every rank
     (step,) = {line.rsplit("at step ", 1)[1].split(";")[0] for line in saved}
@@ -212,3 +229,35 @@ def test_slurm_array_preempted_one_process_run_checkpoints_and_resumes(tmp_path)
     assert got["saved"] == ["latest", f"step_{step:08d}"]
     assert got["final"]["world_size"] == 1 and got["final"]["summary"]["resumed_from"] == step >= 3
 
+
+
+# Autobinds elsewhere until one is handed ``port`` (the kernel picks each at random among ~14,000 free ports).
+_AUTOBIND_UNTIL = """
+import socket, sys
+port = int(sys.argv[1])
+for i in range(1, 40001):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        if s.getsockname()[1] == port:
+            sys.exit(f"handed out after {i} binds")
+"""
+
+
+def test_a_reserved_rendezvous_port_is_handed_to_no_other_process_and_the_launch_binds_it():
+    """The port of a 2-node rehearsal or of the preempted SLURM job is chosen in this process and bound seconds later
+    by the launch; meanwhile the other pytest worker's ranks bind ports of their own. A port picked free and closed
+    went to another process's bind(0) after ~7,000 binds on average; a reserved one never does, and the launch's
+    TCPStore binds it as accelerate's port check finds it free."""
+    from datetime import timedelta
+
+    from accelerate.utils import is_port_in_use
+    from torch.distributed import TCPStore
+
+    with reserved_port() as port:
+        other = subprocess.run([sys.executable, "-c", _AUTOBIND_UNTIL, str(port)], capture_output=True, text=True,
+                               timeout=120)
+        assert other.returncode == 0, other.stderr
+        assert not is_port_in_use(port)
+        store = TCPStore("127.0.0.1", port, 1, True, timeout=timedelta(seconds=30))
+        store.set("rendezvous", "up")
+        assert store.get("rendezvous") == b"up" and is_port_in_use(port)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,13 +71,16 @@ def run_suite(suite: str, deepspeed: bool = False, timeout: int = 400, config: s
     return _RESULTS[key]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a rendezvous on localhost)."""
-    import socket
-
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A localhost TCP port for a launch's rendezvous, held for the block: bound here with SO_REUSEADDR and never
+    listened on. The kernel then hands it to no other process's bind(0) or outgoing connection (a port picked free
+    and closed could go to the other pytest worker's ranks before the launch binds it), while the launch's TCPStore,
+    which binds with SO_REUSEADDR too, still can; accelerate's port check finds nobody listening on it."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 def run_two_nodes(suite: str, config: str = "hsdp.yaml", timeout: int = 400) -> dict:
@@ -83,22 +89,22 @@ def run_two_nodes(suite: str, config: str = "hsdp.yaml", timeout: int = 400) -> 
     ``launch/slurm.sbatch`` starts one per node. Returns rank 0's result dict (cached per session)."""
     key = f"nodes:{suite}:{config}"
     if key not in _RESULTS:
-        port = str(free_port())
         accelerate = str(Path(sys.executable).parent / "accelerate")
         procs = []
-        for node in (0, 1):
-            cmd = [accelerate, "launch", "--config_file", str(REPO / "launch" / config), "--num_machines", "2",
-                   "--num_processes", "4", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
-                   "--main_process_port", port, "--rdzv_backend", "static", "--same_network",
-                   str(SUITE), suite, str(out_dir())]
-            procs.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
-        try:
-            outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
+        with reserved_port() as port:
+            for node in (0, 1):
+                cmd = [accelerate, "launch", "--config_file", str(REPO / "launch" / config), "--num_machines", "2",
+                       "--num_processes", "4", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
+                       "--main_process_port", str(port), "--rdzv_backend", "static", "--same_network",
+                       str(SUITE), suite, str(out_dir())]
+                procs.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+            try:
+                outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
         if any(proc.returncode for proc in procs):
             raise AssertionError(f"2-node suite {suite} failed ({[proc.returncode for proc in procs]}):\n"
                                  + "\n".join(o[-4000:] for o in outputs))
