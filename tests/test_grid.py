@@ -105,6 +105,7 @@ TABLE = [
     ("eval.n_boot=1000", False),
     ("eval.alpha=0.1", False),
     ("eval.min_group_size=50", False),
+    ("eval.min_group_patients=3", False),
     ("eval.ece_bins=15", False),
     ("eval.threshold=sens90", False),
     ("eval.fixed_threshold=0.3", False),
