@@ -570,3 +570,17 @@ def test_a_label_of_ones_own_names_a_weight_directory_and_a_missing_one_is_named
     with pytest.raises(W.WeightsUnavailable, match=rf"weight file or directory not found: {tmp_path}/nope "
                                                    rf"\(from 'mypre:{tmp_path}/nope'\)"):
         W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path}/nope")
+
+
+@pytest.mark.parametrize("backbone, kwargs, mean, std", [
+    ("bit_r50x1", {}, (0.5,) * 3, (0.5,) * 3),                         # big_transfer: (x - 0.5) / 0.5
+    ("vit_b16", {}, (0.5,) * 3, (0.5,) * 3),                           # AugReg / original ViT weights
+    ("resnet18", {}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),    # ImageNet-trained torchvision-style CNN
+    ("resnet18", {"in_chans": 1}, (0.449,), (0.226,)),                 # one channel: the mean of the three
+])
+def test_input_normalisation_is_what_the_weights_were_trained_with(backbone, kwargs, mean, std):
+    from scaling.models import input_normalisation
+
+    model = build_model(ModelConfig(backbone=backbone, pretrained="scratch", kwargs=kwargs), num_outputs=2)
+    got_mean, got_std = input_normalisation(model)
+    assert np.allclose(got_mean, mean, atol=1e-3) and np.allclose(got_std, std, atol=1e-3)

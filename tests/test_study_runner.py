@@ -597,3 +597,24 @@ def test_a_failed_runs_reason_in_the_report_names_no_sample(tmp_path):
     failure = store.read_failure(run_id(cfg, expand_grid(cfg)[0]))
     assert f"(sample {sample['sample_id']!r})" in failure["error"]
     assert failure["reason"].startswith("DataError: cannot read image <redacted> (sample '<redacted>')")
+
+
+@pytest.mark.parametrize("backbone, mean, std", [("resnetv2_tiny", (0.5,) * 3, (0.5,) * 3),
+                                                  ("resnet10t", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_every_batch_is_normalised_as_the_backbones_weights_expect(tmp_path, monkeypatch, backbone, mean, std):
+    """docs/models.md, "Input normalisation": BiT-style backbones get BiT's [-1, 1] inputs, an ImageNet-trained timm
+    CNN ImageNet's mean and std (its ``pretrained_cfg``), in training, prediction and every evaluation set."""
+    import scaling.engine.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.to_device
+
+    def recording(images, device, norm, **kwargs):
+        seen.append((norm.mean, norm.std))
+        return real(images, device, norm, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "to_device", recording)
+    cfg = load_config(study_config(tmp_path, tmp_path / "store", ood=False, backbones=[backbone]),
+                      ["grid.also=[]", "cka.enabled=false"])
+    run_study(cfg, report=False)
+    assert len(seen) > 4 and set(seen) == {(mean, std)}

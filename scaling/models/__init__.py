@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from scaling.models import tiny  # noqa: F401  (registers resnetv2_tiny/small, vit_micro/mini with timm)
-from scaling.models.families import FAMILIES, family_spec, input_channels, timm_model
+from scaling.models.families import FAMILIES, family_spec, input_channels, input_normalisation, timm_model
 from scaling.models.presets import PRESETS, Preset, has_source, resolve_backbone
 from scaling.models.weights import (
     CheckpointMismatch,
@@ -48,6 +48,7 @@ __all__ = [
     "family_spec",
     "has_source",
     "input_channels",
+    "input_normalisation",
     "timm_model",
     "model_info",
     "resolve_backbone",
