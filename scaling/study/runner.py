@@ -819,6 +819,15 @@ def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) ->
     return 0
 
 
+def _warn_hyperrule_deviations(cfg: StudyConfig) -> None:
+    """A warning for each optimizer setting that departs from the BiT-HyperRule the config asks for: the rule sets
+    length, warmup and MixUp, not the learning rate, so a batch other than 512 needs ``train.lr`` scaled by hand."""
+    from scaling.engine.schedule import hyperrule_deviations
+
+    for line in hyperrule_deviations(cfg.train):
+        log.warning("train.hyperrule=%s: %s", cfg.train.hyperrule, line)
+
+
 def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
@@ -839,6 +848,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_weights(cfg, store, cells)
     check_model_kwargs(cfg, cells)
     protocols.check_reinit(cfg, cells)
+    _warn_hyperrule_deviations(cfg)
     data = load_study_data(cfg)
     check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
@@ -1000,6 +1010,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     store = RunStore(cfg.output_dir)
     on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
                      check_model_kwargs(cfg, cells), protocols.check_reinit(cfg, cells)))
+    on_main(lambda: _warn_hyperrule_deviations(cfg))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
