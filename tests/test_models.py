@@ -676,3 +676,14 @@ def test_an_official_bit_npz_loads_to_big_transfers_forward_pass(tmp_path):
     assert got.shape == expected.shape == (2, 512)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert torch.count_nonzero(model(torch.from_numpy(x))) == 0
+
+
+@pytest.mark.parametrize("source, mean", [("in21k", 0.5), ("hub:mae", 0.485), ("hub:dino", 0.485)])
+def test_a_hub_source_is_normalised_as_its_own_tag(source, mean):
+    """ViT-B/16's AugReg weights expect [-1, 1] inputs, its MAE and DINO weights ImageNet's statistics (timm's
+    pretrained_cfg of each tag). Built on the meta device: no weights are fetched."""
+    from scaling.models import input_normalisation
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone="vit_b16", pretrained=source), num_outputs=2)
+    assert input_normalisation(model)[0][0] == pytest.approx(mean)
