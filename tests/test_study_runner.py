@@ -618,3 +618,20 @@ def test_every_batch_is_normalised_as_the_backbones_weights_expect(tmp_path, mon
                       ["grid.also=[]", "cka.enabled=false"])
     run_study(cfg, report=False)
     assert len(seen) > 4 and set(seen) == {(mean, std)}
+
+
+def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normalisation(tmp_path):
+    """A new evaluation set is predicted from the run's stored weights, rebuilt as ``scratch``: its inputs must still
+    be normalised as the run's source was (ViT-B/16 MAE weights: ImageNet's mean, not AugReg's 0.5), and an upstream
+    source (a local file) as its architecture, without training or resolving anything."""
+    from scaling.models import input_normalisation
+    from scaling.study.grid import RunSpec
+    from scaling.study.runner import _initial_model_on_meta, run_config
+
+    cfg = load_config(study_config(tmp_path, tmp_path / "store", ood=False),
+                      ["upstream=[{name: up, num_images: 20, num_classes: 2, image_size: 32, steps: 1, batch_size: 4}]"])
+    for backbone, source, mean in (("vit_b16", "hub:mae", 0.485), ("vit_b16", "in21k", 0.5),
+                                   ("resnetv2_tiny", "upstream:up", 0.5)):
+        spec = RunSpec(backbone, source, 1.0, 0)
+        model = _initial_model_on_meta(run_config(cfg, spec), spec, 5)
+        assert input_normalisation(model)[0][0] == pytest.approx(mean)

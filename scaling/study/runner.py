@@ -624,6 +624,21 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     return model
 
 
+def _initial_model_on_meta(rcfg: StudyConfig, spec: RunSpec, n_outputs: int):
+    """The run's starting model on the meta device (no weights read or fetched), for what depends on its source
+    but not on its weights: a model rebuilt from stored weights is built as ``scratch``, and a hub source's tag
+    decides the input normalisation (``scaling.models.input_normalisation``). An upstream source is a local file,
+    normalised as its architecture, like ``scratch``."""
+    import torch
+
+    from scaling.models import build_model
+
+    source = "scratch" if spec.source.startswith("upstream:") else spec.source
+    with torch.device("meta"):
+        return build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=n_outputs,
+                           image_size=rcfg.data.image_size)
+
+
 def _with_trainer(rcfg: StudyConfig, model, work: Callable[[Any], T]) -> T:
     """``work(trainer)`` with a Trainer around ``model`` under the run's sharding (no run directory), closed after."""
     from scaling.engine import Trainer
@@ -652,7 +667,7 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     else:
         seed_everything(spec.seed)
         model = _trained_model(rcfg, store, rid, len(labels))
-        _, eval_ds = _datasets(cfg, model, tables, labels)
+        _, eval_ds = _datasets(cfg, _initial_model_on_meta(rcfg, spec, len(labels)), tables, labels)
         _with_trainer(rcfg, model, lambda t: _predict(cfg, store, rid, t, eval_ds))
 
     def finish():
