@@ -629,7 +629,8 @@ def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normali
     from scaling.study.runner import _initial_model_on_meta, run_config
 
     cfg = load_config(study_config(tmp_path, tmp_path / "store", ood=False),
-                      ["upstream=[{name: up, num_images: 20, num_classes: 2, image_size: 32, steps: 1, batch_size: 4}]"])
+                      ["upstream=[{name: up, num_images: 20, num_classes: 2, image_size: 32, steps: 1, "
+                       "batch_size: 4}]"])
     for backbone, source, mean in (("vit_b16", "hub:mae", 0.485), ("vit_b16", "in21k", 0.5),
                                    ("resnetv2_tiny", "upstream:up", 0.5)):
         spec = RunSpec(backbone, source, 1.0, 0)
