@@ -570,3 +570,120 @@ def test_a_label_of_ones_own_names_a_weight_directory_and_a_missing_one_is_named
     with pytest.raises(W.WeightsUnavailable, match=rf"weight file or directory not found: {tmp_path}/nope "
                                                    rf"\(from 'mypre:{tmp_path}/nope'\)"):
         W.resolve_source(resolve_backbone("resnetv2_tiny"), f"mypre:{tmp_path}/nope")
+
+
+@pytest.mark.parametrize("backbone, kwargs, mean, std", [
+    ("bit_r50x1", {}, (0.5,) * 3, (0.5,) * 3),                         # big_transfer: (x - 0.5) / 0.5
+    ("vit_b16", {}, (0.5,) * 3, (0.5,) * 3),                           # AugReg / original ViT weights
+    ("resnet18", {}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),    # ImageNet-trained torchvision-style CNN
+    ("resnet18", {"in_chans": 1}, (0.449,), (0.226,)),                 # one channel: the mean of the three
+])
+def test_input_normalisation_is_what_the_weights_were_trained_with(backbone, kwargs, mean, std):
+    from scaling.models import input_normalisation
+
+    model = build_model(ModelConfig(backbone=backbone, pretrained="scratch", kwargs=kwargs), num_outputs=2)
+    got_mean, got_std = input_normalisation(model)
+    assert np.allclose(got_mean, mean, atol=1e-3) and np.allclose(got_std, std, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An official-layout BiT .npz against big_transfer's forward pass, written out in NumPy
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _np_std_conv(x, w_hwio, stride=1, pad=0):
+    """big_transfer ``StdConv2d`` on ``x`` [B, C, H, W]: the HWIO kernel standardised per output channel (biased
+    variance, eps 1e-10), then a plain convolution."""
+    w = w_hwio.transpose(3, 2, 0, 1)
+    w = (w - w.mean(axis=(1, 2, 3), keepdims=True)) / np.sqrt(w.var(axis=(1, 2, 3), keepdims=True) + 1e-10)
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    return np.einsum("bchwij,ocij->bohw", win, w)
+
+
+def _np_gn_relu(x, gamma, beta, groups):
+    """GroupNorm (eps 1e-5) with its affine terms, then ReLU: every pre-activation norm of BiT's ResNetV2."""
+    b, c, h, w = x.shape
+    g = x.reshape(b, groups, -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
+    return np.maximum(g.reshape(b, c, h, w) * gamma[None, :, None, None] + beta[None, :, None, None], 0)
+
+
+def _np_bit_features(npz, x, groups):
+    """Pooled pre-logit features of a BiT ResNetV2 read from an official ``.npz`` (big_transfer
+    ``bit_pytorch/models.py``: root conv 7x7/2, zero pad 1, max pool 3/2; pre-activation bottleneck units whose
+    projection takes the pre-activated input and whose 3x3 conv carries the stride; final GroupNorm + ReLU)."""
+    p = "resnet/"
+    x = _np_std_conv(x, npz[f"{p}root_block/standardized_conv2d/kernel"], stride=2, pad=3)
+    x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    x = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))[:, :, ::2, ::2].max(axis=(-1, -2))
+    for block in range(1, 5):
+        for unit in range(1, 100):
+            u = f"{p}block{block}/unit{unit:02d}/"
+            if f"{u}a/standardized_conv2d/kernel" not in npz:
+                break
+            stride = 2 if block > 1 and unit == 1 else 1
+            out = _np_gn_relu(x, npz[f"{u}a/group_norm/gamma"], npz[f"{u}a/group_norm/beta"], groups)
+            proj = f"{u}a/proj/standardized_conv2d/kernel"
+            residual = _np_std_conv(out, npz[proj], stride=stride) if proj in npz else x
+            out = _np_std_conv(out, npz[f"{u}a/standardized_conv2d/kernel"])
+            out = _np_gn_relu(out, npz[f"{u}b/group_norm/gamma"], npz[f"{u}b/group_norm/beta"], groups)
+            out = _np_std_conv(out, npz[f"{u}b/standardized_conv2d/kernel"], stride=stride, pad=1)
+            out = _np_gn_relu(out, npz[f"{u}c/group_norm/gamma"], npz[f"{u}c/group_norm/beta"], groups)
+            x = _np_std_conv(out, npz[f"{u}c/standardized_conv2d/kernel"]) + residual
+    x = _np_gn_relu(x, npz[f"{p}group_norm/gamma"], npz[f"{p}group_norm/beta"], groups)
+    return x.mean(axis=(2, 3))
+
+
+def test_an_official_bit_npz_loads_to_big_transfers_forward_pass(tmp_path):
+    """A .npz written key by key in the official BiT layout (HWIO kernels, ``blockN/unitMM/{a,b,c}``, ``a/proj``,
+    a 1000-class ``head/conv2d``), with random weights drawn without timm, is converted and loaded into the BiT-style
+    ``resnetv2_tiny``; its pooled features equal a NumPy forward pass of big_transfer's model to 1e-5, and the
+    upstream head is replaced by a zero head."""
+    rng = np.random.default_rng(0)
+    stem, widths, units, groups = 16, (64, 128, 256, 512), (1, 1, 1, 1), 8   # resnetv2_tiny's geometry
+
+    def kernel(k, cin, cout):
+        return rng.normal(0, 1, (k, k, cin, cout)).astype(np.float32)
+
+    def norm(c):
+        return rng.normal(1, 0.2, c).astype(np.float32), rng.normal(0, 0.2, c).astype(np.float32)
+
+    p, npz, cin = "resnet/", {}, stem
+    npz[f"{p}root_block/standardized_conv2d/kernel"] = kernel(7, 3, stem)
+    for block, (cout, n) in enumerate(zip(widths, units), start=1):
+        mid = cout // 4
+        for unit in range(1, n + 1):
+            u = f"{p}block{block}/unit{unit:02d}/"
+            for sub, (k, ci, co) in zip("abc", [(1, cin, mid), (3, mid, mid), (1, mid, cout)]):
+                npz[f"{u}{sub}/standardized_conv2d/kernel"] = kernel(k, ci, co)
+                npz[f"{u}{sub}/group_norm/gamma"], npz[f"{u}{sub}/group_norm/beta"] = norm(ci)
+            if unit == 1:
+                npz[f"{u}a/proj/standardized_conv2d/kernel"] = kernel(1, cin, cout)
+            cin = cout
+    npz[f"{p}group_norm/gamma"], npz[f"{p}group_norm/beta"] = norm(cin)
+    npz[f"{p}head/conv2d/kernel"] = kernel(1, cin, 1000)
+    npz[f"{p}head/conv2d/bias"] = rng.normal(0, 1, 1000).astype(np.float32)
+    path = tmp_path / "BiT-S-Rtiny.npz"
+    np.savez(path, **npz)
+
+    model = build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=str(path)), num_outputs=5).eval()
+    x = _images(size=32).double().numpy()
+    expected = _np_bit_features({k: v.astype(np.float64) for k, v in npz.items()}, x, groups)
+    # float64, so that what is compared is the conversion, not float32 rounding (1e-5 apart over 13 layers)
+    got = _features(model.double(), torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape == (2, 512)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert torch.count_nonzero(model(torch.from_numpy(x))) == 0
+
+
+@pytest.mark.parametrize("source, mean", [("in21k", 0.5), ("hub:mae", 0.485), ("hub:dino", 0.485)])
+def test_a_hub_source_is_normalised_as_its_own_tag(source, mean):
+    """ViT-B/16's AugReg weights expect [-1, 1] inputs, its MAE and DINO weights ImageNet's statistics (timm's
+    pretrained_cfg of each tag). Built on the meta device: no weights are fetched."""
+    from scaling.models import input_normalisation
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone="vit_b16", pretrained=source), num_outputs=2)
+    assert input_normalisation(model)[0][0] == pytest.approx(mean)

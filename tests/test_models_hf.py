@@ -195,3 +195,40 @@ def test_sources_metadata_and_errors(hf_dir, tmp_path):
         tmp_path / "bert")
     with pytest.raises(ValueError, match=r"model type 'bert' has no family row; supported: \['dinov2', 'vit'\]"):
         build_model(ModelConfig(backbone=f"hf:{tmp_path / 'bert'}", pretrained="scratch"), 2)
+
+
+def test_an_encoder_is_normalised_with_its_own_preprocessor_statistics(tmp_path, monkeypatch, caplog):
+    """A directory's ``preprocessor_config.json`` (RAD-DINO's values), a hub repo's from the Hugging Face cache, and
+    ImageNet's with a warning when neither is on disk; ``input_normalisation`` is what the study feeds the model."""
+    import json
+
+    from huggingface_hub import constants
+
+    from scaling.models import input_normalisation
+
+    rad_dino = {"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]}
+    local = tiny_hf_dir(tmp_path / "local")
+    (local / "preprocessor_config.json").write_text(json.dumps(rad_dino))
+    model = build_model(ModelConfig(backbone=f"hf:{local}", pretrained="scratch"), 2)
+    assert input_normalisation(model) == (tuple(rad_dino["image_mean"]), tuple(rad_dino["image_std"]))
+
+    # a hub repo: its files in the Hugging Face cache layout (refs/main -> snapshots/<commit>/)
+    cache = tmp_path / "hf"
+    repo = cache / "models--acme--cxr-encoder"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((tiny_hf_dir(tmp_path / "hub") / name).read_bytes())
+    (snapshot / "preprocessor_config.json").write_text(json.dumps(rad_dino))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = build_model(ModelConfig(backbone="hf:acme/cxr-encoder", pretrained="scratch"), 2)
+    assert input_normalisation(hub)[1] == tuple(rad_dino["image_std"])
+
+    bare = tiny_hf_dir(tmp_path / "bare")
+    with caplog.at_level("WARNING", logger="scaling.models.hf"):
+        plain = build_model(ModelConfig(backbone=f"hf:{bare}", pretrained="scratch"), 2)
+    assert input_normalisation(plain) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert "no preprocessor_config.json" in caplog.text

@@ -13,6 +13,7 @@ from scaling.engine.schedule import (
     bit_mixup,
     bit_resolution,
     bit_schedule,
+    hyperrule_deviations,
     lr_at,
     total_steps,
 )
@@ -167,3 +168,19 @@ def test_hyperrule_length_with_cosine_decay():
     assert total == 10_000
     assert lr_at(499, total, cfg) == pytest.approx(1e-3)  # HyperRule warmup (500), not train.warmup_steps
     assert lr_at(500 + 4750, total, cfg) == pytest.approx(0.5e-3)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(batch_size=512, lr=0.003), []),
+    (dict(batch_size=128, lr=0.00075), []),
+    (dict(batch_size=128, lr=0.003), ["train.lr=0.003 with train.batch_size=128: the BiT-HyperRule's learning rate "
+                                      "for this batch is 0.00075 (0.003 x batch / 512)"]),
+    (dict(batch_size=512, lr=0.003, momentum=0.0, weight_decay=1e-4),
+     ["train.momentum=0: the BiT-HyperRule uses SGD momentum 0.9",
+      "train.weight_decay=0.0001: the BiT-HyperRule uses no weight decay"]),
+    (dict(batch_size=128, lr=0.003, hyperrule="off"), []),
+    (dict(batch_size=128, lr=0.003, optimizer="adamw", weight_decay=0.05), []),
+])
+def test_hyperrule_deviations_name_the_optimizer_settings_the_rule_does_not_set(overrides, expected):
+    cfg = TrainConfig(**{"hyperrule": "paper", **overrides})
+    assert hyperrule_deviations(cfg) == expected

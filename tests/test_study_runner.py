@@ -597,3 +597,42 @@ def test_a_failed_runs_reason_in_the_report_names_no_sample(tmp_path):
     failure = store.read_failure(run_id(cfg, expand_grid(cfg)[0]))
     assert f"(sample {sample['sample_id']!r})" in failure["error"]
     assert failure["reason"].startswith("DataError: cannot read image <redacted> (sample '<redacted>')")
+
+
+@pytest.mark.parametrize("backbone, mean, std", [("resnetv2_tiny", (0.5,) * 3, (0.5,) * 3),
+                                                  ("resnet10t", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_every_batch_is_normalised_as_the_backbones_weights_expect(tmp_path, monkeypatch, backbone, mean, std):
+    """docs/models.md, "Input normalisation": BiT-style backbones get BiT's [-1, 1] inputs, an ImageNet-trained timm
+    CNN ImageNet's mean and std (its ``pretrained_cfg``), in training, prediction and every evaluation set."""
+    import scaling.engine.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.to_device
+
+    def recording(images, device, norm, **kwargs):
+        seen.append((norm.mean, norm.std))
+        return real(images, device, norm, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "to_device", recording)
+    cfg = load_config(study_config(tmp_path, tmp_path / "store", ood=False, backbones=[backbone]),
+                      ["grid.also=[]", "cka.enabled=false"])
+    run_study(cfg, report=False)
+    assert len(seen) > 4 and set(seen) == {(mean, std)}
+
+
+def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normalisation(tmp_path):
+    """A new evaluation set is predicted from the run's stored weights, rebuilt as ``scratch``: its inputs must still
+    be normalised as the run's source was (ViT-B/16 MAE weights: ImageNet's mean, not AugReg's 0.5), and an upstream
+    source (a local file) as its architecture, without training or resolving anything."""
+    from scaling.models import input_normalisation
+    from scaling.study.grid import RunSpec
+    from scaling.study.runner import _initial_model_on_meta, run_config
+
+    cfg = load_config(study_config(tmp_path, tmp_path / "store", ood=False),
+                      ["upstream=[{name: up, num_images: 20, num_classes: 2, image_size: 32, steps: 1, "
+                       "batch_size: 4}]"])
+    for backbone, source, mean in (("vit_b16", "hub:mae", 0.485), ("vit_b16", "in21k", 0.5),
+                                   ("resnetv2_tiny", "upstream:up", 0.5)):
+        spec = RunSpec(backbone, source, 1.0, 0)
+        model = _initial_model_on_meta(run_config(cfg, spec), spec, 5)
+        assert input_normalisation(model)[0][0] == pytest.approx(mean)

@@ -1,7 +1,7 @@
 """Patient-level splits, nested data fractions and k-shot subsets, seeded and stratified.
 
 Everything here works on patients, never images: all images of a patient land in the same split and subset, so no
-patient leaks between train and test and fractions count patients (Mustafa et al. 2021 subsample by patient).
+patient leaks between train and test and fractions count patients (docs/design.md, "Patient-level everything").
 
 One seeded, stratified *ordering* of patients drives everything:
 

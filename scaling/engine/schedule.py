@@ -129,6 +129,27 @@ def bit_hyperrule(
     )
 
 
+def hyperrule_deviations(train_cfg) -> list[str]:
+    """Where an SGD ``train_cfg`` with ``train.hyperrule`` set departs from the rule's optimizer, one line each.
+
+    ``train.hyperrule`` sets length, warmup and MixUp; the learning rate, momentum and weight decay stay the config's,
+    and the rule's learning rate is 0.003 x batch / 512 (BiT §3.3; big_transfer's README runs batch 128 at about
+    that). Empty when the rule is off or the optimizer is AdamW (a recipe of its own, e.g. for ViTs).
+    """
+    if train_cfg.hyperrule == "off" or train_cfg.optimizer != "sgd":
+        return []
+    out = []
+    rule_lr = BIT_BASE_LR * train_cfg.batch_size / BIT_BATCH
+    if not math.isclose(train_cfg.lr, rule_lr, rel_tol=1e-6):
+        out.append(f"train.lr={train_cfg.lr:g} with train.batch_size={train_cfg.batch_size}: the BiT-HyperRule's "
+                   f"learning rate for this batch is {rule_lr:g} (0.003 x batch / 512)")
+    if train_cfg.momentum != 0.9:
+        out.append(f"train.momentum={train_cfg.momentum:g}: the BiT-HyperRule uses SGD momentum 0.9")
+    if train_cfg.weight_decay:
+        out.append(f"train.weight_decay={train_cfg.weight_decay:g}: the BiT-HyperRule uses no weight decay")
+    return out
+
+
 def total_steps(train_cfg, n_train_examples: int) -> int:
     """Optimizer steps for ``train_cfg`` on a training set of ``n_train_examples`` (after the data fraction).
 

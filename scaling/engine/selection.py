@@ -1,7 +1,7 @@
 """Which weights a fine-tuned run keeps: the best validation point (``train.select``), and early stopping.
 
-The seed paper's protocol chooses hyper-parameters and the checkpoint on validation data, never on test (Mustafa et
-al. 2021, arXiv:2101.05913; docs/design.md). With ``train.select: val_loss | val_auroc`` every validation point
+Hyper-parameters and the checkpoint are chosen on validation data, never on test (docs/design.md, "Checkpoints
+are chosen on validation"). With ``train.select: val_loss | val_auroc`` every validation point
 (every ``train.eval_every`` steps and the last step) is a candidate: the best value wins, ties go to the earlier
 step, and a non-finite value never wins. ``train.early_stopping_patience: k`` stops training after k validation
 points without improvement. ``last`` (the default) keeps the last step, as before these settings existed.

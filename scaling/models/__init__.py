@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from scaling.models import tiny  # noqa: F401  (registers resnetv2_tiny/small, vit_micro/mini with timm)
-from scaling.models.families import FAMILIES, family_spec, input_channels, timm_model
+from scaling.models.families import FAMILIES, family_spec, input_channels, input_normalisation, timm_model
 from scaling.models.presets import PRESETS, Preset, has_source, resolve_backbone
 from scaling.models.weights import (
     CheckpointMismatch,
@@ -48,6 +48,7 @@ __all__ = [
     "family_spec",
     "has_source",
     "input_channels",
+    "input_normalisation",
     "timm_model",
     "model_info",
     "resolve_backbone",
@@ -139,7 +140,10 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     # Fetch before building: a missing file then fails in seconds, not after allocating a 900M-parameter model.
     path = fetch(spec) if spec.kind != "scratch" and not on_meta else None
     kwargs["num_classes"] = num_outputs
-    backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    # A hub source is built under its own tag, so that pretrained_cfg (the input normalisation above all) is that of
+    # the weights loaded: vit_base_patch16_224.mae expects ImageNet's mean and std, its augreg tags 0.5.
+    name = spec.location if spec.kind == "hub" else preset.timm_name
+    backbone = timm.create_model(name, pretrained=False, **kwargs)
     if isinstance(backbone.get_classifier(), tuple):
         raise ValueError(f"backbone {model_cfg.backbone!r} has {len(backbone.get_classifier())} classifier heads (a "
                          f"distilled DeiT's class and distillation tokens); transfer studies fine-tune one head: use "

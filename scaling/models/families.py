@@ -128,6 +128,22 @@ def input_channels(model: torch.nn.Module) -> int:
     return int(size[0]) if size else 3
 
 
+def input_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` on [0, 1] pixels that ``model``'s weights were trained with, from timm's ``pretrained_cfg``.
+
+    BiT and the AugReg / original ViTs: 0.5 and 0.5, i.e. inputs in [-1, 1] (big_transfer ``bit_pytorch/train.py``);
+    ImageNet-trained CNNs (``resnet18``, ``convnext_tiny``...): ImageNet's mean and std; a Hugging Face encoder: its
+    ``preprocessor_config.json``. BiT's 0.5 when the config names none. A model that takes one channel gets one
+    value each, the mean over the three: timm sums a 3-channel checkpoint's first-layer filters for it.
+    """
+    cfg = getattr(timm_model(model), "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean") or (0.5, 0.5, 0.5))
+    std = tuple(float(v) for v in cfg.get("std") or (0.5, 0.5, 0.5))
+    if input_channels(model) == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return mean, std
+
+
 def _prefix_of(model: torch.nn.Module, inner: torch.nn.Module) -> str:
     return "" if inner is model else "backbone."
 

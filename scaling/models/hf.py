@@ -19,9 +19,11 @@ imported only when such a backbone is built.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from torch import nn
 
 from scaling.models.presets import hf_location, is_hf  # noqa: F401  (re-exported: the hf: string helpers)
 from scaling.models.weights import WeightsUnavailable
+
+log = logging.getLogger(__name__)
 
 # ImageNet statistics, what ViT/DINOv2 image processors use when a checkpoint ships no preprocessor config.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -194,13 +198,25 @@ def load_config(location: str):
         raise _weights_error(location, e) from e
 
 
+@functools.lru_cache(maxsize=None)  # one lookup and at most one warning per model and process
 def _normalisation(location: str) -> tuple[tuple, tuple]:
-    """Image mean/std from a local directory's ``preprocessor_config.json``, else ImageNet's."""
-    path = Path(location).expanduser() / "preprocessor_config.json"
+    """Image mean/std from the model's ``preprocessor_config.json``: in its directory, or for a hub repo in the
+    Hugging Face cache (looked up, never downloaded: ``AutoModel`` does not fetch it). Else ImageNet's, with a
+    warning, since an encoder fed other statistics than its own still trains, only worse."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(location).expanduser()
+    path = local / "preprocessor_config.json"
+    if not local.is_dir():
+        cached = try_to_load_from_cache(location, "preprocessor_config.json")
+        path = Path(cached) if isinstance(cached, str) else path
     if path.is_file():
         cfg = json.loads(path.read_text())
         if "image_mean" in cfg and "image_std" in cfg:
             return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    log.warning("hf:%s has no preprocessor_config.json with image_mean/image_std on disk: its inputs are normalised "
+                "with ImageNet's mean and std; download the model into a directory (hf download %s --local-dir "
+                "<dir>) and use hf:<dir> to normalise with its own", location, location)
     return _IMAGENET_MEAN, _IMAGENET_STD
 
 

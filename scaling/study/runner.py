@@ -371,14 +371,17 @@ def _prediction_frame(table: pd.DataFrame, d: DataConfig, index: np.ndarray,
     return rows
 
 
-def _datasets(cfg: StudyConfig, tables: dict[str, pd.DataFrame], labels: list[str], train_table=None):
-    """TableDatasets for ``tables`` (evaluation) and ``train_table``; the main process fills the shared image cache
-    first, the other ranks then only read it."""
+def _datasets(cfg: StudyConfig, model, tables: dict[str, pd.DataFrame], labels: list[str], train_table=None):
+    """TableDatasets for ``tables`` (evaluation) and ``train_table``, normalised as ``model``'s weights were trained
+    (``scaling.models.input_normalisation``); the main process fills the shared image cache first, the other ranks
+    then only read it."""
     from scaling.data.dataset import TableDataset
+    from scaling.models import input_normalisation
 
     cache = Path(cfg.output_dir) / "cache" if cfg.data.cache else None
+    mean, std = input_normalisation(model)
     kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers,
-              task=cfg.data.task, keep_labels=list(cfg.data.derived_labels))
+              task=cfg.data.task, keep_labels=list(cfg.data.derived_labels), mean=mean, std=std)
 
     def build():
         train = None if train_table is None else TableDataset(train_table, labels, cfg.data.image_size, train=True,
@@ -511,11 +514,11 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     train_table = protocols.train_subset(data.train, spec)
     # A probe reads features of the whole training set once (shared by every subset), never augmented.
     fit_table = None if probe else protocols.repeat_to_batch(train_table, cfg.train.batch_size)
-    train_ds, eval_ds = _datasets(cfg, data.eval_sets(), labels, fit_table)
 
     # -- model: seeded, so that a run id means one initialisation (the Trainer seeds its loop itself) ------------
     source = resolve_pretrained(cfg, store, spec)
     model = _build(rcfg, spec, source, len(labels))
+    train_ds, eval_ds = _datasets(cfg, model, data.eval_sets(), labels, fit_table)
     info = model_info(spec.backbone)
     axes = {
         **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
@@ -536,9 +539,9 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         trainer = Trainer(model, rcfg.train, rcfg.sharding, loss=rcfg.data.task,
                           output_dir=None if probe else run_dir, tracker=tracker)
         if probe:
-            summary = _probe_cell(cfg, store, spec, rid, trainer, data, train_table, eval_ds, labels)
+            summary = _probe_cell(cfg, store, spec, rid, model, trainer, data, train_table, eval_ds, labels)
         else:
-            cka_ds = _cka_dataset(cfg, data, labels) if protocols.cka_wanted(cfg, spec) else None
+            cka_ds = _cka_dataset(cfg, model, data, labels) if protocols.cka_wanted(cfg, spec) else None
             # The initialisation's features are read before fit: on a resumed run too, fit loads the checkpoint.
             init = _block_features(cfg, trainer, cka_ds)
             summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
@@ -565,14 +568,14 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     return axes
 
 
-def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trainer, data: StudyData,
+def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, model, trainer, data: StudyData,
                 train_table: pd.DataFrame, eval_ds: dict, labels: list[str]) -> dict | None:
     """Fit the cell's linear probe on the frozen backbone (every rank extracts features; the main process fits)
     and store its predictions on every evaluation set and the probe itself. Returns the summary (main process)."""
     from scaling.analysis.probe import linear_probe
 
     t0 = time.perf_counter()
-    _, features_ds = _datasets(cfg, {"train": data.train}, labels)
+    _, features_ds = _datasets(cfg, model, {"train": data.train}, labels)
     sets = {n: ds for n, ds in eval_ds.items() if n != "val"}
     result = linear_probe(trainer, features_ds["train"], eval_ds["val"], sets, labels=labels, cfg=cfg.probe,
                           key=protocols.feature_keys(cfg, ["train", "val", *sets]),
@@ -590,10 +593,10 @@ def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, trai
     return on_main(write)
 
 
-def _cka_dataset(cfg: StudyConfig, data: StudyData, labels: list[str]):
-    """The fixed sample of ``cka.eval_set`` that every run's blocks are compared on."""
+def _cka_dataset(cfg: StudyConfig, model, data: StudyData, labels: list[str]):
+    """The fixed sample of ``cka.eval_set`` that every run's blocks are compared on, normalised for ``model``."""
     table = protocols.cka_sample(data.eval_sets()[cfg.cka.eval_set], cfg.cka)
-    return _datasets(cfg, {"cka": table}, labels)[1]["cka"]
+    return _datasets(cfg, model, {"cka": table}, labels)[1]["cka"]
 
 
 def _block_features(cfg: StudyConfig, trainer, dataset) -> dict | None:
@@ -621,6 +624,21 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     return model
 
 
+def _initial_model_on_meta(rcfg: StudyConfig, spec: RunSpec, n_outputs: int):
+    """The run's starting model on the meta device (no weights read or fetched), for what depends on its source
+    but not on its weights: a model rebuilt from stored weights is built as ``scratch``, and a hub source's tag
+    decides the input normalisation (``scaling.models.input_normalisation``). An upstream source is a local file,
+    normalised as its architecture, like ``scratch``."""
+    import torch
+
+    from scaling.models import build_model
+
+    source = "scratch" if spec.source.startswith("upstream:") else spec.source
+    with torch.device("meta"):
+        return build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=n_outputs,
+                           image_size=rcfg.data.image_size)
+
+
 def _with_trainer(rcfg: StudyConfig, model, work: Callable[[Any], T]) -> T:
     """``work(trainer)`` with a Trainer around ``model`` under the run's sharding (no run directory), closed after."""
     from scaling.engine import Trainer
@@ -642,13 +660,14 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     rid = run_id(cfg, spec)
     labels = list(data.labels)
     tables = {n: t for n, t in data.eval_sets().items() if n in names}
-    _, eval_ds = _datasets(cfg, tables, labels)
     if spec.protocol == PROBE:
         model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
+        _, eval_ds = _datasets(cfg, model, tables, labels)
         _with_trainer(rcfg, model, lambda t: _probe_predict(cfg, store, spec, rid, t, eval_ds, labels))
     else:
         seed_everything(spec.seed)
         model = _trained_model(rcfg, store, rid, len(labels))
+        _, eval_ds = _datasets(cfg, _initial_model_on_meta(rcfg, spec, len(labels)), tables, labels)
         _with_trainer(rcfg, model, lambda t: _predict(cfg, store, rid, t, eval_ds))
 
     def finish():
@@ -684,8 +703,8 @@ def analyse_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStor
     rcfg = run_config(cfg, spec)
     rid = run_id(cfg, spec)
     labels = list(data.labels)
-    cka_ds = _cka_dataset(cfg, data, labels)
     init_model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
+    cka_ds = _cka_dataset(cfg, init_model, data, labels)
     init = _with_trainer(rcfg, init_model, lambda t: _block_features(cfg, t, cka_ds))
     del init_model
     tuned = _with_trainer(rcfg, _trained_model(rcfg, store, rid, len(labels)),
@@ -815,6 +834,15 @@ def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) ->
     return 0
 
 
+def _warn_hyperrule_deviations(cfg: StudyConfig) -> None:
+    """A warning for each optimizer setting that departs from the BiT-HyperRule the config asks for: the rule sets
+    length, warmup and MixUp, not the learning rate, so a batch other than 512 needs ``train.lr`` scaled by hand."""
+    from scaling.engine.schedule import hyperrule_deviations
+
+    for line in hyperrule_deviations(cfg.train):
+        log.warning("train.hyperrule=%s: %s", cfg.train.hyperrule, line)
+
+
 def plan(cfg: StudyConfig) -> pd.DataFrame:
     """The runs of a study, what each lacks and what it costs — without training.
 
@@ -835,6 +863,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     check_weights(cfg, store, cells)
     check_model_kwargs(cfg, cells)
     protocols.check_reinit(cfg, cells)
+    _warn_hyperrule_deviations(cfg)
     data = load_study_data(cfg)
     check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
@@ -996,6 +1025,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     store = RunStore(cfg.output_dir)
     on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
                      check_model_kwargs(cfg, cells), protocols.check_reinit(cfg, cells)))
+    on_main(lambda: _warn_hyperrule_deviations(cfg))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))

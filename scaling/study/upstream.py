@@ -47,7 +47,7 @@ def run_pretraining(
 
     from scaling.engine import Trainer
     from scaling.engine.ranks import barrier, is_main_process
-    from scaling.models import build_model
+    from scaling.models import build_model, input_normalisation
 
     names = list(dataset.classes if loss == "multiclass" else dataset.labels)
     if loss == "multiclass" and len(names) < 2:
@@ -57,6 +57,8 @@ def run_pretraining(
     # upstream settings always give the same weights.
     set_seed(train_cfg.seed)
     model = build_model(model_cfg, num_outputs=len(names), image_size=getattr(dataset, "image_size", None))
+    # Normalised as fine-tuning will feed this architecture, so that the exported weights see the same inputs there.
+    dataset.mean, dataset.std = input_normalisation(model)
     out_path = Path(out_path)
     run_dir = Path(run_dir) if run_dir is not None else out_path.with_suffix(".run")
     trainer = Trainer(model, train_cfg, sharding_cfg or ShardingConfig(), loss=loss, output_dir=run_dir,
