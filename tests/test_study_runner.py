@@ -620,6 +620,45 @@ def test_every_batch_is_normalised_as_the_backbones_weights_expect(tmp_path, mon
     assert len(seen) > 4 and set(seen) == {(mean, std)}
 
 
+def test_a_run_trained_on_bit_inputs_before_its_backbone_got_its_own_is_refused_at_relaunch(tmp_path):
+    """Every run records the input normalisation it was trained on. A finished run without that record was trained
+    when every backbone got BiT's 0.5 / 0.5: kept for a BiT-style backbone, but for an ImageNet-trained CNN its
+    results are of other inputs than a run trained now, so the relaunch and the dry run refuse it (naming the run)
+    instead of pooling it with new seeds; nothing is written."""
+    path = study_config(tmp_path, tmp_path / "store", ood=False, backbones=["resnet10t", "resnetv2_tiny"])
+    cfg = load_config(path, ["grid.also=[]", "cka.enabled=false"])
+    run_study(cfg, report=False)
+    store = RunStore(cfg.output_dir)
+    ids = {spec.backbone: run_id(cfg, spec) for spec in expand_grid(cfg)}
+    assert store.read_meta(ids["resnet10t"])["input_normalisation"] == {"mean": [0.485, 0.456, 0.406],
+                                                                       "std": [0.229, 0.224, 0.225]}
+    assert store.read_meta(ids["resnetv2_tiny"])["input_normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    for rid in ids.values():  # as a store written before the record existed
+        meta = store.read_meta(rid)
+        del meta["input_normalisation"]
+        store.write_meta(rid, meta)
+    before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+    for relaunch in (lambda: run_study(cfg, report=False), lambda: plan(cfg)):
+        with pytest.raises(ConfigError, match=r"1 finished run\(s\) were trained on BiT's \[-1, 1\] inputs") as err:
+            relaunch()
+        assert str(store.run_dir(ids["resnet10t"])) in str(err.value)
+        assert str(store.run_dir(ids["resnetv2_tiny"])) not in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == before
+
+
+def test_probe_features_are_keyed_by_the_inputs_they_were_extracted_from():
+    """A linear probe's feature cache is shared by a backbone x source: features of the same images normalised
+    otherwise are other features, so ImageNet-normalised sets get their own key; BiT's keep the key of caches
+    written before inputs were normalised per backbone."""
+    from scaling.study.protocols import feature_keys
+
+    cfg = load_config(None, ["data.root=synthetic", "data.ood=[{name: site_b, root: 'synthetic:b'}]"])
+    bit = feature_keys(cfg, ["train", "site_b"], ((0.5,) * 3, (0.5,) * 3))
+    imagenet = feature_keys(cfg, ["train", "site_b"], ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert bit == feature_keys(cfg, ["train", "site_b"]) and bit["train"] == "run"
+    assert all(imagenet[n] != bit[n] and imagenet[n].startswith(bit[n]) for n in bit)
+
+
 def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normalisation(tmp_path):
     """A new evaluation set is predicted from the run's stored weights, rebuilt as ``scratch``: its inputs must still
     be normalised as the run's source was (ViT-B/16 MAE weights: ImageNet's mean, not AugReg's 0.5), and an upstream

@@ -151,15 +151,21 @@ def feature_cache(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> Path:
     return store.root / "features" / run_id(cfg, full)
 
 
-def feature_keys(cfg: StudyConfig, names) -> dict[str, str]:
+def feature_keys(cfg: StudyConfig, names, inputs: tuple = ((0.5,), (0.5,))) -> dict[str, str]:
     """The cache key of each named set: ``run`` for the training, validation and test sets (fixed by the run id),
-    a hash of an OOD set's identity otherwise (another set under the same name is extracted again)."""
+    a hash of an OOD set's identity otherwise (another set under the same name is extracted again).
+
+    ``inputs`` is the ``(mean, std)`` the sets are normalised with (``scaling.models.input_normalisation``): the
+    same images normalised otherwise give other features, so the key names statistics other than BiT's 0.5 / 0.5.
+    BiT's add nothing, so a cache written when every backbone got them stays valid for the backbones they suit."""
+    mean, std = inputs
+    norm = "" if all(v == 0.5 for v in (*mean, *std)) else f" inputs mean={list(mean)} std={list(std)}"
     ood = {e.name: e for e in cfg.data.ood}
     out = {}
     for name in names:
         ident = eval_set_identity(ood[name], cfg.data) if name in ood else "run"
-        out[name] = "run" if ident == "run" else hashlib.sha256(
-            json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        out[name] = ("run" if ident == "run" else hashlib.sha256(
+            json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]) + norm
     return out
 
 

@@ -274,6 +274,47 @@ def pending_work(cfg: StudyConfig, store: RunStore, spec: RunSpec, since: float 
     return None
 
 
+INPUTS_KEY = "input_normalisation"
+"""meta.json's record of the ``mean`` / ``std`` a run's images were normalised with (``_inputs``)."""
+
+
+def _inputs(*datasets) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` that datasets built by ``_datasets`` for one model normalise with."""
+    ds = next(d for d in datasets if d is not None)
+    return tuple(ds.mean), tuple(ds.std)
+
+
+def check_inputs(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
+    """Refuse finished runs whose backbone now gets other inputs than it was trained on. Runs record their input
+    normalisation (meta.json ``input_normalisation``); runs trained before every backbone was normalised as its
+    weights expect (``scaling.models.input_normalisation``) got BiT's 0.5 / 0.5 and record nothing. For a backbone
+    whose statistics are BiT's they are what a run trained now would be; for any other (an ImageNet-trained CNN, a
+    hub tag trained with ImageNet statistics, an ``hf:`` encoder) their results are of another input, and a relaunch
+    would keep them under their run ids and pool them with new seeds. Reads only (the models are built on the meta
+    device, once per backbone x source)."""
+    suits_bit: dict[tuple[str, str], bool] = {}
+    stale = []
+    for spec in cells:
+        rid = run_id(cfg, spec)
+        if not store.is_complete(rid) or INPUTS_KEY in store.read_meta(rid):
+            continue
+        key = (spec.backbone, spec.source)
+        if key not in suits_bit:
+            from scaling.models import input_normalisation
+
+            mean, std = input_normalisation(_initial_model_on_meta(run_config(cfg, spec), spec, n_outputs=1))
+            suits_bit[key] = all(v == 0.5 for v in (*mean, *std))
+        if not suits_bit[key]:
+            stale.append(store.run_dir(rid))
+    if stale:
+        shown = ", ".join(str(d) for d in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"{len(stale)} finished run(s) were trained on BiT's [-1, 1] inputs, before each backbone was normalised "
+            f"as its weights expect, and their backbones now get other statistics: {shown}. Their results are not "
+            f"comparable with runs trained now; move them (and the store's features/ directory, for linear probes) "
+            f"out of {store.root} and relaunch to retrain them (docs/models.md, 'Input normalisation')")
+
+
 def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
     """Every weight source a run still to be trained needs resolves (``resolve_source``: a local file given as a
     path or ``<source>:<path>`` must exist): a missing one is named now, by ``--dry-run`` too, not when its runs
@@ -555,7 +596,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
         def finish():
             skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()] if ds is not None))
-            rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped})
+            rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped,
+                                               INPUTS_KEY: dict(zip(("mean", "std"), _inputs(*eval_ds.values())))})
             tracker.log_metrics_table(rows)
             store.mark_complete(rid)
             store.log_event("done", rid)
@@ -578,7 +620,7 @@ def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, mode
     _, features_ds = _datasets(cfg, model, {"train": data.train}, labels)
     sets = {n: ds for n, ds in eval_ds.items() if n != "val"}
     result = linear_probe(trainer, features_ds["train"], eval_ds["val"], sets, labels=labels, cfg=cfg.probe,
-                          key=protocols.feature_keys(cfg, ["train", "val", *sets]),
+                          key=protocols.feature_keys(cfg, ["train", "val", *sets], _inputs(eval_ds["val"])),
                           train_positions=protocols.positions_in(data.train, train_table),
                           cache_dir=protocols.feature_cache(cfg, store, spec))
 
@@ -687,7 +729,8 @@ def _probe_predict(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, t
         raise StoreError(f"{path} not found: probe run {rid} was stored without its probe, so a new evaluation set "
                          f"needs it refitted (move {store.run_dir(rid)} away to refit it)")
     feats = extract_features(trainer, eval_ds, protocols.feature_cache(cfg, store, spec),
-                             key=protocols.feature_keys(cfg, eval_ds), batch_size=cfg.probe.batch_size)
+                             key=protocols.feature_keys(cfg, eval_ds, _inputs(*eval_ds.values())),
+                             batch_size=cfg.probe.batch_size)
 
     def write():
         for name, out in probe_predictions(LinearProbe.load(path), feats).items():
@@ -861,6 +904,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     store = RunStore(cfg.output_dir)
     check_conflicts(cfg, store, cells)
     check_weights(cfg, store, cells)
+    check_inputs(cfg, store, cells)
     check_model_kwargs(cfg, cells)
     protocols.check_reinit(cfg, cells)
     _warn_hyperrule_deviations(cfg)
@@ -1024,7 +1068,8 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     init_distributed()
     store = RunStore(cfg.output_dir)
     on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
-                     check_model_kwargs(cfg, cells), protocols.check_reinit(cfg, cells)))
+                     check_inputs(cfg, store, cells), check_model_kwargs(cfg, cells),
+                     protocols.check_reinit(cfg, cells)))
     on_main(lambda: _warn_hyperrule_deviations(cfg))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),

@@ -20,7 +20,8 @@ Layout (everything written atomically: temp file + rename)::
                                      eval sets: 'val' (thresholds/temperature are fitted here), 'test', OOD names
         metrics.parquet              tidy rows: eval_set, label ('macro' or a label name), attribute ('all' or a
                                      column), group ('all' or a value), metric, value, lo, hi, n
-        meta.json                    train summary (steps, seconds, images/s, skipped images, world size, ...)
+        meta.json                    train summary (steps, seconds, images/s, skipped images, world size, ...,
+                                     input_normalisation: the mean / std its images were normalised with)
         checkpoints/                 resumable training state (engine); after training final/model.safetensors,
                                      the fine-tuned weights (new evaluation sets are predicted from them)
         DONE                         written last; a run without it is incomplete and is redone/resumed
