@@ -91,13 +91,14 @@ def apply_reinit(model, spec: RunSpec) -> list[str]:
     return chosen
 
 
-def meta_model(cfg: StudyConfig, backbone: str):
-    """``backbone`` as the study builds it (``model.kwargs``, the data's image size), from scratch on the meta
-    device: no memory allocated, no weights read. What the checks made before anything runs inspect."""
+def meta_model(cfg: StudyConfig, backbone: str, source: str = "scratch"):
+    """``backbone`` as the study builds it (``model.kwargs``, the data's image size) for ``source``, on the meta
+    device: no memory allocated, no weights read or fetched. What the checks made before anything runs inspect, and
+    what decides a run's input normalisation (a hub source is built under its own tag)."""
     from scaling.models import build_model
 
     with torch.device("meta"):
-        return build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained="scratch"), num_outputs=1,
+        return build_model(dataclasses.replace(cfg.model, backbone=backbone, pretrained=source), num_outputs=1,
                            image_size=cfg.data.image_size)
 
 
@@ -151,7 +152,7 @@ def feature_cache(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> Path:
     return store.root / "features" / run_id(cfg, full)
 
 
-def feature_keys(cfg: StudyConfig, names, inputs: tuple = ((0.5,), (0.5,))) -> dict[str, str]:
+def feature_keys(cfg: StudyConfig, names, inputs: tuple) -> dict[str, str]:
     """The cache key of each named set: ``run`` for the training, validation and test sets (fixed by the run id),
     a hash of an OOD set's identity otherwise (another set under the same name is extracted again).
 

@@ -302,7 +302,7 @@ def check_inputs(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> Non
         if key not in suits_bit:
             from scaling.models import input_normalisation
 
-            mean, std = input_normalisation(_initial_model_on_meta(run_config(cfg, spec), spec, n_outputs=1))
+            mean, std = input_normalisation(_starting_model_on_meta(run_config(cfg, spec), spec))
             suits_bit[key] = all(v == 0.5 for v in (*mean, *std))
         if not suits_bit[key]:
             stale.append(store.run_dir(rid))
@@ -666,19 +666,13 @@ def _trained_model(rcfg: StudyConfig, store: RunStore, rid: str, n_outputs: int)
     return model
 
 
-def _initial_model_on_meta(rcfg: StudyConfig, spec: RunSpec, n_outputs: int):
-    """The run's starting model on the meta device (no weights read or fetched), for what depends on its source
+def _starting_model_on_meta(rcfg: StudyConfig, spec: RunSpec):
+    """The run's starting model on the meta device (:func:`protocols.meta_model`), for what depends on its source
     but not on its weights: a model rebuilt from stored weights is built as ``scratch``, and a hub source's tag
     decides the input normalisation (``scaling.models.input_normalisation``). An upstream source is a local file,
     normalised as its architecture, like ``scratch``."""
-    import torch
-
-    from scaling.models import build_model
-
     source = "scratch" if spec.source.startswith("upstream:") else spec.source
-    with torch.device("meta"):
-        return build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=n_outputs,
-                           image_size=rcfg.data.image_size)
+    return protocols.meta_model(rcfg, spec.backbone, source)
 
 
 def _with_trainer(rcfg: StudyConfig, model, work: Callable[[Any], T]) -> T:
@@ -709,7 +703,7 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     else:
         seed_everything(spec.seed)
         model = _trained_model(rcfg, store, rid, len(labels))
-        _, eval_ds = _datasets(cfg, _initial_model_on_meta(rcfg, spec, len(labels)), tables, labels)
+        _, eval_ds = _datasets(cfg, _starting_model_on_meta(rcfg, spec), tables, labels)
         _with_trainer(rcfg, model, lambda t: _predict(cfg, store, rid, t, eval_ds))
 
     def finish():
@@ -877,6 +871,17 @@ def _images_todo(work: Work | None, cost: int, sets: dict[str, pd.DataFrame]) ->
     return 0
 
 
+def check_before_training(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> None:
+    """What a launch and ``--dry-run`` alike refuse before any data is read or model trained (each check says
+    what it refuses), then a warning for each optimizer setting that departs from the BiT-HyperRule. Reads only."""
+    check_conflicts(cfg, store, cells)
+    check_weights(cfg, store, cells)
+    check_inputs(cfg, store, cells)
+    check_model_kwargs(cfg, cells)
+    protocols.check_reinit(cfg, cells)
+    _warn_hyperrule_deviations(cfg)
+
+
 def _warn_hyperrule_deviations(cfg: StudyConfig) -> None:
     """A warning for each optimizer setting that departs from the BiT-HyperRule the config asks for: the rule sets
     length, warmup and MixUp, not the learning rate, so a batch other than 512 needs ``train.lr`` scaled by hand."""
@@ -902,12 +907,7 @@ def plan(cfg: StudyConfig) -> pd.DataFrame:
     cells = study_cells(cfg)
     check_roots(cfg.data)
     store = RunStore(cfg.output_dir)
-    check_conflicts(cfg, store, cells)
-    check_weights(cfg, store, cells)
-    check_inputs(cfg, store, cells)
-    check_model_kwargs(cfg, cells)
-    protocols.check_reinit(cfg, cells)
-    _warn_hyperrule_deviations(cfg)
+    check_before_training(cfg, store, cells)
     data = load_study_data(cfg)
     check_image_files(data, cfg.data.dataset)
     n_eval = sum(len(t) for t in data.eval_sets().values())
@@ -1067,10 +1067,7 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
     check_roots(cfg.data)
     init_distributed()
     store = RunStore(cfg.output_dir)
-    on_main(lambda: (check_conflicts(cfg, store, cells), check_weights(cfg, store, cells),
-                     check_inputs(cfg, store, cells), check_model_kwargs(cfg, cells),
-                     protocols.check_reinit(cfg, cells)))
-    on_main(lambda: _warn_hyperrule_deviations(cfg))
+    on_main(lambda: check_before_training(cfg, store, cells))
     todo = [w for w in (pending_work(cfg, store, s) for s in cells) if w is not None] if is_main_process() else []
     log.info("study %s: %d runs, %d with nothing to do, %d to work on", cfg.name, len(cells), len(cells) - len(todo),
              len(todo))
