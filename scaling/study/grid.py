@@ -326,7 +326,7 @@ def run_id(study: StudyConfig, spec: RunSpec) -> str:
     The readable part of the source is the source as given (a path starting with ``/`` or ``.`` by its last part,
     ``file-<name>``), as it always was, so stores keep their ids; a ``<label>:<path>`` with a label of the user's
     own (one no preset source has: that form was refused before labels existed) by its label alone; a Mean Var init
-    by ``meanvar-`` and its source's readable part."""
+    by ``meanvar-`` and its source's label (:func:`source_label`)."""
     h = _hash(result_settings(run_config(study, spec)))[:8]
     extra = ("__probe" if spec.protocol == PROBE else "") + (
         f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "")
@@ -336,8 +336,8 @@ def run_id(study: StudyConfig, spec: RunSpec) -> str:
 def _readable_source(given: str) -> str:
     """The source's part of a run id (:func:`run_id`), before it is slugged."""
     inner = mean_var_source(given)
-    if inner is not None:
-        return "meanvar-" + _readable_source(inner)
+    if inner is not None:  # a new form: named by its label, which has no directories
+        return "meanvar-" + source_label(inner)
     if ":" in given and _is_user_label(given.partition(":")[0]) and _pathlike(given.partition(":")[2]):
         return given.partition(":")[0]
     return given if not given.startswith(("/", ".")) else "file-" + given.rsplit("/", 1)[-1]
