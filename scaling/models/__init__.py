@@ -108,7 +108,7 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None, seed
 
     Sources (``scaling.models.weights``): ``scratch``; ``hub`` / ``hub:<timm tag>`` / a named preset source
     (``bit-s``, ``bit-m``, ``in1k``, ``in21k``); ``<source>:<path>`` or a path to ``.safetensors``,
-    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``. The upstream head is discarded; the new head has
+    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``; ``meanvar:<source>`` (below). The upstream head is discarded; the new head has
     ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT ``zero_head=True``:
     the first steps then train the head on the pretrained features without sending noise into them).
 
