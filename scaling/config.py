@@ -712,7 +712,8 @@ class GridConfig:
     A cell's training data is either a fraction of the training patients or a k-shot subset: ``fractions`` and
     ``shots`` are two lists of data budgets, and each budget is one cell per backbone × source × seed × protocol ×
     re-initialisation. Re-initialisation applies to fine-tuned cells of a pretrained source only (a probe trains
-    nothing, and a scratch backbone has nothing pretrained to keep): other combinations are not cells.
+    nothing, and a scratch backbone or a Mean Var init has nothing pretrained to keep): other combinations are not
+    cells.
     """
 
     backbones: tuple[str, ...] = ("resnetv2_tiny",)
