@@ -7,9 +7,9 @@ counter-based generators: Salmon et al. 2011, "Parallel random numbers: as easy 
 only on *where* it happens in the run, so a resumed run, a run with 8 workers and a run on 4 ranks draw the same.
 
 Users of these seeds: the augmentation of the sample in slot ``k`` of the global batch of step ``s``
-(:class:`~scaling.engine.distributed.StepBatchSampler`), MixUp's ``lam`` and permutations, the global RNGs that
-dropout / drop-path read, re-seeded at the start of every optimizer step (:func:`seed_step`), and a Mean Var
-initialisation's draw (:func:`scaling.models.reinit.mean_var_init`). Nothing random is left to save in a checkpoint.
+(:class:`~scaling.engine.distributed.StepBatchSampler`), MixUp's ``lam`` and permutations, and the global RNGs that
+dropout / drop-path read, re-seeded at the start of every optimizer step (:func:`seed_step`). Nothing random is left
+to save in a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 AUGMENT = 1
 MIXUP = 2
 STEP = 3
-MEAN_VAR = 4
 
 _MASK = (1 << 64) - 1
 

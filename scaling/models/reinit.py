@@ -27,14 +27,18 @@ builds it from a ``meanvar:<source>`` weight source (:func:`scaling.models.build
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from scaling.engine.seeds import MEAN_VAR, derive_seed, generator
 from scaling.models.families import family_spec, timm_model
 from scaling.models.weights import classifier_keys
 
 STEM, NECK = "stem", "neck"
+
+MEAN_VAR_STREAM = 0x4D56
+"""Second entropy word of the Mean Var draw's seed (:func:`mean_var_init`), which keeps it apart from the stream a
+scratch init of the same seed draws from (``torch.manual_seed(seed)``)."""
 
 
 def units(model: nn.Module) -> dict[str, list[str]]:
@@ -109,15 +113,16 @@ def mean_var_init(model: nn.Module, seed: int) -> list[str]:
     them (``reset_running_stats``); other buffers (index tables) are left as built. The classifier head is never
     drawn: it is the new downstream head and stays as built.
 
-    The draw is a function of ``seed`` alone (its own generator, a purpose of :mod:`scaling.engine.seeds`, on the
-    CPU, so the same on every rank and device; the global RNG is untouched) and of no other random draw, so a Mean
-    Var cell and a scratch cell of one seed do not share noise. Call before the Trainer shards the model.
+    The draw is a function of ``seed`` alone (its own CPU generator, seeded through NumPy's ``SeedSequence`` with
+    :data:`MEAN_VAR_STREAM`, so the same on every rank and device; the global RNG is untouched), so a Mean Var cell
+    and a scratch cell of one seed do not share noise. Call before the Trainer shards the model.
     """
     inner = timm_model(model)
     if any(p.is_meta for p in inner.parameters()):
         raise ValueError("the model is on the meta device; draw the Mean Var init on a materialised model")
     head = classifier_keys(inner)
-    draws = generator(derive_seed(seed, MEAN_VAR))
+    state = np.random.SeedSequence([seed, MEAN_VAR_STREAM]).generate_state(1, dtype=np.uint64)
+    draws = torch.Generator().manual_seed(int(state[0]))
     drawn = []
     with torch.no_grad():
         for name, param in inner.named_parameters():
