@@ -108,9 +108,10 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None, seed
 
     Sources (``scaling.models.weights``): ``scratch``; ``hub`` / ``hub:<timm tag>`` / a named preset source
     (``bit-s``, ``bit-m``, ``in1k``, ``in21k``); ``<source>:<path>`` or a path to ``.safetensors``,
-    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``; ``meanvar:<source>`` (below). The upstream head is discarded; the new head has
-    ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT ``zero_head=True``:
-    the first steps then train the head on the pretrained features without sending noise into them).
+    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``; ``meanvar:<source>`` (below). The upstream head is discarded; the
+    new head has ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT
+    ``zero_head=True``: the first steps then train the head on the pretrained features without sending noise into
+    them).
 
     Raises ValueError (unknown backbone/source, listing the valid ones), WeightsUnavailable (weights not on
     disk and no network; says how to provide a file) or CheckpointMismatch (names the first bad tensor).
