@@ -288,7 +288,8 @@ class ModelConfig:
     """Preset or timm model name; always built through ``timm.create_model``."""
     pretrained: str = "scratch"
     """Weight source: ``scratch``, ``hub`` (timm/HF hub tag of the preset), ``hub:<timm tag>``, a local file
-    (``.safetensors``, ``.pt``/``.pth``/``.bin``, BiT ``.npz``), or ``upstream:<name>`` (a demo pretraining run)."""
+    (``.safetensors``, ``.pt``/``.pth``/``.bin``, BiT ``.npz``), or ``upstream:<name>`` (a demo pretraining run);
+    ``meanvar:<source>`` for the Mean Var init of any of these but scratch (docs/analysis.md)."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate passed to timm, in [0, 1)."""
     zero_init_head: bool = True
@@ -637,6 +638,24 @@ def parse_reinit(value: str, where: str = "grid.reinit") -> tuple[str, int]:
     return kind, int(k)
 
 
+MEAN_VAR_PREFIX = "meanvar:"
+"""Prefix of a Mean Var source: ``meanvar:<source>`` loads ``<source>`` and draws each tensor i.i.d. with that
+tensor's mean and variance (Raghu et al. 2019; ``scaling.models.reinit.mean_var_init``)."""
+
+
+def mean_var_source(pretrained: str) -> str | None:
+    """The source whose tensors' mean and variance a ``meanvar:<source>`` draws with, or None for any other source."""
+    text = pretrained.strip()
+    return text[len(MEAN_VAR_PREFIX):].strip() if text.lower().startswith(MEAN_VAR_PREFIX) else None
+
+
+def upstream_name(pretrained: str) -> str | None:
+    """The ``upstream`` entry a weight source is made from: ``<name>`` of ``upstream:<name>``, also as the source of a
+    Mean Var init (``meanvar:upstream:<name>``); None for any other source."""
+    text = (mean_var_source(pretrained) or pretrained).strip()
+    return text.split(":", 1)[1] if text.startswith("upstream:") else None
+
+
 def _check_seeds(where: str, seeds) -> None:
     """Seeds seed numpy's and Accelerate's generators, which take [0, 2**32): refuse others when the config is read,
     not when each run seeds itself."""
@@ -693,7 +712,8 @@ class GridConfig:
     A cell's training data is either a fraction of the training patients or a k-shot subset: ``fractions`` and
     ``shots`` are two lists of data budgets, and each budget is one cell per backbone × source × seed × protocol ×
     re-initialisation. Re-initialisation applies to fine-tuned cells of a pretrained source only (a probe trains
-    nothing, and a scratch backbone has nothing pretrained to keep): other combinations are not cells.
+    nothing, and a scratch backbone or a Mean Var init has nothing pretrained to keep): other combinations are not
+    cells.
     """
 
     backbones: tuple[str, ...] = ("resnetv2_tiny",)
@@ -767,7 +787,7 @@ class StudyConfig:
         known = {u.name for u in self.upstream}
         sources = [*self.grid.pretrained, *(s for g in self.grid.also for s in g.pretrained or ())]
         for src in sources:
-            if src.startswith("upstream:") and src.split(":", 1)[1] not in known:
+            if upstream_name(src) is not None and upstream_name(src) not in known:
                 raise ConfigError(
                     f"grid.pretrained names {src!r} but no upstream entry has that name; known: {sorted(known)}"
                 )

@@ -380,3 +380,37 @@ def test_labelling_sources_keeps_the_run_ids_stores_hold():
     assert {s: run_id(demo, RunSpec("bit_r50x1", s, 1.0, 0)) for s in before} == before
     # a label of one's own (refused before labels existed) names the run by the label, not by its directories
     assert run_id(demo, RunSpec("bit_r50x1", "mine:/home/alice/w", 1.0, 0)).startswith("bit-r50x1__mine__f1__s0__")
+
+
+def test_mean_var_sources_are_cells_with_their_own_labels_ids_and_upstream_settings():
+    cfg = _cfg("grid.backbones=[a]", "grid.fractions=[0.1,1]", "grid.seeds=[0,1]",
+               "grid.pretrained=[scratch, 'meanvar:bit-m', bit-m, 'meanvar:bit-l:/home/alice/jft']",
+               "grid.reinit=[none, 'after:2']")
+    cells = expand_grid(cfg)
+    # scratch and Mean Var cells are not re-initialised (nothing pretrained to keep): 4 sources x 2 budgets x 2 seeds,
+    # plus bit-m's re-initialised cells
+    assert len(cells) == 4 * 2 * 2 + 2 * 2
+    assert {c.pretrained for c in cells if c.reinit != "none"} == {"bit-m"}
+    assert list(dict.fromkeys(c.pretrained for c in cells)) == ["scratch", "meanvar:bit-m", "bit-m", "meanvar:bit-l"]
+    ids = {(c.source, c.fraction, c.seed, c.reinit): run_id(cfg, c) for c in cells}
+    assert len(set(ids.values())) == len(cells)
+    assert ids[("meanvar:bit-m", 1.0, 1, "none")].startswith("a__meanvar-bit-m__f1__s1__")
+    # named by the source's label, without its directories
+    assert ids[("meanvar:bit-l:/home/alice/jft", 0.1, 0, "none")].startswith("a__meanvar-bit-l__f0.1__s0__")
+    assert run_id(cfg, RunSpec("a", "meanvar:/home/alice/w.npz", 1, 0)).startswith("a__meanvar-file-w.npz__f1__s0__")
+    assert run_config(cfg, cells[4]).model.pretrained == "meanvar:bit-m"
+    # Mean Var of an upstream run carries that run's settings in its id, as the upstream source does
+    spec = RunSpec("a", "meanvar:upstream:up", 1.0, 0)
+    small = _cfg("upstream=[{name: up, num_images: 10}]", "grid.pretrained=['meanvar:upstream:up']")
+    large = _cfg("upstream=[{name: up, num_images: 20}]", "grid.pretrained=['meanvar:upstream:up']")
+    assert run_config(small, spec).upstream == small.upstream
+    assert run_id(small, spec) != run_id(large, spec)
+    with pytest.raises(ConfigError, match="grid.pretrained names 'meanvar:upstream:nope'"):
+        _cfg("grid.pretrained=['meanvar:upstream:nope']")
+    # labels: 'meanvar:' and the source's label, never its directories
+    from scaling.study.grid import source_label
+
+    cases = {"meanvar:bit-m": "meanvar:bit-m", "meanvar:/home/alice/w.npz": "meanvar:file:w.npz",
+             "meanvar:mimic:/home/alice/mimic": "meanvar:mimic", "meanvar:upstream:up": "meanvar:upstream:up"}
+    assert {s: source_label(s) for s in cases} == cases
+    assert all(source_label(label) == label for label in cases.values())

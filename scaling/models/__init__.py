@@ -73,6 +73,8 @@ class TransferModel(nn.Module):
         self.weights = weights
         # What the backbone was built with (num_classes, img_size...), so fresh_backbone rebuilds the same shape.
         self.create_kwargs = dict(create_kwargs or {})
+        # The backbone tensors build_model drew for a Mean Var init (meanvar:<source>), in module order; else empty.
+        self.mean_var_tensors: list[str] = []
 
     def fresh_backbone(self, seed: int) -> nn.Module:
         """A newly initialised backbone of the same architecture, built with the library's own init under ``seed``.
@@ -101,14 +103,15 @@ class TransferModel(nn.Module):
         return timm.data.resolve_data_config({}, model=self.backbone)
 
 
-def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> TransferModel:
+def build_model(model_cfg, num_outputs: int, image_size: int | None = None, seed: int = 0) -> TransferModel:
     """Build ``model_cfg.backbone`` with ``timm.create_model``, load ``model_cfg.pretrained``, attach a new head.
 
     Sources (``scaling.models.weights``): ``scratch``; ``hub`` / ``hub:<timm tag>`` / a named preset source
     (``bit-s``, ``bit-m``, ``in1k``, ``in21k``); ``<source>:<path>`` or a path to ``.safetensors``,
-    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``. The upstream head is discarded; the new head has
-    ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT ``zero_head=True``:
-    the first steps then train the head on the pretrained features without sending noise into them).
+    ``.pt``/``.pth``/``.bin`` or BiT ``.npz``; ``meanvar:<source>`` (below). The upstream head is discarded; the
+    new head has ``num_outputs`` outputs and is zero-initialised when ``model_cfg.zero_init_head`` (BiT
+    ``zero_head=True``: the first steps then train the head on the pretrained features without sending noise into
+    them).
 
     Raises ValueError (unknown backbone/source, listing the valid ones), WeightsUnavailable (weights not on
     disk and no network; says how to provide a file) or CheckpointMismatch (names the first bad tensor).
@@ -119,13 +122,28 @@ def build_model(model_cfg, num_outputs: int, image_size: int | None = None) -> T
     ``image_size`` (the data resolution) is passed to ViT-family backbones as ``img_size`` unless
     ``model_cfg.kwargs`` sets it: their patch grid and position embeddings are fixed at build time (pretrained
     224 px embeddings are resampled on load). Convolutional backbones accept any size and ignore it.
+
+    A ``meanvar:<source>`` loads ``<source>`` as above, then draws every backbone tensor with that tensor's mean and
+    variance (:func:`scaling.models.reinit.mean_var_init`) from ``seed`` (the study passes the run's seed); ``seed``
+    changes nothing else.
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs={num_outputs} must be >= 1")
     preset = resolve_backbone(model_cfg.backbone)
     spec = resolve_source(preset, model_cfg.pretrained)
-    if preset.family == "hf":
-        return _build_hf(model_cfg, preset, spec, num_outputs)
+    model = _build_hf(model_cfg, preset, spec, num_outputs) if preset.family == "hf" else \
+        _build_timm(model_cfg, preset, spec, num_outputs, image_size)
+    if spec.mean_var and not torch.empty(()).is_meta:
+        from scaling.models.reinit import mean_var_init
+
+        model.mean_var_tensors = mean_var_init(model, seed)
+        log.info("%s: Mean Var init of %d tensors, %s, seed %d", preset.name, len(model.mean_var_tensors), spec.label,
+                 seed)
+    return model
+
+
+def _build_timm(model_cfg, preset: Preset, spec: WeightSpec, num_outputs: int, image_size: int | None) -> TransferModel:
+    """A timm backbone (every preset and timm name): built, its weights loaded, a new head attached."""
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scaling.config import mean_var_source
+
 # Upstream datasets: (name, number of images, number of classes of the released head).
 IMAGENET_1K = ("ImageNet-1k (ILSVRC-2012)", 1_281_167, 1000)
 IMAGENET_21K = ("ImageNet-21k", 14_197_122, 21843)
@@ -178,8 +180,12 @@ def has_source(backbone: str, pretrained: str) -> bool:
 
     For study grids, whose axes are a Cartesian product: e.g. ``vit_l16`` x ``in1k`` has no public checkpoint,
     so the runner skips that cell (and logs it) instead of failing the study. ``scratch``, ``hub:``, paths,
-    ``<source>:<path>`` and ``upstream:`` sources are always considered available here; loading checks them.
+    ``<source>:<path>`` and ``upstream:`` sources are always considered available here; loading checks them. A
+    ``meanvar:<source>`` is available where its source is.
     """
+    inner = mean_var_source(pretrained)
+    if inner is not None:
+        return has_source(backbone, inner)
     preset = resolve_backbone(backbone)
     key = pretrained.strip().lower()
     if preset.family == "hf" or key.startswith("hf:"):
@@ -202,7 +208,7 @@ def missing_source_hint(backbone: str, pretrained: str) -> str:
     ``hf`` source on a timm backbone (or a timm source on an ``hf:`` backbone) is refused whatever file is given,
     because a Hugging Face checkpoint brings its own architecture.
     """
-    key = pretrained.strip().lower()
+    key = (mean_var_source(pretrained) or pretrained).strip().lower()  # meanvar:<source> as its source
     if resolve_backbone(backbone).family == "hf":
         return "an 'hf:' backbone takes pretrained 'hf' (its own weights) or 'scratch'"
     if key == "hf" or key.startswith(HF_PREFIX):

@@ -11,6 +11,9 @@
   (``torch.load(weights_only=True)``) or BiT ``.npz`` file.
 * ``<label>:<path>`` with a label of your own (``mimic:/weights/mimic``): the same file or directory, named
   ``<label>`` in tables, plots and W&B instead of by its path (:data:`LABEL`).
+* ``meanvar:<source>`` (any source above but ``scratch``): that source's weights, each tensor then replaced by i.i.d.
+  normal draws with its own mean and variance (Raghu et al. 2019's Mean Var init,
+  :func:`scaling.models.reinit.mean_var_init`), seeded by the run.
 * ``<source>:<directory>`` or a plain directory: one file per backbone, so one grid source serves every backbone
   of a grid (e.g. ``bit-l:/weights/jft`` holding ``BiT-L-R50x1.npz``, ``BiT-L-R101x3.npz``...). The file is found
   by :func:`file_candidates`: the official BiT name of that source, then ``<preset>.<ext>`` and
@@ -27,6 +30,7 @@ needs no config change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -35,19 +39,19 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scaling.config import MEAN_VAR_PREFIX, mean_var_source
 from scaling.models.presets import Preset, Source, hf_location, is_hf
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
 """What may name a user's weight file or directory in ``<label>:<path>``: a letter, then letters, digits and
-``_ . + -``. ``hub``, ``hf`` and ``upstream`` are taken."""
-RESERVED_LABELS = ("hub", "hf", "upstream", "scratch", "none")
+``_ . + -``. ``hub``, ``hf``, ``upstream`` and ``meanvar`` are taken."""
+RESERVED_LABELS = ("hub", "hf", "upstream", "meanvar", "scratch", "none")
 PROBE_TIMEOUT_S = 3.0
 """Seconds allowed to resolve and connect to a weight host before declaring it unreachable."""
 
@@ -60,7 +64,7 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the backbone; the message names the first offending tensor."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class WeightSpec:
     """A resolved weight source."""
 
@@ -73,12 +77,16 @@ class WeightSpec:
     """The preset's source metadata (dataset, size) when known."""
     name: str = ""
     """The user's label of a file source (``mimic`` of ``mimic:/weights/mimic``), or ""."""
+    mean_var: bool = False
+    """Load these weights, then replace each tensor by i.i.d. draws with its mean and variance (``meanvar:<source>``,
+    :func:`scaling.models.reinit.mean_var_init`)."""
 
     @property
     def label(self) -> str:
         """Short description for logs and run metadata."""
         name = self.source.name if self.source else self.name or self.kind
-        return name if self.kind == "scratch" else f"{name} ({self.location})"
+        text = name if self.kind == "scratch" else f"{name} ({self.location})"
+        return MEAN_VAR_PREFIX + text if self.mean_var else text
 
 
 def weights_dir() -> Path:
@@ -103,6 +111,12 @@ def resolve_source(preset: Preset, pretrained: str) -> WeightSpec:
     """
     text = pretrained.strip()
     low = text.lower()
+    inner = mean_var_source(text)
+    if inner is not None:
+        if is_scratch(inner) or mean_var_source(inner) is not None:
+            raise ValueError(f"pretrained={text!r}: a Mean Var init draws with the statistics of pretrained weights; "
+                             f"name their source after 'meanvar:' (e.g. 'meanvar:bit-m'), not {inner!r}")
+        return dataclasses.replace(resolve_source(preset, inner), mean_var=True)
     if preset.family == "hf":
         if is_scratch(text):
             return WeightSpec("scratch", hf_location(preset.name))

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from scaling.config import mean_var_source
 from scaling.metrics import holm, or_test_brier, or_test_labels, or_test_macro, referral_curve, reliability_diagram
 from scaling.metrics.bootstrap import cluster_codes
 from scaling.metrics.fairness import MISSING_GROUP, group_labels
@@ -152,8 +153,11 @@ def pairwise_comparisons(store_root, df: pd.DataFrame, eval_sets=("test",), frac
     pretraining (``axis = "backbone"``), and each pretraining source against the one with the fewest images
     (scratch first) on the same backbone (``axis = "pretrained"``) — does scale help at all? — and, from the third
     step on, each also against the step below it: does the next size, or more pretraining images, still help
-    (BiT-M against BiT-S, not only both against scratch)? ``vs`` names the reference; ``backbone`` and
-    ``pretrained`` the compared cell. A fraction below 1 asks the third question: does it still hold with few labels?
+    (BiT-M against BiT-S, not only both against scratch)? A Mean Var init (``meanvar:<source>``) is no step of that
+    ladder: it is compared with the reference (what the scale of the weights alone gives) and its source with it
+    (what the pretrained features add beyond their scale; Raghu et al. 2019). ``vs`` names the reference;
+    ``backbone`` and ``pretrained`` the compared cell. A fraction below 1 asks the third question: does it still
+    hold with few labels?
 
     Each comparison is on the macro AUROC (``label = "macro"``: the labels the set can score,
     :func:`scaling.metrics.or_test_macro`) and per label, over the seeds both cells have. The runs are joined on
@@ -312,7 +316,7 @@ def _compared_pairs(store_root, df: pd.DataFrame, eval_sets, fractions):
                 cells = df[(df["fraction"] == fraction) & (df["eval_set"] == eval_set)]
                 for held, g in cells.groupby(fixed, sort=True):
                     read: dict[str, pd.DataFrame] = {}  # each run's predictions read once, however often compared
-                    for value, vs in _steps(_ordered_values(g, axis)):
+                    for value, vs in _axis_steps(_ordered_values(g, axis)):
                         runs = cell_runs(g, {axis: value}).set_index("seed")["run_id"]
                         ref_runs = cell_runs(g, {axis: vs}).set_index("seed")["run_id"]
                         seeds = sorted(set(runs.index) & set(ref_runs.index))
@@ -335,6 +339,23 @@ def _steps(values: list) -> list[tuple]:
         pairs.append((value, values[0]))
         if i >= 2:
             pairs.append((value, values[i - 1]))
+    return pairs
+
+
+def _axis_steps(values: list) -> list[tuple]:
+    """:func:`_steps` over ``values`` (ordered from the reference on) but the Mean Var inits (``meanvar:<source>``,
+    which have no pretraining images of their own), then two pairs for each of those: it against the reference, and
+    its source against it."""
+    plain = [v for v in values if mean_var_source(str(v)) is None]
+    pairs = _steps(plain)
+    for value in values:
+        source = mean_var_source(str(value))
+        if source is None:
+            continue
+        if plain:
+            pairs.append((value, plain[0]))
+        if source in plain:
+            pairs.append((source, value))
     return pairs
 
 

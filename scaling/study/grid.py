@@ -19,7 +19,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from scaling.config import DataConfig, EvalSetConfig, GridConfig, StudyConfig, SubGridConfig, to_dict
+from scaling.config import (
+    MEAN_VAR_PREFIX,
+    DataConfig,
+    EvalSetConfig,
+    GridConfig,
+    StudyConfig,
+    SubGridConfig,
+    mean_var_source,
+    to_dict,
+    upstream_name,
+)
 
 SYNTHETIC = "synthetic"
 """``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
@@ -40,7 +50,9 @@ def source_label(pretrained: str) -> str:
       (``file:mimic``, ``file:r50.npz``);
     * ``<name>:<path>`` (a preset source standing for a file, ``bit-l:/weights/jft``, or a label of your own,
       ``mimic:/weights/mimic``): ``<name>``;
-    * anything else (``scratch``, ``bit-m``, ``hub:<tag>``, ``upstream:<name>``): itself.
+    * anything else (``scratch``, ``bit-m``, ``hub:<tag>``, ``upstream:<name>``): itself;
+    * ``meanvar:<source>``: ``meanvar:`` and the label of ``<source>`` (``meanvar:bit-l`` of
+      ``meanvar:bit-l:/weights/jft``).
 
     Parent directories, which often carry user, site or project names, never reach a table. The label is a
     function of the source string alone and applying it twice changes nothing; two sources of one grid with the
@@ -48,6 +60,9 @@ def source_label(pretrained: str) -> str:
     """
     from scaling.models.weights import FILE_SUFFIXES, LABEL
 
+    inner = mean_var_source(pretrained)
+    if inner is not None:
+        return MEAN_VAR_PREFIX + source_label(inner)
     text = pretrained.strip()
     name, sep, rest = text.partition(":")
     if sep and LABEL.fullmatch(name):
@@ -96,7 +111,8 @@ class RunSpec:
 
 def _cells(g: GridConfig, sub: SubGridConfig | None = None) -> list[RunSpec]:
     """The product of one grid's axes (``sub``'s where set, the grid's otherwise), minus the combinations that are
-    not cells: a re-initialised probe (a probe trains nothing) or re-initialised scratch backbone."""
+    not cells: a re-initialised probe (a probe trains nothing), a re-initialised scratch backbone or Mean Var init
+    (neither has pretrained units to keep)."""
     def axis(name):
         value = getattr(sub, name) if sub is not None else None
         return value if value is not None else getattr(g, name)
@@ -105,7 +121,7 @@ def _cells(g: GridConfig, sub: SubGridConfig | None = None) -> list[RunSpec]:
     out = []
     for b, p, (f, k), s, proto, r in itertools.product(axis("backbones"), axis("pretrained"), budgets, axis("seeds"),
                                                      axis("protocols"), axis("reinit")):
-        if r != NO_REINIT and (proto != FINETUNE or p == "scratch"):
+        if r != NO_REINIT and (proto != FINETUNE or p == "scratch" or mean_var_source(p) is not None):
             continue
         out.append(RunSpec(b, p, f, int(s), proto, k, r))
     return out
@@ -126,7 +142,7 @@ def run_config(study: StudyConfig, spec: RunSpec) -> StudyConfig:
     grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.source,),
                       fractions=() if spec.shots else (spec.fraction,), shots=(spec.shots,) if spec.shots else (),
                       seeds=(spec.seed,), protocols=(spec.protocol,), reinit=(spec.reinit,))
-    upstream = tuple(u for u in study.upstream if spec.source == f"upstream:{u.name}")
+    upstream = tuple(u for u in study.upstream if upstream_name(spec.source) == u.name)
     return dataclasses.replace(study, model=model, train=train, grid=grid, upstream=upstream)
 
 
@@ -309,12 +325,19 @@ def run_id(study: StudyConfig, spec: RunSpec) -> str:
 
     The readable part of the source is the source as given (a path starting with ``/`` or ``.`` by its last part,
     ``file-<name>``), as it always was, so stores keep their ids; a ``<label>:<path>`` with a label of the user's
-    own (one no preset source has: that form was refused before labels existed) by its label alone."""
+    own (one no preset source has: that form was refused before labels existed) by its label alone; a Mean Var init
+    by ``meanvar-`` and its source's label (:func:`source_label`)."""
     h = _hash(result_settings(run_config(study, spec)))[:8]
-    given = spec.source
-    src = given if not given.startswith(("/", ".")) else "file-" + given.rsplit("/", 1)[-1]
-    if ":" in given and _is_user_label(given.partition(":")[0]) and _pathlike(given.partition(":")[2]):
-        src = given.partition(":")[0]
     extra = ("__probe" if spec.protocol == PROBE else "") + (
         f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "")
-    return f"{_slug(spec.backbone)}__{_slug(src)}__{spec.budget}__s{spec.seed}{extra}__{h}"
+    return f"{_slug(spec.backbone)}__{_slug(_readable_source(spec.source))}__{spec.budget}__s{spec.seed}{extra}__{h}"
+
+
+def _readable_source(given: str) -> str:
+    """The source's part of a run id (:func:`run_id`), before it is slugged."""
+    inner = mean_var_source(given)
+    if inner is not None:  # a new form: named by its label, which has no directories
+        return "meanvar-" + source_label(inner)
+    if ":" in given and _is_user_label(given.partition(":")[0]) and _pathlike(given.partition(":")[2]):
+        return given.partition(":")[0]
+    return given if not given.startswith(("/", ".")) else "file-" + given.rsplit("/", 1)[-1]

@@ -16,7 +16,7 @@ Files a cell writes besides the usual ones (docs/run-store.md):
   scales with them);
 * ``features/<id of the cell's full-data probe>/<set>.safetensors``: pooled pre-logit features shared by every
   probe cell of one backbone × source (every seed, fraction and k-shot subset is a row subset of the cached
-  training set; a scratch backbone's features are its seed's, cached per seed).
+  training set; a scratch backbone's or a Mean Var init's features are its seed's, cached per seed).
 """
 
 from __future__ import annotations
@@ -134,6 +134,19 @@ def reinit_axes(model, spec: RunSpec) -> dict[str, Any]:
     return {"n_units": len(names), "units_reinitialised": names[k:] if kind == "after" else names[:k]}
 
 
+def mean_var_axes(model, spec: RunSpec) -> dict[str, Any]:
+    """What a Mean Var cell (``meanvar:<source>``) records in spec.json: the source whose tensors' statistics it drew
+    with, the seed of the draw and how many backbone tensors were drawn; nothing for other cells."""
+    from scaling.config import mean_var_source
+    from scaling.study.grid import source_label
+
+    inner = mean_var_source(spec.source)
+    if inner is None:
+        return {}
+    return {"mean_var_of": source_label(inner), "mean_var_seed": spec.seed,
+            "mean_var_tensors": len(model.mean_var_tensors)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Linear probe: the feature cache shared by the probe cells of one backbone x source x seed
 # --------------------------------------------------------------------------------------------------------------
@@ -145,10 +158,12 @@ def feature_cache(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> Path:
 
     A loaded backbone is the same for every seed (every tensor but the head, which the pooled features precede,
     comes from the weights), so its features are extracted once for all seeds; a scratch backbone is its seed's
-    random initialisation, and its features are cached per seed."""
+    random initialisation, and a Mean Var init its seed's draw: their features are cached per seed."""
+    from scaling.config import mean_var_source
     from scaling.models.weights import is_scratch
 
-    full = dataclasses.replace(spec, fraction=1.0, shots=0, seed=spec.seed if is_scratch(spec.source) else 0)
+    per_seed = is_scratch(spec.source) or mean_var_source(spec.source) is not None
+    full = dataclasses.replace(spec, fraction=1.0, shots=0, seed=spec.seed if per_seed else 0)
     return store.root / "features" / run_id(cfg, full)
 
 

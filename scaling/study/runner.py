@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from scaling.config import ConfigError, DataConfig, StudyConfig, UpstreamConfig, to_dict
+from scaling.config import (MEAN_VAR_PREFIX, ConfigError, DataConfig, StudyConfig, UpstreamConfig, mean_var_source,
+                            to_dict, upstream_name)
 from scaling.data.table import add_age_group
 from scaling.engine.ranks import broadcast, init_distributed, is_main_process, main_process_first, process_group
 from scaling.io import UnreadableFile, atomic_write_text, read_json, write_error
@@ -123,23 +124,28 @@ def ensure_upstream(cfg: StudyConfig, store: RunStore, up: UpstreamConfig, backb
 
 
 def resolve_pretrained(cfg: StudyConfig, store: RunStore, spec: RunSpec) -> str:
-    """Turn ``upstream:<name>`` into the local weight file it produced; other sources pass through (as given in
-    ``grid.pretrained``, not as labelled)."""
-    if not spec.source.startswith("upstream:"):
+    """Turn ``upstream:<name>`` into the local weight file it produced (``meanvar:upstream:<name>`` into
+    ``meanvar:<file>``); other sources pass through (as given in ``grid.pretrained``, not as labelled)."""
+    name = upstream_name(spec.source)
+    if name is None:
         return spec.source
-    name = spec.source.split(":", 1)[1]
     up = next(u for u in cfg.upstream if u.name == name)
-    return str(ensure_upstream(cfg, store, up, spec.backbone))
+    path = str(ensure_upstream(cfg, store, up, spec.backbone))
+    return path if mean_var_source(spec.source) is None else MEAN_VAR_PREFIX + path
 
 
 def pretrain_images(cfg: StudyConfig, backbone: str, source: str) -> float:
-    """Number of upstream pretraining images behind a weight source (0 for scratch, NaN when unknown)."""
+    """Number of upstream pretraining images behind a weight source (0 for scratch, NaN when unknown). A Mean Var
+    init (``meanvar:<source>``) is NaN: it keeps the scale of its source's weights and none of what the images taught
+    them, so it is no point of a curve over pretraining images."""
     from scaling.models import model_info
 
     if source == "scratch":
         return 0.0
-    if source.startswith("upstream:"):
-        return float(next(u.num_images for u in cfg.upstream if u.name == source.split(":", 1)[1]))
+    if mean_var_source(source) is not None:
+        return math.nan
+    if upstream_name(source) is not None:
+        return float(next(u.num_images for u in cfg.upstream if u.name == upstream_name(source)))
     known = model_info(backbone).get("sources", {}).get(source.split(":", 1)[0], {})
     return float(known.get("n_images") or math.nan)
 
@@ -322,14 +328,15 @@ def check_weights(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> No
     machine without them is not refused. Hub, URL and Hugging Face sources are fetched when a run needs them, so
     online they are not checked here; offline (``HF_HUB_OFFLINE=1`` / ``SCALING_OFFLINE=1``, as the SLURM scripts
     set) each must already be in the weights directory or the Hugging Face cache, and one that is not is named now
-    (``check_offline``, ``check_cached``). ``upstream:`` sources are made by the study. Reads only."""
+    (``check_offline``, ``check_cached``). ``upstream:`` sources (also as ``meanvar:upstream:``) are made by the
+    study. Reads only."""
     from scaling.models.hf import check_cached
     from scaling.models.presets import resolve_backbone
     from scaling.models.weights import WeightsUnavailable, check_offline, offline, resolve_source
 
     needed = {(s.backbone, s.source) for s in cells if not store.is_complete(run_id(cfg, s))}
     for backbone, source in sorted(needed):
-        if source.strip().lower().startswith("upstream:"):
+        if upstream_name(source) is not None:
             continue
         try:
             spec = resolve_source(resolve_backbone(backbone), source)
@@ -383,7 +390,7 @@ def check_conflicts(cfg: StudyConfig, store: RunStore, cells: list[RunSpec]) -> 
                 raise StoreError(f"evaluation set {name!r} of run {rid} was predicted on another set "
                                  f"({'; '.join(diff)}); give the new set another name")
     for up in cfg.upstream:
-        if any(s.source == f"upstream:{up.name}" for s in cells):
+        if any(upstream_name(s.source) == up.name for s in cells):
             _check_upstream(store, up)
 
 
@@ -511,15 +518,15 @@ def score_run(cfg: StudyConfig, store: RunStore, rid: str, meta: dict | None = N
 
 
 def _build(rcfg: StudyConfig, spec: RunSpec, source: str, n_outputs: int):
-    """The cell's model as it starts: the backbone with its pretrained weights and a new head, seeded, with the
-    cell's blocks re-initialised (before any Trainer shards it)."""
+    """The cell's model as it starts: the backbone with its pretrained weights (or their Mean Var init, drawn from
+    the run's seed) and a new head, seeded, with the cell's blocks re-initialised (before any Trainer shards it)."""
     from scaling.models import build_model
 
     seed_everything(spec.seed)
 
     def build():
         model = build_model(dataclasses.replace(rcfg.model, pretrained=source), num_outputs=n_outputs,
-                            image_size=rcfg.data.image_size)
+                            image_size=rcfg.data.image_size, seed=spec.seed)
         protocols.apply_reinit(model, spec)
         return model
 
@@ -565,7 +572,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
         "pretrain_images": pretrain_images(cfg, spec.backbone, spec.source),
         "n_train_images": len(train_table), "n_train_patients": int(train_table["patient_id"].nunique()),
-        "family": info.get("family", ""), **protocols.reinit_axes(model, spec),
+        "family": info.get("family", ""), **protocols.reinit_axes(model, spec), **protocols.mean_var_axes(model, spec),
     }
     on_main(lambda: store.update_spec(rid, axes))
 
@@ -670,8 +677,9 @@ def _starting_model_on_meta(rcfg: StudyConfig, spec: RunSpec):
     """The run's starting model on the meta device (:func:`protocols.meta_model`), for what depends on its source
     but not on its weights: a model rebuilt from stored weights is built as ``scratch``, and a hub source's tag
     decides the input normalisation (``scaling.models.input_normalisation``). An upstream source is a local file,
-    normalised as its architecture, like ``scratch``."""
-    source = "scratch" if spec.source.startswith("upstream:") else spec.source
+    normalised as its architecture, like ``scratch``; a Mean Var init as its source (the same inputs as the
+    pretrained cell it is compared with)."""
+    source = "scratch" if upstream_name(spec.source) is not None else spec.source
     return protocols.meta_model(rcfg, spec.backbone, source)
 
 
