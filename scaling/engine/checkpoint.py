@@ -7,6 +7,8 @@ Layout of a run directory::
         trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
+        zero_consolidated.safetensors       ZeRO only, once resumed on another world size: the partitions joined
+                                            (consolidate_zero)
     <run_dir>/checkpoints/best_00000080/    with train.select other than last: the weights of the best validation
         best.json                           point so far (step, metric, value); the resumable checkpoint's state
         model.safetensors                   names the one it refers to (scaling.engine.selection)
@@ -236,12 +238,13 @@ def _zero_globals() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def _load_zero_file(path, map_location=None):
+def _load_zero_file(path, map_location=None, mmap: bool = False):
     """One of DeepSpeed's ZeRO checkpoint files, loaded with ``torch.load(weights_only=True)`` and DeepSpeed's record
-    classes allowlisted; a refused global or a damaged file is a :class:`CheckpointError` naming the file."""
+    classes allowlisted (``mmap``: tensors are read from the file when used); a refused global or a damaged file is
+    a :class:`CheckpointError` naming the file."""
     try:
         with torch.serialization.safe_globals(_zero_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # a refused global or a damaged file: say which file, and what was refused
         why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
         raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
@@ -701,18 +704,19 @@ def _zero_whole_state(ckpt: Path, world_size: int) -> tuple[dict[str, torch.Tens
     ``fp32/<name>`` (the fp32 master weights) and ``<key>/<name>`` for every optimizer state (``momentum_buffer``
     for SGD, ``exp_avg`` and ``exp_avg_sq`` for AdamW) of every trained parameter, ``buffer/<name>`` for the
     module's buffers; and the global state (optimizer step, DeepSpeed's step counters and loss scaler) as JSON.
-    Reads one rank's files at a time, loaded as :func:`_load_zero_file` loads them (no code runs)."""
+    The ranks' files are memory-mapped (:func:`_load_zero_file`: no code runs), so the joined tensors are the only
+    copy in memory."""
     state_dir = ckpt / "model" / "state"
     pieces: dict[str, list[torch.Tensor]] = {}
     shapes: dict[str, torch.Size] = {}
     steps = set()
     model = first = None
     for rank, f in enumerate(_zero_optim_files(state_dir, world_size)):
-        optim = _load_zero_file(f, map_location="cpu")["optimizer_state_dict"]
+        optim = _load_zero_file(f, map_location="cpu", mmap=True)["optimizer_state_dict"]
         if int(optim["zero_stage"]) == 3 or model is None:  # ZeRO-3: one model file per rank; ZeRO-1/2: one
             name = (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if int(optim["zero_stage"]) == 3
                     else "mp_rank_00_model_states.pt")
-            model = _load_zero_file(state_dir / name, map_location="cpu")
+            model = _load_zero_file(state_dir / name, map_location="cpu", mmap=True)
             for group in model["param_shapes"]:
                 shapes.update(group)
         if first is None:
@@ -725,9 +729,9 @@ def _zero_whole_state(ckpt: Path, world_size: int) -> tuple[dict[str, torch.Tens
                 for key, flat in flats.items():
                     pieces.setdefault(f"{key}/{name}", []).append(flat.narrow(0, start, numel))
     tensors = {}
-    for key, parts in pieces.items():
+    for key in list(pieces):
         shape = shapes[key.split("/", 1)[1]]
-        whole = torch.cat(parts)
+        whole = torch.cat(pieces.pop(key))
         if whole.numel() != shape.numel():
             raise CheckpointError(f"{state_dir}: the partitions of {key} hold {whole.numel()} elements, the "
                                   f"parameter has {shape.numel()} ({list(shape)})")
@@ -751,12 +755,16 @@ def consolidate_zero(ckpt: Path, world_size: int, rank: int) -> Path:
     """``ckpt/`` :data:`ZERO_CONSOLIDATED`: rank 0 writes it (atomically: a failure leaves nothing) unless it exists,
     the others wait. Every rank must call; a checkpoint that cannot be read or joined raises
     :class:`CheckpointError` on every rank, naming the file and the world size it still resumes on."""
+    from safetensors.torch import save_file
+
     path = ckpt / ZERO_CONSOLIDATED
     error = None
     if rank == 0 and not path.is_file():
         try:
             tensors, global_state = _zero_whole_state(ckpt, world_size)
-            save_safetensors(tensors, path, {"zero": json.dumps(global_state)})
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"zero": json.dumps(global_state)}),
+                         nbytes=nbytes)
         except Exception as e:  # noqa: BLE001 - every failure is agreed on by the ranks, then raised on each
             error = str(e) if isinstance(e, CheckpointError) else f"{ckpt}: {type(e).__name__}: {str(e)[:500]}"
     errors = _agree(error)
@@ -842,5 +850,4 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
         v = v.detach().to("cpu")
         out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    nbytes = sum(v.numel() * v.element_size() for v in out.values())
-    atomic_write(path, lambda p: save_file(out, str(p), metadata=meta), nbytes=nbytes)
+    atomic_write(path, lambda p: save_file(out, str(p), metadata=meta))
