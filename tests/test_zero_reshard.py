@@ -4,7 +4,9 @@ Real gloo ranks (tests/dist_scripts/zero_reshard_suite.py): zero1, zero2 and zer
 preempted at step 3 on 1 and on 2 ranks; each checkpoint is resumed on the other world size to the end. Its final
 parameters and momentum must match an uninterrupted run on the new world size, and a resume on the same world size,
 up to the order of floating-point sums (1 and 2 uninterrupted ranks differ by 1.2e-7). The joined state of AdamW
-checkpoints is compared with DeepSpeed's own converter to its universal format, which handles Adam states.
+checkpoints is compared with DeepSpeed's own converter to its universal format, which handles Adam states. A
+checkpoint that cannot be joined (a rank's file missing, or holding a pickle that would run code) is an error
+naming the file, and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import launcher  # noqa: E402
+from toy import plant  # noqa: E402
 
 from scaling.engine.checkpoint import (  # noqa: E402
     ZERO_CONSOLIDATED,
+    CheckpointError,
     _zero_globals,
     _zero_whole_state,
+    consolidate_zero,
     latest_checkpoint,
 )
 
@@ -99,7 +104,7 @@ def test_a_checkpoint_that_cannot_be_joined_is_a_clear_error_and_writes_nothing(
     error = got["errors"][0]
     assert "holds the optimizer-state files of ranks [0], but 2 ranks wrote this checkpoint" in error, error
     assert "unconvertible/checkpoints/step_00000003/model/state" in error
-    assert "Nothing was written" in error and "2 processes" in error
+    assert "Nothing was written; without joining, it loads only on the 2 processes that wrote it" in error
     before, after = suite["unconvertible"]
     assert after == before and not any(ZERO_CONSOLIDATED in f for f in after)
 
@@ -134,3 +139,19 @@ def test_joined_adamw_state_equals_deepspeeds_universal_conversion(suite, strate
         step = _load(universal / "zero" / "head.bias" / "step.pt")
     assert global_state["optimizer_step"] == float(step) == 3.0
     assert global_state["engine"]["global_steps"] == 3 and global_state["world_size"] == 2
+
+
+def test_joining_runs_no_code_from_the_rank_files(suite, tmp_path):
+    """The rank files are loaded with torch.load(weights_only=True) when joined, too: a planted pickle in one rank's
+    optimizer file is refused, naming it, never runs, and nothing is written."""
+    run = tmp_path / "poisoned"
+    shutil.copytree(suite["out"] / "zero2_w2", run)
+    ckpt = latest_checkpoint(run)
+    planted = ckpt / "model" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "PWNED"
+    plant(planted, marker)
+    with pytest.raises(CheckpointError, match="refused or unreadable ZeRO checkpoint file") as err:
+        consolidate_zero(ckpt, 2, rank=0)
+    assert str(planted) in str(err.value) and "loads only on the 2 processes that wrote it" in str(err.value)
+    assert not marker.exists() and not any(p.name.startswith(f".{ZERO_CONSOLIDATED}") or p.name == ZERO_CONSOLIDATED
+                                           for p in ckpt.iterdir())

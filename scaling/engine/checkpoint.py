@@ -661,6 +661,7 @@ ZERO_CONSOLIDATED = "zero_consolidated.safetensors"
 """A ZeRO checkpoint's training state with its partitioning undone (:func:`consolidate_zero`): written next to
 ``model/`` the first time the checkpoint resumes on another world size, and read by every later such resume."""
 _ZERO_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+_ZERO_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # DeepSpeed's, in its model files
 
 
 def _zero_optim_files(state_dir: Path, world_size: int) -> list[Path]:
@@ -745,7 +746,7 @@ def _zero_whole_state(ckpt: Path, world_size: int) -> tuple[dict[str, torch.Tens
     global_state = {
         "world_size": world_size, "zero_stage": int(optim["zero_stage"]),
         "optimizer_step": steps.pop() if steps else None,
-        "engine": {k: model[k] for k in ("global_steps", "global_samples", "skipped_steps") if k in model},
+        "engine": {k: model[k] for k in _ZERO_ENGINE_COUNTERS if k in model},
         "loss_scaler": {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} if scaler else {},
     }
     return tensors, global_state
@@ -754,7 +755,7 @@ def _zero_whole_state(ckpt: Path, world_size: int) -> tuple[dict[str, torch.Tens
 def consolidate_zero(ckpt: Path, world_size: int, rank: int) -> Path:
     """``ckpt/`` :data:`ZERO_CONSOLIDATED`: rank 0 writes it (atomically: a failure leaves nothing) unless it exists,
     the others wait. Every rank must call; a checkpoint that cannot be read or joined raises
-    :class:`CheckpointError` on every rank, naming the file and the world size it still resumes on."""
+    :class:`CheckpointError` on every rank, naming the file and the world size that wrote the checkpoint."""
     from safetensors.torch import save_file
 
     path = ckpt / ZERO_CONSOLIDATED
@@ -770,7 +771,8 @@ def consolidate_zero(ckpt: Path, world_size: int, rank: int) -> Path:
     errors = _agree(error)
     if errors:
         raise CheckpointError(f"cannot resume the ZeRO checkpoint {ckpt} on another number of processes: "
-                              f"{'; '.join(errors)}. Nothing was written; it still resumes on {world_size} processes")
+                              f"{'; '.join(errors)}. Nothing was written; without joining, it loads only on the "
+                              f"{world_size} processes that wrote it")
     return path
 
 
@@ -830,11 +832,13 @@ def _load_consolidated_zero(path: Path, module: nn.Module, engine) -> None:
         for state in optimizer_state.values():
             state["step"] = torch.tensor(global_state["optimizer_step"])
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    for k, v in global_state["loss_scaler"].items():
-        if hasattr(scaler, k):
+    for k, v in global_state["loss_scaler"].items():  # cur_scale, cur_iter ... of DeepSpeed's (dynamic) scaler
+        if hasattr(scaler, k) and isinstance(v, (bool, int, float)):
             setattr(scaler, k, v)
-    for k, v in global_state["engine"].items():
-        setattr(engine, k, v)
+    for k in _ZERO_ENGINE_COUNTERS:
+        if isinstance(global_state["engine"].get(k), int):
+            setattr(engine, k, global_state["engine"][k])
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Consolidated export
