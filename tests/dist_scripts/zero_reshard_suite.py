@@ -12,8 +12,8 @@ Phases:
               (``resharded``); on 2 ranks also its own 2-rank checkpoint (``same``); on 1 rank the 2-rank zero3
               checkpoint whose rank-1 optimizer file the test removed (``unconvertible``: every rank's error).
 
-Rank 0 writes ``<out_dir>/<phase>_w<world>.pt``: per cell the world size, summary (or the error), final parameters
-and SGD momentum (``deepspeed.utils.safe_get_full_optimizer_state``).
+Rank 0 writes ``<out_dir>/<phase>_w<world>.pt``: per cell the world size, summary (or the error), final parameters,
+SGD momentum (``deepspeed.utils.safe_get_full_optimizer_state``) and DeepSpeed's step counter.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def cell(strategy: str, out: dict, name: str, run_dir: Path | None, optimizer: s
         momentum = {n: safe_get_full_optimizer_state(p, "momentum_buffer").clone()
                     for n, p in trainer.module.named_parameters()}
         out[name] = {"world": trainer.world_size, "summary": summary, "params": trainer.full_state_dict(),
-                     "momentum": momentum}
+                     "momentum": momentum, "engine_steps": trainer.engine.global_steps}
     except CheckpointError as e:
         errors = [None] * trainer.world_size
         torch.distributed.all_gather_object(errors, str(e))
