@@ -7,6 +7,8 @@ Layout of a run directory::
         trainer_state.json                  step, world size, strategy, model signature, tracker run id, history
         model/ ...                          torch.distributed.checkpoint (DCP) shards: model + optimizer
                                             (none/ddp/fsdp*), or DeepSpeed's own ZeRO files (zero1/2/3)
+        zero_consolidated.safetensors       ZeRO only, once resumed on another world size: the partitions joined
+                                            (consolidate_zero)
     <run_dir>/checkpoints/best_00000080/    with train.select other than last: the weights of the best validation
         best.json                           point so far (step, metric, value); the resumable checkpoint's state
         model.safetensors                   names the one it refers to (scaling.engine.selection)
@@ -55,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from scaling.engine.launch import ZERO_STRATEGIES
 from scaling.engine.ranks import barrier as _barrier
 from scaling.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -134,23 +137,19 @@ def check_compatible(ckpt: Path, state: dict, expected: dict) -> None:
     """Raise :class:`CheckpointError` naming the file and every field where ``state`` differs from ``expected``.
 
     A checkpoint of a DCP strategy (:data:`DCP_STRATEGIES`) resumes with another world size, DCP strategy or
-    accumulation; a ZeRO checkpoint only with the world size and strategy that wrote it.
+    accumulation; a ZeRO checkpoint with the strategy that wrote it, on any world size (:func:`consolidate_zero`).
     """
-    resharding = state.get("final") is True or (
-        state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES)
+    if state.get("final") is True or (
+            state.get("strategy") in DCP_STRATEGIES and expected.get("strategy") in DCP_STRATEGIES):
+        reshardable = _RESHARDABLE
+    elif state.get("strategy") in ZERO_STRATEGIES and state.get("strategy") == expected.get("strategy"):
+        reshardable = ("world_size",)  # joined and re-partitioned on load (consolidate_zero)
+    else:
+        reshardable = ()
     diffs = [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in expected.items()
-             if state.get(k) != v and not (resharding and k in _RESHARDABLE)]
-    if not diffs:
-        return
-    msg = f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs)
-    if str(state.get("strategy", "")).startswith("zero") and state.get("world_size") != expected.get("world_size"):
-        msg += (f". DeepSpeed ZeRO partitions parameters and optimizer state per rank, so this checkpoint resumes "
-                f"only on {state.get('world_size')} processes: relaunch with {state.get('world_size')} processes. "
-                f"scaling does not reshard ZeRO checkpoints; DeepSpeed's own converter to its world-size-free "
-                f"'universal' format (python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                f"{ckpt / 'model' / 'state'} --output_folder <dir>) is not loaded by scaling. The FSDP strategies "
-                f"(sharding.strategy: fsdp) resume on any number of processes")
-    raise CheckpointError(msg)
+             if state.get(k) != v and k not in reshardable]
+    if diffs:
+        raise CheckpointError(f"{ckpt / STATE_FILE} does not fit this run: " + "; ".join(diffs))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,22 +238,24 @@ def _zero_globals() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def _load_zero_file(path, map_location=None, mmap: bool = False):
+    """One of DeepSpeed's ZeRO checkpoint files, loaded with ``torch.load(weights_only=True)`` and DeepSpeed's record
+    classes allowlisted (``mmap``: tensors are read from the file when used); a refused global or a damaged file is
+    a :class:`CheckpointError` naming the file."""
+    try:
+        with torch.serialization.safe_globals(_zero_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # a refused global or a damaged file: say which file, and what was refused
+        why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
+        raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
+                              f"{why[:300]})") from None
+
+
 @contextlib.contextmanager
 def _weights_only_deepspeed(engine):
     """Make ``engine``'s checkpoint engine load with ``torch.load(weights_only=True)`` while the block runs."""
     ce = engine.checkpoint_engine
-    allowed = _zero_globals()
-
-    def load(path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # a refused global or a damaged file: say which file, and what was refused
-            why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
-            raise CheckpointError(f"{path}: refused or unreadable ZeRO checkpoint file ({type(e).__name__}: "
-                                  f"{why[:300]})") from None
-
-    ce.load = load
+    ce.load = _load_zero_file
     try:
         yield
     finally:
@@ -551,22 +552,11 @@ def load_final_weights(ckpt: Path, module: nn.Module, device: torch.device, engi
         if engine is None:
             materialize_from_safetensors(module, path, device)
             return
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f, torch.no_grad():
             for name, p in module.named_parameters():
-                value = f.get_tensor(name)
-                # The weights the forward uses: ZeRO-3 partitions each parameter, so gather it, overwrite it and
-                # re-partition (a no-op on ZeRO-1/2, whose parameters are whole on every rank) ...
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(value)
-                # ... and the fp32 master partition in the optimizer, which export() and full_state_dict() read.
-                if hasattr(p, "ds_id"):
-                    _set_zero3_master(p, value)
-                else:
-                    safe_set_full_fp32_param(p, value)
+                _set_zero_param(p, f.get_tensor(name))
             for name, b in module.named_buffers():
                 if name in f.keys():
                     b.copy_(f.get_tensor(name))
@@ -593,6 +583,23 @@ def _unloadable(path: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: cannot load the final weights ({type(exc).__name__}: {str(exc)[:500]})")
 
 
+def _set_zero_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Set a parameter under a ZeRO engine to the whole tensor ``value``: the weights the forward uses and this
+    rank's part of the fp32 master weights (collective under ZeRO-3)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    # The weights the forward uses: ZeRO-3 partitions each parameter, so gather it, overwrite it and re-partition
+    # (a no-op on ZeRO-1/2, whose parameters are whole on every rank) ...
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        param.data.copy_(value)
+    # ... and the fp32 master partition in the optimizer, which the optimizer steps and export() reads.
+    if hasattr(param, "ds_id"):
+        _set_zero3_master(param, value)
+    else:
+        safe_set_full_fp32_param(param, value)
+
+
 def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write this rank's part of ``value`` into a ZeRO-3 parameter's fp32 master partition.
 
@@ -617,7 +624,11 @@ def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) ->
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        if engine is not None:
+        saved_world_size = read_state(ckpt).get("world_size") if engine is not None else None
+        if engine is not None and saved_world_size != engine.dp_world_size:
+            consolidated = consolidate_zero(ckpt, saved_world_size, torch.distributed.get_rank())
+            _load_consolidated_zero(consolidated, module, engine)
+        elif engine is not None:
             with _weights_only_deepspeed(engine):
                 path, _ = engine.load_checkpoint(str(ckpt / "model"), tag="state", load_optimizer_states=True,
                                                  load_lr_scheduler_states=False, load_module_strict=True)
@@ -640,6 +651,193 @@ def load_checkpoint(ckpt: Path, *, module: nn.Module, optimizer, engine=None) ->
         if isinstance(inner, CheckpointError):
             raise CheckpointError(str(inner)) from e
         raise CheckpointError(f"{ckpt}: cannot load ({type(e).__name__}: {str(e)[:1500]})") from e
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ZeRO checkpoints on another world size
+# --------------------------------------------------------------------------------------------------------------
+
+ZERO_CONSOLIDATED = "zero_consolidated.safetensors"
+"""A ZeRO checkpoint's training state with its partitioning undone (:func:`consolidate_zero`): written next to
+``model/`` the first time the checkpoint resumes on another world size, and read by every later such resume."""
+_ZERO_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+_ZERO_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # DeepSpeed's, in its model files
+
+
+def _zero_optim_files(state_dir: Path, world_size: int) -> list[Path]:
+    """The optimizer-state file of each of the ``world_size`` ranks that wrote ``state_dir``, in rank order."""
+    files = {int(m.group(1)): f for f in state_dir.glob("*_optim_states.pt")
+             if (m := _ZERO_OPTIM_FILE.fullmatch(f.name))}
+    if sorted(files) != list(range(world_size)):
+        raise CheckpointError(f"{state_dir}: holds the optimizer-state files of ranks {sorted(files)}, but "
+                              f"{world_size} ranks wrote this checkpoint (zero_pp_rank_<r>_mp_rank_00_optim_states.pt "
+                              f"for r = 0 .. {world_size - 1})")
+    return [files[r] for r in range(world_size)]
+
+
+def _zero_fragments(optim: dict, model: dict, rank: int, world_size: int):
+    """Per parameter group of one rank's ZeRO optimizer file: its flat fp32 master and optimizer-state partitions
+    by key (``fp32``, ``momentum_buffer``, ``exp_avg`` ...; ``step`` included) and the ``(name, start, numel)``
+    of each parameter's fragment in them.
+
+    ZeRO-1/2 (DeepSpeed 0.19.8 ``stage_1_and_2.py`` ``state_dict``) record each fragment (``param_slice_mappings``);
+    ZeRO-3 (``stage3.py``) gives every rank ``ceil(numel / world_size)`` elements of every parameter, in the order
+    of the model file's ``param_shapes``, the last rank's cut short (as ``ds_to_universal.py`` reads them)."""
+    if int(optim["zero_stage"]) == 3:
+        states = optim["optimizer_state_dict"]["state"]
+        for group, (shapes, fp32) in enumerate(zip(model["param_shapes"], optim["fp32_flat_groups"])):
+            spans, offset = [], 0
+            for name, shape in shapes.items():
+                numel = shape.numel()
+                part = -(-numel // world_size)
+                spans.append((name, offset, max(0, min(part, numel - rank * part))))
+                offset += part
+            yield {"fp32": fp32, **states.get(group, {})}, spans
+    else:
+        states = optim["base_optimizer_state"]["state"]
+        for group, fp32 in enumerate(optim["single_partition_of_fp32_groups"]):
+            spans = [(name, a.start, a.numel) for name, a in optim["param_slice_mappings"][group].items()]
+            yield {"fp32": fp32, **states.get(group, {})}, spans
+
+
+def _zero_whole_state(ckpt: Path, world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The training state of a ZeRO-1/2/3 checkpoint written by ``world_size`` ranks, without its partitioning:
+    ``fp32/<name>`` (the fp32 master weights) and ``<key>/<name>`` for every optimizer state (``momentum_buffer``
+    for SGD, ``exp_avg`` and ``exp_avg_sq`` for AdamW) of every trained parameter, ``buffer/<name>`` for the
+    module's buffers; and the global state (optimizer step, DeepSpeed's step counters and loss scaler) as JSON.
+    The ranks' files are memory-mapped (:func:`_load_zero_file`: no code runs), so the joined tensors are the only
+    copy in memory."""
+    state_dir = ckpt / "model" / "state"
+    pieces: dict[str, list[torch.Tensor]] = {}
+    shapes: dict[str, torch.Size] = {}
+    steps = set()
+    model = first = None
+    for rank, f in enumerate(_zero_optim_files(state_dir, world_size)):
+        optim = _load_zero_file(f, map_location="cpu", mmap=True)["optimizer_state_dict"]
+        if int(optim["zero_stage"]) == 3 or model is None:  # ZeRO-3: one model file per rank; ZeRO-1/2: one
+            name = (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if int(optim["zero_stage"]) == 3
+                    else "mp_rank_00_model_states.pt")
+            model = _load_zero_file(state_dir / name, map_location="cpu", mmap=True)
+            for group in model["param_shapes"]:
+                shapes.update(group)
+        if first is None:
+            first = (optim, model)
+        for flats, spans in _zero_fragments(optim, model, rank, world_size):
+            step = flats.pop("step", None)
+            if step is not None:
+                steps.add(float(step))
+            for name, start, numel in spans:
+                for key, flat in flats.items():
+                    pieces.setdefault(f"{key}/{name}", []).append(flat.narrow(0, start, numel))
+    tensors = {}
+    for key in list(pieces):
+        shape = shapes[key.split("/", 1)[1]]
+        whole = torch.cat(pieces.pop(key))
+        if whole.numel() != shape.numel():
+            raise CheckpointError(f"{state_dir}: the partitions of {key} hold {whole.numel()} elements, the "
+                                  f"parameter has {shape.numel()} ({list(shape)})")
+        tensors[key] = whole.view(shape)
+    optim, model = first
+    buffers = set(model.get("buffer_names") or ())
+    tensors.update({f"buffer/{k}": v for k, v in model["module"].items() if k in buffers})
+    if len(steps) > 1:
+        raise CheckpointError(f"{state_dir}: the parameter groups were stepped {sorted(steps)} times")
+    scaler = optim.get("loss_scaler")
+    global_state = {
+        "world_size": world_size, "zero_stage": int(optim["zero_stage"]),
+        "optimizer_step": steps.pop() if steps else None,
+        "engine": {k: model[k] for k in _ZERO_ENGINE_COUNTERS if k in model},
+        "loss_scaler": {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} if scaler else {},
+    }
+    return tensors, global_state
+
+
+def consolidate_zero(ckpt: Path, world_size: int, rank: int) -> Path:
+    """``ckpt/`` :data:`ZERO_CONSOLIDATED`: rank 0 writes it (atomically: a failure leaves nothing) unless it exists,
+    the others wait. Every rank must call; a checkpoint that cannot be read or joined raises
+    :class:`CheckpointError` on every rank, naming the file and the world size that wrote the checkpoint."""
+    from safetensors.torch import save_file
+
+    path = ckpt / ZERO_CONSOLIDATED
+    error = None
+    if rank == 0 and not path.is_file():
+        try:
+            tensors, global_state = _zero_whole_state(ckpt, world_size)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"zero": json.dumps(global_state)}),
+                         nbytes=nbytes)
+        except Exception as e:  # noqa: BLE001 - every failure is agreed on by the ranks, then raised on each
+            error = str(e) if isinstance(e, CheckpointError) else f"{ckpt}: {type(e).__name__}: {str(e)[:500]}"
+    errors = _agree(error)
+    if errors:
+        raise CheckpointError(f"cannot resume the ZeRO checkpoint {ckpt} on another number of processes: "
+                              f"{'; '.join(errors)}. Nothing was written; without joining, it loads only on the "
+                              f"{world_size} processes that wrote it")
+    return path
+
+
+def _zero_flat_optimizer_state(engine, whole) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each flat fp32 partition the ZeRO optimizer steps on this rank: that partition of an optimizer state,
+    built from ``whole(param)`` (the state of one parameter, whole). DeepSpeed creates optimizer state only in the
+    first step, so it is built here as DeepSpeed's own universal-checkpoint loaders do (0.19.8,
+    ``base_optimizer.py`` ``load_hp_checkpoint_state_from_checkpoint_dir`` for ZeRO-1/2, ``stage3.py``
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), which are written for Adam's states only."""
+    opt = engine.optimizer
+    out = []
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: every parameter's partition in turn, padded
+        for flat, params in zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups):
+            state, offset = torch.zeros_like(flat), 0
+            for p in params:
+                part, values = p.partition_numel(), whole(p).flatten()
+                start = part * opt._get_param_partition_rank(p)
+                n = max(0, min(part, values.numel() - start))
+                state.narrow(0, offset, n).copy_(values.narrow(0, start, n))
+                offset += part
+            out.append((flat, state))
+    else:  # ZeRO-1/2: the fragment of each parameter this rank holds, where DeepSpeed mapped it
+        for flat, params in zip(opt.single_partition_of_fp32_groups, opt.bit16_groups):
+            state = torch.zeros_like(flat)
+            for p in params:
+                if p._hp_mapping is not None:
+                    hp, lp = p._hp_mapping.get_hp_fragment_address(), p._hp_mapping.lp_fragment_address
+                    state.narrow(0, hp.start, hp.numel).copy_(whole(p).flatten().narrow(0, lp.start, lp.numel))
+            out.append((flat, state))
+    return out
+
+
+def _load_consolidated_zero(path: Path, module: nn.Module, engine) -> None:
+    """Set the state of ``engine`` (ZeRO-1/2/3 on any world size) from a :func:`consolidate_zero` file: each rank
+    takes its partition of every parameter's fp32 master weights (DeepSpeed's per-parameter API) and optimizer
+    states, then the optimizer step, loss scaler and DeepSpeed's step counters. Every rank must call."""
+    from safetensors import safe_open
+
+    names = {p: name for name, p in module.named_parameters()}
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        global_state = json.loads(f.metadata()["zero"])
+        keys = set(f.keys())
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen: never stepped, so the rebuilt model holds it as the checkpoint did
+            if f"fp32/{name}" not in keys:
+                raise CheckpointError(f"{path}: holds no fp32 master weights of parameter {name}")
+            _set_zero_param(p, f.get_tensor(f"fp32/{name}"))
+        optimizer_state = engine.optimizer.optimizer.state
+        for key in sorted({k.split("/", 1)[0] for k in keys} - {"fp32", "buffer"}):
+            for flat, state in _zero_flat_optimizer_state(engine, lambda p: f.get_tensor(f"{key}/{names[p]}")):
+                optimizer_state[flat][key] = state
+        for name, b in module.named_buffers():
+            if f"buffer/{name}" in keys:
+                b.copy_(f.get_tensor(f"buffer/{name}"))
+    if global_state["optimizer_step"] is not None:  # AdamW's bias correction: torch keeps a tensor per group
+        for state in optimizer_state.values():
+            state["step"] = torch.tensor(global_state["optimizer_step"])
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for k, v in global_state["loss_scaler"].items():  # cur_scale, cur_iter ... of DeepSpeed's (dynamic) scaler
+        if hasattr(scaler, k) and isinstance(v, (bool, int, float)):
+            setattr(scaler, k, v)
+    for k in _ZERO_ENGINE_COUNTERS:
+        if isinstance(global_state["engine"].get(k), int):
+            setattr(engine, k, global_state["engine"][k])
 
 
 # --------------------------------------------------------------------------------------------------------------
