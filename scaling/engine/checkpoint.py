@@ -19,12 +19,12 @@ Layout of a run directory::
 A checkpoint is written into ``.tmp-<name>`` and renamed only when every rank has finished, then ``latest`` is
 replaced; a crash or SIGKILL mid-save leaves the previous checkpoint intact, and the next checkpoint written
 removes the half-written directory. When training ends, ``final`` is written and the resumable checkpoints are
-removed: the optimizer state (1x the parameters for SGD with momentum,
-2x for AdamW, in fp32) is only needed to continue training, the weights are needed to evaluate again (a study
-killed during evaluation re-runs only the evaluation). A 928M-parameter backbone keeps 3.7 GB per finished run,
-and needs room for one resumable checkpoint plus the one being written while it trains. Sharded formats are used for resume
-(never a gathered ``state_dict()`` of a ZeRO-3 engine, which holds empty tensors,
-https://github.com/deepspeedai/DeepSpeed/issues/2413); the fp32 safetensors export is separate.
+removed: the optimizer state (1x the parameters for SGD with momentum, 2x for AdamW, in fp32) is only needed to
+continue training, the weights are needed to evaluate again (a study killed during evaluation re-runs only the
+evaluation). A 928M-parameter backbone keeps 3.7 GB per finished run, and needs room for one resumable checkpoint
+plus the one being written while it trains. Sharded formats are used for resume (never a gathered
+``state_dict()`` of a ZeRO-3 engine, which holds empty tensors, https://github.com/deepspeedai/DeepSpeed/issues/2413);
+the fp32 safetensors export is separate.
 
 There is no RNG state in a checkpoint: every random draw of a run is seeded from (run seed, step, slot)
 (``scaling.engine.seeds``), so a resumed step draws what the uninterrupted run drew without restoring anything.
