@@ -231,6 +231,19 @@ def test_validate_table_rejects_missing_ids(column, value):
         validate_table(df, "nih:all at /data")
 
 
+@pytest.mark.parametrize("other", ["00123", " 123", "123 ", 123])
+def test_validate_table_rejects_one_patient_under_two_spellings(other):
+    # A PACS export writes one patient as 00123, 123 or " 123": as different ids, patient_split puts the same
+    # person's images into train and test.
+    df = pd.DataFrame({"sample_id": ["a", "b", "c"], "patient_id": ["123", other, "9"], "path": ["/a", "/b", "/c"],
+                       "sex": [None] * 3, "age": [np.nan] * 3, "label:Edema": [1.0, 0.0, 1.0]})
+    with pytest.raises(DataError, match=rf"site_a: patient ids '123' \(sample 'a'\) and {other!r} \(sample 'b'\) "
+                                        r"differ only by whitespace or leading zeros"):
+        validate_table(df, "site_a")
+    distinct = df.assign(patient_id=["123", "1230", "P0123"])  # other patients: no clash
+    assert validate_table(distinct, "site_a") is distinct
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EMBED, MIMIC-CXR, VinDr-Mammo specifics
 # --------------------------------------------------------------------------------------------------------------
