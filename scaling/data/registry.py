@@ -44,6 +44,7 @@ DATASETS: dict[str, str] = {
     "vindr_mammo": "scaling.data.datasets.vindr_mammo",
     "cmmd": "scaling.data.datasets.cmmd",
     "embed": "scaling.data.datasets.embed",
+    "inhouse": "scaling.data.datasets.inhouse",
 }
 """Registered dataset names and the module that loads each."""
 
