@@ -689,6 +689,13 @@ _WRITERS: dict[str, tuple[Callable[[Path, np.random.Generator, int], None], int]
 }
 DATASETS = tuple(_WRITERS)
 """Names of the datasets :func:`write_fixture` can write (the ``scaling.data`` registry names)."""
+LOADER_OPTIONS = {
+    "inhouse": {"file": "export.csv", "image_column": "ImagePath", "patient_column": "PatientID",
+                "label_columns": {"Cardiomegaly": "Cardiomegaly", "Pleural Effusion": "Effusion"},
+                "sex_column": "PatientSex", "age_column": "PatientAge",
+                "attribute_columns": {"manufacturer": "Manufacturer", "study_id": "AccessionNumber"}},
+}
+"""The loader options a fixture needs to be read (an export's column names; the public releases need none)."""
 
 
 def write_fixture(name: str, root: str | Path, seed: int = 0, n: int | None = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from dataset_fixtures import write_fixture
+from dataset_fixtures import LOADER_OPTIONS, write_fixture
 
 from scaling.config import load_config
 from scaling.data import DataError, load_table
@@ -20,10 +20,7 @@ from scaling.study.data import load_study_data
 from scaling.study.runner import plan, run_study
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "inhouse_cxr.yaml"
-OPTIONS = {"file": "export.csv", "image_column": "ImagePath", "patient_column": "PatientID",
-           "label_columns": {"Cardiomegaly": "Cardiomegaly", "Pleural Effusion": "Effusion"},
-           "sex_column": "PatientSex", "age_column": "PatientAge",
-           "attribute_columns": {"manufacturer": "Manufacturer", "study_id": "AccessionNumber"}}
+OPTIONS = LOADER_OPTIONS["inhouse"]  # the column names of recipes/configs/inhouse_cxr.yaml
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +125,7 @@ def test_the_shipped_config_plans_both_sites(tmp_path, monkeypatch):
         (tmp_path / "weights" / f"BiT-S-R{arch}.npz").write_bytes(b"")
         (tmp_path / "weights" / f"resnetv2_{arch}_bit.goog_in21k.safetensors").write_bytes(b"")
     cfg = load_config(CONFIG, _two_sites(tmp_path))
+    assert cfg.data.options == OPTIONS
     p = plan(cfg)
     assert len(p) == 2 * 3 * 2 * 3 and set(p.status) == {"missing"}
     data = load_study_data(cfg)
