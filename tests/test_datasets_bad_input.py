@@ -244,6 +244,22 @@ def test_validate_table_rejects_one_patient_under_two_spellings(other):
     assert validate_table(distinct, "site_a") is distinct
 
 
+def test_validate_table_rejects_one_image_listed_twice():
+    # An export that attaches one image to two accessions (or two patients) would train on it and test on it.
+    df = pd.DataFrame({"sample_id": ["A1/x.png", "A2/x.png", "A3/y.png"], "patient_id": ["1", "2", "3"],
+                       "path": ["/d/x.png", "/d/x.png", "/d/y.png"], "sex": [None] * 3, "age": [np.nan] * 3,
+                       "label:Edema": [1.0, 1.0, 0.0]})
+    with pytest.raises(DataError, match=r"site_a: image '/d/x.png' is listed as samples \['A1/x.png', 'A2/x.png'\]"):
+        validate_table(df, "site_a")
+
+
+def test_validate_table_names_the_column_of_a_label_word():
+    df = pd.DataFrame({"sample_id": ["a", "b"], "patient_id": ["1", "2"], "path": ["/a", "/b"], "sex": [None] * 2,
+                       "age": [np.nan] * 2, "label:Edema": ["1.0", "yes"]})
+    with pytest.raises(DataError, match=r"site_a: column 'label:Edema' must hold 1.0/0.0/NaN; sample 'b' has 'yes'"):
+        validate_table(df, "site_a")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EMBED, MIMIC-CXR, VinDr-Mammo specifics
 # --------------------------------------------------------------------------------------------------------------

@@ -104,8 +104,19 @@ def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
     dup = df["sample_id"].duplicated()
     if dup.any():
         raise DataError(f"{source}: duplicate sample_id {df.loc[dup, 'sample_id'].iloc[0]!r}")
+    dup = df["path"].duplicated(keep=False)
+    if dup.any():  # one image under two sample ids (or two patients) would be trained and tested on
+        first = df.loc[dup, ["sample_id", "path"]]
+        again = first[first["path"] == first["path"].iloc[0]]["sample_id"]
+        raise DataError(f"{source}: image {first['path'].iloc[0]!r} is listed as samples {list(again)}; list each image "
+                        f"once")
     for c in label_columns(df):
-        vals = df[c].to_numpy(dtype=float)
+        vals = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
+        unparsed = np.isnan(vals) & df[c].notna().to_numpy()
+        if unparsed.any():
+            i = int(np.flatnonzero(unparsed)[0])
+            raise DataError(f"{source}: column {c!r} must hold 1.0/0.0/NaN; sample {df['sample_id'].iloc[i]!r} has "
+                            f"{df[c].iloc[i]!r} (map words such as 'yes' to numbers in the loader)")
         bad = ~(np.isnan(vals) | (vals == 0.0) | (vals == 1.0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
