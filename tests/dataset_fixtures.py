@@ -296,8 +296,8 @@ def _padchest(root: Path, rng: np.random.Generator, copies: int) -> None:
 
 
 # A hospital's own export (the ``inhouse`` loader): one patient under several id spellings, Windows and upper-case
-# paths, label words and uncertain values, free-text sex, DICOM age strings, 8/16-bit PNGs and DICOMs in nested
-# folders (MONOCHROME1 and 2, with and without a VOI window).
+# paths, label words and uncertain values, free-text sex, DICOM age strings, a manufacturer in two spellings,
+# 8/16-bit PNGs and DICOMs in nested folders (MONOCHROME1 and 2, with and without a VOI window).
 # (patient cell, accession, image file, format, Cardiomegaly, Effusion, sex, age)
 _INHOUSE_ROWS = [
     ("0000101", "A1", "images\\{p}\\{a}\\img0.png", "png8", "1", "0", "M", "061Y"),
@@ -330,9 +330,10 @@ def _inhouse(root: Path, rng: np.random.Generator, copies: int) -> None:
                 stored = (1.0 - img if kind == "mono1" else img) * 4095
                 write_dicom(path, stored.astype(np.uint16), "MONOCHROME1" if kind == "mono1" else "MONOCHROME2",
                             bits_stored=12, window=(2047.0, 4096.0) if kind == "mono2_voi" else None)
+            maker = "ge  HEALTHCARE" if patient[0] == " " else ["GE Healthcare", "SIEMENS"][k % 2]
             rows.append({"PatientID": cell, "AccessionNumber": acc, "StudyDate": "20190301", "ImagePath": rel,
                          "Cardiomegaly": card, "Effusion": effusion, "PatientSex": sex, "PatientAge": age,
-                         "Manufacturer": ["GE Healthcare", "SIEMENS"][k % 2]})
+                         "Manufacturer": maker})
     _csv(pd.DataFrame(rows), root / "export.csv")
 
 

@@ -59,7 +59,8 @@ def test_every_spelling_of_the_export_reads_as_what_it_means(site, caplog):
     np.testing.assert_array_equal(df["label:Pleural Effusion"], [0, np.nan, 1, 1, 1, 0, 0, 1])
     assert list(df.sex) == ["M", "M", "M", "F", "F", None, "F", None]  # M/Male/male; blank and O (other): missing
     np.testing.assert_array_equal(df.age, [61, 61, 61, 45, 45, 89, np.nan, 0.5])  # 061Y, 61, 045, 089Y, 006M
-    assert list(df.manufacturer) == ["GE Healthcare"] * 8 and df.study_id.iloc[2] == "A276101"
+    assert list(df.manufacturer) == ["GE Healthcare"] * 8 and df.study_id.iloc[2] == "A276101"  # "ge  HEALTHCARE" too
+    assert "1 cells of column 'Manufacturer' written in one spelling" in caplog.text
     # the positive images (bright centre) stay brighter in the centre whatever the format: 8/16-bit PNG, DICOM
     # MONOCHROME1 (stored inverted), MONOCHROME2 with and without a VOI window
     for path, label in zip(df.path, df["label:Cardiomegaly"]):

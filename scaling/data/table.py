@@ -108,8 +108,8 @@ def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
     if dup.any():  # one image under two sample ids (or two patients) would be trained and tested on
         first = df.loc[dup, ["sample_id", "path"]]
         again = first[first["path"] == first["path"].iloc[0]]["sample_id"]
-        raise DataError(f"{source}: image {first['path'].iloc[0]!r} is listed as samples {list(again)}; list each image "
-                        f"once")
+        raise DataError(f"{source}: image {first['path'].iloc[0]!r} is listed as samples {list(again)}; list each "
+                        f"image once")
     for c in label_columns(df):
         vals = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
         unparsed = np.isnan(vals) & df[c].notna().to_numpy()

@@ -17,7 +17,9 @@ padding whatever pandas would have guessed. What an export holds, and what this 
 * labels: ``1``, ``1.0``, ``yes``, ``y``, ``true``, ``positive``, ``pos`` → 1; ``0``, ``0.0``, ``no``, ``n``,
   ``false``, ``negative``, ``neg`` → 0; ``-1``, ``-1.0``, ``uncertain`` → the ``uncertainty`` policy (default
   ``ignore``: NaN); blank → the ``blank`` rule (default ``nan``: not labelled), any case and spacing;
-* sex: ``M``/``Male``, ``F``/``Female`` (any case) → ``M``/``F``; blank, ``O``, ``Other``, ``U``, ``Unknown`` → missing;
+* sex: ``M``/``Male``, ``F``/``Female`` (any case) → ``M``/``F``; blank, ``O``, ``Other``, ``U``, ``Unknown`` →
+  missing;
+* attributes: one spelling per value up to case and spacing (``SIEMENS``/``Siemens`` → one subgroup), logged;
 * age: years, or a DICOM Age String (``089Y``, ``006M``, ``012W``, ``003D``), under the ages policy of every loader
   (:func:`scaling.data.datasets.readers.parse_ages`);
 * any other value is a :class:`~scaling.data.table.DataError` naming the file, the line and the column; no row is
@@ -103,7 +105,7 @@ def load(root: str | Path, split: str = "all", *, file: str = "", image_column: 
     for column in (image_column, patient_column):
         require_ids(raw[column], path, column)
     rel = image_paths(raw[image_column], root, path, image_column)
-    text = {c: raw[c].str.strip() for c in raw.columns}
+    text = {c: raw[c].str.strip() for c in columns}
     patients = text[patient_column].map(id_spelling)
     respelled = int((patients != raw[patient_column]).sum())
     if respelled:
@@ -116,7 +118,7 @@ def load(root: str | Path, split: str = "all", *, file: str = "", image_column: 
     df["sex"] = map_values(text[sex_column].str.upper(), SEX, rel, path, sex_column) if sex_column else None
     df["age"] = ages(text[age_column], rel, path, age_column) if age_column else np.nan
     for name, column in attributes.items():
-        df[name] = text[column].where(text[column] != "", None)
+        df[name] = one_spelling(raw[column], path, column)
     return finish(df, f"inhouse({path})", verify_files)
 
 
@@ -149,6 +151,22 @@ def image_paths(cells: pd.Series, root: Path, source: Path, column: str) -> pd.S
     return rel
 
 
+def one_spelling(cells: pd.Series, source: Path, column: str) -> pd.Series:
+    """Attribute text with one spelling per value up to case and spacing (``SIEMENS``, ``Siemens``, `` siemens``
+    → the most frequent of them), logged, so a subgroup is not split by how a scanner or a clerk wrote it; blank →
+    missing. Different names for one thing (``GE MEDICAL SYSTEMS``, ``GE Healthcare``) stay apart."""
+    text = cells.str.split().str.join(" ")
+    key = text.str.casefold()
+    given = text != ""
+    spelling = text[given].groupby(key[given]).agg(lambda s: s.value_counts().index[0])
+    out = key.map(spelling).where(given, None)
+    changed = given & (out != text)
+    if changed.any():
+        log.info("%s: %d cells of column %r written in one spelling per value up to case and spacing (e.g. %r → %r)",
+                 source, int(changed.sum()), column, text[changed].iloc[0], out[changed].iloc[0])
+    return out
+
+
 def label_values(cells: pd.Series, source: Path, column: str) -> np.ndarray:
     """Label cells (stripped) as 1 / 0 / -1 (uncertain) / NaN (blank); any other value is a DataError naming the
     line and the column."""
@@ -158,8 +176,9 @@ def label_values(cells: pd.Series, source: Path, column: str) -> np.ndarray:
     bad = values.isna() & (cells != "")
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source}: line {line_of(source, i)}, column {column!r}: unexpected label value {cells.iloc[i]!r} "
-                        f"(expected 1/0/-1, yes/no, positive/negative, true/false, uncertain or blank)")
+        raise DataError(f"{source}: line {line_of(source, i)}, column {column!r}: unexpected label value "
+                        f"{cells.iloc[i]!r} (expected 1/0/-1, yes/no, positive/negative, true/false, uncertain or "
+                        f"blank)")
     return values.to_numpy(dtype=float)
 
 
