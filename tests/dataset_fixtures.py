@@ -295,6 +295,48 @@ def _padchest(root: Path, rng: np.random.Generator, copies: int) -> None:
     _csv(df.reset_index().rename(columns={"index": ""}), root / PADCHEST_CSV)
 
 
+# A hospital's own export (the ``inhouse`` loader): one patient under several id spellings, Windows and upper-case
+# paths, label words and uncertain values, free-text sex, DICOM age strings, a manufacturer in two spellings,
+# 8/16-bit PNGs and DICOMs in nested folders (MONOCHROME1 and 2, with and without a VOI window).
+# (patient cell, accession, image file, format, Cardiomegaly, Effusion, sex, age)
+_INHOUSE_ROWS = [
+    ("0000101", "A1", "images\\{p}\\{a}\\img0.png", "png8", "1", "0", "M", "061Y"),
+    (" 0000101", "A1", "images\\{p}\\{a}\\img1.png", "png16", "yes", "", "Male", "61"),
+    ("101", "A2", "dicom/{p}/{a}/series1/IM0000.dcm", "mono1", "positive", "1.0", "male", "061Y"),
+    ("0000102", "A3", "IMAGES/{p}/{a}/IMG0.PNG", "png8", "0", "1", "F", "045"),
+    ("0000102", "A3", "dicom/{p}/{a}/series1/IM0000.dcm", "mono2_voi", "no", " 1", "Female", "045Y"),
+    ("0000103", "A4", "dicom/{p}/{a}/series2/IM0001.dcm", "mono2", "-1", "negative", "", "089Y"),
+    ("0000103 ", "A5", "images/{p}/{a}/img0.png", "png16", "0.0", "0", "F", ""),
+    ("0000104", "A6", "images/{p}/{a}/img0.png", "png8", "", "yes", "O", "006M"),
+]
+
+
+def _inhouse(root: Path, rng: np.random.Generator, copies: int) -> None:
+    rows = []
+    first = int(rng.integers(1, 90)) * 1000  # seeds give other patient numbers: a second site is other patients
+    for k in range(copies):
+        for patient, accession, image, kind, card, effusion, sex, age in _INHOUSE_ROWS:
+            number = first + int(patient) + 10 * k
+            padded, acc = f"{number:07d}", f"{accession}{number}"
+            cell = patient.replace(patient.strip(), padded if patient.strip().startswith("0") else str(number))
+            rel = image.format(p=padded, a=acc)
+            on_disk = rel.replace("\\", "/")
+            path = root / (on_disk.lower() if on_disk.startswith("IMAGES/") else on_disk)  # the export's case differs
+            positive = card.strip().lower() in ("1", "yes", "positive")
+            if kind.startswith("png"):
+                write_gray(path, rng, positive, bits=16 if kind == "png16" else 8)
+            else:
+                img = _pattern(rng, GRAY_SIZE, positive)
+                stored = (1.0 - img if kind == "mono1" else img) * 4095
+                write_dicom(path, stored.astype(np.uint16), "MONOCHROME1" if kind == "mono1" else "MONOCHROME2",
+                            bits_stored=12, window=(2047.0, 4096.0) if kind == "mono2_voi" else None)
+            maker = "ge  HEALTHCARE" if patient[0] == " " else ["GE Healthcare", "SIEMENS"][k % 2]
+            rows.append({"PatientID": cell, "AccessionNumber": acc, "StudyDate": "20190301", "ImagePath": rel,
+                         "Cardiomegaly": card, "Effusion": effusion, "PatientSex": sex, "PatientAge": age,
+                         "Manufacturer": maker})
+    _csv(pd.DataFrame(rows), root / "export.csv")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Dermatology
 # --------------------------------------------------------------------------------------------------------------
@@ -644,9 +686,17 @@ _WRITERS: dict[str, tuple[Callable[[Path, np.random.Generator, int], None], int]
     "vindr_mammo": (_vindr_mammo, sum(2 * len(s[1]) for s in _VINDR_STUDIES)),
     "cmmd": (_cmmd, sum(len(v) for v in _CMMD_IMAGES.values())),
     "embed": (_embed, sum(len(e[-1]) for e in _EMBED_EXAMS)),
+    "inhouse": (_inhouse, len(_INHOUSE_ROWS)),
 }
 DATASETS = tuple(_WRITERS)
 """Names of the datasets :func:`write_fixture` can write (the ``scaling.data`` registry names)."""
+LOADER_OPTIONS = {
+    "inhouse": {"file": "export.csv", "image_column": "ImagePath", "patient_column": "PatientID",
+                "label_columns": {"Cardiomegaly": "Cardiomegaly", "Pleural Effusion": "Effusion"},
+                "sex_column": "PatientSex", "age_column": "PatientAge",
+                "attribute_columns": {"manufacturer": "Manufacturer", "study_id": "AccessionNumber"}},
+}
+"""The loader options a fixture needs to be read (an export's column names; the public releases need none)."""
 
 
 def write_fixture(name: str, root: str | Path, seed: int = 0, n: int | None = None) -> Path:

@@ -223,6 +223,20 @@ def test_every_registered_loader_follows_the_contract():
         assert isinstance(module.SPLITS, tuple) and module.SPLITS, name
 
 
+def test_a_loader_of_your_own_is_named_by_its_import_path(tmp_path, monkeypatch):
+    # a top-level module on the path (one file beside the config) is found as a package's module is
+    (tmp_path / "site_loader.py").write_text(
+        "import pandas as pd\nSPLITS = ('all',)\n\ndef load(root, split):\n    \"\"\"One image.\"\"\"\n"
+        "    return pd.DataFrame({'sample_id': ['a'], 'patient_id': ['1'], 'path': ['/a.png'], 'sex': [None],\n"
+        "                         'age': [float('nan')], 'label:Lesion': [1.0]})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_table("site_loader", tmp_path, "all")["label:Lesion"].tolist() == [1.0]
+    with pytest.raises(DataError, match=r"module .*json.*is not a loader"):
+        load_table("json", tmp_path, "all")
+    with pytest.raises(DataError, match=r"unknown dataset 'site_loadr'"):
+        load_table("site_loadr", tmp_path, "all")
+
+
 def test_verify_files_reports_missing_by_name(tmp_path):
     ddir = write_chexpert(tmp_path)
     assert len(load_table("chexpert", tmp_path, "train")) == 4  # metadata alone needs no images

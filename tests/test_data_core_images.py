@@ -121,6 +121,27 @@ def test_cache_rebuilt_when_source_or_resolution_changes(tmp_path):
     assert len(list((tmp_path / "cache").rglob("data-*.bin"))) == 2  # one per resolution: replaced ones are removed
 
 
+def test_cache_of_a_table_repeated_to_fill_a_batch_follows_a_changed_image(tmp_path):
+    # A training set smaller than the batch is repeated to fill it (scaling.study.protocols.repeat_to_batch): the
+    # cache keeps one entry per image, so a later build sees the one image that changed on disk.
+    from scaling.study.protocols import repeat_to_batch
+
+    df = write_images(tmp_path, n=3)
+    fit = repeat_to_batch(df, 16)
+    cache = ImageCache(tmp_path / "cache", SIZE)
+    assert cache.build(fit).decoded == 3
+    assert cache.build(fit).reused == 3
+    p = df["path"][2]
+    Image.fromarray(np.full((40, 30), 200, np.uint8), "L").save(p)
+    st = os.stat(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = ImageCache(tmp_path / "cache", SIZE).build(fit)
+    assert (changed.decoded, changed.reused) == (1, 2)
+    reopened = ImageCache(tmp_path / "cache", SIZE)
+    reopened.build(df)
+    assert np.array_equal(reopened.read(p), decode(p, SIZE)) and int(reopened.read(p).max()) == 200
+
+
 def _files(root):
     """Every file under ``root`` but the lock, with its content."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")

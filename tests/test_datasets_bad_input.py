@@ -231,6 +231,35 @@ def test_validate_table_rejects_missing_ids(column, value):
         validate_table(df, "nih:all at /data")
 
 
+@pytest.mark.parametrize("other", ["00123", " 123", "123 ", 123])
+def test_validate_table_rejects_one_patient_under_two_spellings(other):
+    # A PACS export writes one patient as 00123, 123 or " 123": as different ids, patient_split puts the same
+    # person's images into train and test.
+    df = pd.DataFrame({"sample_id": ["a", "b", "c"], "patient_id": ["123", other, "9"], "path": ["/a", "/b", "/c"],
+                       "sex": [None] * 3, "age": [np.nan] * 3, "label:Edema": [1.0, 0.0, 1.0]})
+    with pytest.raises(DataError, match=rf"site_a: patient ids '123' \(sample 'a'\) and {other!r} \(sample 'b'\) "
+                                        r"differ only by whitespace or leading zeros"):
+        validate_table(df, "site_a")
+    distinct = df.assign(patient_id=["123", "1230", "P0123"])  # other patients: no clash
+    assert validate_table(distinct, "site_a") is distinct
+
+
+def test_validate_table_rejects_one_image_listed_twice():
+    # An export that attaches one image to two accessions (or two patients) would train on it and test on it.
+    df = pd.DataFrame({"sample_id": ["A1/x.png", "A2/x.png", "A3/y.png"], "patient_id": ["1", "2", "3"],
+                       "path": ["/d/x.png", "/d/x.png", "/d/y.png"], "sex": [None] * 3, "age": [np.nan] * 3,
+                       "label:Edema": [1.0, 1.0, 0.0]})
+    with pytest.raises(DataError, match=r"site_a: image '/d/x.png' is listed as samples \['A1/x.png', 'A2/x.png'\]"):
+        validate_table(df, "site_a")
+
+
+def test_validate_table_names_the_column_of_a_label_word():
+    df = pd.DataFrame({"sample_id": ["a", "b"], "patient_id": ["1", "2"], "path": ["/a", "/b"], "sex": [None] * 2,
+                       "age": [np.nan] * 2, "label:Edema": ["1.0", "yes"]})
+    with pytest.raises(DataError, match=r"site_a: column 'label:Edema' must hold 1.0/0.0/NaN; sample 'b' has 'yes'"):
+        validate_table(df, "site_a")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EMBED, MIMIC-CXR, VinDr-Mammo specifics
 # --------------------------------------------------------------------------------------------------------------

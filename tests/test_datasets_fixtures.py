@@ -4,7 +4,7 @@ CBIS-DDSM/CMMD)."""
 
 import pytest
 
-from dataset_fixtures import DATASETS, write_fixture
+from dataset_fixtures import DATASETS, LOADER_OPTIONS, write_fixture
 from scaling.data.images import decode
 from scaling.data.registry import DATASETS as REGISTERED
 from scaling.data.registry import get_loader, load_table
@@ -51,7 +51,7 @@ def test_targets_have_both_classes(roots, name, split, targets):
 def test_fixture_images_decode_and_splits_are_declared(roots, name):
     loader = get_loader(name)
     assert "all" in loader.SPLITS
-    df = load_table(name, roots[name], "all", verify_files=True)
+    df = load_table(name, roots[name], "all", verify_files=True, **LOADER_OPTIONS.get(name, {}))
     for path in df["path"]:
         assert decode(path, 16, 3).shape == (3, 16, 16)
 

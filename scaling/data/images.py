@@ -418,7 +418,8 @@ class ImageCache:
             return None, None
         if not (self.store / meta["data_file"]).is_file() or not (self.store / meta["index_file"]).is_file():
             return None, None
-        return meta, pd.read_parquet(self.store / meta["index_file"])
+        index = pd.read_parquet(self.store / meta["index_file"])
+        return meta, index.drop_duplicates("path", keep="last")  # stores built before one entry per path
 
     # -- building ------------------------------------------------------------------------------------------------
     def build(self, df: pd.DataFrame, on_bad_image: str = "error", num_workers: int = 0) -> CacheReport:
@@ -428,8 +429,11 @@ class ImageCache:
         ``'skip'`` leaves it out and lists it in the report. ``num_workers`` > 0 decodes in that many processes.
         """
         check_on_bad_image(on_bad_image)
-        ids = df["sample_id"].astype(str).to_numpy()
-        paths = df["path"].astype(str).to_numpy()
+        # One entry per source image: a training table repeated to fill a batch (a k-shot or tiny fraction) lists
+        # each image several times, and an index holding a path twice misaligns the next build's merge with it.
+        unique = df.drop_duplicates("path")
+        ids = unique["sample_id"].astype(str).to_numpy()
+        paths = unique["path"].astype(str).to_numpy()
         sizes, mtimes = _source_stat(paths)
         channels, dtype = _probe_first(paths)
         self.store = self.root / f"{'rgb' if channels == 3 else 'gray'}-{dtype.name}"

@@ -44,6 +44,7 @@ DATASETS: dict[str, str] = {
     "vindr_mammo": "scaling.data.datasets.vindr_mammo",
     "cmmd": "scaling.data.datasets.cmmd",
     "embed": "scaling.data.datasets.embed",
+    "inhouse": "scaling.data.datasets.inhouse",
 }
 """Registered dataset names and the module that loads each."""
 
@@ -79,10 +80,11 @@ def _own_loader(name: str) -> ModuleType:
 
 
 def get_loader(name: str) -> ModuleType:
-    """Import and return the loader module of dataset ``name`` (a registered name, or the dotted import path of a
-    loader module of your own); unknown names list the valid ones."""
+    """Import and return the loader module of dataset ``name`` (a registered name, or the import path of a loader
+    module of your own: ``mylab.loaders.lesions``, or ``lesions`` for a module on the path); unknown names list the
+    valid ones."""
     if name not in DATASETS:
-        if "." in name:
+        if "." in name or importlib.util.find_spec(name) is not None:  # a package's module, or a top-level one
             return _own_loader(name)
         close = difflib.get_close_matches(name, DATASETS, n=3)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -67,6 +67,31 @@ def check_ids(df: pd.DataFrame, source: str) -> None:
             raise DataError(f"{source}: row {i}{sample}: {col} is missing or blank")
 
 
+def id_spelling(value) -> str:
+    """The patient an id names, whatever its export spelling: surrounding whitespace and the leading zeros of an
+    all-digit id dropped (``' 0012 '``, ``'0012'``, ``'12'`` and the integer 12 all give ``'12'``)."""
+    text = str(value).strip()
+    return (text.lstrip("0") or "0") if text.isdigit() else text
+
+
+def check_patient_spellings(df: pd.DataFrame, source: str) -> None:
+    """DataError naming ``source``, two ids and a sample of each when two different ``patient_id`` values differ
+    only by whitespace or leading zeros (:func:`id_spelling`). Exports from a PACS or a spreadsheet write one
+    patient as ``00123``, ``123`` or `` 00123``; as different ids the patient's images would be split across train
+    and test and counted as several patients in every interval."""
+    ids = pd.Series(df["patient_id"].unique())
+    spelling = ids.map(id_spelling)
+    clash = spelling.duplicated(keep=False)
+    if clash.any():
+        first = spelling[clash].iloc[0]
+        a, b = ids[spelling == first].iloc[:2]
+        sample = {v: df.loc[df["patient_id"] == v, "sample_id"].iloc[0] for v in (a, b)}
+        raise DataError(f"{source}: patient ids {a!r} (sample {sample[a]!r}) and {b!r} (sample {sample[b]!r}) differ "
+                        f"only by whitespace or leading zeros ({int(clash.sum())} ids are such spellings): as two "
+                        f"patients, one person's images would land in train and test. Give every patient one spelling "
+                        f"in the loader (scaling.data.table.id_spelling)")
+
+
 def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """Check the sample-table contract; raise DataError naming ``source`` and the offending column/row."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -75,11 +100,23 @@ def validate_table(df: pd.DataFrame, source: str) -> pd.DataFrame:
     if not label_columns(df):
         raise DataError(f"{source}: sample table has no 'label:<name>' column")
     check_ids(df, source)
+    check_patient_spellings(df, source)
     dup = df["sample_id"].duplicated()
     if dup.any():
         raise DataError(f"{source}: duplicate sample_id {df.loc[dup, 'sample_id'].iloc[0]!r}")
+    dup = df["path"].duplicated(keep=False)
+    if dup.any():  # one image under two sample ids (or two patients) would be trained and tested on
+        first = df.loc[dup, ["sample_id", "path"]]
+        again = first[first["path"] == first["path"].iloc[0]]["sample_id"]
+        raise DataError(f"{source}: image {first['path'].iloc[0]!r} is listed as samples {list(again)}; list each "
+                        f"image once")
     for c in label_columns(df):
-        vals = df[c].to_numpy(dtype=float)
+        vals = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
+        unparsed = np.isnan(vals) & df[c].notna().to_numpy()
+        if unparsed.any():
+            i = int(np.flatnonzero(unparsed)[0])
+            raise DataError(f"{source}: column {c!r} must hold 1.0/0.0/NaN; sample {df['sample_id'].iloc[i]!r} has "
+                            f"{df[c].iloc[i]!r} (map words such as 'yes' to numbers in the loader)")
         bad = ~(np.isnan(vals) | (vals == 0.0) | (vals == 1.0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])

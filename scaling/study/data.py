@@ -129,7 +129,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     from scaling.data.labels import CANONICAL_LABELS, check_label_names
 
     d = cfg.data
-    own = not get_loader(d.dataset).__name__.startswith("scaling.")
+    loader = get_loader(d.dataset)
+    own = not loader.__name__.startswith("scaling.") or getattr(loader, "FREE_LABEL_NAMES", False)
     if not own:  # a shipped loader names canonical labels only: a typo is refused before any table is read
         with _fields(labels="data.labels"):
             check_label_names(d.labels)
@@ -197,7 +198,8 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
                               f"eval set {e.name!r}")
         if t.empty:
             raise DataError(f"eval set {e.name!r} is empty after filters {e.filters} (loader options {options})")
-        ood[e.name] = held_out(t, i, e, same_source(e, d), train, val, test)
+        ood[e.name] = held_out(t, i, e, same_source(e, d), train, val, test,
+                               same_patient_ids=(e.dataset or d.dataset) == d.dataset)
         shared = set(ood[e.name]["patient_id"]) & set(test["patient_id"]) if same_source(e, d) else set()
         if shared:  # e.g. AP films of the official test list, or the test patients' lateral films
             log.info("eval set %r shares %d of its %d patients with the test set: its AUROC drop compares images of "
@@ -237,13 +239,17 @@ def seen_images(table: pd.DataFrame, *seen: pd.DataFrame) -> pd.Series:
 
 
 def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.DataFrame, val: pd.DataFrame,
-             test: pd.DataFrame) -> pd.DataFrame:
+             test: pd.DataFrame, same_patient_ids: bool = False) -> pd.DataFrame:
     """The rows of OOD set ``e`` (``data.ood[i]``) that the study may score, by ``e.patients``
     (:class:`scaling.config.EvalSetConfig`): an OOD set must not hold an image, or (from the training dataset) a
-    patient, that the study trains or validates on, or its AUROC measures memory rather than transfer."""
+    patient, that the study trains or validates on, or its AUROC measures memory rather than transfer.
+
+    ``same``: the set reads the training dataset from its root (:func:`same_source`). ``same_patient_ids``: it reads
+    the training dataset, from any root, so its patient ids are taken for the same people: a second hospital site
+    exported like the first (``inhouse`` at another root) shares the hospital group's patient numbers."""
     field_name = f"data.ood.{i}.patients"
     images = seen_images(t, train, val)
-    seen_patients = (t["patient_id"].isin(set(train["patient_id"]) | set(val["patient_id"])) if same
+    seen_patients = (t["patient_id"].isin(set(train["patient_id"]) | set(val["patient_id"])) if same or same_patient_ids
                      else pd.Series(False, index=t.index))
     if e.patients == "test":
         if not same:
@@ -272,10 +278,13 @@ def held_out(t: pd.DataFrame, i: int, e: EvalSetConfig, same: bool, train: pd.Da
     what = (f"{int(seen_patients.sum())} images of {t.loc[seen_patients, 'patient_id'].nunique()} patients"
             if seen_patients.any() else f"{int(images.sum())} images with the ids of training or validation "
             f"images (a copy of them: ISIC 2019 contains HAM10000, see the isic2019 option exclude_ham)")
+    elsewhere = ("" if same or not seen_patients.any() else f" (it reads the training dataset from another root, "
+                 f"{e.root}: its patient ids are taken for the same people; if that site numbers its patients on its "
+                 f"own, the matches are coincidences)")
     raise DataError(f"eval set {e.name!r} holds {what} that the study trains or validates on (e.g. sample "
-                    f"{example!r}): its AUROC would be measured on training data. Set {field_name}: unseen to drop "
-                    f"them, {field_name}: test to keep only the test set's patients (a shift on the same patients), "
-                    f"or hold these rows out of training with data.filters")
+                    f"{example!r}){elsewhere}: its AUROC would be measured on training data. Set {field_name}: unseen "
+                    f"to drop them, {field_name}: test to keep only the test set's patients (a shift on the same "
+                    f"patients), or hold these rows out of training with data.filters")
 
 
 def check_subgroups(d: DataConfig, columns: set[str]) -> None:
@@ -308,8 +317,9 @@ def stored_columns(store: RunStore, run_ids) -> set[str]:
 
 def check_image_files(data: StudyData, dataset: str) -> None:
     """Every image file of every set exists (one ``stat`` per image: seconds for 10^5 local files, longer on a
-    network file system); a DataError counts the missing ones and names the first. For the plan: a launch reads
-    each image when a run first needs it, so a missing file would otherwise fail each run that reads it."""
+    network file system); a DataError counts the missing ones and names the first. The plan and a launch (under
+    ``data.on_bad_image: error``) check before anything is written: a missing file would otherwise fail each run
+    that reads it, after the run store was written."""
     from scaling.data.registry import check_files
 
     t0 = time.perf_counter()

@@ -1085,6 +1085,8 @@ def run_study(cfg: StudyConfig, *, report: bool = True) -> pd.DataFrame:
         # Tables are read (and checked) before anything is written: a bad row stops the launch with the store as
         # it was. Rescoring alone needs none.
         loaded = [load_study_data(cfg)] if set(todo) - {"metrics"} else []
+        if loaded and cfg.data.on_bad_image == "error":  # a missing image, named now, not in each run that reads it
+            on_main(lambda: check_image_files(loaded[0], cfg.data.dataset))
         if not loaded:  # rescoring only: the attributes are those of the stored predictions
             on_main(lambda: check_subgroups(cfg.data, stored_columns(store, [run_id(cfg, s) for s in cells])))
 
