@@ -109,6 +109,38 @@ def test_a_signal_to_every_process_of_the_step_checkpoints_despite_dataloader_wo
     assert read_state(latest_checkpoint(tmp_path))["step"] == 3
 
 
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from toy import SigtermAt, ToyDataset, vit
+from scaling.config import ShardingConfig, TrainConfig
+from scaling.engine.trainer import Preempted, Trainer
+
+cfg = TrainConfig(batch_size=8, steps=6, lr=0.05, warmup_steps=2, log_every=1)
+trainer = Trainer(vit(), cfg, ShardingConfig(strategy="none"), output_dir=sys.argv[1], tracker=SigtermAt(2),
+                  num_workers=2)
+print("evaluated", round(trainer.evaluate(ToyDataset(16))["loss"], 4), flush=True)  # persistent workers
+try:
+    trainer.fit(ToyDataset(64))
+except Preempted:
+    held = sys.exc_info()  # the traceback keeps fit's frame, and the training iterator in it, alive
+print("preempted", flush=True)  # and exit, with no trainer.close()
+"""
+
+
+def test_a_script_that_keeps_its_trainer_and_a_preemption_exits(tmp_path):
+    """Workers ignore SIGTERM, and ``multiprocessing`` ends the workers still alive at interpreter exit with SIGTERM
+    and joins them: a script that kept its Trainer (persistent prediction workers) or a preemption's traceback (the
+    training iterator) used to wait there forever. The training loop's workers now end with the loop, and the
+    prediction workers at exit."""
+    import subprocess
+
+    scripts = str(Path(__file__).parent / "dist_scripts")
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), scripts], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and "evaluated" in proc.stdout and "preempted" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_a_checkpoint_half_written_by_a_killed_launch_is_ignored_then_removed(preempted, reference, tmp_path):
     """A launch killed mid-save (SIGKILL, a lost node) leaves ``.tmp-step_<N>``: the relaunch resumes from
     ``latest`` and the next checkpoint it writes removes the leftover (it stayed after the run had finished)."""

@@ -14,8 +14,10 @@ workers included; a worker ignores these signals (:func:`ignore_in_worker`) and 
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
+import weakref
 
 import torch
 
@@ -32,6 +34,36 @@ def ignore_in_worker(worker_id: int) -> None:
     """
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+_PERSISTENT_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_exit_hook = False
+
+
+def shut_down_workers(loader_or_iterator) -> None:
+    """End the worker processes of a DataLoader (its persistent workers) or of one of its iterators now, as torch
+    does when the iterator is collected (``_shutdown_workers``: each worker is told to stop and joined).
+
+    Workers that ignore SIGTERM (:func:`ignore_in_worker`) must not outlive their loader's user: at interpreter exit
+    ``multiprocessing`` ends every daemonic child it still has with SIGTERM and then joins it
+    (``multiprocessing.util._exit_function``), and would wait forever for a worker that ignores it — a script that
+    trained with ``num_workers > 0`` and kept its Trainer (or the exception a run raised) would never exit.
+    """
+    iterator = getattr(loader_or_iterator, "_iterator", loader_or_iterator)
+    stop = getattr(iterator, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
+
+
+def shut_down_at_exit(loader):
+    """Return ``loader`` (a DataLoader with persistent workers), whose workers :func:`shut_down_workers` ends at
+    interpreter exit if nothing ended them before, ahead of ``multiprocessing``'s own exit handler."""
+    global _exit_hook
+    if not _exit_hook:  # registered after multiprocessing's (torch imports it), so run before it
+        atexit.register(lambda: [shut_down_workers(x) for x in list(_PERSISTENT_LOADERS)])
+        _exit_hook = True
+    _PERSISTENT_LOADERS.add(loader)
+    return loader
 
 
 class PreemptionSignals:

@@ -58,7 +58,7 @@ from scaling.engine.distributed import (
     check_training_keys,
 )
 from scaling.engine.inputs import Normalisation, pin_memory, to_device
-from scaling.engine.preemption import PreemptionSignals, ignore_in_worker
+from scaling.engine.preemption import PreemptionSignals, ignore_in_worker, shut_down_at_exit, shut_down_workers
 from scaling.engine.schedule import lr_at, mixup_alpha, total_steps
 from scaling.engine.selection import Selection
 from scaling.engine.sharding import ShardingError, verify_sharding
@@ -238,7 +238,7 @@ class Trainer:
         if key not in self._eval_loaders:
             sampler = ShardedEvalSampler(len(dataset), batch_size, self.world_size, self.rank)
             # The dataset is held with its loader, so its id cannot be reused by another object meanwhile.
-            self._eval_loaders[key] = (dataset, self._loader(dataset, sampler, persistent=True))
+            self._eval_loaders[key] = (dataset, shut_down_at_exit(self._loader(dataset, sampler, persistent=True)))
         return self._eval_loaders[key][1]
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -417,7 +417,9 @@ class Trainer:
         t_start, cpu_start, timed_from = time.perf_counter(), time.process_time(), start
         final_loss = self.history[-1]["loss"] if self.history else float("nan")
         mfu, steps_run = None, start
-        with self._signals:
+        with self._signals, contextlib.ExitStack() as ending:
+            # The workers end with the loop, however it ends (a signal, an error), not when the iterator is collected
+            ending.callback(shut_down_workers, batches)
             for step in range(start, total):
                 if stopped:
                     break
@@ -664,7 +666,9 @@ class Trainer:
         if self._kernels_before is not None:
             seeds.restore_kernels(self._kernels_before)
         self.plan.close()
-        self._eval_loaders.clear()  # ends persistent workers
+        for _, loader in self._eval_loaders.values():
+            shut_down_workers(loader)
+        self._eval_loaders.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
