@@ -186,8 +186,8 @@ def test_sources_metadata_and_errors(hf_dir, tmp_path):
         build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=name), 2)
     with pytest.raises(ValueError, match="takes pretrained 'hf'"):
         build_model(ModelConfig(backbone=name, pretrained="in21k"), 2)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsUnavailable, match="local directory holding config.json"):
+    (tmp_path / "empty").mkdir()  # transformers 4.x took "mpt" from its name for a model type
+    with pytest.raises(WeightsUnavailable, match="no config.json in directory .*empty.*local directory holding"):
         build_model(ModelConfig(backbone=f"hf:{tmp_path / 'empty'}", pretrained="hf"), 2)
     from transformers import BertConfig
 
