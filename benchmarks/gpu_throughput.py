@@ -39,6 +39,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,21 @@ def worker(args) -> None:
             "torch": torch.__version__}))
 
 
+def launch(cmd: list[str], env: dict, timeout: float) -> int | str:
+    """Run one launch in a process group of its own; its exit status, or ``"timeout"``. On a timeout (or Ctrl-C)
+    the whole group is killed: killing only the launcher, as ``subprocess.run(timeout=)`` does, leaves torchrun's
+    ranks running under init, holding their GPU memory through every later run of the benchmark."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except BaseException as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return "timeout"
+        raise
+
+
 def run(spec: tuple, args, tmp: Path) -> dict:
     """Launch one (model, micro, compile, strategy) run; retry smaller micro-batches on OOM."""
     from timm.utils import decay_batch_step
@@ -180,11 +196,7 @@ def run(spec: tuple, args, tmp: Path) -> dict:
                *(["--cpu-smoke"] if args.cpu_smoke else [])]
         if args.cpu_smoke:
             env.update(OMP_NUM_THREADS="1")
-        try:
-            proc = subprocess.run(cmd, env=env, cwd=REPO, timeout=args.timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+        code = launch(cmd, env, args.timeout)
         if code != 0 or not out.exists():
             return {"model": model, "strategy": strategy, "compile": compile_mode, "gpus": gpus, "world": fake or gpus,
                     "micro": micro, "error": code}

@@ -89,6 +89,33 @@ def test_gpu_throughput_budget_skips_what_would_not_fit_and_still_prints_the_tab
     assert "--budget 1 s:" in proc.stdout and "skipped ['smoke 2 off fsdp']" in proc.stdout, proc.stdout[-2000:]
 
 
+def test_gpu_throughput_timeout_kills_the_ranks_not_only_the_launcher(tmp_path):
+    """A launch that runs past ``--timeout`` is killed with the processes it started (torchrun's ranks), which
+    otherwise live on under init and keep their GPU memory for the rest of the benchmark. Here the launcher is a
+    Python process whose child sleeps for a minute and writes its pid first."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", REPO / "benchmarks" / "gpu_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pid_file = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys; rank = subprocess.Popen([sys.executable, '-c', 'import time; "
+                "time.sleep(60)']); open(sys.argv[1], 'w').write(str(rank.pid)); rank.wait()")
+    assert bench.launch([sys.executable, "-c", launcher, str(pid_file)], dict(os.environ), timeout=5) == "timeout"
+
+    def running(pid: str) -> bool:
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running(pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the SIGKILL is sent; a killed process lingers as a zombie until init reaps it
+    assert not running(pid_file.read_text()), "the rank outlived its launch"
+
+
 def test_gpu_determinism_script_runs_on_cpu():
     """``gpu_determinism.py --cpu-smoke``: four fresh processes (two per ``train.deterministic`` setting) and the
     SIGTERM + resume check, on the CPU with a tiny ViT. On the CPU every pair must end bit-identical, and so must

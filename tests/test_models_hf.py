@@ -127,7 +127,8 @@ def test_family_row_optimizer_groups_and_checkpointing(hf_dir):
     assert scale[id(named["backbone.head.weight"])] == 1.0
     layers = model.backbone.layer_prefix()
     assert scale[id(named["backbone.encoder.embeddings.cls_token"])] == pytest.approx(0.5 ** 3)
-    assert scale[id(named[f"backbone.{layers}.1.mlp.fc1.weight"])] == pytest.approx(0.5)
+    last_layer = [scale[id(p)] for n, p in named.items() if n.startswith(f"backbone.{layers}.1.")]
+    assert len(last_layer) > 4 and last_layer == pytest.approx([0.5] * len(last_layer))
     assert scale[id(named["backbone.encoder.layernorm.weight"])] == pytest.approx(0.5)  # with the last layer
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert sum(len(g["params"]) for g in groups) == len(trainable)
@@ -186,8 +187,8 @@ def test_sources_metadata_and_errors(hf_dir, tmp_path):
         build_model(ModelConfig(backbone="resnetv2_tiny", pretrained=name), 2)
     with pytest.raises(ValueError, match="takes pretrained 'hf'"):
         build_model(ModelConfig(backbone=name, pretrained="in21k"), 2)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsUnavailable, match="local directory holding config.json"):
+    (tmp_path / "empty").mkdir()  # transformers 4.x took "mpt" from its name for a model type
+    with pytest.raises(WeightsUnavailable, match="no config.json in directory .*empty.*local directory holding"):
         build_model(ModelConfig(backbone=f"hf:{tmp_path / 'empty'}", pretrained="hf"), 2)
     from transformers import BertConfig
 
@@ -223,6 +224,8 @@ def test_an_encoder_is_normalised_with_its_own_preprocessor_statistics(tmp_path,
         (snapshot / name).write_bytes((tiny_hf_dir(tmp_path / "hub") / name).read_bytes())
     (snapshot / "preprocessor_config.json").write_text(json.dumps(rad_dino))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    # transformers 4.x keeps its own copy of the cache path, read when it is imported
+    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(cache), raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub = build_model(ModelConfig(backbone="hf:acme/cxr-encoder", pretrained="scratch"), 2)
     assert input_normalisation(hub)[1] == tuple(rad_dino["image_std"])

@@ -286,7 +286,10 @@ class ImageTransform:
         angle = torch.empty(1).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=g).item()
         out = F.rotate(out, angle)  # torchvision's RandomRotation defaults: nearest neighbour, fill 0
         if self.flip and torch.rand(1, generator=g).item() < 0.5:
-            out = F.horizontal_flip(out)
+            if out.dtype == torch.uint16:  # torch < 2.14 has no CPU flip for uint16: flip the same bits as int16
+                out = F.horizontal_flip(out.view(torch.int16)).view(torch.uint16)
+            else:
+                out = F.horizontal_flip(out)
         return out
 
 

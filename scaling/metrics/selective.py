@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy.integrate import trapezoid
 
 from scaling.metrics.discrimination import auroc
 from scaling.metrics.validation import MetricWarning, check_same_length, check_scores, labelled
@@ -74,7 +75,7 @@ def referral_area(curve: pd.DataFrame) -> float:
     v = curve["value"].to_numpy(dtype=np.float64)
     if x.size < 2 or np.isnan(v).any():
         return float(v[0]) if x.size == 1 else float("nan")
-    return float(np.trapezoid(v, x) / (x[-1] - x[0]))
+    return float(trapezoid(v, x) / (x[-1] - x[0]))  # scipy's: np.trapezoid needs NumPy >= 2.0
 
 
 def aurc(y, p, threshold: float = 0.5, confidence=None) -> float:

@@ -190,6 +190,10 @@ def check_local(location: str) -> None:
 def load_config(location: str):
     """The ``transformers`` config of ``location`` (hub repo or directory); WeightsUnavailable when absent."""
     check_local(location)
+    config_file = Path(location).expanduser() / "config.json"
+    if config_file.parent.is_dir() and not config_file.is_file():
+        # transformers 4.x otherwise guesses a model type from the directory's name ("empty" -> "mpt")
+        raise _weights_error(location, f"no config.json in directory {config_file.parent}")
     from transformers import AutoConfig
 
     try:
