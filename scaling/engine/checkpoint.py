@@ -600,6 +600,13 @@ def _set_zero_param(param: nn.Parameter, value: torch.Tensor) -> None:
         safe_set_full_fp32_param(param, value)
 
 
+def _zero3_partition_rank(opt, param: nn.Parameter) -> int:
+    """This rank's index among the ranks a ZeRO-3 parameter is partitioned over: the parameter's own process group
+    from DeepSpeed 0.19.3 on (``stage3.py`` ``_get_param_partition_rank``), the data-parallel group before."""
+    rank_of = getattr(opt, "_get_param_partition_rank", None)
+    return rank_of(param) if rank_of is not None else torch.distributed.get_rank(group=opt.dp_process_group)
+
+
 def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write this rank's part of ``value`` into a ZeRO-3 parameter's fp32 master partition.
 
@@ -612,7 +619,7 @@ def _set_zero3_master(param: nn.Parameter, value: torch.Tensor) -> None:
     opt = param._z3_optimizer
     part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
     flat = value.flatten()
-    start = part.numel() * opt._get_param_partition_rank(param)
+    start = part.numel() * _zero3_partition_rank(opt, param)
     n = max(0, min(part.numel(), flat.numel() - start))
     part.data[:n].copy_(flat[start:start + n])
     if opt._swappable_optimizer_subgroup(group):  # NVMe-offloaded states go back to disk, as DeepSpeed does
@@ -789,7 +796,7 @@ def _zero_flat_optimizer_state(engine, whole) -> list[tuple[torch.Tensor, torch.
             state, offset = torch.zeros_like(flat), 0
             for p in params:
                 part, values = p.partition_numel(), whole(p).flatten()
-                start = part * opt._get_param_partition_rank(p)
+                start = part * _zero3_partition_rank(opt, p)
                 n = max(0, min(part, values.numel() - start))
                 state.narrow(0, offset, n).copy_(values.narrow(0, start, n))
                 offset += part
