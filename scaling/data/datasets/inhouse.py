@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from scaling.data.datasets.readers import finish, line_of, map_values, parse_ages, read_csv, read_excel, require_ids
+from scaling.data.datasets.readers import (dicom_age_years, finish, line_of, map_values, parse_ages, read_csv,
+                                          read_excel, require_ids)
 from scaling.data.labels import apply_label_policy
 from scaling.data.table import LABEL_PREFIX, REQUIRED_COLUMNS, DataError, OptionError, id_spelling
 
@@ -59,9 +59,6 @@ LABEL_VALUES = {
 """Label cells (lower case; numbers in any float spelling, ``1.0``, are read as numbers first) → 1 / 0 / -1."""
 SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": None, "OTHER": None, "U": None, "UNKNOWN": None}
 """Sex cells (upper case) → the sample table's ``M`` / ``F`` / missing."""
-AGE_STRING = re.compile(r"^(\d{1,3})([DWMY])$")
-"""A DICOM Age String (PS3.5 §6.2, VR ``AS``): three digits and a unit, e.g. ``089Y``."""
-DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 
 def load(root: str | Path, split: str = "all", *, file: str = "", image_column: str = "", patient_column: str = "",
@@ -186,8 +183,5 @@ def ages(cells: pd.Series, ids: pd.Series, source: Path, column: str) -> pd.Seri
     """Age cells in years: a number, or a DICOM Age String (``089Y``, ``006M``) converted; then the shared ages
     policy (:func:`scaling.data.datasets.readers.parse_ages`: blank → NaN, a non-number or negative age a
     DataError naming the row (``ids``: the image paths) and the column, above 120 → NaN, logged)."""
-    def years(text: str):
-        match = AGE_STRING.match(text.upper())
-        return int(match[1]) * DAYS_PER_UNIT[match[2]] / DAYS_PER_UNIT["Y"] if match else text
-
-    return parse_ages(cells.map(years), ids, source, column)
+    years = dicom_age_years(cells)
+    return parse_ages(cells.where(years.isna(), years), ids, source, column)

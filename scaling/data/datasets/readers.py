@@ -237,6 +237,17 @@ def _examples(ids: pd.Series, k: int = 5) -> str:
     return shown + (", ..." if len(ids) > k else "")
 
 
+DICOM_AGE_PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+"""Units of a DICOM Age String (PS3.5 §6.2, VR ``AS``: three digits and a unit, ``089Y``) per year."""
+
+
+def dicom_age_years(text: pd.Series) -> pd.Series:
+    """DICOM Age Strings (``053Y``, ``006M``, ``012W``, ``003D``; any case and surrounding space) in years, NaN for
+    any cell that is not one (the caller decides whether that is blank, a plain number or an error)."""
+    parts = text.fillna("").astype(str).str.strip().str.upper().str.extract(r"^(\d{1,3})([YMWD])$")
+    return (parts[0].astype(float) / parts[1].map(DICOM_AGE_PER_YEAR)).astype(float)
+
+
 def drop_implausible_ages(age: pd.Series, ids: pd.Series, source: str | Path, column: str) -> pd.Series:
     """``age`` with the ages above :data:`MAX_AGE` set to NaN, logged with the file, column, count and example rows
     (``ids``: the row ids, aligned with ``age``), so an age group never holds a 414-year-old."""

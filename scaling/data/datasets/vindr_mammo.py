@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scaling.data.datasets.readers import (drop_implausible_ages, finish, map_values, read_csv, require_ids,
-                                          select_split, suspicion)
+from scaling.data.datasets.readers import (dicom_age_years, drop_implausible_ages, finish, map_values, read_csv,
+                                          require_ids, select_split, suspicion)
 from scaling.data.table import LABEL_PREFIX, DataError
 
 SPLITS = ("train", "test", "all")
@@ -35,12 +35,11 @@ DENSITY = {f"DENSITY {x}": x for x in "ABCD"}
 def _age(values: pd.Series, ids: pd.Series, source: Path) -> pd.Series:
     """DICOM Age String (``053Y``; also ``M``/``W``/``D`` units) → years; blank and above 120 (``999Y``) → NaN."""
     text = values.fillna("").astype(str).str.strip()
-    parts = text.str.extract(r"^(\d{1,3})([YMWD])$")
-    bad = (text != "") & parts[0].isna()
+    years = dicom_age_years(text)
+    bad = (text != "") & years.isna()
     if bad.any():
         raise DataError(f"{source}: row {ids[bad].iloc[0]!r}, column \"Patient's Age\": not a DICOM age {text[bad].iloc[0]!r}")
-    per_year = parts[1].map({"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25})
-    return drop_implausible_ages((parts[0].astype(float) / per_year).astype(float), ids, source, "Patient's Age")
+    return drop_implausible_ages(years, ids, source, "Patient's Age")
 
 
 def load(
