@@ -42,6 +42,9 @@ WANDB_STATE_FILE = "wandb.json"
 
 REDACTED = "<redacted>"
 
+SHORT_NUMBER_DIGITS = 6
+"""A protected id of only digits, shorter than this, is redacted by :meth:`Scrubber.text` only as a whole string."""
+
 # Column / key tokens that name a per-patient identifier or a location on disk. Matched on whole tokens of the key
 # (split at non-alphanumerics and camelCase), so "pretrain_images" or "n_params" are never mistaken for one.
 _ID_TOKENS = {
@@ -90,7 +93,17 @@ class Scrubber:
 
     A protected value is found where it stands as a whole token: a span that starts and ends where the kind of
     character (letter, digit, other) changes, so ``10000032`` is found in ``p10000032`` and ``s5.png`` in
-    ``'s5.png'``, but ``12`` is not found in ``2012``. Values are kept in a set, not a regex alternation: a study
+    ``'s5.png'``, but ``12`` is not found in ``2012``.
+
+    A short number (all digits, fewer than :data:`SHORT_NUMBER_DIGITS`) is different: NIH ChestX-ray14's patient ids
+    are 1 … 30805, so as tokens they would be found in almost any string with a number in it (the run id
+    ``bit_r50x1-…-s1``, the age group ``40-60``, the metric ``ece_15``), which :meth:`text` would then blank whole:
+    an NIH study's W&B runs lost their names and subgroup rows. :meth:`text` therefore redacts a short-number id only
+    where it is the whole string (a table cell holding a patient number), and :meth:`message` still replaces it
+    wherever it stands as a token (an error message keeps the rest of its words). Longer numeric ids (MIMIC's
+    8-digit subject ids, a hospital's MRNs) are found inside strings as before.
+
+    Values are kept in a set, not a regex alternation: a study
     protects every sample and patient id of its tables (MIMIC-CXR: 440,000), which as one alternation took 35 s to
     compile and ~10 ms to search per string: five minutes for the strings of one cell's metric table.
     """
@@ -107,8 +120,9 @@ class Scrubber:
         self._protected |= new
         self._longest = max([self._longest, *map(len, new)])
 
-    def _occurrences(self, s: str) -> list[tuple[int, int]]:
-        """Spans of ``s`` holding a protected value as a whole token, left to right, the longest at each start."""
+    def _occurrences(self, s: str, short_numbers: bool = True) -> list[tuple[int, int]]:
+        """Spans of ``s`` holding a protected value as a whole token, left to right, the longest at each start;
+        without ``short_numbers``, spans that are only a short number (class docstring) are not counted."""
         if not self._protected or not s:
             return []
         kinds = [c.isalpha() + 2 * c.isdigit() for c in s]
@@ -119,16 +133,19 @@ class Scrubber:
                 continue
             ends = cuts[a + 1:bisect.bisect_right(cuts, start + self._longest)]
             end = next((e for e in reversed(ends) if s[start:e] in self._protected), None)
+            if end is not None and not short_numbers and _is_short_number(s[start:end]):
+                continue
             if end is not None:
                 spans.append((start, end))
                 covered = end
         return spans
 
     def text(self, s: str) -> str:
-        """A string with protected ids and path-like substrings redacted (all of it when it holds a protected id)."""
+        """A string with protected ids and path-like substrings redacted (all of it when it holds a protected id;
+        a short-number id only when it is the whole string)."""
         if self.allow_identifiers:
             return s
-        if self._occurrences(s):
+        if s.strip() in self._protected or self._occurrences(s, short_numbers=False):
             return REDACTED
         return redact_paths(s)
 
@@ -172,6 +189,10 @@ class Scrubber:
             if out[c].dtype == object or pd.api.types.is_string_dtype(out[c]):
                 out[c] = out[c].map(lambda x: self.text(x) if isinstance(x, str) else x)
         return out
+
+
+def _is_short_number(s: str) -> bool:
+    return s.isdigit() and len(s) < SHORT_NUMBER_DIGITS
 
 
 def _read_state(run_dir: Path) -> dict:

@@ -58,16 +58,32 @@ def test_identifier_keys_and_paths():
 def test_protected_ids_are_found_as_whole_tokens():
     # MIMIC-CXR subject ids stand inside folder names (p10000032); NIH's patient ids are small numbers, which inside
     # another number or a group name such as '40-60' identify nobody and must not blank the string.
-    s = Scrubber(protected=["10000032", "00000001_000.png", "40", "a1b2-c3"])
-    for text in ("p10000032", "files/p10/p10000032 missing", "sample '00000001_000.png'", "group 40", "x a1b2-c3"):
+    s = Scrubber(protected=["10000032", "00000001_000.png", "40", "a1b2-c3", "123456"])
+    for text in ("p10000032", "files/p10/p10000032 missing", "sample '00000001_000.png'", "x a1b2-c3", "40", " 40 ",
+                 "mrn 123456"):
         assert s.text(text) == REDACTED, text
-    for text in ("1400 images", "a1b2-c34", "test/auroc"):
-        assert s.text(text) != REDACTED, text
-    assert s.text("2040-2060") == "2040-2060"
+    for text in ("1400 images", "a1b2-c34", "test/auroc", "2040-2060"):
+        assert s.text(text) == text, text
     # an error message keeps what went wrong and loses only the ids and paths
     assert s.message(f"cannot read image {IMAGE_PATH} (sample '00000001_000.png'): truncated") == (
         f"cannot read image {REDACTED} (sample '{REDACTED}'): truncated")
     assert s.message("subject p10000032: 3 images") == f"subject p{REDACTED}: 3 images"
+    assert s.message("patient 40 is in train and test") == f"patient {REDACTED} is in train and test"
+
+
+def test_short_numeric_patient_ids_leave_run_names_and_groups_alone():
+    """NIH ChestX-ray14 numbers its patients 1 … 30805: every run id, backbone, age group and metric name with a
+    number in it used to be blanked whole in W&B. Such ids are still redacted where they are the whole string, and
+    inside an error message."""
+    s = Scrubber(protected=[str(i) for i in range(1, 30806)] + ["00000001_000.png"])
+    for text in ("bit_r50x1", "bitm-r101x3-f0.1-s2", "40-60", "80+", "ece_15", "test/auroc@exam_max", "fraction 0.01"):
+        assert s.text(text) == text, text
+    for text in ("402", "30805", "00000001_000.png", "sample 00000001_000.png"):
+        assert s.text(text) == REDACTED, text
+    assert s.message("patient 402 has no image") == f"patient {REDACTED} has no image"
+    assert s.value({"group": "40-60", "patient": "402", "cell": "402"}) == {"group": "40-60", "cell": REDACTED}
+    table = s.frame(pd.DataFrame({"group": ["40-60", "402"], "value": [0.8, 0.7]}))
+    assert table["group"].tolist() == ["40-60", REDACTED]
     assert Scrubber(allow_identifiers=True, protected=["40"]).message("group 40") == "group 40"
 
 
