@@ -18,6 +18,8 @@ samples (``sample_id``, source path, byte size, mtime). One cache directory hold
 and kind of image (``<size>px/gray-uint8``, ``<size>px/rgb-uint8``, ``<size>px/gray-uint16``; the kind of a table
 is that of its first image), so a colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8
 bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
+BiT's augmentation (``augment='bit'``) caches training images at its resize (``<resize>px``), larger than the crop,
+and evaluation images at the crop size: two resolutions, two stores.
 Entries are looked up by the sample's absolute source path: sample ids are unique only within one dataset
 (CheXpert and CheXpert-small, or two synthetic sites, share ids), while one store serves every dataset of a study.
 An entry is reused only when path, size and mtime all match; otherwise the image is decoded again. Decoding every
