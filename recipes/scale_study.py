@@ -32,7 +32,7 @@ from scaling.engine.launch import detect_launch
 from scaling.models import CheckpointMismatch, WeightsUnavailable
 from scaling.engine.ranks import is_main_process
 from scaling.io import UnreadableFile
-from scaling.study.runner import DEPRECATED_PARAMS, StudyFailed, plan, run_study
+from scaling.study.runner import DEPRECATED_PARAMS, StudyFailed, describe_augmentation, plan, run_study
 from scaling.study.store import StoreError
 
 USER_ERRORS = (ConfigError, DataError, StoreError, LaunchError, WeightsUnavailable, CheckpointMismatch,
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(p.drop(columns=["run_id"]).to_string(index=False))
                 print(f"\n{len(p)} runs, {int((p.status == 'complete').sum())} complete, {int((p.todo != '').sum())} "
                       f"with work to do; {int(p.images_todo.sum()):,} images to process")
+                print(describe_augmentation(cfg.data))
                 return 0
             table = run_study(cfg, report=not args.no_report)
             if is_main_process():

@@ -208,7 +208,17 @@ class DataConfig:
     on_bad_image: str = "error"
     """``error`` stops at the first unreadable image, ``skip`` drops it and counts it in the run's metadata."""
     flip: bool = False
-    """Random horizontal flips in training (dermatology: yes; chest X-ray: no, laterality carries meaning)."""
+    """Random horizontal flips in training (dermatology: yes; chest X-ray: no, laterality carries meaning), under
+    either ``augment``."""
+    augment: str = "light"
+    """Training views. ``light``: a random resized crop of 75-100 % of the area (aspect 0.9-1.1) back to
+    ``image_size`` and a rotation of up to 7 degrees. ``bit``: BiT's fine-tuning views (big_transfer
+    ``bit_pytorch/train.py``): the image resized to ``bit_resize`` and a uniformly random ``image_size`` crop of it,
+    no rescaling, no rotation. Flips follow ``flip`` under both; evaluation resizes to ``image_size`` under both."""
+    bit_resize: int = 0
+    """``augment: bit`` only: the square size training images are resized (and cached) at before the random
+    ``image_size`` crop; 0 = the paper's 448 : 384 ratio (``scaling.engine.schedule.bit_resize``: 384 → 448).
+    Must be >= ``image_size`` (equal: flips only)."""
     ood: tuple[EvalSetConfig, ...] = ()
     """Out-of-distribution evaluation sets, each with its own name (not ``train``, ``val`` or ``test``)."""
     subgroups: tuple[str, ...] = ("sex", "age_group")
@@ -222,6 +232,7 @@ class DataConfig:
         _check_filters("data.filters", self.filters)
         _positive("data.image_size", self.image_size)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        self._check_augment()
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0 <= self.test_fraction < 1:
@@ -237,6 +248,27 @@ class DataConfig:
         self._check_derived_labels()
         self._check_age_bins()
         self._check_ood_names()
+
+    def _check_augment(self) -> None:
+        _choice("data.augment", self.augment, ("light", "bit"))
+        _positive("data.bit_resize", self.bit_resize, allow_zero=True)
+        if self.bit_resize and self.augment != "bit":
+            raise ConfigError(f"data.bit_resize={self.bit_resize} applies only to data.augment='bit' (data.augment="
+                              f"{self.augment!r} resizes nothing before its crop): set data.augment=bit or drop it")
+        if self.bit_resize and self.bit_resize < self.image_size:
+            raise ConfigError(f"data.bit_resize={self.bit_resize} is smaller than data.image_size={self.image_size}: "
+                              f"BiT crops data.image_size out of the resized image, so data.bit_resize must be at "
+                              f"least data.image_size")
+
+    @property
+    def train_resize(self) -> int:
+        """The square size training images are decoded and cached at: ``bit_resize`` (its default resolved) under
+        ``augment: bit``, ``image_size`` otherwise. Evaluation images are always at ``image_size``."""
+        if self.augment != "bit":
+            return self.image_size
+        from scaling.engine.schedule import bit_resize  # a pure module; imported here to keep config standalone
+
+        return self.bit_resize or bit_resize(self.image_size)
 
     def _check_age_bins(self) -> None:
         edges = list(self.age_bins)

@@ -356,3 +356,26 @@ def test_seeds_outside_what_the_generators_take_are_refused_at_load(override, fi
                                           rf"in \[0, 2\*\*32\) in override `{re.escape(override)}`"):
         load_config(None, ["data.root=synthetic", override])
     assert load_config(None, ["data.root=synthetic", "grid.seeds=[0,4294967295]"]).grid.seeds == (0, 4294967295)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.augment=autoaugment"], r"^data\.augment='autoaugment' is not allowed; choose one of \['light', 'bit'\]"),
+    (["data.augment=bit", "data.image_size=384", "data.bit_resize=320"],
+     r"^data\.bit_resize=320 is smaller than data\.image_size=384: .* at least data\.image_size"),
+    (["data.bit_resize=448"], r"^data\.bit_resize=448 applies only to data\.augment='bit'"),
+    (["data.augment=bit", "data.bit_resize=-1"], r"^data\.bit_resize=-1 must be >= 0"),
+])
+def test_bad_augmentation_settings_name_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.root=synthetic", *overrides])
+
+
+def test_the_training_resize_is_bits_rule_unless_given():
+    def resize(*ov):
+        return load_config(None, ["data.root=synthetic", *ov]).data.train_resize
+
+    assert resize("data.image_size=384") == 384  # light: images are cached at the crop size, as always
+    assert resize("data.augment=bit", "data.image_size=384") == 448  # the paper's 448 / 384
+    assert resize("data.augment=bit", "data.image_size=480", "data.bit_resize=512") == 512  # the released code's
+    assert resize("data.augment=bit", "data.image_size=384", "data.bit_resize=384") == 384  # flips only
+    assert load_config(None, ["data.root=synthetic"]).data.augment == "light"

@@ -57,6 +57,8 @@ TABLE = [
     ("data.cache=false", False),
     ("data.on_bad_image=skip", False),
     ("data.flip=true", True),
+    ("data.augment=bit", True),  # BiT's training views: another run (test_bit_augmentation_... below)
+    (["data.augment=bit", "data.bit_resize=100"], True),  # the default's 75 px is another run again
     (OOD, False),
     ("data.subgroups=[sex]", False),
     ("data.age_bins=[0,50,200]", False),
@@ -414,3 +416,22 @@ def test_mean_var_sources_are_cells_with_their_own_labels_ids_and_upstream_setti
              "meanvar:mimic:/home/alice/mimic": "meanvar:mimic", "meanvar:upstream:up": "meanvar:upstream:up"}
     assert {s: source_label(s) for s in cases} == cases
     assert all(source_label(label) == label for label in cases.values())
+
+
+def test_bit_augmentation_counts_and_the_default_light_keeps_every_id():
+    # data.augment and data.bit_resize postdate run ids: at light they are not hashed, so every id is what it was
+    # (the two ids below were computed by the code before the fields existed)
+    light = result_settings(run_config(_cfg("data.augment=light"), SPEC))["data"]
+    assert not {"augment", "bit_resize"} & set(light)
+    assert run_id(_cfg(), SPEC) == run_id(_cfg("data.augment=light"), SPEC) == "a__scratch__f0.1__s0__c203026f"
+    demo = load_config(None, ["grid.backbones=[resnetv2_tiny]"])
+    assert run_id(demo, RunSpec("resnetv2_tiny", "scratch", 1.0, 0)) == "resnetv2-tiny__scratch__f1__s0__85392d39"
+    # under bit the resize counts as the size it resolves to: 0 at 96 px is BiT's 112, the same run as 112 given
+    bit = result_settings(run_config(_cfg("data.augment=bit", "data.image_size=96"), SPEC))["data"]
+    assert (bit["augment"], bit["bit_resize"]) == ("bit", 112)
+    ids = {r: run_id(_cfg("data.augment=bit", "data.image_size=96", f"data.bit_resize={r}"), SPEC)
+           for r in (0, 112, 113, 96)}
+    assert ids[0] == ids[112] and len({ids[0], ids[113], ids[96]}) == 3
+    assert config_hash(_cfg("data.augment=bit", "data.image_size=96")) == \
+        config_hash(_cfg("data.augment=bit", "data.image_size=96", "data.bit_resize=112"))
+    assert config_hash(_cfg("data.augment=bit")) != config_hash(_cfg())

@@ -675,3 +675,47 @@ def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normali
         spec = RunSpec(backbone, source, 1.0, 0)
         model = _starting_model_on_meta(run_config(cfg, spec), spec)
         assert input_normalisation(model)[0][0] == pytest.approx(mean)
+
+
+def test_a_study_with_bits_augmentation_trains_on_crops_of_images_cached_at_the_resize(tmp_path, monkeypatch, capsys):
+    """docs/data.md, "BiT's augmentation": ``data.augment: bit`` trains on random ``image_size`` crops of images
+    resized (and cached) at ``data.bit_resize`` (here BiT's ratio: 32 → 37 px), evaluates on images resized to
+    ``image_size`` from a store of their own, and records the views in meta.json and on ``--dry-run``."""
+    import importlib.util
+    import json
+
+    from scaling.data.images import ImageTransform
+
+    calls = []
+    real = ImageTransform.__call__
+
+    def recording(self, image, seed=None):
+        out = real(self, image, seed)
+        calls.append((self.augment, seed is not None and self.train, tuple(image.shape[-2:]), tuple(out.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(ImageTransform, "__call__", recording)
+    store = tmp_path / "store"
+    config = study_config(tmp_path, store, ood=False)  # 32 px, flips on
+    overrides = ["data.augment=bit", "grid.also=[]", "cka.enabled=false"]
+    cfg = load_config(config, overrides)
+    run_study(cfg, report=False)
+    rid = run_id(cfg, expand_grid(cfg)[0])
+    assert RunStore(store).is_complete(rid) and rid != run_id(load_config(config, overrides[1:]), expand_grid(cfg)[0])
+    views = {c for c in calls if c[1]}
+    evals = {c for c in calls if not c[1]}
+    assert views == {("bit", True, (37, 37), (32, 32))}  # every training view: a 32 px crop of a 37 px image
+    assert {c[1:] for c in evals} == {(False, (32, 32), (32, 32))}  # every evaluation image: read at 32 px
+    assert len([c for c in calls if c[1]]) >= 4 * 16  # 4 steps of 16 images (and the Trainer's check of the keys)
+    assert sorted(p.name for p in (store / "cache").glob("*px")) == ["32px", "37px"]
+    meta = json.loads((store / "runs" / rid / "meta.json").read_text())
+    assert meta["augmentation"] == {"augment": "bit", "crop": 32, "resize": 37, "flip": True}
+    test = pd.read_parquet(store / "runs" / rid / "predictions" / "test.parquet")
+    assert len(test) > 0 and test.filter(like="prob:").notna().all().all()
+
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "recipes" / "scale_study.py")
+    scale_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale_study)
+    assert scale_study.main(["--config", str(config), "--dry-run", *overrides]) == 0
+    assert "training views: bit: resized to 37x37, a random 32x32 crop, horizontal flips; evaluation: resized to " \
+           "32x32" in capsys.readouterr().out

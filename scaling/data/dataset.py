@@ -100,7 +100,10 @@ class TableDataset(Dataset):
     table of a study) and read from it; otherwise they are decoded on every access. ``on_bad_image='skip'`` drops
     unreadable images up front: ``n_skipped`` / ``skipped`` say which, for the run's metadata, and ``table`` holds
     the rows actually served (``index`` in every item is a row position of ``table``). ``channels`` (1 or 3)
-    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray). ``mean`` /
+    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray); ``augment``
+    picks the training views (``light`` or ``bit``: :class:`~scaling.data.images.ImageTransform`), and under
+    ``bit`` a training dataset decodes and caches its images at ``resize`` (default: BiT's ratio,
+    ``scaling.engine.schedule.bit_resize``) and crops ``image_size`` out of them. ``mean`` /
     ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset). ``keep_labels`` are
     label columns kept in ``table`` beside ``labels`` without being trained on (derived labels, scored from the
     predictions).
@@ -121,11 +124,21 @@ class TableDataset(Dataset):
         channels: int | None = None,
         task: str = "multilabel",
         keep_labels: Sequence[str] = (),
+        augment: str = "light",
+        resize: int | None = None,
     ):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is not one of {list(TASKS)}")
         self.image_size = int(image_size)
-        kept, self.cache, self.skipped = prepare_table(table, self.image_size, cache_dir, on_bad_image, num_workers)
+        if augment == "bit" and resize is None:
+            from scaling.engine.schedule import bit_resize
+
+            resize = bit_resize(self.image_size)
+        self.transform = build_transform(self.image_size, train, flip, augment, resize)
+        self.load_size = self.transform.load_size
+        """The square size images are decoded and cached at: ``image_size``, or BiT's ``resize`` for its training
+        views (a store of its own in the cache, ``<resize>px``)."""
+        kept, self.cache, self.skipped = prepare_table(table, self.load_size, cache_dir, on_bad_image, num_workers)
         self.table = select_labels(kept, [*labels, *keep_labels])
         self.labels, self.task = list(labels), task
         if task == "multiclass":
@@ -146,7 +159,6 @@ class TableDataset(Dataset):
             channels = channels or probed_channels
         self.channels = channels or 1
         self.mean, self.std = tuple(mean), tuple(std)
-        self.transform = build_transform(self.image_size, train, flip)
 
     def _warn_outside_classes(self) -> None:
         """Training samples that carry labels but no class (known 0s, no 1) belong to none of the K classes as far
@@ -167,14 +179,14 @@ class TableDataset(Dataset):
         return len(self.sample_ids)
 
     def load_pixels(self, i: int) -> torch.Tensor:
-        """Row ``i``'s image, uint8 or uint16 ``(C, image_size, image_size)``, before the transform.
+        """Row ``i``'s image, uint8 or uint16 ``(C, load_size, load_size)``, before the transform.
 
         From the cache, or decoded and quantised exactly as the cache stores it (so both give the same pixels).
         """
         if self.cache is not None:
             return torch.from_numpy(self.cache.read(self.paths[i]))
         try:
-            return _tensor(quantise(decode(self.paths[i], self.image_size, self.channels), self.dtype))
+            return _tensor(quantise(decode(self.paths[i], self.load_size, self.channels), self.dtype))
         except Exception as e:  # name the file and sample of any decoder failure
             raise bad_image_error(self.paths[i], self.sample_ids[i], e) from e
 

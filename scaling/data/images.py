@@ -18,6 +18,8 @@ samples (``sample_id``, source path, byte size, mtime). One cache directory hold
 and kind of image (``<size>px/gray-uint8``, ``<size>px/rgb-uint8``, ``<size>px/gray-uint16``; the kind of a table
 is that of its first image), so a colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8
 bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
+BiT's augmentation (``augment='bit'``) caches training images at its resize (``<resize>px``), larger than the crop,
+and evaluation images at the crop size: two resolutions, two stores.
 Entries are looked up by the sample's absolute source path: sample ids are unique only within one dataset
 (CheXpert and CheXpert-small, or two synthetic sites, share ids), while one store serves every dataset of a study.
 An entry is reused only when path, size and mtime all match; otherwise the image is decoded again. Decoding every
@@ -256,24 +258,63 @@ def crop_params(height: int, width: int, generator: torch.Generator, scale=CROP_
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+AUGMENTS = ("light", "bit")
+"""Training augmentations (``data.augment``): the library's ``light`` one, or BiT's resize + random crop (``bit``)."""
+
+
+def random_crop_params(height: int, width: int, crop: int, generator: torch.Generator) -> tuple[int, int]:
+    """``(top, left)`` of a uniformly random ``crop x crop`` window in a ``height x width`` image, from ``generator``.
+
+    The draws of torchvision 0.29's ``v2.RandomCrop.make_params`` without padding: ``randint(0, height - crop + 1)``
+    for the top, then ``randint(0, width - crop + 1)`` for the left, each drawn only when that side is longer than
+    the crop (a crop of the full side draws nothing), so with a generator seeded like the global RNG the window is
+    torchvision's.
+    """
+    if crop > height or crop > width:
+        raise ValueError(f"a {crop}x{crop} crop does not fit a {height}x{width} image")
+    top = int(torch.randint(0, height - crop + 1, size=(), generator=generator)) if height > crop else 0
+    left = int(torch.randint(0, width - crop + 1, size=(), generator=generator)) if width > crop else 0
+    return top, left
+
+
+def _hflip(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint16:  # torch < 2.14 has no CPU flip for uint16: flip the same bits as int16
+        return F.horizontal_flip(image.view(torch.int16)).view(torch.uint16)
+    return F.horizontal_flip(image)
+
+
 class ImageTransform:
     """Geometry of the train/eval pipeline on a ``(C, H, W)`` image, with randomness only from an explicit seed.
 
     ``transform(image)`` (or ``seed=None``, or ``train=False``) resizes to ``image_size`` if needed and draws nothing.
-    ``transform(image, seed)`` with ``train=True`` augments: a random resized crop covering 75-100 % of the image
-    with near-square aspect, a rotation of up to 7 degrees (nearest neighbour, black corners) and, with ``flip``,
-    a horizontal flip half of the time, all drawn from ``torch.Generator().manual_seed(seed)``.
+    ``transform(image, seed)`` with ``train=True`` augments, drawing from ``torch.Generator().manual_seed(seed)``:
 
-    Why not torchvision's ``v2.RandomResizedCrop`` / ``v2.RandomRotation``: they draw from the process-global RNG,
-    so what a sample gets depends on everything drawn before it in that process (the order of a resume, the
-    number of DataLoader workers). The draws here are theirs, made from the sample's own generator; a test checks
-    that ``torch.manual_seed(s)`` + the torchvision pipeline gives the same pixels as ``transform(image, s)``.
-    Horizontal flips are off by default because chest anatomy is not mirror-symmetric (the heart is on the left);
-    turn ``flip`` on for dermatology.
+    * ``augment='light'`` (the default): a random resized crop covering 75-100 % of the image with near-square
+      aspect, back to ``image_size``, a rotation of up to 7 degrees (nearest neighbour, black corners) and, with
+      ``flip``, a horizontal flip half of the time;
+    * ``augment='bit'``: BiT's fine-tuning views (big_transfer ``bit_pytorch/train.py``: ``Resize((precrop,
+      precrop))``, ``RandomCrop((crop, crop))``, ``RandomHorizontalFlip()``): the image squashed to ``resize x
+      resize`` (a no-op for an image cached at that size), a uniformly random ``image_size`` window of it, no
+      rescaling and no rotation, and, with ``flip``, a horizontal flip half of the time. Evaluation is BiT's too:
+      the image resized to ``image_size``.
+
+    Why not torchvision's ``v2.RandomResizedCrop`` / ``v2.RandomRotation`` / ``v2.RandomCrop``: they draw from the
+    process-global RNG, so what a sample gets depends on everything drawn before it in that process (the order of a
+    resume, the number of DataLoader workers). The draws here are theirs, made from the sample's own generator; tests
+    check that ``torch.manual_seed(s)`` + the torchvision pipeline gives the same pixels as ``transform(image, s)``.
+    Horizontal flips are off by default, under both augmentations, because chest anatomy is not mirror-symmetric (the
+    heart is on the left); turn ``flip`` on for dermatology.
     """
 
-    def __init__(self, image_size: int, train: bool, flip: bool = False):
-        self.image_size, self.train, self.flip = int(image_size), bool(train), bool(flip)
+    def __init__(self, image_size: int, train: bool, flip: bool = False, augment: str = "light",
+                 resize: int | None = None):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment={augment!r} is not one of {list(AUGMENTS)}")
+        self.image_size, self.train, self.flip, self.augment = int(image_size), bool(train), bool(flip), augment
+        self.resize = int(resize) if resize is not None else self.image_size
+        """The square size BiT's random crop is taken from (``augment='bit'`` only)."""
+        if augment == "bit" and self.resize < self.image_size:
+            raise ValueError(f"resize={self.resize} is smaller than the {self.image_size}px crop")
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The transformed ``(C, image_size, image_size)`` image, of the input's dtype."""
@@ -281,21 +322,37 @@ class ImageTransform:
         if not self.train or seed is None:
             return image if tuple(image.shape[-2:]) == tuple(size) else F.resize(image, size, antialias=True)
         g = torch.Generator().manual_seed(seed)
+        if self.augment == "bit":
+            return self._bit(image, g)
         top, left, h, w = crop_params(image.shape[-2], image.shape[-1], g)
         out = F.resized_crop(image, top, left, h, w, size, antialias=True)
         angle = torch.empty(1).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=g).item()
         out = F.rotate(out, angle)  # torchvision's RandomRotation defaults: nearest neighbour, fill 0
         if self.flip and torch.rand(1, generator=g).item() < 0.5:
-            if out.dtype == torch.uint16:  # torch < 2.14 has no CPU flip for uint16: flip the same bits as int16
-                out = F.horizontal_flip(out.view(torch.int16)).view(torch.uint16)
-            else:
-                out = F.horizontal_flip(out)
+            out = _hflip(out)
         return out
 
+    def _bit(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        pre = [self.resize, self.resize]
+        if tuple(image.shape[-2:]) != tuple(pre):
+            image = F.resize(image, pre, antialias=True)
+        top, left = random_crop_params(self.resize, self.resize, self.image_size, g)
+        out = F.crop(image, top, left, self.image_size, self.image_size)
+        if self.flip and torch.rand(1, generator=g).item() < 0.5:  # RandomHorizontalFlip: flip when rand < p
+            out = _hflip(out)
+        return out
 
-def build_transform(image_size: int, train: bool, flip: bool = False) -> ImageTransform:
+    @property
+    def load_size(self) -> int:
+        """The square size images should be decoded (and cached) at for this transform: BiT's ``resize`` for its
+        training views, ``image_size`` otherwise."""
+        return self.resize if self.train and self.augment == "bit" else self.image_size
+
+
+def build_transform(image_size: int, train: bool, flip: bool = False, augment: str = "light",
+                    resize: int | None = None) -> ImageTransform:
     """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size`` (:class:`ImageTransform`)."""
-    return ImageTransform(image_size, train, flip)
+    return ImageTransform(image_size, train, flip, augment, resize)
 
 
 # ----------------------------------------------------------------------------------------------------------------

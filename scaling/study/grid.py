@@ -191,6 +191,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "data.filters": {},
     "train.select": "last",
     "train.early_stopping_patience": 0,
+    "data.augment": "light",
 }
 """Settings added after run ids were first written, with the value that reproduces what runs did before them. At
 that value the setting is left out of the hash, so a store written before it existed keeps its ids (its runs
@@ -220,7 +221,8 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     """Every setting that changes what a run trains and predicts, as a plain dict; the run id hashes exactly this.
 
     ``cfg`` is a run's config (:func:`run_config`); the ``probe`` section counts for linear-probe cells only, and a
-    setting of :data:`LATER_DEFAULTS` only away from its default. Its data budget is ``cell.fraction`` or ``cell.shots``, and a
+    setting of :data:`LATER_DEFAULTS` only away from its default (``data.bit_resize`` only under ``data.augment:
+    bit``, and then as the size it resolves to). Its data budget is ``cell.fraction`` or ``cell.shots``, and a
     protocol or re-initialisation other than the default is ``cell.protocol`` / ``cell.reinit`` (absent for the
     plain fine-tuning cell, so its id is what it was before these axes existed); a ``train.select`` other than
     ``last`` brings ``train.eval_every`` in (the validation points are the candidate weights). Settings in
@@ -236,6 +238,10 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
         head, _, rest = key.partition(".")
         if d.get(head, {}).get(rest) == value:
             _drop(d, key)
+    if cfg.data.augment == "light":
+        _drop(d, "data.bit_resize")  # 0 under light (the config refuses another value), as before it existed
+    else:  # the size actually used: 0 and the size it stands for train the same run
+        d["data"]["bit_resize"] = cfg.data.train_resize
     if tuple(cfg.grid.protocols) != (PROBE,):
         d.pop("probe")  # only a probe cell fits a probe: its settings cannot change a fine-tuned run
     if cfg.train.select != "last":  # the weights kept are chosen among the validation points: their spacing counts

@@ -284,6 +284,32 @@ INPUTS_KEY = "input_normalisation"
 """meta.json's record of the ``mean`` / ``std`` a run's images were normalised with (``_inputs``)."""
 
 
+AUGMENT_KEY = "augmentation"
+"""meta.json's record of the training views a fine-tuned run was trained on (:func:`augmentation_record`)."""
+
+
+def augmentation_record(d: DataConfig) -> dict:
+    """The training views of ``data``: ``augment`` (``light`` or ``bit``), the ``crop`` (``data.image_size``), for
+    ``bit`` the ``resize`` the crop is taken from (``data.bit_resize`` resolved), and ``flip``. A fine-tuned run
+    records it in meta.json (``augmentation``) and ``--dry-run`` prints it (:func:`describe_augmentation`)."""
+    out = {"augment": d.augment, "crop": d.image_size}
+    if d.augment == "bit":
+        out["resize"] = d.train_resize
+    return {**out, "flip": d.flip}
+
+
+def describe_augmentation(d: DataConfig) -> str:
+    """One line for ``--dry-run``: the training views and the evaluation view of ``data``."""
+    flip = "horizontal flips" if d.flip else "no flip (data.flip: false)"
+    if d.augment == "bit":
+        views = (f"bit: resized to {d.train_resize}x{d.train_resize}, a random {d.image_size}x{d.image_size} crop, "
+                 f"{flip}")
+    else:
+        views = (f"light: a random resized crop of 75-100 % to {d.image_size}x{d.image_size}, rotation up to 7 "
+                 f"degrees, {flip}")
+    return f"training views: {views}; evaluation: resized to {d.image_size}x{d.image_size}"
+
+
 def _inputs(*datasets) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` that datasets built by ``_datasets`` for one model normalise with."""
     ds = next(d for d in datasets if d is not None)
@@ -433,7 +459,8 @@ def _datasets(cfg: StudyConfig, model, tables: dict[str, pd.DataFrame], labels: 
 
     def build():
         train = None if train_table is None else TableDataset(train_table, labels, cfg.data.image_size, train=True,
-                                                              flip=cfg.data.flip, **kw)
+                                                              flip=cfg.data.flip, augment=cfg.data.augment,
+                                                              resize=cfg.data.train_resize, **kw)
         return train, {n: TableDataset(t, labels, cfg.data.image_size, train=False, **kw) for n, t in tables.items()}
 
     return main_process_first(build)
@@ -603,7 +630,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
 
         def finish():
             skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()] if ds is not None))
-            rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped,
+            views = {} if probe else {AUGMENT_KEY: augmentation_record(rcfg.data)}  # a probe sees no training view
+            rows = score_run(cfg, store, rid, {**summary, "skipped_images": skipped, **views,
                                                INPUTS_KEY: dict(zip(("mean", "std"), _inputs(*eval_ds.values())))})
             tracker.log_metrics_table(rows)
             store.mark_complete(rid)
