@@ -164,6 +164,22 @@ RESERVED_EVAL_SETS = ("train", "val", "test")
 """Split names of the study's own data (``scaling.study.runner``): an OOD set may not take one."""
 
 
+BIT_RESIZE_RATIO = (448, 384)
+"""The paper's resize : crop (Kolesnikov et al. 2020 §3.3), the ratio :func:`bit_resize` scales a crop by."""
+
+
+def bit_resize(crop: int) -> int:
+    """The square size BiT resizes training images to before a random ``crop x crop`` window is taken, for any
+    crop: the paper's 448 : 384 (7 : 6) rounded to the nearest pixel, so 384 → 448, 224 → 261, 48 → 56.
+
+    ``data.augment: bit`` uses it when ``data.bit_resize`` is 0 (:attr:`DataConfig.train_resize`). The released
+    code's 512 : 480 and 160 : 128 are not this ratio (16 : 15 and 5 : 4); set ``data.bit_resize`` to follow them.
+    """
+    if crop < 1:
+        raise ValueError(f"crop={crop} must be >= 1")
+    return int(math.floor(crop * BIT_RESIZE_RATIO[0] / BIT_RESIZE_RATIO[1] + 0.5))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset to fine-tune on, which labels, and how images are prepared."""
@@ -217,7 +233,7 @@ class DataConfig:
     no rescaling, no rotation. Flips follow ``flip`` under both; evaluation resizes to ``image_size`` under both."""
     bit_resize: int = 0
     """``augment: bit`` only: the square size training images are resized (and cached) at before the random
-    ``image_size`` crop; 0 = the paper's 448 : 384 ratio (``scaling.engine.schedule.bit_resize``: 384 → 448).
+    ``image_size`` crop; 0 = the paper's 448 : 384 ratio (:func:`bit_resize`: 384 → 448).
     Must be >= ``image_size`` (equal: flips only)."""
     ood: tuple[EvalSetConfig, ...] = ()
     """Out-of-distribution evaluation sets, each with its own name (not ``train``, ``val`` or ``test``)."""
@@ -266,8 +282,6 @@ class DataConfig:
         ``augment: bit``, ``image_size`` otherwise. Evaluation images are always at ``image_size``."""
         if self.augment != "bit":
             return self.image_size
-        from scaling.engine.schedule import bit_resize  # a pure module; imported here to keep config standalone
-
         return self.bit_resize or bit_resize(self.image_size)
 
     def _check_age_bins(self) -> None:

@@ -17,8 +17,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from scaling.data.dataset import TableDataset
+from scaling.config import bit_resize
 from scaling.data.images import build_transform, decode, random_crop_params
-from scaling.engine.schedule import bit_resize
 
 
 def _coded(size: int, channels: int = 1, dtype=torch.uint8) -> torch.Tensor:

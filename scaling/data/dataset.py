@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from scaling.config import bit_resize
 from scaling.data.images import (
     BIT_MEAN,
     BIT_STD,
@@ -103,7 +104,7 @@ class TableDataset(Dataset):
     defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray); ``augment``
     picks the training views (``light`` or ``bit``: :class:`~scaling.data.images.ImageTransform`), and under
     ``bit`` a training dataset decodes and caches its images at ``resize`` (default: BiT's ratio,
-    ``scaling.engine.schedule.bit_resize``) and crops ``image_size`` out of them. ``mean`` /
+    ``scaling.config.bit_resize``) and crops ``image_size`` out of them. ``mean`` /
     ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset). ``keep_labels`` are
     label columns kept in ``table`` beside ``labels`` without being trained on (derived labels, scored from the
     predictions).
@@ -131,8 +132,6 @@ class TableDataset(Dataset):
             raise ValueError(f"task={task!r} is not one of {list(TASKS)}")
         self.image_size = int(image_size)
         if augment == "bit" and resize is None:
-            from scaling.engine.schedule import bit_resize
-
             resize = bit_resize(self.image_size)
         self.transform = build_transform(self.image_size, train, flip, augment, resize)
         self.load_size = self.transform.load_size

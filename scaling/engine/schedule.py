@@ -49,22 +49,6 @@ def bit_resolution(image_hw: tuple[int, int], variant: str = "code", arch: str =
     return 512, 480
 
 
-BIT_RESIZE_RATIO = (448, 384)
-"""The paper's resize : crop (Kolesnikov et al. 2020 §3.3), the ratio :func:`bit_resize` scales a crop by."""
-
-
-def bit_resize(crop: int) -> int:
-    """The square size BiT resizes training images to before a random ``crop x crop`` window is taken, for any
-    crop: the paper's 448 : 384 (7 : 6) rounded to the nearest pixel, so 384 → 448, 224 → 261, 48 → 56.
-
-    ``data.augment: bit`` uses it when ``data.bit_resize`` is 0. The released code's 512 : 480 and 160 : 128 are not
-    this ratio (16 : 15 and 5 : 4); set ``data.bit_resize`` to follow them.
-    """
-    if crop < 1:
-        raise ValueError(f"crop={crop} must be >= 1")
-    return int(math.floor(crop * BIT_RESIZE_RATIO[0] / BIT_RESIZE_RATIO[1] + 0.5))
-
-
 def bit_schedule(dataset_size: int, variant: str = "code") -> tuple[int, ...]:
     """Support points [warmup_end, decay1, decay2, decay3, end] in steps for ``dataset_size`` examples."""
     _check_variant(variant)
