@@ -105,7 +105,8 @@ def _law(z, amp, b, c):
     return amp * z ** (-b) + c
 
 
-def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slope: bool = False):
+def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slope: bool = False,
+                exact: bool = False):
     """For fixed exponents ``b``, the least-squares ``(A, c)`` of ``y ≈ A·u + c`` with ``A ≥ 0``, ``0 ≤ c ≤ hi``.
 
     ``u = exp(b·(t − max t))`` with ``t = −ln z``, so ``u`` is in (0, 1] (no overflow for any x range) and the law's
@@ -116,9 +117,12 @@ def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slo
 
     A convex quadratic in two variables over a box-like set: its minimum is the unconstrained one if that is
     feasible, else the best of the minima along the three edges (A = 0, c = 0, c = hi), each a one-variable
-    least-squares clipped to its interval; all four are computed and the feasible one with the least sse kept. Each
-    sse comes from the centred sums, ``n·(A·mean u + c − mean y)² + A²·Sww − 2A·Swy + Syy``, so a candidate costs
-    no pass over the points; ``u − mean u`` is ``expm1(…) − mean expm1(…)``, exact as b → 0, where ``u`` rounds to 1.
+    least-squares clipped to its interval; all four are computed and the feasible one with the least sse kept. The
+    candidates' sse come from the centred sums, ``n·(A·mean u + c − mean y)² + A²·Sww − 2A·Swy + Syy``, at no pass
+    over the points but without the digits below ~1e-16·Syy, which near-exact data needs (``exact`` sums each
+    candidate's squared residuals instead, for the final choice of a fit); the sse returned, which the exponents
+    are compared by, is always the kept candidate's squared residuals summed. ``u − mean u`` is
+    ``expm1(…) − mean expm1(…)``, exact as b → 0, where ``u`` itself rounds to 1.
     """
     w = np.expm1(b[..., None] * (t - t.max(axis=-1, keepdims=True)))      # u − 1, (R, K, n)
     n = y.shape[-1]
@@ -143,15 +147,19 @@ def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slo
     hi_ = np.broadcast_to(hi, a1.shape)
     zero = np.zeros_like(a1)
     amps, cs = [a1, a2, a3, zero], [c1, hi_, zero, c4]
-    sse = np.stack([n * (a * ubar + c - ybar) ** 2 + a * (a * sww - 2 * swy) + syy for a, c in zip(amps, cs)])
+    if exact:  # every candidate's residuals summed (the final choice of a fit)
+        sse = np.stack([np.einsum("...i,...i->...", r := a[..., None] * w + (a * ubar + c - ybar)[..., None] - yc, r)
+                        for a, c in zip(amps, cs)])
+    else:
+        sse = np.stack([n * (a * ubar + c - ybar) ** 2 + a * (a * sww - 2 * swy) + syy for a, c in zip(amps, cs)])
     sse[0][~ok1] = np.inf
     pick = np.argmin(sse, axis=0)                                          # ties: interior, c = hi, c = 0, A = 0
     amp, c = np.choose(pick, amps), np.choose(pick, cs)
-    out = amp, c, np.maximum(np.take_along_axis(sse, pick[None], 0)[0], 0.0)
+    resid = amp[..., None] * w + (amp * ubar + c - ybar)[..., None] - yc  # A·u + c − y, from the centred terms
+    out = amp, c, np.einsum("...i,...i->...", resid, resid)
     if not slope:
         return out
     u = w + ubar[..., None]
-    resid = amp[..., None] * u + c[..., None] - y
     return (*out, np.sign(amp * np.einsum("...i,...i->...", resid * u, np.broadcast_to(t, u.shape))))
 
 
@@ -188,7 +196,7 @@ def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarra
     # a bound never moved off is where the profile is least (its slope points out of [0, B_MAX] all the way)
     b = np.where(lo == 0.0, 0.0, np.where(up == B_MAX, B_MAX, 0.5 * (lo + up)))
     cand = np.stack([b, bs[best]], axis=1)
-    amp, c, sse = _bounded_ls(t3, y3, hi, cand)
+    amp, c, sse = _bounded_ls(t3, y3, hi, cand, exact=True)
     k = np.argmin(sse, axis=1)[:, None]  # the refined exponent unless the grid point is strictly better
     b = np.take_along_axis(cand, k, 1)[:, 0]
     amp, c = np.take_along_axis(amp, k, 1)[:, 0], np.take_along_axis(c, k, 1)[:, 0]
