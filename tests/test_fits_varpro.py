@@ -142,7 +142,9 @@ def _datasets():
     out += [
         ("flat", x6, 0.2 + rng.normal(0, 0.01, x6.size)),  # b -> 0 or a -> 0
         ("rising", np.geomspace(1e5, 1e8, 4), np.array([0.10, 0.12, 0.14, 0.16])),  # b = 0, a + c = mean
-        ("steep", x6, 0.3 * (x6 / 1e3) ** -7.0 + 0.05 + rng.normal(0, 1e-4, x6.size)),  # b at B_MAX
+        ("step", x6, 0.3 * (x6 / 1e3) ** -7.0 + 0.05 + rng.normal(0, 1e-4, x6.size)),  # one high point, then flat
+        ("steep", np.repeat(np.geomspace(10, 100, 5), 2), 0.5 * np.repeat(np.geomspace(1, 10, 5), 2) ** -8.0 + 0.05
+         + np.tile([1e-3, -1e-3], 5)),  # b at B_MAX
         ("floor_zero", x6, 0.4 * (x6 / 1e3) ** -0.2 + rng.normal(0, 0.003, x6.size)),  # c at 0
         ("floor_min", x6, np.r_[0.3 * (x6[:-3] / 1e3) ** -0.5 + 0.1, [0.05, 0.06, 0.055]]),  # c at min error
         ("four_points", np.array([1e4, 1e5, 1e6, 1e7]), np.array([0.31, 0.22, 0.2, 0.16])),
@@ -210,6 +212,17 @@ def test_exact_power_law_data_is_recovered_to_1e_8(b, c, x):
     assert f.a == pytest.approx(a, rel=1e-8)
     assert f.c == pytest.approx(c, rel=1e-8, abs=1e-10)
     assert f.rmse < 1e-10
+
+
+def test_an_exponent_on_its_bound_comes_back_exactly():
+    """b = 0 and b = B_MAX are answers, not the limits of a search: at_bound names them, and for a flat law the tie
+    a + c = mean goes to the floor at the lowest error (only a + c is determined there)."""
+    rising = fit_power_law(np.geomspace(1e5, 1e8, 4), [0.10, 0.12, 0.14, 0.16], n_boot=0)
+    assert (rising.b, rising.c) == (0.0, 0.10) and rising.a == pytest.approx(0.03, rel=1e-12)
+    assert rising.at_bound == "b=0, c=min error"
+    x = np.repeat(np.geomspace(10, 100, 5), 2)
+    steep = fit_power_law(x, 0.5 * (x / 10) ** -8.0 + 0.05 + np.tile([1e-3, -1e-3], 5), n_boot=50)
+    assert steep.b == B_MAX and steep.b_ci == (B_MAX, B_MAX) and steep.at_bound == "b=5"
 
 
 def test_bounded_linear_step_matches_scipys_lsq_linear():

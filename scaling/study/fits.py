@@ -25,11 +25,11 @@ A parameter that ends on its bound (``b`` at 0 or 5, ``c`` at 0 or at the lowest
 
 How the law is fitted (:func:`_fit_many`): for a fixed exponent ``b`` the law is linear in ``a`` and ``c``, and
 the least squares of ``a ≥ 0``, ``0 ≤ c ≤ lowest error`` has a closed form; only the profile sse(b) is minimised
-(variable projection), on a grid over [0, 5] and then by bisection on its slope to the last bit of ``b``. This is
-done for every bootstrap replicate at once with array arithmetic: a report's 46 fits × 200 replicates took ~60 s
-of scipy ``curve_fit`` calls, one at a time and holding the GIL; now each fit's replicates cost tens of
-milliseconds (``benchmarks/fit_speed.py``). It finds the global minimum over b (up to two minima within one grid
-step of 0.05), where ``curve_fit`` from three starts could stop in a local one.
+(variable projection), on a grid over [0, 5] and then to the zero of its slope, to the last bits of ``b``. This
+is done for every bootstrap replicate at once with array arithmetic: a report's 46 fits × 200 replicates took
+~60 s of scipy ``curve_fit`` calls, one at a time and holding the GIL; now a fit with its 200 replicates costs
+30-40 ms (``benchmarks/fit_speed.py``). It finds the global minimum over b (up to two minima within one grid step
+of 0.05), where ``curve_fit`` from three starts could stop in a local one.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class PowerLawFit:
 GRID = 101
 """Exponents tried on the coarse grid over [0, B_MAX] (a step of 0.05) before each fit's bracket is refined."""
 
-_BISECTIONS = 52
-"""Halvings of a two-step bracket (0.1 wide): 0.1 · 2^-52 is below one ulp of any b ≥ 1e-3."""
+_STEPS = 100
+"""Most refinement steps of a fit's bracket (one grid step, 0.05 wide); ~10 reach the last bit of b."""
 
 
 def _law(z, amp, b, c):
@@ -111,9 +111,10 @@ def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slo
 
     ``u = exp(b·(t − max t))`` with ``t = −ln z``, so ``u`` is in (0, 1] (no overflow for any x range) and the law's
     amplitude on ``z`` is ``A·exp(−b·max t)``. Shapes: ``t`` and ``y`` ``(R, 1, n)`` (``t`` may be ``(1, 1, n)``),
-    ``hi`` ``(R, 1)``, ``b`` ``(R, K)``; returns ``A, c, sse`` of shape ``(R, K)`` and, with ``slope``, the sign of
-    the profile's derivative d sse / d b (envelope theorem: the partial derivative at the optimal ``A, c``, whose
-    constraints do not depend on b).
+    ``hi`` ``(R, 1)``, ``b`` ``(R, K)``; returns ``A, c, sse`` of shape ``(R, K)`` and, with ``slope``, half the
+    profile's derivative d sse / d b (envelope theorem: the partial derivative at the optimal ``A, c``, whose
+    constraints do not depend on b). At b = 0 only ``A + c`` is determined; the tie goes to the largest ``c``, the
+    smallest ``A``, whose slope has the sign of the profile's derivative from the right.
 
     A convex quadratic in two variables over a box-like set: its minimum is the unconstrained one if that is
     feasible, else the best of the minima along the three edges (A = 0, c = 0, c = hi), each a one-variable
@@ -153,6 +154,7 @@ def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slo
     else:
         sse = np.stack([n * (a * ubar + c - ybar) ** 2 + a * (a * sww - 2 * swy) + syy for a, c in zip(amps, cs)])
     sse[0][~ok1] = np.inf
+    sse[2][sww == 0] = np.inf  # b = 0: c = hi fits the same a + c (with a ≥ 0 when mean y ≥ hi, else A = 0 does)
     pick = np.argmin(sse, axis=0)                                          # ties: interior, c = hi, c = 0, A = 0
     amp, c = np.choose(pick, amps), np.choose(pick, cs)
     resid = amp[..., None] * w + (amp * ubar + c - ybar)[..., None] - yc  # A·u + c − y, from the centred terms
@@ -160,7 +162,7 @@ def _bounded_ls(t: np.ndarray, y: np.ndarray, hi: np.ndarray, b: np.ndarray, slo
     if not slope:
         return out
     u = w + ubar[..., None]
-    return (*out, np.sign(amp * np.einsum("...i,...i->...", resid * u, np.broadcast_to(t, u.shape))))
+    return (*out, amp * np.einsum("...i,...i->...", resid * u, np.broadcast_to(t, u.shape)))
 
 
 def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,10 +172,11 @@ def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarra
     ``0 ≤ b ≤ B_MAX``, ``0 ≤ c ≤ max(min(y), 1e-9)`` (the row's lowest error). Variable projection (Golub & Pereyra,
     SIAM J. Numer. Anal. 10, 1973): for a fixed b the law is linear in (amp, c), whose bounded least squares has a
     closed form (:func:`_bounded_ls`), so only the profile sse(b) is minimised: on a grid of ``grid`` exponents
-    over [0, B_MAX], then by bisection on the sign of its derivative between the best grid point's neighbours, to
-    the last bit of b. An exponent on a bound (b = 0 for a flat or rising curve, b = B_MAX) comes back exactly. The
-    result is never worse than the best grid point, which it is checked against, so the minimum found is the
-    global one unless two minima lie within one grid step.
+    over [0, B_MAX], then by finding the zero of its derivative in the grid step on the downhill side of the best
+    grid point, bracketed (Illinois regula falsi with a bisection every fourth step; ~10 steps), to the last bits
+    of b. An exponent on a bound (b = 0 for a flat or rising curve, b = B_MAX) comes back exactly. The result is
+    never worse than the best grid point, which it is checked against, so the minimum found is the global one
+    unless two minima lie within one grid step.
     """
     y = np.asarray(y, dtype=float)
     t = np.asarray(t, dtype=float)
@@ -188,13 +191,35 @@ def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarra
         t3 = (t[part] if t.shape[0] > 1 else t)[:, None, :]
         best[part] = np.argmin(_bounded_ls(t3, y3, hi[part], np.broadcast_to(bs, (y3.shape[0], grid)))[2], axis=1)
     t3, y3 = t[:, None, :], y[:, None, :]
-    lo, up = bs[np.maximum(best - 1, 0)], bs[np.minimum(best + 1, grid - 1)]
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + up)
-        down = _bounded_ls(t3, y3, hi, mid[:, None], slope=True)[3][:, 0] < 0  # sse still falling: minimum above
-        lo, up = np.where(down, mid, lo), np.where(down, up, mid)
-    # a bound never moved off is where the profile is least (its slope points out of [0, B_MAX] all the way)
-    b = np.where(lo == 0.0, 0.0, np.where(up == B_MAX, B_MAX, 0.5 * (lo + up)))
+    # The profile's slope at the best grid point and its neighbours (the same point at a bound) picks the side the
+    # minimum is on; with the slope negative at one end and positive at the other the bracket is refined, else the
+    # minimum is the grid point: on a bound with the slope pointing out of [0, B_MAX], or a flat stretch (a = 0).
+    three = np.stack([bs[np.maximum(best - 1, 0)], bs[best], bs[np.minimum(best + 1, grid - 1)]], axis=1)
+    g_lo, g_mid, g_up = _bounded_ls(t3, y3, hi, three, slope=True)[3].T
+    right, left = (g_mid < 0) & (g_up > 0), (g_mid > 0) & (g_lo < 0)
+    b = three[:, 1].copy()
+    rows = np.flatnonzero(right | left)
+    lo, up = np.where(right, three[:, 1], three[:, 0])[rows], np.where(right, three[:, 2], three[:, 1])[rows]
+    g0, g1 = np.where(right, g_mid, g_lo)[rows], np.where(right, g_up, g_mid)[rows]
+    kept = np.zeros(rows.size, dtype=int)  # the end the last step kept: -1 lower, 1 upper
+    for step in range(_STEPS):
+        if not rows.size:
+            break
+        # Illinois (regula falsi that halves the slope at an end kept twice: superlinear, the root always
+        # bracketed), a bisection every fourth step and wherever the secant leaves the bracket
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mid = (lo * g1 - up * g0) / (g1 - g0)
+        mid = np.where((mid > lo) & (mid < up) & (step % 4 != 3), mid, 0.5 * (lo + up))
+        gm = _bounded_ls(t3 if t.shape[0] == 1 else t3[rows], y3[rows], hi[rows], mid[:, None], slope=True)[3][:, 0]
+        down = gm < 0  # sse still falling: the minimum is above
+        g1 = np.where(~down & (kept == 1), 0.5 * g1, g1)
+        g0 = np.where(down & (kept == -1), 0.5 * g0, g0)
+        lo, g0 = np.where(down, mid, lo), np.where(down, gm, g0)
+        up, g1 = np.where(down, up, mid), np.where(down, g1, gm)
+        kept = np.where(down, 1, -1)
+        done = (gm == 0) | (up - lo <= 4e-16 * up) | (step == _STEPS - 1)
+        b[rows[done]] = np.where(gm == 0, mid, 0.5 * (lo + up))[done]
+        rows, lo, up, g0, g1, kept = rows[~done], lo[~done], up[~done], g0[~done], g1[~done], kept[~done]
     cand = np.stack([b, bs[best]], axis=1)
     amp, c, sse = _bounded_ls(t3, y3, hi, cand, exact=True)
     k = np.argmin(sse, axis=1)[:, None]  # the refined exponent unless the grid point is strictly better
