@@ -310,3 +310,21 @@ def test_intervals_agree_with_the_old_curve_fit_implementation(name, monkeypatch
         assert getattr(new, key) == pytest.approx(old[key], rel=1e-5, abs=1e-7), key
         ends, ref = np.array(getattr(new, f"{key}_ci")), np.array(old[f"{key}_ci"])
         np.testing.assert_allclose(ends, ref, rtol=0, atol=1e-4 * np.max(np.abs(ref)), err_msg=key)
+
+
+def test_fit_speed_benchmark_runs_and_agrees_with_its_reference():
+    """benchmarks/fit_speed.py end to end at a small n_boot: its table's rows, and old and new within 1e-4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "fit_speed.py"), "--n-boot", "30", "--repeats",
+                           "1"], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
+            if ln.startswith("| ") and "×" in ln.split("|")[1] and ln.split("|")[2].strip().isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("4 × 3", "30"), ("5 × 5", "30"), ("6 × 4", "30")]
+    assert all(float(r[5]) < 1e-4 and float(r[6]) < 1e-4 for r in rows), proc.stdout
