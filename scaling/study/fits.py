@@ -184,9 +184,9 @@ def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarra
     hi = np.maximum(y.min(axis=1), 1e-9)[:, None]
     bs = np.linspace(0.0, B_MAX, grid)
     best = np.empty(rows, dtype=int)
-    step = max(1, 2**17 // (grid * n))  # rows per chunk: the grid's (rows, grid, n) arrays stay ~1 MB
-    for s in range(0, rows, step):
-        part = slice(s, s + step)
+    chunk = max(1, 2**17 // (grid * n))  # rows at a time: the grid's (rows, grid, n) arrays stay ~1 MB
+    for s in range(0, rows, chunk):
+        part = slice(s, s + chunk)
         y3 = y[part, None, :]
         t3 = (t[part] if t.shape[0] > 1 else t)[:, None, :]
         best[part] = np.argmin(_bounded_ls(t3, y3, hi[part], np.broadcast_to(bs, (y3.shape[0], grid)))[2], axis=1)
@@ -212,8 +212,8 @@ def _fit_many(t: np.ndarray, y: np.ndarray, grid: int = GRID) -> tuple[np.ndarra
         mid = np.where((mid > lo) & (mid < up) & (step % 4 != 3), mid, 0.5 * (lo + up))
         gm = _bounded_ls(t3 if t.shape[0] == 1 else t3[rows], y3[rows], hi[rows], mid[:, None], slope=True)[3][:, 0]
         down = gm < 0  # sse still falling: the minimum is above
-        g1 = np.where(~down & (kept == 1), 0.5 * g1, g1)
-        g0 = np.where(down & (kept == -1), 0.5 * g0, g0)
+        g1 = np.where(down & (kept == 1), 0.5 * g1, g1)  # the upper end kept a second time in a row
+        g0 = np.where(~down & (kept == -1), 0.5 * g0, g0)  # the lower end kept a second time in a row
         lo, g0 = np.where(down, mid, lo), np.where(down, gm, g0)
         up, g1 = np.where(down, up, mid), np.where(down, g1, gm)
         kept = np.where(down, 1, -1)
