@@ -203,15 +203,15 @@ def test_seed_resample_is_rescaled_about_each_sizes_mean(monkeypatch, with_patie
     d = np.tile([0.004, -0.004], 4)
     y = 0.5 * (x / 3e2) ** -0.3 + 0.1 + d
     reps = y + np.random.default_rng(2).normal(0, 0.01, (7, x.size)) if with_patients else None
-    seen = []
-    real = fits._fit_once
-    # refits start from the fit's estimate; only those calls are recorded: one per replicate in order, then the
+    calls = []
+    real = fits._fit_many
+    # the fits come in three calls, each refitting its rows at once: the data, the 40 replicates in order, then the
     # jackknife's (each of the 8 runs left out once)
-    monkeypatch.setattr(fits, "_fit_once",
-                        lambda z, yb, start=None: (start is not None and seen.append(yb.copy())) or real(z, yb, start))
+    monkeypatch.setattr(fits, "_fit_many", lambda t, yb: calls.append(np.array(yb)) or real(t, yb))
     assert fit_power_law(x, y, n_boot=40, replicates=reps).n_boot == 40
-    assert len(seen) == 40 + 8 and all(yb.size == 7 for yb in seen[40:])
-    for r, yb in enumerate(seen[:40]):
+    assert [c.shape for c in calls] == [(1, 8), (40, 8), (8, 7)]
+    seen = calls[1]
+    for r, yb in enumerate(seen):
         base = y if reps is None else reps[r % len(reps)]
         for k in range(4):  # replicate values come size by size, two per size
             centre, half = base[2 * k:2 * k + 2].mean(), abs(base[2 * k] - base[2 * k + 1]) / 2
