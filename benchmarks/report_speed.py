@@ -31,6 +31,7 @@ from scaling.config import DataConfig, EvalConfig, EvalSetConfig, GridConfig, St
 from scaling.io import atomic_write_text
 from scaling.metrics import compute_run_metrics
 from scaling.study.grid import config_hash, expand_grid, run_id
+from scaling.study.runner import metric_settings
 from scaling.study.store import RunStore
 
 
@@ -85,6 +86,8 @@ def build_store(root: Path, args) -> StudyConfig:
         for e, p in preds.items():
             store.write_predictions(rid, e, p)
         store.write_meta(rid, {"fitted_on_val": info})
+        # what the runner records with its metrics: without it every run reads as scored under an older definition
+        store.write_evaluation(rid, {"metrics": metric_settings(cfg), "scored": sorted(preds)})
         store.write_metrics(rid, rows)
         store.mark_complete(rid)
     return cfg
