@@ -172,8 +172,11 @@ def test_markers_are_honest():
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
-REPO_PATH = re.compile(r"(?<![\w/.~-])(?:scaling|recipes|launch|benchmarks|tests|docs)/[\w./-]*+(?![*<{\[])")
-"""A repository path as written in prose or code; patterns (``launch/ds_zero*.json``, ``<name>.py``) are not paths."""
+REPO_PATH = re.compile(
+    r"(?<![\w/.~-])(?:scaling|recipes|launch|benchmarks|tests|docs)/(?=(?P<rest>[\w./-]*))(?P=rest)(?![*<{\[])")
+"""A repository path as written in prose or code; patterns (``launch/ds_zero*.json``, ``<name>.py``) are not paths.
+The lookahead + backreference takes the longest run of path characters without backtracking into it (a possessive
+``*+``, which Python 3.10's ``re`` does not have), so ``launch/ds_zero*.json`` is not matched as ``launch/ds_zer``."""
 DOTTED = re.compile(r"scaling(?:\.[A-Za-z_]\w*)+")
 SECTIONS = {f.name for f in dataclasses.fields(StudyConfig)} - {"name", "output_dir"}
 CONFIG_KEY = re.compile(rf"((?:{'|'.join(sorted(SECTIONS))})(?:\.\w+|\[\])+)(?:\s*[=:].*)?")
@@ -262,7 +265,7 @@ def _config_key_exists(key: str) -> bool:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_repository_paths_names_and_config_keys_exist(page):
-    bad = [f"path {path} does not exist" for path in sorted(set(REPO_PATH.findall(page.read_text())))
+    bad = [f"path {path} does not exist" for path in sorted({m.group(0) for m in REPO_PATH.finditer(page.read_text())})
            if not (REPO / path.rstrip(".").rstrip("/")).exists()]  # prose and code alike
     for span in CODE_SPAN.findall(_prose(page)):
         span = span.strip()

@@ -678,9 +678,10 @@ def test_a_run_predicted_again_from_its_stored_weights_keeps_its_sources_normali
 
 
 def test_a_study_with_bits_augmentation_trains_on_crops_of_images_cached_at_the_resize(tmp_path, monkeypatch, capsys):
-    """docs/data.md, "BiT's augmentation": ``data.augment: bit`` trains on random ``image_size`` crops of images
-    resized (and cached) at ``data.bit_resize`` (here BiT's ratio: 32 → 37 px), evaluates on images resized to
-    ``image_size`` from a store of their own, and records the views in meta.json and on ``--dry-run``."""
+    """docs/data.md, "BiT's augmentation (`data.augment: bit`)": ``data.augment: bit`` trains on random
+    ``image_size`` crops of images resized (and cached) at ``data.bit_resize`` (here BiT's ratio: 32 → 37 px),
+    evaluates on images resized to ``image_size`` from a store of their own, and records the views in meta.json and
+    on ``--dry-run``."""
     import importlib.util
     import json
 

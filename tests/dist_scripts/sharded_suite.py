@@ -65,13 +65,15 @@ class ValidationLog:
             self.val[step] = (data["val/loss"], data["val/auroc"])
 
 
-def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, model=None,
+def run_cell(strategy: str, out: dict, name: str, train=None, output_dir=None, predict=False, build=vit,
              weights=None, loss="multilabel", data=None, val=None, **sharding):
     torch.manual_seed(0)
     tracker = ValidationLog()
-    trainer = Trainer(model or vit(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
+    # ``build`` makes the model here, not in the caller: a model passed in as an argument stays on the caller's
+    # stack until this function returns on Python 3.10 (3.11 moves arguments into the callee's frame), and
+    # released_by_close checks that nothing but the Trainer keeps it.
+    trainer = Trainer(build(), train or train_cfg(), ShardingConfig(strategy=strategy, **sharding),
                       loss=loss, output_dir=output_dir, weights=weights, tracker=tracker)
-    model = None  # the Trainer's now: released_by_close checks that nothing else keeps it
     summary = trainer.fit(data or ToyDataset(64), val_dataset=val)
     shares = [None] * trainer.world_size
     torch.distributed.all_gather_object(shares, trainer.shard.share)
@@ -336,12 +338,12 @@ def main():
         run_cell("fsdp", out, "fsdp_compile", train=train_cfg(compile="blocks"))
         # The other backbone families of the table: BiT-style ResNetV2 (bottleneck units) and ConvNeXt.
         for family in ("resnetv2", "convnext"):
-            run_cell("fsdp", out, f"fsdp_{family}", model=FAMILIES[family]())
+            run_cell("fsdp", out, f"fsdp_{family}", build=FAMILIES[family])
         # Several blocks per FSDP unit: 5 ViT blocks as units of 2, 2, 1, with accumulation and checkpointing per
         # block; ConvNeXt's 12 blocks as units of 4 that cross its stage boundaries.
-        run_cell("fsdp", out, "fsdp_units", model=vit(depth=5), train=train_cfg(grad_accum=2), blocks_per_unit=2,
-                 activation_checkpointing="fsdp")
-        run_cell("fsdp", out, "fsdp_convnext_units", model=FAMILIES["convnext"](), blocks_per_unit=4)
+        run_cell("fsdp", out, "fsdp_units", build=lambda: vit(depth=5), train=train_cfg(grad_accum=2),
+                 blocks_per_unit=2, activation_checkpointing="fsdp")
+        run_cell("fsdp", out, "fsdp_convnext_units", build=FAMILIES["convnext"], blocks_per_unit=4)
         # HSDP's 2-D mesh, faking 2 nodes of 1 process (replicate over 2, shard over 1).
         os.environ["LOCAL_WORLD_SIZE"] = "1"
         run_cell("hsdp", out, "hsdp")
@@ -353,7 +355,7 @@ def main():
 
             save_file(vit().state_dict(), str(weights))
         torch.distributed.barrier()
-        run_cell("fsdp", out, "fsdp_meta", model=build_on_meta(vit), weights=weights)
+        run_cell("fsdp", out, "fsdp_meta", build=lambda: build_on_meta(vit), weights=weights)
         # An Accelerate FSDP launch (ACCELERATE_USE_FSDP=true) is routed to scaling's FSDP2 path ...
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         run_cell("fsdp", out, "accelerate_fsdp")
