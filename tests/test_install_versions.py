@@ -10,22 +10,37 @@ import configparser
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENT = re.compile(r"^([A-Za-z0-9_.-]+)\s*(>=|==)\s*([0-9][0-9A-Za-z.*]*)$")
+PYTHON_MARKER = re.compile(r'^python_version\s*(<|>=)\s*"(3\.[0-9]+)"$')
 
 
 def _name(package: str) -> str:
     return re.sub(r"[-_.]+", "-", package).lower()
 
 
-def _requirements(lines) -> dict[str, tuple[str, str]]:
-    """``{normalised name: (operator, version)}`` of requirement lines such as ``torch>=2.6``."""
+def _requirements(lines, python: str = "3.11") -> dict[str, tuple[str, str]]:
+    """``{normalised name: (operator, version)}`` of requirement lines such as ``torch>=2.6``, for Python ``python``.
+
+    A line may carry a ``python_version`` marker (``pandas==2.3.3; python_version < "3.11"``); lines whose marker
+    does not hold for ``python`` are left out.
+    """
     out = {}
     for line in lines:
         line = line.split("#", 1)[0].strip()
+        line, _, marker = (part.strip() for part in line.partition(";"))
+        if marker:
+            m = PYTHON_MARKER.match(marker)
+            assert m, f"unexpected environment marker {marker!r}"
+            below = _release(python) < _release(m.group(2))
+            if below != (m.group(1) == "<"):
+                continue
         if line:
             m = REQUIREMENT.match(line)
             assert m, f"unexpected requirement {line!r}"
+            assert _name(m.group(1)) not in out, f"{m.group(1)} is required twice for Python {python}"
             out[_name(m.group(1))] = (m.group(2), m.group(3))
     return out
 
@@ -44,9 +59,9 @@ def _setup_cfg() -> dict[str, dict[str, tuple[str, str]]]:
 
 
 def _table() -> dict[str, list[str]]:
-    """``{normalised name: [floor in setup.cfg, floors, GPU image, CI]}`` from docs/install.md's table."""
+    """``{normalised name: [floor in setup.cfg, floors, GPU image, CI, CI on 3.10]}`` from docs/install.md's table."""
     text = (REPO / "docs" / "install.md").read_text()
-    header = "| dependency | floor in setup.cfg | floors | GPU image | CI |"
+    header = "| dependency | floor in setup.cfg | floors | GPU image | CI | CI on Python 3.10 |"
     assert header in text, f"docs/install.md lost its table header {header!r}"
     rows = {}
     for line in text.split(header, 1)[1].splitlines()[2:]:
@@ -74,23 +89,31 @@ def test_every_declared_floor_is_in_the_table_and_was_tested_at_that_version():
     assert not extra, f"docs/install.md: rows {sorted(extra)} are not dependencies in setup.cfg"
 
 
-def test_the_ci_column_is_requirements_cpu():
-    pins = _requirements((REPO / "requirements-cpu.txt").read_text().splitlines())
+@pytest.mark.parametrize("python, column", [("3.11", 3), ("3.10", 4)])
+def test_the_ci_columns_are_requirements_cpu(python, column):
+    pins = _requirements((REPO / "requirements-cpu.txt").read_text().splitlines(), python)
     table = _table()
+    assert set(pins) >= {"torch", "torchvision", "pandas"}, f"requirements-cpu.txt pins too little for {python}"
     for name, (op, version) in pins.items():
         assert op == "==", f"requirements-cpu.txt: {name} should be pinned (==)"
         assert name in table, f"docs/install.md: no row for {name}, pinned in requirements-cpu.txt"
-        assert table[name][3] == version, (
-            f"docs/install.md: {name} CI column {table[name][3]!r}, requirements-cpu.txt pins {version}")
+        assert table[name][column] == version, (
+            f"docs/install.md: {name} column {column + 1} {table[name][column]!r}, requirements-cpu.txt pins "
+            f"{version} for Python {python}")
     for name, row in table.items():
         if name not in pins:
-            assert re.fullmatch(r"\([0-9][^)]*\)", row[3]), (
-                f"docs/install.md: {name} is not pinned in requirements-cpu.txt, so its CI column is the version "
-                f"pip chose, in parentheses, not {row[3]!r}")
+            assert re.fullmatch(r"\([0-9][^)]*\)", row[column]), (
+                f"docs/install.md: {name} is not pinned in requirements-cpu.txt, so its column {column + 1} is the "
+                f"version pip chose, in parentheses, not {row[column]!r}")
 
 
 def test_the_checks_can_fail():
     assert _requirements(["torch>=2.6  # comment", "", "timm==1.0.31"]) == {"torch": (">=", "2.6"),
                                                                              "timm": ("==", "1.0.31")}
+    marked = ['pandas==3.1.1; python_version >= "3.11"', 'pandas==2.3.3; python_version < "3.11"']
+    assert _requirements(marked, "3.10") == {"pandas": ("==", "2.3.3")}
+    assert _requirements(marked, "3.12") == {"pandas": ("==", "3.1.1")}
+    with pytest.raises(AssertionError, match="twice"):
+        _requirements(["pandas==3.1.1", 'pandas==2.3.3; python_version < "3.11"'], "3.10")
     assert _release("2.6") == _release("2.6.0") < _release("2.6.1") < _release("2.11.0+cu130")
     assert _name("huggingface_hub") == _name("huggingface-hub") == _name("HuggingFace.Hub")

@@ -508,7 +508,7 @@ class ImageCache:
                     & (merged["mtime_ns"] == merged["mtime_ns_old"])
                     & (merged["size"] >= 0)
                 ).to_numpy()
-                old_ok = merged["ok"].fillna(False).to_numpy(dtype=bool)
+                old_ok = merged["ok"].eq(True).to_numpy()  # NaN: a path the old index lacks
             else:
                 valid = np.zeros(len(ids), dtype=bool)
                 old_ok = valid

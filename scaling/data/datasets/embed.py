@@ -163,7 +163,7 @@ def load(
     for c in ("race", "ethnicity", "age", "density"):
         df[c] = exam[c].to_numpy()
     # An exam without a clinical row has no `male` flag (NaN): not male, and its images get NaN labels below.
-    df["sex"] = df["sex"].where(~exam["male"].fillna(False).astype(bool).to_numpy(), "M")
+    df["sex"] = df["sex"].where(~exam["male"].eq(True).to_numpy(), "M")
 
     findings = _findings(clinical, clin_path)
     per_breast = findings.groupby(["empi_anon", "acc_anon", "side"]).agg(
