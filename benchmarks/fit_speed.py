@@ -58,19 +58,26 @@ def old_fit_once(z, y, start=None):
     return tuple(float(v) for v in best)
 
 
-def old_fit_power_law(x, y, *, n_boot=200, seed=0, confidence=0.95, replicates=None) -> dict:
-    """fit_power_law at 72f0dcb, for data that resamples seeds and patients (its validation left out)."""
-    reps = np.asarray(replicates, dtype=float)
+def old_fit_power_law(x, error, *, n_boot=200, seed=0, confidence=0.95, replicates=None, record=None):
+    """fit_power_law at 72f0dcb (its validation left out; the ``method`` logic as in the library); ``record``
+    collects each replicate's resampled errors. tests/test_fits_varpro.py checks the library against it."""
+    x, y = np.asarray(x, dtype=float), np.asarray(error, dtype=float)
+    reps = None if replicates is None else np.asarray(replicates, dtype=float)
     x0 = float(np.exp(np.log(x).mean()))
     amp, b, c = old_fit_once(x / x0, y)
     strata = [np.flatnonzero(x == v) for v in np.unique(x)]
+    seeds_vary = any(len(s) > 1 and np.ptp(y[s]) > 0 for s in strata)
+    patients_vary = reps is not None and bool((np.nanmax(reps, axis=0) > np.nanmin(reps, axis=0)).any())
+    method = "seeds+patients" if patients_vary else ("seeds" if seeds_vary else "none")
     rng = np.random.default_rng(seed)
     boots = []
-    for r in range(n_boot):
+    for r in range(n_boot if method != "none" else 0):
         picks = [rng.choice(s, size=len(s), replace=True) for s in strata]
-        base = reps[r % len(reps)]
+        base = y if reps is None else reps[r % len(reps)]
         idx = np.concatenate(picks)
         yb = np.concatenate([rescale_resample(base[p], base[s].mean(), len(s)) for p, s in zip(picks, strata)])
+        if record is not None:
+            record.append(yb)
         if not np.isfinite(yb).all():
             continue
         try:
@@ -78,6 +85,7 @@ def old_fit_power_law(x, y, *, n_boot=200, seed=0, confidence=0.95, replicates=N
         except FitError:
             continue
         boots.append((ab * x0**bb, bb, cb))
+    q = (50 * (1 - confidence), 50 * (1 + confidence))
     arr = np.array(boots)
     jackknife = []
     for s in strata:
@@ -91,7 +99,6 @@ def old_fit_power_law(x, y, *, n_boot=200, seed=0, confidence=0.95, replicates=N
     factor, _ = satterthwaite_widening(jackknife, confidence)
     centre = np.median(arr, axis=0)
     arr = np.clip(centre + factor * (arr - centre), [0.0, 0.0, 0.0], [np.inf, B_MAX, np.inf])
-    q = (50 * (1 - confidence), 50 * (1 + confidence))
     cis = [tuple(float(v) for v in np.percentile(arr[:, j], q)) for j in range(3)]
     return {"a": amp * x0**b, "b": b, "c": c, "a_ci": cis[0], "b_ci": cis[1], "c_ci": cis[2], "n_boot": len(boots)}
 

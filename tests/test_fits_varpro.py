@@ -1,97 +1,33 @@
 """The variable-projection fit of error = a·x^(−b) + c (``scaling.study.fits._fit_many``) against independent
 references: scipy's ``curve_fit`` from many starts at tight tolerance (never a lower sse), a Gauss-Newton polish of
 its own answer (the same parameters to ~1e-8), scipy's ``lsq_linear`` for the bounded linear step, exact power-law
-data, and the curve_fit implementation the library used before (kept here, and in ``benchmarks/fit_speed.py``, as
-the reference only): the same draws, and intervals within the old optimiser's tolerance.
+data, and the curve_fit implementation the library used before (kept in ``benchmarks/fit_speed.py`` as the
+reference only): the same draws, and intervals within the old optimiser's tolerance.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.optimize import OptimizeWarning, curve_fit, lsq_linear
 
 import scaling.study.fits as fits
-from scaling.metrics import rescale_resample, satterthwaite_widening
-from scaling.study.fits import B_MAX, FitError, fit_power_law
+from scaling.study.fits import B_MAX, fit_power_law
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- the implementation before variable projection (scaling/study/fits.py at 72f0dcb), the reference ----------
+# It lives in benchmarks/fit_speed.py, which times the library against it.
 
-
-def _law(z, amp, b, c):
-    return amp * z ** (-b) + c
-
-
-def old_fit_once(z, y, start=None):
-    best, best_sse = None, math.inf
-    hi_c = max(float(y.min()), 1e-9)
-    c0 = 0.5 * hi_c
-    starts = [(max(float(y.mean()) - c0, 1e-6), b0, c0) for b0 in (0.1, 0.5, 1.0)]
-    if start is not None:
-        starts = [(start[0], start[1], min(start[2], hi_c * 0.999))]
-    for p0 in starts:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OptimizeWarning)
-                p, _ = curve_fit(_law, z, y, p0=p0, bounds=([0.0, 0.0, 0.0], [np.inf, B_MAX, hi_c]), maxfev=5000)
-        except (RuntimeError, ValueError):
-            continue
-        sse = float(np.sum((_law(z, *p) - y) ** 2))
-        if sse < best_sse:
-            best, best_sse = p, sse
-    if best is None:
-        if start is not None:
-            return old_fit_once(z, y)
-        raise FitError("the power law did not converge from any starting point")
-    return tuple(float(v) for v in best)
-
-
-def old_fit_power_law(x, error, *, n_boot=200, seed=0, confidence=0.95, replicates=None, record=None):
-    """The old fit_power_law (validation and the ``method`` logic as in the library); ``record`` collects each
-    replicate's resampled errors."""
-    x, y = np.asarray(x, dtype=float), np.asarray(error, dtype=float)
-    reps = None if replicates is None else np.asarray(replicates, dtype=float)
-    x0 = float(np.exp(np.log(x).mean()))
-    amp, b, c = old_fit_once(x / x0, y)
-    strata = [np.flatnonzero(x == v) for v in np.unique(x)]
-    seeds_vary = any(len(s) > 1 and np.ptp(y[s]) > 0 for s in strata)
-    patients_vary = reps is not None and bool((np.nanmax(reps, axis=0) > np.nanmin(reps, axis=0)).any())
-    method = "seeds+patients" if patients_vary else ("seeds" if seeds_vary else "none")
-    rng = np.random.default_rng(seed)
-    boots = []
-    for r in range(n_boot if method != "none" else 0):
-        picks = [rng.choice(s, size=len(s), replace=True) for s in strata]
-        base = y if reps is None else reps[r % len(reps)]
-        idx = np.concatenate(picks)
-        yb = np.concatenate([rescale_resample(base[p], base[s].mean(), len(s)) for p, s in zip(picks, strata)])
-        if record is not None:
-            record.append(yb)
-        if not np.isfinite(yb).all():
-            continue
-        try:
-            ab, bb, cb = old_fit_once(x[idx] / x0, yb, start=(amp, b, c))
-        except FitError:
-            continue
-        boots.append((ab * x0**bb, bb, cb))
-    q = (50 * (1 - confidence), 50 * (1 + confidence))
-    arr = np.array(boots)
-    jackknife = []
-    for s in strata:
-        values = []
-        for i in range(len(s) if len(s) > 1 else 0):
-            keep = np.ones(x.size, dtype=bool)
-            keep[s[i]] = False
-            ab, bb, cb = old_fit_once(x[keep] / x0, y[keep], start=(amp, b, c))
-            values.append((ab * x0**bb, bb, cb))
-        jackknife.append(np.array(values).reshape(-1, 3))
-    factor, _ = satterthwaite_widening(jackknife, confidence)
-    centre = np.median(arr, axis=0)
-    arr = np.clip(centre + factor * (arr - centre), [0.0, 0.0, 0.0], [np.inf, B_MAX, np.inf])
-    cis = [tuple(float(v) for v in np.percentile(arr[:, j], q)) for j in range(3)]
-    return {"a": amp * x0**b, "b": b, "c": c, "a_ci": cis[0], "b_ci": cis[1], "c_ci": cis[2], "n_boot": len(boots)}
+_spec = importlib.util.spec_from_file_location("fit_speed", REPO / "benchmarks" / "fit_speed.py")
+fit_speed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fit_speed)
+_law, old_fit_once, old_fit_power_law = fit_speed._law, fit_speed.old_fit_once, fit_speed.old_fit_power_law
 
 
 # ---- references for one fit -------------------------------------------------------------------------------------
