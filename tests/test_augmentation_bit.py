@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from scaling.data.dataset import TableDataset
 from scaling.config import bit_resize
+from scaling.data.dataset import TableDataset
 from scaling.data.images import build_transform, decode, random_crop_params
 
 

@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from scaling.config import bit_resize
 from scaling.data.images import (
     BIT_MEAN,
     BIT_STD,
@@ -131,8 +130,6 @@ class TableDataset(Dataset):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is not one of {list(TASKS)}")
         self.image_size = int(image_size)
-        if augment == "bit" and resize is None:
-            resize = bit_resize(self.image_size)
         self.transform = build_transform(self.image_size, train, flip, augment, resize)
         self.load_size = self.transform.load_size
         """The square size images are decoded and cached at: ``image_size``, or BiT's ``resize`` for its training

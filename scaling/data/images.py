@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from scaling.config import bit_resize
 from scaling.data.table import DataError
 from scaling.io import atomic_write_json, atomic_write_parquet, check_free_space, write_error
 
@@ -311,8 +312,11 @@ class ImageTransform:
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r} is not one of {list(AUGMENTS)}")
         self.image_size, self.train, self.flip, self.augment = int(image_size), bool(train), bool(flip), augment
-        self.resize = int(resize) if resize is not None else self.image_size
-        """The square size BiT's random crop is taken from (``augment='bit'`` only)."""
+        if resize is None:
+            resize = bit_resize(self.image_size) if augment == "bit" else self.image_size
+        self.resize = int(resize)
+        """The square size BiT's random crop is taken from (``augment='bit'`` only; default BiT's ratio,
+        :func:`scaling.config.bit_resize`)."""
         if augment == "bit" and self.resize < self.image_size:
             raise ValueError(f"resize={self.resize} is smaller than the {self.image_size}px crop")
 
