@@ -13,7 +13,7 @@ from PIL import Image
 
 from scaling.data import DataError
 from scaling.data.dataset import ImageFolderDataset, TableDataset
-from scaling.data.images import ImageCache, check_images, decode, quantise, to_float
+from scaling.data.images import ImageCache, check_images, decode, quantise, table_kind, to_float
 from scaling.engine.inputs import Normalisation, to_device
 
 SIZE = 16
@@ -225,6 +225,64 @@ def test_one_cache_directory_keeps_each_image_kind_intact(tmp_path):
     assert torch.equal(sets["rgb"].load_pixels(1), TableDataset(rgb, ["Edema"], SIZE).load_pixels(1))
     assert sets["deep"].cache.read(deep["path"][0]).dtype == np.uint16
     assert torch.equal(sets["gray"].load_pixels(2), TableDataset(gray, ["Edema"], SIZE).load_pixels(2))
+
+
+def _mixed(tmp_path, kinds):
+    """One table whose images are of the given kinds in order (``png8``, ``png16``, ``rgb``), one per row."""
+    parts = []
+    for i, kind in enumerate(kinds):
+        (tmp_path / str(i)).mkdir(parents=True)
+        parts.append(write_images(tmp_path / str(i), n=1, kind=kind).assign(sample_id=f"s{i}"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_a_table_is_stored_at_the_kind_of_most_of_its_images_not_of_its_first(tmp_path, caplog):
+    # A 16-bit export with one 8-bit image at the top: the first image alone made it an 8-bit store, every 16-bit
+    # image quantised to 256 levels.
+    mostly_deep = _mixed(tmp_path / "a", ["png8"] + ["png16"] * 4)
+    cached = TableDataset(mostly_deep, ["Edema"], SIZE, cache_dir=tmp_path / "cache")
+    assert cached.cache.store.name == "gray-uint16"
+    direct = TableDataset(mostly_deep, ["Edema"], SIZE)
+    for i in range(5):
+        x = cached.load_pixels(i)
+        assert x.dtype == torch.uint16
+        assert np.array_equal(x.numpy(), quantise(decode(mostly_deep["path"][i], SIZE), np.uint16))
+        assert torch.equal(x, direct.load_pixels(i))  # cached or not, one kind for the table
+    assert (cached.load_pixels(1).numpy() % 257 != 0).any()  # 16-bit levels, not 8-bit ones scaled by 257
+    # ... and the odd one out is converted and reported: the 16-bit image of a mostly 8-bit table.
+    caplog.set_level("WARNING")
+    mostly_8 = _mixed(tmp_path / "b", ["png16"] + ["png8"] * 4)
+    cache = ImageCache(tmp_path / "cache2", SIZE)
+    report = cache.build(mostly_8)
+    assert cache.store.name == "gray-uint8"
+    assert report.narrowed == {"16-bit": [mostly_8["path"][0]]}
+    assert any("1 image(s) stored without their 16-bit" in r.getMessage() and mostly_8["path"][0] in r.getMessage()
+               for r in caplog.records)
+    assert cache.build(mostly_8).narrowed == {}  # reported when decoded, not on every launch
+
+
+def test_table_kind_reads_a_spread_sample_and_ties_go_to_the_wider_kind(tmp_path, monkeypatch):
+    assert table_kind(_mixed(tmp_path / "t", ["png8", "rgb"])["path"]) == (3, np.dtype(np.uint8))
+    assert table_kind(_mixed(tmp_path / "d", ["png16", "png8"])["path"]) == (1, np.dtype(np.uint16))
+    assert table_kind([]) == (1, np.dtype(np.uint8))
+    import scaling.data.images as images
+
+    read = []
+    monkeypatch.setattr(images, "probe", lambda p: read.append(p) or (1, np.dtype(np.uint8)))
+    paths = [f"/x/{i}.png" for i in range(100)]
+    table_kind(paths + paths[:10], sample=5)  # repeated rows count once
+    assert read == [paths[i] for i in (0, 25, 50, 74, 99)]  # first, last and evenly between
+
+    def unreadable_evens(p):
+        if int(Path(p).stem) % 2 == 0:
+            raise DataError(f"{p}: cannot read image header")
+        read.append(p)
+        return 3, np.dtype(np.uint8)
+
+    read.clear()
+    monkeypatch.setattr(images, "probe", unreadable_evens)
+    assert table_kind(paths, sample=5) == (3, np.dtype(np.uint8))
+    assert read == [paths[i] for i in (25, 99, 1, 3, 5)]  # unreadable ones are replaced in table order
 
 
 def test_bad_image_error_names_file_and_sample(tmp_path):

@@ -36,8 +36,8 @@ from scaling.data.images import (
     check_images,
     check_on_bad_image,
     decode,
-    probe,
     quantise,
+    table_kind,
 )
 from scaling.data.labels import class_targets, select_labels
 from scaling.data.table import LABEL_PREFIX, DataError
@@ -100,7 +100,8 @@ class TableDataset(Dataset):
     table of a study) and read from it; otherwise they are decoded on every access. ``on_bad_image='skip'`` drops
     unreadable images up front: ``n_skipped`` / ``skipped`` say which, for the run's metadata, and ``table`` holds
     the rows actually served (``index`` in every item is a row position of ``table``). ``channels`` (1 or 3)
-    defaults to the first image's; ``flip`` enables horizontal flips (dermatology, not chest X-ray); ``augment``
+    defaults to the table's (:func:`~scaling.data.images.table_kind`); ``flip`` enables horizontal flips
+    (dermatology, not chest X-ray); ``augment``
     picks the training views (``light`` or ``bit``: :class:`~scaling.data.images.ImageTransform`), and under
     ``bit`` a training dataset decodes and caches its images at ``resize`` (default: BiT's ratio,
     ``scaling.config.bit_resize``) and crops ``image_size`` out of them. ``mean`` /
@@ -145,13 +146,10 @@ class TableDataset(Dataset):
             self.targets = torch.tensor(self.table[[LABEL_PREFIX + n for n in self.labels]].to_numpy(np.float32))
         self.sample_ids = self.table["sample_id"].astype(str).tolist()
         self.paths = self.table["path"].astype(str).tolist()
-        # Without a cache, every image is quantised like the cache would store it: to the first image's kind.
+        # Without a cache, every image is quantised like the cache would store it: to the table's kind.
         self.dtype = np.dtype(np.uint8)
         if self.cache is None and self.paths:
-            try:
-                probed_channels, self.dtype = probe(self.paths[0])
-            except Exception as e:  # the first image is unreadable: name it
-                raise bad_image_error(self.paths[0], self.sample_ids[0], e) from e
+            probed_channels, self.dtype = table_kind(self.paths)
             channels = channels or probed_channels
         self.channels = channels or 1
         self.mean, self.std = tuple(mean), tuple(std)

@@ -16,8 +16,8 @@ The cache (:class:`ImageCache`) stores each image decoded and resized once, as `
 ``uint16`` (16-bit/DICOM sources), in a numpy memmap of shape ``(N, C, size, size)`` plus a Parquet index of
 samples (``sample_id``, source path, byte size, mtime). One cache directory holds one such store per resolution
 and kind of image (``<size>px/gray-uint8``, ``<size>px/rgb-uint8``, ``<size>px/gray-uint16``; the kind of a table
-is that of its first image), so a colour dataset is never squeezed into a grayscale store nor a 16-bit one into 8
-bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
+is the majority of a sample of its image headers, :func:`table_kind`), so a colour dataset is never squeezed into a
+grayscale store nor a 16-bit one into 8 bits, and launches at two resolutions sharing one cache directory never rebuild (and delete) each other's store.
 BiT's augmentation (``augment='bit'``) caches training images at its resize (``<resize>px``), larger than the crop,
 and evaluation images at the crop size: two resolutions, two stores.
 Entries are looked up by the sample's absolute source path: sample ids are unique only within one dataset
@@ -30,6 +30,7 @@ time costs a full-resolution decode per sample per epoch; the cache costs one me
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -374,6 +375,9 @@ class CacheReport:
     """Images whose cache entry was still valid."""
     skipped: list[str] = field(default_factory=list)
     """Sample ids of unreadable images (only with ``on_bad_image='skip'``)."""
+    narrowed: dict[str, list[str]] = field(default_factory=dict)
+    """Paths of the images decoded in this call that lost something to the store's kind (:func:`table_kind`), by
+    what they lost (``"colour"``, ``"16-bit"``, ``"colour and 16-bit"``)."""
 
     @property
     def n_skipped(self) -> int:
@@ -393,22 +397,69 @@ def _source_stat(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return sizes, mtimes
 
 
-def _probe_first(paths: Sequence[str]) -> tuple[int, np.dtype]:
-    """Channels and dtype for a table's store, from the header of its first readable image (default gray uint8)."""
-    for p in paths:
+KIND_SAMPLE = 64
+"""How many image headers (spread evenly over a table) decide the kind of its store: see :func:`table_kind`."""
+
+
+def table_kind(paths: Sequence[str], sample: int = KIND_SAMPLE) -> tuple[int, np.dtype]:
+    """Channels and dtype in which a table's images are stored (cached or not), from a sample of their headers.
+
+    Reads the headers of up to ``sample`` readable images spread evenly over ``paths`` (the first and last
+    included; always the same ones for one table, so every rank, worker and launch agrees). Each of the two
+    properties is the majority of the sample, a tie going to the wider kind (colour, uint16): one odd image at the
+    top of an export (a 16-bit PNG before 10^5 8-bit ones, an RGBA screenshot before grayscale radiographs) no
+    longer decides for the whole table, as the first image alone did. Images of a minority kind are converted:
+    colour to luma, 16-bit to 8 bits after their per-image min-max (see :func:`decode`); a cache build counts them
+    and says so (:class:`CacheReport`). Unreadable files are skipped (the decode pass reports them); no readable
+    image gives gray uint8.
+    """
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    if not unique:
+        return 1, np.dtype(np.uint8)
+    spread = np.unique(np.linspace(0, len(unique) - 1, min(sample, len(unique))).round().astype(int)).tolist()
+    # Unreadable files are skipped, and the sample is refilled from the rest in table order.
+    picked = set(spread)
+    order = itertools.chain(spread, (i for i in range(len(unique)) if i not in picked))
+    kinds = []
+    for i in order:
+        if len(kinds) == sample:
+            break
         try:
-            return probe(p)
+            kinds.append(probe(unique[i]))
         except Exception as e:  # noqa: BLE001 - unreadable images are reported (error or skip) by the decode pass
-            log.debug("cannot probe %s: %s", p, e)
-    return 1, np.dtype(np.uint8)
+            log.debug("cannot probe %s: %s", unique[i], e)
+    if not kinds:
+        return 1, np.dtype(np.uint8)
+    colour = sum(c == 3 for c, _ in kinds)
+    deep = sum(d == np.uint16 for _, d in kinds)
+    channels = 3 if 2 * colour >= len(kinds) else 1
+    dtype = np.dtype(np.uint16 if 2 * deep >= len(kinds) else np.uint8)
+    if 0 < colour < len(kinds) or 0 < deep < len(kinds):
+        log.warning("images of mixed kinds in one table: of %d headers read, %d colour and %d 16-bit/DICOM; storing "
+                    "all as %s-%s", len(kinds), colour, deep, "rgb" if channels == 3 else "gray", dtype.name)
+    return channels, dtype
 
 
-def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None]:
+def narrowing(path: str | Path, channels: int, dtype: np.dtype) -> str | None:
+    """What storing the image at ``path`` as ``channels`` x ``dtype`` drops (``"colour"``, ``"16-bit"``), or None."""
+    src_channels, src_dtype = probe(path)
+    lost = [*(["colour"] if src_channels > channels else []),
+            *(["16-bit"] if np.dtype(src_dtype).itemsize > np.dtype(dtype).itemsize else [])]
+    return " and ".join(lost) or None
+
+
+def _decode_for_cache(args) -> tuple[np.ndarray | None, str | None, str | None]:
+    """``(pixels, error, narrowing)`` of one image for the cache."""
     path, size, channels, dtype = args
     try:
-        return quantise(decode(path, size, channels), dtype), None
+        a = quantise(decode(path, size, channels), dtype)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image; the caller decides error vs skip
-        return None, _failure(path, e)
+        return None, _failure(path, e), None
+    try:  # a header read, a few percent of a decode
+        lost = narrowing(path, channels, dtype)
+    except Exception:  # noqa: BLE001 - it decoded, so it is stored; what it lost is only reported
+        lost = None
+    return a, None, lost
 
 
 class ImageCache:
@@ -499,7 +550,7 @@ class ImageCache:
         ids = unique["sample_id"].astype(str).to_numpy()
         paths = unique["path"].astype(str).to_numpy()
         sizes, mtimes = _source_stat(paths)
-        channels, dtype = _probe_first(paths)
+        channels, dtype = table_kind(paths)
         self.store = self.root / f"{'rgb' if channels == 3 else 'gray'}-{dtype.name}"
         self._adopt_old_layout()
         with self._lock():
@@ -528,6 +579,9 @@ class ImageCache:
             self._close()
         if report.skipped:
             log.warning("image cache: skipped %d unreadable image(s), e.g. %s", report.n_skipped, report.skipped[:3])
+        for lost, narrowed in report.narrowed.items():
+            log.warning("image cache %s: %d image(s) stored without their %s (the table's images are mostly %s), "
+                        "e.g. %s", self.store, len(narrowed), lost, self.store.name, narrowed[:3])
         log.info("image cache %s: %d decoded, %d reused", self.store, report.decoded, report.reused)
         return report
 
@@ -556,8 +610,11 @@ class ImageCache:
                     chunk = rows[lo : lo + _COPY_CHUNK]
                     data[lo : lo + len(chunk)] = old_data[chunk]
                 del old_data
-            for j, (arr, err) in enumerate(self._decode_stream(want["path"].iloc[todo], channels, dtype, num_workers)):
+            stream = self._decode_stream(want["path"].iloc[todo], channels, dtype, num_workers)
+            for j, (arr, err, lost) in enumerate(stream):
                 i = todo[j]
+                if lost is not None:
+                    report.narrowed.setdefault(lost, []).append(want["path"].iloc[i])
                 if err is not None:
                     if on_bad_image == "error":
                         raise DataError(
