@@ -19,6 +19,7 @@ from scipy import stats
 from scaling.config import DataConfig, EvalSetConfig, GridConfig, StudyConfig, UpstreamConfig, to_dict
 from scaling.io import atomic_write_text
 from scaling.study.grid import config_hash, expand_grid, run_id
+from scaling.study.runner import metric_settings
 from scaling.study.store import RunStore
 
 BACKBONES = {"bb_tiny": 1e5, "bb_small": 4e5, "bb_base": 1.6e6, "bb_large": 6.4e6}
@@ -148,6 +149,8 @@ def make_store(root: Path, *, name: str = "handmade", skip: set | None = None, o
                 store.write_predictions(rid, es, _predictions(_auroc(*key, es), spec.seed, es))
             # what the runner stores: the temperatures fitted on val (None = one class there: none fitted)
             store.write_meta(rid, {"fitted_on_val": {"temperatures": dict(TEMPERATURES)}})
+        # what the runner records with its metrics: without it every run reads as scored under an older definition
+        store.write_evaluation(rid, {"metrics": metric_settings(cfg), "scored": list(EVAL_SETS) if predictions else []})
         store.write_metrics(rid, _metric_rows(*key))
         store.mark_complete(rid)
     return cfg

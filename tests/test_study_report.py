@@ -38,7 +38,7 @@ def report(tmp_path_factory):
 
 
 def test_report_has_every_plot_and_table(report):
-    _, _, text = report
+    _, rep, text = report
     for fid in FIGURE_IDS:
         m = re.search(rf'<figure id="fig-{fid}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
         assert m, f"figure {fid} missing"
@@ -47,6 +47,7 @@ def test_report_has_every_plot_and_table(report):
         assert re.search(rf"<table[^>]*id=\"tbl-{tid}\"", text), f"table {tid} missing"
     assert "72 of 72 runs complete" in text
     assert not re.search(r'src="(?!data:)', text), "report refers to an external file"
+    assert "scoring" not in rep.notes  # the store records its scoring as the runner does: no stale-scoring note
 
 
 def test_report_numbers_match_tables(report):
