@@ -231,6 +231,16 @@ def test_deepspeed_configs_fill_every_auto_once():
         deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, auto_leaves, "my.json", Zero3Sizes(1000, 10))
     off = {"zero_optimization": {"stage3_module_granularity_threshold": 0}}
     assert deepspeed_config(train, ShardingConfig(strategy="zero3"), 4, off, "my.json", Zero3Sizes(1000, 10))
+    # ZeRO-1 + bf16 + fp32 accumulation is DeepSpeed's BF16_Optimizer, whose state scaling does not read: refused
+    # (it failed in the Trainer's shard report with an AttributeError); at zero2 / zero3, or in fp32, it is passed on.
+    fp32_accumulation = {"data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(ValueError, match=r"my\.json: data_types\.grad_accum_dtype='fp32' with bf16 under zero1"):
+        deepspeed_config(train, ShardingConfig(strategy="zero1"), 4, fp32_accumulation, "my.json")
+    for strategy in ("zero2", "zero3"):
+        cfg = deepspeed_config(train, ShardingConfig(strategy=strategy), 4, fp32_accumulation, "my.json")
+        assert cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32_train = TrainConfig(batch_size=32, grad_accum=2, clip_grad_norm=0.0)
+    assert deepspeed_config(fp32_train, ShardingConfig(strategy="zero1"), 4, fp32_accumulation, "my.json")
 
 
 @pytest.mark.parametrize("threshold", [0, 100_000])

@@ -90,6 +90,10 @@ GRANULARITY = "zero_optimization.stage3_module_granularity_threshold"
 """DeepSpeed's automatic ZeRO-3 leaf modules: refused (scaling sets the block leaves itself)."""
 
 
+FP32_NAMES = ("torch.float32", "fp32", "float32", "float")
+"""How a DeepSpeed config names fp32 (DeepSpeed 0.19.8 ``runtime/config.py``, ``DtypeEnum.fp32``)."""
+
+
 def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: int, base: dict | None = None,
                      source: str = "<built-in>", sizes: Zero3Sizes | None = None) -> dict:
     """The DeepSpeed config for this cell: ``base`` (a ``launch/*.json``) with every ``"auto"`` filled from scaling's
@@ -129,6 +133,16 @@ def deepspeed_config(train: TrainConfig, sharding: ShardingConfig, world_size: i
                 f"{source}: {key}={current!r} contradicts scaling's config (which gives {value!r}); set it to "
                 f'"auto" so it is filled from train/sharding settings'
             )
+    accumulate = _get(cfg, "data_types.grad_accum_dtype")
+    if stage == 1 and train.mixed_precision == "bf16" and str(accumulate).lower() in FP32_NAMES:
+        # DeepSpeed 0.19.8 (runtime/engine.py, _do_optimizer_sanity_check) swaps ZeRO-1's optimizer for its
+        # BF16_Optimizer here, whose partitions, state dict and checkpoint files are laid out differently: the
+        # shard report, the device-side checks and resuming on another world size read ZeRO-1/2's. At stages 2 and 3
+        # the key reaches ZeRO's own optimizers.
+        raise ValueError(
+            f"{source}: data_types.grad_accum_dtype={accumulate!r} with bf16 under zero1 is not supported: DeepSpeed "
+            f"then trains with its BF16_Optimizer instead of ZeRO-1's optimizer, and scaling reads ZeRO-1's state. "
+            f"Use zero2 (its optimizer takes the key), or remove the key (ZeRO-1 then accumulates gradients in bf16)")
     granularity = _get(cfg, GRANULARITY) if stage == 3 else None
     if granularity not in (None, 0, "auto"):
         # DeepSpeed's automatic leaf modules (0.19.8, deepspeed/runtime/zero/parameter_offload.py) break the backward
