@@ -118,3 +118,25 @@ def test_resuming_a_finished_run_never_runs_code_from_its_checkpoint(finished, t
         with pytest.raises(CheckpointError, match=re.escape(str(run / f))):
             Trainer(model, rcfg.train, rcfg.sharding, output_dir=run).fit(ToyDataset(64))
         assert not marker.exists(), f"unpickling {f} ran code"
+
+
+def test_a_checkpoint_index_pickled_by_python_3_13_reads_on_every_python():
+    """Python 3.13 moved pathlib's classes to ``pathlib._local`` and pickles a path under that name; DCP's index holds
+    paths. The allowlisting unpickler refused them, so on 3.13 no checkpoint resumed (every resume failed with
+    "global pathlib._local.PosixPath is not allowed"). Read here on whatever Python runs the suite, from the bytes
+    3.13 writes; anything else under that module is still refused."""
+    import io
+
+    from scaling.engine.checkpoint import _MetadataUnpickler
+
+    def unpickle(module: str, name: str):
+        # pickle.dumps(PosixPath("/a/b/c"), protocol=2) on Python 3.13.0, with the global's module and name swapped in
+        data = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"q\x00X\x06\x00\x00\x00/a/b/cq\x01\x85q\x02Rq\x03."
+        return _MetadataUnpickler(io.BytesIO(data)).load()
+
+    for module in ("pathlib._local", "pathlib"):  # as 3.13+ writes it, as 3.10-3.12 write it
+        assert unpickle(module, "PosixPath") == Path("/a/b/c") and isinstance(unpickle(module, "PosixPath"), Path)
+    with pytest.raises(pickle.UnpicklingError, match=r"global pathlib(\._local)?\.Path is not allowed"):
+        unpickle("pathlib._local", "Path")
+    with pytest.raises(pickle.UnpicklingError, match=r"global os\.system is not allowed"):
+        unpickle("os", "system")

@@ -174,6 +174,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return obj
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if module == "pathlib._local":  # where Python >= 3.13 keeps (and pickles) pathlib's classes
+            module = "pathlib"  # so that an index written there reads on 3.10-3.12 too, and the other way round
         if (module, name) in _DCP_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint index")
