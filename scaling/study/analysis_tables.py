@@ -4,6 +4,8 @@
 * :func:`fewshot_table`: AUROC vs k of the k-shot cells;
 * :func:`reinit_table`: AUROC vs the number of units kept pretrained (Raghu et al. 2019's weight transfusion) and
   the AUROC lost by re-initialising, the measured feature reuse;
+* :func:`shuffle_table`: fine-tuned AUROC vs the block size of block-shuffled images per source, and pretrained −
+  scratch on the same shuffled images (Neyshabur, Sedghi & Zhang 2020, §3);
 * :func:`cka_blocks`: per-block CKA between each fine-tuned run and its initialisation (the diagonal of
   ``runs/<id>/cka.parquet``), averaged over seeds;
 * :func:`cka_scales`: block-by-block CKA between the smallest backbone and each larger one of the same source at
@@ -166,7 +168,58 @@ def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "tes
         drop=True)
 
 
-CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit"]
+def shuffle_table(df: pd.DataFrame, store_root, eval_set: str = "test", image_size: int | None = None,
+                  confidence: float = 0.95, n_boot: int = 200) -> pd.DataFrame:
+    """Fine-tuned macro AUROC on ``eval_set`` vs the block size of block-shuffled images, per pretraining source ×
+    backbone × data budget that has block-shuffled cells (Neyshabur, Sedghi & Zhang 2020, §3), and for every
+    source but ``scratch`` the gap source − scratch at the same block size.
+
+    ``shuffle`` is the cell's axis (``none`` or the block size); ``block`` its block size in pixels, ``image_size``
+    for the unshuffled cell (one block: the image as it is) when given, NaN otherwise. ``mean``/``lo``/``hi`` are
+    the cell's mean over seeds with the summary's interval (:func:`scaling.study.aggregate.cell_interval`),
+    clipped to [0, 1]. ``gap`` (with ``scratch``, the scratch cell's AUROC) is the mean over seeds of the paired
+    difference source − scratch of each seed: a scratch and a pretrained cell of one seed see the same shuffled
+    images (one permutation per seed), so each seed's difference has a paired patient-level bootstrap interval of
+    the pair's predictions, combined over seeds with their spread as :func:`probe_gap` does (``gap_ci``), clipped to
+    [−1, 1]. Reading it: a gap that stays positive as the blocks shrink (the images' visual features destroyed,
+    their low-level statistics kept) is a benefit of pretraining that is not feature reuse.
+    """
+    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "shuffle", "block", "mean", "lo",
+            "hi", "scratch", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
+    runs = select(df, "auroc", eval_set)
+    if "shuffle" not in runs or not (runs["shuffle"] != "none").any():
+        return pd.DataFrame(columns=cols)
+    runs = runs[(runs["protocol"] == "finetune") & (runs["reinit"] == "none")]
+    shuffled = runs[runs["shuffle"] != "none"][["pretrained", "backbone", *BUDGET]].drop_duplicates()
+    runs = runs.merge(shuffled, on=["pretrained", "backbone", *BUDGET])  # the cells with a shuffled counterpart
+    store = RunStore(store_root)
+    rows = []
+    for (src, bb, n, f, k, sh), g in runs.groupby(["pretrained", "backbone", "n_params", *BUDGET, "shuffle"],
+                                                 sort=True):
+        g = g.set_index("seed")
+        v = g["value"].to_numpy(float)
+        lo, hi, _, _ = cell_interval(v, g["lo"], g["hi"], confidence)
+        block = float(image_size) if sh == "none" and image_size else (float("nan") if sh == "none" else float(sh))
+        row = {"pretrained": src, "backbone": bb, "n_params": n, "fraction": f, "shots": int(k),
+               "budget": budget_name(f, k), "shuffle": sh, "block": block, "mean": float(np.mean(v)),
+               "lo": max(lo, 0.0), "hi": min(hi, 1.0), "n_seeds": len(v)}
+        base = runs[(runs["pretrained"] == "scratch") & (runs["backbone"] == bb) & (runs["fraction"] == f)
+                    & (runs["shots"] == k) & (runs["shuffle"] == sh)].set_index("seed")
+        seeds = sorted(set(g.index) & set(base.index))
+        if src != "scratch" and seeds:
+            gaps = np.array([paired_macro_gap(store.read_predictions(g.loc[s, "run_id"], eval_set),
+                                              store.read_predictions(base.loc[s, "run_id"], eval_set),
+                                              n_boot=n_boot, alpha=1 - confidence) for s in seeds], float)
+            glo, ghi, _, kind = cell_interval(gaps[:, 0], gaps[:, 1], gaps[:, 2], confidence)
+            row.update(scratch=float(base.loc[seeds, "value"].astype(float).mean()), gap=float(gaps[:, 0].mean()),
+                       gap_lo=max(glo, -1.0), gap_hi=min(ghi, 1.0), gap_ci=kind)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["pretrained", "n_params", "shots", "fraction", "block"], na_position="last").reset_index(
+        drop=True)
+
+
+CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "shuffle"]
 """The cell of a CKA curve (fine-tuned runs only), up to its seed."""
 
 

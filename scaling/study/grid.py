@@ -246,11 +246,11 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     setting of :data:`LATER_DEFAULTS` only away from its default (``data.bit_resize`` only under ``data.augment:
     bit``, and then as the size it resolves to). Its data budget is ``cell.fraction`` or ``cell.shots``, and a
     protocol, re-initialisation or block shuffling other than the default is ``cell.protocol`` / ``cell.reinit`` /
-    ``cell.shuffle`` (absent for the plain fine-tuning cell, so its id is what it was before these axes existed); a ``train.select`` other than
-    ``last`` brings ``train.eval_every`` in (the validation points are the candidate weights). Settings in
-    :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
-    never silently ignored. The dataset root counts only as its identity (``synthetic``), not as a path: moving
-    a dataset to another mount keeps the ids.
+    ``cell.shuffle`` (absent for the plain fine-tuning cell, so its id is what it was before these axes existed); a
+    ``train.select`` other than ``last`` brings ``train.eval_every`` in (the validation points are the candidate
+    weights). Settings in :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown
+    or new setting is never silently ignored. The dataset root counts only as its identity (``synthetic``), not as
+    a path: moving a dataset to another mount keeps the ids.
     """
     d = to_dict(cfg)
     root = cfg.data.root
@@ -287,7 +287,8 @@ def _cell(g: GridConfig) -> dict[str, Any]:
 
 def study_settings(cfg: StudyConfig) -> dict[str, Any]:
     """What every run of a study shares: :func:`result_settings` without the cell axes (backbone, source, data budget,
-    seed, protocol, re-initialisation, block shuffling, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
+    seed, protocol, re-initialisation, block shuffling, upstream entry). Two runs are comparable cells of one study
+    exactly when these agree."""
     d = result_settings(cfg)
     d.pop("cell")
     d.pop("probe", None)  # in a probe cell's id, not the study's: fine-tuned cells never read it
