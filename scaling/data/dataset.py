@@ -107,8 +107,8 @@ class TableDataset(Dataset):
     ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset). ``keep_labels`` are
     label columns kept in ``table`` beside ``labels`` without being trained on (derived labels, scored from the
     predictions). ``shuffle`` > 0 block-shuffles every image it serves, training views and keys without a draw seed
-    alike, with the one permutation of ``shuffle_seed`` (a block-shuffled cell passes its run seed; docs/analysis.md,
-    "Block shuffling").
+    alike, with the one permutation of ``shuffle_seed`` (a block-shuffled cell passes its run seed;
+    docs/analysis.md).
     """
 
     def __init__(

@@ -521,12 +521,12 @@ def interval_texts(summary: pd.DataFrame, digits: int = 3) -> list[str]:
 def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of plain fine-tuning cells (fraction budget, whole model fine-tuned, nothing re-initialised or
     block-shuffled): what the scaling views (size, data, shift, subgroups, calibration, fits) are drawn from. The
-    analysis views read the other cells (docs/analysis.md)."""
-    if not set(PLAIN) <= set(df.columns):
-        return df
+    analysis views read the other cells (docs/analysis.md). A table without one of the axes' columns (made before
+    that axis existed) is plain along it."""
     keep = np.ones(len(df), dtype=bool)
     for k, v in PLAIN.items():
-        keep &= (df[k] == v).to_numpy()
+        if k in df.columns:
+            keep &= (df[k] == v).to_numpy()
     return df[keep]
 
 
