@@ -269,3 +269,64 @@ def test_the_report_s_shuffle_table_is_recomputed_from_the_stored_predictions(gr
     assert (comparisons["n"] > 0).all() and len(comparisons)
     blocks = rep.tables["cka_blocks"]
     assert set(blocks["shuffle"]) == {"none", "8"} and (blocks["n_seeds"] == 1).all()
+
+
+def test_the_other_analysis_tables_never_take_a_shuffled_cell_for_a_plain_one(monkeypatch, tmp_path):
+    """A shuffled fine-tuned cell is fine-tuned, not re-initialised and (maybe) k-shot: the probe gap, few-shot and
+    re-initialisation tables must not read it as another seed or another reference of the unshuffled cell."""
+    from scaling.study import analysis_tables as at
+
+    def row(protocol, seed, value, shuffle="none", reinit="none", shots=0):
+        return {"eval_set": "test", "label": "macro", "attribute": "all", "group": "all", "metric": "auroc",
+                "pretrained": "bit-m", "backbone": "bit_r50x1", "n_params": 23.5e6, "fraction": 1.0, "shots": shots,
+                "protocol": protocol, "reinit": reinit, "shuffle": shuffle, "seed": seed, "n_seeds": 1,
+                "n_train_images": 10,
+                "run_id": f"{protocol}-{shuffle}-{reinit}-{shots}-{seed}", "value": value, "mean": value,
+                "lo": value - 0.05, "hi": value + 0.05}
+
+    rows = pd.DataFrame([row("finetune", 0, 0.80), row("linear_probe", 0, 0.70), row("finetune", 0, 0.55, "8"),
+                         row("finetune", 0, 0.75, reinit="after:2"), row("finetune", 0, 0.60, shots=5),
+                         row("finetune", 0, 0.52, "8", shots=5)])
+    monkeypatch.setattr(at.RunStore, "read_predictions", lambda self, rid, eval_set: rid)
+    monkeypatch.setattr(at, "paired_macro_gap", lambda a, b, n_boot, alpha: {
+        ("finetune-none-none-0-0", "linear_probe-none-none-0-0"): (0.10, 0.05, 0.15)}[a, b])
+    gap = at.probe_gap(rows, tmp_path)
+    assert len(gap) == 1 and gap["finetune"].iloc[0] == pytest.approx(0.80) and gap["gap"].iloc[0] == 0.10
+    assert list(at.fewshot_table(rows)["mean"]) == [0.60]
+    reinit = at.reinit_table(rows, pd.DataFrame([{"backbone": "bit_r50x1", "n_units": 6}])).set_index("reinit")
+    assert sorted(reinit.index) == ["after:2", "none"]
+    assert reinit.loc["after:2", "auroc_lost"] == pytest.approx(0.05)
+
+
+def test_the_shuffle_gap_over_seeds_is_the_probe_gap_s_interval(monkeypatch, tmp_path):
+    """Two seeds: the gap source − scratch at a block size is the mean of the per-seed paired differences, with the
+    interval the probe gap gets from the same per-seed numbers (cell_interval: seeds and patients)."""
+    from scaling.study import analysis_tables as at
+
+    pairs = {("up8-0", "sc8-0"): (0.06, 0.01, 0.11), ("up8-1", "sc8-1"): (0.02, -0.03, 0.07),
+             ("ft0", "lp0"): (0.06, 0.01, 0.11), ("ft1", "lp1"): (0.02, -0.03, 0.07)}
+    monkeypatch.setattr(at.RunStore, "read_predictions", lambda self, rid, eval_set: rid)
+    monkeypatch.setattr(at, "paired_macro_gap", lambda a, b, n_boot, alpha: pairs[a, b])
+
+    def row(src, protocol, shuffle, seed, value, rid):
+        return {"eval_set": "test", "label": "macro", "attribute": "all", "group": "all", "metric": "auroc",
+                "pretrained": src, "backbone": "bit_r50x1", "n_params": 23.5e6, "fraction": 1.0, "shots": 0,
+                "protocol": protocol, "reinit": "none", "shuffle": shuffle, "seed": seed, "run_id": rid,
+                "value": value, "lo": value - 0.04, "hi": value + 0.04}
+
+    shuffled = pd.DataFrame([row("bit-m", "finetune", "8", 0, 0.66, "up8-0"), row("bit-m", "finetune", "8", 1, 0.62,
+                                                                                   "up8-1"),
+                             row("scratch", "finetune", "8", 0, 0.60, "sc8-0"),
+                             row("scratch", "finetune", "8", 1, 0.60, "sc8-1")])
+    t = at.shuffle_table(shuffled, tmp_path, image_size=224).set_index(["pretrained", "shuffle"])
+    # the same per-seed numbers through probe_gap (fine-tuned = the source, probe = scratch)
+    probe = shuffled.assign(shuffle="none", pretrained="bit-m",
+                            protocol=["finetune", "finetune", "linear_probe", "linear_probe"],
+                            run_id=["ft0", "ft1", "lp0", "lp1"])
+    ref = at.probe_gap(probe, tmp_path).iloc[0]
+    r = t.loc[("bit-m", "8")]
+    assert r["gap"] == pytest.approx(0.04) and r["gap_ci"] == "seeds+patients" == ref["gap_ci"]
+    assert (r["gap_lo"], r["gap_hi"]) == (pytest.approx(ref["gap_lo"]), pytest.approx(ref["gap_hi"]))
+    assert (r["mean"], r["lo"], r["hi"]) == (pytest.approx(0.64), pytest.approx(ref["finetune_lo"]),
+                                             pytest.approx(ref["finetune_hi"]))
+    assert r["block"] == 8 and r["scratch"] == pytest.approx(0.60) and r["n_seeds"] == 2

@@ -34,6 +34,12 @@ BUDGET = ["fraction", "shots"]
 """A cell's data budget: a fraction of the training patients (``shots`` 0) or a k-shot subset."""
 
 
+def unshuffled(t: pd.DataFrame) -> pd.DataFrame:
+    """The rows of cells whose images are not block-shuffled (all of a table made before the axis existed): the
+    views other than :func:`shuffle_table` compare cells on the images as they are."""
+    return t[t["shuffle"] == "none"] if "shuffle" in t else t
+
+
 def budget_name(fraction: float, shots: int) -> str:
     """``fraction 0.2`` or ``5-shot``."""
     return f"{int(shots)}-shot" if shots else f"fraction {float(fraction):g}"
@@ -85,7 +91,7 @@ def probe_gap(df: pd.DataFrame, store_root, eval_set: str = "test", confidence: 
     """
     cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "finetune", "finetune_lo",
             "finetune_hi", "probe", "probe_lo", "probe_hi", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
-    runs = select(df, "auroc", eval_set)
+    runs = unshuffled(select(df, "auroc", eval_set))
     runs = runs[runs["reinit"] == "none"] if "reinit" in runs else runs.iloc[:0]
     if runs.empty or set(runs["protocol"]) < {"finetune", "linear_probe"}:
         return pd.DataFrame(columns=cols)
@@ -118,7 +124,7 @@ def fewshot_table(summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame
     source × protocol × k, with the labelled training images it had."""
     cols = ["pretrained", "backbone", "n_params", "protocol", "shots", "n_train_images", "mean", "lo", "hi",
             "n_seeds"]
-    s = select(summary, "auroc", eval_set)
+    s = unshuffled(select(summary, "auroc", eval_set))
     if "shots" not in s or s.empty:
         return pd.DataFrame(columns=cols)
     s = s[(s["shots"] > 0) & (s["reinit"] == "none")]
@@ -141,7 +147,7 @@ def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "tes
     """
     cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "kept", "units_kept", "n_units",
             "mean", "lo", "hi", "auroc_lost", "n_seeds"]
-    s = select(summary, "auroc", eval_set)
+    s = unshuffled(select(summary, "auroc", eval_set))
     if "reinit" not in s or not (s["reinit"] != "none").any():
         return pd.DataFrame(columns=cols)
     s = s[s["protocol"] == "finetune"]
