@@ -390,8 +390,10 @@ def shuffle_curves(table: pd.DataFrame) -> plt.Figure | None:
         bottom.axhline(0, color="grey", linewidth=1)
         top.set(title=f"{panel}: AUROC (test)", xlabel="block size (pixels)", ylabel="macro AUROC")
         bottom.set(title=f"{panel}: pretrained − scratch", xlabel="block size (pixels)", ylabel="AUROC gap")
+        whole = set(d.loc[d["shuffle"] == "none", "block"])  # the unshuffled images: one block
         for ax in (top, bottom):
             _fraction_axis(ax, d["block"])
+            ax.set_xticklabels([f"{b:g}" + ("\n(unshuffled)" if b in whole else "") for b in ax.get_xticks()])
             ax.grid(alpha=0.3)
     return _finish(fig, axes)
 
