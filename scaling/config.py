@@ -684,6 +684,19 @@ def parse_reinit(value: str, where: str = "grid.reinit") -> tuple[str, int]:
     return kind, int(k)
 
 
+def parse_shuffle(value: str, where: str = "grid.shuffle") -> int:
+    """``none`` → 0; ``<b>`` (a positive integer) → ``b``, the side in pixels of the square blocks a block-shuffled
+    cell permutes (Neyshabur, Sedghi & Zhang 2020, §3; docs/analysis.md). Raises ConfigError naming ``where``
+    otherwise; that ``b`` divides ``data.image_size`` is checked with the whole config (:class:`StudyConfig`)."""
+    text = str(value).strip()
+    if text == "none":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{where} contains {value!r}; use 'none' or a block size in pixels (a positive integer "
+                          f"that divides data.image_size)")
+    return int(text)
+
+
 MEAN_VAR_PREFIX = "meanvar:"
 """Prefix of a Mean Var source: ``meanvar:<source>`` loads ``<source>`` and draws each tensor i.i.d. with that
 tensor's mean and variance (Raghu et al. 2019; ``scaling.models.reinit.mean_var_init``)."""
@@ -710,7 +723,7 @@ def _check_seeds(where: str, seeds) -> None:
             raise ConfigError(f"{where}: seed {s} is out of range; seeds must be integers in [0, 2**32)")
 
 
-def _check_axes(where: str, protocols, shots, reinit) -> None:
+def _check_axes(where: str, protocols, shots, reinit, shuffle=None) -> None:
     """Validate the analysis axes of a grid or a sub-grid (None = not set there)."""
     for p in protocols or ():
         _choice(f"{where}.protocols", p, PROTOCOLS)
@@ -719,7 +732,10 @@ def _check_axes(where: str, protocols, shots, reinit) -> None:
             raise ConfigError(f"{where}.shots contains {k}; k-shot sizes must be >= 1")
     for r in reinit or ():
         parse_reinit(r, f"{where}.reinit")
-    for name, values in (("protocols", protocols), ("shots", shots), ("reinit", reinit)):
+    for b in shuffle or ():
+        parse_shuffle(b, f"{where}.shuffle")
+    for name, values in (("protocols", protocols), ("shots", shots), ("reinit", reinit),
+                         ("shuffle", None if shuffle is None else [parse_shuffle(b) for b in shuffle])):
         if values is not None and len(set(values)) != len(values):
             raise ConfigError(f"{where}.{name}={list(values)} names a value twice")
 
@@ -742,13 +758,15 @@ class SubGridConfig:
     """``finetune`` and/or ``linear_probe`` (null: the grid's)."""
     reinit: tuple[str, ...] | None = None
     """Block re-initialisations (null: the grid's)."""
+    shuffle: tuple[str, ...] | None = None
+    """Block-shuffle sizes (null: the grid's)."""
 
     def __post_init__(self):
         for f in self.fractions or ():
             if not 0 < f <= 1:
                 raise ConfigError(f"grid.also.fractions contains {f}; fractions must be in (0, 1]")
         _check_seeds("grid.also.seeds", self.seeds)
-        _check_axes("grid.also", self.protocols, self.shots, self.reinit)
+        _check_axes("grid.also", self.protocols, self.shots, self.reinit, self.shuffle)
 
 
 @dataclass(frozen=True)
@@ -780,6 +798,11 @@ class GridConfig:
     """Block re-initialisation before fine-tuning: ``none``, ``after:k`` (keep units 0..k-1 pretrained, Raghu et al.
     2019's weight transfusion) or ``first:k`` (re-initialise units 0..k-1); units are the stem, each block, the
     neck (``scaling.models.reinit``)."""
+    shuffle: tuple[str, ...] = ("none",)
+    """Block shuffling of every image a cell trains and is evaluated on (Neyshabur, Sedghi & Zhang 2020, §3):
+    ``none``, or a block size ``b`` in pixels that divides ``data.image_size``: each image is cut into ``b x b``
+    blocks and the blocks are permuted, by one permutation per run drawn from its seed. Fine-tuned cells of any
+    source except a Mean Var init, without re-initialisation; other combinations are not cells."""
     also: tuple[SubGridConfig, ...] = ()
     """Further cells: each entry's product, its unset axes taken from this grid (e.g. one re-initialisation or
     few-shot sweep at one source, without multiplying the whole grid)."""
@@ -788,13 +811,13 @@ class GridConfig:
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise ConfigError(f"grid.fractions contains {f}; fractions must be in (0, 1]")
-        for name in ("backbones", "pretrained", "seeds", "protocols", "reinit"):
+        for name in ("backbones", "pretrained", "seeds", "protocols", "reinit", "shuffle"):
             if not getattr(self, name):
                 raise ConfigError(f"grid.{name} must not be empty")
         if not self.fractions and not self.shots:
             raise ConfigError("grid.fractions and grid.shots are both empty: give at least one data budget")
         _check_seeds("grid.seeds", self.seeds)
-        _check_axes("grid", self.protocols, self.shots, self.reinit)
+        _check_axes("grid", self.protocols, self.shots, self.reinit, self.shuffle)
 
 
 @dataclass(frozen=True)
@@ -837,6 +860,13 @@ class StudyConfig:
                 raise ConfigError(
                     f"grid.pretrained names {src!r} but no upstream entry has that name; known: {sorted(known)}"
                 )
+        for where, values in (("grid.shuffle", self.grid.shuffle),
+                              *(("grid.also.shuffle", g.shuffle or ()) for g in self.grid.also)):
+            for b in values:
+                if parse_shuffle(b, where) and self.data.image_size % parse_shuffle(b, where):
+                    raise ConfigError(f"{where} contains {b!r}, which does not divide data.image_size="
+                                      f"{self.data.image_size}: the {self.data.image_size}x{self.data.image_size} "
+                                      f"images must cut into whole {b}x{b} blocks")
         protocols = [*self.grid.protocols, *(p for g in self.grid.also for p in g.protocols or ())]
         if self.data.task == "multiclass" and "linear_probe" in protocols:
             raise ConfigError("grid.protocols: linear_probe fits one logistic regression per label (multi-label "

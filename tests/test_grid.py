@@ -123,6 +123,7 @@ TABLE = [
     ("grid.shots=[1,5]", False),
     ("grid.protocols=[finetune,linear_probe]", False),
     ("grid.reinit=[none,after:2]", False),
+    ("grid.shuffle=[none,8]", False),
     ("grid.also=[{pretrained: [hub], reinit: ['after:2']}]", False),
     # the linear probe: only a probe cell fits one (test_probe_settings_change_probe_cells_only)
     ("probe.cs=[0.1,1]", False),
@@ -255,6 +256,27 @@ def test_protocol_budget_and_reinit_axes_are_cells_with_readable_ids():
     shot = next(c for c in cells if c.shots == 5 and c.protocol == "linear_probe")
     assert result_settings(run_config(cfg, shot))["cell"] == {"shots": [5], "protocol": ["linear_probe"]}
     assert config_hash(run_config(cfg, shot)) == config_hash(cfg)
+
+
+def test_block_shuffled_cells_have_readable_ids_and_leave_every_other_id_alone():
+    cfg = _cfg("grid.backbones=[a]", "grid.fractions=[1]", "grid.seeds=[0]", "grid.shots=[5]",
+               "grid.protocols=[finetune,linear_probe]", "grid.reinit=[none,'after:2']", "grid.shuffle=[none, 16]")
+    without = _cfg("grid.backbones=[a]", "grid.fractions=[1]", "grid.seeds=[0]", "grid.shots=[5]",
+                   "grid.protocols=[finetune,linear_probe]", "grid.reinit=[none,'after:2']")
+    cells = expand_grid(cfg)
+    # the cells of the grid without the axis, each with its id, plus the fine-tuned, not re-initialised cells of
+    # both sources (scratch too) at both budgets, shuffled
+    assert [c for c in cells if c.shuffle == "none"] == expand_grid(without)
+    assert {run_id(cfg, c) for c in cells if c.shuffle == "none"} == {run_id(without, c) for c in expand_grid(without)}
+    shuffled = [c for c in cells if c.shuffle != "none"]
+    assert {(c.pretrained, c.budget, c.protocol, c.reinit) for c in shuffled} == {
+        (p, b, "finetune", "none") for p in ("scratch", "hub") for b in ("f1", "k5")}
+    spec = next(c for c in shuffled if c.pretrained == "hub" and c.budget == "f1")
+    assert run_id(cfg, spec).startswith("a__hub__f1__s0__shuffle-16__")
+    assert result_settings(run_config(cfg, spec))["cell"] == {"fraction": [1.0], "shuffle": ["16"]}
+    assert config_hash(run_config(cfg, spec)) == config_hash(cfg) == config_hash(without)
+    # "016" and 16 are one cell
+    assert RunSpec("a", "hub", 1.0, 0, shuffle="016") == spec and spec.block == 16
 
 
 def test_also_adds_cells_without_multiplying_the_grid():

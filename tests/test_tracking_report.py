@@ -109,6 +109,13 @@ def test_report_selects_the_runs_of_one_study_config(tmp_path, no_network):
     assert "Config('config_hash') == '0123456789ab'" in no_sources.blocks[-1].runsets[0].filters
     mixed = build_wandb_report("demo", project="scaling", sources=["scratch"])
     assert "config_hash" not in mixed.blocks[-1].runsets[0].filters
+    # block-shuffled cells are left out of the plain run sets by value, so runs logged before the axis stay in
+    shuffled = build_wandb_report("demo", project="scaling", sources=["scratch"], analysis=True, shuffles=["8", "32"])
+    plain = [r for b in shuffled.blocks if type(b).__name__ == "PanelGrid" for r in b.runsets
+             if "linear_probe" not in r.filters and "shots') >= 1" not in r.filters]
+    assert len(plain) == 2
+    for r in plain:
+        assert r.filters.endswith("Config('shuffle') != '8' and Config('shuffle') != '32'"), r.filters
 
 
 def test_publish_offline(tmp_path, monkeypatch, no_network):
@@ -120,7 +127,7 @@ def test_publish_offline(tmp_path, monkeypatch, no_network):
     # Sources come from the whole grid (study.yaml), including those not started yet.
     assert args == {"study": "handmade", "sources": ["scratch", "upstream:big", "upstream:small"],
                     "ood_sets": ["ood_site_b"], "attributes": {"test": ["sex"], "ood_site_b": ["sex"]},
-                    "analysis": False, "config_hash": config_hash(cfg)}
+                    "analysis": False, "config_hash": config_hash(cfg), "shuffles": []}
     assert publish_study(tmp_path / "s", TrackingConfig(wandb="offline"), build_report(tmp_path / "s", n_boot_fit=20)) is None  # no Report offline
     files = [p for p in (tmp_path / "s" / "wandb-study").rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)

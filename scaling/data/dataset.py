@@ -107,7 +107,9 @@ class TableDataset(Dataset):
     ``scaling.config.bit_resize``) and crops ``image_size`` out of them. ``mean`` /
     ``std`` normalise [0, 1] pixels on the device (the trainer reads them from the dataset). ``keep_labels`` are
     label columns kept in ``table`` beside ``labels`` without being trained on (derived labels, scored from the
-    predictions).
+    predictions). ``shuffle`` > 0 block-shuffles every image it serves, training views and keys without a draw seed
+    alike, with the one permutation of ``shuffle_seed`` (a block-shuffled cell passes its run seed;
+    docs/analysis.md).
     """
 
     def __init__(
@@ -127,11 +129,13 @@ class TableDataset(Dataset):
         keep_labels: Sequence[str] = (),
         augment: str = "light",
         resize: int | None = None,
+        shuffle: int = 0,
+        shuffle_seed: int = 0,
     ):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is not one of {list(TASKS)}")
         self.image_size = int(image_size)
-        self.transform = build_transform(self.image_size, train, flip, augment, resize)
+        self.transform = build_transform(self.image_size, train, flip, augment, resize, shuffle, shuffle_seed)
         self.load_size = self.transform.load_size
         """The square size images are decoded and cached at: ``image_size``, or BiT's ``resize`` for its training
         views (a store of its own in the cache, ``<resize>px``)."""

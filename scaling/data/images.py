@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
@@ -285,6 +286,27 @@ def _hflip(image: torch.Tensor) -> torch.Tensor:
     return F.horizontal_flip(image)
 
 
+def block_permutation(n_blocks: int, seed: int) -> torch.Tensor:
+    """The permutation of ``n_blocks`` blocks that seed ``seed`` stands for: ``torch.randperm`` from a generator of
+    its own seeded with ``seed``, so it is the same on every rank, DataLoader worker and launch, and independent of
+    every other draw of the run."""
+    return torch.randperm(int(n_blocks), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def block_shuffle(image: torch.Tensor, block: int, permutation: torch.Tensor) -> torch.Tensor:
+    """``image`` (``(C, H, W)``, any dtype) cut into ``block x block`` blocks, read in row-major order, and put back
+    with block ``permutation[j]`` at position ``j``: Neyshabur, Sedghi & Zhang 2020's block shuffling (their
+    ``RandomBlockShuffle``, google-research/understanding-transfer-learning ``libdata/utils.py``, which gathers
+    ``blocks[..., perm]`` the same way). Every channel moves together; the pixels are moved, never changed, so a
+    uint8/uint16 image keeps its exact values. ``block`` must divide ``H`` and ``W``; a block of the whole image is
+    the identity."""
+    c, h, w = image.shape
+    if h % block or w % block:
+        raise ValueError(f"a {block}x{block} block does not tile a {h}x{w} image")
+    blocks = rearrange(image, "c (nh bh) (nw bw) -> (nh nw) c bh bw", bh=block, bw=block)
+    return rearrange(blocks[permutation], "(nh nw) c bh bw -> c (nh bh) (nw bw)", nh=h // block)
+
+
 class ImageTransform:
     """Geometry of the train/eval pipeline on a ``(C, H, W)`` image, with randomness only from an explicit seed.
 
@@ -306,12 +328,25 @@ class ImageTransform:
     check that ``torch.manual_seed(s)`` + the torchvision pipeline gives the same pixels as ``transform(image, s)``.
     Horizontal flips are off by default, under both augmentations, because chest anatomy is not mirror-symmetric (the
     heart is on the left); turn ``flip`` on for dermatology.
+
+    ``shuffle`` > 0 block-shuffles every output, training view and evaluation image alike, as the last step (after
+    the crop, on the integer pixels, before any normalisation): the ``image_size`` image is cut into ``shuffle x
+    shuffle`` blocks, permuted by :func:`block_permutation` of ``shuffle_seed`` (:func:`block_shuffle`). The
+    permutation is one per transform, the same for every image, as in Neyshabur et al. 2020's code (one
+    ``RandomBlockShuffle`` per run, applied to the training and the test images): it draws nothing from a view's
+    generator, so a view's crop, rotation and flip are those of the unshuffled cell of the same seed.
     """
 
     def __init__(self, image_size: int, train: bool, flip: bool = False, augment: str = "light",
-                 resize: int | None = None):
+                 resize: int | None = None, shuffle: int = 0, shuffle_seed: int = 0):
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r} is not one of {list(AUGMENTS)}")
+        if shuffle < 0 or (shuffle and int(image_size) % shuffle):
+            raise ValueError(f"shuffle={shuffle} is not a block size that divides image_size={image_size}")
+        self.shuffle = int(shuffle)
+        """Side of the blocks permuted (0: no block shuffling)."""
+        self.permutation = block_permutation((int(image_size) // shuffle) ** 2, shuffle_seed) if shuffle else None
+        """Block ``permutation[j]`` of an image lands at position ``j`` (row-major); None without shuffling."""
         self.image_size, self.train, self.flip, self.augment = int(image_size), bool(train), bool(flip), augment
         if resize is None:
             resize = bit_resize(self.image_size) if augment == "bit" else self.image_size
@@ -323,6 +358,10 @@ class ImageTransform:
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The transformed ``(C, image_size, image_size)`` image, of the input's dtype."""
+        out = self._geometry(image, seed)
+        return out if self.permutation is None else block_shuffle(out, self.shuffle, self.permutation)
+
+    def _geometry(self, image: torch.Tensor, seed: int | None) -> torch.Tensor:
         size = [self.image_size, self.image_size]
         if not self.train or seed is None:
             return image if tuple(image.shape[-2:]) == tuple(size) else F.resize(image, size, antialias=True)
@@ -355,9 +394,10 @@ class ImageTransform:
 
 
 def build_transform(image_size: int, train: bool, flip: bool = False, augment: str = "light",
-                    resize: int | None = None) -> ImageTransform:
-    """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size`` (:class:`ImageTransform`)."""
-    return ImageTransform(image_size, train, flip, augment, resize)
+                    resize: int | None = None, shuffle: int = 0, shuffle_seed: int = 0) -> ImageTransform:
+    """The train (``train=True``: seeded augmentation) or eval geometry at ``image_size``, block-shuffled with
+    ``shuffle`` > 0 (:class:`ImageTransform`)."""
+    return ImageTransform(image_size, train, flip, augment, resize, shuffle, shuffle_seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,16 +26,16 @@ from scaling.tracking import redact_paths
 log = logging.getLogger(__name__)
 
 AXES = ("study", "config_hash", "backbone", "n_params", "pretrained", "pretrain_images", "fraction",
-        "n_train_images", "seed", "protocol", "shots", "reinit")
+        "n_train_images", "seed", "protocol", "shots", "reinit", "shuffle")
 """Study axes carried as columns of the tidy table (from each run's spec.json)."""
 
-CELL = ("backbone", "n_params", "pretrained", "pretrain_images", "fraction", "protocol", "shots", "reinit")
+CELL = ("backbone", "n_params", "pretrained", "pretrain_images", "fraction", "protocol", "shots", "reinit", "shuffle")
 """The axes that identify a grid cell up to its seed."""
 
-PLAIN = {"protocol": "finetune", "shots": 0, "reinit": "none"}
+PLAIN = {"protocol": "finetune", "shots": 0, "reinit": "none", "shuffle": "none"}
 """The analysis axes of a plain fine-tuning cell (and of runs stored before those axes existed)."""
 
-GRID_KEYS = ("backbone", "pretrained", "fraction", "seed", "protocol", "shots", "reinit")
+GRID_KEYS = ("backbone", "pretrained", "fraction", "seed", "protocol", "shots", "reinit", "shuffle")
 """What a run's spec.json and a cell of study.yaml's grid are matched on."""
 
 KEYS = ("eval_set", "label", "attribute", "group", "metric")
@@ -76,7 +76,7 @@ def _expected_cells(store_root: Path) -> pd.DataFrame:
     # that failed before writing it, in a store written by an older version).
     return pd.DataFrame([{"study": cfg.name, "config_hash": recorded, "backbone": s.backbone,
                           "pretrained": s.pretrained, "fraction": float(s.fraction), "seed": int(s.seed),
-                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit,
+                          "protocol": s.protocol, "shots": int(s.shots), "reinit": s.reinit, "shuffle": s.shuffle,
                           "run_id": run_id(cfg, s)}
                          for s in expand_grid(cfg)])
 
@@ -519,14 +519,14 @@ def interval_texts(summary: pd.DataFrame, digits: int = 3) -> list[str]:
 
 
 def plain_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of plain fine-tuning cells (fraction budget, whole model fine-tuned, nothing re-initialised): what
-    the scaling views (size, data, shift, subgroups, calibration, fits) are drawn from. The analysis views read the
-    other cells (docs/analysis.md)."""
-    if not set(PLAIN) <= set(df.columns):
-        return df
+    """The rows of plain fine-tuning cells (fraction budget, whole model fine-tuned, nothing re-initialised or
+    block-shuffled): what the scaling views (size, data, shift, subgroups, calibration, fits) are drawn from. The
+    analysis views read the other cells (docs/analysis.md). A table without one of the axes' columns (made before
+    that axis existed) is plain along it."""
     keep = np.ones(len(df), dtype=bool)
     for k, v in PLAIN.items():
-        keep &= (df[k] == v).to_numpy()
+        if k in df.columns:
+            keep &= (df[k] == v).to_numpy()
     return df[keep]
 
 

@@ -4,6 +4,8 @@
 * :func:`fewshot_table`: AUROC vs k of the k-shot cells;
 * :func:`reinit_table`: AUROC vs the number of units kept pretrained (Raghu et al. 2019's weight transfusion) and
   the AUROC lost by re-initialising, the measured feature reuse;
+* :func:`shuffle_table`: fine-tuned AUROC vs the block size of block-shuffled images per source, and pretrained −
+  scratch on the same shuffled images (Neyshabur, Sedghi & Zhang 2020, §3);
 * :func:`cka_blocks`: per-block CKA between each fine-tuned run and its initialisation (the diagonal of
   ``runs/<id>/cka.parquet``), averaged over seeds;
 * :func:`cka_scales`: block-by-block CKA between the smallest backbone and each larger one of the same source at
@@ -30,6 +32,12 @@ log = logging.getLogger(__name__)
 
 BUDGET = ["fraction", "shots"]
 """A cell's data budget: a fraction of the training patients (``shots`` 0) or a k-shot subset."""
+
+
+def unshuffled(t: pd.DataFrame) -> pd.DataFrame:
+    """The rows of cells whose images are not block-shuffled (all of a table made before the axis existed): the
+    views other than :func:`shuffle_table` compare cells on the images as they are."""
+    return t[t["shuffle"] == "none"] if "shuffle" in t else t
 
 
 def budget_name(fraction: float, shots: int) -> str:
@@ -83,7 +91,7 @@ def probe_gap(df: pd.DataFrame, store_root, eval_set: str = "test", confidence: 
     """
     cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "finetune", "finetune_lo",
             "finetune_hi", "probe", "probe_lo", "probe_hi", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
-    runs = select(df, "auroc", eval_set)
+    runs = unshuffled(select(df, "auroc", eval_set))
     runs = runs[runs["reinit"] == "none"] if "reinit" in runs else runs.iloc[:0]
     if runs.empty or set(runs["protocol"]) < {"finetune", "linear_probe"}:
         return pd.DataFrame(columns=cols)
@@ -116,7 +124,7 @@ def fewshot_table(summary: pd.DataFrame, eval_set: str = "test") -> pd.DataFrame
     source × protocol × k, with the labelled training images it had."""
     cols = ["pretrained", "backbone", "n_params", "protocol", "shots", "n_train_images", "mean", "lo", "hi",
             "n_seeds"]
-    s = select(summary, "auroc", eval_set)
+    s = unshuffled(select(summary, "auroc", eval_set))
     if "shots" not in s or s.empty:
         return pd.DataFrame(columns=cols)
     s = s[(s["shots"] > 0) & (s["reinit"] == "none")]
@@ -139,7 +147,7 @@ def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "tes
     """
     cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "kept", "units_kept", "n_units",
             "mean", "lo", "hi", "auroc_lost", "n_seeds"]
-    s = select(summary, "auroc", eval_set)
+    s = unshuffled(select(summary, "auroc", eval_set))
     if "reinit" not in s or not (s["reinit"] != "none").any():
         return pd.DataFrame(columns=cols)
     s = s[s["protocol"] == "finetune"]
@@ -166,7 +174,58 @@ def reinit_table(summary: pd.DataFrame, runs: pd.DataFrame, eval_set: str = "tes
         drop=True)
 
 
-CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit"]
+def shuffle_table(df: pd.DataFrame, store_root, eval_set: str = "test", image_size: int | None = None,
+                  confidence: float = 0.95, n_boot: int = 200) -> pd.DataFrame:
+    """Fine-tuned macro AUROC on ``eval_set`` vs the block size of block-shuffled images, per pretraining source ×
+    backbone × data budget that has block-shuffled cells (Neyshabur, Sedghi & Zhang 2020, §3), and for every
+    source but ``scratch`` the gap source − scratch at the same block size.
+
+    ``shuffle`` is the cell's axis (``none`` or the block size); ``block`` its block size in pixels, ``image_size``
+    for the unshuffled cell (one block: the image as it is) when given, NaN otherwise. ``mean``/``lo``/``hi`` are
+    the cell's mean over seeds with the summary's interval (:func:`scaling.study.aggregate.cell_interval`),
+    clipped to [0, 1]. ``gap`` (with ``scratch``, the scratch cell's AUROC) is the mean over seeds of the paired
+    difference source − scratch of each seed: a scratch and a pretrained cell of one seed see the same shuffled
+    images (one permutation per seed), so each seed's difference has a paired patient-level bootstrap interval of
+    the pair's predictions, combined over seeds with their spread as :func:`probe_gap` does (``gap_ci``), clipped to
+    [−1, 1]. Reading it: a gap that stays positive as the blocks shrink (the images' visual features destroyed,
+    their low-level statistics kept) is a benefit of pretraining that is not feature reuse.
+    """
+    cols = ["pretrained", "backbone", "n_params", "fraction", "shots", "budget", "shuffle", "block", "mean", "lo",
+            "hi", "scratch", "gap", "gap_lo", "gap_hi", "gap_ci", "n_seeds"]
+    runs = select(df, "auroc", eval_set)
+    if "shuffle" not in runs or not (runs["shuffle"] != "none").any():
+        return pd.DataFrame(columns=cols)
+    runs = runs[(runs["protocol"] == "finetune") & (runs["reinit"] == "none")]
+    shuffled = runs[runs["shuffle"] != "none"][["pretrained", "backbone", *BUDGET]].drop_duplicates()
+    runs = runs.merge(shuffled, on=["pretrained", "backbone", *BUDGET])  # the cells with a shuffled counterpart
+    store = RunStore(store_root)
+    rows = []
+    for (src, bb, n, f, k, sh), g in runs.groupby(["pretrained", "backbone", "n_params", *BUDGET, "shuffle"],
+                                                 sort=True):
+        g = g.set_index("seed")
+        v = g["value"].to_numpy(float)
+        lo, hi, _, _ = cell_interval(v, g["lo"], g["hi"], confidence)
+        block = float(image_size) if sh == "none" and image_size else (float("nan") if sh == "none" else float(sh))
+        row = {"pretrained": src, "backbone": bb, "n_params": n, "fraction": f, "shots": int(k),
+               "budget": budget_name(f, k), "shuffle": sh, "block": block, "mean": float(np.mean(v)),
+               "lo": max(lo, 0.0), "hi": min(hi, 1.0), "n_seeds": len(v)}
+        base = runs[(runs["pretrained"] == "scratch") & (runs["backbone"] == bb) & (runs["fraction"] == f)
+                    & (runs["shots"] == k) & (runs["shuffle"] == sh)].set_index("seed")
+        seeds = sorted(set(g.index) & set(base.index))
+        if src != "scratch" and seeds:
+            gaps = np.array([paired_macro_gap(store.read_predictions(g.loc[s, "run_id"], eval_set),
+                                              store.read_predictions(base.loc[s, "run_id"], eval_set),
+                                              n_boot=n_boot, alpha=1 - confidence) for s in seeds], float)
+            glo, ghi, _, kind = cell_interval(gaps[:, 0], gaps[:, 1], gaps[:, 2], confidence)
+            row.update(scratch=float(base.loc[seeds, "value"].astype(float).mean()), gap=float(gaps[:, 0].mean()),
+                       gap_lo=max(glo, -1.0), gap_hi=min(ghi, 1.0), gap_ci=kind)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["pretrained", "n_params", "shots", "fraction", "block"], na_position="last").reset_index(
+        drop=True)
+
+
+CKA_KEYS = ["pretrained", "backbone", "n_params", "fraction", "shots", "reinit", "shuffle"]
 """The cell of a CKA curve (fine-tuned runs only), up to its seed."""
 
 

@@ -129,9 +129,9 @@ def selective_curves(store_root, df: pd.DataFrame, models: dict[str, pd.Series],
 
 def cell_runs(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
     """Run ids and seeds of one grid cell, matched on the backbone / pretrained / fraction / protocol / shots /
-    reinit keys that ``cell`` and ``df`` have (so a probe run is never another seed of its fine-tuned cell; the
+    reinit / shuffle keys that ``cell`` and ``df`` have (so a probe run is never another seed of its fine-tuned cell; the
     derived axes, such as a NaN pretraining size, would never compare equal)."""
-    keys = ("backbone", "pretrained", "fraction", "protocol", "shots", "reinit")
+    keys = ("backbone", "pretrained", "fraction", "protocol", "shots", "reinit", "shuffle")
     m = np.logical_and.reduce([df[c] == cell[c] for c in keys if c in cell and c in df])
     return df[m][["run_id", "seed"]].drop_duplicates().sort_values("seed")
 

@@ -1,9 +1,10 @@
-"""The study grid: backbone × pretraining source × data budget × seed × protocol × re-initialisation → runs with
-stable, content-derived ids.
+"""The study grid: backbone × pretraining source × data budget × seed × protocol × re-initialisation × block
+shuffling → runs with stable, content-derived ids.
 
 A data budget is a fraction of the training patients or a k-shot subset; the protocol fine-tunes the model or fits
 a linear probe on its frozen features; re-initialisation resets the blocks above (or below) a unit before
-fine-tuning. The last three default to the plain fine-tuning cell, whose ids they leave unchanged.
+fine-tuning; block shuffling permutes ``b x b`` pixel blocks of every image the cell sees. The last four default
+to the plain fine-tuning cell, whose ids they leave unchanged.
 
 A run id names one result. It is the cell's axes (readable) plus a short hash of :func:`result_settings`, the one
 rule that says which settings change what a run trains and predicts (docs/run-store.md, "What a run id means").
@@ -27,6 +28,7 @@ from scaling.config import (
     StudyConfig,
     SubGridConfig,
     mean_var_source,
+    parse_shuffle,
     to_dict,
     upstream_name,
 )
@@ -35,8 +37,14 @@ SYNTHETIC = "synthetic"
 """``data.root`` value selecting the offline demo data; ``synthetic:b`` is the second (OOD) acquisition site."""
 
 
-FINETUNE, PROBE, NO_REINIT = "finetune", "linear_probe", "none"
-"""The default protocol and re-initialisation (the plain fine-tuning cell)."""
+FINETUNE, PROBE, NO_REINIT, NO_SHUFFLE = "finetune", "linear_probe", "none", "none"
+"""The default protocol, re-initialisation and block shuffling (the plain fine-tuning cell)."""
+
+
+def shuffle_name(value) -> str:
+    """A ``grid.shuffle`` value as a cell holds it: ``none`` or the block size in decimal (``8`` of ``"08"``)."""
+    b = parse_shuffle(value)
+    return str(b) if b else NO_SHUFFLE
 
 
 def _pathlike(text: str) -> bool:
@@ -97,11 +105,19 @@ class RunSpec:
     """``none``, ``after:k`` or ``first:k`` (``scaling.config.parse_reinit``)."""
     source: str = ""
     """The weight source as written in ``grid.pretrained`` (a path included); set from ``pretrained`` when empty."""
+    shuffle: str = NO_SHUFFLE
+    """``none`` or the side in pixels of the blocks every image of the cell is shuffled in (``grid.shuffle``)."""
 
     def __post_init__(self):
         if not self.source:
             object.__setattr__(self, "source", self.pretrained)
         object.__setattr__(self, "pretrained", source_label(self.pretrained))
+        object.__setattr__(self, "shuffle", shuffle_name(self.shuffle))
+
+    @property
+    def block(self) -> int:
+        """The block size of a block-shuffled cell, 0 for any other."""
+        return parse_shuffle(self.shuffle)
 
     @property
     def budget(self) -> str:
@@ -112,18 +128,23 @@ class RunSpec:
 def _cells(g: GridConfig, sub: SubGridConfig | None = None) -> list[RunSpec]:
     """The product of one grid's axes (``sub``'s where set, the grid's otherwise), minus the combinations that are
     not cells: a re-initialised probe (a probe trains nothing), a re-initialised scratch backbone or Mean Var init
-    (neither has pretrained units to keep)."""
+    (neither has pretrained units to keep), and a block-shuffled probe, Mean Var init or re-initialised cell
+    (block shuffling asks pretrained against scratch on the same shuffled images, Neyshabur et al. 2020; it is
+    not crossed with the other analyses)."""
     def axis(name):
         value = getattr(sub, name) if sub is not None else None
         return value if value is not None else getattr(g, name)
 
     budgets = [(float(f), 0) for f in axis("fractions")] + [(1.0, int(k)) for k in axis("shots")]
     out = []
-    for b, p, (f, k), s, proto, r in itertools.product(axis("backbones"), axis("pretrained"), budgets, axis("seeds"),
-                                                     axis("protocols"), axis("reinit")):
+    for b, p, (f, k), s, proto, r, sh in itertools.product(axis("backbones"), axis("pretrained"), budgets,
+                                                         axis("seeds"), axis("protocols"), axis("reinit"),
+                                                         axis("shuffle")):
         if r != NO_REINIT and (proto != FINETUNE or p == "scratch" or mean_var_source(p) is not None):
             continue
-        out.append(RunSpec(b, p, f, int(s), proto, k, r))
+        if shuffle_name(sh) != NO_SHUFFLE and (proto != FINETUNE or r != NO_REINIT or mean_var_source(p) is not None):
+            continue
+        out.append(RunSpec(b, p, f, int(s), proto, k, r, shuffle=sh))
     return out
 
 
@@ -141,7 +162,8 @@ def run_config(study: StudyConfig, spec: RunSpec) -> StudyConfig:
     train = dataclasses.replace(study.train, seed=spec.seed)
     grid = GridConfig(backbones=(spec.backbone,), pretrained=(spec.source,),
                       fractions=() if spec.shots else (spec.fraction,), shots=(spec.shots,) if spec.shots else (),
-                      seeds=(spec.seed,), protocols=(spec.protocol,), reinit=(spec.reinit,))
+                      seeds=(spec.seed,), protocols=(spec.protocol,), reinit=(spec.reinit,),
+                      shuffle=(spec.shuffle,))
     upstream = tuple(u for u in study.upstream if upstream_name(spec.source) == u.name)
     return dataclasses.replace(study, model=model, train=train, grid=grid, upstream=upstream)
 
@@ -180,7 +202,7 @@ NEUTRAL: dict[str, str] = {
     "eval": "statistics of the stored predictions (and the prediction batch size); recomputed when they change",
     "probe.batch_size": "how many images a feature-extraction forward pass takes, not what it computes",
     "cka": "an analysis of the trained model, stored beside its predictions and recomputed when it changes",
-    "grid": "collapsed into the cell (backbone, pretrained, fraction or shots, seed, protocol, reinit)",
+    "grid": "collapsed into the cell (backbone, pretrained, fraction or shots, seed, protocol, reinit, shuffle)",
 }
 """Settings that never change a run's trained model or predictions, with the reason. Every other setting does,
 including any setting added to the config later: a new field changes ids until it is listed here."""
@@ -223,12 +245,12 @@ def result_settings(cfg: StudyConfig) -> dict[str, Any]:
     ``cfg`` is a run's config (:func:`run_config`); the ``probe`` section counts for linear-probe cells only, and a
     setting of :data:`LATER_DEFAULTS` only away from its default (``data.bit_resize`` only under ``data.augment:
     bit``, and then as the size it resolves to). Its data budget is ``cell.fraction`` or ``cell.shots``, and a
-    protocol or re-initialisation other than the default is ``cell.protocol`` / ``cell.reinit`` (absent for the
-    plain fine-tuning cell, so its id is what it was before these axes existed); a ``train.select`` other than
-    ``last`` brings ``train.eval_every`` in (the validation points are the candidate weights). Settings in
-    :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown or new setting is
-    never silently ignored. The dataset root counts only as its identity (``synthetic``), not as a path: moving
-    a dataset to another mount keeps the ids.
+    protocol, re-initialisation or block shuffling other than the default is ``cell.protocol`` / ``cell.reinit`` /
+    ``cell.shuffle`` (absent for the plain fine-tuning cell, so its id is what it was before these axes existed); a
+    ``train.select`` other than ``last`` brings ``train.eval_every`` in (the validation points are the candidate
+    weights). Settings in :data:`NEUTRAL` are left out (each with its reason); everything else is in, so an unknown
+    or new setting is never silently ignored. The dataset root counts only as its identity (``synthetic``), not as
+    a path: moving a dataset to another mount keeps the ids.
     """
     d = to_dict(cfg)
     root = cfg.data.root
@@ -258,12 +280,15 @@ def _cell(g: GridConfig) -> dict[str, Any]:
         cell["protocol"] = list(g.protocols)
     if tuple(g.reinit) != (NO_REINIT,):
         cell["reinit"] = list(g.reinit)
+    if tuple(g.shuffle) != (NO_SHUFFLE,):
+        cell["shuffle"] = [shuffle_name(b) for b in g.shuffle]
     return cell
 
 
 def study_settings(cfg: StudyConfig) -> dict[str, Any]:
     """What every run of a study shares: :func:`result_settings` without the cell axes (backbone, source, data budget,
-    seed, protocol, re-initialisation, upstream entry). Two runs are comparable cells of one study exactly when these agree."""
+    seed, protocol, re-initialisation, block shuffling, upstream entry). Two runs are comparable cells of one study
+    exactly when these agree."""
     d = result_settings(cfg)
     d.pop("cell")
     d.pop("probe", None)  # in a probe cell's id, not the study's: fine-tuned cells never read it
@@ -332,10 +357,12 @@ def run_id(study: StudyConfig, spec: RunSpec) -> str:
     The readable part of the source is the source as given (a path starting with ``/`` or ``.`` by its last part,
     ``file-<name>``), as it always was, so stores keep their ids; a ``<label>:<path>`` with a label of the user's
     own (one no preset source has: that form was refused before labels existed) by its label alone; a Mean Var init
-    by ``meanvar-`` and its source's label (:func:`source_label`)."""
+    by ``meanvar-`` and its source's label (:func:`source_label`). A block-shuffled cell ends in ``__shuffle-<b>``
+    before the hash."""
     h = _hash(result_settings(run_config(study, spec)))[:8]
     extra = ("__probe" if spec.protocol == PROBE else "") + (
-        f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "")
+        f"__reinit-{_slug(spec.reinit)}" if spec.reinit != NO_REINIT else "") + (
+        f"__shuffle-{spec.shuffle}" if spec.shuffle != NO_SHUFFLE else "")
     return f"{_slug(spec.backbone)}__{_slug(_readable_source(spec.source))}__{spec.budget}__s{spec.seed}{extra}__{h}"
 
 

@@ -368,6 +368,36 @@ def reinit_curves(table: pd.DataFrame) -> plt.Figure | None:
     return _finish(fig, axes, extra=key)
 
 
+def shuffle_curves(table: pd.DataFrame) -> plt.Figure | None:
+    """Fine-tuned AUROC vs block size (log x; the unshuffled image at its own size, one block) per backbone and data
+    budget, one colour per pretraining source; a second row draws each source's gap over scratch on the same
+    shuffled images (Neyshabur et al. 2020's Figure 2, as a difference)."""
+    if table is None or table.empty or table["block"].isna().all():
+        return None
+    t = table.dropna(subset=["block"]).assign(
+        panel=lambda d: d["backbone"] + ", " + np.where(d["shots"] > 0, d["shots"].astype(str) + "-shot",
+                                                         "fraction " + d["fraction"].map("{:g}".format)))
+    panels = list(dict.fromkeys(t.sort_values(["n_params", "shots", "fraction"])["panel"]))
+    colors = _palette(t["pretrained"].unique())
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 7.0), squeeze=False)
+    for j, panel in enumerate(panels):
+        d = t[t["panel"] == panel]
+        top, bottom = axes[0, j], axes[1, j]
+        _lines(top, d, "block", "pretrained", colors)
+        gap = d.dropna(subset=["gap"])
+        if len(gap):
+            _lines(bottom, _ci(gap, "gap", "gap_lo", "gap_hi"), "block", "pretrained", colors, legend=False)
+        bottom.axhline(0, color="grey", linewidth=1)
+        top.set(title=f"{panel}: AUROC (test)", xlabel="block size (pixels)", ylabel="macro AUROC")
+        bottom.set(title=f"{panel}: pretrained − scratch", xlabel="block size (pixels)", ylabel="AUROC gap")
+        whole = set(d.loc[d["shuffle"] == "none", "block"])  # the unshuffled images: one block
+        for ax in (top, bottom):
+            _fraction_axis(ax, d["block"])
+            ax.set_xticklabels([f"{b:g}" + ("\n(unshuffled)" if b in whole else "") for b in ax.get_xticks()])
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)
+
+
 def cka_block_curves(table: pd.DataFrame) -> plt.Figure | None:
     """CKA between each fine-tuned model and its initialisation per block (x: depth from the first block to
     ``pre_logits``), one panel per backbone, one line per pretraining source, the band spanning the seeds; plain
@@ -375,6 +405,8 @@ def cka_block_curves(table: pd.DataFrame) -> plt.Figure | None:
     if table is None or table.empty:
         return None
     t = table[(table["reinit"] == "none") & (table["shots"] == 0)]
+    if "shuffle" in t:
+        t = t[t["shuffle"] == "none"]
     t = t[t["fraction"] == t["fraction"].max()] if len(t) else t
     if t.empty:
         return None

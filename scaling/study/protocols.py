@@ -235,9 +235,12 @@ def check_cka(cfg: StudyConfig, eval_sets) -> None:
                           f"{list(eval_sets)}")
 
 
-def sample_key(table: pd.DataFrame) -> str:
-    """A short hash of the sample ids of a CKA sample, in order: two runs' Gram matrices compare only under one key."""
-    return hashlib.sha256("\n".join(map(str, table["sample_id"])).encode()).hexdigest()[:16]
+def sample_key(table: pd.DataFrame, spec: RunSpec | None = None) -> str:
+    """A short hash of the sample ids of a CKA sample, in order: two runs' Gram matrices compare only under one key.
+    A block-shuffled cell's sample is other images (its shuffled ones): its key says so (``/shuffle-8-s0``), so its
+    Gram matrices are never compared with another cell's."""
+    key = hashlib.sha256("\n".join(map(str, table["sample_id"])).encode()).hexdigest()[:16]
+    return key + (f"/shuffle-{spec.block}-s{spec.seed}" if spec is not None and spec.block else "")
 
 
 def write_cka(store: RunStore, rid: str, init: dict, tuned: dict, cka: CKAConfig, samples: str) -> pd.DataFrame:

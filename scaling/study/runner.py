@@ -298,6 +298,16 @@ def augmentation_record(d: DataConfig) -> dict:
     return {**out, "flip": d.flip}
 
 
+def shuffle_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
+    """spec.json's record of a block-shuffled cell (none for another): the block size in pixels, the number of
+    blocks an image is cut into and the seed their permutation is drawn from (the run's,
+    ``scaling.data.images.block_permutation``)."""
+    if not spec.block:
+        return {}
+    return {"shuffle_block": spec.block, "shuffle_n_blocks": (cfg.data.image_size // spec.block) ** 2,
+            "shuffle_seed": spec.seed}
+
+
 def describe_augmentation(d: DataConfig) -> str:
     """One line for ``--dry-run``: the training views and the evaluation view of ``data``."""
     flip = "horizontal flips" if d.flip else "no flip (data.flip: false)"
@@ -445,10 +455,12 @@ def _prediction_frame(table: pd.DataFrame, d: DataConfig, index: np.ndarray,
     return rows
 
 
-def _datasets(cfg: StudyConfig, model, tables: dict[str, pd.DataFrame], labels: list[str], train_table=None):
+def _datasets(cfg: StudyConfig, model, tables: dict[str, pd.DataFrame], labels: list[str], train_table=None,
+              spec: RunSpec | None = None):
     """TableDatasets for ``tables`` (evaluation) and ``train_table``, normalised as ``model``'s weights were trained
-    (``scaling.models.input_normalisation``); the main process fills the shared image cache first, the other ranks
-    then only read it."""
+    (``scaling.models.input_normalisation``) and, for a block-shuffled ``spec``, every image shuffled with the
+    permutation of its seed (the training views and every evaluation set alike); the main process fills the shared
+    image cache first, the other ranks then only read it."""
     from scaling.data.dataset import TableDataset
     from scaling.models import input_normalisation
 
@@ -456,6 +468,8 @@ def _datasets(cfg: StudyConfig, model, tables: dict[str, pd.DataFrame], labels: 
     mean, std = input_normalisation(model)
     kw = dict(cache_dir=cache, on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers,
               task=cfg.data.task, keep_labels=list(cfg.data.derived_labels), mean=mean, std=std)
+    if spec is not None and spec.block:
+        kw.update(shuffle=spec.block, shuffle_seed=spec.seed)
 
     def build():
         train = None if train_table is None else TableDataset(train_table, labels, cfg.data.image_size, train=True,
@@ -574,7 +588,8 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     probe = spec.protocol == PROBE
     axes = {"run_id": rid, "study": cfg.name, "config_hash": config_hash(cfg), "backbone": spec.backbone,
             "pretrained": spec.pretrained, "fraction": spec.fraction, "seed": spec.seed, "protocol": spec.protocol,
-            "shots": spec.shots, "reinit": spec.reinit}
+            "shots": spec.shots, "reinit": spec.reinit, "shuffle": spec.shuffle,
+            **shuffle_axes(cfg, spec)}
 
     def start():
         # Before anything that can fail (data, weights, model, tracker): a failed run is always its cell's, with its
@@ -593,7 +608,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
     # -- model: seeded, so that a run id means one initialisation (the Trainer seeds its loop itself) ------------
     source = resolve_pretrained(cfg, store, spec)
     model = _build(rcfg, spec, source, len(labels))
-    train_ds, eval_ds = _datasets(cfg, model, data.eval_sets(), labels, fit_table)
+    train_ds, eval_ds = _datasets(cfg, model, data.eval_sets(), labels, fit_table, spec)
     info = model_info(spec.backbone)
     axes = {
         **axes, "n_params": int(info.get("n_params") or sum(p.numel() for p in model.parameters())),
@@ -616,7 +631,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
         if probe:
             summary = _probe_cell(cfg, store, spec, rid, model, trainer, data, train_table, eval_ds, labels)
         else:
-            cka_ds = _cka_dataset(cfg, model, data, labels) if protocols.cka_wanted(cfg, spec) else None
+            cka_ds = _cka_dataset(cfg, model, data, labels, spec) if protocols.cka_wanted(cfg, spec) else None
             # The initialisation's features are read before fit: on a resumed run too, fit loads the checkpoint.
             init = _block_features(cfg, trainer, cka_ds)
             summary = trainer.fit(train_ds, val_dataset=eval_ds["val"])
@@ -626,7 +641,7 @@ def run_one(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStore) -
             if cka_ds is not None:
                 tuned = _block_features(cfg, trainer, cka_ds)
                 on_main(lambda: protocols.write_cka(store, rid, init, tuned, cfg.cka,
-                                                     protocols.sample_key(cka_ds.table)))
+                                                     protocols.sample_key(cka_ds.table, spec)))
 
         def finish():
             skipped = int(sum(getattr(ds, "n_skipped", 0) for ds in [train_ds, *eval_ds.values()] if ds is not None))
@@ -670,10 +685,11 @@ def _probe_cell(cfg: StudyConfig, store: RunStore, spec: RunSpec, rid: str, mode
     return on_main(write)
 
 
-def _cka_dataset(cfg: StudyConfig, model, data: StudyData, labels: list[str]):
-    """The fixed sample of ``cka.eval_set`` that every run's blocks are compared on, normalised for ``model``."""
+def _cka_dataset(cfg: StudyConfig, model, data: StudyData, labels: list[str], spec: RunSpec):
+    """The fixed sample of ``cka.eval_set`` that every run's blocks are compared on, normalised for ``model``; a
+    block-shuffled cell's shuffled as every image it is trained and evaluated on (its own input distribution)."""
     table = protocols.cka_sample(data.eval_sets()[cfg.cka.eval_set], cfg.cka)
-    return _datasets(cfg, model, {"cka": table}, labels)[1]["cka"]
+    return _datasets(cfg, model, {"cka": table}, labels, spec=spec)[1]["cka"]
 
 
 def _block_features(cfg: StudyConfig, trainer, dataset) -> dict | None:
@@ -734,12 +750,12 @@ def evaluate_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunSto
     tables = {n: t for n, t in data.eval_sets().items() if n in names}
     if spec.protocol == PROBE:
         model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
-        _, eval_ds = _datasets(cfg, model, tables, labels)
+        _, eval_ds = _datasets(cfg, model, tables, labels, spec=spec)
         _with_trainer(rcfg, model, lambda t: _probe_predict(cfg, store, spec, rid, t, eval_ds, labels))
     else:
         seed_everything(spec.seed)
         model = _trained_model(rcfg, store, rid, len(labels))
-        _, eval_ds = _datasets(cfg, _starting_model_on_meta(rcfg, spec), tables, labels)
+        _, eval_ds = _datasets(cfg, _starting_model_on_meta(rcfg, spec), tables, labels, spec=spec)
         _with_trainer(rcfg, model, lambda t: _predict(cfg, store, rid, t, eval_ds))
 
     def finish():
@@ -777,12 +793,12 @@ def analyse_run(cfg: StudyConfig, spec: RunSpec, data: StudyData, store: RunStor
     rid = run_id(cfg, spec)
     labels = list(data.labels)
     init_model = _build(rcfg, spec, resolve_pretrained(cfg, store, spec), len(labels))
-    cka_ds = _cka_dataset(cfg, init_model, data, labels)
+    cka_ds = _cka_dataset(cfg, init_model, data, labels, spec)
     init = _with_trainer(rcfg, init_model, lambda t: _block_features(cfg, t, cka_ds))
     del init_model
     tuned = _with_trainer(rcfg, _trained_model(rcfg, store, rid, len(labels)),
                           lambda t: _block_features(cfg, t, cka_ds))
-    on_main(lambda: (protocols.write_cka(store, rid, init, tuned, cfg.cka, protocols.sample_key(cka_ds.table)),
+    on_main(lambda: (protocols.write_cka(store, rid, init, tuned, cfg.cka, protocols.sample_key(cka_ds.table, spec)),
                       store.log_event("cka", rid)))
 
 
@@ -836,13 +852,14 @@ def record_study(cfg: StudyConfig, store: RunStore) -> None:
         atomic_write_text(path, text)
 
 
-ANALYSIS_AXES = ("protocol", "shots", "reinit")
+ANALYSIS_AXES = ("protocol", "shots", "reinit", "shuffle")
 """Cell axes beyond backbone × source × fraction × seed; a results table has their columns when the grid varies
 them."""
 
 
 def _analysis_axes(cfg: StudyConfig, spec: RunSpec) -> dict[str, Any]:
-    """The cell's protocol, k-shot size and re-initialisation, for each of them the study's grid varies."""
+    """The cell's protocol, k-shot size, re-initialisation and block shuffling, for each of them the study's grid
+    varies."""
     plain = RunSpec(spec.backbone, spec.pretrained, spec.fraction, spec.seed)
     cells = expand_grid(cfg)
     return {k: getattr(spec, k) for k in ANALYSIS_AXES if any(getattr(c, k) != getattr(plain, k) for c in cells)}

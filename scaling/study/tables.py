@@ -284,6 +284,7 @@ def headline_models(summary: pd.DataFrame, eval_set: str = "test") -> dict[str, 
     best = s.loc[s["mean"].idxmax()]
     same = s[s["pretrained"] == best["pretrained"]]
     smallest = same.loc[same["n_params"].idxmin()]
-    if best[list(CELL)].equals(smallest[list(CELL)]):
-        return {"best, also the smallest": best[list(CELL)]}
-    return {"best": best[list(CELL)], "smallest": smallest[list(CELL)]}
+    cell = [c for c in CELL if c in s.columns]  # a summary made before an axis existed has no column for it
+    if best[cell].equals(smallest[cell]):
+        return {"best, also the smallest": best[cell]}
+    return {"best": best[cell], "smallest": smallest[cell]}

@@ -101,7 +101,8 @@ ANALYSIS_PANELS = {
 
 
 def build_wandb_report(study: str, *, project: str, entity: str = "", sources=(), ood_sets=(), attributes=None,
-                       description: str = "", analysis: bool = False, config_hash: str | None = None):
+                       description: str = "", analysis: bool = False, config_hash: str | None = None,
+                       shuffles=()):
     """The W&B Report object of a study (``wandb_workspaces.reports.v2.Report``), built without network access.
 
     One run set per pretraining source (runs of W&B group ``study``, job type ``source`` and, given ``config_hash``,
@@ -111,8 +112,12 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
     ``analysis`` (the study has probe, k-shot or re-initialised cells) those run sets hold the plain fine-tuning
     cells only, and a second block compares them with the linear-probe cells of each source and draws the k-shot
     cells against k (docs/analysis.md); the numbers of every analysis table are in the study-level run.
+    ``shuffles`` are the block sizes of the study's block-shuffled cells: the plain run sets leave them out by
+    value (``Config('shuffle') != '8'``), which keeps the runs logged before the axis existed, whose W&B config has
+    no ``shuffle``.
     """
     wr = _wr()
+    plain = PLAIN_FILTER + "".join(f" and Config('shuffle') != {_quote(str(b))}" for b in shuffles)
 
     def axis(spec: str):
         kind, key = spec.split(":", 1)
@@ -124,7 +129,7 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
         where = f"Group = {_quote(study)} and JobType = {_quote(src)}{of_config}" + (f" and {extra}" if extra else "")
         return wr.Runset(entity=entity, project=project, name=name, filters=where)
 
-    runsets = [runset(str(src), src, PLAIN_FILTER if analysis else "") for src in sources]
+    runsets = [runset(str(src), src, plain if analysis else "") for src in sources]
     if not runsets:
         runsets = [wr.Runset(entity=entity, project=project, name=study,
                              filters=f"Group = {_quote(study)}{of_config}")]
@@ -144,7 +149,7 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
     if analysis:
         probe = "Config('protocol') == 'linear_probe' and Config('shots') == 0"
         shots = "Config('shots') >= 1 and Config('reinit') == 'none'"
-        families = {"probe": [runset(f"{src}: fine-tuned", src, PLAIN_FILTER) for src in sources]
+        families = {"probe": [runset(f"{src}: fine-tuned", src, plain) for src in sources]
                     + [runset(f"{src}: linear probe", src, probe) for src in sources],
                     "shots": [runset(f"{src}: k-shot, {p}", src, f"{shots} and Config('protocol') == {_quote(p)}")
                               for src in sources for p in ("finetune", "linear_probe")]}
@@ -160,7 +165,8 @@ def build_wandb_report(study: str, *, project: str, entity: str = "", sources=()
 
 def study_report_args(store_root: str | Path, *, config_hash: str | None = None, allow_mixed: bool = False) -> dict:
     """Study name, pretraining sources, OOD sets, per test/OOD set the subgroup attributes, whether the study
-    has analysis cells (probe, k-shot, re-initialised) and the study config the Report selects (``config_hash``),
+    has analysis cells (probe, k-shot, re-initialised, block-shuffled), the block sizes of the shuffled ones and the
+    study config the Report selects (``config_hash``),
     found in a run store (the runs of ``config_hash`` only, or of every config with ``allow_mixed``:
     :func:`scaling.study.aggregate.load_study`). Without a choice, the config hash is that of the store's runs (a
     store of one config); with ``allow_mixed`` it is None and the Report draws every config of the study name, as
@@ -180,6 +186,8 @@ def study_report_args(store_root: str | Path, *, config_hash: str | None = None,
                        for e in ["test", *ood_sets(df)] if (df["eval_set"] == e).any()} if len(df) else {},
         "analysis": bool(len(runs)) and any(k in runs and (runs[k].fillna(v) != v).any() for k, v in PLAIN.items()),
         "config_hash": config_hash or (hashes[0] if len(hashes) == 1 and not allow_mixed else None),
+        "shuffles": sorted({str(b) for b in (runs["shuffle"].dropna() if "shuffle" in runs else ())} - {"none"},
+                           key=int),
     }
 
 
