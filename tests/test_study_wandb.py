@@ -36,7 +36,9 @@ def test_offline_wandb_study_leaks_no_identifiers(tmp_path, monkeypatch):
     # records where the run directory is, which never leaves the machine
     synced = b"\n".join(p.read_bytes() for p in wandb_files if "logs" not in p.parts and p.suffix != ".log")
     assert str(tmp_path).encode() not in synced and b"CheXpert-v1.0-small" not in blob
-    cell = next(b for b in binaries if b"fraction" in b.read_bytes()).read_bytes()
+    # a cell's run file (under runs/<run id>/), not the study-level view's, whatever order the file system lists
+    # them in (Python 3.13's rglob listed the study view first)
+    cell = next(b for b in sorted(binaries) if "runs" in b.relative_to(tmp_path / "store").parts).read_bytes()
     # the config hash is in every cell's W&B config: the W&B Report selects one study config by it
     for key in (b"test/auroc", b"ood_site_b/auroc", b"train/loss", b"resnetv2_tiny", b"wandb_study", b"config_hash",
                 config_hash(cfg).encode()):
