@@ -11,7 +11,8 @@ the largest amount by which the loss on the line exceeds the straight line betwe
 
 and the same with the error (here 1 − macro AUROC) in place of the loss. A barrier is >= 0 (α = 0 and 1 give 0).
 
-What this module decides where the paper is silent (docs/analysis.md, "Loss basins"):
+What this module decides where the paper is silent
+(docs/analysis.md, "Loss basins: do two fine-tuned seeds share one?"):
 
 * **Every floating-point tensor of the state dict is interpolated**, parameters and buffers alike, as the authors'
   code does (google-research/understanding-transfer-learning at commit 0e4df44, ``ckpt_interpolation.py``

@@ -5,9 +5,10 @@ For every complete plain fine-tuned cell (backbone × source × fraction) with a
 weights are stored, the runs of its two lowest seeds are interpolated linearly
 (:func:`scaling.analysis.interpolation.interpolation_curve`) and each point is evaluated on one fixed, seeded
 sample of an evaluation set under the runs' own sharding (the path of ``runner.evaluate_run``). The curves and their
-barriers go to ``<store>/analysis/basin.parquet``, one row per pair and α (docs/analysis.md, "Loss basins"); a pair
-already there with the same settings (its two runs, the evaluation set, the sample and the α's) is skipped, a pair
-computed with other settings is computed again and its rows replaced.
+barriers go to ``<store>/analysis/basin.parquet``, one row per pair and α
+(docs/analysis.md, "Loss basins: do two fine-tuned seeds share one?"); a pair already there with the same settings
+(its two runs, the evaluation set, the sample and the α's) is skipped, a pair computed with other settings is
+computed again and its rows replaced.
 """
 
 from __future__ import annotations
