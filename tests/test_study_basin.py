@@ -4,6 +4,9 @@ real (tiny) study whose alpha 0 and 1 rows are its runs' own stored predictions,
 
 import dataclasses
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -133,8 +136,8 @@ def overrides(store, *extra):
     return [
         f"output_dir={store}", "name=basin", "data.root=synthetic", f"data.image_size={SIZE}",
         f"data.labels=[{','.join(LABELS)}]", "data.options={uncertainty: ignore}", "train.batch_size=16",
-        "train.lr=0.05", "train.steps=4", "train.warmup_steps=1", "train.log_every=4", "sharding.strategy=none",
-        "eval.n_boot=10", "cka.enabled=false",
+        "train.lr=0.05", "train.steps=4", "train.warmup_steps=1", "train.log_every=4", "eval.n_boot=10",
+        "cka.enabled=false",
         f"upstream=[{{name: up, num_images: 120, num_classes: 4, image_size: {SIZE}, steps: 3, batch_size: 32}}]",
         "grid.backbones=[resnetv2_tiny]", f"grid.pretrained=[scratch, '{UP}']", "grid.fractions=[1.0]",
         "grid.seeds=[0, 1]", *extra]
@@ -239,3 +242,24 @@ def test_the_report_shows_the_basin_table_only_when_the_store_holds_it(study):
         assert side[f"loss_barrier: {src}"] == pytest.approx(barrier(rows["alpha"], rows["loss"]))
     assert list(rep.tables["basin"].columns[:3]) == ["backbone", "fraction", "eval_set"]
     assert rep.tables["basin"].columns[3] == "seeds: scratch"  # scratch first, the sources beside it
+
+
+def test_two_ranks_under_accelerate_launch_give_the_one_process_table(study):
+    """The command under ``accelerate launch`` with 2 real CPU ranks (gloo, the runs' DDP): every point predicted
+    by both ranks, the same numbers as one process."""
+    cfg, store, _ = study
+    alone = read_basin(store.root)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "disabled"}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    proc = subprocess.run([accelerate, "launch", "--config_file", str(repo / "launch" / "cpu_2proc.yaml"),
+                           "--main_process_port", "0", "-m", "scaling.study", "basin", str(store.root),
+                           "--max-examples", "0", "--alphas", "3", "--force"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("3 alphas, 2 process(es)") == 2  # really two ranks, one line per pair
+    two = read_basin(store.root)
+    assert list(two["run_1"]) == list(alone["run_1"]) and list(two["alpha"]) == list(alone["alpha"])
+    np.testing.assert_allclose(two["loss"], alone["loss"], rtol=1e-5)
+    np.testing.assert_allclose(two["auroc"], alone["auroc"], atol=1e-9)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.config import StudyConfig
-from scaling.engine.ranks import broadcast, init_distributed, is_main_process
+from scaling.engine.ranks import broadcast, init_distributed, is_main_process, process_group
 from scaling.io import atomic_write_parquet, read_parquet
 from scaling.study import protocols
 from scaling.study.coordination import on_main
@@ -131,9 +131,13 @@ def run_basin(cfg: StudyConfig, *, eval_set: str = "test", max_examples: int = 5
         r1, r2 = (run_id(cfg, s) for s in pair)
         done = broadcast(_already(store, r1, r2, eval_set, sample, n_alphas) if is_main_process() else None)
         if done and not force:
-            log.info("basin: %s vs %s already computed with these settings", r1, r2)
+            if is_main_process():
+                log.info("basin: %s vs %s already computed with these settings", r1, r2)
             continue
-        log.info("basin: %s vs %s on %d images of %s, %d alphas", r1, r2, len(table), eval_set, n_alphas)
+        group = process_group()
+        if is_main_process():  # one line per pair, not one per rank
+            log.info("basin: %s vs %s on %d images of %s, %d alphas, %d process(es)", r1, r2, len(table),
+                     eval_set, n_alphas, group.get_world_size() if group is not None else 1)
         curve = _pair_curve(cfg, store, pair, table, labels, alphas)
         first, second = pair
         rows = None if curve is None else curve.assign(
