@@ -9,6 +9,8 @@ study runner and report can call it in a few lines (docs/analysis.md):
   the main process.
 * :mod:`scaling.analysis.probe`: linear probe on frozen pre-logit features, returning logits shaped like
   ``Trainer.predict`` so the metrics apply unchanged.
+* :mod:`scaling.analysis.interpolation`: loss and macro AUROC along the line between two fine-tuned models'
+  weights and its performance barrier (Neyshabur, Sedghi & Zhang 2020, §3.3), through any ``Trainer.predict``.
 
 Block re-initialisation (Raghu et al. 2019) lives with the models: :func:`scaling.models.reinit.reinit_units`.
 """

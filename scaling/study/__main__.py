@@ -6,6 +6,8 @@
     python -m scaling.study report <store> [-o F]  rebuild report.html, comparisons.csv and results.csv in the store
                                                    (with -o: only the HTML report, written to F)
     python -m scaling.study wandb-report <store>   create the study's W&B Report (online; after `wandb sync`)
+    python -m scaling.study basin <store|config>   loss along the line between two seeds' fine-tuned weights, and
+                                                   its barrier, per plain cell (<store>/analysis/basin.parquet)
 
 A store that holds runs of several study configs (a launch with another learning rate on the same output_dir) is
 refused with the list of its config hashes: choose one with --config-hash HASH, or --allow-mixed for all together.
@@ -66,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         if name == "wandb-report":
             s.add_argument("--project", help="W&B project (default: tracking.project of the study)")
             s.add_argument("--entity", help="W&B entity (default: tracking.entity of the study, else yours)")
+    b = sub.add_parser("basin", help="interpolate two seeds of every plain fine-tuned cell (Neyshabur et al. 2020)")
+    b.add_argument("store", help="the study's output_dir (run store), or the study's config file")
+    b.add_argument("--eval-set", default="test", help="evaluation set the points are scored on (default: test)")
+    b.add_argument("--max-examples", type=int, default=512,
+                   help="size of the fixed, seeded sample of it (0: the whole set; default 512)")
+    b.add_argument("--alphas", type=int, default=11,
+                   help="number of evenly spaced interpolation points from 0 to 1, both included (default 11)")
+    b.add_argument("--force", action="store_true", help="recompute pairs already in the table with these settings")
     return p
 
 
@@ -102,6 +112,40 @@ def _wandb_report(args) -> int:
                                    entity=args.entity or tracking.entity)
     check_available(tracking)
     print(save_wandb_report(args.store, tracking, config_hash=args.config_hash, allow_mixed=args.allow_mixed))
+    return 0
+
+
+def _basin(args) -> int:
+    """The basin command: a store (its study.yaml, the store where it now is) or a config file (its output_dir)."""
+    import dataclasses
+    from pathlib import Path
+
+    from scaling.config import load_config
+    from scaling.engine.ranks import is_main_process
+    from scaling.study.aggregate import check_store, read_study_config
+    from scaling.study.basin import BASIN_FILE, basin_summary, run_basin
+
+    path = Path(args.store)
+    if path.is_file():
+        cfg = load_config(path)
+    else:
+        check_store(path)
+        cfg = read_study_config(path)
+        if cfg is None:
+            raise StoreError(f"{path} has no readable study.yaml: give the study's config file instead")
+        cfg = dataclasses.replace(cfg, output_dir=str(path))
+    logging.getLogger("scaling.study.basin").setLevel(logging.INFO)  # progress: every point runs the model
+    table = run_basin(cfg, eval_set=args.eval_set, max_examples=args.max_examples, n_alphas=args.alphas,
+                      force=args.force)
+    if not is_main_process():
+        return 0
+    if table.empty:
+        print("no pair (needs a plain fine-tuned cell with two complete seeds and stored weights)")
+        return 0
+    print(f"Performance barriers (Frankle et al. 2020) along the line between two seeds' weights, "
+          f"{Path(cfg.output_dir) / BASIN_FILE}: loss_barrier = max over alpha of loss − the chord of the end "
+          f"points' losses; error_barrier the same of 1 − macro AUROC")
+    print(basin_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -188,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 50)
     pd.set_option("display.max_rows", 500)
-    chosen = dict(allow_mixed=args.allow_mixed, config_hash=args.config_hash)
+    chosen = dict(allow_mixed=getattr(args, "allow_mixed", False), config_hash=getattr(args, "config_hash", None))
     try:
         if args.command == "report":
             from scaling.study.report import write_report
@@ -204,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "wandb-report":
             return _wandb_report(args)
+        if args.command == "basin":
+            return _basin(args)
         study = load_study(args.store, **chosen)
         df = study.results
         _print_status(study.runs)

@@ -448,3 +448,29 @@ def to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
+
+
+def basin_curves(table: pd.DataFrame) -> plt.Figure | None:
+    """Loss (top) and macro AUROC (bottom) along the line between two seeds' fine-tuned weights (x: α, 0 = the
+    lower seed's model, 1 = the other's), one panel per backbone, one line per pretraining source × fraction
+    (Neyshabur et al. 2020's Figure 5): a curve that bulges above its end points' chord is a barrier between
+    basins. The rows of ``<store>/analysis/basin.parquet``."""
+    if table is None or table.empty:
+        return None
+    backbones = list(dict.fromkeys(table.sort_values(["backbone"])["backbone"]))
+    colors = _palette(table["pretrained"].unique())
+    fractions = sorted(table["fraction"].unique(), reverse=True)
+    styles = dict(zip(fractions, ["-", "--", ":", "-."] * len(fractions)))
+    fig, axes = plt.subplots(2, len(backbones), figsize=(4.4 * len(backbones), 7.0), squeeze=False)
+    for j, bb in enumerate(backbones):
+        d = table[table["backbone"] == bb]
+        for (src, f), g in d.groupby(["pretrained", "fraction"], sort=True):
+            g = g.sort_values("alpha")
+            label = f"{src}" + (f", fraction {f:g}" if len(fractions) > 1 else "")
+            for ax, y in ((axes[0, j], "loss"), (axes[1, j], "auroc")):
+                ax.plot(g["alpha"], g[y], styles[f], marker="o", markersize=3, color=colors[src], label=label)
+        axes[0, j].set(title=f"{bb}: loss ({d['eval_set'].iloc[0]})", xlabel="α", ylabel="loss")
+        axes[1, j].set(title=f"{bb}: macro AUROC", xlabel="α", ylabel="macro AUROC")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    return _finish(fig, axes)

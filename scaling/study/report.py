@@ -27,6 +27,7 @@ from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLAS
 from scaling.study import plots
 from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, level_text,
                                      load_study, plain_cells, read_study_config, summarise)
+from scaling.study.basin import basin_side_by_side, basin_summary, read_basin
 from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
                                    reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
@@ -49,6 +50,7 @@ FIGURES = {
     "fewshot": "Few-shot: AUROC vs k per pretraining source and backbone",
     "reinit": "Block re-initialisation: AUROC vs the units kept pretrained",
     "shuffle": "Block-shuffled images: AUROC vs block size, and pretrained − scratch",
+    "basin": "Loss and AUROC along the line between two seeds' fine-tuned weights, per cell",
     "cka_blocks": "CKA between each fine-tuned model and its initialisation, block by block",
     "cka_scales": "CKA between backbone scales of one pretraining source, block by block",
 }
@@ -367,6 +369,11 @@ def _analysis_views(rep: StudyReport, store_root: Path, df: pd.DataFrame, summar
     rep.tables["shuffle"] = at.shuffle_table(df, store_root, image_size=study.data.image_size if study else None,
                                              n_boot=n_boot, confidence=confidence)
     rep.figures["shuffle"] = plots.shuffle_curves(rep.tables["shuffle"])
+    curves = read_basin(store_root)  # written by `python -m scaling.study basin`, a command of its own
+    if curves is not None and len(curves):
+        rep.tables["basin"] = basin_side_by_side(basin_summary(curves))
+        rep.tables["basin_curves"] = curves
+        rep.figures["basin"] = plots.basin_curves(curves)
     rep.tables["cka_blocks"] = at.cka_blocks(store_root, rep.runs)
     rep.figures["cka_blocks"] = plots.cka_block_curves(rep.tables["cka_blocks"])
     rep.tables["cka_scales"] = at.cka_scales(store_root, rep.runs)
@@ -666,6 +673,20 @@ def _figure_and_table(rep: StudyReport, key: str, view=None, empty: str = "") ->
     return [_figure_html(rep, key), _table_html(view(table) if view else table, key)]
 
 
+def _basin_html(rep: StudyReport) -> list[str]:
+    """The loss-basin section, only when the store holds the table of ``python -m scaling.study basin``."""
+    if rep.tables.get("basin") is None or not len(rep.tables["basin"]):
+        return []
+    return ["<h3 id='basin'>Loss basins</h3>",
+            "<p class='note'>The two lowest seeds of each plain fine-tuned cell, their weights interpolated "
+            "linearly, w(α) = (1 − α)·w1 + α·w2, and scored on a fixed sample of an evaluation set (Neyshabur, "
+            "Sedghi &amp; Zhang 2020, §3.3). loss_barrier = the largest excess over α of the loss over the chord "
+            "between the end points' losses (Frankle et al. 2020); error_barrier the same of 1 − macro AUROC. "
+            "Sources side by side: a barrier near 0 for a pretrained source and above 0 for scratch means the "
+            "fine-tuned models of that source stay in one basin. One pair per cell: no interval.</p>",
+            _figure_html(rep, "basin"), _table_html(rep.tables["basin"], "basin")]
+
+
 def _analysis_html(rep: StudyReport) -> list[str]:
     """What the pretrained features contribute: probe gap, few-shot, re-initialisation, CKA (docs/analysis.md)."""
     mean_ci = lambda t: _ci_view(t, ["mean"])  # noqa: E731
@@ -705,6 +726,7 @@ def _analysis_html(rep: StudyReport) -> list[str]:
              *_figure_and_table(rep, "shuffle", lambda t: _ci_view(
                  t.rename(columns={"mean": "auroc", "lo": "auroc_lo", "hi": "auroc_hi"}), ["auroc", "gap"],
                  drop=["fraction", "shots"]), "no block-shuffled cell (set grid.shuffle to add some)"),
+             *_basin_html(rep),
              "<h3 id='cka'>Representation similarity (CKA)</h3>",
              "<p class='note'>Minibatch linear CKA (Nguyen, Raghu &amp; Kornblith 2021) of each block's output "
              "averaged over space, on a fixed sample of cka.eval_set in shuffled minibatches. Per block, between "
