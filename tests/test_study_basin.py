@@ -22,7 +22,8 @@ from scaling.config import load_config
 from scaling.data.dataset import TableDataset
 from scaling.models import build_model
 from scaling.study.__main__ import main
-from scaling.study.basin import BASIN_FILE, basin_sample, read_basin
+from scaling.study.analysis_tables import BASIN_FILE, read_basin
+from scaling.study.basin import basin_sample
 from scaling.study.data import load_study_data
 from scaling.study.grid import RunSpec, run_config, run_id
 from scaling.study.report import build_report, render_html

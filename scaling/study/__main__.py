@@ -123,7 +123,8 @@ def _basin(args) -> int:
     from scaling.config import load_config
     from scaling.engine.ranks import is_main_process
     from scaling.study.aggregate import check_store, read_study_config
-    from scaling.study.basin import BASIN_FILE, basin_summary, run_basin
+    from scaling.study.analysis_tables import BASIN_FILE, basin_summary
+    from scaling.study.basin import run_basin
 
     path = Path(args.store)
     if path.is_file():

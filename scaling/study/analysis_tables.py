@@ -9,7 +9,10 @@
 * :func:`cka_blocks`: per-block CKA between each fine-tuned run and its initialisation (the diagonal of
   ``runs/<id>/cka.parquet``), averaged over seeds;
 * :func:`cka_scales`: block-by-block CKA between the smallest backbone and each larger one of the same source at
-  full data, from the runs' stored Gram matrices.
+  full data, from the runs' stored Gram matrices;
+* :func:`read_basin`, :func:`basin_summary`, :func:`basin_side_by_side`: the loss-basin table that
+  ``python -m scaling.study basin`` (``scaling.study.basin``) writes to the store, per pair and with the sources
+  side by side (Neyshabur, Sedghi & Zhang 2020, §3.3).
 
 Each returns a numeric pandas table (``mean``/``lo``/``hi`` columns where there is an interval); the report prints
 them and the plots draw them, so a figure never shows a number that is not in a table.
@@ -18,6 +21,7 @@ them and the plots draw them, so a figure never shows a number that is not in a 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -294,3 +298,57 @@ def cka_scales(store_root, runs: pd.DataFrame) -> pd.DataFrame:
     out = d.groupby(["pretrained", "backbone_a", "backbone_b", "index_a", "index_b", "layer_a", "layer_b"],
                     sort=True).agg(cka=("cka", "mean"), n_seeds=("seed", "nunique")).reset_index()
     return out[cols]
+
+
+# -- the loss-basin table of `python -m scaling.study basin` (scaling.study.basin computes it) ----------------
+
+BASIN_FILE = Path("analysis") / "basin.parquet"
+"""The table of the command, under the store's root."""
+
+
+def basin_path(store_root) -> Path:
+    """Where a store keeps the basin table."""
+    return Path(store_root) / BASIN_FILE
+
+
+def read_basin(store_root) -> pd.DataFrame | None:
+    """The store's basin table, or None when it has none."""
+    path = basin_path(store_root)
+    return read_parquet(path) if path.is_file() else None
+
+
+BASIN_COLUMNS = ["backbone", "pretrained", "fraction", "seeds", "alpha", "loss", "auroc", "loss_barrier",
+                 "error_barrier", "seed_1", "seed_2", "run_1", "run_2", "eval_set", "n_examples", "sample", "n_alphas",
+                 "norm_stats"]
+"""The table's columns, in order."""
+
+
+def basin_side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
+    """The barriers of :func:`basin_summary` with the sources side by side: one row per backbone × fraction ×
+    evaluation set, ``loss_barrier: <source>`` and ``error_barrier: <source>`` per source (scratch first)."""
+    if summary is None or summary.empty:
+        return pd.DataFrame()
+    sources = sorted(summary["pretrained"].unique(), key=lambda s: (s != "scratch", s))
+    out = summary[["backbone", "fraction", "eval_set"]].drop_duplicates().reset_index(drop=True)
+    for src in sources:
+        part = summary[summary["pretrained"] == src].rename(columns={
+            "loss_barrier": f"loss_barrier: {src}", "error_barrier": f"error_barrier: {src}", "seeds": f"seeds: {src}"})
+        out = out.merge(part[["backbone", "fraction", "eval_set", f"seeds: {src}", f"loss_barrier: {src}",
+                              f"error_barrier: {src}"]], on=["backbone", "fraction", "eval_set"], how="left")
+    return out
+
+
+def basin_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per pair: the barriers and the end points' loss and AUROC (what the command prints and the report's
+    table shows beside the curves)."""
+    keys = ["backbone", "pretrained", "fraction", "seeds"]
+    rows = []
+    for key, g in table.groupby(keys, sort=True):
+        g = g.sort_values("alpha")
+        rows.append({**dict(zip(keys, key)), "loss_barrier": float(g["loss_barrier"].iloc[0]),
+                     "error_barrier": float(g["error_barrier"].iloc[0]), "loss_0": float(g["loss"].iloc[0]),
+                     "loss_1": float(g["loss"].iloc[-1]), "max_loss": float(g["loss"].max()),
+                     "auroc_0": float(g["auroc"].iloc[0]), "auroc_1": float(g["auroc"].iloc[-1]),
+                     "min_auroc": float(g["auroc"].min()), "eval_set": g["eval_set"].iloc[0],
+                     "n_examples": int(g["n_examples"].iloc[0])})
+    return pd.DataFrame(rows)

@@ -15,36 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from scaling.config import StudyConfig
 from scaling.engine.ranks import broadcast, init_distributed, is_main_process, process_group
-from scaling.io import atomic_write_parquet, read_parquet
+from scaling.io import atomic_write_parquet
 from scaling.study import protocols
+from scaling.study.analysis_tables import BASIN_COLUMNS, basin_path, read_basin
 from scaling.study.coordination import on_main
 from scaling.study.grid import FINETUNE, RunSpec, run_config, run_id
 from scaling.study.store import RunStore
 
 log = logging.getLogger(__name__)
 
-BASIN_FILE = Path("analysis") / "basin.parquet"
-"""The table of the command, under the store's root."""
-
 KEYS = ["run_1", "run_2", "eval_set", "sample", "n_alphas"]
 """What a pair's rows depend on: the same values mean the same curve, so the pair is skipped."""
-
-
-def basin_path(store_root) -> Path:
-    return Path(store_root) / BASIN_FILE
-
-
-def read_basin(store_root) -> pd.DataFrame | None:
-    """The store's basin table, or None when it has none."""
-    path = basin_path(store_root)
-    return read_parquet(path) if path.is_file() else None
 
 
 def basin_pairs(cfg: StudyConfig, store: RunStore) -> list[tuple[RunSpec, RunSpec]]:
@@ -155,11 +142,6 @@ def _stored(store: RunStore) -> pd.DataFrame:
     return out if out is not None else pd.DataFrame()
 
 
-COLUMNS = ["backbone", "pretrained", "fraction", "seeds", "alpha", "loss", "auroc", "loss_barrier", "error_barrier",
-           "seed_1", "seed_2", "run_1", "run_2", "eval_set", "n_examples", "sample", "n_alphas", "norm_stats"]
-"""The table's columns, in order."""
-
-
 def _already(store: RunStore, r1: str, r2: str, eval_set: str, sample: str, n_alphas: int) -> bool:
     old = read_basin(store.root)
     if old is None or old.empty:
@@ -174,38 +156,7 @@ def _write(store: RunStore, rows: pd.DataFrame) -> None:
     old = read_basin(store.root)
     if old is not None and len(old):
         old = old[~((old["run_1"] == rows["run_1"].iloc[0]) & (old["run_2"] == rows["run_2"].iloc[0]))]
-    new = pd.concat([t for t in (old, rows[COLUMNS]) if t is not None and len(t)], ignore_index=True)
+    new = pd.concat([t for t in (old, rows[BASIN_COLUMNS]) if t is not None and len(t)], ignore_index=True)
     new = new.sort_values(["backbone", "pretrained", "fraction", "run_1", "alpha"], kind="stable")
     basin_path(store.root).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_parquet(basin_path(store.root), new.reset_index(drop=True))
-
-
-def basin_side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
-    """The barriers of :func:`basin_summary` with the sources side by side: one row per backbone × fraction ×
-    evaluation set, ``loss_barrier: <source>`` and ``error_barrier: <source>`` per source (scratch first)."""
-    if summary is None or summary.empty:
-        return pd.DataFrame()
-    sources = sorted(summary["pretrained"].unique(), key=lambda s: (s != "scratch", s))
-    out = summary[["backbone", "fraction", "eval_set"]].drop_duplicates().reset_index(drop=True)
-    for src in sources:
-        part = summary[summary["pretrained"] == src].rename(columns={
-            "loss_barrier": f"loss_barrier: {src}", "error_barrier": f"error_barrier: {src}", "seeds": f"seeds: {src}"})
-        out = out.merge(part[["backbone", "fraction", "eval_set", f"seeds: {src}", f"loss_barrier: {src}",
-                              f"error_barrier: {src}"]], on=["backbone", "fraction", "eval_set"], how="left")
-    return out
-
-
-def basin_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per pair: the barriers and the end points' loss and AUROC (what the command prints and the report's
-    table shows beside the curves)."""
-    keys = ["backbone", "pretrained", "fraction", "seeds"]
-    rows = []
-    for key, g in table.groupby(keys, sort=True):
-        g = g.sort_values("alpha")
-        rows.append({**dict(zip(keys, key)), "loss_barrier": float(g["loss_barrier"].iloc[0]),
-                     "error_barrier": float(g["error_barrier"].iloc[0]), "loss_0": float(g["loss"].iloc[0]),
-                     "loss_1": float(g["loss"].iloc[-1]), "max_loss": float(g["loss"].max()),
-                     "auroc_0": float(g["auroc"].iloc[0]), "auroc_1": float(g["auroc"].iloc[-1]),
-                     "min_auroc": float(g["auroc"].min()), "eval_set": g["eval_set"].iloc[0],
-                     "n_examples": int(g["n_examples"].iloc[0])})
-    return pd.DataFrame(rows)

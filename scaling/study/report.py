@@ -27,7 +27,6 @@ from scaling.metrics.run_metrics import (FIT_SPLIT, IN_SAMPLE_METRICS, MULTICLAS
 from scaling.study import plots
 from scaling.study.aggregate import (LOW_DF, PLAIN, full_fraction, headline_table, interval_texts, level_text,
                                      load_study, plain_cells, read_study_config, summarise)
-from scaling.study.basin import basin_side_by_side, basin_summary, read_basin
 from scaling.study.compare import (brier_comparisons, pairwise_comparisons, reliability_curves,
                                    reliability_summary, selective_curves, subgroup_comparisons)
 from scaling.study.fits import X_AXES, fit_table
@@ -369,9 +368,9 @@ def _analysis_views(rep: StudyReport, store_root: Path, df: pd.DataFrame, summar
     rep.tables["shuffle"] = at.shuffle_table(df, store_root, image_size=study.data.image_size if study else None,
                                              n_boot=n_boot, confidence=confidence)
     rep.figures["shuffle"] = plots.shuffle_curves(rep.tables["shuffle"])
-    curves = read_basin(store_root)  # written by `python -m scaling.study basin`, a command of its own
+    curves = at.read_basin(store_root)  # written by `python -m scaling.study basin`, a command of its own
     if curves is not None and len(curves):
-        rep.tables["basin"] = basin_side_by_side(basin_summary(curves))
+        rep.tables["basin"] = at.basin_side_by_side(at.basin_summary(curves))
         rep.tables["basin_curves"] = curves
         rep.figures["basin"] = plots.basin_curves(curves)
     rep.tables["cka_blocks"] = at.cka_blocks(store_root, rep.runs)
